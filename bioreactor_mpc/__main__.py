@@ -1,0 +1,5 @@
+import sys
+
+from bioreactor_mpc.cli import main
+
+sys.exit(main())

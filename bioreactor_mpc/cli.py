@@ -1,0 +1,90 @@
+"""The ``bioreactor-mpc`` command.
+
+User errors (a bad config, a non-physical simulation) end with a message that
+says what is wrong and where, and exit status 2; no stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bioreactor_mpc.logging import configure_logging
+from bioreactor_mpc.report import kpi_table, plot_batch, write_lab_results_csv, write_trajectories_csv
+from plant_models.errors import BioreactorMPCError
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_SIMULATION = REPO_CONFIGS / "simulate" / "platform.yaml"
+EXIT_USER_ERROR = 2
+
+log = structlog.get_logger("bioreactor_mpc")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bioreactor-mpc", description="Model-predictive control runtime for fed-batch CHO bioreactors.")
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines even in a terminal")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    simulate = commands.add_parser("simulate", help="simulate one batch in-process and report its KPIs")
+    simulate.add_argument("--config", type=Path, default=DEFAULT_SIMULATION, help=f"simulation config (default: {DEFAULT_SIMULATION})")
+    simulate.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    simulate.add_argument("--parameters", type=Path, default=None, help="kinetics file to use as the nominal set (overrides the config's 'model')")
+    simulate.add_argument("--controller", choices=["recipe"], default="recipe", help="who decides the setpoints (the NMPC comes with a later release)")
+    simulate.add_argument("--output-dir", type=Path, default=Path("runs/simulate"), help="where trajectories and the plot go (default: runs/simulate)")
+    simulate.add_argument("--csv-every-min", type=int, default=15, help="trajectory file resolution in minutes (plant resolution is 1 min)")
+    simulate.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    return parser
+
+
+def _simulate(args: argparse.Namespace, console: Console) -> int:
+    from simulator.batch import run_recipe_batch
+    from simulator.config import load_simulation
+
+    if args.csv_every_min < 1:
+        raise BioreactorMPCError(f"--csv-every-min must be at least 1, got {args.csv_every_min}")
+    loaded = load_simulation(args.config, seed=args.seed, model=args.parameters)
+    latest_h = loaded.batch.limits.latest_harvest_h
+    log.info("batch_started", config=str(args.config), seed=loaded.simulation.seed, controller=args.controller, batch_id=loaded.batch.batch_id)
+    with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} h"), TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("batch", total=latest_h)
+        result = run_recipe_batch(loaded, progress=lambda t_h: progress.update(task, completed=t_h))
+    log.info("batch_harvested", process_time_h=round(result.kpis.harvest_time_h, 2), reason=result.harvest_reason)
+
+    output_dir: Path = args.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{loaded.batch.batch_id}-seed{loaded.simulation.seed}-{args.controller}"
+    trajectories = output_dir / f"{stem}-trajectories.csv"
+    lab = output_dir / f"{stem}-lab.csv"
+    write_trajectories_csv(trajectories, result.trajectory, args.csv_every_min)
+    write_lab_results_csv(lab, result.lab_results)
+    console.print(kpi_table(result.kpis, f"{loaded.batch.batch_id}, seed {loaded.simulation.seed}, {args.controller}; harvest: {result.harvest_reason}"))
+    console.print(f"trajectories: {trajectories}")
+    console.print(f"lab results:  {lab}")
+    if not args.no_plot:
+        plot = output_dir / f"{stem}.png"
+        plot_batch(plot, result.trajectory, result.lab_results, loaded.batch, f"{stem}: score {result.kpis.score_g_per_day:.0f} g/day")
+        console.print(f"plot:         {plot}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(json=True if args.log_json else None)
+    console = Console()
+    try:
+        if args.command == "simulate":
+            return _simulate(args, console)
+    except BioreactorMPCError as error:
+        print(f"bioreactor-mpc {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

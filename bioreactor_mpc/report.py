@@ -1,0 +1,125 @@
+"""Batch reports: the KPI table, the trajectories file and the plot."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from controller.config import BatchConfig  # noqa: E402
+from controller.kpis import BatchKpis  # noqa: E402
+from controller.types import LabResult  # noqa: E402
+from plant_models.cho import INPUTS, OUTPUTS, STATES  # noqa: E402
+from simulator.plant import PlantTrajectory  # noqa: E402
+
+
+def kpi_table(kpis: BatchKpis, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("KPI")
+    table.add_column("value", justify="right")
+    rows = [
+        ("harvest time", f"{kpis.harvest_time_h:.1f} h (day {kpis.harvest_time_h / 24:.2f})"),
+        ("titer at harvest", f"{kpis.titer_g_per_l:.2f} g/L"),
+        ("product mass", f"{kpis.product_mass_g / 1000:.3f} kg"),
+        ("peak viable cell density", f"{kpis.peak_vcd_1e6_per_ml:.1f} 1e6 cells/mL"),
+        ("viability at harvest", f"{kpis.viability_at_harvest_pct:.1f} %"),
+        ("galactosylated fraction", f"{kpis.galactosylated_fraction:.3f}"),
+        ("glucose < limit", f"{kpis.glucose_low_h:.1f} h"),
+        ("osmolality > limit", f"{kpis.osmolality_high_h:.1f} h"),
+        ("volume > maximum", f"{kpis.volume_high_h:.1f} h"),
+        ("score (product per occupied day)", f"{kpis.score_g_per_day:.1f} g/day"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def write_trajectories_csv(path: Path, trajectory: PlantTrajectory, every_minutes: int) -> None:
+    """True states, inputs and outputs every ``every_minutes`` (and the harvest row)."""
+    rows = np.arange(0, trajectory.time_h.size, every_minutes)
+    if rows[-1] != trajectory.time_h.size - 1:
+        rows = np.append(rows, trajectory.time_h.size - 1)
+    header = (
+        ["process_time_h"]
+        + [f"{s.name}_{_unit_slug(s.unit)}" for s in STATES]
+        + [f"{s.name}_{_unit_slug(s.unit)}" for s in INPUTS]
+        + [f"{s.name}_{_unit_slug(s.unit)}" for s in OUTPUTS]
+    )
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for i in rows:
+            values = [trajectory.time_h[i], *trajectory.states[i], *trajectory.inputs[i], *trajectory.outputs[i]]
+            writer.writerow([f"{v:.6g}" for v in values])
+
+
+def write_lab_results_csv(path: Path, results: tuple[LabResult, ...]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        names = list(LabResult.__dataclass_fields__)
+        writer.writerow(names)
+        for result in results:
+            writer.writerow([getattr(result, name) for name in names])
+
+
+def _unit_slug(unit: str) -> str:
+    return unit.replace("1e6 cells/mL", "1e6_per_ml").replace("/", "_per_").replace(" ", "").replace("%", "pct").replace("-", "fraction")
+
+
+def plot_batch(path: Path, trajectory: PlantTrajectory, lab_results: tuple[LabResult, ...], batch: BatchConfig, title: str) -> None:
+    """A 3 × 3 grid of the main trajectories, lab results as markers, limits dashed."""
+    t_day = trajectory.time_h / 24.0
+    lab_day = np.array([r.taken_at_h / 24.0 for r in lab_results])
+
+    def lab(name: str) -> np.ndarray:
+        return np.array([getattr(r, name) for r in lab_results])
+
+    out = {s.name: trajectory.outputs[:, i] for i, s in enumerate(OUTPUTS)}
+    fig, axes = plt.subplots(3, 3, figsize=(15, 10), sharex=True)
+    panels = [
+        ("viable cells [1e6/mL]", trajectory.state("viable_cells"), "vcd_1e6_per_ml", None),
+        ("viability [%]", out["viability"], "viability_pct", batch.recipe.harvest_viability_pct),
+        ("glucose [g/L]", trajectory.state("glucose"), "glucose_g_per_l", batch.limits.glucose_min_g_per_l),
+        ("lactate [g/L]", trajectory.state("lactate"), "lactate_g_per_l", None),
+        ("glutamine and ammonia [mM]", trajectory.state("glutamine"), "glutamine_mm", None),
+        ("osmolality [mOsm/kg]", out["osmolality"], "osmolality_mosm_per_kg", batch.limits.osmolality_max_mosm_per_kg),
+        ("titer [g/L]", trajectory.state("titer"), "titer_g_per_l", None),
+        ("volume [L]", trajectory.state("volume"), None, batch.equipment.max_working_volume_l),
+        ("temperature [°C]", trajectory.state("temperature"), None, None),
+    ]
+    for ax, (label, series, lab_field, limit) in zip(axes.flat, panels, strict=True):
+        ax.plot(t_day, series, color="tab:blue", lw=1.5, label="true")
+        if lab_field is not None and lab_results:
+            ax.plot(lab_day, lab(lab_field), "o", color="tab:orange", ms=4, label="lab (at draw time)")
+        if limit is not None:
+            ax.axhline(limit, color="tab:red", ls="--", lw=1, label="limit")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    ammonia_ax = axes.flat[4]
+    ammonia_ax.plot(t_day, trajectory.state("ammonia"), color="tab:purple", lw=1.5, label="ammonia")
+    if lab_results:
+        ammonia_ax.plot(lab_day, lab("ammonia_mm"), "s", color="tab:purple", ms=3, alpha=0.7)
+    quality_ax = axes.flat[6].twinx()
+    quality_ax.plot(t_day, out["galactosylated_fraction"], color="tab:green", lw=1, label="galactosylated fraction")
+    quality_ax.set_ylim(0, 1)
+    quality_ax.set_ylabel("galactosylated fraction", color="tab:green", fontsize=9)
+    temperature_ax = axes.flat[8]
+    temperature_ax.plot(t_day, trajectory.inputs[:, 2], color="tab:gray", ls=":", lw=1, label="setpoint")
+    feed_ax = axes.flat[7].twinx()
+    feed_ax.step(t_day, trajectory.inputs[:, 0], where="post", color="tab:brown", lw=0.8, label="feed [L/h]")
+    feed_ax.step(t_day, trajectory.inputs[:, 1], where="post", color="tab:olive", lw=0.8, label="glucose feed [L/h]")
+    feed_ax.set_ylabel("pump rates [L/h]", fontsize=9)
+    feed_ax.legend(loc="center right", fontsize=8)
+    axes.flat[0].legend(loc="upper left", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("process time [day]")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,135 @@
+"""Configuration of one batch: inoculation record, media, equipment, recipe, limits, economics.
+
+Shared by the runtime (its safety filter, fallback recipe and KPIs) and the
+simulator (its PLC logic and plant). Loaded from ``configs/batch/*.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from plant_models.cho import GLUCOSE_G_PER_MOL, LACTATE_G_PER_MOL, STATE_INDEX, STATES
+from plant_models.config_loading import FrozenConfig, load_yaml_model
+from plant_models.parameters import MediaComposition
+
+
+class InoculationRecord(FrozenConfig):
+    """What the batch record says about the culture at inoculation (process time 0)."""
+
+    viable_cell_density_1e6_per_ml: float = Field(gt=0.0, le=10.0, description="seeding density [1e6 cells/mL]")
+    viability_pct: float = Field(gt=0.0, le=100.0, description="seeding viability [%]")
+    volume_l: float = Field(gt=0.0, description="working volume after inoculation [L]")
+    glucose_g_per_l: float = Field(ge=0.0, le=30.0, description="glucose after inoculation [g/L]")
+    glutamine_mm: float = Field(ge=0.0, le=50.0, description="glutamine after inoculation [mM]")
+    lactate_g_per_l: float = Field(ge=0.0, le=10.0, description="lactate after inoculation [g/L]")
+    ammonia_mm: float = Field(ge=0.0, le=30.0, description="ammonia after inoculation [mM]")
+    osmolality_mosm_per_kg: float = Field(ge=200.0, le=600.0, description="medium osmolality after inoculation [mOsm/kg]")
+    titer_g_per_l: float = Field(default=0.0, ge=0.0, le=1.0, description="product carried over from the seed train [g/L]")
+    temperature_degc: float = Field(ge=30.0, le=40.0, description="culture temperature at inoculation [°C]")
+
+    @model_validator(mode="after")
+    def _osmolality_covers_metabolites(self) -> InoculationRecord:
+        if self.other_osmolytes_mosm_per_kg < 0.0:
+            raise ValueError(
+                f"osmolality_mosm_per_kg {self.osmolality_mosm_per_kg} is below what glucose, lactate, "
+                f"glutamine and ammonia alone contribute ({self.osmolality_mosm_per_kg - self.other_osmolytes_mosm_per_kg:.0f} mOsm/kg)"
+            )
+        return self
+
+    @property
+    def other_osmolytes_mosm_per_kg(self) -> float:
+        return (
+            self.osmolality_mosm_per_kg
+            - self.glucose_g_per_l * 1000.0 / GLUCOSE_G_PER_MOL
+            - self.lactate_g_per_l * 1000.0 / LACTATE_G_PER_MOL
+            - self.glutamine_mm
+            - self.ammonia_mm
+        )
+
+    def initial_state(self) -> np.ndarray:
+        """The model state vector at inoculation."""
+        x = np.zeros(len(STATES))
+        viable = self.viable_cell_density_1e6_per_ml
+        x[STATE_INDEX["viable_cells"]] = viable
+        x[STATE_INDEX["dead_cells"]] = viable * (100.0 - self.viability_pct) / self.viability_pct
+        x[STATE_INDEX["glucose"]] = self.glucose_g_per_l
+        x[STATE_INDEX["glutamine"]] = self.glutamine_mm
+        x[STATE_INDEX["lactate"]] = self.lactate_g_per_l
+        x[STATE_INDEX["ammonia"]] = self.ammonia_mm
+        x[STATE_INDEX["other_osmolytes"]] = self.other_osmolytes_mosm_per_kg
+        x[STATE_INDEX["titer"]] = self.titer_g_per_l
+        x[STATE_INDEX["galactosylated_titer"]] = 0.0
+        x[STATE_INDEX["volume"]] = self.volume_l
+        x[STATE_INDEX["temperature"]] = self.temperature_degc
+        x[STATE_INDEX["base_added"]] = 0.0
+        return x
+
+
+class EquipmentLimits(FrozenConfig):
+    """The equipment's ranges: what the PLC accepts and what the reactor holds."""
+
+    max_working_volume_l: float = Field(gt=0.0, description="maximum working volume [L]")
+    feed_rate_max_lph: float = Field(gt=0.0, description="nutrient feed pump range upper end [L/h]")
+    glucose_rate_max_lph: float = Field(gt=0.0, description="glucose feed pump range upper end [L/h]")
+    temperature_min_degc: float = Field(ge=25.0, le=40.0, description="lowest temperature setpoint [°C]")
+    temperature_max_degc: float = Field(ge=25.0, le=40.0, description="highest temperature setpoint [°C]")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EquipmentLimits:
+        if self.temperature_min_degc >= self.temperature_max_degc:
+            raise ValueError("temperature_min_degc must be below temperature_max_degc")
+        return self
+
+
+class RecipeConfig(FrozenConfig):
+    """The fixed platform recipe the PLC runs locally and every benchmark compares against."""
+
+    feed_fraction_of_initial_volume_per_day: float = Field(ge=0.0, le=0.2, description="nutrient feed per day as a fraction of the initial volume [-/day]")
+    feed_start_h: float = Field(ge=0.0, description="process time the nutrient feed starts [h]")
+    glucose_target_g_per_l: float = Field(gt=0.0, le=15.0, description="glucose the glucose feed aims for [g/L]")
+    glucose_correction_horizon_h: float = Field(gt=0.0, le=72.0, description="time over which a glucose deficit is made up [h]")
+    temperature_initial_degc: float = Field(ge=30.0, le=40.0, description="culture temperature before the shift [°C]")
+    temperature_shifted_degc: float = Field(ge=30.0, le=40.0, description="culture temperature after the shift [°C]")
+    temperature_shift_h: float = Field(ge=0.0, description="process time of the temperature shift [h]")
+    harvest_h: float = Field(gt=0.0, description="process time of the scheduled harvest [h]")
+    harvest_viability_pct: float = Field(ge=0.0, le=100.0, description="harvest early once a lab viability falls below this [%]")
+
+
+class ProcessLimits(FrozenConfig):
+    """Limits the KPIs count violations of and the controller must respect."""
+
+    glucose_min_g_per_l: float = Field(ge=0.0, description="glucose below this is starvation [g/L]")
+    osmolality_max_mosm_per_kg: float = Field(gt=200.0, description="osmolality above this harms the product [mOsm/kg]")
+    latest_harvest_h: float = Field(gt=0.0, description="the batch ends here at the latest [h]")
+
+
+class Economics(FrozenConfig):
+    turnaround_days: float = Field(ge=0.0, le=30.0, description="days the reactor is occupied between batches (clean, sterilise, inoculate) [day]")
+
+
+class BatchConfig(FrozenConfig):
+    """Everything about one batch that is not cell kinetics."""
+
+    batch_id: str = Field(min_length=1, max_length=16, description="batch identifier (16 ASCII characters at most)")
+    cycle_period_h: float = Field(gt=0.0, le=24.0, description="control cycle period, equal to the PLC's [h]")
+    inoculation: InoculationRecord
+    media: MediaComposition
+    equipment: EquipmentLimits
+    recipe: RecipeConfig
+    limits: ProcessLimits
+    economics: Economics
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BatchConfig:
+        if not self.batch_id.isascii():
+            raise ValueError("batch_id must be ASCII (the PLC stores it as 16 ASCII characters)")
+        if self.inoculation.volume_l >= self.equipment.max_working_volume_l:
+            raise ValueError("inoculation.volume_l must be below equipment.max_working_volume_l")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> BatchConfig:
+        return load_yaml_model(path, cls)

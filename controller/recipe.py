@@ -1,0 +1,92 @@
+"""The platform recipe: the fixed feeding, temperature and harvest schedule plants run today.
+
+The simulated PLC runs it locally when remote control is off or its watchdog
+has tripped; the runtime falls back to it after repeated solver failures; every
+benchmark compares against it.
+
+Glucose: after each lab result the glucose feed is re-set so that, at the
+consumption seen between the last two samples, glucose returns to the target
+over the correction horizon (the usual bolus arithmetic of a process engineer,
+spread over a day). The glucose the nutrient feed brings is counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from controller.config import EquipmentLimits, RecipeConfig
+from controller.types import LabResult, Setpoints
+from plant_models.parameters import MediaComposition
+
+
+@dataclass(frozen=True)
+class _GlucoseObservation:
+    taken_at_h: float
+    glucose_g_per_l: float
+    volume_l: float
+    glucose_delivered_g: float
+
+
+class PlatformRecipe:
+    """Stateful only in what it has learned from lab results; time-based otherwise."""
+
+    def __init__(self, recipe: RecipeConfig, media: MediaComposition, equipment: EquipmentLimits, initial_volume_l: float) -> None:
+        self._recipe = recipe
+        self._media = media
+        self._equipment = equipment
+        self._feed_rate_lph = recipe.feed_fraction_of_initial_volume_per_day * initial_volume_l / 24.0
+        self._glucose_rate_lph = 0.0
+        self._last_glucose: _GlucoseObservation | None = None
+        self._low_viability_seen = False
+
+    @property
+    def glucose_rate_lph(self) -> float:
+        return self._glucose_rate_lph
+
+    def feed_rate_lph(self, process_time_h: float) -> float:
+        return self._feed_rate_lph if process_time_h >= self._recipe.feed_start_h else 0.0
+
+    def on_lab_result(self, result: LabResult, *, volume_l: float, glucose_delivered_g: float) -> None:
+        """Take a newly published result set.
+
+        ``volume_l`` and ``glucose_delivered_g`` (nominal glucose delivered by
+        both feeds since inoculation) are the values at the sample's draw time.
+        """
+        if result.measured("viability_pct") and result.viability_pct < self._recipe.harvest_viability_pct:
+            self._low_viability_seen = True
+        if not result.measured("glucose_g_per_l"):
+            return
+        observation = _GlucoseObservation(result.taken_at_h, result.glucose_g_per_l, volume_l, glucose_delivered_g)
+        previous, self._last_glucose = self._last_glucose, observation
+        consumption_g_per_h = 0.0
+        if previous is not None and observation.taken_at_h > previous.taken_at_h:
+            consumed_g = (
+                previous.glucose_g_per_l * previous.volume_l
+                + (observation.glucose_delivered_g - previous.glucose_delivered_g)
+                - observation.glucose_g_per_l * observation.volume_l
+            )
+            consumption_g_per_h = max(0.0, consumed_g / (observation.taken_at_h - previous.taken_at_h))
+        deficit_g = (self._recipe.glucose_target_g_per_l - observation.glucose_g_per_l) * volume_l
+        feed_glucose_g_per_h = self.feed_rate_lph(result.taken_at_h + self._recipe.glucose_correction_horizon_h / 2.0) * self._media.nutrient_feed_glucose_g_per_l
+        needed_g_per_h = consumption_g_per_h + deficit_g / self._recipe.glucose_correction_horizon_h - feed_glucose_g_per_h
+        rate = max(0.0, needed_g_per_h) / self._media.glucose_feed_g_per_l
+        self._glucose_rate_lph = min(rate, self._equipment.glucose_rate_max_lph)
+
+    def harvest_due(self, process_time_h: float) -> bool:
+        return process_time_h >= self._recipe.harvest_h or self._low_viability_seen
+
+    def setpoints(self, process_time_h: float) -> Setpoints:
+        if not math.isfinite(process_time_h):
+            raise ValueError(f"process time must be finite, got {process_time_h}")
+        temperature = (
+            self._recipe.temperature_initial_degc
+            if process_time_h < self._recipe.temperature_shift_h
+            else self._recipe.temperature_shifted_degc
+        )
+        return Setpoints(
+            feed_rate_lph=self.feed_rate_lph(process_time_h),
+            glucose_rate_lph=self._glucose_rate_lph,
+            temperature_degc=temperature,
+            harvest=self.harvest_due(process_time_h),
+        )

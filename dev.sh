@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Set up the project (once; again only when pyproject.toml changes) and run one job.
+#   ./dev.sh demo        the main job (today: a simulated platform batch, KPIs, CSV and plot)
+#   ./dev.sh test        the default test suite (tests/ and hil_tests/)
+#   ./dev.sh bench       the benchmarks
+#   ./dev.sh cli ARGS    any bioreactor-mpc command, e.g. ./dev.sh cli simulate --seed 7
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+find_python() {
+    for candidate in "${PYTHON:-}" python3.11 python3; do
+        [ -n "$candidate" ] || continue
+        if command -v "$candidate" >/dev/null 2>&1 \
+            && "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    echo "dev.sh: Python 3.11 or newer is required (set PYTHON=/path/to/python3.11)" >&2
+    return 1
+}
+
+setup() {
+    local stamp
+    stamp="$( (cat pyproject.toml; echo "setup-v1") | sha256sum | cut -d' ' -f1)"
+    if [ -x .venv/bin/python ] && [ "$(cat .venv/.setup-stamp 2>/dev/null)" = "$stamp" ]; then
+        return 0
+    fi
+    local python
+    python="$(find_python)"
+    echo "dev.sh: setting up .venv with $("$python" --version)" >&2
+    [ -x .venv/bin/python ] || "$python" -m venv .venv
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+    echo "$stamp" > .venv/.setup-stamp
+}
+
+job="${1:-demo}"
+[ $# -gt 0 ] && shift
+setup
+case "$job" in
+    demo)  exec .venv/bin/bioreactor-mpc simulate "$@" ;;
+    test)  exec .venv/bin/python -m pytest "$@" ;;
+    bench) exec .venv/bin/python benchmarks/run_all.py "$@" ;;
+    cli)   exec .venv/bin/bioreactor-mpc "$@" ;;
+    setup) exit 0 ;;
+    *) echo "dev.sh: unknown job '$job' (demo, test, bench, cli, setup)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""Interfaces layer: PLC ports (OPC UA, Modbus), operator HMI and storage implementations."""

@@ -1,0 +1,170 @@
+"""Parameter sets of the CHO culture model: frozen pydantic models, loaded from YAML.
+
+Every number carries its unit in its name. Magnitudes and their sources are in
+``docs/model.md``. The model's CasADi parameter vector is the concatenation of
+:class:`CultureParameters` (the cells' kinetics) and :class:`MediaComposition`
+(what the feeds and the base contain), in :data:`PARAMETER_NAMES` order, so a
+simulator, an estimator and an MPC can each hold a different set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from plant_models.config_loading import FrozenConfig, load_yaml_model
+
+
+
+class GrowthParameters(FrozenConfig):
+    """Specific growth rate: Monod in glucose and glutamine, inhibited by metabolites, osmolality and age."""
+
+    mu_max_per_h: float = Field(gt=0.0, le=0.2, description="maximum specific growth rate at the reference temperature [1/h]")
+    k_glucose_g_per_l: float = Field(gt=0.0, description="Monod constant for glucose [g/L]")
+    k_glutamine_mm: float = Field(gt=0.0, description="Monod constant for glutamine [mM]")
+    ki_lactate_g_per_l: float = Field(gt=0.0, description="lactate concentration that halves growth [g/L]")
+    ki_ammonia_mm: float = Field(gt=0.0, description="ammonia concentration that halves growth [mM]")
+    osmolality_half_mosm_per_kg: float = Field(gt=200.0, lt=1000.0, description="osmolality that halves growth [mOsm/kg]")
+    osmolality_width_mosm_per_kg: float = Field(gt=0.0, description="width of the osmolality inhibition step [mOsm/kg]")
+    age_half_h: float = Field(gt=0.0, description="culture age at which the growth capacity has halved [h]")
+    age_width_h: float = Field(gt=0.0, description="width of the age decline of growth capacity [h]")
+    temperature_sensitivity_per_degc: float = Field(ge=0.0, description="growth falls by exp(-s*(Tref-T)) below the reference [1/°C]")
+
+
+class DeathParameters(FrozenConfig):
+    """Specific death rate: a basal rate plus lactate, ammonia and glucose-starvation terms."""
+
+    kd_min_per_h: float = Field(ge=0.0, description="basal specific death rate at the reference temperature [1/h]")
+    kd_lactate_max_per_h: float = Field(ge=0.0, description="maximum death rate caused by lactate [1/h]")
+    k_lactate_g_per_l: float = Field(gt=0.0, description="lactate at half the maximum lactate-induced death [g/L]")
+    kd_ammonia_max_per_h: float = Field(ge=0.0, description="maximum death rate caused by ammonia [1/h]")
+    k_ammonia_mm: float = Field(gt=0.0, description="ammonia at half the maximum ammonia-induced death [mM]")
+    kd_starvation_max_per_h: float = Field(ge=0.0, description="death rate under complete glucose starvation [1/h]")
+    k_starvation_glucose_g_per_l: float = Field(gt=0.0, description="glucose below which starvation death sets in [g/L]")
+    temperature_sensitivity_per_degc: float = Field(ge=0.0, description="basal death falls by exp(-s*(Tref-T)) below the reference [1/°C]")
+    lysis_per_h: float = Field(ge=0.0, description="first-order lysis of dead cells [1/h]")
+
+
+class MetabolismParameters(FrozenConfig):
+    """Uptake of glucose and glutamine, lactate production and consumption, ammonia release."""
+
+    yield_cells_per_glucose_1e9_per_g: float = Field(gt=0.0, description="cells formed per g glucose taken up for growth [1e9 cells/g]")
+    glucose_maintenance_g_per_1e9_cells_h: float = Field(ge=0.0, description="non-growth glucose uptake [g/(1e9 cells·h)]")
+    k_glucose_maintenance_g_per_l: float = Field(gt=0.0, description="Monod constant of maintenance glucose uptake [g/L]")
+    yield_cells_per_glutamine_1e9_per_mmol: float = Field(gt=0.0, description="cells formed per mmol glutamine [1e9 cells/mmol]")
+    glutamine_maintenance_mmol_per_1e9_cells_h: float = Field(ge=0.0, description="non-growth glutamine uptake [mmol/(1e9 cells·h)]")
+    k_glutamine_maintenance_mm: float = Field(gt=0.0, description="Monod constant of maintenance glutamine uptake [mM]")
+    glutamine_degradation_per_h: float = Field(ge=0.0, description="spontaneous glutamine degradation to ammonia [1/h]")
+    lactate_yield_from_glucose_g_per_g: float = Field(ge=0.0, le=1.0, description="lactate formed per g of growth-associated glucose uptake [g/g]")
+    lactate_uptake_max_g_per_1e9_cells_h: float = Field(ge=0.0, description="maximum specific lactate consumption [g/(1e9 cells·h)]")
+    k_lactate_uptake_g_per_l: float = Field(gt=0.0, description="Monod constant of lactate consumption [g/L]")
+    k_glucose_lactate_switch_g_per_l: float = Field(gt=0.0, description="glucose that halves lactate consumption (the metabolic shift) [g/L]")
+    ammonia_yield_from_glutamine_mol_per_mol: float = Field(ge=0.0, le=2.0, description="ammonia released per glutamine taken up [mol/mol]")
+    temperature_sensitivity_per_degc: float = Field(ge=0.0, description="maintenance and lactate uptake fall by exp(-s*(Tref-T)) [1/°C]")
+
+
+class ProductParameters(FrozenConfig):
+    """Specific productivity of the antibody and its quality attribute (galactosylated fraction)."""
+
+    q_product_pg_per_cell_day: float = Field(ge=0.0, le=200.0, description="specific productivity at the reference temperature [pg/(cell·day)]")
+    temperature_sensitivity_per_degc: float = Field(ge=0.0, description="productivity rises by exp(s*(Tref-T)) below the reference [1/°C]")
+    k_glucose_g_per_l: float = Field(gt=0.0, description="Monod constant of productivity in glucose [g/L]")
+    galactosylated_max_fraction: float = Field(gt=0.0, le=1.0, description="galactosylated fraction of new product without stress [-]")
+    galactosylation_ki_ammonia_mm: float = Field(gt=0.0, description="ammonia that halves galactosylation of new product [mM]")
+    galactosylation_osmolality_half_mosm_per_kg: float = Field(gt=200.0, description="osmolality that halves galactosylation of new product [mOsm/kg]")
+    galactosylation_osmolality_width_mosm_per_kg: float = Field(gt=0.0, description="width of the osmolality effect on galactosylation [mOsm/kg]")
+
+
+class MeasurementParameters(FrozenConfig):
+    """What links the states to the signals a plant measures online."""
+
+    o2_per_growth_mmol_per_1e9_cells: float = Field(ge=0.0, description="oxygen taken up per cell formed [mmol/1e9 cells]")
+    o2_maintenance_mmol_per_1e9_cells_h: float = Field(ge=0.0, description="maintenance oxygen uptake [mmol/(1e9 cells·h)]")
+    respiratory_quotient: float = Field(gt=0.3, lt=2.0, description="CO2 evolved per O2 taken up [mol/mol]")
+    base_per_lactate_mol_per_mol: float = Field(ge=0.0, le=2.0, description="base added per mol lactic acid formed [mol/mol]")
+    capacitance_pf_per_cm_per_1e6_cells_ml: float = Field(gt=0.0, description="permittivity per viable cell density [pF/cm per 1e6 cells/mL]")
+
+
+class TemperatureParameters(FrozenConfig):
+    reference_degc: float = Field(ge=30.0, le=40.0, description="reference culture temperature of the kinetics [°C]")
+    lag_h: float = Field(gt=0.0, le=24.0, description="time constant of culture temperature following its setpoint [h]")
+
+
+class CultureParameters(FrozenConfig):
+    """The kinetics of one cell line: what the simulator calls 'true' and the MPC calls 'nominal'."""
+
+    growth: GrowthParameters
+    death: DeathParameters
+    metabolism: MetabolismParameters
+    product: ProductParameters
+    measurement: MeasurementParameters
+    temperature: TemperatureParameters
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> CultureParameters:
+        return load_yaml_model(path, cls)
+
+
+class MediaComposition(FrozenConfig):
+    """What the feeds and the base carry into the reactor."""
+
+    nutrient_feed_glucose_g_per_l: float = Field(ge=0.0, le=700.0, description="glucose in the nutrient feed [g/L]")
+    nutrient_feed_glutamine_mm: float = Field(ge=0.0, le=500.0, description="glutamine (and amino-acid nitrogen, as glutamine equivalents) in the nutrient feed [mM]")
+    nutrient_feed_other_osmolytes_mosm_per_kg: float = Field(ge=0.0, le=3000.0, description="osmolytes of the nutrient feed other than glucose and glutamine [mOsm/kg]")
+    nutrient_feed_strength: float = Field(default=1.0, gt=0.0, le=2.0, description="concentration of this feed lot relative to its specification [-]")
+    glucose_feed_g_per_l: float = Field(gt=0.0, le=700.0, description="glucose in the glucose feed [g/L]")
+    base_mol_per_l: float = Field(gt=0.0, le=10.0, description="base concentration [mol/L]")
+    base_osmoles_per_mol: float = Field(ge=0.0, le=3.0, description="osmoles the base leaves in the culture per mol [osmol/mol]")
+
+
+def _flatten(model: FrozenConfig, prefix: str = "") -> list[tuple[str, float]]:
+    items: list[tuple[str, float]] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, FrozenConfig):
+            items.extend(_flatten(value, prefix=f"{key}."))
+        else:
+            items.append((key, float(value)))
+    return items
+
+
+def _field_names(model_cls: type[FrozenConfig], prefix: str = "") -> list[str]:
+    names: list[str] = []
+    for name, info in model_cls.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, FrozenConfig):
+            names.extend(_field_names(annotation, prefix=f"{prefix}{name}."))
+        else:
+            names.append(f"{prefix}{name}")
+    return names
+
+
+PARAMETER_NAMES: tuple[str, ...] = tuple(
+    [f"culture.{name}" for name in _field_names(CultureParameters)]
+    + [f"media.{name}" for name in _field_names(MediaComposition)]
+)
+"""Names of the model's parameter vector entries, in order."""
+
+
+def parameter_vector(culture: CultureParameters, media: MediaComposition) -> np.ndarray:
+    """The numeric parameter vector the CasADi model takes, in :data:`PARAMETER_NAMES` order."""
+    values = [value for _, value in _flatten(culture)] + [value for _, value in _flatten(media)]
+    return np.asarray(values, dtype=float)
+
+
+def scaled_parameters(culture: CultureParameters, factors: dict[str, float]) -> CultureParameters:
+    """A copy of ``culture`` with named entries (``"growth.mu_max_per_h"``) multiplied by factors.
+
+    Validation runs again on the result, so a perturbation cannot produce an
+    invalid parameter set silently.
+    """
+    data = culture.model_dump()
+    for dotted, factor in factors.items():
+        group, _, field = dotted.partition(".")
+        if group not in data or field not in data[group]:
+            raise KeyError(f"unknown culture parameter {dotted!r}; names look like 'growth.mu_max_per_h'")
+        data[group][field] = data[group][field] * factor
+    return CultureParameters.model_validate(data)

@@ -275,10 +275,10 @@ class SimulatedPlc:
         for draw, name in zip(draws, LAB_FIELDS, strict=True):
             value = float(truth[name])
             if name == "viability_pct":
-                measured[name] = min(100.0, max(0.0, value + noise.viability_pct * draw))
+                measured[name] = float(min(100.0, max(0.0, value + noise.viability_pct * draw)))
             else:
                 # An assay never reports a negative concentration; it reports zero.
-                measured[name] = max(0.0, value * (1.0 + relative[name] * draw))
+                measured[name] = float(max(0.0, value * (1.0 + relative[name] * draw)))
         return measured
 
     def _publish(self, sample: _PendingSample) -> None:

@@ -1,0 +1,56 @@
+"""Shared fixtures: configs from the repository, the model, a simulation config factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from controller.config import BatchConfig
+from plant_models.cho import CultureModel
+from plant_models.parameters import CultureParameters, parameter_vector
+from simulator.config import LoadedSimulation, load_simulation
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+@pytest.fixture(scope="session")
+def model() -> CultureModel:
+    return CultureModel()
+
+
+@pytest.fixture(scope="session")
+def nominal() -> CultureParameters:
+    return CultureParameters.from_yaml(CONFIGS / "model" / "cho_nominal.yaml")
+
+
+@pytest.fixture(scope="session")
+def batch() -> BatchConfig:
+    return BatchConfig.from_yaml(CONFIGS / "batch" / "platform.yaml")
+
+
+@pytest.fixture(scope="session")
+def nominal_p(nominal: CultureParameters, batch: BatchConfig) -> np.ndarray:
+    return parameter_vector(nominal, batch.media)
+
+
+@pytest.fixture
+def make_simulation(tmp_path: Path):
+    """Write a simulation config next to copies of the repository's model and batch files."""
+
+    def make(**overrides: Any) -> LoadedSimulation:
+        data: dict[str, Any] = {
+            "model": str(CONFIGS / "model" / "cho_nominal.yaml"),
+            "batch": str(CONFIGS / "batch" / "platform.yaml"),
+            "seed": 3,
+        }
+        data.update(overrides)
+        path = tmp_path / f"sim-{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        return load_simulation(path)
+
+    return make

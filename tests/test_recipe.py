@@ -1,0 +1,65 @@
+"""The platform recipe's arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from controller.recipe import PlatformRecipe
+from controller.types import LabResult
+
+
+def _lab(seq: int, taken_at_h: float, glucose: float, viability: float = 95.0) -> LabResult:
+    return LabResult(seq, taken_at_h, 5.0, viability, glucose, 1.0, 2.0, 3.0, 1.0, 320.0)
+
+
+@pytest.fixture
+def recipe(batch) -> PlatformRecipe:
+    return PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
+
+
+def test_time_based_schedule(recipe):
+    assert recipe.setpoints(71.9).feed_rate_lph == 0.0
+    assert recipe.setpoints(72.0).feed_rate_lph == pytest.approx(0.03 * 1400.0 / 24.0)
+    assert recipe.setpoints(119.9).temperature_degc == 36.5
+    assert recipe.setpoints(120.0).temperature_degc == 33.0
+    assert not recipe.setpoints(335.9).harvest and recipe.setpoints(336.0).harvest
+
+
+def test_glucose_rate_replaces_consumption_and_closes_the_deficit_over_a_day(recipe):
+    recipe.on_lab_result(_lab(1, 24.0, 5.0), volume_l=1400.0, glucose_delivered_g=0.0)
+    # No consumption estimate yet: only the deficit (4 - 5 < 0) counts, so no glucose feed.
+    assert recipe.glucose_rate_lph == 0.0
+    recipe.on_lab_result(_lab(2, 48.0, 3.0), volume_l=1400.0, glucose_delivered_g=0.0)
+    consumption_g_per_h = (5.0 - 3.0) * 1400.0 / 24.0
+    deficit_g_per_h = (4.0 - 3.0) * 1400.0 / 24.0
+    assert recipe.glucose_rate_lph == pytest.approx((consumption_g_per_h + deficit_g_per_h) / 400.0)
+
+
+def test_glucose_from_the_nutrient_feed_is_counted(recipe):
+    recipe.on_lab_result(_lab(1, 72.0, 4.0), volume_l=1400.0, glucose_delivered_g=0.0)
+    recipe.on_lab_result(_lab(2, 96.0, 4.0), volume_l=1442.0, glucose_delivered_g=42.0 * 40.0 + 1000.0)
+    consumed_g_per_h = (4.0 * 1400.0 + 42.0 * 40.0 + 1000.0 - 4.0 * 1442.0) / 24.0
+    fed_by_feed_g_per_h = 1.75 * 40.0
+    assert consumed_g_per_h > fed_by_feed_g_per_h
+    assert recipe.glucose_rate_lph == pytest.approx((consumed_g_per_h - fed_by_feed_g_per_h) / 400.0)
+
+
+def test_unmeasured_glucose_keeps_the_rate(recipe):
+    recipe.on_lab_result(_lab(1, 24.0, 5.0), volume_l=1400.0, glucose_delivered_g=0.0)
+    recipe.on_lab_result(_lab(2, 48.0, 2.0), volume_l=1400.0, glucose_delivered_g=0.0)
+    rate = recipe.glucose_rate_lph
+    recipe.on_lab_result(_lab(3, 72.0, math.nan), volume_l=1400.0, glucose_delivered_g=0.0)
+    assert recipe.glucose_rate_lph == rate
+
+
+def test_rate_is_capped_at_the_pump_range(recipe, batch):
+    recipe.on_lab_result(_lab(1, 24.0, 12.0), volume_l=1400.0, glucose_delivered_g=0.0)
+    recipe.on_lab_result(_lab(2, 48.0, 0.0), volume_l=1400.0, glucose_delivered_g=0.0)
+    assert recipe.glucose_rate_lph == batch.equipment.glucose_rate_max_lph
+
+
+def test_low_viability_triggers_harvest(recipe):
+    recipe.on_lab_result(_lab(1, 200.0, 4.0, viability=69.0), volume_l=1800.0, glucose_delivered_g=0.0)
+    assert recipe.setpoints(205.0).harvest

@@ -39,7 +39,25 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--output-dir", type=Path, default=Path("runs/simulate"), help="where trajectories and the plot go (default: runs/simulate)")
     simulate.add_argument("--csv-every-min", type=int, default=15, help="trajectory file resolution in minutes (plant resolution is 1 min)")
     simulate.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+
+    schema = commands.add_parser("schema", help="write JSON Schemas of the config files, for editors that check YAML")
+    schema.add_argument("--output-dir", type=Path, default=Path("runs/schema"), help="where the schemas go (default: runs/schema)")
     return parser
+
+
+def _schema(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from controller.config import BatchConfig
+    from plant_models.parameters import CultureParameters
+    from simulator.config import SimulationConfig
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for name, model in (("culture-parameters", CultureParameters), ("batch", BatchConfig), ("simulation", SimulationConfig)):
+        path = args.output_dir / f"{name}.schema.json"
+        path.write_text(json.dumps(model.model_json_schema(), indent=2) + "\n", encoding="utf-8")
+        console.print(f"{path}")
+    return 0
 
 
 def _simulate(args: argparse.Namespace, console: Console) -> int:
@@ -80,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args, console)
+        if args.command == "schema":
+            return _schema(args, console)
     except BioreactorMPCError as error:
         print(f"bioreactor-mpc {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

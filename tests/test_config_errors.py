@@ -110,3 +110,14 @@ def test_cli_reports_config_error_without_traceback(tmp_path, capsys):
     assert "error:" in captured.err and "sed: unknown field; did you mean 'seed'?" in captured.err
     assert "Traceback" not in captured.err
     assert not (tmp_path / "out").exists()
+
+
+def test_schema_command_writes_json_schemas(tmp_path):
+    import json
+
+    assert main(["schema", "--output-dir", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["batch.schema.json", "culture-parameters.schema.json", "simulation.schema.json"]
+    batch_schema = json.loads((tmp_path / "batch.schema.json").read_text())
+    assert batch_schema["additionalProperties"] is False
+    assert "max_working_volume_l" in json.dumps(batch_schema)

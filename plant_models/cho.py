@@ -121,10 +121,14 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
     below_reference = par("temperature.reference_degc") - temperature
 
     # Growth: Monod in both substrates, hyperbolic metabolite inhibition,
-    # logistic inhibition by osmolality and by culture age, slower when cold.
+    # logistic inhibition by osmolality and by culture age, a temperature
+    # optimum (1 at the reference temperature, slower when cold or hot).
     mu = (
         par("growth.mu_max_per_h")
-        * ca.exp(-par("growth.temperature_sensitivity_per_degc") * below_reference)
+        * ca.exp(
+            -par("growth.temperature_curvature_per_degc2")
+            * ((temperature - par("growth.temperature_optimum_degc")) ** 2 - (par("temperature.reference_degc") - par("growth.temperature_optimum_degc")) ** 2)
+        )
         * glc / (par("growth.k_glucose_g_per_l") + glc)
         * gln / (par("growth.k_glutamine_mm") + gln)
         * par("growth.ki_lactate_g_per_l") / (par("growth.ki_lactate_g_per_l") + lac)

@@ -30,7 +30,8 @@ class GrowthParameters(FrozenConfig):
     osmolality_width_mosm_per_kg: float = Field(gt=0.0, description="width of the osmolality inhibition step [mOsm/kg]")
     age_half_h: float = Field(gt=0.0, description="culture age at which the growth capacity has halved [h]")
     age_width_h: float = Field(gt=0.0, description="width of the age decline of growth capacity [h]")
-    temperature_sensitivity_per_degc: float = Field(ge=0.0, description="growth falls by exp(-s*(Tref-T)) below the reference [1/°C]")
+    temperature_optimum_degc: float = Field(ge=30.0, le=40.0, description="culture temperature of fastest growth [°C]")
+    temperature_curvature_per_degc2: float = Field(ge=0.0, description="growth falls by exp(-c*((T-Topt)^2-(Tref-Topt)^2)) away from the optimum [1/°C²]")
 
 
 class DeathParameters(FrozenConfig):

@@ -1,0 +1,67 @@
+"""Compile an NLP's CasADi functions to C once and cache the shared library on disk.
+
+Evaluating the Hessian of a long RK4 chain dominates the solve time of the
+MPC when CasADi interprets it; compiled, the NLP callbacks are several times
+faster (see ``shared/solver-notes.md``). The library's file name is the hash
+of its generated C source, so a change of model, horizon or tuning produces a
+new library and a stale one is never loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import casadi as ca
+import structlog
+
+from plant_models.errors import BioreactorMPCError
+
+log = structlog.get_logger(__name__)
+
+COMPILE_FLAGS = ("-O2", "-shared", "-fPIC")
+COMPILE_TIMEOUT_S = 900
+
+
+class CodegenError(RuntimeError, BioreactorMPCError):
+    """Generating or compiling the NLP's C code failed."""
+
+
+def default_cache_dir() -> Path:
+    """``$BIOREACTOR_MPC_CACHE`` or ``~/.cache/bioreactor-mpc``."""
+    configured = os.environ.get("BIOREACTOR_MPC_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "bioreactor-mpc"
+
+
+def compiled_nlpsol(name: str, plugin: str, nlp: dict, options: dict, *, compile_code: bool = True, cache_dir: Path | None = None) -> ca.Function:
+    """``casadi.nlpsol`` whose NLP functions run from a cached, compiled library."""
+    solver = ca.nlpsol(name, plugin, nlp, options)
+    if not compile_code:
+        return solver
+    compiler = shutil.which(os.environ.get("CC", "gcc"))
+    if compiler is None:
+        log.warning("codegen_unavailable", reason="no C compiler found; solving with interpreted functions")
+        return solver
+    cache = cache_dir or default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bioreactor-mpc-codegen-") as scratch, contextlib.chdir(scratch):
+        source = Path(scratch) / f"{name}.c"
+        solver.generate_dependencies(source.name)
+        digest = hashlib.sha256(source.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+        library = cache / f"{name}-{plugin}-{digest}.so"
+        if not library.exists():
+            log.info("codegen_compiling", library=str(library), source_kib=source.stat().st_size // 1024)
+            partial = library.with_suffix(f".so.{os.getpid()}.tmp")
+            try:
+                subprocess.run([compiler, *COMPILE_FLAGS, str(source), "-o", str(partial)], check=True, capture_output=True, timeout=COMPILE_TIMEOUT_S)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+                partial.unlink(missing_ok=True)
+                stderr = getattr(error, "stderr", b"") or b""
+                raise CodegenError(f"compiling {source.name} failed: {stderr.decode(errors='replace')[-2000:] or error}") from error
+            partial.replace(library)  # atomic: a concurrent reader never sees half a library
+    return ca.nlpsol(name, plugin, str(library), options)

@@ -1,0 +1,325 @@
+"""Economic NMPC: feeds and temperature that maximise product per day of occupancy, to harvest.
+
+Formulation (multiple shooting, one CasADi NLP built once):
+
+- The horizon always reaches the planned harvest (a shrinking horizon). It is
+  cut into a fixed number of stages whose durations are *parameters*: the
+  first ``fine_stages`` last one control interval each, the rest share the
+  time left to harvest. A stage of duration 0 is an identity map, so the same
+  NLP serves every remaining batch length and every candidate harvest time.
+- Dynamics: RK4 with ``substeps`` per stage on the shared culture model.
+- Objective: the product mass at harvest (the score's numerator: for a fixed
+  harvest time the occupancy is fixed), minus quadratic move penalties and
+  L1 + L2 penalties on slacks.
+- Constraints: input bounds; temperature setpoint rate limit; glucose window,
+  osmolality limit and maximum volume at every stage end (softened by
+  slacks); viability and galactosylated fraction at harvest (softened).
+- Harvest time: candidate harvest times are solved and compared by score
+  (:class:`HarvestPlanner`).
+
+The solver's answer is untrusted: status, finiteness and bounds are checked and
+reported in :class:`MpcSolution`; callers decide what to do with a failure.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import casadi as ca
+import numpy as np
+from pydantic import Field
+
+from controller.codegen import compiled_nlpsol
+
+from controller.config import BatchConfig
+from plant_models.cho import INPUT_INDEX, OUTPUT_INDEX, STATE_INDEX, CultureModel
+from plant_models.config_loading import FrozenConfig
+
+STATE_SCALE = np.array([15.0, 5.0, 5.0, 5.0, 3.0, 8.0, 400.0, 5.0, 5.0, 2000.0, 37.0, 50.0])
+"""Typical magnitudes of the 12 states, so the NLP sees numbers of order one."""
+
+
+class MpcConfig(FrozenConfig):
+    """Tuning of the economic NMPC."""
+
+    fine_stages: int = Field(default=24, ge=1, le=200, description="stages of one control interval at the start of the horizon")
+    coarse_stages: int = Field(default=24, ge=1, le=200, description="stages that share the rest of the time to harvest")
+    max_step_h: float = Field(default=1.0, gt=0.0, le=4.0, description="longest RK4 step: stiff substrate depletion makes longer steps unstable [h]")
+    glucose_min_g_per_l: float = Field(default=1.0, ge=0.0, description="lower edge of the glucose window [g/L]")
+    glucose_max_g_per_l: float = Field(default=8.0, gt=0.0, description="upper edge of the glucose window [g/L]")
+    viability_at_harvest_min_pct: float = Field(default=60.0, ge=0.0, le=100.0, description="viability the harvest must keep [%]")
+    galactosylated_fraction_min: float = Field(default=0.5, ge=0.0, le=1.0, description="quality specification at harvest [-]")
+    temperature_rate_max_degc_per_h: float = Field(default=0.5, gt=0.0, description="largest setpoint change per hour [°C/h]")
+    move_penalty: tuple[float, float, float] = Field(default=(1e-3, 1e-3, 1e-3), description="weights of squared scaled input moves (feed, glucose, temperature)")
+    slack_l1: float = Field(default=10.0, ge=0.0, description="linear slack weight (per scaled unit)")
+    slack_l2: float = Field(default=100.0, ge=0.0, description="quadratic slack weight (per scaled unit squared)")
+    solver: str = Field(default="ipopt", pattern="^(ipopt|fatrop)$")
+    tol: float = Field(default=1e-6, gt=0.0)
+    max_iter: int = Field(default=300, ge=1)
+    deadline_s: float = Field(default=20.0, gt=0.0, description="a solve that takes longer counts as failed [s]")
+    compile: bool = Field(default=True, description="generate C for the NLP's functions, compile it once and cache it on disk")
+
+
+@dataclass(frozen=True)
+class MpcSolution:
+    """One solve: the plan, its prediction and what the solver said about it."""
+
+    success: bool
+    status: str
+    reason: str
+    solve_time_s: float
+    iterations: int
+    objective: float
+    harvest_time_h: float
+    stage_times_h: np.ndarray
+    inputs: np.ndarray
+    states: np.ndarray
+    slack_max: float
+    predicted_product_mass_g: float
+    predicted_titer_g_per_l: float
+    predicted_score_g_per_day: float
+    warm: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    @property
+    def first_inputs(self) -> np.ndarray:
+        return self.inputs[:, 0]
+
+
+class EconomicMpc:
+    """The NLP, built once, solved each cycle for a given state, parameters and harvest time."""
+
+    def __init__(self, model: CultureModel, batch: BatchConfig, config: MpcConfig | None = None) -> None:
+        self._model = model
+        self._batch = batch
+        self.config = config or MpcConfig()
+        self.n_stages = self.config.fine_stages + self.config.coarse_stages
+        self._u_lower = np.array([0.0, 0.0, batch.equipment.temperature_min_degc])
+        self._u_upper = np.array([batch.equipment.feed_rate_max_lph, batch.equipment.glucose_rate_max_lph, batch.equipment.temperature_max_degc])
+        self._u_scale = np.maximum(self._u_upper, 1e-3)
+        self._build()
+
+    # ------------------------------------------------------------------ NLP
+
+    def _rk4_step(self) -> ca.Function:
+        """One RK4 step of length ``h`` on unscaled variables (SX: small, fast, its derivatives generated once)."""
+        m = self._model
+        x, u, p = ca.SX.sym("x", m.n_states), ca.SX.sym("u", m.n_inputs), ca.SX.sym("p", m.n_parameters)
+        t, h = ca.SX.sym("t"), ca.SX.sym("h")
+        k1 = m.rhs(t, x, u, p)
+        k2 = m.rhs(t + h / 2, x + h / 2 * k1, u, p)
+        k3 = m.rhs(t + h / 2, x + h / 2 * k2, u, p)
+        k4 = m.rhs(t + h, x + h * k3, u, p)
+        return ca.Function("rk4_step", [x, u, p, t, h], [x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)])
+
+    def _stage_function(self, substeps: int, name: str) -> ca.Function:
+        """One stage on scaled variables: next state, path-constraint margins and outputs at its end.
+
+        Built in MX from calls of one RK4 step so that generated code holds the
+        step (and its derivatives) once, however many substeps a stage takes.
+        """
+        m, cfg, batch = self._model, self.config, self._batch
+        xs, us = ca.DM(STATE_SCALE), ca.DM(self._u_scale)
+        x, u, p = ca.MX.sym("x", m.n_states), ca.MX.sym("u", m.n_inputs), ca.MX.sym("p", m.n_parameters)
+        t0, dt = ca.MX.sym("t0"), ca.MX.sym("dt")
+        step = self._rk4_step()
+        h = dt / substeps
+        xk, uk = x * xs, u * us
+        for i in range(substeps):
+            xk = step(xk, uk, p, t0 + i * h, h)
+        y = m.outputs(t0 + dt, xk, uk, p)
+        glucose = xk[STATE_INDEX["glucose"]]
+        margins = ca.vertcat(
+            glucose - cfg.glucose_min_g_per_l,
+            cfg.glucose_max_g_per_l - glucose,
+            (batch.limits.osmolality_max_mosm_per_kg - y[OUTPUT_INDEX["osmolality"]]) / 100.0,
+            (batch.equipment.max_working_volume_l - xk[STATE_INDEX["volume"]]) / 100.0,
+        )
+        terminal = ca.vertcat(
+            (y[OUTPUT_INDEX["viability"]] - cfg.viability_at_harvest_min_pct) / 10.0,
+            (y[OUTPUT_INDEX["galactosylated_fraction"]] - cfg.galactosylated_fraction_min) * 10.0,
+        )
+        return ca.Function(name, [x, u, p, t0, dt], [xk / xs, margins, terminal], ["x", "u", "p", "t0", "dt"], ["x_next", "margins", "terminal"])
+
+    def _build(self) -> None:
+        m, cfg = self._model, self.config
+        n, nx, nu = self.n_stages, m.n_states, m.n_inputs
+        nf, nc = cfg.fine_stages, cfg.coarse_stages
+        cycle = self._batch.cycle_period_h
+        longest_coarse_h = max(0.0, self._batch.limits.latest_harvest_h - nf * cycle) / nc
+        fine_stage = self._stage_function(math.ceil(cycle / cfg.max_step_h - 1e-9), "fine_stage")
+        coarse_stage = self._stage_function(max(1, math.ceil(longest_coarse_h / cfg.max_step_h - 1e-9)), "coarse_stage")
+        us = self._u_scale
+
+        X = ca.MX.sym("X", nx, n + 1)  # scaled states
+        U = ca.MX.sym("U", nu, n)  # scaled inputs
+        S = ca.MX.sym("S", 4, n)  # slacks: glucose low, glucose high, osmolality, volume (scaled)
+        T = ca.MX.sym("T", 2)  # terminal slacks: viability, quality
+        x0 = ca.MX.sym("x0", nx)
+        p = ca.MX.sym("p", m.n_parameters)
+        t_start = ca.MX.sym("t_start", 1, n)
+        dt = ca.MX.sym("dt", 1, n)
+        u_prev = ca.MX.sym("u_prev", nu)
+
+        fine_next, fine_margins, fine_terminal = fine_stage.map(nf, "serial")(X[:, :nf], U[:, :nf], ca.repmat(p, 1, nf), t_start[:, :nf], dt[:, :nf])
+        coarse_next, coarse_margins, coarse_terminal = coarse_stage.map(nc, "serial")(X[:, nf:n], U[:, nf:], ca.repmat(p, 1, nc), t_start[:, nf:], dt[:, nf:])
+        x_next = ca.horzcat(fine_next, coarse_next)
+        margins = ca.horzcat(fine_margins, coarse_margins)
+        terminal = coarse_terminal
+        i_t = INPUT_INDEX["temperature_setpoint"]
+        previous = ca.horzcat(u_prev / us, U[:, : n - 1])
+        moves = U - previous
+        rate = cfg.temperature_rate_max_degc_per_h * dt / us[i_t]
+        g = ca.vertcat(
+            X[:, 0] - x0 / STATE_SCALE,
+            ca.vec(X[:, 1:] - x_next),
+            ca.vec(margins + S),
+            ca.vec(rate - moves[i_t, :]),
+            ca.vec(rate + moves[i_t, :]),
+            terminal[:, -1] + T,
+        )
+        n_eq = nx * (n + 1)
+        n_ineq = g.shape[0] - n_eq
+        weights = ca.DM(np.asarray(cfg.move_penalty))
+        i_p, i_v = STATE_INDEX["titer"], STATE_INDEX["volume"]
+        product_kg = X[i_p, n] * STATE_SCALE[i_p] * X[i_v, n] * STATE_SCALE[i_v] / 1000.0
+        objective = (
+            -product_kg
+            + ca.sum1(ca.sum2(ca.repmat(weights, 1, n) * moves**2))
+            + cfg.slack_l1 * (ca.sum1(ca.vec(S)) + ca.sum1(T))
+            + cfg.slack_l2 * (ca.sumsqr(S) + ca.sumsqr(T))
+        )
+        w = ca.vertcat(ca.vec(X), ca.vec(U), ca.vec(S), T)
+        params = ca.vertcat(x0, p, t_start.T, dt.T, u_prev)
+        nlp = {"x": w, "p": params, "f": objective, "g": g}
+        self._solver = compiled_nlpsol("economic_mpc", cfg.solver, nlp, _solver_options(cfg), compile_code=cfg.compile)
+        self._warm_solver = (
+            compiled_nlpsol("economic_mpc", cfg.solver, nlp, _solver_options(cfg, warm=True), compile_code=cfg.compile) if cfg.solver == "ipopt" else None
+        )
+        self._lbg = np.concatenate([np.zeros(n_eq), np.zeros(n_ineq)])
+        self._ubg = np.concatenate([np.zeros(n_eq), np.full(n_ineq, np.inf)])
+        nx_total = nx * (n + 1)
+        nonnegative = np.array([name != "temperature" for name in STATE_INDEX])
+        lbw = np.concatenate([np.where(np.tile(nonnegative, n + 1), 0.0, -np.inf), np.tile(self._u_lower / us, n), np.zeros(4 * n), np.zeros(2)])
+        ubw = np.concatenate([np.full(nx_total, np.inf), np.tile(self._u_upper / us, n), np.full(4 * n, np.inf), np.full(2, np.inf)])
+        self._lbw, self._ubw = lbw, ubw
+        self._n_w = w.shape[0]
+        self._stages = (fine_stage, coarse_stage)
+
+    # ----------------------------------------------------------------- grid
+
+    def stage_grid(self, process_time_h: float, harvest_time_h: float) -> tuple[np.ndarray, np.ndarray]:
+        """Stage start times and durations from now to harvest (zero-length stages after it)."""
+        remaining = max(0.0, harvest_time_h - process_time_h)
+        cycle = self._batch.cycle_period_h
+        fine = np.minimum(cycle, np.maximum(0.0, remaining - cycle * np.arange(self.config.fine_stages)))
+        rest = max(0.0, remaining - float(np.sum(fine)))
+        coarse = np.full(self.config.coarse_stages, rest / self.config.coarse_stages)
+        durations = np.concatenate([fine, coarse])
+        starts = process_time_h + np.concatenate([[0.0], np.cumsum(durations)[:-1]])
+        return starts, durations
+
+    def rollout(self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+        """States at every stage end for a given input plan (used for warm starts and checks)."""
+        states = [np.asarray(x0, dtype=float) / STATE_SCALE]
+        for k in range(self.n_stages):
+            stage = self._stages[0] if k < self.config.fine_stages else self._stages[1]
+            x_next, _, _ = stage(states[-1], inputs[:, k] / self._u_scale, parameters, starts[k], durations[k])
+            states.append(np.asarray(x_next).ravel())
+        return np.array(states).T * STATE_SCALE[:, None]
+
+    # ---------------------------------------------------------------- solve
+
+    def solve(
+        self,
+        *,
+        process_time_h: float,
+        state: np.ndarray,
+        parameters: np.ndarray,
+        previous_inputs: np.ndarray,
+        harvest_time_h: float,
+        warm: dict[str, np.ndarray] | None = None,
+        guess_inputs: np.ndarray | None = None,
+    ) -> MpcSolution:
+        n, nx, nu = self.n_stages, self._model.n_states, self._model.n_inputs
+        starts, durations = self.stage_grid(process_time_h, harvest_time_h)
+        previous_inputs = np.clip(np.asarray(previous_inputs, dtype=float), self._u_lower, self._u_upper)
+        lam_g0 = lam_x0 = None
+        if guess_inputs is None and warm is not None and warm.get("inputs") is not None:
+            # Shift the previous plan by one control interval; keep its multipliers.
+            previous_plan = warm["inputs"]
+            fine = self.config.fine_stages
+            guess_inputs = previous_plan.copy()
+            guess_inputs[:, : fine - 1] = previous_plan[:, 1:fine]
+            lam_g0, lam_x0 = warm.get("lam_g"), warm.get("lam_x")
+        inputs = guess_inputs if guess_inputs is not None else np.tile(previous_inputs[:, None], (1, n))
+        inputs = np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None])
+        states = self.rollout(state, parameters, starts, durations, inputs)
+        w0 = np.concatenate([(states / STATE_SCALE[:, None]).ravel(order="F"), (inputs / self._u_scale[:, None]).ravel(order="F"), np.zeros(4 * n + 2)])
+        params = np.concatenate([state, parameters, starts, durations, previous_inputs])
+        args: dict = {"x0": w0, "p": params, "lbx": self._lbw, "ubx": self._ubw, "lbg": self._lbg, "ubg": self._ubg}
+        solver = self._solver
+        if lam_g0 is not None and lam_x0 is not None and self._warm_solver is not None:
+            args["lam_g0"], args["lam_x0"] = lam_g0, lam_x0
+            solver = self._warm_solver
+        started = time.perf_counter()
+        result = solver(**args)
+        elapsed = time.perf_counter() - started
+        stats = solver.stats()
+        w = np.asarray(result["x"]).ravel()
+        n_x = nx * (n + 1)
+        states = w[:n_x].reshape((nx, n + 1), order="F") * STATE_SCALE[:, None]
+        inputs = w[n_x : n_x + nu * n].reshape((nu, n), order="F") * self._u_scale[:, None]
+        slacks = w[n_x + nu * n :]
+        status = str(stats.get("return_status", "unknown"))
+        success = bool(stats.get("success", False))
+        reason = "" if success else f"solver status {status}"
+        if success and not (np.all(np.isfinite(w)) and math.isfinite(float(result["f"]))):
+            success, reason = False, "non-finite solution"
+        tolerance = 1e-6 * self._u_scale[:, None]
+        if success and (np.any(inputs < self._u_lower[:, None] - tolerance) or np.any(inputs > self._u_upper[:, None] + tolerance)):
+            success, reason = False, "inputs outside their bounds"
+        if success and elapsed > self.config.deadline_s:
+            success, reason = False, f"deadline exceeded ({elapsed:.2f} s)"
+        titer = float(states[STATE_INDEX["titer"], -1])
+        volume = float(states[STATE_INDEX["volume"], -1])
+        mass = titer * volume
+        return MpcSolution(
+            success=success,
+            status=status,
+            reason=reason,
+            solve_time_s=elapsed,
+            iterations=int(stats.get("iter_count", -1)),
+            objective=float(result["f"]),
+            harvest_time_h=harvest_time_h,
+            stage_times_h=starts,
+            inputs=np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None]),
+            states=states,
+            slack_max=float(np.max(slacks)) if slacks.size else 0.0,
+            predicted_product_mass_g=mass,
+            predicted_titer_g_per_l=titer,
+            predicted_score_g_per_day=mass / (harvest_time_h / 24.0 + self._batch.economics.turnaround_days),
+            warm={"inputs": np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None]), "lam_g": np.asarray(result["lam_g"]).ravel(), "lam_x": np.asarray(result["lam_x"]).ravel()},
+        )
+
+
+def _solver_options(cfg: MpcConfig, *, warm: bool = False) -> dict:
+    if cfg.solver == "ipopt":
+        ipopt: dict = {
+            "print_level": 0,
+            "tol": cfg.tol,
+            "max_iter": cfg.max_iter,
+            "max_cpu_time": cfg.deadline_s,
+            "sb": "yes",
+            "mu_strategy": "adaptive",
+        }
+        if warm:
+            ipopt |= {
+                "warm_start_init_point": "yes",
+                "warm_start_bound_push": 1e-6,
+                "warm_start_mult_bound_push": 1e-6,
+                "mu_init": 1e-4,
+            }
+        return {"print_time": False, "ipopt": ipopt}
+    return {"print_time": False, "fatrop": {"print_level": 0, "tol": cfg.tol, "max_iter": cfg.max_iter}}

@@ -1,0 +1,92 @@
+"""The economic NMPC: grid, solve on a real batch state, honest failure reports; the codegen cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import casadi as ca
+import numpy as np
+import pytest
+
+from controller.codegen import compiled_nlpsol
+from controller.mpc import EconomicMpc, MpcConfig
+from plant_models.cho import STATE_INDEX
+from simulator.batch import build_simulated_plc
+from simulator.config import load_simulation
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SMALL = {"fine_stages": 6, "coarse_stages": 4, "compile": False}
+
+
+@pytest.fixture(scope="module")
+def late_batch():
+    """Truth at day 12 of a recipe batch: the state, the true parameters, the recipe's setpoints."""
+    plc, _ = build_simulated_plc(load_simulation(CONFIGS / "simulate" / "platform.yaml"))
+    plc.set_operator_remote(False)
+    plc.advance_to(288.0)
+    setpoints = plc.snapshot()
+    inputs = np.array([setpoints["SP.FeedRate"].value, setpoints["SP.GlucoseRate"].value, setpoints["SP.Temperature"].value])
+    return plc.plant.state.copy(), plc.plant.parameters, inputs
+
+
+def test_stage_grid_reaches_harvest_and_freezes_after_it(model, batch):
+    mpc = EconomicMpc(model, batch, MpcConfig(**SMALL))
+    starts, durations = mpc.stage_grid(100.0, 336.0)
+    assert np.all(durations[:6] == 1.0) and durations[6:] == pytest.approx((236.0 - 6.0) / 4)
+    assert starts[0] == 100.0 and starts[-1] + durations[-1] == pytest.approx(336.0)
+    starts, durations = mpc.stage_grid(332.5, 336.0)
+    assert durations.tolist() == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_late_batch_plan_is_feasible_and_beats_holding_the_recipe(model, batch, late_batch):
+    state, parameters, recipe_inputs = late_batch
+    mpc = EconomicMpc(model, batch, MpcConfig(**SMALL))
+    solution = mpc.solve(process_time_h=288.0, state=state, parameters=parameters, previous_inputs=recipe_inputs, harvest_time_h=336.0)
+    assert solution.success, solution.reason
+    lower = np.array([0.0, 0.0, batch.equipment.temperature_min_degc])[:, None]
+    upper = np.array([batch.equipment.feed_rate_max_lph, batch.equipment.glucose_rate_max_lph, batch.equipment.temperature_max_degc])[:, None]
+    assert np.all(solution.inputs >= lower) and np.all(solution.inputs <= upper)
+    assert np.all(np.abs(np.diff(solution.inputs[2, :6])) <= 0.5 + 1e-6)  # rate limit on the 1-h stages
+    # The prediction is the model's: re-simulating the plan reproduces it.
+    starts, durations = mpc.stage_grid(288.0, 336.0)
+    replay = mpc.rollout(state, parameters, starts, durations, solution.inputs)
+    np.testing.assert_allclose(replay[:, -1], solution.states[:, -1], rtol=1e-5, atol=1e-6)
+    # Holding the recipe's current setpoints to harvest is feasible; the optimum makes at least as much product.
+    held = mpc.rollout(state, parameters, starts, durations, np.tile(recipe_inputs[:, None], (1, mpc.n_stages)))
+    held_mass = held[STATE_INDEX["titer"], -1] * held[STATE_INDEX["volume"], -1]
+    assert solution.predicted_product_mass_g >= held_mass - 1.0
+    assert solution.slack_max < 1e-3
+    assert solution.predicted_score_g_per_day == pytest.approx(solution.predicted_product_mass_g / (336.0 / 24.0 + 2.0))
+
+
+def test_warm_start_converges_in_fewer_iterations(model, batch, late_batch):
+    state, parameters, recipe_inputs = late_batch
+    mpc = EconomicMpc(model, batch, MpcConfig(**SMALL))
+    cold = mpc.solve(process_time_h=288.0, state=state, parameters=parameters, previous_inputs=recipe_inputs, harvest_time_h=336.0)
+    next_state = cold.states[:, 1]
+    warm = mpc.solve(process_time_h=289.0, state=next_state, parameters=parameters, previous_inputs=cold.first_inputs, harvest_time_h=336.0, warm=cold.warm)
+    assert cold.success and warm.success
+    assert warm.iterations < cold.iterations
+
+
+def test_failed_solve_is_reported_not_hidden(model, batch, late_batch):
+    state, parameters, recipe_inputs = late_batch
+    mpc = EconomicMpc(model, batch, MpcConfig(**SMALL, max_iter=2))
+    solution = mpc.solve(process_time_h=288.0, state=state, parameters=parameters, previous_inputs=recipe_inputs, harvest_time_h=336.0)
+    assert not solution.success
+    assert "Maximum_Iterations_Exceeded" in solution.reason
+
+
+def test_compiled_nlp_is_cached_and_solves_like_the_interpreted_one(tmp_path):
+    x, p = ca.SX.sym("x", 2), ca.SX.sym("p")
+    nlp = {"x": x, "p": p, "f": (x[0] - p) ** 2 + (x[1] - 2 * p) ** 2 + x[0] * x[1], "g": x[0] + x[1]}
+    options = {"print_time": False, "ipopt": {"print_level": 0, "sb": "yes"}}
+    reference = compiled_nlpsol("tiny", "ipopt", nlp, options, compile_code=False)(x0=[0, 0], p=1.5, lbg=-1, ubg=2)
+    compiled = compiled_nlpsol("tiny", "ipopt", nlp, options, cache_dir=tmp_path)(x0=[0, 0], p=1.5, lbg=-1, ubg=2)
+    libraries = list(tmp_path.glob("tiny-ipopt-*.so"))
+    assert len(libraries) == 1
+    stamp = libraries[0].stat().st_mtime_ns
+    again = compiled_nlpsol("tiny", "ipopt", nlp, options, cache_dir=tmp_path)(x0=[0, 0], p=1.5, lbg=-1, ubg=2)
+    assert libraries[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+    np.testing.assert_allclose(np.asarray(compiled["x"]), np.asarray(reference["x"]), atol=1e-8)
+    np.testing.assert_allclose(np.asarray(again["x"]), np.asarray(reference["x"]), atol=1e-8)

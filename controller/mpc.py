@@ -49,6 +49,8 @@ class MpcConfig(FrozenConfig):
     max_step_h: float = Field(default=1.0, gt=0.0, le=4.0, description="longest RK4 step: stiff substrate depletion makes longer steps unstable [h]")
     glucose_min_g_per_l: float = Field(default=1.0, ge=0.0, description="lower edge of the glucose window [g/L]")
     glucose_max_g_per_l: float = Field(default=8.0, gt=0.0, description="upper edge of the glucose window [g/L]")
+    volume_backoff_l: float = Field(default=10.0, ge=0.0, description="the plan keeps this far below the maximum working volume [L]")
+    osmolality_backoff_mosm_per_kg: float = Field(default=10.0, ge=0.0, description="the plan keeps this far below the osmolality limit [mOsm/kg]")
     viability_at_harvest_min_pct: float = Field(default=60.0, ge=0.0, le=100.0, description="viability the harvest must keep [%]")
     galactosylated_fraction_min: float = Field(default=0.5, ge=0.0, le=1.0, description="quality specification at harvest [-]")
     temperature_rate_max_degc_per_h: float = Field(default=0.5, gt=0.0, description="largest setpoint change per hour [°C/h]")
@@ -133,8 +135,8 @@ class EconomicMpc:
         margins = ca.vertcat(
             glucose - cfg.glucose_min_g_per_l,
             cfg.glucose_max_g_per_l - glucose,
-            (batch.limits.osmolality_max_mosm_per_kg - y[OUTPUT_INDEX["osmolality"]]) / 100.0,
-            (batch.equipment.max_working_volume_l - xk[STATE_INDEX["volume"]]) / 100.0,
+            (batch.limits.osmolality_max_mosm_per_kg - cfg.osmolality_backoff_mosm_per_kg - y[OUTPUT_INDEX["osmolality"]]) / 10.0,
+            (batch.equipment.max_working_volume_l - cfg.volume_backoff_l - xk[STATE_INDEX["volume"]]) / 10.0,
         )
         terminal = ca.vertcat(
             (y[OUTPUT_INDEX["viability"]] - cfg.viability_at_harvest_min_pct) / 10.0,

@@ -1,0 +1,168 @@
+"""The NMPC controller: each cycle, estimate → plan → choose harvest → fall back when the solver fails.
+
+One :meth:`NmpcController.cycle` per control interval. The state comes from a
+:class:`StateSource` (the estimator in production; the simulator's truth for
+the perfect-knowledge oracle), the plan from :class:`~controller.mpc.EconomicMpc`.
+
+Harvest: the planned harvest time starts at the recipe's and moves by
+comparison of predicted scores: every cycle, if the current plan predicts a
+better score at an earlier stage end, the harvest moves there (the plan proves
+that score reachable); every ``later_harvest_every_cycles`` a later candidate
+is solved and adopted if it predicts a better score.
+
+Failures: a failed, non-finite or out-of-bounds solve is never applied. The
+previous plan, shifted to now, is used for up to ``max_shifted_cycles``
+cycles; after that the platform recipe runs until a solve succeeds again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import structlog
+from pydantic import Field
+
+from controller.config import BatchConfig
+from controller.mpc import EconomicMpc, MpcConfig, MpcSolution
+from controller.recipe import PlatformRecipe
+from controller.types import LabResult, Setpoints
+from plant_models.cho import STATE_INDEX, CultureModel
+from plant_models.config_loading import FrozenConfig
+
+log = structlog.get_logger(__name__)
+
+
+class NmpcConfig(FrozenConfig):
+    mpc: MpcConfig = MpcConfig()
+    max_shifted_cycles: int = Field(default=3, ge=0, description="cycles the shifted previous plan may stand in for failed solves")
+    later_harvest_step_h: float = Field(default=12.0, gt=0.0, description="how much later a harvest candidate lies [h]")
+    later_harvest_every_cycles: int = Field(default=12, ge=1, description="how often a later harvest is tried")
+    harvest_improvement_min: float = Field(default=0.002, ge=0.0, description="relative score gain needed to move the harvest [-]")
+    initial_harvest_h: float | None = Field(default=None, description="first planned harvest; default the recipe's [h]")
+
+
+@dataclass(frozen=True)
+class CycleObservation:
+    """What one cycle knows: the batch clock, validated signals and any new lab result."""
+
+    process_time_h: float
+    online: dict[str, float]
+    feed_total_l: float
+    glucose_feed_total_l: float
+    applied: Setpoints
+    lab_result: LabResult | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    setpoints: Setpoints
+    source: str
+    harvest_time_h: float
+    predicted_titer_g_per_l: float
+    predicted_score_g_per_day: float
+    solution: MpcSolution | None = field(default=None, repr=False)
+
+
+class StateSource(Protocol):
+    """Gives the state and parameter vector to plan from at the observation's time."""
+
+    def observe(self, observation: CycleObservation) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class NmpcController:
+    def __init__(self, model: CultureModel, batch: BatchConfig, source: StateSource, config: NmpcConfig | None = None, mpc: EconomicMpc | None = None) -> None:
+        self.config = config or NmpcConfig()
+        self._batch = batch
+        self._source = source
+        self.mpc = mpc or EconomicMpc(model, batch, self.config.mpc)
+        self.recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
+        self.harvest_time_h = self.config.initial_harvest_h or batch.recipe.harvest_h
+        self._plan: MpcSolution | None = None
+        self._plan_time_h = 0.0
+        self._failures = 0
+        self._cycles = 0
+        self._recipe_glucose_at_draw: list[tuple[float, float, float]] = []
+        self.solve_times_s: list[float] = []
+        self.failures_total = 0
+
+    def _feed_recipe(self, observation: CycleObservation) -> None:
+        """Keep the fallback recipe's glucose arithmetic current, as the PLC's would be."""
+        if observation.lab_result is None:
+            return
+        media = self._batch.media
+        delivered = observation.feed_total_l * media.nutrient_feed_glucose_g_per_l + observation.glucose_feed_total_l * media.glucose_feed_g_per_l
+        volume = observation.online.get("volume_l", math.nan)
+        if not math.isfinite(volume):
+            return
+        self.recipe.on_lab_result(observation.lab_result, volume_l=volume, glucose_delivered_g=delivered)
+
+    def cycle(self, observation: CycleObservation) -> Decision:
+        t = observation.process_time_h
+        self._cycles += 1
+        self._feed_recipe(observation)
+        latest = self._batch.limits.latest_harvest_h
+        self.harvest_time_h = min(max(self.harvest_time_h, t), latest)
+        cycle_h = self._batch.cycle_period_h
+        if self.harvest_time_h - t < 0.5 * cycle_h:
+            return self._decision(observation.applied, "harvest", harvest=True)
+        state, parameters = self._source.observe(observation)
+        previous = np.array([observation.applied.feed_rate_lph, observation.applied.glucose_rate_lph, observation.applied.temperature_degc])
+        solution = self.mpc.solve(
+            process_time_h=t,
+            state=state,
+            parameters=parameters,
+            previous_inputs=previous,
+            harvest_time_h=self.harvest_time_h,
+            warm=self._plan.warm if self._plan is not None else None,
+        )
+        self.solve_times_s.append(solution.solve_time_s)
+        if solution.success:
+            solution = self._improve_harvest(solution, t, state, parameters, previous)
+            self._plan, self._plan_time_h, self._failures = solution, t, 0
+            u = solution.first_inputs
+            return self._decision(Setpoints(float(u[0]), float(u[1]), float(u[2])), "mpc", solution=solution)
+        self._failures += 1
+        self.failures_total += 1
+        log.warning("mpc_solve_failed", process_time_h=t, reason=solution.reason, consecutive=self._failures)
+        if self._plan is not None and self._failures <= self.config.max_shifted_cycles:
+            index = int(np.searchsorted(self._plan.stage_times_h, t, side="right") - 1)
+            u = self._plan.inputs[:, max(0, min(index, self._plan.inputs.shape[1] - 1))]
+            return self._decision(Setpoints(float(u[0]), float(u[1]), float(u[2])), "shifted_plan", solution=self._plan)
+        recipe = self.recipe.setpoints(t)
+        return self._decision(Setpoints(recipe.feed_rate_lph, recipe.glucose_rate_lph, recipe.temperature_degc), "recipe")
+
+    def _improve_harvest(self, solution: MpcSolution, t: float, state: np.ndarray, parameters: np.ndarray, previous: np.ndarray) -> MpcSolution:
+        config = self.config
+        turnaround = self._batch.economics.turnaround_days
+        ends = solution.stage_times_h + np.diff(np.append(solution.stage_times_h, solution.harvest_time_h))
+        masses = solution.states[STATE_INDEX["titer"], 1:] * solution.states[STATE_INDEX["volume"], 1:]
+        scores = masses / (ends / 24.0 + turnaround)
+        best = int(np.argmax(scores))
+        if scores[best] > solution.predicted_score_g_per_day * (1.0 + config.harvest_improvement_min) and ends[best] < solution.harvest_time_h:
+            log.info("harvest_moved_earlier", process_time_h=t, from_h=solution.harvest_time_h, to_h=float(ends[best]))
+            self.harvest_time_h = float(ends[best])
+        elif self._cycles % config.later_harvest_every_cycles == 0 and self.harvest_time_h < self._batch.limits.latest_harvest_h:
+            later_h = min(self.harvest_time_h + config.later_harvest_step_h, self._batch.limits.latest_harvest_h)
+            candidate = self.mpc.solve(
+                process_time_h=t, state=state, parameters=parameters, previous_inputs=previous, harvest_time_h=later_h, guess_inputs=solution.inputs
+            )
+            self.solve_times_s.append(candidate.solve_time_s)
+            if candidate.success and candidate.predicted_score_g_per_day > solution.predicted_score_g_per_day * (1.0 + config.harvest_improvement_min):
+                log.info("harvest_moved_later", process_time_h=t, from_h=self.harvest_time_h, to_h=later_h)
+                self.harvest_time_h = later_h
+                return candidate
+        return solution
+
+    def _decision(self, setpoints: Setpoints, source: str, *, harvest: bool = False, solution: MpcSolution | None = None) -> Decision:
+        plan = solution or self._plan
+        return Decision(
+            setpoints=Setpoints(setpoints.feed_rate_lph, setpoints.glucose_rate_lph, setpoints.temperature_degc, harvest=harvest),
+            source=source,
+            harvest_time_h=self.harvest_time_h,
+            predicted_titer_g_per_l=plan.predicted_titer_g_per_l if plan is not None else math.nan,
+            predicted_score_g_per_day=plan.predicted_score_g_per_day if plan is not None else math.nan,
+            solution=solution,
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from controller.config import BatchConfig
 from controller.types import LAB_FIELDS
@@ -112,6 +112,12 @@ class ProbeFault(FrozenConfig):
         return self
 
 
+def _lab_field(value: str) -> str:
+    if value not in LAB_FIELDS:
+        raise ValueError(f"field {value!r} is not a lab field; expected one of {', '.join(LAB_FIELDS)}")
+    return value
+
+
 class LabValueFault(FrozenConfig):
     """The lab reports a wrong value (a typo): the true value times ``factor``."""
 
@@ -120,11 +126,7 @@ class LabValueFault(FrozenConfig):
     field: str
     factor: float = Field(gt=0.0)
 
-    @model_validator(mode="after")
-    def _known_field(self) -> LabValueFault:
-        if self.field not in LAB_FIELDS:
-            raise ValueError(f"field {self.field!r} is not a lab field; expected one of {', '.join(LAB_FIELDS)}")
-        return self
+    _known_field = field_validator("field")(_lab_field)
 
 
 class LabMissingFault(FrozenConfig):
@@ -134,11 +136,7 @@ class LabMissingFault(FrozenConfig):
     draw_index: int = Field(ge=0)
     field: str
 
-    @model_validator(mode="after")
-    def _known_field(self) -> LabMissingFault:
-        if self.field not in LAB_FIELDS:
-            raise ValueError(f"field {self.field!r} is not a lab field; expected one of {', '.join(LAB_FIELDS)}")
-        return self
+    _known_field = field_validator("field")(_lab_field)
 
 
 class FeedLotFault(FrozenConfig):

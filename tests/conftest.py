@@ -54,3 +54,16 @@ def make_simulation(tmp_path: Path):
         return load_simulation(path)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def day_twelve():
+    """A recipe batch at day 12 (288 h): the simulated PLC and the setpoints it runs then."""
+    from controller.types import Setpoints
+    from simulator.batch import build_simulated_plc
+
+    plc, _ = build_simulated_plc(load_simulation(CONFIGS / "simulate" / "platform.yaml"))
+    plc.set_operator_remote(False)
+    plc.advance_to(288.0)
+    snap = plc.snapshot()
+    return plc, Setpoints(snap["SP.FeedRate"].value, snap["SP.GlucoseRate"].value, snap["SP.Temperature"].value)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import casadi as ca
 import numpy as np
 import pytest
@@ -11,22 +9,15 @@ import pytest
 from controller.codegen import compiled_nlpsol
 from controller.mpc import EconomicMpc, MpcConfig
 from plant_models.cho import STATE_INDEX
-from simulator.batch import build_simulated_plc
-from simulator.config import load_simulation
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL = {"fine_stages": 6, "coarse_stages": 4, "compile": False}
 
 
 @pytest.fixture(scope="module")
-def late_batch():
+def late_batch(day_twelve):
     """Truth at day 12 of a recipe batch: the state, the true parameters, the recipe's setpoints."""
-    plc, _ = build_simulated_plc(load_simulation(CONFIGS / "simulate" / "platform.yaml"))
-    plc.set_operator_remote(False)
-    plc.advance_to(288.0)
-    setpoints = plc.snapshot()
-    inputs = np.array([setpoints["SP.FeedRate"].value, setpoints["SP.GlucoseRate"].value, setpoints["SP.Temperature"].value])
-    return plc.plant.state.copy(), plc.plant.parameters, inputs
+    plc, applied = day_twelve
+    return plc.plant.state.copy(), plc.plant.parameters, np.array([applied.feed_rate_lph, applied.glucose_rate_lph, applied.temperature_degc])
 
 
 def test_stage_grid_reaches_harvest_and_freezes_after_it(model, batch):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +11,6 @@ from controller.mpc import EconomicMpc, MpcConfig
 from controller.nmpc import CycleObservation, NmpcConfig, NmpcController
 from controller.safety import filter_setpoints
 from controller.types import Setpoints
-from simulator.batch import build_simulated_plc
-from simulator.config import load_simulation
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL = MpcConfig(fine_stages=6, coarse_stages=4, compile=False)
 
 
@@ -27,16 +22,6 @@ class FrozenTruth:
 
     def observe(self, observation: CycleObservation) -> tuple[np.ndarray, np.ndarray]:
         return self.state, self.parameters
-
-
-@pytest.fixture(scope="module")
-def day_twelve():
-    plc, _ = build_simulated_plc(load_simulation(CONFIGS / "simulate" / "platform.yaml"))
-    plc.set_operator_remote(False)
-    plc.advance_to(288.0)
-    snap = plc.snapshot()
-    applied = Setpoints(snap["SP.FeedRate"].value, snap["SP.GlucoseRate"].value, snap["SP.Temperature"].value)
-    return plc, applied
 
 
 def _observation(t: float, applied: Setpoints) -> CycleObservation:

@@ -10,14 +10,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bioreactor_mpc.logging import configure_logging
-from bioreactor_mpc.report import kpi_table, plot_batch, write_lab_results_csv, write_trajectories_csv
+from bioreactor_mpc.report import kpi_table, plot_batch, plot_predictions, write_lab_results_csv, write_trajectories_csv
 from plant_models.errors import BioreactorMPCError
+
+if TYPE_CHECKING:
+    from simulator.closed_loop import ControlledBatchResult
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_SIMULATION = REPO_CONFIGS / "simulate" / "platform.yaml"
@@ -35,7 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--config", type=Path, default=DEFAULT_SIMULATION, help=f"simulation config (default: {DEFAULT_SIMULATION})")
     simulate.add_argument("--seed", type=int, default=None, help="override the config's seed")
     simulate.add_argument("--parameters", type=Path, default=None, help="kinetics file to use as the nominal set (overrides the config's 'model')")
-    simulate.add_argument("--controller", choices=["recipe"], default="recipe", help="who decides the setpoints (the NMPC comes with a later release)")
+    simulate.add_argument(
+        "--controller",
+        choices=["recipe", "nmpc", "oracle"],
+        default="recipe",
+        help="who decides: the PLC's platform recipe, the NMPC with its estimator, or the NMPC with perfect knowledge (the oracle)",
+    )
     simulate.add_argument("--output-dir", type=Path, default=Path("runs/simulate"), help="where trajectories and the plot go (default: runs/simulate)")
     simulate.add_argument("--csv-every-min", type=int, default=15, help="trajectory file resolution in minutes (plant resolution is 1 min)")
     simulate.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
@@ -62,6 +71,7 @@ def _schema(args: argparse.Namespace, console: Console) -> int:
 
 def _simulate(args: argparse.Namespace, console: Console) -> int:
     from simulator.batch import run_recipe_batch
+    from simulator.closed_loop import estimator_source, oracle_source, run_controlled_batch
     from simulator.config import load_simulation
 
     if args.csv_every_min < 1:
@@ -71,7 +81,17 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     log.info("batch_started", config=str(args.config), seed=loaded.simulation.seed, controller=args.controller, batch_id=loaded.batch.batch_id)
     with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} h"), TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("batch", total=latest_h)
-        result = run_recipe_batch(loaded, progress=lambda t_h: progress.update(task, completed=t_h))
+
+        def advance(t_h: float) -> None:
+            progress.update(task, completed=t_h)
+
+        controlled = None
+        if args.controller == "recipe":
+            result = run_recipe_batch(loaded, progress=advance)
+        else:
+            source = estimator_source if args.controller == "nmpc" else oracle_source
+            controlled = run_controlled_batch(loaded, make_source=source, progress=advance)
+            result = controlled.batch
     log.info("batch_harvested", process_time_h=round(result.kpis.harvest_time_h, 2), reason=result.harvest_reason)
 
     output_dir: Path = args.output_dir
@@ -88,7 +108,31 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
         plot = output_dir / f"{stem}.png"
         plot_batch(plot, result.trajectory, result.lab_results, loaded.batch, f"{stem}: score {result.kpis.score_g_per_day:.0f} g/day")
         console.print(f"plot:         {plot}")
+    if controlled is not None:
+        _report_controller(controlled, output_dir, stem, console, plot=not args.no_plot)
     return 0
+
+
+def _report_controller(controlled: ControlledBatchResult, output_dir: Path, stem: str, console: Console, *, plot: bool) -> None:
+    import numpy as np
+
+    solves = np.asarray(controlled.solve_times_s)
+    if solves.size:
+        console.print(
+            f"solver: {solves.size} solves, median {1000 * np.median(solves):.0f} ms, p95 {1000 * np.percentile(solves, 95):.0f} ms, "
+            f"max {1000 * solves.max():.0f} ms; failures {controlled.solver_failures}; decisions {controlled.decisions_by_source}"
+        )
+    errors = controlled.harvest_titer_errors()
+    if errors:
+        actual = controlled.batch.kpis.titer_g_per_l
+        for day in (3, 7, 10):
+            at = [e for t, e in errors if t >= 24.0 * day]
+            if at:
+                console.print(f"harvest titer predicted on day {day:>2d}: {actual + at[0]:.2f} g/L (actual {actual:.2f}, error {100 * at[0] / actual:+.1f} %)")
+    if plot and controlled.plan_snapshots:
+        path = output_dir / f"{stem}-predictions.png"
+        plot_predictions(path, controlled.batch.trajectory, controlled.plan_snapshots, f"{stem}: predicted vs actual")
+        console.print(f"predictions:  {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

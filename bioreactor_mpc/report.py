@@ -123,3 +123,25 @@ def plot_batch(path: Path, trajectory: PlantTrajectory, lab_results: tuple[LabRe
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_predictions(path: Path, trajectory: PlantTrajectory, snapshots: tuple[tuple[float, np.ndarray, np.ndarray], ...], title: str) -> None:
+    """What the controller predicted (dashed, from the plans made at a few times) against what happened."""
+    from plant_models.cho import STATE_INDEX
+
+    panels = [("viable_cells", "viable cells [1e6/mL]"), ("glucose", "glucose [g/L]"), ("titer", "titer [g/L]"), ("volume", "volume [L]")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.5))
+    t_day = trajectory.time_h / 24.0
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (state, label) in zip(axes, panels, strict=True):
+        ax.plot(t_day, trajectory.state(state), color="black", lw=1.8, label="actual (true)")
+        for i, (made_h, times_h, states) in enumerate(snapshots):
+            ax.plot(times_h / 24.0, states[STATE_INDEX[state]], ls="--", lw=1.2, color=colors[i % len(colors)], label=f"predicted on day {made_h / 24:.0f}")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("process time [day]")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
+from controller.estimator import ExtendedKalmanEstimator
 from controller.nmpc import CycleObservation, NmpcConfig, NmpcController, StateSource
 from controller.safety import filter_setpoints
 from controller.types import LAB_FIELDS, LabResult, Setpoints
 from plant_models.cho import CultureModel
 from plant_models.errors import SetpointRejectedError
+from plant_models.parameters import parameter_vector
 from simulator.batch import BatchResult, build_simulated_plc, kpis_of
 from simulator.config import LoadedSimulation
 from simulator.plc import PHASE_RUNNING, SAMPLE_TAGS, SETPOINT_TAGS, SimulatedPlc, TagReading
@@ -45,6 +47,14 @@ class ControlledBatchResult:
     solver_failures: int
     harvest_time_predictions: tuple[tuple[float, float, float], ...]
     """(process time, planned harvest time, predicted titer at harvest) per cycle."""
+    plan_snapshots: tuple[tuple[float, np.ndarray, np.ndarray], ...]
+    """(process time the plan was made, stage-end times, predicted states at stage ends) every ``snapshot_every_h``."""
+
+    def harvest_titer_errors(self) -> list[tuple[float, float]]:
+        """(process time, predicted − actual titer at harvest, g/L) for cycles that planned the actual harvest time."""
+        actual_h = self.batch.kpis.harvest_time_h
+        actual_titer = self.batch.kpis.titer_g_per_l
+        return [(t, titer - actual_titer) for t, planned_h, titer in self.harvest_time_predictions if abs(planned_h - actual_h) < 0.5 and math.isfinite(titer)]
 
 
 class TruthSource:
@@ -83,19 +93,21 @@ def observe(snapshot: dict[str, TagReading], last_seq: int) -> CycleObservation:
 def run_controlled_batch(
     loaded: LoadedSimulation,
     *,
-    make_source: Callable[[SimulatedPlc, CultureModel], StateSource],
+    make_source: Callable[[LoadedSimulation, SimulatedPlc, CultureModel], StateSource],
     config: NmpcConfig | None = None,
     progress: Callable[[float], None] | None = None,
     model: CultureModel | None = None,
+    snapshot_every_h: float = 72.0,
 ) -> ControlledBatchResult:
     """One batch with the NMPC in the loop; ``make_source`` chooses the estimator or the truth."""
     model = model or CultureModel()
     plc, truth = build_simulated_plc(loaded, model)
-    controller = NmpcController(model, loaded.batch, make_source(plc, model), config)
+    controller = NmpcController(model, loaded.batch, make_source(loaded, plc, model), config)
     last_seq = 0
     last_applied: Setpoints | None = None
     sources: dict[str, int] = {}
     predictions: list[tuple[float, float, float]] = []
+    snapshots: list[tuple[float, np.ndarray, np.ndarray]] = []
     rate = controller.config.mpc.temperature_rate_max_degc_per_h
     while plc.phase == PHASE_RUNNING:
         observation = observe(plc.snapshot(), last_seq)
@@ -104,6 +116,10 @@ def run_controlled_batch(
         decision = controller.cycle(observation)
         sources[decision.source] = sources.get(decision.source, 0) + 1
         predictions.append((observation.process_time_h, decision.harvest_time_h, decision.predicted_titer_g_per_l))
+        plan = decision.solution
+        if plan is not None and decision.source == "mpc" and observation.process_time_h >= len(snapshots) * snapshot_every_h:
+            ends = plan.stage_times_h + np.diff(np.append(plan.stage_times_h, plan.harvest_time_h))
+            snapshots.append((observation.process_time_h, np.concatenate([[observation.process_time_h], ends]), plan.states.copy()))
         applied = last_applied or observation.applied
         filtered = filter_setpoints(decision.setpoints, applied, loaded.batch, temperature_rate_degc_per_h=rate, dt_h=loaded.batch.cycle_period_h)
         if filtered.adjustments:
@@ -135,8 +151,16 @@ def run_controlled_batch(
         decisions_by_source=sources,
         solver_failures=controller.failures_total,
         harvest_time_predictions=tuple(predictions),
+        plan_snapshots=tuple(snapshots),
     )
 
 
-def oracle_source(plc: SimulatedPlc, model: CultureModel) -> StateSource:
+def oracle_source(loaded: LoadedSimulation, plc: SimulatedPlc, model: CultureModel) -> StateSource:
+    """Perfect knowledge: the simulator's true state and parameters (the oracle, an upper bound)."""
     return TruthSource(plc)
+
+
+def estimator_source(loaded: LoadedSimulation, plc: SimulatedPlc, model: CultureModel) -> StateSource:
+    """What a real controller has: the EKF started from the inoculation record with the nominal kinetics."""
+    nominal = parameter_vector(loaded.nominal, loaded.batch.media)
+    return ExtendedKalmanEstimator.from_batch(model, loaded.batch, nominal)

@@ -640,8 +640,11 @@ class ExtendedKalmanEstimator:
         """:class:`~controller.nmpc.StateSource`: one cycle from the runtime's observation, state and parameters to plan with.
 
         Feed rates come from the totaliser increments since the previous
-        observation, the temperature setpoint of an interval is the one the
-        previous observation read back. The totaliser reference is saved with
+        observation. The temperature setpoint of an interval is the one this
+        observation reads back: the runtime writes its setpoints right after a
+        cycle's read, so they are in force over the interval that ends now (a
+        change the PLC makes itself exactly at a boundary thus shows one
+        interval early, which the temperature measurement corrects). The totaliser reference is saved with
         :meth:`to_dict`, so a restored filter resumes across a gap exactly.
         The first call of a new filter only sets that reference; it should
         come at the filter's own time (inoculation).
@@ -658,7 +661,7 @@ class ExtendedKalmanEstimator:
                 previous_glucose_feed_total_l=previous.glucose_feed_total_l,
                 glucose_feed_total_l=observation.glucose_feed_total_l,
                 dt_h=max(observation.process_time_h - previous.process_time_h, TIME_TOLERANCE_H),
-                temperature_setpoint_degc=previous.temperature_setpoint_degc,
+                temperature_setpoint_degc=observation.applied.temperature_degc,
             )
         labs = (observation.lab_result,) if observation.lab_result is not None else ()
         estimate = self.step(observation.process_time_h, u, observation.online, labs)

@@ -46,7 +46,7 @@ class MpcConfig(FrozenConfig):
 
     fine_stages: int = Field(default=24, ge=1, le=200, description="stages of one control interval at the start of the horizon")
     coarse_stages: int = Field(default=24, ge=1, le=200, description="stages that share the rest of the time to harvest")
-    max_step_h: float = Field(default=1.0, gt=0.0, le=4.0, description="longest RK4 step: stiff substrate depletion makes longer steps unstable [h]")
+    max_step_h: float = Field(default=2.0, gt=0.0, le=4.0, description="longest RK4 step; 3 h failed to converge from a cold start at inoculation [h]")
     glucose_min_g_per_l: float = Field(default=1.0, ge=0.0, description="lower edge of the glucose window [g/L]")
     glucose_max_g_per_l: float = Field(default=8.0, gt=0.0, description="upper edge of the glucose window [g/L]")
     volume_backoff_l: float = Field(default=10.0, ge=0.0, description="the plan keeps this far below the maximum working volume [L]")
@@ -115,21 +115,29 @@ class EconomicMpc:
         k4 = m.rhs(t + h, x + h * k3, u, p)
         return ca.Function("rk4_step", [x, u, p, t, h], [x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)])
 
-    def _stage_function(self, substeps: int, name: str) -> ca.Function:
+    def _stage_function(self, max_substeps: int, name: str) -> ca.Function:
         """One stage on scaled variables: next state, path-constraint margins and outputs at its end.
 
+        The stage integrates ``dt`` in ``n`` equal RK4 substeps, ``n ≤ max_substeps``
+        a parameter (``ceil(dt / max_step_h)``, 0 for a zero-length stage).
+        Substeps beyond ``n`` are switched off by a conditional, which skips
+        their evaluation and that of their derivatives, so a solve costs what
+        the remaining horizon needs, not what the longest possible stage would.
         Built in MX from calls of one RK4 step so that generated code holds the
-        step (and its derivatives) once, however many substeps a stage takes.
+        step (and its derivatives) once.
         """
         m, cfg, batch = self._model, self.config, self._batch
         xs, us = ca.DM(STATE_SCALE), ca.DM(self._u_scale)
         x, u, p = ca.MX.sym("x", m.n_states), ca.MX.sym("u", m.n_inputs), ca.MX.sym("p", m.n_parameters)
-        t0, dt = ca.MX.sym("t0"), ca.MX.sym("dt")
+        t0, dt, n = ca.MX.sym("t0"), ca.MX.sym("dt"), ca.MX.sym("n")
         step = self._rk4_step()
-        h = dt / substeps
+        xi, ui, pi, ti, hi = (ca.MX.sym(name, *v.shape) for name, v in (("x", x), ("u", u), ("p", p), ("t", t0), ("h", dt)))
+        skip = ca.Function("skip", [xi, ui, pi, ti, hi], [xi])
+        step_or_skip = ca.Function.conditional("step_or_skip", [skip], step)
+        h = dt / ca.fmax(n, 1)
         xk, uk = x * xs, u * us
-        for i in range(substeps):
-            xk = step(xk, uk, p, t0 + i * h, h)
+        for i in range(max_substeps):
+            xk = step_or_skip(n > i, xk, uk, p, t0 + i * h, h)
         y = m.outputs(t0 + dt, xk, uk, p)
         glucose = xk[STATE_INDEX["glucose"]]
         margins = ca.vertcat(
@@ -142,7 +150,9 @@ class EconomicMpc:
             (y[OUTPUT_INDEX["viability"]] - cfg.viability_at_harvest_min_pct) / 10.0,
             (y[OUTPUT_INDEX["galactosylated_fraction"]] - cfg.galactosylated_fraction_min) * 10.0,
         )
-        return ca.Function(name, [x, u, p, t0, dt], [xk / xs, margins, terminal], ["x", "u", "p", "t0", "dt"], ["x_next", "margins", "terminal"])
+        return ca.Function(
+            name, [x, u, p, t0, dt, n], [xk / xs, margins, terminal], ["x", "u", "p", "t0", "dt", "n"], ["x_next", "margins", "terminal"]
+        )
 
     def _build(self) -> None:
         m, cfg = self._model, self.config
@@ -150,8 +160,9 @@ class EconomicMpc:
         nf, nc = cfg.fine_stages, cfg.coarse_stages
         cycle = self._batch.cycle_period_h
         longest_coarse_h = max(0.0, self._batch.limits.latest_harvest_h - nf * cycle) / nc
-        fine_stage = self._stage_function(math.ceil(cycle / cfg.max_step_h - 1e-9), "fine_stage")
-        coarse_stage = self._stage_function(max(1, math.ceil(longest_coarse_h / cfg.max_step_h - 1e-9)), "coarse_stage")
+        self._max_substeps = (max(1, math.ceil(cycle / cfg.max_step_h - 1e-9)), max(1, math.ceil(longest_coarse_h / cfg.max_step_h - 1e-9)))
+        fine_stage = self._stage_function(self._max_substeps[0], "fine_stage")
+        coarse_stage = self._stage_function(self._max_substeps[1], "coarse_stage")
         us = self._u_scale
 
         X = ca.MX.sym("X", nx, n + 1)  # scaled states
@@ -162,10 +173,11 @@ class EconomicMpc:
         p = ca.MX.sym("p", m.n_parameters)
         t_start = ca.MX.sym("t_start", 1, n)
         dt = ca.MX.sym("dt", 1, n)
+        substeps = ca.MX.sym("substeps", 1, n)
         u_prev = ca.MX.sym("u_prev", nu)
 
-        fine_next, fine_margins, fine_terminal = fine_stage.map(nf, "serial")(X[:, :nf], U[:, :nf], ca.repmat(p, 1, nf), t_start[:, :nf], dt[:, :nf])
-        coarse_next, coarse_margins, coarse_terminal = coarse_stage.map(nc, "serial")(X[:, nf:n], U[:, nf:], ca.repmat(p, 1, nc), t_start[:, nf:], dt[:, nf:])
+        fine_next, fine_margins, fine_terminal = fine_stage.map(nf, "serial")(X[:, :nf], U[:, :nf], ca.repmat(p, 1, nf), t_start[:, :nf], dt[:, :nf], substeps[:, :nf])
+        coarse_next, coarse_margins, coarse_terminal = coarse_stage.map(nc, "serial")(X[:, nf:n], U[:, nf:], ca.repmat(p, 1, nc), t_start[:, nf:], dt[:, nf:], substeps[:, nf:])
         x_next = ca.horzcat(fine_next, coarse_next)
         margins = ca.horzcat(fine_margins, coarse_margins)
         terminal = coarse_terminal
@@ -193,7 +205,7 @@ class EconomicMpc:
             + cfg.slack_l2 * (ca.sumsqr(S) + ca.sumsqr(T))
         )
         w = ca.vertcat(ca.vec(X), ca.vec(U), ca.vec(S), T)
-        params = ca.vertcat(x0, p, t_start.T, dt.T, u_prev)
+        params = ca.vertcat(x0, p, t_start.T, dt.T, substeps.T, u_prev)
         nlp = {"x": w, "p": params, "f": objective, "g": g}
         self._solver = compiled_nlpsol("economic_mpc", cfg.solver, nlp, _solver_options(cfg), compile_code=cfg.compile)
         self._warm_solver = (
@@ -222,12 +234,44 @@ class EconomicMpc:
         starts = process_time_h + np.concatenate([[0.0], np.cumsum(durations)[:-1]])
         return starts, durations
 
+    def _shift_multipliers(self, lam_g: np.ndarray, lam_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The previous plan's multipliers moved one fine stage earlier, block by block, to match the shifted inputs."""
+        nx, nu, n, nf = self._model.n_states, self._model.n_inputs, self.n_stages, self.config.fine_stages
+
+        def shifted(vector: np.ndarray, layout: tuple[tuple[int, int], ...], start: int = 0) -> np.ndarray:
+            out = vector.copy()
+            for rows, columns in layout:
+                block = out[start : start + rows * columns].reshape((rows, columns), order="F")
+                block[:, : nf - 1] = block[:, 1:nf].copy()
+                start += rows * columns
+            return out
+
+        # g: initial state, dynamics per node, margins (4 per stage), rate limits down and up, terminal (2, unshifted).
+        lam_g = shifted(lam_g, ((nx, n), (4, n), (1, n), (1, n)), start=nx)
+        # w: states per node, inputs per stage, slacks per stage, terminal slacks (unshifted).
+        lam_x = shifted(lam_x, ((nx, n + 1), (nu, n), (4, n)))
+        return lam_g, lam_x
+
+    def substeps(self, durations: np.ndarray) -> np.ndarray:
+        """RK4 substeps each stage takes: the fewest that keep steps ≤ ``max_step_h`` (0 for a zero-length stage).
+
+        ``durations`` covers all stages in order; the stage grid never asks a
+        stage for more substeps than it was built with.
+        """
+        durations = np.asarray(durations, dtype=float)
+        needed = np.ceil(durations / self.config.max_step_h - 1e-9).clip(min=0.0)
+        built = np.repeat(self._max_substeps, (self.config.fine_stages, self.config.coarse_stages))
+        if np.any(needed > built):
+            raise ValueError(f"stage durations {durations[needed > built]} h need more RK4 substeps than the NLP was built with")
+        return needed
+
     def rollout(self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, inputs: np.ndarray) -> np.ndarray:
         """States at every stage end for a given input plan (used for warm starts and checks)."""
         states = [np.asarray(x0, dtype=float) / STATE_SCALE]
+        n_sub = self.substeps(durations)
         for k in range(self.n_stages):
             stage = self._stages[0] if k < self.config.fine_stages else self._stages[1]
-            x_next, _, _ = stage(states[-1], inputs[:, k] / self._u_scale, parameters, starts[k], durations[k])
+            x_next, _, _ = stage(states[-1], inputs[:, k] / self._u_scale, parameters, starts[k], durations[k], n_sub[k])
             states.append(np.asarray(x_next).ravel())
         return np.array(states).T * STATE_SCALE[:, None]
 
@@ -243,23 +287,33 @@ class EconomicMpc:
         harvest_time_h: float,
         warm: dict[str, np.ndarray] | None = None,
         guess_inputs: np.ndarray | None = None,
+        shift_warm: bool = True,
     ) -> MpcSolution:
+        """Plan from ``state`` at ``process_time_h`` to ``harvest_time_h``.
+
+        ``warm`` is a previous solution's ``warm`` dict: its inputs (shifted by
+        one control interval when ``shift_warm``, as for the previous cycle's
+        plan; as they are for a candidate harvest solved at the same time) and
+        its multipliers start the solver. ``guess_inputs`` alone starts it cold.
+        """
         n, nx, nu = self.n_stages, self._model.n_states, self._model.n_inputs
         starts, durations = self.stage_grid(process_time_h, harvest_time_h)
         previous_inputs = np.clip(np.asarray(previous_inputs, dtype=float), self._u_lower, self._u_upper)
         lam_g0 = lam_x0 = None
         if guess_inputs is None and warm is not None and warm.get("inputs") is not None:
-            # Shift the previous plan by one control interval; keep its multipliers.
-            previous_plan = warm["inputs"]
-            fine = self.config.fine_stages
-            guess_inputs = previous_plan.copy()
-            guess_inputs[:, : fine - 1] = previous_plan[:, 1:fine]
+            guess_inputs = warm["inputs"].copy()
+            if shift_warm:
+                # The previous cycle's plan: shift it by one control interval.
+                fine = self.config.fine_stages
+                guess_inputs[:, : fine - 1] = warm["inputs"][:, 1:fine]
             lam_g0, lam_x0 = warm.get("lam_g"), warm.get("lam_x")
+            if shift_warm and lam_g0 is not None and lam_x0 is not None:
+                lam_g0, lam_x0 = self._shift_multipliers(lam_g0, lam_x0)
         inputs = guess_inputs if guess_inputs is not None else np.tile(previous_inputs[:, None], (1, n))
         inputs = np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None])
         states = self.rollout(state, parameters, starts, durations, inputs)
         w0 = np.concatenate([(states / STATE_SCALE[:, None]).ravel(order="F"), (inputs / self._u_scale[:, None]).ravel(order="F"), np.zeros(4 * n + 2)])
-        params = np.concatenate([state, parameters, starts, durations, previous_inputs])
+        params = np.concatenate([state, parameters, starts, durations, self.substeps(durations), previous_inputs])
         args: dict = {"x0": w0, "p": params, "lbx": self._lbw, "ubx": self._ubw, "lbg": self._lbg, "ubg": self._ubg}
         solver = self._solver
         if lam_g0 is not None and lam_x0 is not None and self._warm_solver is not None:

@@ -147,7 +147,7 @@ class NmpcController:
         elif self._cycles % config.later_harvest_every_cycles == 0 and self.harvest_time_h < self._batch.limits.latest_harvest_h:
             later_h = min(self.harvest_time_h + config.later_harvest_step_h, self._batch.limits.latest_harvest_h)
             candidate = self.mpc.solve(
-                process_time_h=t, state=state, parameters=parameters, previous_inputs=previous, harvest_time_h=later_h, guess_inputs=solution.inputs
+                process_time_h=t, state=state, parameters=parameters, previous_inputs=previous, harvest_time_h=later_h, warm=solution.warm, shift_warm=False
             )
             self.solve_times_s.append(candidate.solve_time_s)
             if candidate.success and candidate.predicted_score_g_per_day > solution.predicted_score_g_per_day * (1.0 + config.harvest_improvement_min):

@@ -10,6 +10,9 @@ import numpy as np
 from controller.config import BatchConfig
 from controller.types import Setpoints
 
+RATE_TOLERANCE_DEGC = 1e-3
+"""A rate-limit excess this small is clipped without being reported as an adjustment."""
+
 
 @dataclass(frozen=True)
 class FilteredSetpoints:
@@ -41,6 +44,8 @@ def filter_setpoints(requested: Setpoints, last_applied: Setpoints, batch: Batch
     last_temperature = last_applied.temperature_degc
     if math.isfinite(last_temperature) and abs(values["temperature_degc"] - last_temperature) > step:
         limited = last_temperature + math.copysign(step, values["temperature_degc"] - last_temperature)
-        adjustments.append(f"temperature_degc: {values['temperature_degc']:.3f} rate-limited to {limited:.3f}")
+        if abs(values["temperature_degc"] - limited) > RATE_TOLERANCE_DEGC:
+            # A plan that moves exactly at the limit meets it only to the solver's tolerance: not worth a log line.
+            adjustments.append(f"temperature_degc: {values['temperature_degc']:.3f} rate-limited to {limited:.3f}")
         values["temperature_degc"] = limited
     return FilteredSetpoints(Setpoints(harvest=requested.harvest, **values), tuple(adjustments))

@@ -29,6 +29,30 @@ def test_stage_grid_reaches_harvest_and_freezes_after_it(model, batch):
     assert durations.tolist() == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
+def test_stages_take_only_the_substeps_their_duration_needs(model, batch, late_batch):
+    """A stage integrates with the fewest RK4 steps ≤ max_step_h; a zero-length stage is the identity."""
+    state, parameters, recipe_inputs = late_batch
+    mpc = EconomicMpc(model, batch, MpcConfig(**SMALL, max_step_h=2.0))
+    starts, durations = mpc.stage_grid(300.0, 336.0)
+    assert mpc.substeps(durations).tolist() == [1.0] * 6 + [4.0] * 4  # coarse stages of 7.5 h: four steps of 1.875 h
+    inputs = np.tile(recipe_inputs[:, None], (1, mpc.n_stages))
+    planned = mpc.rollout(state, parameters, starts, durations, inputs)
+    # The same plan integrated step by step with the model's own RK4 at the substep length.
+    x = state.copy()
+    for k in range(mpc.n_stages):
+        stage = model.rk4_step(durations[k], int(mpc.substeps(durations)[k]))
+        _, x = stage(starts[k], x, inputs[:, k], parameters)
+        x = np.asarray(x).ravel()
+        np.testing.assert_allclose(planned[:, k + 1], x, rtol=1e-9, atol=1e-9)
+    # After harvest the stages have zero length and leave the state alone.
+    starts, durations = mpc.stage_grid(333.0, 336.0)
+    frozen = mpc.rollout(state, parameters, starts, durations, inputs)
+    assert mpc.substeps(durations).tolist() == [1.0, 1.0, 1.0] + [0.0] * 7
+    np.testing.assert_array_equal(frozen[:, 3:], np.repeat(frozen[:, 3:4], 8, axis=1))
+    with pytest.raises(ValueError, match="more RK4 substeps"):
+        mpc.substeps(np.full(mpc.n_stages, 100.0))
+
+
 def test_late_batch_plan_is_feasible_and_beats_holding_the_recipe(model, batch, late_batch):
     state, parameters, recipe_inputs = late_batch
     mpc = EconomicMpc(model, batch, MpcConfig(**SMALL))
@@ -58,6 +82,23 @@ def test_warm_start_converges_in_fewer_iterations(model, batch, late_batch):
     warm = mpc.solve(process_time_h=289.0, state=next_state, parameters=parameters, previous_inputs=cold.first_inputs, harvest_time_h=336.0, warm=cold.warm)
     assert cold.success and warm.success
     assert warm.iterations < cold.iterations
+
+
+def test_warm_start_multipliers_move_with_the_plan(model, batch, late_batch):
+    """The previous cycle's multipliers are shifted one stage, like its inputs; the terminal ones stay."""
+    state, parameters, recipe_inputs = late_batch
+    mpc = EconomicMpc(model, batch, MpcConfig(**SMALL))
+    solution = mpc.solve(process_time_h=288.0, state=state, parameters=parameters, previous_inputs=recipe_inputs, harvest_time_h=336.0)
+    lam_g, lam_x = solution.warm["lam_g"], solution.warm["lam_x"]
+    shifted_g, shifted_x = mpc._shift_multipliers(lam_g, lam_x)
+    nx, n = model.n_states, mpc.n_stages
+    dynamics = lam_g[nx : nx + nx * n].reshape((nx, n), order="F")
+    np.testing.assert_array_equal(shifted_g[nx : nx + nx * n].reshape((nx, n), order="F")[:, :5], dynamics[:, 1:6])
+    np.testing.assert_array_equal(shifted_g[:nx], lam_g[:nx])
+    np.testing.assert_array_equal(shifted_g[-2:], lam_g[-2:])
+    inputs_x = lam_x[nx * (n + 1) : nx * (n + 1) + 3 * n].reshape((3, n), order="F")
+    np.testing.assert_array_equal(shifted_x[nx * (n + 1) : nx * (n + 1) + 3 * n].reshape((3, n), order="F")[:, :5], inputs_x[:, 1:6])
+    assert shifted_g.shape == lam_g.shape and shifted_x.shape == lam_x.shape
 
 
 def test_failed_solve_is_reported_not_hidden(model, batch, late_batch):

@@ -285,15 +285,7 @@ class EkfFunctions:
         for j, index in enumerate(indices):
             p[index] = p_nominal[index] * ca.exp(theta[j])
 
-        h = dt / SUBSTEPS_PER_CALL
-        tk, xk = t, x
-        for _ in range(SUBSTEPS_PER_CALL):
-            k1 = model.rhs(tk, xk, u, p)
-            k2 = model.rhs(tk + h / 2, xk + h / 2 * k1, u, p)
-            k3 = model.rhs(tk + h / 2, xk + h / 2 * k2, u, p)
-            k4 = model.rhs(tk + h, xk + h * k3, u, p)
-            xk = xk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            tk = tk + h
+        _, xk = model.rk4(t, x, u, p, dt, SUBSTEPS_PER_CALL)
         z_next = ca.vertcat(xk, theta)
         self.step = ca.Function("ekf_step", [t, z, u, p_nominal, dt], [z_next, ca.jacobian(z_next, z)])
 

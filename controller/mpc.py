@@ -109,11 +109,8 @@ class EconomicMpc:
         m = self._model
         x, u, p = ca.SX.sym("x", m.n_states), ca.SX.sym("u", m.n_inputs), ca.SX.sym("p", m.n_parameters)
         t, h = ca.SX.sym("t"), ca.SX.sym("h")
-        k1 = m.rhs(t, x, u, p)
-        k2 = m.rhs(t + h / 2, x + h / 2 * k1, u, p)
-        k3 = m.rhs(t + h / 2, x + h / 2 * k2, u, p)
-        k4 = m.rhs(t + h, x + h * k3, u, p)
-        return ca.Function("rk4_step", [x, u, p, t, h], [x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)])
+        _, x_next = m.rk4(t, x, u, p, h)
+        return ca.Function("rk4_step", [x, u, p, t, h], [x_next])
 
     def _stage_function(self, max_substeps: int, name: str) -> ca.Function:
         """One stage on scaled variables: next state, path-constraint margins and outputs at its end.

@@ -307,10 +307,9 @@ class CultureModel:
     def output_index(self, name: str) -> int:
         return OUTPUT_INDEX[name]
 
-    def rk4_step(self, dt_h: float, substeps: int = 1) -> ca.Function:
-        """A fixed-step RK4 map ``(t, x, u, p) -> (t + dt, x_next)`` with inputs held constant."""
-        t, x, u, p = ca.SX.sym("t"), ca.SX.sym("x", self.n_states), ca.SX.sym("u", self.n_inputs), ca.SX.sym("p", self.n_parameters)
-        h = dt_h / substeps
+    def rk4(self, t: Any, x: Any, u: Any, p: Any, dt: Any, substeps: int = 1) -> tuple[Any, Any]:
+        """``substeps`` classic RK4 steps over ``dt`` with inputs held, on symbols (SX or MX) or numbers: ``(t + dt, x_next)``."""
+        h = dt / substeps if substeps != 1 else dt
         tk, xk = t, x
         for _ in range(substeps):
             k1 = self.rhs(tk, xk, u, p)
@@ -319,4 +318,10 @@ class CultureModel:
             k4 = self.rhs(tk + h, xk + h * k3, u, p)
             xk = xk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
             tk = tk + h
+        return tk, xk
+
+    def rk4_step(self, dt_h: float, substeps: int = 1) -> ca.Function:
+        """A fixed-step RK4 map ``(t, x, u, p) -> (t + dt, x_next)`` with inputs held constant."""
+        t, x, u, p = ca.SX.sym("t"), ca.SX.sym("x", self.n_states), ca.SX.sym("u", self.n_inputs), ca.SX.sym("p", self.n_parameters)
+        tk, xk = self.rk4(t, x, u, p, dt_h, substeps)
         return ca.Function("cho_rk4", [t, x, u, p], [tk, xk], ["t", "x", "u", "p"], ["t_next", "x_next"])

@@ -34,17 +34,10 @@ from controller.types import LAB_FIELDS, LabResult, Setpoints
 from plant_models.cho import STATE_INDEX, CultureModel
 from plant_models.parameters import PARAMETER_NAMES
 from simulator.batch import build_simulated_plc
+from simulator.closed_loop import ONLINE_SIGNALS
 from simulator.config import LoadedSimulation
 from simulator.plc import SAMPLE_TAGS
 
-ONLINE_SIGNALS = {
-    "PV.OUR": "our_mmol_per_l_h",
-    "PV.CER": "cer_mmol_per_l_h",
-    "PV.Capacitance": "capacitance_pf_per_cm",
-    "PV.Volume": "volume_l",
-    "PV.Temperature": "temperature_degc",
-    "PV.BaseTotal": "base_total_l",
-}
 MU = "culture.growth.mu_max_per_h"
 QP = "culture.product.q_product_pg_per_cell_day"
 

@@ -1,21 +1,34 @@
-"""Run every benchmark in this folder, one after the other, printing their figures."""
+"""Run every benchmark in this folder, one after the other, printing their figures.
+
+By default the long ones run in their ``--quick`` form (a few minutes in all);
+``--full`` runs each in full (about 45 minutes on the 2-core machine).
+"""
 
 from __future__ import annotations
 
+import argparse
 import runpy
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["simulation_speed.py"]
+BENCHMARKS: list[tuple[str, list[str]]] = [
+    ("simulation_speed.py", []),
+    ("solver_speed.py", ["--quick"]),
+    ("closed_loop_scenarios.py", ["--quick"]),
+]
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="run every benchmark in full, not in its --quick form")
+    args = parser.parse_args()
     here = Path(__file__).resolve().parent
-    for name in BENCHMARKS:
-        print(f"=== {name}")
-        sys.argv = [name]
+    for name, quick in BENCHMARKS:
+        arguments = [] if args.full else quick
+        print(f"=== {name} {' '.join(arguments)}".rstrip(), flush=True)
+        sys.argv = [name, *arguments]
         runpy.run_path(str(here / name), run_name="__main__")
-        print()
+        print(flush=True)
 
 
 if __name__ == "__main__":

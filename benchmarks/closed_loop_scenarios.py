@@ -1,0 +1,58 @@
+"""The closed-loop campaign: recipe, NMPC and perfect-knowledge oracle on a set of seeded batches.
+
+Prints per scenario and in aggregate: score, titer, harvest time, hours of
+constraint violation, and the gap closed = (NMPC − recipe) / (oracle − recipe).
+Targets: mean gap closed ≥ 0.8, never below the recipe, zero violation hours,
+a whole closed-loop batch in ≤ 30 s.
+
+Usage: python benchmarks/closed_loop_scenarios.py [--quick] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+
+from bioreactor_mpc.logging import configure_logging
+from simulator.scenarios import run_scenario, scenarios
+
+
+def _quiet() -> None:
+    """Warnings and errors only, on stderr: the figures go to stdout."""
+    configure_logging(level=logging.WARNING)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="three scenarios only")
+    parser.add_argument("--jobs", type=int, default=2, help="scenarios run in parallel processes")
+    args = parser.parse_args()
+    _quiet()
+    cases = scenarios()
+    if args.quick:
+        cases = [cases[0], cases[4], cases[-1]]
+    print(f"closed-loop campaign: {len(cases)} scenarios, {args.jobs} processes")
+    print(f"{'scenario':28s} {'recipe':>8s} {'NMPC':>8s} {'oracle':>8s} {'gap':>6s} {'titer':>6s} {'harvest':>8s} {'viol h':>7s} {'fails':>5s} {'wall s':>7s}")
+    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_quiet) as pool:
+        rows = list(pool.map(run_scenario, cases))
+    for r in rows:
+        print(
+            f"{r.name:28s} {r.recipe_score:8.1f} {r.nmpc_score:8.1f} {r.oracle_score:8.1f} {r.gap_closed:6.2f} "
+            f"{r.nmpc_titer:6.2f} {r.nmpc_harvest_h:8.1f} {r.nmpc_violation_h:7.2f} {r.nmpc_failures:5d} {r.nmpc_wall_s:7.1f}"
+        )
+    gaps = [r.gap_closed for r in rows]
+    print()
+    recipe, nmpc, oracle = (statistics.mean(getattr(r, f"{who}_score") for r in rows) for who in ("recipe", "nmpc", "oracle"))
+    print(f"mean score [g/day]     recipe {recipe:.1f}, NMPC {nmpc:.1f} ({100 * (nmpc / recipe - 1):+.1f} %), oracle {oracle:.1f}")
+    print(f"mean gap closed        {statistics.mean(gaps):.3f}   (target >= 0.8: {'met' if statistics.mean(gaps) >= 0.8 else 'MISSED'})")
+    print(f"minimum gap closed     {min(gaps):.3f}   (never below the recipe: {'met' if min(gaps) >= 0.0 else 'MISSED'})")
+    violation = sum(r.nmpc_violation_h for r in rows)
+    print(f"violation hours, all   {violation:.2f}   (target 0: {'met' if violation == 0 else 'MISSED'})")
+    walls = [r.nmpc_wall_s for r in rows]
+    print(f"NMPC batch wall time   median {statistics.median(walls):.1f} s, max {max(walls):.1f} s   (target <= 30 s: {'met' if max(walls) <= 30 else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    main()

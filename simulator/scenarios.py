@@ -1,0 +1,98 @@
+"""The closed-loop scenario set: recipe, NMPC and the perfect-knowledge oracle on the same seeded batches.
+
+Used by ``benchmarks/closed_loop_scenarios.py`` (which prints the figures) and
+by the ``campaign`` tests (which assert the targets).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simulator.batch import run_recipe_batch
+from simulator.closed_loop import estimator_source, oracle_source, run_controlled_batch
+from simulator.config import LoadedSimulation, load_simulation
+
+PLATFORM = Path(__file__).resolve().parent.parent / "configs" / "simulate" / "platform.yaml"
+
+
+def scenarios() -> list[tuple[str, dict[str, Any]]]:
+    """At least 20 seeded batches: nominal, kinetic mismatch, weak feed lot, Bad probe, lab typo."""
+    mismatch = {
+        "growth+25%": {"growth.mu_max_per_h": 1.25},
+        "growth-25%": {"growth.mu_max_per_h": 0.75},
+        "qP+25%": {"product.q_product_pg_per_cell_day": 1.25},
+        "qP-25%": {"product.q_product_pg_per_cell_day": 0.75},
+        "yield_glc-20%": {"metabolism.yield_cells_per_glucose_1e9_per_g": 0.8},
+        "yield_gln+20%": {"metabolism.yield_cells_per_glutamine_1e9_per_mmol": 1.2},
+        "death+30%": {"death.kd_min_per_h": 1.3, "death.kd_ammonia_max_per_h": 1.3},
+        "death-30%": {"death.kd_min_per_h": 0.7, "death.kd_ammonia_max_per_h": 0.7},
+        "growth+20%,qP-20%": {"growth.mu_max_per_h": 1.2, "product.q_product_pg_per_cell_day": 0.8},
+        "growth-20%,qP+20%": {"growth.mu_max_per_h": 0.8, "product.q_product_pg_per_cell_day": 1.2},
+    }
+    cases: list[tuple[str, dict[str, Any]]] = [(f"nominal seed {seed}", {"seed": seed}) for seed in (1, 2, 3, 4)]
+    cases += [(name, {"seed": 10 + i, "true_parameter_factors": factors}) for i, (name, factors) in enumerate(mismatch.items())]
+    cases += [
+        ("random kinetics seed 31", {"seed": 31, "true_parameter_relative_sd": _RANDOM_SD}),
+        ("random kinetics seed 32", {"seed": 32, "true_parameter_relative_sd": _RANDOM_SD}),
+        ("feed lot 15% weaker", {"seed": 41, "faults": [{"kind": "feed_lot", "start_h": 96.0, "strength": 0.85}]}),
+        ("capacitance probe Bad", {"seed": 42, "faults": [{"kind": "probe", "tag": "PV.Capacitance", "mode": "bad", "start_h": 100.0}]}),
+        ("OUR probe NaN", {"seed": 43, "faults": [{"kind": "probe", "tag": "PV.OUR", "mode": "nan", "start_h": 60.0, "end_h": 140.0}]}),
+        ("lab typo glucose x10", {"seed": 44, "faults": [{"kind": "lab_value", "draw_index": 5, "field": "glucose_g_per_l", "factor": 10.0}]}),
+    ]
+    return cases
+
+
+_RANDOM_SD = {
+    "growth.mu_max_per_h": 0.15,
+    "product.q_product_pg_per_cell_day": 0.15,
+    "metabolism.yield_cells_per_glucose_1e9_per_g": 0.1,
+    "death.kd_min_per_h": 0.2,
+}
+
+
+@dataclass(frozen=True)
+class ScenarioResult:
+    name: str
+    recipe_score: float
+    nmpc_score: float
+    oracle_score: float
+    nmpc_titer: float
+    nmpc_harvest_h: float
+    nmpc_violation_h: float
+    nmpc_wall_s: float
+    nmpc_failures: int
+
+    @property
+    def gap_closed(self) -> float:
+        span = self.oracle_score - self.recipe_score
+        return (self.nmpc_score - self.recipe_score) / span if span > 0 else float("nan")
+
+
+def _loaded(overrides: dict[str, Any]) -> LoadedSimulation:
+    base = load_simulation(PLATFORM)
+    simulation = base.simulation.model_validate({**base.simulation.model_dump(), **overrides})
+    return base.model_copy(update={"simulation": simulation})
+
+
+def run_scenario(case: tuple[str, dict[str, Any]]) -> ScenarioResult:
+    name, overrides = case
+    loaded = _loaded(overrides)
+    recipe = run_recipe_batch(loaded)
+    started = time.perf_counter()
+    nmpc = run_controlled_batch(loaded, make_source=estimator_source)
+    wall = time.perf_counter() - started
+    oracle = run_controlled_batch(loaded, make_source=oracle_source)
+    return ScenarioResult(
+        name=name,
+        recipe_score=recipe.kpis.score_g_per_day,
+        nmpc_score=nmpc.batch.kpis.score_g_per_day,
+        oracle_score=oracle.batch.kpis.score_g_per_day,
+        nmpc_titer=nmpc.batch.kpis.titer_g_per_l,
+        nmpc_harvest_h=nmpc.batch.kpis.harvest_time_h,
+        nmpc_violation_h=nmpc.batch.kpis.violation_h,
+        nmpc_wall_s=wall,
+        nmpc_failures=nmpc.solver_failures,
+    )

@@ -264,13 +264,21 @@ class EconomicMpc:
 
     def rollout(self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, inputs: np.ndarray) -> np.ndarray:
         """States at every stage end for a given input plan (used for warm starts and checks)."""
+        return self._rollout(x0, parameters, starts, durations, inputs)[0]
+
+    def _rollout(
+        self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, inputs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """States at every stage end, the soft constraints' margins per stage and the harvest margins."""
         states = [np.asarray(x0, dtype=float) / STATE_SCALE]
+        margins, terminal = [], np.zeros(2)
         n_sub = self.substeps(durations)
         for k in range(self.n_stages):
             stage = self._stages[0] if k < self.config.fine_stages else self._stages[1]
-            x_next, _, _ = stage(states[-1], inputs[:, k] / self._u_scale, parameters, starts[k], durations[k], n_sub[k])
+            x_next, margin, terminal = stage(states[-1], inputs[:, k] / self._u_scale, parameters, starts[k], durations[k], n_sub[k])
             states.append(np.asarray(x_next).ravel())
-        return np.array(states).T * STATE_SCALE[:, None]
+            margins.append(np.asarray(margin).ravel())
+        return np.array(states).T * STATE_SCALE[:, None], np.array(margins).T, np.asarray(terminal).ravel()
 
     # ---------------------------------------------------------------- solve
 
@@ -308,8 +316,11 @@ class EconomicMpc:
                 lam_g0, lam_x0 = self._shift_multipliers(lam_g0, lam_x0)
         inputs = guess_inputs if guess_inputs is not None else np.tile(previous_inputs[:, None], (1, n))
         inputs = np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None])
-        states = self.rollout(state, parameters, starts, durations, inputs)
-        w0 = np.concatenate([(states / STATE_SCALE[:, None]).ravel(order="F"), (inputs / self._u_scale[:, None]).ravel(order="F"), np.zeros(4 * n + 2)])
+        states, margins, terminal = self._rollout(state, parameters, starts, durations, inputs)
+        # Slacks that make the soft constraints hold on the rolled-out guess: a guess that starts
+        # feasible (a plant already past a back-off, say) saves the solver several iterations.
+        slacks = np.concatenate([np.maximum(0.0, -margins).ravel(order="F"), np.maximum(0.0, -terminal)])
+        w0 = np.concatenate([(states / STATE_SCALE[:, None]).ravel(order="F"), (inputs / self._u_scale[:, None]).ravel(order="F"), slacks])
         params = np.concatenate([state, parameters, starts, durations, self.substeps(durations), previous_inputs])
         args: dict = {"x0": w0, "p": params, "lbx": self._lbw, "ubx": self._ubw, "lbg": self._lbg, "ubg": self._ubg}
         solver = self._solver

@@ -101,7 +101,14 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     lab = output_dir / f"{stem}-lab.csv"
     write_trajectories_csv(trajectories, result.trajectory, args.csv_every_min)
     write_lab_results_csv(lab, result.lab_results)
-    console.print(kpi_table(result.kpis, f"{loaded.batch.batch_id}, seed {loaded.simulation.seed}, {args.controller}; harvest: {result.harvest_reason}"))
+    columns = {args.controller: result.kpis}
+    if controlled is not None:
+        columns["recipe, same batch"] = run_recipe_batch(loaded).kpis
+    console.print(kpi_table(columns, f"{loaded.batch.batch_id}, seed {loaded.simulation.seed}, {args.controller}; harvest: {result.harvest_reason}"))
+    if controlled is not None:
+        recipe_score = columns["recipe, same batch"].score_g_per_day
+        gain = 100.0 * (result.kpis.score_g_per_day / recipe_score - 1.0)
+        console.print(f"score: {args.controller} {result.kpis.score_g_per_day:.1f} g/day against the recipe's {recipe_score:.1f} g/day on the same batch ({gain:+.1f} %)")
     console.print(f"trajectories: {trajectories}")
     console.print(f"lab results:  {lab}")
     if not args.no_plot:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -19,24 +20,26 @@ from plant_models.cho import INPUTS, OUTPUTS, STATES  # noqa: E402
 from simulator.plant import PlantTrajectory  # noqa: E402
 
 
-def kpi_table(kpis: BatchKpis, title: str) -> Table:
+def kpi_table(columns: dict[str, BatchKpis], title: str) -> Table:
+    """The batch KPIs, one column per run (for example the controller's beside the recipe's on the same batch)."""
     table = Table(title=title)
     table.add_column("KPI")
-    table.add_column("value", justify="right")
-    rows = [
-        ("harvest time", f"{kpis.harvest_time_h:.1f} h (day {kpis.harvest_time_h / 24:.2f})"),
-        ("titer at harvest", f"{kpis.titer_g_per_l:.2f} g/L"),
-        ("product mass", f"{kpis.product_mass_g / 1000:.3f} kg"),
-        ("peak viable cell density", f"{kpis.peak_vcd_1e6_per_ml:.1f} 1e6 cells/mL"),
-        ("viability at harvest", f"{kpis.viability_at_harvest_pct:.1f} %"),
-        ("galactosylated fraction", f"{kpis.galactosylated_fraction:.3f}"),
-        ("glucose < limit", f"{kpis.glucose_low_h:.1f} h"),
-        ("osmolality > limit", f"{kpis.osmolality_high_h:.1f} h"),
-        ("volume > maximum", f"{kpis.volume_high_h:.1f} h"),
-        ("score (product per occupied day)", f"{kpis.score_g_per_day:.1f} g/day"),
+    for name in columns:
+        table.add_column(name, justify="right")
+    rows: list[tuple[str, Callable[[BatchKpis], str]]] = [
+        ("harvest time", lambda k: f"{k.harvest_time_h:.1f} h (day {k.harvest_time_h / 24:.2f})"),
+        ("titer at harvest", lambda k: f"{k.titer_g_per_l:.2f} g/L"),
+        ("product mass", lambda k: f"{k.product_mass_g / 1000:.3f} kg"),
+        ("peak viable cell density", lambda k: f"{k.peak_vcd_1e6_per_ml:.1f} 1e6 cells/mL"),
+        ("viability at harvest", lambda k: f"{k.viability_at_harvest_pct:.1f} %"),
+        ("galactosylated fraction", lambda k: f"{k.galactosylated_fraction:.3f}"),
+        ("glucose < limit", lambda k: f"{k.glucose_low_h:.1f} h"),
+        ("osmolality > limit", lambda k: f"{k.osmolality_high_h:.1f} h"),
+        ("volume > maximum", lambda k: f"{k.volume_high_h:.1f} h"),
+        ("score (product per occupied day)", lambda k: f"{k.score_g_per_day:.1f} g/day"),
     ]
-    for name, value in rows:
-        table.add_row(name, value)
+    for name, cell in rows:
+        table.add_row(name, *(cell(kpis) for kpis in columns.values()))
     return table
 
 

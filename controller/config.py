@@ -96,6 +96,9 @@ class RecipeConfig(FrozenConfig):
     temperature_shift_h: float = Field(ge=0.0, description="process time of the temperature shift [h]")
     harvest_h: float = Field(gt=0.0, description="process time of the scheduled harvest [h]")
     harvest_viability_pct: float = Field(ge=0.0, le=100.0, description="harvest early once a lab viability falls below this [%]")
+    feed_stop_below_max_l: float = Field(
+        default=5.0, ge=0.0, description="high-level feed stop: both feeds stop once the working volume is within this of the maximum [L]"
+    )
 
 
 class ProcessLimits(FrozenConfig):

@@ -131,7 +131,7 @@ class NmpcController:
             index = int(np.searchsorted(self._plan.stage_times_h, t, side="right") - 1)
             u = self._plan.inputs[:, max(0, min(index, self._plan.inputs.shape[1] - 1))]
             return self._decision(Setpoints(float(u[0]), float(u[1]), float(u[2])), "shifted_plan", solution=self._plan)
-        recipe = self.recipe.setpoints(t)
+        recipe = self.recipe.setpoints(t, volume_l=observation.online.get("volume_l"))
         return self._decision(Setpoints(recipe.feed_rate_lph, recipe.glucose_rate_lph, recipe.temperature_degc), "recipe")
 
     def _improve_harvest(self, solution: MpcSolution, t: float, state: np.ndarray, parameters: np.ndarray, previous: np.ndarray) -> MpcSolution:

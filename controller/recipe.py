@@ -76,17 +76,25 @@ class PlatformRecipe:
     def harvest_due(self, process_time_h: float) -> bool:
         return process_time_h >= self._recipe.harvest_h or self._low_viability_seen
 
-    def setpoints(self, process_time_h: float) -> Setpoints:
+    def setpoints(self, process_time_h: float, *, volume_l: float | None = None) -> Setpoints:
+        """The recipe's setpoints now; with a known ``volume_l``, both feeds stop near the maximum working volume.
+
+        The high-level feed stop is what a PLC's own recipe does: a reactor
+        that a controller filled close to its maximum is not overfilled by the
+        schedule when the operator takes local control. An unknown volume
+        (None or NaN) leaves the schedule as it is.
+        """
         if not math.isfinite(process_time_h):
             raise ValueError(f"process time must be finite, got {process_time_h}")
+        full = volume_l is not None and math.isfinite(volume_l) and volume_l >= self._equipment.max_working_volume_l - self._recipe.feed_stop_below_max_l
         temperature = (
             self._recipe.temperature_initial_degc
             if process_time_h < self._recipe.temperature_shift_h
             else self._recipe.temperature_shifted_degc
         )
         return Setpoints(
-            feed_rate_lph=self.feed_rate_lph(process_time_h),
-            glucose_rate_lph=self._glucose_rate_lph,
+            feed_rate_lph=0.0 if full else self.feed_rate_lph(process_time_h),
+            glucose_rate_lph=0.0 if full else self._glucose_rate_lph,
             temperature_degc=temperature,
             harvest=self.harvest_due(process_time_h),
         )

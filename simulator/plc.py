@@ -186,7 +186,7 @@ class SimulatedPlc:
             self._harvest("latest allowed harvest time reached")
             return
         if not self.remote_enabled:
-            recipe = self.recipe.setpoints(now_h)
+            recipe = self.recipe.setpoints(now_h, volume_l=float(self.plant.state[STATE_INDEX["volume"]]))
             self._setpoints = {"SP.FeedRate": recipe.feed_rate_lph, "SP.GlucoseRate": recipe.glucose_rate_lph, "SP.Temperature": recipe.temperature_degc}
             if recipe.harvest:
                 self._harvest("local recipe")

@@ -8,6 +8,8 @@ import pytest
 
 from controller.recipe import PlatformRecipe
 from controller.types import LabResult
+from plant_models.cho import STATE_INDEX
+from simulator.batch import build_simulated_plc
 
 
 def _lab(seq: int, taken_at_h: float, glucose: float, viability: float = 95.0) -> LabResult:
@@ -63,3 +65,25 @@ def test_rate_is_capped_at_the_pump_range(recipe, batch):
 def test_low_viability_triggers_harvest(recipe):
     recipe.on_lab_result(_lab(1, 200.0, 4.0, viability=69.0), volume_l=1800.0, glucose_delivered_g=0.0)
     assert recipe.setpoints(205.0).harvest
+
+
+def test_high_level_stops_both_feeds(recipe):
+    recipe.on_lab_result(_lab(1, 24.0, 5.0), volume_l=1400.0, glucose_delivered_g=0.0)
+    recipe.on_lab_result(_lab(2, 48.0, 2.0), volume_l=1400.0, glucose_delivered_g=0.0)
+    assert recipe.glucose_rate_lph > 0.0
+    below = recipe.setpoints(200.0, volume_l=1994.9)
+    assert below.feed_rate_lph > 0.0 and below.glucose_rate_lph > 0.0
+    full = recipe.setpoints(200.0, volume_l=1995.0)  # within 5 L of the 2000 L maximum
+    assert full.feed_rate_lph == 0.0 and full.glucose_rate_lph == 0.0 and full.temperature_degc == 33.0
+    unknown = recipe.setpoints(200.0, volume_l=math.nan)  # a Bad load cell leaves the schedule as it is
+    assert unknown.feed_rate_lph == below.feed_rate_lph
+
+
+def test_local_recipe_does_not_overfill_a_full_reactor(make_simulation):
+    """The operator takes local control for the rest of a batch the controller has filled to 1996 L."""
+    plc, _ = build_simulated_plc(make_simulation())
+    plc.set_operator_remote(False)
+    plc.advance_to(150.0)
+    plc.plant.state[STATE_INDEX["volume"]] = 1996.0
+    plc.advance_to(300.0)
+    assert plc.plant.state[STATE_INDEX["volume"]] <= 2000.0

@@ -216,7 +216,7 @@ class EconomicMpc:
         ubw = np.concatenate([np.full(nx_total, np.inf), np.tile(self._u_upper / us, n), np.full(4 * n, np.inf), np.full(2, np.inf)])
         self._lbw, self._ubw = lbw, ubw
         self._n_w = w.shape[0]
-        self._stages = (fine_stage, coarse_stage)
+        self._rollout_function = self._build_rollout(fine_stage, coarse_stage)
 
     # ----------------------------------------------------------------- grid
 
@@ -270,15 +270,29 @@ class EconomicMpc:
         self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, inputs: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """States at every stage end, the soft constraints' margins per stage and the harvest margins."""
-        states = [np.asarray(x0, dtype=float) / STATE_SCALE]
-        margins, terminal = [], np.zeros(2)
-        n_sub = self.substeps(durations)
-        for k in range(self.n_stages):
-            stage = self._stages[0] if k < self.config.fine_stages else self._stages[1]
-            x_next, margin, terminal = stage(states[-1], inputs[:, k] / self._u_scale, parameters, starts[k], durations[k], n_sub[k])
-            states.append(np.asarray(x_next).ravel())
-            margins.append(np.asarray(margin).ravel())
-        return np.array(states).T * STATE_SCALE[:, None], np.array(margins).T, np.asarray(terminal).ravel()
+        states, margins, terminal = self._rollout_function(
+            np.asarray(x0, dtype=float) / STATE_SCALE, inputs / self._u_scale[:, None], parameters, starts, durations, self.substeps(durations)
+        )
+        states = np.hstack([np.asarray(x0, dtype=float)[:, None] / STATE_SCALE[:, None], np.asarray(states)])
+        return states * STATE_SCALE[:, None], np.asarray(margins), np.asarray(terminal)[:, -1]
+
+    def _build_rollout(self, fine_stage: ca.Function, coarse_stage: ca.Function) -> ca.Function:
+        """The whole plan integrated in one call (the stages chained by ``mapaccum``): one call per warm start, not one per stage."""
+        m, nf, nc = self._model, self.config.fine_stages, self.config.coarse_stages
+        n = nf + nc
+        x0, u, p = ca.MX.sym("x0", m.n_states), ca.MX.sym("u", m.n_inputs, n), ca.MX.sym("p", m.n_parameters)
+        starts, durations, substeps = ca.MX.sym("starts", 1, n), ca.MX.sym("durations", 1, n), ca.MX.sym("substeps", 1, n)
+        fine_x, fine_margins, fine_terminal = fine_stage.mapaccum("fine_rollout", nf)(
+            x0, u[:, :nf], ca.repmat(p, 1, nf), starts[:, :nf], durations[:, :nf], substeps[:, :nf]
+        )
+        coarse_x, coarse_margins, coarse_terminal = coarse_stage.mapaccum("coarse_rollout", nc)(
+            fine_x[:, -1], u[:, nf:], ca.repmat(p, 1, nc), starts[:, nf:], durations[:, nf:], substeps[:, nf:]
+        )
+        return ca.Function(
+            "rollout",
+            [x0, u, p, starts, durations, substeps],
+            [ca.horzcat(fine_x, coarse_x), ca.horzcat(fine_margins, coarse_margins), ca.horzcat(fine_terminal, coarse_terminal)],
+        )
 
     # ---------------------------------------------------------------- solve
 

@@ -77,10 +77,11 @@ def format_validation_error(exc: ValidationError, model_cls: type[BaseModel], *,
             hint = f"; did you mean '{guess[0]}'?" if guess else ""
             message = f"unknown field{hint} Allowed here: {', '.join(sorted(allowed))}"
         else:
+            message = message.removeprefix("Value error, ")
             description = _field_description(model_cls, location)
             if description:
                 message = f"{message} (expected: {description})"
-            if error["type"] != "missing":
+            if error["type"] != "missing" and not isinstance(error.get("input"), dict | list):
                 message = f"{message}; got {error.get('input')!r}"
         lines.append(f"  {source}: {dotted}: {message}")
     return "\n".join(lines)

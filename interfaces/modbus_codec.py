@@ -1,0 +1,145 @@
+"""Modbus register layout of a tag map: which blocks to read, how to decode them, how to encode a write.
+
+Pure functions over register values, so that the port (network) and the
+simulated PLC (server) share one encoding and it is tested without a socket.
+Number conversion is pymodbus's own (``convert_to_registers`` /
+``convert_from_registers``), in the map's word order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pymodbus.client.mixin import ModbusClientMixin
+
+from interfaces.signals import SIGNALS, Kind
+from interfaces.tagmap import ModbusTag, ModbusTagMap
+
+_DATATYPE = ModbusClientMixin.DATATYPE
+_PYMODBUS_TYPES = {
+    "float32": _DATATYPE.FLOAT32,
+    "float64": _DATATYPE.FLOAT64,
+    "uint16": _DATATYPE.UINT16,
+    "int16": _DATATYPE.INT16,
+    "uint32": _DATATYPE.UINT32,
+    "int32": _DATATYPE.INT32,
+    "string": _DATATYPE.STRING,
+}
+MAX_REGISTERS_PER_READ = 125
+MAX_BITS_PER_READ = 2000
+
+
+class ModbusEncodingError(ValueError):
+    """A value cannot be encoded in its tag's type (out of the integer range, not finite, wrong kind)."""
+
+
+@dataclass(frozen=True)
+class DecodedValue:
+    value: float | int | bool | str
+    good: bool
+
+
+@dataclass(frozen=True)
+class Block:
+    table: str
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class EncodedWrite:
+    table: str
+    address: int
+    registers: tuple[int, ...] = ()
+    bit: bool | None = None
+
+
+class ModbusLayout:
+    """The read blocks, decoding and encoding of one Modbus tag map."""
+
+    def __init__(self, tag_map: ModbusTagMap) -> None:
+        self.tag_map = tag_map
+        self._tags = dict(tag_map.tags)
+
+    def blocks(self) -> list[Block]:
+        """One contiguous read per table that covers every mapped value and quality register (split at protocol limits)."""
+        spans: dict[str, list[int]] = {}
+        for tag in self._tags.values():
+            spans.setdefault(tag.table, []).extend(range(tag.address, tag.address + tag.register_count))
+            if tag.bad_when is not None:
+                spans.setdefault(tag.bad_when.table, []).append(tag.bad_when.address)
+        blocks = []
+        for table, addresses in sorted(spans.items()):
+            limit = MAX_BITS_PER_READ if table in ("coil", "discrete") else MAX_REGISTERS_PER_READ
+            first, last = min(addresses), max(addresses)
+            for start in range(first, last + 1, limit):
+                blocks.append(Block(table, start, min(limit, last + 1 - start)))
+        return blocks
+
+    def decode(self, raw: Mapping[str, Mapping[int, int | bool]]) -> dict[str, DecodedValue]:
+        """Values of every mapped signal from ``raw[table][address]`` (as read by :meth:`blocks`)."""
+        decoded = {}
+        for name, tag in self._tags.items():
+            decoded[name] = DecodedValue(self._value(tag, raw), self._good(tag, raw))
+        return decoded
+
+    def encode(self, name: str, value: float | int | bool) -> EncodedWrite:
+        """The registers or bit that write ``value`` (engineering units) to the writable signal ``name``."""
+        if name not in self._tags or not SIGNALS[name].writable:
+            raise KeyError(f"{name} is not a writable signal of this tag map")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ModbusEncodingError(f"{name}: {value!r} is not finite; a setpoint must be a number")
+        return self.encode_value(name, value)
+
+    def encode_value(self, name: str, value: float | int | bool | str) -> EncodedWrite:
+        """The registers or bit that carry ``value`` for any mapped signal: what a server publishes (NaN allowed for floats)."""
+        tag = self._tags[name]
+        if tag.type == "bool":
+            if not isinstance(value, bool):
+                raise ModbusEncodingError(f"{name}: expected a boolean, got {value!r}")
+            return EncodedWrite(tag.table, tag.address, bit=value)
+        if tag.type == "string":
+            text = str(value).encode("ascii", errors="replace")[: tag.length].ljust(tag.length or 0, b"\0").decode("ascii")
+            return EncodedWrite(tag.table, tag.address, registers=tuple(ModbusClientMixin.convert_to_registers(text, _DATATYPE.STRING)))
+        if isinstance(value, str | bool):
+            raise ModbusEncodingError(f"{name}: expected a number, got {value!r}")
+        raw: float = tag.to_raw(float(value)) if SIGNALS[name].kind is Kind.REAL else float(value)
+        if tag.type in ("float32", "float64"):
+            encoded: float | int = raw
+        else:
+            bits = int(tag.type[-2:])
+            low, high = (0, 2**bits - 1) if tag.type.startswith("u") else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+            if not (math.isfinite(raw) and low <= round(raw) <= high):
+                raise ModbusEncodingError(f"{name}: {value!r} is outside the range of {tag.type} [{low}, {high}]")
+            encoded = round(raw)
+        registers = ModbusClientMixin.convert_to_registers(encoded, _PYMODBUS_TYPES[tag.type], word_order=self.tag_map.word_order)
+        return EncodedWrite(tag.table, tag.address, registers=tuple(registers))
+
+    # ------------------------------------------------------------------ decoding
+
+    def _value(self, tag: ModbusTag, raw: Mapping[str, Mapping[int, int | bool]]) -> float | int | bool | str:
+        table = raw[tag.table]
+        if tag.type == "bool":
+            return bool(table[tag.address])
+        registers = [int(table[address]) for address in range(tag.address, tag.address + tag.register_count)]
+        value = ModbusClientMixin.convert_from_registers(registers, _PYMODBUS_TYPES[tag.type], word_order=self.tag_map.word_order)
+        if tag.type == "string":
+            return str(value).rstrip("\0")
+        assert isinstance(value, int | float)
+        return tag.to_engineering(float(value)) if tag.type in ("float32", "float64") or tag.scale != 1.0 or tag.offset != 0.0 else value
+
+    @staticmethod
+    def _good(tag: ModbusTag, raw: Mapping[str, Mapping[int, int | bool]]) -> bool:
+        if tag.bad_when is None:
+            return True
+        register = int(raw[tag.bad_when.table][tag.bad_when.address])
+        return not (register >> tag.bad_when.bit) & 1
+
+
+def registers_by_address(block: Block, values: Sequence[int | bool]) -> dict[int, int | bool]:
+    """A block's read result keyed by address, for :meth:`ModbusLayout.decode`."""
+    if len(values) < block.count:
+        raise ValueError(f"{block.table} block at {block.start}: expected {block.count} values, got {len(values)}")
+    return {block.start + i: values[i] for i in range(block.count)}

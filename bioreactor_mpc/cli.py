@@ -58,11 +58,19 @@ def _schema(args: argparse.Namespace, console: Console) -> int:
     import json
 
     from controller.config import BatchConfig
+    from interfaces.tagmap import ModbusTagMap, OpcUaTagMap
     from plant_models.parameters import CultureParameters
     from simulator.config import SimulationConfig
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    for name, model in (("culture-parameters", CultureParameters), ("batch", BatchConfig), ("simulation", SimulationConfig)):
+    models = (
+        ("culture-parameters", CultureParameters),
+        ("batch", BatchConfig),
+        ("simulation", SimulationConfig),
+        ("tag-map-opcua", OpcUaTagMap),
+        ("tag-map-modbus", ModbusTagMap),
+    )
+    for name, model in models:
         path = args.output_dir / f"{name}.schema.json"
         path.write_text(json.dumps(model.model_json_schema(), indent=2) + "\n", encoding="utf-8")
         console.print(f"{path}")

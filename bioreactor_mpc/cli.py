@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_SIMULATION = REPO_CONFIGS / "simulate" / "platform.yaml"
+DEFAULT_OPCUA_MAP = REPO_CONFIGS / "plc" / "reference-opcua.yaml"
 EXIT_USER_ERROR = 2
 
 log = structlog.get_logger("bioreactor_mpc")
@@ -48,6 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--output-dir", type=Path, default=Path("runs/simulate"), help="where trajectories and the plot go (default: runs/simulate)")
     simulate.add_argument("--csv-every-min", type=int, default=15, help="trajectory file resolution in minutes (plant resolution is 1 min)")
     simulate.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+
+    plc_sim = commands.add_parser("plc-sim", help="serve the simulated reference PLC on the network until the batch is harvested")
+    plc_sim.add_argument("--protocol", choices=["opcua"], default="opcua", help="OPC UA (Modbus TCP comes next)")
+    plc_sim.add_argument("--scenario", type=Path, default=DEFAULT_SIMULATION, help=f"simulation config: truth, noise, faults (default: {DEFAULT_SIMULATION})")
+    plc_sim.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
+    plc_sim.add_argument("--tag-map", type=Path, default=DEFAULT_OPCUA_MAP, help=f"tag map to serve (default: {DEFAULT_OPCUA_MAP})")
+    plc_sim.add_argument("--endpoint", default=None, help="override the tag map's endpoint, e.g. opc.tcp://127.0.0.1:4841/bioreactor-mpc/")
+    clock = plc_sim.add_mutually_exclusive_group()
+    clock.add_argument("--lockstep", action="store_true", help="pause at every cycle boundary until MPC.Heartbeat moves (the default)")
+    clock.add_argument("--time-scale", type=float, default=None, help="run free, this many plant seconds per wall second")
+    plc_sim.add_argument("--lockstep-timeout-s", type=float, default=30.0, help="wall seconds a lockstep pause waits for the heartbeat (default 30)")
 
     schema = commands.add_parser("schema", help="write JSON Schemas of the config files, for editors that check YAML")
     schema.add_argument("--output-dir", type=Path, default=Path("runs/schema"), help="where the schemas go (default: runs/schema)")
@@ -74,6 +86,42 @@ def _schema(args: argparse.Namespace, console: Console) -> int:
         path = args.output_dir / f"{name}.schema.json"
         path.write_text(json.dumps(model.model_json_schema(), indent=2) + "\n", encoding="utf-8")
         console.print(f"{path}")
+    return 0
+
+
+def _plc_sim(args: argparse.Namespace, console: Console) -> int:
+    import asyncio
+
+    from interfaces.tagmap import OpcUaTagMap, load_tag_map
+    from simulator.batch import build_simulated_plc
+    from simulator.config import load_simulation
+    from simulator.opcua_server import OpcUaPlcServer
+
+    if args.time_scale is not None and not args.time_scale > 0.0:
+        raise BioreactorMPCError(f"--time-scale must be positive, got {args.time_scale}")
+    tag_map = load_tag_map(args.tag_map)
+    if not isinstance(tag_map, OpcUaTagMap):
+        raise BioreactorMPCError(f"{args.tag_map}: protocol is '{tag_map.protocol}', --protocol {args.protocol} needs an OPC UA tag map")
+    plc, _ = build_simulated_plc(load_simulation(args.scenario, seed=args.seed))
+    plc.lockstep = args.time_scale is None
+
+    async def serve() -> None:
+        server = OpcUaPlcServer(plc, tag_map, endpoint=args.endpoint)
+        await server.start()
+        console.print(f"simulated PLC on {server.endpoint} ({'lockstep' if plc.lockstep else f'x{args.time_scale:g}'}); Ctrl-C stops it")
+        try:
+            if plc.lockstep:
+                await server.run_lockstep(wall_timeout_s=args.lockstep_timeout_s)
+            else:
+                await server.run_free(time_scale=args.time_scale)
+            console.print(f"batch ended at {plc.process_time_h:.2f} h: {plc.harvest_reason}")
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        console.print("stopped")
     return 0
 
 
@@ -159,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args, console)
         if args.command == "schema":
             return _schema(args, console)
+        if args.command == "plc-sim":
+            return _plc_sim(args, console)
     except BioreactorMPCError as error:
         print(f"bioreactor-mpc {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -1,0 +1,165 @@
+"""The simulated PLC served over OPC UA (asyncua), exactly as the tag map and the reference interface say.
+
+Every mapped signal is a variable ``ns=<idx>;s=<node>`` in the map's
+namespace, with the map's data type. :meth:`OpcUaPlcServer.publish` scans the
+PLC and writes every value with its status (Good, or Bad for a failed probe or
+an unmeasured lab field) and a wall-clock UTC source timestamp. A client's
+write to a writable variable goes through the PLC's own logic: refused with
+``BadUserAccessDenied`` while remote is disabled, ``BadOutOfRange`` outside the
+equipment's range, and the old value stays.
+
+The clocks: :meth:`OpcUaPlcServer.run_lockstep` pauses the plant at every
+cycle boundary (t = 0 included) until ``MPC.Heartbeat`` changes or a wall
+timeout passes; :meth:`OpcUaPlcServer.run_free` advances it by ``time_scale``
+plant seconds per wall second.
+
+Security: this first version serves security mode None only, for 127.0.0.1;
+the SignAndEncrypt endpoint comes with the runtime's OPC UA port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from asyncua import Server, ua
+from asyncua.server.address_space import NodeData
+
+from interfaces.signals import SIGNALS
+from interfaces.tagmap import OpcUaTagMap
+from plant_models.errors import RemoteDisabledError, SetpointOutOfRangeError
+from simulator.plc import PHASE_RUNNING, SimulatedPlc
+
+log = structlog.get_logger(__name__)
+
+VARIANT_TYPES: dict[str, ua.VariantType] = {
+    "double": ua.VariantType.Double,
+    "float": ua.VariantType.Float,
+    "uint32": ua.VariantType.UInt32,
+    "int32": ua.VariantType.Int32,
+    "uint16": ua.VariantType.UInt16,
+    "int16": ua.VariantType.Int16,
+    "boolean": ua.VariantType.Boolean,
+    "string": ua.VariantType.String,
+}
+_DEFAULTS: dict[str, Any] = {"double": 0.0, "float": 0.0, "boolean": False, "string": ""}
+_PUBLISH_TICK_S = 0.05
+
+
+def _raw(value: Any, type_name: str) -> Any:
+    """A PLC value as the variable's Python type (NaN for a Bad real; 0 for a non-finite integer)."""
+    if type_name in ("double", "float"):
+        return float(value)
+    if type_name == "boolean":
+        return bool(value)
+    if type_name == "string":
+        return str(value)
+    number = float(value)
+    return int(number) if math.isfinite(number) else 0
+
+
+class OpcUaPlcServer:
+    """An asyncua server in front of a :class:`~simulator.plc.SimulatedPlc`."""
+
+    def __init__(self, plc: SimulatedPlc, tag_map: OpcUaTagMap, *, endpoint: str | None = None) -> None:
+        self.plc = plc
+        self.tag_map = tag_map
+        self.endpoint = endpoint or tag_map.endpoint
+        self._server = Server()
+        self._nodes: dict[str, ua.NodeId] = {}
+        self._publishing = False
+        self._heartbeat_moved = asyncio.Event()
+
+    async def start(self) -> None:
+        server = self._server
+        await server.init()
+        server.set_endpoint(self.endpoint)
+        server.set_server_name("bioreactor-mpc simulated reference PLC")
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        index = await server.register_namespace(self.tag_map.namespace_uri)
+        folder = await server.nodes.objects.add_object(ua.NodeId("BR01", index), ua.QualifiedName("BR01", index))
+        snapshot = self.plc.snapshot()
+        for name, tag in self.tag_map.tags.items():
+            reading = snapshot.get(name)
+            initial = _raw(reading.value, tag.type) if reading is not None else _DEFAULTS.get(tag.type, 0)
+            node = await folder.add_variable(ua.NodeId(tag.node, index), ua.QualifiedName(name, index), ua.Variant(initial, VARIANT_TYPES[tag.type]))
+            if SIGNALS[name].writable:
+                await node.set_writable()
+                server.set_attribute_value_setter(node.nodeid, self._setter(name))
+            self._nodes[name] = node.nodeid
+        await server.start()
+        await self.publish()
+        log.info("opcua_plc_started", endpoint=self.endpoint, namespace_index=index, variables=len(self._nodes))
+
+    async def stop(self) -> None:
+        await self._server.stop()
+
+    async def publish(self) -> None:
+        """Scan the PLC and write every mapped value with its status and a wall-clock source timestamp."""
+        now = datetime.now(UTC)
+        snapshot = self.plc.snapshot()
+        self._publishing = True
+        try:
+            for name, tag in self.tag_map.tags.items():
+                reading = snapshot.get(name)
+                if reading is None:
+                    continue
+                status = ua.StatusCode(ua.StatusCodes.Good if reading.good else ua.StatusCodes.Bad)
+                variant = ua.Variant(_raw(reading.value, tag.type), VARIANT_TYPES[tag.type])
+                await self._server.write_attribute_value(self._nodes[name], ua.DataValue(variant, StatusCode=status, SourceTimestamp=now, ServerTimestamp=now))
+        finally:
+            self._publishing = False
+
+    def _setter(self, name: str) -> Any:
+        def setter(node: NodeData, attr: ua.AttributeIds, value: ua.DataValue) -> None:
+            attribute = node.attributes[attr]
+            if self._publishing:
+                attribute.value = value
+                return
+            requested = value.Value.Value if value.Value is not None else None
+            before = self.plc.heartbeat
+            try:
+                self.plc.write(name, requested)
+            except RemoteDisabledError as error:
+                log.info("opcua_write_refused", tag=name, value=requested, reason=str(error))
+                raise ua.UaStatusCodeError(ua.StatusCodes.BadUserAccessDenied) from error
+            except (SetpointOutOfRangeError, TypeError, ValueError) as error:
+                log.info("opcua_write_refused", tag=name, value=requested, reason=str(error))
+                raise ua.UaStatusCodeError(ua.StatusCodes.BadOutOfRange) from error
+            now = datetime.now(UTC)
+            attribute.value = ua.DataValue(value.Value, SourceTimestamp=now, ServerTimestamp=now)
+            if self.plc.heartbeat != before:
+                self._heartbeat_moved.set()
+
+        return setter
+
+    # ------------------------------------------------------------------ clocks
+
+    async def run_lockstep(self, *, wall_timeout_s: float = 30.0) -> None:
+        """Pause at every cycle boundary until the heartbeat moves (or ``wall_timeout_s``), then advance one cycle."""
+        while self.plc.phase == PHASE_RUNNING:
+            self._heartbeat_moved.clear()
+            await self.publish()
+            try:
+                await asyncio.wait_for(self._heartbeat_moved.wait(), timeout=wall_timeout_s)
+            except TimeoutError:
+                log.warning("lockstep_timeout", process_time_h=self.plc.process_time_h, wall_timeout_s=wall_timeout_s)
+            if self.plc.phase != PHASE_RUNNING:
+                break
+            self.plc.advance_to(self.plc.next_cycle_boundary_h())
+        await self.publish()
+
+    async def run_free(self, *, time_scale: float) -> None:
+        """Advance ``time_scale`` plant seconds per wall second, publishing every tick."""
+        if not time_scale > 0.0:
+            raise ValueError(f"time_scale must be positive, got {time_scale}")
+        started_wall, started_h = time.monotonic(), self.plc.process_time_h
+        while self.plc.phase == PHASE_RUNNING:
+            await asyncio.sleep(_PUBLISH_TICK_S)
+            target_h = started_h + (time.monotonic() - started_wall) * time_scale / 3600.0
+            self.plc.advance_to(target_h)
+            await self.publish()

@@ -80,6 +80,7 @@ class OpcUaPlcServer:
         server.set_endpoint(self.endpoint)
         server.set_server_name("bioreactor-mpc simulated reference PLC")
         server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        self._answer_writes_per_node()
         index = await server.register_namespace(self.tag_map.namespace_uri)
         folder = await server.nodes.objects.add_object(ua.NodeId("BR01", index), ua.QualifiedName("BR01", index))
         snapshot = self.plc.snapshot()
@@ -94,6 +95,29 @@ class OpcUaPlcServer:
         await server.start()
         await self.publish()
         log.info("opcua_plc_started", endpoint=self.endpoint, namespace_index=index, variables=len(self._nodes))
+
+    def _answer_writes_per_node(self) -> None:
+        """Answer a multi-value write with one status per value, as a PLC does.
+
+        asyncua turns an exception raised by a value setter into a service
+        fault for the whole request (values before it applied, after it not,
+        and the client cannot tell which). Each value is written on its own
+        here, and a refused one answers its own status code.
+        """
+        service = self._server.iserver.attribute_service
+        write_all = service.write
+
+        async def write_each(params: ua.WriteParameters, user: Any = None) -> list[ua.StatusCode]:
+            results: list[ua.StatusCode] = []
+            for item in params.NodesToWrite:
+                single = ua.WriteParameters(NodesToWrite=[item])
+                try:
+                    results.extend(await (write_all(single, user=user) if user is not None else write_all(single)))
+                except ua.UaStatusCodeError as error:
+                    results.append(ua.StatusCode(error.code))
+            return results
+
+        service.write = write_each  # type: ignore[method-assign]
 
     async def stop(self) -> None:
         await self._server.stop()

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import casadi as ca
@@ -41,13 +42,20 @@ def default_cache_dir() -> Path:
 
 def compiled_nlpsol(name: str, plugin: str, nlp: dict, options: dict, *, compile_code: bool = True, cache_dir: Path | None = None) -> ca.Function:
     """``casadi.nlpsol`` whose NLP functions run from a cached, compiled library."""
-    solver = ca.nlpsol(name, plugin, nlp, options)
+    return compiled_nlpsols(name, plugin, nlp, [options], compile_code=compile_code, cache_dir=cache_dir)[0]
+
+
+def compiled_nlpsols(
+    name: str, plugin: str, nlp: dict, option_sets: Sequence[dict], *, compile_code: bool = True, cache_dir: Path | None = None
+) -> list[ca.Function]:
+    """One solver per option set (for example cold and warm start), all on one generated and compiled library."""
     if not compile_code:
-        return solver
+        return [ca.nlpsol(name, plugin, nlp, options) for options in option_sets]
+    solver = ca.nlpsol(name, plugin, nlp, option_sets[0])
     compiler = shutil.which(os.environ.get("CC", "gcc"))
     if compiler is None:
         log.warning("codegen_unavailable", reason="no C compiler found; solving with interpreted functions")
-        return solver
+        return [solver, *(ca.nlpsol(name, plugin, nlp, options) for options in option_sets[1:])]
     cache = cache_dir or default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bioreactor-mpc-codegen-") as scratch, contextlib.chdir(scratch):
@@ -65,4 +73,4 @@ def compiled_nlpsol(name: str, plugin: str, nlp: dict, options: dict, *, compile
                 stderr = getattr(error, "stderr", b"") or b""
                 raise CodegenError(f"compiling {source.name} failed: {stderr.decode(errors='replace')[-2000:] or error}") from error
             partial.replace(library)  # atomic: a concurrent reader never sees half a library
-    return ca.nlpsol(name, plugin, str(library), options)
+    return [ca.nlpsol(name, plugin, str(library), options) for options in option_sets]

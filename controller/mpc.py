@@ -31,7 +31,7 @@ import casadi as ca
 import numpy as np
 from pydantic import Field
 
-from controller.codegen import compiled_nlpsol
+from controller.codegen import compiled_nlpsols
 
 from controller.config import BatchConfig
 from plant_models.cho import INPUT_INDEX, OUTPUT_INDEX, STATE_INDEX, CultureModel
@@ -204,10 +204,10 @@ class EconomicMpc:
         w = ca.vertcat(ca.vec(X), ca.vec(U), ca.vec(S), T)
         params = ca.vertcat(x0, p, t_start.T, dt.T, substeps.T, u_prev)
         nlp = {"x": w, "p": params, "f": objective, "g": g}
-        self._solver = compiled_nlpsol("economic_mpc", cfg.solver, nlp, _solver_options(cfg), compile_code=cfg.compile)
-        self._warm_solver = (
-            compiled_nlpsol("economic_mpc", cfg.solver, nlp, _solver_options(cfg, warm=True), compile_code=cfg.compile) if cfg.solver == "ipopt" else None
-        )
+        option_sets = [_solver_options(cfg)] + ([_solver_options(cfg, warm=True)] if cfg.solver == "ipopt" else [])
+        solvers = compiled_nlpsols("economic_mpc", cfg.solver, nlp, option_sets, compile_code=cfg.compile)
+        self._solver = solvers[0]
+        self._warm_solver = solvers[1] if len(solvers) > 1 else None
         self._lbg = np.concatenate([np.zeros(n_eq), np.zeros(n_ineq)])
         self._ubg = np.concatenate([np.zeros(n_eq), np.full(n_ineq, np.inf)])
         nx_total = nx * (n + 1)

@@ -25,8 +25,8 @@ from plant_models.errors import BioreactorMPCError
 
 log = structlog.get_logger(__name__)
 
-COMPILE_FLAGS = ("-O1", "-shared", "-fPIC")
-"""-O1: a fifth of -O2's compile time on the generated NLP (see docs/solver.md), at the same speed."""
+COMPILE_FLAGS = ("-O2", "-shared", "-fPIC")
+"""-O2: three times -O1's compile time (once per machine and problem), 10 % faster solves (see docs/solver.md)."""
 COMPILE_TIMEOUT_S = 900
 
 

@@ -45,7 +45,7 @@ class MpcConfig(FrozenConfig):
     """Tuning of the economic NMPC."""
 
     fine_stages: int = Field(default=24, ge=1, le=200, description="stages of one control interval at the start of the horizon")
-    coarse_stages: int = Field(default=24, ge=1, le=200, description="stages that share the rest of the time to harvest")
+    coarse_stages: int = Field(default=12, ge=1, le=200, description="stages that share the rest of the time to harvest")
     max_step_h: float = Field(default=2.0, gt=0.0, le=4.0, description="longest RK4 step; 3 h failed to converge from a cold start at inoculation [h]")
     glucose_min_g_per_l: float = Field(default=1.0, ge=0.0, description="lower edge of the glucose window [g/L]")
     glucose_max_g_per_l: float = Field(default=8.0, gt=0.0, description="upper edge of the glucose window [g/L]")
@@ -58,7 +58,7 @@ class MpcConfig(FrozenConfig):
     slack_l1: float = Field(default=10.0, ge=0.0, description="linear slack weight (per scaled unit)")
     slack_l2: float = Field(default=100.0, ge=0.0, description="quadratic slack weight (per scaled unit squared)")
     solver: str = Field(default="ipopt", pattern="^(ipopt|fatrop)$")
-    tol: float = Field(default=1e-6, gt=0.0)
+    tol: float = Field(default=1e-6, gt=0.0, description="IPOPT tolerance on the scaled NLP error; 1e-4 is 10 % faster over a batch but doubles the p95 solve at N = 48")
     max_iter: int = Field(default=300, ge=1)
     deadline_s: float = Field(default=20.0, gt=0.0, description="a solve that takes longer counts as failed [s]")
     compile: bool = Field(default=True, description="generate C for the NLP's functions, compile it once and cache it on disk")

@@ -29,6 +29,7 @@ import structlog
 from asyncua import Server, ua
 from asyncua.server.address_space import NodeData
 
+from interfaces.opcua_port import VARIANT_TYPES
 from interfaces.signals import SIGNALS
 from interfaces.tagmap import OpcUaTagMap
 from plant_models.errors import RemoteDisabledError, SetpointOutOfRangeError
@@ -36,16 +37,6 @@ from simulator.plc import PHASE_RUNNING, SimulatedPlc
 
 log = structlog.get_logger(__name__)
 
-VARIANT_TYPES: dict[str, ua.VariantType] = {
-    "double": ua.VariantType.Double,
-    "float": ua.VariantType.Float,
-    "uint32": ua.VariantType.UInt32,
-    "int32": ua.VariantType.Int32,
-    "uint16": ua.VariantType.UInt16,
-    "int16": ua.VariantType.Int16,
-    "boolean": ua.VariantType.Boolean,
-    "string": ua.VariantType.String,
-}
 _DEFAULTS: dict[str, Any] = {"double": 0.0, "float": 0.0, "boolean": False, "string": ""}
 _PUBLISH_TICK_S = 0.05
 

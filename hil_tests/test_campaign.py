@@ -1,4 +1,4 @@
-"""The closed-loop campaign's targets, asserted (about 25 minutes on 2 cores: ``./dev.sh test -m campaign``)."""
+"""The closed-loop campaign's targets, asserted (about 15 minutes on 2 cores: ``./dev.sh test -m campaign``)."""
 
 from __future__ import annotations
 

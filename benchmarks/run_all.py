@@ -1,7 +1,7 @@
 """Run every benchmark in this folder, one after the other, printing their figures.
 
 By default the long ones run in their ``--quick`` form (a few minutes in all);
-``--full`` runs each in full (about 45 minutes on the 2-core machine).
+``--full`` runs each in full (about 25 minutes on the 2-core machine).
 """
 
 from __future__ import annotations

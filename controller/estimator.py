@@ -350,7 +350,6 @@ class _Totalisers:
     process_time_h: float
     feed_total_l: float
     glucose_feed_total_l: float
-    temperature_setpoint_degc: float
 
 
 @dataclass(frozen=True)
@@ -657,9 +656,7 @@ class ExtendedKalmanEstimator:
             )
         labs = (observation.lab_result,) if observation.lab_result is not None else ()
         estimate = self.step(observation.process_time_h, u, observation.online, labs)
-        self._totalisers = _Totalisers(
-            observation.process_time_h, observation.feed_total_l, observation.glucose_feed_total_l, observation.applied.temperature_degc
-        )
+        self._totalisers = _Totalisers(observation.process_time_h, observation.feed_total_l, observation.glucose_feed_total_l)
         return np.array(estimate.state), np.array(estimate.parameters)
 
     # ------------------------------------------------------------------ serialisation

@@ -39,7 +39,7 @@ def test_nmpc_survives_the_fault_batch_and_beats_the_recipe():
     assert any(entry.get("field") == "glucose_g_per_l" for entry in rejected), "the glucose typo must be rejected, and say so"
     # While the operator had local control the PLC refused the controller's writes; it said why.
     assert "setpoint_rejected" in events
-    # The harvest titer predicted ten days ahead is within 10 % of what the batch made.
+    # The harvest titer predicted on day 4, eleven days before harvest, is within 10 % of what the batch made.
     day_four = [error for t, error in controlled.harvest_titer_errors() if t >= 96.0]
     assert abs(day_four[0]) < 0.10 * kpis.titer_g_per_l
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,12 +22,6 @@ TAG_MAP = load_tag_map(REPO / "configs" / "plc" / "reference-opcua.yaml")
 FAULTS = REPO / "configs" / "simulate" / "faults.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def _nodes(client: Client, tag_map: OpcUaTagMap) -> dict[str, ua.NodeId]:
     index = await client.get_namespace_index(tag_map.namespace_uri)
     return {name: ua.NodeId(tag.node, index) for name, tag in tag_map.tags.items()}
@@ -42,10 +35,10 @@ async def _write(client: Client, node: ua.NodeId, value: object, variant: ua.Var
     return ua.StatusCode(ua.StatusCodes.Good)
 
 
-def test_reads_writes_and_lockstep_over_opcua():
+def test_reads_writes_and_lockstep_over_opcua(opcua_endpoint):
     async def scenario() -> None:
         plc, _ = build_simulated_plc(load_simulation(FAULTS))
-        endpoint = f"opc.tcp://127.0.0.1:{_free_port()}/bioreactor-mpc/"
+        endpoint = opcua_endpoint
         server = OpcUaPlcServer(plc, TAG_MAP, endpoint=endpoint)
         await server.start()
         clock = asyncio.create_task(server.run_lockstep(wall_timeout_s=10.0))

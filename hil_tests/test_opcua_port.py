@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,21 +24,15 @@ TAG_MAP = load_tag_map(REPO / "configs" / "plc" / "reference-opcua.yaml")
 PLATFORM = REPO / "configs" / "simulate" / "platform.yaml"
 
 
-def _endpoint() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"opc.tcp://127.0.0.1:{probe.getsockname()[1]}/bioreactor-mpc/"
-
-
 def test_security_none_needs_an_explicit_opt_in():
     with pytest.raises(ConfigError, match="allow_insecure=True"):
         OpcUaPort(TAG_MAP)
 
 
-def test_port_reads_writes_and_survives_a_lost_link():
+def test_port_reads_writes_and_survives_a_lost_link(opcua_endpoint):
     async def scenario() -> None:
         plc, _ = build_simulated_plc(load_simulation(PLATFORM))
-        endpoint = _endpoint()
+        endpoint = opcua_endpoint
         server = OpcUaPlcServer(plc, TAG_MAP, endpoint=endpoint)
         await server.start()
         port = OpcUaPort(TAG_MAP, endpoint=endpoint, timeout_s=2.0, allow_insecure=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pymodbus.client.mixin import ModbusClientMixin
 
-from interfaces.signals import SIGNALS, Kind
+from interfaces.signals import SIGNALS
 from interfaces.tagmap import ModbusTag, ModbusTagMap
 
 _DATATYPE = ModbusClientMixin.DATATYPE
@@ -105,7 +105,7 @@ class ModbusLayout:
             return EncodedWrite(tag.table, tag.address, registers=tuple(ModbusClientMixin.convert_to_registers(text, _DATATYPE.STRING)))
         if isinstance(value, str | bool):
             raise ModbusEncodingError(f"{name}: expected a number, got {value!r}")
-        raw: float = tag.to_raw(float(value)) if SIGNALS[name].kind is Kind.REAL else float(value)
+        raw: float = tag.to_raw(float(value))
         if tag.type in ("float32", "float64"):
             encoded: float | int = raw
         else:
@@ -128,7 +128,7 @@ class ModbusLayout:
         if tag.type == "string":
             return str(value).rstrip("\0")
         assert isinstance(value, int | float)
-        return tag.to_engineering(float(value)) if tag.type in ("float32", "float64") or tag.scale != 1.0 or tag.offset != 0.0 else value
+        return tag.to_engineering(value)
 
     @staticmethod
     def _good(tag: ModbusTag, raw: Mapping[str, Mapping[int, int | bool]]) -> bool:

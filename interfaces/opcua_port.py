@@ -141,8 +141,7 @@ def _reading(tag: OpcUaTag, name: str, data: ua.DataValue) -> Reading:
     raw: Any = data.Value.Value if data.Value is not None else None
     if raw is None:
         return Reading(math.nan if SIGNALS[name].kind is Kind.REAL else 0, False, data.SourceTimestamp)
-    value: Value = tag.to_engineering(float(raw)) if SIGNALS[name].kind is Kind.REAL else raw
-    return Reading(value, good, data.SourceTimestamp)
+    return Reading(tag.to_engineering(raw), good, data.SourceTimestamp)
 
 
 def _raw_value(tag: OpcUaTag, name: str, value: Value) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -46,11 +46,17 @@ class _Scaled(FrozenConfig):
             raise ValueError("scale must not be 0")
         return self
 
-    def to_engineering(self, raw: float) -> float:
-        return raw * self.scale + self.offset
+    @property
+    def scaled(self) -> bool:
+        return (self.scale, self.offset) != (1.0, 0.0)
 
-    def to_raw(self, value: float) -> float:
-        return (value - self.offset) / self.scale
+    def to_engineering(self, raw: Any) -> Any:
+        """The engineering value of a raw one; an unscaled tag (every non-real signal) passes it through unchanged."""
+        return raw * self.scale + self.offset if self.scaled else raw
+
+    def to_raw(self, value: Any) -> Any:
+        """The raw value of an engineering one; an unscaled tag passes it through unchanged."""
+        return (value - self.offset) / self.scale if self.scaled else value
 
 
 class OpcUaTag(_Scaled):
@@ -82,7 +88,7 @@ class ModbusTag(_Scaled):
         return REGISTERS_PER_TYPE[self.type]
 
 
-def _check_signal_names(names: list[str], *, kinds: dict[str, str], scaled: dict[str, tuple[float, float]]) -> None:
+def _check_signal_names(names: list[str], *, kinds: dict[str, str], scaled: dict[str, bool]) -> None:
     problems = []
     for name in names:
         if name not in SIGNALS:
@@ -93,7 +99,7 @@ def _check_signal_names(names: list[str], *, kinds: dict[str, str], scaled: dict
         if kinds[name] not in _TYPES_FOR_KIND[signal.kind]:
             allowed = ", ".join(sorted(_TYPES_FOR_KIND[signal.kind]))
             problems.append(f"tags.{name}: type '{kinds[name]}' cannot carry a {signal.kind.value} signal (expected one of {allowed})")
-        if signal.kind is not Kind.REAL and scaled[name] != (1.0, 0.0):
+        if signal.kind is not Kind.REAL and scaled[name]:
             problems.append(f"tags.{name}: scale and offset apply to real signals only")
     missing = [name for name, signal in SIGNALS.items() if signal.required and name not in names]
     if missing:
@@ -111,7 +117,7 @@ class OpcUaTagMap(FrozenConfig):
     @model_validator(mode="after")
     def _consistent(self) -> OpcUaTagMap:
         _check_signal_names(
-            list(self.tags), kinds={n: t.type for n, t in self.tags.items()}, scaled={n: (t.scale, t.offset) for n, t in self.tags.items()}
+            list(self.tags), kinds={n: t.type for n, t in self.tags.items()}, scaled={n: t.scaled for n, t in self.tags.items()}
         )
         seen: dict[str, str] = {}
         for name, tag in self.tags.items():
@@ -132,7 +138,7 @@ class ModbusTagMap(FrozenConfig):
     @model_validator(mode="after")
     def _consistent(self) -> ModbusTagMap:
         _check_signal_names(
-            list(self.tags), kinds={n: t.type for n, t in self.tags.items()}, scaled={n: (t.scale, t.offset) for n, t in self.tags.items()}
+            list(self.tags), kinds={n: t.type for n, t in self.tags.items()}, scaled={n: t.scaled for n, t in self.tags.items()}
         )
         occupied: dict[tuple[str, int], str] = {}
 

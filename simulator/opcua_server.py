@@ -77,7 +77,7 @@ class OpcUaPlcServer:
         snapshot = self.plc.snapshot()
         for name, tag in self.tag_map.tags.items():
             reading = snapshot.get(name)
-            initial = _raw(reading.value, tag.type) if reading is not None else _DEFAULTS.get(tag.type, 0)
+            initial = _raw(tag.to_raw(reading.value), tag.type) if reading is not None else _DEFAULTS.get(tag.type, 0)
             node = await folder.add_variable(ua.NodeId(tag.node, index), ua.QualifiedName(name, index), ua.Variant(initial, VARIANT_TYPES[tag.type]))
             if SIGNALS[name].writable:
                 await node.set_writable()
@@ -124,7 +124,7 @@ class OpcUaPlcServer:
                 if reading is None:
                     continue
                 status = ua.StatusCode(ua.StatusCodes.Good if reading.good else ua.StatusCodes.Bad)
-                variant = ua.Variant(_raw(reading.value, tag.type), VARIANT_TYPES[tag.type])
+                variant = ua.Variant(_raw(tag.to_raw(reading.value), tag.type), VARIANT_TYPES[tag.type])
                 await self._server.write_attribute_value(self._nodes[name], ua.DataValue(variant, StatusCode=status, SourceTimestamp=now, ServerTimestamp=now))
         finally:
             self._publishing = False
@@ -138,7 +138,7 @@ class OpcUaPlcServer:
             requested = value.Value.Value if value.Value is not None else None
             before = self.plc.heartbeat
             try:
-                self.plc.write(name, requested)
+                self.plc.write(name, self.tag_map.tags[name].to_engineering(requested))
             except RemoteDisabledError as error:
                 log.info("opcua_write_refused", tag=name, value=requested, reason=str(error))
                 raise ua.UaStatusCodeError(ua.StatusCodes.BadUserAccessDenied) from error

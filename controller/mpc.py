@@ -264,16 +264,15 @@ class EconomicMpc:
 
     def rollout(self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, inputs: np.ndarray) -> np.ndarray:
         """States at every stage end for a given input plan (used for warm starts and checks)."""
-        return self._rollout(x0, parameters, starts, durations, inputs)[0]
+        return self._rollout(x0, parameters, starts, durations, self.substeps(durations), inputs)[0]
 
     def _rollout(
-        self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, inputs: np.ndarray
+        self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, substeps: np.ndarray, inputs: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """States at every stage end, the soft constraints' margins per stage and the harvest margins."""
-        states, margins, terminal = self._rollout_function(
-            np.asarray(x0, dtype=float) / STATE_SCALE, inputs / self._u_scale[:, None], parameters, starts, durations, self.substeps(durations)
-        )
-        states = np.hstack([np.asarray(x0, dtype=float)[:, None] / STATE_SCALE[:, None], np.asarray(states)])
+        x0_scaled = np.asarray(x0, dtype=float) / STATE_SCALE
+        states, margins, terminal = self._rollout_function(x0_scaled, inputs / self._u_scale[:, None], parameters, starts, durations, substeps)
+        states = np.hstack([x0_scaled[:, None], np.asarray(states)])
         return states * STATE_SCALE[:, None], np.asarray(margins), np.asarray(terminal)[:, -1]
 
     def _build_rollout(self, fine_stage: ca.Function, coarse_stage: ca.Function) -> ca.Function:
@@ -330,12 +329,13 @@ class EconomicMpc:
                 lam_g0, lam_x0 = self._shift_multipliers(lam_g0, lam_x0)
         inputs = guess_inputs if guess_inputs is not None else np.tile(previous_inputs[:, None], (1, n))
         inputs = np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None])
-        states, margins, terminal = self._rollout(state, parameters, starts, durations, inputs)
+        substeps = self.substeps(durations)
+        states, margins, terminal = self._rollout(state, parameters, starts, durations, substeps, inputs)
         # Slacks that make the soft constraints hold on the rolled-out guess: a guess that starts
         # feasible (a plant already past a back-off, say) saves the solver several iterations.
         slacks = np.concatenate([np.maximum(0.0, -margins).ravel(order="F"), np.maximum(0.0, -terminal)])
         w0 = np.concatenate([(states / STATE_SCALE[:, None]).ravel(order="F"), (inputs / self._u_scale[:, None]).ravel(order="F"), slacks])
-        params = np.concatenate([state, parameters, starts, durations, self.substeps(durations), previous_inputs])
+        params = np.concatenate([state, parameters, starts, durations, substeps, previous_inputs])
         args: dict = {"x0": w0, "p": params, "lbx": self._lbw, "ubx": self._ubw, "lbg": self._lbg, "ubg": self._ubg}
         solver = self._solver
         if lam_g0 is not None and lam_x0 is not None and self._warm_solver is not None:

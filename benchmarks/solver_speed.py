@@ -44,6 +44,7 @@ from bioreactor_mpc.logging import configure_logging
 from controller.config import BatchConfig
 from controller.mpc import STATE_SCALE, EconomicMpc, MpcConfig
 from controller.nmpc import NmpcConfig, NmpcController
+from controller.quality import DataQualityChecker
 from controller.safety import filter_setpoints
 from controller.types import Setpoints
 from plant_models.cho import OUTPUT_INDEX, STATE_INDEX, CultureModel
@@ -378,16 +379,15 @@ def run_ours_full(loaded: LoadedSimulation, model: CultureModel, max_cycles: int
     plc, _ = build_simulated_plc(loaded, model)
     controller = NmpcController(model, loaded.batch, TruthSource(plc), NmpcConfig())
     rate = controller.config.mpc.temperature_rate_max_degc_per_h
-    last_seq, last_applied = 0, None
+    checker = DataQualityChecker()
     for _ in range(max_cycles):
-        observation = observe(plc.snapshot(), last_seq)
-        if observation.lab_result is not None:
-            last_seq = observation.lab_result.seq
+        observation = observe(checker, plc.snapshot())
+        if observation is None:
+            raise RuntimeError("a critical signal failed its checks in the benchmark batch")
         decision = controller.cycle(observation)
-        filtered = filter_setpoints(decision.setpoints, last_applied or observation.applied, loaded.batch, temperature_rate_degc_per_h=rate, dt_h=loaded.batch.cycle_period_h)
+        filtered = filter_setpoints(decision.setpoints, observation.applied, loaded.batch, temperature_rate_degc_per_h=rate, dt_h=loaded.batch.cycle_period_h)
         plc.write_heartbeat(plc.heartbeat + 1)
         plc.write_setpoints(filtered.setpoints)
-        last_applied = filtered.setpoints
         plc.advance_to(plc.next_cycle_boundary_h())
     result.loop_wall_s = time.perf_counter() - started
     result.records = [CycleRecord(math.nan, s, s, -1, True, "", math.nan) for s in controller.solve_times_s]

@@ -10,14 +10,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bioreactor_mpc.logging import configure_logging
-from bioreactor_mpc.report import kpi_table, plot_batch, plot_predictions, write_lab_results_csv, write_trajectories_csv
+from bioreactor_mpc.report import kpi_table, plot_predictions, write_batch_files
+from controller.modes import RequestedMode
 from plant_models.errors import BioreactorMPCError
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_SIMULATION = REPO_CONFIGS / "simulate" / "platform.yaml"
-DEFAULT_OPCUA_MAP = REPO_CONFIGS / "plc" / "reference-opcua.yaml"
+DEFAULT_RUNTIME = REPO_CONFIGS / "runtime" / "reference-opcua.yaml"
 EXIT_USER_ERROR = 2
 
 log = structlog.get_logger("bioreactor_mpc")
@@ -51,15 +52,33 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
 
     plc_sim = commands.add_parser("plc-sim", help="serve the simulated reference PLC on the network until the batch is harvested")
-    plc_sim.add_argument("--protocol", choices=["opcua"], default="opcua", help="OPC UA (Modbus TCP comes next)")
+    plc_sim.add_argument("--protocol", choices=["opcua", "modbus"], default="opcua", help="OPC UA or Modbus TCP (default: opcua)")
     plc_sim.add_argument("--scenario", type=Path, default=DEFAULT_SIMULATION, help=f"simulation config: truth, noise, faults (default: {DEFAULT_SIMULATION})")
     plc_sim.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
-    plc_sim.add_argument("--tag-map", type=Path, default=DEFAULT_OPCUA_MAP, help=f"tag map to serve (default: {DEFAULT_OPCUA_MAP})")
-    plc_sim.add_argument("--endpoint", default=None, help="override the tag map's endpoint, e.g. opc.tcp://127.0.0.1:4841/bioreactor-mpc/")
+    plc_sim.add_argument("--tag-map", type=Path, default=None, help="tag map to serve (default: configs/plc/reference-<protocol>.yaml)")
+    plc_sim.add_argument("--endpoint", default=None, help="override the tag map's endpoint: opc.tcp://127.0.0.1:4841/bioreactor-mpc/, or host:port for Modbus")
     clock = plc_sim.add_mutually_exclusive_group()
     clock.add_argument("--lockstep", action="store_true", help="pause at every cycle boundary until MPC.Heartbeat moves (the default)")
     clock.add_argument("--time-scale", type=float, default=None, help="run free, this many plant seconds per wall second")
     plc_sim.add_argument("--lockstep-timeout-s", type=float, default=30.0, help="wall seconds a lockstep pause waits for the heartbeat (default 30)")
+    plc_sim.add_argument("--report-dir", type=Path, default=None, help="at harvest, write the true trajectories, KPIs and plot here")
+    plc_sim.add_argument("--report-stem", default=None, help="file name stem of the report (default: <batch>-seed<seed>-plc-sim)")
+    plc_sim.add_argument("--linger-s", type=float, default=3.0, help="keep serving this long after harvest, so clients read the final phase (default 3)")
+
+    run = commands.add_parser("run", help="run the runtime against a PLC until the batch is harvested")
+    run.add_argument("--config", type=Path, default=DEFAULT_RUNTIME, help=f"runtime config (default: {DEFAULT_RUNTIME})")
+    run.add_argument("--mode", choices=[m.value for m in RequestedMode], default=None, help="override the config's mode")
+    run.add_argument("--endpoint", default=None, help="override the tag map's endpoint: an opc.tcp:// URL, or host:port for Modbus")
+    run.add_argument("--history", type=Path, default=None, help="override the config's history file")
+
+    demo = commands.add_parser("demo", help="the closed-loop demo: the simulated PLC in lockstep, the runtime against it over the network, the batch report")
+    demo.add_argument("--protocol", choices=["opcua", "modbus"], default="opcua", help="OPC UA or Modbus TCP (default: opcua)")
+    demo.add_argument("--mode", choices=[m.value for m in RequestedMode], default=RequestedMode.CLOSED_LOOP.value, help="the runtime's mode (default: closed-loop)")
+    demo.add_argument("--scenario", type=Path, default=DEFAULT_SIMULATION, help=f"simulation config (default: {DEFAULT_SIMULATION})")
+    demo.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
+    demo.add_argument("--runtime-config", type=Path, default=None, help="runtime config (default: configs/runtime/reference-<protocol>.yaml)")
+    demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="where the report and the history go (default: runs/demo)")
+    demo.add_argument("--lockstep-timeout-s", type=float, default=30.0, help="wall seconds the simulated PLC waits for the heartbeat (default 30)")
 
     schema = commands.add_parser("schema", help="write JSON Schemas of the config files, for editors that check YAML")
     schema.add_argument("--output-dir", type=Path, default=Path("runs/schema"), help="where the schemas go (default: runs/schema)")
@@ -91,22 +110,25 @@ def _schema(args: argparse.Namespace, console: Console) -> int:
 
 def _plc_sim(args: argparse.Namespace, console: Console) -> int:
     import asyncio
+    import json
 
-    from interfaces.tagmap import OpcUaTagMap, load_tag_map
-    from simulator.batch import build_simulated_plc
+    from interfaces.tagmap import ModbusTagMap, OpcUaTagMap, load_tag_map
+    from simulator.batch import build_simulated_plc, kpis_of
     from simulator.config import load_simulation
-    from simulator.opcua_server import OpcUaPlcServer
 
     if args.time_scale is not None and not args.time_scale > 0.0:
         raise BioreactorMPCError(f"--time-scale must be positive, got {args.time_scale}")
-    tag_map = load_tag_map(args.tag_map)
-    if not isinstance(tag_map, OpcUaTagMap):
-        raise BioreactorMPCError(f"{args.tag_map}: protocol is '{tag_map.protocol}', --protocol {args.protocol} needs an OPC UA tag map")
-    plc, _ = build_simulated_plc(load_simulation(args.scenario, seed=args.seed))
+    tag_map_path = args.tag_map or REPO_CONFIGS / "plc" / f"reference-{args.protocol}.yaml"
+    tag_map = load_tag_map(tag_map_path)
+    expected = OpcUaTagMap if args.protocol == "opcua" else ModbusTagMap
+    if not isinstance(tag_map, expected):
+        raise BioreactorMPCError(f"{tag_map_path}: protocol is '{tag_map.protocol}', --protocol {args.protocol} needs a {args.protocol} tag map")
+    loaded = load_simulation(args.scenario, seed=args.seed)
+    plc, _ = build_simulated_plc(loaded)
     plc.lockstep = args.time_scale is None
 
     async def serve() -> None:
-        server = OpcUaPlcServer(plc, tag_map, endpoint=args.endpoint)
+        server = _plc_server(args.protocol, plc, tag_map, args.endpoint)
         await server.start()
         console.print(f"simulated PLC on {server.endpoint} ({'lockstep' if plc.lockstep else f'x{args.time_scale:g}'}); Ctrl-C stops it")
         try:
@@ -115,6 +137,7 @@ def _plc_sim(args: argparse.Namespace, console: Console) -> int:
             else:
                 await server.run_free(time_scale=args.time_scale)
             console.print(f"batch ended at {plc.process_time_h:.2f} h: {plc.harvest_reason}")
+            await asyncio.sleep(max(0.0, args.linger_s))
         finally:
             await server.stop()
 
@@ -122,7 +145,59 @@ def _plc_sim(args: argparse.Namespace, console: Console) -> int:
         asyncio.run(serve())
     except KeyboardInterrupt:
         console.print("stopped")
+        return 0
+    if args.report_dir is not None:
+        stem = args.report_stem or f"{loaded.batch.batch_id}-seed{loaded.simulation.seed}-plc-sim"
+        trajectory = plc.plant.trajectory()
+        kpis = kpis_of(trajectory, loaded.batch)
+        files = write_batch_files(args.report_dir, stem, trajectory, tuple(plc.published), loaded.batch, title=f"{stem}: score {kpis.score_g_per_day:.0f} g/day")
+        summary = {"kpis": kpis.as_dict(), "harvest_reason": plc.harvest_reason, "files": {kind: str(path) for kind, path in files.items()}}
+        (args.report_dir / f"{stem}-kpis.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _plc_server(protocol: str, plc: Any, tag_map: Any, endpoint: str | None) -> Any:
+    if protocol == "opcua":
+        from simulator.opcua_server import OpcUaPlcServer
+
+        return OpcUaPlcServer(plc, tag_map, endpoint=endpoint)
+    from simulator.modbus_server import ModbusPlcServer
+
+    host, port = None, None
+    if endpoint is not None:
+        host, _, port_text = endpoint.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise BioreactorMPCError(f"--endpoint {endpoint!r}: a Modbus endpoint is host:port, e.g. 127.0.0.1:5020")
+        port = int(port_text)
+    return ModbusPlcServer(plc, tag_map, host=host, port=port)
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    import asyncio
+
+    from bioreactor_mpc.runtime_cli import print_summary, run_runtime
+    from controller.runtime import load_runtime_config
+
+    loaded = load_runtime_config(args.config, history=args.history, mode=RequestedMode(args.mode) if args.mode else None)
+    log.info("runtime_config", config=str(args.config), tag_map=str(loaded.tag_map_path), history=str(loaded.history_path), mode=loaded.config.mode.value)
+    summary = asyncio.run(run_runtime(loaded, endpoint=args.endpoint, console=console))
+    print_summary(summary, loaded.history_path, console)
+    return 0
+
+
+def _demo(args: argparse.Namespace, console: Console) -> int:
+    from bioreactor_mpc.demo import run_demo
+
+    return run_demo(
+        protocol=args.protocol,
+        scenario=args.scenario,
+        seed=args.seed,
+        mode=RequestedMode(args.mode),
+        runtime_config=args.runtime_config or REPO_CONFIGS / "runtime" / f"reference-{args.protocol}.yaml",
+        output_dir=args.output_dir,
+        lockstep_timeout_s=args.lockstep_timeout_s,
+        console=console,
+    )
 
 
 def _simulate(args: argparse.Namespace, console: Console) -> int:
@@ -150,13 +225,9 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             result = controlled.batch
     log.info("batch_harvested", process_time_h=round(result.kpis.harvest_time_h, 2), reason=result.harvest_reason)
 
-    output_dir: Path = args.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{loaded.batch.batch_id}-seed{loaded.simulation.seed}-{args.controller}"
-    trajectories = output_dir / f"{stem}-trajectories.csv"
-    lab = output_dir / f"{stem}-lab.csv"
-    write_trajectories_csv(trajectories, result.trajectory, args.csv_every_min)
-    write_lab_results_csv(lab, result.lab_results)
+    title = f"{stem}: score {result.kpis.score_g_per_day:.0f} g/day"
+    paths = write_batch_files(args.output_dir, stem, result.trajectory, result.lab_results, loaded.batch, title=title, csv_every_min=args.csv_every_min, plot=not args.no_plot)
     columns = {args.controller: result.kpis}
     if controlled is not None:
         columns["recipe, same batch"] = run_recipe_batch(loaded).kpis
@@ -165,14 +236,10 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
         recipe_score = columns["recipe, same batch"].score_g_per_day
         gain = 100.0 * (result.kpis.score_g_per_day / recipe_score - 1.0)
         console.print(f"score: {args.controller} {result.kpis.score_g_per_day:.1f} g/day against the recipe's {recipe_score:.1f} g/day on the same batch ({gain:+.1f} %)")
-    console.print(f"trajectories: {trajectories}")
-    console.print(f"lab results:  {lab}")
-    if not args.no_plot:
-        plot = output_dir / f"{stem}.png"
-        plot_batch(plot, result.trajectory, result.lab_results, loaded.batch, f"{stem}: score {result.kpis.score_g_per_day:.0f} g/day")
-        console.print(f"plot:         {plot}")
+    for kind, path in paths.items():
+        console.print(f"{kind + ':':14s}{path}")
     if controlled is not None:
-        _report_controller(controlled, output_dir, stem, console, plot=not args.no_plot)
+        _report_controller(controlled, args.output_dir, stem, console, plot=not args.no_plot)
     return 0
 
 
@@ -209,6 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _schema(args, console)
         if args.command == "plc-sim":
             return _plc_sim(args, console)
+        if args.command == "run":
+            return _run(args, console)
+        if args.command == "demo":
+            return _demo(args, console)
     except BioreactorMPCError as error:
         print(f"bioreactor-mpc {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

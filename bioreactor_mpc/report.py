@@ -148,3 +148,15 @@ def plot_predictions(path: Path, trajectory: PlantTrajectory, snapshots: tuple[t
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_batch_files(output_dir: Path, stem: str, trajectory: PlantTrajectory, lab_results: tuple[LabResult, ...], batch: BatchConfig, *, title: str, csv_every_min: int = 15, plot: bool = True) -> dict[str, Path]:
+    """The trajectories and lab results as CSV and the plot, named ``<stem>-…``; the paths by kind."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"trajectories": output_dir / f"{stem}-trajectories.csv", "lab results": output_dir / f"{stem}-lab.csv"}
+    write_trajectories_csv(paths["trajectories"], trajectory, csv_every_min)
+    write_lab_results_csv(paths["lab results"], lab_results)
+    if plot:
+        paths["plot"] = output_dir / f"{stem}.png"
+        plot_batch(paths["plot"], trajectory, lab_results, batch, title)
+    return paths

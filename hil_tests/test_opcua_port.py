@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from interfaces.opcua_port import OpcUaPort
-from interfaces.port import PlcLinkError, PlcWriteRefusedError
+from controller.ports import PlcLinkError, PlcWriteRefusedError
 from interfaces.signals import SIGNALS
 from interfaces.tagmap import load_tag_map
 from plant_models.errors import ConfigError

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 from asyncua import Client, ua
 
-from interfaces.port import PlcLinkError, PlcWriteMismatchError, PlcWriteRefusedError, Reading, Value
+from controller.ports import PlcLinkError, PlcWriteMismatchError, PlcWriteRefusedError, Reading, Value
 from interfaces.signals import SIGNALS, Kind
 from interfaces.tagmap import OpcUaTag, OpcUaTagMap
 from plant_models.errors import ConfigError

@@ -1,16 +1,17 @@
 """Closed-loop batches in-process: a controller drives the simulated PLC over its tag interface.
 
-The loop does what the runtime will do against a real PLC, minus the network:
-at every cycle boundary it scans the tags, keeps only good and finite values,
-notices a new lab result by ``Sample.Seq``, asks the controller, passes the
-answer through the safety filter, writes it while remote is enabled, and moves
-the heartbeat.
+The loop does what the runtime (:mod:`controller.runtime`) does against a PLC,
+minus the network, the modes and the history: at every cycle boundary it scans
+the tags through the same data-quality checks, asks the controller, passes the
+answer through the safety filter against what the PLC runs, writes it while
+remote is enabled, and moves the heartbeat. Over OPC UA or Modbus in lockstep
+the runtime scores the same batch the same (``hil_tests/test_runtime.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,26 +19,16 @@ import structlog
 
 from controller.estimator import ExtendedKalmanEstimator
 from controller.nmpc import CycleObservation, NmpcConfig, NmpcController, StateSource
+from controller.quality import DataQualityChecker
 from controller.safety import filter_setpoints
-from controller.types import LAB_FIELDS, LabResult, Setpoints
 from plant_models.cho import CultureModel
 from plant_models.errors import SetpointRejectedError
 from plant_models.parameters import parameter_vector
 from simulator.batch import BatchResult, build_simulated_plc, kpis_of
 from simulator.config import LoadedSimulation
-from simulator.plc import PHASE_RUNNING, SAMPLE_TAGS, SETPOINT_TAGS, SimulatedPlc, TagReading
+from simulator.plc import PHASE_RUNNING, SETPOINT_TAGS, SimulatedPlc, TagReading
 
 log = structlog.get_logger(__name__)
-
-ONLINE_SIGNALS = {
-    "PV.OUR": "our_mmol_per_l_h",
-    "PV.CER": "cer_mmol_per_l_h",
-    "PV.Capacitance": "capacitance_pf_per_cm",
-    "PV.Volume": "volume_l",
-    "PV.Temperature": "temperature_degc",
-    "PV.BaseTotal": "base_total_l",
-}
-
 
 @dataclass(frozen=True)
 class ControlledBatchResult:
@@ -67,27 +58,16 @@ class TruthSource:
         return self._plc.plant.state.copy(), self._plc.plant.parameters
 
 
-def _usable(reading: TagReading) -> bool:
-    return reading.good and isinstance(reading.value, int | float) and math.isfinite(float(reading.value))
-
-
-def observe(snapshot: dict[str, TagReading], last_seq: int) -> CycleObservation:
-    """The controller's view of one scan: good, finite values only; a lab result only when ``Sample.Seq`` moved."""
-    online = {name: float(snapshot[tag].value) for tag, name in ONLINE_SIGNALS.items() if _usable(snapshot[tag])}
-    lab = None
-    seq = int(snapshot["Sample.Seq"].value)
-    if seq != last_seq and _usable(snapshot["Sample.TakenAt"]):
-        values = {name: float(snapshot[tag].value) if snapshot[tag].good else math.nan for tag, name in zip(SAMPLE_TAGS, LAB_FIELDS, strict=True)}
-        lab = LabResult(seq=seq, taken_at_h=float(snapshot["Sample.TakenAt"].value), **values)
-    applied = Setpoints(*(float(snapshot[tag].value) for tag in SETPOINT_TAGS))
-    return CycleObservation(
-        process_time_h=float(snapshot["Status.ProcessTime"].value),
-        online=online,
-        feed_total_l=float(snapshot["PV.FeedTotal"].value),
-        glucose_feed_total_l=float(snapshot["PV.GlucoseFeedTotal"].value),
-        applied=applied,
-        lab_result=lab,
-    )
+def observe(checker: DataQualityChecker, snapshot: Mapping[str, TagReading]) -> CycleObservation | None:
+    """The controller's view of one scan, through the runtime's data-quality checks; None when a critical signal failed."""
+    report = checker.check(snapshot)
+    if not report.usable:
+        log.warning("cycle_skipped", reason="critical signals failed their checks", problems={k: report.problems[k] for k in report.critical})
+        return None
+    observation = report.observation()
+    if observation.lab_result is not None:
+        checker.commit_lab(observation.lab_result.seq)
+    return observation
 
 
 def run_controlled_batch(
@@ -103,16 +83,17 @@ def run_controlled_batch(
     model = model or CultureModel()
     plc, truth = build_simulated_plc(loaded, model)
     controller = NmpcController(model, loaded.batch, make_source(loaded, plc, model), config)
-    last_seq = 0
-    last_applied: Setpoints | None = None
+    checker = DataQualityChecker()
     sources: dict[str, int] = {}
     predictions: list[tuple[float, float, float]] = []
     snapshots: list[tuple[float, np.ndarray, np.ndarray]] = []
     rate = controller.config.mpc.temperature_rate_max_degc_per_h
     while plc.phase == PHASE_RUNNING:
-        observation = observe(plc.snapshot(), last_seq)
-        if observation.lab_result is not None:
-            last_seq = observation.lab_result.seq
+        observation = observe(checker, plc.snapshot())
+        if observation is None:
+            plc.write_heartbeat(plc.heartbeat + 1)
+            plc.advance_to(plc.next_cycle_boundary_h())
+            continue
         decision = controller.cycle(observation)
         sources[decision.source] = sources.get(decision.source, 0) + 1
         predictions.append((observation.process_time_h, decision.harvest_time_h, decision.predicted_titer_g_per_l))
@@ -120,8 +101,7 @@ def run_controlled_batch(
         if plan is not None and decision.source == "mpc" and observation.process_time_h >= len(snapshots) * snapshot_every_h:
             ends = plan.stage_times_h + np.diff(np.append(plan.stage_times_h, plan.harvest_time_h))
             snapshots.append((observation.process_time_h, np.concatenate([[observation.process_time_h], ends]), plan.states.copy()))
-        applied = last_applied or observation.applied
-        filtered = filter_setpoints(decision.setpoints, applied, loaded.batch, temperature_rate_degc_per_h=rate, dt_h=loaded.batch.cycle_period_h)
+        filtered = filter_setpoints(decision.setpoints, observation.applied, loaded.batch, temperature_rate_degc_per_h=rate, dt_h=loaded.batch.cycle_period_h)
         if filtered.adjustments:
             log.info("setpoints_filtered", process_time_h=observation.process_time_h, adjustments=list(filtered.adjustments))
         plc.write_heartbeat(plc.heartbeat + 1)
@@ -131,7 +111,6 @@ def run_controlled_batch(
                 break
             for tag, value in zip(SETPOINT_TAGS, (filtered.setpoints.feed_rate_lph, filtered.setpoints.glucose_rate_lph, filtered.setpoints.temperature_degc), strict=True):
                 plc.write_setpoint(tag, value)
-            last_applied = filtered.setpoints
         except SetpointRejectedError as error:
             log.warning("setpoint_rejected", process_time_h=observation.process_time_h, tag=error.tag, reason=error.reason)
         plc.advance_to(plc.next_cycle_boundary_h())

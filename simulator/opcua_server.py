@@ -64,6 +64,7 @@ class OpcUaPlcServer:
         self._nodes: dict[str, ua.NodeId] = {}
         self._publishing = False
         self._heartbeat_moved = asyncio.Event()
+        self._scans: dict[str, tuple[float, datetime]] = {}
 
     async def start(self) -> None:
         server = self._server
@@ -125,9 +126,18 @@ class OpcUaPlcServer:
                     continue
                 status = ua.StatusCode(ua.StatusCodes.Good if reading.good else ua.StatusCodes.Bad)
                 variant = ua.Variant(_raw(tag.to_raw(reading.value), tag.type), VARIANT_TYPES[tag.type])
-                await self._server.write_attribute_value(self._nodes[name], ua.DataValue(variant, StatusCode=status, SourceTimestamp=now, ServerTimestamp=now))
+                scanned = self._source_time(name, reading.scanned_at_h, now)
+                await self._server.write_attribute_value(self._nodes[name], ua.DataValue(variant, StatusCode=status, SourceTimestamp=scanned, ServerTimestamp=now))
         finally:
             self._publishing = False
+
+    def _source_time(self, name: str, scanned_at_h: float, now: datetime) -> datetime:
+        """The wall-clock time the PLC scanned a value: now, unless the scan is the same as last publish (a stale probe)."""
+        last = self._scans.get(name)
+        if last is not None and last[0] == scanned_at_h:
+            return last[1]
+        self._scans[name] = (scanned_at_h, now)
+        return now
 
     def _setter(self, name: str) -> Any:
         def setter(node: NodeData, attr: ua.AttributeIds, value: ua.DataValue) -> None:

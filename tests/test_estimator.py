@@ -34,7 +34,7 @@ from controller.types import LAB_FIELDS, LabResult, Setpoints
 from plant_models.cho import STATE_INDEX, CultureModel
 from plant_models.parameters import PARAMETER_NAMES
 from simulator.batch import build_simulated_plc
-from simulator.closed_loop import ONLINE_SIGNALS
+from controller.quality import ONLINE_SIGNALS
 from simulator.config import LoadedSimulation
 from simulator.plc import SAMPLE_TAGS
 

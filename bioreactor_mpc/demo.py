@@ -1,0 +1,121 @@
+"""``bioreactor-mpc demo``: the simulated PLC in its own process, the runtime against it over the network, and the batch report.
+
+The simulated PLC (``bioreactor-mpc plc-sim --lockstep``) runs as a child
+process on a free 127.0.0.1 port, exactly as a test PLC would; the runtime
+connects to it through the default runtime config of the protocol
+(``configs/runtime/reference-<protocol>.yaml``) with only the endpoint and the
+history file overridden. At harvest the simulator writes its true
+trajectories, KPIs and plot; the demo prints them beside the platform recipe
+on the same batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from bioreactor_mpc.report import kpi_table
+from bioreactor_mpc.runtime_cli import print_summary, run_runtime
+from controller.kpis import BatchKpis
+from controller.modes import RequestedMode
+from controller.runtime import LoadedRuntime, RunSummary, load_runtime_config
+from plant_models.errors import BioreactorMPCError
+
+SERVER_START_TIMEOUT_S = 60.0
+SERVER_EXIT_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_listener(port: int, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
+    """Wait until the simulated PLC accepts TCP connections (or fail, naming its log)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BioreactorMPCError(f"the simulated PLC exited with status {process.returncode} before serving; see {log_path}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise BioreactorMPCError(f"the simulated PLC did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s; see {log_path}")
+
+
+def run_demo(
+    *, protocol: str, scenario: Path, seed: int | None, mode: RequestedMode, runtime_config: Path, output_dir: Path, lockstep_timeout_s: float, console: Console
+) -> int:
+    from simulator.batch import run_recipe_batch
+    from simulator.config import load_simulation
+
+    loaded_sim = load_simulation(scenario, seed=seed)
+    seed_used = loaded_sim.simulation.seed
+    stem = f"{loaded_sim.batch.batch_id}-seed{seed_used}-{protocol}-{mode.value}"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    history_path = output_dir / f"{stem}-history.sqlite"
+    for stale in (history_path, history_path.with_name(history_path.name + "-wal"), history_path.with_name(history_path.name + "-shm")):
+        stale.unlink(missing_ok=True)  # the demo's own output of an earlier run: a new batch starts a new history
+    loaded = load_runtime_config(runtime_config, history=history_path, mode=mode)
+    if loaded.batch.batch_id != loaded_sim.batch.batch_id:
+        raise BioreactorMPCError(f"{runtime_config} runs batch {loaded.batch.batch_id!r} but {scenario} simulates {loaded_sim.batch.batch_id!r}")
+
+    port = free_port()
+    endpoint = f"opc.tcp://127.0.0.1:{port}/bioreactor-mpc/" if protocol == "opcua" else f"127.0.0.1:{port}"
+    plant_dir = output_dir / "plant"
+    log_path = output_dir / f"{stem}-plc-sim.log"
+    command = [sys.executable, "-m", "bioreactor_mpc", "--log-json", "plc-sim", "--protocol", protocol, "--lockstep", "--endpoint", endpoint]
+    command += ["--scenario", str(scenario), "--seed", str(seed_used), "--lockstep-timeout-s", str(lockstep_timeout_s), "--report-dir", str(plant_dir), "--report-stem", stem]
+    started = time.monotonic()
+    console.print(f"starting the simulated PLC ({protocol}, lockstep) on {endpoint}; its log: {log_path}", highlight=False)
+    with log_path.open("wb") as log_file:
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_for_listener(port, server, log_path)
+            console.print(f"runtime in {mode.value} mode; one line every 12 process hours and at every change of state", highlight=False)
+            summary = asyncio.run(_run_while_serving(loaded, endpoint, server, console))
+            server.wait(timeout=SERVER_EXIT_TIMEOUT_S)
+        finally:
+            if server.poll() is None:
+                server.terminate()
+                server.wait(timeout=10)
+    if server.returncode != 0:
+        raise BioreactorMPCError(f"the simulated PLC ended with status {server.returncode}; see {log_path}")
+    report = json.loads((plant_dir / f"{stem}-kpis.json").read_text(encoding="utf-8"))
+    kpis = BatchKpis(**report["kpis"])
+    recipe = run_recipe_batch(loaded_sim).kpis
+    console.print(kpi_table({f"runtime ({mode.value}, {protocol})": kpis, "recipe, same batch": recipe}, f"{stem}; harvest: {report['harvest_reason']}"))
+    gain = 100.0 * (kpis.score_g_per_day / recipe.score_g_per_day - 1.0)
+    console.print(f"score: {kpis.score_g_per_day:.1f} g/day against the recipe's {recipe.score_g_per_day:.1f} g/day on the same batch ({gain:+.1f} %)", highlight=False)
+    print_summary(summary, history_path, console)
+    for kind, path in report["files"].items():
+        console.print(f"{kind + ':':14s}{path}")
+    console.print(f"demo took {time.monotonic() - started:.0f} s", highlight=False)
+    return 0
+
+
+async def _run_while_serving(loaded: LoadedRuntime, endpoint: str, server: subprocess.Popen[bytes], console: Console) -> RunSummary:
+    """The runtime, stopped if the simulated PLC dies under it."""
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        while server.poll() is None and not stop.is_set():
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(2.0)  # let the runtime read the harvested phase first
+        stop.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await run_runtime(loaded, endpoint=endpoint, console=console, stop=stop)
+    finally:
+        stop.set()
+        await watcher

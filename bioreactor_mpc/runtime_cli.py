@@ -1,0 +1,116 @@
+"""``bioreactor-mpc run``: the runtime against a PLC, with a live progress line and the history's path at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+from pathlib import Path
+
+import numpy as np
+import structlog
+from rich.console import Console
+
+from controller.ports import PlcPort
+from controller.runtime import CycleReport, LoadedRuntime, Runtime, RunSummary, nominal_parameter_vector
+from interfaces.history import SqliteHistory
+from interfaces.tagmap import ModbusTagMap, OpcUaTagMap, load_tag_map
+from plant_models.errors import ConfigError
+
+log = structlog.get_logger("bioreactor_mpc")
+
+
+def make_port(tag_map_path: Path, *, endpoint: str | None, timeout_s: float, allow_insecure: bool) -> PlcPort:
+    """The port the tag map's protocol calls for; ``endpoint`` overrides the map's (an opc.tcp:// URL, or host:port for Modbus)."""
+    tag_map = load_tag_map(tag_map_path)
+    if isinstance(tag_map, OpcUaTagMap):
+        from interfaces.opcua_port import OpcUaPort
+
+        return OpcUaPort(tag_map, endpoint=endpoint, timeout_s=timeout_s, allow_insecure=allow_insecure)
+    if not isinstance(tag_map, ModbusTagMap):
+        raise ConfigError(f"{tag_map_path}: unsupported protocol")
+    from interfaces.modbus_port import ModbusPort
+
+    host, port = None, None
+    if endpoint is not None:
+        host, _, port_text = endpoint.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise ConfigError(f"--endpoint {endpoint!r}: a Modbus endpoint is host:port, e.g. 127.0.0.1:5020")
+        port = int(port_text)
+    return ModbusPort(tag_map, host=host, port=port, timeout_s=timeout_s)
+
+
+class ProgressPrinter:
+    """One line every ``every_h`` process hours, and at every change of state."""
+
+    def __init__(self, console: Console, *, every_h: float = 12.0) -> None:
+        self.console = console
+        self.every_h = every_h
+        self._next_h = 0.0
+        self._state = ""
+
+    def __call__(self, report: CycleReport) -> None:
+        r = report.record
+        if r.process_time_h + 1e-6 < self._next_h and r.state == self._state:
+            return
+        self._next_h = math.floor(r.process_time_h / self.every_h + 1e-6) * self.every_h + self.every_h
+        self._state = r.state
+        x, sd = r.estimate["state"], r.estimate["sd"]
+        sp = r.applied or {}
+        setpoints = (
+            f"feed {sp['feed_rate_lph']:5.2f} L/h  glucose {sp['glucose_rate_lph']:4.2f} L/h  T {sp['temperature_degc']:4.1f} °C"
+            if sp
+            else "no setpoints"
+        )
+        wrote = "written" if r.wrote_setpoints else "not written"
+        alarms = f"  alarms: {', '.join(report.alarms)}" if report.alarms else ""
+        self.console.print(
+            f"day {r.process_time_h / 24:5.2f}  {r.state:11s}  VCD {x['viable_cells']:5.2f}±{sd['viable_cells']:.2f}  glucose {x['glucose']:4.2f}  "
+            f"titer {x['titer']:4.2f} g/L  volume {x['volume']:6.0f} L  |  {setpoints} ({wrote})  harvest {r.harvest_time_h:5.0f} h{alarms}",
+            highlight=False,
+        )
+
+
+async def run_runtime(loaded: LoadedRuntime, *, endpoint: str | None, console: Console | None, stop: asyncio.Event | None = None) -> RunSummary:
+    """Run the runtime of ``loaded`` until the batch ends or ``stop`` is set (SIGINT and SIGTERM set it too)."""
+    config = loaded.config
+    port = make_port(loaded.tag_map_path, endpoint=endpoint, timeout_s=config.io_timeout_s, allow_insecure=config.allow_insecure)
+    history = SqliteHistory(loaded.history_path)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+            handled.append(signum)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals on this platform
+            pass
+    try:
+        runtime = Runtime(
+            port=port,
+            history=history,
+            batch=loaded.batch,
+            nominal_parameters=nominal_parameter_vector(loaded),
+            settings=config,
+            on_cycle=ProgressPrinter(console) if console is not None else None,
+        )
+        return await runtime.run(stop=stop)
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+        history.close()
+
+
+def print_summary(summary: RunSummary, history_path: Path, console: Console) -> None:
+    solves = np.asarray(summary.solve_times_s)
+    console.print(f"runtime: {summary.cycles} cycles, ended: {summary.end_reason}; states {summary.states}; decisions {summary.decisions}", highlight=False)
+    console.print(
+        f"writes: {summary.writes_ok} verified, {summary.writes_failed} failed; link losses {summary.link_losses}"
+        + (f"; resumed from {summary.resumed_from_h:.0f} h" if summary.resumed_from_h is not None else ""),
+        highlight=False,
+    )
+    if solves.size:
+        console.print(f"solver: median {1000 * np.median(solves):.0f} ms, p95 {1000 * np.percentile(solves, 95):.0f} ms, max {1000 * solves.max():.0f} ms", highlight=False)
+    console.print(f"history:      {history_path}")
+
+

@@ -1,0 +1,133 @@
+"""The PLC port: what the runtime needs from any PLC link, whatever the protocol.
+
+Implementations: :class:`interfaces.opcua_port.OpcUaPort` and
+:class:`interfaces.modbus_port.ModbusPort`.
+The runtime cannot tell them apart: it reads every mapped signal in one
+snapshot and writes signals by their logical names (:mod:`interfaces.signals`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from plant_models.errors import BioreactorMPCError
+
+Value = float | int | bool | str
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One signal as scanned by the PLC, in engineering units."""
+
+    value: Value
+    good: bool
+    source_time: datetime | None
+    """When the PLC scanned it (wall-clock UTC), if the protocol says."""
+
+
+class PlcLinkError(ConnectionError, BioreactorMPCError):
+    """The PLC could not be reached or did not answer in time; nothing can be assumed about a write in flight."""
+
+
+class PlcWriteRefusedError(PermissionError, BioreactorMPCError):
+    """The PLC answered and refused one or more writes (out of range, remote disabled, wrong type)."""
+
+    def __init__(self, refusals: Mapping[str, str]) -> None:
+        self.refusals = dict(refusals)
+        super().__init__("; ".join(f"{signal}: {reason}" for signal, reason in self.refusals.items()))
+
+
+class PlcWriteMismatchError(BioreactorMPCError, RuntimeError):
+    """A write the PLC accepted reads back as something else."""
+
+
+class PlcPort(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def read(self) -> dict[str, Reading]:
+        """Every mapped signal, in one request."""
+        ...
+
+    async def write(self, values: Mapping[str, Value]) -> None:
+        """Write signals (each checked by the PLC) and verify them by reading back.
+
+        Raises :class:`PlcWriteRefusedError` naming every refused signal (the
+        others were written), :class:`PlcWriteMismatchError` when an accepted
+        value reads back differently, :class:`PlcLinkError` when the link
+        failed. Never retries a write.
+        """
+        ...
+
+
+# --------------------------------------------------------------------------- history
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What a restarted runtime needs to carry on a batch where it stopped."""
+
+    batch_id: str
+    last_cycle_h: float
+    """Process time of the last completed cycle."""
+    estimator: dict[str, Any]
+    """The estimator's saved state (``ExtendedKalmanEstimator.to_dict``)."""
+    lab_seq: int
+    """The last lab result set the estimator used (``Sample.Seq``)."""
+    harvest_time_h: float
+    """The harvest time the controller was planning for."""
+
+
+@dataclass(frozen=True)
+class CycleRecord:
+    """One completed cycle, as the history keeps it."""
+
+    process_time_h: float
+    state: str
+    reason: str
+    source: str
+    """Who decided: mpc, shifted_plan, recipe, harvest; or none when the cycle could not run."""
+    requested: Mapping[str, float | bool] | None
+    applied: Mapping[str, float | bool] | None
+    """The setpoints after the safety filter (written only in closed loop)."""
+    adjustments: tuple[str, ...]
+    harvest_time_h: float
+    predicted_titer_g_per_l: float
+    predicted_score_g_per_day: float
+    solve_time_s: float
+    estimate: Mapping[str, Any]
+    """States, their standard deviations and the parameter multipliers."""
+    wrote_setpoints: bool
+
+
+class HistoryStore(Protocol):
+    """Where the runtime records everything it saw and did (:class:`interfaces.history.SqliteHistory`)."""
+
+    def start_run(self, *, batch_id: str, requested_mode: str, config: Mapping[str, Any]) -> None: ...
+
+    def record_scan(self, process_time_h: float, readings: Mapping[str, Reading], problems: Mapping[str, str]) -> None: ...
+
+    def record_lab(self, process_time_h: float, result: Any, *, used: bool) -> None: ...
+
+    def record_write(self, process_time_h: float, values: Mapping[str, Value], outcome: str, detail: str = "") -> None: ...
+
+    def record_state_change(self, process_time_h: float, previous: str, state: str, reason: str) -> None: ...
+
+    def record_alarm(self, process_time_h: float, code: str, message: str, *, active: bool) -> None: ...
+
+    def commit_cycle(self, record: CycleRecord, resume: ResumeState) -> None:
+        """Record a cycle and the state to resume from, in one transaction."""
+        ...
+
+    def load_resume(self, batch_id: str) -> ResumeState | None: ...
+
+    def end_run(self, *, reason: str) -> None: ...
+
+    def close(self) -> None: ...

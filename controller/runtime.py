@@ -1,0 +1,473 @@
+"""The runtime beside the PLC: one cycle whenever the batch clock crosses a cycle boundary, for the whole batch.
+
+A cycle (docs/runtime.md):
+
+read every tag → data-quality checks (:mod:`controller.quality`) → the mode
+machine decides the state (:mod:`controller.modes`) → estimator and NMPC
+(:class:`~controller.nmpc.NmpcController`) → safety filter against what the
+PLC runs now → writes for the state (setpoints in closed loop while remote is
+enabled; ``MPC.Rec.*`` in advisory, held and closed loop; ``MPC.Mode``) →
+history → ``MPC.Heartbeat``.
+
+The cycle runs when ``Status.ProcessTime`` reaches the next multiple of the
+cycle period, so the same code runs a real PLC on the wall clock and a
+simulated one in lockstep. The runtime talks to the PLC only through a
+:class:`~controller.ports.PlcPort` and records through a
+:class:`~controller.ports.HistoryStore`; it cannot tell OPC UA from Modbus.
+
+Link loss: the runtime drops to ``fault``, raises an alarm, writes nothing,
+and reconnects with a bounded exponential backoff. A write is never retried;
+the next cycle reads the PLC again and decides afresh.
+
+Restart: the estimator's state, the last lab result used and the planned
+harvest are committed with every cycle. A runtime started on a batch it has
+history for resumes from there, re-reads the PLC, and runs its next cycle at
+the next boundary from fresh readings: it never re-sends setpoints computed
+before it stopped. Bumpless start: setpoints are always filtered against what
+the PLC reads back now, so the first written ones start from what the PLC is
+running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from pydantic import Field
+
+from controller.config import BatchConfig
+from controller.estimator import EstimatorConfig, ExtendedKalmanEstimator
+from controller.modes import Conditions, ModeMachine, RequestedMode, State, StateChange
+from controller.mpc import EconomicMpc
+from controller.nmpc import Decision, NmpcConfig, NmpcController
+from controller.ports import CycleRecord, HistoryStore, PlcLinkError, PlcPort, PlcWriteMismatchError, PlcWriteRefusedError, Reading, ResumeState, Value
+from controller.quality import DataQualityChecker, DataQualityConfig, QualityReport
+from controller.safety import filter_setpoints
+from plant_models.cho import STATES, CultureModel
+from plant_models.config_loading import FrozenConfig, read_yaml_mapping, validate_model
+from plant_models.errors import BioreactorMPCError, ConfigError
+from plant_models.parameters import CultureParameters, parameter_vector
+
+log = structlog.get_logger(__name__)
+
+PHASE_RUNNING, PHASE_HARVESTED = 1, 2
+TIME_TOLERANCE_H = 1e-6
+UINT32_MAX = 2**32 - 1
+RECOMMENDATION_SIGNALS = ("MPC.Rec.FeedRate", "MPC.Rec.GlucoseRate", "MPC.Rec.Temperature")
+
+
+class RuntimeStartError(BioreactorMPCError, RuntimeError):
+    """The runtime cannot start on this PLC with this history (wrong batch, history ahead of the PLC)."""
+
+
+class RuntimeSettings(FrozenConfig):
+    """How the runtime behaves (the paths of a deployment are in :class:`RuntimeConfig`)."""
+
+    mode: RequestedMode = Field(default=RequestedMode.CLOSED_LOOP, description="off, advisory or closed-loop")
+    poll_interval_s: float = Field(default=1.0, gt=0.0, le=60.0, description="how often the batch clock is read between cycles [s]")
+    io_timeout_s: float = Field(default=5.0, gt=0.0, le=60.0, description="timeout of every PLC request [s]")
+    reconnect_initial_s: float = Field(default=0.5, gt=0.0, description="first wait before reconnecting after a lost link [s]")
+    reconnect_max_s: float = Field(default=10.0, gt=0.0, description="longest wait between reconnection attempts [s]")
+    max_write_failures: int = Field(default=3, ge=1, description="failed setpoint writes in a row before the runtime drops to fault")
+    quality: DataQualityConfig = DataQualityConfig()
+    nmpc: NmpcConfig = NmpcConfig()
+    estimator: EstimatorConfig = EstimatorConfig()
+
+
+class RuntimeConfig(RuntimeSettings):
+    """A deployment: which PLC, which batch, which kinetics, where the history goes. Paths are relative to this file."""
+
+    tag_map: Path = Field(description="the PLC's tag map (configs/plc/)")
+    batch: Path = Field(description="the batch file: inoculation record, media, equipment, recipe, limits")
+    model: Path = Field(description="the nominal kinetics of the cell line")
+    history: Path = Field(description="the SQLite history file (created if missing)")
+    allow_insecure: bool = Field(default=False, description="OPC UA security mode None, by explicit opt-in (logged at every start)")
+
+
+@dataclass(frozen=True)
+class LoadedRuntime:
+    source: Path
+    config: RuntimeConfig
+    batch: BatchConfig
+    nominal: CultureParameters
+    tag_map_path: Path
+    history_path: Path
+
+
+def load_runtime_config(path: str | Path, *, history: str | Path | None = None, mode: RequestedMode | None = None) -> LoadedRuntime:
+    """Load a runtime config and the batch and kinetics files it names; ``history`` and ``mode`` override the file."""
+    path = Path(path)
+    config = validate_model(RuntimeConfig, read_yaml_mapping(path), source=str(path))
+    if mode is not None:
+        config = config.model_copy(update={"mode": mode})
+    base = path.parent
+    batch = BatchConfig.from_yaml(base / config.batch)
+    nominal = CultureParameters.from_yaml(base / config.model)
+    tag_map_path = base / config.tag_map
+    if not tag_map_path.is_file():
+        raise ConfigError(f"{path}: tag_map: no such file {tag_map_path}")
+    history_path = Path(history) if history is not None else base / config.history
+    return LoadedRuntime(path, config, batch, nominal, tag_map_path, history_path)
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    """What one cycle did, for a live display."""
+
+    record: CycleRecord
+    problems: Mapping[str, str]
+    alarms: tuple[str, ...]
+
+
+@dataclass
+class RunSummary:
+    cycles: int = 0
+    end_reason: str = ""
+    last_process_time_h: float = math.nan
+    states: dict[str, int] = field(default_factory=dict)
+    decisions: dict[str, int] = field(default_factory=dict)
+    writes_ok: int = 0
+    writes_failed: int = 0
+    link_losses: int = 0
+    solve_times_s: list[float] = field(default_factory=list)
+    resumed_from_h: float | None = None
+
+
+def _estimate_summary(estimator: ExtendedKalmanEstimator) -> dict[str, Any]:
+    estimate = estimator.estimate
+    names = [s.name for s in STATES]
+    return {
+        "state": dict(zip(names, map(float, estimate.state), strict=True)),
+        "sd": dict(zip(names, map(float, estimate.state_sd), strict=True)),
+        "multipliers": {k: float(v) for k, v in estimate.multipliers.items()},
+    }
+
+
+class Runtime:
+    """One batch beside one PLC."""
+
+    def __init__(
+        self,
+        *,
+        port: PlcPort,
+        history: HistoryStore,
+        batch: BatchConfig,
+        nominal_parameters: np.ndarray,
+        settings: RuntimeSettings,
+        model: CultureModel | None = None,
+        mpc: EconomicMpc | None = None,
+        on_cycle: Callable[[CycleReport], None] | None = None,
+    ) -> None:
+        self.port = port
+        self.history = history
+        self.batch = batch
+        self.settings = settings
+        self._model = model or CultureModel()
+        self._nominal = np.asarray(nominal_parameters, dtype=float)
+        self._mpc = mpc or EconomicMpc(self._model, batch, settings.nmpc.mpc)
+        self._on_cycle = on_cycle
+        self.modes = ModeMachine(settings.mode, max_write_failures=settings.max_write_failures)
+        self.quality = DataQualityChecker(settings.quality)
+        self.estimator: ExtendedKalmanEstimator | None = None
+        self.controller: NmpcController | None = None
+        self.summary = RunSummary()
+        self._alarms: dict[str, str] = {}
+        self._heartbeat = 0
+        self._write_failures = 0
+        self._next_cycle_h = 0.0
+        self._last_time_h = math.nan
+        self._link_up = False
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self, *, stop: asyncio.Event | None = None) -> RunSummary:
+        """Run until the batch is harvested (or ``stop`` is set); returns what happened."""
+        stop = stop or asyncio.Event()
+        backoff_s = self.settings.reconnect_initial_s
+        started = False
+        try:
+            while not stop.is_set():
+                try:
+                    if not self.port.connected:
+                        await self.port.connect()
+                    readings = await self.port.read()
+                except PlcLinkError as error:
+                    self._link_lost(error)
+                    await _sleep_or_stop(stop, backoff_s)
+                    backoff_s = min(2.0 * backoff_s, self.settings.reconnect_max_s)
+                    continue
+                backoff_s = self.settings.reconnect_initial_s
+                if not self._link_up:
+                    self._link_restored()
+                if not started:
+                    await self._start(readings)
+                    started = True
+                phase = readings["Status.Phase"]
+                if phase.good and int(phase.value) == PHASE_HARVESTED:  # type: ignore[arg-type]
+                    self.summary.end_reason = "batch harvested"
+                    break
+                clock = readings["Status.ProcessTime"]
+                now_h = float(clock.value) if clock.good and not isinstance(clock.value, str) else math.nan  # type: ignore[arg-type]
+                if math.isfinite(now_h) and now_h >= self._next_cycle_h - TIME_TOLERANCE_H:
+                    try:
+                        await self._cycle(readings, now_h)
+                    except PlcLinkError as error:
+                        self._link_lost(error)
+                    continue
+                await _sleep_or_stop(stop, self.settings.poll_interval_s)
+            else:
+                self.summary.end_reason = self.summary.end_reason or "stopped"
+        finally:
+            if started:
+                self.history.end_run(reason=self.summary.end_reason or "interrupted")
+            await self.port.close()
+        log.info("runtime_ended", reason=self.summary.end_reason, cycles=self.summary.cycles, process_time_h=self.summary.last_process_time_h)
+        return self.summary
+
+    async def _start(self, readings: Mapping[str, Reading]) -> None:
+        """Check the PLC runs our batch, resume from the history if it has this batch, and take over the heartbeat."""
+        batch_id = readings["Status.BatchId"]
+        if not batch_id.good or str(batch_id.value) != self.batch.batch_id:
+            raise RuntimeStartError(
+                f"the PLC runs batch {batch_id.value!r} (status {'Good' if batch_id.good else 'Bad'}) but this runtime is configured for "
+                f"{self.batch.batch_id!r}; nothing written"
+            )
+        heartbeat = readings["MPC.Heartbeat"]
+        self._heartbeat = int(heartbeat.value) if heartbeat.good else 0  # type: ignore[arg-type]
+        self.history.start_run(batch_id=self.batch.batch_id, requested_mode=self.settings.mode.value, config=self.settings.model_dump(mode="json"))
+        resume = self.history.load_resume(self.batch.batch_id)
+        clock = readings["Status.ProcessTime"]
+        now_h = float(clock.value) if clock.good else math.nan  # type: ignore[arg-type]
+        if resume is None:
+            self.estimator = ExtendedKalmanEstimator.from_batch(self._model, self.batch, self._nominal, self.settings.estimator)
+            self._next_cycle_h = 0.0
+        else:
+            if math.isfinite(now_h) and resume.last_cycle_h > now_h + TIME_TOLERANCE_H:
+                raise RuntimeStartError(
+                    f"the history has batch {resume.batch_id} up to {resume.last_cycle_h:.2f} h but the PLC's batch clock reads {now_h:.2f} h: "
+                    "a new batch with a reused id? Start with a new history file; nothing written"
+                )
+            self.estimator = ExtendedKalmanEstimator.from_dict(resume.estimator, self._model)
+            self.quality.commit_lab(resume.lab_seq)
+            self._next_cycle_h = self._boundary_after(resume.last_cycle_h)
+            self.summary.resumed_from_h = resume.last_cycle_h
+            log.info("runtime_resumed", batch_id=resume.batch_id, last_cycle_h=resume.last_cycle_h, next_cycle_h=self._next_cycle_h, process_time_h=now_h)
+        self.controller = NmpcController(self._model, self.batch, self.estimator, self.settings.nmpc, mpc=self._mpc)
+        if resume is not None:
+            self.controller.harvest_time_h = resume.harvest_time_h
+            if math.isfinite(now_h) and now_h < self._next_cycle_h - TIME_TOLERANCE_H:
+                # The cycle of this boundary was done before the restart; its heartbeat may not have gone out.
+                await self._beat(resume.last_cycle_h)
+        log.info("runtime_started", batch_id=self.batch.batch_id, mode=self.settings.mode.value, heartbeat=self._heartbeat, first_cycle_h=self._next_cycle_h)
+
+    def _boundary_after(self, t_h: float) -> float:
+        period = self.batch.cycle_period_h
+        return (math.floor(t_h / period + TIME_TOLERANCE_H) + 1) * period
+
+    # ------------------------------------------------------------------ one cycle
+
+    async def _cycle(self, readings: Mapping[str, Reading], now_h: float) -> None:
+        if self.controller is None or self.estimator is None:
+            raise RuntimeError("a cycle ran before the runtime started")
+        report = self.quality.check(readings, wall_now=datetime.now(UTC))
+        self.history.record_scan(now_h, readings, report.problems)
+        self._last_time_h = now_h
+        status = report.accepted
+        change = self.modes.evaluate(
+            Conditions(
+                link_up=True,
+                critical_failures=report.critical,
+                write_failures=self._write_failures,
+                batch_running=status.get("Status.Phase") == PHASE_RUNNING,
+                remote_enabled=bool(status.get("Status.RemoteEnabled", False)),
+                watchdog_tripped=bool(status.get("Status.WatchdogTripped", False)),
+            )
+        )
+        self._record_change(now_h, change)
+        state = self.modes.state
+        alarms = {f"quality.{signal}": problem for signal, problem in report.problems.items()}
+        if status.get("Status.WatchdogTripped"):
+            alarms["plc_watchdog"] = "the PLC's watchdog tripped: it runs its local recipe"
+
+        decision: Decision | None = None
+        applied: dict[str, float | bool] | None = None
+        adjustments: tuple[str, ...] = ()
+        wrote_setpoints = False
+        if report.usable:
+            observation = report.observation()
+            decision = await asyncio.to_thread(self.controller.cycle, observation)
+            if report.lab_result is not None:
+                self.history.record_lab(now_h, report.lab_result, used=True)
+                self.quality.commit_lab(report.lab_result.seq)
+            if decision.source in ("shifted_plan", "recipe"):
+                alarms["solver_fallback"] = f"the MPC failed; running the {decision.source.replace('_', ' ')}"
+            filtered = filter_setpoints(
+                decision.setpoints,
+                observation.applied,
+                self.batch,
+                temperature_rate_degc_per_h=self.settings.nmpc.mpc.temperature_rate_max_degc_per_h,
+                dt_h=self.batch.cycle_period_h,
+            )
+            adjustments = filtered.adjustments
+            if adjustments:
+                log.info("setpoints_filtered", process_time_h=now_h, adjustments=list(adjustments))
+            applied = filtered.setpoints.as_dict()
+        link_error: PlcLinkError | None = None
+        try:
+            if decision is not None and applied is not None:
+                wrote_setpoints = await self._write_outputs(now_h, state, decision, applied)
+            else:
+                await self._write(now_h, {"MPC.Mode": state.plc_mode})
+        except PlcLinkError as error:
+            link_error = error  # the estimator has seen this cycle: it is recorded, then the link is handled
+        if self._write_failures:
+            alarms["write_failed"] = f"{self._write_failures} setpoint writes in a row failed"
+        self._update_alarms(now_h, alarms)
+
+        record = CycleRecord(
+            process_time_h=now_h,
+            state=state.value,
+            reason=self.modes.reason,
+            source=decision.source if decision is not None else "none",
+            requested=decision.setpoints.as_dict() if decision is not None else None,
+            applied=applied,
+            adjustments=adjustments,
+            harvest_time_h=decision.harvest_time_h if decision is not None else math.nan,
+            predicted_titer_g_per_l=decision.predicted_titer_g_per_l if decision is not None else math.nan,
+            predicted_score_g_per_day=decision.predicted_score_g_per_day if decision is not None else math.nan,
+            solve_time_s=self.controller.solve_times_s[-1] if decision is not None and decision.source != "harvest" and self.controller.solve_times_s else math.nan,
+            estimate=_estimate_summary(self.estimator),
+            wrote_setpoints=wrote_setpoints,
+        )
+        resume = ResumeState(
+            batch_id=self.batch.batch_id,
+            last_cycle_h=now_h,
+            estimator=self.estimator.to_dict(),
+            lab_seq=self.quality.last_lab_seq,
+            harvest_time_h=self.controller.harvest_time_h,
+        )
+        self.history.commit_cycle(record, resume)
+        self._count(record, decision)
+        self._next_cycle_h = self._boundary_after(now_h)
+        if self._on_cycle is not None:
+            self._on_cycle(CycleReport(record, report.problems, tuple(sorted(self._alarms))))
+        if link_error is not None:
+            raise link_error
+        await self._beat(now_h)
+
+    async def _write_outputs(self, now_h: float, state: State, decision: Decision, applied: Mapping[str, float | bool]) -> bool:
+        """The writes of this state; whether setpoints were written and verified."""
+        values: dict[str, Value] = {"MPC.Mode": state.plc_mode}
+        if state.writes_recommendations:
+            recommended = (applied["feed_rate_lph"], applied["glucose_rate_lph"], applied["temperature_degc"])
+            values.update(zip(RECOMMENDATION_SIGNALS, map(float, recommended), strict=True))
+            values["MPC.Rec.HarvestTime"] = float(now_h if decision.setpoints.harvest else decision.harvest_time_h)
+            if math.isfinite(decision.predicted_titer_g_per_l):
+                values["MPC.Pred.HarvestTiter"] = float(decision.predicted_titer_g_per_l)
+        if not state.writes_setpoints:
+            await self._write(now_h, values)
+            self._write_failures = 0
+            return False
+        values.update({"SP.FeedRate": float(applied["feed_rate_lph"]), "SP.GlucoseRate": float(applied["glucose_rate_lph"]), "SP.Temperature": float(applied["temperature_degc"])})
+        ok = await self._write(now_h, values)
+        if ok and decision.setpoints.harvest:
+            log.info("harvest_requested", process_time_h=now_h, predicted_titer_g_per_l=decision.predicted_titer_g_per_l)
+            ok = await self._write(now_h, {"SP.HarvestRequest": True})
+        self._write_failures = 0 if ok else self._write_failures + 1
+        return ok
+
+    async def _write(self, now_h: float, values: Mapping[str, Value]) -> bool:
+        """One write request, recorded whatever its outcome; never retried. A lost link propagates."""
+        try:
+            await self.port.write(values)
+        except PlcWriteRefusedError as error:
+            self.history.record_write(now_h, values, "refused", str(error))
+            log.warning("write_refused", process_time_h=now_h, refusals=error.refusals)
+            self.summary.writes_failed += 1
+            return False
+        except PlcWriteMismatchError as error:
+            self.history.record_write(now_h, values, "mismatch", str(error))
+            log.error("write_mismatch", process_time_h=now_h, error=str(error))
+            self.summary.writes_failed += 1
+            return False
+        except PlcLinkError as error:
+            self.history.record_write(now_h, values, "link_error", str(error))
+            self.summary.writes_failed += 1
+            raise
+        self.history.record_write(now_h, values, "ok")
+        self.summary.writes_ok += 1
+        return True
+
+    async def _beat(self, now_h: float) -> None:
+        self._heartbeat = (self._heartbeat + 1) & UINT32_MAX
+        await self._write(now_h, {"MPC.Heartbeat": self._heartbeat})
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _count(self, record: CycleRecord, decision: Decision | None) -> None:
+        summary = self.summary
+        summary.cycles += 1
+        summary.last_process_time_h = record.process_time_h
+        summary.states[record.state] = summary.states.get(record.state, 0) + 1
+        summary.decisions[record.source] = summary.decisions.get(record.source, 0) + 1
+        if decision is not None and math.isfinite(record.solve_time_s):
+            summary.solve_times_s.append(record.solve_time_s)
+
+    def _record_change(self, now_h: float, change: StateChange | None) -> None:
+        if change is not None:
+            self.history.record_state_change(now_h, change.previous.value, change.state.value, change.reason)
+
+    def _update_alarms(self, now_h: float, current: Mapping[str, str]) -> None:
+        """Raise the alarms that are new and clear the ones that are gone, each once, in the log and the history."""
+        for code, message in current.items():
+            if code not in self._alarms:
+                log.warning("alarm_raised", code=code, message=message, process_time_h=now_h)
+                self.history.record_alarm(now_h, code, message, active=True)
+        for code in [c for c in self._alarms if c not in current and c != "plc_link"]:
+            log.info("alarm_cleared", code=code, process_time_h=now_h)
+            self.history.record_alarm(now_h, code, self._alarms.pop(code), active=False)
+        self._alarms.update(current)
+
+    def _link_lost(self, error: PlcLinkError) -> None:
+        if self._link_up or "plc_link" not in self._alarms:
+            self.summary.link_losses += 1
+            message = f"PLC link lost: {error}"
+            log.error("alarm_raised", code="plc_link", message=message, process_time_h=self._last_time_h)
+            self._alarms["plc_link"] = message
+            if self._history_ready():
+                self.history.record_alarm(self._last_time_h, "plc_link", message, active=True)
+                self._record_change(self._last_time_h, self.modes.evaluate(Conditions(link_up=False)))
+            else:
+                self.modes.evaluate(Conditions(link_up=False))
+        self._link_up = False
+
+    def _link_restored(self) -> None:
+        self._link_up = True
+        if "plc_link" in self._alarms:
+            message = self._alarms.pop("plc_link")
+            log.info("alarm_cleared", code="plc_link", process_time_h=self._last_time_h)
+            if self._history_ready():
+                self.history.record_alarm(self._last_time_h, "plc_link", message, active=False)
+
+    def _history_ready(self) -> bool:
+        return self.controller is not None
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        pass
+
+
+def nominal_parameter_vector(loaded: LoadedRuntime) -> np.ndarray:
+    return parameter_vector(loaded.nominal, loaded.batch.media)
+
+

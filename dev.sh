@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the project (once; again only when pyproject.toml changes) and run one job.
-#   ./dev.sh demo        the main job (today: one simulated batch under the NMPC and its estimator, against the recipe)
+#   ./dev.sh demo        the main job: the simulated PLC over OPC UA in lockstep, the runtime in closed loop against it, the batch report
 #   ./dev.sh test        the default test suite (tests/ and hil_tests/)
 #   ./dev.sh bench       the benchmarks
 #   ./dev.sh cli ARGS    any bioreactor-mpc command, e.g. ./dev.sh cli simulate --seed 7
@@ -38,7 +38,7 @@ job="${1:-demo}"
 [ $# -gt 0 ] && shift
 setup
 case "$job" in
-    demo)  exec .venv/bin/bioreactor-mpc simulate --controller nmpc "$@" ;;
+    demo)  exec .venv/bin/bioreactor-mpc demo "$@" ;;
     test)  exec .venv/bin/python -m pytest "$@" ;;
     bench) exec .venv/bin/python benchmarks/run_all.py "$@" ;;
     cli)   exec .venv/bin/bioreactor-mpc "$@" ;;

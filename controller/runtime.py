@@ -76,6 +76,7 @@ class RuntimeSettings(FrozenConfig):
     reconnect_initial_s: float = Field(default=0.5, gt=0.0, description="first wait before reconnecting after a lost link [s]")
     reconnect_max_s: float = Field(default=10.0, gt=0.0, description="longest wait between reconnection attempts [s]")
     max_write_failures: int = Field(default=3, ge=1, description="failed setpoint writes in a row before the runtime drops to fault")
+    write_retry_cycles: int = Field(default=6, ge=1, description="cycles in fault for failing writes before one more write is tried")
     quality: DataQualityConfig = DataQualityConfig()
     nmpc: NmpcConfig = NmpcConfig()
     estimator: EstimatorConfig = EstimatorConfig()
@@ -181,6 +182,7 @@ class Runtime:
         self._alarms: dict[str, str] = {}
         self._heartbeat = 0
         self._write_failures = 0
+        self._fault_cycles = 0
         self._next_cycle_h = 0.0
         self._last_time_h = math.nan
         self._link_up = False
@@ -292,6 +294,9 @@ class Runtime:
         )
         self._record_change(now_h, change)
         state = self.modes.state
+        self._fault_cycles = self._fault_cycles + 1 if state is State.FAULT else 0
+        if state is State.FAULT and self._write_failures >= self.settings.max_write_failures and self._fault_cycles >= self.settings.write_retry_cycles:
+            self._write_failures = self.settings.max_write_failures - 1  # one more try next cycle; one more failure and back here
         alarms = {f"quality.{signal}": problem for signal, problem in report.problems.items()}
         if status.get("Status.WatchdogTripped"):
             alarms["plc_watchdog"] = "the PLC's watchdog tripped: it runs its local recipe"
@@ -373,7 +378,8 @@ class Runtime:
                 values["MPC.Pred.HarvestTiter"] = float(decision.predicted_titer_g_per_l)
         if not state.writes_setpoints:
             await self._write(now_h, values)
-            self._write_failures = 0
+            if state is not State.FAULT:
+                self._write_failures = 0  # held, advisory or off: the failures were about closed loop
             return False
         values.update({"SP.FeedRate": float(applied["feed_rate_lph"]), "SP.GlucoseRate": float(applied["glucose_rate_lph"]), "SP.Temperature": float(applied["temperature_degc"])})
         ok = await self._write(now_h, values)

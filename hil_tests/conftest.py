@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+
+from runtime_harness import free_port
 
 
 @pytest.fixture
 def opcua_endpoint() -> str:
     """An OPC UA endpoint on a free 127.0.0.1 port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"opc.tcp://127.0.0.1:{probe.getsockname()[1]}/bioreactor-mpc/"
+    return f"opc.tcp://127.0.0.1:{free_port()}/bioreactor-mpc/"
+
+
+@pytest.fixture
+def modbus_port_number() -> int:
+    """A free TCP port on 127.0.0.1."""
+    return free_port()

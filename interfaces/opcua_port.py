@@ -49,7 +49,7 @@ _LINK_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError, ua.UaError, Connect
 
 
 class OpcUaPort:
-    """:class:`~interfaces.port.PlcPort` over OPC UA."""
+    """:class:`~controller.ports.PlcPort` over OPC UA."""
 
     def __init__(self, tag_map: OpcUaTagMap, *, endpoint: str | None = None, timeout_s: float = 5.0, allow_insecure: bool = False) -> None:
         if not allow_insecure:

@@ -8,10 +8,7 @@ write to a writable variable goes through the PLC's own logic: refused with
 ``BadUserAccessDenied`` while remote is disabled, ``BadOutOfRange`` outside the
 equipment's range, and the old value stays.
 
-The clocks: :meth:`OpcUaPlcServer.run_lockstep` pauses the plant at every
-cycle boundary (t = 0 included) until ``MPC.Heartbeat`` changes or a wall
-timeout passes; :meth:`OpcUaPlcServer.run_free` advances it by ``time_scale``
-plant seconds per wall second.
+The clocks (lockstep and free-running) are :class:`~simulator.clocks.PlcServerClocks`.
 
 Security: this first version serves security mode None only, for 127.0.0.1;
 the SignAndEncrypt endpoint comes with the runtime's OPC UA port.
@@ -19,9 +16,7 @@ the SignAndEncrypt endpoint comes with the runtime's OPC UA port.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,12 +28,12 @@ from interfaces.opcua_port import VARIANT_TYPES
 from interfaces.signals import SIGNALS
 from interfaces.tagmap import OpcUaTagMap
 from plant_models.errors import RemoteDisabledError, SetpointOutOfRangeError
-from simulator.plc import PHASE_RUNNING, SimulatedPlc
+from simulator.clocks import PlcServerClocks
+from simulator.plc import SimulatedPlc
 
 log = structlog.get_logger(__name__)
 
 _DEFAULTS: dict[str, Any] = {"double": 0.0, "float": 0.0, "boolean": False, "string": ""}
-_PUBLISH_TICK_S = 0.05
 
 
 def _raw(value: Any, type_name: str) -> Any:
@@ -53,17 +48,16 @@ def _raw(value: Any, type_name: str) -> Any:
     return int(number) if math.isfinite(number) else 0
 
 
-class OpcUaPlcServer:
+class OpcUaPlcServer(PlcServerClocks):
     """An asyncua server in front of a :class:`~simulator.plc.SimulatedPlc`."""
 
     def __init__(self, plc: SimulatedPlc, tag_map: OpcUaTagMap, *, endpoint: str | None = None) -> None:
-        self.plc = plc
+        super().__init__(plc)
         self.tag_map = tag_map
         self.endpoint = endpoint or tag_map.endpoint
         self._server = Server()
         self._nodes: dict[str, ua.NodeId] = {}
         self._publishing = False
-        self._heartbeat_moved = asyncio.Event()
         self._scans: dict[str, tuple[float, datetime]] = {}
 
     async def start(self) -> None:
@@ -158,33 +152,7 @@ class OpcUaPlcServer:
             now = datetime.now(UTC)
             attribute.value = ua.DataValue(value.Value, SourceTimestamp=now, ServerTimestamp=now)
             if self.plc.heartbeat != before:
-                self._heartbeat_moved.set()
+                self.heartbeat_moved.set()
 
         return setter
 
-    # ------------------------------------------------------------------ clocks
-
-    async def run_lockstep(self, *, wall_timeout_s: float = 30.0) -> None:
-        """Pause at every cycle boundary until the heartbeat moves (or ``wall_timeout_s``), then advance one cycle."""
-        while self.plc.phase == PHASE_RUNNING:
-            self._heartbeat_moved.clear()
-            await self.publish()
-            try:
-                await asyncio.wait_for(self._heartbeat_moved.wait(), timeout=wall_timeout_s)
-            except TimeoutError:
-                log.warning("lockstep_timeout", process_time_h=self.plc.process_time_h, wall_timeout_s=wall_timeout_s)
-            if self.plc.phase != PHASE_RUNNING:
-                break
-            self.plc.advance_to(self.plc.next_cycle_boundary_h())
-        await self.publish()
-
-    async def run_free(self, *, time_scale: float) -> None:
-        """Advance ``time_scale`` plant seconds per wall second, publishing every tick."""
-        if not time_scale > 0.0:
-            raise ValueError(f"time_scale must be positive, got {time_scale}")
-        started_wall, started_h = time.monotonic(), self.plc.process_time_h
-        while self.plc.phase == PHASE_RUNNING:
-            await asyncio.sleep(_PUBLISH_TICK_S)
-            target_h = started_h + (time.monotonic() - started_wall) * time_scale / 3600.0
-            self.plc.advance_to(target_h)
-            await self.publish()

@@ -1,0 +1,180 @@
+"""The runtime against the simulated PLC on 127.0.0.1, in one event loop, with the faults a test needs.
+
+:func:`run_runtime_against` serves a simulated PLC over OPC UA or Modbus in
+lockstep, runs :class:`~controller.runtime.Runtime` against it through a TCP
+proxy (which a test can cut, like a pulled cable), and returns what happened:
+the runtime's summary, the simulated PLC (its true trajectory) and the history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller.mpc import EconomicMpc
+from controller.runtime import CycleReport, Runtime, RunSummary, RuntimeSettings
+from interfaces.history import SqliteHistory
+from interfaces.opcua_port import OpcUaPort
+from interfaces.tagmap import load_tag_map
+from plant_models.parameters import parameter_vector
+from simulator.batch import build_simulated_plc
+from simulator.config import LoadedSimulation
+from simulator.opcua_server import OpcUaPlcServer
+from simulator.plc import SimulatedPlc
+
+REPO = Path(__file__).resolve().parent.parent
+TAG_MAPS = {protocol: load_tag_map(REPO / "configs" / "plc" / f"reference-{protocol}.yaml") for protocol in ("opcua", "modbus")}
+TEST_SETTINGS = RuntimeSettings(poll_interval_s=0.01, io_timeout_s=2.0, reconnect_initial_s=0.05, reconnect_max_s=0.3)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class TcpProxy:
+    """A TCP relay on 127.0.0.1 that a test can cut (every connection dropped, new ones refused) and restore."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_writer.close()
+            return
+        self._writers |= {client_writer, server_writer}
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
+        self._writers -= {client_writer, server_writer}
+
+
+class SimulatedPlant:
+    """What a fault scenario can touch: the simulated PLC, the cable (the proxy) and the lockstep clock."""
+
+    def __init__(self, plc: SimulatedPlc, server: Any, proxy: TcpProxy, lockstep_timeout_s: float) -> None:
+        self.plc = plc
+        self.proxy = proxy
+        self._server = server
+        self._lockstep = asyncio.create_task(server.run_lockstep(wall_timeout_s=lockstep_timeout_s))
+
+    async def set_lockstep_timeout(self, seconds: float) -> None:
+        """Restart the lockstep clock with another wall timeout (short: the plant runs on without the runtime)."""
+        await self.stop_clock()
+        self._lockstep = asyncio.create_task(self._server.run_lockstep(wall_timeout_s=seconds))
+
+    async def stop_clock(self) -> None:
+        self._lockstep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._lockstep
+
+
+@dataclass
+class RunResult:
+    summary: RunSummary
+    plc: SimulatedPlc
+    history: SqliteHistory
+
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        return self.history.table(table)
+
+
+def _server(protocol: str, plc: SimulatedPlc, port: int) -> Any:
+    if protocol == "opcua":
+        return OpcUaPlcServer(plc, TAG_MAPS["opcua"], endpoint=f"opc.tcp://127.0.0.1:{port}/bioreactor-mpc/")
+    from simulator.modbus_server import ModbusPlcServer
+
+    return ModbusPlcServer(plc, TAG_MAPS["modbus"], host="127.0.0.1", port=port)
+
+
+def _port(protocol: str, port: int) -> Any:
+    if protocol == "opcua":
+        return OpcUaPort(TAG_MAPS["opcua"], endpoint=f"opc.tcp://127.0.0.1:{port}/bioreactor-mpc/", timeout_s=TEST_SETTINGS.io_timeout_s, allow_insecure=True)
+    from interfaces.modbus_port import ModbusPort
+
+    return ModbusPort(TAG_MAPS["modbus"], host="127.0.0.1", port=port, timeout_s=TEST_SETTINGS.io_timeout_s)
+
+
+async def run_runtime_against(
+    loaded: LoadedSimulation,
+    history_path: Path,
+    *,
+    protocol: str = "opcua",
+    settings: RuntimeSettings = TEST_SETTINGS,
+    mpc: EconomicMpc | None = None,
+    runtime_loaded: LoadedSimulation | None = None,
+    stop_at_h: float | None = None,
+    on_cycle: Callable[[CycleReport, SimulatedPlant], Any] | None = None,
+    lockstep_timeout_s: float = 10.0,
+    wall_timeout_s: float = 240.0,
+) -> RunResult:
+    """One (partial) batch: the runtime against the simulated PLC of ``loaded``; ``runtime_loaded`` gives the runtime another batch file."""
+    plc, _ = build_simulated_plc(loaded)
+    plc.lockstep = True
+    server_port = free_port()
+    server = _server(protocol, plc, server_port)
+    await server.start()
+    proxy = TcpProxy(server_port)
+    await proxy.start()
+    plant = SimulatedPlant(plc, server, proxy, lockstep_timeout_s)
+    history = SqliteHistory(history_path)
+    stop = asyncio.Event()
+    pending: set[asyncio.Task[Any]] = set()
+
+    def cycle(report: CycleReport) -> None:
+        if stop_at_h is not None and report.record.process_time_h >= stop_at_h - 1e-6:
+            stop.set()
+        if on_cycle is not None:
+            outcome = on_cycle(report, plant)
+            if asyncio.iscoroutine(outcome):
+                task = asyncio.ensure_future(outcome)
+                pending.add(task)
+
+    source = runtime_loaded or loaded
+    runtime = Runtime(
+        port=_port(protocol, proxy.port),
+        history=history,
+        batch=source.batch,
+        nominal_parameters=parameter_vector(source.nominal, source.batch.media),
+        settings=settings,
+        mpc=mpc,
+        on_cycle=cycle,
+    )
+    try:
+        summary = await asyncio.wait_for(runtime.run(stop=stop), wall_timeout_s)
+        for task in pending:
+            await task
+    finally:
+        await plant.stop_clock()
+        await proxy.cut()
+        await server.stop()
+    return RunResult(summary, plc, history)

@@ -1,0 +1,202 @@
+"""The runtime against the simulated PLC over the network in lockstep: whole batches, modes and faults, nothing lost.
+
+Whole batches take about a minute (360 cycles); the fault scenarios run the
+first day or two of a batch, which is where they are placed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import yaml
+
+from controller.kpis import BatchKpis
+from controller.mpc import EconomicMpc
+from controller.runtime import CycleReport
+from interfaces.signals import SIGNALS
+from plant_models.cho import CultureModel
+from runtime_harness import TEST_SETTINGS, SimulatedPlant, run_runtime_against
+from simulator.batch import kpis_of
+from simulator.closed_loop import estimator_source, run_controlled_batch
+from simulator.config import load_simulation
+
+pytestmark = pytest.mark.hil
+
+REPO = Path(__file__).resolve().parent.parent
+PLATFORM = REPO / "configs" / "simulate" / "platform.yaml"
+SP_SIGNALS = ("SP.FeedRate", "SP.GlucoseRate", "SP.Temperature", "SP.HarvestRequest")
+
+
+@pytest.fixture(scope="module")
+def mpc() -> EconomicMpc:
+    """One compiled NLP for the module's runtimes (loading it is the slow part of a start)."""
+    loaded = load_simulation(PLATFORM)
+    return EconomicMpc(CultureModel(), loaded.batch, TEST_SETTINGS.nmpc.mpc)
+
+
+def _scenario(tmp_path: Path, name: str, *, faults: list[dict[str, Any]] | None = None, batch_changes: dict[str, Any] | None = None) -> Path:
+    """A simulation config beside the platform's, with faults and batch-file changes."""
+    config = yaml.safe_load(PLATFORM.read_text())
+    config["model"] = str(REPO / "configs" / "model" / "cho_nominal.yaml")
+    config["batch"] = str(REPO / "configs" / "batch" / "platform.yaml")
+    if faults:
+        config["faults"] = faults
+    if batch_changes:
+        batch = yaml.safe_load((REPO / "configs" / "batch" / "platform.yaml").read_text())
+        for section, values in batch_changes.items():
+            batch[section].update(values)
+        batch_path = tmp_path / f"{name}-batch.yaml"
+        batch_path.write_text(yaml.safe_dump(batch))
+        config["batch"] = str(batch_path)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _writes_with(rows: list[dict[str, Any]], signals: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [row for row in rows if set(json.loads(row["values"])) & set(signals)]
+
+
+@pytest.fixture(scope="module")
+def in_process_kpis() -> BatchKpis:
+    return run_controlled_batch(load_simulation(PLATFORM), make_source=estimator_source).batch.kpis
+
+
+@pytest.mark.parametrize("protocol", ["opcua", "modbus"])
+def test_closed_loop_batch_over_the_network_scores_as_in_process(protocol, tmp_path, mpc, in_process_kpis):
+    """The protocol adds nothing: the same seed scores within 1 % over OPC UA and over Modbus as in-process."""
+    loaded = load_simulation(PLATFORM)
+    result = asyncio.run(run_runtime_against(loaded, tmp_path / "history.sqlite", protocol=protocol, mpc=mpc))
+    over_the_network = kpis_of(result.plc.plant.trajectory(), loaded.batch)
+    assert over_the_network.score_g_per_day == pytest.approx(in_process_kpis.score_g_per_day, rel=0.01)
+    assert over_the_network.violation_h == 0.0
+    summary = result.summary
+    assert summary.end_reason == "batch harvested" and summary.writes_failed == 0 and summary.link_losses == 0
+    # Nothing lost: every cycle, every scan of every signal, every write is in the history.
+    cycles = result.rows("cycles")
+    assert len(cycles) == summary.cycles == 360
+    assert [c["process_time_h"] for c in cycles] == [float(h) for h in range(360)]
+    assert {c["state"] for c in cycles} == {"closed_loop"} and all(c["wrote_setpoints"] for c in cycles)
+    assert len(result.rows("readings")) == 360 * len(SIGNALS)
+    writes = result.rows("writes")
+    assert len(writes) == summary.writes_ok == 720 and {w["outcome"] for w in writes} == {"ok"}
+    assert len(result.rows("lab_results")) == len(result.plc.published)
+    assert result.rows("runs")[0]["end_reason"] == "batch harvested"
+
+
+def test_advisory_mode_writes_recommendations_and_never_setpoints(tmp_path, mpc):
+    from controller.modes import RequestedMode
+
+    loaded = load_simulation(PLATFORM)
+    settings = TEST_SETTINGS.model_copy(update={"mode": RequestedMode.ADVISORY})
+    result = asyncio.run(run_runtime_against(loaded, tmp_path / "history.sqlite", mpc=mpc, settings=settings, stop_at_h=30.0))
+    writes = result.rows("writes")
+    assert writes and not _writes_with(writes, SP_SIGNALS)
+    snapshot = result.plc.snapshot()
+    last = result.rows("cycles")[-1]
+    assert {c["state"] for c in result.rows("cycles")} == {"advisory"}
+    applied = json.loads(last["applied"])
+    assert snapshot["MPC.Rec.Temperature"].value == pytest.approx(applied["temperature_degc"])
+    assert snapshot["MPC.Rec.HarvestTime"].value == pytest.approx(last["harvest_time_h"])
+    assert snapshot["MPC.Mode"].value == 1
+    assert snapshot["SP.Temperature"].value == loaded.batch.recipe.temperature_initial_degc
+
+
+def test_operator_remote_off_holds_the_runtime_and_it_resumes(tmp_path, mpc):
+    loaded = load_simulation(_scenario(tmp_path, "local", faults=[{"kind": "operator_local", "start_h": 10.0, "end_h": 16.0}]))
+    result = asyncio.run(run_runtime_against(loaded, tmp_path / "history.sqlite", mpc=mpc, stop_at_h=24.0))
+    states = {c["process_time_h"]: c["state"] for c in result.rows("cycles")}
+    assert all(states[float(h)] == "held" for h in range(10, 16))
+    assert all(states[float(h)] == "closed_loop" for h in [*range(0, 10), *range(16, 25)])
+    setpoint_writes = _writes_with(result.rows("writes"), SP_SIGNALS)
+    assert not [w for w in setpoint_writes if 10.0 <= w["process_time_h"] < 16.0]
+    assert {w["outcome"] for w in setpoint_writes} == {"ok"}
+    changes = [(c["previous"], c["state"], c["process_time_h"]) for c in result.rows("state_changes")]
+    assert ("closed_loop", "held", 10.0) in changes and ("held", "closed_loop", 16.0) in changes
+
+
+def test_lost_link_raises_an_alarm_writes_nothing_and_resumes(tmp_path, mpc):
+    loaded = load_simulation(PLATFORM)
+    cut: dict[str, float] = {}
+
+    async def pull_the_cable(report: CycleReport, plant: SimulatedPlant) -> None:
+        if report.record.process_time_h == 12.0:
+            await asyncio.sleep(0.05)  # after this cycle's heartbeat
+            await plant.proxy.cut()
+            cut["at_h"] = plant.plc.process_time_h
+            await plant.set_lockstep_timeout(0.3)  # the plant goes on without the runtime, as a real one would
+            await asyncio.sleep(2.0)
+            cut["until_h"] = plant.plc.process_time_h
+            await plant.set_lockstep_timeout(10.0)
+            await plant.proxy.start()
+
+    with structlog.testing.capture_logs() as logs:
+        result = asyncio.run(run_runtime_against(loaded, tmp_path / "history.sqlite", mpc=mpc, stop_at_h=36.0, on_cycle=pull_the_cable))
+    assert cut["until_h"] >= cut["at_h"] + 3.0, "the link must stay down for several cycles"
+    alarms = [a for a in result.rows("alarms") if a["code"] == "plc_link"]
+    assert [a["active"] for a in alarms] == [1, 0]
+    assert alarms[0]["process_time_h"] <= cut["at_h"] + 2.0
+    cycles = result.rows("cycles")
+    down = [c for c in cycles if cut["at_h"] < c["process_time_h"] < cut["until_h"]]
+    assert not down, "no cycle runs while the PLC cannot be read"
+    assert not [w for w in result.rows("writes") if cut["at_h"] < w["process_time_h"] < cut["until_h"] and w["outcome"] == "ok"]
+    # Back: the PLC's watchdog tripped while the runtime was away; the heartbeat re-enables remote and closed loop resumes.
+    after = [c for c in cycles if c["process_time_h"] >= cut["until_h"]]
+    assert after and after[-1]["state"] == "closed_loop" and after[-1]["wrote_setpoints"]
+    assert any(entry["event"] == "alarm_raised" and entry.get("code") == "plc_link" for entry in logs)
+    assert result.summary.link_losses == 1
+
+
+def test_bad_nan_stale_and_frozen_probes_and_a_lab_typo_are_rejected_not_used(tmp_path, mpc):
+    faults = [
+        {"kind": "probe", "tag": "PV.Capacitance", "mode": "bad", "start_h": 4.0},
+        {"kind": "probe", "tag": "PV.OUR", "mode": "nan", "start_h": 4.0, "end_h": 10.0},
+        {"kind": "probe", "tag": "PV.CER", "mode": "frozen", "start_h": 4.0},
+        {"kind": "probe", "tag": "PV.Temperature", "mode": "stale", "start_h": 4.0},
+        {"kind": "lab_value", "draw_index": 1, "field": "glucose_g_per_l", "factor": 10.0},
+    ]
+    loaded = load_simulation(_scenario(tmp_path, "probes", faults=faults))
+    quality = TEST_SETTINGS.quality.model_copy(update={"stale_after_s": 1.5})
+    settings = TEST_SETTINGS.model_copy(update={"quality": quality})
+    with structlog.testing.capture_logs() as logs:
+        result = asyncio.run(run_runtime_against(loaded, tmp_path / "history.sqlite", mpc=mpc, settings=settings, stop_at_h=40.0))
+    raised = {a["code"]: a["message"] for a in result.rows("alarms") if a["active"]}
+    assert raised["quality.PV.Capacitance"] == "Bad status"
+    assert raised["quality.PV.OUR"].startswith("non-finite")
+    assert raised["quality.PV.CER"].startswith("frozen")
+    assert raised["quality.PV.Temperature"].startswith("stale")
+    cleared = {a["code"] for a in result.rows("alarms") if not a["active"]}
+    assert "quality.PV.OUR" in cleared  # the NaN fault ended at 10 h
+    # A failed probe is not a critical input: the runtime kept control and the estimate stayed sane.
+    cycles = result.rows("cycles")
+    assert {c["state"] for c in cycles} == {"closed_loop"}
+    last = json.loads(cycles[-1]["estimate"])
+    true_vcd = result.plc.plant.state[0]
+    assert last["state"]["viable_cells"] == pytest.approx(true_vcd, rel=0.25)
+    assert last["state"]["glucose"] < 10.0
+    rejected = [entry for entry in logs if entry["event"] == "lab_value_rejected" and entry.get("field") == "glucose_g_per_l"]
+    assert rejected, "the glucose typo must be rejected, and say so"
+    # The history keeps the rejected probe values and their verdicts.
+    readings = result.rows("readings")
+    assert any(r["signal"] == "PV.Capacitance" and r["good"] == 0 and r["problem"] == "Bad status" for r in readings)
+
+
+def test_a_write_refused_as_out_of_range_is_reported_and_leads_to_fault(tmp_path, mpc):
+    """The PLC's temperature range is 37.5-38 °C; the runtime (rate-limited from 36.5 °C) can only ask for less."""
+    loaded = load_simulation(_scenario(tmp_path, "narrow", batch_changes={"equipment": {"temperature_min_degc": 37.5}}))
+    runtime_loaded = load_simulation(PLATFORM)
+    result = asyncio.run(run_runtime_against(loaded, tmp_path / "history.sqlite", mpc=mpc, runtime_loaded=runtime_loaded, stop_at_h=14.0))
+    refused = [w for w in result.rows("writes") if w["outcome"] == "refused"]
+    assert refused and all("SP.Temperature" in w["detail"] for w in refused)
+    assert result.plc.snapshot()["SP.Temperature"].value == loaded.batch.recipe.temperature_initial_degc, "the old setpoint stays"
+    states = [c["state"] for c in result.rows("cycles")]
+    assert states[:3] == ["closed_loop"] * 3 and states[3] == "fault"
+    assert "closed_loop" in states[4:], "after a few cycles in fault the runtime tries once more"
+    assert any(a["code"] == "write_failed" and a["active"] for a in result.rows("alarms"))
+    assert math.isfinite(result.summary.last_process_time_h)

@@ -1,0 +1,261 @@
+"""The PLC port over Modbus TCP (pymodbus client).
+
+- :meth:`ModbusPort.read` reads the tag map's blocks (one request per Modbus
+  table, split at the protocol's limits: :meth:`ModbusLayout.blocks`) and
+  decodes every mapped signal with the shared codec. Modbus carries no
+  timestamps (``source_time`` is None); a value whose quality bit is set reads
+  Bad, so does a non-finite real that has no quality bit, and a Bad real
+  reads NaN (its registers are meaningless), as over OPC UA.
+- :meth:`ModbusPort.write` encodes every value first (NaN, ±Inf, a value
+  outside its register type and a non-writable signal are refused before
+  anything is sent), then sends one request per signal: write multiple
+  registers (function 16) for a register value, so that a 32-bit value always
+  arrives whole, write single coil (function 5) for a bit. An exception
+  response refuses that signal only; the others are still written. Accepted
+  values are read back and compared register by register.
+- One request is in flight at a time (an :class:`asyncio.Lock`), each with a
+  timeout. pymodbus's own retries and automatic reconnection are disabled: a
+  write is never sent twice (a harvest request must not be repeated), and
+  after a link error the caller reads the PLC again and decides. A broken
+  client is dropped and replaced by a new one on the next :meth:`connect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import structlog
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusException
+from pymodbus.pdu import ModbusPDU
+
+from controller.ports import PlcLinkError, PlcWriteMismatchError, PlcWriteRefusedError, Reading, Value
+from interfaces.modbus_codec import Block, EncodedWrite, ModbusLayout, registers_by_address
+from interfaces.signals import SIGNALS, Kind
+from interfaces.tagmap import ModbusTagMap
+
+log = structlog.get_logger(__name__)
+
+EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    8: "memory parity error",
+    10: "gateway path unavailable",
+    11: "gateway target device failed to respond",
+}
+"""The Modbus exception codes (Modbus application protocol v1.1b3, section 7)."""
+_TABLE_NAMES = {"input": "input register", "holding": "holding register", "coil": "coil", "discrete": "discrete input"}
+_LINK_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError, ModbusException)
+RawTables = dict[str, dict[int, int | bool]]
+
+
+def exception_reason(code: int) -> str:
+    """How a refusal is named: ``exception 3 (illegal data value)``."""
+    return f"exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})"
+
+
+class ModbusPort:
+    """:class:`~controller.ports.PlcPort` over Modbus TCP."""
+
+    def __init__(self, tag_map: ModbusTagMap, *, host: str | None = None, port: int | None = None, timeout_s: float = 5.0) -> None:
+        if not timeout_s > 0.0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.tag_map = tag_map
+        self.host = host or tag_map.host
+        self.port = port if port is not None else tag_map.port
+        self.timeout_s = timeout_s
+        self._layout = ModbusLayout(tag_map)
+        self._blocks = self._layout.blocks()
+        self._client: AsyncModbusTcpClient | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return f"modbus-tcp://{self.host}:{self.port} unit {self.tag_map.unit_id}"
+
+    @property
+    def connected(self) -> bool:
+        """Whether a client is connected (as far as it knows: a silent PLC shows as a timeout on the next request)."""
+        return self._client is not None and self._client.connected
+
+    async def connect(self) -> None:
+        """Connect with a new client (a failed one is never reused)."""
+        async with self._lock:
+            self._drop_client()
+            client = AsyncModbusTcpClient(
+                self.host,
+                port=self.port,
+                name=f"bioreactor-mpc {self.host}:{self.port}",
+                timeout=self.timeout_s,
+                retries=0,  # a request is sent once: a write (a harvest request) must never be repeated
+                reconnect_delay=0,  # no automatic reconnection: the caller reconnects, with a new client
+            )
+            try:
+                connected = await asyncio.wait_for(client.connect(), self.timeout_s)
+            except _LINK_ERRORS as error:
+                client.close()
+                raise PlcLinkError(f"{self.endpoint}: cannot connect: {error!r}") from error
+            if not connected:
+                client.close()
+                raise PlcLinkError(f"{self.endpoint}: cannot connect (refused or timed out after {self.timeout_s} s)")
+            self._client = client
+        log.info("modbus_connected", host=self.host, port=self.port, unit_id=self.tag_map.unit_id)
+
+    async def close(self) -> None:
+        self._drop_client()
+
+    async def read(self) -> dict[str, Reading]:
+        """Every mapped signal, from one read request per block."""
+        async with self._lock:
+            raw = await self._read_blocks()
+        readings = {}
+        for name, decoded in self._layout.decode(raw).items():
+            value: Any = decoded.value
+            good = decoded.good
+            if SIGNALS[name].kind is Kind.REAL:
+                if self.tag_map.tags[name].bad_when is None and not math.isfinite(value):
+                    good = False  # without a quality bit, NaN is how a register says "no value" (Sample.TakenAt before the first result)
+                if not good:
+                    value = math.nan
+            readings[name] = Reading(value, good, None)
+        return readings
+
+    async def write(self, values: Mapping[str, Value]) -> None:
+        """Write each signal with its own request and verify the accepted ones by reading them back.
+
+        Raises :class:`KeyError` (not a writable signal of this map) or
+        :class:`ValueError` (not finite, wrong kind, outside its register
+        type) before anything is sent; :class:`PlcWriteRefusedError` naming
+        every signal the PLC answered with an exception (the others were
+        written); :class:`PlcWriteMismatchError` when an accepted value reads
+        back differently; :class:`PlcLinkError` when the link failed (the
+        message says which signals were written, which is unknown and which
+        were not sent).
+        """
+        encoded = {name: self._layout.encode(name, value) for name, value in values.items()}
+        refusals: dict[str, str] = {}
+        written: list[str] = []
+        async with self._lock:
+            for name, request in encoded.items():
+                unsent = [other for other in encoded if other not in written and other not in refusals]
+                try:
+                    client = self._link()
+                except PlcLinkError as error:
+                    raise PlcLinkError(f"{error}; {_progress(written, refusals, None, unsent)}") from error
+                try:
+                    response = await self._send(client, _write_call(request, self.tag_map.unit_id))
+                except PlcLinkError as error:
+                    raise PlcLinkError(f"{error}; {_progress(written, refusals, f'{name} ({_where(request)})', unsent[1:])}") from error
+                if response.isError():
+                    refusals[name] = exception_reason(int(getattr(response, "exception_code", 0)))
+                else:
+                    written.append(name)
+            if written:
+                try:
+                    raw = await self._read_blocks()
+                except PlcLinkError as error:
+                    raise PlcLinkError(f"{error}; written but not verified: {', '.join(written)}") from error
+                mismatched = [name for name in written if not _holds(raw, encoded[name])]
+                if mismatched:
+                    back = self._layout.decode(raw)
+                    details = "; ".join(f"{name} ({_where(encoded[name])}) wrote {values[name]!r}, reads {back[name].value!r}" for name in mismatched)
+                    raise PlcWriteMismatchError(f"{self.endpoint}: written values read back differently: {details}")
+        if refusals:
+            raise PlcWriteRefusedError(refusals)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _link(self) -> AsyncModbusTcpClient:
+        """The connected client, or :class:`PlcLinkError` (a client whose link the PLC closed is dropped)."""
+        client = self._client
+        if client is None:
+            raise PlcLinkError(f"{self.endpoint}: not connected")
+        if not client.connected:  # noticed before sending, rather than as a failed request
+            self._drop_client()
+            raise PlcLinkError(f"{self.endpoint}: the link was closed by the PLC")
+        return client
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    async def _send(self, client: AsyncModbusTcpClient, send: Callable[[AsyncModbusTcpClient], Awaitable[ModbusPDU]]) -> ModbusPDU:
+        """One request and its answer within the timeout; a link failure drops the client."""
+        try:
+            return await asyncio.wait_for(send(client), self.timeout_s)
+        except _LINK_ERRORS as error:
+            self._drop_client()
+            raise PlcLinkError(f"{self.endpoint}: no answer within {self.timeout_s} s or the link failed: {error!r}") from error
+
+    async def _read_blocks(self) -> RawTables:
+        raw: RawTables = {}
+        for block in self._blocks:
+            response = await self._send(self._link(), _read_call(block, self.tag_map.unit_id))
+            if response.isError():
+                reason = exception_reason(int(getattr(response, "exception_code", 0)))
+                raise PlcLinkError(
+                    f"{self.endpoint}: reading {_TABLE_NAMES[block.table]}s {block.start}-{block.start + block.count - 1} answered {reason}; "
+                    "does the tag map match the PLC?"
+                )
+            values = response.bits if block.table in ("coil", "discrete") else response.registers
+            try:
+                raw.setdefault(block.table, {}).update(registers_by_address(block, values))
+            except ValueError as error:  # a short answer
+                raise PlcLinkError(f"{self.endpoint}: {error}") from error
+        return raw
+
+
+def _read_call(block: Block, unit: int) -> Callable[[AsyncModbusTcpClient], Awaitable[ModbusPDU]]:
+    def send(client: AsyncModbusTcpClient) -> Awaitable[ModbusPDU]:
+        functions = {
+            "input": client.read_input_registers,
+            "holding": client.read_holding_registers,
+            "coil": client.read_coils,
+            "discrete": client.read_discrete_inputs,
+        }
+        return functions[block.table](block.start, count=block.count, device_id=unit)
+
+    return send
+
+
+def _write_call(request: EncodedWrite, unit: int) -> Callable[[AsyncModbusTcpClient], Awaitable[ModbusPDU]]:
+    def send(client: AsyncModbusTcpClient) -> Awaitable[ModbusPDU]:
+        if request.bit is not None:
+            return client.write_coil(request.address, request.bit, device_id=unit)
+        return client.write_registers(request.address, list(request.registers), device_id=unit)
+
+    return send
+
+
+def _progress(written: list[str], refusals: Mapping[str, str], in_flight: str | None, unsent: list[str]) -> str:
+    """What a write interrupted by a link failure did, for the caller who must read the PLC again."""
+    parts = []
+    if in_flight is not None:
+        parts.append(f"the write of {in_flight} may or may not have been applied")
+    if written:
+        parts.append(f"written: {', '.join(written)}")
+    if refusals:
+        parts.append(f"refused: {', '.join(refusals)}")
+    if unsent:
+        parts.append(f"not sent: {', '.join(unsent)}")
+    return "; ".join(parts) + "; read the PLC again"
+
+
+def _holds(raw: RawTables, request: EncodedWrite) -> bool:
+    """Whether the PLC holds exactly the registers (or the bit) that were written."""
+    table = raw[request.table]
+    if request.bit is not None:
+        return bool(table[request.address]) == request.bit
+    return all(int(table[request.address + i]) == register for i, register in enumerate(request.registers))
+
+
+def _where(request: EncodedWrite) -> str:
+    return f"{_TABLE_NAMES[request.table]} {request.address}"

@@ -15,6 +15,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("simulation_speed.py", []),
     ("solver_speed.py", ["--quick"]),
     ("closed_loop_scenarios.py", ["--quick"]),
+    ("runtime_speed.py", ["--protocol", "opcua"]),
 ]
 
 

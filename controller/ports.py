@@ -8,6 +8,7 @@ snapshot and writes signals by their logical names (:mod:`interfaces.signals`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -105,6 +106,10 @@ class CycleRecord:
     estimate: Mapping[str, Any]
     """States, their standard deviations and the parameter multipliers."""
     wrote_setpoints: bool
+    read_time_s: float = math.nan
+    """The scan's read request."""
+    write_time_s: float = math.nan
+    """The cycle's write requests before the heartbeat, read-backs included."""
 
 
 class HistoryStore(Protocol):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -186,6 +187,8 @@ class Runtime:
         self._next_cycle_h = 0.0
         self._last_time_h = math.nan
         self._link_up = False
+        self._read_time_s = math.nan
+        self._write_time_s = 0.0
 
     # ------------------------------------------------------------------ the loop
 
@@ -199,7 +202,9 @@ class Runtime:
                 try:
                     if not self.port.connected:
                         await self.port.connect()
+                    read_started = time.perf_counter()
                     readings = await self.port.read()
+                    self._read_time_s = time.perf_counter() - read_started
                 except PlcLinkError as error:
                     self._link_lost(error)
                     await _sleep_or_stop(stop, backoff_s)
@@ -325,6 +330,7 @@ class Runtime:
                 log.info("setpoints_filtered", process_time_h=now_h, adjustments=list(adjustments))
             applied = filtered.setpoints.as_dict()
         link_error: PlcLinkError | None = None
+        self._write_time_s = 0.0
         try:
             if decision is not None and applied is not None:
                 wrote_setpoints = await self._write_outputs(now_h, state, decision, applied)
@@ -350,6 +356,8 @@ class Runtime:
             solve_time_s=self.controller.solve_times_s[-1] if decision is not None and decision.source != "harvest" and self.controller.solve_times_s else math.nan,
             estimate=_estimate_summary(self.estimator),
             wrote_setpoints=wrote_setpoints,
+            read_time_s=self._read_time_s,
+            write_time_s=self._write_time_s,
         )
         resume = ResumeState(
             batch_id=self.batch.batch_id,
@@ -391,22 +399,23 @@ class Runtime:
 
     async def _write(self, now_h: float, values: Mapping[str, Value]) -> bool:
         """One write request, recorded whatever its outcome; never retried. A lost link propagates."""
+        started = time.perf_counter()
         try:
             await self.port.write(values)
-        except PlcWriteRefusedError as error:
-            self.history.record_write(now_h, values, "refused", str(error))
-            log.warning("write_refused", process_time_h=now_h, refusals=error.refusals)
+        except (PlcWriteRefusedError, PlcWriteMismatchError, PlcLinkError) as error:
+            self._write_time_s += time.perf_counter() - started
             self.summary.writes_failed += 1
+            if isinstance(error, PlcLinkError):
+                self.history.record_write(now_h, values, "link_error", str(error))
+                raise
+            if isinstance(error, PlcWriteRefusedError):
+                self.history.record_write(now_h, values, "refused", str(error))
+                log.warning("write_refused", process_time_h=now_h, refusals=error.refusals)
+            else:
+                self.history.record_write(now_h, values, "mismatch", str(error))
+                log.error("write_mismatch", process_time_h=now_h, error=str(error))
             return False
-        except PlcWriteMismatchError as error:
-            self.history.record_write(now_h, values, "mismatch", str(error))
-            log.error("write_mismatch", process_time_h=now_h, error=str(error))
-            self.summary.writes_failed += 1
-            return False
-        except PlcLinkError as error:
-            self.history.record_write(now_h, values, "link_error", str(error))
-            self.summary.writes_failed += 1
-            raise
+        self._write_time_s += time.perf_counter() - started
         self.history.record_write(now_h, values, "ok")
         self.summary.writes_ok += 1
         return True

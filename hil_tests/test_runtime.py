@@ -20,7 +20,7 @@ from controller.kpis import BatchKpis
 from controller.mpc import EconomicMpc
 from controller.runtime import CycleReport
 from interfaces.signals import SIGNALS
-from plant_models.cho import CultureModel
+from plant_models.cho import STATE_INDEX, CultureModel
 from runtime_harness import TEST_SETTINGS, SimulatedPlant, run_runtime_against
 from simulator.batch import kpis_of
 from simulator.closed_loop import estimator_source, run_controlled_batch
@@ -200,3 +200,84 @@ def test_a_write_refused_as_out_of_range_is_reported_and_leads_to_fault(tmp_path
     assert "closed_loop" in states[4:], "after a few cycles in fault the runtime tries once more"
     assert any(a["code"] == "write_failed" and a["active"] for a in result.rows("alarms"))
     assert math.isfinite(result.summary.last_process_time_h)
+
+
+def test_runtime_killed_mid_batch_the_watchdog_takes_over_and_a_restart_resumes(tmp_path):
+    """kill -9 at 20 h: the PLC's watchdog trips and its recipe runs; restarted, the runtime resumes from its history."""
+    import signal
+    import sys
+
+    from interfaces.history import SqliteHistory
+    from runtime_harness import TAG_MAPS, SimulatedPlant, TcpProxy, free_port
+    from simulator.batch import build_simulated_plc
+    from simulator.opcua_server import OpcUaPlcServer
+    from simulator.plc import PHASE_RUNNING
+
+    history_path = tmp_path / "history.sqlite"
+    config = yaml.safe_load((REPO / "configs" / "runtime" / "reference-opcua.yaml").read_text())
+    for key in ("tag_map", "batch", "model"):
+        config[key] = str((REPO / "configs" / "runtime" / config[key]).resolve())
+    config.update(history=str(history_path), poll_interval_s=0.01, reconnect_initial_s=0.05, reconnect_max_s=0.3)
+    config_path = tmp_path / "runtime.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    runtime_command = [sys.executable, "-m", "bioreactor_mpc", "--log-json", "run", "--config", str(config_path)]
+    seen: dict[str, float] = {}
+
+    async def wait_until(condition: Any, timeout_s: float, what: str) -> None:
+        for _ in range(int(timeout_s / 0.05)):
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def scenario() -> None:
+        plc, _ = build_simulated_plc(load_simulation(PLATFORM))
+        plc.lockstep = True
+        port = free_port()
+        server = OpcUaPlcServer(plc, TAG_MAPS["opcua"], endpoint=f"opc.tcp://127.0.0.1:{port}/bioreactor-mpc/")
+        await server.start()
+        plant = SimulatedPlant(plc, server, TcpProxy(port), lockstep_timeout_s=30.0)
+        command = [*runtime_command, "--endpoint", server.endpoint]
+        try:
+            with (tmp_path / "run1.log").open("wb") as log1:
+                first = await asyncio.create_subprocess_exec(*command, stdout=log1, stderr=asyncio.subprocess.STDOUT)
+                await wait_until(lambda: plc.process_time_h >= 20.0, 120.0, "the first runtime to reach 20 h")
+                first.send_signal(signal.SIGKILL)
+                await first.wait()
+            seen["killed_h"] = plc.process_time_h
+            await plant.set_lockstep_timeout(0.2)  # the runtime is gone: the plant goes on, as a real one would
+            await wait_until(lambda: plc.process_time_h >= seen["killed_h"] + 4.0, 30.0, "the plant to run on")
+            await plant.set_lockstep_timeout(30.0)
+            assert plc.watchdog_tripped and not plc.remote_enabled
+            recipe = plc.recipe.setpoints(plc.process_time_h, volume_l=float(plc.plant.state[STATE_INDEX['volume']]))
+            scan = plc.snapshot()
+            assert scan["SP.Temperature"].value == pytest.approx(recipe.temperature_degc) and scan["SP.FeedRate"].value == pytest.approx(recipe.feed_rate_lph)
+            seen["restarted_h"] = plc.process_time_h
+            with (tmp_path / "run2.log").open("wb") as log2:
+                second = await asyncio.create_subprocess_exec(*command, stdout=log2, stderr=asyncio.subprocess.STDOUT)
+                await wait_until(lambda: plc.process_time_h >= seen["restarted_h"] + 8.0 and plc.remote_enabled, 120.0, "the second runtime to take over")
+                second.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(second.wait(), 30.0) == 0
+            assert plc.phase == PHASE_RUNNING
+        finally:
+            await plant.stop_clock()
+            await server.stop()
+
+    asyncio.run(scenario())
+    history = SqliteHistory(history_path)
+    runs = history.table("runs")
+    assert len(runs) == 2 and runs[0]["end_reason"] is None and runs[1]["end_reason"] == "stopped"
+    cycles = history.table("cycles")
+    times = [c["process_time_h"] for c in cycles]
+    assert times == sorted(set(times)), "every boundary at most once, in order"
+    first_run = [c for c in cycles if c["run_id"] == 1]
+    second_run = [c for c in cycles if c["run_id"] == 2]
+    assert first_run[-1]["process_time_h"] >= 19.0, "the cycles before the kill are all in the history"
+    assert second_run[0]["process_time_h"] >= seen["restarted_h"], "nothing computed before the restart is sent after it"
+    assert not [w for w in history.table("writes") if w["run_id"] == 2 and w["process_time_h"] < seen["restarted_h"]]
+    before, after = json.loads(first_run[-1]["estimate"])["multipliers"], json.loads(second_run[0]["estimate"])["multipliers"]
+    assert any(abs(m - 1.0) > 1e-3 for m in before.values()), "the first run must have adapted its parameters"
+    assert after == pytest.approx(before, rel=0.05), "the restarted runtime resumes the estimator, not a fresh one"
+    assert second_run[0]["state"] == "held" and second_run[-1]["state"] == "closed_loop" and second_run[-1]["wrote_setpoints"]
+    log_text = (tmp_path / "run2.log").read_text()
+    assert "runtime_resumed" in log_text

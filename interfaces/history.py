@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS cycles (
     id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, process_time_h REAL NOT NULL, wall_utc TEXT NOT NULL,
     state TEXT NOT NULL, reason TEXT NOT NULL, source TEXT NOT NULL, requested TEXT, applied TEXT, adjustments TEXT,
     harvest_time_h REAL, predicted_titer_g_per_l REAL, predicted_score_g_per_day REAL, solve_time_s REAL,
-    estimate TEXT, wrote_setpoints INTEGER NOT NULL);
+    estimate TEXT, wrote_setpoints INTEGER NOT NULL, read_time_s REAL, write_time_s REAL);
 CREATE TABLE IF NOT EXISTS writes (
     run_id INTEGER NOT NULL, process_time_h REAL NOT NULL, wall_utc TEXT NOT NULL, "values" TEXT NOT NULL,
     outcome TEXT NOT NULL, detail TEXT);
@@ -173,12 +173,15 @@ class SqliteHistory:
             _real(record.solve_time_s),
             _json(record.estimate),
             int(record.wrote_setpoints),
+            _real(record.read_time_s),
+            _real(record.write_time_s),
         )
         try:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 "INSERT INTO cycles (run_id, process_time_h, wall_utc, state, reason, source, requested, applied, adjustments, harvest_time_h, "
-                "predicted_titer_g_per_l, predicted_score_g_per_day, solve_time_s, estimate, wrote_setpoints) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "predicted_titer_g_per_l, predicted_score_g_per_day, solve_time_s, estimate, wrote_setpoints, read_time_s, write_time_s) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 cycle,
             )
             self._db.execute(

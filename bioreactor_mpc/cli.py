@@ -89,6 +89,7 @@ def _schema(args: argparse.Namespace, console: Console) -> int:
     import json
 
     from controller.config import BatchConfig
+    from controller.runtime import RuntimeConfig
     from interfaces.tagmap import ModbusTagMap, OpcUaTagMap
     from plant_models.parameters import CultureParameters
     from simulator.config import SimulationConfig
@@ -100,6 +101,7 @@ def _schema(args: argparse.Namespace, console: Console) -> int:
         ("simulation", SimulationConfig),
         ("tag-map-opcua", OpcUaTagMap),
         ("tag-map-modbus", ModbusTagMap),
+        ("runtime", RuntimeConfig),
     )
     for name, model in models:
         path = args.output_dir / f"{name}.schema.json"

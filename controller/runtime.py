@@ -58,7 +58,7 @@ from plant_models.parameters import CultureParameters, parameter_vector
 
 log = structlog.get_logger(__name__)
 
-PHASE_RUNNING, PHASE_HARVESTED = 1, 2
+PHASE_IDLE, PHASE_RUNNING, PHASE_HARVESTED = 0, 1, 2
 TIME_TOLERANCE_H = 1e-6
 UINT32_MAX = 2**32 - 1
 RECOMMENDATION_SIGNALS = ("MPC.Rec.FeedRate", "MPC.Rec.GlucoseRate", "MPC.Rec.Temperature")
@@ -220,6 +220,9 @@ class Runtime:
                 if phase.good and int(phase.value) == PHASE_HARVESTED:  # type: ignore[arg-type]
                     self.summary.end_reason = "batch harvested"
                     break
+                if phase.good and int(phase.value) == PHASE_IDLE:  # type: ignore[arg-type]
+                    await _sleep_or_stop(stop, self.settings.poll_interval_s)  # not inoculated yet: nothing to control
+                    continue
                 clock = readings["Status.ProcessTime"]
                 now_h = float(clock.value) if clock.good and not isinstance(clock.value, str) else math.nan  # type: ignore[arg-type]
                 if math.isfinite(now_h) and now_h >= self._next_cycle_h - TIME_TOLERANCE_H:

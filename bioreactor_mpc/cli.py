@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     plc_sim.add_argument("--lockstep-timeout-s", type=float, default=30.0, help="wall seconds a lockstep pause waits for the heartbeat (default 30)")
     plc_sim.add_argument("--report-dir", type=Path, default=None, help="at harvest, write the true trajectories, KPIs and plot here")
     plc_sim.add_argument("--report-stem", default=None, help="file name stem of the report (default: <batch>-seed<seed>-plc-sim)")
+    plc_sim.add_argument("--local", action="store_true", help="the operator's switch in local: the PLC runs its own recipe and refuses SP.* writes")
     plc_sim.add_argument("--linger-s", type=float, default=3.0, help="keep serving this long after harvest, so clients read the final phase (default 3)")
 
     run = commands.add_parser("run", help="run the runtime against a PLC until the batch is harvested")
@@ -128,6 +129,8 @@ def _plc_sim(args: argparse.Namespace, console: Console) -> int:
     loaded = load_simulation(args.scenario, seed=args.seed)
     plc, _ = build_simulated_plc(loaded)
     plc.lockstep = args.time_scale is None
+    if args.local:
+        plc.set_operator_remote(False)
 
     async def serve() -> None:
         server = _plc_server(args.protocol, plc, tag_map, args.endpoint)

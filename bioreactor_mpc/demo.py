@@ -1,7 +1,8 @@
 """``bioreactor-mpc demo``: the simulated PLC in its own process, the runtime against it over the network, and the batch report.
 
 The simulated PLC (``bioreactor-mpc plc-sim --lockstep``) runs as a child
-process on a free 127.0.0.1 port, exactly as a test PLC would; the runtime
+process on a free 127.0.0.1 port, exactly as a test PLC would (in advisory and off
+modes with its operator switch in local, so it runs its own recipe); the runtime
 connects to it through the default runtime config of the protocol
 (``configs/runtime/reference-<protocol>.yaml``) with only the endpoint and the
 history file overridden. At harvest the simulator writes its true
@@ -75,6 +76,8 @@ def run_demo(
     log_path = output_dir / f"{stem}-plc-sim.log"
     command = [sys.executable, "-m", "bioreactor_mpc", "--log-json", "plc-sim", "--protocol", protocol, "--lockstep", "--endpoint", endpoint]
     command += ["--scenario", str(scenario), "--seed", str(seed_used), "--lockstep-timeout-s", str(lockstep_timeout_s), "--report-dir", str(plant_dir), "--report-stem", stem]
+    if mode is not RequestedMode.CLOSED_LOOP:
+        command.append("--local")  # nobody writes setpoints: the operator runs the PLC's own recipe and reads the recommendations
     started = time.monotonic()
     console.print(f"starting the simulated PLC ({protocol}, lockstep) on {endpoint}; its log: {log_path}", highlight=False)
     with log_path.open("wb") as log_file:
@@ -95,10 +98,10 @@ def run_demo(
     recipe = run_recipe_batch(loaded_sim).kpis
     console.print(kpi_table({f"runtime ({mode.value}, {protocol})": kpis, "recipe, same batch": recipe}, f"{stem}; harvest: {report['harvest_reason']}"))
     gain = 100.0 * (kpis.score_g_per_day / recipe.score_g_per_day - 1.0)
-    console.print(f"score: {kpis.score_g_per_day:.1f} g/day against the recipe's {recipe.score_g_per_day:.1f} g/day on the same batch ({gain:+.1f} %)", highlight=False)
+    console.print(f"score: {kpis.score_g_per_day:.1f} g/day against the recipe's {recipe.score_g_per_day:.1f} g/day on the same batch ({gain:+.1f} %)", highlight=False, soft_wrap=True)
     print_summary(summary, history_path, console)
     for kind, path in report["files"].items():
-        console.print(f"{kind + ':':14s}{path}")
+        console.print(f"{kind + ':':14s}{path}", soft_wrap=True)
     console.print(f"demo took {time.monotonic() - started:.0f} s", highlight=False)
     return 0
 

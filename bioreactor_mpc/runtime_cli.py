@@ -68,6 +68,7 @@ class ProgressPrinter:
             f"day {r.process_time_h / 24:5.2f}  {r.state:11s}  VCD {x['viable_cells']:5.2f}±{sd['viable_cells']:.2f}  glucose {x['glucose']:4.2f}  "
             f"titer {x['titer']:4.2f} g/L  volume {x['volume']:6.0f} L  |  {setpoints} ({wrote})  harvest {r.harvest_time_h:5.0f} h{alarms}",
             highlight=False,
+        soft_wrap=True,
             soft_wrap=True,
         )
 
@@ -104,14 +105,15 @@ async def run_runtime(loaded: LoadedRuntime, *, endpoint: str | None, console: C
 
 def print_summary(summary: RunSummary, history_path: Path, console: Console) -> None:
     solves = np.asarray(summary.solve_times_s)
-    console.print(f"runtime: {summary.cycles} cycles, ended: {summary.end_reason}; states {summary.states}; decisions {summary.decisions}", highlight=False)
+    console.print(f"runtime: {summary.cycles} cycles, ended: {summary.end_reason}; states {summary.states}; decisions {summary.decisions}", highlight=False, soft_wrap=True)
     console.print(
         f"writes: {summary.writes_ok} verified, {summary.writes_failed} failed; link losses {summary.link_losses}"
         + (f"; resumed from {summary.resumed_from_h:.0f} h" if summary.resumed_from_h is not None else ""),
         highlight=False,
+        soft_wrap=True,
     )
     if solves.size:
-        console.print(f"solver: median {1000 * np.median(solves):.0f} ms, p95 {1000 * np.percentile(solves, 95):.0f} ms, max {1000 * solves.max():.0f} ms", highlight=False)
-    console.print(f"history:      {history_path}")
+        console.print(f"solver: median {1000 * np.median(solves):.0f} ms, p95 {1000 * np.percentile(solves, 95):.0f} ms, max {1000 * solves.max():.0f} ms", highlight=False, soft_wrap=True)
+    console.print(f"history:      {history_path}", soft_wrap=True)
 
 

@@ -22,7 +22,7 @@ from controller.runtime import CycleReport
 from interfaces.signals import SIGNALS
 from plant_models.cho import STATE_INDEX, CultureModel
 from runtime_harness import TEST_SETTINGS, SimulatedPlant, run_runtime_against
-from simulator.batch import kpis_of
+from simulator.batch import kpis_of, run_recipe_batch
 from simulator.closed_loop import estimator_source, run_controlled_batch
 from simulator.config import load_simulation
 
@@ -90,22 +90,30 @@ def test_closed_loop_batch_over_the_network_scores_as_in_process(protocol, tmp_p
     assert result.rows("runs")[0]["end_reason"] == "batch harvested"
 
 
-def test_advisory_mode_writes_recommendations_and_never_setpoints(tmp_path, mpc):
+def test_a_whole_advisory_batch_over_modbus_recommends_and_leaves_the_plant_to_its_recipe(tmp_path, mpc):
+    """Advisory mode with the PLC in local: the runtime writes only MPC.*, and the batch is the recipe's, to the gram."""
     from controller.modes import RequestedMode
 
-    loaded = load_simulation(PLATFORM)
+    loaded = load_simulation(_scenario(tmp_path, "advisory", batch_changes=None))
     settings = TEST_SETTINGS.model_copy(update={"mode": RequestedMode.ADVISORY})
-    result = asyncio.run(run_runtime_against(loaded, tmp_path / "history.sqlite", mpc=mpc, settings=settings, stop_at_h=30.0))
+
+    def operator_in_local(report: CycleReport, plant: SimulatedPlant) -> None:
+        plant.plc.set_operator_remote(False)
+
+    result = asyncio.run(run_runtime_against(loaded, tmp_path / "history.sqlite", protocol="modbus", mpc=mpc, settings=settings, on_cycle=operator_in_local))
+    recipe = run_recipe_batch(loaded).kpis
+    advisory = kpis_of(result.plc.plant.trajectory(), loaded.batch)
+    assert advisory.score_g_per_day == pytest.approx(recipe.score_g_per_day, rel=1e-9)
     writes = result.rows("writes")
-    assert writes and not _writes_with(writes, SP_SIGNALS)
+    assert writes and not _writes_with(writes, SP_SIGNALS) and {w["outcome"] for w in writes} == {"ok"}
+    cycles = result.rows("cycles")
+    assert {c["state"] for c in cycles} == {"advisory"} and len(cycles) == result.summary.cycles >= 330
     snapshot = result.plc.snapshot()
-    last = result.rows("cycles")[-1]
-    assert {c["state"] for c in result.rows("cycles")} == {"advisory"}
+    last = cycles[-1]
     applied = json.loads(last["applied"])
-    assert snapshot["MPC.Rec.Temperature"].value == pytest.approx(applied["temperature_degc"])
-    assert snapshot["MPC.Rec.HarvestTime"].value == pytest.approx(last["harvest_time_h"])
+    assert snapshot["MPC.Rec.Temperature"].value == pytest.approx(applied["temperature_degc"], abs=1e-4)  # float32 registers
     assert snapshot["MPC.Mode"].value == 1
-    assert snapshot["SP.Temperature"].value == loaded.batch.recipe.temperature_initial_degc
+    assert all(math.isfinite(c["predicted_titer_g_per_l"]) for c in cycles[:-1] if c["source"] == "mpc")
 
 
 def test_operator_remote_off_holds_the_runtime_and_it_resumes(tmp_path, mpc):

@@ -166,14 +166,10 @@ def _plc_server(protocol: str, plc: Any, tag_map: Any, endpoint: str | None) -> 
         from simulator.opcua_server import OpcUaPlcServer
 
         return OpcUaPlcServer(plc, tag_map, endpoint=endpoint)
+    from interfaces.modbus_port import parse_endpoint
     from simulator.modbus_server import ModbusPlcServer
 
-    host, port = None, None
-    if endpoint is not None:
-        host, _, port_text = endpoint.rpartition(":")
-        if not host or not port_text.isdigit():
-            raise BioreactorMPCError(f"--endpoint {endpoint!r}: a Modbus endpoint is host:port, e.g. 127.0.0.1:5020")
-        port = int(port_text)
+    host, port = parse_endpoint(endpoint) if endpoint is not None else (None, None)
     return ModbusPlcServer(plc, tag_map, host=host, port=port)
 
 

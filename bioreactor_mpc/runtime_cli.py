@@ -29,14 +29,9 @@ def make_port(tag_map_path: Path, *, endpoint: str | None, timeout_s: float, all
         return OpcUaPort(tag_map, endpoint=endpoint, timeout_s=timeout_s, allow_insecure=allow_insecure)
     if not isinstance(tag_map, ModbusTagMap):
         raise ConfigError(f"{tag_map_path}: unsupported protocol")
-    from interfaces.modbus_port import ModbusPort
+    from interfaces.modbus_port import ModbusPort, parse_endpoint
 
-    host, port = None, None
-    if endpoint is not None:
-        host, _, port_text = endpoint.rpartition(":")
-        if not host or not port_text.isdigit():
-            raise ConfigError(f"--endpoint {endpoint!r}: a Modbus endpoint is host:port, e.g. 127.0.0.1:5020")
-        port = int(port_text)
+    host, port = parse_endpoint(endpoint) if endpoint is not None else (None, None)
     return ModbusPort(tag_map, host=host, port=port, timeout_s=timeout_s)
 
 

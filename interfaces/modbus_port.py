@@ -36,6 +36,7 @@ from controller.ports import PlcLinkError, PlcWriteMismatchError, PlcWriteRefuse
 from interfaces.modbus_codec import Block, EncodedWrite, ModbusLayout, registers_by_address
 from interfaces.signals import SIGNALS, Kind
 from interfaces.tagmap import ModbusTagMap
+from plant_models.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +55,14 @@ EXCEPTION_NAMES = {
 _TABLE_NAMES = {"input": "input register", "holding": "holding register", "coil": "coil", "discrete": "discrete input"}
 _LINK_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError, ModbusException)
 RawTables = dict[str, dict[int, int | bool]]
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """``host:port`` (how a Modbus endpoint is given on the command line) as its two parts."""
+    host, _, port_text = endpoint.rpartition(":")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"Modbus endpoint {endpoint!r}: expected host:port, e.g. 127.0.0.1:5020")
+    return host, int(port_text)
 
 
 def exception_reason(code: int) -> str:

@@ -63,7 +63,6 @@ class ProgressPrinter:
             f"day {r.process_time_h / 24:5.2f}  {r.state:11s}  VCD {x['viable_cells']:5.2f}±{sd['viable_cells']:.2f}  glucose {x['glucose']:4.2f}  "
             f"titer {x['titer']:4.2f} g/L  volume {x['volume']:6.0f} L  |  {setpoints} ({wrote})  harvest {r.harvest_time_h:5.0f} h{alarms}",
             highlight=False,
-        soft_wrap=True,
             soft_wrap=True,
         )
 

@@ -81,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="where the report and the history go (default: runs/demo)")
     demo.add_argument("--lockstep-timeout-s", type=float, default=30.0, help="wall seconds the simulated PLC waits for the heartbeat (default 30)")
 
+    certs = commands.add_parser("certs", help="make the runtime's OPC UA application instance certificate and key (docs/opcua-security.md)")
+    certs.add_argument("--cert", type=Path, required=True, help="certificate file to write (DER; PEM if it ends in .pem)")
+    certs.add_argument("--key", type=Path, required=True, help="private key file to write (PEM, mode 0600)")
+    certs.add_argument("--common-name", required=True, help="the certificate's common name, e.g. 'bioreactor-mpc edge01'")
+    certs.add_argument("--application-uri", required=True, help="the OPC UA application URI, e.g. urn:edge01:bioreactor-mpc")
+    certs.add_argument("--hostname", action="append", default=[], help="a DNS name or IP address of this machine (repeatable)")
+    certs.add_argument("--organization", default=None, help="the certificate's organisation")
+    certs.add_argument("--days", type=int, default=730, help="validity in days (default 730)")
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+
     schema = commands.add_parser("schema", help="write JSON Schemas of the config files, for editors that check YAML")
     schema.add_argument("--output-dir", type=Path, default=Path("runs/schema"), help="where the schemas go (default: runs/schema)")
     return parser
@@ -171,6 +181,31 @@ def _plc_server(protocol: str, plc: Any, tag_map: Any, endpoint: str | None) -> 
 
     host, port = parse_endpoint(endpoint) if endpoint is not None else (None, None)
     return ModbusPlcServer(plc, tag_map, host=host, port=port)
+
+
+def _certs(args: argparse.Namespace, console: Console) -> int:
+    from interfaces.opcua_certificates import create_certificate, describe
+
+    if not args.hostname:
+        raise BioreactorMPCError("--hostname: give at least one DNS name or IP address of this machine")
+    try:
+        certificate = create_certificate(
+            args.cert,
+            args.key,
+            common_name=args.common_name,
+            application_uri=args.application_uri,
+            hostnames=args.hostname,
+            days=args.days,
+            organization=args.organization,
+            overwrite=args.force,
+        )
+    except FileExistsError as error:
+        raise BioreactorMPCError(f"{error.filename}: exists; nothing written (--force replaces it)") from error
+    except ValueError as error:
+        raise BioreactorMPCError(str(error)) from error
+    console.print(f"certificate: {args.cert}\nprivate key: {args.key} (mode 0600)\n{describe(certificate)}", highlight=False, soft_wrap=True)
+    console.print("import the certificate into the PLC's trusted certificates and compare the fingerprint the PLC shows", highlight=False, soft_wrap=True)
+    return 0
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
@@ -281,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, console)
         if args.command == "demo":
             return _demo(args, console)
+        if args.command == "certs":
+            return _certs(args, console)
     except BioreactorMPCError as error:
         print(f"bioreactor-mpc {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

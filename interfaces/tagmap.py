@@ -8,20 +8,30 @@ reference interface exactly (``shared/reference-plc.md``):
 Scaling: engineering value = raw value × ``scale`` + ``offset``, for real
 signals only (the runtime works in the reference units of
 :data:`interfaces.signals.SIGNALS`).
+
+OPC UA security (:class:`OpcUaSecurity`, the map's optional ``security``
+section): the mode, the policy, the client certificate and key, the directory
+of trusted server certificates, and *where* the user credentials are (names
+of environment variables, a password file), never the credentials themselves.
+Relative paths are relative to the tag map file. See docs/opcua-security.md.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from interfaces.signals import SIGNALS, Kind
-from plant_models.config_loading import FrozenConfig, read_yaml_mapping, validate_model
+from plant_models.config_loading import FrozenConfig, format_validation_error, read_yaml_mapping
 from plant_models.errors import ConfigError
 
+SecurityMode = Literal["sign_and_encrypt", "sign", "none"]
+SecurityPolicyName = Literal["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
 OpcUaType = Literal["double", "float", "uint32", "int32", "uint16", "int16", "boolean", "string"]
 ModbusType = Literal["float32", "float64", "uint16", "int16", "uint32", "int32", "string", "bool"]
 ModbusTable = Literal["input", "holding", "coil", "discrete"]
@@ -108,11 +118,117 @@ def _check_signal_names(names: list[str], *, kinds: dict[str, str], scaled: dict
         raise ValueError("; ".join(problems))
 
 
+_SECRET_FIELDS = ("password", "passwd", "username", "user")
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def _refuse_secrets(data: Any) -> None:
+    """Refuse a credential written into the map itself, without echoing its value."""
+    if isinstance(data, dict):
+        for name in _SECRET_FIELDS:
+            if name in data:
+                kind = "password" if name.startswith("pass") else "user name"
+                instead = "security.password_env or security.password_file" if kind == "password" else "security.username_env"
+                raise ValueError(
+                    f"{name}: a {kind} is never read from the tag map (a YAML file ends up in backups and version control); "
+                    f"remove it and give {instead} (see docs/opcua-security.md)"
+                )
+
+
+def check_endpoint_has_no_credentials(endpoint: str) -> str:
+    """An ``opc.tcp://user:password@host`` URL would smuggle credentials past the rules; it is refused."""
+    if "@" in urlsplit(endpoint).netloc:
+        raise ValueError("the endpoint URL must not hold a user name or password (user@host); give them as security.username_env / password_env")
+    return endpoint
+
+
+class OpcUaSecurity(FrozenConfig):
+    """How the runtime secures its OPC UA link (the tag map's ``security`` section).
+
+    ``sign_and_encrypt`` (the default) or ``sign`` need ``certificate``,
+    ``private_key`` and ``trust_store``; ``none`` needs the runtime's explicit
+    insecure opt-in and carries no credentials. Credentials are read when
+    connecting: the user name from the environment variable
+    ``username_env``, the password from the environment variable
+    ``password_env`` or the file ``password_file`` (one of the two).
+    """
+
+    mode: SecurityMode = Field(default="sign_and_encrypt", description="message security: sign_and_encrypt, sign, or none (needs the insecure opt-in)")
+    policy: SecurityPolicyName = Field(default="Basic256Sha256", description="security policy: Basic256Sha256, Aes128_Sha256_RsaOaep or Aes256_Sha256_RsaPss")
+    certificate: Path | None = Field(default=None, description="the runtime's application instance certificate, DER or PEM (relative to the tag map file)")
+    private_key: Path | None = Field(default=None, description="the certificate's unencrypted RSA private key, PEM or DER, mode 0600 (relative to the tag map file)")
+    trust_store: Path | None = Field(default=None, description="directory of trusted server (or CA) certificates, *.der or *.pem (relative to the tag map file)")
+    username_env: str | None = Field(default=None, pattern=_ENV_NAME, description="name of the environment variable holding the OPC UA user name")
+    password_env: str | None = Field(default=None, pattern=_ENV_NAME, description="name of the environment variable holding the password")
+    password_file: Path | None = Field(default=None, description="file holding the password on its first line, mode 0600 (relative to the tag map file)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: Any) -> Any:
+        _refuse_secrets(data)
+        if isinstance(data, dict):
+            # Checked here rather than by the field's pattern, whose error would echo the value: a password
+            # written where the variable's name belongs must not end up in a log.
+            for name in ("username_env", "password_env"):
+                value = data.get(name)
+                if value is not None and not (isinstance(value, str) and re.fullmatch(_ENV_NAME, value)):
+                    raise ValueError(
+                        f"{name}: expected the name of an environment variable (letters, digits and _, not starting with a digit), "
+                        f"such as OPCUA_PASSWORD; the value given is not shown"
+                    )
+        return data
+
+    @field_validator("certificate", "private_key", "trust_store", "password_file")
+    @classmethod
+    def _relative_to_the_map(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+        if path is None or path.is_absolute() or base is None:
+            return path
+        return Path(base) / path
+
+    @model_validator(mode="after")
+    def _complete(self) -> OpcUaSecurity:
+        if self.mode != "none":
+            missing = [name for name in ("certificate", "private_key", "trust_store") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"mode '{self.mode}' needs {', '.join(missing)} (the client certificate, its key and the directory of trusted server certificates)")
+        if self.password_env is not None and self.password_file is not None:
+            raise ValueError("give the password in one place: password_env or password_file, not both")
+        has_password = self.password_env is not None or self.password_file is not None
+        if has_password != (self.username_env is not None):
+            raise ValueError("a user name (username_env) and a password (password_env or password_file) go together; give both or neither (anonymous)")
+        if self.mode == "none" and self.username_env is not None:
+            raise ValueError("mode 'none' would send the password in clear text; credentials need sign_and_encrypt (or sign)")
+        return self
+
+    @property
+    def secured(self) -> bool:
+        """Whether the mode signs (and encrypts): the port then needs no insecure opt-in."""
+        return self.mode != "none"
+
+
 class OpcUaTagMap(FrozenConfig):
     protocol: Literal["opcua"]
     endpoint: str = Field(pattern=r"^opc\.tcp://", description="server endpoint URL, e.g. opc.tcp://127.0.0.1:4840/bioreactor")
     namespace_uri: str = Field(min_length=1, description="namespace of the node ids; its index is resolved from the server, never assumed")
+    security: OpcUaSecurity | None = Field(
+        default=None,
+        description="OPC UA security: mode, policy, certificate, private_key, trust_store, username_env, password_env or password_file (docs/opcua-security.md); "
+        "without it the port connects only with the explicit insecure opt-in",
+    )
     tags: dict[str, OpcUaTag]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: Any) -> Any:
+        _refuse_secrets(data)
+        if isinstance(data, dict) and isinstance(data.get("endpoint"), str):
+            # Here rather than in a field validator, whose error would echo the URL and its password.
+            try:
+                check_endpoint_has_no_credentials(data["endpoint"])
+            except ValueError as error:
+                raise ValueError(f"endpoint: {error}") from None
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> OpcUaTagMap:
@@ -167,11 +283,19 @@ TagMap = OpcUaTagMap | ModbusTagMap
 
 
 def load_tag_map(path: str | Path) -> TagMap:
-    """Load a tag map; its ``protocol`` field (``opcua`` or ``modbus``) chooses the schema."""
+    """Load a tag map; its ``protocol`` field (``opcua`` or ``modbus``) chooses the schema.
+
+    Relative paths in the map (the OPC UA security files) are resolved against
+    the map file's directory, so a map and its certificates move together.
+    """
     path = Path(path)
     data = read_yaml_mapping(path)
     protocol = data.get("protocol")
     models: dict[str, type[OpcUaTagMap] | type[ModbusTagMap]] = {"opcua": OpcUaTagMap, "modbus": ModbusTagMap}
     if protocol not in models:
         raise ConfigError(f"{path}: protocol: expected 'opcua' or 'modbus'; got {protocol!r}")
-    return validate_model(models[protocol], data, source=str(path))
+    model = models[protocol]
+    try:
+        return model.model_validate(data, context={"base_dir": path.resolve().parent})
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, model, source=str(path))) from None

@@ -10,30 +10,112 @@ equipment's range, and the old value stays.
 
 The clocks (lockstep and free-running) are :class:`~simulator.clocks.PlcServerClocks`.
 
-Security: this first version serves security mode None only, for 127.0.0.1;
-the SignAndEncrypt endpoint comes with the runtime's OPC UA port.
+Security: without :class:`OpcUaServerSecurity` the server offers security mode
+None only (127.0.0.1, tests, demos). With it, it offers only the configured
+policy and mode (Basic256Sha256 SignAndEncrypt by default), with its own
+certificate; a client whose certificate is not in the trusted directory
+(directly or through a CA there) is refused, and so is a wrong user name or
+password when users are configured. asyncua alone would still serve a session
+on an unsecured channel (discovery needs one) and would check only the
+certificate a client names in CreateSession; the server therefore also
+requires, when a session is activated, that the channel itself is secured
+with a trusted certificate.
 """
 
 from __future__ import annotations
 
+import hmac
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import structlog
 from asyncua import Server, ua
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.crypto.truststore import TrustStore
 from asyncua.server.address_space import NodeData
+from asyncua.server.user_managers import UserManager
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from interfaces.opcua_certificates import application_uri, certificate_validator, load_trust_store, read_certificate, read_private_key
 from interfaces.opcua_port import VARIANT_TYPES
 from interfaces.signals import SIGNALS
-from interfaces.tagmap import OpcUaTagMap
-from plant_models.errors import RemoteDisabledError, SetpointOutOfRangeError
+from interfaces.tagmap import OpcUaTagMap, SecurityPolicyName
+from plant_models.errors import ConfigError, RemoteDisabledError, SetpointOutOfRangeError
 from simulator.clocks import PlcServerClocks
 from simulator.plc import SimulatedPlc
 
 log = structlog.get_logger(__name__)
 
 _DEFAULTS: dict[str, Any] = {"double": 0.0, "float": 0.0, "boolean": False, "string": ""}
+_POLICY_TYPES: dict[tuple[str, str], ua.SecurityPolicyType] = {
+    ("Basic256Sha256", "sign_and_encrypt"): ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+    ("Basic256Sha256", "sign"): ua.SecurityPolicyType.Basic256Sha256_Sign,
+    ("Aes128_Sha256_RsaOaep", "sign_and_encrypt"): ua.SecurityPolicyType.Aes128Sha256RsaOaep_SignAndEncrypt,
+    ("Aes128_Sha256_RsaOaep", "sign"): ua.SecurityPolicyType.Aes128Sha256RsaOaep_Sign,
+    ("Aes256_Sha256_RsaPss", "sign_and_encrypt"): ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
+    ("Aes256_Sha256_RsaPss", "sign"): ua.SecurityPolicyType.Aes256Sha256RsaPss_Sign,
+}
+
+
+@dataclass(frozen=True)
+class OpcUaServerSecurity:
+    """The simulated PLC's security: its certificate and key, the clients it trusts, its users.
+
+    ``trusted_clients`` is a directory of trusted client (or CA) certificates,
+    ``*.der`` or ``*.pem``. ``users`` maps user names to passwords; empty means
+    anonymous sessions (over the secured channel only). The server's
+    application URI is the one in its certificate.
+    """
+
+    certificate: Path
+    private_key: Path
+    trusted_clients: Path
+    users: Mapping[str, str] = field(default_factory=dict, repr=False)
+    policy: SecurityPolicyName = "Basic256Sha256"
+    mode: Literal["sign_and_encrypt", "sign"] = "sign_and_encrypt"
+
+    def __post_init__(self) -> None:
+        if (self.policy, self.mode) not in _POLICY_TYPES:
+            raise ConfigError(f"OPC UA server security: unknown policy {self.policy!r} or mode {self.mode!r}")
+
+
+class _SecuredSessions(UserManager):
+    """asyncua user manager: a session needs a channel secured with a trusted certificate, and a known user if there are users.
+
+    asyncua hands the manager the certificate of the secure channel (empty on
+    an unsecured one) together with the user token, so the check covers the
+    channel that will carry the session, not only the certificate the client
+    named in CreateSession.
+    """
+
+    def __init__(self, trust_store: TrustStore, users: Mapping[str, str]) -> None:
+        self._trust_store = trust_store
+        self._users = dict(users)
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None) -> User | None:
+        if not certificate:
+            log.info("opcua_session_refused", reason="unsecured channel")
+            return None
+        try:
+            channel_certificate = x509.load_der_x509_certificate(certificate)
+        except ValueError:
+            log.info("opcua_session_refused", reason="unreadable channel certificate")
+            return None
+        if not self._trust_store.is_trusted(channel_certificate):
+            log.info("opcua_session_refused", reason="untrusted channel certificate")
+            return None
+        if not self._users:
+            return User(role=UserRole.User)
+        expected = self._users.get(username or "")
+        if expected is None or password is None or not hmac.compare_digest(password.encode(), expected.encode()):
+            log.info("opcua_session_refused", reason="wrong user name or password", user=username)
+            return None
+        return User(role=UserRole.User, name=username)
 
 
 def _raw(value: Any, type_name: str) -> Any:
@@ -51,10 +133,11 @@ def _raw(value: Any, type_name: str) -> Any:
 class OpcUaPlcServer(PlcServerClocks):
     """An asyncua server in front of a :class:`~simulator.plc.SimulatedPlc`."""
 
-    def __init__(self, plc: SimulatedPlc, tag_map: OpcUaTagMap, *, endpoint: str | None = None) -> None:
+    def __init__(self, plc: SimulatedPlc, tag_map: OpcUaTagMap, *, endpoint: str | None = None, security: OpcUaServerSecurity | None = None) -> None:
         super().__init__(plc)
         self.tag_map = tag_map
         self.endpoint = endpoint or tag_map.endpoint
+        self.security = security
         self._server = Server()
         self._nodes: dict[str, ua.NodeId] = {}
         self._publishing = False
@@ -65,7 +148,10 @@ class OpcUaPlcServer(PlcServerClocks):
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name("bioreactor-mpc simulated reference PLC")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        if self.security is None:
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        else:
+            await self._secure(self.security)
         self._answer_writes_per_node()
         index = await server.register_namespace(self.tag_map.namespace_uri)
         folder = await server.nodes.objects.add_object(ua.NodeId("BR01", index), ua.QualifiedName("BR01", index))
@@ -80,7 +166,25 @@ class OpcUaPlcServer(PlcServerClocks):
             self._nodes[name] = node.nodeid
         await server.start()
         await self.publish()
-        log.info("opcua_plc_started", endpoint=self.endpoint, namespace_index=index, variables=len(self._nodes))
+        security = "None" if self.security is None else f"{self.security.policy} {self.security.mode}"
+        log.info("opcua_plc_started", endpoint=self.endpoint, namespace_index=index, variables=len(self._nodes), security=security)
+
+    async def _secure(self, security: OpcUaServerSecurity) -> None:
+        """Offer only the configured policy and mode, with the server's certificate; trust only the trusted clients."""
+        server = self._server
+        certificate = read_certificate(security.certificate, field="server certificate")
+        key = read_private_key(security.private_key, field="server private key")
+        uri = application_uri(certificate)
+        if uri is None:
+            raise ConfigError(f"server certificate: {security.certificate}: has no application URI in its SubjectAltName")
+        await server.load_certificate(certificate.public_bytes(serialization.Encoding.DER))
+        await server.load_private_key(key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        await server.set_application_uri(uri)
+        server.set_security_policy([_POLICY_TYPES[(security.policy, security.mode)]])
+        server.set_identity_tokens([ua.UserNameIdentityToken] if security.users else [ua.AnonymousIdentityToken])
+        trust_store = await load_trust_store(security.trusted_clients, field="trusted client certificates")
+        server.set_certificate_validator(certificate_validator(trust_store, peer="client"))
+        server.iserver.set_user_manager(_SecuredSessions(trust_store, security.users))
 
     def _answer_writes_per_node(self) -> None:
         """Answer a multi-value write with one status per value, as a PLC does.

@@ -159,3 +159,70 @@ def test_wrong_opcua_map_and_protocol_are_reported(tmp_path):
 def test_every_reference_tag_is_a_signal():
     names = {line.split("`")[1] for line in REFERENCE.read_text().splitlines() if line.startswith("| `")}
     assert names == set(SIGNALS)
+
+
+# --------------------------------------------------------------------------- OPC UA security section
+
+
+def _opcua_map_with(tmp_path: Path, security: object = None, **top: object) -> Path:
+    data = yaml.safe_load((CONFIGS / "reference-opcua.yaml").read_text())
+    if security is not None:
+        data["security"] = security
+    data.update(top)
+    path = tmp_path / "plc.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_opcua_security_paths_are_relative_to_the_map(tmp_path):
+    path = _opcua_map_with(
+        tmp_path,
+        {"policy": "Aes256_Sha256_RsaPss", "certificate": "pki/own/runtime.der", "private_key": "/etc/bioreactor-mpc/pki/own/runtime.pem", "trust_store": "pki/trusted",
+         "username_env": "OPCUA_USER", "password_file": "secrets/opcua-password"},
+    )
+    security = load_tag_map(path).security
+    assert security is not None and (security.mode, security.policy) == ("sign_and_encrypt", "Aes256_Sha256_RsaPss")
+    assert security.certificate == tmp_path / "pki" / "own" / "runtime.der"
+    assert security.private_key == Path("/etc/bioreactor-mpc/pki/own/runtime.pem")  # absolute paths stay
+    assert (security.trust_store, security.password_file) == (tmp_path / "pki" / "trusted", tmp_path / "secrets" / "opcua-password")
+    assert load_tag_map(CONFIGS / "reference-opcua.yaml").security is None  # the reference map stays insecure (needs the opt-in)
+
+
+@pytest.mark.parametrize(
+    ("security", "top", "message"),
+    [
+        ({"certificate": "c.der", "private_key": "k.pem", "trust_store": "t", "username_env": "U", "password": "hunter2"}, {},
+         "security: password: a password is never read from the tag map"),
+        (None, {"password": "hunter2"}, "<top level>: password: a password is never read from the tag map"),
+        ({"certificate": "c.der", "private_key": "k.pem", "trust_store": "t", "username_env": "U", "password_env": "hunter2!"}, {},
+         "security: password_env: expected the name of an environment variable"),
+        (None, {"endpoint": "opc.tcp://operator:hunter2@10.0.0.5:4840/"}, "endpoint: the endpoint URL must not hold a user name or password"),
+    ],
+)
+def test_opcua_credentials_in_the_map_are_refused_without_echoing_them(tmp_path, security, top, message):
+    path = _opcua_map_with(tmp_path, security, **top)
+    with pytest.raises(ConfigError) as error:
+        load_tag_map(path)
+    text = str(error.value)
+    assert str(path) in text and message in text and "hunter2" not in text
+    if "password:" in message:
+        assert "password_env" in text and "password_file" in text
+
+
+@pytest.mark.parametrize(
+    ("security", "message"),
+    [
+        ({"trust_store": "t"}, "security: mode 'sign_and_encrypt' needs certificate, private_key"),
+        ({"mode": "sign", "certificate": "c.der", "private_key": "k.pem"}, "security: mode 'sign' needs trust_store"),
+        ({"mode": "none", "username_env": "U", "password_env": "P"}, "mode 'none' would send the password in clear text"),
+        ({"mode": "none", "username_env": "U"}, "a user name (username_env) and a password (password_env or password_file) go together"),
+        ({"mode": "none", "password_env": "P", "password_file": "p"}, "password_env or password_file, not both"),
+        ({"mode": "none", "policy": "Basic128Rsa15"}, "security.policy: Input should be 'Basic256Sha256', 'Aes128_Sha256_RsaOaep' or 'Aes256_Sha256_RsaPss'"),
+        ({"mode": "none", "username": "operator"}, "security: username: a user name is never read from the tag map"),
+    ],
+)
+def test_incomplete_or_contradictory_security_is_reported(tmp_path, security, message):
+    path = _opcua_map_with(tmp_path, security)
+    with pytest.raises(ConfigError) as error:
+        load_tag_map(path)
+    assert str(path) in str(error.value) and message in str(error.value)

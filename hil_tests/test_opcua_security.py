@@ -1,0 +1,311 @@
+"""OPC UA security end to end on 127.0.0.1: SignAndEncrypt with certificates from a trust store and credentials from the environment or a file.
+
+Every certificate is made here (in tmp_path) with the operator's function,
+:func:`interfaces.opcua_certificates.create_certificate`. The simulated PLC
+offers only the configured policy; the runtime's port must connect with it,
+and must refuse, or be refused, whenever one side does not trust the other or
+the password is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import shutil
+import socket
+import stat
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from asyncua import Client, ua
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from controller.ports import PlcLinkError
+from interfaces.opcua_certificates import create_certificate, fingerprint, read_certificate
+from interfaces.opcua_port import SECURITY_MODES, SECURITY_POLICIES, OpcUaPort
+from interfaces.tagmap import OpcUaTagMap, load_tag_map
+from plant_models.errors import ConfigError
+from simulator.batch import build_simulated_plc
+from simulator.config import load_simulation
+from simulator.opcua_server import OpcUaPlcServer, OpcUaServerSecurity
+from simulator.plc import SimulatedPlc
+
+pytestmark = pytest.mark.hil
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE_MAP = REPO / "configs" / "plc" / "reference-opcua.yaml"
+PLATFORM = REPO / "configs" / "simulate" / "platform.yaml"
+USER, PASSWORD = "operator", "correct horse battery staple"
+TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class Pki:
+    """Certificates as an edge controller and a PLC hold them: own certificate and key, and a directory of trusted peers."""
+
+    root: Path
+    client_cert: Path
+    client_key: Path
+    client_trusts: Path
+    server_cert: Path
+    server_key: Path
+    server_trusts: Path
+    stranger_cert: Path
+
+
+def _certificate(directory: Path, name: str, uri: str, hosts: list[str]) -> tuple[Path, Path]:
+    cert, key = directory / f"{name}.der", directory / f"{name}.pem"
+    create_certificate(cert, key, common_name=f"bioreactor-mpc test {name}", application_uri=uri, hostnames=hosts, days=2)
+    return cert, key
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """The runtime trusts the PLC and the PLC trusts the runtime; a stranger's certificate is trusted by nobody."""
+    for folder in ("own", "trusted", "plc/own", "plc/trusted", "stranger"):
+        (tmp_path / folder).mkdir(parents=True)
+    client_cert, client_key = _certificate(tmp_path / "own", "runtime", "urn:test:bioreactor-mpc:runtime", [socket.gethostname()])
+    server_cert, server_key = _certificate(tmp_path / "plc" / "own", "plc", "urn:test:bioreactor-mpc:plc", ["127.0.0.1", "localhost", socket.gethostname()])
+    stranger_cert, _ = _certificate(tmp_path / "stranger", "stranger", "urn:test:stranger", ["127.0.0.1"])
+    shutil.copy(server_cert, tmp_path / "trusted" / "plc.der")
+    shutil.copy(client_cert, tmp_path / "plc" / "trusted" / "runtime.der")
+    return Pki(
+        root=tmp_path,
+        client_cert=client_cert,
+        client_key=client_key,
+        client_trusts=tmp_path / "trusted",
+        server_cert=server_cert,
+        server_key=server_key,
+        server_trusts=tmp_path / "plc" / "trusted",
+        stranger_cert=stranger_cert,
+    )
+
+
+def _tag_map(pki: Pki, **security: Any) -> OpcUaTagMap:
+    """The reference map with a security section, written beside the certificates with relative paths, and loaded."""
+    data = yaml.safe_load(REFERENCE_MAP.read_text(encoding="utf-8"))
+    data["security"] = {"certificate": "own/runtime.der", "private_key": "own/runtime.pem", "trust_store": "trusted", **security}
+    path = pki.root / "plc-map.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    tag_map = load_tag_map(path)
+    assert isinstance(tag_map, OpcUaTagMap)
+    return tag_map
+
+
+def _server_security(pki: Pki, **overrides: Any) -> OpcUaServerSecurity:
+    settings: dict[str, Any] = {"certificate": pki.server_cert, "private_key": pki.server_key, "trusted_clients": pki.server_trusts, "users": {USER: PASSWORD}}
+    return OpcUaServerSecurity(**{**settings, **overrides})
+
+
+@asynccontextmanager
+async def _serving(tag_map: OpcUaTagMap, endpoint: str, security: OpcUaServerSecurity | None) -> AsyncIterator[SimulatedPlc]:
+    plc, _ = build_simulated_plc(load_simulation(PLATFORM))
+    server = OpcUaPlcServer(plc, tag_map, endpoint=endpoint, security=security)
+    await server.start()
+    try:
+        yield plc
+    finally:
+        await server.stop()
+
+
+def _run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+
+
+@pytest.fixture
+def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BIOREACTOR_MPC_OPCUA_USER", USER)
+    monkeypatch.setenv("BIOREACTOR_MPC_OPCUA_PASSWORD", PASSWORD)
+
+
+CREDENTIALS_FROM_ENV = {"username_env": "BIOREACTOR_MPC_OPCUA_USER", "password_env": "BIOREACTOR_MPC_OPCUA_PASSWORD"}
+
+
+@pytest.mark.parametrize(
+    ("policy", "mode", "password_from"),
+    [
+        ("Basic256Sha256", "sign_and_encrypt", "env"),
+        ("Aes128_Sha256_RsaOaep", "sign_and_encrypt", "file"),
+        ("Aes256_Sha256_RsaPss", "sign_and_encrypt", "env"),
+        ("Basic256Sha256", "sign", "file"),
+    ],
+)
+def test_secured_connection_reads_and_writes(pki, opcua_endpoint, credentials, policy, mode, password_from):
+    if password_from == "file":
+        (pki.root / "secrets").mkdir()
+        (pki.root / "secrets" / "opcua-password").write_text(PASSWORD + "\n", encoding="utf-8")
+        tag_map = _tag_map(pki, policy=policy, mode=mode, username_env="BIOREACTOR_MPC_OPCUA_USER", password_file="secrets/opcua-password")
+    else:
+        tag_map = _tag_map(pki, policy=policy, mode=mode, **CREDENTIALS_FROM_ENV)
+    assert tag_map.security is not None and tag_map.security.certificate == pki.client_cert  # relative to the map's directory
+
+    async def scenario() -> None:
+        async with _serving(tag_map, opcua_endpoint, _server_security(pki, policy=policy, mode=mode)) as plc:
+            port = OpcUaPort(tag_map, endpoint=opcua_endpoint, timeout_s=TIMEOUT_S)  # no insecure opt-in needed
+            try:
+                await port.connect()
+                # The channel really runs the configured policy and mode.
+                assert port.security_policy_uri == SECURITY_POLICIES[policy].URI
+                assert port.security_mode == SECURITY_MODES[mode]
+                readings = await port.read()
+                assert readings["PV.Volume"].good and readings["PV.Volume"].value == pytest.approx(1400.0, abs=10.0)
+                plc.set_operator_remote(True)
+                await port.write({"SP.FeedRate": 2.5, "MPC.Heartbeat": 3})
+                assert (plc.snapshot()["SP.FeedRate"].value, plc.heartbeat) == (2.5, 3)
+            finally:
+                await port.close()
+
+    _run(scenario)
+
+
+def test_server_offers_only_the_configured_policy(pki, opcua_endpoint, credentials):
+    tag_map = _tag_map(pki, **CREDENTIALS_FROM_ENV)
+
+    async def scenario() -> None:
+        async with _serving(tag_map, opcua_endpoint, _server_security(pki)):
+            endpoints = await Client(opcua_endpoint, timeout=TIMEOUT_S).connect_and_get_server_endpoints()
+            assert {(e.SecurityPolicyUri, e.SecurityMode) for e in endpoints} == {(SECURITY_POLICIES["Basic256Sha256"].URI, ua.MessageSecurityMode.SignAndEncrypt)}
+            # A port configured for Sign finds no such endpoint, and says what there is.
+            sign_only = OpcUaPort(_tag_map(pki, mode="sign", **CREDENTIALS_FROM_ENV), endpoint=opcua_endpoint, timeout_s=TIMEOUT_S)
+            with pytest.raises(PlcLinkError, match=r"offers no endpoint with Basic256Sha256 Sign; it offers: Basic256Sha256 SignAndEncrypt"):
+                await sign_only.connect()
+            # A client that ignores the endpoints and opens a session on an unsecured channel, with the right password, is refused.
+            intruder = Client(opcua_endpoint, timeout=TIMEOUT_S)
+            intruder.set_user(USER)
+            intruder.set_password(PASSWORD)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(Client, "find_endpoint", staticmethod(lambda endpoints, mode, uri: endpoints[0]))
+                with pytest.raises(ua.UaStatusCodeError) as refused:
+                    await intruder.connect()
+            assert ua.StatusCode(refused.value.code).name == "BadUserAccessDenied"
+
+    _run(scenario)
+
+
+def test_untrusted_server_certificate_is_refused_by_the_port(pki, opcua_endpoint, credentials):
+    (pki.client_trusts / "plc.der").unlink()
+    shutil.copy(pki.stranger_cert, pki.client_trusts / "stranger.der")
+    tag_map = _tag_map(pki, **CREDENTIALS_FROM_ENV)
+    server_fingerprint = fingerprint(read_certificate(pki.server_cert, field="server certificate"))
+
+    async def scenario() -> None:
+        async with _serving(tag_map, opcua_endpoint, _server_security(pki)):
+            port = OpcUaPort(tag_map, endpoint=opcua_endpoint, timeout_s=TIMEOUT_S)
+            with pytest.raises(PlcLinkError) as refused:
+                await port.connect()
+            message = str(refused.value)
+            assert opcua_endpoint in message and "BadCertificateUntrusted" in message
+            assert server_fingerprint in message and str(pki.client_trusts) in message  # what to check, and where to put it
+            assert PASSWORD not in message and not port.connected
+
+    _run(scenario)
+
+
+def test_untrusted_client_certificate_is_refused_by_the_server(pki, opcua_endpoint, credentials):
+    (pki.server_trusts / "runtime.der").unlink()
+    shutil.copy(pki.stranger_cert, pki.server_trusts / "stranger.der")
+    tag_map = _tag_map(pki, **CREDENTIALS_FROM_ENV)
+
+    async def scenario() -> None:
+        async with _serving(tag_map, opcua_endpoint, _server_security(pki)):
+            port = OpcUaPort(tag_map, endpoint=opcua_endpoint, timeout_s=TIMEOUT_S)
+            with pytest.raises(PlcLinkError, match=r"refused this client's certificate \(BadCertificateUntrusted; neither it nor a CA") as refused:
+                await port.connect()
+            assert opcua_endpoint in str(refused.value) and str(pki.client_cert) in str(refused.value)
+            assert not port.connected
+
+    _run(scenario)
+
+
+def test_wrong_password_or_no_user_is_refused(pki, opcua_endpoint, monkeypatch):
+    wrong = "Tr0ub4dor&3"
+    monkeypatch.setenv("BIOREACTOR_MPC_OPCUA_USER", USER)
+    monkeypatch.setenv("BIOREACTOR_MPC_OPCUA_PASSWORD", wrong)
+    tag_map = _tag_map(pki, **CREDENTIALS_FROM_ENV)
+
+    async def scenario() -> None:
+        async with _serving(tag_map, opcua_endpoint, _server_security(pki)):
+            port = OpcUaPort(tag_map, endpoint=opcua_endpoint, timeout_s=TIMEOUT_S)
+            with pytest.raises(PlcLinkError, match=r"refused the credentials \(BadUserAccessDenied\) of user 'operator' \(from \$BIOREACTOR_MPC_OPCUA_USER") as refused:
+                await port.connect()
+            assert wrong not in str(refused.value) and PASSWORD not in str(refused.value)
+            # The password is read at every connect: once it is right, the same port connects.
+            monkeypatch.setenv("BIOREACTOR_MPC_OPCUA_PASSWORD", PASSWORD)
+            await port.connect()
+            assert port.connected
+            await port.close()
+            # An anonymous session is refused by a server that has users.
+            anonymous = OpcUaPort(_tag_map(pki), endpoint=opcua_endpoint, timeout_s=TIMEOUT_S)
+            with pytest.raises(PlcLinkError, match="refused an anonymous session"):
+                await anonymous.connect()
+
+    _run(scenario)
+
+
+def test_security_none_needs_the_opt_in_even_when_configured(pki, opcua_endpoint):
+    tag_map = _tag_map(pki, mode="none")
+    with pytest.raises(ConfigError, match=r"security section says mode 'none'.*allow_insecure=True"):
+        OpcUaPort(tag_map)
+
+    async def scenario() -> None:
+        async with _serving(tag_map, opcua_endpoint, None):
+            port = OpcUaPort(tag_map, endpoint=opcua_endpoint, timeout_s=TIMEOUT_S, allow_insecure=True)
+            await port.connect()
+            assert port.security_policy_uri == "http://opcfoundation.org/UA/SecurityPolicy#None"
+            await port.close()
+
+    _run(scenario)
+
+
+def test_unreadable_security_files_fail_when_the_port_is_built(pki, monkeypatch):
+    monkeypatch.delenv("BIOREACTOR_MPC_OPCUA_PASSWORD", raising=False)
+    monkeypatch.setenv("BIOREACTOR_MPC_OPCUA_USER", USER)
+    with pytest.raises(ConfigError, match=r"security.password_env: the environment variable BIOREACTOR_MPC_OPCUA_PASSWORD is not set"):
+        OpcUaPort(_tag_map(pki, **CREDENTIALS_FROM_ENV))
+    with pytest.raises(ConfigError, match=r"security.password_file: .*opcua-password: file not found"):
+        OpcUaPort(_tag_map(pki, username_env="BIOREACTOR_MPC_OPCUA_USER", password_file="opcua-password"))
+    with pytest.raises(ConfigError, match=rf"security.certificate: {pki.root / 'own' / 'missing.der'}: certificate file not found"):
+        OpcUaPort(_tag_map(pki, certificate="own/missing.der"))
+    with pytest.raises(ConfigError, match=r"security.private_key: .*is not the key of the certificate"):
+        OpcUaPort(_tag_map(pki, certificate="stranger/stranger.der"))
+    (pki.root / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"security.trust_store: .*empty: holds no certificate"):
+        OpcUaPort(_tag_map(pki, trust_store="empty"))
+    shutil.copy(pki.server_cert, pki.client_trusts / "plc.crt")
+    with pytest.raises(ConfigError, match=r"security.trust_store: .*plc.crt: a trusted certificate must be named \*.der or \*.pem"):
+        OpcUaPort(_tag_map(pki))
+    with pytest.raises(ConfigError, match="must not hold a user name or password") as in_url:
+        OpcUaPort(_tag_map(pki), endpoint="opc.tcp://operator:secret@127.0.0.1:4840/")
+    assert "secret" not in str(in_url.value)
+
+
+def test_created_certificate_is_an_opc_ua_application_instance_certificate(tmp_path):
+    cert_path, key_path = tmp_path / "pki" / "own" / "runtime.der", tmp_path / "pki" / "own" / "runtime.pem"
+    made = create_certificate(
+        cert_path, key_path, common_name="bioreactor-mpc edge01", organization="Example Biologics",
+        application_uri="urn:edge01:bioreactor-mpc", hostnames=["edge01", "10.20.0.11"], days=730,
+    )
+    certificate = read_certificate(cert_path, field="certificate")
+    assert certificate == made and cert_path.read_bytes()[:1] == b"\x30"  # DER
+    assert key_path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----") and stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert certificate.public_key().key_size == 2048 and certificate.issuer == certificate.subject
+    assert certificate.subject.rfc4514_string() == "O=Example Biologics,CN=bioreactor-mpc edge01"
+    assert (certificate.not_valid_after_utc - certificate.not_valid_before_utc).days == 731  # back-dated a day for clock skew
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:edge01:bioreactor-mpc"]
+    assert names.get_values_for_type(x509.DNSName) == ["edge01"] and names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.20.0.11")]
+    usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and usage.content_commitment and usage.key_encipherment and usage.data_encipherment and usage.key_cert_sign
+    extended = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(extended) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    with pytest.raises(FileExistsError, match="exists; not replaced"):
+        create_certificate(cert_path, key_path, common_name="x", application_uri="urn:x", hostnames=[], days=1)
+    create_certificate(cert_path, key_path, common_name="x", application_uri="urn:x", hostnames=[], days=1, overwrite=True)
+    assert read_certificate(cert_path, field="certificate") != made

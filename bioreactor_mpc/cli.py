@@ -16,6 +16,7 @@ import structlog
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from bioreactor_mpc import admin_cli
 from bioreactor_mpc.logging import configure_logging
 from bioreactor_mpc.report import kpi_table, plot_predictions, write_batch_files
 from controller.modes import RequestedMode
@@ -80,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--runtime-config", type=Path, default=None, help="runtime config (default: configs/runtime/reference-<protocol>.yaml)")
     demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="where the report and the history go (default: runs/demo)")
     demo.add_argument("--lockstep-timeout-s", type=float, default=30.0, help="wall seconds the simulated PLC waits for the heartbeat (default 30)")
+    demo.add_argument("--time-scale", type=float, default=None, help="advisory mode: plant seconds per wall second of the free-running PLC (default 360: a cycle every 10 s)")
+    demo.add_argument("--auto-approve", action="store_true", help="advisory mode: approve every recommendation at once, in lockstep (tests)")
+    demo.add_argument("--screen-port", type=int, default=None, help="advisory mode: the operator screen's port (default: a free one)")
 
     certs = commands.add_parser("certs", help="make the runtime's OPC UA application instance certificate and key (docs/opcua-security.md)")
     certs.add_argument("--cert", type=Path, required=True, help="certificate file to write (DER; PEM if it ends in .pem)")
@@ -90,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument("--organization", default=None, help="the certificate's organisation")
     certs.add_argument("--days", type=int, default=730, help="validity in days (default 730)")
     certs.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    admin_cli.add_parsers(commands)
 
     schema = commands.add_parser("schema", help="write JSON Schemas of the config files, for editors that check YAML")
     schema.add_argument("--output-dir", type=Path, default=Path("runs/schema"), help="where the schemas go (default: runs/schema)")
@@ -233,6 +239,9 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         output_dir=args.output_dir,
         lockstep_timeout_s=args.lockstep_timeout_s,
         console=console,
+        time_scale=args.time_scale,
+        auto_approve=args.auto_approve,
+        screen_port=args.screen_port,
     )
 
 
@@ -306,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(json=True if args.log_json else None)
     console = Console()
     try:
+        status = admin_cli.dispatch(args, console)
+        if status is not None:
+            return status
         if args.command == "simulate":
             return _simulate(args, console)
         if args.command == "schema":

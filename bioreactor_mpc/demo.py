@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -26,10 +28,14 @@ from bioreactor_mpc.report import kpi_table
 from bioreactor_mpc.runtime_cli import print_summary, run_runtime
 from controller.kpis import BatchKpis
 from controller.modes import RequestedMode
-from controller.runtime import LoadedRuntime, RunSummary, load_runtime_config
+from controller.runtime import LoadedRuntime, RunSummary, ScreenSettings, load_runtime_config
+from interfaces.users import Role, UserStore
 from plant_models.errors import BioreactorMPCError
 
 SERVER_START_TIMEOUT_S = 60.0
+ADVISORY_TIME_SCALE = 360.0
+"""Plant seconds per wall second in the advisory demo: one cycle every 10 s, a batch in an hour."""
+DEMO_USERS = (("viewer", "Demo Viewer", Role.VIEWER), ("operator", "Demo Operator", Role.OPERATOR), ("engineer", "Demo Engineer", Role.ENGINEER))
 SERVER_EXIT_TIMEOUT_S = 30.0
 
 
@@ -37,6 +43,18 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _demo_users(history_path: Path, console: Console) -> None:
+    """One user of each role in the demo's history, with fresh random passwords printed once."""
+    users = UserStore(history_path)
+    try:
+        for name, full_name, role in DEMO_USERS:
+            password = secrets.token_urlsafe(12)
+            users.add_user(name, full_name=full_name, role=role, password=password)
+            console.print(f"demo user {name!r} ({role.value}), password {password}", highlight=False, soft_wrap=True)
+    finally:
+        users.close()
 
 
 def wait_for_listener(port: int, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
@@ -54,8 +72,20 @@ def wait_for_listener(port: int, process: subprocess.Popen[bytes], log_path: Pat
 
 
 def run_demo(
-    *, protocol: str, scenario: Path, seed: int | None, mode: RequestedMode, runtime_config: Path, output_dir: Path, lockstep_timeout_s: float, console: Console
+    *,
+    protocol: str,
+    scenario: Path,
+    seed: int | None,
+    mode: RequestedMode,
+    runtime_config: Path,
+    output_dir: Path,
+    lockstep_timeout_s: float,
+    console: Console,
+    time_scale: float | None = None,
+    auto_approve: bool = False,
+    screen_port: int | None = None,
 ) -> int:
+    """The demo; in advisory mode the operator screen is served, and the PLC runs free at ``time_scale`` unless ``auto_approve``."""
     from simulator.batch import run_recipe_batch
     from simulator.config import load_simulation
 
@@ -67,6 +97,11 @@ def run_demo(
     for stale in (history_path, history_path.with_name(history_path.name + "-wal"), history_path.with_name(history_path.name + "-shm")):
         stale.unlink(missing_ok=True)  # the demo's own output of an earlier run: a new batch starts a new history
     loaded = load_runtime_config(runtime_config, history=history_path, mode=mode)
+    advisory = mode is RequestedMode.ADVISORY
+    if advisory:
+        screen = ScreenSettings(port=screen_port or free_port())
+        loaded = replace(loaded, config=loaded.config.model_copy(update={"screen": screen, "auto_approve": auto_approve}))
+        _demo_users(history_path, console)
     if loaded.batch.batch_id != loaded_sim.batch.batch_id:
         raise BioreactorMPCError(f"{runtime_config} runs batch {loaded.batch.batch_id!r} but {scenario} simulates {loaded_sim.batch.batch_id!r}")
 
@@ -74,10 +109,12 @@ def run_demo(
     endpoint = f"opc.tcp://127.0.0.1:{port}/bioreactor-mpc/" if protocol == "opcua" else f"127.0.0.1:{port}"
     plant_dir = output_dir / "plant"
     log_path = output_dir / f"{stem}-plc-sim.log"
-    command = [sys.executable, "-m", "bioreactor_mpc", "--log-json", "plc-sim", "--protocol", protocol, "--lockstep", "--endpoint", endpoint]
-    command += ["--scenario", str(scenario), "--seed", str(seed_used), "--lockstep-timeout-s", str(lockstep_timeout_s), "--report-dir", str(plant_dir), "--report-stem", stem]
-    if mode is not RequestedMode.CLOSED_LOOP:
-        command.append("--local")  # nobody writes setpoints: the operator runs the PLC's own recipe and reads the recommendations
+    free_running = advisory and not auto_approve  # people approve in minutes, not in the milliseconds of lockstep
+    clock = ["--time-scale", str(time_scale or ADVISORY_TIME_SCALE)] if free_running else ["--lockstep", "--lockstep-timeout-s", str(lockstep_timeout_s)]
+    command = [sys.executable, "-m", "bioreactor_mpc", "--log-json", "plc-sim", "--protocol", protocol, *clock, "--endpoint", endpoint]
+    command += ["--scenario", str(scenario), "--seed", str(seed_used), "--report-dir", str(plant_dir), "--report-stem", stem]
+    if mode is RequestedMode.OFF:
+        command.append("--local")  # nobody writes setpoints: the PLC runs its own recipe
     started = time.monotonic()
     console.print(f"starting the simulated PLC ({protocol}, lockstep) on {endpoint}; its log: {log_path}", highlight=False)
     with log_path.open("wb") as log_file:
@@ -86,6 +123,8 @@ def run_demo(
             wait_for_listener(port, server, log_path)
             console.print(f"runtime in {mode.value} mode; one line every 12 process hours and at every change of state", highlight=False)
             summary = asyncio.run(_run_while_serving(loaded, endpoint, server, console))
+            if free_running and server.poll() is None:
+                console.print("the runtime stopped before harvest; the simulated PLC is stopped too", highlight=False)
             server.wait(timeout=SERVER_EXIT_TIMEOUT_S)
         finally:
             if server.poll() is None:
@@ -117,8 +156,11 @@ async def _run_while_serving(loaded: LoadedRuntime, endpoint: str, server: subpr
         stop.set()
 
     watcher = asyncio.create_task(watch())
+    def announce(url: str) -> None:
+        console.print(f"operator screen: {url} (log in with a user printed above)", highlight=False, soft_wrap=True)
+
     try:
-        return await run_runtime(loaded, endpoint=endpoint, console=console, stop=stop)
+        return await run_runtime(loaded, endpoint=endpoint, console=console, stop=stop, on_screen=announce)
     finally:
         stop.set()
         await watcher

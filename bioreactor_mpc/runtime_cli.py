@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import signal
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,10 @@ import structlog
 from rich.console import Console
 
 from controller.ports import PlcPort
-from controller.runtime import CycleReport, LoadedRuntime, Runtime, RunSummary, nominal_parameter_vector
+from controller.runtime import CycleReport, LoadedRuntime, Runtime, RunSummary, ScreenSettings, nominal_parameter_vector
+from interfaces.audit import AuditTrail
 from interfaces.history import SqliteHistory
+from interfaces.users import UserStore
 from interfaces.tagmap import ModbusTagMap, OpcUaTagMap, load_tag_map
 from plant_models.errors import ConfigError
 
@@ -67,11 +71,23 @@ class ProgressPrinter:
         )
 
 
-async def run_runtime(loaded: LoadedRuntime, *, endpoint: str | None, console: Console | None, stop: asyncio.Event | None = None) -> RunSummary:
-    """Run the runtime of ``loaded`` until the batch ends or ``stop`` is set (SIGINT and SIGTERM set it too)."""
+async def run_runtime(
+    loaded: LoadedRuntime,
+    *,
+    endpoint: str | None,
+    console: Console | None,
+    stop: asyncio.Event | None = None,
+    on_screen: Callable[[str], None] | None = None,
+) -> RunSummary:
+    """Run the runtime of ``loaded`` until the batch ends or ``stop`` is set (SIGINT and SIGTERM set it too).
+
+    With a ``screen`` section the operator screen is served from the same
+    event loop; ``on_screen`` is told its URL once it listens.
+    """
     config = loaded.config
     port = make_port(loaded.tag_map_path, endpoint=endpoint, timeout_s=config.io_timeout_s, allow_insecure=config.allow_insecure)
     history = SqliteHistory(loaded.history_path)
+    audit = AuditTrail(loaded.history_path)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     handled = []
@@ -89,12 +105,48 @@ async def run_runtime(loaded: LoadedRuntime, *, endpoint: str | None, console: C
             nominal_parameters=nominal_parameter_vector(loaded),
             settings=config,
             on_cycle=ProgressPrinter(console) if console is not None else None,
+            audit=audit,
         )
-        return await runtime.run(stop=stop)
+        if config.screen is None:
+            return await runtime.run(stop=stop)
+        async with serve_screen(runtime, config.screen, loaded.history_path) as url:
+            if on_screen is not None:
+                on_screen(url)
+            return await runtime.run(stop=stop)
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
         history.close()
+        audit.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_screen(runtime: Runtime, settings: ScreenSettings, history_path: Path) -> AsyncIterator[str]:
+    """The operator screen on uvicorn in this event loop, for as long as the context lasts; yields its URL."""
+    import uvicorn
+
+    from interfaces.web.app import create_app
+
+    users = UserStore(history_path)
+    app = create_app(runtime=runtime, users=users, audit=AuditTrail(history_path), history_path=history_path, secure_cookies=settings.secure_cookies)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="off"))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the runtime owns SIGINT and SIGTERM
+    task = asyncio.create_task(server.serve())
+    for _ in range(100):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.05)
+    if not server.started:
+        task.cancel()
+        raise ConfigError(f"the operator screen cannot listen on {settings.host}:{settings.port} (in use?)")
+    url = f"http://{settings.host}:{settings.port}/"
+    log.info("screen_serving", url=url)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10.0)
+        users.close()
 
 
 def print_summary(summary: RunSummary, history_path: Path, console: Console) -> None:

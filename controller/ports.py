@@ -136,3 +136,16 @@ class HistoryStore(Protocol):
     def end_run(self, *, reason: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- audit
+
+
+class AuditLog(Protocol):
+    """The audit trail (:class:`interfaces.audit.AuditTrail`): append-only, hash-chained.
+
+    :meth:`append` raises when the record cannot be written; the caller then
+    refuses the action the record was for.
+    """
+
+    def append(self, *, actor: str, action: str, subject: str, details: Mapping[str, Any], process_time_h: float | None = None) -> Any: ...

@@ -31,6 +31,8 @@ running.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -45,10 +47,11 @@ from pydantic import Field
 
 from controller.config import BatchConfig
 from controller.estimator import EstimatorConfig, ExtendedKalmanEstimator
+from controller.advisory import ApprovalRefusedError, Meaning, Recommendation, RecommendationStatus, Signature, Signer, now_utc
 from controller.modes import Conditions, ModeMachine, RequestedMode, State, StateChange
 from controller.mpc import EconomicMpc
 from controller.nmpc import Decision, NmpcConfig, NmpcController
-from controller.ports import CycleRecord, HistoryStore, PlcLinkError, PlcPort, PlcWriteMismatchError, PlcWriteRefusedError, Reading, ResumeState, Value
+from controller.ports import AuditLog, CycleRecord, HistoryStore, PlcLinkError, PlcPort, PlcWriteMismatchError, PlcWriteRefusedError, Reading, ResumeState, Value
 from controller.quality import DataQualityChecker, DataQualityConfig, QualityReport
 from controller.safety import filter_setpoints
 from plant_models.cho import STATES, CultureModel
@@ -62,10 +65,19 @@ PHASE_IDLE, PHASE_RUNNING, PHASE_HARVESTED = 0, 1, 2
 TIME_TOLERANCE_H = 1e-6
 UINT32_MAX = 2**32 - 1
 RECOMMENDATION_SIGNALS = ("MPC.Rec.FeedRate", "MPC.Rec.GlucoseRate", "MPC.Rec.Temperature")
+AUTO_APPROVER = Signer("auto-approver", "Automatic approver (lockstep tests and demos only)", "operator")
 
 
 class RuntimeStartError(BioreactorMPCError, RuntimeError):
     """The runtime cannot start on this PLC with this history (wrong batch, history ahead of the PLC)."""
+
+
+class ScreenSettings(FrozenConfig):
+    """Where the operator screen listens (docs/operator-screen.md)."""
+
+    host: str = Field(default="127.0.0.1", description="address to listen on; 0.0.0.0 for every interface")
+    port: int = Field(default=8080, ge=1, le=65535, description="TCP port")
+    secure_cookies: bool = Field(default=False, description="mark the session cookie Secure (when a TLS proxy serves the screen)")
 
 
 class RuntimeSettings(FrozenConfig):
@@ -78,6 +90,8 @@ class RuntimeSettings(FrozenConfig):
     reconnect_max_s: float = Field(default=10.0, gt=0.0, description="longest wait between reconnection attempts [s]")
     max_write_failures: int = Field(default=3, ge=1, description="failed setpoint writes in a row before the runtime drops to fault")
     write_retry_cycles: int = Field(default=6, ge=1, description="cycles in fault for failing writes before one more write is tried")
+    auto_approve: bool = Field(default=False, description="advisory mode: approve every recommendation at once (lockstep tests and demos only; logged at start)")
+    screen: ScreenSettings | None = Field(default=None, description="serve the operator screen; none without this section")
     quality: DataQualityConfig = DataQualityConfig()
     nmpc: NmpcConfig = NmpcConfig()
     estimator: EstimatorConfig = EstimatorConfig()
@@ -139,6 +153,8 @@ class RunSummary:
     writes_failed: int = 0
     link_losses: int = 0
     solve_times_s: list[float] = field(default_factory=list)
+    cycle_times_s: list[float] = field(default_factory=list)
+    """Wall time of each cycle, from its read to its heartbeat."""
     resumed_from_h: float | None = None
 
 
@@ -166,6 +182,7 @@ class Runtime:
         model: CultureModel | None = None,
         mpc: EconomicMpc | None = None,
         on_cycle: Callable[[CycleReport], None] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.port = port
         self.history = history
@@ -189,6 +206,12 @@ class Runtime:
         self._link_up = False
         self._read_time_s = math.nan
         self._write_time_s = 0.0
+        self._started = False
+        self._io = asyncio.Lock()
+        self._audit = audit
+        self._audit_problem: str | None = None
+        self.recommendation: Recommendation | None = None
+        self.last_report: CycleReport | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -196,50 +219,63 @@ class Runtime:
         """Run until the batch is harvested (or ``stop`` is set); returns what happened."""
         stop = stop or asyncio.Event()
         backoff_s = self.settings.reconnect_initial_s
-        started = False
         try:
             while not stop.is_set():
-                try:
-                    if not self.port.connected:
-                        await self.port.connect()
-                    read_started = time.perf_counter()
-                    readings = await self.port.read()
-                    self._read_time_s = time.perf_counter() - read_started
-                except PlcLinkError as error:
-                    self._link_lost(error)
+                async with self._io:  # one PLC conversation at a time: a cycle, or an operator's approval
+                    outcome = await self._poll()
+                if outcome == "ended":
+                    break
+                if outcome == "link_down":
                     await _sleep_or_stop(stop, backoff_s)
                     backoff_s = min(2.0 * backoff_s, self.settings.reconnect_max_s)
                     continue
                 backoff_s = self.settings.reconnect_initial_s
-                if not self._link_up:
-                    self._link_restored()
-                if not started:
-                    await self._start(readings)
-                    started = True
-                phase = readings["Status.Phase"]
-                if phase.good and int(phase.value) == PHASE_HARVESTED:  # type: ignore[arg-type]
-                    self.summary.end_reason = "batch harvested"
-                    break
-                if phase.good and int(phase.value) == PHASE_IDLE:  # type: ignore[arg-type]
-                    await _sleep_or_stop(stop, self.settings.poll_interval_s)  # not inoculated yet: nothing to control
-                    continue
-                clock = readings["Status.ProcessTime"]
-                now_h = float(clock.value) if clock.good and not isinstance(clock.value, str) else math.nan  # type: ignore[arg-type]
-                if math.isfinite(now_h) and now_h >= self._next_cycle_h - TIME_TOLERANCE_H:
-                    try:
-                        await self._cycle(readings, now_h)
-                    except PlcLinkError as error:
-                        self._link_lost(error)
-                    continue
-                await _sleep_or_stop(stop, self.settings.poll_interval_s)
+                if outcome == "waiting":
+                    await _sleep_or_stop(stop, self.settings.poll_interval_s)
             else:
                 self.summary.end_reason = self.summary.end_reason or "stopped"
         finally:
-            if started:
+            if self._started:
                 self.history.end_run(reason=self.summary.end_reason or "interrupted")
             await self.port.close()
         log.info("runtime_ended", reason=self.summary.end_reason, cycles=self.summary.cycles, process_time_h=self.summary.last_process_time_h)
         return self.summary
+
+    async def _poll(self) -> str:
+        """Read the PLC once and run the cycle if the batch clock says so: ``ended``, ``link_down``, ``cycled`` or ``waiting``."""
+        try:
+            if not self.port.connected:
+                await self.port.connect()
+            read_started = time.perf_counter()
+            readings = await self.port.read()
+            self._read_time_s = time.perf_counter() - read_started
+        except PlcLinkError as error:
+            self._link_lost(error)
+            return "link_down"
+        if not self._link_up:
+            self._link_restored()
+        if not self._started:
+            await self._start(readings)
+            self._started = True
+        phase = readings["Status.Phase"]
+        if phase.good and int(phase.value) == PHASE_HARVESTED:  # type: ignore[arg-type]
+            self.summary.end_reason = "batch harvested"
+            self._expire_recommendation()
+            return "ended"
+        if phase.good and int(phase.value) == PHASE_IDLE:  # type: ignore[arg-type]
+            return "waiting"  # not inoculated yet: nothing to control
+        clock = readings["Status.ProcessTime"]
+        now_h = float(clock.value) if clock.good and not isinstance(clock.value, str) else math.nan  # type: ignore[arg-type]
+        if not (math.isfinite(now_h) and now_h >= self._next_cycle_h - TIME_TOLERANCE_H):
+            return "waiting"
+        started = time.perf_counter() - self._read_time_s
+        try:
+            await self._cycle(readings, now_h)
+        except PlcLinkError as error:
+            self._link_lost(error)
+            return "link_down"
+        self.summary.cycle_times_s.append(time.perf_counter() - started)
+        return "cycled"
 
     async def _start(self, readings: Mapping[str, Reading]) -> None:
         """Check the PLC runs our batch, resume from the history if it has this batch, and take over the heartbeat."""
@@ -275,6 +311,19 @@ class Runtime:
             if math.isfinite(now_h) and now_h < self._next_cycle_h - TIME_TOLERANCE_H:
                 # The cycle of this boundary was done before the restart; its heartbeat may not have gone out.
                 await self._beat(resume.last_cycle_h)
+        settings = self.settings.model_dump(mode="json")
+        configuration = {
+            "settings_sha256": _sha256(settings),
+            "batch_sha256": _sha256(self.batch.model_dump(mode="json")),
+            "nominal_parameters_sha256": _sha256(self._nominal.tolist()),
+            "mode": self.settings.mode.value,
+            "auto_approve": self.settings.auto_approve,
+            "resumed_from_h": self.summary.resumed_from_h,
+        }
+        if not self._audited(now_h, actor="runtime", action="config_loaded", subject=self.batch.batch_id, details=configuration):
+            raise RuntimeStartError(f"the audit trail cannot be written ({self._audit_problem}); the runtime does not start")
+        if self.settings.auto_approve:
+            log.warning("auto_approve_enabled", reason="every advisory recommendation is approved at once: lockstep tests and demos only")
         log.info("runtime_started", batch_id=self.batch.batch_id, mode=self.settings.mode.value, heartbeat=self._heartbeat, first_cycle_h=self._next_cycle_h)
 
     def _boundary_after(self, t_h: float) -> float:
@@ -332,17 +381,38 @@ class Runtime:
             if adjustments:
                 log.info("setpoints_filtered", process_time_h=now_h, adjustments=list(adjustments))
             applied = filtered.setpoints.as_dict()
+        self._expire_recommendation()
+        if decision is not None and applied is not None:
+            self.recommendation = Recommendation(
+                made_at_h=now_h,
+                expires_at_h=self._boundary_after(now_h),
+                feed_rate_lph=float(applied["feed_rate_lph"]),
+                glucose_rate_lph=float(applied["glucose_rate_lph"]),
+                temperature_degc=float(applied["temperature_degc"]),
+                harvest_now=bool(decision.setpoints.harvest),
+                harvest_time_h=float(now_h if decision.setpoints.harvest else decision.harvest_time_h),
+                predicted_titer_g_per_l=float(decision.predicted_titer_g_per_l),
+                predicted_score_g_per_day=float(decision.predicted_score_g_per_day),
+                source=decision.source,
+            )
         link_error: PlcLinkError | None = None
         self._write_time_s = 0.0
         try:
             if decision is not None and applied is not None:
                 wrote_setpoints = await self._write_outputs(now_h, state, decision, applied)
+                if state is State.ADVISORY and self.settings.auto_approve and self.recommendation is not None:
+                    try:
+                        wrote_setpoints = await self._sign(self.recommendation, AUTO_APPROVER, Meaning.APPROVED, "automatic approval (lockstep tests and demos)", now_h)
+                    except ApprovalRefusedError as error:
+                        log.warning("auto_approval_refused", process_time_h=now_h, reason=str(error))
             else:
                 await self._write(now_h, {"MPC.Mode": state.plc_mode})
         except PlcLinkError as error:
             link_error = error  # the estimator has seen this cycle: it is recorded, then the link is handled
         if self._write_failures:
             alarms["write_failed"] = f"{self._write_failures} setpoint writes in a row failed"
+        if self._audit_problem is not None:
+            alarms["audit_unavailable"] = self._audit_problem
         self._update_alarms(now_h, alarms)
 
         record = CycleRecord(
@@ -372,8 +442,9 @@ class Runtime:
         self.history.commit_cycle(record, resume)
         self._count(record, decision)
         self._next_cycle_h = self._boundary_after(now_h)
+        self.last_report = CycleReport(record, report.problems, tuple(sorted(self._alarms)))
         if self._on_cycle is not None:
-            self._on_cycle(CycleReport(record, report.problems, tuple(sorted(self._alarms))))
+            self._on_cycle(self.last_report)
         if link_error is not None:
             raise link_error
         await self._beat(now_h)
@@ -400,32 +471,147 @@ class Runtime:
         self._write_failures = 0 if ok else self._write_failures + 1
         return ok
 
-    async def _write(self, now_h: float, values: Mapping[str, Value]) -> bool:
-        """One write request, recorded whatever its outcome; never retried. A lost link propagates."""
+    async def _write(self, now_h: float, values: Mapping[str, Value], *, actor: str = "runtime") -> bool:
+        """One write request, recorded whatever its outcome; never retried. A lost link propagates.
+
+        A setpoint write is recorded in the audit trail first; if that record
+        cannot be written, the write is refused (not sent).
+        """
+        setpoints = {name: value for name, value in values.items() if name.startswith("SP.")}
+        if setpoints and not self._audited(now_h, actor=actor, action="setpoint_write", subject="SP.*", details=setpoints):
+            self.history.record_write(now_h, values, "refused", "the audit record could not be written; nothing sent")
+            self.summary.writes_failed += 1
+            return False
         started = time.perf_counter()
         try:
             await self.port.write(values)
         except (PlcWriteRefusedError, PlcWriteMismatchError, PlcLinkError) as error:
             self._write_time_s += time.perf_counter() - started
             self.summary.writes_failed += 1
+            outcome = "link_error" if isinstance(error, PlcLinkError) else "refused" if isinstance(error, PlcWriteRefusedError) else "mismatch"
+            self.history.record_write(now_h, values, outcome, str(error))
+            if setpoints:
+                self._audited(now_h, actor=actor, action="setpoint_write_result", subject="SP.*", details={"outcome": outcome, "detail": str(error)})
             if isinstance(error, PlcLinkError):
-                self.history.record_write(now_h, values, "link_error", str(error))
                 raise
             if isinstance(error, PlcWriteRefusedError):
-                self.history.record_write(now_h, values, "refused", str(error))
                 log.warning("write_refused", process_time_h=now_h, refusals=error.refusals)
             else:
-                self.history.record_write(now_h, values, "mismatch", str(error))
                 log.error("write_mismatch", process_time_h=now_h, error=str(error))
             return False
         self._write_time_s += time.perf_counter() - started
         self.history.record_write(now_h, values, "ok")
+        if setpoints:
+            self._audited(now_h, actor=actor, action="setpoint_write_result", subject="SP.*", details={"outcome": "ok"})
         self.summary.writes_ok += 1
         return True
 
     async def _beat(self, now_h: float) -> None:
         self._heartbeat = (self._heartbeat + 1) & UINT32_MAX
         await self._write(now_h, {"MPC.Heartbeat": self._heartbeat})
+
+    # ------------------------------------------------------------------ the operator (advisory mode)
+
+    def view(self) -> dict[str, Any]:
+        """What the operator screen shows now, as JSON-compatible data."""
+        report = self.last_report
+        estimate = _estimate_summary(self.estimator) if self.estimator is not None else None
+        return {
+            "batch_id": self.batch.batch_id,
+            "process_time_h": self._last_time_h if math.isfinite(self._last_time_h) else None,
+            "next_cycle_h": self._next_cycle_h,
+            "state": self.modes.state.value,
+            "reason": self.modes.reason,
+            "requested_mode": self.modes.requested.value,
+            "link_up": self._link_up,
+            "data_quality": dict(report.problems) if report is not None else {},
+            "alarms": dict(self._alarms),
+            "recommendation": self.recommendation.as_dict() if self.recommendation is not None else None,
+            "estimate": estimate,
+            "cycles": self.summary.cycles,
+            "decisions": dict(self.summary.decisions),
+        }
+
+    async def approve(self, made_at_h: float, *, signer: Signer, reason: str) -> Recommendation:
+        """Sign and apply the current recommendation: its setpoints are written now, while remote is enabled."""
+        return await self._operator_sign(made_at_h, signer, Meaning.APPROVED, reason)
+
+    async def reject(self, made_at_h: float, *, signer: Signer, reason: str) -> Recommendation:
+        """Sign a rejection of the current recommendation; nothing is written to the PLC."""
+        return await self._operator_sign(made_at_h, signer, Meaning.REJECTED, reason)
+
+    def request_mode(self, mode: RequestedMode, *, user: str, reason: str) -> None:
+        """Change the requested mode (it takes effect at the next cycle); refused if the audit record cannot be written."""
+        if not reason.strip():
+            raise ApprovalRefusedError("a mode change needs a reason")
+        details = {"from": self.modes.requested.value, "to": mode.value, "reason": reason}
+        if not self._audited(self._last_time_h, actor=user, action="mode_requested", subject="mode", details=details):
+            raise ApprovalRefusedError("the audit record could not be written; the mode is unchanged")
+        self.modes.request(mode)
+
+    async def _operator_sign(self, made_at_h: float, signer: Signer, meaning: Meaning, reason: str) -> Recommendation:
+        if not reason.strip():
+            raise ApprovalRefusedError(f"a signature ({meaning.value}) needs a reason")
+        async with self._io:
+            current = self.recommendation
+            if current is None or abs(current.made_at_h - made_at_h) > TIME_TOLERANCE_H:
+                raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h is not the current one: it has expired")
+            if current.status is not RecommendationStatus.PENDING:
+                raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h is already {current.status.value}")
+            if meaning is Meaning.APPROVED and self.modes.state is not State.ADVISORY:
+                raise ApprovalRefusedError(f"approvals apply in advisory mode; the runtime is {self.modes.state.value}")
+            try:
+                readings = await self.port.read()
+            except PlcLinkError as error:
+                raise ApprovalRefusedError(f"the PLC cannot be read, nothing written: {error}") from error
+            clock, remote = readings["Status.ProcessTime"], readings["Status.RemoteEnabled"]
+            now_h = float(clock.value) if clock.good else math.nan  # type: ignore[arg-type]
+            if not math.isfinite(now_h) or now_h >= current.expires_at_h - TIME_TOLERANCE_H:
+                self._expire_recommendation()
+                raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h has expired: the batch clock reads {now_h:.2f} h")
+            if meaning is Meaning.APPROVED and not (remote.good and remote.value is True):
+                raise ApprovalRefusedError("the PLC does not accept setpoints (Status.RemoteEnabled is false); nothing written")
+            try:
+                await self._sign(current, signer, meaning, reason, now_h)
+            except PlcLinkError as error:
+                self._link_lost(error)
+                raise ApprovalRefusedError(f"the PLC link failed during the write; read the PLC before acting again: {error}") from error
+            return self.recommendation  # type: ignore[return-value]
+
+    async def _sign(self, recommendation: Recommendation, signer: Signer, meaning: Meaning, reason: str, now_h: float) -> bool:
+        """Record the signature (refused if it cannot be), then, for an approval, write its setpoints; whether they were written."""
+        signature = Signature(signer, meaning, reason, now_utc(), recommendation.made_at_h)
+        details = {"signature": signature.as_dict(), "recommendation": recommendation.as_dict()}
+        subject = f"recommendation made at {recommendation.made_at_h:.2f} h"
+        if not self._audited(now_h, actor=signer.name, action=f"recommendation_{meaning.value}", subject=subject, details=details):
+            raise ApprovalRefusedError("the signature could not be recorded in the audit trail; nothing done")
+        self.recommendation = recommendation.signed(signature)
+        log.info("recommendation_signed", meaning=meaning.value, signer=signer.name, made_at_h=recommendation.made_at_h, reason=reason)
+        if meaning is not Meaning.APPROVED:
+            return False
+        written = await self._write(now_h, recommendation.setpoint_values(), actor=signer.name)
+        if written and recommendation.harvest_now:
+            written = await self._write(now_h, {"SP.HarvestRequest": True}, actor=signer.name)
+        if not written:
+            raise ApprovalRefusedError("the approval is recorded but the PLC refused the setpoints; see the history's writes")
+        return True
+
+    def _expire_recommendation(self) -> None:
+        if self.recommendation is not None and self.recommendation.status is RecommendationStatus.PENDING:
+            self.recommendation = self.recommendation.expired()
+
+    def _audited(self, now_h: float, *, actor: str, action: str, subject: str, details: Mapping[str, Any]) -> bool:
+        """Append to the audit trail; False (with an alarm) when it cannot be written. No audit trail configured: True."""
+        if self._audit is None:
+            return True
+        try:
+            self._audit.append(actor=actor, action=action, subject=subject, details=details, process_time_h=now_h if math.isfinite(now_h) else None)
+        except BioreactorMPCError as error:
+            log.error("audit_write_failed", action=action, error=str(error))
+            self._audit_problem = f"the audit trail cannot be written ({action} refused): {error}"
+            return False
+        self._audit_problem = None
+        return True
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -441,6 +627,8 @@ class Runtime:
     def _record_change(self, now_h: float, change: StateChange | None) -> None:
         if change is not None:
             self.history.record_state_change(now_h, change.previous.value, change.state.value, change.reason)
+            details = {"from": change.previous.value, "to": change.state.value, "reason": change.reason, "requested": self.modes.requested.value}
+            self._audited(now_h, actor="runtime", action="state_changed", subject="state", details=details)
 
     def _update_alarms(self, now_h: float, current: Mapping[str, str]) -> None:
         """Raise the alarms that are new and clear the ones that are gone, each once, in the log and the history."""
@@ -448,9 +636,12 @@ class Runtime:
             if code not in self._alarms:
                 log.warning("alarm_raised", code=code, message=message, process_time_h=now_h)
                 self.history.record_alarm(now_h, code, message, active=True)
+                self._audited(now_h, actor="runtime", action="alarm_raised", subject=code, details={"message": message})
         for code in [c for c in self._alarms if c not in current and c != "plc_link"]:
             log.info("alarm_cleared", code=code, process_time_h=now_h)
-            self.history.record_alarm(now_h, code, self._alarms.pop(code), active=False)
+            message = self._alarms.pop(code)
+            self.history.record_alarm(now_h, code, message, active=False)
+            self._audited(now_h, actor="runtime", action="alarm_cleared", subject=code, details={"message": message})
         self._alarms.update(current)
 
     def _link_lost(self, error: PlcLinkError) -> None:
@@ -476,6 +667,11 @@ class Runtime:
 
     def _history_ready(self) -> bool:
         return self.controller is not None
+
+
+def _sha256(data: Any) -> str:
+    """A digest of JSON-compatible data, to see in the audit trail when a configuration or a model changed."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -1,0 +1,116 @@
+"""Advisory mode: the recommendation of a cycle, and the operator's signed approval or rejection of it.
+
+A recommendation is the safety-filtered plan of one cycle (setpoints for the
+next interval, harvest time, predicted titer and score at harvest, and what
+the platform recipe would give from the same estimate). It is **current**
+only until the next cycle boundary: once the batch clock reaches it, the
+data the recommendation was computed from has moved on, and it expires.
+
+An approval or a rejection is an electronic signature (21 CFR Part 11
+§11.50): the signer's name and printed name, the time, the meaning
+(approved or rejected), the reason, and the recommendation it applies to.
+The runtime writes it to the audit trail *before* it acts; if the record
+cannot be written, the action is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from plant_models.errors import BioreactorMPCError
+
+
+class Meaning(str, Enum):
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+class RecommendationStatus(str, Enum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+class ApprovalRefusedError(BioreactorMPCError, PermissionError):
+    """An approval or rejection that cannot be carried out (expired, not advisory, remote disabled, not recorded)."""
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Who signs: the user's login name, printed name and role."""
+
+    name: str
+    full_name: str
+    role: str
+
+
+@dataclass(frozen=True)
+class Signature:
+    signer: Signer
+    meaning: Meaning
+    reason: str
+    signed_utc: str
+    recommendation_made_at_h: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "signer": self.signer.name,
+            "printed_name": self.signer.full_name,
+            "role": self.signer.role,
+            "meaning": self.meaning.value,
+            "reason": self.reason,
+            "signed_utc": self.signed_utc,
+            "recommendation_made_at_h": self.recommendation_made_at_h,
+        }
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One cycle's advice; ``made_at_h`` (the cycle's process time) identifies it within the batch."""
+
+    made_at_h: float
+    expires_at_h: float
+    feed_rate_lph: float
+    glucose_rate_lph: float
+    temperature_degc: float
+    harvest_now: bool
+    harvest_time_h: float
+    predicted_titer_g_per_l: float
+    predicted_score_g_per_day: float
+    recipe_titer_g_per_l: float = math.nan
+    recipe_score_g_per_day: float = math.nan
+    source: str = "mpc"
+    status: RecommendationStatus = RecommendationStatus.PENDING
+    signature: Signature | None = field(default=None)
+
+    def signed(self, signature: Signature) -> Recommendation:
+        status = RecommendationStatus.APPROVED if signature.meaning is Meaning.APPROVED else RecommendationStatus.REJECTED
+        return replace(self, status=status, signature=signature)
+
+    def expired(self) -> Recommendation:
+        return replace(self, status=RecommendationStatus.EXPIRED) if self.status is RecommendationStatus.PENDING else self
+
+    def setpoint_values(self) -> dict[str, float | bool]:
+        """The PLC signals an approval writes."""
+        values: dict[str, float | bool] = {
+            "SP.FeedRate": self.feed_rate_lph,
+            "SP.GlucoseRate": self.glucose_rate_lph,
+            "SP.Temperature": self.temperature_degc,
+        }
+        return values
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if k not in ("status", "signature")}
+        data = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
+        data["status"] = self.status.value
+        data["signature"] = self.signature.as_dict() if self.signature is not None else None
+        return data
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).isoformat()

@@ -1,0 +1,269 @@
+"""The operator screen, served by the runtime itself: overview, estimate, trajectories, the recommendation and its signature.
+
+FastAPI with server-rendered pages (Jinja2) and Plotly for the plots; the
+Plotly bundle comes from the installed ``plotly`` package, so the screen
+needs no network beyond the edge controller. The pages poll two JSON
+endpoints (``/api/status`` every 2 s, ``/api/trajectories`` every 15 s).
+
+Who may do what (roles of :mod:`interfaces.users`):
+
+- viewer: log in and see everything;
+- operator: approve or reject the current recommendation, re-entering the
+  password (an electronic signature, 21 CFR Part 11 §11.50 and §11.200);
+- engineer: also change the requested mode (again with the password).
+
+Sessions: an HttpOnly, SameSite=Strict cookie holding a random token (only its
+hash is stored), expiring after idle time and at a maximum age. ``/metrics``
+(Prometheus text format) and ``/healthz`` need no login: they are for the
+plant's monitoring on the control network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import plotly
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from pydantic import BaseModel, Field
+
+from controller.advisory import ApprovalRefusedError, Signer
+from controller.modes import RequestedMode, State
+from controller.runtime import Runtime
+from interfaces.audit import AuditTrail
+from interfaces.users import Role, User, UserStore
+
+HERE = Path(__file__).resolve().parent
+SESSION_COOKIE = "bioreactor_mpc_session"
+PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+TRAJECTORY_STATES = ("viable_cells", "glucose", "lactate", "ammonia", "titer", "volume")
+LAB_COLUMNS = {
+    "viable_cells": "vcd_1e6_per_ml",
+    "viability": "viability_pct",
+    "glucose": "glucose_g_per_l",
+    "lactate": "lactate_g_per_l",
+    "ammonia": "ammonia_mm",
+    "titer": "titer_g_per_l",
+    "osmolality": "osmolality_mosm_per_kg",
+}
+
+
+class Signature(BaseModel):
+    password: str = Field(min_length=1, description="the signer's password, entered again to sign")
+    reason: str = Field(min_length=1, max_length=500, description="why")
+
+
+class ModeChange(Signature):
+    mode: RequestedMode
+
+
+def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history_path: Path, secure_cookies: bool = False) -> FastAPI:
+    """The screen's application for one runtime; ``secure_cookies`` when it is served over HTTPS."""
+    app = FastAPI(title="bioreactor-mpc", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    def current_user(request: Request) -> User:
+        token = request.cookies.get(SESSION_COOKIE)
+        user = users.session_user(token) if token else None
+        if user is None:
+            raise HTTPException(status_code=401, detail="log in first (or the session expired)")
+        return user
+
+    def require(role: Role) -> Callable[[User], User]:
+        def check(user: User = Depends(current_user)) -> User:
+            if not user.role.allows(role):
+                raise HTTPException(status_code=403, detail=f"{user.name} is a {user.role.value}; this needs a {role.value}")
+            return user
+
+        return check
+
+    def signer(user: User, password: str) -> Signer:
+        if users.authenticate(user.name, password) is None:
+            raise HTTPException(status_code=403, detail="wrong password: the signature needs the signer's own password")
+        return Signer(user.name, user.full_name, user.role.value)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        if error.status_code == 401 and not request.url.path.startswith("/api/"):
+            return RedirectResponse("/login", status_code=303)
+        return JSONResponse({"detail": error.detail}, status_code=error.status_code)
+
+    # ------------------------------------------------------------------ pages
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request, error: str | None = None) -> Response:
+        return templates.TemplateResponse(request, "login.html", {"error": error, "batch_id": runtime.batch.batch_id})
+
+    @app.post("/login")
+    def login(username: str = Form(...), password: str = Form(...)) -> Response:
+        user = users.authenticate(username, password)
+        if user is None:
+            return RedirectResponse("/login?error=wrong+user+name+or+password", status_code=303)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(SESSION_COOKIE, users.create_session(user), httponly=True, samesite="strict", secure=secure_cookies)
+        return response
+
+    @app.post("/logout")
+    def logout(request: Request) -> Response:
+        token = request.cookies.get(SESSION_COOKIE)
+        if token:
+            users.end_session(token)
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    @app.get("/", response_class=HTMLResponse)
+    def screen(request: Request, user: User = Depends(current_user)) -> Response:
+        context = {"user": user, "batch_id": runtime.batch.batch_id, "modes": [m.value for m in RequestedMode], "can_sign": user.role.allows(Role.OPERATOR), "can_change_mode": user.role.allows(Role.ENGINEER)}
+        return templates.TemplateResponse(request, "screen.html", context)
+
+    @app.get("/static-vendor/plotly.min.js")
+    def plotly_js() -> Response:
+        return FileResponse(PLOTLY_JS, media_type="text/javascript")
+
+    # ------------------------------------------------------------------ data
+
+    @app.get("/api/status")
+    def status(user: User = Depends(current_user)) -> dict[str, Any]:
+        view = runtime.view()
+        view["user"] = {"name": user.name, "full_name": user.full_name, "role": user.role.value}
+        return _finite(view)
+
+    @app.get("/api/trajectories")
+    def trajectories(user: User = Depends(current_user)) -> dict[str, Any]:
+        return _finite(read_trajectories(history_path))
+
+    @app.get("/api/audit")
+    def audit_records(limit: int = 50, user: User = Depends(current_user)) -> list[dict[str, Any]]:
+        head = audit.head()
+        last = head.seq if head is not None else 0
+        records = audit.records(since_seq=max(0, last - max(1, min(limit, 500))))
+        return [_finite(record.__dict__) for record in records]
+
+    # ------------------------------------------------------------------ signatures and mode
+
+    @app.post("/api/recommendations/{made_at_h}/approve")
+    async def approve(made_at_h: float, body: Signature, user: User = Depends(require(Role.OPERATOR))) -> dict[str, Any]:
+        try:
+            recommendation = await runtime.approve(made_at_h, signer=signer(user, body.password), reason=body.reason)
+        except ApprovalRefusedError as error:
+            raise HTTPException(status_code=409, detail=str(error)) from error
+        return _finite(recommendation.as_dict())
+
+    @app.post("/api/recommendations/{made_at_h}/reject")
+    async def reject(made_at_h: float, body: Signature, user: User = Depends(require(Role.OPERATOR))) -> dict[str, Any]:
+        try:
+            recommendation = await runtime.reject(made_at_h, signer=signer(user, body.password), reason=body.reason)
+        except ApprovalRefusedError as error:
+            raise HTTPException(status_code=409, detail=str(error)) from error
+        return _finite(recommendation.as_dict())
+
+    @app.post("/api/mode")
+    def change_mode(body: ModeChange, user: User = Depends(require(Role.ENGINEER))) -> dict[str, Any]:
+        signer(user, body.password)
+        try:
+            runtime.request_mode(body.mode, user=user.name, reason=body.reason)
+        except ApprovalRefusedError as error:
+            raise HTTPException(status_code=409, detail=str(error)) from error
+        return {"requested_mode": body.mode.value, "effective": "at the next cycle"}
+
+    # ------------------------------------------------------------------ operations
+
+    registry = CollectorRegistry()
+    registry.register(RuntimeCollector(runtime))
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        view = runtime.view()
+        healthy = view["link_up"] and view["state"] != State.FAULT.value
+        body = {"healthy": healthy, "state": view["state"], "reason": view["reason"], "link_up": view["link_up"], "process_time_h": view["process_time_h"]}
+        return JSONResponse(_finite(body), status_code=200 if healthy else 503)
+
+    return app
+
+
+class RuntimeCollector:
+    """Prometheus metrics read from the runtime at scrape time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Any]:
+        summary = self.runtime.summary
+        view = self.runtime.view()
+        cycles = SummaryMetricFamily("bioreactor_mpc_cycle_seconds", "wall time of a cycle, read to heartbeat")
+        cycles.add_metric([], len(summary.cycle_times_s), float(sum(summary.cycle_times_s)))
+        yield cycles
+        solves = SummaryMetricFamily("bioreactor_mpc_solve_seconds", "MPC solve time")
+        solves.add_metric([], len(summary.solve_times_s), float(sum(summary.solve_times_s)))
+        yield solves
+        decisions = CounterMetricFamily("bioreactor_mpc_decisions", "cycles by who decided (mpc, shifted_plan, recipe, harvest, none)", labels=["source"])
+        for source, count in sorted(summary.decisions.items()):
+            decisions.add_metric([source], count)
+        yield decisions
+        writes = CounterMetricFamily("bioreactor_mpc_writes", "PLC write requests by outcome", labels=["outcome"])
+        writes.add_metric(["ok"], summary.writes_ok)
+        writes.add_metric(["failed"], summary.writes_failed)
+        yield writes
+        yield CounterMetricFamily("bioreactor_mpc_link_losses", "times the PLC link was lost", value=summary.link_losses)
+        state = GaugeMetricFamily("bioreactor_mpc_state", "1 for the runtime's current state", labels=["state"])
+        for candidate in State:
+            state.add_metric([candidate.value], 1.0 if candidate.value == view["state"] else 0.0)
+        yield state
+        yield GaugeMetricFamily("bioreactor_mpc_active_alarms", "alarms active now", value=len(view["alarms"]))
+        yield GaugeMetricFamily("bioreactor_mpc_process_time_hours", "the batch clock at the last cycle", value=view["process_time_h"] if view["process_time_h"] is not None else math.nan)
+
+
+def read_trajectories(history_path: Path) -> dict[str, Any]:
+    """Estimates with their standard deviations, lab results and online volume from the history (a read-only connection)."""
+    uri = f"file:{history_path}?mode=ro"
+    with closing(sqlite3.connect(uri, uri=True, timeout=5.0)) as db:
+        run = db.execute("SELECT MAX(id) FROM runs").fetchone()[0]
+        batch = db.execute("SELECT batch_id FROM runs WHERE id = ?", (run,)).fetchone()
+        runs = [row[0] for row in db.execute("SELECT id FROM runs WHERE batch_id = ?", (batch[0],))] if batch else []
+        marks = ",".join("?" * len(runs)) or "NULL"
+        estimates: dict[str, dict[str, list[float | None]]] = {name: {"t": [], "mean": [], "sd": []} for name in TRAJECTORY_STATES}
+        for t_h, estimate in db.execute(f"SELECT process_time_h, estimate FROM cycles WHERE run_id IN ({marks}) ORDER BY process_time_h", runs):  # noqa: S608 - placeholders only
+            data = json.loads(estimate) if estimate else None
+            if not data:
+                continue
+            for name in TRAJECTORY_STATES:
+                estimates[name]["t"].append(t_h)
+                estimates[name]["mean"].append(data["state"][name])
+                estimates[name]["sd"].append(data["sd"][name])
+        lab: dict[str, dict[str, list[float | None]]] = {name: {"t": [], "value": []} for name in LAB_COLUMNS}
+        columns = ", ".join(LAB_COLUMNS.values())
+        for row in db.execute(f"SELECT taken_at_h, {columns} FROM lab_results WHERE run_id IN ({marks}) ORDER BY taken_at_h", runs):  # noqa: S608 - fixed column names
+            for name, value in zip(LAB_COLUMNS, row[1:], strict=True):
+                lab[name]["t"].append(row[0])
+                lab[name]["value"].append(value)
+        volume = db.execute(
+            f"SELECT process_time_h, value FROM readings WHERE signal = 'PV.Volume' AND good = 1 AND run_id IN ({marks}) ORDER BY process_time_h", runs  # noqa: S608
+        ).fetchall()
+    return {"estimates": estimates, "lab": lab, "online": {"volume": {"t": [r[0] for r in volume], "value": [r[1] for r in volume]}}}
+
+
+def _finite(data: Any) -> Any:
+    """JSON has no NaN: non-finite numbers become null."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {str(k): _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data

@@ -1,0 +1,130 @@
+// The operator screen: polls /api/status (2 s) and /api/trajectories (15 s); signs through the API.
+"use strict";
+
+const PLOTS = [
+  ["viable_cells", "viable cells [1e6/mL]"], ["glucose", "glucose [g/L]"], ["lactate", "lactate [g/L]"],
+  ["ammonia", "ammonia [mM]"], ["titer", "titer [g/L]"], ["volume", "volume [L]"],
+];
+const LABELS = { viable_cells: "viable cells", glucose: "glucose", lactate: "lactate", ammonia: "ammonia", titer: "titer", volume: "volume", glutamine: "glutamine", temperature: "temperature" };
+let current = null;
+
+function fmt(value, digits = 2) { return value === null || value === undefined ? "—" : Number(value).toFixed(digits); }
+
+function text(id, value) { document.getElementById(id).textContent = value; }
+
+function list(id, entries, empty) {
+  const ul = document.getElementById(id);
+  ul.replaceChildren();
+  if (!entries.length) { const li = document.createElement("li"); li.className = "muted"; li.textContent = empty; ul.append(li); return; }
+  for (const [code, message] of entries) { const li = document.createElement("li"); li.textContent = `${code}: ${message}`; ul.append(li); }
+}
+
+function rows(tableId, pairs) {
+  const body = document.querySelector(`#${tableId} tbody`);
+  body.replaceChildren();
+  for (const [label, value] of pairs) {
+    const tr = document.createElement("tr");
+    const a = document.createElement("td"); a.textContent = label;
+    const b = document.createElement("td"); b.className = "num"; b.textContent = value;
+    tr.append(a, b); body.append(tr);
+  }
+}
+
+async function getJson(url) {
+  const response = await fetch(url, { credentials: "same-origin" });
+  if (response.status === 401) { window.location = "/login"; throw new Error("logged out"); }
+  return response.json();
+}
+
+async function refreshStatus() {
+  const s = await getJson("/api/status");
+  text("clock", s.process_time_h === null ? "not started" : `day ${fmt(s.process_time_h / 24)} (${fmt(s.process_time_h, 1)} h)`);
+  const state = document.getElementById("state");
+  state.textContent = `${s.state} (requested ${s.requested_mode})`;
+  state.className = "pill " + ({ closed_loop: "ok", advisory: "ok", held: "warn", fault: "bad", off: "" }[s.state] || "");
+  const link = document.getElementById("link");
+  link.textContent = s.link_up ? "PLC link up" : "PLC link DOWN";
+  link.className = "pill " + (s.link_up ? "ok" : "bad");
+  text("reason", s.reason);
+  list("alarms", Object.entries(s.alarms), "none");
+  list("quality", Object.entries(s.data_quality), "all signals good");
+  if (s.estimate) {
+    rows("estimate-table", Object.keys(LABELS).map((k) => [LABELS[k], `${fmt(s.estimate.state[k])} ± ${fmt(s.estimate.sd[k])}`])
+      .concat(Object.entries(s.estimate.multipliers).map(([k, v]) => [`× ${k}`, fmt(v, 3)])));
+  }
+  current = s.recommendation;
+  const r = s.recommendation;
+  if (r) {
+    rows("rec-table", [
+      ["made at", `${fmt(r.made_at_h, 1)} h (valid until ${fmt(r.expires_at_h, 1)} h)`],
+      ["status", r.status + (r.signature ? ` by ${r.signature.printed_name}: ${r.signature.reason}` : "")],
+      ["nutrient feed", `${fmt(r.feed_rate_lph)} L/h`], ["glucose feed", `${fmt(r.glucose_rate_lph)} L/h`],
+      ["temperature", `${fmt(r.temperature_degc, 1)} °C`],
+      ["harvest", r.harvest_now ? "NOW" : `${fmt(r.harvest_time_h, 0)} h (day ${fmt(r.harvest_time_h / 24, 1)})`],
+      ["predicted titer at harvest", `${fmt(r.predicted_titer_g_per_l)} g/L (recipe: ${fmt(r.recipe_titer_g_per_l)})`],
+      ["predicted score", `${fmt(r.predicted_score_g_per_day, 0)} g/day (recipe: ${fmt(r.recipe_score_g_per_day, 0)})`],
+    ]);
+  }
+}
+
+async function refreshPlots() {
+  const data = await getJson("/api/trajectories");
+  const container = document.getElementById("plots");
+  for (const [name, title] of PLOTS) {
+    let div = document.getElementById(`plot-${name}`);
+    if (!div) { div = document.createElement("div"); div.id = `plot-${name}`; container.append(div); }
+    const e = data.estimates[name];
+    const tDay = e.t.map((t) => t / 24);
+    const upper = e.mean.map((m, i) => m + 2 * e.sd[i]);
+    const lower = e.mean.map((m, i) => m - 2 * e.sd[i]);
+    const traces = [
+      { x: tDay, y: upper, mode: "lines", line: { width: 0 }, showlegend: false, hoverinfo: "skip" },
+      { x: tDay, y: lower, mode: "lines", fill: "tonexty", fillcolor: "rgba(31,95,191,0.15)", line: { width: 0 }, name: "± 2 sd" },
+      { x: tDay, y: e.mean, mode: "lines", line: { color: "#1f5fbf" }, name: "estimate" },
+    ];
+    const lab = data.lab[name];
+    if (lab) traces.push({ x: lab.t.map((t) => t / 24), y: lab.value, mode: "markers", marker: { color: "#d9822b" }, name: "lab (at draw)" });
+    if (name === "volume") traces.push({ x: data.online.volume.t.map((t) => t / 24), y: data.online.volume.value, mode: "lines", line: { color: "#999", width: 1 }, name: "load cell" });
+    Plotly.react(div, traces, { title: { text: title, font: { size: 13 } }, margin: { l: 45, r: 10, t: 30, b: 35 }, xaxis: { title: "day" }, showlegend: name === "viable_cells", legend: { orientation: "h", y: -0.25 } }, { displayModeBar: false, responsive: true });
+  }
+}
+
+async function post(url, body) {
+  const response = await fetch(url, { method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(data.detail || response.statusText);
+  return data;
+}
+
+function wire() {
+  const sign = document.getElementById("sign-form");
+  if (sign) sign.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const result = document.getElementById("sign-result");
+    const meaning = event.submitter ? event.submitter.value : "approve";
+    if (!current) { result.textContent = "no recommendation"; result.className = "result error"; return; }
+    const form = new FormData(sign);
+    try {
+      const signed = await post(`/api/recommendations/${current.made_at_h}/${meaning}`, { password: form.get("password"), reason: form.get("reason") });
+      result.textContent = `${signed.status} (recommendation of ${fmt(signed.made_at_h, 1)} h)`; result.className = "result ok";
+      sign.reset();
+    } catch (error) { result.textContent = error.message; result.className = "result error"; }
+    refreshStatus();
+  });
+  const mode = document.getElementById("mode-form");
+  if (mode) mode.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const result = document.getElementById("mode-result");
+    const form = new FormData(mode);
+    try {
+      await post("/api/mode", { mode: form.get("mode"), password: form.get("password"), reason: form.get("reason") });
+      result.textContent = "requested; takes effect at the next cycle"; result.className = "result ok";
+      mode.reset();
+    } catch (error) { result.textContent = error.message; result.className = "result error"; }
+  });
+}
+
+wire();
+refreshStatus(); refreshPlots();
+setInterval(refreshStatus, 2000);
+setInterval(refreshPlots, 15000);

@@ -1,0 +1,277 @@
+"""Users, roles and sessions: argon2id hashes, failed log-ins logged without the password, sessions that expire, the ``users`` commands."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import sqlite3
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+from argon2 import PasswordHasher
+from rich.console import Console
+from structlog.testing import capture_logs
+
+from bioreactor_mpc.admin_cli import AdminCommandError, add_parsers, dispatch
+from interfaces.audit import AuditError, AuditTrail
+from interfaces.history import SqliteHistory
+from interfaces.users import InvalidUserError, Role, UnknownUserError, User, UserStore, WeakPasswordError
+
+PASSWORD = "correct horse battery"
+
+
+class CountingHasher(PasswordHasher):
+    """argon2id at its cheapest (tests), counting the verifications."""
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost=8, parallelism=1)
+        self.verified = 0
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> bool:  # noqa: A002 - argon2's name
+        self.verified += 1
+        return super().verify(hash, password)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.fixture(autouse=True)
+def _uncached_logging() -> Iterator[None]:
+    """capture_logs needs loggers that are not cached (the CLI tests configure caching)."""
+    saved = structlog.get_config()
+    structlog.reset_defaults()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> Iterator[UserStore]:
+    users = UserStore(tmp_path / "history.sqlite", session_idle_s=900.0, session_max_s=8 * 3600.0, clock=clock, password_hasher=CountingHasher())
+    yield users
+    users.close()
+
+
+def test_passwords_are_stored_as_argon2id_hashes_never_as_themselves(tmp_path):
+    path = tmp_path / "h.sqlite"
+    with UserStore(path) as users:  # argon2-cffi's defaults, as in production
+        alice = users.add_user("alice", full_name="Alice Martin", role=Role.OPERATOR, password=PASSWORD)
+        assert alice == User("alice", "Alice Martin", Role.OPERATOR, disabled=False)
+        assert users.authenticate("alice", PASSWORD) == alice
+    db = sqlite3.connect(path)
+    stored = db.execute("SELECT password_hash FROM users WHERE name = 'alice'").fetchone()[0]
+    db.close()
+    assert stored.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    assert PASSWORD not in stored and PASSWORD.encode() not in path.read_bytes()
+
+
+def test_a_wrong_password_an_unknown_user_and_a_disabled_user_fail_and_are_logged_without_the_password(store):
+    hasher = store._hasher
+    assert isinstance(hasher, CountingHasher)
+    store.add_user("bob", full_name="Bob Stone", role="engineer", password=PASSWORD)
+    with capture_logs() as logs:
+        assert store.authenticate("bob", "wrong password here") is None
+        assert store.authenticate("nobody", PASSWORD) is None
+        assert hasher.verified == 2, "an unknown user costs a verification too, so timing does not tell which names exist"
+        assert store.authenticate("Robert'); DROP TABLE users;--", PASSWORD) is None
+        store.disable("bob")
+        assert store.authenticate("bob", PASSWORD) is None
+    failures = [e for e in logs if e["event"] == "login_failed"]
+    assert [(e["user"], e["reason"]) for e in failures] == [
+        ("bob", "wrong_password"),
+        ("nobody", "unknown_user"),
+        ("Robert'); DROP TABLE users;--", "unknown_user"),
+        ("bob", "disabled"),
+    ]
+    assert all(PASSWORD not in str(e) and "wrong password here" not in str(e) for e in logs)
+    assert store.user("bob") == User("bob", "Bob Stone", Role.ENGINEER, disabled=True), "a disabled user stays on record"
+
+
+def test_names_roles_full_names_and_passwords_are_checked(store):
+    for name in ("a", "Alice", "1alice", "alice\n", "al ice", "a" * 33, ""):
+        with pytest.raises(InvalidUserError, match="user name"):
+            store.add_user(name, full_name="A", role="viewer", password=PASSWORD)
+    for name in ("al", "alice.martin", "op-2", "x_" + "a" * 30):
+        store.add_user(name, full_name="Someone", role="viewer", password=PASSWORD)
+    with pytest.raises(InvalidUserError, match="role 'admin': use one of viewer, operator, engineer"):
+        store.add_user("carol", full_name="Carol", role="admin", password=PASSWORD)
+    with pytest.raises(InvalidUserError, match="full name is empty"):
+        store.add_user("carol", full_name="  ", role="viewer", password=PASSWORD)
+    with pytest.raises(WeakPasswordError, match="the password has 11 characters; use at least 12") as error:
+        store.add_user("carol", full_name="Carol", role="viewer", password="elevenchars")
+    assert "elevenchars" not in str(error.value)
+    with pytest.raises(InvalidUserError, match="user 'al' exists"):
+        store.add_user("al", full_name="Al", role="viewer", password=PASSWORD)
+    with pytest.raises(UnknownUserError, match="no user 'dave'"):
+        store.set_password("dave", PASSWORD)
+    with pytest.raises(UnknownUserError, match="no user 'dave'"):
+        store.disable("dave")
+    assert [u.name for u in store.users()] == ["al", "alice.martin", "op-2", "x_" + "a" * 30]
+
+
+def test_roles_include_the_ones_below():
+    assert [r.value for r in Role] == ["viewer", "operator", "engineer"]
+    allowed = {(have, need) for have in Role for need in Role if have.allows(need)}
+    assert allowed == {
+        (Role.VIEWER, Role.VIEWER),
+        (Role.OPERATOR, Role.VIEWER),
+        (Role.OPERATOR, Role.OPERATOR),
+        (Role.ENGINEER, Role.VIEWER),
+        (Role.ENGINEER, Role.OPERATOR),
+        (Role.ENGINEER, Role.ENGINEER),
+    }
+
+
+def test_an_old_hash_is_upgraded_at_the_next_login(tmp_path):
+    path = tmp_path / "h.sqlite"
+    with UserStore(path, password_hasher=CountingHasher()) as cheap:
+        cheap.add_user("alice", full_name="Alice", role="operator", password=PASSWORD)
+    with capture_logs() as logs, UserStore(path) as users:
+        assert users.authenticate("alice", PASSWORD) is not None
+        assert users.authenticate("alice", PASSWORD) is not None
+    assert [e["event"] for e in logs] == ["password_rehashed"]
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT password_hash FROM users").fetchone()[0].startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    db.close()
+
+
+def test_sessions_slide_while_used_and_end_when_idle(store, clock, tmp_path):
+    alice = store.add_user("alice", full_name="Alice", role="operator", password=PASSWORD)
+    token = store.create_session(alice)
+    assert len(token) >= 43
+    db = sqlite3.connect(tmp_path / "history.sqlite")
+    assert db.execute("SELECT token_sha256, user_name FROM sessions").fetchall() == [(hashlib.sha256(token.encode()).hexdigest(), "alice")]
+    db.close()
+    assert token.encode() not in (tmp_path / "history.sqlite").read_bytes() + (tmp_path / "history.sqlite-wal").read_bytes()
+    for _ in range(3):
+        clock.now_s += 899.0
+        assert store.session_user(token) == alice
+    clock.now_s += 901.0
+    assert store.session_user(token) is None
+    clock.now_s -= 901.0
+    assert store.session_user(token) is None, "an ended session stays ended"
+    assert store.session_user("not-a-token") is None and store.session_user("") is None
+
+
+def test_sessions_end_at_their_maximum_age_even_when_used(store, clock):
+    alice = store.add_user("alice", full_name="Alice", role="operator", password=PASSWORD)
+    token = store.create_session(alice)
+    start = clock.now_s
+    while clock.now_s + 600.0 < start + 8 * 3600.0:
+        clock.now_s += 600.0
+        assert store.session_user(token) is not None
+    clock.now_s = start + 8 * 3600.0
+    assert store.session_user(token) is None
+
+
+def test_sessions_end_at_log_out_password_change_and_disable_and_see_role_changes(store):
+    alice = store.add_user("alice", full_name="Alice", role="operator", password=PASSWORD)
+    first, second = store.create_session(alice), store.create_session(alice)
+    store.end_session(first)
+    assert store.session_user(first) is None and store.session_user(second) == alice
+    store.set_role("alice", Role.ENGINEER)
+    assert store.session_user(second) == User("alice", "Alice", Role.ENGINEER, disabled=False)
+    store.set_password("alice", "another long passphrase")
+    assert store.session_user(second) is None
+    assert store.authenticate("alice", PASSWORD) is None
+    third = store.create_session(store.authenticate("alice", "another long passphrase"))  # type: ignore[arg-type]
+    store.disable("alice")
+    assert store.session_user(third) is None
+    with pytest.raises(UnknownUserError, match="no active user 'alice'"):
+        store.create_session(alice)
+
+
+# --------------------------------------------------------------------------- users commands
+
+
+def _run(*argv: str) -> tuple[int | None, str]:
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    out = io.StringIO()
+    status = dispatch(parser.parse_args(argv), Console(file=out, width=80))
+    return status, out.getvalue()
+
+
+def test_users_commands_add_list_passwd_role_disable_with_audit_records(tmp_path, monkeypatch):
+    path = tmp_path / "history.sqlite"
+    SqliteHistory(path).close()
+    monkeypatch.setenv("ALICE_PASSWORD", PASSWORD)
+    status, out = _run("users", "add", "alice", "--full-name", "Alice Martin", "--role", "operator", "--history", str(path), "--password-env", "ALICE_PASSWORD")
+    assert (status, out) == (0, f"added alice (Alice Martin) as operator to {path}\n")
+    assert _run("users", "list", "--history", str(path)) == (0, "alice  operator  active    Alice Martin\n")
+    monkeypatch.setenv("NEW_PASSWORD", "a new long passphrase")
+    assert _run("users", "passwd", "alice", "--history", str(path), "--password-env", "NEW_PASSWORD")[0] == 0
+    with UserStore(path) as users:
+        assert users.authenticate("alice", PASSWORD) is None
+        assert users.authenticate("alice", "a new long passphrase") is not None
+    assert _run("users", "role", "alice", "--role", "engineer", "--history", str(path))[0] == 0
+    assert _run("users", "disable", "alice", "--history", str(path))[0] == 0
+    assert _run("users", "disable", "alice", "--history", str(path)) == (0, "alice is disabled already; nothing changed\n")
+    with UserStore(path) as users:
+        assert users.user("alice") == User("alice", "Alice Martin", Role.ENGINEER, disabled=True)
+        assert users.authenticate("alice", "a new long passphrase") is None
+    with AuditTrail(path) as trail:
+        records = trail.records()
+        assert trail.verify().ok
+    assert [(r.actor, r.action, r.subject) for r in records] == [
+        ("admin-cli", "user_added", "user alice"),
+        ("admin-cli", "password_changed", "user alice"),
+        ("admin-cli", "role_changed", "user alice"),
+        ("admin-cli", "user_disabled", "user alice"),
+    ]
+    assert records[0].details == {"name": "alice", "full_name": "Alice Martin", "role": "operator"}
+    assert records[2].details == {"name": "alice", "from": "operator", "to": "engineer"}
+    assert PASSWORD.encode() not in path.read_bytes(), "every connection closed: the WAL is in the file"
+
+
+def test_users_add_is_refused_when_its_audit_record_cannot_be_written(tmp_path, monkeypatch):
+    path = tmp_path / "history.sqlite"
+    monkeypatch.setenv("PW", PASSWORD)
+
+    def fail(self: AuditTrail, **record: object) -> None:
+        raise AuditError(f"{self.path}: cannot write the audit record: disk I/O error")
+
+    monkeypatch.setattr(AuditTrail, "append", fail)
+    with pytest.raises(AuditError, match="disk I/O error"):
+        _run("users", "add", "alice", "--full-name", "Alice", "--role", "operator", "--history", str(path), "--password-env", "PW")
+    with UserStore(path) as users:
+        assert users.users() == []
+
+
+def test_users_commands_explain_what_is_wrong(tmp_path, monkeypatch):
+    path = tmp_path / "history.sqlite"
+    monkeypatch.delenv("NOT_SET", raising=False)
+    with pytest.raises(AdminCommandError, match="--password-env NOT_SET: the environment variable is not set"):
+        _run("users", "add", "alice", "--full-name", "Alice", "--role", "operator", "--history", str(path), "--password-env", "NOT_SET")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PASSWORD))
+    with pytest.raises(AdminCommandError, match="no terminal to type the password at"):
+        _run("users", "add", "alice", "--full-name", "Alice", "--role", "operator", "--history", str(path))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    answers = iter([PASSWORD, PASSWORD + "x"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
+    with pytest.raises(AdminCommandError, match="the two passwords differ; nothing changed"):
+        _run("users", "add", "alice", "--full-name", "Alice", "--role", "operator", "--history", str(path))
+    monkeypatch.setenv("SHORT", "short")
+    with pytest.raises(WeakPasswordError, match="use at least 12"):
+        _run("users", "add", "alice", "--full-name", "Alice", "--role", "operator", "--history", str(path), "--password-env", "SHORT")
+    with pytest.raises(InvalidUserError, match="user name 'Alice'"):
+        _run("users", "add", "Alice", "--full-name", "Alice", "--role", "operator", "--history", str(path), "--password-env", "SHORT")
+    with pytest.raises(UnknownUserError, match="no user 'bob'"):
+        _run("users", "disable", "bob", "--history", str(path))
+    with pytest.raises(AdminCommandError, match="other.sqlite: no such history file"):
+        _run("users", "list", "--history", str(tmp_path / "other.sqlite"))
+    with AuditTrail(path) as trail:
+        assert trail.records() == [], "nothing refused was recorded as done"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up the project (once; again only when pyproject.toml changes) and run one job.
 #   ./dev.sh demo        the main job: the simulated PLC over OPC UA in lockstep, the runtime in closed loop against it, the batch report
-#   ./dev.sh test        the default test suite (tests/ and hil_tests/)
+#   ./dev.sh test        the default test suite (tests/ and hil_tests/; installs Debian's chromium for the browser tests if missing)
 #   ./dev.sh bench       the benchmarks
 #   ./dev.sh cli ARGS    any bioreactor-mpc command, e.g. ./dev.sh cli simulate --seed 7
 set -euo pipefail
@@ -18,6 +18,15 @@ find_python() {
     done
     echo "dev.sh: Python 3.11 or newer is required (set PYTHON=/path/to/python3.11)" >&2
     return 1
+}
+
+browser() {
+    # The browser tests drive Debian's chromium with Playwright (no browser download from the internet).
+    command -v chromium >/dev/null 2>&1 && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "dev.sh: installing Debian's chromium for the browser tests" >&2
+    $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >&2
 }
 
 setup() {
@@ -39,7 +48,7 @@ job="${1:-demo}"
 setup
 case "$job" in
     demo)  exec .venv/bin/bioreactor-mpc demo "$@" ;;
-    test)  exec .venv/bin/python -m pytest "$@" ;;
+    test)  browser; exec .venv/bin/python -m pytest "$@" ;;
     bench) exec .venv/bin/python benchmarks/run_all.py "$@" ;;
     cli)   exec .venv/bin/bioreactor-mpc "$@" ;;
     setup) exit 0 ;;

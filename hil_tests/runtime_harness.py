@@ -92,6 +92,16 @@ class SimulatedPlant:
         await self.stop_clock()
         self._lockstep = asyncio.create_task(self._server.run_lockstep(wall_timeout_s=seconds))
 
+    async def publish(self) -> None:
+        """Serve the PLC's current scan now (a change made to the simulated PLC while its clock is stopped)."""
+        await self._server.publish()
+
+    async def step(self, *, lockstep_timeout_s: float = 10.0) -> None:
+        """With the clock stopped: advance to the next cycle boundary and go on in lockstep (the last heartbeat was already seen)."""
+        await self.stop_clock()
+        self.plc.advance_to(self.plc.next_cycle_boundary_h())
+        self._lockstep = asyncio.create_task(self._server.run_lockstep(wall_timeout_s=lockstep_timeout_s))
+
     async def stop_clock(self) -> None:
         self._lockstep.cancel()
         with contextlib.suppress(asyncio.CancelledError):

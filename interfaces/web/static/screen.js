@@ -50,7 +50,7 @@ async function refreshStatus() {
   list("quality", Object.entries(s.data_quality), "all signals good");
   if (s.estimate) {
     rows("estimate-table", Object.keys(LABELS).map((k) => [LABELS[k], `${fmt(s.estimate.state[k])} ± ${fmt(s.estimate.sd[k])}`])
-      .concat(Object.entries(s.estimate.multipliers).map(([k, v]) => [`× ${k}`, fmt(v, 3)])));
+      .concat(Object.entries(s.estimate.multipliers).map(([k, v]) => [`× ${k.split(".").pop()}`, fmt(v, 3)])));
   }
   current = s.recommendation;
   const r = s.recommendation;

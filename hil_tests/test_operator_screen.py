@@ -1,0 +1,263 @@
+"""The operator screen against a live runtime in advisory mode and the simulated PLC (OPC UA, lockstep, 127.0.0.1).
+
+The plant's clock is stopped after the cycle of ``FREEZE_AT_H``, so its
+recommendation stays current while a test signs it; moving the clock on one
+cycle makes it expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from controller.modes import RequestedMode
+from controller.mpc import EconomicMpc
+from controller.runtime import CycleReport, Runtime, ScreenSettings
+from interfaces.audit import AuditTrail
+from interfaces.history import SqliteHistory
+from interfaces.users import Role, UserStore
+from plant_models.cho import CultureModel
+from plant_models.parameters import parameter_vector
+from runtime_harness import TAG_MAPS, TEST_SETTINGS, SimulatedPlant, TcpProxy, free_port
+from simulator.batch import build_simulated_plc
+from simulator.config import load_simulation
+from simulator.opcua_server import OpcUaPlcServer
+
+pytestmark = pytest.mark.hil
+
+REPO = Path(__file__).resolve().parent.parent
+PLATFORM = REPO / "configs" / "simulate" / "platform.yaml"
+PASSWORDS = {"olga": "operator-password-1", "erik": "engineer-password-1", "vera": "viewer-password-12"}
+FREEZE_AT_H = 2.0
+
+
+@pytest.fixture(scope="module")
+def mpc() -> EconomicMpc:
+    return EconomicMpc(CultureModel(), load_simulation(PLATFORM).batch, TEST_SETTINGS.nmpc.mpc)
+
+
+@dataclass
+class Screen:
+    url: str
+    runtime: Runtime
+    plant: SimulatedPlant
+    history_path: Path
+    freeze_at_h: float
+
+    async def step(self) -> None:
+        """Let the plant run one more cycle, then stop its clock again."""
+        self.freeze_at_h += 1.0
+        target = self.freeze_at_h
+        await self.plant.step()
+        for _ in range(400):
+            recommendation = self.runtime.recommendation
+            if recommendation is not None and recommendation.made_at_h >= target:
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError(f"no recommendation at {target} h")
+
+    async def client(self, user: str) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(base_url=self.url, timeout=10.0)
+        response = await client.post("/login", data={"username": user, "password": PASSWORDS[user]})
+        assert response.status_code == 303 and response.headers["location"] == "/", response.text
+        return client
+
+
+@contextlib.asynccontextmanager
+async def advisory_screen(tmp_path: Path, mpc: EconomicMpc) -> AsyncIterator[Screen]:
+    """The simulated PLC, the runtime in advisory mode with its audit trail, and the screen, frozen after the cycle of 2 h."""
+    from bioreactor_mpc.runtime_cli import serve_screen
+
+    loaded = load_simulation(PLATFORM)
+    plc, _ = build_simulated_plc(loaded)
+    plc.lockstep = True
+    endpoint = f"opc.tcp://127.0.0.1:{free_port()}/bioreactor-mpc/"
+    server = OpcUaPlcServer(plc, TAG_MAPS["opcua"], endpoint=endpoint)
+    await server.start()
+    plant = SimulatedPlant(plc, server, TcpProxy(free_port()), lockstep_timeout_s=10.0)
+    history_path = tmp_path / "history.sqlite"
+    users = UserStore(history_path)
+    for name, role in (("olga", Role.OPERATOR), ("erik", Role.ENGINEER), ("vera", Role.VIEWER)):
+        users.add_user(name, full_name=f"{name.title()} Tester", role=role, password=PASSWORDS[name])
+    users.close()
+    history, audit = SqliteHistory(history_path), AuditTrail(history_path)
+    from interfaces.opcua_port import OpcUaPort
+
+    holder: dict[str, Screen] = {}
+
+    def freeze(report: CycleReport) -> None:
+        screen = holder.get("screen")
+        limit = screen.freeze_at_h if screen is not None else FREEZE_AT_H
+        if report.record.process_time_h >= limit - 1e-6:
+            asyncio.ensure_future(plant.stop_clock())  # before this cycle's heartbeat moves the plant on
+
+    settings = TEST_SETTINGS.model_copy(update={"mode": RequestedMode.ADVISORY})
+    runtime = Runtime(
+        port=OpcUaPort(TAG_MAPS["opcua"], endpoint=endpoint, timeout_s=2.0, allow_insecure=True),
+        history=history,
+        batch=loaded.batch,
+        nominal_parameters=parameter_vector(loaded.nominal, loaded.batch.media),
+        settings=settings,
+        mpc=mpc,
+        on_cycle=freeze,
+        audit=audit,
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(runtime.run(stop=stop))
+    try:
+        async with serve_screen(runtime, ScreenSettings(port=free_port()), history_path) as url:
+            screen = Screen(url, runtime, plant, history_path, FREEZE_AT_H)
+            holder["screen"] = screen
+            for _ in range(600):
+                if runtime.recommendation is not None and runtime.recommendation.made_at_h >= FREEZE_AT_H:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the runtime made no recommendation")
+            yield screen
+    finally:
+        stop.set()
+        await plant.stop_clock()
+        await asyncio.wait_for(running, 30.0)
+        await server.stop()
+        history.close()
+        audit.close()
+
+
+def test_operators_sign_recommendations_that_reach_the_plc_and_the_audit_trail(tmp_path, mpc):
+    async def scenario() -> None:
+        async with advisory_screen(tmp_path, mpc) as screen:
+            olga, vera = await screen.client("olga"), await screen.client("vera")
+            status = (await olga.get("/api/status")).json()
+            assert status["state"] == "advisory" and status["user"]["role"] == "operator"
+            recommendation = status["recommendation"]
+            assert recommendation["status"] == "pending" and recommendation["made_at_h"] == FREEZE_AT_H
+            url = f"/api/recommendations/{recommendation['made_at_h']}"
+            # A viewer cannot sign; an operator must give the right password and a reason.
+            assert (await vera.post(f"{url}/approve", json={"password": PASSWORDS["vera"], "reason": "looks fine"})).status_code == 403
+            wrong = await olga.post(f"{url}/approve", json={"password": "not-my-password", "reason": "looks fine"})
+            assert wrong.status_code == 403 and "password" in wrong.json()["detail"]
+            assert (await olga.post(f"{url}/approve", json={"password": PASSWORDS["olga"], "reason": ""})).status_code == 422
+            before = screen.plant.plc.snapshot()["SP.Temperature"].value
+            approved = await olga.post(f"{url}/approve", json={"password": PASSWORDS["olga"], "reason": "glucose trend agrees with the lab"})
+            assert approved.status_code == 200, approved.text
+            assert approved.json()["status"] == "approved" and approved.json()["signature"]["printed_name"] == "Olga Tester"
+            plc = screen.plant.plc.snapshot()
+            assert plc["SP.Temperature"].value == pytest.approx(recommendation["temperature_degc"]) and plc["SP.Temperature"].value != before
+            assert plc["SP.FeedRate"].value == pytest.approx(recommendation["feed_rate_lph"])
+            again = await olga.post(f"{url}/approve", json={"password": PASSWORDS["olga"], "reason": "twice"})
+            assert again.status_code == 409 and "already approved" in again.json()["detail"]
+            # The next recommendation is rejected: nothing is written.
+            await screen.step()
+            rejected_one = (await olga.get("/api/status")).json()["recommendation"]
+            temperature = screen.plant.plc.snapshot()["SP.Temperature"].value
+            rejected = await olga.post(f"/api/recommendations/{rejected_one['made_at_h']}/reject", json={"password": PASSWORDS["olga"], "reason": "lab sample pending"})
+            assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+            assert screen.plant.plc.snapshot()["SP.Temperature"].value == temperature
+            # A recommendation from data that has moved on expires and cannot be approved.
+            await screen.step()
+            stale = await olga.post(f"/api/recommendations/{rejected_one['made_at_h']}/approve", json={"password": PASSWORDS["olga"], "reason": "late"})
+            assert stale.status_code == 409 and "expired" in stale.json()["detail"]
+            # Remote disabled at the PLC: the approval is refused and nothing written.
+            screen.plant.plc.set_operator_remote(False)
+            await screen.plant.publish()
+            current = (await olga.get("/api/status")).json()["recommendation"]
+            refused = await olga.post(f"/api/recommendations/{current['made_at_h']}/approve", json={"password": PASSWORDS["olga"], "reason": "try"})
+            assert refused.status_code == 409 and "RemoteEnabled" in refused.json()["detail"]
+            screen.plant.plc.set_operator_remote(True)
+            await screen.plant.publish()
+            # Every signature is in the audit trail, with who, when, what it means and why, linked to the recommendation.
+            audit = AuditTrail(screen.history_path, read_only=True)
+            signatures = [r for r in audit.records() if r.action.startswith("recommendation_")]
+            assert [(r.action, r.actor) for r in signatures] == [("recommendation_approved", "olga"), ("recommendation_rejected", "olga")]
+            first = signatures[0].details["signature"]
+            assert first["printed_name"] == "Olga Tester" and first["meaning"] == "approved" and first["reason"] == "glucose trend agrees with the lab"
+            assert signatures[0].details["recommendation"]["made_at_h"] == FREEZE_AT_H and first["signed_utc"]
+            assert audit.verify().ok
+            audit.close()
+            entries = (await vera.get("/api/audit?limit=5")).json()
+            assert len(entries) == 5 and entries[-1]["seq"] > entries[0]["seq"]
+            await olga.aclose()
+            await vera.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_only_engineers_change_the_mode_and_monitoring_sees_it(tmp_path, mpc):
+    async def scenario() -> None:
+        async with advisory_screen(tmp_path, mpc) as screen:
+            olga, erik = await screen.client("olga"), await screen.client("erik")
+            body = {"mode": "closed-loop", "password": PASSWORDS["olga"], "reason": "trial"}
+            assert (await olga.post("/api/mode", json=body)).status_code == 403
+            assert (await erik.post("/api/mode", json={**body, "password": "wrong-password!"})).status_code == 403
+            changed = await erik.post("/api/mode", json={**body, "password": PASSWORDS["erik"]})
+            assert changed.status_code == 200, changed.text
+            await screen.step()
+            assert (await erik.get("/api/status")).json()["state"] == "closed_loop"
+            metrics = (await erik.get("/metrics")).text
+            assert 'bioreactor_mpc_state{state="closed_loop"} 1.0' in metrics and "bioreactor_mpc_solve_seconds_count" in metrics
+            health = await erik.get("/healthz")
+            assert health.status_code == 200 and health.json()["healthy"] is True
+            audit = AuditTrail(screen.history_path, read_only=True)
+            requested = [r for r in audit.records() if r.action == "mode_requested"]
+            assert [(r.actor, r.details["to"], r.details["reason"]) for r in requested] == [("erik", "closed-loop", "trial")]
+            audit.close()
+            anonymous = httpx.AsyncClient(base_url=screen.url)
+            assert (await anonymous.get("/api/status")).status_code == 401
+            assert (await anonymous.get("/", follow_redirects=False)).headers["location"] == "/login"
+            await anonymous.aclose()
+            await olga.aclose()
+            await erik.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_in_a_browser_an_operator_logs_in_sees_the_plots_and_approves(tmp_path, mpc):
+    playwright_api = pytest.importorskip("playwright.async_api")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.fail("Debian's chromium is missing: ./dev.sh test installs it")
+
+    async def scenario() -> dict[str, Any]:
+        async with advisory_screen(tmp_path, mpc) as screen, playwright_api.async_playwright() as playwright:
+            browser = await playwright.chromium.launch(
+                executable_path=str(chromium),
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
+            )
+            page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+            await page.goto(screen.url)
+            assert page.url.endswith("/login")
+            await page.fill("input[name=username]", "olga")
+            await page.fill("input[name=password]", "a wrong password")
+            await page.click("button[type=submit]")
+            await page.wait_for_selector("text=wrong user name or password")
+            await page.fill("input[name=username]", "olga")
+            await page.fill("input[name=password]", PASSWORDS["olga"])
+            await page.click("button[type=submit]")
+            await page.wait_for_selector("#plot-titer .main-svg", timeout=15000)
+            assert await page.locator(".js-plotly-plot").count() == 6
+            await page.wait_for_selector("#rec-table >> text=pending")
+            recommendation = screen.runtime.recommendation
+            assert recommendation is not None
+            await page.fill("#sign-form input[name=reason]", "agreed with the shift lead")
+            await page.fill("#sign-form input[name=password]", PASSWORDS["olga"])
+            await page.click("#approve")
+            await page.wait_for_selector("#sign-result >> text=approved")
+            await page.wait_for_selector("#rec-table >> text=Olga Tester")
+            shot = os.environ.get("BIOREACTOR_MPC_SCREENSHOT")
+            if shot:
+                await page.screenshot(path=shot, full_page=True)
+            await browser.close()
+            return {"plc": screen.plant.plc.snapshot(), "recommendation": recommendation}
+
+    result = asyncio.run(asyncio.wait_for(scenario(), 180))
+    assert result["plc"]["SP.Temperature"].value == pytest.approx(result["recommendation"].temperature_degc)
+    assert result["plc"]["SP.GlucoseRate"].value == pytest.approx(result["recommendation"].glucose_rate_lph)

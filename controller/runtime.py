@@ -36,7 +36,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from pydantic import Field
 
 from controller.config import BatchConfig
 from controller.estimator import EstimatorConfig, ExtendedKalmanEstimator
+from controller.forecast import EarlyWarningConfig, Forecast, ForecastKernel, early_warnings, forecast, plan_schedule, recipe_outcome
 from controller.advisory import ApprovalRefusedError, Meaning, Recommendation, RecommendationStatus, Signature, Signer, now_utc
 from controller.modes import Conditions, ModeMachine, RequestedMode, State, StateChange
 from controller.mpc import EconomicMpc
@@ -92,6 +93,7 @@ class RuntimeSettings(FrozenConfig):
     write_retry_cycles: int = Field(default=6, ge=1, description="cycles in fault for failing writes before one more write is tried")
     auto_approve: bool = Field(default=False, description="advisory mode: approve every recommendation at once (lockstep tests and demos only; logged at start)")
     screen: ScreenSettings | None = Field(default=None, description="serve the operator screen; none without this section")
+    early_warning: EarlyWarningConfig = EarlyWarningConfig()
     quality: DataQualityConfig = DataQualityConfig()
     nmpc: NmpcConfig = NmpcConfig()
     estimator: EstimatorConfig = EstimatorConfig()
@@ -212,6 +214,9 @@ class Runtime:
         self._audit_problem: str | None = None
         self.recommendation: Recommendation | None = None
         self.last_report: CycleReport | None = None
+        self.forecast: Forecast | None = None
+        """The plan's forecast to harvest with its uncertainty (computed when the screen is served or in advisory mode)."""
+        self._kernel: ForecastKernel | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -395,6 +400,8 @@ class Runtime:
                 predicted_score_g_per_day=float(decision.predicted_score_g_per_day),
                 source=decision.source,
             )
+        if decision is not None and applied is not None and self.recommendation is not None:
+            alarms.update(self._look_ahead(now_h, decision, state, report.accepted))
         link_error: PlcLinkError | None = None
         self._write_time_s = 0.0
         try:
@@ -595,6 +602,34 @@ class Runtime:
         if not written:
             raise ApprovalRefusedError("the approval is recorded but the PLC refused the setpoints; see the history's writes")
         return True
+
+    def _look_ahead(self, now_h: float, decision: Decision, state: State, status: Mapping[str, Any]) -> dict[str, str]:
+        """Early warnings from the plan's forecast; with a screen or in advisory mode, the forecast to harvest and the recipe's outcome too."""
+        estimator, controller, solution = self.estimator, self.controller, decision.solution
+        if estimator is None or controller is None or solution is None:
+            return {}
+        config = self.settings.early_warning
+        full = self.settings.screen is not None or state is State.ADVISORY
+        until_h = max(decision.harvest_time_h, now_h + config.window_h) if full else now_h + config.window_h
+        if self._kernel is None:
+            self._kernel = ForecastKernel(estimator)
+        try:
+            predicted = forecast(estimator, plan_schedule(solution), until_h=until_h, kernel=self._kernel)
+        except BioreactorMPCError as error:  # a failed plan or a diverged forecast: no warnings this cycle, and the log says so
+            log.warning("forecast_failed", process_time_h=now_h, error=str(error))
+            self.forecast = None
+            return {}
+        self.forecast = predicted if full else None
+        if full and self.recommendation is not None and now_h < min(self.batch.recipe.harvest_h, self.batch.limits.latest_harvest_h):
+            media = self.batch.media
+            delivered = float(status.get("PV.FeedTotal", 0.0)) * media.nutrient_feed_glucose_g_per_l + float(status.get("PV.GlucoseFeedTotal", 0.0)) * media.glucose_feed_g_per_l
+            try:
+                recipe = recipe_outcome(estimator, controller.recipe, self.batch, glucose_delivered_g=delivered, kernel=self._kernel)
+            except BioreactorMPCError as error:
+                log.warning("recipe_forecast_failed", process_time_h=now_h, error=str(error))
+            else:
+                self.recommendation = replace(self.recommendation, recipe_titer_g_per_l=recipe.titer_g_per_l, recipe_score_g_per_day=recipe.score_g_per_day)
+        return {warning.code: warning.message for warning in early_warnings(predicted, self.batch, config, now_h=now_h)}
 
     def _expire_recommendation(self) -> None:
         if self.recommendation is not None and self.recommendation.status is RecommendationStatus.PENDING:

@@ -142,7 +142,9 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
 
     @app.get("/api/trajectories")
     def trajectories(user: User = Depends(current_user)) -> dict[str, Any]:
-        return _finite(read_trajectories(history_path))
+        data = read_trajectories(history_path)
+        data["forecast"] = forecast_series(runtime)
+        return _finite(data)
 
     @app.get("/api/audit")
     def audit_records(limit: int = 50, user: User = Depends(current_user)) -> list[dict[str, Any]]:
@@ -227,6 +229,18 @@ class RuntimeCollector:
         yield state
         yield GaugeMetricFamily("bioreactor_mpc_active_alarms", "alarms active now", value=len(view["alarms"]))
         yield GaugeMetricFamily("bioreactor_mpc_process_time_hours", "the batch clock at the last cycle", value=view["process_time_h"] if view["process_time_h"] is not None else math.nan)
+
+
+FORECAST_QUANTITIES = (*TRAJECTORY_STATES, "viability", "osmolality")
+
+
+def forecast_series(runtime: Runtime) -> dict[str, Any] | None:
+    """The plan's forecast to harvest (mean and sd per quantity), or None when there is none."""
+    predicted = runtime.forecast
+    if predicted is None:
+        return None
+    t = predicted.times_h.tolist()
+    return {name: {"t": t, "mean": predicted.value(name).tolist(), "sd": predicted.sd(name).tolist()} for name in FORECAST_QUANTITIES}
 
 
 def read_trajectories(history_path: Path) -> dict[str, Any]:

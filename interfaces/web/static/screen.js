@@ -2,8 +2,8 @@
 "use strict";
 
 const PLOTS = [
-  ["viable_cells", "viable cells [1e6/mL]"], ["glucose", "glucose [g/L]"], ["lactate", "lactate [g/L]"],
-  ["ammonia", "ammonia [mM]"], ["titer", "titer [g/L]"], ["volume", "volume [L]"],
+  ["viable_cells", "viable cells [1e6/mL]"], ["viability", "viability [%]"], ["glucose", "glucose [g/L]"], ["lactate", "lactate [g/L]"],
+  ["ammonia", "ammonia [mM]"], ["osmolality", "osmolality [mOsm/kg]"], ["titer", "titer [g/L]"], ["volume", "volume [L]"],
 ];
 const LABELS = { viable_cells: "viable cells", glucose: "glucose", lactate: "lactate", ammonia: "ammonia", titer: "titer", volume: "volume", glutamine: "glutamine", temperature: "temperature" };
 let current = null;
@@ -73,15 +73,15 @@ async function refreshPlots() {
   for (const [name, title] of PLOTS) {
     let div = document.getElementById(`plot-${name}`);
     if (!div) { div = document.createElement("div"); div.id = `plot-${name}`; container.append(div); }
-    const e = data.estimates[name];
-    const tDay = e.t.map((t) => t / 24);
-    const upper = e.mean.map((m, i) => m + 2 * e.sd[i]);
-    const lower = e.mean.map((m, i) => m - 2 * e.sd[i]);
-    const traces = [
-      { x: tDay, y: upper, mode: "lines", line: { width: 0 }, showlegend: false, hoverinfo: "skip" },
-      { x: tDay, y: lower, mode: "lines", fill: "tonexty", fillcolor: "rgba(31,95,191,0.15)", line: { width: 0 }, name: "± 2 sd" },
-      { x: tDay, y: e.mean, mode: "lines", line: { color: "#1f5fbf" }, name: "estimate" },
-    ];
+    const traces = [];
+    const band = (series, colour, label, dash) => {
+      const t = series.t.map((v) => v / 24);
+      traces.push({ x: t, y: series.mean.map((m, i) => m + 2 * series.sd[i]), mode: "lines", line: { width: 0 }, showlegend: false, hoverinfo: "skip" });
+      traces.push({ x: t, y: series.mean.map((m, i) => m - 2 * series.sd[i]), mode: "lines", fill: "tonexty", fillcolor: colour.replace("1)", "0.15)"), line: { width: 0 }, name: `${label} ± 2 sd` });
+      traces.push({ x: t, y: series.mean, mode: "lines", line: { color: colour, dash }, name: label });
+    };
+    if (data.estimates[name]) band(data.estimates[name], "rgba(31,95,191,1)", "estimate", "solid");
+    if (data.forecast && data.forecast[name]) band(data.forecast[name], "rgba(120,60,170,1)", "forecast to harvest", "dash");
     const lab = data.lab[name];
     if (lab) traces.push({ x: lab.t.map((t) => t / 24), y: lab.value, mode: "markers", marker: { color: "#d9822b" }, name: "lab (at draw)" });
     if (name === "volume") traces.push({ x: data.online.volume.t.map((t) => t / 24), y: data.online.volume.value, mode: "lines", line: { color: "#999", width: 1 }, name: "load cell" });

@@ -146,6 +146,7 @@ async def run_runtime_against(
     on_cycle: Callable[[CycleReport, SimulatedPlant], Any] | None = None,
     lockstep_timeout_s: float = 10.0,
     wall_timeout_s: float = 240.0,
+    audit: Any = None,
 ) -> RunResult:
     """One (partial) batch: the runtime against the simulated PLC of ``loaded``; ``runtime_loaded`` gives the runtime another batch file."""
     plc, _ = build_simulated_plc(loaded)
@@ -178,6 +179,7 @@ async def run_runtime_against(
         settings=settings,
         mpc=mpc,
         on_cycle=cycle,
+        audit=audit,
     )
     try:
         summary = await asyncio.wait_for(runtime.run(stop=stop), wall_timeout_s)

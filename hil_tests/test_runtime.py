@@ -289,3 +289,37 @@ def test_runtime_killed_mid_batch_the_watchdog_takes_over_and_a_restart_resumes(
     assert second_run[0]["state"] == "held" and second_run[-1]["state"] == "closed_loop" and second_run[-1]["wrote_setpoints"]
     log_text = (tmp_path / "run2.log").read_text()
     assert "runtime_resumed" in log_text
+
+
+def test_a_setpoint_write_whose_audit_record_cannot_be_written_is_not_sent(tmp_path, mpc):
+    """The audit trail fails from 5 h (a full disk, a lock): the runtime sends no setpoints, raises an alarm, and resumes when it works again."""
+    from interfaces.audit import AuditError, AuditTrail
+
+    class FailingAudit:
+        def __init__(self, trail: AuditTrail) -> None:
+            self.trail = trail
+            self.failing = False
+
+        def append(self, **record: Any) -> Any:
+            if self.failing:
+                raise AuditError("disk full (simulated)")
+            return self.trail.append(**record)
+
+    audit = FailingAudit(AuditTrail(tmp_path / "history.sqlite"))
+
+    def disk(report: CycleReport, plant: SimulatedPlant) -> None:
+        audit.failing = 5.0 <= report.record.process_time_h < 8.0
+
+    loaded = load_simulation(PLATFORM)
+    result = asyncio.run(run_runtime_against(loaded, tmp_path / "history.sqlite", mpc=mpc, stop_at_h=12.0, on_cycle=disk, audit=audit))
+    setpoint_writes = _writes_with(result.rows("writes"), SP_SIGNALS)
+    unaudited = [w for w in setpoint_writes if 6.0 <= w["process_time_h"] < 9.0]
+    assert unaudited and all(w["outcome"] == "refused" and "audit" in w["detail"] for w in unaudited), "nothing is sent without its record"
+    assert all(w["outcome"] == "ok" for w in setpoint_writes if w["process_time_h"] >= 9.0)
+    alarms = [(a["code"], a["active"]) for a in result.rows("alarms")]
+    assert ("audit_unavailable", 1) in alarms and ("audit_unavailable", 0) in alarms
+    records = audit.trail.records()
+    sent = {r.process_time_h for r in records if r.action == "setpoint_write"}
+    assert sent == {w["process_time_h"] for w in setpoint_writes if w["outcome"] == "ok"}, "every write sent has its record"
+    assert audit.trail.verify().ok
+    audit.trail.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -58,6 +59,33 @@ LAB_COLUMNS = {
 }
 
 
+class LoginThrottle:
+    """Refuses logins for a user name after ``attempts`` failures within ``window_s`` (until the window passes).
+
+    The user store never locks an account (that would let anyone lock the
+    operators out of a running batch); the screen slows password guessing
+    instead. In memory: a restart forgets, which is acceptable for a throttle.
+    """
+
+    def __init__(self, *, attempts: int = 5, window_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.attempts = attempts
+        self.window_s = window_s
+        self._clock = clock
+        self._failures: dict[str, list[float]] = {}
+
+    def blocked(self, name: str) -> bool:
+        now = self._clock()
+        recent = [t for t in self._failures.get(name, []) if now - t < self.window_s]
+        self._failures[name] = recent
+        return len(recent) >= self.attempts
+
+    def failed(self, name: str) -> None:
+        self._failures.setdefault(name, []).append(self._clock())
+
+    def succeeded(self, name: str) -> None:
+        self._failures.pop(name, None)
+
+
 class Signature(BaseModel):
     password: str = Field(min_length=1, description="the signer's password, entered again to sign")
     reason: str = Field(min_length=1, max_length=500, description="why")
@@ -71,6 +99,7 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
     """The screen's application for one runtime; ``secure_cookies`` when it is served over HTTPS."""
     app = FastAPI(title="bioreactor-mpc", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    throttle = LoginThrottle()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def current_user(request: Request) -> User:
@@ -89,8 +118,12 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
         return check
 
     def signer(user: User, password: str) -> Signer:
+        if throttle.blocked(user.name):
+            raise HTTPException(status_code=429, detail="too many wrong passwords: wait five minutes")
         if users.authenticate(user.name, password) is None:
+            throttle.failed(user.name)
             raise HTTPException(status_code=403, detail="wrong password: the signature needs the signer's own password")
+        throttle.succeeded(user.name)
         return Signer(user.name, user.full_name, user.role.value)
 
     @app.exception_handler(HTTPException)
@@ -107,9 +140,13 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
 
     @app.post("/login")
     def login(username: str = Form(...), password: str = Form(...)) -> Response:
+        if throttle.blocked(username):
+            return RedirectResponse("/login?error=too+many+failed+attempts:+wait+five+minutes", status_code=303)
         user = users.authenticate(username, password)
         if user is None:
+            throttle.failed(username)
             return RedirectResponse("/login?error=wrong+user+name+or+password", status_code=303)
+        throttle.succeeded(username)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(SESSION_COOKIE, users.create_session(user), httponly=True, samesite="strict", secure=secure_cookies)
         return response

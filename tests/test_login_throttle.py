@@ -1,0 +1,22 @@
+"""The screen's login throttle: five failures in five minutes block the name until the window passes."""
+
+from __future__ import annotations
+
+from interfaces.web.app import LoginThrottle
+
+
+def test_five_failures_block_a_name_until_the_window_passes():
+    now = [0.0]
+    throttle = LoginThrottle(attempts=5, window_s=300.0, clock=lambda: now[0])
+    for _ in range(4):
+        throttle.failed("olga")
+    assert not throttle.blocked("olga")
+    throttle.failed("olga")
+    assert throttle.blocked("olga") and not throttle.blocked("erik")
+    now[0] = 299.0
+    assert throttle.blocked("olga")
+    now[0] = 301.0
+    assert not throttle.blocked("olga")
+    throttle.failed("olga")
+    throttle.succeeded("olga")
+    assert not throttle.blocked("olga")

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import structlog
 import yaml
@@ -20,7 +21,7 @@ from controller.kpis import BatchKpis
 from controller.mpc import EconomicMpc
 from controller.runtime import CycleReport
 from interfaces.signals import SIGNALS
-from plant_models.cho import STATE_INDEX, CultureModel
+from plant_models.cho import OUTPUT_INDEX, STATE_INDEX, CultureModel
 from runtime_harness import TEST_SETTINGS, SimulatedPlant, run_runtime_against
 from simulator.batch import kpis_of, run_recipe_batch
 from simulator.closed_loop import estimator_source, run_controlled_batch
@@ -88,6 +89,13 @@ def test_closed_loop_batch_over_the_network_scores_as_in_process(protocol, tmp_p
     assert len(writes) == summary.writes_ok == 720 and {w["outcome"] for w in writes} == {"ok"}
     assert len(result.rows("lab_results")) == len(result.plc.published)
     assert result.rows("runs")[0]["end_reason"] == "batch harvested"
+    # The NMPC lets viability fall below 70 % late in the batch (its harvest limit is 60 %): the early warning comes ahead of it.
+    trajectory = result.plc.plant.trajectory()
+    viability = trajectory.outputs[:, OUTPUT_INDEX["viability"]]
+    crossed_h = float(trajectory.time_h[np.argmax(viability < 70.0)])
+    warnings = [a for a in result.rows("alarms") if a["code"] == "early_warning.viability_low" and a["active"]]
+    assert warnings and warnings[0]["process_time_h"] < crossed_h, f"warned at {warnings[0]['process_time_h'] if warnings else None} h, crossed at {crossed_h} h"
+    assert "ahead" in warnings[0]["message"]
 
 
 def test_a_whole_advisory_batch_over_modbus_recommends_and_leaves_the_plant_to_its_recipe(tmp_path, mpc):

@@ -37,6 +37,7 @@ ADVISORY_TIME_SCALE = 360.0
 """Plant seconds per wall second in the advisory demo: one cycle every 10 s, a batch in an hour."""
 DEMO_USERS = (("viewer", "Demo Viewer", Role.VIEWER), ("operator", "Demo Operator", Role.OPERATOR), ("engineer", "Demo Engineer", Role.ENGINEER))
 SERVER_EXIT_TIMEOUT_S = 30.0
+EXIT_INTERRUPTED = 130
 
 
 def free_port() -> int:
@@ -116,15 +117,20 @@ def run_demo(
     if mode is RequestedMode.OFF:
         command.append("--local")  # nobody writes setpoints: the PLC runs its own recipe
     started = time.monotonic()
-    console.print(f"starting the simulated PLC ({protocol}, lockstep) on {endpoint}; its log: {log_path}", highlight=False)
+    pace = f"free-running x{time_scale or ADVISORY_TIME_SCALE:g}" if free_running else "lockstep"
+    console.print(f"starting the simulated PLC ({protocol}, {pace}) on {endpoint}; its log: {log_path}", highlight=False, soft_wrap=True)
     with log_path.open("wb") as log_file:
         server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             wait_for_listener(port, server, log_path)
-            console.print(f"runtime in {mode.value} mode; one line every 12 process hours and at every change of state", highlight=False)
+            console.print(f"runtime in {mode.value} mode; one line every 12 process hours and at every change of state", highlight=False, soft_wrap=True)
             summary = asyncio.run(_run_while_serving(loaded, endpoint, server, console))
-            if free_running and server.poll() is None:
-                console.print("the runtime stopped before harvest; the simulated PLC is stopped too", highlight=False)
+            if summary.end_reason != "batch harvested":
+                server.terminate()
+                server.wait(timeout=10)
+                console.print(f"stopped at {summary.last_process_time_h:.0f} h, before harvest ({summary.end_reason}); the simulated PLC is stopped too", highlight=False)
+                print_summary(summary, history_path, console)
+                return EXIT_INTERRUPTED
             server.wait(timeout=SERVER_EXIT_TIMEOUT_S)
         finally:
             if server.poll() is None:

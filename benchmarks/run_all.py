@@ -16,6 +16,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("solver_speed.py", ["--quick"]),
     ("closed_loop_scenarios.py", ["--quick"]),
     ("runtime_speed.py", ["--protocol", "opcua"]),
+    ("forecast_speed.py", []),
 ]
 
 

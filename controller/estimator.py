@@ -225,7 +225,7 @@ class EstimatorInputError(ValueError, BioreactorMPCError):
     """The caller passed something the filter cannot use: time running backwards, non-finite inputs, a totaliser going down."""
 
 
-def _frozen_array(values: np.ndarray) -> np.ndarray:
+def frozen_array(values: np.ndarray) -> np.ndarray:
     array = np.array(values, dtype=float)
     array.setflags(write=False)
     return array
@@ -839,12 +839,12 @@ class ExtendedKalmanEstimator:
         n_x = self._core.n_x
         return StateEstimate(
             process_time_h=t_h,
-            state=_frozen_array(z[:n_x]),
-            state_sd=_frozen_array(sd[:n_x]),
+            state=frozen_array(z[:n_x]),
+            state_sd=frozen_array(sd[:n_x]),
             multipliers=MappingProxyType({name: float(math.exp(v)) for name, v in zip(self._core.names, z[n_x:], strict=True)}),
             multiplier_log_sd=MappingProxyType({name: float(v) for name, v in zip(self._core.names, sd[n_x:], strict=True)}),
-            parameters=_frozen_array(self._core.parameters_of(z)),
-            covariance=_frozen_array(covariance),
+            parameters=frozen_array(self._core.parameters_of(z)),
+            covariance=frozen_array(covariance),
             rejected_online=sum(self._rejected[name] for name in ONLINE_MEASUREMENTS),
             rejected_lab=sum(self._rejected[name] for name in LAB_MEASUREMENTS),
         )

@@ -56,6 +56,7 @@ from controller.estimator import (
     TIME_TOLERANCE_H,
     EkfFunctions,
     ExtendedKalmanEstimator,
+    frozen_array,
 )
 from controller.kpis import batch_score_g_per_day
 from controller.recipe import PlatformRecipe
@@ -458,12 +459,6 @@ class HarvestOutcome:
     score_sd_g_per_day: float
 
 
-def _frozen(values: np.ndarray) -> np.ndarray:
-    array = np.array(values, dtype=float)
-    array.setflags(write=False)
-    return array
-
-
 @dataclass(frozen=True)
 class Forecast:
     """Mean and sd from the estimate's time (the first column) ahead; arrays are read-only.
@@ -608,13 +603,13 @@ def forecast(
     y_sd_all = np.sqrt(np.clip(np.einsum("kij,kjl,kil->ki", y_jacobian, p_all, y_jacobian), 0.0, None))
     names = tuple(OUTPUT_MEASUREMENTS)
     return Forecast(
-        times_h=_frozen(times),
-        state_mean=_frozen(z_all[:, :n_x].T),
-        state_sd=_frozen(sd[:, :n_x].T),
-        output_mean=MappingProxyType({name: _frozen(y_all[:, i]) for i, name in enumerate(names)}),
-        output_sd=MappingProxyType({name: _frozen(y_sd_all[:, i]) for i, name in enumerate(names)}),
-        inputs=_frozen(u_all.T),
-        covariance=_frozen(p_all),
+        times_h=frozen_array(times),
+        state_mean=frozen_array(z_all[:, :n_x].T),
+        state_sd=frozen_array(sd[:, :n_x].T),
+        output_mean=MappingProxyType({name: frozen_array(y_all[:, i]) for i, name in enumerate(names)}),
+        output_sd=MappingProxyType({name: frozen_array(y_sd_all[:, i]) for i, name in enumerate(names)}),
+        inputs=frozen_array(u_all.T),
+        covariance=frozen_array(p_all),
     )
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import structlog
 import yaml
 
 from controller.config import BatchConfig
@@ -67,3 +69,12 @@ def day_twelve():
     plc.advance_to(288.0)
     snap = plc.snapshot()
     return plc, Setpoints(snap["SP.FeedRate"].value, snap["SP.GlucoseRate"].value, snap["SP.Temperature"].value)
+
+
+@pytest.fixture
+def uncached_logging() -> Iterator[None]:
+    """structlog's capture_logs needs loggers that are not cached (the CLI tests configure caching)."""
+    saved = structlog.get_config()
+    structlog.reset_defaults()
+    yield
+    structlog.configure(**saved)

@@ -10,12 +10,10 @@ import math
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 
 import pytest
-import structlog
 from rich.console import Console
 from structlog.testing import capture_logs
 
@@ -23,18 +21,11 @@ from bioreactor_mpc.admin_cli import AdminCommandError, add_parsers, dispatch
 from interfaces.audit import GENESIS_HASH, AuditError, AuditRecord, AuditTrail
 from interfaces.history import SqliteHistory
 
+pytestmark = pytest.mark.usefixtures("uncached_logging")
+
 
 class Meaning(str, Enum):
     APPROVED = "approved"
-
-
-@pytest.fixture(autouse=True)
-def _uncached_logging() -> Iterator[None]:
-    """capture_logs needs loggers that are not cached (the CLI tests configure caching)."""
-    saved = structlog.get_config()
-    structlog.reset_defaults()
-    yield
-    structlog.configure(**saved)
 
 
 def _filled(path: Path, count: int = 5) -> list[AuditRecord]:

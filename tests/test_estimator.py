@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from controller.estimator import (
@@ -38,17 +36,10 @@ from controller.quality import ONLINE_SIGNALS
 from simulator.config import LoadedSimulation
 from simulator.plc import SAMPLE_TAGS
 
+pytestmark = pytest.mark.usefixtures("uncached_logging")
+
 MU = "culture.growth.mu_max_per_h"
 QP = "culture.product.q_product_pg_per_cell_day"
-
-
-@pytest.fixture(autouse=True)
-def _uncached_logging() -> Iterator[None]:
-    """capture_logs needs loggers that are not cached (the CLI tests configure caching)."""
-    saved = structlog.get_config()
-    structlog.reset_defaults()
-    yield
-    structlog.configure(**saved)
 
 
 @pytest.fixture(scope="module")

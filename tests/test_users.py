@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from argon2 import PasswordHasher
 from rich.console import Console
 from structlog.testing import capture_logs
@@ -20,6 +19,8 @@ from bioreactor_mpc.admin_cli import AdminCommandError, add_parsers, dispatch
 from interfaces.audit import AuditError, AuditTrail
 from interfaces.history import SqliteHistory
 from interfaces.users import InvalidUserError, Role, UnknownUserError, User, UserStore, WeakPasswordError
+
+pytestmark = pytest.mark.usefixtures("uncached_logging")
 
 PASSWORD = "correct horse battery"
 
@@ -42,15 +43,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now_s
-
-
-@pytest.fixture(autouse=True)
-def _uncached_logging() -> Iterator[None]:
-    """capture_logs needs loggers that are not cached (the CLI tests configure caching)."""
-    saved = structlog.get_config()
-    structlog.reset_defaults()
-    yield
-    structlog.configure(**saved)
 
 
 @pytest.fixture

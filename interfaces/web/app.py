@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import plotly
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
@@ -192,18 +192,11 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
 
     # ------------------------------------------------------------------ signatures and mode
 
-    @app.post("/api/recommendations/{made_at_h}/approve")
-    async def approve(made_at_h: float, body: Signature, user: User = Depends(require(Role.OPERATOR))) -> dict[str, Any]:
+    @app.post("/api/recommendations/{made_at_h}/{action}")
+    async def sign(made_at_h: float, action: Literal["approve", "reject"], body: Signature, user: User = Depends(require(Role.OPERATOR))) -> dict[str, Any]:
+        sign_as = runtime.approve if action == "approve" else runtime.reject
         try:
-            recommendation = await runtime.approve(made_at_h, signer=signer(user, body.password), reason=body.reason)
-        except ApprovalRefusedError as error:
-            raise HTTPException(status_code=409, detail=str(error)) from error
-        return _finite(recommendation.as_dict())
-
-    @app.post("/api/recommendations/{made_at_h}/reject")
-    async def reject(made_at_h: float, body: Signature, user: User = Depends(require(Role.OPERATOR))) -> dict[str, Any]:
-        try:
-            recommendation = await runtime.reject(made_at_h, signer=signer(user, body.password), reason=body.reason)
+            recommendation = await sign_as(made_at_h, signer=signer(user, body.password), reason=body.reason)
         except ApprovalRefusedError as error:
             raise HTTPException(status_code=409, detail=str(error)) from error
         return _finite(recommendation.as_dict())

@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the runtime against a PLC until the batch is harvested")
     run.add_argument("--config", type=Path, default=DEFAULT_RUNTIME, help=f"runtime config (default: {DEFAULT_RUNTIME})")
-    run.add_argument("--mode", choices=[m.value for m in RequestedMode], default=None, help="override the config's mode")
+    run.add_argument("--mode", choices=[m.value for m in RequestedMode], default=None, help="the mode to request now (default: the one in force when the runtime last stopped on this batch, else the config's)")
     run.add_argument("--endpoint", default=None, help="override the tag map's endpoint: an opc.tcp:// URL, or host:port for Modbus")
     run.add_argument("--history", type=Path, default=None, help="override the config's history file")
 
@@ -220,9 +220,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     from bioreactor_mpc.runtime_cli import print_summary, run_runtime
     from controller.runtime import load_runtime_config
 
-    loaded = load_runtime_config(args.config, history=args.history, mode=RequestedMode(args.mode) if args.mode else None)
-    log.info("runtime_config", config=str(args.config), tag_map=str(loaded.tag_map_path), history=str(loaded.history_path), mode=loaded.config.mode.value)
-    summary = asyncio.run(run_runtime(loaded, endpoint=args.endpoint, console=console))
+    loaded = load_runtime_config(args.config, history=args.history)
+    override = RequestedMode(args.mode) if args.mode else None
+    log.info("runtime_config", config=str(args.config), tag_map=str(loaded.tag_map_path), history=str(loaded.history_path), mode=(override or loaded.config.mode).value)
+    summary = asyncio.run(run_runtime(loaded, endpoint=args.endpoint, console=console, mode_override=override))
     print_summary(summary, loaded.history_path, console)
     return 0
 

@@ -1,13 +1,20 @@
 """``bioreactor-mpc demo``: the simulated PLC in its own process, the runtime against it over the network, and the batch report.
 
 The simulated PLC (``bioreactor-mpc plc-sim --lockstep``) runs as a child
-process on a free 127.0.0.1 port, exactly as a test PLC would (in advisory and off
-modes with its operator switch in local, so it runs its own recipe); the runtime
+process on a free 127.0.0.1 port, exactly as a test PLC would; the runtime
 connects to it through the default runtime config of the protocol
 (``configs/runtime/reference-<protocol>.yaml``) with only the endpoint and the
 history file overridden. At harvest the simulator writes its true
 trajectories, KPIs and plot; the demo prints them beside the platform recipe
 on the same batch.
+
+In advisory mode the runtime also serves the operator screen (its URL and
+three demo users with random passwords are printed) and the PLC runs free at
+``--time-scale`` (360: a cycle every 10 s), remote enabled, so that a person
+can approve; what is not approved in time leaves the PLC on the setpoints it
+last had, and the report shows what that gave. ``--auto-approve`` runs it in
+lockstep with every recommendation approved at once. In off mode the PLC is
+switched to local and runs its own recipe.
 """
 
 from __future__ import annotations
@@ -125,6 +132,8 @@ def run_demo(
             wait_for_listener(port, server, log_path)
             console.print(f"runtime in {mode.value} mode; one line every 12 process hours and at every change of state", highlight=False, soft_wrap=True)
             summary = asyncio.run(_run_while_serving(loaded, endpoint, server, console))
+            if server.poll() not in (None, 0):
+                raise BioreactorMPCError(f"the simulated PLC failed (exit status {server.returncode}) at {summary.last_process_time_h:.0f} h; see {log_path}")
             if summary.end_reason != "batch harvested":
                 server.terminate()
                 server.wait(timeout=10)

@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import math
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import structlog
 from rich.console import Console
 
+from controller.modes import RequestedMode
 from controller.ports import PlcPort
 from controller.runtime import CycleReport, LoadedRuntime, Runtime, RunSummary, ScreenSettings, nominal_parameter_vector
 from interfaces.audit import AuditTrail
@@ -78,6 +79,7 @@ async def run_runtime(
     console: Console | None,
     stop: asyncio.Event | None = None,
     on_screen: Callable[[str], None] | None = None,
+    mode_override: RequestedMode | None = None,
 ) -> RunSummary:
     """Run the runtime of ``loaded`` until the batch ends or ``stop`` is set (SIGINT and SIGTERM set it too).
 
@@ -106,6 +108,7 @@ async def run_runtime(
             settings=config,
             on_cycle=ProgressPrinter(console) if console is not None else None,
             audit=audit,
+            mode_override=mode_override,
         )
         if config.screen is None:
             return await runtime.run(stop=stop)
@@ -123,22 +126,38 @@ async def run_runtime(
 @contextlib.asynccontextmanager
 async def serve_screen(runtime: Runtime, settings: ScreenSettings, history_path: Path) -> AsyncIterator[str]:
     """The operator screen on uvicorn in this event loop, for as long as the context lasts; yields its URL."""
+    import socket
+
     import uvicorn
 
     from interfaces.web.app import create_app
 
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # the runtime owns SIGINT and SIGTERM
+            yield
+
+    listener = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((settings.host, settings.port))
+    except OSError as error:
+        listener.close()
+        raise ConfigError(f"screen: cannot listen on {settings.host}:{settings.port}: {error.strerror or error}") from error
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.secure_cookies:
+        log.warning("screen_without_tls", host=settings.host, reason="sessions and passwords cross the network in clear: serve the screen behind a TLS proxy and set secure_cookies")
     users = UserStore(history_path)
-    app = create_app(runtime=runtime, users=users, audit=AuditTrail(history_path), history_path=history_path, secure_cookies=settings.secure_cookies)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="off"))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the runtime owns SIGINT and SIGTERM
-    task = asyncio.create_task(server.serve())
-    for _ in range(100):
+    app = create_app(runtime=runtime, users=users, audit=AuditTrail(history_path, read_only=True), history_path=history_path, secure_cookies=settings.secure_cookies)
+    server = Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[listener]))
+    for _ in range(200):
         if server.started or task.done():
             break
         await asyncio.sleep(0.05)
     if not server.started:
         task.cancel()
-        raise ConfigError(f"the operator screen cannot listen on {settings.host}:{settings.port} (in use?)")
+        listener.close()
+        raise ConfigError(f"screen: uvicorn did not start on {settings.host}:{settings.port}")
     url = f"http://{settings.host}:{settings.port}/"
     log.info("screen_serving", url=url)
     try:
@@ -146,6 +165,7 @@ async def serve_screen(runtime: Runtime, settings: ScreenSettings, history_path:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10.0)
+        listener.close()
         users.close()
 
 

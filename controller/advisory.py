@@ -30,6 +30,8 @@ class Meaning(str, Enum):
 
 
 class RecommendationStatus(str, Enum):
+    INFORMATION = "information"
+    """Made outside advisory mode (closed loop writes it itself; held, off and fault write nothing): not for signing."""
     PENDING = "pending"
     APPROVED = "approved"
     REJECTED = "rejected"
@@ -86,6 +88,10 @@ class Recommendation:
     recipe_score_g_per_day: float = math.nan
     source: str = "mpc"
     status: RecommendationStatus = RecommendationStatus.PENDING
+    basis_sample_seq: int = 0
+    """The last lab result set the cycle had (``Sample.Seq``); a newer one expires the recommendation."""
+    basis_setpoints: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    """What the PLC ran when the recommendation was made (feed, glucose feed, temperature); a change expires it."""
     signature: Signature | None = field(default=None)
 
     def signed(self, signature: Signature) -> Recommendation:
@@ -105,7 +111,8 @@ class Recommendation:
         return values
 
     def as_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("status", "signature")}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("status", "signature", "basis_setpoints")}
+        data["basis_setpoints"] = list(self.basis_setpoints)
         data = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
         data["status"] = self.status.value
         data["signature"] = self.signature.as_dict() if self.signature is not None else None

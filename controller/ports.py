@@ -84,6 +84,8 @@ class ResumeState:
     """The last lab result set the estimator used (``Sample.Seq``)."""
     harvest_time_h: float
     """The harvest time the controller was planning for."""
+    requested_mode: str | None = None
+    """The mode requested when the runtime stopped (an engineer's choice on the screen outlives a restart)."""
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,11 @@ class DataQualityChecker:
         critical = tuple(sorted(name for name in problems if (check := self.config.check_of(name)) is not None and check.critical))
         return QualityReport(accepted, problems, critical, lab, seq)
 
+    def expect_at_least(self, signal: str, value: float) -> None:
+        """A totaliser's last known value (from a resumed estimator): a reading below it fails as having gone back."""
+        track = self._tracks.setdefault(signal, _Track())
+        track.last_accepted = value
+
     def commit_lab(self, seq: int) -> None:
         """The cycle used the lab result ``seq``: the next one is new only when ``Sample.Seq`` moves again."""
         self.last_lab_seq = seq
@@ -220,7 +225,7 @@ class DataQualityChecker:
             track.last_raw = number
 
     def _history_problem(self, name: str, number: float, stamp: datetime | None, check: SignalCheck, track: _Track) -> str | None:
-        if name in TOTAL_SIGNALS and track.last_accepted is not None and number < track.last_accepted - 1e-6:
+        if name in TOTAL_SIGNALS and track.last_accepted is not None and number < track.last_accepted:
             return f"totaliser went back from {track.last_accepted:.6g} to {number:.6g}"
         if check.frozen_cycles is not None:
             unchanged = track.last_raw == number or (stamp is not None and stamp == track.last_stamp)

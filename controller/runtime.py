@@ -51,7 +51,7 @@ from controller.forecast import EarlyWarningConfig, Forecast, ForecastKernel, ea
 from controller.advisory import ApprovalRefusedError, Meaning, Recommendation, RecommendationStatus, Signature, Signer, now_utc
 from controller.modes import Conditions, ModeMachine, RequestedMode, State, StateChange
 from controller.mpc import EconomicMpc
-from controller.nmpc import Decision, NmpcConfig, NmpcController
+from controller.nmpc import CycleObservation, Decision, NmpcConfig, NmpcController
 from controller.ports import AuditLog, CycleRecord, HistoryStore, PlcLinkError, PlcPort, PlcWriteMismatchError, PlcWriteRefusedError, Reading, ResumeState, Value
 from controller.quality import DataQualityChecker, DataQualityConfig, QualityReport
 from controller.safety import filter_setpoints
@@ -185,6 +185,7 @@ class Runtime:
         mpc: EconomicMpc | None = None,
         on_cycle: Callable[[CycleReport], None] | None = None,
         audit: AuditLog | None = None,
+        mode_override: RequestedMode | None = None,
     ) -> None:
         self.port = port
         self.history = history
@@ -212,6 +213,8 @@ class Runtime:
         self._io = asyncio.Lock()
         self._audit = audit
         self._audit_problem: str | None = None
+        self._mode_override = mode_override
+        self._mode_source = "config"
         self.recommendation: Recommendation | None = None
         self.last_report: CycleReport | None = None
         self.forecast: Forecast | None = None
@@ -240,9 +243,11 @@ class Runtime:
             else:
                 self.summary.end_reason = self.summary.end_reason or "stopped"
         finally:
-            if self._started:
-                self.history.end_run(reason=self.summary.end_reason or "interrupted")
-            await self.port.close()
+            try:
+                if self._started:
+                    self.history.end_run(reason=self.summary.end_reason or "interrupted")
+            finally:
+                await self.port.close()
         log.info("runtime_ended", reason=self.summary.end_reason, cycles=self.summary.cycles, process_time_h=self.summary.last_process_time_h)
         return self.summary
 
@@ -260,7 +265,11 @@ class Runtime:
         if not self._link_up:
             self._link_restored()
         if not self._started:
-            await self._start(readings)
+            try:
+                await self._start(readings)
+            except PlcLinkError as error:  # the start is tried again with the next reading
+                self._link_lost(error)
+                return "link_down"
             self._started = True
         phase = readings["Status.Phase"]
         if phase.good and int(phase.value) == PHASE_HARVESTED:  # type: ignore[arg-type]
@@ -292,21 +301,28 @@ class Runtime:
             )
         heartbeat = readings["MPC.Heartbeat"]
         self._heartbeat = int(heartbeat.value) if heartbeat.good else 0  # type: ignore[arg-type]
-        self.history.start_run(batch_id=self.batch.batch_id, requested_mode=self.settings.mode.value, config=self.settings.model_dump(mode="json"))
+        if self.settings.auto_approve and not (readings.get("Sim.Lockstep") is not None and readings["Sim.Lockstep"].value is True):
+            raise RuntimeStartError("auto_approve is for simulated PLCs in lockstep only (Sim.Lockstep is not true); nothing written")
         resume = self.history.load_resume(self.batch.batch_id)
         clock = readings["Status.ProcessTime"]
         now_h = float(clock.value) if clock.good else math.nan  # type: ignore[arg-type]
+        if resume is not None and math.isfinite(now_h) and resume.last_cycle_h > now_h + TIME_TOLERANCE_H:
+            raise RuntimeStartError(
+                f"the history has batch {resume.batch_id} up to {resume.last_cycle_h:.2f} h but the PLC's batch clock reads {now_h:.2f} h: "
+                "a new batch with a reused id? Start with a new history file; nothing written"
+            )
+        self._choose_mode(resume)
+        self.history.start_run(batch_id=self.batch.batch_id, requested_mode=self.modes.requested.value, config=self.settings.model_dump(mode="json"))
         if resume is None:
             self.estimator = ExtendedKalmanEstimator.from_batch(self._model, self.batch, self._nominal, self.settings.estimator)
             self._next_cycle_h = 0.0
         else:
-            if math.isfinite(now_h) and resume.last_cycle_h > now_h + TIME_TOLERANCE_H:
-                raise RuntimeStartError(
-                    f"the history has batch {resume.batch_id} up to {resume.last_cycle_h:.2f} h but the PLC's batch clock reads {now_h:.2f} h: "
-                    "a new batch with a reused id? Start with a new history file; nothing written"
-                )
             self.estimator = ExtendedKalmanEstimator.from_dict(resume.estimator, self._model)
             self.quality.commit_lab(resume.lab_seq)
+            totalisers = resume.estimator.get("totalisers") or {}
+            for signal, key in (("PV.FeedTotal", "feed_total_l"), ("PV.GlucoseFeedTotal", "glucose_feed_total_l")):
+                if key in totalisers:
+                    self.quality.expect_at_least(signal, float(totalisers[key]))  # a totaliser reset while away is a critical input, not a crash
             self._next_cycle_h = self._boundary_after(resume.last_cycle_h)
             self.summary.resumed_from_h = resume.last_cycle_h
             log.info("runtime_resumed", batch_id=resume.batch_id, last_cycle_h=resume.last_cycle_h, next_cycle_h=self._next_cycle_h, process_time_h=now_h)
@@ -321,7 +337,8 @@ class Runtime:
             "settings_sha256": _sha256(settings),
             "batch_sha256": _sha256(self.batch.model_dump(mode="json")),
             "nominal_parameters_sha256": _sha256(self._nominal.tolist()),
-            "mode": self.settings.mode.value,
+            "mode": self.modes.requested.value,
+            "mode_from": self._mode_source,
             "auto_approve": self.settings.auto_approve,
             "resumed_from_h": self.summary.resumed_from_h,
         }
@@ -330,6 +347,18 @@ class Runtime:
         if self.settings.auto_approve:
             log.warning("auto_approve_enabled", reason="every advisory recommendation is approved at once: lockstep tests and demos only")
         log.info("runtime_started", batch_id=self.batch.batch_id, mode=self.settings.mode.value, heartbeat=self._heartbeat, first_cycle_h=self._next_cycle_h)
+
+    def _choose_mode(self, resume: ResumeState | None) -> None:
+        """The requested mode: the command line's, else the one in force when the runtime stopped, else the config's."""
+        if self._mode_override is not None:
+            mode, self._mode_source = self._mode_override, "command line"
+        elif resume is not None and resume.requested_mode is not None:
+            mode, self._mode_source = RequestedMode(resume.requested_mode), "history (in force when the runtime stopped)"
+        else:
+            mode, self._mode_source = self.settings.mode, "config"
+        if mode is not self.modes.requested:
+            log.warning("mode_restored", requested=mode.value, config=self.settings.mode.value, source=self._mode_source)
+        self.modes.requested = mode
 
     def _boundary_after(self, t_h: float) -> float:
         period = self.batch.cycle_period_h
@@ -364,15 +393,25 @@ class Runtime:
             alarms["plc_watchdog"] = "the PLC's watchdog tripped: it runs its local recipe"
 
         decision: Decision | None = None
+        observation: CycleObservation | None = None
         applied: dict[str, float | bool] | None = None
         adjustments: tuple[str, ...] = ()
         wrote_setpoints = False
         if report.usable:
             observation = report.observation()
-            decision = await asyncio.to_thread(self.controller.cycle, observation)
+            try:
+                decision = await asyncio.to_thread(self.controller.cycle, observation)
+            except BioreactorMPCError as error:  # the estimator refused the data (diverged, inconsistent inputs): no plan this cycle
+                log.error("cycle_failed", process_time_h=now_h, error=str(error))
+                alarms["estimator_failed"] = f"the estimator refused this cycle's data: {error}"
+                self._record_change(now_h, self.modes.evaluate(Conditions(link_up=True, critical_failures=(f"estimator: {type(error).__name__}",))))
+                state = self.modes.state
             if report.lab_result is not None:
-                self.history.record_lab(now_h, report.lab_result, used=True)
+                self.history.record_lab(now_h, report.lab_result, used=decision is not None)
                 self.quality.commit_lab(report.lab_result.seq)
+        elif report.lab_result is not None:
+            self.history.record_lab(now_h, report.lab_result, used=False)
+        if decision is not None and observation is not None:
             if decision.source in ("shifted_plan", "recipe"):
                 alarms["solver_fallback"] = f"the MPC failed; running the {decision.source.replace('_', ' ')}"
             filtered = filter_setpoints(
@@ -387,9 +426,12 @@ class Runtime:
                 log.info("setpoints_filtered", process_time_h=now_h, adjustments=list(adjustments))
             applied = filtered.setpoints.as_dict()
         self._expire_recommendation()
-        if decision is not None and applied is not None:
+        if decision is not None and applied is not None and observation is not None:
             self.recommendation = Recommendation(
                 made_at_h=now_h,
+                status=RecommendationStatus.PENDING if state is State.ADVISORY else RecommendationStatus.INFORMATION,
+                basis_sample_seq=self.quality.last_lab_seq,
+                basis_setpoints=(observation.applied.feed_rate_lph, observation.applied.glucose_rate_lph, observation.applied.temperature_degc),
                 expires_at_h=self._boundary_after(now_h),
                 feed_rate_lph=float(applied["feed_rate_lph"]),
                 glucose_rate_lph=float(applied["glucose_rate_lph"]),
@@ -407,7 +449,8 @@ class Runtime:
         try:
             if decision is not None and applied is not None:
                 wrote_setpoints = await self._write_outputs(now_h, state, decision, applied)
-                if state is State.ADVISORY and self.settings.auto_approve and self.recommendation is not None:
+                plc_accepts = status.get("Status.RemoteEnabled") is True and status.get("Status.WatchdogTripped") is False
+                if state is State.ADVISORY and self.settings.auto_approve and self.recommendation is not None and plc_accepts:
                     try:
                         wrote_setpoints = await self._sign(self.recommendation, AUTO_APPROVER, Meaning.APPROVED, "automatic approval (lockstep tests and demos)", now_h)
                     except ApprovalRefusedError as error:
@@ -445,6 +488,7 @@ class Runtime:
             estimator=self.estimator.to_dict(),
             lab_seq=self.quality.last_lab_seq,
             harvest_time_h=self.controller.harvest_time_h,
+            requested_mode=self.modes.requested.value,
         )
         self.history.commit_cycle(record, resume)
         self._count(record, decision)
@@ -563,10 +607,12 @@ class Runtime:
             current = self.recommendation
             if current is None or abs(current.made_at_h - made_at_h) > TIME_TOLERANCE_H:
                 raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h is not the current one: it has expired")
+            if current.status is RecommendationStatus.INFORMATION:
+                raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h was made in {self.modes.state.value}, not advisory: nothing to sign")
             if current.status is not RecommendationStatus.PENDING:
                 raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h is already {current.status.value}")
-            if meaning is Meaning.APPROVED and self.modes.state is not State.ADVISORY:
-                raise ApprovalRefusedError(f"approvals apply in advisory mode; the runtime is {self.modes.state.value}")
+            if self.modes.state is not State.ADVISORY or self.modes.requested is not RequestedMode.ADVISORY:
+                raise ApprovalRefusedError(f"signatures apply in advisory mode; the runtime is {self.modes.state.value}, {self.modes.requested.value} requested")
             try:
                 readings = await self.port.read()
             except PlcLinkError as error:
@@ -576,6 +622,10 @@ class Runtime:
             if not math.isfinite(now_h) or now_h >= current.expires_at_h - TIME_TOLERANCE_H:
                 self._expire_recommendation()
                 raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h has expired: the batch clock reads {now_h:.2f} h")
+            moved = self._moved_on(current, readings)
+            if moved:
+                self._expire_recommendation()
+                raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h has expired: {moved}")
             if meaning is Meaning.APPROVED and not (remote.good and remote.value is True):
                 raise ApprovalRefusedError("the PLC does not accept setpoints (Status.RemoteEnabled is false); nothing written")
             try:
@@ -630,6 +680,18 @@ class Runtime:
             else:
                 self.recommendation = replace(self.recommendation, recipe_titer_g_per_l=recipe.titer_g_per_l, recipe_score_g_per_day=recipe.score_g_per_day)
         return {warning.code: warning.message for warning in early_warnings(predicted, self.batch, config, now_h=now_h)}
+
+    @staticmethod
+    def _moved_on(recommendation: Recommendation, readings: Mapping[str, Reading]) -> str:
+        """Why the data a recommendation was computed from has moved on ('' if it has not): a new lab result, other setpoints at the PLC."""
+        seq = readings.get("Sample.Seq")
+        if seq is not None and seq.good and int(seq.value) != recommendation.basis_sample_seq:  # type: ignore[arg-type]
+            return f"a new lab result (Sample.Seq {seq.value}) arrived since"
+        for signal, basis in zip(("SP.FeedRate", "SP.GlucoseRate", "SP.Temperature"), recommendation.basis_setpoints, strict=True):
+            reading = readings.get(signal)
+            if reading is None or not reading.good or not math.isclose(float(reading.value), basis, rel_tol=1e-6, abs_tol=1e-6):  # type: ignore[arg-type]
+                return f"the PLC's {signal} changed since (now {reading.value if reading is not None else None!r}, was {basis:.6g})"
+        return ""
 
     def _expire_recommendation(self) -> None:
         if self.recommendation is not None and self.recommendation.status is RecommendationStatus.PENDING:
@@ -687,6 +749,7 @@ class Runtime:
             self._alarms["plc_link"] = message
             if self._history_ready():
                 self.history.record_alarm(self._last_time_h, "plc_link", message, active=True)
+                self._audited(self._last_time_h, actor="runtime", action="alarm_raised", subject="plc_link", details={"message": message})
                 self._record_change(self._last_time_h, self.modes.evaluate(Conditions(link_up=False)))
             else:
                 self.modes.evaluate(Conditions(link_up=False))
@@ -699,6 +762,7 @@ class Runtime:
             log.info("alarm_cleared", code="plc_link", process_time_h=self._last_time_h)
             if self._history_ready():
                 self.history.record_alarm(self._last_time_h, "plc_link", message, active=False)
+                self._audited(self._last_time_h, actor="runtime", action="alarm_cleared", subject="plc_link", details={"message": message})
 
     def _history_ready(self) -> bool:
         return self.controller is not None

@@ -179,6 +179,14 @@ def test_operators_sign_recommendations_that_reach_the_plc_and_the_audit_trail(t
             assert refused.status_code == 409 and "RemoteEnabled" in refused.json()["detail"]
             screen.plant.plc.set_operator_remote(True)
             await screen.plant.publish()
+            # The PLC's setpoints changed since the recommendation (someone at the HMI): it has expired.
+            await screen.step()
+            changed = (await olga.get("/api/status")).json()["recommendation"]
+            screen.plant.plc.write_setpoint("SP.Temperature", 35.0)
+            await screen.plant.publish()
+            late = await olga.post(f"/api/recommendations/{changed['made_at_h']}/approve", json={"password": PASSWORDS["olga"], "reason": "try"})
+            assert late.status_code == 409 and "SP.Temperature changed" in late.json()["detail"]
+            assert screen.plant.plc.snapshot()["SP.Temperature"].value == 35.0
             # Every signature is in the audit trail, with who, when, what it means and why, linked to the recommendation.
             audit = AuditTrail(screen.history_path, read_only=True)
             signatures = [r for r in audit.records() if r.action.startswith("recommendation_")]
@@ -211,6 +219,8 @@ def test_only_engineers_change_the_mode_and_monitoring_sees_it(tmp_path, mpc):
             assert 'bioreactor_mpc_state{state="closed_loop"} 1.0' in metrics and "bioreactor_mpc_solve_seconds_count" in metrics
             health = await erik.get("/healthz")
             assert health.status_code == 200 and health.json()["healthy"] is True
+            resume = SqliteHistory(screen.history_path).load_resume("BR01-DEMO-001")
+            assert resume is not None and resume.requested_mode == "closed-loop", "the engineer's choice outlives a restart"
             audit = AuditTrail(screen.history_path, read_only=True)
             requested = [r for r in audit.records() if r.action == "mode_requested"]
             assert [(r.actor, r.details["to"], r.details["reason"]) for r in requested] == [("erik", "closed-loop", "trial")]

@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS alarms (
     active INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS resume (
     batch_id TEXT PRIMARY KEY, last_cycle_h REAL NOT NULL, lab_seq INTEGER NOT NULL, harvest_time_h REAL NOT NULL,
-    estimator TEXT NOT NULL, wall_utc TEXT NOT NULL);
+    estimator TEXT NOT NULL, wall_utc TEXT NOT NULL, requested_mode TEXT);
 """
 
 
@@ -185,8 +185,8 @@ class SqliteHistory:
                 cycle,
             )
             self._db.execute(
-                "INSERT OR REPLACE INTO resume VALUES (?, ?, ?, ?, ?, ?)",
-                (resume.batch_id, resume.last_cycle_h, resume.lab_seq, resume.harvest_time_h, _json(resume.estimator), _now()),
+                "INSERT OR REPLACE INTO resume VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (resume.batch_id, resume.last_cycle_h, resume.lab_seq, resume.harvest_time_h, _json(resume.estimator), _now(), resume.requested_mode),
             )
             self._db.execute("COMMIT")
         except sqlite3.Error as error:
@@ -194,10 +194,12 @@ class SqliteHistory:
             raise HistoryError(f"{self.path}: cannot record the cycle at {record.process_time_h:.2f} h: {error}") from error
 
     def load_resume(self, batch_id: str) -> ResumeState | None:
-        row = self._execute("SELECT last_cycle_h, lab_seq, harvest_time_h, estimator FROM resume WHERE batch_id = ?", (batch_id,)).fetchone()
+        row = self._execute("SELECT last_cycle_h, lab_seq, harvest_time_h, estimator, requested_mode FROM resume WHERE batch_id = ?", (batch_id,)).fetchone()
         if row is None:
             return None
-        return ResumeState(batch_id=batch_id, last_cycle_h=float(row[0]), lab_seq=int(row[1]), harvest_time_h=float(row[2]), estimator=json.loads(row[3]))
+        return ResumeState(
+            batch_id=batch_id, last_cycle_h=float(row[0]), lab_seq=int(row[1]), harvest_time_h=float(row[2]), estimator=json.loads(row[3]), requested_mode=row[4]
+        )
 
     def end_run(self, *, reason: str) -> None:
         self._execute("UPDATE runs SET ended_utc = ?, end_reason = ? WHERE id = ?", (_now(), reason, self.run_id))

@@ -20,3 +20,10 @@ def test_five_failures_block_a_name_until_the_window_passes():
     throttle.failed("olga")
     throttle.succeeded("olga")
     assert not throttle.blocked("olga")
+
+
+def test_the_table_is_bounded():
+    throttle = LoginThrottle(max_keys=3)
+    for name in ("a", "b", "c", "d"):
+        throttle.failed(name)
+    assert len(throttle._failures) == 3 and "a" not in throttle._failures

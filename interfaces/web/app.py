@@ -20,9 +20,11 @@ plant's monitoring on the control network.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -60,30 +62,39 @@ LAB_COLUMNS = {
 
 
 class LoginThrottle:
-    """Refuses logins for a user name after ``attempts`` failures within ``window_s`` (until the window passes).
+    """Refuses a key (a user name from one address, or a signer) after ``attempts`` failures within ``window_s``.
 
     The user store never locks an account (that would let anyone lock the
     operators out of a running batch); the screen slows password guessing
-    instead. In memory: a restart forgets, which is acceptable for a throttle.
+    instead, per user name *and* client address at login, so a stranger
+    cannot block an operator who logs in from elsewhere, and separately for
+    signatures (by logged-in users only). In memory and bounded: a restart
+    forgets, and the oldest keys are dropped beyond ``max_keys``.
     """
 
-    def __init__(self, *, attempts: int = 5, window_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, attempts: int = 5, window_s: float = 300.0, max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.attempts = attempts
         self.window_s = window_s
+        self.max_keys = max_keys
         self._clock = clock
         self._failures: dict[str, list[float]] = {}
 
-    def blocked(self, name: str) -> bool:
+    def blocked(self, key: str) -> bool:
         now = self._clock()
-        recent = [t for t in self._failures.get(name, []) if now - t < self.window_s]
-        self._failures[name] = recent
+        recent = [t for t in self._failures.get(key, []) if now - t < self.window_s]
+        if recent:
+            self._failures[key] = recent
+        else:
+            self._failures.pop(key, None)
         return len(recent) >= self.attempts
 
-    def failed(self, name: str) -> None:
-        self._failures.setdefault(name, []).append(self._clock())
+    def failed(self, key: str) -> None:
+        self._failures.setdefault(key, []).append(self._clock())
+        while len(self._failures) > self.max_keys:
+            self._failures.pop(next(iter(self._failures)))
 
-    def succeeded(self, name: str) -> None:
-        self._failures.pop(name, None)
+    def succeeded(self, key: str) -> None:
+        self._failures.pop(key, None)
 
 
 class Signature(BaseModel):
@@ -99,7 +110,12 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
     """The screen's application for one runtime; ``secure_cookies`` when it is served over HTTPS."""
     app = FastAPI(title="bioreactor-mpc", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    throttle = LoginThrottle()
+    logins, signatures = LoginThrottle(), LoginThrottle()
+    password_checks = threading.Semaphore(2)  # argon2 costs 64 MiB and 0.1 s a check: at most two at a time beside the NMPC
+
+    def authenticate(name: str, password: str) -> User | None:
+        with password_checks:
+            return users.authenticate(name, password)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def current_user(request: Request) -> User:
@@ -117,13 +133,13 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
 
         return check
 
-    def signer(user: User, password: str) -> Signer:
-        if throttle.blocked(user.name):
+    async def signer(user: User, password: str) -> Signer:
+        if signatures.blocked(user.name):
             raise HTTPException(status_code=429, detail="too many wrong passwords: wait five minutes")
-        if users.authenticate(user.name, password) is None:
-            throttle.failed(user.name)
+        if await asyncio.to_thread(authenticate, user.name, password) is None:
+            signatures.failed(user.name)
             raise HTTPException(status_code=403, detail="wrong password: the signature needs the signer's own password")
-        throttle.succeeded(user.name)
+        signatures.succeeded(user.name)
         return Signer(user.name, user.full_name, user.role.value)
 
     @app.exception_handler(HTTPException)
@@ -139,14 +155,15 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
         return templates.TemplateResponse(request, "login.html", {"error": error, "batch_id": runtime.batch.batch_id})
 
     @app.post("/login")
-    def login(username: str = Form(...), password: str = Form(...)) -> Response:
-        if throttle.blocked(username):
+    def login(request: Request, username: str = Form(...), password: str = Form(...)) -> Response:
+        key = f"{username}@{request.client.host if request.client else '?'}"
+        if logins.blocked(key):
             return RedirectResponse("/login?error=too+many+failed+attempts:+wait+five+minutes", status_code=303)
-        user = users.authenticate(username, password)
+        user = authenticate(username, password)
         if user is None:
-            throttle.failed(username)
+            logins.failed(key)
             return RedirectResponse("/login?error=wrong+user+name+or+password", status_code=303)
-        throttle.succeeded(username)
+        logins.succeeded(key)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(SESSION_COOKIE, users.create_session(user), httponly=True, samesite="strict", secure=secure_cookies)
         return response
@@ -196,14 +213,14 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
     async def sign(made_at_h: float, action: Literal["approve", "reject"], body: Signature, user: User = Depends(require(Role.OPERATOR))) -> dict[str, Any]:
         sign_as = runtime.approve if action == "approve" else runtime.reject
         try:
-            recommendation = await sign_as(made_at_h, signer=signer(user, body.password), reason=body.reason)
+            recommendation = await sign_as(made_at_h, signer=await signer(user, body.password), reason=body.reason)
         except ApprovalRefusedError as error:
             raise HTTPException(status_code=409, detail=str(error)) from error
         return _finite(recommendation.as_dict())
 
     @app.post("/api/mode")
-    def change_mode(body: ModeChange, user: User = Depends(require(Role.ENGINEER))) -> dict[str, Any]:
-        signer(user, body.password)
+    async def change_mode(body: ModeChange, user: User = Depends(require(Role.ENGINEER))) -> dict[str, Any]:
+        await signer(user, body.password)
         try:
             runtime.request_mode(body.mode, user=user.name, reason=body.reason)
         except ApprovalRefusedError as error:

@@ -301,8 +301,12 @@ class UserStore:
         log.info("session_started", user=user.name)
         return token
 
-    def session_user(self, token: str) -> User | None:
-        """The user of a live session, sliding its idle expiry; None when the token is unknown, idle too long, past its maximum age or its user disabled."""
+    def session_user(self, token: str, *, activity: bool = True) -> User | None:
+        """The user of a live session; None when the token is unknown, idle too long, past its maximum age or its user disabled.
+
+        ``activity`` (a person did something) slides the idle expiry; a page's
+        background refresh passes False, so an unattended screen still logs out.
+        """
         if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_LENGTH:
             return None
         digest = _token_digest(token)
@@ -322,7 +326,8 @@ class UserStore:
                 user = self._user(row[2:])
                 ended = self._end_reason(now, last_seen_s, expires_s, user)
                 if ended is None:
-                    self._db.execute("UPDATE sessions SET last_seen_s = ? WHERE token_sha256 = ?", (max(now, last_seen_s), digest))
+                    if activity:
+                        self._db.execute("UPDATE sessions SET last_seen_s = ? WHERE token_sha256 = ?", (max(now, last_seen_s), digest))
                 else:
                     self._db.execute("DELETE FROM sessions WHERE token_sha256 = ?", (digest,))
                 self._db.execute("COMMIT")

@@ -158,6 +158,15 @@ def test_sessions_slide_while_used_and_end_when_idle(store, clock, tmp_path):
     assert store.session_user("not-a-token") is None and store.session_user("") is None
 
 
+def test_a_background_refresh_does_not_keep_a_session_alive(store, clock):
+    alice = store.add_user("alice", full_name="Alice", role="operator", password=PASSWORD)
+    token = store.create_session(alice)
+    clock.now_s += 600.0
+    assert store.session_user(token, activity=False) == alice
+    clock.now_s += 600.0  # 1200 s after the last thing a person did, with refreshes in between
+    assert store.session_user(token, activity=False) is None, "an unattended screen logs out after the idle time"
+
+
 def test_sessions_end_at_their_maximum_age_even_when_used(store, clock):
     alice = store.add_user("alice", full_name="Alice", role="operator", password=PASSWORD)
     token = store.create_session(alice)

@@ -120,7 +120,8 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
 
     def current_user(request: Request) -> User:
         token = request.cookies.get(SESSION_COOKIE)
-        user = users.session_user(token) if token else None
+        background = request.headers.get("X-Background-Refresh") == "1"  # the page's polling is not a person's activity
+        user = users.session_user(token, activity=not background) if token else None
         if user is None:
             raise HTTPException(status_code=401, detail="log in first (or the session expired)")
         return user

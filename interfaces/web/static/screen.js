@@ -31,7 +31,7 @@ function rows(tableId, pairs) {
 }
 
 async function getJson(url) {
-  const response = await fetch(url, { credentials: "same-origin" });
+  const response = await fetch(url, { credentials: "same-origin", headers: { "X-Background-Refresh": "1" } });
   if (response.status === 401) { window.location = "/login"; throw new Error("logged out"); }
   return response.json();
 }

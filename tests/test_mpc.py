@@ -122,3 +122,9 @@ def test_compiled_nlp_is_cached_and_solves_like_the_interpreted_one(tmp_path):
     assert libraries[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
     np.testing.assert_allclose(np.asarray(compiled["x"]), np.asarray(reference["x"]), atol=1e-8)
     np.testing.assert_allclose(np.asarray(again["x"]), np.asarray(reference["x"]), atol=1e-8)
+    # The cache key is the NLP itself: another objective is another library, never the old one.
+    changed = {**nlp, "f": (x[0] - p) ** 2 + (x[1] - 3 * p) ** 2 + x[0] * x[1]}
+    other = compiled_nlpsol("tiny", "ipopt", changed, options, cache_dir=tmp_path)(x0=[0, 0], p=1.5, lbg=-1, ubg=2)
+    assert len(list(tmp_path.glob("tiny-ipopt-*.so"))) == 2
+    expected = compiled_nlpsol("tiny", "ipopt", changed, options, compile_code=False)(x0=[0, 0], p=1.5, lbg=-1, ubg=2)
+    np.testing.assert_allclose(np.asarray(other["x"]), np.asarray(expected["x"]), atol=1e-8)

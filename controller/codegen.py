@@ -48,7 +48,11 @@ def nlp_digest(plugin: str, nlp: dict, options: dict) -> str:
     a second, so a cached library is found without generating anything.
     """
     expressions = ca.Function("nlp_digest", [nlp["x"], nlp["p"]], [nlp["f"], nlp["g"]]).serialize()
-    context = json.dumps({"plugin": plugin, "options": options, "casadi": ca.__version__, "flags": COMPILE_FLAGS}, sort_keys=True, default=str)
+    # The plugin's own options (tolerances, iteration limits, warm start) do not change the generated functions, except
+    # whether an exact Hessian is needed at all; CasADi's nlpsol options (expand, …) may, so they all count.
+    generic = {key: value for key, value in options.items() if key != plugin}
+    hessian = options.get(plugin, {}).get("hessian_approximation", "exact")
+    context = json.dumps({"plugin": plugin, "options": generic, "hessian": hessian, "casadi": ca.__version__, "flags": COMPILE_FLAGS}, sort_keys=True, default=str)
     return hashlib.sha256(expressions.encode() + context.encode()).hexdigest()[:16]
 
 

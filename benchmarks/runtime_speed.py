@@ -39,7 +39,7 @@ def _run_runtime(protocol: str, endpoint: str, history: str, queue: Any) -> None
     """The child process: the runtime for one batch; reports its wall time and peak memory."""
     from bioreactor_mpc.logging import configure_logging
     from bioreactor_mpc.runtime_cli import run_runtime
-    from controller.runtime import load_runtime_config
+    from controller.runtime_config import load_runtime_config
 
     configure_logging(json=True, level=40)
     loaded = load_runtime_config(REPO / "configs" / "runtime" / f"reference-{protocol}.yaml", history=history)

@@ -106,7 +106,7 @@ def _schema(args: argparse.Namespace, console: Console) -> int:
     import json
 
     from controller.config import BatchConfig
-    from controller.runtime import RuntimeConfig
+    from controller.runtime_config import RuntimeConfig
     from interfaces.tagmap import ModbusTagMap, OpcUaTagMap
     from plant_models.parameters import CultureParameters
     from simulator.config import SimulationConfig
@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     import asyncio
 
     from bioreactor_mpc.runtime_cli import print_summary, run_runtime
-    from controller.runtime import load_runtime_config
+    from controller.runtime_config import load_runtime_config
 
     loaded = load_runtime_config(args.config, history=args.history)
     override = RequestedMode(args.mode) if args.mode else None

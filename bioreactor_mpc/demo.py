@@ -35,7 +35,8 @@ from bioreactor_mpc.report import kpi_table
 from bioreactor_mpc.runtime_cli import print_summary, run_runtime
 from controller.kpis import BatchKpis
 from controller.modes import RequestedMode
-from controller.runtime import LoadedRuntime, RunSummary, ScreenSettings, load_runtime_config
+from controller.runtime import RunSummary
+from controller.runtime_config import LoadedRuntime, ScreenSettings, load_runtime_config
 from interfaces.users import Role, UserStore
 from plant_models.errors import BioreactorMPCError
 

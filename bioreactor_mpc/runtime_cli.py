@@ -15,7 +15,8 @@ from rich.console import Console
 
 from controller.modes import RequestedMode
 from controller.ports import PlcPort
-from controller.runtime import CycleReport, LoadedRuntime, Runtime, RunSummary, ScreenSettings, nominal_parameter_vector
+from controller.runtime import CycleReport, Runtime, RunSummary
+from controller.runtime_config import LoadedRuntime, ScreenSettings, nominal_parameter_vector
 from interfaces.audit import AuditTrail
 from interfaces.history import SqliteHistory
 from interfaces.users import UserStore

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.mpc import EconomicMpc
-from controller.runtime import CycleReport, Runtime, RunSummary, RuntimeSettings
+from controller.runtime import CycleReport, Runtime, RunSummary
+from controller.runtime_config import RuntimeSettings
 from interfaces.history import SqliteHistory
 from interfaces.opcua_port import OpcUaPort
 from interfaces.tagmap import load_tag_map

@@ -20,7 +20,8 @@ import pytest
 
 from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
-from controller.runtime import CycleReport, Runtime, ScreenSettings
+from controller.runtime import CycleReport, Runtime
+from controller.runtime_config import ScreenSettings
 from interfaces.audit import AuditTrail
 from interfaces.history import SqliteHistory
 from interfaces.users import Role, UserStore

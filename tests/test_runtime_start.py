@@ -10,7 +10,8 @@ import pytest
 from controller.config import BatchConfig
 from controller.modes import RequestedMode
 from controller.ports import ResumeState
-from controller.runtime import Runtime, RuntimeSettings
+from controller.runtime import Runtime
+from controller.runtime_config import RuntimeSettings
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

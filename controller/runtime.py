@@ -433,6 +433,12 @@ class Runtime:
             self._on_cycle(self.last_report)
         if link_error is not None:
             raise link_error
+        hand_over = self.settings.fault_hand_over_cycles
+        if state is State.FAULT and hand_over is not None and self._fault_cycles >= hand_over:
+            if self._fault_cycles == hand_over:
+                log.warning("heartbeat_withheld", process_time_h=now_h, reason=self.modes.reason, fault_cycles=self._fault_cycles)
+                self._audited(now_h, actor="runtime", action="heartbeat_withheld", subject="MPC.Heartbeat", details={"reason": self.modes.reason})
+            return  # the PLC's watchdog will hand control to its local recipe
         await self._beat(now_h)
 
     async def _write_outputs(self, now_h: float, state: State, decision: Decision, applied: Mapping[str, float | bool]) -> bool:

@@ -37,6 +37,12 @@ class RuntimeSettings(FrozenConfig):
     reconnect_max_s: float = Field(default=10.0, gt=0.0, description="longest wait between reconnection attempts [s]")
     max_write_failures: int = Field(default=3, ge=1, description="failed setpoint writes in a row before the runtime drops to fault")
     write_retry_cycles: int = Field(default=6, ge=1, description="cycles in fault for failing writes before one more write is tried")
+    fault_hand_over_cycles: int | None = Field(
+        default=None,
+        ge=1,
+        description="after this many cycles in fault, stop moving MPC.Heartbeat so that the PLC's watchdog hands control to its local recipe "
+        "(a deliberate departure from the reference interface, which moves it in every state); none: always move it",
+    )
     auto_approve: bool = Field(default=False, description="advisory mode: approve every recommendation at once (lockstep tests and demos only; logged at start)")
     screen: ScreenSettings | None = Field(default=None, description="serve the operator screen; none without this section")
     early_warning: EarlyWarningConfig = EarlyWarningConfig()

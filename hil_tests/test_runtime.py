@@ -331,3 +331,25 @@ def test_a_setpoint_write_whose_audit_record_cannot_be_written_is_not_sent(tmp_p
     assert sent == {w["process_time_h"] for w in setpoint_writes if w["outcome"] == "ok"}, "every write sent has its record"
     assert audit.trail.verify().ok
     audit.trail.close()
+
+
+def test_a_lasting_fault_can_hand_control_to_the_plcs_recipe(tmp_path, mpc):
+    """With fault_hand_over_cycles set, a Bad feed totaliser (a critical input) stops the heartbeat; the watchdog trips, the recipe runs; then back."""
+    loaded = load_simulation(_scenario(tmp_path, "totaliser", faults=[{"kind": "probe", "tag": "PV.FeedTotal", "mode": "bad", "start_h": 6.0, "end_h": 12.0}]))
+    settings = TEST_SETTINGS.model_copy(update={"fault_hand_over_cycles": 2})
+    seen: dict[float, tuple[bool, bool]] = {}
+
+    async def watch(report: CycleReport, plant: SimulatedPlant) -> None:
+        seen[report.record.process_time_h] = (plant.plc.watchdog_tripped, plant.plc.remote_enabled)
+        if report.record.process_time_h == 1.0:
+            await plant.set_lockstep_timeout(1.0)  # after the cold first solve: a withheld heartbeat costs a second, not ten
+
+    result = asyncio.run(run_runtime_against(loaded, tmp_path / "history.sqlite", mpc=mpc, settings=settings, stop_at_h=18.0, on_cycle=watch))
+    states = {c["process_time_h"]: c["state"] for c in result.rows("cycles")}
+    assert all(states[float(h)] == "fault" for h in range(6, 12))
+    assert not _writes_with([w for w in result.rows("writes") if 6.0 <= w["process_time_h"] < 12.0], SP_SIGNALS), "no setpoints in fault"
+    heartbeats = [w["process_time_h"] for w in result.rows("writes") if "MPC.Heartbeat" in json.loads(w["values"])]
+    assert 6.0 in heartbeats and 7.0 not in heartbeats and 11.0 not in heartbeats, f"withheld from the second fault cycle: {heartbeats}, {states}"
+    assert any(tripped and not remote for t, (tripped, remote) in seen.items() if 9.0 <= t < 12.0), "the PLC's watchdog took over"
+    assert states[12.0] == "held" and states[13.0] == "closed_loop", "back: held while the watchdog is tripped, then closed loop"
+    assert any(a["code"] == "quality.PV.FeedTotal" for a in result.rows("alarms"))

@@ -44,14 +44,14 @@ from bioreactor_mpc.logging import configure_logging
 from controller.config import BatchConfig
 from controller.mpc import STATE_SCALE, EconomicMpc, MpcConfig
 from controller.nmpc import NmpcConfig, NmpcController
-from controller.quality import DataQualityChecker
+from controller.quality import SETPOINT_SIGNALS, DataQualityChecker
 from controller.safety import filter_setpoints
 from controller.types import Setpoints
 from plant_models.cho import OUTPUT_INDEX, STATE_INDEX, CultureModel
 from simulator.batch import build_simulated_plc, kpis_of
 from simulator.closed_loop import TruthSource, observe, oracle_source, run_controlled_batch
 from simulator.config import LoadedSimulation, load_simulation
-from simulator.plc import PHASE_RUNNING, SETPOINT_TAGS, SimulatedPlc
+from simulator.plc import PHASE_RUNNING, SimulatedPlc
 
 PLATFORM = Path(__file__).resolve().parent.parent / "configs" / "simulate" / "platform.yaml"
 
@@ -299,7 +299,7 @@ def plc_at(loaded: LoadedSimulation, model: CultureModel, start_h: float) -> Sim
 
 def applied_inputs(plc: SimulatedPlc) -> np.ndarray:
     snapshot = plc.snapshot()
-    return np.array([float(snapshot[tag].value) for tag in SETPOINT_TAGS])
+    return np.array([float(snapshot[tag].value) for tag in SETPOINT_SIGNALS])
 
 
 def run_fixed_harvest_loop(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -311,6 +311,16 @@ def _report_controller(controlled: ControlledBatchResult, output_dir: Path, stem
         console.print(f"predictions:  {path}")
 
 
+COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
+    "simulate": _simulate,
+    "schema": _schema,
+    "plc-sim": _plc_sim,
+    "run": _run,
+    "demo": _demo,
+    "certs": _certs,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(json=True if args.log_json else None)
@@ -319,22 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = admin_cli.dispatch(args, console)
         if status is not None:
             return status
-        if args.command == "simulate":
-            return _simulate(args, console)
-        if args.command == "schema":
-            return _schema(args, console)
-        if args.command == "plc-sim":
-            return _plc_sim(args, console)
-        if args.command == "run":
-            return _run(args, console)
-        if args.command == "demo":
-            return _demo(args, console)
-        if args.command == "certs":
-            return _certs(args, console)
+        return COMMANDS[args.command](args, console)
     except BioreactorMPCError as error:
         print(f"bioreactor-mpc {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    raise AssertionError(f"unhandled command {args.command!r}")
 
 
 if __name__ == "__main__":

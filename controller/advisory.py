@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
+from controller.types import json_compatible
 from plant_models.errors import BioreactorMPCError
 
 
@@ -111,9 +112,7 @@ class Recommendation:
         return values
 
     def as_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("status", "signature", "basis_setpoints")}
-        data["basis_setpoints"] = list(self.basis_setpoints)
-        data = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
+        data = json_compatible({k: v for k, v in self.__dict__.items() if k not in ("status", "signature")})
         data["status"] = self.status.value
         data["signature"] = self.signature.as_dict() if self.signature is not None else None
         return data

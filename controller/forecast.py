@@ -390,7 +390,7 @@ class RecipeRun:
     def __call__(self, t_h: float, state: np.ndarray) -> np.ndarray:
         if self._previous is not None:
             previous_h, u = self._previous
-            self._delivered_g += (u[0] * self._media.nutrient_feed_glucose_g_per_l + u[1] * self._media.glucose_feed_g_per_l) * (t_h - previous_h)
+            self._delivered_g += self._media.glucose_delivered_g(u[0] * (t_h - previous_h), u[1] * (t_h - previous_h))
         while self._pending and self._pending[0][0] <= t_h + TIME_TOLERANCE_H:
             _, result, volume_l, delivered_g = self._pending.pop(0)
             self._recipe.on_lab_result(result, volume_l=volume_l, glucose_delivered_g=delivered_g)
@@ -422,8 +422,7 @@ def recipe_schedule(
     """The platform recipe from now on (see :class:`RecipeSchedule`); ``recipe`` is the live object, copied per forecast.
 
     ``glucose_delivered_g``: nominal glucose both feeds delivered since
-    inoculation, now (feed totaliser × ``media.nutrient_feed_glucose_g_per_l``
-    + glucose totaliser × ``media.glucose_feed_g_per_l``, as the live recipe
+    inoculation, now (``media.glucose_delivered_g`` of the two totalisers, as the live recipe
     is told with each lab result); 0 at inoculation.
     """
     if not math.isfinite(glucose_delivered_g) or glucose_delivered_g < 0.0:

@@ -92,8 +92,7 @@ class NmpcController:
         """Keep the fallback recipe's glucose arithmetic current, as the PLC's would be."""
         if observation.lab_result is None:
             return
-        media = self._batch.media
-        delivered = observation.feed_total_l * media.nutrient_feed_glucose_g_per_l + observation.glucose_feed_total_l * media.glucose_feed_g_per_l
+        delivered = self._batch.media.glucose_delivered_g(observation.feed_total_l, observation.glucose_feed_total_l)
         volume = observation.online.get("volume_l", math.nan)
         if not math.isfinite(volume):
             return

@@ -51,17 +51,16 @@ from controller.modes import Conditions, ModeMachine, RequestedMode, State, Stat
 from controller.mpc import EconomicMpc
 from controller.nmpc import CycleObservation, Decision, NmpcController
 from controller.ports import AuditLog, CycleRecord, HistoryStore, PlcLinkError, PlcPort, PlcWriteMismatchError, PlcWriteRefusedError, Reading, ResumeState, Value
-from controller.quality import DataQualityChecker, QualityReport
+from controller.quality import DataQualityChecker
 from controller.runtime_config import RuntimeSettings
 from controller.safety import filter_setpoints
+from controller.types import PHASE_HARVESTED, PHASE_IDLE, PHASE_RUNNING, UINT32_MAX
 from plant_models.cho import STATES, CultureModel
 from plant_models.errors import BioreactorMPCError
 
 log = structlog.get_logger(__name__)
 
-PHASE_IDLE, PHASE_RUNNING, PHASE_HARVESTED = 0, 1, 2
 TIME_TOLERANCE_H = 1e-6
-UINT32_MAX = 2**32 - 1
 RECOMMENDATION_SIGNALS = ("MPC.Rec.FeedRate", "MPC.Rec.GlucoseRate", "MPC.Rec.Temperature")
 AUTO_APPROVER = Signer("auto-approver", "Automatic approver (lockstep tests and demos only)", "operator")
 
@@ -213,8 +212,7 @@ class Runtime:
             return "ended"
         if phase.good and int(phase.value) == PHASE_IDLE:  # type: ignore[arg-type]
             return "waiting"  # not inoculated yet: nothing to control
-        clock = readings["Status.ProcessTime"]
-        now_h = float(clock.value) if clock.good and not isinstance(clock.value, str) else math.nan  # type: ignore[arg-type]
+        now_h = _process_time_h(readings)
         if not (math.isfinite(now_h) and now_h >= self._next_cycle_h - TIME_TOLERANCE_H):
             return "waiting"
         started = time.perf_counter() - self._read_time_s
@@ -239,8 +237,7 @@ class Runtime:
         if self.settings.auto_approve and not (readings.get("Sim.Lockstep") is not None and readings["Sim.Lockstep"].value is True):
             raise RuntimeStartError("auto_approve is for simulated PLCs in lockstep only (Sim.Lockstep is not true); nothing written")
         resume = self.history.load_resume(self.batch.batch_id)
-        clock = readings["Status.ProcessTime"]
-        now_h = float(clock.value) if clock.good else math.nan  # type: ignore[arg-type]
+        now_h = _process_time_h(readings)
         if resume is not None and math.isfinite(now_h) and resume.last_cycle_h > now_h + TIME_TOLERANCE_H:
             raise RuntimeStartError(
                 f"the history has batch {resume.batch_id} up to {resume.last_cycle_h:.2f} h but the PLC's batch clock reads {now_h:.2f} h: "
@@ -558,8 +555,7 @@ class Runtime:
                 readings = await self.port.read()
             except PlcLinkError as error:
                 raise ApprovalRefusedError(f"the PLC cannot be read, nothing written: {error}") from error
-            clock, remote = readings["Status.ProcessTime"], readings["Status.RemoteEnabled"]
-            now_h = float(clock.value) if clock.good else math.nan  # type: ignore[arg-type]
+            now_h, remote = _process_time_h(readings), readings["Status.RemoteEnabled"]
             if not math.isfinite(now_h) or now_h >= current.expires_at_h - TIME_TOLERANCE_H:
                 self._expire_recommendation()
                 raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h has expired: the batch clock reads {now_h:.2f} h")
@@ -612,8 +608,7 @@ class Runtime:
             return {}
         self.forecast = predicted if full else None
         if full and self.recommendation is not None and now_h < min(self.batch.recipe.harvest_h, self.batch.limits.latest_harvest_h):
-            media = self.batch.media
-            delivered = float(status.get("PV.FeedTotal", 0.0)) * media.nutrient_feed_glucose_g_per_l + float(status.get("PV.GlucoseFeedTotal", 0.0)) * media.glucose_feed_g_per_l
+            delivered = self.batch.media.glucose_delivered_g(float(status.get("PV.FeedTotal", 0.0)), float(status.get("PV.GlucoseFeedTotal", 0.0)))
             try:
                 recipe = recipe_outcome(estimator, controller.recipe, self.batch, glucose_delivered_g=delivered, kernel=self._kernel)
             except BioreactorMPCError as error:
@@ -707,6 +702,14 @@ class Runtime:
 
     def _history_ready(self) -> bool:
         return self.controller is not None
+
+
+def _process_time_h(readings: Mapping[str, Reading]) -> float:
+    """The batch clock of a scan; NaN when it is Bad or not a number."""
+    clock = readings["Status.ProcessTime"]
+    if not clock.good or isinstance(clock.value, str):
+        return math.nan
+    return float(clock.value)
 
 
 def _sha256(data: Any) -> str:

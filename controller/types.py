@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 LAB_FIELDS: tuple[str, ...] = (
     "vcd_1e6_per_ml",
@@ -16,6 +18,11 @@ LAB_FIELDS: tuple[str, ...] = (
     "osmolality_mosm_per_kg",
 )
 """Offline analytes in the order of the reference PLC's ``Sample.*`` tags (VCD first)."""
+
+PHASE_IDLE, PHASE_RUNNING, PHASE_HARVESTED = 0, 1, 2
+"""``Status.Phase`` of the reference PLC."""
+UINT32_MAX = 2**32 - 1
+"""``MPC.Heartbeat`` and ``Sample.Seq`` are UInt32: they wrap to 0 after this."""
 
 
 @dataclass(frozen=True)
@@ -51,3 +58,14 @@ class Setpoints:
 
     def as_dict(self) -> dict[str, float | bool]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def json_compatible(data: Any) -> Any:
+    """``data`` with every non-finite float (NaN, ±Inf) as None, mappings as dicts with string keys, tuples as lists: JSON has no NaN."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, Mapping):
+        return {str(key): json_compatible(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_compatible(value) for value in data]
+    return data

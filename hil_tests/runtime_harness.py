@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bioreactor_mpc.demo import free_port
 from controller.mpc import EconomicMpc
 from controller.runtime import CycleReport, Runtime, RunSummary
 from controller.runtime_config import RuntimeSettings
@@ -31,12 +31,6 @@ from simulator.plc import SimulatedPlc
 REPO = Path(__file__).resolve().parent.parent
 TAG_MAPS = {protocol: load_tag_map(REPO / "configs" / "plc" / f"reference-{protocol}.yaml") for protocol in ("opcua", "modbus")}
 TEST_SETTINGS = RuntimeSettings(poll_interval_s=0.01, io_timeout_s=2.0, reconnect_initial_s=0.05, reconnect_max_s=0.3)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class TcpProxy:

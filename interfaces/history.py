@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 
 from controller.ports import CycleRecord, Reading, ResumeState, Value
-from controller.types import LabResult
+from controller.types import LabResult, json_compatible
 from plant_models.errors import BioreactorMPCError
 
 log = structlog.get_logger(__name__)
@@ -77,17 +77,7 @@ def _now() -> str:
 
 def _json(value: Any) -> str:
     """JSON with NaN and ±Inf as null (SQLite's JSON functions and other readers reject them)."""
-
-    def clean(item: Any) -> Any:
-        if isinstance(item, float) and not math.isfinite(item):
-            return None
-        if isinstance(item, Mapping):
-            return {str(k): clean(v) for k, v in item.items()}
-        if isinstance(item, list | tuple):
-            return [clean(v) for v in item]
-        return item
-
-    return json.dumps(clean(value), separators=(",", ":"))
+    return json.dumps(json_compatible(value), separators=(",", ":"))
 
 
 def _real(value: float) -> float | None:

@@ -119,6 +119,10 @@ class MediaComposition(FrozenConfig):
     base_mol_per_l: float = Field(gt=0.0, le=10.0, description="base concentration [mol/L]")
     base_osmoles_per_mol: float = Field(ge=0.0, le=3.0, description="osmoles the base leaves in the culture per mol [osmol/mol]")
 
+    def glucose_delivered_g(self, feed_total_l: float, glucose_feed_total_l: float) -> float:
+        """Glucose the two feeds have delivered, from their totalisers [g] (what the recipe's glucose arithmetic needs)."""
+        return feed_total_l * self.nutrient_feed_glucose_g_per_l + glucose_feed_total_l * self.glucose_feed_g_per_l
+
 
 def _flatten(model: FrozenConfig, prefix: str = "") -> list[tuple[str, float]]:
     items: list[tuple[str, float]] = []

@@ -19,14 +19,14 @@ import structlog
 
 from controller.estimator import ExtendedKalmanEstimator
 from controller.nmpc import CycleObservation, NmpcConfig, NmpcController, StateSource
-from controller.quality import DataQualityChecker
+from controller.quality import SETPOINT_SIGNALS, DataQualityChecker
 from controller.safety import filter_setpoints
 from plant_models.cho import CultureModel
 from plant_models.errors import SetpointRejectedError
 from plant_models.parameters import parameter_vector
 from simulator.batch import BatchResult, build_simulated_plc, kpis_of
 from simulator.config import LoadedSimulation
-from simulator.plc import PHASE_RUNNING, SETPOINT_TAGS, SimulatedPlc, TagReading
+from simulator.plc import PHASE_RUNNING, SimulatedPlc, TagReading
 
 log = structlog.get_logger(__name__)
 
@@ -109,7 +109,7 @@ def run_controlled_batch(
             if filtered.setpoints.harvest:
                 plc.request_harvest(True)
                 break
-            for tag, value in zip(SETPOINT_TAGS, (filtered.setpoints.feed_rate_lph, filtered.setpoints.glucose_rate_lph, filtered.setpoints.temperature_degc), strict=True):
+            for tag, value in zip(SETPOINT_SIGNALS, (filtered.setpoints.feed_rate_lph, filtered.setpoints.glucose_rate_lph, filtered.setpoints.temperature_degc), strict=True):
                 plc.write_setpoint(tag, value)
         except SetpointRejectedError as error:
             log.warning("setpoint_rejected", process_time_h=observation.process_time_h, tag=error.tag, reason=error.reason)

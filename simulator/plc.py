@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from controller.config import BatchConfig
+from controller.quality import SAMPLE_SIGNALS, SETPOINT_SIGNALS
 from controller.recipe import PlatformRecipe
-from controller.types import LAB_FIELDS, LabResult, Setpoints
+from controller.types import LAB_FIELDS, PHASE_HARVESTED, PHASE_RUNNING, UINT32_MAX, LabResult, Setpoints
 from plant_models.cho import OUTPUT_INDEX, STATE_INDEX, CultureModel
 from plant_models.errors import RemoteDisabledError, SetpointOutOfRangeError
 from plant_models.parameters import PARAMETER_NAMES
@@ -38,12 +39,8 @@ from simulator.config import (
 )
 from simulator.plant import MINUTES_PER_HOUR, Plant
 
-PHASE_IDLE, PHASE_RUNNING, PHASE_HARVESTED = 0, 1, 2
-SETPOINT_TAGS = ("SP.FeedRate", "SP.GlucoseRate", "SP.Temperature")
-SAMPLE_TAGS = ("Sample.VCD", "Sample.Viability", "Sample.Glucose", "Sample.Lactate", "Sample.Glutamine", "Sample.Ammonia", "Sample.Titer", "Sample.Osmolality")
-LAB_FIELD_BY_TAG = dict(zip(SAMPLE_TAGS, LAB_FIELDS, strict=True))
+LAB_FIELD_BY_TAG = dict(zip(SAMPLE_SIGNALS, LAB_FIELDS, strict=True))
 RECOMMENDATION_TAGS = ("MPC.Rec.FeedRate", "MPC.Rec.GlucoseRate", "MPC.Rec.Temperature", "MPC.Rec.HarvestTime", "MPC.Pred.HarvestTiter")
-UINT32_MAX = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -111,7 +108,7 @@ class SimulatedPlc:
         }
 
         self._sample_seq = 0
-        self._sample_registers: dict[str, float] = {"Sample.TakenAt": math.nan, **dict.fromkeys(SAMPLE_TAGS, math.nan)}
+        self._sample_registers: dict[str, float] = {"Sample.TakenAt": math.nan, **dict.fromkeys(SAMPLE_SIGNALS, math.nan)}
         self._pending: list[_PendingSample] = []
         self._next_draw_index = 0
         self._next_draw_minute = self._schedule_draw(0)
@@ -243,14 +240,13 @@ class SimulatedPlc:
             elif isinstance(fault, LabMissingFault) and fault.draw_index == index:
                 measured[fault.field] = math.nan
         delay_h = self._sampling_rng.uniform(sampling.result_delay_min_h, sampling.result_delay_max_h)
-        media = self._batch.media
         pending = _PendingSample(
             draw_index=index,
             draw_minute=self.minute,
             publish_minute=self.minute + max(1, round(delay_h * MINUTES_PER_HOUR)),
             result=LabResult(seq=0, taken_at_h=self.process_time_h, **measured),
             volume_l=float(state[STATE_INDEX["volume"]]),
-            glucose_delivered_g=self.plant.feed_total_l * media.nutrient_feed_glucose_g_per_l + self.plant.glucose_feed_total_l * media.glucose_feed_g_per_l,
+            glucose_delivered_g=self._batch.media.glucose_delivered_g(self.plant.feed_total_l, self.plant.glucose_feed_total_l),
         )
         self._pending.append(pending)
         self._pending.sort(key=lambda sample: sample.publish_minute)
@@ -371,7 +367,7 @@ class SimulatedPlc:
         self._setpoints[tag] = float(value)
 
     def write_setpoints(self, setpoints: Setpoints) -> None:
-        for tag, value in zip(SETPOINT_TAGS, (setpoints.feed_rate_lph, setpoints.glucose_rate_lph, setpoints.temperature_degc), strict=True):
+        for tag, value in zip(SETPOINT_SIGNALS, (setpoints.feed_rate_lph, setpoints.glucose_rate_lph, setpoints.temperature_degc), strict=True):
             self.write_setpoint(tag, value)
         if setpoints.harvest:
             self.request_harvest(True)

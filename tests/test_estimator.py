@@ -28,13 +28,12 @@ from controller.estimator import (
     delivered_inputs,
 )
 from controller.nmpc import CycleObservation
+from controller.quality import ONLINE_SIGNALS, SAMPLE_SIGNALS
 from controller.types import LAB_FIELDS, LabResult, Setpoints
 from plant_models.cho import STATE_INDEX, CultureModel
 from plant_models.parameters import PARAMETER_NAMES
 from simulator.batch import build_simulated_plc
-from controller.quality import ONLINE_SIGNALS
 from simulator.config import LoadedSimulation
-from simulator.plc import SAMPLE_TAGS
 
 pytestmark = pytest.mark.usefixtures("uncached_logging")
 
@@ -100,7 +99,7 @@ def record(loaded: LoadedSimulation, hours: float, *, keep_nan: bool = False) ->
         labs = []
         if int(now["Sample.Seq"].value) != seq:
             seq = int(now["Sample.Seq"].value)
-            values = {name: float(now[tag].value) if now[tag].good else math.nan for tag, name in zip(SAMPLE_TAGS, LAB_FIELDS, strict=True)}
+            values = {name: float(now[tag].value) if now[tag].good else math.nan for tag, name in zip(SAMPLE_SIGNALS, LAB_FIELDS, strict=True)}
             result = LabResult(seq=seq, taken_at_h=float(now["Sample.TakenAt"].value), **values)
             assert result.taken_at_h == plc.published[-1].taken_at_h
             labs.append(result)

@@ -43,6 +43,7 @@ from pydantic import BaseModel, Field
 from controller.advisory import ApprovalRefusedError, Signer
 from controller.modes import RequestedMode, State
 from controller.runtime import Runtime
+from controller.types import json_compatible
 from interfaces.audit import AuditTrail
 from interfaces.users import Role, User, UserStore
 
@@ -193,20 +194,20 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
     def status(user: User = Depends(current_user)) -> dict[str, Any]:
         view = runtime.view()
         view["user"] = {"name": user.name, "full_name": user.full_name, "role": user.role.value}
-        return _finite(view)
+        return json_compatible(view)
 
     @app.get("/api/trajectories")
     def trajectories(user: User = Depends(current_user)) -> dict[str, Any]:
         data = read_trajectories(history_path)
         data["forecast"] = forecast_series(runtime)
-        return _finite(data)
+        return json_compatible(data)
 
     @app.get("/api/audit")
     def audit_records(limit: int = 50, user: User = Depends(current_user)) -> list[dict[str, Any]]:
         head = audit.head()
         last = head.seq if head is not None else 0
         records = audit.records(since_seq=max(0, last - max(1, min(limit, 500))))
-        return [_finite(record.__dict__) for record in records]
+        return [json_compatible(record.__dict__) for record in records]
 
     # ------------------------------------------------------------------ signatures and mode
 
@@ -217,7 +218,7 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
             recommendation = await sign_as(made_at_h, signer=await signer(user, body.password), reason=body.reason)
         except ApprovalRefusedError as error:
             raise HTTPException(status_code=409, detail=str(error)) from error
-        return _finite(recommendation.as_dict())
+        return json_compatible(recommendation.as_dict())
 
     @app.post("/api/mode")
     async def change_mode(body: ModeChange, user: User = Depends(require(Role.ENGINEER))) -> dict[str, Any]:
@@ -242,7 +243,7 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
         view = runtime.view()
         healthy = view["link_up"] and view["state"] != State.FAULT.value
         body = {"healthy": healthy, "state": view["state"], "reason": view["reason"], "link_up": view["link_up"], "process_time_h": view["process_time_h"]}
-        return JSONResponse(_finite(body), status_code=200 if healthy else 503)
+        return JSONResponse(json_compatible(body), status_code=200 if healthy else 503)
 
     return app
 
@@ -318,14 +319,3 @@ def read_trajectories(history_path: Path) -> dict[str, Any]:
             f"SELECT process_time_h, value FROM readings WHERE signal = 'PV.Volume' AND good = 1 AND run_id IN ({marks}) ORDER BY process_time_h", runs  # noqa: S608
         ).fetchall()
     return {"estimates": estimates, "lab": lab, "online": {"volume": {"t": [r[0] for r in volume], "value": [r[1] for r in volume]}}}
-
-
-def _finite(data: Any) -> Any:
-    """JSON has no NaN: non-finite numbers become null."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {str(k): _finite(v) for k, v in data.items()}
-    if isinstance(data, list | tuple):
-        return [_finite(v) for v in data]
-    return data

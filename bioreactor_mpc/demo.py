@@ -35,9 +35,11 @@ from bioreactor_mpc.report import kpi_table
 from bioreactor_mpc.runtime_cli import print_summary, run_runtime
 from controller.kpis import BatchKpis
 from controller.modes import RequestedMode
+from controller.mpc import EconomicMpc
 from controller.runtime import RunSummary
 from controller.runtime_config import LoadedRuntime, ScreenSettings, load_runtime_config
 from interfaces.users import Role, UserStore
+from plant_models.cho import CultureModel
 from plant_models.errors import BioreactorMPCError
 
 SERVER_START_TIMEOUT_S = 60.0
@@ -114,6 +116,8 @@ def run_demo(
     if loaded.batch.batch_id != loaded_sim.batch.batch_id:
         raise BioreactorMPCError(f"{runtime_config} runs batch {loaded.batch.batch_id!r} but {scenario} simulates {loaded_sim.batch.batch_id!r}")
 
+    # The NLP is built (compiled, the first time on a machine: minutes) before the PLC starts its clock, which does not wait that long.
+    mpc = EconomicMpc(CultureModel(), loaded.batch, loaded.config.nmpc.mpc)
     port = free_port()
     endpoint = f"opc.tcp://127.0.0.1:{port}/bioreactor-mpc/" if protocol == "opcua" else f"127.0.0.1:{port}"
     plant_dir = output_dir / "plant"
@@ -132,7 +136,7 @@ def run_demo(
         try:
             wait_for_listener(port, server, log_path)
             console.print(f"runtime in {mode.value} mode; one line every 12 process hours and at every change of state", highlight=False, soft_wrap=True)
-            summary = asyncio.run(_run_while_serving(loaded, endpoint, server, console))
+            summary = asyncio.run(_run_while_serving(loaded, endpoint, server, console, mpc))
             if server.poll() not in (None, 0):
                 raise BioreactorMPCError(f"the simulated PLC failed (exit status {server.returncode}) at {summary.last_process_time_h:.0f} h; see {log_path}")
             if summary.end_reason != "batch harvested":
@@ -161,7 +165,7 @@ def run_demo(
     return 0
 
 
-async def _run_while_serving(loaded: LoadedRuntime, endpoint: str, server: subprocess.Popen[bytes], console: Console) -> RunSummary:
+async def _run_while_serving(loaded: LoadedRuntime, endpoint: str, server: subprocess.Popen[bytes], console: Console, mpc: EconomicMpc) -> RunSummary:
     """The runtime, stopped if the simulated PLC dies under it."""
     stop = asyncio.Event()
 
@@ -176,7 +180,7 @@ async def _run_while_serving(loaded: LoadedRuntime, endpoint: str, server: subpr
         console.print(f"operator screen: {url} (log in with a user printed above)", highlight=False, soft_wrap=True)
 
     try:
-        return await run_runtime(loaded, endpoint=endpoint, console=console, stop=stop, on_screen=announce)
+        return await run_runtime(loaded, endpoint=endpoint, console=console, stop=stop, on_screen=announce, mpc=mpc)
     finally:
         stop.set()
         await watcher

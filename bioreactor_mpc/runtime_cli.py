@@ -14,6 +14,7 @@ import structlog
 from rich.console import Console
 
 from controller.modes import RequestedMode
+from controller.mpc import EconomicMpc
 from controller.ports import PlcPort
 from controller.runtime import CycleReport, Runtime, RunSummary
 from controller.runtime_config import LoadedRuntime, ScreenSettings, nominal_parameter_vector
@@ -81,6 +82,7 @@ async def run_runtime(
     stop: asyncio.Event | None = None,
     on_screen: Callable[[str], None] | None = None,
     mode_override: RequestedMode | None = None,
+    mpc: EconomicMpc | None = None,
 ) -> RunSummary:
     """Run the runtime of ``loaded`` until the batch ends or ``stop`` is set (SIGINT and SIGTERM set it too).
 
@@ -110,6 +112,7 @@ async def run_runtime(
             on_cycle=ProgressPrinter(console) if console is not None else None,
             audit=audit,
             mode_override=mode_override,
+            mpc=mpc,
         )
         if config.screen is None:
             return await runtime.run(stop=stop)

@@ -44,9 +44,12 @@ STATE_SCALE = np.array([15.0, 5.0, 5.0, 5.0, 3.0, 8.0, 400.0, 5.0, 5.0, 2000.0, 
 class MpcConfig(FrozenConfig):
     """Tuning of the economic NMPC."""
 
-    fine_stages: int = Field(default=24, ge=1, le=200, description="stages of one control interval at the start of the horizon")
-    coarse_stages: int = Field(default=12, ge=1, le=200, description="stages that share the rest of the time to harvest")
-    max_step_h: float = Field(default=2.0, gt=0.0, le=4.0, description="longest RK4 step; 3 h failed to converge from a cold start at inoculation [h]")
+    fine_stages: int = Field(default=16, ge=1, le=200, description="stages of one control interval at the start of the horizon")
+    coarse_stages: int = Field(default=8, ge=1, le=200, description="stages that share the rest of the time to harvest")
+    max_step_h: float = Field(default=3.0, gt=0.0, le=4.0, description="longest RK4 step of a warm-started solve; 4 h made some take 80–140 iterations [h]")
+    cold_max_step_h: float = Field(
+        default=2.0, gt=0.0, le=4.0, description="longest RK4 step of a cold solve, whose iterates cross stiff, depleted-substrate states; 3 h took up to 240 iterations [h]"
+    )
     glucose_min_g_per_l: float = Field(default=1.0, ge=0.0, description="lower edge of the glucose window [g/L]")
     glucose_max_g_per_l: float = Field(default=8.0, gt=0.0, description="upper edge of the glucose window [g/L]")
     volume_backoff_l: float = Field(default=10.0, ge=0.0, description="the plan keeps this far below the maximum working volume [L]")
@@ -60,6 +63,7 @@ class MpcConfig(FrozenConfig):
     solver: str = Field(default="ipopt", pattern="^(ipopt|fatrop)$")
     tol: float = Field(default=1e-6, gt=0.0, description="IPOPT tolerance on the scaled NLP error; 1e-4 is 10 % faster over a batch but doubles the p95 solve at N = 48")
     max_iter: int = Field(default=300, ge=1)
+    warm_max_iter: int = Field(default=40, ge=1, description="iterations a warm-started solve may take before the cold solver is tried instead")
     deadline_s: float = Field(default=20.0, gt=0.0, description="a solve that takes longer counts as failed [s]")
     compile: bool = Field(default=True, description="generate C for the NLP's functions, compile it once and cache it on disk")
 
@@ -73,6 +77,7 @@ class MpcSolution:
     reason: str
     solve_time_s: float
     iterations: int
+    """IPOPT iterations, both attempts' when the warm solve was retried cold."""
     objective: float
     harvest_time_h: float
     stage_times_h: np.ndarray
@@ -83,6 +88,8 @@ class MpcSolution:
     predicted_titer_g_per_l: float
     predicted_score_g_per_day: float
     warm: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    retried_after: str = ""
+    """The warm solve's IPOPT status when it failed and the cold solver was run instead; empty otherwise."""
 
     @property
     def first_inputs(self) -> np.ndarray:
@@ -157,7 +164,8 @@ class EconomicMpc:
         nf, nc = cfg.fine_stages, cfg.coarse_stages
         cycle = self._batch.cycle_period_h
         longest_coarse_h = max(0.0, self._batch.limits.latest_harvest_h - nf * cycle) / nc
-        self._max_substeps = (max(1, math.ceil(cycle / cfg.max_step_h - 1e-9)), max(1, math.ceil(longest_coarse_h / cfg.max_step_h - 1e-9)))
+        finest_h = min(cfg.max_step_h, cfg.cold_max_step_h)
+        self._max_substeps = (max(1, math.ceil(cycle / finest_h - 1e-9)), max(1, math.ceil(longest_coarse_h / finest_h - 1e-9)))
         fine_stage = self._stage_function(self._max_substeps[0], "fine_stage")
         coarse_stage = self._stage_function(self._max_substeps[1], "coarse_stage")
         us = self._u_scale
@@ -249,14 +257,15 @@ class EconomicMpc:
         lam_x = shifted(lam_x, ((nx, n + 1), (nu, n), (4, n)))
         return lam_g, lam_x
 
-    def substeps(self, durations: np.ndarray) -> np.ndarray:
-        """RK4 substeps each stage takes: the fewest that keep steps ≤ ``max_step_h`` (0 for a zero-length stage).
+    def substeps(self, durations: np.ndarray, *, cold: bool = False) -> np.ndarray:
+        """RK4 substeps each stage takes: the fewest that keep steps ≤ ``max_step_h`` (``cold_max_step_h`` for a cold solve; 0 for a zero-length stage).
 
         ``durations`` covers all stages in order; the stage grid never asks a
         stage for more substeps than it was built with.
         """
         durations = np.asarray(durations, dtype=float)
-        needed = np.ceil(durations / self.config.max_step_h - 1e-9).clip(min=0.0)
+        step_h = self.config.cold_max_step_h if cold else self.config.max_step_h
+        needed = np.ceil(durations / step_h - 1e-9).clip(min=0.0)
         built = np.repeat(self._max_substeps, (self.config.fine_stages, self.config.coarse_stages))
         if np.any(needed > built):
             raise ValueError(f"stage durations {durations[needed > built]} h need more RK4 substeps than the NLP was built with")
@@ -329,7 +338,8 @@ class EconomicMpc:
                 lam_g0, lam_x0 = self._shift_multipliers(lam_g0, lam_x0)
         inputs = guess_inputs if guess_inputs is not None else np.tile(previous_inputs[:, None], (1, n))
         inputs = np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None])
-        substeps = self.substeps(durations)
+        warm_start = lam_g0 is not None and lam_x0 is not None and self._warm_solver is not None
+        substeps = self.substeps(durations, cold=not warm_start)
         states, margins, terminal = self._rollout(state, parameters, starts, durations, substeps, inputs)
         # Slacks that make the soft constraints hold on the rolled-out guess: a guess that starts
         # feasible (a plant already past a back-off, say) saves the solver several iterations.
@@ -338,13 +348,24 @@ class EconomicMpc:
         params = np.concatenate([state, parameters, starts, durations, substeps, previous_inputs])
         args: dict = {"x0": w0, "p": params, "lbx": self._lbw, "ubx": self._ubw, "lbg": self._lbg, "ubg": self._ubg}
         solver = self._solver
-        if lam_g0 is not None and lam_x0 is not None and self._warm_solver is not None:
+        if warm_start:
             args["lam_g0"], args["lam_x0"] = lam_g0, lam_x0
             solver = self._warm_solver
         started = time.perf_counter()
         result = solver(**args)
-        elapsed = time.perf_counter() - started
         stats = solver.stats()
+        iterations = int(stats.get("iter_count", -1))
+        retried_after = ""
+        if solver is self._warm_solver and not stats.get("success", False):
+            # The warm start's small barrier parameter can jam against the bounds when the optimum has moved
+            # far; the cold solver's adaptive barrier, from the same guess, gets there (see docs/solver.md).
+            retried_after = str(stats.get("return_status", "unknown"))
+            del args["lam_g0"], args["lam_x0"]
+            solver = self._solver
+            result = solver(**args)
+            stats = solver.stats()
+            iterations += int(stats.get("iter_count", -1))
+        elapsed = time.perf_counter() - started
         w = np.asarray(result["x"]).ravel()
         n_x = nx * (n + 1)
         states = w[:n_x].reshape((nx, n + 1), order="F") * STATE_SCALE[:, None]
@@ -368,7 +389,8 @@ class EconomicMpc:
             status=status,
             reason=reason,
             solve_time_s=elapsed,
-            iterations=int(stats.get("iter_count", -1)),
+            iterations=iterations,
+            retried_after=retried_after,
             objective=float(result["f"]),
             harvest_time_h=harvest_time_h,
             stage_times_h=starts,
@@ -394,10 +416,12 @@ def _solver_options(cfg: MpcConfig, *, warm: bool = False) -> dict:
         }
         if warm:
             ipopt |= {
+                "max_iter": cfg.warm_max_iter,
                 "warm_start_init_point": "yes",
-                "warm_start_bound_push": 1e-6,
-                "warm_start_mult_bound_push": 1e-6,
-                "mu_init": 1e-4,
+                "warm_start_bound_push": 1e-9,
+                "warm_start_mult_bound_push": 1e-9,
+                "mu_strategy": "monotone",
+                "mu_init": 1e-7,
             }
         return {"print_time": False, "ipopt": ipopt}
     return {"print_time": False, "fatrop": {"print_level": 0, "tol": cfg.tol, "max_iter": cfg.max_iter}}

@@ -118,6 +118,8 @@ class NmpcController:
             warm=self._plan.warm if self._plan is not None else None,
         )
         self.solve_times_s.append(solution.solve_time_s)
+        if solution.retried_after:
+            log.info("mpc_warm_solve_retried_cold", process_time_h=t, warm_status=solution.retried_after, status=solution.status, iterations=solution.iterations)
         if solution.success:
             solution = self._improve_harvest(solution, t, state, parameters, previous)
             self._plan, self._plan_time_h, self._failures = solution, t, 0

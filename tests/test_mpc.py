@@ -30,11 +30,12 @@ def test_stage_grid_reaches_harvest_and_freezes_after_it(model, batch):
 
 
 def test_stages_take_only_the_substeps_their_duration_needs(model, batch, late_batch):
-    """A stage integrates with the fewest RK4 steps ≤ max_step_h; a zero-length stage is the identity."""
+    """A stage integrates with the fewest RK4 steps ≤ max_step_h (cold_max_step_h when cold); a zero-length stage is the identity."""
     state, parameters, recipe_inputs = late_batch
-    mpc = EconomicMpc(model, batch, MpcConfig(**SMALL, max_step_h=2.0))
+    mpc = EconomicMpc(model, batch, MpcConfig(**SMALL, max_step_h=3.0, cold_max_step_h=2.0))
     starts, durations = mpc.stage_grid(300.0, 336.0)
-    assert mpc.substeps(durations).tolist() == [1.0] * 6 + [4.0] * 4  # coarse stages of 7.5 h: four steps of 1.875 h
+    assert mpc.substeps(durations).tolist() == [1.0] * 6 + [3.0] * 4  # coarse stages of 7.5 h: three steps of 2.5 h
+    assert mpc.substeps(durations, cold=True).tolist() == [1.0] * 6 + [4.0] * 4  # a cold solve: four steps of 1.875 h
     inputs = np.tile(recipe_inputs[:, None], (1, mpc.n_stages))
     planned = mpc.rollout(state, parameters, starts, durations, inputs)
     # The same plan integrated step by step with the model's own RK4 at the substep length.

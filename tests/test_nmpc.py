@@ -34,7 +34,7 @@ def test_solver_failure_falls_back_to_shifted_plan_then_recipe(model, batch, day
     controller = NmpcController(model, batch, source, NmpcConfig(mpc=SMALL, max_shifted_cycles=2))
     first = controller.cycle(_observation(288.0, applied))
     assert first.source == "mpc" and first.solution is not None and first.solution.success
-    controller.mpc = EconomicMpc(model, batch, SMALL.model_copy(update={"max_iter": 1}))
+    controller.mpc = EconomicMpc(model, batch, SMALL.model_copy(update={"max_iter": 1, "warm_max_iter": 1}))
     decisions = [controller.cycle(_observation(288.0 + k, first.setpoints)) for k in (1, 2, 3, 4)]
     assert [d.source for d in decisions] == ["shifted_plan", "shifted_plan", "recipe", "recipe"]
     assert decisions[0].solution is first.solution  # the last successful plan, shifted to now
@@ -46,6 +46,24 @@ def test_solver_failure_falls_back_to_shifted_plan_then_recipe(model, batch, day
     last = controller.cycle(_observation(293.0, first.setpoints))
     assert last.source == "recipe" and last.setpoints.temperature_degc == recipe.temperature_degc
     assert controller.failures_total == 5
+
+
+def test_a_failed_warm_solve_is_retried_with_the_cold_solver(model, batch, day_twelve):
+    plc, applied = day_twelve
+    source = FrozenTruth(plc.plant.state.copy(), plc.plant.parameters)
+    controller = NmpcController(model, batch, source, NmpcConfig(mpc=SMALL))
+    first = controller.cycle(_observation(288.0, applied))
+    reference = controller.mpc.solve(
+        process_time_h=289.0, state=source.state, parameters=source.parameters, previous_inputs=first.solution.first_inputs,
+        harvest_time_h=controller.harvest_time_h, warm=first.solution.warm,
+    )
+    assert reference.success and reference.retried_after == ""
+    controller.mpc = EconomicMpc(model, batch, SMALL.model_copy(update={"warm_max_iter": 1}))
+    decision = controller.cycle(_observation(289.0, first.setpoints))
+    solution = decision.solution
+    assert decision.source == "mpc" and solution is not None and solution.success
+    assert solution.retried_after == "Maximum_Iterations_Exceeded" and solution.iterations > 1
+    assert solution.predicted_product_mass_g == pytest.approx(reference.predicted_product_mass_g, rel=1e-4)
 
 
 def test_harvest_is_requested_when_the_planned_time_arrives(model, batch, day_twelve):

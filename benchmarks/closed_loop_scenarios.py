@@ -34,13 +34,13 @@ def main() -> None:
     if args.quick:
         cases = [cases[0], cases[4], cases[-1]]
     print(f"closed-loop campaign: {len(cases)} scenarios, {args.jobs} processes")
-    print(f"{'scenario':28s} {'recipe':>8s} {'NMPC':>8s} {'oracle':>8s} {'gap':>6s} {'titer':>6s} {'harvest':>8s} {'viol h':>7s} {'fails':>5s} {'wall s':>7s}")
+    print(f"{'scenario':28s} {'recipe':>8s} {'NMPC':>8s} {'oracle':>8s} {'gap':>6s} {'titer':>6s} {'harvest':>8s} {'viol h':>7s} {'fails':>5s} {'retry':>5s} {'wall s':>7s}")
     with ProcessPoolExecutor(max_workers=args.jobs, initializer=_quiet) as pool:
         rows = list(pool.map(run_scenario, cases))
     for r in rows:
         print(
             f"{r.name:28s} {r.recipe_score:8.1f} {r.nmpc_score:8.1f} {r.oracle_score:8.1f} {r.gap_closed:6.2f} "
-            f"{r.nmpc_titer:6.2f} {r.nmpc_harvest_h:8.1f} {r.nmpc_violation_h:7.2f} {r.nmpc_failures:5d} {r.nmpc_wall_s:7.1f}"
+            f"{r.nmpc_titer:6.2f} {r.nmpc_harvest_h:8.1f} {r.nmpc_violation_h:7.2f} {r.nmpc_failures:5d} {r.nmpc_cold_retries:5d} {r.nmpc_wall_s:7.1f}"
         )
     gaps = [r.gap_closed for r in rows]
     print()

@@ -296,7 +296,7 @@ def _report_controller(controlled: ControlledBatchResult, output_dir: Path, stem
     if solves.size:
         console.print(
             f"solver: {solves.size} solves, median {1000 * np.median(solves):.0f} ms, p95 {1000 * np.percentile(solves, 95):.0f} ms, "
-            f"max {1000 * solves.max():.0f} ms; failures {controlled.solver_failures}; decisions {controlled.decisions_by_source}"
+            f"max {1000 * solves.max():.0f} ms; failures {controlled.solver_failures}; warm solves retried cold {controlled.solver_cold_retries}; decisions {controlled.decisions_by_source}"
         )
     errors = controlled.harvest_titer_errors()
     if errors:

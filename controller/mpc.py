@@ -48,7 +48,10 @@ class MpcConfig(FrozenConfig):
     coarse_stages: int = Field(default=8, ge=1, le=200, description="stages that share the rest of the time to harvest")
     max_step_h: float = Field(default=3.0, gt=0.0, le=4.0, description="longest RK4 step of a warm-started solve; 4 h made some take 80–140 iterations [h]")
     cold_max_step_h: float = Field(
-        default=2.0, gt=0.0, le=4.0, description="longest RK4 step of a cold solve, whose iterates cross stiff, depleted-substrate states; 3 h took up to 240 iterations [h]"
+        default=2.0,
+        gt=0.0,
+        le=4.0,
+        description="longest RK4 step of a solve started without a previous plan, whose iterates cross stiff, depleted-substrate states; 3 h took up to 240 iterations [h]",
     )
     glucose_min_g_per_l: float = Field(default=1.0, ge=0.0, description="lower edge of the glucose window [g/L]")
     glucose_max_g_per_l: float = Field(default=8.0, gt=0.0, description="upper edge of the glucose window [g/L]")
@@ -271,9 +274,9 @@ class EconomicMpc:
             raise ValueError(f"stage durations {durations[needed > built]} h need more RK4 substeps than the NLP was built with")
         return needed
 
-    def rollout(self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, inputs: np.ndarray) -> np.ndarray:
-        """States at every stage end for a given input plan (used for warm starts and checks)."""
-        return self._rollout(x0, parameters, starts, durations, self.substeps(durations), inputs)[0]
+    def rollout(self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, inputs: np.ndarray, *, cold: bool = False) -> np.ndarray:
+        """States at every stage end for a given input plan, integrated with a warm (or ``cold``) solve's RK4 steps."""
+        return self._rollout(x0, parameters, starts, durations, self.substeps(durations, cold=cold), inputs)[0]
 
     def _rollout(
         self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, substeps: np.ndarray, inputs: np.ndarray
@@ -356,9 +359,10 @@ class EconomicMpc:
         stats = solver.stats()
         iterations = int(stats.get("iter_count", -1))
         retried_after = ""
-        if solver is self._warm_solver and not stats.get("success", False):
+        if solver is self._warm_solver and not stats.get("success", False) and time.perf_counter() - started < self.config.deadline_s:
             # The warm start's small barrier parameter can jam against the bounds when the optimum has moved
-            # far; the cold solver's adaptive barrier, from the same guess, gets there (see docs/solver.md).
+            # far; the cold solver's adaptive barrier, from the same guess (and on the same grid), gets there
+            # (see docs/solver.md). The deadline covers both attempts.
             retried_after = str(stats.get("return_status", "unknown"))
             del args["lam_g0"], args["lam_x0"]
             solver = self._solver

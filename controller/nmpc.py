@@ -87,6 +87,8 @@ class NmpcController:
         self._recipe_glucose_at_draw: list[tuple[float, float, float]] = []
         self.solve_times_s: list[float] = []
         self.failures_total = 0
+        self.cold_retries_total = 0
+        """Warm solves that failed and were retried with the cold solver (see :class:`~controller.mpc.MpcSolution`)."""
 
     def _feed_recipe(self, observation: CycleObservation) -> None:
         """Keep the fallback recipe's glucose arithmetic current, as the PLC's would be."""
@@ -119,6 +121,7 @@ class NmpcController:
         )
         self.solve_times_s.append(solution.solve_time_s)
         if solution.retried_after:
+            self.cold_retries_total += 1
             log.info("mpc_warm_solve_retried_cold", process_time_h=t, warm_status=solution.retried_after, status=solution.status, iterations=solution.iterations)
         if solution.success:
             solution = self._improve_harvest(solution, t, state, parameters, previous)
@@ -151,6 +154,7 @@ class NmpcController:
                 process_time_h=t, state=state, parameters=parameters, previous_inputs=previous, harvest_time_h=later_h, warm=solution.warm, shift_warm=False
             )
             self.solve_times_s.append(candidate.solve_time_s)
+            self.cold_retries_total += bool(candidate.retried_after)
             if candidate.success and candidate.predicted_score_g_per_day > solution.predicted_score_g_per_day * (1.0 + config.harvest_improvement_min):
                 log.info("harvest_moved_later", process_time_h=t, from_h=self.harvest_time_h, to_h=later_h)
                 self.harvest_time_h = later_h

@@ -36,6 +36,8 @@ class ControlledBatchResult:
     solve_times_s: tuple[float, ...]
     decisions_by_source: dict[str, int]
     solver_failures: int
+    solver_cold_retries: int
+    """Warm solves that failed and were solved again by the cold solver."""
     harvest_time_predictions: tuple[tuple[float, float, float], ...]
     """(process time, planned harvest time, predicted titer at harvest) per cycle."""
     plan_snapshots: tuple[tuple[float, np.ndarray, np.ndarray], ...]
@@ -129,6 +131,7 @@ def run_controlled_batch(
         solve_times_s=tuple(controller.solve_times_s),
         decisions_by_source=sources,
         solver_failures=controller.failures_total,
+        solver_cold_retries=controller.cold_retries_total,
         harvest_time_predictions=tuple(predictions),
         plan_snapshots=tuple(snapshots),
     )

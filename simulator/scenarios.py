@@ -64,6 +64,7 @@ class ScenarioResult:
     nmpc_violation_h: float
     nmpc_wall_s: float
     nmpc_failures: int
+    nmpc_cold_retries: int
 
     @property
     def gap_closed(self) -> float:
@@ -95,4 +96,5 @@ def run_scenario(case: tuple[str, dict[str, Any]]) -> ScenarioResult:
         nmpc_violation_h=nmpc.batch.kpis.violation_h,
         nmpc_wall_s=wall,
         nmpc_failures=nmpc.solver_failures,
+        nmpc_cold_retries=nmpc.solver_cold_retries,
     )

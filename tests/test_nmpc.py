@@ -64,6 +64,15 @@ def test_a_failed_warm_solve_is_retried_with_the_cold_solver(model, batch, day_t
     assert decision.source == "mpc" and solution is not None and solution.success
     assert solution.retried_after == "Maximum_Iterations_Exceeded" and solution.iterations > 1
     assert solution.predicted_product_mass_g == pytest.approx(reference.predicted_product_mass_g, rel=1e-4)
+    assert controller.cold_retries_total == 1 and controller.failures_total == 0
+    # When the cold solver fails too, the answer is a failure that names the cold solver's status.
+    failing = EconomicMpc(model, batch, SMALL.model_copy(update={"warm_max_iter": 1, "max_iter": 1}))
+    both = failing.solve(
+        process_time_h=290.0, state=source.state, parameters=source.parameters, previous_inputs=solution.first_inputs,
+        harvest_time_h=controller.harvest_time_h, warm=solution.warm,
+    )
+    assert not both.success and both.retried_after == "Maximum_Iterations_Exceeded"
+    assert both.reason == "solver status Maximum_Iterations_Exceeded" and both.iterations == 2
 
 
 def test_harvest_is_requested_when_the_planned_time_arrives(model, batch, day_twelve):

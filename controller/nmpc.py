@@ -64,6 +64,8 @@ class Decision:
     predicted_titer_g_per_l: float
     predicted_score_g_per_day: float
     solution: MpcSolution | None = field(default=None, repr=False)
+    solve_time_s: float = math.nan
+    """Time this cycle spent in the solver (the plan and any harvest candidate); NaN when nothing was solved."""
 
 
 class StateSource(Protocol):
@@ -87,6 +89,7 @@ class NmpcController:
         self._recipe_glucose_at_draw: list[tuple[float, float, float]] = []
         self.solve_times_s: list[float] = []
         self.failures_total = 0
+        self._cycle_first_solve = 0
         self.cold_retries_total = 0
         """Warm solves that failed and were retried with the cold solver (see :class:`~controller.mpc.MpcSolution`)."""
 
@@ -103,6 +106,7 @@ class NmpcController:
     def cycle(self, observation: CycleObservation) -> Decision:
         t = observation.process_time_h
         self._cycles += 1
+        self._cycle_first_solve = len(self.solve_times_s)
         self._feed_recipe(observation)
         latest = self._batch.limits.latest_harvest_h
         self.harvest_time_h = min(max(self.harvest_time_h, t), latest)
@@ -170,4 +174,5 @@ class NmpcController:
             predicted_titer_g_per_l=plan.predicted_titer_g_per_l if plan is not None else math.nan,
             predicted_score_g_per_day=plan.predicted_score_g_per_day if plan is not None else math.nan,
             solution=solution,
+            solve_time_s=float(sum(self.solve_times_s[self._cycle_first_solve :])) if len(self.solve_times_s) > self._cycle_first_solve else math.nan,
         )

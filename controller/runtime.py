@@ -408,7 +408,7 @@ class Runtime:
             harvest_time_h=decision.harvest_time_h if decision is not None else math.nan,
             predicted_titer_g_per_l=decision.predicted_titer_g_per_l if decision is not None else math.nan,
             predicted_score_g_per_day=decision.predicted_score_g_per_day if decision is not None else math.nan,
-            solve_time_s=self.controller.solve_times_s[-1] if decision is not None and decision.source != "harvest" and self.controller.solve_times_s else math.nan,
+            solve_time_s=decision.solve_time_s if decision is not None else math.nan,
             estimate=_estimate_summary(self.estimator),
             wrote_setpoints=wrote_setpoints,
             read_time_s=self._read_time_s,

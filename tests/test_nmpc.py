@@ -65,6 +65,7 @@ def test_a_failed_warm_solve_is_retried_with_the_cold_solver(model, batch, day_t
     assert solution.retried_after == "Maximum_Iterations_Exceeded" and solution.iterations > 1
     assert solution.predicted_product_mass_g == pytest.approx(reference.predicted_product_mass_g, rel=1e-4)
     assert controller.cold_retries_total == 1 and controller.failures_total == 0
+    assert decision.solve_time_s == solution.solve_time_s == controller.solve_times_s[-1]
     # When the cold solver fails too, the answer is a failure that names the cold solver's status.
     failing = EconomicMpc(model, batch, SMALL.model_copy(update={"warm_max_iter": 1, "max_iter": 1}))
     both = failing.solve(
@@ -75,12 +76,23 @@ def test_a_failed_warm_solve_is_retried_with_the_cold_solver(model, batch, day_t
     assert both.reason == "solver status Maximum_Iterations_Exceeded" and both.iterations == 2
 
 
+def test_a_cycle_reports_the_time_of_all_its_solves(model, batch, day_twelve):
+    """A cycle that also solves a later harvest candidate reports both solves' time, as the runtime records it."""
+    plc, applied = day_twelve
+    config = NmpcConfig(mpc=SMALL, initial_harvest_h=300.0, later_harvest_every_cycles=1)
+    controller = NmpcController(model, batch, FrozenTruth(plc.plant.state.copy(), plc.plant.parameters), config)
+    decision = controller.cycle(_observation(288.0, applied))
+    assert len(controller.solve_times_s) == 2  # the plan and the candidate 12 h later
+    assert decision.solve_time_s == pytest.approx(sum(controller.solve_times_s))
+
+
 def test_harvest_is_requested_when_the_planned_time_arrives(model, batch, day_twelve):
     plc, applied = day_twelve
     controller = NmpcController(model, batch, FrozenTruth(plc.plant.state.copy(), plc.plant.parameters), NmpcConfig(mpc=SMALL, initial_harvest_h=300.0))
     assert not controller.cycle(_observation(299.0, applied)).setpoints.harvest
     decision = controller.cycle(_observation(299.7, applied))
     assert decision.setpoints.harvest and decision.source == "harvest"
+    assert math.isnan(decision.solve_time_s)  # nothing was solved in this cycle
 
 
 def test_safety_filter_clamps_holds_and_rate_limits(batch):

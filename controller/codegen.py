@@ -2,9 +2,10 @@
 
 Evaluating the Hessian of a long RK4 chain dominates the solve time of the
 MPC when CasADi interprets it; compiled, the NLP callbacks are several times
-faster (see ``shared/solver-notes.md``). The library's file name is the hash
-of its generated C source, so a change of model, horizon or tuning produces a
-new library and a stale one is never loaded.
+faster (see ``shared/solver-notes.md``). The library's file name is a hash
+of the serialised NLP (:func:`nlp_digest`), so a change of model, horizon or
+tuning produces a new library and a stale one is never loaded; on a cache hit
+nothing is generated or built beyond loading the library.
 """
 
 from __future__ import annotations
@@ -65,29 +66,32 @@ def compiled_nlpsols(
     name: str, plugin: str, nlp: dict, option_sets: Sequence[dict], *, compile_code: bool = True, cache_dir: Path | None = None
 ) -> list[ca.Function]:
     """One solver per option set (for example cold and warm start), all on one generated and compiled library."""
-    if not compile_code:
-        return [ca.nlpsol(name, plugin, nlp, options) for options in option_sets]
-    solver = ca.nlpsol(name, plugin, nlp, option_sets[0])
-    compiler = shutil.which(os.environ.get("CC", "gcc"))
+    compiler = shutil.which(os.environ.get("CC", "gcc")) if compile_code else None
     if compiler is None:
-        log.warning("codegen_unavailable", reason="no C compiler found; solving with interpreted functions")
-        return [solver, *(ca.nlpsol(name, plugin, nlp, options) for options in option_sets[1:])]
+        if compile_code:
+            log.warning("codegen_unavailable", reason="no C compiler found; solving with interpreted functions")
+        return [ca.nlpsol(name, plugin, nlp, options) for options in option_sets]
     cache = cache_dir or default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     library = cache / f"{name}-{plugin}-{nlp_digest(plugin, nlp, option_sets[0])}.so"
-    if library.exists():
-        return [ca.nlpsol(name, plugin, str(library), options) for options in option_sets]
-    with tempfile.TemporaryDirectory(prefix="bioreactor-mpc-codegen-") as scratch, contextlib.chdir(scratch):
-        source = Path(scratch) / f"{name}.c"
-        solver.generate_dependencies(source.name)
-        if not library.exists():
-            log.info("codegen_compiling", library=str(library), source_kib=source.stat().st_size // 1024)
-            partial = library.with_suffix(f".so.{os.getpid()}.tmp")
-            try:
-                subprocess.run([compiler, *COMPILE_FLAGS, str(source), "-o", str(partial)], check=True, capture_output=True, timeout=COMPILE_TIMEOUT_S)
-            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
-                partial.unlink(missing_ok=True)
-                stderr = getattr(error, "stderr", b"") or b""
-                raise CodegenError(f"compiling {source.name} failed: {stderr.decode(errors='replace')[-2000:] or error}") from error
-            partial.replace(library)  # atomic: a concurrent reader never sees half a library
+    if not library.exists():
+        _compile(ca.nlpsol(name, plugin, nlp, option_sets[0]), compiler, library)
     return [ca.nlpsol(name, plugin, str(library), options) for options in option_sets]
+
+
+def _compile(solver: ca.Function, compiler: str, library: Path) -> None:
+    """Generate the C of ``solver``'s NLP functions and compile it to ``library`` (a cache miss only)."""
+    with tempfile.TemporaryDirectory(prefix="bioreactor-mpc-codegen-") as scratch, contextlib.chdir(scratch):
+        source = Path(scratch) / f"{solver.name()}.c"
+        solver.generate_dependencies(source.name)
+        if library.exists():  # another process compiled it meanwhile
+            return
+        log.info("codegen_compiling", library=str(library), source_kib=source.stat().st_size // 1024)
+        partial = library.with_suffix(f".so.{os.getpid()}.tmp")
+        try:
+            subprocess.run([compiler, *COMPILE_FLAGS, str(source), "-o", str(partial)], check=True, capture_output=True, timeout=COMPILE_TIMEOUT_S)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+            partial.unlink(missing_ok=True)
+            stderr = getattr(error, "stderr", b"") or b""
+            raise CodegenError(f"compiling {source.name} failed: {stderr.decode(errors='replace')[-2000:] or error}") from error
+        partial.replace(library)  # atomic: a concurrent reader never sees half a library

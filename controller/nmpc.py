@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -115,7 +115,7 @@ class NmpcController:
             return self._decision(observation.applied, "harvest", harvest=True)
         state, parameters = self._source.observe(observation)
         previous = np.array([observation.applied.feed_rate_lph, observation.applied.glucose_rate_lph, observation.applied.temperature_degc])
-        solution = self.mpc.solve(
+        solution = self._solve(
             process_time_h=t,
             state=state,
             parameters=parameters,
@@ -123,10 +123,6 @@ class NmpcController:
             harvest_time_h=self.harvest_time_h,
             warm=self._plan.warm if self._plan is not None else None,
         )
-        self.solve_times_s.append(solution.solve_time_s)
-        if solution.retried_after:
-            self.cold_retries_total += 1
-            log.info("mpc_warm_solve_retried_cold", process_time_h=t, warm_status=solution.retried_after, status=solution.status, iterations=solution.iterations)
         if solution.success:
             solution = self._improve_harvest(solution, t, state, parameters, previous)
             self._plan, self._plan_time_h, self._failures = solution, t, 0
@@ -142,6 +138,22 @@ class NmpcController:
         recipe = self.recipe.setpoints(t, volume_l=observation.online.get("volume_l"))
         return self._decision(Setpoints(recipe.feed_rate_lph, recipe.glucose_rate_lph, recipe.temperature_degc), "recipe")
 
+    def _solve(self, **arguments: Any) -> MpcSolution:
+        """One :meth:`EconomicMpc.solve` (same arguments), its time and any cold retry recorded."""
+        solution = self.mpc.solve(**arguments)
+        self.solve_times_s.append(solution.solve_time_s)
+        if solution.retried_after:
+            self.cold_retries_total += 1
+            log.info(
+                "mpc_warm_solve_retried_cold",
+                process_time_h=arguments["process_time_h"],
+                harvest_time_h=solution.harvest_time_h,
+                warm_status=solution.retried_after,
+                status=solution.status,
+                iterations=solution.iterations,
+            )
+        return solution
+
     def _improve_harvest(self, solution: MpcSolution, t: float, state: np.ndarray, parameters: np.ndarray, previous: np.ndarray) -> MpcSolution:
         config = self.config
         turnaround = self._batch.economics.turnaround_days
@@ -154,11 +166,9 @@ class NmpcController:
             self.harvest_time_h = float(ends[best])
         elif self._cycles % config.later_harvest_every_cycles == 0 and self.harvest_time_h < self._batch.limits.latest_harvest_h:
             later_h = min(self.harvest_time_h + config.later_harvest_step_h, self._batch.limits.latest_harvest_h)
-            candidate = self.mpc.solve(
+            candidate = self._solve(
                 process_time_h=t, state=state, parameters=parameters, previous_inputs=previous, harvest_time_h=later_h, warm=solution.warm, shift_warm=False
             )
-            self.solve_times_s.append(candidate.solve_time_s)
-            self.cold_retries_total += bool(candidate.retried_after)
             if candidate.success and candidate.predicted_score_g_per_day > solution.predicted_score_g_per_day * (1.0 + config.harvest_improvement_min):
                 log.info("harvest_moved_later", process_time_h=t, from_h=self.harvest_time_h, to_h=later_h)
                 self.harvest_time_h = later_h

@@ -51,7 +51,7 @@ from controller.modes import Conditions, ModeMachine, RequestedMode, State, Stat
 from controller.mpc import EconomicMpc
 from controller.nmpc import CycleObservation, Decision, NmpcController
 from controller.ports import AuditLog, CycleRecord, HistoryStore, PlcLinkError, PlcPort, PlcWriteMismatchError, PlcWriteRefusedError, Reading, ResumeState, Value
-from controller.quality import DataQualityChecker
+from controller.quality import SETPOINT_SIGNALS, DataQualityChecker
 from controller.runtime_config import RuntimeSettings
 from controller.safety import filter_setpoints
 from controller.types import PHASE_HARVESTED, PHASE_IDLE, PHASE_RUNNING, UINT32_MAX
@@ -278,7 +278,7 @@ class Runtime:
             raise RuntimeStartError(f"the audit trail cannot be written ({self._audit_problem}); the runtime does not start")
         if self.settings.auto_approve:
             log.warning("auto_approve_enabled", reason="every advisory recommendation is approved at once: lockstep tests and demos only")
-        log.info("runtime_started", batch_id=self.batch.batch_id, mode=self.settings.mode.value, heartbeat=self._heartbeat, first_cycle_h=self._next_cycle_h)
+        log.info("runtime_started", batch_id=self.batch.batch_id, mode=self.modes.requested.value, heartbeat=self._heartbeat, first_cycle_h=self._next_cycle_h)
 
     def _choose_mode(self, resume: ResumeState | None) -> None:
         """The requested mode: the command line's, else the one in force when the runtime stopped, else the config's."""
@@ -623,7 +623,7 @@ class Runtime:
         seq = readings.get("Sample.Seq")
         if seq is not None and seq.good and int(seq.value) != recommendation.basis_sample_seq:  # type: ignore[arg-type]
             return f"a new lab result (Sample.Seq {seq.value}) arrived since"
-        for signal, basis in zip(("SP.FeedRate", "SP.GlucoseRate", "SP.Temperature"), recommendation.basis_setpoints, strict=True):
+        for signal, basis in zip(SETPOINT_SIGNALS, recommendation.basis_setpoints, strict=True):
             reading = readings.get(signal)
             if reading is None or not reading.good or not math.isclose(float(reading.value), basis, rel_tol=1e-6, abs_tol=1e-6):  # type: ignore[arg-type]
                 return f"the PLC's {signal} changed since (now {reading.value if reading is not None else None!r}, was {basis:.6g})"

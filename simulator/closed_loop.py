@@ -19,7 +19,7 @@ import structlog
 
 from controller.estimator import ExtendedKalmanEstimator
 from controller.nmpc import CycleObservation, NmpcConfig, NmpcController, StateSource
-from controller.quality import SETPOINT_SIGNALS, DataQualityChecker
+from controller.quality import DataQualityChecker
 from controller.safety import filter_setpoints
 from plant_models.cho import CultureModel
 from plant_models.errors import SetpointRejectedError
@@ -111,8 +111,7 @@ def run_controlled_batch(
             if filtered.setpoints.harvest:
                 plc.request_harvest(True)
                 break
-            for tag, value in zip(SETPOINT_SIGNALS, (filtered.setpoints.feed_rate_lph, filtered.setpoints.glucose_rate_lph, filtered.setpoints.temperature_degc), strict=True):
-                plc.write_setpoint(tag, value)
+            plc.write_setpoints(filtered.setpoints)
         except SetpointRejectedError as error:
             log.warning("setpoint_rejected", process_time_h=observation.process_time_h, tag=error.tag, reason=error.reason)
         plc.advance_to(plc.next_cycle_boundary_h())

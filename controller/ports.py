@@ -45,6 +45,39 @@ class PlcWriteMismatchError(BioreactorMPCError, RuntimeError):
     """A write the PLC accepted reads back as something else."""
 
 
+class PlcAuthError(PlcLinkError):
+    """The PLC refused the runtime's credentials or certificate, or the runtime's own certificate is unusable (expired, unreadable).
+
+    Retrying at the link's pace would lock a real PLC's account: the runtime
+    waits at least :attr:`retry_after_s` before the next attempt.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float = 300.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class PlcMappingError(BioreactorMPCError, LookupError):
+    """The PLC does not hold a mapped signal, or holds it with another type: the tag map does not fit this PLC.
+
+    Not a link problem and not retried: the runtime refuses to start and says
+    which signals are wrong.
+    """
+
+    def __init__(self, problems: Mapping[str, str]) -> None:
+        self.problems = dict(problems)
+        super().__init__("the tag map does not fit the PLC: " + "; ".join(f"{signal}: {problem}" for signal, problem in self.problems.items()))
+
+
+class HistoryUnavailableError(BioreactorMPCError, OSError):
+    """The history cannot be written now (disk full, read-only, deleted or replaced, locked by another runtime).
+
+    The runtime then writes nothing to the PLC (a write must be recorded
+    first), withholds its heartbeat so the PLC's recipe takes over, alarms,
+    and tries the history again every poll.
+    """
+
+
 class PlcPort(Protocol):
     @property
     def connected(self) -> bool: ...
@@ -114,8 +147,35 @@ class CycleRecord:
     """The cycle's write requests before the heartbeat, read-backs included."""
 
 
+@dataclass(frozen=True)
+class PendingWrite:
+    """A write whose intent was recorded but whose outcome was not (the runtime stopped between the two)."""
+
+    write_id: int
+    process_time_h: float
+    values: Mapping[str, Value]
+
+
 class HistoryStore(Protocol):
-    """Where the runtime records everything it saw and did (:class:`interfaces.history.SqliteHistory`)."""
+    """Where the runtime records everything it saw and did (:class:`interfaces.history.SqliteHistory`).
+
+    Every method that records raises :class:`HistoryUnavailableError` when the
+    record cannot be written (disk full, read-only, file deleted or replaced).
+    """
+
+    def check_available(self) -> None:
+        """Raise :class:`HistoryUnavailableError` unless the history file is still the one opened and can be written."""
+        ...
+
+    def record_write_intent(self, process_time_h: float, values: Mapping[str, Value]) -> int:
+        """Record a write before it is sent (outcome ``pending``); its id for :meth:`record_write_outcome`."""
+        ...
+
+    def record_write_outcome(self, write_id: int, outcome: str, detail: str = "") -> None: ...
+
+    def pending_writes(self, batch_id: str) -> list[PendingWrite]:
+        """This batch's writes recorded as intents with no outcome, oldest first."""
+        ...
 
     def start_run(self, *, batch_id: str, requested_mode: str, config: Mapping[str, Any]) -> None: ...
 

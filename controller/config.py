@@ -9,11 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from plant_models.cho import GLUCOSE_G_PER_MOL, LACTATE_G_PER_MOL, STATE_INDEX, STATES
-from plant_models.config_loading import FrozenConfig, load_yaml_model
+from plant_models.config_loading import FieldError, FrozenConfig, load_yaml_model
 from plant_models.parameters import MediaComposition
+
+HOURS_PER_YEAR = 24.0 * 365.0
+MINUTES_PER_DAY = 24 * 60
 
 
 class InoculationRecord(FrozenConfig):
@@ -80,7 +83,7 @@ class EquipmentLimits(FrozenConfig):
     @model_validator(mode="after")
     def _ordered(self) -> EquipmentLimits:
         if self.temperature_min_degc >= self.temperature_max_degc:
-            raise ValueError("temperature_min_degc must be below temperature_max_degc")
+            raise FieldError("temperature_min_degc", self.temperature_min_degc, f"must be below temperature_max_degc ({self.temperature_max_degc})")
         return self
 
 
@@ -106,7 +109,7 @@ class ProcessLimits(FrozenConfig):
 
     glucose_min_g_per_l: float = Field(ge=0.0, description="glucose below this is starvation [g/L]")
     osmolality_max_mosm_per_kg: float = Field(gt=200.0, description="osmolality above this harms the product [mOsm/kg]")
-    latest_harvest_h: float = Field(gt=0.0, description="the batch ends here at the latest [h]")
+    latest_harvest_h: float = Field(gt=0.0, le=HOURS_PER_YEAR, description="the batch ends here at the latest [h]")
 
 
 class Economics(FrozenConfig):
@@ -125,12 +128,66 @@ class BatchConfig(FrozenConfig):
     limits: ProcessLimits
     economics: Economics
 
+    @field_validator("cycle_period_h")
+    @classmethod
+    def _whole_minutes_dividing_a_day(cls, period_h: float) -> float:
+        minutes = period_h * 60.0
+        if minutes < 1.0 - 1e-9:
+            raise ValueError("must be at least one minute (0.0167 h): the PLC and the simulated plant count whole minutes")
+        if abs(minutes - round(minutes)) > 1e-6:
+            raise ValueError(f"must be a whole number of minutes (this is {minutes:.4g} min)")
+        if MINUTES_PER_DAY % round(minutes):
+            raise ValueError(
+                f"must be a period that divides a day into whole cycles (24 h / {period_h:g} h = {24.0 / period_h:.4g}); for example 0.25, 0.5, 1, 2, 3, 4, 6, 8, 12 or 24 h"
+            )
+        return period_h
+
     @model_validator(mode="after")
     def _consistent(self) -> BatchConfig:
+        inoculation, equipment, recipe, limits = self.inoculation, self.equipment, self.recipe, self.limits
         if not self.batch_id.isascii():
-            raise ValueError("batch_id must be ASCII (the PLC stores it as 16 ASCII characters)")
-        if self.inoculation.volume_l >= self.equipment.max_working_volume_l:
-            raise ValueError("inoculation.volume_l must be below equipment.max_working_volume_l")
+            raise FieldError("batch_id", self.batch_id, "must be ASCII (the PLC stores it as 16 ASCII characters)")
+        if inoculation.volume_l >= equipment.max_working_volume_l:
+            raise FieldError("inoculation.volume_l", inoculation.volume_l, f"must be below equipment.max_working_volume_l ({equipment.max_working_volume_l})")
+        if limits.osmolality_max_mosm_per_kg <= inoculation.osmolality_mosm_per_kg:
+            raise FieldError(
+                "limits.osmolality_max_mosm_per_kg",
+                limits.osmolality_max_mosm_per_kg,
+                f"must be above inoculation.osmolality_mosm_per_kg ({inoculation.osmolality_mosm_per_kg}): the batch would start beyond its limit",
+            )
+        if limits.latest_harvest_h < self.cycle_period_h:
+            raise FieldError("limits.latest_harvest_h", limits.latest_harvest_h, f"must be at least one cycle, cycle_period_h ({self.cycle_period_h})")
+        temperature_range = f"[{equipment.temperature_min_degc}, {equipment.temperature_max_degc}]"
+        for name in ("temperature_initial_degc", "temperature_shifted_degc"):
+            value = getattr(recipe, name)
+            if not equipment.temperature_min_degc <= value <= equipment.temperature_max_degc:
+                raise FieldError(
+                    f"recipe.{name}", value, f"must be within the equipment's setpoint range {temperature_range} (equipment.temperature_min_degc, equipment.temperature_max_degc)"
+                )
+        feed_rate_lph = recipe.feed_fraction_of_initial_volume_per_day * inoculation.volume_l / 24.0
+        if feed_rate_lph > equipment.feed_rate_max_lph:
+            raise FieldError(
+                "recipe.feed_fraction_of_initial_volume_per_day",
+                recipe.feed_fraction_of_initial_volume_per_day,
+                f"asks for {feed_rate_lph:.1f} L/h of nutrient feed (this fraction of inoculation.volume_l, {inoculation.volume_l} L, a day), above equipment.feed_rate_max_lph ({equipment.feed_rate_max_lph} L/h)",
+            )
+        if recipe.harvest_h > limits.latest_harvest_h:
+            raise FieldError("recipe.harvest_h", recipe.harvest_h, f"must not be after limits.latest_harvest_h ({limits.latest_harvest_h})")
+        if recipe.glucose_target_g_per_l <= limits.glucose_min_g_per_l:
+            raise FieldError(
+                "recipe.glucose_target_g_per_l", recipe.glucose_target_g_per_l, f"must be above limits.glucose_min_g_per_l ({limits.glucose_min_g_per_l}), the starvation limit"
+            )
+        if recipe.glucose_target_g_per_l >= self.media.glucose_feed_g_per_l:
+            raise FieldError(
+                "recipe.glucose_target_g_per_l", recipe.glucose_target_g_per_l, f"must be below media.glucose_feed_g_per_l ({self.media.glucose_feed_g_per_l}), what the glucose feed carries"
+            )
+        headroom_l = equipment.max_working_volume_l - inoculation.volume_l
+        if recipe.feed_stop_below_max_l >= headroom_l:
+            raise FieldError(
+                "recipe.feed_stop_below_max_l",
+                recipe.feed_stop_below_max_l,
+                f"must be below the room left after inoculation ({headroom_l:g} L = equipment.max_working_volume_l - inoculation.volume_l), or the feeds never run",
+            )
         return self
 
     @classmethod

@@ -31,13 +31,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from controller.nmpc import CycleObservation
 from controller.types import LAB_FIELDS, LabResult, Setpoints
-from plant_models.config_loading import FrozenConfig
+from plant_models.config_loading import FieldError, FrozenConfig
 
 ONLINE_SIGNALS: dict[str, str] = {
     "PV.OUR": "our_mmol_per_l_h",
@@ -61,6 +61,8 @@ SAMPLE_SIGNALS: tuple[str, ...] = (
 """The lab result fields in :data:`~controller.types.LAB_FIELDS` order."""
 SETPOINT_SIGNALS: tuple[str, ...] = ("SP.FeedRate", "SP.GlucoseRate", "SP.Temperature")
 TOTAL_SIGNALS: tuple[str, ...] = ("PV.FeedTotal", "PV.GlucoseFeedTotal")
+CYCLE_SIGNALS: tuple[str, ...] = ("Status.ProcessTime", "Status.Phase", *TOTAL_SIGNALS, *SETPOINT_SIGNALS)
+"""Signals a cycle cannot run without (the batch clock and phase, the feed totals, the setpoint read-backs): always critical."""
 
 
 class ScannedValue(Protocol):
@@ -81,9 +83,15 @@ class SignalCheck(FrozenConfig):
     frozen_cycles: int | None = Field(default=None, ge=2, description="identical value or source timestamp this many cycles in a row means the signal has stopped")
     critical: bool = Field(default=False, description="if this signal fails, the cycle writes no setpoints")
 
+    @model_validator(mode="after")
+    def _ordered(self) -> SignalCheck:
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise FieldError("low", self.low, f"must not be above high ({self.high})")
+        return self
+
 
 def _default_checks() -> dict[str, SignalCheck]:
-    live = {"frozen_cycles": 4, "max_step_relative": 0.5}
+    live: dict[str, Any] = {"frozen_cycles": 4, "max_step_relative": 0.5}
     return {
         "Status.ProcessTime": SignalCheck(low=0.0, high=24.0 * 365.0, critical=True),
         "Status.Phase": SignalCheck(low=0, high=2, critical=True),
@@ -107,10 +115,37 @@ def _default_checks() -> dict[str, SignalCheck]:
 class DataQualityConfig(FrozenConfig):
     stale_after_s: float = Field(default=900.0, gt=0.0, description="a source timestamp older than this (wall clock) is stale [s]")
     spike_floor: float = Field(default=1.0, ge=0.0, description="a relative spike limit never goes below this absolute change")
-    signals: dict[str, SignalCheck] = Field(default_factory=_default_checks, description="per-signal checks; a signal given here replaces its default")
+    signals: dict[str, SignalCheck] = Field(
+        default_factory=_default_checks,
+        description="per-signal checks, merged over the defaults: the fields given replace the default's, the others (critical among them) stay",
+    )
+
+    @field_validator("signals", mode="before")
+    @classmethod
+    def _merge_over_defaults(cls, given: Any) -> Any:
+        if not isinstance(given, Mapping):
+            return given
+        merged: dict[str, Any] = dict(_DEFAULTS)
+        for name, check in given.items():
+            default = _DEFAULTS.get(name)
+            if isinstance(check, SignalCheck):
+                check = check.model_dump(include=check.model_fields_set)
+            merged[name] = {**default.model_dump(exclude_unset=True), **check} if default is not None and isinstance(check, Mapping) else check
+        return merged
+
+    @model_validator(mode="after")
+    def _cycle_signals_stay_critical(self) -> DataQualityConfig:
+        for name in CYCLE_SIGNALS:
+            if not self.signals[name].critical:
+                raise FieldError(
+                    f"signals.{name}.critical",
+                    False,
+                    f"must stay true: the cycle cannot run without {name} (critical signals: {', '.join(CYCLE_SIGNALS)})",
+                )
+        return self
 
     def check_of(self, name: str) -> SignalCheck | None:
-        return self.signals.get(name) or _DEFAULTS.get(name)
+        return self.signals.get(name)
 
 
 _DEFAULTS = _default_checks()
@@ -138,12 +173,17 @@ class QualityReport:
         if not self.usable:
             raise ValueError(f"critical signals failed their checks: {', '.join(self.critical)}")
         a = self.accepted
+        missing = [name for name in CYCLE_SIGNALS if name not in a]
+        if missing:
+            reasons = ", ".join(f"{name} ({self.problems.get(name, 'not in the scan')})" for name in missing)
+            raise ValueError(f"the cycle needs signals that were not accepted: {reasons}")
+        feed_rate_lph, glucose_rate_lph, temperature_degc = (float(a[signal]) for signal in SETPOINT_SIGNALS)
         return CycleObservation(
             process_time_h=float(a["Status.ProcessTime"]),
             online={name: float(a[signal]) for signal, name in ONLINE_SIGNALS.items() if signal in a},
             feed_total_l=float(a["PV.FeedTotal"]),
             glucose_feed_total_l=float(a["PV.GlucoseFeedTotal"]),
-            applied=Setpoints(*(float(a[signal]) for signal in SETPOINT_SIGNALS)),
+            applied=Setpoints(feed_rate_lph, glucose_rate_lph, temperature_degc),
             lab_result=self.lab_result,
         )
 

@@ -8,7 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from controller.ports import Reading
-from controller.quality import DataQualityChecker, DataQualityConfig, SignalCheck
+from controller.quality import DataQualityChecker, DataQualityConfig, QualityReport, SignalCheck
+from plant_models.config_loading import validate_model
+from plant_models.errors import ConfigError
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -125,8 +127,41 @@ def test_a_lab_result_is_new_only_when_the_sequence_moves_and_negative_fields_ar
     assert checker.check(scan(**fields)).lab_result is None
 
 
-def test_configured_checks_replace_the_defaults():
+def test_configured_checks_merge_over_the_defaults():
     config = DataQualityConfig(signals={"PV.Temperature": SignalCheck(low=30.0, high=40.0)})
     report = DataQualityChecker(config).check(scan(PV_Temperature=29.0))
     assert "outside the plausible range [30.0, 40.0]" in report.problems["PV.Temperature"]
     assert DataQualityChecker(config).check(scan(PV_FeedTotal=(1.0, False))).critical == ("PV.FeedTotal",), "defaults of other signals stay"
+
+
+def test_an_override_of_a_critical_signal_keeps_it_critical_so_a_bad_value_stops_the_cycle():
+    config = validate_model(DataQualityConfig, {"signals": {"PV.FeedTotal": {"low": 0.0}}}, source="runtime.yaml")
+    check = config.check_of("PV.FeedTotal")
+    assert check is not None and check.critical and (check.low, check.high) == (0.0, 1.0e6)
+    report = DataQualityChecker(config).check(scan(PV_FeedTotal=(1.0, False)))
+    assert report.critical == ("PV.FeedTotal",) and not report.usable
+
+
+@pytest.mark.parametrize("signal", ["Status.ProcessTime", "Status.Phase", "PV.FeedTotal", "PV.GlucoseFeedTotal", "SP.FeedRate", "SP.GlucoseRate", "SP.Temperature"])
+def test_a_signal_the_cycle_cannot_run_without_cannot_be_made_non_critical(signal):
+    with pytest.raises(ConfigError, match=rf"runtime.yaml: signals\.{signal}\.critical: must stay true.*got False"):
+        validate_model(DataQualityConfig, {"signals": {signal: {"critical": False}}}, source="runtime.yaml")
+
+
+def test_an_optional_signal_may_be_made_critical_or_not():
+    config = validate_model(DataQualityConfig, {"signals": {"PV.OUR": {"critical": True}, "PV.Volume": {"critical": False}}}, source="runtime.yaml")
+    assert config.check_of("PV.OUR").critical and config.check_of("PV.OUR").frozen_cycles == 4  # type: ignore[union-attr]
+    assert not config.check_of("PV.Volume").critical  # type: ignore[union-attr]
+
+
+def test_inverted_plausible_range_is_refused():
+    with pytest.raises(ConfigError, match=r"signals\.PV\.Temperature\.low: must not be above high \(30\.0\); got 40\.0"):
+        validate_model(DataQualityConfig, {"signals": {"PV.Temperature": {"low": 40.0, "high": 30.0}}}, source="runtime.yaml")
+
+
+def test_an_observation_without_a_signal_it_needs_names_it_instead_of_a_key_error():
+    report = DataQualityChecker().check(scan(), wall_now=NOW)
+    accepted = {name: value for name, value in report.accepted.items() if name != "PV.FeedTotal"}
+    incomplete = QualityReport(accepted, {"PV.FeedTotal": "Bad status"}, critical=())
+    with pytest.raises(ValueError, match=r"PV\.FeedTotal \(Bad status\)"):
+        incomplete.observation()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from controller.config import BatchConfig
 from controller.estimator import EstimatorConfig
@@ -14,7 +14,7 @@ from controller.forecast import EarlyWarningConfig
 from controller.modes import RequestedMode
 from controller.nmpc import NmpcConfig
 from controller.quality import DataQualityConfig
-from plant_models.config_loading import FrozenConfig, read_yaml_mapping, validate_model
+from plant_models.config_loading import FieldError, FrozenConfig, config_error, read_yaml_mapping, validate_model
 from plant_models.errors import ConfigError
 from plant_models.parameters import CultureParameters, parameter_vector
 
@@ -50,6 +50,17 @@ class RuntimeSettings(FrozenConfig):
     nmpc: NmpcConfig = NmpcConfig()
     estimator: EstimatorConfig = EstimatorConfig()
 
+    @model_validator(mode="after")
+    def _consistent(self) -> RuntimeSettings:
+        if self.reconnect_initial_s > self.reconnect_max_s:
+            raise FieldError("reconnect_initial_s", self.reconnect_initial_s, f"must not be above reconnect_max_s ({self.reconnect_max_s})")
+        mpc = self.nmpc.mpc
+        if mpc.glucose_min_g_per_l >= mpc.glucose_max_g_per_l:
+            raise FieldError("nmpc.mpc.glucose_min_g_per_l", mpc.glucose_min_g_per_l, f"must be below nmpc.mpc.glucose_max_g_per_l ({mpc.glucose_max_g_per_l})")
+        if self.nmpc.initial_harvest_h is not None and self.nmpc.initial_harvest_h <= 0.0:
+            raise FieldError("nmpc.initial_harvest_h", self.nmpc.initial_harvest_h, "must be greater than 0 (a process time [h]), or none for the recipe's")
+        return self
+
 
 class RuntimeConfig(RuntimeSettings):
     """A deployment: which PLC, which batch, which kinetics, where the history goes. Paths are relative to this file."""
@@ -79,12 +90,40 @@ def load_runtime_config(path: str | Path, *, history: str | Path | None = None, 
         config = config.model_copy(update={"mode": mode})
     base = path.parent
     batch = BatchConfig.from_yaml(base / config.batch)
+    _check_against_batch(config, batch, source=str(path), batch_path=base / config.batch)
     nominal = CultureParameters.from_yaml(base / config.model)
     tag_map_path = base / config.tag_map
     if not tag_map_path.is_file():
         raise ConfigError(f"{path}: tag_map: no such file {tag_map_path}")
     history_path = Path(history) if history is not None else base / config.history
     return LoadedRuntime(path, config, batch, nominal, tag_map_path, history_path)
+
+
+def _check_against_batch(config: RuntimeSettings, batch: BatchConfig, *, source: str, batch_path: Path) -> None:
+    """What a runtime config asks of its batch must be possible in it."""
+    nmpc, limits = config.nmpc, batch.limits
+    if nmpc.initial_harvest_h is not None and nmpc.initial_harvest_h > limits.latest_harvest_h:
+        raise config_error(source, "nmpc.initial_harvest_h", nmpc.initial_harvest_h, f"must not be after the batch's limits.latest_harvest_h ({limits.latest_harvest_h} in {batch_path})")
+    headroom_l = batch.equipment.max_working_volume_l - batch.inoculation.volume_l
+    if nmpc.mpc.volume_backoff_l >= headroom_l:
+        raise config_error(
+            source,
+            "nmpc.mpc.volume_backoff_l",
+            nmpc.mpc.volume_backoff_l,
+            f"must be below the room the batch leaves after inoculation ({headroom_l:g} L = equipment.max_working_volume_l - inoculation.volume_l in {batch_path})",
+        )
+    osmolality_room = limits.osmolality_max_mosm_per_kg - batch.inoculation.osmolality_mosm_per_kg
+    if nmpc.mpc.osmolality_backoff_mosm_per_kg >= osmolality_room:
+        raise config_error(
+            source,
+            "nmpc.mpc.osmolality_backoff_mosm_per_kg",
+            nmpc.mpc.osmolality_backoff_mosm_per_kg,
+            f"must be below the room between the inoculum and the limit ({osmolality_room:g} mOsm/kg = limits.osmolality_max_mosm_per_kg - inoculation.osmolality_mosm_per_kg in {batch_path})",
+        )
+    if nmpc.mpc.glucose_max_g_per_l <= limits.glucose_min_g_per_l:
+        raise config_error(
+            source, "nmpc.mpc.glucose_max_g_per_l", nmpc.mpc.glucose_max_g_per_l, f"must be above the batch's limits.glucose_min_g_per_l ({limits.glucose_min_g_per_l} in {batch_path})"
+        )
 
 
 def nominal_parameter_vector(loaded: LoadedRuntime) -> np.ndarray:

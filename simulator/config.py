@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, field_validator, model_validator
 
 from controller.config import BatchConfig
 from controller.types import LAB_FIELDS
-from plant_models.config_loading import FrozenConfig, read_yaml_mapping, validate_model
+from plant_models.config_loading import FieldError, FrozenConfig, config_error, read_yaml_mapping, validate_model
 from plant_models.errors import ConfigError
 from plant_models.parameters import CultureParameters
 
@@ -79,9 +79,11 @@ class SamplingConfig(FrozenConfig):
     @model_validator(mode="after")
     def _ordered(self) -> SamplingConfig:
         if self.result_delay_max_h < self.result_delay_min_h:
-            raise ValueError("result_delay_max_h must not be below result_delay_min_h")
+            raise FieldError("result_delay_max_h", self.result_delay_max_h, f"must not be below result_delay_min_h ({self.result_delay_min_h})")
         if self.result_delay_max_h >= self.interval_h:
-            raise ValueError("results must be published before the next draw (result_delay_max_h < interval_h)")
+            raise FieldError("result_delay_max_h", self.result_delay_max_h, f"must be below interval_h ({self.interval_h}): results are published before the next draw")
+        if 2.0 * self.draw_jitter_h >= self.interval_h:
+            raise FieldError("draw_jitter_h", self.draw_jitter_h, f"must be below half of interval_h ({self.interval_h}), or draws could swap order")
         return self
 
 
@@ -109,7 +111,13 @@ class ProbeFault(FrozenConfig):
     def _known_tag(self) -> ProbeFault:
         if self.tag not in PV_TAGS:
             raise ValueError(f"tag {self.tag!r} is not an online signal; expected one of {', '.join(PV_TAGS)}")
+        _check_ends_after_start(self.start_h, self.end_h)
         return self
+
+
+def _check_ends_after_start(start_h: float, end_h: float | None) -> None:
+    if end_h is not None and end_h <= start_h:
+        raise FieldError("end_h", end_h, f"must be after start_h ({start_h}), or none for the rest of the batch")
 
 
 def _lab_field(value: str) -> str:
@@ -154,6 +162,11 @@ class OperatorLocalFault(FrozenConfig):
     start_h: float = Field(ge=0.0)
     end_h: float | None = None
 
+    @model_validator(mode="after")
+    def _ordered(self) -> OperatorLocalFault:
+        _check_ends_after_start(self.start_h, self.end_h)
+        return self
+
 
 Fault = Annotated[
     ProbeFault | LabValueFault | LabMissingFault | FeedLotFault | OperatorLocalFault,
@@ -167,8 +180,8 @@ class SimulationConfig(FrozenConfig):
     model: Path = Field(description="kinetics file of the nominal parameter set")
     batch: Path = Field(description="batch file: inoculation, media, equipment, recipe, limits")
     seed: int = Field(default=0, ge=0)
-    true_parameter_factors: dict[str, float] = Field(default_factory=dict, description="fixed multipliers of nominal kinetics, e.g. growth.mu_max_per_h: 1.2")
-    true_parameter_relative_sd: dict[str, float] = Field(default_factory=dict, description="log-normal random multipliers drawn from the seed")
+    true_parameter_factors: dict[str, PositiveFloat] = Field(default_factory=dict, description="fixed multipliers of nominal kinetics, e.g. growth.mu_max_per_h: 1.2")
+    true_parameter_relative_sd: dict[str, NonNegativeFloat] = Field(default_factory=dict, description="log-normal random multipliers drawn from the seed")
     noise: NoiseConfig = NoiseConfig()
     sampling: SamplingConfig = SamplingConfig()
     plc: PlcConfig = PlcConfig()
@@ -198,6 +211,11 @@ def load_simulation(path: str | Path, *, seed: int | None = None, model: str | P
     batch_path = path.parent / simulation.batch
     nominal = CultureParameters.from_yaml(model_path)
     batch = BatchConfig.from_yaml(batch_path)
+    watchdog_h = simulation.plc.watchdog_timeout_h
+    if watchdog_h is not None and watchdog_h <= batch.cycle_period_h:
+        raise config_error(
+            str(path), "plc.watchdog_timeout_h", watchdog_h, f"must be longer than one cycle, the batch's cycle_period_h ({batch.cycle_period_h} h in {batch_path}), or it trips between heartbeats"
+        )
     for name in [*simulation.true_parameter_factors, *simulation.true_parameter_relative_sd]:
         group, _, field = name.partition(".")
         group_model = CultureParameters.model_fields.get(group)

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from interfaces.signals import SIGNALS, Kind
-from plant_models.config_loading import FrozenConfig, format_validation_error, read_yaml_mapping
+from plant_models.config_loading import FieldError, FrozenConfig, format_validation_error, read_yaml_mapping
 from plant_models.errors import ConfigError
 
 SecurityMode = Literal["sign_and_encrypt", "sign", "none"]
@@ -53,7 +53,7 @@ class _Scaled(FrozenConfig):
     @model_validator(mode="after")
     def _nonzero_scale(self) -> _Scaled:
         if self.scale == 0.0:
-            raise ValueError("scale must not be 0")
+            raise FieldError("scale", self.scale, "must not be 0 (engineering value = raw × scale + offset; a write divides by it)")
         return self
 
     @property
@@ -73,6 +73,15 @@ class OpcUaTag(_Scaled):
     node: str = Field(min_length=1, description="string node id in the map's namespace, e.g. 'BR01.PV.Temperature'")
     type: OpcUaType = Field(description="the variable's data type; writes use it as the explicit variant type")
 
+    @field_validator("node")
+    @classmethod
+    def _string_identifier(cls, node: str) -> str:
+        if node != node.strip() or any(not character.isprintable() for character in node):
+            raise ValueError("malformed: a string node id has no leading or trailing spaces and no control characters")
+        if re.match(r"^(ns|nsu|i|s|g|b)=", node):
+            raise ValueError("malformed: give the string identifier alone, without 'ns=…;s=' (the namespace comes from namespace_uri, its index from the server)")
+        return node
+
 
 class QualityBit(FrozenConfig):
     """A status bit in a register: set means the value is Bad (or not measured)."""
@@ -88,6 +97,15 @@ class ModbusTag(_Scaled):
     type: ModbusType = Field(description="encoding: 32/64-bit values span 2/4 registers in the map's word order")
     length: int | None = Field(default=None, ge=2, le=240, description="characters, for type 'string' (two per register)")
     bad_when: QualityBit | None = Field(default=None, description="the quality bit that marks this value Bad")
+
+    @model_validator(mode="after")
+    def _fits(self) -> ModbusTag:
+        if self.length is not None and self.type != "string":
+            raise FieldError("length", self.length, f"applies to type 'string' only, not '{self.type}'")
+        last = self.address + self.register_count - 1
+        if last > 65535:
+            raise FieldError("address", self.address, f"leaves no room for the {self.register_count} registers of a {self.type} (the last address is 65535)")
+        return self
 
     @property
     def register_count(self) -> int:
@@ -237,9 +255,9 @@ class OpcUaTagMap(FrozenConfig):
         )
         seen: dict[str, str] = {}
         for name, tag in self.tags.items():
-            if tag.node in seen:
-                raise ValueError(f"tags.{name}: node '{tag.node}' is also mapped to {seen[tag.node]}")
-            seen[tag.node] = name
+            other = seen.setdefault(tag.node, name)
+            if other != name:
+                raise FieldError(f"tags.{name}.node", tag.node, f"is also the node of tags.{other}")
         return self
 
 
@@ -258,24 +276,32 @@ class ModbusTagMap(FrozenConfig):
         )
         occupied: dict[tuple[str, int], str] = {}
 
-        def occupy(table: str, first: int, count: int, owner: str) -> None:
+        def occupy(table: str, first: int, count: int, owner: str, field: str) -> None:
             for address in range(first, first + count):
-                if (table, address) in occupied and occupied[(table, address)] != owner:
-                    raise ValueError(f"{owner}: {table} address {address} is also used by {occupied[(table, address)]}")
-                occupied[(table, address)] = owner
+                other = occupied.setdefault((table, address), owner)
+                if other != owner:
+                    raise FieldError(field, first, f"{table} register {address} is also used by {other}")
 
         for name, tag in self.tags.items():
             boolean = tag.type == "bool"
             if boolean != (tag.table in ("coil", "discrete")):
-                raise ValueError(f"tags.{name}: type '{tag.type}' does not fit table '{tag.table}' (booleans live in coils or discrete inputs)")
+                raise FieldError(f"tags.{name}.type", tag.type, f"does not fit table '{tag.table}' (booleans live in coils or discrete inputs)")
             if SIGNALS[name].writable and tag.table not in ("holding", "coil"):
-                raise ValueError(f"tags.{name}: a written signal must be in holding registers or coils, not '{tag.table}'")
+                raise FieldError(f"tags.{name}.table", tag.table, "a written signal must be in holding registers or coils")
             if tag.type == "string" and (tag.length is None or tag.length % 2):
-                raise ValueError(f"tags.{name}: a string needs an even 'length' in characters")
-            occupy(tag.table, tag.address, tag.register_count, f"tags.{name}")
+                raise FieldError(f"tags.{name}.length", tag.length, "must be an even number of characters for a string (two per register)")
+            occupy(tag.table, tag.address, tag.register_count, f"tags.{name}", f"tags.{name}.address")
+        quality_bits: dict[tuple[str, int, int], str] = {}
         for name, tag in self.tags.items():
-            if tag.bad_when is not None:
-                occupy(tag.bad_when.table, tag.bad_when.address, 1, f"the quality register {tag.bad_when.table} {tag.bad_when.address}")
+            if tag.bad_when is None:
+                continue
+            bad_when = tag.bad_when
+            occupy(bad_when.table, bad_when.address, 1, "quality bits (bad_when)", f"tags.{name}.bad_when.address")
+            other = quality_bits.setdefault((bad_when.table, bad_when.address, bad_when.bit), name)
+            if other != name:
+                raise FieldError(
+                    f"tags.{name}.bad_when.bit", bad_when.bit, f"{bad_when.table} {bad_when.address} bit {bad_when.bit} is also tags.{other}.bad_when: each signal needs its own quality bit"
+                )
         return self
 
 
@@ -291,7 +317,7 @@ def load_tag_map(path: str | Path) -> TagMap:
     path = Path(path)
     data = read_yaml_mapping(path)
     protocol = data.get("protocol")
-    models: dict[str, type[OpcUaTagMap] | type[ModbusTagMap]] = {"opcua": OpcUaTagMap, "modbus": ModbusTagMap}
+    models: dict[str, type[OpcUaTagMap | ModbusTagMap]] = {"opcua": OpcUaTagMap, "modbus": ModbusTagMap}
     if protocol not in models:
         raise ConfigError(f"{path}: protocol: expected 'opcua' or 'modbus'; got {protocol!r}")
     model = models[protocol]

@@ -126,10 +126,11 @@ def test_scaled_integer_tag_round_trips(modbus):
         (lambda d: d["tags"].pop("PV.Volume"), "required signals missing: PV.Volume"),
         (lambda d: d["tags"].__setitem__("PV.Volumen", d["tags"]["PV.Volume"]), "unknown signal; did you mean 'PV.Volume'"),
         (lambda d: d["tags"]["SP.FeedRate"].update(table="input"), "must be in holding registers or coils"),
-        (lambda d: d["tags"]["PV.pH"].update(address=1), "input address 1 is also used by tags.PV.Temperature"),
+        (lambda d: d["tags"]["PV.pH"].update(address=1), "tags.PV.pH.address: input register 1 is also used by tags.PV.Temperature; got 1"),
         (lambda d: d["tags"]["SP.HarvestRequest"].update(table="holding"), "does not fit table 'holding'"),
         (lambda d: d["tags"]["Sample.Seq"].update(type="float32"), "cannot carry a unsigned signal"),
-        (lambda d: d["tags"]["PV.OUR"].update(bad_when={"address": 0, "bit": 3}), "quality register input 0"),
+        (lambda d: d["tags"]["PV.OUR"].update(bad_when={"address": 0, "bit": 3}), "tags.PV.OUR.bad_when.address: input register 0 is also used by tags.PV.Temperature; got 0"),
+        (lambda d: d["tags"]["PV.Temperature"].update(address=63), ".bad_when.address: input register 63 is also used by tags.PV.Temperature; got 63"),
         (lambda d: d.update(word_order="middle"), "word_order"),
     ],
 )
@@ -148,7 +149,7 @@ def test_wrong_opcua_map_and_protocol_are_reported(tmp_path):
     data["tags"]["PV.OUR"]["node"] = data["tags"]["PV.CER"]["node"]
     path = tmp_path / "plc.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match="tags.PV.OUR: node 'BR01.PV.CER' is also mapped to PV.CER"):
+    with pytest.raises(ConfigError, match=r"tags\.PV\.OUR\.node: is also the node of tags\.PV\.CER; got 'BR01\.PV\.CER'"):
         load_tag_map(path)
     path.write_text(yaml.safe_dump({**data, "protocol": "profinet"}))
     with pytest.raises(ConfigError, match="protocol: expected 'opcua' or 'modbus'; got 'profinet'"):

@@ -36,9 +36,11 @@ class InoculationRecord(FrozenConfig):
     @model_validator(mode="after")
     def _osmolality_covers_metabolites(self) -> InoculationRecord:
         if self.other_osmolytes_mosm_per_kg < 0.0:
-            raise ValueError(
-                f"osmolality_mosm_per_kg {self.osmolality_mosm_per_kg} is below what glucose, lactate, "
-                f"glutamine and ammonia alone contribute ({self.osmolality_mosm_per_kg - self.other_osmolytes_mosm_per_kg:.0f} mOsm/kg)"
+            raise FieldError(
+                "osmolality_mosm_per_kg",
+                self.osmolality_mosm_per_kg,
+                f"must be at least what glucose, lactate, glutamine and ammonia alone contribute "
+                f"({self.osmolality_mosm_per_kg - self.other_osmolytes_mosm_per_kg:.0f} mOsm/kg)",
             )
         return self
 

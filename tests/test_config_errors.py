@@ -68,7 +68,24 @@ def test_wrong_type_and_cross_field_checks(tmp_path):
         BatchConfig.from_yaml(path)
     message = str(caught.value)
     assert "cycle_period_h: Input should be a valid number" in message
-    assert "inoculation: osmolality_mosm_per_kg 200.0 is below what glucose" in message and "got {" not in message
+    assert "inoculation.osmolality_mosm_per_kg: must be at least what glucose" in message and "got 200.0" in message and "got {" not in message
+    assert "(2 problems)" in message
+
+
+def test_every_problem_of_a_file_is_listed_with_its_field_and_value(tmp_path):
+    def edit(data):
+        data["equipment"].update(temperature_min_degc=38.0, temperature_max_degc=32.0)
+        data["limits"]["latest_harvest_h"] = float("inf")
+        data["economics"]["turnaround_days"] = True
+
+    path = _edited(tmp_path, CONFIGS / "batch" / "platform.yaml", edit)
+    with pytest.raises(ConfigError) as caught:
+        BatchConfig.from_yaml(path)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == f"{path}: invalid configuration (3 problems)"
+    assert f"  {path}: equipment.temperature_min_degc: must be below temperature_max_degc (32.0); got 38.0" in lines
+    assert f"  {path}: limits.latest_harvest_h: Input should be a finite number (expected: the batch ends here at the latest [h]); got inf" in lines
+    assert f"  {path}: economics.turnaround_days: must be a number, not true or false; got True" in lines
 
 
 def test_invalid_yaml_names_line(tmp_path):

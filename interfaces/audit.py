@@ -55,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sqlite3
 import threading
 from collections.abc import Mapping
@@ -67,6 +68,8 @@ from typing import Any, Self
 
 import structlog
 
+from controller.ports import HistoryUnavailableError
+from interfaces.history import read_only_uri, sqlite_problem, storage_problem
 from plant_models.errors import BioreactorMPCError
 
 log = structlog.get_logger(__name__)
@@ -95,6 +98,10 @@ _COLUMNS = "seq, wall_utc, process_time_h, actor, action, subject, details, prev
 
 class AuditError(BioreactorMPCError, RuntimeError):
     """The audit trail cannot be opened, written or read; when raised by an append, the action it records must be refused."""
+
+
+class AuditUnavailableError(AuditError, HistoryUnavailableError):
+    """The history file cannot be written now (disk full, read-only, deleted or replaced, busy); the trail stays usable and appends again once the cause is gone."""
 
 
 @dataclass(frozen=True)
@@ -196,18 +203,31 @@ class AuditTrail:
             if read_only:
                 if not self.path.is_file():
                     raise AuditError(f"{self.path}: no such history file")
-                self._db = sqlite3.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True, isolation_level=None, timeout=timeout_s, check_same_thread=False)
+                self._db = sqlite3.connect(read_only_uri(self.path), uri=True, isolation_level=None, timeout=timeout_s, check_same_thread=False)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                problem = storage_problem(self.path)  # before SQLite maps anything of a file it cannot write
+                if problem is not None:
+                    raise AuditUnavailableError(f"{self.path}: cannot open the audit trail: {problem}")  # an OSError too: passed on below
                 self._db = sqlite3.connect(self.path, isolation_level=None, timeout=timeout_s, check_same_thread=False)
+                self._db.execute("PRAGMA mmap_size=0")
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(SCHEMA)
             self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            found = os.stat(self.path)
         except sqlite3.Error as error:
+            self._discard_connection()
+            problem = None if read_only else storage_problem(self.path) or sqlite_problem(error)
+            if problem is not None:
+                raise AuditUnavailableError(f"{self.path}: cannot open the audit trail: {problem}") from error
             raise AuditError(f"{self.path}: cannot open the audit trail: {error}") from error
+        except AuditError:
+            raise
         except OSError as error:
+            self._discard_connection()
             raise AuditError(f"{self.path}: cannot open the audit trail: {error}") from error
+        self._identity = (found.st_dev, found.st_ino)
 
     def __enter__(self) -> Self:
         return self
@@ -248,7 +268,11 @@ class AuditTrail:
         except (TypeError, ValueError):
             raise AuditError(f"{self.path}: cannot record {what}: process_time_h {process_time_h!r} is not a number") from None
         with self._lock:
+            problem = None if self.read_only else storage_problem(self.path, self._identity)
+            if problem is not None:
+                raise AuditUnavailableError(f"{self.path}: cannot write the audit record {what}: {problem}; the action it records must not go ahead")
             try:
+                self._rollback()  # a transaction left open by an earlier failure
                 self._db.execute("BEGIN IMMEDIATE")
                 last = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
                 stored_head = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
@@ -260,7 +284,7 @@ class AuditTrail:
                 wall_utc = _now()
                 digest = record_hash(seq, wall_utc, time_h, actor, action, subject, plain_details, head.hash)
                 self._db.execute(
-                    f"INSERT INTO audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 - fixed column list
+                    f"INSERT INTO audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # a fixed column list
                     (seq, wall_utc, time_h, actor, action, subject, details_text, head.hash, digest),
                 )
                 self._db.execute(
@@ -270,7 +294,10 @@ class AuditTrail:
                 self._db.execute("COMMIT")
             except sqlite3.Error as error:
                 self._rollback()
-                raise AuditError(f"{self.path}: cannot write the audit record {what}: {error}; the action it records must not go ahead") from error
+                problem = sqlite_problem(error) if self.read_only else storage_problem(self.path, self._identity) or sqlite_problem(error)
+                if problem is None:
+                    raise AuditError(f"{self.path}: cannot write the audit record {what}: {error}; the action it records must not go ahead") from error
+                raise AuditUnavailableError(f"{self.path}: cannot write the audit record {what}: {problem}; the action it records must not go ahead") from error
         if seq % self._head_log_every == 0:
             log.info("audit_head", path=str(self.path), seq=seq, hash=digest)
         return AuditRecord(seq, wall_utc, time_h, actor, action, subject, plain_details, head.hash, digest)
@@ -297,7 +324,7 @@ class AuditTrail:
                 if not self._has_tables():
                     return []
                 rows = self._db.execute(
-                    f"SELECT {_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608 - fixed column list
+                    f"SELECT {_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",  # a fixed column list
                     (since_seq, -1 if limit is None else limit),
                 ).fetchall()
             except sqlite3.Error as error:
@@ -345,7 +372,7 @@ class AuditTrail:
         expected = 1
         previous_hash = GENESIS_HASH
         last: AuditHead | None = None
-        for row in self._db.execute(f"SELECT {_COLUMNS} FROM audit ORDER BY seq"):  # noqa: S608 - fixed column list
+        for row in self._db.execute(f"SELECT {_COLUMNS} FROM audit ORDER BY seq"):  # a fixed column list
             seq, wall_utc, time_h, actor, action, subject, details_text, prev_hash, digest = row
             count += 1
             if not isinstance(seq, int) or seq < 1:
@@ -386,9 +413,19 @@ class AuditTrail:
         found = self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('audit', 'audit_head')").fetchone()
         return int(found[0]) == 2
 
+    def _discard_connection(self) -> None:
+        """Close the connection of an open that failed (an open connection would keep the file, and its file system, busy)."""
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+
     def _rollback(self) -> None:
-        if self._db.in_transaction:
+        if not self._db.in_transaction:
+            return
+        try:
             self._db.execute("ROLLBACK")
+        except sqlite3.Error as error:  # the error that led here is the one reported; the next append rolls back first
+            log.warning("audit_rollback_failed", path=str(self.path), error=str(error))
 
 
 def _missing(first: int, last: int, why: str) -> str:

@@ -410,6 +410,69 @@ def test_a_replaced_history_or_lock_file_is_noticed(tmp_path):
     history.close()
 
 
+def test_a_deleted_audit_trail_refuses_to_append(tmp_path):
+    path = tmp_path / "h.sqlite"
+    with AuditTrail(path) as trail:
+        trail.append(actor="runtime", action="config_loaded", subject="runtime", details={})
+        path.unlink()
+        with pytest.raises(AuditError, match=r"deleted or replaced.*must not go ahead"):
+            trail.append(actor="alice", action="recommendation_approved", subject="cycle 3", details={})
+
+
+# --------------------------------------------------------------------------- audit trail: disk full, read-only
+
+
+def test_an_audit_trail_on_a_read_only_mount_says_read_only_and_can_still_be_verified(read_only_view):
+    path = read_only_view / "h.sqlite"
+    with AuditTrail(path) as trail:
+        trail.append(actor="runtime", action="config_loaded", subject="runtime", details={})
+    _make_read_only(read_only_view)
+    with pytest.raises(AuditError, match=rf"{path}: cannot open the audit trail: read-only") as raised:
+        AuditTrail(path)
+    assert isinstance(raised.value, HistoryUnavailableError)
+    with AuditTrail(path, read_only=True) as reader:  # audit verify of an archived copy
+        assert reader.verify().ok and reader.verify().records == 1
+
+
+def test_an_audit_trail_made_read_only_while_open_refuses_then_recovers(read_only_view):
+    path = read_only_view / "h.sqlite"
+    with AuditTrail(path) as trail:
+        _make_read_only(read_only_view)
+        try:
+            with pytest.raises(AuditError, match=r"read-only.*must not go ahead") as raised:
+                trail.append(actor="runtime", action="alarm_raised", subject="history", details={})
+            assert isinstance(raised.value, HistoryUnavailableError)
+        finally:
+            _make_writable(read_only_view)
+        assert trail.append(actor="runtime", action="alarm_cleared", subject="history", details={}).seq == 1
+
+
+def test_a_full_audit_trail_refuses_then_appends_once_space_is_back(tmp_path):
+    path = tmp_path / "h.sqlite"
+    with AuditTrail(path) as trail:
+        trail.append(actor="runtime", action="config_loaded", subject="runtime", details={})
+        _quota(trail, 1)
+        error = _until_full(lambda: trail.append(actor="runtime", action="alarm_raised", subject="x", details={"pad": "x" * 500}))
+        assert isinstance(error, AuditError) and isinstance(error, HistoryUnavailableError)
+        assert str(error).startswith(f"{path}: cannot write the audit record 'alarm_raised' on 'x': disk full")
+        assert str(error).endswith("the action it records must not go ahead")
+        _quota(trail, 1_000_000)
+        record = trail.append(actor="runtime", action="alarm_cleared", subject="x", details={})
+        assert trail.verify().ok and trail.head() is not None and trail.head().seq == record.seq  # type: ignore[union-attr]
+
+
+def test_a_real_full_file_system_refuses_audit_records_then_recovers(small_fs):
+    path = small_fs / "h.sqlite"
+    with AuditTrail(path) as trail:
+        trail.append(actor="runtime", action="config_loaded", subject="runtime", details={})
+        filler = _fill(small_fs)
+        error = _until_full(lambda: trail.append(actor="runtime", action="alarm_raised", subject="x", details={"pad": "x" * 500}))
+        assert "disk full" in str(error) and isinstance(error, HistoryUnavailableError)
+        filler.unlink()
+        trail.append(actor="runtime", action="alarm_cleared", subject="x", details={})
+        assert trail.verify().ok
+
+
 # --------------------------------------------------------------------------- writes: intent, outcome, pending
 
 

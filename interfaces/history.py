@@ -369,9 +369,13 @@ class SqliteHistory:
         """
         if self.read_only:
             raise HistoryWriteError(f"{self.path}: the history cannot be written: read-only: opened for reading")
-        problem = storage_problem(self.path, self._identity) or self._lock_problem()
+        problem = self._storage_problem()
         if problem is not None:
             raise HistoryWriteError(f"{self.path}: the history cannot be written: {problem}")
+
+    def _storage_problem(self) -> str | None:
+        """Why this history cannot be written now (:func:`storage_problem` of its file, or its lock file gone); None when it can."""
+        return storage_problem(self.path, self._identity) or self._lock_problem()
 
     def _lock_problem(self) -> str | None:
         try:
@@ -529,7 +533,7 @@ class SqliteHistory:
         """One transaction recording ``what``; raises :class:`HistoryWriteError` saying why it could not be written, leaving nothing of it."""
         if self.read_only:
             raise HistoryError(f"{self.path}: cannot record {what}: read-only: the history was opened for reading")
-        problem = storage_problem(self.path, self._identity) or self._lock_problem()
+        problem = self._storage_problem()
         if problem is not None:
             raise HistoryWriteError(f"{self.path}: cannot record {what}: {problem}")
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 
 from controller.config import BatchConfig
@@ -210,7 +211,12 @@ def test_latest_harvest_inf_fails_before_the_history_is_created(tmp_path, capsys
     data["batch"] = str(batch_path)
     path = tmp_path / "runtime.yaml"
     path.write_text(yaml.safe_dump(data))
-    assert main(["run", "--config", str(path)]) == 2
+    saved = structlog.get_config()
+    try:
+        assert main(["run", "--config", str(path)]) == 2
+    finally:  # the CLI points structlog at this test's captured stderr, closed after it
+        structlog.reset_defaults()
+        structlog.configure(**saved)
     err = capsys.readouterr().err
     assert "limits.latest_harvest_h: Input should be a finite number" in err and "Traceback" not in err
     assert not (tmp_path / "history.sqlite").exists()

@@ -17,7 +17,6 @@ from pydantic import Field
 from plant_models.config_loading import FrozenConfig, load_yaml_model
 
 
-
 class GrowthParameters(FrozenConfig):
     """Specific growth rate: Monod in glucose and glutamine, inhibited by metabolites, osmolality and age."""
 

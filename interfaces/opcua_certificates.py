@@ -9,12 +9,16 @@ is reached by), with the key usages the security policies need. This module
   operator command ``bioreactor-mpc certs``; docs/opcua-security.md);
 - reads a certificate or key in PEM or DER, whatever the file is named, with
   errors that name the file (:func:`read_certificate`, :func:`read_private_key`);
+- says why a certificate is not valid now, with its dates
+  (:func:`validity_problem`);
 - loads a directory of trusted certificates into asyncua's
   :class:`~asyncua.crypto.truststore.TrustStore` and builds the
   :class:`~asyncua.crypto.validator.CertificateValidator` that checks a peer
   against it (:func:`load_trust_store`, :func:`certificate_validator`). A
   certificate is trusted when it, or the CA that signed it, is in the directory:
-  never because it was seen before.
+  never because it was seen before. A certificate it does not trust is
+  refused without the traceback asyncua's own trust store logs for it (the
+  caller says in one line whose certificate it was and what to do).
 
 Both the runtime's port and the simulated PLC use it.
 """
@@ -217,6 +221,17 @@ def application_uri(certificate: x509.Certificate) -> str | None:
     return uris[0] if uris else None
 
 
+def validity_problem(certificate: x509.Certificate, *, now: dt.datetime | None = None) -> str | None:
+    """Why ``certificate`` is not valid at ``now`` (default: the current time), with its validity dates; None when it is."""
+    now = now or dt.datetime.now(dt.UTC)
+    start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    if end < now:
+        return f"expired on {end:%Y-%m-%d %H:%M} UTC (valid {start:%Y-%m-%d} to {end:%Y-%m-%d}, now {now:%Y-%m-%d %H:%M} UTC)"
+    if start > now:
+        return f"not valid before {start:%Y-%m-%d %H:%M} UTC (valid {start:%Y-%m-%d} to {end:%Y-%m-%d}, now {now:%Y-%m-%d %H:%M} UTC); is this machine's clock right?"
+    return None
+
+
 def fingerprint(certificate: x509.Certificate) -> str:
     """SHA-256 fingerprint as colon-separated hex, as ``openssl x509 -fingerprint -sha256`` and PLC web pages show it."""
     return certificate.fingerprint(hashes.SHA256()).hex(":").upper()
@@ -258,10 +273,31 @@ def trusted_certificates(directory: Path, *, field: str) -> list[x509.Certificat
     return certificates
 
 
+class QuietTrustStore(TrustStore):
+    """asyncua's trust store, refusing an untrusted certificate without logging a traceback.
+
+    asyncua's :meth:`TrustStore.is_trusted` logs every certificate it does not
+    trust with ``logger.exception``: a traceback in the log at every refused
+    connect. The verification here is the same (the store's own policy and
+    certificates); the refusal is reported once, by whoever asked, with the
+    certificate's fingerprint and what to do.
+    """
+
+    def is_trusted(self, certificate: x509.Certificate) -> bool:
+        store = self._trust_store  # asyncua's verification store, built by load()
+        if store is None:
+            return False
+        try:
+            self.policy_builder.store(store).build_client_verifier().verify(certificate, [])
+        except x509.verification.VerificationError:
+            return False
+        return True
+
+
 async def load_trust_store(directory: Path, *, field: str) -> TrustStore:
-    """asyncua's trust store over ``directory`` (checked first with :func:`trusted_certificates`), loaded now."""
+    """A trust store over ``directory`` (checked first with :func:`trusted_certificates`), loaded now."""
     trusted_certificates(directory, field=field)
-    store = TrustStore([directory], [])
+    store = QuietTrustStore([directory], [])
     await store.load()
     return store
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,9 +24,17 @@ from simulator.opcua_server import OpcUaPlcServer
 pytestmark = pytest.mark.hil
 
 REPO = Path(__file__).resolve().parent.parent
-TAG_MAP = load_tag_map(REPO / "configs" / "plc" / "reference-modbus.yaml")
-OPCUA_TAG_MAP = load_tag_map(REPO / "configs" / "plc" / "reference-opcua.yaml")
-assert isinstance(TAG_MAP, ModbusTagMap) and isinstance(OPCUA_TAG_MAP, OpcUaTagMap)
+
+
+def _load(path: Path, kind: type[ModbusTagMap | OpcUaTagMap]) -> Any:
+    tag_map = load_tag_map(path)
+    if not isinstance(tag_map, kind):
+        raise TypeError(f"{path} is not a {kind.__name__}")
+    return tag_map
+
+
+TAG_MAP: ModbusTagMap = _load(REPO / "configs" / "plc" / "reference-modbus.yaml", ModbusTagMap)
+OPCUA_TAG_MAP: OpcUaTagMap = _load(REPO / "configs" / "plc" / "reference-opcua.yaml", OpcUaTagMap)
 PLATFORM = REPO / "configs" / "simulate" / "platform.yaml"
 FAULTS = REPO / "configs" / "simulate" / "faults.yaml"
 
@@ -48,7 +58,7 @@ def test_port_reads_writes_and_survives_a_lost_link(modbus_port_number):
             assert readings["Status.BatchId"].value == plc.snapshot()["Status.BatchId"].value
             assert readings["PV.Temperature"].source_time is None  # Modbus carries no timestamps
             # No lab result yet: the sample fields are not measured, NaN and Bad; Sample.TakenAt has no quality bit.
-            assert math.isnan(readings["Sample.VCD"].value) and not readings["Sample.VCD"].good
+            assert math.isnan(float(readings["Sample.VCD"].value)) and not readings["Sample.VCD"].good
             # Accepted writes are verified by reading back; refused ones are named with the PLC's exception.
             plc.set_operator_remote(True)
             await port.write({"SP.FeedRate": 2.5, "SP.Temperature": 36.0, "MPC.Heartbeat": 7, "MPC.Mode": 2, "MPC.Rec.HarvestTime": 290.1})
@@ -125,6 +135,30 @@ def test_a_value_the_plc_does_not_hold_after_accepting_it_is_a_mismatch(modbus_p
     asyncio.run(asyncio.wait_for(scenario(), timeout=60))
 
 
+def _answer_reads_only(received: bytearray) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A Modbus TCP server that answers every read with zeros and every other request with silence (kept in ``received``)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(7)  # MBAP: transaction, protocol, length, unit
+                transaction, _, length, unit = struct.unpack(">HHHB", header)
+                pdu = await reader.readexactly(length - 1)
+                function = pdu[0]
+                if function not in (1, 2, 3, 4):
+                    received.extend(header + pdu)
+                    continue
+                count = struct.unpack(">H", pdu[3:5])[0]
+                data = bytes((count + 7) // 8) if function in (1, 2) else bytes(2 * count)
+                answer = bytes([function, len(data)]) + data
+                writer.write(struct.pack(">HHHB", transaction, 0, len(answer) + 1, unit) + answer)
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            writer.close()
+
+    return serve
+
+
 def test_a_silent_plc_is_a_link_error_and_a_write_is_sent_once(modbus_port_number):
     async def scenario() -> None:
         received = bytearray()
@@ -134,8 +168,19 @@ def test_a_silent_plc_is_a_link_error_and_a_write_is_sent_once(modbus_port_numbe
                 received.extend(data)
             writer.close()
 
+        # A PLC that accepts the connection and never answers: the connect's check of the map times out.
         silent = await asyncio.start_server(listen_silently, "127.0.0.1", modbus_port_number)
         port = ModbusPort(TAG_MAP, port=modbus_port_number, timeout_s=0.3)
+        try:
+            with pytest.raises(PlcLinkError, match="no answer within 0.3 s"):
+                await port.connect()
+            assert not port.connected
+        finally:
+            silent.close()
+            await silent.wait_closed()
+        # A PLC that answers reads (the connect's check passes) and falls silent on a write: the write is sent once.
+        received.clear()
+        reads_only = await asyncio.start_server(_answer_reads_only(received), "127.0.0.1", modbus_port_number)
         try:
             await port.connect()
             with pytest.raises(PlcLinkError, match=r"the write of SP.FeedRate \(holding register 0\) may or may not have been applied.*not sent: SP.Temperature"):
@@ -148,8 +193,8 @@ def test_a_silent_plc_is_a_link_error_and_a_write_is_sent_once(modbus_port_numbe
                 await port.read()
         finally:
             await port.close()
-            silent.close()
-            await silent.wait_closed()
+            reads_only.close()
+            await reads_only.wait_closed()
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=60))
 
@@ -176,9 +221,9 @@ def test_the_same_plc_reads_the_same_over_opcua_and_modbus(modbus_port_number, o
                 by_modbus, by_opcua = over_modbus[name], over_opcua[name]
                 assert by_modbus.good == by_opcua.good, name
                 if SIGNALS[name].kind is Kind.REAL and not by_opcua.good:
-                    assert math.isnan(by_modbus.value) and math.isnan(by_opcua.value), name  # a Bad real is meaningless: both ports say NaN
+                    assert math.isnan(float(by_modbus.value)) and math.isnan(float(by_opcua.value)), name  # a Bad real is meaningless: both ports say NaN
                 elif SIGNALS[name].kind is Kind.REAL:
-                    assert by_modbus.value == _float32(by_opcua.value), name
+                    assert by_modbus.value == _float32(float(by_opcua.value)), name
                 else:
                     assert by_modbus.value == by_opcua.value, name
             return over_modbus

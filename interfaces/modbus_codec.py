@@ -85,7 +85,7 @@ class ModbusLayout:
             decoded[name] = DecodedValue(self._value(tag, raw), self._good(tag, raw))
         return decoded
 
-    def encode(self, name: str, value: float | int | bool) -> EncodedWrite:
+    def encode(self, name: str, value: float | bool | str) -> EncodedWrite:
         """The registers or bit that write ``value`` (engineering units) to the writable signal ``name``."""
         if name not in self._tags or not SIGNALS[name].writable:
             raise KeyError(f"{name} is not a writable signal of this tag map")
@@ -93,7 +93,7 @@ class ModbusLayout:
             raise ModbusEncodingError(f"{name}: {value!r} is not finite; a setpoint must be a number")
         return self.encode_value(name, value)
 
-    def encode_value(self, name: str, value: float | int | bool | str) -> EncodedWrite:
+    def encode_value(self, name: str, value: float | bool | str) -> EncodedWrite:
         """The registers or bit that carry ``value`` for any mapped signal: what a server publishes (NaN allowed for floats)."""
         tag = self._tags[name]
         if tag.type == "bool":
@@ -124,9 +124,9 @@ class ModbusLayout:
         if tag.type == "bool":
             return bool(table[tag.address])
         registers = [int(table[address]) for address in range(tag.address, tag.address + tag.register_count)]
-        value = ModbusClientMixin.convert_from_registers(registers, _PYMODBUS_TYPES[tag.type], word_order=self.tag_map.word_order)
         if tag.type == "string":
-            return str(value).rstrip("\0")
+            return _text(registers)
+        value = ModbusClientMixin.convert_from_registers(registers, _PYMODBUS_TYPES[tag.type], word_order=self.tag_map.word_order)
         assert isinstance(value, int | float)
         return tag.to_engineering(value)
 
@@ -136,6 +136,17 @@ class ModbusLayout:
             return True
         register = int(raw[tag.bad_when.table][tag.bad_when.address])
         return not (register >> tag.bad_when.bit) & 1
+
+
+def _text(registers: Sequence[int]) -> str:
+    """ASCII text, two characters per register, first in the high byte, NUL-padded: as :meth:`ModbusLayout.encode_value` writes it.
+
+    The word order applies to numbers only (characters run in address order
+    whatever the map's word order). A byte that is not ASCII reads as U+FFFD
+    rather than failing the whole read.
+    """
+    data = b"".join((register & 0xFFFF).to_bytes(2, "big") for register in registers)
+    return data.rstrip(b"\0").decode("ascii", errors="replace")
 
 
 def registers_by_address(block: Block, values: Sequence[int | bool]) -> dict[int, int | bool]:

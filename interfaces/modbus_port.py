@@ -1,5 +1,14 @@
 """The PLC port over Modbus TCP (pymodbus client).
 
+- :meth:`ModbusPort.connect` checks the tag map against the PLC before the
+  port counts as connected: it reads the map's blocks once (the requests of
+  one :meth:`ModbusPort.read`); where the PLC answers a block with an
+  exception that says the map does not fit (illegal function, illegal data
+  address, illegal data value), it reads each mapped signal and quality
+  register of that block alone to name them, and raises
+  :class:`~controller.ports.PlcMappingError` with every problem. Modbus has no
+  types and no access rights to ask for: a register that exists but holds
+  something else, or refuses writes, is not found here.
 - :meth:`ModbusPort.read` reads the tag map's blocks (one request per Modbus
   table, split at the protocol's limits: :meth:`ModbusLayout.blocks`) and
   decodes every mapped signal with the shared codec. Modbus carries no
@@ -32,7 +41,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ModbusPDU
 
-from controller.ports import PlcLinkError, PlcWriteMismatchError, PlcWriteRefusedError, Reading, Value
+from controller.ports import PlcLinkError, PlcMappingError, PlcWriteMismatchError, PlcWriteRefusedError, Reading, Value
 from interfaces.modbus_codec import Block, EncodedWrite, ModbusLayout, registers_by_address
 from interfaces.signals import SIGNALS, Kind
 from interfaces.tagmap import ModbusTagMap
@@ -54,6 +63,8 @@ EXCEPTION_NAMES = {
 """The Modbus exception codes (Modbus application protocol v1.1b3, section 7)."""
 _TABLE_NAMES = {"input": "input register", "holding": "holding register", "coil": "coil", "discrete": "discrete input"}
 _LINK_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError, ModbusException)
+_MAPPING_EXCEPTIONS = frozenset({1, 2, 3})
+"""Exception codes that answer a read because of what was asked (function, address, count), not because of the PLC's state."""
 RawTables = dict[str, dict[int, int | bool]]
 
 
@@ -95,7 +106,13 @@ class ModbusPort:
         return self._client is not None and self._client.connected
 
     async def connect(self) -> None:
-        """Connect with a new client (a failed one is never reused)."""
+        """Connect with a new client (a failed one is never reused) and check the tag map against the PLC.
+
+        Raises :class:`PlcLinkError` when the PLC cannot be reached or does not
+        answer, :class:`PlcMappingError` naming every signal (or quality
+        register) the PLC answers with illegal function, address or value;
+        after either the port is not connected.
+        """
         async with self._lock:
             self._drop_client()
             client = AsyncModbusTcpClient(
@@ -115,7 +132,17 @@ class ModbusPort:
                 client.close()
                 raise PlcLinkError(f"{self.endpoint}: cannot connect (refused or timed out after {self.timeout_s} s)")
             self._client = client
-        log.info("modbus_connected", host=self.host, port=self.port, unit_id=self.tag_map.unit_id)
+            checked = False
+            try:
+                problems = await self._mapping_problems()
+                checked = True
+            finally:
+                if not checked:  # a link error (the client is already dropped) or a cancellation
+                    self._drop_client()
+            if problems:
+                self._drop_client()
+                raise PlcMappingError(problems)
+        log.info("modbus_connected", host=self.host, port=self.port, unit_id=self.tag_map.unit_id, blocks_checked=len(self._blocks))
 
     async def close(self) -> None:
         self._drop_client()
@@ -163,7 +190,7 @@ class ModbusPort:
                 except PlcLinkError as error:
                     raise PlcLinkError(f"{error}; {_progress(written, refusals, f'{name} ({_where(request)})', unsent[1:])}") from error
                 if response.isError():
-                    refusals[name] = exception_reason(int(getattr(response, "exception_code", 0)))
+                    refusals[name] = exception_reason(_exception_code(response))
                 else:
                     written.append(name)
             if written:
@@ -209,17 +236,71 @@ class ModbusPort:
         for block in self._blocks:
             response = await self._send(self._link(), _read_call(block, self.tag_map.unit_id))
             if response.isError():
-                reason = exception_reason(int(getattr(response, "exception_code", 0)))
-                raise PlcLinkError(
-                    f"{self.endpoint}: reading {_TABLE_NAMES[block.table]}s {block.start}-{block.start + block.count - 1} answered {reason}; "
-                    "does the tag map match the PLC?"
-                )
-            values = response.bits if block.table in ("coil", "discrete") else response.registers
-            try:
-                raw.setdefault(block.table, {}).update(registers_by_address(block, values))
-            except ValueError as error:  # a short answer
-                raise PlcLinkError(f"{self.endpoint}: {error}") from error
+                raise PlcLinkError(f"{self.endpoint}: reading {_span(block)} answered {exception_reason(_exception_code(response))}; does the tag map match the PLC?")
+            raw.setdefault(block.table, {}).update(self._values(block, response))
         return raw
+
+    def _values(self, block: Block, response: ModbusPDU) -> dict[int, int | bool]:
+        """A block's answer by address; a short answer is a :class:`PlcLinkError` (the client is dropped: the stream may be out of step)."""
+        values = response.bits if block.table in ("coil", "discrete") else response.registers
+        try:
+            return registers_by_address(block, values)
+        except ValueError as error:
+            self._drop_client()
+            raise PlcLinkError(f"{self.endpoint}: {error}") from error
+
+    async def _mapping_problems(self) -> dict[str, str]:
+        """What is wrong with each mapped signal on this PLC: empty when the map fits (one request per block, more only where one is refused)."""
+        problems: dict[str, str] = {}
+        for block in self._blocks:
+            response = await self._send(self._link(), _read_call(block, self.tag_map.unit_id))
+            if not response.isError():
+                self._values(block, response)
+                continue
+            code = _exception_code(response)
+            if code not in _MAPPING_EXCEPTIONS:
+                raise PlcLinkError(f"{self.endpoint}: reading {_span(block)} answered {exception_reason(code)}")
+            found = await self._refused_in(block)
+            if not found:
+                found = {
+                    _span(block): f"answered {exception_reason(code)}, though each mapped signal in it reads alone: "
+                    "the PLC does not serve the unmapped addresses between them, which the port reads as one block"
+                }
+            for name, problem in found.items():
+                problems[name] = f"{problems[name]}; {problem}" if name in problems else problem
+        return problems
+
+    async def _refused_in(self, block: Block) -> dict[str, str]:
+        """The signals of ``block`` whose own registers (or bits), or whose quality register, the PLC refuses to read."""
+        problems: dict[str, list[str]] = {}
+        for name, tag in self.tag_map.tags.items():
+            if tag.table == block.table and block.start <= tag.address < block.start + block.count:
+                own = Block(tag.table, tag.address, tag.register_count)
+                reason = await self._read_refusal(own)
+                if reason is not None:
+                    problems.setdefault(name, []).append(f"{_span(own)} answered {reason}")
+        quality_owners: dict[int, list[str]] = {}
+        for name, tag in self.tag_map.tags.items():
+            if tag.bad_when is not None and tag.bad_when.table == block.table and block.start <= tag.bad_when.address < block.start + block.count:
+                quality_owners.setdefault(tag.bad_when.address, []).append(name)
+        for address, owners in quality_owners.items():
+            quality = Block(block.table, address, 1)
+            reason = await self._read_refusal(quality)
+            if reason is not None:
+                for name in owners:
+                    problems.setdefault(name, []).append(f"its quality register ({_span(quality)}) answered {reason}")
+        return {name: "; ".join(found) for name, found in problems.items()}
+
+    async def _read_refusal(self, block: Block) -> str | None:
+        """Why the PLC refuses to read ``block`` (an exception of :data:`_MAPPING_EXCEPTIONS`), or None when it answers."""
+        response = await self._send(self._link(), _read_call(block, self.tag_map.unit_id))
+        if not response.isError():
+            self._values(block, response)
+            return None
+        code = _exception_code(response)
+        if code not in _MAPPING_EXCEPTIONS:
+            raise PlcLinkError(f"{self.endpoint}: reading {_span(block)} answered {exception_reason(code)}")
+        return exception_reason(code)
 
 
 def _read_call(block: Block, unit: int) -> Callable[[AsyncModbusTcpClient], Awaitable[ModbusPDU]]:
@@ -268,3 +349,13 @@ def _holds(raw: RawTables, request: EncodedWrite) -> bool:
 
 def _where(request: EncodedWrite) -> str:
     return f"{_TABLE_NAMES[request.table]} {request.address}"
+
+
+def _span(block: Block) -> str:
+    """``input registers 0-77``, ``coil 5``."""
+    table = _TABLE_NAMES[block.table]
+    return f"{table} {block.start}" if block.count == 1 else f"{table}s {block.start}-{block.start + block.count - 1}"
+
+
+def _exception_code(response: ModbusPDU) -> int:
+    return int(getattr(response, "exception_code", 0))

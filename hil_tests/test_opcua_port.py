@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from interfaces.opcua_port import OpcUaPort
 from controller.ports import PlcLinkError, PlcWriteRefusedError
+from interfaces.opcua_port import OpcUaPort
 from interfaces.signals import SIGNALS
-from interfaces.tagmap import load_tag_map
+from interfaces.tagmap import OpcUaTagMap, load_tag_map
 from plant_models.errors import ConfigError
 from simulator.batch import build_simulated_plc
 from simulator.config import load_simulation
@@ -20,7 +20,10 @@ from simulator.opcua_server import OpcUaPlcServer
 pytestmark = pytest.mark.hil
 
 REPO = Path(__file__).resolve().parent.parent
-TAG_MAP = load_tag_map(REPO / "configs" / "plc" / "reference-opcua.yaml")
+_LOADED = load_tag_map(REPO / "configs" / "plc" / "reference-opcua.yaml")
+if not isinstance(_LOADED, OpcUaTagMap):
+    raise TypeError("reference-opcua.yaml is not an OPC UA tag map")
+TAG_MAP: OpcUaTagMap = _LOADED
 PLATFORM = REPO / "configs" / "simulate" / "platform.yaml"
 
 

@@ -10,7 +10,9 @@ the password is wrong.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ipaddress
+import logging
 import shutil
 import socket
 import stat
@@ -24,10 +26,11 @@ import pytest
 import yaml
 from asyncua import Client, ua
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from controller.ports import PlcLinkError
-from interfaces.opcua_certificates import create_certificate, fingerprint, read_certificate
+from controller.ports import PlcAuthError, PlcLinkError
+from interfaces.opcua_certificates import create_certificate, fingerprint, read_certificate, read_private_key
 from interfaces.opcua_port import SECURITY_MODES, SECURITY_POLICIES, OpcUaPort
 from interfaces.tagmap import OpcUaTagMap, load_tag_map
 from plant_models.errors import ConfigError
@@ -96,6 +99,24 @@ def _tag_map(pki: Pki, **security: Any) -> OpcUaTagMap:
     tag_map = load_tag_map(path)
     assert isinstance(tag_map, OpcUaTagMap)
     return tag_map
+
+
+def _reissue(pki: Pki, *, not_before: dt.datetime, not_after: dt.datetime) -> None:
+    """Replace the runtime's certificate by one with the same key, name and extensions and the given validity."""
+    original = read_certificate(pki.client_cert, field="certificate")
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(original.subject)
+        .issuer_name(original.issuer)
+        .public_key(original.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+    for extension in original.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    certificate = builder.sign(read_private_key(pki.client_key, field="key"), hashes.SHA256())
+    pki.client_cert.write_bytes(certificate.public_bytes(serialization.Encoding.DER))
 
 
 def _server_security(pki: Pki, **overrides: Any) -> OpcUaServerSecurity:
@@ -188,23 +209,27 @@ def test_server_offers_only_the_configured_policy(pki, opcua_endpoint, credentia
     _run(scenario)
 
 
-def test_untrusted_server_certificate_is_refused_by_the_port(pki, opcua_endpoint, credentials):
+def test_untrusted_server_certificate_is_refused_by_the_port(pki, opcua_endpoint, credentials, caplog):
     (pki.client_trusts / "plc.der").unlink()
     shutil.copy(pki.stranger_cert, pki.client_trusts / "stranger.der")
     tag_map = _tag_map(pki, **CREDENTIALS_FROM_ENV)
     server_fingerprint = fingerprint(read_certificate(pki.server_cert, field="server certificate"))
+    caplog.set_level(logging.DEBUG)
 
     async def scenario() -> None:
         async with _serving(tag_map, opcua_endpoint, _server_security(pki)):
             port = OpcUaPort(tag_map, endpoint=opcua_endpoint, timeout_s=TIMEOUT_S)
-            with pytest.raises(PlcLinkError) as refused:
+            with pytest.raises(PlcAuthError) as refused:  # not retried at the link's pace: the trust store needs an operator
                 await port.connect()
             message = str(refused.value)
             assert opcua_endpoint in message and "BadCertificateUntrusted" in message
             assert server_fingerprint in message and str(pki.client_trusts) in message  # what to check, and where to put it
             assert PASSWORD not in message and not port.connected
+            assert refused.value.retry_after_s == 300.0
 
     _run(scenario)
+    # The refusal is the exception's one line; nothing logs a traceback for it (asyncua's own trust store would).
+    assert [record.getMessage() for record in caplog.records if record.exc_info] == []
 
 
 def test_untrusted_client_certificate_is_refused_by_the_server(pki, opcua_endpoint, credentials):
@@ -215,7 +240,7 @@ def test_untrusted_client_certificate_is_refused_by_the_server(pki, opcua_endpoi
     async def scenario() -> None:
         async with _serving(tag_map, opcua_endpoint, _server_security(pki)):
             port = OpcUaPort(tag_map, endpoint=opcua_endpoint, timeout_s=TIMEOUT_S)
-            with pytest.raises(PlcLinkError, match=r"refused this client's certificate \(BadCertificateUntrusted; neither it nor a CA") as refused:
+            with pytest.raises(PlcAuthError, match=r"refused this client's certificate \(BadCertificateUntrusted; neither it nor a CA") as refused:
                 await port.connect()
             assert opcua_endpoint in str(refused.value) and str(pki.client_cert) in str(refused.value)
             assert not port.connected
@@ -232,9 +257,15 @@ def test_wrong_password_or_no_user_is_refused(pki, opcua_endpoint, monkeypatch):
     async def scenario() -> None:
         async with _serving(tag_map, opcua_endpoint, _server_security(pki)):
             port = OpcUaPort(tag_map, endpoint=opcua_endpoint, timeout_s=TIMEOUT_S)
-            with pytest.raises(PlcLinkError, match=r"refused the credentials \(BadUserAccessDenied\) of user 'operator' \(from \$BIOREACTOR_MPC_OPCUA_USER") as refused:
+            with pytest.raises(PlcAuthError, match=r"refused the credentials \(BadUserAccessDenied\) of user 'operator' \(from \$BIOREACTOR_MPC_OPCUA_USER") as refused:
                 await port.connect()
             assert wrong not in str(refused.value) and PASSWORD not in str(refused.value)
+            # Minutes before the next attempt, not the link's seconds: a PLC locks an account after a few wrong passwords.
+            assert refused.value.retry_after_s >= 60.0 and not port.connected
+            patient = OpcUaPort(tag_map, endpoint=opcua_endpoint, timeout_s=TIMEOUT_S, auth_retry_after_s=900.0)
+            with pytest.raises(PlcAuthError) as refused_again:
+                await patient.connect()
+            assert refused_again.value.retry_after_s == 900.0
             # The password is read at every connect: once it is right, the same port connects.
             monkeypatch.setenv("BIOREACTOR_MPC_OPCUA_PASSWORD", PASSWORD)
             await port.connect()
@@ -242,10 +273,44 @@ def test_wrong_password_or_no_user_is_refused(pki, opcua_endpoint, monkeypatch):
             await port.close()
             # An anonymous session is refused by a server that has users.
             anonymous = OpcUaPort(_tag_map(pki), endpoint=opcua_endpoint, timeout_s=TIMEOUT_S)
-            with pytest.raises(PlcLinkError, match="refused an anonymous session"):
+            with pytest.raises(PlcAuthError, match="refused an anonymous session"):
                 await anonymous.connect()
 
     _run(scenario)
+
+
+def test_own_certificate_that_cannot_be_used_at_connect_is_an_auth_error(pki, opcua_endpoint, credentials):
+    """Renewed (or broken) while the runtime runs: refused before anything is sent, naming the file, and tried again later."""
+    tag_map = _tag_map(pki, **CREDENTIALS_FROM_ENV)
+    port = OpcUaPort(tag_map, endpoint=opcua_endpoint, timeout_s=TIMEOUT_S)  # built while the certificate was valid
+    now = dt.datetime.now(dt.UTC)
+    certificate, key = pki.client_cert.read_bytes(), pki.client_key.read_bytes()
+
+    async def scenario() -> None:
+        async with _serving(tag_map, opcua_endpoint, _server_security(pki)):
+            _reissue(pki, not_before=now - dt.timedelta(days=400), not_after=now - dt.timedelta(days=35))
+            with pytest.raises(PlcAuthError) as expired:
+                await port.connect()
+            message = str(expired.value)
+            assert f"security.certificate: {pki.client_cert}: expired on {now - dt.timedelta(days=35):%Y-%m-%d}" in message
+            assert expired.value.retry_after_s == 300.0 and not port.connected
+            _reissue(pki, not_before=now + dt.timedelta(days=3), not_after=now + dt.timedelta(days=300))
+            with pytest.raises(PlcAuthError, match=rf"{pki.client_cert}: not valid before {now + dt.timedelta(days=3):%Y-%m-%d}"):
+                await port.connect()
+            pki.client_cert.write_bytes(certificate)
+            pki.client_key.write_text("not a key\n", encoding="utf-8")
+            with pytest.raises(PlcAuthError, match=rf"security.private_key: {pki.client_key}: not a private key in PEM or DER"):
+                await port.connect()
+            assert not port.connected
+            pki.client_key.write_bytes(key)  # put right: the same port connects, without a restart
+            await port.connect()
+            await port.close()
+
+    _run(scenario)
+    # At start, the same certificate stops the start instead: there is nobody to wait for.
+    _reissue(pki, not_before=now - dt.timedelta(days=400), not_after=now - dt.timedelta(days=35))
+    with pytest.raises(ConfigError, match=rf"security.certificate: {pki.client_cert}: expired on"):
+        OpcUaPort(_tag_map(pki, **CREDENTIALS_FROM_ENV), endpoint=opcua_endpoint)
 
 
 def test_security_none_needs_the_opt_in_even_when_configured(pki, opcua_endpoint):

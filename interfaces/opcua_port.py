@@ -2,6 +2,13 @@
 
 - The namespace index is resolved from the tag map's namespace URI at every
   connect, never assumed.
+- At every connect, before the port counts as connected, every mapped node is
+  checked in one Read request of its attributes (:func:`mapping_problems`):
+  it exists, is a Variable holding one value of the tag map's type (or, for a
+  signal that is only read, a type the declared one holds exactly), is
+  readable, and, if the runtime writes it, writable by this session's user.
+  Every problem is collected and raised together as
+  :class:`~controller.ports.PlcMappingError`: the tag map does not fit this PLC.
 - :meth:`OpcUaPort.read` reads every mapped node in one Read request; each
   value keeps its StatusCode (Good or not) and SourceTimestamp.
 - :meth:`OpcUaPort.write` sends one Write request with an explicit variant
@@ -21,6 +28,17 @@ every connect and never appear in a message. Without a security section, or
 with mode ``none``, the port connects with security mode None only when the
 caller opts in (``allow_insecure=True``), and logs ``opcua_security_none`` as a
 warning at every connect.
+
+Errors: everything that goes wrong in :meth:`OpcUaPort.connect`,
+:meth:`OpcUaPort.read` and :meth:`OpcUaPort.write` on the link or in the
+server's answer is a :class:`~controller.ports.PlcLinkError`. When it is about
+who the runtime is (the server refuses the credentials or this client's
+certificate, the server's certificate is not trusted, the runtime's own
+certificate, key, trust store or credentials cannot be used now) it is a
+:class:`~controller.ports.PlcAuthError` whose ``retry_after_s`` (the port's
+``auth_retry_after_s``, 5 minutes by default) is how long to wait before the
+next attempt: retrying a wrong password every few seconds locks the PLC's
+account.
 """
 
 from __future__ import annotations
@@ -34,9 +52,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from asyncua import Client, ua
+from asyncua.common.ua_utils import data_type_to_variant_type
 from asyncua.common.utils import ServiceError
 from asyncua.crypto import security_policies
 from asyncua.crypto.uacrypto import x509_from_der
@@ -44,8 +64,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from controller.ports import PlcLinkError, PlcWriteMismatchError, PlcWriteRefusedError, Reading, Value
-from interfaces.opcua_certificates import application_uri, certificate_validator, describe, load_trust_store, read_certificate, read_private_key, trusted_certificates
+from controller.ports import PlcAuthError, PlcLinkError, PlcMappingError, PlcWriteMismatchError, PlcWriteRefusedError, Reading, Value
+from interfaces.opcua_certificates import (
+    application_uri,
+    certificate_validator,
+    describe,
+    load_trust_store,
+    read_certificate,
+    read_private_key,
+    trusted_certificates,
+    validity_problem,
+)
 from interfaces.signals import SIGNALS, Kind
 from interfaces.tagmap import OpcUaSecurity, OpcUaTag, OpcUaTagMap, check_endpoint_has_no_credentials
 from plant_models.errors import ConfigError
@@ -73,7 +102,8 @@ SECURITY_MODES: dict[str, ua.MessageSecurityMode] = {
     "sign": ua.MessageSecurityMode.Sign,
 }
 _FLOAT_READBACK_REL = {"double": 1e-12, "float": 1e-6}
-_LINK_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError, ua.UaError, ConnectionError)
+_LINK_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError, ConnectionError, ua.UaError, ValueError)
+"""What a failed link or a broken answer raises in asyncua (a ValueError: a value it could not decode)."""
 _CREDENTIALS_REFUSED = {"BadUserAccessDenied", "BadIdentityTokenRejected", "BadIdentityTokenInvalid", "BadUserSignatureInvalid"}
 _CERTIFICATE_PROBLEMS = {
     "BadCertificateUntrusted": "neither it nor a CA that signed it is in the trust store",
@@ -84,6 +114,30 @@ _CERTIFICATE_PROBLEMS = {
     "BadCertificateRevoked": "it is revoked",
     "BadSecurityChecksFailed": "it failed the security checks",
 }
+DEFAULT_AUTH_RETRY_AFTER_S = 300.0
+"""How long to wait after the PLC refused the runtime's credentials or certificate: minutes, so that a PLC does not lock the account."""
+
+READABLE_AS: dict[str, frozenset[ua.VariantType]] = {
+    "double": frozenset({ua.VariantType.Double, ua.VariantType.Float}),
+    "float": frozenset({ua.VariantType.Float}),
+    "int32": frozenset({ua.VariantType.Int32, ua.VariantType.Int16, ua.VariantType.UInt16, ua.VariantType.SByte, ua.VariantType.Byte}),
+    "uint32": frozenset({ua.VariantType.UInt32, ua.VariantType.UInt16, ua.VariantType.Byte}),
+    "int16": frozenset({ua.VariantType.Int16, ua.VariantType.SByte, ua.VariantType.Byte}),
+    "uint16": frozenset({ua.VariantType.UInt16, ua.VariantType.Byte}),
+    "boolean": frozenset({ua.VariantType.Boolean}),
+    "string": frozenset({ua.VariantType.String}),
+}
+"""The node DataTypes a signal the runtime only reads may have, for each tag map type: those whose every value the declared type holds exactly.
+
+A written signal's node must have the declared type itself: the write carries
+it as the explicit variant type, and a server answers another with
+BadTypeMismatch.
+"""
+_CHECKED_ATTRIBUTES = (ua.AttributeIds.NodeClass, ua.AttributeIds.DataType, ua.AttributeIds.ValueRank, ua.AttributeIds.AccessLevel, ua.AttributeIds.UserAccessLevel)
+_ABSTRACT_TYPE = ua.VariantType.Variant
+"""asyncua's answer for a node declared with an abstract DataType (BaseDataType, Number, Integer, UInteger): any value of a subtype."""
+_MAX_SCALAR_VALUE_RANK = -1
+"""ValueRank -1 (scalar), -2 (any), -3 (scalar or one dimension) can hold one value; 0 and above are arrays."""
 
 
 class OpcUaPort:
@@ -92,18 +146,32 @@ class OpcUaPort:
     The tag map's ``security`` section decides how the port connects; the
     certificate, key, trust store and credentials it names are checked here,
     when the port is built (:class:`ConfigError` naming the field and the file
-    or variable). ``allow_insecure`` only permits security mode None where the
+    or variable), and again at every connect (then a
+    :class:`~controller.ports.PlcAuthError`: an operator can renew them without
+    a restart). ``allow_insecure`` only permits security mode None where the
     map asks for no security; it never weakens a configured security section.
+    ``auth_retry_after_s`` is the wait a :class:`~controller.ports.PlcAuthError`
+    asks for.
     """
 
-    def __init__(self, tag_map: OpcUaTagMap, *, endpoint: str | None = None, timeout_s: float = 5.0, allow_insecure: bool = False) -> None:
+    def __init__(
+        self,
+        tag_map: OpcUaTagMap,
+        *,
+        endpoint: str | None = None,
+        timeout_s: float = 5.0,
+        allow_insecure: bool = False,
+        auth_retry_after_s: float = DEFAULT_AUTH_RETRY_AFTER_S,
+    ) -> None:
+        if not timeout_s > 0.0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if not auth_retry_after_s >= 0.0:
+            raise ValueError(f"auth_retry_after_s must not be negative, got {auth_retry_after_s}")
         self.tag_map = tag_map
         self.endpoint = endpoint or tag_map.endpoint
-        try:
-            check_endpoint_has_no_credentials(self.endpoint)
-        except ValueError as error:
-            raise ConfigError(f"endpoint {self.endpoint.split('@')[-1]!r}: {error}") from None
+        _check_endpoint(self.endpoint)
         self.timeout_s = timeout_s
+        self.auth_retry_after_s = auth_retry_after_s
         security = tag_map.security
         self._security: _ClientSecurity | None = None
         if security is not None and security.secured:
@@ -117,6 +185,8 @@ class OpcUaPort:
             )
         self._client: Client | None = None
         self._nodes: dict[str, ua.NodeId] = {}
+        self._misread: set[str] = set()
+        """Signals whose value came with a type they cannot have, already logged since the connect."""
 
     @property
     def connected(self) -> bool:
@@ -133,39 +203,52 @@ class OpcUaPort:
         return self._client.security_policy.Mode if self._client is not None else None
 
     async def connect(self) -> None:
-        """Connect with a new client (a failed one is never reused) and resolve the namespace index.
+        """Connect with a new client (a failed one is never reused), resolve the namespace index and check the tag map against the server.
 
-        Raises :class:`PlcLinkError` when the server cannot be reached, offers
-        no endpoint with the configured policy and mode, presents a certificate
-        the trust store does not trust, or refuses this client's certificate or
-        credentials (each said in the message), and :class:`ConfigError` when a
-        certificate, key, trust store or credential cannot be read.
+        Raises :class:`PlcAuthError` when the server refuses this client's
+        certificate or credentials, presents a certificate the trust store does
+        not trust, or the runtime's own certificate, key, trust store or
+        credentials cannot be used now (expired, not yet valid, unreadable);
+        :class:`PlcMappingError` naming every mapped signal the server does not
+        hold as mapped (and the namespace, if the server has none of that URI);
+        :class:`PlcLinkError` for anything else: the server cannot be reached,
+        does not answer in time, answers nonsense, or offers no endpoint with
+        the configured policy and mode. Each says what it is in its message.
+        After any of them the port is not connected.
         """
         await self.close()
         client = Client(self.endpoint, timeout=self.timeout_s)
-        attempt: _SecureAttempt | None = None
-        if self._security is None:
-            log.warning("opcua_security_none", endpoint=self.endpoint, reason="security mode None by explicit opt-in")
-        else:
-            attempt = await self._security.prepare(client, self.timeout_s)
+        connected = False
         try:
-            await asyncio.wait_for(client.connect(), self.timeout_s)
-            index = await asyncio.wait_for(client.get_namespace_index(self.tag_map.namespace_uri), self.timeout_s)
-        except ua.UaStatusCodeError as error:
-            await _disconnect_quietly(client)
-            if attempt is not None:
-                raise attempt.refusal(error) from error
-            raise PlcLinkError(f"{self.endpoint}: cannot connect or resolve namespace {self.tag_map.namespace_uri!r}: {error!r}") from error
-        except _LINK_ERRORS as error:
-            await _disconnect_quietly(client)
-            raise PlcLinkError(f"{self.endpoint}: cannot connect or resolve namespace {self.tag_map.namespace_uri!r}: {error!r}") from error
-        except ValueError as error:  # the namespace URI is not in the server's array
-            await _disconnect_quietly(client)
-            raise PlcLinkError(f"{self.endpoint}: the server has no namespace {self.tag_map.namespace_uri!r}") from error
-        self._client = client
-        self._nodes = {name: ua.NodeId(tag.node, index) for name, tag in self.tag_map.tags.items()}
+            attempt: _SecureAttempt | None = None
+            if self._security is None:
+                log.warning("opcua_security_none", endpoint=self.endpoint, reason="security mode None by explicit opt-in")
+            else:
+                attempt = await self._security.prepare(client, self.timeout_s, retry_after_s=self.auth_retry_after_s)
+            await self._open_session(client, attempt)
+            index = await self._namespace_index(client)
+            nodes = {name: ua.NodeId(ua.String(tag.node), ua.Int16(index)) for name, tag in self.tag_map.tags.items()}
+            try:
+                problems = await mapping_problems(client, self.tag_map, nodes, timeout_s=self.timeout_s)
+            except _LINK_ERRORS as error:
+                raise PlcLinkError(f"{self.endpoint}: checking the tag map's nodes failed: {error!r}") from error
+            if problems:
+                raise PlcMappingError(problems)
+            connected = True
+        finally:
+            if not connected:
+                await _disconnect_quietly(client)
+        self._client, self._nodes = client, nodes
+        self._misread.clear()
         policy = client.security_policy
-        log.info("opcua_connected", endpoint=self.endpoint, namespace_index=index, security_policy=policy.URI.rpartition("#")[2], security_mode=policy.Mode.name)
+        log.info(
+            "opcua_connected",
+            endpoint=self.endpoint,
+            namespace_index=index,
+            signals_checked=len(nodes),
+            security_policy=policy.URI.rpartition("#")[2],
+            security_mode=policy.Mode.name,
+        )
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -175,7 +258,14 @@ class OpcUaPort:
     async def read(self) -> dict[str, Reading]:
         names = list(self._nodes)
         values = await self._read_nodes(names)
-        return {name: _reading(self.tag_map.tags[name], name, value) for name, value in zip(names, values, strict=True)}
+        readings = {}
+        for name, value in zip(names, values, strict=True):
+            reading, unexpected = _reading(self.tag_map.tags[name], name, value)
+            if unexpected is not None and name not in self._misread:
+                self._misread.add(name)
+                log.warning("opcua_value_type_unexpected", signal=name, value_type=unexpected, detail="read as Bad until the next connect checks the node again")
+            readings[name] = reading
+        return readings
 
     async def write(self, values: Mapping[str, Value]) -> None:
         client = self._require_client()
@@ -189,11 +279,14 @@ class OpcUaPort:
         except _LINK_ERRORS as error:
             await self.close()
             raise PlcLinkError(f"{self.endpoint}: write of {', '.join(names)} failed on the link: {error!r}; state unknown, read again") from error
+        if len(statuses) != len(names):
+            await self.close()
+            raise PlcLinkError(f"{self.endpoint}: the server answered a write of {len(names)} values with {len(statuses)} statuses; state unknown, read again")
         refusals = {name: status.name for name, status in zip(names, statuses, strict=True) if not status.is_good()}
         accepted = [name for name in names if name not in refusals]
         if accepted:
             back = dict(zip(accepted, await self._read_nodes(accepted), strict=True))
-            mismatched = {n: (values[n], back[n].Value.Value if back[n].Value else None) for n in accepted if not _same(self.tag_map.tags[n], n, values[n], back[n])}
+            mismatched = {n: (values[n], _value_of(back[n])) for n in accepted if not _same(self.tag_map.tags[n], n, values[n], back[n])}
             if mismatched:
                 raise PlcWriteMismatchError(f"{self.endpoint}: written values read back differently: {mismatched}")
         if refusals:
@@ -206,16 +299,222 @@ class OpcUaPort:
             raise PlcLinkError(f"{self.endpoint}: not connected")
         return self._client
 
+    async def _open_session(self, client: Client, attempt: _SecureAttempt | None) -> None:
+        try:
+            await asyncio.wait_for(client.connect(), self.timeout_s)
+        except ua.UaStatusCodeError as error:
+            if attempt is not None:
+                raise attempt.refusal(error) from error
+            raise _insecure_refusal(self.endpoint, error, retry_after_s=self.auth_retry_after_s) from error
+        except _LINK_ERRORS as error:
+            raise PlcLinkError(f"{self.endpoint}: cannot connect: {error!r}") from error
+
+    async def _namespace_index(self, client: Client) -> int:
+        uri = self.tag_map.namespace_uri
+        try:
+            namespaces = await asyncio.wait_for(client.get_namespace_array(), self.timeout_s)
+        except _LINK_ERRORS as error:
+            raise PlcLinkError(f"{self.endpoint}: cannot read the server's namespace array: {error!r}") from error
+        if not isinstance(namespaces, list) or not all(isinstance(namespace, str) for namespace in namespaces):
+            raise PlcLinkError(f"{self.endpoint}: the server's namespace array is not a list of strings: {namespaces!r}")
+        if uri not in namespaces:
+            raise PlcMappingError({"namespace_uri": f"the server has no namespace {uri!r}; it has: {', '.join(namespaces)}"})
+        return namespaces.index(uri)
+
     async def _read_nodes(self, names: list[str]) -> list[ua.DataValue]:
         client = self._require_client()
         parameters = ua.ReadParameters()
         parameters.NodesToRead = [ua.ReadValueId(NodeId=self._nodes[name], AttributeId=ua.AttributeIds.Value) for name in names]
         parameters.TimestampsToReturn = ua.TimestampsToReturn.Both
         try:
-            return await asyncio.wait_for(client.uaclient.read(parameters), self.timeout_s)
+            values = await asyncio.wait_for(client.uaclient.read(parameters), self.timeout_s)
         except _LINK_ERRORS as error:
             await self.close()
             raise PlcLinkError(f"{self.endpoint}: read failed: {error!r}") from error
+        if len(values) != len(names):
+            await self.close()
+            raise PlcLinkError(f"{self.endpoint}: the server answered a read of {len(names)} values with {len(values)}")
+        return values
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """An endpoint the client can connect to: opc.tcp://host[:port][/path], without credentials (:class:`ConfigError` otherwise)."""
+    try:
+        check_endpoint_has_no_credentials(endpoint)
+        parts = urlsplit(endpoint)
+        port = parts.port  # a port that is not a number raises here
+    except ValueError as error:
+        raise ConfigError(f"endpoint {endpoint.split('@')[-1]!r}: {error}") from None
+    if parts.scheme != "opc.tcp" or not parts.hostname:
+        raise ConfigError(f"endpoint {endpoint!r}: expected opc.tcp://host:port/path, e.g. opc.tcp://10.20.0.5:4840/")
+    if port == 0:
+        raise ConfigError(f"endpoint {endpoint!r}: port 0 is not a port to connect to")
+
+
+def _insecure_refusal(endpoint: str, error: ua.UaStatusCodeError, *, retry_after_s: float) -> PlcLinkError:
+    """A refused session without security: the server wants a user (or a certificate), which mode None cannot give."""
+    status = ua.StatusCode(ua.UInt32(error.code)).name
+    if status in _CREDENTIALS_REFUSED or _is_certificate_problem(status):
+        return PlcAuthError(
+            f"{endpoint}: the server refused an anonymous session with security mode None ({status}); "
+            "it needs a security section with a certificate and credentials (docs/opcua-security.md)",
+            retry_after_s=retry_after_s,
+        )
+    return PlcLinkError(f"{endpoint}: the server refused the connection: {status}")
+
+
+def _is_certificate_problem(status: str) -> bool:
+    return status.startswith("BadCertificate") or status in _CERTIFICATE_PROBLEMS or status in ("BadApplicationSignatureInvalid", "BadNoValidCertificates")
+
+
+# --------------------------------------------------------------------------- the tag map against the server
+
+
+async def mapping_problems(client: Client, tag_map: OpcUaTagMap, nodes: Mapping[str, ua.NodeId], *, timeout_s: float) -> dict[str, str]:
+    """What is wrong with each mapped signal on this server (empty when the tag map fits), from one Read request.
+
+    For each node: NodeClass, DataType, ValueRank, AccessLevel and
+    UserAccessLevel. A node must exist, be a Variable holding a single value,
+    be readable, have the declared type (a signal the runtime only reads may
+    have any type in :data:`READABLE_AS`; a DataType derived from a built-in
+    one, such as Duration or an enumeration, counts as its base type), and, if
+    the runtime writes it, be writable by this session's user. Raises what
+    asyncua raises when the link fails.
+    """
+    names = list(nodes)
+    requested = [(name, attribute) for name in names for attribute in _CHECKED_ATTRIBUTES]
+    answers = await _read_attributes(client, [ua.ReadValueId(NodeId=nodes[name], AttributeId=attribute) for name, attribute in requested], timeout_s=timeout_s)
+    attributes: dict[str, dict[ua.AttributeIds, ua.DataValue]] = {name: {} for name in names}
+    for (name, attribute), answer in zip(requested, answers, strict=True):
+        attributes[name][attribute] = answer
+    base_types = await _base_types(client, [_attribute_value(attributes[name][ua.AttributeIds.DataType]) for name in names], timeout_s=timeout_s)
+    problems: dict[str, str] = {}
+    unchecked: list[str] = []
+    for name in names:
+        tag, found = tag_map.tags[name], attributes[name]
+        where = f"node {nodes[name].to_string()!r}"
+        node_class = found[ua.AttributeIds.NodeClass]
+        if not _good(node_class):
+            status = node_class.StatusCode.name if node_class.StatusCode is not None else "no answer"
+            problems[name] = f"{where} does not exist ({status})" if status == "BadNodeIdUnknown" else f"{where} cannot be read ({status})"
+            continue
+        if _attribute_value(node_class) != ua.NodeClass.Variable:
+            problems[name] = f"{where} is not a Variable (NodeClass {_node_class_name(_attribute_value(node_class))})"
+            continue
+        found_problems = []
+        data_type = _attribute_value(found[ua.AttributeIds.DataType])
+        base = base_types.get(data_type) if isinstance(data_type, ua.NodeId) else None
+        if base is _ABSTRACT_TYPE:
+            unchecked.append(name)
+        elif (type_problem := _type_problem(tag, name, data_type, base)) is not None:
+            found_problems.append(f"{where} {type_problem}")
+        value_rank = _attribute_value(found[ua.AttributeIds.ValueRank])
+        if isinstance(value_rank, int) and value_rank > _MAX_SCALAR_VALUE_RANK and value_rank not in (-2, -3):
+            found_problems.append(f"{where} holds an array (ValueRank {value_rank}); a signal is one value")
+        access = _attribute_value(found[ua.AttributeIds.AccessLevel])
+        user_access = _attribute_value(found[ua.AttributeIds.UserAccessLevel])  # optional on some servers: checked only when answered
+        if isinstance(access, int) and not access & ua.AccessLevel.CurrentRead.mask:
+            found_problems.append(f"{where} is not readable (its AccessLevel lacks CurrentRead)")
+        if SIGNALS[name].writable:
+            if isinstance(access, int) and not access & ua.AccessLevel.CurrentWrite.mask:
+                found_problems.append(f"{where} is not writable (its AccessLevel lacks CurrentWrite), and the runtime writes {name}")
+            elif isinstance(user_access, int) and not user_access & ua.AccessLevel.CurrentWrite.mask:
+                found_problems.append(f"{where} may not be written by this session's user (its UserAccessLevel lacks CurrentWrite), and the runtime writes {name}")
+        if found_problems:
+            problems[name] = "; ".join(found_problems)
+    if unchecked:
+        log.warning("opcua_node_type_abstract", signals=unchecked, detail="declared with an abstract DataType (BaseDataType, Number, ...): its values' types are not checked")
+    return problems
+
+
+async def _read_attributes(client: Client, items: list[ua.ReadValueId], *, timeout_s: float) -> list[ua.DataValue]:
+    """Read ``items`` in one request; in several if the server says that is too many (BadTooManyOperations) and what it allows."""
+    try:
+        return await _read_request(client, items, timeout_s=timeout_s)
+    except ua.UaStatusCodeError as error:
+        if error.code != ua.StatusCodes.BadTooManyOperations:
+            raise
+    limit_node = client.get_node(ua.NodeId(ua.Int32(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)))
+    limit = await asyncio.wait_for(limit_node.read_value(), timeout_s)
+    if not isinstance(limit, int) or limit < 1:
+        raise ua.UaError(f"the server refuses {len(items)} attributes in one read (BadTooManyOperations) and gives MaxNodesPerRead {limit!r}")
+    answers: list[ua.DataValue] = []
+    for start in range(0, len(items), limit):
+        answers.extend(await _read_request(client, items[start : start + limit], timeout_s=timeout_s))
+    return answers
+
+
+async def _read_request(client: Client, items: list[ua.ReadValueId], *, timeout_s: float) -> list[ua.DataValue]:
+    parameters = ua.ReadParameters()
+    parameters.NodesToRead = items
+    answers = await asyncio.wait_for(client.uaclient.read(parameters), timeout_s)
+    if len(answers) != len(items):
+        raise ua.UaError(f"the server answered a read of {len(items)} attributes with {len(answers)}")
+    return answers
+
+
+async def _base_types(client: Client, data_types: list[Any], *, timeout_s: float) -> dict[ua.NodeId, ua.VariantType | None]:
+    """The built-in type of each DataType (a few browse requests for each one that is not built in; None where it has none)."""
+    bases: dict[ua.NodeId, ua.VariantType | None] = {}
+    for data_type in data_types:
+        if not isinstance(data_type, ua.NodeId) or data_type in bases:
+            continue
+        builtin = _builtin_type(data_type)
+        if builtin is not None:
+            bases[data_type] = builtin
+            continue
+        try:
+            bases[data_type] = await asyncio.wait_for(data_type_to_variant_type(client.get_node(data_type)), timeout_s)
+        except ua.UaStatusCodeError:  # the server failed the browse: a link problem, not the map's
+            raise
+        except ua.UaError as error:  # asyncua: not derived from a built-in type
+            log.debug("opcua_data_type_unresolved", data_type=data_type.to_string(), reason=str(error))
+            bases[data_type] = None
+    return bases
+
+
+def _builtin_type(data_type: ua.NodeId) -> ua.VariantType | None:
+    identifier = data_type.Identifier
+    if data_type.NamespaceIndex != 0 or not isinstance(identifier, int) or isinstance(identifier, bool) or not 1 <= identifier <= 25:
+        return None
+    return ua.VariantType(identifier)
+
+
+def _type_problem(tag: OpcUaTag, name: str, data_type: Any, base: ua.VariantType | None) -> str | None:
+    """Why a node of ``data_type`` (built-in type ``base``) cannot carry the signal as the tag map declares it; None when it can."""
+    declared = VARIANT_TYPES[tag.type]
+    if base is None:
+        shown = data_type.to_string() if isinstance(data_type, ua.NodeId) else repr(data_type)
+        return f"has the DataType {shown}, which is not derived from a built-in type; the map declares {tag.type}"
+    if SIGNALS[name].writable:
+        if base is declared:
+            return None
+        fitting = [type_name for type_name, variant in VARIANT_TYPES.items() if variant is base]
+        hint = f" (declare {fitting[0]})" if fitting else ""
+        return f"holds {base.name}; the map declares {tag.type}, and a written signal needs the node's own type, which the write carries{hint}"
+    if base in READABLE_AS[tag.type]:
+        return None
+    allowed = ", ".join(sorted(variant.name for variant in READABLE_AS[tag.type]))
+    return f"holds {base.name}; the map declares {tag.type} (a node of {allowed})"
+
+
+def _good(data: ua.DataValue) -> bool:
+    return data.StatusCode is None or data.StatusCode.is_good()
+
+
+def _attribute_value(data: ua.DataValue) -> Any:
+    return data.Value.Value if _good(data) and data.Value is not None else None
+
+
+def _value_of(data: ua.DataValue) -> Any:
+    return data.Value.Value if data.Value is not None else None
+
+
+def _node_class_name(value: Any) -> str:
+    try:
+        return ua.NodeClass(value).name
+    except ValueError:
+        return repr(value)
 
 
 # --------------------------------------------------------------------------- security
@@ -236,6 +535,9 @@ class _ClientSecurity:
 
     Reading again lets an operator renew the certificate, add a trusted
     server certificate or change the password without restarting the runtime.
+    A problem found when the port is built is a :class:`ConfigError` (the
+    runtime does not start); the same problem found at a connect is a
+    :class:`PlcAuthError` (the runtime waits and tries again).
     """
 
     def __init__(self, settings: OpcUaSecurity, endpoint: str) -> None:
@@ -268,9 +570,9 @@ class _ClientSecurity:
         uri = application_uri(certificate)
         if uri is None:
             raise ConfigError(f"{where}: has no application URI (a URI in its SubjectAltName), which OPC UA requires; make it with `bioreactor-mpc certs`")
-        now = dt.datetime.now(dt.UTC)
-        if certificate.not_valid_after_utc < now:
-            raise ConfigError(f"{where}: expired on {certificate.not_valid_after_utc:%Y-%m-%d}; make a new one and have the PLC trust it")
+        invalid = validity_problem(certificate, now=dt.datetime.now(dt.UTC))
+        if invalid is not None:
+            raise ConfigError(f"{where}: {invalid}; the PLC would refuse it: make a new one (`bioreactor-mpc certs`) and have the PLC trust it")
         return _ClientIdentity(
             certificate=certificate,
             certificate_der=certificate.public_bytes(serialization.Encoding.DER),
@@ -290,19 +592,28 @@ class _ClientSecurity:
             raise ConfigError("security: a user name needs password_env or password_file")
         return username, _password_from_file(Path(settings.password_file))
 
-    async def prepare(self, client: Client, timeout_s: float) -> _SecureAttempt:
+    async def prepare(self, client: Client, timeout_s: float, *, retry_after_s: float) -> _SecureAttempt:
         """Give ``client`` the policy, the certificates and the credentials, after checking the server's certificate.
 
-        The server's endpoints are asked for over an unsecured channel (OPC UA
-        discovery); the endpoint with the configured policy and mode gives the
-        server's certificate, which must pass the trust store before anything
-        else is sent. asyncua checks again, when the session is created, that
-        the server signs with the same certificate.
+        The runtime's own certificate, key, trust store and credentials are
+        read again first; one that cannot be used now (expired, not yet valid,
+        unreadable, a variable unset) is a :class:`PlcAuthError` naming the
+        file or variable, and nothing is sent. The server's endpoints are
+        asked for over an unsecured channel (OPC UA discovery); the endpoint
+        with the configured policy and mode gives the server's certificate,
+        which must pass the trust store (:class:`PlcAuthError` otherwise)
+        before anything else is sent. asyncua checks again, when the session
+        is created, that the server signs with the same certificate.
         """
-        identity = self._identity()
-        store = await load_trust_store(self._path("trust_store"), field="security.trust_store")
+        try:
+            identity = self._identity()
+            store = await load_trust_store(self._path("trust_store"), field="security.trust_store")
+            credentials = self._credentials()
+        except ConfigError as error:  # names the field and the file or variable
+            raise PlcAuthError(f"{self.endpoint}: not connecting: {error}", retry_after_s=retry_after_s) from None
+        except (OSError, ValueError) as error:  # a trusted certificate changed between the check and asyncua's loading it
+            raise PlcAuthError(f"{self.endpoint}: not connecting: security.trust_store: {self.settings.trust_store}: cannot be loaded ({error})", retry_after_s=retry_after_s) from None
         validator = certificate_validator(store, peer="server")
-        credentials = self._credentials()
         try:
             endpoints = await asyncio.wait_for(client.connect_and_get_server_endpoints(), timeout_s)
         except _LINK_ERRORS as error:
@@ -313,31 +624,39 @@ class _ClientSecurity:
         except ua.UaError:
             offered = sorted({f"{e.SecurityPolicyUri.rpartition('#')[2]} {e.SecurityMode.name}" for e in endpoints})
             raise PlcLinkError(f"{self.endpoint}: the server offers no endpoint with {wanted}; it offers: {', '.join(offered) or 'nothing'}") from None
-        server_certificate = x509_from_der(endpoint.ServerCertificate)
+        try:
+            server_certificate = x509_from_der(endpoint.ServerCertificate)
+        except ValueError as error:
+            raise PlcAuthError(f"{self.endpoint}: the server's {wanted} endpoint comes with a certificate that cannot be read: {error}", retry_after_s=retry_after_s) from None
         if server_certificate is None:
             raise PlcLinkError(f"{self.endpoint}: the server's {wanted} endpoint comes without a certificate")
         try:
             await validator(server_certificate, endpoint.Server)
         except ServiceError as error:
-            raise PlcLinkError(self.server_refused(server_certificate, ua.StatusCode(error.code).name)) from None
+            raise PlcAuthError(self.server_refused(server_certificate, ua.StatusCode(ua.UInt32(error.code)).name), retry_after_s=retry_after_s) from None
+        except ValueError as error:  # an extension cryptography cannot parse
+            raise PlcAuthError(self.server_refused(server_certificate, f"BadCertificateInvalid ({error})"), retry_after_s=retry_after_s) from None
         client.application_uri = identity.application_uri
         client.name = client.description = "bioreactor-mpc runtime"
         client.certificate_validator = validator
-        await client.set_security(
-            self.policy,
-            certificate=identity.certificate_der,
-            private_key=identity.private_key_der,
-            server_certificate=server_certificate.public_bytes(serialization.Encoding.DER),
-            mode=self.mode,
-        )
+        try:
+            await client.set_security(
+                self.policy,
+                certificate=identity.certificate_der,
+                private_key=identity.private_key_der,
+                server_certificate=server_certificate.public_bytes(serialization.Encoding.DER),
+                mode=self.mode,
+            )
+        except (ValueError, TypeError, ua.UaError) as error:  # asyncua could not use a certificate or the key for this policy
+            raise PlcAuthError(f"{self.endpoint}: the {wanted} channel cannot be set up with {self.settings.certificate} and the server's certificate: {error!r}", retry_after_s=retry_after_s) from None
         if credentials is not None:
             client.set_user(credentials[0])
             client.set_password(credentials[1])
-        return _SecureAttempt(self, identity, server_certificate, credentials[0] if credentials is not None else None)
+        return _SecureAttempt(self, identity, server_certificate, credentials[0] if credentials is not None else None, retry_after_s)
 
     def server_refused(self, certificate: x509.Certificate, status: str) -> str:
         """Why the server's certificate is refused, and what the operator does about it."""
-        problem = _CERTIFICATE_PROBLEMS.get(status, "it failed the checks")
+        problem = _CERTIFICATE_PROBLEMS.get(status.partition(" ")[0], "it failed the checks")
         advice = (
             f"if it is the PLC's certificate, compare its fingerprint with the one the PLC shows, then copy it into {self.settings.trust_store}"
             if status == "BadCertificateUntrusted"
@@ -354,22 +673,35 @@ class _SecureAttempt:
     identity: _ClientIdentity
     server_certificate: x509.Certificate
     username: str | None
+    retry_after_s: float
 
     def refusal(self, error: ua.UaStatusCodeError) -> PlcLinkError:
-        """The refusal as a :class:`PlcLinkError` that says whose fault it is (never with the password)."""
-        status = ua.StatusCode(error.code).name
+        """The refusal, saying whose fault it is (never with the password).
+
+        A :class:`PlcAuthError` when the server refused the credentials or this
+        client's certificate, or asyncua's second check of the server's
+        certificate failed; a :class:`PlcLinkError` otherwise.
+        """
+        status = ua.StatusCode(ua.UInt32(error.code)).name
         endpoint, settings = self.security.endpoint, self.security.settings
         if isinstance(error.__cause__, ServiceError):  # asyncua's client ran our validator again when creating the session
-            return PlcLinkError(self.security.server_refused(self.server_certificate, status))
+            return PlcAuthError(self.security.server_refused(self.server_certificate, status), retry_after_s=self.retry_after_s)
         if status in _CREDENTIALS_REFUSED:
             if self.username is None:
-                return PlcLinkError(f"{endpoint}: the server refused an anonymous session ({status}); it needs a user name and password (docs/opcua-security.md)")
+                return PlcAuthError(
+                    f"{endpoint}: the server refused an anonymous session ({status}); it needs a user name and password (docs/opcua-security.md)",
+                    retry_after_s=self.retry_after_s,
+                )
             source = f"${settings.password_env}" if settings.password_env is not None else str(settings.password_file)
-            return PlcLinkError(f"{endpoint}: the server refused the credentials ({status}) of user {self.username!r} (from ${settings.username_env}, password from {source})")
-        if status in _CERTIFICATE_PROBLEMS:
-            return PlcLinkError(
-                f"{endpoint}: the server refused this client's certificate ({status}; {_CERTIFICATE_PROBLEMS[status]}): "
-                f"{describe(self.identity.certificate)}; the PLC must trust {settings.certificate}: import it into the PLC's trusted certificates"
+            return PlcAuthError(
+                f"{endpoint}: the server refused the credentials ({status}) of user {self.username!r} (from ${settings.username_env}, password from {source})",
+                retry_after_s=self.retry_after_s,
+            )
+        if _is_certificate_problem(status):
+            return PlcAuthError(
+                f"{endpoint}: the server refused this client's certificate ({status}; {_CERTIFICATE_PROBLEMS.get(status, 'it failed the server checks')}): "
+                f"{describe(self.identity.certificate)}; the PLC must trust {settings.certificate}: import it into the PLC's trusted certificates",
+                retry_after_s=self.retry_after_s,
             )
         return PlcLinkError(f"{endpoint}: the server refused the {settings.policy} {self.security.mode.name} connection: {status}")
 
@@ -408,12 +740,20 @@ def _warn_if_readable_by_others(path: Path, *, field: str) -> None:
         log.warning("opcua_secret_file_readable", field=field, path=str(path), mode=oct(stat.S_IMODE(mode)), advice="chmod 600")
 
 
-def _reading(tag: OpcUaTag, name: str, data: ua.DataValue) -> Reading:
+_PYTHON_TYPES: dict[Kind, tuple[type, ...]] = {Kind.REAL: (float, int), Kind.UNSIGNED: (int,), Kind.INTEGER: (int,), Kind.BOOLEAN: (bool,), Kind.TEXT: (str,)}
+
+
+def _reading(tag: OpcUaTag, name: str, data: ua.DataValue) -> tuple[Reading, str | None]:
+    """The reading of one value, and the name of its type if it is not one the signal can have (then it reads Bad)."""
     good = data.StatusCode is None or data.StatusCode.is_good()
     raw: Any = data.Value.Value if data.Value is not None else None
+    kind = SIGNALS[name].kind
+    no_value = math.nan if kind is Kind.REAL else "" if kind is Kind.TEXT else False if kind is Kind.BOOLEAN else 0
     if raw is None:
-        return Reading(math.nan if SIGNALS[name].kind is Kind.REAL else 0, False, data.SourceTimestamp)
-    return Reading(tag.to_engineering(raw), good, data.SourceTimestamp)
+        return Reading(no_value, False, data.SourceTimestamp), None
+    if not isinstance(raw, _PYTHON_TYPES[kind]) or (isinstance(raw, bool) and kind is not Kind.BOOLEAN):
+        return Reading(no_value, False, data.SourceTimestamp), type(raw).__name__
+    return Reading(tag.to_engineering(raw), good, data.SourceTimestamp), None
 
 
 def _raw_value(tag: OpcUaTag, name: str, value: Value) -> Any:

@@ -18,6 +18,7 @@ Design, noise settings, limits and measured performance: ``docs/estimator.md``.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -689,13 +690,35 @@ class ExtendedKalmanEstimator:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], model: CultureModel, *, functions: EkfFunctions | None = None) -> ExtendedKalmanEstimator:
-        """Resume a filter saved by :meth:`to_dict`."""
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        model: CultureModel,
+        *,
+        functions: EkfFunctions | None = None,
+        config: EstimatorConfig | None = None,
+        nominal_parameters: np.ndarray | None = None,
+    ) -> ExtendedKalmanEstimator:
+        """Resume a filter saved by :meth:`to_dict`.
+
+        ``config`` and ``nominal_parameters``, when given, replace the saved
+        ones: a restarted runtime filters with the settings it was started
+        with (and audits), not the ones in force before. The estimated
+        parameters must be the same ones (the saved state has their slots).
+        """
         if data.get("version") != SERIAL_FORMAT_VERSION:
             raise EstimatorInputError(f"saved estimator has format version {data.get('version')!r}, expected {SERIAL_FORMAT_VERSION}")
-        config = EstimatorConfig.model_validate(data["config"])
+        saved_config = EstimatorConfig.model_validate(data["config"])
+        config = config or saved_config
+        saved_names = [p.name for p in saved_config.parameters]
+        if [p.name for p in config.parameters] != saved_names:
+            raise EstimatorInputError(
+                f"the saved estimator estimates {', '.join(saved_names)}; the configured one estimates {', '.join(p.name for p in config.parameters)}: "
+                "it cannot resume this filter"
+            )
+        nominal = np.asarray(data["nominal_parameters"] if nominal_parameters is None else nominal_parameters, dtype=float)
         first = data["entries"][0]
-        estimator = cls(model, np.asarray(data["nominal_parameters"]), np.asarray(first["z"])[: model.n_states], config, functions=functions)
+        estimator = cls(model, nominal, np.asarray(first["z"])[: model.n_states], config, functions=functions)
         estimator._entries = [
             _Entry(
                 float(e["time_h"]),
@@ -722,6 +745,26 @@ class ExtendedKalmanEstimator:
         if data.get("totalisers") is not None:
             estimator._totalisers = _Totalisers(**{k: float(v) for k, v in data["totalisers"].items()})
         return estimator
+
+    def widen(self, sd_scale: float) -> None:
+        """Multiply the current state's standard deviations by ``sd_scale`` (a take-over from readings knows less than a batch record)."""
+        if not (math.isfinite(sd_scale) and sd_scale >= 1.0):
+            raise EstimatorInputError(f"sd_scale must be a finite number >= 1, got {sd_scale!r}")
+        last = self._entries[-1]
+        n_x = self._core.n_x
+        covariance = last.covariance.copy()
+        covariance[:n_x, :] *= sd_scale
+        covariance[:, :n_x] *= sd_scale
+        self._entries[-1] = replace(last, covariance=covariance)
+
+    def checkpoint(self) -> object:
+        """The filter's state now, for :meth:`rollback` (an opaque token)."""
+        return copy.deepcopy((self._entries, self._labs, self._rejected, self._consecutive, self._totalisers))
+
+    def rollback(self, token: object) -> None:
+        """Return to a :meth:`checkpoint`: a cycle whose update failed half-way leaves no trace."""
+        entries, labs, rejected, consecutive, totalisers = copy.deepcopy(token)  # type: ignore[misc]
+        self._entries, self._labs, self._rejected, self._consecutive, self._totalisers = entries, labs, rejected, consecutive, totalisers
 
     # ------------------------------------------------------------------ bookkeeping
 

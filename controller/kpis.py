@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -30,8 +31,14 @@ class BatchKpis:
         return asdict(self)
 
 
-def batch_score_g_per_day(product_mass_g: float, harvest_time_h: float, turnaround_days: float) -> float:
-    """Product harvested per day of reactor occupancy, turnaround included."""
+Number = TypeVar("Number", float, np.ndarray)
+
+
+def batch_score_g_per_day(product_mass_g: Number, harvest_time_h: Number, turnaround_days: float) -> Number:
+    """Product harvested per day of reactor occupancy, turnaround included: the one score the batch, the plan and the forecast are judged on.
+
+    Elementwise for arrays (the score of every candidate harvest of a plan).
+    """
     return product_mass_g / (harvest_time_h / 24.0 + turnaround_days)
 
 

@@ -34,6 +34,7 @@ from pydantic import Field
 from controller.codegen import compiled_nlpsols
 
 from controller.config import BatchConfig
+from controller.kpis import batch_score_g_per_day
 from plant_models.cho import INPUT_INDEX, OUTPUT_INDEX, STATE_INDEX, CultureModel
 from plant_models.config_loading import FrozenConfig
 
@@ -403,7 +404,7 @@ class EconomicMpc:
             slack_max=float(np.max(slacks)) if slacks.size else 0.0,
             predicted_product_mass_g=mass,
             predicted_titer_g_per_l=titer,
-            predicted_score_g_per_day=mass / (harvest_time_h / 24.0 + self._batch.economics.turnaround_days),
+            predicted_score_g_per_day=batch_score_g_per_day(mass, harvest_time_h, self._batch.economics.turnaround_days),
             warm={"inputs": np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None]), "lam_g": np.asarray(result["lam_g"]).ravel(), "lam_x": np.asarray(result["lam_x"]).ravel()},
         )
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,6 +27,7 @@ import structlog
 from pydantic import Field
 
 from controller.config import BatchConfig
+from controller.kpis import batch_score_g_per_day
 from controller.mpc import EconomicMpc, MpcConfig, MpcSolution
 from controller.recipe import PlatformRecipe
 from controller.types import LabResult, Setpoints
@@ -56,10 +58,29 @@ class CycleObservation:
     lab_result: LabResult | None = None
 
 
+class DecisionSource(str, Enum):
+    """Who decided a cycle's setpoints."""
+
+    MPC = "mpc"
+    """This cycle's solve."""
+    SHIFTED_PLAN = "shifted_plan"
+    """The last successful plan, shifted to now: the solve failed."""
+    RECIPE = "recipe"
+    """The platform recipe: the solves kept failing."""
+    HARVEST = "harvest"
+    """The planned harvest time has come."""
+    NONE = "none"
+    """Nothing decided: the cycle could not run (fault)."""
+
+    @property
+    def is_fallback(self) -> bool:
+        return self in (DecisionSource.SHIFTED_PLAN, DecisionSource.RECIPE)
+
+
 @dataclass(frozen=True)
 class Decision:
     setpoints: Setpoints
-    source: str
+    source: DecisionSource
     harvest_time_h: float
     predicted_titer_g_per_l: float
     predicted_score_g_per_day: float
@@ -112,7 +133,7 @@ class NmpcController:
         self.harvest_time_h = min(max(self.harvest_time_h, t), latest)
         cycle_h = self._batch.cycle_period_h
         if self.harvest_time_h - t < 0.5 * cycle_h:
-            return self._decision(observation.applied, "harvest", harvest=True)
+            return self._decision(observation.applied, DecisionSource.HARVEST, harvest=True)
         state, parameters = self._source.observe(observation)
         previous = np.array([observation.applied.feed_rate_lph, observation.applied.glucose_rate_lph, observation.applied.temperature_degc])
         solution = self._solve(
@@ -127,16 +148,16 @@ class NmpcController:
             solution = self._improve_harvest(solution, t, state, parameters, previous)
             self._plan, self._plan_time_h, self._failures = solution, t, 0
             u = solution.first_inputs
-            return self._decision(Setpoints(float(u[0]), float(u[1]), float(u[2])), "mpc", solution=solution)
+            return self._decision(Setpoints(float(u[0]), float(u[1]), float(u[2])), DecisionSource.MPC, solution=solution)
         self._failures += 1
         self.failures_total += 1
         log.warning("mpc_solve_failed", process_time_h=t, reason=solution.reason, consecutive=self._failures)
         if self._plan is not None and self._failures <= self.config.max_shifted_cycles:
             index = int(np.searchsorted(self._plan.stage_times_h, t, side="right") - 1)
             u = self._plan.inputs[:, max(0, min(index, self._plan.inputs.shape[1] - 1))]
-            return self._decision(Setpoints(float(u[0]), float(u[1]), float(u[2])), "shifted_plan", solution=self._plan)
+            return self._decision(Setpoints(float(u[0]), float(u[1]), float(u[2])), DecisionSource.SHIFTED_PLAN, solution=self._plan)
         recipe = self.recipe.setpoints(t, volume_l=observation.online.get("volume_l"))
-        return self._decision(Setpoints(recipe.feed_rate_lph, recipe.glucose_rate_lph, recipe.temperature_degc), "recipe")
+        return self._decision(Setpoints(recipe.feed_rate_lph, recipe.glucose_rate_lph, recipe.temperature_degc), DecisionSource.RECIPE)
 
     def _solve(self, **arguments: Any) -> MpcSolution:
         """One :meth:`EconomicMpc.solve` (same arguments), its time and any cold retry recorded."""
@@ -156,10 +177,9 @@ class NmpcController:
 
     def _improve_harvest(self, solution: MpcSolution, t: float, state: np.ndarray, parameters: np.ndarray, previous: np.ndarray) -> MpcSolution:
         config = self.config
-        turnaround = self._batch.economics.turnaround_days
         ends = solution.stage_times_h + np.diff(np.append(solution.stage_times_h, solution.harvest_time_h))
         masses = solution.states[STATE_INDEX["titer"], 1:] * solution.states[STATE_INDEX["volume"], 1:]
-        scores = masses / (ends / 24.0 + turnaround)
+        scores = batch_score_g_per_day(masses, ends, self._batch.economics.turnaround_days)
         best = int(np.argmax(scores))
         if scores[best] > solution.predicted_score_g_per_day * (1.0 + config.harvest_improvement_min) and ends[best] < solution.harvest_time_h:
             log.info("harvest_moved_earlier", process_time_h=t, from_h=solution.harvest_time_h, to_h=float(ends[best]))
@@ -175,7 +195,7 @@ class NmpcController:
                 return candidate
         return solution
 
-    def _decision(self, setpoints: Setpoints, source: str, *, harvest: bool = False, solution: MpcSolution | None = None) -> Decision:
+    def _decision(self, setpoints: Setpoints, source: DecisionSource, *, harvest: bool = False, solution: MpcSolution | None = None) -> Decision:
         plan = solution or self._plan
         return Decision(
             setpoints=Setpoints(setpoints.feed_rate_lph, setpoints.glucose_rate_lph, setpoints.temperature_degc, harvest=harvest),

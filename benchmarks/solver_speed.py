@@ -44,13 +44,12 @@ import numpy as np
 from bioreactor_mpc.logging import configure_logging
 from controller.config import BatchConfig
 from controller.mpc import STATE_SCALE, EconomicMpc, MpcConfig
-from controller.nmpc import NmpcConfig, NmpcController
-from controller.quality import SETPOINT_SIGNALS, DataQualityChecker
+from controller.quality import SETPOINT_SIGNALS
 from controller.safety import filter_setpoints
 from controller.types import Setpoints
 from plant_models.cho import OUTPUT_INDEX, STATE_INDEX, CultureModel
 from simulator.batch import build_simulated_plc, kpis_of
-from simulator.closed_loop import TruthSource, observe, oracle_source, run_controlled_batch
+from simulator.closed_loop import oracle_source, run_controlled_batch
 from simulator.config import LoadedSimulation, load_simulation
 from simulator.plc import PHASE_RUNNING, SimulatedPlc
 
@@ -221,7 +220,7 @@ class DoMpcPlanner:
 
         template = mpc.get_tvp_template()
 
-        def tvp_fun(t_now: float | np.ndarray):  # noqa: ANN202 - do-mpc's struct type
+        def tvp_fun(t_now: float | np.ndarray):
             t_now = float(np.asarray(t_now).ravel()[0])
             # The stage that starts at harvest (its start state is the harvest state); none if harvest lies beyond the horizon.
             stages_to_harvest = (self._harvest_h - t_now) / batch.cycle_period_h
@@ -378,23 +377,13 @@ def run_ours_full(loaded: LoadedSimulation, model: CultureModel, max_cycles: int
         )
         result.notes.append(_SOLVE_TIME_NOTE)
         return result
-    # The first cycles only: the same controller and observation path as run_controlled_batch.
-    plc, _ = build_simulated_plc(loaded, model)
-    controller = NmpcController(model, loaded.batch, TruthSource(plc), NmpcConfig())
-    rate = controller.config.mpc.temperature_rate_max_degc_per_h
-    checker = DataQualityChecker()
-    for _ in range(max_cycles):
-        observation = observe(checker, plc.snapshot())
-        if observation is None:
-            raise RuntimeError("a critical signal failed its checks in the benchmark batch")
-        decision = controller.cycle(observation)
-        filtered = filter_setpoints(decision.setpoints, observation.applied, loaded.batch, temperature_rate_degc_per_h=rate, dt_h=loaded.batch.cycle_period_h)
-        plc.write_heartbeat(plc.heartbeat + 1)
-        plc.write_setpoints(filtered.setpoints)
-        plc.advance_to(plc.next_cycle_boundary_h())
+    # The first cycles only, through the same cycle as the whole batch.
+    controlled = run_controlled_batch(loaded, make_source=oracle_source, model=model, max_cycles=max_cycles)
     result.loop_wall_s = time.perf_counter() - started
-    result.records = [CycleRecord(math.nan, s, s, -1, True, "", math.nan) for s in controller.solve_times_s]
-    result.notes.append(f"first {max_cycles} cycles only (--quick); {controller.failures_total} failed solves, {controller.cold_retries_total} warm solves retried cold")
+    result.records = [CycleRecord(math.nan, s, s, -1, True, "", math.nan) for s in controlled.solve_times_s]
+    result.notes.append(
+        f"first {max_cycles} cycles only (--quick); {controlled.solver_failures} failed solves, {controlled.solver_cold_retries} warm solves retried cold"
+    )
     result.notes.append(_SOLVE_TIME_NOTE)
     return result
 

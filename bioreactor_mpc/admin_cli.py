@@ -25,11 +25,14 @@ import getpass
 import os
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from controller.advisory import Signer
+from controller.takeover import TakeoverApproval
 from interfaces.audit import AuditTrail, AuditVerification
 from interfaces.users import Role, UnknownUserError, User, UserStore, check_password, check_user_name, parse_role
 from plant_models.errors import BioreactorMPCError
@@ -218,8 +221,25 @@ def _known(store: UserStore, name: str) -> User:
     return user
 
 
-def _password(args: argparse.Namespace, prompt: str) -> str:
-    """The password from the variable ``--password-env`` names, or typed twice at the terminal."""
+def takeover_signature(args: argparse.Namespace, history_path: Path) -> TakeoverApproval:
+    """``run --take-over-as NAME --reason TEXT``: the engineer's signature, checked against the history's user store (password re-entered)."""
+    reason = (args.reason or "").strip()
+    if not reason:
+        raise AdminCommandError("--take-over-as needs --reason: why the batch is taken over without its history (it goes in the audit trail)")
+    if not history_path.exists():
+        raise AdminCommandError(f"{history_path}: no history file, so no users to sign with; add an engineer first (bioreactor-mpc users add --history ...)")
+    password = _password(args, f"password for {args.take_over_as}: ", confirm=False)
+    with UserStore(history_path) as store:
+        user = store.authenticate(args.take_over_as, password)
+    if user is None:
+        raise AdminCommandError(f"{args.take_over_as}: wrong user name or password; nothing taken over")
+    if not user.role.allows(Role.ENGINEER):
+        raise AdminCommandError(f"{user.name} is {user.role.value}: only an engineer can take over a batch without its history")
+    return TakeoverApproval(Signer(user.name, user.full_name, user.role.value), reason, datetime.now(UTC).isoformat())
+
+
+def _password(args: argparse.Namespace, prompt: str, *, confirm: bool = True) -> str:
+    """The password from the variable ``--password-env`` names, or typed at the terminal (twice when ``confirm``)."""
     if args.password_env is not None:
         password = os.environ.get(args.password_env)
         if password is None:
@@ -228,6 +248,8 @@ def _password(args: argparse.Namespace, prompt: str) -> str:
     if not sys.stdin.isatty():
         raise AdminCommandError("no terminal to type the password at; for automation, put it in an environment variable and name it with --password-env")
     first = getpass.getpass(prompt)
+    if not confirm:
+        return first
     if getpass.getpass("the same again: ") != first:
         raise AdminCommandError("the two passwords differ; nothing changed")
     return first

@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", choices=[m.value for m in RequestedMode], default=None, help="the mode to request now (default: the one in force when the runtime last stopped on this batch, else the config's)")
     run.add_argument("--endpoint", default=None, help="override the tag map's endpoint: an opc.tcp:// URL, or host:port for Modbus")
     run.add_argument("--history", type=Path, default=None, help="override the config's history file")
+    run.add_argument(
+        "--take-over-as",
+        metavar="ENGINEER",
+        default=None,
+        help="sign a take-over of a running batch this history has no record of (an engineer's user in the history's user store; docs/runtime.md)",
+    )
+    run.add_argument("--reason", default=None, help="why the batch is taken over without its history (with --take-over-as; recorded in the audit trail)")
+    run.add_argument("--password-env", metavar="VAR", default=None, help="with --take-over-as: read the password from this environment variable instead of the terminal")
 
     demo = commands.add_parser("demo", help="the closed-loop demo: the simulated PLC in lockstep, the runtime against it over the network, the batch report")
     demo.add_argument("--protocol", choices=["opcua", "modbus"], default="opcua", help="OPC UA or Modbus TCP (default: opcua)")
@@ -222,8 +230,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
     loaded = load_runtime_config(args.config, history=args.history)
     override = RequestedMode(args.mode) if args.mode else None
+    takeover = admin_cli.takeover_signature(args, loaded.history_path) if args.take_over_as is not None else None
     log.info("runtime_config", config=str(args.config), tag_map=str(loaded.tag_map_path), history=str(loaded.history_path), mode=(override or loaded.config.mode).value)
-    summary = asyncio.run(run_runtime(loaded, endpoint=args.endpoint, console=console, mode_override=override))
+    summary = asyncio.run(run_runtime(loaded, endpoint=args.endpoint, console=console, mode_override=override, takeover=takeover))
     print_summary(summary, loaded.history_path, console)
     return 0
 

@@ -18,10 +18,12 @@ from controller.mpc import EconomicMpc
 from controller.ports import PlcPort
 from controller.runtime import CycleReport, Runtime, RunSummary
 from controller.runtime_config import LoadedRuntime, ScreenSettings, nominal_parameter_vector
+from controller.takeover import TakeoverApproval
 from interfaces.audit import AuditTrail
 from interfaces.history import SqliteHistory
 from interfaces.users import UserStore
 from interfaces.tagmap import ModbusTagMap, OpcUaTagMap, load_tag_map
+from plant_models.cho import CultureModel
 from plant_models.errors import ConfigError
 
 log = structlog.get_logger("bioreactor_mpc")
@@ -83,6 +85,7 @@ async def run_runtime(
     on_screen: Callable[[str], None] | None = None,
     mode_override: RequestedMode | None = None,
     mpc: EconomicMpc | None = None,
+    takeover: TakeoverApproval | None = None,
 ) -> RunSummary:
     """Run the runtime of ``loaded`` until the batch ends or ``stop`` is set (SIGINT and SIGTERM set it too).
 
@@ -91,8 +94,13 @@ async def run_runtime(
     """
     config = loaded.config
     port = make_port(loaded.tag_map_path, endpoint=endpoint, timeout_s=config.io_timeout_s, allow_insecure=config.allow_insecure)
-    history = SqliteHistory(loaded.history_path)
-    audit = AuditTrail(loaded.history_path)
+    mpc = mpc or EconomicMpc(CultureModel(), loaded.batch, config.nmpc.mpc)  # built (on a new machine, compiled) before any file is created
+    history = SqliteHistory(loaded.history_path)  # takes the history's lock: one runtime per history file
+    try:
+        audit = AuditTrail(loaded.history_path)
+    except BaseException:
+        history.close()
+        raise
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     handled = []
@@ -113,6 +121,7 @@ async def run_runtime(
             audit=audit,
             mode_override=mode_override,
             mpc=mpc,
+            takeover=takeover,
         )
         if config.screen is None:
             return await runtime.run(stop=stop)

@@ -129,7 +129,7 @@ class CycleRecord:
     state: str
     reason: str
     source: str
-    """Who decided: mpc, shifted_plan, recipe, harvest; or none when the cycle could not run."""
+    """Who decided (:class:`controller.nmpc.DecisionSource`): mpc, shifted_plan, recipe, harvest; or none when the cycle could not run."""
     requested: Mapping[str, float | bool] | None
     applied: Mapping[str, float | bool] | None
     """The setpoints after the safety filter (written only in closed loop)."""
@@ -188,6 +188,10 @@ class HistoryStore(Protocol):
     def record_state_change(self, process_time_h: float, previous: str, state: str, reason: str) -> None: ...
 
     def record_alarm(self, process_time_h: float, code: str, message: str, *, active: bool) -> None: ...
+
+    def save_resume(self, resume: ResumeState) -> None:
+        """Commit the state to resume from before the cycle's writes are sent: a runtime killed during them never runs that cycle again."""
+        ...
 
     def commit_cycle(self, record: CycleRecord, resume: ResumeState) -> None:
         """Record a cycle and the state to resume from, in one transaction."""

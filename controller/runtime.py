@@ -1,31 +1,25 @@
-"""The runtime beside the PLC: one cycle whenever the batch clock crosses a cycle boundary, for the whole batch.
+"""The runtime beside the PLC: a thin async shell that moves data between the PLC, the control cycle, the history and the audit trail.
 
-A cycle (docs/runtime.md):
+The cycle itself (checks, state, estimator, NMPC, safety filter, what to
+write) is :class:`controller.cycle.ControlCycle`, which does no I/O; the same
+object runs the in-process closed loop. This shell:
 
-read every tag → data-quality checks (:mod:`controller.quality`) → the mode
-machine decides the state (:mod:`controller.modes`) → estimator and NMPC
-(:class:`~controller.nmpc.NmpcController`) → safety filter against what the
-PLC runs now → writes for the state (setpoints in closed loop while remote is
-enabled; ``MPC.Rec.*`` in advisory, held and closed loop; ``MPC.Mode``) →
-history → ``MPC.Heartbeat``.
-
-The cycle runs when ``Status.ProcessTime`` reaches the next multiple of the
-cycle period, so the same code runs a real PLC on the wall clock and a
-simulated one in lockstep. The runtime talks to the PLC only through a
-:class:`~controller.ports.PlcPort` and records through a
-:class:`~controller.ports.HistoryStore`; it cannot tell OPC UA from Modbus.
-
-Link loss: the runtime drops to ``fault``, raises an alarm, writes nothing,
-and reconnects with a bounded exponential backoff. A write is never retried;
-the next cycle reads the PLC again and decides afresh.
-
-Restart: the estimator's state, the last lab result used and the planned
-harvest are committed with every cycle. A runtime started on a batch it has
-history for resumes from there, re-reads the PLC, and runs its next cycle at
-the next boundary from fresh readings: it never re-sends setpoints computed
-before it stopped. Bumpless start: setpoints are always filtered against what
-the PLC reads back now, so the first written ones start from what the PLC is
-running.
+- polls the PLC and asks the batch clock (:mod:`controller.clock`) whether a
+  cycle is due; reconnects with a bounded exponential backoff (minutes after
+  the PLC refused the credentials or certificate: a real PLC locks accounts);
+- starts once (:mod:`controller.takeover`: new batch, resume, or an engineer's
+  signed take-over), after watching ``MPC.Heartbeat`` for another runtime;
+  reconciles the writes a killed predecessor left without an outcome;
+- runs a cycle: records the scan, the lab result and the state changes, and
+  commits the state to resume from *before* the writes; every write is
+  recorded as an intent first, setpoint writes in the audit trail too (no
+  record, no write); then records the cycle, raises and clears alarms, and
+  moves the heartbeat last;
+- when the history cannot be written (disk full, read-only, deleted or
+  replaced), writes nothing, withholds the heartbeat so that the PLC's watchdog
+  hands control to its recipe, alarms, and tries again every
+  ``safeguards.storage_retry_s`` until storage is back;
+- serves the operator's signatures in advisory mode (:mod:`controller.signing`).
 """
 
 from __future__ import annotations
@@ -36,37 +30,55 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any
 
 import numpy as np
 import structlog
 
-from controller.advisory import ApprovalRefusedError, Meaning, Recommendation, RecommendationStatus, Signature, Signer, now_utc
+from controller.advisory import ApprovalRefusedError, Meaning, Recommendation, Signature, Signer, now_utc
+from controller.alarms import AlarmBoard, AlarmChange
+from controller.clock import ClockVerdict, Tick, process_time_of
 from controller.config import BatchConfig
-from controller.estimator import ExtendedKalmanEstimator
-from controller.forecast import Forecast, ForecastKernel, early_warnings, forecast, plan_schedule, recipe_outcome
+from controller.cycle import ControlCycle, CyclePlan, estimate_summary
+from controller.forecast import Forecast
 from controller.modes import Conditions, ModeMachine, RequestedMode, State, StateChange
 from controller.mpc import EconomicMpc
-from controller.nmpc import CycleObservation, Decision, NmpcController
-from controller.ports import AuditLog, CycleRecord, HistoryStore, PlcLinkError, PlcPort, PlcWriteMismatchError, PlcWriteRefusedError, Reading, ResumeState, Value
-from controller.quality import SETPOINT_SIGNALS, DataQualityChecker
+from controller.nmpc import NmpcController
+from controller.ports import (
+    AuditLog,
+    CycleRecord,
+    HistoryStore,
+    HistoryUnavailableError,
+    PlcAuthError,
+    PlcLinkError,
+    PlcPort,
+    PlcWriteMismatchError,
+    PlcWriteRefusedError,
+    Reading,
+    Value,
+)
+from controller.quality import DataQualityChecker
 from controller.runtime_config import RuntimeSettings
-from controller.safety import filter_setpoints
-from controller.types import PHASE_HARVESTED, PHASE_IDLE, PHASE_RUNNING, UINT32_MAX
-from plant_models.cho import STATES, CultureModel
+from controller.signing import AUTO_APPROVER, AdvisoryDesk
+from controller.takeover import RuntimeStartError, StartPlan, TakeoverApproval, plan_start
+from controller.types import PHASE_HARVESTED, PHASE_IDLE
+from plant_models.cho import CultureModel
 from plant_models.errors import BioreactorMPCError
 
 log = structlog.get_logger(__name__)
 
-TIME_TOLERANCE_H = 1e-6
-RECOMMENDATION_SIGNALS = ("MPC.Rec.FeedRate", "MPC.Rec.GlucoseRate", "MPC.Rec.Temperature")
-AUTO_APPROVER = Signer("auto-approver", "Automatic approver (lockstep tests and demos only)", "operator")
+__all__ = ["CycleReport", "PollOutcome", "RunSummary", "Runtime", "RuntimeStartError"]
 
 
-class RuntimeStartError(BioreactorMPCError, RuntimeError):
-    """The runtime cannot start on this PLC with this history (wrong batch, history ahead of the PLC)."""
+class PollOutcome(str, Enum):
+    ENDED = "ended"
+    LINK_DOWN = "link_down"
+    STORAGE_DOWN = "storage_down"
+    CYCLED = "cycled"
+    WAITING = "waiting"
 
 
 @dataclass(frozen=True)
@@ -88,20 +100,13 @@ class RunSummary:
     writes_ok: int = 0
     writes_failed: int = 0
     link_losses: int = 0
+    storage_losses: int = 0
     solve_times_s: list[float] = field(default_factory=list)
     cycle_times_s: list[float] = field(default_factory=list)
     """Wall time of each cycle, from its read to its heartbeat."""
     resumed_from_h: float | None = None
-
-
-def _estimate_summary(estimator: ExtendedKalmanEstimator) -> dict[str, Any]:
-    estimate = estimator.estimate
-    names = [s.name for s in STATES]
-    return {
-        "state": dict(zip(names, map(float, estimate.state), strict=True)),
-        "sd": dict(zip(names, map(float, estimate.state_sd), strict=True)),
-        "multipliers": {k: float(v) for k, v in estimate.multipliers.items()},
-    }
+    taken_over_at_h: float | None = None
+    reconciled_writes: int = 0
 
 
 class Runtime:
@@ -120,6 +125,7 @@ class Runtime:
         on_cycle: Callable[[CycleReport], None] | None = None,
         audit: AuditLog | None = None,
         mode_override: RequestedMode | None = None,
+        takeover: TakeoverApproval | None = None,
     ) -> None:
         self.port = port
         self.history = history
@@ -129,31 +135,91 @@ class Runtime:
         self._nominal = np.asarray(nominal_parameters, dtype=float)
         self._mpc = mpc or EconomicMpc(self._model, batch, settings.nmpc.mpc)
         self._on_cycle = on_cycle
+        self._audit = audit
+        self._mode_override = mode_override
+        self._takeover = takeover
         self.modes = ModeMachine(settings.mode, max_write_failures=settings.max_write_failures)
         self.quality = DataQualityChecker(settings.quality)
-        self.estimator: ExtendedKalmanEstimator | None = None
-        self.controller: NmpcController | None = None
+        self.desk = AdvisoryDesk()
+        self.cycle: ControlCycle | None = None
         self.summary = RunSummary()
-        self._alarms: dict[str, str] = {}
-        self._heartbeat = 0
-        self._write_failures = 0
-        self._fault_cycles = 0
-        self._next_cycle_h = 0.0
-        self._last_time_h = math.nan
+        self.last_report: CycleReport | None = None
+        self._start_plan: StartPlan | None = None
+        self._run_started = False
+        self._resume_beat_due = False
         self._link_up = False
+        self._link_alarms = AlarmBoard()
+        """Alarms of the link and the storage, raised between cycles (before a cycle exists too)."""
+        self._auth_wait_s = 0.0
+        self._storage_problem: str | None = None
+        self._storage_lost_at_h = math.nan
+        self._audit_problem: str | None = None
+        self._last_time_h = math.nan
+        self._last_cycle_wall_s: float | None = None
         self._read_time_s = math.nan
         self._write_time_s = 0.0
-        self._started = False
         self._io = asyncio.Lock()
-        self._audit = audit
-        self._audit_problem: str | None = None
-        self._mode_override = mode_override
-        self._mode_source = "config"
-        self.recommendation: Recommendation | None = None
-        self.last_report: CycleReport | None = None
-        self.forecast: Forecast | None = None
+
+    # ------------------------------------------------------------------ views for the screen
+
+    @property
+    def estimator(self) -> Any:
+        return self.cycle.estimator if self.cycle is not None else None
+
+    @property
+    def controller(self) -> NmpcController | None:
+        return self.cycle.controller if self.cycle is not None else None
+
+    @property
+    def recommendation(self) -> Recommendation | None:
+        return self.desk.recommendation
+
+    @property
+    def forecast(self) -> Forecast | None:
         """The plan's forecast to harvest with its uncertainty (computed when the screen is served or in advisory mode)."""
-        self._kernel: ForecastKernel | None = None
+        return self.cycle.forecast if self.cycle is not None else None
+
+    @property
+    def alarms(self) -> dict[str, str]:
+        active = self.cycle.alarms.active if self.cycle is not None else {}
+        return {**active, **self._link_alarms.active}
+
+    def health(self) -> tuple[bool, str]:
+        """Whether the runtime is healthy (linked, storing, not in fault, cycling on time), and why not."""
+        if not self._link_up:
+            return False, "the PLC link is down"
+        if self._storage_problem is not None:
+            return False, f"the history cannot be written: {self._storage_problem}"
+        if self.modes.state is State.FAULT:
+            return False, f"fault: {self.modes.reason}"
+        if self._last_cycle_wall_s is not None:
+            stall_s = self.settings.safeguards.stall_after_cycles * self.batch.cycle_period_h * 3600.0
+            idle_s = time.monotonic() - self._last_cycle_wall_s
+            if idle_s > stall_s:
+                return False, f"no cycle for {idle_s:.0f} s (limit {stall_s:.0f} s): the loop has stalled"
+        return True, "ok"
+
+    def view(self) -> dict[str, Any]:
+        """What the operator screen shows now, as JSON-compatible data."""
+        report = self.last_report
+        healthy, why = self.health()
+        return {
+            "batch_id": self.batch.batch_id,
+            "process_time_h": self._last_time_h if math.isfinite(self._last_time_h) else None,
+            "next_cycle_h": self.cycle.clock.next_cycle_h if self.cycle is not None else None,
+            "state": self.modes.state.value,
+            "reason": self.modes.reason,
+            "requested_mode": self.modes.requested.value,
+            "link_up": self._link_up,
+            "healthy": healthy,
+            "health": why,
+            "data_quality": dict(report.problems) if report is not None else {},
+            "alarms": self.alarms,
+            "recommendation": self.desk.recommendation.as_dict() if self.desk.recommendation is not None else None,
+            "estimate": estimate_summary(self.cycle.estimator) if self.cycle is not None else None,
+            "cycles": self.summary.cycles,
+            "decisions": dict(self.summary.decisions),
+        }
 
     # ------------------------------------------------------------------ the loop
 
@@ -163,30 +229,35 @@ class Runtime:
         backoff_s = self.settings.reconnect_initial_s
         try:
             while not stop.is_set():
-                async with self._io:  # one PLC conversation at a time: a cycle, or an operator's approval
+                async with self._io:  # one PLC conversation at a time: a cycle, or an operator's signature
                     outcome = await self._poll()
-                if outcome == "ended":
+                if outcome is PollOutcome.ENDED:
                     break
-                if outcome == "link_down":
-                    await _sleep_or_stop(stop, backoff_s)
+                if outcome is PollOutcome.LINK_DOWN:
+                    wait_s, self._auth_wait_s = max(backoff_s, self._auth_wait_s), 0.0
+                    await _sleep_or_stop(stop, wait_s)
                     backoff_s = min(2.0 * backoff_s, self.settings.reconnect_max_s)
                     continue
                 backoff_s = self.settings.reconnect_initial_s
-                if outcome == "waiting":
+                if outcome is PollOutcome.STORAGE_DOWN:
+                    await _sleep_or_stop(stop, self.settings.safeguards.storage_retry_s)
+                elif outcome is PollOutcome.WAITING:
                     await _sleep_or_stop(stop, self.settings.poll_interval_s)
             else:
                 self.summary.end_reason = self.summary.end_reason or "stopped"
         finally:
             try:
-                if self._started:
+                if self._run_started:
                     self.history.end_run(reason=self.summary.end_reason or "interrupted")
+            except HistoryUnavailableError as error:
+                log.error("history_end_not_recorded", error=str(error))
             finally:
                 await self.port.close()
         log.info("runtime_ended", reason=self.summary.end_reason, cycles=self.summary.cycles, process_time_h=self.summary.last_process_time_h)
         return self.summary
 
-    async def _poll(self) -> str:
-        """Read the PLC once and run the cycle if the batch clock says so: ``ended``, ``link_down``, ``cycled`` or ``waiting``."""
+    async def _poll(self) -> PollOutcome:
+        """Read the PLC once and run the cycle if the batch clock says so."""
         try:
             if not self.port.connected:
                 await self.port.connect()
@@ -195,280 +266,230 @@ class Runtime:
             self._read_time_s = time.perf_counter() - read_started
         except PlcLinkError as error:
             self._link_lost(error)
-            return "link_down"
+            return PollOutcome.LINK_DOWN
         if not self._link_up:
             self._link_restored()
-        if not self._started:
-            try:
-                await self._start(readings)
-            except PlcLinkError as error:  # the start is tried again with the next reading
-                self._link_lost(error)
-                return "link_down"
-            self._started = True
-        phase = readings["Status.Phase"]
-        if phase.good and int(phase.value) == PHASE_HARVESTED:  # type: ignore[arg-type]
+        try:
+            self.history.check_available()
+        except HistoryUnavailableError as error:
+            self._storage_lost(error)
+            return PollOutcome.STORAGE_DOWN
+        starting = self.cycle is None
+        try:
+            cycle = await self._start(readings)
+        except PlcLinkError as error:  # the start goes on from where it stopped with the next reading
+            self._link_lost(error)
+            return PollOutcome.LINK_DOWN
+        if starting:
+            return PollOutcome.WAITING  # the start watched the PLC for a while: the first cycle runs on a fresh scan
+        phase = readings.get("Status.Phase")
+        if phase is not None and phase.good and not isinstance(phase.value, str) and int(phase.value) == PHASE_HARVESTED:
             self.summary.end_reason = "batch harvested"
-            self._expire_recommendation()
-            return "ended"
-        if phase.good and int(phase.value) == PHASE_IDLE:  # type: ignore[arg-type]
-            return "waiting"  # not inoculated yet: nothing to control
-        now_h = _process_time_h(readings)
-        if not (math.isfinite(now_h) and now_h >= self._next_cycle_h - TIME_TOLERANCE_H):
-            return "waiting"
+            self.desk.expire()
+            return PollOutcome.ENDED
+        if phase is not None and phase.good and not isinstance(phase.value, str) and int(phase.value) == PHASE_IDLE:
+            return PollOutcome.WAITING  # not inoculated yet: nothing to control
+        verdict = cycle.clock_verdict(readings, wall_s=time.monotonic())
+        if verdict.tick is Tick.WAIT:
+            return PollOutcome.WAITING
         started = time.perf_counter() - self._read_time_s
         try:
-            await self._cycle(readings, now_h)
+            outcome = await self._cycle(cycle, readings, verdict)
         except PlcLinkError as error:
             self._link_lost(error)
-            return "link_down"
+            return PollOutcome.LINK_DOWN
         self.summary.cycle_times_s.append(time.perf_counter() - started)
-        return "cycled"
+        return outcome
 
-    async def _start(self, readings: Mapping[str, Reading]) -> None:
-        """Check the PLC runs our batch, resume from the history if it has this batch, and take over the heartbeat."""
-        batch_id = readings["Status.BatchId"]
-        if not batch_id.good or str(batch_id.value) != self.batch.batch_id:
-            raise RuntimeStartError(
-                f"the PLC runs batch {batch_id.value!r} (status {'Good' if batch_id.good else 'Bad'}) but this runtime is configured for "
-                f"{self.batch.batch_id!r}; nothing written"
+    # ------------------------------------------------------------------ start
+
+    async def _start(self, readings: Mapping[str, Reading]) -> ControlCycle:
+        """Start once: claim the PLC, plan the start, open the run, reconcile, audit; each step done only once across retries."""
+        if self.cycle is not None:
+            if self._resume_beat_due:
+                await self._beat(self.cycle, self._last_time_h)
+                self._resume_beat_due = False
+            return self.cycle
+        if self._start_plan is None:
+            await self._claim(readings)
+            resume = self.history.load_resume(self.batch.batch_id)
+            self._start_plan = plan_start(
+                readings=readings,
+                batch=self.batch,
+                settings=self.settings,
+                model=self._model,
+                nominal_parameters=self._nominal,
+                resume=resume,
+                mode_override=self._mode_override,
+                takeover=self._takeover,
             )
-        heartbeat = readings["MPC.Heartbeat"]
-        self._heartbeat = int(heartbeat.value) if heartbeat.good else 0  # type: ignore[arg-type]
-        if self.settings.auto_approve and not (readings.get("Sim.Lockstep") is not None and readings["Sim.Lockstep"].value is True):
-            raise RuntimeStartError("auto_approve is for simulated PLCs in lockstep only (Sim.Lockstep is not true); nothing written")
-        resume = self.history.load_resume(self.batch.batch_id)
-        now_h = _process_time_h(readings)
-        if resume is not None and math.isfinite(now_h) and resume.last_cycle_h > now_h + TIME_TOLERANCE_H:
-            raise RuntimeStartError(
-                f"the history has batch {resume.batch_id} up to {resume.last_cycle_h:.2f} h but the PLC's batch clock reads {now_h:.2f} h: "
-                "a new batch with a reused id? Start with a new history file; nothing written"
-            )
-        self._choose_mode(resume)
-        self.history.start_run(batch_id=self.batch.batch_id, requested_mode=self.modes.requested.value, config=self.settings.model_dump(mode="json"))
-        if resume is None:
-            self.estimator = ExtendedKalmanEstimator.from_batch(self._model, self.batch, self._nominal, self.settings.estimator)
-            self._next_cycle_h = 0.0
-        else:
-            self.estimator = ExtendedKalmanEstimator.from_dict(resume.estimator, self._model)
-            self.quality.commit_lab(resume.lab_seq)
-            totalisers = resume.estimator.get("totalisers") or {}
-            for signal, key in (("PV.FeedTotal", "feed_total_l"), ("PV.GlucoseFeedTotal", "glucose_feed_total_l")):
-                if key in totalisers:
-                    self.quality.expect_at_least(signal, float(totalisers[key]))  # a totaliser reset while away is a critical input, not a crash
-            self._next_cycle_h = self._boundary_after(resume.last_cycle_h)
-            self.summary.resumed_from_h = resume.last_cycle_h
-            log.info("runtime_resumed", batch_id=resume.batch_id, last_cycle_h=resume.last_cycle_h, next_cycle_h=self._next_cycle_h, process_time_h=now_h)
-        self.controller = NmpcController(self._model, self.batch, self.estimator, self.settings.nmpc, mpc=self._mpc)
-        if resume is not None:
-            self.controller.harvest_time_h = resume.harvest_time_h
-            if math.isfinite(now_h) and now_h < self._next_cycle_h - TIME_TOLERANCE_H:
-                # The cycle of this boundary was done before the restart; its heartbeat may not have gone out.
-                await self._beat(resume.last_cycle_h)
-        settings = self.settings.model_dump(mode="json")
-        configuration = {
-            "settings_sha256": _sha256(settings),
-            "batch_sha256": _sha256(self.batch.model_dump(mode="json")),
-            "nominal_parameters_sha256": _sha256(self._nominal.tolist()),
-            "mode": self.modes.requested.value,
-            "mode_from": self._mode_source,
-            "auto_approve": self.settings.auto_approve,
-            "resumed_from_h": self.summary.resumed_from_h,
-        }
-        if not self._audited(now_h, actor="runtime", action="config_loaded", subject=self.batch.batch_id, details=configuration):
-            raise RuntimeStartError(f"the audit trail cannot be written ({self._audit_problem}); the runtime does not start")
+        plan = self._start_plan
+        now_h = process_time_of(readings)
+        if not self._run_started:
+            if plan.requested_mode is not self.modes.requested:
+                log.warning("mode_restored", requested=plan.requested_mode.value, config=self.settings.mode.value, source=plan.mode_source)
+            self.modes.requested = plan.requested_mode
+            self.history.start_run(batch_id=self.batch.batch_id, requested_mode=plan.requested_mode.value, config=self.settings.model_dump(mode="json"))
+            self._run_started = True
+            self._reconcile(readings, now_h)
+            if plan.taken_over_at_h is not None and self._takeover is not None:
+                details = {"signature": self._takeover.as_dict(), "process_time_h": plan.taken_over_at_h, "lab_seq": plan.lab_seq}
+                if not self._audited(now_h, actor=self._takeover.signer.name, action="batch_taken_over", subject=self.batch.batch_id, details=details):
+                    raise RuntimeStartError(f"the take-over cannot be recorded in the audit trail ({self._audit_problem}); the runtime does not start")
+            configuration = {
+                "settings_sha256": _sha256(self.settings.model_dump(mode="json")),
+                "batch_sha256": _sha256(self.batch.model_dump(mode="json")),
+                "nominal_parameters_sha256": _sha256(self._nominal.tolist()),
+                "estimator_config_sha256": _sha256(self.settings.estimator.model_dump(mode="json")),
+                "mode": plan.requested_mode.value,
+                "mode_from": plan.mode_source,
+                "auto_approve": self.settings.auto_approve,
+                "start": plan.how,
+                "resumed_from_h": plan.resumed_from_h,
+                "taken_over_at_h": plan.taken_over_at_h,
+            }
+            if not self._audited(now_h, actor="runtime", action="config_loaded", subject=self.batch.batch_id, details=configuration):
+                raise RuntimeStartError(f"the audit trail cannot be written ({self._audit_problem}); the runtime does not start")
+        for signal, floor in (plan.totaliser_floors or {}).items():
+            self.quality.expect_at_least(signal, floor)  # a totaliser reset while away is a critical input, not a crash
+        self.quality.commit_lab(plan.lab_seq)
+        controller = NmpcController(self._model, self.batch, plan.estimator, self.settings.nmpc, mpc=self._mpc)
+        if plan.harvest_time_h is not None:
+            controller.harvest_time_h = plan.harvest_time_h
+        self.cycle = ControlCycle(
+            batch=self.batch,
+            settings=self.settings,
+            modes=self.modes,
+            quality=self.quality,
+            estimator=plan.estimator,
+            controller=controller,
+            clock=plan.clock,
+            heartbeat=plan.heartbeat,
+            full_forecast=self.settings.screen is not None,
+        )
+        self.summary.resumed_from_h = plan.resumed_from_h
+        self.summary.taken_over_at_h = plan.taken_over_at_h
+        if plan.resumed_from_h is not None:
+            log.info("runtime_resumed", batch_id=self.batch.batch_id, last_cycle_h=plan.resumed_from_h, next_cycle_h=plan.clock.next_cycle_h, process_time_h=now_h)
         if self.settings.auto_approve:
             log.warning("auto_approve_enabled", reason="every advisory recommendation is approved at once: lockstep tests and demos only")
-        log.info("runtime_started", batch_id=self.batch.batch_id, mode=self.modes.requested.value, heartbeat=self._heartbeat, first_cycle_h=self._next_cycle_h)
+        log.info("runtime_started", batch_id=self.batch.batch_id, start=plan.how, mode=plan.requested_mode.value, heartbeat=plan.heartbeat, first_cycle_h=plan.clock.next_cycle_h)
+        if plan.beat_now:  # the cycle of this boundary ran before the restart; its heartbeat may not have gone out
+            self._resume_beat_due = True
+            self._last_time_h = plan.resumed_from_h if plan.resumed_from_h is not None else now_h
+            await self._beat(self.cycle, self._last_time_h)
+            self._resume_beat_due = False
+        return self.cycle
 
-    def _choose_mode(self, resume: ResumeState | None) -> None:
-        """The requested mode: the command line's, else the one in force when the runtime stopped, else the config's."""
-        if self._mode_override is not None:
-            mode, self._mode_source = self._mode_override, "command line"
-        elif resume is not None and resume.requested_mode is not None:
-            mode, self._mode_source = RequestedMode(resume.requested_mode), "history (in force when the runtime stopped)"
-        else:
-            mode, self._mode_source = self.settings.mode, "config"
-        if mode is not self.modes.requested:
-            log.warning("mode_restored", requested=mode.value, config=self.settings.mode.value, source=self._mode_source)
-        self.modes.requested = mode
+    async def _claim(self, readings: Mapping[str, Reading]) -> None:
+        """Refuse to start while another runtime's heartbeat moves at this PLC (watched for ``safeguards.claim_watch_s``)."""
+        watch_s = self.settings.safeguards.claim_watch_s
+        first = readings.get("MPC.Heartbeat")
+        if watch_s <= 0.0 or first is None or not first.good:
+            return
+        deadline = time.monotonic() + watch_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(self.settings.poll_interval_s, max(0.0, deadline - time.monotonic())))
+            now = (await self.port.read()).get("MPC.Heartbeat")
+            if now is not None and now.good and now.value != first.value:
+                raise RuntimeStartError(
+                    f"MPC.Heartbeat moved from {first.value} to {now.value} while this runtime watched for {watch_s:.1f} s: another runtime holds "
+                    "this PLC. Stop it first (docs/runtime.md, 'One runtime per PLC'); nothing written"
+                )
 
-    def _boundary_after(self, t_h: float) -> float:
-        period = self.batch.cycle_period_h
-        return (math.floor(t_h / period + TIME_TOLERANCE_H) + 1) * period
+    def _reconcile(self, readings: Mapping[str, Reading], now_h: float) -> None:
+        """Give every write a killed predecessor left without an outcome one, from what the PLC holds now."""
+        for pending in self.history.pending_writes(self.batch.batch_id):
+            held = {name: readings[name].value for name in pending.values if name in readings and readings[name].good}
+            same = all(name in held and _same_value(held[name], value) for name, value in pending.values.items() if name != "MPC.Heartbeat")
+            detail = (
+                "reconciled at restart: the PLC holds the written values"
+                if same
+                else f"reconciled at restart: the PLC holds {json.dumps(held, default=str)}, not the written values"
+            )
+            self.history.record_write_outcome(pending.write_id, "reconciled", detail)
+            self.summary.reconciled_writes += 1
+            log.warning("write_reconciled", write_id=pending.write_id, process_time_h=pending.process_time_h, applied=same)
+            if any(name.startswith("SP.") for name in pending.values):
+                self._audited(
+                    now_h, actor="runtime", action="setpoint_write_result", subject="SP.*", details={"write_id": pending.write_id, "outcome": "reconciled", "detail": detail}
+                )
 
     # ------------------------------------------------------------------ one cycle
 
-    async def _cycle(self, readings: Mapping[str, Reading], now_h: float) -> None:
-        if self.controller is None or self.estimator is None:
-            raise RuntimeError("a cycle ran before the runtime started")
-        report = self.quality.check(readings, wall_now=datetime.now(UTC))
-        self.history.record_scan(now_h, readings, report.problems)
+    async def _cycle(self, cycle: ControlCycle, readings: Mapping[str, Reading], verdict: ClockVerdict) -> PollOutcome:
+        now_h = verdict.process_time_h
+        plan = await asyncio.to_thread(cycle.decide, readings, verdict, wall_now=datetime.now(UTC))
         self._last_time_h = now_h
-        status = report.accepted
-        change = self.modes.evaluate(
-            Conditions(
-                link_up=True,
-                critical_failures=report.critical,
-                write_failures=self._write_failures,
-                batch_running=status.get("Status.Phase") == PHASE_RUNNING,
-                remote_enabled=bool(status.get("Status.RemoteEnabled", False)),
-                watchdog_tripped=bool(status.get("Status.WatchdogTripped", False)),
-            )
-        )
-        self._record_change(now_h, change)
-        state = self.modes.state
-        self._fault_cycles = self._fault_cycles + 1 if state is State.FAULT else 0
-        if state is State.FAULT and self._write_failures >= self.settings.max_write_failures and self._fault_cycles >= self.settings.write_retry_cycles:
-            self._write_failures = self.settings.max_write_failures - 1  # one more try next cycle; one more failure and back here
-        alarms = {f"quality.{signal}": problem for signal, problem in report.problems.items()}
-        if status.get("Status.WatchdogTripped"):
-            alarms["plc_watchdog"] = "the PLC's watchdog tripped: it runs its local recipe"
-
-        decision: Decision | None = None
-        observation: CycleObservation | None = None
-        applied: dict[str, float | bool] | None = None
-        adjustments: tuple[str, ...] = ()
-        wrote_setpoints = False
-        if report.usable:
-            observation = report.observation()
-            try:
-                decision = await asyncio.to_thread(self.controller.cycle, observation)
-            except BioreactorMPCError as error:  # the estimator refused the data (diverged, inconsistent inputs): no plan this cycle
-                log.error("cycle_failed", process_time_h=now_h, error=str(error))
-                alarms["estimator_failed"] = f"the estimator refused this cycle's data: {error}"
-                self._record_change(now_h, self.modes.evaluate(Conditions(link_up=True, critical_failures=(f"estimator: {type(error).__name__}",))))
-                state = self.modes.state
-            if report.lab_result is not None:
-                self.history.record_lab(now_h, report.lab_result, used=decision is not None)
-                self.quality.commit_lab(report.lab_result.seq)
-        elif report.lab_result is not None:
-            self.history.record_lab(now_h, report.lab_result, used=False)
-        if decision is not None and observation is not None:
-            if decision.source in ("shifted_plan", "recipe"):
-                alarms["solver_fallback"] = f"the MPC failed; running the {decision.source.replace('_', ' ')}"
-            filtered = filter_setpoints(
-                decision.setpoints,
-                observation.applied,
-                self.batch,
-                temperature_rate_degc_per_h=self.settings.nmpc.mpc.temperature_rate_max_degc_per_h,
-                dt_h=self.batch.cycle_period_h,
-            )
-            adjustments = filtered.adjustments
-            if adjustments:
-                log.info("setpoints_filtered", process_time_h=now_h, adjustments=list(adjustments))
-            applied = filtered.setpoints.as_dict()
-        self._expire_recommendation()
-        if decision is not None and applied is not None and observation is not None:
-            self.recommendation = Recommendation(
-                made_at_h=now_h,
-                status=RecommendationStatus.PENDING if state is State.ADVISORY else RecommendationStatus.INFORMATION,
-                basis_sample_seq=self.quality.last_lab_seq,
-                basis_setpoints=(observation.applied.feed_rate_lph, observation.applied.glucose_rate_lph, observation.applied.temperature_degc),
-                expires_at_h=self._boundary_after(now_h),
-                feed_rate_lph=float(applied["feed_rate_lph"]),
-                glucose_rate_lph=float(applied["glucose_rate_lph"]),
-                temperature_degc=float(applied["temperature_degc"]),
-                harvest_now=bool(decision.setpoints.harvest),
-                harvest_time_h=float(now_h if decision.setpoints.harvest else decision.harvest_time_h),
-                predicted_titer_g_per_l=float(decision.predicted_titer_g_per_l),
-                predicted_score_g_per_day=float(decision.predicted_score_g_per_day),
-                source=decision.source,
-            )
-        if decision is not None and applied is not None and self.recommendation is not None:
-            alarms.update(self._look_ahead(now_h, decision, state, report.accepted))
-        link_error: PlcLinkError | None = None
-        self._write_time_s = 0.0
         try:
-            if decision is not None and applied is not None:
-                wrote_setpoints = await self._write_outputs(now_h, state, decision, applied)
-                plc_accepts = status.get("Status.RemoteEnabled") is True and status.get("Status.WatchdogTripped") is False
-                if state is State.ADVISORY and self.settings.auto_approve and self.recommendation is not None and plc_accepts:
-                    try:
-                        wrote_setpoints = await self._sign(self.recommendation, AUTO_APPROVER, Meaning.APPROVED, "automatic approval (lockstep tests and demos)", now_h)
-                    except ApprovalRefusedError as error:
-                        log.warning("auto_approval_refused", process_time_h=now_h, reason=str(error))
-            else:
-                await self._write(now_h, {"MPC.Mode": state.plc_mode})
-        except PlcLinkError as error:
-            link_error = error  # the estimator has seen this cycle: it is recorded, then the link is handled
-        if self._write_failures:
-            alarms["write_failed"] = f"{self._write_failures} setpoint writes in a row failed"
-        if self._audit_problem is not None:
-            alarms["audit_unavailable"] = self._audit_problem
-        self._update_alarms(now_h, alarms)
-
-        record = CycleRecord(
-            process_time_h=now_h,
-            state=state.value,
-            reason=self.modes.reason,
-            source=decision.source if decision is not None else "none",
-            requested=decision.setpoints.as_dict() if decision is not None else None,
-            applied=applied,
-            adjustments=adjustments,
-            harvest_time_h=decision.harvest_time_h if decision is not None else math.nan,
-            predicted_titer_g_per_l=decision.predicted_titer_g_per_l if decision is not None else math.nan,
-            predicted_score_g_per_day=decision.predicted_score_g_per_day if decision is not None else math.nan,
-            solve_time_s=decision.solve_time_s if decision is not None else math.nan,
-            estimate=_estimate_summary(self.estimator),
-            wrote_setpoints=wrote_setpoints,
-            read_time_s=self._read_time_s,
-            write_time_s=self._write_time_s,
-        )
-        resume = ResumeState(
-            batch_id=self.batch.batch_id,
-            last_cycle_h=now_h,
-            estimator=self.estimator.to_dict(),
-            lab_seq=self.quality.last_lab_seq,
-            harvest_time_h=self.controller.harvest_time_h,
-            requested_mode=self.modes.requested.value,
-        )
-        self.history.commit_cycle(record, resume)
-        self._count(record, decision)
-        self._next_cycle_h = self._boundary_after(now_h)
-        self.last_report = CycleReport(record, report.problems, tuple(sorted(self._alarms)))
+            self.history.record_scan(now_h, readings, plan.report.problems)
+            if plan.lab is not None:
+                self.history.record_lab(now_h, plan.lab, used=plan.lab_used)
+            for change in plan.changes:
+                self._record_change(now_h, change)
+            self.history.save_resume(plan.resume)
+        except HistoryUnavailableError as error:  # nothing written to the PLC yet: the cycle did not happen
+            cycle.abandon(plan)
+            self._storage_lost(error)
+            return PollOutcome.STORAGE_DOWN
+        self._storage_restored(now_h)
+        self.desk.offer(plan.recommendation)
+        written, failed, storage_error = await self._write_plan(plan, now_h)
+        extra = {"audit_unavailable": self._audit_problem} if self._audit_problem is not None else {}
+        outcome = cycle.conclude(plan, setpoints_written=written, setpoint_write_failed=failed, extra_alarms=extra, read_time_s=self._read_time_s, write_time_s=self._write_time_s)
+        try:
+            self.history.commit_cycle(outcome.record, outcome.resume)
+            self._record_alarms(now_h, outcome.alarm_changes)
+        except HistoryUnavailableError as error:
+            storage_error = storage_error or error
+        self._count(outcome.record)
+        self._last_cycle_wall_s = time.monotonic()
+        self.last_report = CycleReport(outcome.record, plan.report.problems, tuple(sorted(self.alarms)))
         if self._on_cycle is not None:
             self._on_cycle(self.last_report)
-        if link_error is not None:
-            raise link_error
-        hand_over = self.settings.fault_hand_over_cycles
-        if state is State.FAULT and hand_over is not None and self._fault_cycles >= hand_over:
-            if self._fault_cycles == hand_over:
-                log.warning("heartbeat_withheld", process_time_h=now_h, reason=self.modes.reason, fault_cycles=self._fault_cycles)
-                self._audited(now_h, actor="runtime", action="heartbeat_withheld", subject="MPC.Heartbeat", details={"reason": self.modes.reason})
-            return  # the PLC's watchdog will hand control to its local recipe
-        await self._beat(now_h)
+        if storage_error is not None:
+            self._storage_lost(storage_error)
+            return PollOutcome.STORAGE_DOWN  # no heartbeat: the PLC's watchdog hands control to its recipe
+        if outcome.hand_over_started:
+            self._audited(now_h, actor="runtime", action="heartbeat_withheld", subject="MPC.Heartbeat", details={"reason": self.modes.reason})
+        if outcome.beat:
+            try:
+                await self._beat(cycle, now_h)
+            except HistoryUnavailableError as error:  # the heartbeat's record cannot be written: it is not sent
+                self._storage_lost(error)
+                return PollOutcome.STORAGE_DOWN
+        return PollOutcome.CYCLED
 
-    async def _write_outputs(self, now_h: float, state: State, decision: Decision, applied: Mapping[str, float | bool]) -> bool:
-        """The writes of this state; whether setpoints were written and verified."""
-        values: dict[str, Value] = {"MPC.Mode": state.plc_mode}
-        if state.writes_recommendations:
-            recommended = (applied["feed_rate_lph"], applied["glucose_rate_lph"], applied["temperature_degc"])
-            values.update(zip(RECOMMENDATION_SIGNALS, map(float, recommended), strict=True))
-            values["MPC.Rec.HarvestTime"] = float(now_h if decision.setpoints.harvest else decision.harvest_time_h)
-            if math.isfinite(decision.predicted_titer_g_per_l):
-                values["MPC.Pred.HarvestTiter"] = float(decision.predicted_titer_g_per_l)
-        if not state.writes_setpoints:
-            await self._write(now_h, values)
-            if state is not State.FAULT:
-                self._write_failures = 0  # held, advisory or off: the failures were about closed loop
-            return False
-        values.update({"SP.FeedRate": float(applied["feed_rate_lph"]), "SP.GlucoseRate": float(applied["glucose_rate_lph"]), "SP.Temperature": float(applied["temperature_degc"])})
-        ok = await self._write(now_h, values)
-        if ok and decision.setpoints.harvest:
-            log.info("harvest_requested", process_time_h=now_h, predicted_titer_g_per_l=decision.predicted_titer_g_per_l)
-            ok = await self._write(now_h, {"SP.HarvestRequest": True})
-        self._write_failures = 0 if ok else self._write_failures + 1
-        return ok
+    async def _write_plan(self, plan: CyclePlan, now_h: float) -> tuple[bool, bool, HistoryUnavailableError | None]:
+        """The plan's writes in order (a failed group stops the rest), then any automatic approval: (setpoints written, setpoint write failed, storage error)."""
+        self._write_time_s = 0.0
+        written = failed = False
+        try:
+            for group in plan.writes:
+                ok = await self._write(now_h, group.values, setpoints=group.setpoints)
+                if group.setpoints:
+                    written, failed = ok, not ok
+                if not ok:
+                    break
+            if plan.state is State.ADVISORY and self.settings.auto_approve and plan.recommendation is not None and _plc_accepts(plan):
+                try:
+                    written = await self._sign(plan.recommendation, AUTO_APPROVER, Meaning.APPROVED, "automatic approval (lockstep tests and demos)", now_h)
+                except ApprovalRefusedError as error:
+                    log.warning("auto_approval_refused", process_time_h=now_h, reason=str(error))
+        except HistoryUnavailableError as error:
+            return False, False, error
+        return written, failed, None
 
-    async def _write(self, now_h: float, values: Mapping[str, Value], *, actor: str = "runtime") -> bool:
-        """One write request, recorded whatever its outcome; never retried. A lost link propagates.
+    async def _write(self, now_h: float, values: Mapping[str, Value], *, setpoints: bool = False, actor: str = "runtime") -> bool:
+        """One write request: its intent recorded first (and, for setpoints, audited: no record, no write), then sent once, then its outcome.
 
-        A setpoint write is recorded in the audit trail first; if that record
-        cannot be written, the write is refused (not sent).
+        A lost link propagates; a history that cannot record the intent raises
+        :class:`HistoryUnavailableError` and nothing is sent.
         """
-        setpoints = {name: value for name, value in values.items() if name.startswith("SP.")}
-        if setpoints and not self._audited(now_h, actor=actor, action="setpoint_write", subject="SP.*", details=setpoints):
-            self.history.record_write(now_h, values, "refused", "the audit record could not be written; nothing sent")
+        write_id = self.history.record_write_intent(now_h, values)
+        sp = {name: value for name, value in values.items() if name.startswith("SP.")}
+        if setpoints and not self._audited(now_h, actor=actor, action="setpoint_write", subject="SP.*", details={**sp, "write_id": write_id}):
+            self.history.record_write_outcome(write_id, "refused", "the audit record could not be written; nothing sent")
             self.summary.writes_failed += 1
             return False
         started = time.perf_counter()
@@ -478,9 +499,9 @@ class Runtime:
             self._write_time_s += time.perf_counter() - started
             self.summary.writes_failed += 1
             outcome = "link_error" if isinstance(error, PlcLinkError) else "refused" if isinstance(error, PlcWriteRefusedError) else "mismatch"
-            self.history.record_write(now_h, values, outcome, str(error))
+            self.history.record_write_outcome(write_id, outcome, str(error))
             if setpoints:
-                self._audited(now_h, actor=actor, action="setpoint_write_result", subject="SP.*", details={"outcome": outcome, "detail": str(error)})
+                self._audited(now_h, actor=actor, action="setpoint_write_result", subject="SP.*", details={"write_id": write_id, "outcome": outcome, "detail": str(error)})
             if isinstance(error, PlcLinkError):
                 raise
             if isinstance(error, PlcWriteRefusedError):
@@ -489,37 +510,22 @@ class Runtime:
                 log.error("write_mismatch", process_time_h=now_h, error=str(error))
             return False
         self._write_time_s += time.perf_counter() - started
-        self.history.record_write(now_h, values, "ok")
+        self.history.record_write_outcome(write_id, "ok")
         if setpoints:
-            self._audited(now_h, actor=actor, action="setpoint_write_result", subject="SP.*", details={"outcome": "ok"})
+            self._audited(now_h, actor=actor, action="setpoint_write_result", subject="SP.*", details={"write_id": write_id, "outcome": "ok"})
         self.summary.writes_ok += 1
         return True
 
-    async def _beat(self, now_h: float) -> None:
-        self._heartbeat = (self._heartbeat + 1) & UINT32_MAX
-        await self._write(now_h, {"MPC.Heartbeat": self._heartbeat})
+    async def _beat(self, cycle: ControlCycle, now_h: float) -> None:
+        value = cycle.next_heartbeat()
+        try:
+            ok = await self._write(now_h, {"MPC.Heartbeat": value})
+        except PlcLinkError:
+            cycle.heartbeat_written(None)
+            raise
+        cycle.heartbeat_written(value if ok else None)
 
     # ------------------------------------------------------------------ the operator (advisory mode)
-
-    def view(self) -> dict[str, Any]:
-        """What the operator screen shows now, as JSON-compatible data."""
-        report = self.last_report
-        estimate = _estimate_summary(self.estimator) if self.estimator is not None else None
-        return {
-            "batch_id": self.batch.batch_id,
-            "process_time_h": self._last_time_h if math.isfinite(self._last_time_h) else None,
-            "next_cycle_h": self._next_cycle_h,
-            "state": self.modes.state.value,
-            "reason": self.modes.reason,
-            "requested_mode": self.modes.requested.value,
-            "link_up": self._link_up,
-            "data_quality": dict(report.problems) if report is not None else {},
-            "alarms": dict(self._alarms),
-            "recommendation": self.recommendation.as_dict() if self.recommendation is not None else None,
-            "estimate": estimate,
-            "cycles": self.summary.cycles,
-            "decisions": dict(self.summary.decisions),
-        }
 
     async def approve(self, made_at_h: float, *, signer: Signer, reason: str) -> Recommendation:
         """Sign and apply the current recommendation: its setpoints are written now, while remote is enabled."""
@@ -538,100 +544,61 @@ class Runtime:
             raise ApprovalRefusedError("the audit record could not be written; the mode is unchanged")
         self.modes.request(mode)
 
+    def acknowledge(self, code: str, *, user: str, reason: str) -> None:
+        """An engineer acknowledges a held physical contradiction (audited first); the next cycle checks the signals afresh."""
+        if not reason.strip():
+            raise ApprovalRefusedError("an acknowledgement needs a reason")
+        if self.cycle is None or code not in self.cycle.contradictions:
+            raise ApprovalRefusedError(f"no physical contradiction {code!r} is held")
+        if not self._audited(self._last_time_h, actor=user, action="contradiction_acknowledged", subject=code, details={"reason": reason}):
+            raise ApprovalRefusedError("the audit record could not be written; the contradiction is still held")
+        self.cycle.acknowledge(code)
+
     async def _operator_sign(self, made_at_h: float, signer: Signer, meaning: Meaning, reason: str) -> Recommendation:
         if not reason.strip():
             raise ApprovalRefusedError(f"a signature ({meaning.value}) needs a reason")
         async with self._io:
-            current = self.recommendation
-            if current is None or abs(current.made_at_h - made_at_h) > TIME_TOLERANCE_H:
-                raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h is not the current one: it has expired")
-            if current.status is RecommendationStatus.INFORMATION:
-                raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h was made in {self.modes.state.value}, not advisory: nothing to sign")
-            if current.status is not RecommendationStatus.PENDING:
-                raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h is already {current.status.value}")
-            if self.modes.state is not State.ADVISORY or self.modes.requested is not RequestedMode.ADVISORY:
-                raise ApprovalRefusedError(f"signatures apply in advisory mode; the runtime is {self.modes.state.value}, {self.modes.requested.value} requested")
+            current = self.desk.signable(made_at_h, self.modes)
             try:
                 readings = await self.port.read()
             except PlcLinkError as error:
                 raise ApprovalRefusedError(f"the PLC cannot be read, nothing written: {error}") from error
-            now_h, remote = _process_time_h(readings), readings["Status.RemoteEnabled"]
-            if not math.isfinite(now_h) or now_h >= current.expires_at_h - TIME_TOLERANCE_H:
-                self._expire_recommendation()
-                raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h has expired: the batch clock reads {now_h:.2f} h")
-            moved = self._moved_on(current, readings)
-            if moved:
-                self._expire_recommendation()
-                raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h has expired: {moved}")
-            if meaning is Meaning.APPROVED and not (remote.good and remote.value is True):
+            now_h, remote = process_time_of(readings), readings.get("Status.RemoteEnabled")
+            self.desk.still_current(current, readings, now_h)
+            if meaning is Meaning.APPROVED and not (remote is not None and remote.good and remote.value is True):
                 raise ApprovalRefusedError("the PLC does not accept setpoints (Status.RemoteEnabled is false); nothing written")
             try:
                 await self._sign(current, signer, meaning, reason, now_h)
             except PlcLinkError as error:
                 self._link_lost(error)
                 raise ApprovalRefusedError(f"the PLC link failed during the write; read the PLC before acting again: {error}") from error
-            return self.recommendation  # type: ignore[return-value]
+            except HistoryUnavailableError as error:
+                self._storage_lost(error)
+                raise ApprovalRefusedError(f"the history cannot be written, nothing sent: {error}") from error
+            signed = self.desk.recommendation
+            if signed is None:
+                raise ApprovalRefusedError("the recommendation is gone")
+            return signed
 
     async def _sign(self, recommendation: Recommendation, signer: Signer, meaning: Meaning, reason: str, now_h: float) -> bool:
         """Record the signature (refused if it cannot be), then, for an approval, write its setpoints; whether they were written."""
         signature = Signature(signer, meaning, reason, now_utc(), recommendation.made_at_h)
-        details = {"signature": signature.as_dict(), "recommendation": recommendation.as_dict()}
         subject = f"recommendation made at {recommendation.made_at_h:.2f} h"
+        details = {"signature": signature.as_dict(), "recommendation": recommendation.as_dict()}
         if not self._audited(now_h, actor=signer.name, action=f"recommendation_{meaning.value}", subject=subject, details=details):
             raise ApprovalRefusedError("the signature could not be recorded in the audit trail; nothing done")
-        self.recommendation = recommendation.signed(signature)
+        self.desk.apply(recommendation, signature)
         log.info("recommendation_signed", meaning=meaning.value, signer=signer.name, made_at_h=recommendation.made_at_h, reason=reason)
         if meaning is not Meaning.APPROVED:
             return False
-        written = await self._write(now_h, recommendation.setpoint_values(), actor=signer.name)
+        written = await self._write(now_h, recommendation.setpoint_values(), setpoints=True, actor=signer.name)
         if written and recommendation.harvest_now:
-            written = await self._write(now_h, {"SP.HarvestRequest": True}, actor=signer.name)
+            written = await self._write(now_h, {"SP.HarvestRequest": True}, setpoints=True, actor=signer.name)
         if not written:
             raise ApprovalRefusedError("the approval is recorded but the PLC refused the setpoints; see the history's writes")
         return True
 
-    def _look_ahead(self, now_h: float, decision: Decision, state: State, status: Mapping[str, Any]) -> dict[str, str]:
-        """Early warnings from the plan's forecast; with a screen or in advisory mode, the forecast to harvest and the recipe's outcome too."""
-        estimator, controller, solution = self.estimator, self.controller, decision.solution
-        if estimator is None or controller is None or solution is None:
-            return {}
-        config = self.settings.early_warning
-        full = self.settings.screen is not None or state is State.ADVISORY
-        until_h = max(decision.harvest_time_h, now_h + config.window_h) if full else now_h + config.window_h
-        if self._kernel is None:
-            self._kernel = ForecastKernel(estimator)
-        try:
-            predicted = forecast(estimator, plan_schedule(solution), until_h=until_h, kernel=self._kernel)
-        except BioreactorMPCError as error:  # a failed plan or a diverged forecast: no warnings this cycle, and the log says so
-            log.warning("forecast_failed", process_time_h=now_h, error=str(error))
-            self.forecast = None
-            return {}
-        self.forecast = predicted if full else None
-        if full and self.recommendation is not None and now_h < min(self.batch.recipe.harvest_h, self.batch.limits.latest_harvest_h):
-            delivered = self.batch.media.glucose_delivered_g(float(status.get("PV.FeedTotal", 0.0)), float(status.get("PV.GlucoseFeedTotal", 0.0)))
-            try:
-                recipe = recipe_outcome(estimator, controller.recipe, self.batch, glucose_delivered_g=delivered, kernel=self._kernel)
-            except BioreactorMPCError as error:
-                log.warning("recipe_forecast_failed", process_time_h=now_h, error=str(error))
-            else:
-                self.recommendation = replace(self.recommendation, recipe_titer_g_per_l=recipe.titer_g_per_l, recipe_score_g_per_day=recipe.score_g_per_day)
-        return {warning.code: warning.message for warning in early_warnings(predicted, self.batch, config, now_h=now_h)}
-
-    @staticmethod
-    def _moved_on(recommendation: Recommendation, readings: Mapping[str, Reading]) -> str:
-        """Why the data a recommendation was computed from has moved on ('' if it has not): a new lab result, other setpoints at the PLC."""
-        seq = readings.get("Sample.Seq")
-        if seq is not None and seq.good and int(seq.value) != recommendation.basis_sample_seq:  # type: ignore[arg-type]
-            return f"a new lab result (Sample.Seq {seq.value}) arrived since"
-        for signal, basis in zip(SETPOINT_SIGNALS, recommendation.basis_setpoints, strict=True):
-            reading = readings.get(signal)
-            if reading is None or not reading.good or not math.isclose(float(reading.value), basis, rel_tol=1e-6, abs_tol=1e-6):  # type: ignore[arg-type]
-                return f"the PLC's {signal} changed since (now {reading.value if reading is not None else None!r}, was {basis:.6g})"
-        return ""
-
-    def _expire_recommendation(self) -> None:
-        if self.recommendation is not None and self.recommendation.status is RecommendationStatus.PENDING:
-            self.recommendation = self.recommendation.expired()
+    # ------------------------------------------------------------------ records
 
     def _audited(self, now_h: float, *, actor: str, action: str, subject: str, details: Mapping[str, Any]) -> bool:
         """Append to the audit trail; False (with an alarm) when it cannot be written. No audit trail configured: True."""
@@ -646,15 +613,13 @@ class Runtime:
         self._audit_problem = None
         return True
 
-    # ------------------------------------------------------------------ bookkeeping
-
-    def _count(self, record: CycleRecord, decision: Decision | None) -> None:
+    def _count(self, record: CycleRecord) -> None:
         summary = self.summary
         summary.cycles += 1
         summary.last_process_time_h = record.process_time_h
         summary.states[record.state] = summary.states.get(record.state, 0) + 1
         summary.decisions[record.source] = summary.decisions.get(record.source, 0) + 1
-        if decision is not None and math.isfinite(record.solve_time_s):
+        if math.isfinite(record.solve_time_s):
             summary.solve_times_s.append(record.solve_time_s)
 
     def _record_change(self, now_h: float, change: StateChange | None) -> None:
@@ -663,53 +628,82 @@ class Runtime:
             details = {"from": change.previous.value, "to": change.state.value, "reason": change.reason, "requested": self.modes.requested.value}
             self._audited(now_h, actor="runtime", action="state_changed", subject="state", details=details)
 
-    def _update_alarms(self, now_h: float, current: Mapping[str, str]) -> None:
-        """Raise the alarms that are new and clear the ones that are gone, each once, in the log and the history."""
-        for code, message in current.items():
-            if code not in self._alarms:
-                log.warning("alarm_raised", code=code, message=message, process_time_h=now_h)
-                self.history.record_alarm(now_h, code, message, active=True)
-                self._audited(now_h, actor="runtime", action="alarm_raised", subject=code, details={"message": message})
-        for code in [c for c in self._alarms if c not in current and c != "plc_link"]:
-            log.info("alarm_cleared", code=code, process_time_h=now_h)
-            message = self._alarms.pop(code)
-            self.history.record_alarm(now_h, code, message, active=False)
-            self._audited(now_h, actor="runtime", action="alarm_cleared", subject=code, details={"message": message})
-        self._alarms.update(current)
+    def _record_alarms(self, now_h: float, changes: tuple[AlarmChange, ...] | list[AlarmChange]) -> None:
+        for change in changes:
+            if change.active:
+                log.warning("alarm_raised", code=change.code, message=change.message, process_time_h=now_h)
+            else:
+                log.info("alarm_cleared", code=change.code, process_time_h=now_h)
+            self.history.record_alarm(now_h, change.code, change.message, active=change.active)
+            self._audited(now_h, actor="runtime", action="alarm_raised" if change.active else "alarm_cleared", subject=change.code, details={"message": change.message})
 
     def _link_lost(self, error: PlcLinkError) -> None:
-        if self._link_up or "plc_link" not in self._alarms:
+        if isinstance(error, PlcAuthError):
+            self._auth_wait_s = max(self._auth_wait_s, error.retry_after_s)
+        change = self._link_alarms.raise_("plc_link", f"PLC link lost: {error}")
+        if self._link_up or change is not None:
             self.summary.link_losses += 1
-            message = f"PLC link lost: {error}"
-            log.error("alarm_raised", code="plc_link", message=message, process_time_h=self._last_time_h)
-            self._alarms["plc_link"] = message
-            if self._history_ready():
-                self.history.record_alarm(self._last_time_h, "plc_link", message, active=True)
-                self._audited(self._last_time_h, actor="runtime", action="alarm_raised", subject="plc_link", details={"message": message})
-                self._record_change(self._last_time_h, self.modes.evaluate(Conditions(link_up=False)))
+            log.error("alarm_raised", code="plc_link", message=f"PLC link lost: {error}", process_time_h=self._last_time_h, retry_after_s=self._auth_wait_s or None)
+            if self._run_started and change is not None:
+                self._try_record(lambda: self._record_alarms_quietly([change]))
+                state_change = self.modes.evaluate(Conditions(link_up=False))
+                self._try_record(lambda: self._record_change(self._last_time_h, state_change))
             else:
                 self.modes.evaluate(Conditions(link_up=False))
         self._link_up = False
 
     def _link_restored(self) -> None:
         self._link_up = True
-        if "plc_link" in self._alarms:
-            message = self._alarms.pop("plc_link")
+        change = self._link_alarms.clear("plc_link")
+        if change is not None:
             log.info("alarm_cleared", code="plc_link", process_time_h=self._last_time_h)
-            if self._history_ready():
-                self.history.record_alarm(self._last_time_h, "plc_link", message, active=False)
-                self._audited(self._last_time_h, actor="runtime", action="alarm_cleared", subject="plc_link", details={"message": message})
+            if self._run_started:
+                self._try_record(lambda: self._record_alarms_quietly([change]))
 
-    def _history_ready(self) -> bool:
-        return self.controller is not None
+    def _storage_lost(self, error: HistoryUnavailableError) -> None:
+        message = f"the history cannot be written: {error}. No writes to the PLC, heartbeat withheld (the PLC's recipe takes over) until it can"
+        self._storage_problem = str(error)
+        if self._link_alarms.raise_("history_unavailable", message) is not None:
+            self.summary.storage_losses += 1
+            self._storage_lost_at_h = self._last_time_h
+            log.error("alarm_raised", code="history_unavailable", message=message, process_time_h=self._last_time_h)
+            self._audited(self._last_time_h, actor="runtime", action="alarm_raised", subject="history_unavailable", details={"message": message})
+
+    def _storage_restored(self, now_h: float) -> None:
+        """The history took a record again: the storage alarm, raised while nothing could be recorded, goes in now with its clearing."""
+        if self._storage_problem is None:
+            return
+        self._storage_problem = None
+        change = self._link_alarms.clear("history_unavailable")
+        if change is None:
+            return
+        log.info("alarm_cleared", code="history_unavailable", process_time_h=now_h)
+        lost_at_h = self._storage_lost_at_h if math.isfinite(self._storage_lost_at_h) else now_h
+        self.history.record_alarm(lost_at_h, change.code, change.message, active=True)
+        self.history.record_alarm(now_h, change.code, change.message, active=False)
+        self._audited(now_h, actor="runtime", action="alarm_cleared", subject=change.code, details={"message": change.message, "raised_at_h": lost_at_h})
+
+    def _record_alarms_quietly(self, changes: list[AlarmChange]) -> None:
+        for change in changes:
+            self.history.record_alarm(self._last_time_h, change.code, change.message, active=change.active)
+            self._audited(self._last_time_h, actor="runtime", action="alarm_raised" if change.active else "alarm_cleared", subject=change.code, details={"message": change.message})
+
+    def _try_record(self, record: Callable[[], None]) -> None:
+        try:
+            record()
+        except HistoryUnavailableError as error:
+            self._storage_lost(error)
 
 
-def _process_time_h(readings: Mapping[str, Reading]) -> float:
-    """The batch clock of a scan; NaN when it is Bad or not a number."""
-    clock = readings["Status.ProcessTime"]
-    if not clock.good or isinstance(clock.value, str):
-        return math.nan
-    return float(clock.value)
+def _plc_accepts(plan: CyclePlan) -> bool:
+    status = plan.report.accepted
+    return status.get("Status.RemoteEnabled") is True and status.get("Status.WatchdogTripped") is False
+
+
+def _same_value(held: Value, written: Value) -> bool:
+    if isinstance(written, bool) or isinstance(held, bool | str) or isinstance(written, str):
+        return held == written
+    return math.isclose(float(held), float(written), rel_tol=1e-6, abs_tol=1e-6)
 
 
 def _sha256(data: Any) -> str:

@@ -13,7 +13,9 @@ from controller.estimator import EstimatorConfig
 from controller.forecast import EarlyWarningConfig
 from controller.modes import RequestedMode
 from controller.nmpc import NmpcConfig
+from controller.plausibility import PlausibilityConfig
 from controller.quality import DataQualityConfig
+from controller.safeguards import SafeguardSettings
 from plant_models.config_loading import FieldError, FrozenConfig, config_error, read_yaml_mapping, validate_model
 from plant_models.errors import ConfigError
 from plant_models.parameters import CultureParameters, parameter_vector
@@ -38,10 +40,11 @@ class RuntimeSettings(FrozenConfig):
     max_write_failures: int = Field(default=3, ge=1, description="failed setpoint writes in a row before the runtime drops to fault")
     write_retry_cycles: int = Field(default=6, ge=1, description="cycles in fault for failing writes before one more write is tried")
     fault_hand_over_cycles: int | None = Field(
-        default=None,
+        default=3,
         ge=1,
-        description="after this many cycles in fault, stop moving MPC.Heartbeat so that the PLC's watchdog hands control to its local recipe "
-        "(a deliberate departure from the reference interface, which moves it in every state); none: always move it",
+        description="after this many cycles in fault, stop moving MPC.Heartbeat so that the PLC's watchdog hands control to its local recipe: "
+        "a runtime that cannot trust what it sees must not leave the PLC on its last setpoints (docs/runtime.md, section 7); "
+        "null: always move it, as the reference interface reads literally",
     )
     auto_approve: bool = Field(default=False, description="advisory mode: approve every recommendation at once (lockstep tests and demos only; logged at start)")
     screen: ScreenSettings | None = Field(default=None, description="serve the operator screen; none without this section")
@@ -49,6 +52,8 @@ class RuntimeSettings(FrozenConfig):
     quality: DataQualityConfig = DataQualityConfig()
     nmpc: NmpcConfig = NmpcConfig()
     estimator: EstimatorConfig = EstimatorConfig()
+    plausibility: PlausibilityConfig = PlausibilityConfig()
+    safeguards: SafeguardSettings = SafeguardSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> RuntimeSettings:

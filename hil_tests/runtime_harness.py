@@ -17,6 +17,7 @@ from typing import Any
 
 from bioreactor_mpc.demo import free_port
 from controller.mpc import EconomicMpc
+from controller.ports import Reading
 from controller.runtime import CycleReport, Runtime, RunSummary
 from controller.runtime_config import RuntimeSettings
 from interfaces.history import SqliteHistory
@@ -30,7 +31,9 @@ from simulator.plc import SimulatedPlc
 
 REPO = Path(__file__).resolve().parent.parent
 TAG_MAPS = {protocol: load_tag_map(REPO / "configs" / "plc" / f"reference-{protocol}.yaml") for protocol in ("opcua", "modbus")}
-TEST_SETTINGS = RuntimeSettings(poll_interval_s=0.01, io_timeout_s=2.0, reconnect_initial_s=0.05, reconnect_max_s=0.3)
+TEST_SETTINGS = RuntimeSettings.model_validate(
+    {"poll_interval_s": 0.01, "io_timeout_s": 2.0, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.3, "safeguards": {"claim_watch_s": 0.2}}
+)
 
 
 class TcpProxy:
@@ -81,6 +84,11 @@ class SimulatedPlant:
         self.proxy = proxy
         self._server = server
         self._lockstep = asyncio.create_task(server.run_lockstep(wall_timeout_s=lockstep_timeout_s))
+        self.stop = asyncio.Event()
+        """Set to stop the runtime (after its current cycle)."""
+
+    def request_stop(self) -> None:
+        self.stop.set()
 
     async def set_lockstep_timeout(self, seconds: float) -> None:
         """Restart the lockstep clock with another wall timeout (short: the plant runs on without the runtime)."""
@@ -103,11 +111,37 @@ class SimulatedPlant:
             await self._lockstep
 
 
+class TamperingPort:
+    """A PLC port whose scans a test can change on the way in (a faulty PLC program, a mis-scaled tag, a clock that jumps); writes pass through."""
+
+    def __init__(self, port: Any) -> None:
+        self.port = port
+        self.tamper: Callable[[dict[str, Reading]], dict[str, Reading]] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.port.connected)
+
+    async def connect(self) -> None:
+        await self.port.connect()
+
+    async def close(self) -> None:
+        await self.port.close()
+
+    async def read(self) -> dict[str, Reading]:
+        readings: dict[str, Reading] = await self.port.read()
+        return self.tamper(readings) if self.tamper is not None else readings
+
+    async def write(self, values: Any) -> None:
+        await self.port.write(values)
+
+
 @dataclass
 class RunResult:
     summary: RunSummary
     plc: SimulatedPlc
     history: SqliteHistory
+    runtime: Runtime
 
     def rows(self, table: str) -> list[dict[str, Any]]:
         return self.history.table(table)
@@ -142,9 +176,20 @@ async def run_runtime_against(
     lockstep_timeout_s: float = 10.0,
     wall_timeout_s: float = 240.0,
     audit: Any = None,
+    start_at_h: float = 0.0,
+    history: SqliteHistory | None = None,
+    takeover: Any = None,
+    port: Callable[[Any], Any] | None = None,
+    runtime_ref: dict[str, Runtime] | None = None,
 ) -> RunResult:
-    """One (partial) batch: the runtime against the simulated PLC of ``loaded``; ``runtime_loaded`` gives the runtime another batch file."""
+    """One (partial) batch: the runtime against the simulated PLC of ``loaded``; ``runtime_loaded`` gives the runtime another batch file.
+
+    ``start_at_h``: the PLC runs its recipe alone until then (a runtime started mid-batch); ``port`` wraps the runtime's PLC port
+    (a :class:`TamperingPort`); ``history``: an open history to use instead of one at ``history_path``.
+    """
     plc, _ = build_simulated_plc(loaded)
+    if start_at_h > 0.0:
+        plc.advance_to(start_at_h)
     plc.lockstep = True
     server_port = free_port()
     server = _server(protocol, plc, server_port)
@@ -152,8 +197,8 @@ async def run_runtime_against(
     proxy = TcpProxy(server_port)
     await proxy.start()
     plant = SimulatedPlant(plc, server, proxy, lockstep_timeout_s)
-    history = SqliteHistory(history_path)
-    stop = asyncio.Event()
+    history = history if history is not None else SqliteHistory(history_path)
+    stop = plant.stop
     pending: set[asyncio.Task[Any]] = set()
 
     def cycle(report: CycleReport) -> None:
@@ -166,8 +211,9 @@ async def run_runtime_against(
                 pending.add(task)
 
     source = runtime_loaded or loaded
+    plc_port = _port(protocol, proxy.port)
     runtime = Runtime(
-        port=_port(protocol, proxy.port),
+        port=port(plc_port) if port is not None else plc_port,
         history=history,
         batch=source.batch,
         nominal_parameters=parameter_vector(source.nominal, source.batch.media),
@@ -175,7 +221,10 @@ async def run_runtime_against(
         mpc=mpc,
         on_cycle=cycle,
         audit=audit,
+        takeover=takeover,
     )
+    if runtime_ref is not None:
+        runtime_ref["runtime"] = runtime
     try:
         summary = await asyncio.wait_for(runtime.run(stop=stop), wall_timeout_s)
         for task in pending:
@@ -184,4 +233,4 @@ async def run_runtime_against(
         await plant.stop_clock()
         await proxy.cut()
         await server.stop()
-    return RunResult(summary, plc, history)
+    return RunResult(summary, plc, history, runtime)

@@ -220,7 +220,7 @@ def test_only_engineers_change_the_mode_and_monitoring_sees_it(tmp_path, mpc):
             assert 'bioreactor_mpc_state{state="closed_loop"} 1.0' in metrics and "bioreactor_mpc_solve_seconds_count" in metrics
             health = await erik.get("/healthz")
             assert health.status_code == 200 and health.json()["healthy"] is True
-            resume = SqliteHistory(screen.history_path).load_resume("BR01-DEMO-001")
+            resume = SqliteHistory(screen.history_path, read_only=True).load_resume("BR01-DEMO-001")
             assert resume is not None and resume.requested_mode == "closed-loop", "the engineer's choice outlives a restart"
             audit = AuditTrail(screen.history_path, read_only=True)
             requested = [r for r in audit.records() if r.action == "mode_requested"]

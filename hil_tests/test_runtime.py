@@ -191,7 +191,7 @@ def test_bad_nan_stale_and_frozen_probes_and_a_lab_typo_are_rejected_not_used(tm
     assert "quality.PV.OUR" in cleared  # the NaN fault ended at 10 h
     # A failed probe is not a critical input: the runtime kept control and the estimate stayed sane.
     cycles = result.rows("cycles")
-    assert {c["state"] for c in cycles} == {"closed_loop"}
+    assert {c["state"] for c in cycles} == {"closed_loop"}, {(c["process_time_h"], c["reason"]) for c in cycles if c["state"] != "closed_loop"}
     last = json.loads(cycles[-1]["estimate"])
     true_vcd = result.plc.plant.state[0]
     assert last["state"]["viable_cells"] == pytest.approx(true_vcd, rel=0.25)
@@ -204,10 +204,11 @@ def test_bad_nan_stale_and_frozen_probes_and_a_lab_typo_are_rejected_not_used(tm
 
 
 def test_a_write_refused_as_out_of_range_is_reported_and_leads_to_fault(tmp_path, mpc):
-    """The PLC's temperature range is 37.5-38 °C; the runtime (rate-limited from 36.5 °C) can only ask for less."""
-    loaded = load_simulation(_scenario(tmp_path, "narrow", batch_changes={"equipment": {"temperature_min_degc": 37.5}}))
+    """The PLC's temperature range is 30-36.6 °C, its recipe at 36.5 °C; the runtime's batch file says up to 38 °C and it asks for more than 36.6."""
+    narrow = {"equipment": {"temperature_max_degc": 36.6}, "recipe": {"temperature_shifted_degc": 36.5}}
+    loaded = load_simulation(_scenario(tmp_path, "narrow", batch_changes=narrow))
     runtime_loaded = load_simulation(PLATFORM)
-    result = asyncio.run(run_runtime_against(loaded, tmp_path / "history.sqlite", mpc=mpc, runtime_loaded=runtime_loaded, stop_at_h=14.0))
+    result = asyncio.run(run_runtime_against(loaded, tmp_path / "history.sqlite", mpc=mpc, runtime_loaded=runtime_loaded, stop_at_h=14.0, lockstep_timeout_s=1.0))
     refused = [w for w in result.rows("writes") if w["outcome"] == "refused"]
     assert refused and all("SP.Temperature" in w["detail"] for w in refused)
     assert result.plc.snapshot()["SP.Temperature"].value == loaded.batch.recipe.temperature_initial_degc, "the old setpoint stays"

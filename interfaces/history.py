@@ -488,10 +488,18 @@ class SqliteHistory:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 cycle,
             )
-            db.execute(
-                "INSERT OR REPLACE INTO resume VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (resume.batch_id, resume.last_cycle_h, resume.lab_seq, resume.harvest_time_h, _json(resume.estimator), _now(), resume.requested_mode),
-            )
+            self._write_resume(db, resume)
+
+    def save_resume(self, resume: ResumeState) -> None:
+        with self._recording(f"the state to resume from at {resume.last_cycle_h:.2f} h") as db:
+            self._write_resume(db, resume)
+
+    @staticmethod
+    def _write_resume(db: sqlite3.Connection, resume: ResumeState) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO resume VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (resume.batch_id, resume.last_cycle_h, resume.lab_seq, resume.harvest_time_h, _json(resume.estimator), _now(), resume.requested_mode),
+        )
 
     def load_resume(self, batch_id: str) -> ResumeState | None:
         row = self._read("SELECT last_cycle_h, lab_seq, harvest_time_h, estimator, requested_mode FROM resume WHERE batch_id = ?", (batch_id,)).fetchone()

@@ -1,11 +1,12 @@
-"""Closed-loop batches in-process: a controller drives the simulated PLC over its tag interface.
+"""Closed-loop batches in-process: the runtime's own control cycle drives the simulated PLC over its tag interface.
 
-The loop does what the runtime (:mod:`controller.runtime`) does against a PLC,
-minus the network, the modes and the history: at every cycle boundary it scans
-the tags through the same data-quality checks, asks the controller, passes the
-answer through the safety filter against what the PLC runs, writes it while
-remote is enabled, and moves the heartbeat. Over OPC UA or Modbus in lockstep
-the runtime scores the same batch the same (``hil_tests/test_runtime.py``).
+At every cycle boundary the loop scans the simulated PLC and hands the scan to
+:class:`controller.cycle.ControlCycle`, the very object the runtime drives
+beside a real PLC (checks, modes, cross-checks, estimator, NMPC, safety filter,
+what to write); it writes what the cycle asks, in its order, and moves the
+heartbeat last. Only the network, the history and the audit trail are missing.
+Over OPC UA or Modbus in lockstep the runtime scores the same batch the same
+(``hil_tests/test_runtime.py``).
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
+from controller.clock import BatchClock, Tick
+from controller.cycle import ControlCycle
 from controller.estimator import ExtendedKalmanEstimator
-from controller.nmpc import CycleObservation, NmpcConfig, NmpcController, StateSource
+from controller.modes import ModeMachine, RequestedMode
+from controller.nmpc import CycleObservation, DecisionSource, NmpcConfig, NmpcController, StateSource
+from controller.ports import Value
 from controller.quality import DataQualityChecker
-from controller.safety import filter_setpoints
+from controller.runtime_config import RuntimeSettings
 from plant_models.cho import CultureModel
 from plant_models.errors import SetpointRejectedError
 from plant_models.parameters import parameter_vector
 from simulator.batch import BatchResult, build_simulated_plc, kpis_of
 from simulator.config import LoadedSimulation
-from simulator.plc import PHASE_RUNNING, SimulatedPlc, TagReading
+from simulator.plc import PHASE_RUNNING, SimulatedPlc
 
 log = structlog.get_logger(__name__)
 
@@ -60,16 +65,15 @@ class TruthSource:
         return self._plc.plant.state.copy(), self._plc.plant.parameters
 
 
-def observe(checker: DataQualityChecker, snapshot: Mapping[str, TagReading]) -> CycleObservation | None:
-    """The controller's view of one scan, through the runtime's data-quality checks; None when a critical signal failed."""
-    report = checker.check(snapshot)
-    if not report.usable:
-        log.warning("cycle_skipped", reason="critical signals failed their checks", problems={k: report.problems[k] for k in report.critical})
-        return None
-    observation = report.observation()
-    if observation.lab_result is not None:
-        checker.commit_lab(observation.lab_result.seq)
-    return observation
+def write_group(plc: SimulatedPlc, values: Mapping[str, Value]) -> dict[str, str]:
+    """Write one group of signals as a PLC port would (each checked by the PLC, the others still written); the refusals."""
+    refusals: dict[str, str] = {}
+    for name, value in values.items():
+        try:
+            plc.write(name, value)
+        except SetpointRejectedError as error:
+            refusals[name] = error.reason
+    return refusals
 
 
 def run_controlled_batch(
@@ -80,40 +84,65 @@ def run_controlled_batch(
     progress: Callable[[float], None] | None = None,
     model: CultureModel | None = None,
     snapshot_every_h: float = 72.0,
+    settings: RuntimeSettings | None = None,
+    max_cycles: int | None = None,
 ) -> ControlledBatchResult:
-    """One batch with the NMPC in the loop; ``make_source`` chooses the estimator or the truth."""
+    """One batch with the NMPC in the loop through the runtime's own cycle (:class:`~controller.cycle.ControlCycle`); ``make_source`` chooses the estimator or the truth."""
     model = model or CultureModel()
+    settings = settings or RuntimeSettings()
+    if config is not None:
+        settings = settings.model_copy(update={"nmpc": config})
     plc, truth = build_simulated_plc(loaded, model)
-    controller = NmpcController(model, loaded.batch, make_source(loaded, plc, model), config)
-    checker = DataQualityChecker()
+    source = make_source(loaded, plc, model)
+    controller = NmpcController(model, loaded.batch, source, settings.nmpc)
+    cycle = ControlCycle(
+        batch=loaded.batch,
+        settings=settings,
+        modes=ModeMachine(RequestedMode.CLOSED_LOOP, max_write_failures=settings.max_write_failures),
+        quality=DataQualityChecker(settings.quality),
+        estimator=source if isinstance(source, ExtendedKalmanEstimator) else None,
+        controller=controller,
+        clock=BatchClock(loaded.batch.cycle_period_h),
+        heartbeat=plc.heartbeat,
+    )
     sources: dict[str, int] = {}
     predictions: list[tuple[float, float, float]] = []
     snapshots: list[tuple[float, np.ndarray, np.ndarray]] = []
-    rate = controller.config.mpc.temperature_rate_max_degc_per_h
-    while plc.phase == PHASE_RUNNING:
-        observation = observe(checker, plc.snapshot())
-        if observation is None:
-            plc.write_heartbeat(plc.heartbeat + 1)
+    cycles = 0
+    while plc.phase == PHASE_RUNNING and (max_cycles is None or cycles < max_cycles):
+        cycles += 1
+        readings = plc.snapshot()
+        verdict = cycle.clock_verdict(readings, wall_s=plc.process_time_h * 3600.0)
+        if verdict.tick is Tick.WAIT:
             plc.advance_to(plc.next_cycle_boundary_h())
             continue
-        decision = controller.cycle(observation)
-        sources[decision.source] = sources.get(decision.source, 0) + 1
-        predictions.append((observation.process_time_h, decision.harvest_time_h, decision.predicted_titer_g_per_l))
-        plan = decision.solution
-        if plan is not None and decision.source == "mpc" and observation.process_time_h >= len(snapshots) * snapshot_every_h:
-            ends = plan.stage_times_h + np.diff(np.append(plan.stage_times_h, plan.harvest_time_h))
-            snapshots.append((observation.process_time_h, np.concatenate([[observation.process_time_h], ends]), plan.states.copy()))
-        filtered = filter_setpoints(decision.setpoints, observation.applied, loaded.batch, temperature_rate_degc_per_h=rate, dt_h=loaded.batch.cycle_period_h)
-        if filtered.adjustments:
-            log.info("setpoints_filtered", process_time_h=observation.process_time_h, adjustments=list(filtered.adjustments))
-        plc.write_heartbeat(plc.heartbeat + 1)
-        try:
-            if filtered.setpoints.harvest:
-                plc.request_harvest(True)
+        plan = cycle.decide(readings, verdict)
+        written = failed = False
+        for group in plan.writes:
+            refusals = write_group(plc, group.values)
+            if refusals:
+                log.warning("write_refused", process_time_h=plan.process_time_h, refusals=refusals)
+            if group.setpoints:
+                written, failed = not refusals, bool(refusals)
+            if refusals:
                 break
-            plc.write_setpoints(filtered.setpoints)
-        except SetpointRejectedError as error:
-            log.warning("setpoint_rejected", process_time_h=observation.process_time_h, tag=error.tag, reason=error.reason)
+        outcome = cycle.conclude(plan, setpoints_written=written, setpoint_write_failed=failed)
+        decision = plan.decision
+        if decision is not None:
+            sources[decision.source.value] = sources.get(decision.source.value, 0) + 1
+            predictions.append((plan.process_time_h, decision.harvest_time_h, decision.predicted_titer_g_per_l))
+            solution = decision.solution
+            if solution is not None and decision.source is DecisionSource.MPC and plan.process_time_h >= len(snapshots) * snapshot_every_h:
+                ends = solution.stage_times_h + np.diff(np.append(solution.stage_times_h, solution.harvest_time_h))
+                snapshots.append((plan.process_time_h, np.concatenate([[plan.process_time_h], ends]), solution.states.copy()))
+        else:
+            sources[DecisionSource.NONE.value] = sources.get(DecisionSource.NONE.value, 0) + 1
+        if plc.phase != PHASE_RUNNING:
+            break
+        if outcome.beat:
+            value = cycle.next_heartbeat()
+            plc.write_heartbeat(value)
+            cycle.heartbeat_written(value)
         plc.advance_to(plc.next_cycle_boundary_h())
         if progress is not None:
             progress(plc.process_time_h)

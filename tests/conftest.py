@@ -71,6 +71,14 @@ def day_twelve():
     return plc, Setpoints(snap["SP.FeedRate"].value, snap["SP.GlucoseRate"].value, snap["SP.Temperature"].value)
 
 
+@pytest.fixture(autouse=True)
+def logging_as_found() -> Iterator[None]:
+    """A test that runs the CLI configures structlog (caching loggers on first use); the next test starts from the configuration found before it."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
 @pytest.fixture
 def uncached_logging() -> Iterator[None]:
     """structlog's capture_logs needs loggers that are not cached (the CLI tests configure caching)."""

@@ -229,6 +229,15 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
             raise HTTPException(status_code=409, detail=str(error)) from error
         return {"requested_mode": body.mode.value, "effective": "at the next cycle"}
 
+    @app.post("/api/contradictions/{code}/acknowledge")
+    async def acknowledge(code: str, body: Signature, user: User = Depends(require(Role.ENGINEER))) -> dict[str, Any]:
+        await signer(user, body.password)
+        try:
+            runtime.acknowledge(code, user=user.name, reason=body.reason)
+        except ApprovalRefusedError as error:
+            raise HTTPException(status_code=409, detail=str(error)) from error
+        return {"acknowledged": code, "effective": "at the next cycle"}
+
     # ------------------------------------------------------------------ operations
 
     registry = CollectorRegistry()
@@ -241,8 +250,15 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
     @app.get("/healthz")
     def healthz() -> Response:
         view = runtime.view()
-        healthy = view["link_up"] and view["state"] != State.FAULT.value
-        body = {"healthy": healthy, "state": view["state"], "reason": view["reason"], "link_up": view["link_up"], "process_time_h": view["process_time_h"]}
+        healthy = bool(view["healthy"])
+        body = {
+            "healthy": healthy,
+            "why": view["health"],
+            "state": view["state"],
+            "reason": view["reason"],
+            "link_up": view["link_up"],
+            "process_time_h": view["process_time_h"],
+        }
         return JSONResponse(json_compatible(body), status_code=200 if healthy else 503)
 
     return app

@@ -1,0 +1,210 @@
+"""How the runtime starts on a PLC: a new batch, a batch it has history for, or a running batch it must take over.
+
+:func:`plan_start` looks at the PLC's first scan and the history's resume
+state and returns a :class:`StartPlan` (the estimator to run, when the first
+cycle is, the mode) or refuses with :class:`RuntimeStartError`. It does no
+I/O: the runtime reads the PLC, loads the resume state and records the start.
+
+- **New batch** (no history for it, and the batch clock within
+  ``fresh_start_within_h`` of inoculation): the estimator starts from the
+  inoculation record.
+- **Resume** (the history has this batch): the estimator's saved state, filtered
+  on with the settings and nominal kinetics the runtime was started with (the
+  ones it audits), and the next cycle at the boundary after the last one.
+- **Take-over** (the PLC runs the batch well past inoculation and the history
+  has no record of it: an empty, lost or new history file): refused, because
+  an estimate from inoculation would be days out of date (a probe saw VCD 3.5
+  against 18.5 and a harvest requested on day 8). An engineer can override it
+  with a signature; the estimator then starts *now* from the PLC's current
+  readings and the latest lab result it holds (:func:`state_from_readings`),
+  with the configured initial uncertainty widened by ``takeover_sd_scale``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from controller.advisory import Signer
+from controller.clock import TIME_TOLERANCE_H, BatchClock, process_time_of
+from controller.config import BatchConfig
+from controller.estimator import ExtendedKalmanEstimator
+from controller.modes import RequestedMode
+from controller.ports import Reading, ResumeState
+from controller.quality import SAMPLE_SIGNALS
+from controller.runtime_config import RuntimeSettings
+from controller.types import LAB_FIELDS, PHASE_RUNNING
+from plant_models.cho import GLUCOSE_G_PER_MOL, LACTATE_G_PER_MOL, STATE_INDEX, CultureModel
+from plant_models.errors import BioreactorMPCError
+
+
+class RuntimeStartError(BioreactorMPCError, RuntimeError):
+    """The runtime cannot start on this PLC with this history (wrong batch, history ahead of the PLC, a running batch without its history)."""
+
+
+@dataclass(frozen=True)
+class TakeoverApproval:
+    """An engineer's signed decision to take over a running batch without its history (checked against the user store by the caller)."""
+
+    signer: Signer
+    reason: str
+    signed_utc: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"signer": self.signer.name, "printed_name": self.signer.full_name, "role": self.signer.role, "reason": self.reason, "signed_utc": self.signed_utc}
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    how: str
+    """``new batch``, ``resumed`` or ``taken over``."""
+    estimator: ExtendedKalmanEstimator
+    clock: BatchClock
+    lab_seq: int
+    """The last lab result set already in the estimate (``Sample.Seq``)."""
+    requested_mode: RequestedMode
+    mode_source: str
+    heartbeat: int
+    """``MPC.Heartbeat`` as the PLC holds it: the runtime counts on from there."""
+    harvest_time_h: float | None = None
+    """The resumed plan's harvest time."""
+    totaliser_floors: Mapping[str, float] | None = None
+    """Totaliser values the estimator has seen: a reading below one went back while the runtime was away."""
+    resumed_from_h: float | None = None
+    taken_over_at_h: float | None = None
+    beat_now: bool = False
+    """The last cycle before a restart ran at this boundary; its heartbeat may not have gone out."""
+
+
+def choose_mode(override: RequestedMode | None, resume: ResumeState | None, configured: RequestedMode) -> tuple[RequestedMode, str]:
+    """The requested mode: the command line's, else the one in force when the runtime stopped, else the config's; and where it came from."""
+    if override is not None:
+        return override, "command line"
+    if resume is not None and resume.requested_mode is not None:
+        return RequestedMode(resume.requested_mode), "history (in force when the runtime stopped)"
+    return configured, "config"
+
+
+def plan_start(
+    *,
+    readings: Mapping[str, Reading],
+    batch: BatchConfig,
+    settings: RuntimeSettings,
+    model: CultureModel,
+    nominal_parameters: np.ndarray,
+    resume: ResumeState | None,
+    mode_override: RequestedMode | None = None,
+    takeover: TakeoverApproval | None = None,
+) -> StartPlan:
+    """Decide how to start from the PLC's first scan and the history's resume state; refuses with :class:`RuntimeStartError`."""
+    batch_id = readings.get("Status.BatchId")
+    if batch_id is None or not batch_id.good or str(batch_id.value) != batch.batch_id:
+        shown = None if batch_id is None else batch_id.value
+        raise RuntimeStartError(
+            f"the PLC runs batch {shown!r} (status {'Good' if batch_id is not None and batch_id.good else 'Bad'}) but this runtime is configured for "
+            f"{batch.batch_id!r}; nothing written"
+        )
+    lockstep = readings.get("Sim.Lockstep")
+    if settings.auto_approve and not (lockstep is not None and lockstep.value is True):
+        raise RuntimeStartError("auto_approve is for simulated PLCs in lockstep only (Sim.Lockstep is not true); nothing written")
+    beat = readings.get("MPC.Heartbeat")
+    heartbeat = int(beat.value) if beat is not None and beat.good and not isinstance(beat.value, str) and math.isfinite(float(beat.value)) else 0
+    now_h = process_time_of(readings)
+    mode, mode_source = choose_mode(mode_override, resume, settings.mode)
+    clock = BatchClock(batch.cycle_period_h, lost_cycle_every_s=settings.safeguards.clock_lost_cycle_every_s)
+    if resume is not None:
+        if math.isfinite(now_h) and resume.last_cycle_h > now_h + TIME_TOLERANCE_H:
+            raise RuntimeStartError(
+                f"the history has batch {resume.batch_id} up to {resume.last_cycle_h:.2f} h but the PLC's batch clock reads {now_h:.2f} h: "
+                "a new batch with a reused id, or a PLC whose clock was reset? Start with a new history file; nothing written"
+            )
+        estimator = ExtendedKalmanEstimator.from_dict(resume.estimator, model, config=settings.estimator, nominal_parameters=nominal_parameters)
+        clock.resume_after(resume.last_cycle_h)
+        totalisers = resume.estimator.get("totalisers") or {}
+        floors = {signal: float(totalisers[key]) for signal, key in (("PV.FeedTotal", "feed_total_l"), ("PV.GlucoseFeedTotal", "glucose_feed_total_l")) if key in totalisers}
+        return StartPlan(
+            how="resumed",
+            estimator=estimator,
+            clock=clock,
+            lab_seq=resume.lab_seq,
+            requested_mode=mode,
+            mode_source=mode_source,
+            heartbeat=heartbeat,
+            harvest_time_h=resume.harvest_time_h,
+            totaliser_floors=floors,
+            resumed_from_h=resume.last_cycle_h,
+            beat_now=math.isfinite(now_h) and now_h < clock.next_cycle_h - TIME_TOLERANCE_H,
+        )
+    phase = readings.get("Status.Phase")
+    running = phase is not None and phase.good and not isinstance(phase.value, str) and int(phase.value) == PHASE_RUNNING
+    if not running or not math.isfinite(now_h) or now_h <= settings.safeguards.fresh_start_within_h + TIME_TOLERANCE_H:
+        estimator = ExtendedKalmanEstimator.from_batch(model, batch, nominal_parameters, settings.estimator)
+        return StartPlan(how="new batch", estimator=estimator, clock=clock, lab_seq=0, requested_mode=mode, mode_source=mode_source, heartbeat=heartbeat)
+    if takeover is None:
+        raise RuntimeStartError(
+            f"the PLC runs batch {batch.batch_id} at {now_h:.2f} h but the history has no record of it (an empty, lost or new history file): "
+            "an estimate from inoculation would be out of date. Start the runtime on the batch's history, or have an engineer take the batch "
+            "over with a signature (bioreactor-mpc run --take-over-as NAME --reason TEXT); nothing written"
+        )
+    x_now, seq = state_from_readings(readings, batch, now_h=now_h)
+    config = settings.estimator
+    estimator = ExtendedKalmanEstimator(model, nominal_parameters, x_now, config, start_time_h=now_h)
+    estimator.widen(settings.safeguards.takeover_sd_scale)
+    clock.start_at(now_h)
+    return StartPlan(
+        how="taken over", estimator=estimator, clock=clock, lab_seq=seq, requested_mode=mode, mode_source=mode_source, heartbeat=heartbeat, taken_over_at_h=now_h
+    )
+
+
+def state_from_readings(readings: Mapping[str, Reading], batch: BatchConfig, *, now_h: float) -> tuple[np.ndarray, int]:
+    """The culture's state now from the PLC's online values and the latest lab result it holds; and that result's ``Sample.Seq``.
+
+    Needs a lab result with viable cell density and viability; a metabolite
+    the lab did not measure keeps its inoculation value (the widened
+    uncertainty covers it, and the next lab result corrects it).
+    """
+
+    def good_number(signal: str) -> float:
+        reading = readings.get(signal)
+        if reading is None or not reading.good or isinstance(reading.value, str):
+            return math.nan
+        return float(reading.value)
+
+    seq_value = good_number("Sample.Seq")
+    lab = dict(zip(LAB_FIELDS, (good_number(signal) for signal in SAMPLE_SIGNALS), strict=True))
+    if not math.isfinite(seq_value) or seq_value < 1 or not (math.isfinite(lab["vcd_1e6_per_ml"]) and math.isfinite(lab["viability_pct"])):
+        raise RuntimeStartError(
+            f"taking over batch {batch.batch_id} at {now_h:.2f} h needs a lab result with viable cell density and viability at the PLC "
+            "(Sample.Seq at least 1, Sample.VCD and Sample.Viability good); there is none: nothing written"
+        )
+    volume_l = good_number("PV.Volume")
+    if not (math.isfinite(volume_l) and 0.0 < volume_l <= batch.equipment.max_working_volume_l):
+        raise RuntimeStartError(f"taking over batch {batch.batch_id} needs a good PV.Volume within the vessel (read {volume_l!r}); nothing written")
+    x = batch.inoculation.initial_state()
+    viable = lab["vcd_1e6_per_ml"]
+    viability = min(max(lab["viability_pct"], 1.0), 100.0)
+    x[STATE_INDEX["viable_cells"]] = viable
+    x[STATE_INDEX["dead_cells"]] = viable * (100.0 - viability) / viability
+    for field, state in (("glucose_g_per_l", "glucose"), ("glutamine_mm", "glutamine"), ("lactate_g_per_l", "lactate"), ("ammonia_mm", "ammonia"), ("titer_g_per_l", "titer")):
+        if math.isfinite(lab[field]) and lab[field] >= 0.0:
+            x[STATE_INDEX[state]] = lab[field]
+    osmolality = lab["osmolality_mosm_per_kg"]
+    if math.isfinite(osmolality):
+        metabolites = (
+            x[STATE_INDEX["glucose"]] * 1000.0 / GLUCOSE_G_PER_MOL
+            + x[STATE_INDEX["lactate"]] * 1000.0 / LACTATE_G_PER_MOL
+            + x[STATE_INDEX["glutamine"]]
+            + x[STATE_INDEX["ammonia"]]
+        )
+        x[STATE_INDEX["other_osmolytes"]] = max(osmolality - metabolites, 0.0)
+    x[STATE_INDEX["galactosylated_titer"]] = 0.5 * x[STATE_INDEX["titer"]]
+    x[STATE_INDEX["volume"]] = volume_l
+    temperature = good_number("PV.Temperature")
+    if math.isfinite(temperature):
+        x[STATE_INDEX["temperature"]] = temperature
+    base = good_number("PV.BaseTotal")
+    x[STATE_INDEX["base_added"]] = base if math.isfinite(base) and base >= 0.0 else 0.0
+    return x, int(seq_value)

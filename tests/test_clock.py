@@ -1,0 +1,68 @@
+"""The batch clock: cycles at boundaries, and every way the PLC's clock can fail ends in a fault cycle or a confirmed jump, never a silent stall."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from controller.clock import BatchClock, Tick
+
+
+def _run(clock: BatchClock, now_h: float, wall_s: float = 0.0) -> Tick:
+    verdict = clock.read(now_h, wall_s=wall_s)
+    if verdict.tick is not Tick.WAIT:
+        clock.cycle_done(verdict)
+    return verdict.tick
+
+
+def test_a_cycle_at_every_boundary_and_none_between():
+    clock = BatchClock(1.0)
+    ticks = [_run(clock, t) for t in (0.0, 0.5, 0.99, 1.0, 1.0, 1.7, 2.0)]
+    assert ticks == [Tick.CYCLE, Tick.WAIT, Tick.WAIT, Tick.CYCLE, Tick.WAIT, Tick.WAIT, Tick.CYCLE]
+
+
+def test_an_unusable_clock_gives_a_fault_cycle_at_once_then_one_per_interval_and_recovers():
+    clock = BatchClock(1.0, lost_cycle_every_s=60.0)
+    assert _run(clock, 0.0) is Tick.CYCLE
+    verdicts = [clock.read(math.nan, wall_s=s) for s in (100.0, 130.0, 159.0, 160.0, 170.0)]
+    assert [v.tick for v in verdicts] == [Tick.FAULT, Tick.WAIT, Tick.WAIT, Tick.FAULT, Tick.WAIT]
+    assert "unusable" in verdicts[0].problem and verdicts[0].process_time_h == 0.0
+    assert _run(clock, 1.0, wall_s=200.0) is Tick.CYCLE  # a good reading again: control resumes
+
+
+def test_a_one_scan_jump_far_ahead_is_a_glitch_reported_with_the_next_cycle():
+    clock = BatchClock(1.0)
+    for t in (0.0, 1.0, 2.0):
+        _run(clock, t)
+    assert clock.read(2.5e3, wall_s=0.0).tick is Tick.WAIT  # pending confirmation
+    verdict = clock.read(3.0, wall_s=1.0)
+    assert verdict.tick is Tick.CYCLE and "ignored" in verdict.problem and "2500.00" in verdict.problem
+    clock.cycle_done(verdict)
+    assert clock.next_cycle_h == 4.0  # the schedule never took the glitch
+
+
+def test_a_jump_confirmed_by_the_next_scan_is_taken_and_reported():
+    clock = BatchClock(1.0)
+    for t in (0.0, 1.0):
+        _run(clock, t)
+    assert clock.read(25.0, wall_s=0.0).tick is Tick.WAIT
+    verdict = clock.read(25.0, wall_s=1.0)
+    assert verdict.tick is Tick.CYCLE and "jumped forward" in verdict.problem
+    clock.cycle_done(verdict)
+    assert clock.next_cycle_h == 26.0
+
+
+def test_a_clock_that_goes_back_faults_at_every_boundary_of_the_new_clock_until_it_passes_the_last_cycle():
+    clock = BatchClock(1.0)
+    for t in range(0, 12):
+        _run(clock, float(t))
+    ticks = [_run(clock, t) for t in (0.0, 0.5, 1.0, 2.0, 10.9, 11.0, 12.0)]
+    assert ticks == [Tick.FAULT, Tick.WAIT, Tick.FAULT, Tick.FAULT, Tick.FAULT, Tick.WAIT, Tick.CYCLE]
+    assert clock.last_cycle_h == 12.0
+
+
+@pytest.mark.parametrize("period", [0.0, -1.0, math.nan, math.inf])
+def test_a_period_that_is_not_a_positive_number_is_refused(period):
+    with pytest.raises(ValueError, match="cycle period"):
+        BatchClock(period)

@@ -2,6 +2,7 @@
 # Set up the project (once; again only when pyproject.toml changes) and run one job.
 #   ./dev.sh demo        the main job: the simulated PLC over OPC UA in lockstep, the runtime in closed loop against it, the batch report
 #   ./dev.sh test        the default test suite (tests/ and hil_tests/; installs Debian's chromium for the browser tests if missing)
+#   ./dev.sh lint        ruff (format and lint), mypy and the import-layer contracts
 #   ./dev.sh bench       the benchmarks
 #   ./dev.sh cli ARGS    any bioreactor-mpc command, e.g. ./dev.sh cli simulate --seed 7
 set -euo pipefail
@@ -49,8 +50,9 @@ setup
 case "$job" in
     demo)  exec .venv/bin/bioreactor-mpc demo "$@" ;;
     test)  browser; exec .venv/bin/python -m pytest "$@" ;;
+    lint)  .venv/bin/ruff format --check . && .venv/bin/ruff check . && .venv/bin/mypy && exec .venv/bin/lint-imports ;;
     bench) exec .venv/bin/python benchmarks/run_all.py "$@" ;;
     cli)   exec .venv/bin/bioreactor-mpc "$@" ;;
     setup) exit 0 ;;
-    *) echo "dev.sh: unknown job '$job' (demo, test, bench, cli, setup)" >&2; exit 2 ;;
+    *) echo "dev.sh: unknown job '$job' (demo, test, lint, bench, cli, setup)" >&2; exit 2 ;;
 esac

@@ -99,7 +99,9 @@ def main() -> None:
     args = parser.parse_args()
     protocols = ["opcua", "modbus"] if args.protocol == "both" else [args.protocol]
     print(f"runtime against the simulated PLC in lockstep, closed loop, seed {args.seed} (runtime and PLC in separate processes)")
-    header = f"{'protocol':8s} {'batch wall s':>12s} {'cycles':>6s} {'read ms med/p95':>16s} {'write ms med/p95':>17s} {'solve ms med/p95':>17s} {'peak MB':>8s} {'score g/day':>11s}"
+    header = (
+        f"{'protocol':8s} {'batch wall s':>12s} {'cycles':>6s} {'read ms med/p95':>16s} {'write ms med/p95':>17s} {'solve ms med/p95':>17s} {'peak MB':>8s} {'score g/day':>11s}"
+    )
     print(header, flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="runtime-bench-") as tmp:
@@ -114,7 +116,9 @@ def main() -> None:
     for protocol, f in rows:
         io = f["read_ms"] + f["write_ms"] if f["read_ms"].size == f["write_ms"].size else np.array([])
         verdicts = [
-            f"batch {f['wall_s']:.1f} s (target ≤ {WALL_TARGET_S:.0f} s over OPC UA): {'met' if f['wall_s'] <= WALL_TARGET_S else 'MISSED'}" if protocol == "opcua" else f"batch {f['wall_s']:.1f} s",
+            f"batch {f['wall_s']:.1f} s (target ≤ {WALL_TARGET_S:.0f} s over OPC UA): {'met' if f['wall_s'] <= WALL_TARGET_S else 'MISSED'}"
+            if protocol == "opcua"
+            else f"batch {f['wall_s']:.1f} s",
             f"peak memory {f['peak_mb']:.0f} MB (target ≤ {MEMORY_TARGET_MB:.0f} MB): {'met' if f['peak_mb'] <= MEMORY_TARGET_MB else 'MISSED'}",
             f"I/O per cycle (read + writes before the heartbeat) median {np.median(io):.1f} ms, p95 {np.percentile(io, 95):.1f} ms" if io.size else "",
             f"ended: {f['end']}, failed writes {f['failed']}",

@@ -137,9 +137,7 @@ class OurPlanner:
 
     def plan(self, process_time_h: float, state: np.ndarray, parameters: np.ndarray, previous_inputs: np.ndarray, harvest_h: float) -> Plan:
         started = time.perf_counter()
-        solution = self._mpc.solve(
-            process_time_h=process_time_h, state=state, parameters=parameters, previous_inputs=previous_inputs, harvest_time_h=harvest_h, warm=self._warm
-        )
+        solution = self._mpc.solve(process_time_h=process_time_h, state=state, parameters=parameters, previous_inputs=previous_inputs, harvest_time_h=harvest_h, warm=self._warm)
         wall = time.perf_counter() - started
         if solution.success:
             self._warm = solution.warm
@@ -344,7 +342,7 @@ def run_fixed_harvest_loop(
         else:
             u = previous
         requested = Setpoints(float(u[0]), float(u[1]), float(u[2]))
-        last = Setpoints(*(float(v) for v in previous))
+        last = Setpoints(float(previous[0]), float(previous[1]), float(previous[2]))
         filtered = filter_setpoints(requested, last, batch, temperature_rate_degc_per_h=rate_degc_per_h, dt_h=cycle_h)
         plc.write_heartbeat(plc.heartbeat + 1)
         plc.write_setpoints(filtered.setpoints)
@@ -381,9 +379,7 @@ def run_ours_full(loaded: LoadedSimulation, model: CultureModel, max_cycles: int
     controlled = run_controlled_batch(loaded, make_source=oracle_source, model=model, max_cycles=max_cycles)
     result.loop_wall_s = time.perf_counter() - started
     result.records = [CycleRecord(math.nan, s, s, -1, True, "", math.nan) for s in controlled.solve_times_s]
-    result.notes.append(
-        f"first {max_cycles} cycles only (--quick); {controlled.solver_failures} failed solves, {controlled.solver_cold_retries} warm solves retried cold"
-    )
+    result.notes.append(f"first {max_cycles} cycles only (--quick); {controlled.solver_failures} failed solves, {controlled.solver_cold_retries} warm solves retried cold")
     result.notes.append(_SOLVE_TIME_NOTE)
     return result
 
@@ -410,7 +406,9 @@ def run_dompc_full(loaded: LoadedSimulation, model: CultureModel, harvest_h: flo
         budget_s=budget_s,
         capped_cycles=DOMPC_FULL_CAPPED_CYCLES,
     )
-    result.notes.insert(0, f"horizon capped at {DOMPC_FULL_HORIZON_CAP} h ('active' tvp freezes the dynamics after harvest); harvest fixed at {harvest_h:.0f} h, where our loop harvested")
+    result.notes.insert(
+        0, f"horizon capped at {DOMPC_FULL_HORIZON_CAP} h ('active' tvp freezes the dynamics after harvest); harvest fixed at {harvest_h:.0f} h, where our loop harvested"
+    )
     return result
 
 
@@ -479,7 +477,9 @@ def print_loop_table(title: str, rows: list[LoopResult]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_LATE_CYCLES} cycles at N = 48, our full-horizon loop cut to {QUICK_FULL_CYCLES} cycles, no do-mpc full horizon")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_LATE_CYCLES} cycles at N = 48, our full-horizon loop cut to {QUICK_FULL_CYCLES} cycles, no do-mpc full horizon"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore", module="do_mpc")  # its notices about optional extras
     warnings.filterwarnings("ignore", category=FutureWarning, module="casadi")  # do-mpc calls numpy on casadi values
@@ -519,9 +519,7 @@ def main() -> None:
     started = time.perf_counter()
     dompc_planner = DoMpcPlanner(model, batch, plc.plant.parameters, MpcConfig(), LATE_STAGES)
     dompc_setup_s = time.perf_counter() - started
-    dompc_n48 = run_fixed_harvest_loop(
-        "do-mpc N=48", dompc_planner, plc, batch, LATE_HARVEST_H, max_cycles=late_cycles, rate_degc_per_h=rate, setup_s=dompc_setup_s
-    )
+    dompc_n48 = run_fixed_harvest_loop("do-mpc N=48", dompc_planner, plc, batch, LATE_HARVEST_H, max_cycles=late_cycles, rate_degc_per_h=rate, setup_s=dompc_setup_s)
 
     # 2. Whole batch.
     ours_full = run_ours_full(loaded, model, QUICK_FULL_CYCLES if args.quick else None)
@@ -548,7 +546,9 @@ def main() -> None:
         f"  speed-up vs do-mpc defaults at N = 48 (median)  {speedup:6.1f}x   target >= {TARGET_SPEEDUP:.0f}x at equal objective: "
         f"{_verdict(speedup >= TARGET_SPEEDUP and abs(relative) <= TARGET_OBJECTIVE_REL and all_ok_n48)}"
     )
-    print(f"  product mass ours vs do-mpc                     {100 * relative:+6.2f} %  target within ±{100 * TARGET_OBJECTIVE_REL:.1f} %: {_verdict(abs(relative) <= TARGET_OBJECTIVE_REL)}")
+    print(
+        f"  product mass ours vs do-mpc                     {100 * relative:+6.2f} %  target within ±{100 * TARGET_OBJECTIVE_REL:.1f} %: {_verdict(abs(relative) <= TARGET_OBJECTIVE_REL)}"
+    )
     print(f"  every N = 48 solve succeeded                    {'yes' if all_ok_n48 else 'no'}")
     print(f"  p95 solve at N = 48                             {_ms(p95_n48)} ms  target <= {1000 * TARGET_P95_N48_S:.0f} ms: {_verdict(p95_n48 <= TARGET_P95_N48_S)}")
     full_label = "p95 solve, full horizon" + (f" (first {QUICK_FULL_CYCLES} cycles)" if args.quick else "")

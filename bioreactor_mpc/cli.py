@@ -7,6 +7,8 @@ says what is wrong and where, and exit status 2; no stack trace.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the runtime against a PLC until the batch is harvested")
     run.add_argument("--config", type=Path, default=DEFAULT_RUNTIME, help=f"runtime config (default: {DEFAULT_RUNTIME})")
-    run.add_argument("--mode", choices=[m.value for m in RequestedMode], default=None, help="the mode to request now (default: the one in force when the runtime last stopped on this batch, else the config's)")
+    run.add_argument(
+        "--mode",
+        choices=[m.value for m in RequestedMode],
+        default=None,
+        help="the mode to request now (default: the one in force when the runtime last stopped on this batch, else the config's)",
+    )
     run.add_argument("--endpoint", default=None, help="override the tag map's endpoint: an opc.tcp:// URL, or host:port for Modbus")
     run.add_argument("--history", type=Path, default=None, help="override the config's history file")
     run.add_argument(
@@ -331,6 +338,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if not faulthandler.is_enabled():
+        with contextlib.suppress(ValueError, OSError):  # a standard error without a file descriptor (embedded, captured)
+            faulthandler.enable()  # a crash in native code (SIGBUS on a vanished file, SIGSEGV) still says where
     args = _parser().parse_args(argv)
     configure_logging(json=True if args.log_json else None)
     console = Console()

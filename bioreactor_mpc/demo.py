@@ -157,7 +157,9 @@ def run_demo(
     recipe = run_recipe_batch(loaded_sim).kpis
     console.print(kpi_table({f"runtime ({mode.value}, {protocol})": kpis, "recipe, same batch": recipe}, f"{stem}; harvest: {report['harvest_reason']}"))
     gain = 100.0 * (kpis.score_g_per_day / recipe.score_g_per_day - 1.0)
-    console.print(f"score: {kpis.score_g_per_day:.1f} g/day against the recipe's {recipe.score_g_per_day:.1f} g/day on the same batch ({gain:+.1f} %)", highlight=False, soft_wrap=True)
+    console.print(
+        f"score: {kpis.score_g_per_day:.1f} g/day against the recipe's {recipe.score_g_per_day:.1f} g/day on the same batch ({gain:+.1f} %)", highlight=False, soft_wrap=True
+    )
     print_summary(summary, history_path, console)
     for kind, path in report["files"].items():
         console.print(f"{kind + ':':14s}{path}", soft_wrap=True)
@@ -176,6 +178,7 @@ async def _run_while_serving(loaded: LoadedRuntime, endpoint: str, server: subpr
         stop.set()
 
     watcher = asyncio.create_task(watch())
+
     def announce(url: str) -> None:
         console.print(f"operator screen: {url} (log in with a user printed above)", highlight=False, soft_wrap=True)
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from rich.table import Table  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from rich.table import Table
 
-from controller.config import BatchConfig  # noqa: E402
-from controller.kpis import BatchKpis  # noqa: E402
-from controller.types import LabResult  # noqa: E402
-from plant_models.cho import INPUTS, OUTPUTS, STATES  # noqa: E402
-from simulator.plant import PlantTrajectory  # noqa: E402
+from controller.config import BatchConfig
+from controller.kpis import BatchKpis
+from controller.types import LabResult
+from plant_models.cho import INPUTS, OUTPUTS, STATES
+from simulator.plant import PlantTrajectory
 
 
 def kpi_table(columns: dict[str, BatchKpis], title: str) -> Table:
@@ -150,7 +150,9 @@ def plot_predictions(path: Path, trajectory: PlantTrajectory, snapshots: tuple[t
     plt.close(fig)
 
 
-def write_batch_files(output_dir: Path, stem: str, trajectory: PlantTrajectory, lab_results: tuple[LabResult, ...], batch: BatchConfig, *, title: str, csv_every_min: int = 15, plot: bool = True) -> dict[str, Path]:
+def write_batch_files(
+    output_dir: Path, stem: str, trajectory: PlantTrajectory, lab_results: tuple[LabResult, ...], batch: BatchConfig, *, title: str, csv_every_min: int = 15, plot: bool = True
+) -> dict[str, Path]:
     """The trajectories and lab results as CSV and the plot, named ``<stem>-…``; the paths by kind."""
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"trajectories": output_dir / f"{stem}-trajectories.csv", "lab results": output_dir / f"{stem}-lab.csv"}

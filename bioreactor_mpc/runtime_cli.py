@@ -16,26 +16,26 @@ from rich.console import Console
 from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
 from controller.ports import PlcPort
-from controller.runtime import CycleReport, Runtime, RunSummary
+from controller.runtime import CycleReport, RunSummary, Runtime
 from controller.runtime_config import LoadedRuntime, ScreenSettings, nominal_parameter_vector
 from controller.takeover import TakeoverApproval
 from interfaces.audit import AuditTrail
 from interfaces.history import SqliteHistory
-from interfaces.users import UserStore
 from interfaces.tagmap import ModbusTagMap, OpcUaTagMap, load_tag_map
+from interfaces.users import UserStore
 from plant_models.cho import CultureModel
 from plant_models.errors import ConfigError
 
 log = structlog.get_logger("bioreactor_mpc")
 
 
-def make_port(tag_map_path: Path, *, endpoint: str | None, timeout_s: float, allow_insecure: bool) -> PlcPort:
+def make_port(tag_map_path: Path, *, endpoint: str | None, timeout_s: float, allow_insecure: bool, auth_retry_after_s: float = 300.0) -> PlcPort:
     """The port the tag map's protocol calls for; ``endpoint`` overrides the map's (an opc.tcp:// URL, or host:port for Modbus)."""
     tag_map = load_tag_map(tag_map_path)
     if isinstance(tag_map, OpcUaTagMap):
         from interfaces.opcua_port import OpcUaPort
 
-        return OpcUaPort(tag_map, endpoint=endpoint, timeout_s=timeout_s, allow_insecure=allow_insecure)
+        return OpcUaPort(tag_map, endpoint=endpoint, timeout_s=timeout_s, allow_insecure=allow_insecure, auth_retry_after_s=auth_retry_after_s)
     if not isinstance(tag_map, ModbusTagMap):
         raise ConfigError(f"{tag_map_path}: unsupported protocol")
     from interfaces.modbus_port import ModbusPort, parse_endpoint
@@ -61,11 +61,7 @@ class ProgressPrinter:
         self._state = r.state
         x, sd = r.estimate["state"], r.estimate["sd"]
         sp = r.applied or {}
-        setpoints = (
-            f"feed {sp['feed_rate_lph']:5.2f} L/h  glucose {sp['glucose_rate_lph']:4.2f} L/h  T {sp['temperature_degc']:4.1f} °C"
-            if sp
-            else "no setpoints"
-        )
+        setpoints = f"feed {sp['feed_rate_lph']:5.2f} L/h  glucose {sp['glucose_rate_lph']:4.2f} L/h  T {sp['temperature_degc']:4.1f} °C" if sp else "no setpoints"
         wrote = "written" if r.wrote_setpoints else "not written"
         alarms = f"  alarms: {', '.join(report.alarms)}" if report.alarms else ""
         self.console.print(
@@ -93,7 +89,13 @@ async def run_runtime(
     event loop; ``on_screen`` is told its URL once it listens.
     """
     config = loaded.config
-    port = make_port(loaded.tag_map_path, endpoint=endpoint, timeout_s=config.io_timeout_s, allow_insecure=config.allow_insecure)
+    port = make_port(
+        loaded.tag_map_path,
+        endpoint=endpoint,
+        timeout_s=config.io_timeout_s,
+        allow_insecure=config.allow_insecure,
+        auth_retry_after_s=config.safeguards.auth_retry_after_s,
+    )
     mpc = mpc or EconomicMpc(CultureModel(), loaded.batch, config.nmpc.mpc)  # built (on a new machine, compiled) before any file is created
     history = SqliteHistory(loaded.history_path)  # takes the history's lock: one runtime per history file
     try:
@@ -158,7 +160,9 @@ async def serve_screen(runtime: Runtime, settings: ScreenSettings, history_path:
         listener.close()
         raise ConfigError(f"screen: cannot listen on {settings.host}:{settings.port}: {error.strerror or error}") from error
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.secure_cookies:
-        log.warning("screen_without_tls", host=settings.host, reason="sessions and passwords cross the network in clear: serve the screen behind a TLS proxy and set secure_cookies")
+        log.warning(
+            "screen_without_tls", host=settings.host, reason="sessions and passwords cross the network in clear: serve the screen behind a TLS proxy and set secure_cookies"
+        )
     users = UserStore(history_path)
     app = create_app(runtime=runtime, users=users, audit=AuditTrail(history_path, read_only=True), history_path=history_path, secure_cookies=settings.secure_cookies)
     server = Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
@@ -192,7 +196,7 @@ def print_summary(summary: RunSummary, history_path: Path, console: Console) -> 
         soft_wrap=True,
     )
     if solves.size:
-        console.print(f"solver: median {1000 * np.median(solves):.0f} ms, p95 {1000 * np.percentile(solves, 95):.0f} ms, max {1000 * solves.max():.0f} ms", highlight=False, soft_wrap=True)
+        console.print(
+            f"solver: median {1000 * np.median(solves):.0f} ms, p95 {1000 * np.percentile(solves, 95):.0f} ms, max {1000 * solves.max():.0f} ms", highlight=False, soft_wrap=True
+        )
     console.print(f"history:      {history_path}", soft_wrap=True)
-
-

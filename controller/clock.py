@@ -27,12 +27,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from controller.ports import Reading
+from controller.ports import ScannedValue
 
 TIME_TOLERANCE_H = 1e-6
 
 
-def process_time_of(readings: Mapping[str, Reading]) -> float:
+def process_time_of(readings: Mapping[str, ScannedValue]) -> float:
     """The batch clock of a scan; NaN when it is missing, Bad or not a number."""
     clock = readings.get("Status.ProcessTime")
     if clock is None or not clock.good or isinstance(clock.value, str):

@@ -53,7 +53,7 @@ def nlp_digest(plugin: str, nlp: dict, options: dict) -> str:
     # whether an exact Hessian is needed at all; CasADi's nlpsol options (expand, …) may, so they all count.
     generic = {key: value for key, value in options.items() if key != plugin}
     hessian = options.get(plugin, {}).get("hessian_approximation", "exact")
-    context = json.dumps({"plugin": plugin, "options": generic, "hessian": hessian, "casadi": ca.__version__, "flags": COMPILE_FLAGS}, sort_keys=True, default=str)
+    context = json.dumps({"plugin": plugin, "options": generic, "hessian": hessian, "casadi": ca.CasadiMeta.version(), "flags": COMPILE_FLAGS}, sort_keys=True, default=str)
     return hashlib.sha256(expressions.encode() + context.encode()).hexdigest()[:16]
 
 
@@ -62,9 +62,7 @@ def compiled_nlpsol(name: str, plugin: str, nlp: dict, options: dict, *, compile
     return compiled_nlpsols(name, plugin, nlp, [options], compile_code=compile_code, cache_dir=cache_dir)[0]
 
 
-def compiled_nlpsols(
-    name: str, plugin: str, nlp: dict, option_sets: Sequence[dict], *, compile_code: bool = True, cache_dir: Path | None = None
-) -> list[ca.Function]:
+def compiled_nlpsols(name: str, plugin: str, nlp: dict, option_sets: Sequence[dict], *, compile_code: bool = True, cache_dir: Path | None = None) -> list[ca.Function]:
     """One solver per option set (for example cold and warm start), all on one generated and compiled library."""
     compiler = shutil.which(os.environ.get("CC", "gcc")) if compile_code else None
     if compiler is None:

@@ -39,8 +39,7 @@ class InoculationRecord(FrozenConfig):
             raise FieldError(
                 "osmolality_mosm_per_kg",
                 self.osmolality_mosm_per_kg,
-                f"must be at least what glucose, lactate, glutamine and ammonia alone contribute "
-                f"({self.osmolality_mosm_per_kg - self.other_osmolytes_mosm_per_kg:.0f} mOsm/kg)",
+                f"must be at least what glucose, lactate, glutamine and ammonia alone contribute ({self.osmolality_mosm_per_kg - self.other_osmolytes_mosm_per_kg:.0f} mOsm/kg)",
             )
         return self
 
@@ -101,9 +100,7 @@ class RecipeConfig(FrozenConfig):
     temperature_shift_h: float = Field(ge=0.0, description="process time of the temperature shift [h]")
     harvest_h: float = Field(gt=0.0, description="process time of the scheduled harvest [h]")
     harvest_viability_pct: float = Field(ge=0.0, le=100.0, description="harvest early once a lab viability falls below this [%]")
-    feed_stop_below_max_l: float = Field(
-        default=5.0, ge=0.0, description="high-level feed stop: both feeds stop once the working volume is within this of the maximum [L]"
-    )
+    feed_stop_below_max_l: float = Field(default=5.0, ge=0.0, description="high-level feed stop: both feeds stop once the working volume is within this of the maximum [L]")
 
 
 class ProcessLimits(FrozenConfig):
@@ -181,7 +178,9 @@ class BatchConfig(FrozenConfig):
             )
         if recipe.glucose_target_g_per_l >= self.media.glucose_feed_g_per_l:
             raise FieldError(
-                "recipe.glucose_target_g_per_l", recipe.glucose_target_g_per_l, f"must be below media.glucose_feed_g_per_l ({self.media.glucose_feed_g_per_l}), what the glucose feed carries"
+                "recipe.glucose_target_g_per_l",
+                recipe.glucose_target_g_per_l,
+                f"must be below media.glucose_feed_g_per_l ({self.media.glucose_feed_g_per_l}), what the glucose feed carries",
             )
         headroom_l = equipment.max_working_volume_l - inoculation.volume_l
         if recipe.feed_stop_below_max_l >= headroom_l:

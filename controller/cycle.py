@@ -41,7 +41,7 @@ from controller.forecast import Forecast, ForecastKernel, early_warnings, foreca
 from controller.modes import Conditions, ModeMachine, State, StateChange
 from controller.nmpc import CycleObservation, Decision, DecisionSource, NmpcController
 from controller.plausibility import PlausibilityChecker
-from controller.ports import CycleRecord, Reading, ResumeState, Value
+from controller.ports import CycleRecord, ResumeState, ScannedValue, Value
 from controller.quality import DataQualityChecker, QualityReport
 from controller.runtime_config import RuntimeSettings
 from controller.safety import filter_setpoints
@@ -155,7 +155,7 @@ class ControlCycle:
 
     # ------------------------------------------------------------------ first half
 
-    def clock_verdict(self, readings: Mapping[str, Reading], *, wall_s: float) -> ClockVerdict:
+    def clock_verdict(self, readings: Mapping[str, ScannedValue], *, wall_s: float) -> ClockVerdict:
         """The batch clock's verdict on a scan: its ``Status.ProcessTime`` if good, finite and within the clock's plausible range, else unusable."""
         now_h = process_time_of(readings)
         check = self.quality.config.check_of("Status.ProcessTime")
@@ -163,7 +163,7 @@ class ControlCycle:
             now_h = math.nan
         return self.clock.read(now_h, wall_s=wall_s)
 
-    def decide(self, readings: Mapping[str, Reading], verdict: ClockVerdict, *, wall_now: datetime | None = None) -> CyclePlan:
+    def decide(self, readings: Mapping[str, ScannedValue], verdict: ClockVerdict, *, wall_now: datetime | None = None) -> CyclePlan:
         """Check the scan, run the estimator and the NMPC when the state allows, and say what to write."""
         if verdict.tick is Tick.WAIT:
             raise ValueError("decide() needs a CYCLE or FAULT verdict from the clock")
@@ -339,7 +339,7 @@ class ControlCycle:
         if change is not None:
             changes.append(change)
 
-    def _foreign_heartbeat(self, readings: Mapping[str, Reading]) -> str:
+    def _foreign_heartbeat(self, readings: Mapping[str, ScannedValue]) -> str:
         """Why ``MPC.Heartbeat`` at the PLC says another runtime writes it ('' if it does not)."""
         reading = readings.get("MPC.Heartbeat")
         if reading is None or not reading.good or isinstance(reading.value, str | bool):
@@ -441,9 +441,7 @@ class ControlCycle:
             requested_mode=self.modes.requested.value,
         )
 
-    def _look_ahead(
-        self, now_h: float, decision: Decision, state: State, status: Mapping[str, Any], recommendation: Recommendation
-    ) -> tuple[dict[str, str], Recommendation]:
+    def _look_ahead(self, now_h: float, decision: Decision, state: State, status: Mapping[str, Any], recommendation: Recommendation) -> tuple[dict[str, str], Recommendation]:
         """Early warnings from the plan's forecast; with a screen or in advisory mode, the forecast to harvest and the recipe's outcome too."""
         solution = decision.solution
         if solution is None or self.estimator is None:

@@ -609,9 +609,7 @@ class ExtendedKalmanEstimator:
             return self.estimate
         start = self._entry_at_or_before(taken_h)
         if start is None:
-            log.warning(
-                "lab_result_rejected", reason="drawn before the kept history", seq=result.seq, taken_at_h=taken_h, oldest_h=self._entries[0].time_h
-            )
+            log.warning("lab_result_rejected", reason="drawn before the kept history", seq=result.seq, taken_at_h=taken_h, oldest_h=self._entries[0].time_h)
             return self.estimate
         entries, update = self._reprocess(start, result)
         self._count(update, "lab_value_rejected", taken_h, seq=result.seq)
@@ -713,8 +711,7 @@ class ExtendedKalmanEstimator:
         saved_names = [p.name for p in saved_config.parameters]
         if [p.name for p in config.parameters] != saved_names:
             raise EstimatorInputError(
-                f"the saved estimator estimates {', '.join(saved_names)}; the configured one estimates {', '.join(p.name for p in config.parameters)}: "
-                "it cannot resume this filter"
+                f"the saved estimator estimates {', '.join(saved_names)}; the configured one estimates {', '.join(p.name for p in config.parameters)}: it cannot resume this filter"
             )
         nominal = np.asarray(data["nominal_parameters"] if nominal_parameters is None else nominal_parameters, dtype=float)
         first = data["entries"][0]
@@ -763,7 +760,8 @@ class ExtendedKalmanEstimator:
 
     def rollback(self, token: object) -> None:
         """Return to a :meth:`checkpoint`: a cycle whose update failed half-way leaves no trace."""
-        entries, labs, rejected, consecutive, totalisers = copy.deepcopy(token)  # type: ignore[misc]
+        saved: tuple[list[_Entry], list[_AppliedLab], dict[str, int], dict[str, int], _Totalisers | None] = copy.deepcopy(token)  # type: ignore[assignment]
+        entries, labs, rejected, consecutive, totalisers = saved
         self._entries, self._labs, self._rejected, self._consecutive, self._totalisers = entries, labs, rejected, consecutive, totalisers
 
     # ------------------------------------------------------------------ bookkeeping
@@ -778,9 +776,7 @@ class ExtendedKalmanEstimator:
         """Signals rejected often enough in a row to be believed again: the estimate, not the sensor, is then likely wrong."""
         config = self.config
         return frozenset(
-            name
-            for name, count in self._consecutive.items()
-            if count >= (config.online_gate_release_count if name in ONLINE_MEASUREMENTS else config.lab_gate_release_count)
+            name for name, count in self._consecutive.items() if count >= (config.online_gate_release_count if name in ONLINE_MEASUREMENTS else config.lab_gate_release_count)
         )
 
     def _count(self, update: _Update, event: str, t_h: float, **context: Any) -> None:

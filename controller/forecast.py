@@ -125,8 +125,8 @@ class _Buffered:
         self.arg = np.zeros(function.nnz_in(0))
         self.res = np.zeros(function.nnz_out(0))
         self._buffer, self._evaluate = function.buffer()
-        self._buffer.set_arg(0, memoryview(self.arg))
-        self._buffer.set_res(0, memoryview(self.res))
+        self._buffer.set_arg(0, memoryview(self.arg))  # type: ignore[call-arg, arg-type]  # CasADi's stubs miss the one-argument form
+        self._buffer.set_res(0, memoryview(self.res))  # type: ignore[call-arg, arg-type]
 
     def __call__(self) -> np.ndarray:
         self._evaluate()
@@ -282,7 +282,7 @@ class InputSchedule(Protocol):
 class _TimeSchedule:
     """A plain function of time as a schedule."""
 
-    inputs_at: Callable[[float], "Sequence[float] | np.ndarray"]
+    inputs_at: Callable[[float], Sequence[float] | np.ndarray]
 
     def begin(self, start_h: float) -> InputFunction:
         return lambda t_h, _state: self.inputs_at(t_h)
@@ -416,9 +416,7 @@ class RecipeRun:
         self._pending.append((t_h + self._sampling.result_delay_h, result, float(state[_VOLUME]), self._delivered_g))
 
 
-def recipe_schedule(
-    recipe: PlatformRecipe, *, media: MediaComposition, glucose_delivered_g: float, sampling: LabSampling | None = None
-) -> RecipeSchedule:
+def recipe_schedule(recipe: PlatformRecipe, *, media: MediaComposition, glucose_delivered_g: float, sampling: LabSampling | None = None) -> RecipeSchedule:
     """The platform recipe from now on (see :class:`RecipeSchedule`); ``recipe`` is the live object, copied per forecast.
 
     ``glucose_delivered_g``: nominal glucose both feeds delivered since

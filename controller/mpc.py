@@ -32,7 +32,6 @@ import numpy as np
 from pydantic import Field
 
 from controller.codegen import compiled_nlpsols
-
 from controller.config import BatchConfig
 from controller.kpis import batch_score_g_per_day
 from plant_models.cho import INPUT_INDEX, OUTPUT_INDEX, STATE_INDEX, CultureModel
@@ -158,9 +157,7 @@ class EconomicMpc:
             (y[OUTPUT_INDEX["viability"]] - cfg.viability_at_harvest_min_pct) / 10.0,
             (y[OUTPUT_INDEX["galactosylated_fraction"]] - cfg.galactosylated_fraction_min) * 10.0,
         )
-        return ca.Function(
-            name, [x, u, p, t0, dt, n], [xk / xs, margins, terminal], ["x", "u", "p", "t0", "dt", "n"], ["x_next", "margins", "terminal"]
-        )
+        return ca.Function(name, [x, u, p, t0, dt, n], [xk / xs, margins, terminal], ["x", "u", "p", "t0", "dt", "n"], ["x_next", "margins", "terminal"])
 
     def _build(self) -> None:
         m, cfg = self._model, self.config
@@ -185,7 +182,7 @@ class EconomicMpc:
         substeps = ca.MX.sym("substeps", 1, n)
         u_prev = ca.MX.sym("u_prev", nu)
 
-        fine_next, fine_margins, fine_terminal = fine_stage.map(nf, "serial")(X[:, :nf], U[:, :nf], ca.repmat(p, 1, nf), t_start[:, :nf], dt[:, :nf], substeps[:, :nf])
+        fine_next, fine_margins, _fine_terminal = fine_stage.map(nf, "serial")(X[:, :nf], U[:, :nf], ca.repmat(p, 1, nf), t_start[:, :nf], dt[:, :nf], substeps[:, :nf])
         coarse_next, coarse_margins, coarse_terminal = coarse_stage.map(nc, "serial")(X[:, nf:n], U[:, nf:], ca.repmat(p, 1, nc), t_start[:, nf:], dt[:, nf:], substeps[:, nf:])
         x_next = ca.horzcat(fine_next, coarse_next)
         margins = ca.horzcat(fine_margins, coarse_margins)
@@ -208,10 +205,7 @@ class EconomicMpc:
         i_p, i_v = STATE_INDEX["titer"], STATE_INDEX["volume"]
         product_kg = X[i_p, n] * STATE_SCALE[i_p] * X[i_v, n] * STATE_SCALE[i_v] / 1000.0
         objective = (
-            -product_kg
-            + ca.sum1(ca.sum2(ca.repmat(weights, 1, n) * moves**2))
-            + cfg.slack_l1 * (ca.sum1(ca.vec(S)) + ca.sum1(T))
-            + cfg.slack_l2 * (ca.sumsqr(S) + ca.sumsqr(T))
+            -product_kg + ca.sum1(ca.sum2(ca.repmat(weights, 1, n) * moves**2)) + cfg.slack_l1 * (ca.sum1(ca.vec(S)) + ca.sum1(T)) + cfg.slack_l2 * (ca.sumsqr(S) + ca.sumsqr(T))
         )
         w = ca.vertcat(ca.vec(X), ca.vec(U), ca.vec(S), T)
         params = ca.vertcat(x0, p, t_start.T, dt.T, substeps.T, u_prev)
@@ -294,9 +288,7 @@ class EconomicMpc:
         n = nf + nc
         x0, u, p = ca.MX.sym("x0", m.n_states), ca.MX.sym("u", m.n_inputs, n), ca.MX.sym("p", m.n_parameters)
         starts, durations, substeps = ca.MX.sym("starts", 1, n), ca.MX.sym("durations", 1, n), ca.MX.sym("substeps", 1, n)
-        fine_x, fine_margins, fine_terminal = fine_stage.mapaccum("fine_rollout", nf)(
-            x0, u[:, :nf], ca.repmat(p, 1, nf), starts[:, :nf], durations[:, :nf], substeps[:, :nf]
-        )
+        fine_x, fine_margins, fine_terminal = fine_stage.mapaccum("fine_rollout", nf)(x0, u[:, :nf], ca.repmat(p, 1, nf), starts[:, :nf], durations[:, :nf], substeps[:, :nf])
         coarse_x, coarse_margins, coarse_terminal = coarse_stage.mapaccum("coarse_rollout", nc)(
             fine_x[:, -1], u[:, nf:], ca.repmat(p, 1, nc), starts[:, nf:], durations[:, nf:], substeps[:, nf:]
         )
@@ -352,7 +344,7 @@ class EconomicMpc:
         params = np.concatenate([state, parameters, starts, durations, substeps, previous_inputs])
         args: dict = {"x0": w0, "p": params, "lbx": self._lbw, "ubx": self._ubw, "lbg": self._lbg, "ubg": self._ubg}
         solver = self._solver
-        if warm_start:
+        if warm_start and self._warm_solver is not None:
             args["lam_g0"], args["lam_x0"] = lam_g0, lam_x0
             solver = self._warm_solver
         started = time.perf_counter()
@@ -405,7 +397,11 @@ class EconomicMpc:
             predicted_product_mass_g=mass,
             predicted_titer_g_per_l=titer,
             predicted_score_g_per_day=batch_score_g_per_day(mass, harvest_time_h, self._batch.economics.turnaround_days),
-            warm={"inputs": np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None]), "lam_g": np.asarray(result["lam_g"]).ravel(), "lam_x": np.asarray(result["lam_x"]).ravel()},
+            warm={
+                "inputs": np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None]),
+                "lam_g": np.asarray(result["lam_g"]).ravel(),
+                "lam_x": np.asarray(result["lam_x"]).ravel(),
+            },
         )
 
 

@@ -186,9 +186,7 @@ class NmpcController:
             self.harvest_time_h = float(ends[best])
         elif self._cycles % config.later_harvest_every_cycles == 0 and self.harvest_time_h < self._batch.limits.latest_harvest_h:
             later_h = min(self.harvest_time_h + config.later_harvest_step_h, self._batch.limits.latest_harvest_h)
-            candidate = self._solve(
-                process_time_h=t, state=state, parameters=parameters, previous_inputs=previous, harvest_time_h=later_h, warm=solution.warm, shift_warm=False
-            )
+            candidate = self._solve(process_time_h=t, state=state, parameters=parameters, previous_inputs=previous, harvest_time_h=later_h, warm=solution.warm, shift_warm=False)
             if candidate.success and candidate.predicted_score_g_per_day > solution.predicted_score_g_per_day * (1.0 + config.harvest_improvement_min):
                 log.info("harvest_moved_later", process_time_h=t, from_h=self.harvest_time_h, to_h=later_h)
                 self.harvest_time_h = later_h

@@ -70,9 +70,7 @@ class Contradiction:
 class PlausibilityConfig(FrozenConfig):
     """Tolerances of the cross-checks. The defaults suit a stirred tank of 50 L to 20 m³ with load cells, totalised pumps and off-gas OUR."""
 
-    volume_tolerance_l: float = Field(
-        default=20.0, gt=0.0, description="the volume balance always tolerates this disagreement (load-cell accuracy, pump calibration) [L]"
-    )
+    volume_tolerance_l: float = Field(default=20.0, gt=0.0, description="the volume balance always tolerates this disagreement (load-cell accuracy, pump calibration) [L]")
     volume_tolerance_fraction: float = Field(
         default=0.015,
         gt=0.0,
@@ -89,15 +87,9 @@ class PlausibilityConfig(FrozenConfig):
         ge=0.0,
         description="while PV.BaseTotal is unusable its last value stands in, and the load cell may read above the balance by this much more per hour since [L/h]",
     )
-    capacitance_floor_pf_per_cm: float = Field(
-        default=1.0, ge=0.0, description="capacitance below this is too close to the probe's noise and background for a ratio [pF/cm]"
-    )
-    our_floor_mmol_per_l_h: float = Field(
-        default=0.5, ge=0.0, description="OUR below this is too close to the off-gas analysers' resolution for a ratio [mmol/L/h]"
-    )
-    ratio_warmup_cycles: int = Field(
-        default=12, ge=1, description="cycles with both signals above their floors that are only learned before the capacitance/OUR ratio is judged"
-    )
+    capacitance_floor_pf_per_cm: float = Field(default=1.0, ge=0.0, description="capacitance below this is too close to the probe's noise and background for a ratio [pF/cm]")
+    our_floor_mmol_per_l_h: float = Field(default=0.5, ge=0.0, description="OUR below this is too close to the off-gas analysers' resolution for a ratio [mmol/L/h]")
+    ratio_warmup_cycles: int = Field(default=12, ge=1, description="cycles with both signals above their floors that are only learned before the capacitance/OUR ratio is judged")
     ratio_reference_window_h: float = Field(
         default=12.0, gt=0.0, description="the reference ratio is the median of the accepted ratios of this many hours before the last accepted one [h]"
     )
@@ -310,6 +302,4 @@ class PlausibilityChecker:
             f"{still} changed by a factor {moves[still]:.3f}: both follow the viable biomass; one rising by more than {cfg.movement_factor:g} "
             f"while the other stays within {cfg.still_factor:g} suggests a stuck {still}"
         )
-        return Contradiction(
-            ContradictionCode.CAPACITANCE_OUR, (still, moving), message, measured=moves[still], expected=moves[moving], tolerance=cfg.still_factor
-        )
+        return Contradiction(ContradictionCode.CAPACITANCE_OUR, (still, moving), message, measured=moves[still], expected=moves[moving], tolerance=cfg.still_factor)

@@ -29,6 +29,16 @@ class Reading:
     """When the PLC scanned it (wall-clock UTC), if the protocol says."""
 
 
+class ScannedValue(Protocol):
+    """What a scan gives per signal: a :class:`Reading` from a PLC port, or the simulator's ``TagReading`` in-process."""
+
+    @property
+    def value(self) -> Value: ...
+
+    @property
+    def good(self) -> bool: ...
+
+
 class PlcLinkError(ConnectionError, BioreactorMPCError):
     """The PLC could not be reached or did not answer in time; nothing can be assumed about a write in flight."""
 

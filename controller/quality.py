@@ -31,11 +31,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from controller.nmpc import CycleObservation
+from controller.ports import ScannedValue
 from controller.types import LAB_FIELDS, LabResult, Setpoints
 from plant_models.config_loading import FieldError, FrozenConfig
 
@@ -63,16 +64,6 @@ SETPOINT_SIGNALS: tuple[str, ...] = ("SP.FeedRate", "SP.GlucoseRate", "SP.Temper
 TOTAL_SIGNALS: tuple[str, ...] = ("PV.FeedTotal", "PV.GlucoseFeedTotal")
 CYCLE_SIGNALS: tuple[str, ...] = ("Status.ProcessTime", "Status.Phase", *TOTAL_SIGNALS, *SETPOINT_SIGNALS)
 """Signals a cycle cannot run without (the batch clock and phase, the feed totals, the setpoint read-backs): always critical."""
-
-
-class ScannedValue(Protocol):
-    """What a scan gives per signal (:class:`controller.ports.Reading`, the simulator's ``TagReading``)."""
-
-    @property
-    def value(self) -> float | int | bool | str: ...
-
-    @property
-    def good(self) -> bool: ...
 
 
 class SignalCheck(FrozenConfig):
@@ -293,7 +284,7 @@ class DataQualityChecker:
         if seq == self.last_lab_seq:
             return None, None
         taken = scan.get("Sample.TakenAt")
-        if taken is None or not taken.good or not math.isfinite(float(taken.value)):  # type: ignore[arg-type]
+        if taken is None or not taken.good or not math.isfinite(float(taken.value)):
             problems["Sample.TakenAt"] = f"Sample.Seq moved to {seq} but the draw time is unusable"
             return None, None
         values: dict[str, float] = {}
@@ -304,4 +295,4 @@ class DataQualityChecker:
                 problems[signal] = f"negative lab value {number:.6g}, taken as not measured"
                 number = math.nan
             values[name] = number
-        return LabResult(seq=seq, taken_at_h=float(taken.value), **values), seq  # type: ignore[arg-type]
+        return LabResult(seq=seq, taken_at_h=float(taken.value), **values), seq

@@ -62,9 +62,7 @@ class PlatformRecipe:
         consumption_g_per_h = 0.0
         if previous is not None and observation.taken_at_h > previous.taken_at_h:
             consumed_g = (
-                previous.glucose_g_per_l * previous.volume_l
-                + (observation.glucose_delivered_g - previous.glucose_delivered_g)
-                - observation.glucose_g_per_l * observation.volume_l
+                previous.glucose_g_per_l * previous.volume_l + (observation.glucose_delivered_g - previous.glucose_delivered_g) - observation.glucose_g_per_l * observation.volume_l
             )
             consumption_g_per_h = max(0.0, consumed_g / (observation.taken_at_h - previous.taken_at_h))
         deficit_g = (self._recipe.glucose_target_g_per_l - observation.glucose_g_per_l) * volume_l
@@ -87,11 +85,7 @@ class PlatformRecipe:
         if not math.isfinite(process_time_h):
             raise ValueError(f"process time must be finite, got {process_time_h}")
         full = volume_l is not None and math.isfinite(volume_l) and volume_l >= self._equipment.max_working_volume_l - self._recipe.feed_stop_below_max_l
-        temperature = (
-            self._recipe.temperature_initial_degc
-            if process_time_h < self._recipe.temperature_shift_h
-            else self._recipe.temperature_shifted_degc
-        )
+        temperature = self._recipe.temperature_initial_degc if process_time_h < self._recipe.temperature_shift_h else self._recipe.temperature_shifted_degc
         return Setpoints(
             feed_rate_lph=0.0 if full else self.feed_rate_lph(process_time_h),
             glucose_rate_lph=0.0 if full else self._glucose_rate_lph,

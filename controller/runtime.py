@@ -54,6 +54,7 @@ from controller.ports import (
     HistoryUnavailableError,
     PlcAuthError,
     PlcLinkError,
+    PlcMappingError,
     PlcPort,
     PlcWriteMismatchError,
     PlcWriteRefusedError,
@@ -216,7 +217,7 @@ class Runtime:
             "data_quality": dict(report.problems) if report is not None else {},
             "alarms": self.alarms,
             "recommendation": self.desk.recommendation.as_dict() if self.desk.recommendation is not None else None,
-            "estimate": estimate_summary(self.cycle.estimator) if self.cycle is not None else None,
+            "estimate": estimate_summary(self.cycle.estimator) if self.cycle is not None and self.cycle.estimator is not None else None,
             "cycles": self.summary.cycles,
             "decisions": dict(self.summary.decisions),
         }
@@ -266,6 +267,13 @@ class Runtime:
             self._read_time_s = time.perf_counter() - read_started
         except PlcLinkError as error:
             self._link_lost(error)
+            return PollOutcome.LINK_DOWN
+        except PlcMappingError as error:
+            if not self._run_started:
+                raise  # at start: the tag map does not fit this PLC, refuse (the error names every signal)
+            # mid-batch (a PLC program changed under the runtime): fault and check again, as for a lost link
+            self._link_lost(PlcLinkError(f"the tag map no longer fits the PLC: {error}"))
+            await self.port.close()
             return PollOutcome.LINK_DOWN
         if not self._link_up:
             self._link_restored()

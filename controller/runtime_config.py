@@ -108,7 +108,9 @@ def _check_against_batch(config: RuntimeSettings, batch: BatchConfig, *, source:
     """What a runtime config asks of its batch must be possible in it."""
     nmpc, limits = config.nmpc, batch.limits
     if nmpc.initial_harvest_h is not None and nmpc.initial_harvest_h > limits.latest_harvest_h:
-        raise config_error(source, "nmpc.initial_harvest_h", nmpc.initial_harvest_h, f"must not be after the batch's limits.latest_harvest_h ({limits.latest_harvest_h} in {batch_path})")
+        raise config_error(
+            source, "nmpc.initial_harvest_h", nmpc.initial_harvest_h, f"must not be after the batch's limits.latest_harvest_h ({limits.latest_harvest_h} in {batch_path})"
+        )
     headroom_l = batch.equipment.max_working_volume_l - batch.inoculation.volume_l
     if nmpc.mpc.volume_backoff_l >= headroom_l:
         raise config_error(
@@ -127,11 +129,12 @@ def _check_against_batch(config: RuntimeSettings, batch: BatchConfig, *, source:
         )
     if nmpc.mpc.glucose_max_g_per_l <= limits.glucose_min_g_per_l:
         raise config_error(
-            source, "nmpc.mpc.glucose_max_g_per_l", nmpc.mpc.glucose_max_g_per_l, f"must be above the batch's limits.glucose_min_g_per_l ({limits.glucose_min_g_per_l} in {batch_path})"
+            source,
+            "nmpc.mpc.glucose_max_g_per_l",
+            nmpc.mpc.glucose_max_g_per_l,
+            f"must be above the batch's limits.glucose_min_g_per_l ({limits.glucose_min_g_per_l} in {batch_path})",
         )
 
 
 def nominal_parameter_vector(loaded: LoadedRuntime) -> np.ndarray:
     return parameter_vector(loaded.nominal, loaded.batch.media)
-
-

@@ -29,6 +29,10 @@ class SafeguardSettings(FrozenConfig):
         le=600.0,
         description="before taking the PLC, watch MPC.Heartbeat this long: if it moves, another runtime holds the PLC and this one refuses to start [wall s]",
     )
-    stall_after_cycles: float = Field(
-        default=2.0, gt=0.0, le=100.0, description="/healthz reports a stall when no cycle ran for this many cycle periods of wall time [-]"
+    auth_retry_after_s: float = Field(
+        default=300.0,
+        ge=10.0,
+        le=86400.0,
+        description="after the PLC refused the credentials or a certificate, wait at least this long before trying again: a real PLC locks accounts [wall s]",
     )
+    stall_after_cycles: float = Field(default=2.0, gt=0.0, le=100.0, description="/healthz reports a stall when no cycle ran for this many cycle periods of wall time [-]")

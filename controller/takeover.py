@@ -33,7 +33,7 @@ from controller.clock import TIME_TOLERANCE_H, BatchClock, process_time_of
 from controller.config import BatchConfig
 from controller.estimator import ExtendedKalmanEstimator
 from controller.modes import RequestedMode
-from controller.ports import Reading, ResumeState
+from controller.ports import ResumeState, ScannedValue
 from controller.quality import SAMPLE_SIGNALS
 from controller.runtime_config import RuntimeSettings
 from controller.types import LAB_FIELDS, PHASE_RUNNING
@@ -90,7 +90,7 @@ def choose_mode(override: RequestedMode | None, resume: ResumeState | None, conf
 
 def plan_start(
     *,
-    readings: Mapping[str, Reading],
+    readings: Mapping[str, ScannedValue],
     batch: BatchConfig,
     settings: RuntimeSettings,
     model: CultureModel,
@@ -154,12 +154,10 @@ def plan_start(
     estimator = ExtendedKalmanEstimator(model, nominal_parameters, x_now, config, start_time_h=now_h)
     estimator.widen(settings.safeguards.takeover_sd_scale)
     clock.start_at(now_h)
-    return StartPlan(
-        how="taken over", estimator=estimator, clock=clock, lab_seq=seq, requested_mode=mode, mode_source=mode_source, heartbeat=heartbeat, taken_over_at_h=now_h
-    )
+    return StartPlan(how="taken over", estimator=estimator, clock=clock, lab_seq=seq, requested_mode=mode, mode_source=mode_source, heartbeat=heartbeat, taken_over_at_h=now_h)
 
 
-def state_from_readings(readings: Mapping[str, Reading], batch: BatchConfig, *, now_h: float) -> tuple[np.ndarray, int]:
+def state_from_readings(readings: Mapping[str, ScannedValue], batch: BatchConfig, *, now_h: float) -> tuple[np.ndarray, int]:
     """The culture's state now from the PLC's online values and the latest lab result it holds; and that result's ``Sample.Seq``.
 
     Needs a lab result with viable cell density and viability; a metabolite

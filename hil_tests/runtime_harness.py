@@ -18,7 +18,7 @@ from typing import Any
 from bioreactor_mpc.demo import free_port
 from controller.mpc import EconomicMpc
 from controller.ports import Reading
-from controller.runtime import CycleReport, Runtime, RunSummary
+from controller.runtime import CycleReport, RunSummary, Runtime
 from controller.runtime_config import RuntimeSettings
 from interfaces.history import SqliteHistory
 from interfaces.opcua_port import OpcUaPort

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import structlog
+from runtime_harness import TEST_SETTINGS, SimulatedPlant, TamperingPort, _port, run_runtime_against
 
 from controller.advisory import Signer
 from controller.ports import PlcAuthError, Reading
@@ -30,7 +32,6 @@ from interfaces.audit import AuditTrail
 from interfaces.history import SqliteHistory
 from plant_models.cho import STATE_INDEX
 from plant_models.parameters import parameter_vector
-from runtime_harness import TEST_SETTINGS, SimulatedPlant, TamperingPort, _port, run_runtime_against
 from simulator.config import load_simulation
 
 pytestmark = pytest.mark.hil
@@ -81,9 +82,7 @@ def test_a_running_batch_without_its_history_is_refused_and_a_signed_take_over_s
         if not truth:
             truth.update(time_h=report.record.process_time_h, vcd=float(plant.plc.plant.state[STATE_INDEX["viable_cells"]]))
 
-    result = asyncio.run(
-        run_runtime_against(loaded, tmp_path / "taken.sqlite", mpc=mpc, start_at_h=200.0, stop_at_h=206.0, takeover=ENGINEER, audit=audit, on_cycle=note_truth)
-    )
+    result = asyncio.run(run_runtime_against(loaded, tmp_path / "taken.sqlite", mpc=mpc, start_at_h=200.0, stop_at_h=206.0, takeover=ENGINEER, audit=audit, on_cycle=note_truth))
     cycles = result.rows("cycles")
     first = cycles[0]
     assert first["process_time_h"] == pytest.approx(200.0) == truth["time_h"], "the first cycle runs at take-over, not from inoculation"
@@ -99,9 +98,7 @@ def test_a_running_batch_without_its_history_is_refused_and_a_signed_take_over_s
 def test_a_mis_scaled_volume_tag_is_a_fault_with_no_setpoints_and_the_plcs_recipe_keeps_the_vessel_safe(tmp_path, mpc):
     """The probe's case: PV.Volume read at a tenth of the truth (a tag map with scale 0.1) from the start."""
     loaded = load_simulation(PLATFORM)
-    result = asyncio.run(
-        run_runtime_against(loaded, tmp_path / "h.sqlite", mpc=mpc, stop_at_h=8.0, lockstep_timeout_s=0.3, port=lambda p: _tampered(p, _scaled("PV.Volume", 0.1)))
-    )
+    result = asyncio.run(run_runtime_against(loaded, tmp_path / "h.sqlite", mpc=mpc, stop_at_h=8.0, lockstep_timeout_s=0.3, port=lambda p: _tampered(p, _scaled("PV.Volume", 0.1))))
     cycles = result.rows("cycles")
     assert cycles and {c["state"] for c in cycles} == {"fault"}
     assert not _sp_writes(result.rows("writes")), "no setpoint is written while a reading contradicts the balance"
@@ -139,8 +136,12 @@ def test_clock_glitch_jump_and_reset_are_alarmed_and_never_stall_the_cycles(tmp_
         )
     cycles = result.rows("cycles")
     by_state = [(c["process_time_h"], c["state"]) for c in cycles]
-    assert ("closed_loop" in {s for t, s in by_state if 6.0 <= t < 12.0}), "the glitch did not stop the cycles"
-    reset_at = min(c["wall_utc"] for c in cycles if c["process_time_h"] < 12.0 and c["wall_utc"] > max(c2["wall_utc"] for c2 in cycles if c2["process_time_h"] >= 11.0 and c2["state"] == "closed_loop"))
+    assert "closed_loop" in {s for t, s in by_state if 6.0 <= t < 12.0}, "the glitch did not stop the cycles"
+    reset_at = min(
+        c["wall_utc"]
+        for c in cycles
+        if c["process_time_h"] < 12.0 and c["wall_utc"] > max(c2["wall_utc"] for c2 in cycles if c2["process_time_h"] >= 11.0 and c2["state"] == "closed_loop")
+    )
     after_reset = [c for c in cycles if c["wall_utc"] >= reset_at]
     assert len(after_reset) >= 5 and {c["state"] for c in after_reset} == {"fault"}, "a fault cycle at every boundary of the reset clock"
     assert not [w for w in _sp_writes(result.rows("writes")) if w["wall_utc"] >= reset_at], "no setpoints after the reset"
@@ -175,9 +176,7 @@ def test_every_tag_bad_for_three_hours_is_alarmed_unhealthy_and_recovers(tmp_pat
     holder: dict[str, Runtime] = {}
     seen["runtime"] = lambda: holder["runtime"]
     result = asyncio.run(
-        run_runtime_against(
-            loaded, tmp_path / "h.sqlite", mpc=mpc, settings=settings, port=lambda p: _tampered(p, all_bad), stop_at_h=12.0, on_cycle=watch, runtime_ref=holder
-        )
+        run_runtime_against(loaded, tmp_path / "h.sqlite", mpc=mpc, settings=settings, port=lambda p: _tampered(p, all_bad), stop_at_h=12.0, on_cycle=watch, runtime_ref=holder)
     )
     assert seen["bad_cycles"] >= 2 and all(seen["unhealthy"]), "fault cycles run and /healthz reports the runtime unhealthy"
     codes = {a["code"] for a in result.rows("alarms") if a["active"]}
@@ -308,5 +307,5 @@ def test_a_plc_that_refuses_the_credentials_is_retried_after_minutes_not_seconds
             await asyncio.wait_for(task, 5.0)
 
     asyncio.run(scenario())
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert 2 <= len(attempts) <= 3 and all(gap >= 1.45 for gap in gaps), f"attempts {len(attempts)}, gaps {gaps}"

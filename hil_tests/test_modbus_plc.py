@@ -129,7 +129,7 @@ def test_every_signal_reads_as_the_plc_scanned_it_with_quality_bits(modbus_port_
 
 def test_writes_go_through_the_plc_logic(modbus_port_number):
     async def scenario() -> None:
-        async with _serving(PLATFORM, modbus_port_number) as (plc, server, client):
+        async with _serving(PLATFORM, modbus_port_number) as (plc, _server, client):
             temperature_before = plc.snapshot()["SP.Temperature"].value
             # Refused while local (exception 4), before the range is checked; outside the range (exception 3); the old value stays.
             plc.set_operator_remote(False)

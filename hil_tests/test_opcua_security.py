@@ -353,8 +353,13 @@ def test_unreadable_security_files_fail_when_the_port_is_built(pki, monkeypatch)
 def test_created_certificate_is_an_opc_ua_application_instance_certificate(tmp_path):
     cert_path, key_path = tmp_path / "pki" / "own" / "runtime.der", tmp_path / "pki" / "own" / "runtime.pem"
     made = create_certificate(
-        cert_path, key_path, common_name="bioreactor-mpc edge01", organization="Example Biologics",
-        application_uri="urn:edge01:bioreactor-mpc", hostnames=["edge01", "10.20.0.11"], days=730,
+        cert_path,
+        key_path,
+        common_name="bioreactor-mpc edge01",
+        organization="Example Biologics",
+        application_uri="urn:edge01:bioreactor-mpc",
+        hostnames=["edge01", "10.20.0.11"],
+        days=730,
     )
     certificate = read_certificate(cert_path, field="certificate")
     assert certificate == made and cert_path.read_bytes()[:1] == b"\x30"  # DER

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from runtime_harness import TAG_MAPS, TEST_SETTINGS, SimulatedPlant, TcpProxy, free_port
 
 from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
@@ -27,7 +28,6 @@ from interfaces.history import SqliteHistory
 from interfaces.users import Role, UserStore
 from plant_models.cho import CultureModel
 from plant_models.parameters import parameter_vector
-from runtime_harness import TAG_MAPS, TEST_SETTINGS, SimulatedPlant, TcpProxy, free_port
 from simulator.batch import build_simulated_plc
 from simulator.config import load_simulation
 from simulator.opcua_server import OpcUaPlcServer
@@ -96,6 +96,7 @@ async def advisory_screen(tmp_path: Path, mpc: EconomicMpc, *, freeze_at_h: floa
     from interfaces.opcua_port import OpcUaPort
 
     holder: dict[str, Screen] = {}
+    clock_stops: list[asyncio.Future[None]] = []  # kept, so a pending stop is never garbage-collected
 
     def freeze(report: CycleReport) -> None:
         screen = holder.get("screen")
@@ -103,7 +104,7 @@ async def advisory_screen(tmp_path: Path, mpc: EconomicMpc, *, freeze_at_h: floa
         if report.record.process_time_h + 1.0 >= auto_approve_until_h - 1e-6 and runtime.settings.auto_approve:
             runtime.settings = runtime.settings.model_copy(update={"auto_approve": False})
         if report.record.process_time_h >= limit - 1e-6:
-            asyncio.ensure_future(plant.stop_clock())  # before this cycle's heartbeat moves the plant on
+            clock_stops.append(asyncio.ensure_future(plant.stop_clock()))  # before this cycle's heartbeat moves the plant on
 
     settings = TEST_SETTINGS.model_copy(update={"mode": RequestedMode.ADVISORY, "auto_approve": auto_approve_until_h > 0.0})
     runtime = Runtime(

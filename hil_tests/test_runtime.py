@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import structlog
 import yaml
+from runtime_harness import TEST_SETTINGS, SimulatedPlant, run_runtime_against
 
 from controller.kpis import BatchKpis
 from controller.mpc import EconomicMpc
 from controller.runtime import CycleReport
 from interfaces.signals import SIGNALS
 from plant_models.cho import OUTPUT_INDEX, STATE_INDEX, CultureModel
-from runtime_harness import TEST_SETTINGS, SimulatedPlant, run_runtime_against
 from simulator.batch import kpis_of, run_recipe_batch
 from simulator.closed_loop import estimator_source, run_controlled_batch
 from simulator.config import load_simulation
@@ -224,8 +224,9 @@ def test_runtime_killed_mid_batch_the_watchdog_takes_over_and_a_restart_resumes(
     import signal
     import sys
 
-    from interfaces.history import SqliteHistory
     from runtime_harness import TAG_MAPS, SimulatedPlant, TcpProxy, free_port
+
+    from interfaces.history import SqliteHistory
     from simulator.batch import build_simulated_plc
     from simulator.opcua_server import OpcUaPlcServer
     from simulator.plc import PHASE_RUNNING
@@ -266,7 +267,7 @@ def test_runtime_killed_mid_batch_the_watchdog_takes_over_and_a_restart_resumes(
             await wait_until(lambda: plc.process_time_h >= seen["killed_h"] + 4.0, 30.0, "the plant to run on")
             await plant.set_lockstep_timeout(30.0)
             assert plc.watchdog_tripped and not plc.remote_enabled
-            recipe = plc.recipe.setpoints(plc.process_time_h, volume_l=float(plc.plant.state[STATE_INDEX['volume']]))
+            recipe = plc.recipe.setpoints(plc.process_time_h, volume_l=float(plc.plant.state[STATE_INDEX["volume"]]))
             scan = plc.snapshot()
             assert scan["SP.Temperature"].value == pytest.approx(recipe.temperature_degc) and scan["SP.FeedRate"].value == pytest.approx(recipe.feed_rate_lph)
             seen["restarted_h"] = plc.process_time_h
@@ -281,7 +282,7 @@ def test_runtime_killed_mid_batch_the_watchdog_takes_over_and_a_restart_resumes(
             await server.stop()
 
     asyncio.run(scenario())
-    history = SqliteHistory(history_path)
+    history = SqliteHistory(history_path, read_only=True)
     runs = history.table("runs")
     assert len(runs) == 2 and runs[0]["end_reason"] is None and runs[1]["end_reason"] == "stopped"
     cycles = history.table("cycles")
@@ -298,6 +299,20 @@ def test_runtime_killed_mid_batch_the_watchdog_takes_over_and_a_restart_resumes(
     assert second_run[0]["state"] == "held" and second_run[-1]["state"] == "closed_loop" and second_run[-1]["wrote_setpoints"]
     log_text = (tmp_path / "run2.log").read_text()
     assert "runtime_resumed" in log_text
+    writes = history.table("writes")
+    assert writes and all(w["outcome"] != "pending" for w in writes), "every write has an outcome (reconciled at the restart if the kill cut it off)"
+    setpoint_boundaries = [w["process_time_h"] for w in writes if "SP.FeedRate" in json.loads(w["values"])]
+    assert len(setpoint_boundaries) == len(set(setpoint_boundaries)), "no boundary's setpoints written twice"
+    from interfaces.audit import AuditTrail
+
+    with AuditTrail(history_path, read_only=True) as trail:
+        records = trail.records()
+    sent = {r.details["write_id"] for r in records if r.action == "setpoint_write"}
+    answered = {r.details["write_id"] for r in records if r.action == "setpoint_write_result"}
+    assert sent and sent <= answered, f"every audited setpoint write has its result: {sorted(sent - answered)} have none"
+    started = [r.details for r in records if r.action == "config_loaded"]
+    assert [d["start"] for d in started] == ["new batch", "resumed"] and started[1]["resumed_from_h"] == first_run[-1]["process_time_h"]
+    history.close()
 
 
 def test_a_setpoint_write_whose_audit_record_cannot_be_written_is_not_sent(tmp_path, mpc):

@@ -388,7 +388,9 @@ class AuditTrail:
                 elif seq == 1:
                     found.append(f"broken genesis: its prev_hash is {str(prev_hash)[:16]}…, the first record's must be 64 zeros")
                 else:
-                    found.append(f"its prev_hash does not match the hash of seq {seq - 1} (seq {seq - 1} was altered and its hash recomputed, or records were removed and renumbered)")
+                    found.append(
+                        f"its prev_hash does not match the hash of seq {seq - 1} (seq {seq - 1} was altered and its hash recomputed, or records were removed and renumbered)"
+                    )
             try:
                 recomputed = record_hash(seq, wall_utc, time_h, actor, action, subject, json.loads(details_text), prev_hash)
             except (TypeError, ValueError):

@@ -505,9 +505,7 @@ class SqliteHistory:
         row = self._read("SELECT last_cycle_h, lab_seq, harvest_time_h, estimator, requested_mode FROM resume WHERE batch_id = ?", (batch_id,)).fetchone()
         if row is None:
             return None
-        return ResumeState(
-            batch_id=batch_id, last_cycle_h=float(row[0]), lab_seq=int(row[1]), harvest_time_h=float(row[2]), estimator=json.loads(row[3]), requested_mode=row[4]
-        )
+        return ResumeState(batch_id=batch_id, last_cycle_h=float(row[0]), lab_seq=int(row[1]), harvest_time_h=float(row[2]), estimator=json.loads(row[3]), requested_mode=row[4])
 
     def end_run(self, *, reason: str) -> None:
         run_id = self.run_id

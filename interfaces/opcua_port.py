@@ -612,7 +612,9 @@ class _ClientSecurity:
         except ConfigError as error:  # names the field and the file or variable
             raise PlcAuthError(f"{self.endpoint}: not connecting: {error}", retry_after_s=retry_after_s) from None
         except (OSError, ValueError) as error:  # a trusted certificate changed between the check and asyncua's loading it
-            raise PlcAuthError(f"{self.endpoint}: not connecting: security.trust_store: {self.settings.trust_store}: cannot be loaded ({error})", retry_after_s=retry_after_s) from None
+            raise PlcAuthError(
+                f"{self.endpoint}: not connecting: security.trust_store: {self.settings.trust_store}: cannot be loaded ({error})", retry_after_s=retry_after_s
+            ) from None
         validator = certificate_validator(store, peer="server")
         try:
             endpoints = await asyncio.wait_for(client.connect_and_get_server_endpoints(), timeout_s)
@@ -648,7 +650,9 @@ class _ClientSecurity:
                 mode=self.mode,
             )
         except (ValueError, TypeError, ua.UaError) as error:  # asyncua could not use a certificate or the key for this policy
-            raise PlcAuthError(f"{self.endpoint}: the {wanted} channel cannot be set up with {self.settings.certificate} and the server's certificate: {error!r}", retry_after_s=retry_after_s) from None
+            raise PlcAuthError(
+                f"{self.endpoint}: the {wanted} channel cannot be set up with {self.settings.certificate} and the server's certificate: {error!r}", retry_after_s=retry_after_s
+            ) from None
         if credentials is not None:
             client.set_user(credentials[0])
             client.set_password(credentials[1])

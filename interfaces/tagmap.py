@@ -250,9 +250,7 @@ class OpcUaTagMap(FrozenConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> OpcUaTagMap:
-        _check_signal_names(
-            list(self.tags), kinds={n: t.type for n, t in self.tags.items()}, scaled={n: t.scaled for n, t in self.tags.items()}
-        )
+        _check_signal_names(list(self.tags), kinds={n: t.type for n, t in self.tags.items()}, scaled={n: t.scaled for n, t in self.tags.items()})
         seen: dict[str, str] = {}
         for name, tag in self.tags.items():
             other = seen.setdefault(tag.node, name)
@@ -271,9 +269,7 @@ class ModbusTagMap(FrozenConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModbusTagMap:
-        _check_signal_names(
-            list(self.tags), kinds={n: t.type for n, t in self.tags.items()}, scaled={n: t.scaled for n, t in self.tags.items()}
-        )
+        _check_signal_names(list(self.tags), kinds={n: t.type for n, t in self.tags.items()}, scaled={n: t.scaled for n, t in self.tags.items()})
         occupied: dict[tuple[str, int], str] = {}
 
         def occupy(table: str, first: int, count: int, owner: str, field: str) -> None:
@@ -300,7 +296,9 @@ class ModbusTagMap(FrozenConfig):
             other = quality_bits.setdefault((bad_when.table, bad_when.address, bad_when.bit), name)
             if other != name:
                 raise FieldError(
-                    f"tags.{name}.bad_when.bit", bad_when.bit, f"{bad_when.table} {bad_when.address} bit {bad_when.bit} is also tags.{other}.bad_when: each signal needs its own quality bit"
+                    f"tags.{name}.bad_when.bit",
+                    bad_when.bit,
+                    f"{bad_when.table} {bad_when.address} bit {bad_when.bit} is also tags.{other}.bad_when: each signal needs its own quality bit",
                 )
         return self
 

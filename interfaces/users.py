@@ -211,8 +211,10 @@ class UserStore:
         password_hash = self._hasher.hash(password)
         stamp = _now_utc()
         try:
-            self._write("INSERT INTO users (name, full_name, role, password_hash, disabled, created_utc, password_changed_utc) VALUES (?, ?, ?, ?, 0, ?, ?)",
-                        (name, full_name, role.value, password_hash, stamp, stamp))
+            self._write(
+                "INSERT INTO users (name, full_name, role, password_hash, disabled, created_utc, password_changed_utc) VALUES (?, ?, ?, ?, 0, ?, ?)",
+                (name, full_name, role.value, password_hash, stamp, stamp),
+            )
         except sqlite3.IntegrityError:
             raise InvalidUserError(f"{self.path}: user {name!r} exists") from None
         log.info("user_added", path=str(self.path), user=name, role=role.value)
@@ -255,24 +257,29 @@ class UserStore:
         again at signing, to have the password re-entered (21 CFR 11.200).
         """
         if not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH:
-            return self._failed(name, "password_rejected")
+            self._failed(name, "password_rejected")
+            return None
         valid_name = isinstance(name, str) and USER_NAME_PATTERN.fullmatch(name) is not None
         rows = self._read("SELECT name, full_name, role, disabled, password_hash FROM users WHERE name = ?", (name,)) if valid_name else []
         if not rows:
             self._verify_quietly(self._dummy(), password)
-            return self._failed(name, "unknown_user")
+            self._failed(name, "unknown_user")
+            return None
         stored_hash = str(rows[0][4])
         try:
             self._hasher.verify(stored_hash, password)
         except VerifyMismatchError:
-            return self._failed(name, "wrong_password")
+            self._failed(name, "wrong_password")
+            return None
         except VerificationError:
-            return self._failed(name, "verification_failed")
+            self._failed(name, "verification_failed")
+            return None
         except InvalidHashError:
             raise UserStoreError(f"{self.path}: the stored password hash of user {name!r} is not an argon2 hash") from None
         user = self._user(rows[0][:4])
         if user.disabled:
-            return self._failed(name, "disabled")
+            self._failed(name, "disabled")
+            return None
         if self._hasher.check_needs_rehash(stored_hash):
             self._write("UPDATE users SET password_hash = ? WHERE name = ? AND password_hash = ?", (self._hasher.hash(password), name, stored_hash))
             log.info("password_rehashed", path=str(self.path), user=name)
@@ -315,8 +322,7 @@ class UserStore:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 row = self._db.execute(
-                    "SELECT s.last_seen_s, s.expires_s, u.name, u.full_name, u.role, u.disabled FROM sessions s JOIN users u ON u.name = s.user_name "
-                    "WHERE s.token_sha256 = ?",
+                    "SELECT s.last_seen_s, s.expires_s, u.name, u.full_name, u.role, u.disabled FROM sessions s JOIN users u ON u.name = s.user_name WHERE s.token_sha256 = ?",
                     (digest,),
                 ).fetchone()
                 if row is None:
@@ -369,7 +375,6 @@ class UserStore:
 
     def _failed(self, name: object, reason: str) -> None:
         log.warning("login_failed", user=str(name)[:64], reason=reason)
-        return None
 
     def _dummy(self) -> str:
         if self._dummy_hash is None:

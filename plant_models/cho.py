@@ -111,13 +111,7 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
     volume, temperature = s["volume"], s["temperature"]
     feed, glucose_feed = i["feed_rate"], i["glucose_rate"]
 
-    osmolality = (
-        s["other_osmolytes"]
-        + glc * 1000.0 / GLUCOSE_G_PER_MOL
-        + lac * 1000.0 / LACTATE_G_PER_MOL
-        + gln
-        + amm
-    )
+    osmolality = s["other_osmolytes"] + glc * 1000.0 / GLUCOSE_G_PER_MOL + lac * 1000.0 / LACTATE_G_PER_MOL + gln + amm
     below_reference = par("temperature.reference_degc") - temperature
 
     # Growth: Monod in both substrates, hyperbolic metabolite inhibition,
@@ -129,10 +123,14 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
             -par("growth.temperature_curvature_per_degc2")
             * ((temperature - par("growth.temperature_optimum_degc")) ** 2 - (par("temperature.reference_degc") - par("growth.temperature_optimum_degc")) ** 2)
         )
-        * glc / (par("growth.k_glucose_g_per_l") + glc)
-        * gln / (par("growth.k_glutamine_mm") + gln)
-        * par("growth.ki_lactate_g_per_l") / (par("growth.ki_lactate_g_per_l") + lac)
-        * par("growth.ki_ammonia_mm") / (par("growth.ki_ammonia_mm") + amm)
+        * glc
+        / (par("growth.k_glucose_g_per_l") + glc)
+        * gln
+        / (par("growth.k_glutamine_mm") + gln)
+        * par("growth.ki_lactate_g_per_l")
+        / (par("growth.ki_lactate_g_per_l") + lac)
+        * par("growth.ki_ammonia_mm")
+        / (par("growth.ki_ammonia_mm") + amm)
         * _logistic_decline(osmolality, par("growth.osmolality_half_mosm_per_kg"), par("growth.osmolality_width_mosm_per_kg"))
         * _logistic_decline(t, par("growth.age_half_h"), par("growth.age_width_h"))
     )
@@ -153,22 +151,15 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
     metabolic_temperature = ca.exp(-par("metabolism.temperature_sensitivity_per_degc") * below_reference)
     glucose_for_growth = mu / par("metabolism.yield_cells_per_glucose_1e9_per_g")
     q_glucose = glucose_for_growth + (
-        par("metabolism.glucose_maintenance_g_per_1e9_cells_h")
-        * metabolic_temperature
-        * glc / (par("metabolism.k_glucose_maintenance_g_per_l") + glc)
+        par("metabolism.glucose_maintenance_g_per_1e9_cells_h") * metabolic_temperature * glc / (par("metabolism.k_glucose_maintenance_g_per_l") + glc)
     )
     q_glutamine = mu / par("metabolism.yield_cells_per_glutamine_1e9_per_mmol") + (
-        par("metabolism.glutamine_maintenance_mmol_per_1e9_cells_h")
-        * metabolic_temperature
-        * gln / (par("metabolism.k_glutamine_maintenance_mm") + gln)
+        par("metabolism.glutamine_maintenance_mmol_per_1e9_cells_h") * metabolic_temperature * gln / (par("metabolism.k_glutamine_maintenance_mm") + gln)
     )
     q_lactate_production = par("metabolism.lactate_yield_from_glucose_g_per_g") * glucose_for_growth
     k_switch = par("metabolism.k_glucose_lactate_switch_g_per_l")
     q_lactate_uptake = (
-        par("metabolism.lactate_uptake_max_g_per_1e9_cells_h")
-        * metabolic_temperature
-        * lac / (par("metabolism.k_lactate_uptake_g_per_l") + lac)
-        * k_switch / (k_switch + glc)
+        par("metabolism.lactate_uptake_max_g_per_1e9_cells_h") * metabolic_temperature * lac / (par("metabolism.k_lactate_uptake_g_per_l") + lac) * k_switch / (k_switch + glc)
     )
     glutamine_degradation = par("metabolism.glutamine_degradation_per_h") * gln
     r_glucose = q_glucose * xv
@@ -181,13 +172,15 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
         par("product.q_product_pg_per_cell_day")
         * PG_PER_CELL_DAY_TO_G_PER_1E9_CELLS_H
         * ca.exp(par("product.temperature_sensitivity_per_degc") * below_reference)
-        * glc / (par("product.k_glucose_g_per_l") + glc)
+        * glc
+        / (par("product.k_glucose_g_per_l") + glc)
     )
     r_product = q_product * xv
     k_amm_q = par("product.galactosylation_ki_ammonia_mm")
     new_galactosylated_fraction = (
         par("product.galactosylated_max_fraction")
-        * k_amm_q / (k_amm_q + amm)
+        * k_amm_q
+        / (k_amm_q + amm)
         * _logistic_decline(
             osmolality,
             par("product.galactosylation_osmolality_half_mosm_per_kg"),
@@ -196,35 +189,21 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
     )
 
     # pH control: base neutralises the lactic acid formed (never removes any).
-    base_rate = (
-        par("measurement.base_per_lactate_mol_per_mol")
-        * _smooth_positive(r_lactate, SMOOTH_POSITIVE_EPS_G_PER_L_H)
-        * volume
-        / LACTATE_G_PER_MOL
-        / media("base_mol_per_l")
-    )
+    base_rate = par("measurement.base_per_lactate_mol_per_mol") * _smooth_positive(r_lactate, SMOOTH_POSITIVE_EPS_G_PER_L_H) * volume / LACTATE_G_PER_MOL / media("base_mol_per_l")
 
     strength = media("nutrient_feed_strength")
     inflow = feed + glucose_feed + base_rate
     dilution = inflow / volume
 
-    dx = [None] * len(STATES)
+    dx: list[Any] = [None] * len(STATES)
     dx[STATE_INDEX["viable_cells"]] = (mu - kd - dilution) * xv
     dx[STATE_INDEX["dead_cells"]] = kd * xv - (par("death.lysis_per_h") + dilution) * xd
-    dx[STATE_INDEX["glucose"]] = (
-        feed * strength * media("nutrient_feed_glucose_g_per_l") + glucose_feed * media("glucose_feed_g_per_l")
-    ) / volume - dilution * glc - r_glucose
-    dx[STATE_INDEX["glutamine"]] = (
-        feed * strength * media("nutrient_feed_glutamine_mm") / volume
-        - dilution * gln
-        - r_glutamine_uptake
-        - glutamine_degradation
-    )
+    dx[STATE_INDEX["glucose"]] = (feed * strength * media("nutrient_feed_glucose_g_per_l") + glucose_feed * media("glucose_feed_g_per_l")) / volume - dilution * glc - r_glucose
+    dx[STATE_INDEX["glutamine"]] = feed * strength * media("nutrient_feed_glutamine_mm") / volume - dilution * gln - r_glutamine_uptake - glutamine_degradation
     dx[STATE_INDEX["lactate"]] = r_lactate - dilution * lac
     dx[STATE_INDEX["ammonia"]] = r_ammonia - dilution * amm
     dx[STATE_INDEX["other_osmolytes"]] = (
-        feed * strength * media("nutrient_feed_other_osmolytes_mosm_per_kg")
-        + base_rate * media("base_mol_per_l") * media("base_osmoles_per_mol") * 1000.0
+        feed * strength * media("nutrient_feed_other_osmolytes_mosm_per_kg") + base_rate * media("base_mol_per_l") * media("base_osmoles_per_mol") * 1000.0
     ) / volume - dilution * s["other_osmolytes"]
     dx[STATE_INDEX["titer"]] = r_product - dilution * s["titer"]
     dx[STATE_INDEX["galactosylated_titer"]] = new_galactosylated_fraction * r_product - dilution * s["galactosylated_titer"]
@@ -232,11 +211,9 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
     dx[STATE_INDEX["temperature"]] = (i["temperature_setpoint"] - temperature) / par("temperature.lag_h")
     dx[STATE_INDEX["base_added"]] = base_rate
 
-    q_o2 = par("measurement.o2_per_growth_mmol_per_1e9_cells") * mu + (
-        par("measurement.o2_maintenance_mmol_per_1e9_cells_h") * metabolic_temperature
-    )
+    q_o2 = par("measurement.o2_per_growth_mmol_per_1e9_cells") * mu + (par("measurement.o2_maintenance_mmol_per_1e9_cells_h") * metabolic_temperature)
     our = q_o2 * xv
-    y = [None] * len(OUTPUTS)
+    y: list[Any] = [None] * len(OUTPUTS)
     y[OUTPUT_INDEX["viability"]] = 100.0 * xv / (xv + xd)
     y[OUTPUT_INDEX["osmolality"]] = osmolality
     y[OUTPUT_INDEX["galactosylated_fraction"]] = s["galactosylated_titer"] / ca.fmax(s["titer"], 1e-9)

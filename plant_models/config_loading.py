@@ -91,7 +91,7 @@ _YAML_BOOL = "tag:yaml.org,2002:bool"
 class _ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2 core booleans (true/false only) and duplicate keys refused."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:  # type: ignore[override]
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
@@ -129,9 +129,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset {exc.start} (line {line}) cannot be decoded; save the file as UTF-8"
-        ) from None
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset {exc.start} (line {line}) cannot be decoded; save the file as UTF-8") from None
     try:
         data = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass
     except _DuplicateKeyError as exc:

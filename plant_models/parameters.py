@@ -146,10 +146,7 @@ def _field_names(model_cls: type[FrozenConfig], prefix: str = "") -> list[str]:
     return names
 
 
-PARAMETER_NAMES: tuple[str, ...] = tuple(
-    [f"culture.{name}" for name in _field_names(CultureParameters)]
-    + [f"media.{name}" for name in _field_names(MediaComposition)]
-)
+PARAMETER_NAMES: tuple[str, ...] = tuple([f"culture.{name}" for name in _field_names(CultureParameters)] + [f"media.{name}" for name in _field_names(MediaComposition)])
 """Names of the model's parameter vector entries, in order."""
 
 

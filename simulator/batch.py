@@ -41,9 +41,7 @@ def build_simulated_plc(loaded: LoadedSimulation, model: CultureModel | None = N
     Independent random streams (truth, sampling times, lab noise, online
     noise) come from one seed, so a batch is reproducible whatever reads it.
     """
-    truth_rng, sampling_rng, lab_rng, online_rng = (
-        np.random.default_rng(child) for child in np.random.SeedSequence(loaded.simulation.seed).spawn(4)
-    )
+    truth_rng, sampling_rng, lab_rng, online_rng = (np.random.default_rng(child) for child in np.random.SeedSequence(loaded.simulation.seed).spawn(4))
     truth = true_culture_parameters(loaded.nominal, loaded.simulation, truth_rng)
     plc = SimulatedPlc(
         model=model or CultureModel(),

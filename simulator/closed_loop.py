@@ -11,6 +11,7 @@ Over OPC UA or Modbus in lockstep the runtime scores the same batch the same
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from simulator.plc import PHASE_RUNNING, SimulatedPlc
 
 log = structlog.get_logger(__name__)
 
+
 @dataclass(frozen=True)
 class ControlledBatchResult:
     batch: BatchResult
@@ -47,6 +49,8 @@ class ControlledBatchResult:
     """(process time, planned harvest time, predicted titer at harvest) per cycle."""
     plan_snapshots: tuple[tuple[float, np.ndarray, np.ndarray], ...]
     """(process time the plan was made, stage-end times, predicted states at stage ends) every ``snapshot_every_h``."""
+    states: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Cycles per runtime state (closed_loop, held while the operator had local control, fault, ...)."""
 
     def harvest_titer_errors(self) -> list[tuple[float, float]]:
         """(process time, predicted − actual titer at harvest, g/L) for cycles that planned the actual harvest time."""
@@ -106,6 +110,7 @@ def run_controlled_batch(
         heartbeat=plc.heartbeat,
     )
     sources: dict[str, int] = {}
+    states: dict[str, int] = {}
     predictions: list[tuple[float, float, float]] = []
     snapshots: list[tuple[float, np.ndarray, np.ndarray]] = []
     cycles = 0
@@ -127,6 +132,7 @@ def run_controlled_batch(
             if refusals:
                 break
         outcome = cycle.conclude(plan, setpoints_written=written, setpoint_write_failed=failed)
+        states[plan.state.value] = states.get(plan.state.value, 0) + 1
         decision = plan.decision
         if decision is not None:
             sources[decision.source.value] = sources.get(decision.source.value, 0) + 1
@@ -162,6 +168,7 @@ def run_controlled_batch(
         solver_cold_retries=controller.cold_retries_total,
         harvest_time_predictions=tuple(predictions),
         plan_snapshots=tuple(snapshots),
+        states=states,
     )
 
 

@@ -214,7 +214,10 @@ def load_simulation(path: str | Path, *, seed: int | None = None, model: str | P
     watchdog_h = simulation.plc.watchdog_timeout_h
     if watchdog_h is not None and watchdog_h <= batch.cycle_period_h:
         raise config_error(
-            str(path), "plc.watchdog_timeout_h", watchdog_h, f"must be longer than one cycle, the batch's cycle_period_h ({batch.cycle_period_h} h in {batch_path}), or it trips between heartbeats"
+            str(path),
+            "plc.watchdog_timeout_h",
+            watchdog_h,
+            f"must be longer than one cycle, the batch's cycle_period_h ({batch.cycle_period_h} h in {batch_path}), or it trips between heartbeats",
         )
     for name in [*simulation.true_parameter_factors, *simulation.true_parameter_relative_sd]:
         group, _, field = name.partition(".")

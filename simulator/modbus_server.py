@@ -152,9 +152,7 @@ class ModbusPlcServer(PlcServerClocks):
                 blocks.append([SimData(first, count=last - first + 1, values=0, datatype=DataType.REGISTERS)])
         return blocks[0], blocks[1], blocks[2], blocks[3]
 
-    async def _on_access(
-        self, function_code: int, start_address: int, address: int, count: int, registers: list[int], values: list[int] | list[bool] | None
-    ) -> ExcCodes | None:
+    async def _on_access(self, function_code: int, start_address: int, address: int, count: int, registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
         """pymodbus's device action: refresh the registers a read will return, or apply a write through the PLC.
 
         ``registers`` is pymodbus's whole block for the table, starting at
@@ -234,10 +232,6 @@ class ModbusPlcServer(PlcServerClocks):
             image[tag.address + index] = register
 
 
-
-
-async def _answer_other_units(
-    function_code: int, start_address: int, address: int, count: int, registers: list[int], values: list[int] | list[bool] | None
-) -> ExcCodes:
+async def _answer_other_units(function_code: int, start_address: int, address: int, count: int, registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes:
     """The device action of every unit id but the served one: as a gateway whose target does not answer."""
     return ExcCodes.GATEWAY_NO_RESPONSE

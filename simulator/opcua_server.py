@@ -154,12 +154,12 @@ class OpcUaPlcServer(PlcServerClocks):
             await self._secure(self.security)
         self._answer_writes_per_node()
         index = await server.register_namespace(self.tag_map.namespace_uri)
-        folder = await server.nodes.objects.add_object(ua.NodeId("BR01", index), ua.QualifiedName("BR01", index))
+        folder = await server.nodes.objects.add_object(ua.NodeId("BR01", index), ua.QualifiedName("BR01", index))  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
         snapshot = self.plc.snapshot()
         for name, tag in self.tag_map.tags.items():
             reading = snapshot.get(name)
             initial = _raw(tag.to_raw(reading.value), tag.type) if reading is not None else _DEFAULTS.get(tag.type, 0)
-            node = await folder.add_variable(ua.NodeId(tag.node, index), ua.QualifiedName(name, index), ua.Variant(initial, VARIANT_TYPES[tag.type]))
+            node = await folder.add_variable(ua.NodeId(tag.node, index), ua.QualifiedName(name, index), ua.Variant(initial, VARIANT_TYPES[tag.type]))  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
             if SIGNALS[name].writable:
                 await node.set_writable()
                 server.set_attribute_value_setter(node.nodeid, self._setter(name))
@@ -222,10 +222,10 @@ class OpcUaPlcServer(PlcServerClocks):
                 reading = snapshot.get(name)
                 if reading is None:
                     continue
-                status = ua.StatusCode(ua.StatusCodes.Good if reading.good else ua.StatusCodes.Bad)
+                status = ua.StatusCode(ua.StatusCodes.Good if reading.good else ua.StatusCodes.Bad)  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
                 variant = ua.Variant(_raw(tag.to_raw(reading.value), tag.type), VARIANT_TYPES[tag.type])
                 scanned = self._source_time(name, reading.scanned_at_h, now)
-                await self._server.write_attribute_value(self._nodes[name], ua.DataValue(variant, StatusCode=status, SourceTimestamp=scanned, ServerTimestamp=now))
+                await self._server.write_attribute_value(self._nodes[name], ua.DataValue(variant, StatusCode=status, SourceTimestamp=scanned, ServerTimestamp=now))  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
         finally:
             self._publishing = False
 
@@ -254,9 +254,8 @@ class OpcUaPlcServer(PlcServerClocks):
                 log.info("opcua_write_refused", tag=name, value=requested, reason=str(error))
                 raise ua.UaStatusCodeError(ua.StatusCodes.BadOutOfRange) from error
             now = datetime.now(UTC)
-            attribute.value = ua.DataValue(value.Value, SourceTimestamp=now, ServerTimestamp=now)
+            attribute.value = ua.DataValue(value.Value, SourceTimestamp=now, ServerTimestamp=now)  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
             if self.plc.heartbeat != before:
                 self.heartbeat_moved.set()
 
         return setter
-

@@ -103,9 +103,7 @@ class Plant:
         if inputs.shape != (self._model.n_inputs,) or not np.all(np.isfinite(inputs)):
             raise ValueError(f"plant inputs must be {self._model.n_inputs} finite numbers, got {inputs!r}")
         augmented = np.concatenate([[self.process_time_h], self.state])
-        trajectory = np.asarray(
-            self._accumulator(n_minutes)(augmented, np.tile(inputs[:, None], (1, n_minutes)), np.tile(self._parameters[:, None], (1, n_minutes)))
-        )
+        trajectory = np.asarray(self._accumulator(n_minutes)(augmented, np.tile(inputs[:, None], (1, n_minutes)), np.tile(self._parameters[:, None], (1, n_minutes))))
         states = trajectory[1:, :].T
         self._check_physical(states, first_minute=self.minute + 1)
         self.feed_total_l += inputs[0] * n_minutes / MINUTES_PER_HOUR
@@ -143,8 +141,7 @@ class Plant:
         signal = STATES[column]
         time_h = minute / MINUTES_PER_HOUR
         raise NonPhysicalStateError(
-            f"simulation went non-physical at process time {time_h:.2f} h: state '{signal.name}' "
-            f"= {value:.6g} {signal.unit} {what}; check the parameters and inputs",
+            f"simulation went non-physical at process time {time_h:.2f} h: state '{signal.name}' = {value:.6g} {signal.unit} {what}; check the parameters and inputs",
             process_time_h=time_h,
             state=signal.name,
             value=float(value),
@@ -158,7 +155,5 @@ class Plant:
         time_h = minutes / MINUTES_PER_HOUR
         n = minutes.size
         # Outputs do not depend on the feed strength, the only parameter that changes mid-batch.
-        outputs = np.asarray(
-            self._model.outputs.map(n)(time_h[None, :], states.T, inputs.T, np.tile(self._parameters[:, None], (1, n)))
-        ).T
+        outputs = np.asarray(self._model.outputs.map(n)(time_h[None, :], states.T, inputs.T, np.tile(self._parameters[:, None], (1, n)))).T
         return PlantTrajectory(time_h=time_h, states=states, inputs=inputs, outputs=outputs, removals=tuple(self._removals))

@@ -28,13 +28,13 @@ from plant_models.cho import OUTPUT_INDEX, STATE_INDEX, CultureModel
 from plant_models.errors import RemoteDisabledError, SetpointOutOfRangeError
 from plant_models.parameters import PARAMETER_NAMES
 from simulator.config import (
+    PV_TAGS,
     FeedLotFault,
     LabMissingFault,
     LabValueFault,
     OperatorLocalFault,
     PlcConfig,
     ProbeFault,
-    PV_TAGS,
     SimulationConfig,
 )
 from simulator.plant import MINUTES_PER_HOUR, Plant

@@ -69,7 +69,9 @@ def test_records_are_chained_hashed_and_readable(tmp_path):
         assert first.seq == 1 and first.prev_hash == GENESIS_HASH
         assert second.seq == 2 and second.prev_hash == first.hash and second.process_time_h == 42.0
         # Independently: SHA-256 over the JSON of the eight fields, sorted keys, no whitespace, NaN as null.
-        expected = json.dumps([1, first.wall_utc, None, "runtime", "config_loaded", "runtime", {"files": ["a.yaml", "b.yaml"], "nan": None}, "0" * 64], sort_keys=True, separators=(",", ":"))
+        expected = json.dumps(
+            [1, first.wall_utc, None, "runtime", "config_loaded", "runtime", {"files": ["a.yaml", "b.yaml"], "nan": None}, "0" * 64], sort_keys=True, separators=(",", ":")
+        )
         assert first.hash == hashlib.sha256(expected.encode()).hexdigest()
         assert first.wall_utc.endswith("+00:00")
         assert trail.records() == [first, second]

@@ -134,7 +134,14 @@ def test_schema_command_writes_json_schemas(tmp_path):
 
     assert main(["schema", "--output-dir", str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["batch.schema.json", "culture-parameters.schema.json", "runtime.schema.json", "simulation.schema.json", "tag-map-modbus.schema.json", "tag-map-opcua.schema.json"]
+    assert names == [
+        "batch.schema.json",
+        "culture-parameters.schema.json",
+        "runtime.schema.json",
+        "simulation.schema.json",
+        "tag-map-modbus.schema.json",
+        "tag-map-opcua.schema.json",
+    ]
     batch_schema = json.loads((tmp_path / "batch.schema.json").read_text())
     assert batch_schema["additionalProperties"] is False
     assert "max_working_volume_l" in json.dumps(batch_schema)

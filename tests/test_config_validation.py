@@ -68,9 +68,17 @@ INF, NAN = float("inf"), float("nan")
 # (source, {field path: new value}, fragments the error must contain besides the file name)
 CASES: list[tuple[str, dict[Path_, Any], list[str]]] = [
     # inverted limits
-    ("batch", {("equipment", "temperature_min_degc"): 38.0, ("equipment", "temperature_max_degc"): 32.0}, ["equipment.temperature_min_degc", "got 38.0", "below temperature_max_degc (32.0)"]),
+    (
+        "batch",
+        {("equipment", "temperature_min_degc"): 38.0, ("equipment", "temperature_max_degc"): 32.0},
+        ["equipment.temperature_min_degc", "got 38.0", "below temperature_max_degc (32.0)"],
+    ),
     ("runtime", {("nmpc", "mpc", "glucose_min_g_per_l"): 9.0}, ["nmpc.mpc.glucose_min_g_per_l", "got 9.0", "below nmpc.mpc.glucose_max_g_per_l (8.0)"]),
-    ("runtime", {("quality", "signals", "PV.Temperature", "low"): 40.0, ("quality", "signals", "PV.Temperature", "high"): 30.0}, ["quality.signals.PV.Temperature.low", "got 40.0", "high (30.0)"]),
+    (
+        "runtime",
+        {("quality", "signals", "PV.Temperature", "low"): 40.0, ("quality", "signals", "PV.Temperature", "high"): 30.0},
+        ["quality.signals.PV.Temperature.low", "got 40.0", "high (30.0)"],
+    ),
     ("runtime", {("reconnect_initial_s",): 20.0, ("reconnect_max_s",): 10.0}, ["reconnect_initial_s", "got 20.0", "reconnect_max_s (10.0)"]),
     ("simulation", {("faults",): [{"kind": "probe", "tag": "PV.OUR", "start_h": 50.0, "end_h": 40.0}]}, ["faults.0.probe.end_h", "got 40.0", "start_h (50.0)"]),
     ("simulation", {("faults",): [{"kind": "operator_local", "start_h": 50.0, "end_h": 10.0}]}, ["faults.0.operator_local.end_h", "got 10.0", "start_h (50.0)"]),
@@ -93,7 +101,11 @@ CASES: list[tuple[str, dict[Path_, Any], list[str]]] = [
     # the recipe outside the equipment or the limits
     ("batch", {("recipe", "temperature_initial_degc"): 39.0}, ["recipe.temperature_initial_degc", "got 39.0", "[30.0, 38.0]"]),
     ("batch", {("recipe", "temperature_shifted_degc"): 30.5, ("equipment", "temperature_min_degc"): 31.0}, ["recipe.temperature_shifted_degc", "got 30.5", "[31.0, 38.0]"]),
-    ("batch", {("recipe", "feed_fraction_of_initial_volume_per_day"): 0.2}, ["recipe.feed_fraction_of_initial_volume_per_day", "got 0.2", "11.7 L/h", "equipment.feed_rate_max_lph (10.0 L/h)"]),
+    (
+        "batch",
+        {("recipe", "feed_fraction_of_initial_volume_per_day"): 0.2},
+        ["recipe.feed_fraction_of_initial_volume_per_day", "got 0.2", "11.7 L/h", "equipment.feed_rate_max_lph (10.0 L/h)"],
+    ),
     ("batch", {("recipe", "harvest_h"): 400.0}, ["recipe.harvest_h", "got 400.0", "limits.latest_harvest_h (360.0)"]),
     ("batch", {("recipe", "glucose_target_g_per_l"): 0.4}, ["recipe.glucose_target_g_per_l", "got 0.4", "limits.glucose_min_g_per_l (0.5)"]),
     ("batch", {("recipe", "feed_stop_below_max_l"): 700.0}, ["recipe.feed_stop_below_max_l", "got 700.0", "600"]),

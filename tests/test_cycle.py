@@ -21,7 +21,7 @@ from plant_models.cho import CultureModel
 from plant_models.parameters import parameter_vector
 from simulator.batch import build_simulated_plc
 from simulator.config import load_simulation
-from simulator.plc import SimulatedPlc, TagReading
+from simulator.plc import TagReading
 
 REPO = Path(__file__).resolve().parent.parent
 PLATFORM = REPO / "configs" / "simulate" / "platform.yaml"

@@ -57,7 +57,7 @@ class Cycle:
     truth: np.ndarray
     feed_total_l: float = 0.0
     glucose_feed_total_l: float = 0.0
-    setpoints: Setpoints = Setpoints(0.0, 0.0, 36.5)
+    setpoints: Setpoints = Setpoints(0.0, 0.0, 36.5)  # noqa: RUF009 - a frozen dataclass, shared safely
 
 
 @dataclass
@@ -91,11 +91,7 @@ def record(loaded: LoadedSimulation, hours: float, *, keep_nan: bool = False) ->
             dt_h=plc.process_time_h - t_start,
             temperature_setpoint_degc=previous["SP.Temperature"].value,
         )
-        online = {
-            name: float(now[tag].value)
-            for tag, name in ONLINE_SIGNALS.items()
-            if now[tag].good and (keep_nan or math.isfinite(float(now[tag].value)))
-        }
+        online = {name: float(now[tag].value) for tag, name in ONLINE_SIGNALS.items() if now[tag].good and (keep_nan or math.isfinite(float(now[tag].value)))}
         labs = []
         if int(now["Sample.Seq"].value) != seq:
             seq = int(now["Sample.Seq"].value)
@@ -227,11 +223,16 @@ def test_past_result_changes_now_as_a_rerun_would(make_simulation, batch, nomina
         """A result near the truth (``bias`` is within the assay noise) with titer not measured."""
         s = STATE_INDEX
         return LabResult(
-            seq=seq, taken_at_h=taken_at_h, vcd_1e6_per_ml=truth[s["viable_cells"]] * (1 + bias),
+            seq=seq,
+            taken_at_h=taken_at_h,
+            vcd_1e6_per_ml=truth[s["viable_cells"]] * (1 + bias),
             viability_pct=100.0 * truth[s["viable_cells"]] / (truth[s["viable_cells"]] + truth[s["dead_cells"]]),
-            glucose_g_per_l=truth[s["glucose"]] * (1 - bias), lactate_g_per_l=truth[s["lactate"]] * (1 + bias),
-            glutamine_mm=truth[s["glutamine"]] * (1 - bias), ammonia_mm=truth[s["ammonia"]] * (1 + bias),
-            titer_g_per_l=math.nan, osmolality_mosm_per_kg=math.nan,
+            glucose_g_per_l=truth[s["glucose"]] * (1 - bias),
+            lactate_g_per_l=truth[s["lactate"]] * (1 + bias),
+            glutamine_mm=truth[s["glutamine"]] * (1 - bias),
+            ammonia_mm=truth[s["ammonia"]] * (1 + bias),
+            titer_g_per_l=math.nan,
+            osmolality_mosm_per_kg=math.nan,
         )
 
     first = lab(1, 6.5, cycles[5].truth, 0.05)
@@ -294,10 +295,7 @@ def test_lab_typo_is_rejected_and_missing_field_skipped(make_simulation, batch, 
     assert "titer_g_per_l" not in applied[3] and "glucose_g_per_l" in applied[3]  # a NaN field is skipped, the others used
 
     # Rejecting the typo is exactly as if the lab had not measured glucose in that sample.
-    blanked = [
-        replace(c, labs=[replace(lab, glucose_g_per_l=math.nan) if lab.seq == 4 else lab for lab in c.labs])
-        for c in recording.cycles
-    ]
+    blanked = [replace(c, labs=[replace(lab, glucose_g_per_l=math.nan) if lab.seq == 4 else lab for lab in c.labs]) for c in recording.cycles]
     reference = run_filter(new_filter(batch, nominal_p, functions), blanked)[-1]
     np.testing.assert_allclose(final.state, reference.state, rtol=1e-12)
     assert reference.rejected_lab == 0
@@ -402,12 +400,10 @@ def test_config_rejects_unknown_names():
     with pytest.raises(ValueError, match="not a model parameter"):
         EstimatorConfig(parameters=({"name": "culture.growth.mu_max", "prior_log_sd": 0.2, "random_walk_log_sd_per_sqrt_h": 0.0},))
     with pytest.raises(ValueError, match="unknown state names"):
-        EstimatorConfig(states={"glucoze": {"initial_relative_sd": 0.1, "initial_floor_sd": 0.1,
-                                            "process_relative_sd_per_sqrt_h": 0.0, "process_floor_sd_per_sqrt_h": 0.1}})
+        EstimatorConfig(states={"glucoze": {"initial_relative_sd": 0.1, "initial_floor_sd": 0.1, "process_relative_sd_per_sqrt_h": 0.0, "process_floor_sd_per_sqrt_h": 0.1}})
     with pytest.raises(ValueError):
         EstimatorConfig(gate_sigma=4.0, unknown_field=1)
-    partial = EstimatorConfig(states={"glucose": {"initial_relative_sd": 0.2, "initial_floor_sd": 0.1,
-                                                  "process_relative_sd_per_sqrt_h": 0.0, "process_floor_sd_per_sqrt_h": 0.1}})
+    partial = EstimatorConfig(states={"glucose": {"initial_relative_sd": 0.2, "initial_floor_sd": 0.1, "process_relative_sd_per_sqrt_h": 0.0, "process_floor_sd_per_sqrt_h": 0.1}})
     assert partial.states["glucose"].initial_relative_sd == 0.2 and "titer" in partial.states
 
 
@@ -426,9 +422,7 @@ def test_state_source_adapter_matches_explicit_steps(make_simulation, batch, nom
         if cycle.time_h == 80.0:  # a restart: saved, restored, and the next observation comes 3 h later (feeding)
             restored = ExtendedKalmanEstimator.from_dict(json.loads(json.dumps(adapter.to_dict())), CultureModel(), functions=functions)
     after_gap = next(c for c in cycles if c.time_h == 83.0)
-    resumed, _ = restored.observe(
-        CycleObservation(83.0, after_gap.online, after_gap.feed_total_l, after_gap.glucose_feed_total_l, after_gap.setpoints)
-    )
+    resumed, _ = restored.observe(CycleObservation(83.0, after_gap.online, after_gap.feed_total_l, after_gap.glucose_feed_total_l, after_gap.setpoints))
     direct = new_filter(batch, nominal_p, functions)
     run_filter(direct, [c for c in cycles if c.time_h <= 80.0])
     gap_inputs = np.mean([c.inputs for c in cycles if 80.0 < c.time_h <= 83.0], axis=0)

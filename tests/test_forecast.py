@@ -83,7 +83,9 @@ def test_forecast_leaves_the_estimator_unchanged(model, batch, nominal_p, functi
 
 def test_sd_grows_with_horizon_and_with_initial_uncertainty(model, batch, nominal_p, functions):
     narrow = estimator_at(model, batch, nominal_p, functions, 0.0)
-    wider_parameters = tuple(EstimatedParameter(name=p.name, prior_log_sd=2.0 * p.prior_log_sd, random_walk_log_sd_per_sqrt_h=p.random_walk_log_sd_per_sqrt_h) for p in DEFAULT_ESTIMATED_PARAMETERS)
+    wider_parameters = tuple(
+        EstimatedParameter(name=p.name, prior_log_sd=2.0 * p.prior_log_sd, random_walk_log_sd_per_sqrt_h=p.random_walk_log_sd_per_sqrt_h) for p in DEFAULT_ESTIMATED_PARAMETERS
+    )
     wide = estimator_at(model, batch, nominal_p, functions, 0.0, EstimatorConfig(parameters=wider_parameters))
     recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
     schedule = recipe_schedule(recipe, media=batch.media, glucose_delivered_g=0.0)
@@ -130,6 +132,7 @@ def test_coarse_integration_is_close_to_the_filters(model, batch, nominal_p, fun
 
         def schedule(t_h: float) -> list[float]:
             return [feed_lph if t_h >= 72.0 else 0.0, 0.05, 36.5 if t_h < 120.0 else 33.0]
+
     mean_tolerance, sd_tolerance, core_mean_tolerance, core_sd_tolerance = COARSE_VS_FINE[scenario]
     coarse = forecast(estimator, schedule, until_h=360.0)
     fine = forecast(estimator, schedule, until_h=360.0, kernel=ForecastKernel.like_filter(estimator))

@@ -11,6 +11,7 @@ from controller.mpc import EconomicMpc, MpcConfig
 from controller.nmpc import CycleObservation, NmpcConfig, NmpcController
 from controller.safety import filter_setpoints
 from controller.types import Setpoints
+
 SMALL = MpcConfig(fine_stages=6, coarse_stages=4, compile=False)
 
 
@@ -54,8 +55,12 @@ def test_a_failed_warm_solve_is_retried_with_the_cold_solver(model, batch, day_t
     controller = NmpcController(model, batch, source, NmpcConfig(mpc=SMALL))
     first = controller.cycle(_observation(288.0, applied))
     reference = controller.mpc.solve(
-        process_time_h=289.0, state=source.state, parameters=source.parameters, previous_inputs=first.solution.first_inputs,
-        harvest_time_h=controller.harvest_time_h, warm=first.solution.warm,
+        process_time_h=289.0,
+        state=source.state,
+        parameters=source.parameters,
+        previous_inputs=first.solution.first_inputs,
+        harvest_time_h=controller.harvest_time_h,
+        warm=first.solution.warm,
     )
     assert reference.success and reference.retried_after == ""
     controller.mpc = EconomicMpc(model, batch, SMALL.model_copy(update={"warm_max_iter": 1}))
@@ -69,8 +74,12 @@ def test_a_failed_warm_solve_is_retried_with_the_cold_solver(model, batch, day_t
     # When the cold solver fails too, the answer is a failure that names the cold solver's status.
     failing = EconomicMpc(model, batch, SMALL.model_copy(update={"warm_max_iter": 1, "max_iter": 1}))
     both = failing.solve(
-        process_time_h=290.0, state=source.state, parameters=source.parameters, previous_inputs=solution.first_inputs,
-        harvest_time_h=controller.harvest_time_h, warm=solution.warm,
+        process_time_h=290.0,
+        state=source.state,
+        parameters=source.parameters,
+        previous_inputs=solution.first_inputs,
+        harvest_time_h=controller.harvest_time_h,
+        warm=solution.warm,
     )
     assert not both.success and both.retried_after == "Maximum_Iterations_Exceeded"
     assert both.reason == "solver status Maximum_Iterations_Exceeded" and both.iterations == 2

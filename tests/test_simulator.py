@@ -154,7 +154,7 @@ def test_probe_faults(make_simulation, mode):
 def test_weaker_feed_lot_delivers_less_glucose(make_simulation):
     nominal = run_recipe_batch(make_simulation())
     weak = run_recipe_batch(make_simulation(faults=[{"kind": "feed_lot", "start_h": 72.0, "strength": 0.85}]))
-    row = int(100 * 60)
+    row = 100 * 60
     assert np.array_equal(nominal.trajectory.states[: 72 * 60], weak.trajectory.states[: 72 * 60])
     assert weak.trajectory.states[row, STATE_INDEX["glutamine"]] < nominal.trajectory.states[row, STATE_INDEX["glutamine"]]
     assert weak.kpis.product_mass_g < nominal.kpis.product_mass_g

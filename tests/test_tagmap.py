@@ -52,7 +52,18 @@ def test_modbus_reference_map_has_the_reference_addresses(modbus):
     assert (tags["Status.ProcessTime"].address, tags["Sample.Seq"].address, tags["Status.Phase"].address) == (22, 60, 62)
     assert (tags["Sample.Seq"].type, tags["Status.Phase"].type, tags["MPC.Mode"].type) == ("uint32", "uint16", "uint16")
     assert (tags["Status.BatchId"].address, tags["Status.BatchId"].register_count) == (70, 8)
-    holding = ["SP.FeedRate", "SP.GlucoseRate", "SP.Temperature", "MPC.Heartbeat", "MPC.Mode", "MPC.Rec.FeedRate", "MPC.Rec.GlucoseRate", "MPC.Rec.Temperature", "MPC.Rec.HarvestTime", "MPC.Pred.HarvestTiter"]
+    holding = [
+        "SP.FeedRate",
+        "SP.GlucoseRate",
+        "SP.Temperature",
+        "MPC.Heartbeat",
+        "MPC.Mode",
+        "MPC.Rec.FeedRate",
+        "MPC.Rec.GlucoseRate",
+        "MPC.Rec.Temperature",
+        "MPC.Rec.HarvestTime",
+        "MPC.Pred.HarvestTiter",
+    ]
     assert [tags[n].address for n in holding] == [0, 2, 4, 10, 12, 20, 22, 24, 26, 28]
     assert all(tags[n].table == "holding" for n in holding)
     assert (tags["SP.HarvestRequest"].table, tags["SP.HarvestRequest"].address) == ("coil", 0)
@@ -178,8 +189,14 @@ def _opcua_map_with(tmp_path: Path, security: object = None, **top: object) -> P
 def test_opcua_security_paths_are_relative_to_the_map(tmp_path):
     path = _opcua_map_with(
         tmp_path,
-        {"policy": "Aes256_Sha256_RsaPss", "certificate": "pki/own/runtime.der", "private_key": "/etc/bioreactor-mpc/pki/own/runtime.pem", "trust_store": "pki/trusted",
-         "username_env": "OPCUA_USER", "password_file": "secrets/opcua-password"},
+        {
+            "policy": "Aes256_Sha256_RsaPss",
+            "certificate": "pki/own/runtime.der",
+            "private_key": "/etc/bioreactor-mpc/pki/own/runtime.pem",
+            "trust_store": "pki/trusted",
+            "username_env": "OPCUA_USER",
+            "password_file": "secrets/opcua-password",
+        },
     )
     security = load_tag_map(path).security
     assert security is not None and (security.mode, security.policy) == ("sign_and_encrypt", "Aes256_Sha256_RsaPss")
@@ -192,11 +209,17 @@ def test_opcua_security_paths_are_relative_to_the_map(tmp_path):
 @pytest.mark.parametrize(
     ("security", "top", "message"),
     [
-        ({"certificate": "c.der", "private_key": "k.pem", "trust_store": "t", "username_env": "U", "password": "hunter2"}, {},
-         "security: password: a password is never read from the tag map"),
+        (
+            {"certificate": "c.der", "private_key": "k.pem", "trust_store": "t", "username_env": "U", "password": "hunter2"},
+            {},
+            "security: password: a password is never read from the tag map",
+        ),
         (None, {"password": "hunter2"}, "<top level>: password: a password is never read from the tag map"),
-        ({"certificate": "c.der", "private_key": "k.pem", "trust_store": "t", "username_env": "U", "password_env": "hunter2!"}, {},
-         "security: password_env: expected the name of an environment variable"),
+        (
+            {"certificate": "c.der", "private_key": "k.pem", "trust_store": "t", "username_env": "U", "password_env": "hunter2!"},
+            {},
+            "security: password_env: expected the name of an environment variable",
+        ),
         (None, {"endpoint": "opc.tcp://operator:hunter2@10.0.0.5:4840/"}, "endpoint: the endpoint URL must not hold a user name or password"),
     ],
 )

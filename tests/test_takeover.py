@@ -119,4 +119,6 @@ def test_the_wrong_batch_is_refused(model):
     loaded, plc = _plc_at(0.0)
     other = loaded.batch.model_copy(update={"batch_id": "SOMETHING-ELSE"})
     with pytest.raises(RuntimeStartError, match="configured for 'SOMETHING-ELSE'"):
-        plan_start(readings=plc.snapshot(), batch=other, settings=RuntimeSettings(), model=model, nominal_parameters=parameter_vector(loaded.nominal, loaded.batch.media), resume=None)
+        plan_start(
+            readings=plc.snapshot(), batch=other, settings=RuntimeSettings(), model=model, nominal_parameters=parameter_vector(loaded.nominal, loaded.batch.media), resume=None
+        )

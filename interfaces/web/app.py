@@ -117,6 +117,7 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
     def authenticate(name: str, password: str) -> User | None:
         with password_checks:
             return users.authenticate(name, password)
+
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def current_user(request: Request) -> User:
@@ -181,7 +182,13 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
 
     @app.get("/", response_class=HTMLResponse)
     def screen(request: Request, user: User = Depends(current_user)) -> Response:
-        context = {"user": user, "batch_id": runtime.batch.batch_id, "modes": [m.value for m in RequestedMode], "can_sign": user.role.allows(Role.OPERATOR), "can_change_mode": user.role.allows(Role.ENGINEER)}
+        context = {
+            "user": user,
+            "batch_id": runtime.batch.batch_id,
+            "modes": [m.value for m in RequestedMode],
+            "can_sign": user.role.allows(Role.OPERATOR),
+            "can_change_mode": user.role.allows(Role.ENGINEER),
+        }
         return templates.TemplateResponse(request, "screen.html", context)
 
     @app.get("/static-vendor/plotly.min.js")
@@ -293,7 +300,9 @@ class RuntimeCollector:
             state.add_metric([candidate.value], 1.0 if candidate.value == view["state"] else 0.0)
         yield state
         yield GaugeMetricFamily("bioreactor_mpc_active_alarms", "alarms active now", value=len(view["alarms"]))
-        yield GaugeMetricFamily("bioreactor_mpc_process_time_hours", "the batch clock at the last cycle", value=view["process_time_h"] if view["process_time_h"] is not None else math.nan)
+        yield GaugeMetricFamily(
+            "bioreactor_mpc_process_time_hours", "the batch clock at the last cycle", value=view["process_time_h"] if view["process_time_h"] is not None else math.nan
+        )
 
 
 FORECAST_QUANTITIES = (*TRAJECTORY_STATES, "viability", "osmolality")
@@ -317,7 +326,7 @@ def read_trajectories(history_path: Path) -> dict[str, Any]:
         runs = [row[0] for row in db.execute("SELECT id FROM runs WHERE batch_id = ?", (batch[0],))] if batch else []
         marks = ",".join("?" * len(runs)) or "NULL"
         estimates: dict[str, dict[str, list[float | None]]] = {name: {"t": [], "mean": [], "sd": []} for name in TRAJECTORY_STATES}
-        for t_h, estimate in db.execute(f"SELECT process_time_h, estimate FROM cycles WHERE run_id IN ({marks}) ORDER BY process_time_h", runs):  # noqa: S608 - placeholders only
+        for t_h, estimate in db.execute(f"SELECT process_time_h, estimate FROM cycles WHERE run_id IN ({marks}) ORDER BY process_time_h", runs):
             data = json.loads(estimate) if estimate else None
             if not data:
                 continue
@@ -327,11 +336,9 @@ def read_trajectories(history_path: Path) -> dict[str, Any]:
                 estimates[name]["sd"].append(data["sd"][name])
         lab: dict[str, dict[str, list[float | None]]] = {name: {"t": [], "value": []} for name in LAB_COLUMNS}
         columns = ", ".join(LAB_COLUMNS.values())
-        for row in db.execute(f"SELECT taken_at_h, {columns} FROM lab_results WHERE run_id IN ({marks}) ORDER BY taken_at_h", runs):  # noqa: S608 - fixed column names
+        for row in db.execute(f"SELECT taken_at_h, {columns} FROM lab_results WHERE run_id IN ({marks}) ORDER BY taken_at_h", runs):
             for name, value in zip(LAB_COLUMNS, row[1:], strict=True):
                 lab[name]["t"].append(row[0])
                 lab[name]["value"].append(value)
-        volume = db.execute(
-            f"SELECT process_time_h, value FROM readings WHERE signal = 'PV.Volume' AND good = 1 AND run_id IN ({marks}) ORDER BY process_time_h", runs  # noqa: S608
-        ).fetchall()
+        volume = db.execute(f"SELECT process_time_h, value FROM readings WHERE signal = 'PV.Volume' AND good = 1 AND run_id IN ({marks}) ORDER BY process_time_h", runs).fetchall()
     return {"estimates": estimates, "lab": lab, "online": {"volume": {"t": [r[0] for r in volume], "value": [r[1] for r in volume]}}}

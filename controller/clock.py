@@ -12,6 +12,9 @@ none of them may stall the runtime silently:
   reset): a fault cycle at once and at every boundary of the new clock, until
   it passes the last cycle again. The estimate cannot be moved back in time;
   an engineer decides (docs/runtime.md, "The batch clock").
+- **Frozen** (a Good reading that stops advancing for
+  ``frozen_after_s`` wall seconds after cycles have run: a PLC whose clock
+  task stopped): fault cycles as for an unusable clock.
 - **Forwards by more than one period** (a boundary skipped): taken only when
   the next reading confirms it (a later scan at or beyond the jump); a single
   reading that jumps and comes back is a glitch, reported with the next cycle.
@@ -27,17 +30,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from controller.ports import ScannedValue
+from controller.ports import ScannedValue, good_number
 
 TIME_TOLERANCE_H = 1e-6
 
 
 def process_time_of(readings: Mapping[str, ScannedValue]) -> float:
     """The batch clock of a scan; NaN when it is missing, Bad or not a number."""
-    clock = readings.get("Status.ProcessTime")
-    if clock is None or not clock.good or isinstance(clock.value, str):
-        return math.nan
-    return float(clock.value)
+    return good_number(readings, "Status.ProcessTime")
 
 
 class Tick(str, Enum):
@@ -61,11 +61,15 @@ class ClockVerdict:
 class BatchClock:
     """Decides, reading by reading, whether a cycle is due; :meth:`cycle_done` moves the schedule on."""
 
-    def __init__(self, period_h: float, *, lost_cycle_every_s: float = 60.0) -> None:
+    def __init__(self, period_h: float, *, lost_cycle_every_s: float = 60.0, frozen_after_s: float | None = None) -> None:
         if not (math.isfinite(period_h) and period_h > 0.0):
             raise ValueError(f"cycle period must be a positive number of hours, got {period_h!r}")
         self.period_h = period_h
         self.lost_cycle_every_s = lost_cycle_every_s
+        self.frozen_after_s = frozen_after_s
+        """A clock that has not advanced for this long (wall s) after cycles ran is frozen; None: never judged frozen (simulation)."""
+        self._latest_h = -math.inf
+        self._latest_wall_s: float | None = None
         self.last_cycle_h = math.nan
         """Process time of the last control cycle (NaN before the first)."""
         self.next_cycle_h = 0.0
@@ -89,7 +93,11 @@ class BatchClock:
     def read(self, now_h: float, *, wall_s: float) -> ClockVerdict:
         """Judge one reading of the batch clock (NaN when the scan's clock failed its checks); ``wall_s`` is a monotonic wall clock."""
         if not math.isfinite(now_h):
-            return self._lost(wall_s)
+            return self._lost(wall_s, "the batch clock (Status.ProcessTime) is unusable: Bad, not a number or out of range")
+        if now_h > self._latest_h + TIME_TOLERANCE_H or self._latest_wall_s is None:
+            self._latest_h, self._latest_wall_s = max(now_h, self._latest_h), wall_s
+        elif self.frozen_after_s is not None and math.isfinite(self.last_cycle_h) and wall_s - self._latest_wall_s > self.frozen_after_s:
+            return self._lost(wall_s, f"the batch clock has read {now_h:.2f} h for {wall_s - self._latest_wall_s:.0f} s of wall time: the PLC's clock has stopped")
         self._lost_fault_wall_s = None
         if math.isfinite(self.last_cycle_h) and now_h < self.last_cycle_h - TIME_TOLERANCE_H:
             return self._backwards(now_h)
@@ -114,12 +122,12 @@ class BatchClock:
             self.last_cycle_h = verdict.process_time_h
             self.next_cycle_h = self.boundary_after(verdict.process_time_h)
 
-    def _lost(self, wall_s: float) -> ClockVerdict:
+    def _lost(self, wall_s: float, problem: str) -> ClockVerdict:
         if self._lost_fault_wall_s is not None and wall_s - self._lost_fault_wall_s < self.lost_cycle_every_s:
             return ClockVerdict(Tick.WAIT, math.nan)
         self._lost_fault_wall_s = wall_s
         at_h = self.last_cycle_h if math.isfinite(self.last_cycle_h) else 0.0
-        return ClockVerdict(Tick.FAULT, at_h, "the batch clock (Status.ProcessTime) is unusable: Bad, not a number or out of range")
+        return ClockVerdict(Tick.FAULT, at_h, problem)
 
     def _backwards(self, now_h: float) -> ClockVerdict:
         if self._back_next_h is not None and now_h < self._back_next_h - TIME_TOLERANCE_H:

@@ -12,7 +12,8 @@ the caller makes:
    filter against what the PLC runs now → the writes for the state
    (``MPC.Mode``; ``MPC.Rec.*`` in advisory, held and closed loop; ``SP.*`` in
    closed loop; ``SP.HarvestRequest`` after the setpoints) → the look-ahead
-   (early warnings) → the alarms → the state to resume from.
+   (early warnings) → the alarms. :meth:`ControlCycle.resume_state` gives the
+   state to resume from, which the runtime commits before it writes.
 2. :meth:`ControlCycle.conclude` (the writes' outcome → :class:`CycleOutcome`):
    the write-failure count, the cycle record, the alarms raised and cleared,
    and whether to move the heartbeat (last, after every write).
@@ -45,7 +46,7 @@ from controller.ports import CycleRecord, ResumeState, ScannedValue, Value
 from controller.quality import DataQualityChecker, QualityReport
 from controller.runtime_config import RuntimeSettings
 from controller.safety import filter_setpoints
-from controller.types import PHASE_RUNNING, UINT32_MAX, LabResult
+from controller.types import PHASE_IDLE, PHASE_RUNNING, UINT32_MAX, LabResult
 from plant_models.cho import STATE_INDEX, STATES
 from plant_models.errors import BioreactorMPCError
 
@@ -82,7 +83,6 @@ class CyclePlan:
     lab_used: bool
     alarms: Mapping[str, str]
     recommendation: Recommendation | None
-    resume: ResumeState
     checkpoint: object
     """The estimator before this cycle: :meth:`ControlCycle.abandon` returns to it."""
     lab_seq_before: int
@@ -95,7 +95,6 @@ class CyclePlan:
 @dataclass(frozen=True)
 class CycleOutcome:
     record: CycleRecord
-    resume: ResumeState
     alarm_changes: tuple[AlarmChange, ...]
     beat: bool
     """Move the heartbeat now (False: the fault has lasted ``fault_hand_over_cycles`` and the PLC's watchdog should take over)."""
@@ -129,6 +128,7 @@ class ControlCycle:
         clock: BatchClock,
         heartbeat: int = 0,
         full_forecast: bool = False,
+        held_contradictions: Mapping[str, str] | None = None,
     ) -> None:
         self.batch = batch
         self.settings = settings
@@ -150,7 +150,7 @@ class ControlCycle:
         self.forecast: Forecast | None = None
         self._kernel: ForecastKernel | None = None
         self._lab_attempts: dict[int, int] = {}
-        self._contradictions: dict[str, str] = {}
+        self._contradictions: dict[str, str] = dict(held_contradictions or {})
         """Physical contradictions found (code → message): held, with the cycle in fault, until :meth:`acknowledge`."""
 
     # ------------------------------------------------------------------ first half
@@ -179,10 +179,15 @@ class ControlCycle:
             critical.append("Status.ProcessTime (batch clock)")
         elif verdict.problem:
             alarms["batch_clock"] = verdict.problem
-        foreign = self._foreign_heartbeat(readings)
-        if foreign:
-            alarms["heartbeat_foreign"] = foreign
+        heartbeat_code, heartbeat_problem = self._heartbeat_check(readings)
+        if heartbeat_code == "heartbeat_foreign":
+            alarms[heartbeat_code] = heartbeat_problem
             critical.append("MPC.Heartbeat (another writer)")
+        elif heartbeat_code:
+            alarms[heartbeat_code] = heartbeat_problem
+        if status.get("Status.Phase") == PHASE_IDLE and math.isfinite(self.clock.last_cycle_h):
+            alarms["phase_idle"] = f"Status.Phase reads idle after cycles ran (the last at {self.clock.last_cycle_h:.2f} h): a PLC restarted or reset?"
+            critical.append("Status.Phase (idle mid-batch)")
         if report.critical:
             alarms["data_quality"] = f"critical inputs failed their checks: {', '.join(report.critical)}; no setpoints written"
         if status.get("Status.WatchdogTripped"):
@@ -240,7 +245,6 @@ class ControlCycle:
             lab_used=lab_used,
             alarms=alarms,
             recommendation=recommendation,
-            resume=self._resume(now_h if verdict.tick is Tick.CYCLE else self.clock.last_cycle_h),
             checkpoint=checkpoint,
             lab_seq_before=lab_seq_before,
         )
@@ -296,7 +300,7 @@ class ControlCycle:
         withhold = plan.state is State.FAULT and hand_over is not None and self.fault_cycles >= hand_over
         if withhold and self.fault_cycles == hand_over:
             log.warning("heartbeat_withheld", process_time_h=plan.process_time_h, reason=self.modes.reason, fault_cycles=self.fault_cycles)
-        return CycleOutcome(record, plan.resume, tuple(changes), beat=not withhold, hand_over_started=withhold and self.fault_cycles == hand_over)
+        return CycleOutcome(record, tuple(changes), beat=not withhold, hand_over_started=withhold and self.fault_cycles == hand_over)
 
     @property
     def contradictions(self) -> dict[str, str]:
@@ -339,18 +343,26 @@ class ControlCycle:
         if change is not None:
             changes.append(change)
 
-    def _foreign_heartbeat(self, readings: Mapping[str, ScannedValue]) -> str:
-        """Why ``MPC.Heartbeat`` at the PLC says another runtime writes it ('' if it does not)."""
+    def _heartbeat_check(self, readings: Mapping[str, ScannedValue]) -> tuple[str, str]:
+        """What ``MPC.Heartbeat`` at the PLC says: ('', '') when it is this runtime's; an alarm code and message otherwise.
+
+        Ahead of the value last written: another writer (``heartbeat_foreign``, a fault). Behind it: the PLC
+        restarted and reset it (``heartbeat_reset``, an alarm; the runtime counts on from the PLC's value).
+        Two runtimes beating in step write the same values and cannot be told apart: a claim tag at the PLC
+        can (docs/runtime.md, section 7).
+        """
         reading = readings.get("MPC.Heartbeat")
         if reading is None or not reading.good or isinstance(reading.value, str | bool):
-            return ""
+            return "", ""
         value = int(reading.value)
-        if self.heartbeat_uncertain:
+        if self.heartbeat_uncertain or value == self.heartbeat:
             self.heartbeat, self.heartbeat_uncertain = value, False
-            return ""
-        if value == self.heartbeat:
-            return ""
-        return f"MPC.Heartbeat reads {value}, but this runtime last wrote {self.heartbeat}: another runtime (or a person) writes to this PLC"
+            return "", ""
+        last = self.heartbeat
+        if (value - last) % (UINT32_MAX + 1) > (UINT32_MAX + 1) // 2:  # behind (modulo the counter's wrap)
+            self.heartbeat = value
+            return "heartbeat_reset", f"MPC.Heartbeat reads {value}, behind the {last} this runtime last wrote: the PLC restarted or reset it"
+        return "heartbeat_foreign", f"MPC.Heartbeat reads {value}, but this runtime last wrote {last}: another runtime (or a person) writes to this PLC"
 
     def _run_controller(
         self,
@@ -431,7 +443,9 @@ class ControlCycle:
             groups.append(WriteGroup({"SP.HarvestRequest": True}, setpoints=True))
         return tuple(groups)
 
-    def _resume(self, last_cycle_h: float) -> ResumeState:
+    def resume_state(self, plan: CyclePlan) -> ResumeState:
+        """The state to resume from after ``plan``'s cycle (call before :meth:`conclude`; built only when asked: it copies the estimator)."""
+        last_cycle_h = plan.process_time_h if plan.verdict.tick is Tick.CYCLE else self.clock.last_cycle_h
         return ResumeState(
             batch_id=self.batch.batch_id,
             last_cycle_h=last_cycle_h if math.isfinite(last_cycle_h) else 0.0,
@@ -439,6 +453,7 @@ class ControlCycle:
             lab_seq=self.quality.last_lab_seq,
             harvest_time_h=self.controller.harvest_time_h,
             requested_mode=self.modes.requested.value,
+            held_contradictions=dict(self._contradictions),
         )
 
     def _look_ahead(self, now_h: float, decision: Decision, state: State, status: Mapping[str, Any], recommendation: Recommendation) -> tuple[dict[str, str], Recommendation]:

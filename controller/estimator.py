@@ -18,7 +18,6 @@ Design, noise settings, limits and measured performance: ``docs/estimator.md``.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -755,14 +754,18 @@ class ExtendedKalmanEstimator:
         self._entries[-1] = replace(last, covariance=covariance)
 
     def checkpoint(self) -> object:
-        """The filter's state now, for :meth:`rollback` (an opaque token)."""
-        return copy.deepcopy((self._entries, self._labs, self._rejected, self._consecutive, self._totalisers))
+        """The filter's state now, for :meth:`rollback` (an opaque token).
+
+        Shallow copies: entries, applied lab results and totalisers are frozen
+        and replaced, never changed in place.
+        """
+        return (list(self._entries), list(self._labs), dict(self._rejected), dict(self._consecutive), self._totalisers)
 
     def rollback(self, token: object) -> None:
         """Return to a :meth:`checkpoint`: a cycle whose update failed half-way leaves no trace."""
-        saved: tuple[list[_Entry], list[_AppliedLab], dict[str, int], dict[str, int], _Totalisers | None] = copy.deepcopy(token)  # type: ignore[assignment]
+        saved: tuple[list[_Entry], list[_AppliedLab], dict[str, int], dict[str, int], _Totalisers | None] = token  # type: ignore[assignment]
         entries, labs, rejected, consecutive, totalisers = saved
-        self._entries, self._labs, self._rejected, self._consecutive, self._totalisers = entries, labs, rejected, consecutive, totalisers
+        self._entries, self._labs, self._rejected, self._consecutive, self._totalisers = list(entries), list(labs), dict(rejected), dict(consecutive), totalisers
 
     # ------------------------------------------------------------------ bookkeeping
 

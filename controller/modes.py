@@ -25,8 +25,11 @@ closed_loop    yes         yes                 2
 fault          no          no                  0
 =============  ==========  ==================  ==========
 
-``MPC.Heartbeat`` moves at the end of every cycle in every state: it says the
-runtime is alive, not that it is in control.
+``MPC.Heartbeat`` moves at the end of every cycle in every state (it says the
+runtime is alive, not that it is in control), except after
+``fault_hand_over_cycles`` cycles in fault and while the history cannot be
+written: then it is withheld, so that the PLC's watchdog hands control to its
+own recipe (docs/runtime.md, section 7).
 """
 
 from __future__ import annotations

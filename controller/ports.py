@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -37,6 +37,14 @@ class ScannedValue(Protocol):
 
     @property
     def good(self) -> bool: ...
+
+
+def good_number(readings: Mapping[str, ScannedValue], signal: str) -> float:
+    """A signal's value as a number when it is in the scan, Good and numeric; NaN otherwise."""
+    reading = readings.get(signal)
+    if reading is None or not reading.good or isinstance(reading.value, str):
+        return math.nan
+    return float(reading.value)
 
 
 class PlcLinkError(ConnectionError, BioreactorMPCError):
@@ -129,6 +137,8 @@ class ResumeState:
     """The harvest time the controller was planning for."""
     requested_mode: str | None = None
     """The mode requested when the runtime stopped (an engineer's choice on the screen outlives a restart)."""
+    held_contradictions: Mapping[str, str] = field(default_factory=dict)
+    """Physical contradictions held until an engineer acknowledges them: a restart does not clear them."""
 
 
 @dataclass(frozen=True)
@@ -203,8 +213,8 @@ class HistoryStore(Protocol):
         """Commit the state to resume from before the cycle's writes are sent: a runtime killed during them never runs that cycle again."""
         ...
 
-    def commit_cycle(self, record: CycleRecord, resume: ResumeState) -> None:
-        """Record a cycle and the state to resume from, in one transaction."""
+    def commit_cycle(self, record: CycleRecord, resume: ResumeState | None) -> None:
+        """Record a cycle and the state to resume from, in one transaction (None: saved already with :meth:`save_resume`)."""
         ...
 
     def load_resume(self, batch_id: str) -> ResumeState | None: ...

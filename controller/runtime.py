@@ -60,11 +60,12 @@ from controller.ports import (
     PlcWriteRefusedError,
     Reading,
     Value,
+    good_number,
 )
 from controller.quality import DataQualityChecker
 from controller.runtime_config import RuntimeSettings
 from controller.signing import AUTO_APPROVER, AdvisoryDesk
-from controller.takeover import RuntimeStartError, StartPlan, TakeoverApproval, plan_start
+from controller.takeover import RuntimeStartError, StartDeferredError, StartPlan, TakeoverApproval, plan_start
 from controller.types import PHASE_HARVESTED, PHASE_IDLE
 from plant_models.cho import CultureModel
 from plant_models.errors import BioreactorMPCError
@@ -146,7 +147,9 @@ class Runtime:
         self.summary = RunSummary()
         self.last_report: CycleReport | None = None
         self._start_plan: StartPlan | None = None
+        self._claimed = False
         self._run_started = False
+        self._start_recorded = False
         self._resume_beat_due = False
         self._link_up = False
         self._link_alarms = AlarmBoard()
@@ -228,6 +231,7 @@ class Runtime:
         """Run until the batch is harvested (or ``stop`` is set); returns what happened."""
         stop = stop or asyncio.Event()
         backoff_s = self.settings.reconnect_initial_s
+        self._last_cycle_wall_s = time.monotonic()  # a runtime that never cycles is stalled too
         try:
             while not stop.is_set():
                 async with self._io:  # one PLC conversation at a time: a cycle, or an operator's signature
@@ -288,18 +292,31 @@ class Runtime:
         except PlcLinkError as error:  # the start goes on from where it stopped with the next reading
             self._link_lost(error)
             return PollOutcome.LINK_DOWN
+        except HistoryUnavailableError as error:
+            self._storage_lost(error)
+            return PollOutcome.STORAGE_DOWN
+        except StartDeferredError as error:
+            log.warning("start_deferred", reason=str(error))
+            return PollOutcome.WAITING
         if starting:
             return PollOutcome.WAITING  # the start watched the PLC for a while: the first cycle runs on a fresh scan
-        phase = readings.get("Status.Phase")
-        if phase is not None and phase.good and not isinstance(phase.value, str) and int(phase.value) == PHASE_HARVESTED:
+        phase = good_number(readings, "Status.Phase")
+        if phase == PHASE_HARVESTED:
             self.summary.end_reason = "batch harvested"
             self.desk.expire()
             return PollOutcome.ENDED
-        if phase is not None and phase.good and not isinstance(phase.value, str) and int(phase.value) == PHASE_IDLE:
-            return PollOutcome.WAITING  # not inoculated yet: nothing to control
+        if phase == PHASE_IDLE and not math.isfinite(cycle.clock.last_cycle_h):
+            self._last_cycle_wall_s = time.monotonic()  # waiting for inoculation is not a stall
+            return PollOutcome.WAITING  # not inoculated yet: nothing to control (idle after cycles ran is the cycle's fault)
         verdict = cycle.clock_verdict(readings, wall_s=time.monotonic())
         if verdict.tick is Tick.WAIT:
             return PollOutcome.WAITING
+        plan = self._start_plan
+        if plan is not None and plan.first_cycle_by_h is not None and self.summary.cycles == 0 and verdict.process_time_h > plan.first_cycle_by_h + 1e-6:
+            raise RuntimeStartError(
+                f"the batch ran on to {verdict.process_time_h:.2f} h before this runtime's first cycle (a new batch must start within "
+                f"{plan.first_cycle_by_h:.2f} h of inoculation): restart it to take the batch over; nothing written"
+            )
         started = time.perf_counter() - self._read_time_s
         try:
             outcome = await self._cycle(cycle, readings, verdict)
@@ -318,8 +335,10 @@ class Runtime:
                 await self._beat(self.cycle, self._last_time_h)
                 self._resume_beat_due = False
             return self.cycle
-        if self._start_plan is None:
+        if not self._claimed:
             await self._claim(readings)
+            self._claimed = True
+        if self._start_plan is None:
             resume = self.history.load_resume(self.batch.batch_id)
             self._start_plan = plan_start(
                 readings=readings,
@@ -339,6 +358,7 @@ class Runtime:
             self.modes.requested = plan.requested_mode
             self.history.start_run(batch_id=self.batch.batch_id, requested_mode=plan.requested_mode.value, config=self.settings.model_dump(mode="json"))
             self._run_started = True
+        if not self._start_recorded:
             self._reconcile(readings, now_h)
             if plan.taken_over_at_h is not None and self._takeover is not None:
                 details = {"signature": self._takeover.as_dict(), "process_time_h": plan.taken_over_at_h, "lab_seq": plan.lab_seq}
@@ -355,9 +375,11 @@ class Runtime:
                 "start": plan.how,
                 "resumed_from_h": plan.resumed_from_h,
                 "taken_over_at_h": plan.taken_over_at_h,
+                "held_contradictions": dict(plan.held_contradictions or {}),
             }
             if not self._audited(now_h, actor="runtime", action="config_loaded", subject=self.batch.batch_id, details=configuration):
                 raise RuntimeStartError(f"the audit trail cannot be written ({self._audit_problem}); the runtime does not start")
+            self._start_recorded = True
         for signal, floor in (plan.totaliser_floors or {}).items():
             self.quality.expect_at_least(signal, floor)  # a totaliser reset while away is a critical input, not a crash
         self.quality.commit_lab(plan.lab_seq)
@@ -374,6 +396,7 @@ class Runtime:
             clock=plan.clock,
             heartbeat=plan.heartbeat,
             full_forecast=self.settings.screen is not None,
+            held_contradictions=plan.held_contradictions,
         )
         self.summary.resumed_from_h = plan.resumed_from_h
         self.summary.taken_over_at_h = plan.taken_over_at_h
@@ -435,18 +458,18 @@ class Runtime:
                 self.history.record_lab(now_h, plan.lab, used=plan.lab_used)
             for change in plan.changes:
                 self._record_change(now_h, change)
-            self.history.save_resume(plan.resume)
+            self.history.save_resume(cycle.resume_state(plan))
+            self._storage_restored(readings, now_h)
         except HistoryUnavailableError as error:  # nothing written to the PLC yet: the cycle did not happen
             cycle.abandon(plan)
             self._storage_lost(error)
             return PollOutcome.STORAGE_DOWN
-        self._storage_restored(now_h)
         self.desk.offer(plan.recommendation)
-        written, failed, storage_error = await self._write_plan(plan, now_h)
+        written, failed, storage_error, link_error = await self._write_plan(plan, now_h)
         extra = {"audit_unavailable": self._audit_problem} if self._audit_problem is not None else {}
         outcome = cycle.conclude(plan, setpoints_written=written, setpoint_write_failed=failed, extra_alarms=extra, read_time_s=self._read_time_s, write_time_s=self._write_time_s)
         try:
-            self.history.commit_cycle(outcome.record, outcome.resume)
+            self.history.commit_cycle(outcome.record, None)  # the state to resume from was saved before the writes
             self._record_alarms(now_h, outcome.alarm_changes)
         except HistoryUnavailableError as error:
             storage_error = storage_error or error
@@ -455,6 +478,8 @@ class Runtime:
         self.last_report = CycleReport(outcome.record, plan.report.problems, tuple(sorted(self.alarms)))
         if self._on_cycle is not None:
             self._on_cycle(self.last_report)
+        if link_error is not None:  # the cycle is recorded and its boundary used up: after reconnecting, the next boundary decides afresh
+            raise link_error
         if storage_error is not None:
             self._storage_lost(storage_error)
             return PollOutcome.STORAGE_DOWN  # no heartbeat: the PLC's watchdog hands control to its recipe
@@ -468,13 +493,17 @@ class Runtime:
                 return PollOutcome.STORAGE_DOWN
         return PollOutcome.CYCLED
 
-    async def _write_plan(self, plan: CyclePlan, now_h: float) -> tuple[bool, bool, HistoryUnavailableError | None]:
-        """The plan's writes in order (a failed group stops the rest), then any automatic approval: (setpoints written, setpoint write failed, storage error)."""
+    async def _write_plan(self, plan: CyclePlan, now_h: float) -> tuple[bool, bool, HistoryUnavailableError | None, PlcLinkError | None]:
+        """The plan's writes in order (a failed group stops the rest), then any automatic approval.
+
+        Returns (setpoints written, setpoint write failed, storage error, link error): a lost link or
+        storage ends the writes, and the caller still records the cycle.
+        """
         self._write_time_s = 0.0
         written = failed = False
         try:
             for group in plan.writes:
-                ok = await self._write(now_h, group.values, setpoints=group.setpoints)
+                ok = await self._write(now_h, group.values)
                 if group.setpoints:
                     written, failed = ok, not ok
                 if not ok:
@@ -485,17 +514,20 @@ class Runtime:
                 except ApprovalRefusedError as error:
                     log.warning("auto_approval_refused", process_time_h=now_h, reason=str(error))
         except HistoryUnavailableError as error:
-            return False, False, error
-        return written, failed, None
+            return False, False, error, None
+        except PlcLinkError as error:
+            return False, any(group.setpoints for group in plan.writes), None, error
+        return written, failed, None, None
 
-    async def _write(self, now_h: float, values: Mapping[str, Value], *, setpoints: bool = False, actor: str = "runtime") -> bool:
-        """One write request: its intent recorded first (and, for setpoints, audited: no record, no write), then sent once, then its outcome.
+    async def _write(self, now_h: float, values: Mapping[str, Value], *, actor: str = "runtime") -> bool:
+        """One write request: its intent recorded first (and, when it holds ``SP.*``, audited: no record, no write), then sent once, then its outcome.
 
         A lost link propagates; a history that cannot record the intent raises
         :class:`HistoryUnavailableError` and nothing is sent.
         """
         write_id = self.history.record_write_intent(now_h, values)
         sp = {name: value for name, value in values.items() if name.startswith("SP.")}
+        setpoints = bool(sp)
         if setpoints and not self._audited(now_h, actor=actor, action="setpoint_write", subject="SP.*", details={**sp, "write_id": write_id}):
             self.history.record_write_outcome(write_id, "refused", "the audit record could not be written; nothing sent")
             self.summary.writes_failed += 1
@@ -528,7 +560,7 @@ class Runtime:
         value = cycle.next_heartbeat()
         try:
             ok = await self._write(now_h, {"MPC.Heartbeat": value})
-        except PlcLinkError:
+        except (PlcLinkError, HistoryUnavailableError):  # it may or may not have reached the PLC: the next scan says which
             cycle.heartbeat_written(None)
             raise
         cycle.heartbeat_written(value if ok else None)
@@ -599,9 +631,9 @@ class Runtime:
         log.info("recommendation_signed", meaning=meaning.value, signer=signer.name, made_at_h=recommendation.made_at_h, reason=reason)
         if meaning is not Meaning.APPROVED:
             return False
-        written = await self._write(now_h, recommendation.setpoint_values(), setpoints=True, actor=signer.name)
+        written = await self._write(now_h, recommendation.setpoint_values(), actor=signer.name)
         if written and recommendation.harvest_now:
-            written = await self._write(now_h, {"SP.HarvestRequest": True}, setpoints=True, actor=signer.name)
+            written = await self._write(now_h, {"SP.HarvestRequest": True}, actor=signer.name)
         if not written:
             raise ApprovalRefusedError("the approval is recorded but the PLC refused the setpoints; see the history's writes")
         return True
@@ -636,11 +668,12 @@ class Runtime:
             details = {"from": change.previous.value, "to": change.state.value, "reason": change.reason, "requested": self.modes.requested.value}
             self._audited(now_h, actor="runtime", action="state_changed", subject="state", details=details)
 
-    def _record_alarms(self, now_h: float, changes: tuple[AlarmChange, ...] | list[AlarmChange]) -> None:
+    def _record_alarms(self, now_h: float, changes: tuple[AlarmChange, ...] | list[AlarmChange], *, quiet: bool = False) -> None:
+        """Record alarms raised and cleared in the history and the audit trail (and the log, unless the caller logged them)."""
         for change in changes:
-            if change.active:
+            if not quiet and change.active:
                 log.warning("alarm_raised", code=change.code, message=change.message, process_time_h=now_h)
-            else:
+            elif not quiet:
                 log.info("alarm_cleared", code=change.code, process_time_h=now_h)
             self.history.record_alarm(now_h, change.code, change.message, active=change.active)
             self._audited(now_h, actor="runtime", action="alarm_raised" if change.active else "alarm_cleared", subject=change.code, details={"message": change.message})
@@ -653,7 +686,7 @@ class Runtime:
             self.summary.link_losses += 1
             log.error("alarm_raised", code="plc_link", message=f"PLC link lost: {error}", process_time_h=self._last_time_h, retry_after_s=self._auth_wait_s or None)
             if self._run_started and change is not None:
-                self._try_record(lambda: self._record_alarms_quietly([change]))
+                self._try_record(lambda: self._record_alarms(self._last_time_h, [change], quiet=True))
                 state_change = self.modes.evaluate(Conditions(link_up=False))
                 self._try_record(lambda: self._record_change(self._last_time_h, state_change))
             else:
@@ -666,7 +699,7 @@ class Runtime:
         if change is not None:
             log.info("alarm_cleared", code="plc_link", process_time_h=self._last_time_h)
             if self._run_started:
-                self._try_record(lambda: self._record_alarms_quietly([change]))
+                self._try_record(lambda: self._record_alarms(self._last_time_h, [change], quiet=True))
 
     def _storage_lost(self, error: HistoryUnavailableError) -> None:
         message = f"the history cannot be written: {error}. No writes to the PLC, heartbeat withheld (the PLC's recipe takes over) until it can"
@@ -677,10 +710,12 @@ class Runtime:
             log.error("alarm_raised", code="history_unavailable", message=message, process_time_h=self._last_time_h)
             self._audited(self._last_time_h, actor="runtime", action="alarm_raised", subject="history_unavailable", details={"message": message})
 
-    def _storage_restored(self, now_h: float) -> None:
-        """The history took a record again: the storage alarm, raised while nothing could be recorded, goes in now with its clearing."""
+    def _storage_restored(self, readings: Mapping[str, Reading], now_h: float) -> None:
+        """The history took a record again: the storage alarm, raised while nothing could be recorded, goes in now with its clearing,
+        and writes left as intents while it was down are reconciled with what the PLC holds."""
         if self._storage_problem is None:
             return
+        self._reconcile(readings, now_h)
         self._storage_problem = None
         change = self._link_alarms.clear("history_unavailable")
         if change is None:
@@ -690,11 +725,6 @@ class Runtime:
         self.history.record_alarm(lost_at_h, change.code, change.message, active=True)
         self.history.record_alarm(now_h, change.code, change.message, active=False)
         self._audited(now_h, actor="runtime", action="alarm_cleared", subject=change.code, details={"message": change.message, "raised_at_h": lost_at_h})
-
-    def _record_alarms_quietly(self, changes: list[AlarmChange]) -> None:
-        for change in changes:
-            self.history.record_alarm(self._last_time_h, change.code, change.message, active=change.active)
-            self._audited(self._last_time_h, actor="runtime", action="alarm_raised" if change.active else "alarm_cleared", subject=change.code, details={"message": change.message})
 
     def _try_record(self, record: Callable[[], None]) -> None:
         try:

@@ -14,6 +14,12 @@ class SafeguardSettings(FrozenConfig):
     clock_lost_cycle_every_s: float = Field(
         default=60.0, gt=0.0, le=3600.0, description="while the batch clock is unusable, a fault cycle (alarm, record, heartbeat) this often [wall s]"
     )
+    clock_frozen_after_periods: float = Field(
+        default=1.5,
+        gt=0.0,
+        le=100.0,
+        description="a Good batch clock that has not advanced for this many cycle periods of wall time (after cycles ran) has stopped: fault cycles [-]",
+    )
     fresh_start_within_h: float = Field(
         default=2.0,
         ge=0.0,

@@ -27,22 +27,45 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import structlog
 
 from controller.advisory import Signer
 from controller.clock import TIME_TOLERANCE_H, BatchClock, process_time_of
 from controller.config import BatchConfig
 from controller.estimator import ExtendedKalmanEstimator
 from controller.modes import RequestedMode
-from controller.ports import ResumeState, ScannedValue
-from controller.quality import SAMPLE_SIGNALS
+from controller.plausibility import PlausibilityChecker
+from controller.ports import ResumeState, ScannedValue, good_number
+from controller.quality import SAMPLE_SIGNALS, DataQualityChecker
 from controller.runtime_config import RuntimeSettings
 from controller.types import LAB_FIELDS, PHASE_RUNNING
 from plant_models.cho import GLUCOSE_G_PER_MOL, LACTATE_G_PER_MOL, STATE_INDEX, CultureModel
 from plant_models.errors import BioreactorMPCError
 
+log = structlog.get_logger(__name__)
+
 
 class RuntimeStartError(BioreactorMPCError, RuntimeError):
     """The runtime cannot start on this PLC with this history (wrong batch, history ahead of the PLC, a running batch without its history)."""
+
+
+class StartDeferredError(BioreactorMPCError, RuntimeError):
+    """This scan cannot decide how to start (the phase or the clock is not Good): the runtime waits for a good one."""
+
+
+TAKEOVER_LAB_MAX_AGE_H = 36.0
+"""A take-over starts from a lab result drawn at most this long ago."""
+TAKEOVER_LAB_RANGES: dict[str, tuple[float, float, str]] = {
+    "vcd_1e6_per_ml": (0.05, 100.0, "1e6 cells/mL"),
+    "viability_pct": (5.0, 100.0, "%"),
+    "glucose_g_per_l": (0.0, 50.0, "g/L"),
+    "lactate_g_per_l": (0.0, 20.0, "g/L"),
+    "glutamine_mm": (0.0, 50.0, "mM"),
+    "ammonia_mm": (0.0, 50.0, "mM"),
+    "titer_g_per_l": (0.0, 30.0, "g/L"),
+    "osmolality_mosm_per_kg": (150.0, 900.0, "mOsm/kg"),
+}
+"""What a take-over accepts from the PLC's lab fields: outside these, a unit or a scaling is wrong (cells/mL for 1e6/mL, a fraction for %)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +100,9 @@ class StartPlan:
     taken_over_at_h: float | None = None
     beat_now: bool = False
     """The last cycle before a restart ran at this boundary; its heartbeat may not have gone out."""
+    first_cycle_by_h: float | None = None
+    """A new batch's first cycle must run by then (else the batch ran on without the runtime, and needs a take-over)."""
+    held_contradictions: Mapping[str, str] | None = None
 
 
 def choose_mode(override: RequestedMode | None, resume: ResumeState | None, configured: RequestedMode) -> tuple[RequestedMode, str]:
@@ -114,8 +140,15 @@ def plan_start(
     heartbeat = int(beat.value) if beat is not None and beat.good and not isinstance(beat.value, str) and math.isfinite(float(beat.value)) else 0
     now_h = process_time_of(readings)
     mode, mode_source = choose_mode(mode_override, resume, settings.mode)
-    clock = BatchClock(batch.cycle_period_h, lost_cycle_every_s=settings.safeguards.clock_lost_cycle_every_s)
+    safeguards = settings.safeguards
+    clock = BatchClock(
+        batch.cycle_period_h,
+        lost_cycle_every_s=safeguards.clock_lost_cycle_every_s,
+        frozen_after_s=safeguards.clock_frozen_after_periods * batch.cycle_period_h * 3600.0,
+    )
     if resume is not None:
+        if takeover is not None:
+            log.warning("takeover_ignored", batch_id=batch.batch_id, signer=takeover.signer.name, reason="the history has this batch: the runtime resumes it")
         if math.isfinite(now_h) and resume.last_cycle_h > now_h + TIME_TOLERANCE_H:
             raise RuntimeStartError(
                 f"the history has batch {resume.batch_id} up to {resume.last_cycle_h:.2f} h but the PLC's batch clock reads {now_h:.2f} h: "
@@ -137,12 +170,23 @@ def plan_start(
             totaliser_floors=floors,
             resumed_from_h=resume.last_cycle_h,
             beat_now=math.isfinite(now_h) and now_h < clock.next_cycle_h - TIME_TOLERANCE_H,
+            held_contradictions=resume.held_contradictions,
         )
-    phase = readings.get("Status.Phase")
-    running = phase is not None and phase.good and not isinstance(phase.value, str) and int(phase.value) == PHASE_RUNNING
-    if not running or not math.isfinite(now_h) or now_h <= settings.safeguards.fresh_start_within_h + TIME_TOLERANCE_H:
+    phase = good_number(readings, "Status.Phase")
+    if not math.isfinite(phase) or (int(phase) == PHASE_RUNNING and not math.isfinite(now_h)):
+        raise StartDeferredError("Status.Phase or the batch clock is not Good in this scan: the runtime cannot tell a new batch from a running one, and waits for a good scan")
+    if int(phase) != PHASE_RUNNING or now_h <= safeguards.fresh_start_within_h + TIME_TOLERANCE_H:
         estimator = ExtendedKalmanEstimator.from_batch(model, batch, nominal_parameters, settings.estimator)
-        return StartPlan(how="new batch", estimator=estimator, clock=clock, lab_seq=0, requested_mode=mode, mode_source=mode_source, heartbeat=heartbeat)
+        return StartPlan(
+            how="new batch",
+            estimator=estimator,
+            clock=clock,
+            lab_seq=0,
+            requested_mode=mode,
+            mode_source=mode_source,
+            heartbeat=heartbeat,
+            first_cycle_by_h=safeguards.fresh_start_within_h,
+        )
     if takeover is None:
         raise RuntimeStartError(
             f"the PLC runs batch {batch.batch_id} at {now_h:.2f} h but the history has no record of it (an empty, lost or new history file): "
@@ -150,11 +194,21 @@ def plan_start(
             "over with a signature (bioreactor-mpc run --take-over-as NAME --reason TEXT); nothing written"
         )
     x_now, seq = state_from_readings(readings, batch, now_h=now_h)
-    config = settings.estimator
-    estimator = ExtendedKalmanEstimator(model, nominal_parameters, x_now, config, start_time_h=now_h)
-    estimator.widen(settings.safeguards.takeover_sd_scale)
+    _check_volume_balance(readings, batch, settings)
+    estimator = ExtendedKalmanEstimator(model, nominal_parameters, x_now, settings.estimator, start_time_h=now_h)
+    estimator.widen(safeguards.takeover_sd_scale)
     clock.start_at(now_h)
     return StartPlan(how="taken over", estimator=estimator, clock=clock, lab_seq=seq, requested_mode=mode, mode_source=mode_source, heartbeat=heartbeat, taken_over_at_h=now_h)
+
+
+def _check_volume_balance(readings: Mapping[str, ScannedValue], batch: BatchConfig, settings: RuntimeSettings) -> None:
+    """Refuse a take-over whose PV.Volume contradicts the feed and base totals (a mis-scaled tag would seed the estimate)."""
+    report = DataQualityChecker(settings.quality).check(readings)
+    if not report.usable:
+        raise RuntimeStartError(f"taking over batch {batch.batch_id} needs good critical inputs; failed: {', '.join(report.critical)}; nothing written")
+    for contradiction in PlausibilityChecker(batch, settings.plausibility).check(report.observation()):
+        if contradiction.code == "volume_balance":
+            raise RuntimeStartError(f"taking over batch {batch.batch_id}: {contradiction.message}; fix the tag map or the load cell first, nothing written")
 
 
 def state_from_readings(readings: Mapping[str, ScannedValue], batch: BatchConfig, *, now_h: float) -> tuple[np.ndarray, int]:
@@ -165,22 +219,29 @@ def state_from_readings(readings: Mapping[str, ScannedValue], batch: BatchConfig
     uncertainty covers it, and the next lab result corrects it).
     """
 
-    def good_number(signal: str) -> float:
-        reading = readings.get(signal)
-        if reading is None or not reading.good or isinstance(reading.value, str):
-            return math.nan
-        return float(reading.value)
-
-    seq_value = good_number("Sample.Seq")
-    lab = dict(zip(LAB_FIELDS, (good_number(signal) for signal in SAMPLE_SIGNALS), strict=True))
+    seq_value = good_number(readings, "Sample.Seq")
+    lab = dict(zip(LAB_FIELDS, (good_number(readings, signal) for signal in SAMPLE_SIGNALS), strict=True))
     if not math.isfinite(seq_value) or seq_value < 1 or not (math.isfinite(lab["vcd_1e6_per_ml"]) and math.isfinite(lab["viability_pct"])):
         raise RuntimeStartError(
             f"taking over batch {batch.batch_id} at {now_h:.2f} h needs a lab result with viable cell density and viability at the PLC "
             "(Sample.Seq at least 1, Sample.VCD and Sample.Viability good); there is none: nothing written"
         )
-    volume_l = good_number("PV.Volume")
-    if not (math.isfinite(volume_l) and 0.0 < volume_l <= batch.equipment.max_working_volume_l):
-        raise RuntimeStartError(f"taking over batch {batch.batch_id} needs a good PV.Volume within the vessel (read {volume_l!r}); nothing written")
+    taken_h = good_number(readings, "Sample.TakenAt")
+    if not (math.isfinite(taken_h) and taken_h <= now_h + TIME_TOLERANCE_H and now_h - taken_h <= TAKEOVER_LAB_MAX_AGE_H):
+        raise RuntimeStartError(
+            f"taking over batch {batch.batch_id} at {now_h:.2f} h needs a lab result drawn within {TAKEOVER_LAB_MAX_AGE_H:.0f} h; the PLC's was drawn at "
+            f"{taken_h!r} h: wait for the next result, nothing written"
+        )
+    implausible = [
+        f"{name} {lab[name]!r} outside [{low}, {high}] {unit}"
+        for name, (low, high, unit) in TAKEOVER_LAB_RANGES.items()
+        if math.isfinite(lab[name]) and not low <= lab[name] <= high
+    ]
+    volume_l = good_number(readings, "PV.Volume")
+    if not (math.isfinite(volume_l) and 0.5 * batch.inoculation.volume_l <= volume_l <= batch.equipment.max_working_volume_l):
+        implausible.append(f"PV.Volume {volume_l!r} outside [{0.5 * batch.inoculation.volume_l:g}, {batch.equipment.max_working_volume_l:g}] L")
+    if implausible:
+        raise RuntimeStartError(f"taking over batch {batch.batch_id}: implausible readings (units or scaling wrong?): {'; '.join(implausible)}; nothing written")
     x = batch.inoculation.initial_state()
     viable = lab["vcd_1e6_per_ml"]
     viability = min(max(lab["viability_pct"], 1.0), 100.0)
@@ -200,9 +261,9 @@ def state_from_readings(readings: Mapping[str, ScannedValue], batch: BatchConfig
         x[STATE_INDEX["other_osmolytes"]] = max(osmolality - metabolites, 0.0)
     x[STATE_INDEX["galactosylated_titer"]] = 0.5 * x[STATE_INDEX["titer"]]
     x[STATE_INDEX["volume"]] = volume_l
-    temperature = good_number("PV.Temperature")
+    temperature = good_number(readings, "PV.Temperature")
     if math.isfinite(temperature):
         x[STATE_INDEX["temperature"]] = temperature
-    base = good_number("PV.BaseTotal")
+    base = good_number(readings, "PV.BaseTotal")
     x[STATE_INDEX["base_added"]] = base if math.isfinite(base) and base >= 0.0 else 0.0
     return x, int(seq_value)

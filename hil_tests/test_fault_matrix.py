@@ -103,7 +103,8 @@ def test_a_mis_scaled_volume_tag_is_a_fault_with_no_setpoints_and_the_plcs_recip
     assert cycles and {c["state"] for c in cycles} == {"fault"}
     assert not _sp_writes(result.rows("writes")), "no setpoint is written while a reading contradicts the balance"
     assert _alarms(result.rows("alarms"), "volume_balance")[0] == (0.0, 1)
-    assert result.plc.plant.state[STATE_INDEX["volume"]] <= loaded.batch.equipment.max_working_volume_l
+    heartbeats = [w["process_time_h"] for w in result.rows("writes") if "MPC.Heartbeat" in json.loads(w["values"])]
+    assert heartbeats == [0.0, 1.0, 2.0][: len(heartbeats)] and len(heartbeats) <= 3, f"withheld from the third fault cycle: {heartbeats}"
     assert result.plc.watchdog_tripped, "the withheld heartbeat handed control to the PLC's recipe"
 
 
@@ -309,3 +310,73 @@ def test_a_plc_that_refuses_the_credentials_is_retried_after_minutes_not_seconds
     asyncio.run(scenario())
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert 2 <= len(attempts) <= 3 and all(gap >= 1.45 for gap in gaps), f"attempts {len(attempts)}, gaps {gaps}"
+
+
+def test_a_link_lost_during_the_writes_uses_up_that_boundary_the_setpoints_are_not_recomputed_and_sent_again(tmp_path, mpc):
+    """The PLC applies the 5-h setpoints and the answer is lost: the cycle is recorded once, and the next write is at a later boundary."""
+    loaded = load_simulation(PLATFORM)
+
+    class LosingAnswers(TamperingPort):
+        lost = False
+
+        async def write(self, values: Any) -> None:
+            await self.port.write(values)
+            if "SP.FeedRate" in values and not self.lost and self.port_time_h >= 5.0:
+                self.lost = True
+                await self.port.close()
+                from controller.ports import PlcLinkError
+
+                raise PlcLinkError("the answer to the write was lost (simulated)")
+
+        async def read(self) -> dict[str, Reading]:
+            readings = await super().read()
+            self.port_time_h = float(readings["Status.ProcessTime"].value)
+            return readings
+
+    result = asyncio.run(run_runtime_against(loaded, tmp_path / "h.sqlite", mpc=mpc, stop_at_h=9.0, port=LosingAnswers))
+    writes = _sp_writes(result.rows("writes"))
+    boundaries = [w["process_time_h"] for w in writes]
+    assert len(boundaries) == len(set(boundaries)), f"a boundary's setpoints sent twice: {boundaries}"
+    assert [w["outcome"] for w in writes if w["process_time_h"] == 5.0] == ["link_error"]
+    cycles = [c["process_time_h"] for c in result.rows("cycles")]
+    assert cycles.count(5.0) == 1 and cycles[-1] >= 8.0, "the 5-h cycle recorded once, and control went on"
+
+
+def test_a_clock_that_stops_while_good_is_a_fault_not_a_silent_stall(tmp_path, mpc):
+    loaded = load_simulation(PLATFORM)
+    state: dict[str, Any] = {}
+
+    def stuck(readings: dict[str, Reading]) -> dict[str, Reading]:
+        t = float(readings["Status.ProcessTime"].value)
+        if t >= 4.0:
+            readings["Status.ProcessTime"] = dataclasses.replace(readings["Status.ProcessTime"], value=4.0)
+        return readings
+
+    safeguards = TEST_SETTINGS.safeguards.model_copy(update={"clock_frozen_after_periods": 0.0005, "clock_lost_cycle_every_s": 0.5})  # 1.8 s of wall time
+    settings = TEST_SETTINGS.model_copy(update={"safeguards": safeguards})
+    holder: dict[str, Runtime] = {}
+
+    def on_cycle(report: CycleReport, plant: SimulatedPlant) -> None:
+        alarms = holder["runtime"].alarms
+        if "stopped" in alarms.get("batch_clock", ""):
+            state["message"] = alarms["batch_clock"]
+            plant.request_stop()
+
+    result = asyncio.run(
+        run_runtime_against(
+            loaded,
+            tmp_path / "h.sqlite",
+            mpc=mpc,
+            settings=settings,
+            port=lambda p: _tampered(p, stuck),
+            on_cycle=on_cycle,
+            runtime_ref=holder,
+            lockstep_timeout_s=0.2,
+            wall_timeout_s=60.0,
+        )
+    )
+    assert "has read 4.00 h" in state["message"]
+    cycles = result.rows("cycles")
+    assert cycles[-1]["state"] == "fault" and cycles[-1]["process_time_h"] == 4.0
+    first_fault_utc = next(c for c in cycles if c["state"] == "fault")["wall_utc"]
+    assert not [w for w in _sp_writes(result.rows("writes")) if w["wall_utc"] > first_fault_utc], "no setpoints once the clock stopped"

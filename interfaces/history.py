@@ -89,8 +89,16 @@ CREATE TABLE IF NOT EXISTS alarms (
     active INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS resume (
     batch_id TEXT PRIMARY KEY, last_cycle_h REAL NOT NULL, lab_seq INTEGER NOT NULL, harvest_time_h REAL NOT NULL,
-    estimator TEXT NOT NULL, wall_utc TEXT NOT NULL, requested_mode TEXT);
+    estimator TEXT NOT NULL, wall_utc TEXT NOT NULL, requested_mode TEXT, held TEXT);
 """
+
+
+def _add_held_column(db: sqlite3.Connection) -> None:
+    """``resume.held`` (the physical contradictions held until acknowledged), added to a file written before it existed."""
+    if "held" not in {row[1] for row in db.execute("PRAGMA table_info(resume)")}:
+        db.execute("ALTER TABLE resume ADD COLUMN held TEXT")
+
+
 _PENDING_INDEX = "CREATE INDEX IF NOT EXISTS writes_pending ON writes (run_id) WHERE outcome = 'pending'"
 _TABLES = frozenset({"runs", "readings", "lab_results", "cycles", "writes", "state_changes", "alarms", "resume"})
 PENDING = "pending"
@@ -329,6 +337,7 @@ class SqliteHistory:
                 db.execute("DROP TABLE writes")
                 db.execute("ALTER TABLE writes_v2 RENAME TO writes")
                 db.execute(_PENDING_INDEX)
+                _add_held_column(db)
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 db.execute("COMMIT")
             except sqlite3.Error:
@@ -340,6 +349,7 @@ class SqliteHistory:
         if version != SCHEMA_VERSION:
             raise HistoryError(f"{self.path}: history schema version {version}, this runtime writes version {SCHEMA_VERSION}")
         db.execute(_PENDING_INDEX)
+        _add_held_column(db)
         return version
 
     def __enter__(self) -> Self:
@@ -461,7 +471,7 @@ class SqliteHistory:
         with self._recording(f"the alarm {code}") as db:
             db.execute("INSERT INTO alarms VALUES (?, ?, ?, ?, ?, ?)", (run_id, _real(process_time_h), _now(), code, message, int(active)))
 
-    def commit_cycle(self, record: CycleRecord, resume: ResumeState) -> None:
+    def commit_cycle(self, record: CycleRecord, resume: ResumeState | None) -> None:
         cycle = (
             self.run_id,
             record.process_time_h,
@@ -488,7 +498,8 @@ class SqliteHistory:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 cycle,
             )
-            self._write_resume(db, resume)
+            if resume is not None:
+                self._write_resume(db, resume)
 
     def save_resume(self, resume: ResumeState) -> None:
         with self._recording(f"the state to resume from at {resume.last_cycle_h:.2f} h") as db:
@@ -497,15 +508,35 @@ class SqliteHistory:
     @staticmethod
     def _write_resume(db: sqlite3.Connection, resume: ResumeState) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO resume VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (resume.batch_id, resume.last_cycle_h, resume.lab_seq, resume.harvest_time_h, _json(resume.estimator), _now(), resume.requested_mode),
+            "INSERT OR REPLACE INTO resume (batch_id, last_cycle_h, lab_seq, harvest_time_h, estimator, wall_utc, requested_mode, held) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                resume.batch_id,
+                resume.last_cycle_h,
+                resume.lab_seq,
+                resume.harvest_time_h,
+                _json(resume.estimator),
+                _now(),
+                resume.requested_mode,
+                _json(dict(resume.held_contradictions)),
+            ),
         )
 
     def load_resume(self, batch_id: str) -> ResumeState | None:
-        row = self._read("SELECT last_cycle_h, lab_seq, harvest_time_h, estimator, requested_mode FROM resume WHERE batch_id = ?", (batch_id,)).fetchone()
-        if row is None:
+        cursor = self._read("SELECT * FROM resume WHERE batch_id = ?", (batch_id,))
+        found = cursor.fetchone()
+        if found is None:
             return None
-        return ResumeState(batch_id=batch_id, last_cycle_h=float(row[0]), lab_seq=int(row[1]), harvest_time_h=float(row[2]), estimator=json.loads(row[3]), requested_mode=row[4])
+        row = dict(zip([d[0] for d in cursor.description], found, strict=True))
+        held = json.loads(row["held"]) if row.get("held") else {}  # a version-1 file opened read-only has no such column
+        return ResumeState(
+            batch_id=batch_id,
+            last_cycle_h=float(row["last_cycle_h"]),
+            lab_seq=int(row["lab_seq"]),
+            harvest_time_h=float(row["harvest_time_h"]),
+            estimator=json.loads(row["estimator"]),
+            requested_mode=row["requested_mode"],
+            held_contradictions=held,
+        )
 
     def end_run(self, *, reason: str) -> None:
         run_id = self.run_id

@@ -66,3 +66,32 @@ def test_a_clock_that_goes_back_faults_at_every_boundary_of_the_new_clock_until_
 def test_a_period_that_is_not_a_positive_number_is_refused(period):
     with pytest.raises(ValueError, match="cycle period"):
         BatchClock(period)
+
+
+def test_a_jump_of_exactly_one_period_is_a_plain_cycle():
+    clock = BatchClock(1.0)
+    for t in (0.0, 1.0):
+        _run(clock, t)
+    assert clock.read(3.0, wall_s=0.0).tick is Tick.CYCLE  # the 2-h boundary was missed, the 3-h one is the next plus one period
+
+
+def test_a_nan_after_the_clock_went_back_is_still_a_fault_and_the_reset_clock_goes_on_faulting():
+    clock = BatchClock(1.0, lost_cycle_every_s=10.0)
+    for t in range(0, 6):
+        _run(clock, float(t))
+    assert _run(clock, 0.0, wall_s=0.0) is Tick.FAULT
+    assert _run(clock, math.nan, wall_s=1.0) is Tick.FAULT
+    assert _run(clock, 1.0, wall_s=2.0) is Tick.FAULT
+    assert clock.last_cycle_h == 5.0
+
+
+def test_a_good_clock_that_stops_advancing_is_a_fault_after_the_frozen_time():
+    clock = BatchClock(1.0, lost_cycle_every_s=60.0, frozen_after_s=5400.0)
+    _run(clock, 0.0, wall_s=0.0)
+    _run(clock, 1.0, wall_s=3600.0)
+    assert clock.read(1.2, wall_s=4000.0).tick is Tick.WAIT
+    assert clock.read(1.2, wall_s=9000.0).tick is Tick.WAIT  # 1.2 h was last seen to advance at 4000 s
+    verdict = clock.read(1.2, wall_s=9500.0)
+    assert verdict.tick is Tick.FAULT and "stopped" in verdict.problem
+    assert clock.read(1.2, wall_s=9520.0).tick is Tick.WAIT  # then once a minute while it lasts
+    assert clock.read(2.0, wall_s=9600.0).tick is Tick.CYCLE  # moving again: control resumes

@@ -159,3 +159,45 @@ def test_the_harvest_request_follows_the_setpoints_in_a_group_of_its_own(model, 
     assert [set(g.values) for g in plan.writes][1] == {"SP.HarvestRequest"}
     assert {"SP.FeedRate", "SP.GlucoseRate", "SP.Temperature"} <= set(plan.writes[0].values)
     assert loop.plc.harvest_reason == "harvest requested by the runtime"
+
+
+def test_a_heartbeat_the_plc_reset_is_alarmed_and_adopted_not_taken_for_another_writer(model, mpc):
+    loop = Loop(model, mpc)
+    for _ in range(3):
+        loop.step()
+    loop.plc.write_heartbeat(0)  # the PLC restarted and zeroed it
+    plan = loop.step()
+    assert "heartbeat_reset" in plan.alarms and "heartbeat_foreign" not in plan.alarms
+    assert plan.state is State.CLOSED_LOOP and _setpoint_writes(plan)
+    assert "heartbeat_reset" not in loop.step().alarms, "counting on from the PLC's value, the next cycle is clean"
+
+
+def test_a_held_contradiction_survives_a_restart_until_acknowledged(model, mpc):
+    loop = Loop(model, mpc)
+
+    def mis_scaled() -> dict[str, TagReading]:
+        scan = loop.plc.snapshot()
+        scan["PV.Volume"] = dataclasses.replace(scan["PV.Volume"], value=0.1 * float(scan["PV.Volume"].value))
+        return scan
+
+    plan = loop.step(mis_scaled())
+    assert "volume_balance" in plan.alarms
+    resume = loop.cycle.resume_state(plan)
+    assert set(resume.held_contradictions) == {"volume_balance"}
+    restarted = Loop(model, mpc)
+    restarted.plc = loop.plc
+    restarted.cycle = ControlCycle(
+        batch=loop.loaded.batch,
+        settings=SETTINGS,
+        modes=ModeMachine(RequestedMode.CLOSED_LOOP),
+        quality=DataQualityChecker(SETTINGS.quality),
+        estimator=loop.estimator,
+        controller=loop.cycle.controller,
+        clock=loop.cycle.clock,
+        heartbeat=loop.plc.heartbeat,
+        held_contradictions=resume.held_contradictions,
+    )
+    after = restarted.step()  # the tag is fixed (true volume again), but nobody acknowledged
+    assert after.state is State.FAULT and "volume_balance" in after.alarms and not _setpoint_writes(after)
+    restarted.cycle.acknowledge("volume_balance")
+    assert restarted.step().state is State.CLOSED_LOOP

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from controller.estimator import ExtendedKalmanEstimator
 from controller.modes import RequestedMode
 from controller.ports import ResumeState
 from controller.runtime_config import RuntimeSettings
-from controller.takeover import RuntimeStartError, TakeoverApproval, choose_mode, plan_start
+from controller.takeover import RuntimeStartError, StartDeferredError, TakeoverApproval, choose_mode, plan_start
 from plant_models.cho import STATE_INDEX, CultureModel
 from plant_models.parameters import parameter_vector
 from simulator.batch import build_simulated_plc
@@ -121,4 +123,46 @@ def test_the_wrong_batch_is_refused(model):
     with pytest.raises(RuntimeStartError, match="configured for 'SOMETHING-ELSE'"):
         plan_start(
             readings=plc.snapshot(), batch=other, settings=RuntimeSettings(), model=model, nominal_parameters=parameter_vector(loaded.nominal, loaded.batch.media), resume=None
+        )
+
+
+def _with(plc, **changes: dict[str, Any]) -> dict[str, Any]:
+    scan = plc.snapshot()
+    for name, fields in changes.items():
+        scan[name.replace("_", ".", 1)] = dataclasses.replace(scan[name.replace("_", ".", 1)], **fields)
+    return scan
+
+
+def test_a_first_scan_without_a_good_phase_or_clock_defers_the_start_instead_of_starting_from_inoculation(model):
+    loaded, plc = _plc_at(200.0)
+    nominal = parameter_vector(loaded.nominal, loaded.batch.media)
+    for scan in (_with(plc, Status_Phase={"good": False}), _with(plc, Status_ProcessTime={"good": False})):
+        with pytest.raises(StartDeferredError):
+            plan_start(readings=scan, batch=loaded.batch, settings=RuntimeSettings(), model=model, nominal_parameters=nominal, resume=None)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"Sample_TakenAt": {"value": 20.0}}, "drawn within 36 h"),
+        ({"Sample_TakenAt": {"good": False}}, "drawn within 36 h"),
+        ({"Sample_Viability": {"value": 0.9}}, "viability_pct 0.9 outside"),
+        ({"Sample_VCD": {"value": 1.5e7}}, "vcd_1e6_per_ml"),
+        ({"Sample_Titer": {"value": 2500.0}}, "titer_g_per_l"),
+        ({"PV_Volume": {"value": 1.7}}, "PV.Volume 1.7 outside"),
+        ({"PV_Volume": {"value": 1900.0}}, "above the balance"),
+    ],
+)
+def test_a_take_over_refuses_stale_or_implausible_readings(model, changes, message):
+    loaded, plc = _plc_at(200.0)
+    scan = _with(plc, **changes)
+    with pytest.raises(RuntimeStartError, match=message):
+        plan_start(
+            readings=scan,
+            batch=loaded.batch,
+            settings=RuntimeSettings(),
+            model=model,
+            nominal_parameters=parameter_vector(loaded.nominal, loaded.batch.media),
+            resume=None,
+            takeover=ENGINEER,
         )

@@ -39,12 +39,12 @@ import numpy as np
 import structlog
 
 from controller.advisory import ApprovalRefusedError, Meaning, Recommendation, Signature, Signer, now_utc
-from controller.alarms import AlarmBoard, AlarmChange
+from controller.alarms import AlarmBoard
 from controller.clock import ClockVerdict, Tick, process_time_of
 from controller.config import BatchConfig
 from controller.cycle import ControlCycle, CyclePlan, estimate_summary
 from controller.forecast import Forecast
-from controller.modes import Conditions, ModeMachine, RequestedMode, State, StateChange
+from controller.modes import Conditions, ModeMachine, RequestedMode, State
 from controller.mpc import EconomicMpc
 from controller.nmpc import NmpcController
 from controller.ports import (
@@ -56,19 +56,16 @@ from controller.ports import (
     PlcLinkError,
     PlcMappingError,
     PlcPort,
-    PlcWriteMismatchError,
-    PlcWriteRefusedError,
     Reading,
-    Value,
     good_number,
 )
 from controller.quality import DataQualityChecker
+from controller.recorder import Recorder, WriteCounts
 from controller.runtime_config import RuntimeSettings
 from controller.signing import AUTO_APPROVER, AdvisoryDesk
 from controller.takeover import RuntimeStartError, StartDeferredError, StartPlan, TakeoverApproval, plan_start
 from controller.types import PHASE_HARVESTED, PHASE_IDLE
 from plant_models.cho import CultureModel
-from plant_models.errors import BioreactorMPCError
 
 log = structlog.get_logger(__name__)
 
@@ -99,8 +96,7 @@ class RunSummary:
     last_process_time_h: float = math.nan
     states: dict[str, int] = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=dict)
-    writes_ok: int = 0
-    writes_failed: int = 0
+    writes: WriteCounts = field(default_factory=WriteCounts)
     link_losses: int = 0
     storage_losses: int = 0
     solve_times_s: list[float] = field(default_factory=list)
@@ -108,7 +104,14 @@ class RunSummary:
     """Wall time of each cycle, from its read to its heartbeat."""
     resumed_from_h: float | None = None
     taken_over_at_h: float | None = None
-    reconciled_writes: int = 0
+
+    @property
+    def writes_ok(self) -> int:
+        return self.writes.ok
+
+    @property
+    def writes_failed(self) -> int:
+        return self.writes.failed
 
 
 class Runtime:
@@ -137,14 +140,14 @@ class Runtime:
         self._nominal = np.asarray(nominal_parameters, dtype=float)
         self._mpc = mpc or EconomicMpc(self._model, batch, settings.nmpc.mpc)
         self._on_cycle = on_cycle
-        self._audit = audit
+        self.summary = RunSummary()
+        self.recorder = Recorder(port=port, history=history, audit=audit, batch_id=batch.batch_id, counts=self.summary.writes)
         self._mode_override = mode_override
         self._takeover = takeover
         self.modes = ModeMachine(settings.mode, max_write_failures=settings.max_write_failures)
         self.quality = DataQualityChecker(settings.quality)
         self.desk = AdvisoryDesk()
         self.cycle: ControlCycle | None = None
-        self.summary = RunSummary()
         self.last_report: CycleReport | None = None
         self._start_plan: StartPlan | None = None
         self._claimed = False
@@ -157,11 +160,9 @@ class Runtime:
         self._auth_wait_s = 0.0
         self._storage_problem: str | None = None
         self._storage_lost_at_h = math.nan
-        self._audit_problem: str | None = None
         self._last_time_h = math.nan
         self._last_cycle_wall_s: float | None = None
         self._read_time_s = math.nan
-        self._write_time_s = 0.0
         self._io = asyncio.Lock()
 
     # ------------------------------------------------------------------ views for the screen
@@ -359,11 +360,11 @@ class Runtime:
             self.history.start_run(batch_id=self.batch.batch_id, requested_mode=plan.requested_mode.value, config=self.settings.model_dump(mode="json"))
             self._run_started = True
         if not self._start_recorded:
-            self._reconcile(readings, now_h)
+            self.recorder.reconcile(readings, now_h)
             if plan.taken_over_at_h is not None and self._takeover is not None:
                 details = {"signature": self._takeover.as_dict(), "process_time_h": plan.taken_over_at_h, "lab_seq": plan.lab_seq}
-                if not self._audited(now_h, actor=self._takeover.signer.name, action="batch_taken_over", subject=self.batch.batch_id, details=details):
-                    raise RuntimeStartError(f"the take-over cannot be recorded in the audit trail ({self._audit_problem}); the runtime does not start")
+                if not self.recorder.audited(now_h, actor=self._takeover.signer.name, action="batch_taken_over", subject=self.batch.batch_id, details=details):
+                    raise RuntimeStartError(f"the take-over cannot be recorded in the audit trail ({self.recorder.audit_problem}); the runtime does not start")
             configuration = {
                 "settings_sha256": _sha256(self.settings.model_dump(mode="json")),
                 "batch_sha256": _sha256(self.batch.model_dump(mode="json")),
@@ -377,8 +378,8 @@ class Runtime:
                 "taken_over_at_h": plan.taken_over_at_h,
                 "held_contradictions": dict(plan.held_contradictions or {}),
             }
-            if not self._audited(now_h, actor="runtime", action="config_loaded", subject=self.batch.batch_id, details=configuration):
-                raise RuntimeStartError(f"the audit trail cannot be written ({self._audit_problem}); the runtime does not start")
+            if not self.recorder.audited(now_h, actor="runtime", action="config_loaded", subject=self.batch.batch_id, details=configuration):
+                raise RuntimeStartError(f"the audit trail cannot be written ({self.recorder.audit_problem}); the runtime does not start")
             self._start_recorded = True
         for signal, floor in (plan.totaliser_floors or {}).items():
             self.quality.expect_at_least(signal, floor)  # a totaliser reset while away is a critical input, not a crash
@@ -428,24 +429,6 @@ class Runtime:
                     "this PLC. Stop it first (docs/runtime.md, 'One runtime per PLC'); nothing written"
                 )
 
-    def _reconcile(self, readings: Mapping[str, Reading], now_h: float) -> None:
-        """Give every write a killed predecessor left without an outcome one, from what the PLC holds now."""
-        for pending in self.history.pending_writes(self.batch.batch_id):
-            held = {name: readings[name].value for name in pending.values if name in readings and readings[name].good}
-            same = all(name in held and _same_value(held[name], value) for name, value in pending.values.items() if name != "MPC.Heartbeat")
-            detail = (
-                "reconciled at restart: the PLC holds the written values"
-                if same
-                else f"reconciled at restart: the PLC holds {json.dumps(held, default=str)}, not the written values"
-            )
-            self.history.record_write_outcome(pending.write_id, "reconciled", detail)
-            self.summary.reconciled_writes += 1
-            log.warning("write_reconciled", write_id=pending.write_id, process_time_h=pending.process_time_h, applied=same)
-            if any(name.startswith("SP.") for name in pending.values):
-                self._audited(
-                    now_h, actor="runtime", action="setpoint_write_result", subject="SP.*", details={"write_id": pending.write_id, "outcome": "reconciled", "detail": detail}
-                )
-
     # ------------------------------------------------------------------ one cycle
 
     async def _cycle(self, cycle: ControlCycle, readings: Mapping[str, Reading], verdict: ClockVerdict) -> PollOutcome:
@@ -457,7 +440,7 @@ class Runtime:
             if plan.lab is not None:
                 self.history.record_lab(now_h, plan.lab, used=plan.lab_used)
             for change in plan.changes:
-                self._record_change(now_h, change)
+                self.recorder.state_change(now_h, change, requested=self.modes.requested.value)
             self.history.save_resume(cycle.resume_state(plan))
             self._storage_restored(readings, now_h)
         except HistoryUnavailableError as error:  # nothing written to the PLC yet: the cycle did not happen
@@ -466,11 +449,13 @@ class Runtime:
             return PollOutcome.STORAGE_DOWN
         self.desk.offer(plan.recommendation)
         written, failed, storage_error, link_error = await self._write_plan(plan, now_h)
-        extra = {"audit_unavailable": self._audit_problem} if self._audit_problem is not None else {}
-        outcome = cycle.conclude(plan, setpoints_written=written, setpoint_write_failed=failed, extra_alarms=extra, read_time_s=self._read_time_s, write_time_s=self._write_time_s)
+        extra = {"audit_unavailable": self.recorder.audit_problem} if self.recorder.audit_problem is not None else {}
+        outcome = cycle.conclude(
+            plan, setpoints_written=written, setpoint_write_failed=failed, extra_alarms=extra, read_time_s=self._read_time_s, write_time_s=self.recorder.write_time_s
+        )
         try:
             self.history.commit_cycle(outcome.record, None)  # the state to resume from was saved before the writes
-            self._record_alarms(now_h, outcome.alarm_changes)
+            self.recorder.alarms(now_h, outcome.alarm_changes)
         except HistoryUnavailableError as error:
             storage_error = storage_error or error
         self._count(outcome.record)
@@ -484,7 +469,7 @@ class Runtime:
             self._storage_lost(storage_error)
             return PollOutcome.STORAGE_DOWN  # no heartbeat: the PLC's watchdog hands control to its recipe
         if outcome.hand_over_started:
-            self._audited(now_h, actor="runtime", action="heartbeat_withheld", subject="MPC.Heartbeat", details={"reason": self.modes.reason})
+            self.recorder.audited(now_h, actor="runtime", action="heartbeat_withheld", subject="MPC.Heartbeat", details={"reason": self.modes.reason})
         if outcome.beat:
             try:
                 await self._beat(cycle, now_h)
@@ -499,11 +484,11 @@ class Runtime:
         Returns (setpoints written, setpoint write failed, storage error, link error): a lost link or
         storage ends the writes, and the caller still records the cycle.
         """
-        self._write_time_s = 0.0
+        self.recorder.start_timing()
         written = failed = False
         try:
             for group in plan.writes:
-                ok = await self._write(now_h, group.values)
+                ok = await self.recorder.write(now_h, group.values)
                 if group.setpoints:
                     written, failed = ok, not ok
                 if not ok:
@@ -519,47 +504,10 @@ class Runtime:
             return False, any(group.setpoints for group in plan.writes), None, error
         return written, failed, None, None
 
-    async def _write(self, now_h: float, values: Mapping[str, Value], *, actor: str = "runtime") -> bool:
-        """One write request: its intent recorded first (and, when it holds ``SP.*``, audited: no record, no write), then sent once, then its outcome.
-
-        A lost link propagates; a history that cannot record the intent raises
-        :class:`HistoryUnavailableError` and nothing is sent.
-        """
-        write_id = self.history.record_write_intent(now_h, values)
-        sp = {name: value for name, value in values.items() if name.startswith("SP.")}
-        setpoints = bool(sp)
-        if setpoints and not self._audited(now_h, actor=actor, action="setpoint_write", subject="SP.*", details={**sp, "write_id": write_id}):
-            self.history.record_write_outcome(write_id, "refused", "the audit record could not be written; nothing sent")
-            self.summary.writes_failed += 1
-            return False
-        started = time.perf_counter()
-        try:
-            await self.port.write(values)
-        except (PlcWriteRefusedError, PlcWriteMismatchError, PlcLinkError) as error:
-            self._write_time_s += time.perf_counter() - started
-            self.summary.writes_failed += 1
-            outcome = "link_error" if isinstance(error, PlcLinkError) else "refused" if isinstance(error, PlcWriteRefusedError) else "mismatch"
-            self.history.record_write_outcome(write_id, outcome, str(error))
-            if setpoints:
-                self._audited(now_h, actor=actor, action="setpoint_write_result", subject="SP.*", details={"write_id": write_id, "outcome": outcome, "detail": str(error)})
-            if isinstance(error, PlcLinkError):
-                raise
-            if isinstance(error, PlcWriteRefusedError):
-                log.warning("write_refused", process_time_h=now_h, refusals=error.refusals)
-            else:
-                log.error("write_mismatch", process_time_h=now_h, error=str(error))
-            return False
-        self._write_time_s += time.perf_counter() - started
-        self.history.record_write_outcome(write_id, "ok")
-        if setpoints:
-            self._audited(now_h, actor=actor, action="setpoint_write_result", subject="SP.*", details={"write_id": write_id, "outcome": "ok"})
-        self.summary.writes_ok += 1
-        return True
-
     async def _beat(self, cycle: ControlCycle, now_h: float) -> None:
         value = cycle.next_heartbeat()
         try:
-            ok = await self._write(now_h, {"MPC.Heartbeat": value})
+            ok = await self.recorder.write(now_h, {"MPC.Heartbeat": value})
         except (PlcLinkError, HistoryUnavailableError):  # it may or may not have reached the PLC: the next scan says which
             cycle.heartbeat_written(None)
             raise
@@ -580,7 +528,7 @@ class Runtime:
         if not reason.strip():
             raise ApprovalRefusedError("a mode change needs a reason")
         details = {"from": self.modes.requested.value, "to": mode.value, "reason": reason}
-        if not self._audited(self._last_time_h, actor=user, action="mode_requested", subject="mode", details=details):
+        if not self.recorder.audited(self._last_time_h, actor=user, action="mode_requested", subject="mode", details=details):
             raise ApprovalRefusedError("the audit record could not be written; the mode is unchanged")
         self.modes.request(mode)
 
@@ -590,7 +538,7 @@ class Runtime:
             raise ApprovalRefusedError("an acknowledgement needs a reason")
         if self.cycle is None or code not in self.cycle.contradictions:
             raise ApprovalRefusedError(f"no physical contradiction {code!r} is held")
-        if not self._audited(self._last_time_h, actor=user, action="contradiction_acknowledged", subject=code, details={"reason": reason}):
+        if not self.recorder.audited(self._last_time_h, actor=user, action="contradiction_acknowledged", subject=code, details={"reason": reason}):
             raise ApprovalRefusedError("the audit record could not be written; the contradiction is still held")
         self.cycle.acknowledge(code)
 
@@ -625,33 +573,20 @@ class Runtime:
         signature = Signature(signer, meaning, reason, now_utc(), recommendation.made_at_h)
         subject = f"recommendation made at {recommendation.made_at_h:.2f} h"
         details = {"signature": signature.as_dict(), "recommendation": recommendation.as_dict()}
-        if not self._audited(now_h, actor=signer.name, action=f"recommendation_{meaning.value}", subject=subject, details=details):
+        if not self.recorder.audited(now_h, actor=signer.name, action=f"recommendation_{meaning.value}", subject=subject, details=details):
             raise ApprovalRefusedError("the signature could not be recorded in the audit trail; nothing done")
         self.desk.apply(recommendation, signature)
         log.info("recommendation_signed", meaning=meaning.value, signer=signer.name, made_at_h=recommendation.made_at_h, reason=reason)
         if meaning is not Meaning.APPROVED:
             return False
-        written = await self._write(now_h, recommendation.setpoint_values(), actor=signer.name)
+        written = await self.recorder.write(now_h, recommendation.setpoint_values(), actor=signer.name)
         if written and recommendation.harvest_now:
-            written = await self._write(now_h, {"SP.HarvestRequest": True}, actor=signer.name)
+            written = await self.recorder.write(now_h, {"SP.HarvestRequest": True}, actor=signer.name)
         if not written:
             raise ApprovalRefusedError("the approval is recorded but the PLC refused the setpoints; see the history's writes")
         return True
 
     # ------------------------------------------------------------------ records
-
-    def _audited(self, now_h: float, *, actor: str, action: str, subject: str, details: Mapping[str, Any]) -> bool:
-        """Append to the audit trail; False (with an alarm) when it cannot be written. No audit trail configured: True."""
-        if self._audit is None:
-            return True
-        try:
-            self._audit.append(actor=actor, action=action, subject=subject, details=details, process_time_h=now_h if math.isfinite(now_h) else None)
-        except BioreactorMPCError as error:
-            log.error("audit_write_failed", action=action, error=str(error))
-            self._audit_problem = f"the audit trail cannot be written ({action} refused): {error}"
-            return False
-        self._audit_problem = None
-        return True
 
     def _count(self, record: CycleRecord) -> None:
         summary = self.summary
@@ -662,22 +597,6 @@ class Runtime:
         if math.isfinite(record.solve_time_s):
             summary.solve_times_s.append(record.solve_time_s)
 
-    def _record_change(self, now_h: float, change: StateChange | None) -> None:
-        if change is not None:
-            self.history.record_state_change(now_h, change.previous.value, change.state.value, change.reason)
-            details = {"from": change.previous.value, "to": change.state.value, "reason": change.reason, "requested": self.modes.requested.value}
-            self._audited(now_h, actor="runtime", action="state_changed", subject="state", details=details)
-
-    def _record_alarms(self, now_h: float, changes: tuple[AlarmChange, ...] | list[AlarmChange], *, quiet: bool = False) -> None:
-        """Record alarms raised and cleared in the history and the audit trail (and the log, unless the caller logged them)."""
-        for change in changes:
-            if not quiet and change.active:
-                log.warning("alarm_raised", code=change.code, message=change.message, process_time_h=now_h)
-            elif not quiet:
-                log.info("alarm_cleared", code=change.code, process_time_h=now_h)
-            self.history.record_alarm(now_h, change.code, change.message, active=change.active)
-            self._audited(now_h, actor="runtime", action="alarm_raised" if change.active else "alarm_cleared", subject=change.code, details={"message": change.message})
-
     def _link_lost(self, error: PlcLinkError) -> None:
         if isinstance(error, PlcAuthError):
             self._auth_wait_s = max(self._auth_wait_s, error.retry_after_s)
@@ -686,9 +605,9 @@ class Runtime:
             self.summary.link_losses += 1
             log.error("alarm_raised", code="plc_link", message=f"PLC link lost: {error}", process_time_h=self._last_time_h, retry_after_s=self._auth_wait_s or None)
             if self._run_started and change is not None:
-                self._try_record(lambda: self._record_alarms(self._last_time_h, [change], quiet=True))
+                self._try_record(lambda: self.recorder.alarms(self._last_time_h, [change], logged=True))
                 state_change = self.modes.evaluate(Conditions(link_up=False))
-                self._try_record(lambda: self._record_change(self._last_time_h, state_change))
+                self._try_record(lambda: self.recorder.state_change(self._last_time_h, state_change, requested=self.modes.requested.value))
             else:
                 self.modes.evaluate(Conditions(link_up=False))
         self._link_up = False
@@ -699,7 +618,7 @@ class Runtime:
         if change is not None:
             log.info("alarm_cleared", code="plc_link", process_time_h=self._last_time_h)
             if self._run_started:
-                self._try_record(lambda: self._record_alarms(self._last_time_h, [change], quiet=True))
+                self._try_record(lambda: self.recorder.alarms(self._last_time_h, [change], logged=True))
 
     def _storage_lost(self, error: HistoryUnavailableError) -> None:
         message = f"the history cannot be written: {error}. No writes to the PLC, heartbeat withheld (the PLC's recipe takes over) until it can"
@@ -708,14 +627,14 @@ class Runtime:
             self.summary.storage_losses += 1
             self._storage_lost_at_h = self._last_time_h
             log.error("alarm_raised", code="history_unavailable", message=message, process_time_h=self._last_time_h)
-            self._audited(self._last_time_h, actor="runtime", action="alarm_raised", subject="history_unavailable", details={"message": message})
+            self.recorder.audited(self._last_time_h, actor="runtime", action="alarm_raised", subject="history_unavailable", details={"message": message})
 
     def _storage_restored(self, readings: Mapping[str, Reading], now_h: float) -> None:
         """The history took a record again: the storage alarm, raised while nothing could be recorded, goes in now with its clearing,
         and writes left as intents while it was down are reconciled with what the PLC holds."""
         if self._storage_problem is None:
             return
-        self._reconcile(readings, now_h)
+        self.recorder.reconcile(readings, now_h)
         self._storage_problem = None
         change = self._link_alarms.clear("history_unavailable")
         if change is None:
@@ -724,7 +643,7 @@ class Runtime:
         lost_at_h = self._storage_lost_at_h if math.isfinite(self._storage_lost_at_h) else now_h
         self.history.record_alarm(lost_at_h, change.code, change.message, active=True)
         self.history.record_alarm(now_h, change.code, change.message, active=False)
-        self._audited(now_h, actor="runtime", action="alarm_cleared", subject=change.code, details={"message": change.message, "raised_at_h": lost_at_h})
+        self.recorder.audited(now_h, actor="runtime", action="alarm_cleared", subject=change.code, details={"message": change.message, "raised_at_h": lost_at_h})
 
     def _try_record(self, record: Callable[[], None]) -> None:
         try:
@@ -736,12 +655,6 @@ class Runtime:
 def _plc_accepts(plan: CyclePlan) -> bool:
     status = plan.report.accepted
     return status.get("Status.RemoteEnabled") is True and status.get("Status.WatchdogTripped") is False
-
-
-def _same_value(held: Value, written: Value) -> bool:
-    if isinstance(written, bool) or isinstance(held, bool | str) or isinstance(written, str):
-        return held == written
-    return math.isclose(float(held), float(written), rel_tol=1e-6, abs_tol=1e-6)
 
 
 def _sha256(data: Any) -> str:

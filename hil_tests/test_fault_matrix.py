@@ -381,3 +381,45 @@ def test_a_clock_that_stops_while_good_is_a_fault_not_a_silent_stall(tmp_path, m
     assert cycles[-1]["state"] == "fault" and cycles[-1]["process_time_h"] == 4.0
     first_fault_utc = next(c for c in cycles if c["state"] == "fault")["wall_utc"]
     assert not [w for w in _sp_writes(result.rows("writes")) if w["wall_utc"] > first_fault_utc], "no setpoints once the clock stopped"
+
+
+def test_an_acknowledged_contradiction_gives_control_back_once_the_tag_is_fixed(tmp_path, mpc):
+    """The volume tag mis-scaled until 3 h, then fixed; the contradiction is held until an engineer acknowledges it (audited), then closed loop again."""
+    loaded = load_simulation(PLATFORM)
+    audit = AuditTrail(tmp_path / "h.sqlite")
+    holder: dict[str, Runtime] = {}
+    seen: dict[str, Any] = {}
+
+    def until_three(readings: dict[str, Reading]) -> dict[str, Reading]:
+        if float(readings["Status.ProcessTime"].value) < 3.0:
+            return _scaled("PV.Volume", 0.1)(readings)
+        return readings
+
+    def engineer(report: CycleReport, plant: SimulatedPlant) -> None:
+        t = report.record.process_time_h
+        seen.setdefault("states", []).append((t, report.record.state))
+        if t >= 5.0 and "acknowledged_at_h" not in seen:
+            holder["runtime"].acknowledge("volume_balance", user="erin", reason="the tag map's scale corrected")
+            seen["acknowledged_at_h"] = t
+        if t >= 10.0:
+            plant.request_stop()
+
+    asyncio.run(
+        run_runtime_against(
+            loaded,
+            tmp_path / "h.sqlite",
+            mpc=mpc,
+            port=lambda p: _tampered(p, until_three),
+            on_cycle=engineer,
+            runtime_ref=holder,
+            audit=audit,
+            lockstep_timeout_s=0.5,
+            wall_timeout_s=90.0,
+        )
+    )
+    held = [s for t, s in seen["states"] if t <= seen["acknowledged_at_h"]]
+    assert held and set(held) == {"fault"}, "held after the tag was fixed, until acknowledged"
+    assert seen["states"][-1][1] == "closed_loop", "control back after the acknowledgement"
+    records = [(r.actor, r.subject) for r in audit.records() if r.action == "contradiction_acknowledged"]
+    assert records == [("erin", "volume_balance")]
+    audit.close()

@@ -221,6 +221,10 @@ def test_only_engineers_change_the_mode_and_monitoring_sees_it(tmp_path, mpc):
             assert 'bioreactor_mpc_state{state="closed_loop"} 1.0' in metrics and "bioreactor_mpc_solve_seconds_count" in metrics
             health = await erik.get("/healthz")
             assert health.status_code == 200 and health.json()["healthy"] is True
+            acknowledgement = {"password": PASSWORDS["olga"], "reason": "tag map fixed"}
+            assert (await olga.post("/api/contradictions/volume_balance/acknowledge", json=acknowledgement)).status_code == 403, "engineers only"
+            none_held = await erik.post("/api/contradictions/volume_balance/acknowledge", json={**acknowledgement, "password": PASSWORDS["erik"]})
+            assert none_held.status_code == 409 and "no physical contradiction" in none_held.json()["detail"]
             resume = SqliteHistory(screen.history_path, read_only=True).load_resume("BR01-DEMO-001")
             assert resume is not None and resume.requested_mode == "closed-loop", "the engineer's choice outlives a restart"
             audit = AuditTrail(screen.history_path, read_only=True)

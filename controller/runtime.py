@@ -153,6 +153,7 @@ class Runtime:
         self._claimed = False
         self._run_started = False
         self._start_recorded = False
+        self._deferred = ""
         self._resume_beat_due = False
         self._link_up = False
         self._link_alarms = AlarmBoard()
@@ -297,7 +298,9 @@ class Runtime:
             self._storage_lost(error)
             return PollOutcome.STORAGE_DOWN
         except StartDeferredError as error:
-            log.warning("start_deferred", reason=str(error))
+            if str(error) != self._deferred:  # once per reason, not once per poll
+                log.warning("start_deferred", reason=str(error))
+                self._deferred = str(error)
             return PollOutcome.WAITING
         if starting:
             return PollOutcome.WAITING  # the start watched the PLC for a while: the first cycle runs on a fresh scan

@@ -53,6 +53,9 @@ from plant_models.errors import BioreactorMPCError
 log = structlog.get_logger(__name__)
 
 RECOMMENDATION_SIGNALS = ("MPC.Rec.FeedRate", "MPC.Rec.GlucoseRate", "MPC.Rec.Temperature")
+LOOK_AHEAD_ERRORS: tuple[type[Exception], ...] = (BioreactorMPCError, ArithmeticError, ValueError)
+"""What the look-ahead may fail with (a diverged forecast, a singular covariance: numpy's LinAlgError is a ValueError): it only
+warns, so its failure costs the cycle its early warnings, never its control."""
 LAB_ATTEMPTS = 2
 """Cycles a lab result may make the estimator fail before it is set aside (recorded as not used, alarmed)."""
 
@@ -469,8 +472,8 @@ class ControlCycle:
             self._kernel = ForecastKernel(self.estimator)
         try:
             predicted = forecast(self.estimator, plan_schedule(solution), until_h=until_h, kernel=self._kernel)
-        except BioreactorMPCError as error:  # a failed plan or a diverged forecast: no warnings this cycle, and the log says so
-            log.warning("forecast_failed", process_time_h=now_h, error=str(error))
+        except LOOK_AHEAD_ERRORS as error:  # a failed plan or a diverged forecast: no warnings this cycle, and the log says so
+            log.warning("forecast_failed", process_time_h=now_h, error=str(error), kind=type(error).__name__)
             self.forecast = None
             return {}, recommendation
         self.forecast = predicted if full else None
@@ -478,8 +481,8 @@ class ControlCycle:
             delivered = self.batch.media.glucose_delivered_g(float(status.get("PV.FeedTotal", 0.0)), float(status.get("PV.GlucoseFeedTotal", 0.0)))
             try:
                 recipe = recipe_outcome(self.estimator, self.controller.recipe, self.batch, glucose_delivered_g=delivered, kernel=self._kernel)
-            except BioreactorMPCError as error:
-                log.warning("recipe_forecast_failed", process_time_h=now_h, error=str(error))
+            except LOOK_AHEAD_ERRORS as error:
+                log.warning("recipe_forecast_failed", process_time_h=now_h, error=str(error), kind=type(error).__name__)
             else:
                 recommendation = replace(recommendation, recipe_titer_g_per_l=recipe.titer_g_per_l, recipe_score_g_per_day=recipe.score_g_per_day)
         warnings = {warning.code: warning.message for warning in early_warnings(predicted, self.batch, config, now_h=now_h)}

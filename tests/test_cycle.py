@@ -201,3 +201,17 @@ def test_a_held_contradiction_survives_a_restart_until_acknowledged(model, mpc):
     assert after.state is State.FAULT and "volume_balance" in after.alarms and not _setpoint_writes(after)
     restarted.cycle.acknowledge("volume_balance")
     assert restarted.step().state is State.CLOSED_LOOP
+
+
+def test_a_look_ahead_that_fails_numerically_costs_the_warnings_not_the_control(model, mpc, monkeypatch):
+    import controller.cycle
+
+    def singular(*args: Any, **kwargs: Any) -> Any:
+        raise np.linalg.LinAlgError("singular covariance (injected)")
+
+    loop = Loop(model, mpc)
+    loop.step()
+    monkeypatch.setattr(controller.cycle, "forecast", singular)
+    plan = loop.step()
+    assert plan.state is State.CLOSED_LOOP and _setpoint_writes(plan), "control went on"
+    assert not [code for code in plan.alarms if code.startswith("early_warning")] and loop.cycle.forecast is None

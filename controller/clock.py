@@ -7,14 +7,16 @@ none of them may stall the runtime silently:
 - **Unusable** (Bad, NaN, outside its plausible range): a *fault cycle* at
   once, then one every ``lost_cycle_every_s`` wall seconds while it lasts. A
   fault cycle writes no setpoints and moves no estimate; it records the scan,
-  raises the alarm and (by the reference interface) moves the heartbeat.
+  raises the alarm and moves the heartbeat (until the fault hand-over
+  withholds it, docs/runtime.md section 7).
 - **Backwards** (earlier than the last cycle: a PLC restarted, its clock
   reset): a fault cycle at once and at every boundary of the new clock, until
   it passes the last cycle again. The estimate cannot be moved back in time;
-  an engineer decides (docs/runtime.md, "The batch clock").
-- **Frozen** (a Good reading that stops advancing for
-  ``frozen_after_s`` wall seconds after cycles have run: a PLC whose clock
-  task stopped): fault cycles as for an unusable clock.
+  an engineer decides (docs/runtime.md, section 8).
+- **Frozen** (a Good reading that stays the same for ``frozen_after_s`` wall
+  seconds after cycles have run: a PLC whose clock task stopped): fault
+  cycles as for an unusable clock. Any change of the reading, either way,
+  counts as moving.
 - **Forwards by more than one period** (a boundary skipped): taken only when
   the next reading confirms it (a later scan at or beyond the jump); a single
   reading that jumps and comes back is a glitch, reported with the next cycle.
@@ -68,8 +70,9 @@ class BatchClock:
         self.lost_cycle_every_s = lost_cycle_every_s
         self.frozen_after_s = frozen_after_s
         """A clock that has not advanced for this long (wall s) after cycles ran is frozen; None: never judged frozen (simulation)."""
-        self._latest_h = -math.inf
-        self._latest_wall_s: float | None = None
+        self._reading_h = math.nan
+        self._reading_since_s: float | None = None
+        """The last Good reading and since when (wall s) the clock has read it."""
         self.last_cycle_h = math.nan
         """Process time of the last control cycle (NaN before the first)."""
         self.next_cycle_h = 0.0
@@ -94,10 +97,10 @@ class BatchClock:
         """Judge one reading of the batch clock (NaN when the scan's clock failed its checks); ``wall_s`` is a monotonic wall clock."""
         if not math.isfinite(now_h):
             return self._lost(wall_s, "the batch clock (Status.ProcessTime) is unusable: Bad, not a number or out of range")
-        if now_h > self._latest_h + TIME_TOLERANCE_H or self._latest_wall_s is None:
-            self._latest_h, self._latest_wall_s = max(now_h, self._latest_h), wall_s
-        elif self.frozen_after_s is not None and math.isfinite(self.last_cycle_h) and wall_s - self._latest_wall_s > self.frozen_after_s:
-            return self._lost(wall_s, f"the batch clock has read {now_h:.2f} h for {wall_s - self._latest_wall_s:.0f} s of wall time: the PLC's clock has stopped")
+        if self._reading_since_s is None or not math.isclose(now_h, self._reading_h, rel_tol=0.0, abs_tol=TIME_TOLERANCE_H):
+            self._reading_h, self._reading_since_s = now_h, wall_s  # it moved (either way): not stopped
+        elif self.frozen_after_s is not None and math.isfinite(self.last_cycle_h) and wall_s - self._reading_since_s > self.frozen_after_s:
+            return self._lost(wall_s, f"the batch clock has read {now_h:.2f} h for {wall_s - self._reading_since_s:.0f} s of wall time: the PLC's clock has stopped")
         self._lost_fault_wall_s = None
         if math.isfinite(self.last_cycle_h) and now_h < self.last_cycle_h - TIME_TOLERANCE_H:
             return self._backwards(now_h)

@@ -56,6 +56,9 @@ RECOMMENDATION_SIGNALS = ("MPC.Rec.FeedRate", "MPC.Rec.GlucoseRate", "MPC.Rec.Te
 LOOK_AHEAD_ERRORS: tuple[type[Exception], ...] = (BioreactorMPCError, ArithmeticError, ValueError)
 """What the look-ahead may fail with (a diverged forecast, a singular covariance: numpy's LinAlgError is a ValueError): it only
 warns, so its failure costs the cycle its early warnings, never its control."""
+CONTROLLER_ERRORS: tuple[type[Exception], ...] = (BioreactorMPCError, ArithmeticError, ValueError, RuntimeError)
+"""What the estimator and the NMPC may fail with: the refusals they raise on purpose, and numeric failures (numpy's LinAlgError is a
+ValueError, CasADi's evaluation errors RuntimeErrors). Any of them costs the cycle its plan (rolled back, a fault), never the runtime."""
 LAB_ATTEMPTS = 2
 """Cycles a lab result may make the estimator fail before it is set aside (recorded as not used, alarmed)."""
 
@@ -89,6 +92,8 @@ class CyclePlan:
     checkpoint: object
     """The estimator before this cycle: :meth:`ControlCycle.abandon` returns to it."""
     lab_seq_before: int
+    before: tuple[State, str, int, int]
+    """The state, its reason, the fault cycles and the write failures before this cycle: :meth:`ControlCycle.abandon` returns to them."""
 
     @property
     def process_time_h(self) -> float:
@@ -132,6 +137,7 @@ class ControlCycle:
         heartbeat: int = 0,
         full_forecast: bool = False,
         held_contradictions: Mapping[str, str] | None = None,
+        fault_cycles: int = 0,
     ) -> None:
         self.batch = batch
         self.settings = settings
@@ -148,7 +154,8 @@ class ControlCycle:
         self.heartbeat_uncertain = True
         """Whether the PLC's heartbeat may differ from :attr:`heartbeat` without another writer (at start, after a failed write)."""
         self.write_failures = 0
-        self.fault_cycles = 0
+        self.fault_cycles = fault_cycles
+        """Cycles in fault in a row (carried over a restart, so a fault hand-over goes on)."""
         self.full_forecast = full_forecast
         self.forecast: Forecast | None = None
         self._kernel: ForecastKernel | None = None
@@ -173,6 +180,7 @@ class ControlCycle:
         now_h = verdict.process_time_h
         checkpoint = self.estimator.checkpoint() if self.estimator is not None else None
         lab_seq_before = self.quality.last_lab_seq
+        before = (self.modes.state, self.modes.reason, self.fault_cycles, self.write_failures)
         report = self.quality.check(readings, wall_now=wall_now)
         status = report.accepted
         alarms: dict[str, str] = {f"quality.{signal}": problem for signal, problem in report.problems.items()}
@@ -250,13 +258,16 @@ class ControlCycle:
             recommendation=recommendation,
             checkpoint=checkpoint,
             lab_seq_before=lab_seq_before,
+            before=before,
         )
 
     def abandon(self, plan: CyclePlan) -> None:
-        """The plan's cycle did not happen (its records could not be written before any write): the estimator returns to before it."""
+        """The plan's cycle did not happen (its records could not be written before any write): the estimator, the lab sequence,
+        the state and the counters return to before it, so the cycle's state changes are made and recorded when it runs again."""
         if self.estimator is not None:
             self.estimator.rollback(plan.checkpoint)
         self.quality.commit_lab(plan.lab_seq_before)
+        self.modes.state, self.modes.reason, self.fault_cycles, self.write_failures = plan.before
 
     # ------------------------------------------------------------------ second half
 
@@ -380,11 +391,12 @@ class ControlCycle:
         lab = report.lab_result
         try:
             decision = self.controller.cycle(observation)
-        except BioreactorMPCError as error:  # the estimator refused the data (diverged, inconsistent inputs): no plan this cycle
+        except CONTROLLER_ERRORS as error:  # the estimator refused the data (diverged, inconsistent inputs), or a numeric failure: no plan this cycle
             if self.estimator is not None:
                 self.estimator.rollback(checkpoint)
-            log.error("cycle_failed", process_time_h=observation.process_time_h, error=str(error))
-            alarms["estimator_failed"] = f"the estimator refused this cycle's data: {error}"
+            expected = isinstance(error, BioreactorMPCError)
+            log.error("cycle_failed", process_time_h=observation.process_time_h, error=str(error), kind=type(error).__name__, exc_info=not expected)
+            alarms["estimator_failed"] = f"the estimator or the NMPC failed on this cycle's data ({type(error).__name__}): {error}"
             self._evaluate(changes, status, (f"estimator: {type(error).__name__}",))
             if lab is not None:
                 attempts = self._lab_attempts.get(lab.seq, 0) + 1
@@ -446,17 +458,24 @@ class ControlCycle:
             groups.append(WriteGroup({"SP.HarvestRequest": True}, setpoints=True))
         return tuple(groups)
 
-    def resume_state(self, plan: CyclePlan) -> ResumeState:
-        """The state to resume from after ``plan``'s cycle (call before :meth:`conclude`; built only when asked: it copies the estimator)."""
+    def resume_state(self, plan: CyclePlan) -> ResumeState | None:
+        """The state to resume from after ``plan``'s cycle (call before :meth:`conclude`; built only when asked: it copies the estimator).
+
+        None while no control cycle has run (fault cycles of an unusable clock only): there is nothing to resume, and a
+        restart must decide afresh (a new batch, or a take-over), never resume an estimate from inoculation.
+        """
         last_cycle_h = plan.process_time_h if plan.verdict.tick is Tick.CYCLE else self.clock.last_cycle_h
+        if not math.isfinite(last_cycle_h):
+            return None
         return ResumeState(
             batch_id=self.batch.batch_id,
-            last_cycle_h=last_cycle_h if math.isfinite(last_cycle_h) else 0.0,
+            last_cycle_h=last_cycle_h,
             estimator=self.estimator.to_dict() if self.estimator is not None else {},
             lab_seq=self.quality.last_lab_seq,
             harvest_time_h=self.controller.harvest_time_h,
             requested_mode=self.modes.requested.value,
             held_contradictions=dict(self._contradictions),
+            fault_cycles=self.fault_cycles,
         )
 
     def _look_ahead(self, now_h: float, decision: Decision, state: State, status: Mapping[str, Any], recommendation: Recommendation) -> tuple[dict[str, str], Recommendation]:

@@ -139,6 +139,8 @@ class ResumeState:
     """The mode requested when the runtime stopped (an engineer's choice on the screen outlives a restart)."""
     held_contradictions: Mapping[str, str] = field(default_factory=dict)
     """Physical contradictions held until an engineer acknowledges them: a restart does not clear them."""
+    fault_cycles: int = 0
+    """Cycles in fault in a row at the last cycle: a restart during a fault hand-over goes on withholding the heartbeat."""
 
 
 @dataclass(frozen=True)

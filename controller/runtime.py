@@ -39,7 +39,7 @@ import numpy as np
 import structlog
 
 from controller.advisory import ApprovalRefusedError, Meaning, Recommendation, Signature, Signer, now_utc
-from controller.alarms import AlarmBoard
+from controller.alarms import AlarmBoard, AlarmChange
 from controller.clock import ClockVerdict, Tick, process_time_of
 from controller.config import BatchConfig
 from controller.cycle import ControlCycle, CyclePlan, estimate_summary
@@ -154,6 +154,7 @@ class Runtime:
         self._run_started = False
         self._start_recorded = False
         self._deferred = ""
+        self._unrecorded_alarms: list[tuple[float, AlarmChange]] = []
         self._resume_beat_due = False
         self._link_up = False
         self._link_alarms = AlarmBoard()
@@ -284,7 +285,7 @@ class Runtime:
         if not self._link_up:
             self._link_restored()
         try:
-            self.history.check_available()
+            self.history.check_available()  # storage counts as back only once a cycle's records go in (small records can fit on a full disk)
         except HistoryUnavailableError as error:
             self._storage_lost(error)
             return PollOutcome.STORAGE_DOWN
@@ -317,6 +318,7 @@ class Runtime:
             return PollOutcome.WAITING
         plan = self._start_plan
         if plan is not None and plan.first_cycle_by_h is not None and self.summary.cycles == 0 and verdict.process_time_h > plan.first_cycle_by_h + 1e-6:
+            self.summary.end_reason = "refused: the batch ran on before the first cycle"
             raise RuntimeStartError(
                 f"the batch ran on to {verdict.process_time_h:.2f} h before this runtime's first cycle (a new batch must start within "
                 f"{plan.first_cycle_by_h:.2f} h of inoculation): restart it to take the batch over; nothing written"
@@ -401,6 +403,7 @@ class Runtime:
             heartbeat=plan.heartbeat,
             full_forecast=self.settings.screen is not None,
             held_contradictions=plan.held_contradictions,
+            fault_cycles=plan.fault_cycles,
         )
         self.summary.resumed_from_h = plan.resumed_from_h
         self.summary.taken_over_at_h = plan.taken_over_at_h
@@ -429,7 +432,7 @@ class Runtime:
             if now is not None and now.good and now.value != first.value:
                 raise RuntimeStartError(
                     f"MPC.Heartbeat moved from {first.value} to {now.value} while this runtime watched for {watch_s:.1f} s: another runtime holds "
-                    "this PLC. Stop it first (docs/runtime.md, 'One runtime per PLC'); nothing written"
+                    "this PLC. Stop it first (docs/runtime.md, section 7: one runtime per PLC); nothing written"
                 )
 
     # ------------------------------------------------------------------ one cycle
@@ -444,7 +447,9 @@ class Runtime:
                 self.history.record_lab(now_h, plan.lab, used=plan.lab_used)
             for change in plan.changes:
                 self.recorder.state_change(now_h, change, requested=self.modes.requested.value)
-            self.history.save_resume(cycle.resume_state(plan))
+            resume = cycle.resume_state(plan)
+            if resume is not None:
+                self.history.save_resume(resume)
             self._storage_restored(readings, now_h)
         except HistoryUnavailableError as error:  # nothing written to the PLC yet: the cycle did not happen
             cycle.abandon(plan)
@@ -456,11 +461,15 @@ class Runtime:
         outcome = cycle.conclude(
             plan, setpoints_written=written, setpoint_write_failed=failed, extra_alarms=extra, read_time_s=self._read_time_s, write_time_s=self.recorder.write_time_s
         )
+        unrecorded = list(outcome.alarm_changes)
         try:
             self.history.commit_cycle(outcome.record, None)  # the state to resume from was saved before the writes
-            self.recorder.alarms(now_h, outcome.alarm_changes)
+            while unrecorded:
+                self.recorder.alarms(now_h, unrecorded[:1])
+                unrecorded.pop(0)
         except HistoryUnavailableError as error:
             storage_error = storage_error or error
+            self._unrecorded_alarms.extend((now_h, change) for change in unrecorded)  # recorded when storage is back
         self._count(outcome.record)
         self._last_cycle_wall_s = time.monotonic()
         self.last_report = CycleReport(outcome.record, plan.report.problems, tuple(sorted(self.alarms)))
@@ -489,22 +498,26 @@ class Runtime:
         """
         self.recorder.start_timing()
         written = failed = False
+        current = None
         try:
             for group in plan.writes:
+                current = group
                 ok = await self.recorder.write(now_h, group.values)
                 if group.setpoints:
                     written, failed = ok, not ok
                 if not ok:
                     break
+            current = None
             if plan.state is State.ADVISORY and self.settings.auto_approve and plan.recommendation is not None and _plc_accepts(plan):
                 try:
                     written = await self._sign(plan.recommendation, AUTO_APPROVER, Meaning.APPROVED, "automatic approval (lockstep tests and demos)", now_h)
                 except ApprovalRefusedError as error:
                     log.warning("auto_approval_refused", process_time_h=now_h, reason=str(error))
-        except HistoryUnavailableError as error:
-            return False, False, error, None
-        except PlcLinkError as error:
-            return False, any(group.setpoints for group in plan.writes), None, error
+        except HistoryUnavailableError as error:  # the group in hand was not sent (its intent could not be recorded) or its outcome was lost
+            return written and not (current is not None and current.setpoints), False, error, None
+        except PlcLinkError as error:  # what went before was written; the group in hand may or may not have reached the PLC
+            in_hand = current is not None and current.setpoints
+            return written and not in_hand, in_hand, None, error
         return written, failed, None, None
 
     async def _beat(self, cycle: ControlCycle, now_h: float) -> None:
@@ -535,15 +548,19 @@ class Runtime:
             raise ApprovalRefusedError("the audit record could not be written; the mode is unchanged")
         self.modes.request(mode)
 
-    def acknowledge(self, code: str, *, user: str, reason: str) -> None:
-        """An engineer acknowledges a held physical contradiction (audited first); the next cycle checks the signals afresh."""
+    async def acknowledge(self, code: str, *, user: str, reason: str) -> None:
+        """An engineer acknowledges a held physical contradiction (audited first); the next cycle checks the signals afresh.
+
+        Between cycles only (the I/O lock): the cycle's cross-checks run in a worker thread.
+        """
         if not reason.strip():
             raise ApprovalRefusedError("an acknowledgement needs a reason")
-        if self.cycle is None or code not in self.cycle.contradictions:
-            raise ApprovalRefusedError(f"no physical contradiction {code!r} is held")
-        if not self.recorder.audited(self._last_time_h, actor=user, action="contradiction_acknowledged", subject=code, details={"reason": reason}):
-            raise ApprovalRefusedError("the audit record could not be written; the contradiction is still held")
-        self.cycle.acknowledge(code)
+        async with self._io:
+            if self.cycle is None or code not in self.cycle.contradictions:
+                raise ApprovalRefusedError(f"no physical contradiction {code!r} is held")
+            if not self.recorder.audited(self._last_time_h, actor=user, action="contradiction_acknowledged", subject=code, details={"reason": reason}):
+                raise ApprovalRefusedError("the audit record could not be written; the contradiction is still held")
+            self.cycle.acknowledge(code)
 
     async def _operator_sign(self, made_at_h: float, signer: Signer, meaning: Meaning, reason: str) -> Recommendation:
         if not reason.strip():
@@ -638,6 +655,10 @@ class Runtime:
         if self._storage_problem is None:
             return
         self.recorder.reconcile(readings, now_h)
+        while self._unrecorded_alarms:
+            at_h, alarm = self._unrecorded_alarms[0]
+            self.recorder.alarms(at_h, [alarm], logged=True)
+            self._unrecorded_alarms.pop(0)
         self._storage_problem = None
         change = self._link_alarms.clear("history_unavailable")
         if change is None:

@@ -103,6 +103,7 @@ class StartPlan:
     first_cycle_by_h: float | None = None
     """A new batch's first cycle must run by then (else the batch ran on without the runtime, and needs a take-over)."""
     held_contradictions: Mapping[str, str] | None = None
+    fault_cycles: int = 0
 
 
 def choose_mode(override: RequestedMode | None, resume: ResumeState | None, configured: RequestedMode) -> tuple[RequestedMode, str]:
@@ -127,7 +128,9 @@ def plan_start(
 ) -> StartPlan:
     """Decide how to start from the PLC's first scan and the history's resume state; refuses with :class:`RuntimeStartError`."""
     batch_id = readings.get("Status.BatchId")
-    if batch_id is None or not batch_id.good or str(batch_id.value) != batch.batch_id:
+    if batch_id is not None and not batch_id.good:
+        raise StartDeferredError("Status.BatchId is not Good in this scan: the runtime waits for a good scan to check the batch")
+    if batch_id is None or str(batch_id.value) != batch.batch_id:
         shown = None if batch_id is None else batch_id.value
         raise RuntimeStartError(
             f"the PLC runs batch {shown!r} (status {'Good' if batch_id is not None and batch_id.good else 'Bad'}) but this runtime is configured for "
@@ -155,6 +158,8 @@ def plan_start(
                 "a new batch with a reused id, or a PLC whose clock was reset? Start with a new history file; nothing written"
             )
         estimator = ExtendedKalmanEstimator.from_dict(resume.estimator, model, config=settings.estimator, nominal_parameters=nominal_parameters)
+        hand_over = settings.fault_hand_over_cycles
+        withheld = hand_over is not None and resume.fault_cycles >= hand_over  # the last cycle withheld its heartbeat on purpose
         clock.resume_after(resume.last_cycle_h)
         totalisers = resume.estimator.get("totalisers") or {}
         floors = {signal: float(totalisers[key]) for signal, key in (("PV.FeedTotal", "feed_total_l"), ("PV.GlucoseFeedTotal", "glucose_feed_total_l")) if key in totalisers}
@@ -169,8 +174,9 @@ def plan_start(
             harvest_time_h=resume.harvest_time_h,
             totaliser_floors=floors,
             resumed_from_h=resume.last_cycle_h,
-            beat_now=math.isfinite(now_h) and now_h < clock.next_cycle_h - TIME_TOLERANCE_H,
+            beat_now=math.isfinite(now_h) and now_h < clock.next_cycle_h - TIME_TOLERANCE_H and not withheld,
             held_contradictions=resume.held_contradictions,
+            fault_cycles=resume.fault_cycles,
         )
     phase = good_number(readings, "Status.Phase")
     if not math.isfinite(phase) or (int(phase) == PHASE_RUNNING and not math.isfinite(now_h)):

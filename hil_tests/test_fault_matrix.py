@@ -395,14 +395,14 @@ def test_an_acknowledged_contradiction_gives_control_back_once_the_tag_is_fixed(
             return _scaled("PV.Volume", 0.1)(readings)
         return readings
 
-    def engineer(report: CycleReport, plant: SimulatedPlant) -> None:
+    async def engineer(report: CycleReport, plant: SimulatedPlant) -> None:
         t = report.record.process_time_h
         seen.setdefault("states", []).append((t, report.record.state))
-        if t >= 5.0 and "acknowledged_at_h" not in seen:
-            holder["runtime"].acknowledge("volume_balance", user="erin", reason="the tag map's scale corrected")
-            seen["acknowledged_at_h"] = t
         if t >= 10.0:
             plant.request_stop()
+        if t >= 5.0 and "acknowledged_at_h" not in seen:
+            seen["acknowledged_at_h"] = t
+            await holder["runtime"].acknowledge("volume_balance", user="erin", reason="the tag map's scale corrected")  # waits for the cycle to end
 
     asyncio.run(
         run_runtime_against(

@@ -89,14 +89,16 @@ CREATE TABLE IF NOT EXISTS alarms (
     active INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS resume (
     batch_id TEXT PRIMARY KEY, last_cycle_h REAL NOT NULL, lab_seq INTEGER NOT NULL, harvest_time_h REAL NOT NULL,
-    estimator TEXT NOT NULL, wall_utc TEXT NOT NULL, requested_mode TEXT, held TEXT);
+    estimator TEXT NOT NULL, wall_utc TEXT NOT NULL, requested_mode TEXT, held TEXT, fault_cycles INTEGER);
 """
 
 
 def _add_held_column(db: sqlite3.Connection) -> None:
-    """``resume.held`` (the physical contradictions held until acknowledged), added to a file written before it existed."""
-    if "held" not in {row[1] for row in db.execute("PRAGMA table_info(resume)")}:
-        db.execute("ALTER TABLE resume ADD COLUMN held TEXT")
+    """``resume.held`` (the physical contradictions held until acknowledged) and ``resume.fault_cycles``, added to a file written before them."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(resume)")}
+    for name, kind in (("held", "TEXT"), ("fault_cycles", "INTEGER")):
+        if name not in columns:
+            db.execute(f"ALTER TABLE resume ADD COLUMN {name} {kind}")
 
 
 _PENDING_INDEX = "CREATE INDEX IF NOT EXISTS writes_pending ON writes (run_id) WHERE outcome = 'pending'"
@@ -508,7 +510,8 @@ class SqliteHistory:
     @staticmethod
     def _write_resume(db: sqlite3.Connection, resume: ResumeState) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO resume (batch_id, last_cycle_h, lab_seq, harvest_time_h, estimator, wall_utc, requested_mode, held) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO resume (batch_id, last_cycle_h, lab_seq, harvest_time_h, estimator, wall_utc, requested_mode, held, fault_cycles) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 resume.batch_id,
                 resume.last_cycle_h,
@@ -518,6 +521,7 @@ class SqliteHistory:
                 _now(),
                 resume.requested_mode,
                 _json(dict(resume.held_contradictions)),
+                resume.fault_cycles,
             ),
         )
 
@@ -536,6 +540,7 @@ class SqliteHistory:
             estimator=json.loads(row["estimator"]),
             requested_mode=row["requested_mode"],
             held_contradictions=held,
+            fault_cycles=int(row.get("fault_cycles") or 0),
         )
 
     def end_run(self, *, reason: str) -> None:

@@ -95,3 +95,35 @@ def test_a_good_clock_that_stops_advancing_is_a_fault_after_the_frozen_time():
     assert verdict.tick is Tick.FAULT and "stopped" in verdict.problem
     assert clock.read(1.2, wall_s=9520.0).tick is Tick.WAIT  # then once a minute while it lasts
     assert clock.read(2.0, wall_s=9600.0).tick is Tick.CYCLE  # moving again: control resumes
+
+
+def test_a_jump_ahead_that_comes_back_is_never_taken_for_a_stopped_clock():
+    """The stopped-clock check watches the reading, not the highest time ever read (a review found the latter)."""
+    clock = BatchClock(1.0, frozen_after_s=5400.0)
+    _run(clock, 0.0, wall_s=0.0)
+    assert clock.read(500.0, wall_s=10.0).tick is Tick.WAIT  # one Good scan far ahead, in range
+    wall_s, t = 10.0, 0.0
+    ticks = []
+    while t < 6.0:  # the real clock goes on at one process hour per wall hour, read once a minute
+        wall_s += 60.0
+        t += 1.0 / 60.0
+        verdict = clock.read(t, wall_s=wall_s)
+        if verdict.tick is not Tick.WAIT:
+            clock.cycle_done(verdict)
+            ticks.append(verdict.tick)
+    assert ticks and set(ticks) == {Tick.CYCLE}, ticks
+
+
+def test_a_reset_clock_that_advances_faults_once_per_boundary_not_as_stopped():
+    clock = BatchClock(1.0, lost_cycle_every_s=60.0, frozen_after_s=5400.0)
+    for k in range(4):
+        _run(clock, float(k), wall_s=3600.0 * k)
+    wall_s, t, problems = 3600.0 * 4, 0.0, []
+    while t < 3.0:  # the PLC restarted: its clock runs again from 0, read once a minute
+        wall_s += 60.0
+        t += 1.0 / 60.0
+        verdict = clock.read(t, wall_s=wall_s)
+        if verdict.tick is not Tick.WAIT:
+            clock.cycle_done(verdict)
+            problems.append(verdict.problem)
+    assert 3 <= len(problems) <= 4 and all("went back" in p for p in problems), problems

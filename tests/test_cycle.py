@@ -183,7 +183,7 @@ def test_a_held_contradiction_survives_a_restart_until_acknowledged(model, mpc):
     plan = loop.step(mis_scaled())
     assert "volume_balance" in plan.alarms
     resume = loop.cycle.resume_state(plan)
-    assert set(resume.held_contradictions) == {"volume_balance"}
+    assert resume is not None and set(resume.held_contradictions) == {"volume_balance"}
     restarted = Loop(model, mpc)
     restarted.plc = loop.plc
     restarted.cycle = ControlCycle(
@@ -215,3 +215,27 @@ def test_a_look_ahead_that_fails_numerically_costs_the_warnings_not_the_control(
     plan = loop.step()
     assert plan.state is State.CLOSED_LOOP and _setpoint_writes(plan), "control went on"
     assert not [code for code in plan.alarms if code.startswith("early_warning")] and loop.cycle.forecast is None
+
+
+def test_a_numeric_failure_inside_the_controller_is_a_fault_for_the_cycle_not_the_end_of_the_runtime(model, mpc, monkeypatch):
+    loop = Loop(model, mpc)
+    loop.step()
+    saved = loop.estimator.to_dict()["entries"]
+
+    def casadi_failure(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Error in Function::call for 'solver' (injected)")
+
+    monkeypatch.setattr(loop.cycle.controller.mpc, "solve", casadi_failure)
+    plan = loop.step()
+    assert plan.state is State.FAULT and plan.decision is None and not _setpoint_writes(plan)
+    assert "RuntimeError" in plan.alarms["estimator_failed"]
+    assert loop.estimator.to_dict()["entries"] == saved, "rolled back"
+
+
+def test_an_idle_phase_after_cycles_ran_is_a_fault(model, mpc):
+    loop = Loop(model, mpc)
+    loop.step()
+    scan = loop.plc.snapshot()
+    scan["Status.Phase"] = dataclasses.replace(scan["Status.Phase"], value=0)  # a PLC that reset its batch state
+    plan = loop.step(scan)
+    assert plan.state is State.FAULT and "phase_idle" in plan.alarms and not _setpoint_writes(plan)

@@ -136,7 +136,7 @@ def _with(plc, **changes: dict[str, Any]) -> dict[str, Any]:
 def test_a_first_scan_without_a_good_phase_or_clock_defers_the_start_instead_of_starting_from_inoculation(model):
     loaded, plc = _plc_at(200.0)
     nominal = parameter_vector(loaded.nominal, loaded.batch.media)
-    for scan in (_with(plc, Status_Phase={"good": False}), _with(plc, Status_ProcessTime={"good": False})):
+    for scan in (_with(plc, Status_Phase={"good": False}), _with(plc, Status_ProcessTime={"good": False}), _with(plc, Status_BatchId={"good": False})):
         with pytest.raises(StartDeferredError):
             plan_start(readings=scan, batch=loaded.batch, settings=RuntimeSettings(), model=model, nominal_parameters=nominal, resume=None)
 
@@ -166,3 +166,14 @@ def test_a_take_over_refuses_stale_or_implausible_readings(model, changes, messa
             resume=None,
             takeover=ENGINEER,
         )
+
+
+def test_a_restart_during_a_fault_hand_over_does_not_send_the_withheld_heartbeat(model):
+    loaded, plc = _plc_at(6.5)
+    nominal = parameter_vector(loaded.nominal, loaded.batch.media)
+    saved = ExtendedKalmanEstimator.from_batch(model, loaded.batch, nominal)
+    settings = RuntimeSettings()
+    for fault_cycles, beat in ((0, True), (settings.fault_hand_over_cycles, False)):
+        resume = ResumeState(loaded.batch.batch_id, 6.0, saved.to_dict(), 0, 336.0, fault_cycles=fault_cycles)
+        plan = plan_start(readings=plc.snapshot(), batch=loaded.batch, settings=settings, model=model, nominal_parameters=nominal, resume=resume)
+        assert plan.beat_now is beat and plan.fault_cycles == fault_cycles

@@ -240,7 +240,7 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
     async def acknowledge(code: str, body: Signature, user: User = Depends(require(Role.ENGINEER))) -> dict[str, Any]:
         await signer(user, body.password)
         try:
-            runtime.acknowledge(code, user=user.name, reason=body.reason)
+            await runtime.acknowledge(code, user=user.name, reason=body.reason)
         except ApprovalRefusedError as error:
             raise HTTPException(status_code=409, detail=str(error)) from error
         return {"acknowledged": code, "effective": "at the next cycle"}

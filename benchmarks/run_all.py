@@ -17,6 +17,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("closed_loop_scenarios.py", ["--quick"]),
     ("runtime_speed.py", ["--protocol", "opcua"]),
     ("forecast_speed.py", []),
+    ("estimator_coverage.py", ["--quick"]),
 ]
 
 

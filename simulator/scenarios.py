@@ -72,7 +72,8 @@ class ScenarioResult:
         return (self.nmpc_score - self.recipe_score) / span if span > 0 else float("nan")
 
 
-def _loaded(overrides: dict[str, Any]) -> LoadedSimulation:
+def load_scenario(overrides: dict[str, Any]) -> LoadedSimulation:
+    """The platform simulation with a scenario's overrides (seed, true-parameter factors, faults)."""
     base = load_simulation(PLATFORM)
     simulation = base.simulation.model_validate({**base.simulation.model_dump(), **overrides})
     return base.model_copy(update={"simulation": simulation})
@@ -80,7 +81,7 @@ def _loaded(overrides: dict[str, Any]) -> LoadedSimulation:
 
 def run_scenario(case: tuple[str, dict[str, Any]]) -> ScenarioResult:
     name, overrides = case
-    loaded = _loaded(overrides)
+    loaded = load_scenario(overrides)
     recipe = run_recipe_batch(loaded)
     started = time.perf_counter()
     nmpc = run_controlled_batch(loaded, make_source=estimator_source)

@@ -1,0 +1,145 @@
+"""Does the estimator's stated uncertainty cover the truth? Coverage of its 95 % bands over closed-loop NMPC batches.
+
+For every cycle of each batch (the runtime's own cycle, in-process) the
+estimator's belief at that moment (mean and standard deviation) is held
+against:
+
+- the **true state** at the same time (the simulator's, on its minute grid):
+  the fraction of cycles with |truth − mean| ≤ 1.96 sd;
+- each **lab result**, before the estimator has seen it: the belief of the
+  last cycle at or before the draw, with the assay's own noise added
+  (z = (lab − mean) / √(sd² + lab sd²)): the fraction with |z| ≤ 1.96.
+
+A calibrated 95 % band covers about 95 %; issue 12's target on plants the
+model has never seen is at least 90 %. ``mean z²`` near 1 means the stated
+uncertainty is the right size; far above 1, overconfident.
+
+Usage: python benchmarks/estimator_coverage.py [--quick] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bioreactor_mpc.logging import configure_logging
+from controller.estimator import ExtendedKalmanEstimator, LabNoiseSd
+from controller.types import LabResult
+from plant_models.cho import STATE_INDEX, CultureModel
+from simulator.closed_loop import estimator_source, run_controlled_batch
+from simulator.config import LoadedSimulation
+from simulator.plc import SimulatedPlc
+from simulator.scenarios import load_scenario, scenarios
+
+Z95 = 1.959964
+TRUTH_STATES = ("viable_cells", "titer", "glucose", "volume")
+LAB_FIELDS = {"viable_cells": ("vcd_1e6_per_ml", "vcd_relative", "vcd_floor_1e6_per_ml"), "titer": ("titer_g_per_l", "titer_relative", "titer_floor_g_per_l")}
+
+
+@dataclass(frozen=True)
+class Coverage:
+    name: str
+    truth: dict[str, float]
+    """State → fraction of cycles whose 95 % band held the true state."""
+    truth_z2: dict[str, float]
+    lab: dict[str, float]
+    """State → fraction of lab results inside the predictive 95 % band."""
+    lab_z2: dict[str, float]
+    lab_count: int
+
+
+def _quiet() -> None:
+    configure_logging(level=logging.WARNING)
+
+
+def measure(case: tuple[str, dict[str, Any]]) -> Coverage:
+    name, overrides = case
+    loaded = load_scenario(overrides)
+    held: dict[str, Any] = {}
+
+    def source(loaded_: LoadedSimulation, plc: SimulatedPlc, model: CultureModel) -> Any:
+        held["estimator"] = estimator_source(loaded_, plc, model)
+        return held["estimator"]
+
+    beliefs: list[tuple[float, np.ndarray, np.ndarray]] = []
+
+    def after_cycle(_: float) -> None:
+        estimator: ExtendedKalmanEstimator = held["estimator"]
+        estimate = estimator.estimate
+        beliefs.append((estimator.process_time_h, np.asarray(estimate.state).copy(), np.asarray(estimate.state_sd).copy()))
+
+    result = run_controlled_batch(loaded, make_source=source, progress=after_cycle)
+    trajectory = result.batch.trajectory
+    times = np.array([t for t, _, _ in beliefs])
+    truth_hits: dict[str, list[float]] = {s: [] for s in TRUTH_STATES}
+    for t, mean, sd in beliefs:
+        row = int(np.argmin(np.abs(trajectory.time_h - t)))
+        for state in TRUTH_STATES:
+            i = STATE_INDEX[state]
+            truth_hits[state].append(((trajectory.states[row, i] - mean[i]) / max(sd[i], 1e-12)) ** 2)
+    noise = LabNoiseSd()
+    lab_hits: dict[str, list[float]] = {s: [] for s in LAB_FIELDS}
+    labs: tuple[LabResult, ...] = result.batch.lab_results
+    for lab in labs:
+        k = int(np.searchsorted(times, lab.taken_at_h, side="right")) - 1
+        if k < 0:
+            continue
+        _, mean, sd = beliefs[k]
+        for state, (field, relative, floor) in LAB_FIELDS.items():
+            value = getattr(lab, field)
+            if not math.isfinite(value):
+                continue
+            lab_sd = max(getattr(noise, relative) * abs(value), getattr(noise, floor))
+            i = STATE_INDEX[state]
+            lab_hits[state].append((value - mean[i]) ** 2 / (sd[i] ** 2 + lab_sd**2))
+    return Coverage(
+        name=name,
+        truth={s: float(np.mean(np.array(z2) <= Z95**2)) for s, z2 in truth_hits.items()},
+        truth_z2={s: float(np.mean(z2)) for s, z2 in truth_hits.items()},
+        lab={s: float(np.mean(np.array(z2) <= Z95**2)) if z2 else math.nan for s, z2 in lab_hits.items()},
+        lab_z2={s: float(np.mean(z2)) if z2 else math.nan for s, z2 in lab_hits.items()},
+        lab_count=len(labs),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="three scenarios only")
+    parser.add_argument("--jobs", type=int, default=2, help="batches run in parallel processes")
+    args = parser.parse_args()
+    _quiet()
+    cases = scenarios()
+    if args.quick:
+        cases = [cases[0], cases[7], cases[14]]
+    print(f"estimator coverage of its 95 % bands: {len(cases)} closed-loop NMPC batches, {args.jobs} processes")
+    header = "".join(f"{s[:8]:>9s}" for s in TRUTH_STATES)
+    print(f"{'scenario':26s} truth:{header} | lab (predictive):{'vcd':>7s}{'titer':>7s} | mean z² truth vcd/titer, lab vcd/titer")
+    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_quiet) as pool:
+        rows = list(pool.map(measure, cases))
+    for r in rows:
+        truth = "".join(f"{100 * r.truth[s]:8.0f}%" for s in TRUTH_STATES)
+        lab = "".join(f"{100 * r.lab[s]:6.0f}%" for s in LAB_FIELDS)
+        z2 = f"{r.truth_z2['viable_cells']:6.1f} {r.truth_z2['titer']:6.1f}  {r.lab_z2['viable_cells']:6.1f} {r.lab_z2['titer']:6.1f}"
+        print(f"{r.name:26s}       {truth} |                 {lab} | {z2}")
+    print()
+    for state in TRUTH_STATES:
+        values = [r.truth[state] for r in rows]
+        print(
+            f"truth {state:13s} mean coverage {100 * statistics.mean(values):5.1f} %, worst {100 * min(values):5.1f} %   (target >= 90 %: {'met' if min(values) >= 0.9 else 'MISSED'})"
+        )
+    for state in LAB_FIELDS:
+        values = [r.lab[state] for r in rows if math.isfinite(r.lab[state])]
+        print(
+            f"lab   {state:13s} mean coverage {100 * statistics.mean(values):5.1f} %, worst {100 * min(values):5.1f} %   (target >= 90 %: {'met' if min(values) >= 0.9 else 'MISSED'})"
+        )
+
+
+if __name__ == "__main__":
+    main()

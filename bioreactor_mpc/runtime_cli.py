@@ -97,22 +97,9 @@ async def run_runtime(
         auth_retry_after_s=config.safeguards.auth_retry_after_s,
     )
     mpc = mpc or EconomicMpc(CultureModel(), loaded.batch, config.nmpc.mpc)  # built (on a new machine, compiled) before any file is created
-    history = SqliteHistory(loaded.history_path)  # takes the history's lock: one runtime per history file
-    try:
-        audit = AuditTrail(loaded.history_path)
-    except BaseException:
-        history.close()
-        raise
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    handled = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signum, stop.set)
-            handled.append(signum)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals on this platform
-            pass
-    try:
+    with contextlib.ExitStack() as files:  # closed in reverse order, whatever happens
+        history = files.enter_context(SqliteHistory(loaded.history_path))  # takes the history's lock: one runtime per history file
+        audit = files.enter_context(AuditTrail(loaded.history_path))
         runtime = Runtime(
             port=port,
             history=history,
@@ -125,17 +112,25 @@ async def run_runtime(
             mpc=mpc,
             takeover=takeover,
         )
-        if config.screen is None:
-            return await runtime.run(stop=stop)
-        async with serve_screen(runtime, config.screen, loaded.history_path) as url:
-            if on_screen is not None:
-                on_screen(url)
-            return await runtime.run(stop=stop)
-    finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
-        history.close()
-        audit.close()
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        handled = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, stop.set)
+                handled.append(signum)
+            except (NotImplementedError, RuntimeError):  # not the main thread, or no signals on this platform
+                pass
+        try:
+            if config.screen is None:
+                return await runtime.run(stop=stop)
+            async with serve_screen(runtime, config.screen, loaded.history_path) as url:
+                if on_screen is not None:
+                    on_screen(url)
+                return await runtime.run(stop=stop)
+        finally:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
 
 
 @contextlib.asynccontextmanager

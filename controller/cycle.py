@@ -169,7 +169,7 @@ class ControlCycle:
         """The batch clock's verdict on a scan: its ``Status.ProcessTime`` if good, finite and within the clock's plausible range, else unusable."""
         now_h = process_time_of(readings)
         check = self.quality.config.check_of("Status.ProcessTime")
-        if check is not None and math.isfinite(now_h) and ((check.low is not None and now_h < check.low) or (check.high is not None and now_h > check.high)):
+        if check is not None and math.isfinite(now_h) and check.outside(now_h):
             now_h = math.nan
         return self.clock.read(now_h, wall_s=wall_s)
 

@@ -74,6 +74,10 @@ class SignalCheck(FrozenConfig):
     frozen_cycles: int | None = Field(default=None, ge=2, description="identical value or source timestamp this many cycles in a row means the signal has stopped")
     critical: bool = Field(default=False, description="if this signal fails, the cycle writes no setpoints")
 
+    def outside(self, value: float) -> bool:
+        """Whether ``value`` lies outside the plausible ``[low, high]``."""
+        return (self.low is not None and value < self.low) or (self.high is not None and value > self.high)
+
     @model_validator(mode="after")
     def _ordered(self) -> SignalCheck:
         if self.low is not None and self.high is not None and self.low > self.high:
@@ -242,7 +246,7 @@ class DataQualityChecker:
             return f"non-finite value {number!r}"
         if check is None:
             return None
-        if (check.low is not None and number < check.low) or (check.high is not None and number > check.high):
+        if check.outside(number):
             return f"{number:.6g} outside the plausible range [{check.low}, {check.high}]"
         stamp: datetime | None = getattr(reading, "source_time", None)
         if stamp is not None and wall_now is not None:

@@ -170,14 +170,6 @@ class Runtime:
     # ------------------------------------------------------------------ views for the screen
 
     @property
-    def estimator(self) -> Any:
-        return self.cycle.estimator if self.cycle is not None else None
-
-    @property
-    def controller(self) -> NmpcController | None:
-        return self.cycle.controller if self.cycle is not None else None
-
-    @property
     def recommendation(self) -> Recommendation | None:
         return self.desk.recommendation
 

@@ -1,0 +1,38 @@
+"""Plant models the simulated PLC can serve, by name (``plant:`` in a simulation config).
+
+``cho`` is the controller's own model. The others differ from it in
+structure; they exist to validate the controller, the estimator and the
+calibration on plants their model has never seen, and nothing outside the
+simulator imports them (an import-linter contract). Their equations and
+sources are in ``docs/plants.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from plant_models.cho import CultureModel
+from plant_models.parameters import CultureParameters
+from simulator.plants.base import OBSERVABLE_INDEX, OBSERVABLES, EquationPlant
+from simulator.plants.cho import ChoPlant
+
+PlantFactory = Callable[[CultureParameters, CultureModel | None], EquationPlant]
+
+
+def _cho(kinetics: CultureParameters, model: CultureModel | None) -> EquationPlant:
+    return ChoPlant(kinetics, model)
+
+
+PLANTS: dict[str, PlantFactory] = {"cho": _cho}
+"""Plant name → factory(the simulation's CHO kinetics, a CHO model to reuse). Plants of other structure ignore both."""
+
+
+def make_plant(name: str, kinetics: CultureParameters, model: CultureModel | None = None) -> EquationPlant:
+    try:
+        factory = PLANTS[name]
+    except KeyError:
+        raise KeyError(f"unknown plant {name!r}; expected one of {', '.join(sorted(PLANTS))}") from None
+    return factory(kinetics, model)
+
+
+__all__ = ["OBSERVABLES", "OBSERVABLE_INDEX", "PLANTS", "EquationPlant", "make_plant"]

@@ -1,0 +1,154 @@
+"""What the simulated PLC needs from a plant: its own states, integrated, and the quantities a plant shows.
+
+The simulated PLC, the lab and the KPIs never look at a plant's states. They
+read its *observables*: the quantities a probe, an assay or a harvest record
+measures (:data:`OBSERVABLES`). Each plant model maps its own state vector to
+them. So plants that differ in structure (more nutrients, metabolic phases,
+product degradation, another probe physics) are served by the same PLC, lab
+and KPI code, and the controller sees only what it would see on a real plant.
+
+A plant model is a CasADi function of ``(t, x, u, p)`` like the controller's
+model, with the same three inputs (nutrient feed L/h, glucose feed L/h,
+temperature setpoint °C). :class:`EquationPlant` builds the functions from one
+``equations`` method; :mod:`simulator.plants` lists the plants by name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Any
+
+import casadi as ca
+import numpy as np
+
+from controller.config import BatchConfig
+from plant_models.cho import INPUTS, Signal
+
+OBSERVABLES: tuple[Signal, ...] = (
+    Signal("viable_cells", "1e6 cells/mL", "viable cell density (what the lab's cell counter reports)"),
+    Signal("viability", "%", "viable fraction of all cells"),
+    Signal("glucose", "g/L", "glucose"),
+    Signal("glutamine", "mM", "glutamine"),
+    Signal("lactate", "g/L", "lactate"),
+    Signal("ammonia", "mM", "ammonia"),
+    Signal("titer", "g/L", "product (antibody) concentration, as the titer assay reports it"),
+    Signal("galactosylated_fraction", "-", "quality attribute: galactosylated fraction of the product"),
+    Signal("osmolality", "mOsm/kg", "culture osmolality"),
+    Signal("volume", "L", "working volume"),
+    Signal("temperature", "degC", "culture temperature"),
+    Signal("base_added", "L", "base added for pH control since inoculation"),
+    Signal("our", "mmol/L/h", "oxygen uptake rate (off-gas)"),
+    Signal("cer", "mmol/L/h", "CO2 evolution rate (off-gas)"),
+    Signal("capacitance", "pF/cm", "permittivity probe reading"),
+)
+"""What a plant shows the PLC, the lab and the KPIs, in this order."""
+
+OBSERVABLE_INDEX: dict[str, int] = {signal.name: i for i, signal in enumerate(OBSERVABLES)}
+
+
+class EquationPlant(ABC):
+    """A plant model written as one ``equations(t, x, u, p)`` method; the CasADi functions are built from it.
+
+    Subclasses set :attr:`name`, :attr:`states`, :attr:`parameter_names` and
+    :attr:`feed_strength_parameter`, and implement :meth:`equations`,
+    :meth:`initial_state` and :meth:`nominal_parameters`. A state called
+    ``volume`` is required (offline samples remove culture from it).
+    """
+
+    name: str
+    """Registry name (``simulation.plant`` in a simulation config)."""
+    description: str = ""
+    states: tuple[Signal, ...]
+    parameter_names: tuple[str, ...]
+    feed_strength_parameter: str
+    """The parameter a feed-lot fault multiplies (the nutrient feed's concentration relative to specification)."""
+    inputs: tuple[Signal, ...] = INPUTS
+
+    @abstractmethod
+    def equations(self, t: Any, x: Any, u: Any, p: Any) -> tuple[list[Any], Mapping[str, Any]]:
+        """State derivatives (in :attr:`states` order) and every observable by name."""
+
+    @abstractmethod
+    def initial_state(self, batch: BatchConfig) -> np.ndarray:
+        """The state at inoculation, from the batch's inoculation record."""
+
+    @abstractmethod
+    def nominal_parameters(self, batch: BatchConfig) -> np.ndarray:
+        """The plant's own parameter vector (in :attr:`parameter_names` order), with the batch's media."""
+
+    @property
+    def n_states(self) -> int:
+        return len(self.states)
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def n_parameters(self) -> int:
+        return len(self.parameter_names)
+
+    @property
+    def nonnegative_states(self) -> tuple[str, ...]:
+        """States that must stay at or above zero (all but temperature)."""
+        return tuple(s.name for s in self.states if s.name != "temperature")
+
+    def true_parameters(self, batch: BatchConfig, factors: Mapping[str, float]) -> np.ndarray:
+        """The nominal parameters with named entries multiplied by ``factors`` (a seeded batch's truth)."""
+        vector = self.nominal_parameters(batch).copy()
+        for name, factor in factors.items():
+            vector[self.parameter_index(name)] *= factor
+        return vector
+
+    def state_index(self, name: str) -> int:
+        for i, signal in enumerate(self.states):
+            if signal.name == name:
+                return i
+        raise KeyError(f"plant {self.name!r} has no state {name!r}; its states are {', '.join(s.name for s in self.states)}")
+
+    def parameter_index(self, name: str) -> int:
+        try:
+            return self.parameter_names.index(name)
+        except ValueError:
+            raise KeyError(f"plant {self.name!r} has no parameter {name!r}; its parameters are {', '.join(self.parameter_names)}") from None
+
+    @cached_property
+    def _symbolic(self) -> tuple[ca.SX, ca.SX, ca.SX, ca.SX, ca.SX, ca.SX]:
+        t = ca.SX.sym("t")
+        x = ca.SX.sym("x", self.n_states)
+        u = ca.SX.sym("u", self.n_inputs)
+        p = ca.SX.sym("p", self.n_parameters)
+        dx, observed = self.equations(t, x, u, p)
+        if len(dx) != self.n_states:
+            raise ValueError(f"plant {self.name!r}: equations gave {len(dx)} derivatives for {self.n_states} states")
+        missing = [s.name for s in OBSERVABLES if s.name not in observed]
+        if missing:
+            raise ValueError(f"plant {self.name!r}: equations do not give the observables {missing}")
+        y = ca.vertcat(*[observed[s.name] for s in OBSERVABLES])
+        return t, x, u, p, ca.vertcat(*dx), y
+
+    @cached_property
+    def rhs(self) -> ca.Function:
+        t, x, u, p, dx, _ = self._symbolic
+        return ca.Function(f"{self.name}_rhs", [t, x, u, p], [dx], ["t", "x", "u", "p"], ["dx"])
+
+    @cached_property
+    def observables(self) -> ca.Function:
+        t, x, u, p, _, y = self._symbolic
+        return ca.Function(f"{self.name}_observables", [t, x, u, p], [y], ["t", "x", "u", "p"], ["y"])
+
+    def rk4_step(self, dt_h: float, substeps: int = 1) -> ca.Function:
+        """A fixed-step RK4 map ``(t, x, u, p) -> (t + dt, x_next)`` with inputs held constant."""
+        t, x, u, p = ca.SX.sym("t"), ca.SX.sym("x", self.n_states), ca.SX.sym("u", self.n_inputs), ca.SX.sym("p", self.n_parameters)
+        h = dt_h / substeps
+        tk, xk = t, x
+        for _ in range(substeps):
+            k1 = self.rhs(tk, xk, u, p)
+            k2 = self.rhs(tk + h / 2, xk + h / 2 * k1, u, p)
+            k3 = self.rhs(tk + h / 2, xk + h / 2 * k2, u, p)
+            k4 = self.rhs(tk + h, xk + h * k3, u, p)
+            xk = xk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            tk = tk + h
+        return ca.Function(f"{self.name}_rk4", [t, x, u, p], [tk, xk], ["t", "x", "u", "p"], ["t_next", "x_next"])

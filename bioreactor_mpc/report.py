@@ -16,8 +16,9 @@ from rich.table import Table
 from controller.config import BatchConfig
 from controller.kpis import BatchKpis
 from controller.types import LabResult
-from plant_models.cho import INPUTS, OUTPUTS, STATES
+from plant_models.cho import INPUTS
 from simulator.plant import PlantTrajectory
+from simulator.plants import OBSERVABLES
 
 
 def kpi_table(columns: dict[str, BatchKpis], title: str) -> Table:
@@ -44,21 +45,21 @@ def kpi_table(columns: dict[str, BatchKpis], title: str) -> Table:
 
 
 def write_trajectories_csv(path: Path, trajectory: PlantTrajectory, every_minutes: int) -> None:
-    """True states, inputs and outputs every ``every_minutes`` (and the harvest row)."""
+    """The plant's true states, the inputs and the observables every ``every_minutes`` (and the harvest row)."""
     rows = np.arange(0, trajectory.time_h.size, every_minutes)
     if rows[-1] != trajectory.time_h.size - 1:
         rows = np.append(rows, trajectory.time_h.size - 1)
     header = (
         ["process_time_h"]
-        + [f"{s.name}_{_unit_slug(s.unit)}" for s in STATES]
+        + [f"state.{s.name}_{_unit_slug(s.unit)}" for s in trajectory.state_signals]
         + [f"{s.name}_{_unit_slug(s.unit)}" for s in INPUTS]
-        + [f"{s.name}_{_unit_slug(s.unit)}" for s in OUTPUTS]
+        + [f"{s.name}_{_unit_slug(s.unit)}" for s in OBSERVABLES]
     )
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for i in rows:
-            values = [trajectory.time_h[i], *trajectory.states[i], *trajectory.inputs[i], *trajectory.outputs[i]]
+            values = [trajectory.time_h[i], *trajectory.states[i], *trajectory.inputs[i], *trajectory.observables[i]]
             writer.writerow([f"{v:.6g}" for v in values])
 
 
@@ -83,18 +84,18 @@ def plot_batch(path: Path, trajectory: PlantTrajectory, lab_results: tuple[LabRe
     def lab(name: str) -> np.ndarray:
         return np.array([getattr(r, name) for r in lab_results])
 
-    out = {s.name: trajectory.outputs[:, i] for i, s in enumerate(OUTPUTS)}
+    out = trajectory.observable
     fig, axes = plt.subplots(3, 3, figsize=(15, 10), sharex=True)
     panels = [
-        ("viable cells [1e6/mL]", trajectory.state("viable_cells"), "vcd_1e6_per_ml", None),
-        ("viability [%]", out["viability"], "viability_pct", batch.recipe.harvest_viability_pct),
-        ("glucose [g/L]", trajectory.state("glucose"), "glucose_g_per_l", batch.limits.glucose_min_g_per_l),
-        ("lactate [g/L]", trajectory.state("lactate"), "lactate_g_per_l", None),
-        ("glutamine and ammonia [mM]", trajectory.state("glutamine"), "glutamine_mm", None),
-        ("osmolality [mOsm/kg]", out["osmolality"], "osmolality_mosm_per_kg", batch.limits.osmolality_max_mosm_per_kg),
-        ("titer [g/L]", trajectory.state("titer"), "titer_g_per_l", None),
-        ("volume [L]", trajectory.state("volume"), None, batch.equipment.max_working_volume_l),
-        ("temperature [°C]", trajectory.state("temperature"), None, None),
+        ("viable cells [1e6/mL]", out("viable_cells"), "vcd_1e6_per_ml", None),
+        ("viability [%]", out("viability"), "viability_pct", batch.recipe.harvest_viability_pct),
+        ("glucose [g/L]", out("glucose"), "glucose_g_per_l", batch.limits.glucose_min_g_per_l),
+        ("lactate [g/L]", out("lactate"), "lactate_g_per_l", None),
+        ("glutamine and ammonia [mM]", out("glutamine"), "glutamine_mm", None),
+        ("osmolality [mOsm/kg]", out("osmolality"), "osmolality_mosm_per_kg", batch.limits.osmolality_max_mosm_per_kg),
+        ("titer [g/L]", out("titer"), "titer_g_per_l", None),
+        ("volume [L]", out("volume"), None, batch.equipment.max_working_volume_l),
+        ("temperature [°C]", out("temperature"), None, None),
     ]
     for ax, (label, series, lab_field, limit) in zip(axes.flat, panels, strict=True):
         ax.plot(t_day, series, color="tab:blue", lw=1.5, label="true")
@@ -105,11 +106,11 @@ def plot_batch(path: Path, trajectory: PlantTrajectory, lab_results: tuple[LabRe
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     ammonia_ax = axes.flat[4]
-    ammonia_ax.plot(t_day, trajectory.state("ammonia"), color="tab:purple", lw=1.5, label="ammonia")
+    ammonia_ax.plot(t_day, out("ammonia"), color="tab:purple", lw=1.5, label="ammonia")
     if lab_results:
         ammonia_ax.plot(lab_day, lab("ammonia_mm"), "s", color="tab:purple", ms=3, alpha=0.7)
     quality_ax = axes.flat[6].twinx()
-    quality_ax.plot(t_day, out["galactosylated_fraction"], color="tab:green", lw=1, label="galactosylated fraction")
+    quality_ax.plot(t_day, out("galactosylated_fraction"), color="tab:green", lw=1, label="galactosylated fraction")
     quality_ax.set_ylim(0, 1)
     quality_ax.set_ylabel("galactosylated fraction", color="tab:green", fontsize=9)
     temperature_ax = axes.flat[8]
@@ -137,7 +138,7 @@ def plot_predictions(path: Path, trajectory: PlantTrajectory, snapshots: tuple[t
     t_day = trajectory.time_h / 24.0
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (state, label) in zip(axes, panels, strict=True):
-        ax.plot(t_day, trajectory.state(state), color="black", lw=1.8, label="actual (true)")
+        ax.plot(t_day, trajectory.observable(state), color="black", lw=1.8, label="actual (true)")
         for i, (made_h, times_h, states) in enumerate(snapshots):
             ax.plot(times_h / 24.0, states[STATE_INDEX[state]], ls="--", lw=1.2, color=colors[i % len(colors)], label=f"predicted on day {made_h / 24:.0f}")
         ax.set_title(label, fontsize=10)

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plant_models.cho import OUTPUT_INDEX
 from simulator.batch import run_recipe_batch
 from simulator.config import load_simulation
 
@@ -25,7 +24,7 @@ def test_recipe_batch_is_plausible_cho_behaviour(seed):
     result = run_recipe_batch(load_simulation(PLATFORM, seed=seed))
     trajectory, kpis = result.trajectory, result.kpis
     time_h = trajectory.time_h
-    viability = trajectory.outputs[:, OUTPUT_INDEX["viability"]]
+    viability = trajectory.observable("viability")
     lactate = trajectory.state("lactate")
     assert 10.0 <= kpis.peak_vcd_1e6_per_ml <= 25.0
     assert kpis.harvest_time_h == pytest.approx(336.0)

@@ -22,7 +22,7 @@ from controller.kpis import BatchKpis
 from controller.mpc import EconomicMpc
 from controller.runtime import CycleReport
 from interfaces.signals import SIGNALS
-from plant_models.cho import OUTPUT_INDEX, STATE_INDEX, CultureModel
+from plant_models.cho import STATE_INDEX, CultureModel
 from simulator.batch import kpis_of, run_recipe_batch
 from simulator.closed_loop import estimator_source, run_controlled_batch
 from simulator.config import load_simulation
@@ -91,7 +91,7 @@ def test_closed_loop_batch_over_the_network_scores_as_in_process(protocol, tmp_p
     assert result.rows("runs")[0]["end_reason"] == "batch harvested"
     # The NMPC lets viability fall below 70 % late in the batch (its harvest limit is 60 %): the early warning comes ahead of it.
     trajectory = result.plc.plant.trajectory()
-    viability = trajectory.outputs[:, OUTPUT_INDEX["viability"]]
+    viability = trajectory.observable("viability")
     crossed_h = float(trajectory.time_h[np.argmax(viability < 70.0)])
     warnings = [a for a in result.rows("alarms") if a["code"] == "early_warning.viability_low" and a["active"]]
     assert warnings and warnings[0]["process_time_h"] < crossed_h, f"warned at {warnings[0]['process_time_h'] if warnings else None} h, crossed at {crossed_h} h"

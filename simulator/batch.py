@@ -10,10 +10,10 @@ import numpy as np
 from controller.config import BatchConfig
 from controller.kpis import BatchKpis, compute_kpis
 from controller.types import LabResult
-from plant_models.cho import OUTPUT_INDEX, CultureModel
-from plant_models.parameters import CultureParameters, parameter_vector, scaled_parameters
+from plant_models.cho import CultureModel
 from simulator.config import LoadedSimulation, SimulationConfig
 from simulator.plant import PlantTrajectory
+from simulator.plants import EquationPlant, make_plant
 from simulator.plc import PHASE_RUNNING, SimulatedPlc
 
 
@@ -23,47 +23,53 @@ class BatchResult:
     lab_results: tuple[LabResult, ...]
     kpis: BatchKpis
     harvest_reason: str
-    true_culture: CultureParameters
+    true_parameters: dict[str, float]
+    """The plant's true parameters by the plant's own names."""
 
 
-def true_culture_parameters(nominal: CultureParameters, simulation: SimulationConfig, rng: np.random.Generator) -> CultureParameters:
-    """The simulator's truth: nominal kinetics times fixed factors and seeded log-normal draws."""
+def true_parameter_factors(simulation: SimulationConfig, rng: np.random.Generator) -> dict[str, float]:
+    """The simulator's truth as multipliers of the plant's nominal parameters: fixed factors times seeded log-normal draws."""
     factors = dict(simulation.true_parameter_factors)
     for name in sorted(simulation.true_parameter_relative_sd):
         sd = simulation.true_parameter_relative_sd[name]
         factors[name] = factors.get(name, 1.0) * float(np.exp(rng.normal(0.0, sd) - 0.5 * sd * sd))
-    return scaled_parameters(nominal, factors) if factors else nominal
+    return factors
 
 
-def build_simulated_plc(loaded: LoadedSimulation, model: CultureModel | None = None) -> tuple[SimulatedPlc, CultureParameters]:
-    """A simulated PLC with the seeded truth, noise and sampling of ``loaded``.
+def plant_of(loaded: LoadedSimulation, model: CultureModel | None = None) -> EquationPlant:
+    """The plant model the simulation names (``plant:``); ``model`` is reused by the CHO plant."""
+    return make_plant(loaded.simulation.plant, loaded.nominal, model)
+
+
+def build_simulated_plc(loaded: LoadedSimulation, model: CultureModel | None = None) -> tuple[SimulatedPlc, dict[str, float]]:
+    """A simulated PLC in front of the plant of ``loaded``, with its seeded truth, noise and sampling; and the true parameters by name.
 
     Independent random streams (truth, sampling times, lab noise, online
     noise) come from one seed, so a batch is reproducible whatever reads it.
     """
     truth_rng, sampling_rng, lab_rng, online_rng = (np.random.default_rng(child) for child in np.random.SeedSequence(loaded.simulation.seed).spawn(4))
-    truth = true_culture_parameters(loaded.nominal, loaded.simulation, truth_rng)
+    plant = plant_of(loaded, model)
+    truth = plant.true_parameters(loaded.batch, true_parameter_factors(loaded.simulation, truth_rng))
     plc = SimulatedPlc(
-        model=model or CultureModel(),
+        model=plant,
         batch=loaded.batch,
         simulation=loaded.simulation,
-        true_parameters=parameter_vector(truth, loaded.batch.media),
+        true_parameters=truth,
         rng_streams=(sampling_rng, lab_rng, online_rng),
     )
-    return plc, truth
+    return plc, dict(zip(plant.parameter_names, (float(v) for v in truth), strict=True))
 
 
 def kpis_of(trajectory: PlantTrajectory, batch: BatchConfig) -> BatchKpis:
-    outputs = trajectory.outputs
     return compute_kpis(
         time_h=trajectory.time_h,
-        vcd_1e6_per_ml=trajectory.state("viable_cells"),
-        viability_pct=outputs[:, OUTPUT_INDEX["viability"]],
-        glucose_g_per_l=trajectory.state("glucose"),
-        osmolality_mosm_per_kg=outputs[:, OUTPUT_INDEX["osmolality"]],
-        volume_l=trajectory.state("volume"),
-        titer_g_per_l=trajectory.state("titer"),
-        galactosylated_fraction=outputs[:, OUTPUT_INDEX["galactosylated_fraction"]],
+        vcd_1e6_per_ml=trajectory.observable("viable_cells"),
+        viability_pct=trajectory.observable("viability"),
+        glucose_g_per_l=trajectory.observable("glucose"),
+        osmolality_mosm_per_kg=trajectory.observable("osmolality"),
+        volume_l=trajectory.observable("volume"),
+        titer_g_per_l=trajectory.observable("titer"),
+        galactosylated_fraction=trajectory.observable("galactosylated_fraction"),
         config=batch,
     )
 
@@ -87,5 +93,5 @@ def run_recipe_batch(
         lab_results=tuple(plc.published),
         kpis=kpis_of(trajectory, loaded.batch),
         harvest_reason=plc.harvest_reason or "",
-        true_culture=truth,
+        true_parameters=truth,
     )

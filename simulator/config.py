@@ -18,6 +18,7 @@ from controller.types import LAB_FIELDS
 from plant_models.config_loading import FieldError, FrozenConfig, config_error, read_yaml_mapping, validate_model
 from plant_models.errors import ConfigError
 from plant_models.parameters import CultureParameters
+from simulator.plants import PLANTS, make_plant
 
 PV_TAGS: tuple[str, ...] = (
     "PV.Temperature",
@@ -180,7 +181,13 @@ class SimulationConfig(FrozenConfig):
     model: Path = Field(description="kinetics file of the nominal parameter set")
     batch: Path = Field(description="batch file: inoculation, media, equipment, recipe, limits")
     seed: int = Field(default=0, ge=0)
-    true_parameter_factors: dict[str, PositiveFloat] = Field(default_factory=dict, description="fixed multipliers of nominal kinetics, e.g. growth.mu_max_per_h: 1.2")
+    plant: str = Field(
+        default="cho",
+        description="the plant model the PLC serves: 'cho' (the controller's own model with the true parameters) or a plant of other structure (docs/plants.md)",
+    )
+    true_parameter_factors: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="fixed multipliers of the plant's nominal parameters, e.g. growth.mu_max_per_h: 1.2 (names are the plant's own)"
+    )
     true_parameter_relative_sd: dict[str, NonNegativeFloat] = Field(default_factory=dict, description="log-normal random multipliers drawn from the seed")
     noise: NoiseConfig = NoiseConfig()
     sampling: SamplingConfig = SamplingConfig()
@@ -219,10 +226,12 @@ def load_simulation(path: str | Path, *, seed: int | None = None, model: str | P
             watchdog_h,
             f"must be longer than one cycle, the batch's cycle_period_h ({batch.cycle_period_h} h in {batch_path}), or it trips between heartbeats",
         )
+    if simulation.plant not in PLANTS:
+        raise config_error(str(path), "plant", simulation.plant, f"is not a plant the simulator knows; expected one of {', '.join(sorted(PLANTS))}")
+    plant = make_plant(simulation.plant, nominal)
     for name in [*simulation.true_parameter_factors, *simulation.true_parameter_relative_sd]:
-        group, _, field = name.partition(".")
-        group_model = CultureParameters.model_fields.get(group)
-        annotation = group_model.annotation if group_model is not None else None
-        if annotation is None or field not in getattr(annotation, "model_fields", {}):
-            raise ConfigError(f"{path}: true_parameter_*: unknown culture parameter {name!r} (names look like 'growth.mu_max_per_h')")
+        if name not in plant.parameter_names:
+            raise ConfigError(
+                f"{path}: true_parameter_*: {name!r} is not a parameter of plant {simulation.plant!r} (names look like {plant.parameter_names[0]!r}; the list is in docs/plants.md)"
+            )
     return LoadedSimulation(source=path, simulation=simulation, nominal=nominal, batch=batch)

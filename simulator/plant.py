@@ -1,4 +1,4 @@
-"""The culture in the reactor: the shared model integrated with "true" parameters.
+"""The culture in the reactor: a plant model (:mod:`simulator.plants`) integrated with "true" parameters.
 
 The plant lives on a 1-minute grid (the plant resolution). Inputs are held
 constant between events, so each stretch between events is integrated in one
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import casadi as ca
 import numpy as np
 
-from plant_models.cho import STATE_INDEX, STATES, CultureModel
+from plant_models.cho import Signal
 from plant_models.errors import NonPhysicalStateError
+from simulator.plants.base import OBSERVABLE_INDEX, EquationPlant
 
 MINUTES_PER_HOUR = 60
-NONNEGATIVE_STATES: tuple[str, ...] = tuple(s.name for s in STATES if s.name != "temperature")
 NEGATIVE_TOLERANCE = 1e-6
 """A state below -tolerance is non-physical; above it, rounding of a depleted substrate."""
 
@@ -33,25 +33,38 @@ class SampleRemoval:
 
 @dataclass(frozen=True)
 class PlantTrajectory:
-    """True states on the plant grid. Row i holds the state at ``time_h[i]`` and the input applied up to it."""
+    """True states and observables on the plant grid. Row i holds the state at ``time_h[i]`` and the input applied up to it.
+
+    ``states`` are the plant model's own (described by ``state_signals``);
+    ``observables`` are what every plant shows (:data:`~simulator.plants.base.OBSERVABLES`).
+    """
 
     time_h: np.ndarray
     states: np.ndarray
     inputs: np.ndarray
-    outputs: np.ndarray
+    observables: np.ndarray
     removals: tuple[SampleRemoval, ...]
+    state_signals: tuple[Signal, ...]
 
     def state(self, name: str) -> np.ndarray:
-        return self.states[:, STATE_INDEX[name]]
+        names = [signal.name for signal in self.state_signals]
+        if name not in names:
+            raise KeyError(f"the plant has no state {name!r}; its states are {', '.join(names)}")
+        return self.states[:, names.index(name)]
+
+    def observable(self, name: str) -> np.ndarray:
+        return self.observables[:, OBSERVABLE_INDEX[name]]
 
 
 class Plant:
-    """Integrates the culture model forward on the minute grid and records what happened."""
+    """Integrates a plant model forward on the minute grid and records what happened."""
 
-    def __init__(self, model: CultureModel, initial_state: np.ndarray, parameters: np.ndarray) -> None:
+    def __init__(self, model: EquationPlant, initial_state: np.ndarray, parameters: np.ndarray) -> None:
         if initial_state.shape != (model.n_states,):
             raise ValueError(f"initial state must have {model.n_states} entries, got shape {initial_state.shape}")
         self._model = model
+        self._volume_index = model.state_index("volume")
+        self._nonnegative = [model.state_index(name) for name in model.nonnegative_states]
         self._step = model.rk4_step(1.0 / MINUTES_PER_HOUR)
         self._accumulators: dict[int, ca.Function] = {}
         self._parameters = np.asarray(parameters, dtype=float).copy()
@@ -70,12 +83,17 @@ class Plant:
         return self.minute / MINUTES_PER_HOUR
 
     @property
-    def model(self) -> CultureModel:
+    def model(self) -> EquationPlant:
         return self._model
 
-    def outputs_now(self, inputs: np.ndarray) -> np.ndarray:
-        """The model's algebraic outputs at the current state (OUR, viability, osmolality, …)."""
-        return np.asarray(self._model.outputs(self.process_time_h, self.state, inputs, self._parameters)).ravel()
+    @property
+    def volume_l(self) -> float:
+        return float(self.state[self._volume_index])
+
+    def observables_now(self, inputs: np.ndarray) -> dict[str, float]:
+        """What the plant shows now (VCD, titer, OUR, capacitance, …), by observable name."""
+        values = np.asarray(self._model.observables(self.process_time_h, self.state, inputs, self._parameters)).ravel()
+        return {name: float(values[i]) for name, i in OBSERVABLE_INDEX.items()}
 
     @property
     def parameters(self) -> np.ndarray:
@@ -116,7 +134,7 @@ class Plant:
 
     def remove_sample(self, volume_l: float) -> SampleRemoval:
         """Take culture out: volume falls, concentrations stay."""
-        volume_index = STATE_INDEX["volume"]
+        volume_index = self._volume_index
         if not 0.0 <= volume_l < self.state[volume_index]:
             raise ValueError(f"cannot remove {volume_l} L from {self.state[volume_index]:.3f} L")
         removal = SampleRemoval(minute=self.minute, volume_l=volume_l, state=self.state.copy())
@@ -130,15 +148,14 @@ class Plant:
         if not finite.all():
             row, column = np.argwhere(~finite)[0]
             self._raise(first_minute + row, column, states[row, column], "is not finite (integration failed)")
-        for name in NONNEGATIVE_STATES:
-            column = STATE_INDEX[name]
+        for column in self._nonnegative:
             negative = np.flatnonzero(states[:, column] < -NEGATIVE_TOLERANCE)
             if negative.size:
                 row = negative[0]
                 self._raise(first_minute + row, column, states[row, column], "fell below zero")
 
     def _raise(self, minute: int, column: int, value: float, what: str) -> None:
-        signal = STATES[column]
+        signal = self._model.states[column]
         time_h = minute / MINUTES_PER_HOUR
         raise NonPhysicalStateError(
             f"simulation went non-physical at process time {time_h:.2f} h: state '{signal.name}' = {value:.6g} {signal.unit} {what}; check the parameters and inputs",
@@ -154,6 +171,13 @@ class Plant:
         inputs[0] = inputs[1] if len(inputs) > 1 else inputs[0]
         time_h = minutes / MINUTES_PER_HOUR
         n = minutes.size
-        # Outputs do not depend on the feed strength, the only parameter that changes mid-batch.
-        outputs = np.asarray(self._model.outputs.map(n)(time_h[None, :], states.T, inputs.T, np.tile(self._parameters[:, None], (1, n)))).T
-        return PlantTrajectory(time_h=time_h, states=states, inputs=inputs, outputs=outputs, removals=tuple(self._removals))
+        # Observables do not depend on the feed strength, the only parameter that changes mid-batch.
+        observables = np.asarray(self._model.observables.map(n)(time_h[None, :], states.T, inputs.T, np.tile(self._parameters[:, None], (1, n)))).T
+        return PlantTrajectory(
+            time_h=time_h,
+            states=states,
+            inputs=inputs,
+            observables=observables,
+            removals=tuple(self._removals),
+            state_signals=self._model.states,
+        )

@@ -24,9 +24,7 @@ from controller.config import BatchConfig
 from controller.quality import SAMPLE_SIGNALS, SETPOINT_SIGNALS
 from controller.recipe import PlatformRecipe
 from controller.types import LAB_FIELDS, PHASE_HARVESTED, PHASE_RUNNING, UINT32_MAX, LabResult, Setpoints
-from plant_models.cho import OUTPUT_INDEX, STATE_INDEX, CultureModel
 from plant_models.errors import RemoteDisabledError, SetpointOutOfRangeError
-from plant_models.parameters import PARAMETER_NAMES
 from simulator.config import (
     PV_TAGS,
     FeedLotFault,
@@ -38,6 +36,7 @@ from simulator.config import (
     SimulationConfig,
 )
 from simulator.plant import MINUTES_PER_HOUR, Plant
+from simulator.plants.base import EquationPlant
 
 LAB_FIELD_BY_TAG = dict(zip(SAMPLE_SIGNALS, LAB_FIELDS, strict=True))
 RECOMMENDATION_TAGS = ("MPC.Rec.FeedRate", "MPC.Rec.GlucoseRate", "MPC.Rec.Temperature", "MPC.Rec.HarvestTime", "MPC.Pred.HarvestTiter")
@@ -68,7 +67,7 @@ class SimulatedPlc:
     def __init__(
         self,
         *,
-        model: CultureModel,
+        model: EquationPlant,
         batch: BatchConfig,
         simulation: SimulationConfig,
         true_parameters: np.ndarray,
@@ -79,7 +78,7 @@ class SimulatedPlc:
         self._plc: PlcConfig = simulation.plc
         self._sampling_rng, self._lab_rng, self._online_rng = rng_streams
         self._true_parameters = np.asarray(true_parameters, dtype=float).copy()
-        self.plant = Plant(model, batch.inoculation.initial_state(), self._true_parameters)
+        self.plant = Plant(model, model.initial_state(batch), self._true_parameters)
         self.recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
 
         cycle_minutes = round(batch.cycle_period_h * MINUTES_PER_HOUR)
@@ -113,9 +112,11 @@ class SimulatedPlc:
         self._next_draw_index = 0
         self._next_draw_minute = self._schedule_draw(0)
         self.published: list[LabResult] = []
+        self.published_at_h: list[float] = []
+        """Process time each of :attr:`published` appeared on the Sample.* tags."""
         self._frozen_readings: dict[str, TagReading] = {}
         self._last_good_pv: dict[str, float] = {}
-        self._feed_strength_index = PARAMETER_NAMES.index("media.nutrient_feed_strength")
+        self._feed_strength_index = model.parameter_index(model.feed_strength_parameter)
         self._process_events()
 
     # ----------------------------------------------------------------- clock
@@ -183,7 +184,7 @@ class SimulatedPlc:
             self._harvest("latest allowed harvest time reached")
             return
         if not self.remote_enabled:
-            recipe = self.recipe.setpoints(now_h, volume_l=float(self.plant.state[STATE_INDEX["volume"]]))
+            recipe = self.recipe.setpoints(now_h, volume_l=self.plant.volume_l)
             self._setpoints = {"SP.FeedRate": recipe.feed_rate_lph, "SP.GlucoseRate": recipe.glucose_rate_lph, "SP.Temperature": recipe.temperature_degc}
             if recipe.harvest:
                 self._harvest("local recipe")
@@ -221,17 +222,16 @@ class SimulatedPlc:
     def _draw_sample(self) -> None:
         sampling = self._simulation.sampling
         index = self._next_draw_index
-        state = self.plant.state
-        outputs = self.plant.outputs_now(self._active_inputs())
+        observed = self.plant.observables_now(self._active_inputs())
         truth = {
-            "vcd_1e6_per_ml": state[STATE_INDEX["viable_cells"]],
-            "viability_pct": outputs[OUTPUT_INDEX["viability"]],
-            "glucose_g_per_l": state[STATE_INDEX["glucose"]],
-            "lactate_g_per_l": state[STATE_INDEX["lactate"]],
-            "glutamine_mm": state[STATE_INDEX["glutamine"]],
-            "ammonia_mm": state[STATE_INDEX["ammonia"]],
-            "titer_g_per_l": state[STATE_INDEX["titer"]],
-            "osmolality_mosm_per_kg": outputs[OUTPUT_INDEX["osmolality"]],
+            "vcd_1e6_per_ml": observed["viable_cells"],
+            "viability_pct": observed["viability"],
+            "glucose_g_per_l": observed["glucose"],
+            "lactate_g_per_l": observed["lactate"],
+            "glutamine_mm": observed["glutamine"],
+            "ammonia_mm": observed["ammonia"],
+            "titer_g_per_l": observed["titer"],
+            "osmolality_mosm_per_kg": observed["osmolality"],
         }
         measured = self._lab_measurement(truth)
         for fault in self._simulation.faults:
@@ -245,7 +245,7 @@ class SimulatedPlc:
             draw_minute=self.minute,
             publish_minute=self.minute + max(1, round(delay_h * MINUTES_PER_HOUR)),
             result=LabResult(seq=0, taken_at_h=self.process_time_h, **measured),
-            volume_l=float(state[STATE_INDEX["volume"]]),
+            volume_l=self.plant.volume_l,
             glucose_delivered_g=self._batch.media.glucose_delivered_g(self.plant.feed_total_l, self.plant.glucose_feed_total_l),
         )
         self._pending.append(pending)
@@ -284,6 +284,7 @@ class SimulatedPlc:
         for tag, name in LAB_FIELD_BY_TAG.items():
             self._sample_registers[tag] = getattr(result, name)
         self.published.append(result)
+        self.published_at_h.append(self.process_time_h)
         self.recipe.on_lab_result(result, volume_l=sample.volume_l, glucose_delivered_g=sample.glucose_delivered_g)
 
     # ----------------------------------------------------------------- reads
@@ -314,21 +315,20 @@ class SimulatedPlc:
 
     def _online_values(self) -> dict[str, float]:
         noise = self._simulation.noise.online
-        state = self.plant.state
-        outputs = self.plant.outputs_now(self._active_inputs())
+        observed = self.plant.observables_now(self._active_inputs())
         z = self._online_rng.standard_normal(len(PV_TAGS))
         running = self.phase == PHASE_RUNNING
         values = {
-            "PV.Temperature": state[STATE_INDEX["temperature"]] + noise.temperature_degc * z[0],
+            "PV.Temperature": observed["temperature"] + noise.temperature_degc * z[0],
             "PV.pH": self._plc.ph_setpoint + noise.ph * z[1],
             "PV.DO": self._plc.do_setpoint_pct + noise.do_pct * z[2],
-            "PV.Volume": state[STATE_INDEX["volume"]] + noise.volume_l * z[3],
+            "PV.Volume": observed["volume"] + noise.volume_l * z[3],
             "PV.FeedTotal": self.plant.feed_total_l,
             "PV.GlucoseFeedTotal": self.plant.glucose_feed_total_l,
-            "PV.BaseTotal": max(0.0, state[STATE_INDEX["base_added"]] + noise.base_total_l * z[6]),
-            "PV.OUR": outputs[OUTPUT_INDEX["our"]] * (1.0 + noise.our_relative * z[7]) if running else 0.0,
-            "PV.CER": outputs[OUTPUT_INDEX["cer"]] * (1.0 + noise.cer_relative * z[8]) if running else 0.0,
-            "PV.Capacitance": outputs[OUTPUT_INDEX["capacitance"]] * (1.0 + noise.capacitance_relative * z[9]),
+            "PV.BaseTotal": max(0.0, observed["base_added"] + noise.base_total_l * z[6]),
+            "PV.OUR": observed["our"] * (1.0 + noise.our_relative * z[7]) if running else 0.0,
+            "PV.CER": observed["cer"] * (1.0 + noise.cer_relative * z[8]) if running else 0.0,
+            "PV.Capacitance": observed["capacitance"] * (1.0 + noise.capacitance_relative * z[9]),
             "PV.AgitationSpeed": self._plc.agitation_rpm if running else 0.0,
         }
         return {tag: float(value) for tag, value in values.items()}

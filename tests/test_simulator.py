@@ -7,10 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from plant_models.cho import OUTPUT_INDEX, STATE_INDEX
+from plant_models.cho import OUTPUT_INDEX, STATE_INDEX, CultureModel
 from plant_models.errors import NonPhysicalStateError
-from simulator.batch import build_simulated_plc, run_recipe_batch
+from plant_models.parameters import PARAMETER_NAMES
+from simulator.batch import BatchResult, build_simulated_plc, run_recipe_batch
 from simulator.plant import Plant
+from simulator.plants.cho import ChoPlant
 
 NO_LAB_NOISE = {
     "lab": {
@@ -58,7 +60,7 @@ def test_results_publish_hours_after_the_draw_with_the_draw_time(make_simulation
         # The result describes the culture at the draw, not at publication.
         assert snap["Sample.Glucose"].value == pytest.approx(trajectory.states[row, STATE_INDEX["glucose"]], rel=1e-9)
         assert snap["Sample.VCD"].value == pytest.approx(trajectory.states[row, STATE_INDEX["viable_cells"]], rel=1e-9)
-        assert snap["Sample.Osmolality"].value == pytest.approx(trajectory.outputs[row, OUTPUT_INDEX["osmolality"]], rel=1e-9)
+        assert snap["Sample.Osmolality"].value == pytest.approx(trajectory.observable("osmolality")[row], rel=1e-9)
 
 
 def test_sample_registers_hold_the_last_result_between_publications(make_simulation):
@@ -72,6 +74,11 @@ def test_sample_registers_hold_the_last_result_between_publications(make_simulat
     assert first["Sample.Glucose"].value == later["Sample.Glucose"].value
 
 
+def result_parameters(result: BatchResult) -> np.ndarray:
+    """The CHO plant's true parameter vector in the model's order (its names lack the ``culture.`` prefix)."""
+    return np.array([result.true_parameters[name.removeprefix("culture.")] for name in PARAMETER_NAMES])
+
+
 def test_glucose_balance_holds_through_the_simulator_with_samples_removed(make_simulation):
     """Glucose fed = consumed + accumulated + removed with samples, over a whole recipe batch."""
     result = run_recipe_batch(make_simulation(sampling={"sample_volume_l": 5.0}))
@@ -81,7 +88,10 @@ def test_glucose_balance_holds_through_the_simulator_with_samples_removed(make_s
     hours = np.diff(trajectory.time_h)
     inputs = trajectory.inputs[1:]  # input applied over the step that ends at each row
     fed = float(np.sum(hours * (inputs[:, 0] * media_feed_glucose + inputs[:, 1] * media_glucose_feed)))
-    uptake = trajectory.outputs[:, OUTPUT_INDEX["glucose_uptake"]] * trajectory.state("volume")
+    model = CultureModel()
+    parameters = np.tile(result_parameters(result)[:, None], (1, trajectory.time_h.size))
+    outputs = np.asarray(model.outputs.map(trajectory.time_h.size)(trajectory.time_h[None, :], trajectory.states.T, trajectory.inputs.T, parameters)).T
+    uptake = outputs[:, OUTPUT_INDEX["glucose_uptake"]] * trajectory.state("volume")
     consumed = float(np.sum(hours * 0.5 * (uptake[1:] + uptake[:-1])))
     removed = sum(r.volume_l * r.state[STATE_INDEX["glucose"]] for r in trajectory.removals)
     glucose_mass = trajectory.state("glucose") * trajectory.state("volume")
@@ -99,8 +109,8 @@ def test_same_seed_same_batch_and_different_seed_different_batch(make_simulation
     other = run_recipe_batch(make_simulation(seed=12, **spec))
     np.testing.assert_array_equal(first.trajectory.states, again.trajectory.states)
     assert first.lab_results == again.lab_results
-    assert first.true_culture == again.true_culture
-    assert first.true_culture.growth.mu_max_per_h != other.true_culture.growth.mu_max_per_h
+    assert first.true_parameters == again.true_parameters
+    assert first.true_parameters["growth.mu_max_per_h"] != other.true_parameters["growth.mu_max_per_h"]
     assert not np.array_equal(first.trajectory.states[-1], other.trajectory.states[-1])
 
 
@@ -160,8 +170,8 @@ def test_weaker_feed_lot_delivers_less_glucose(make_simulation):
     assert weak.kpis.product_mass_g < nominal.kpis.product_mass_g
 
 
-def test_non_physical_state_stops_with_time_and_state(model, nominal_p, batch):
-    plant = Plant(model, batch.inoculation.initial_state(), nominal_p)
+def test_non_physical_state_stops_with_time_and_state(model, nominal, nominal_p, batch):
+    plant = Plant(ChoPlant(nominal, model), batch.inoculation.initial_state(), nominal_p)
     plant.integrate(60, np.array([0.0, 0.0, 36.5]))
     with pytest.raises(NonPhysicalStateError) as caught:
         plant.integrate(600, np.array([0.0, -200.0, 36.5]))  # a "pump" draining the 1400 L reactor

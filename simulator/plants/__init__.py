@@ -13,7 +13,10 @@ from collections.abc import Callable
 
 from plant_models.cho import CultureModel
 from plant_models.parameters import CultureParameters
+from simulator.plants.amino_acid import AminoAcidPlant
 from simulator.plants.base import OBSERVABLE_INDEX, OBSERVABLES, EquationPlant
+from simulator.plants.biovolume import BiovolumePlant
+from simulator.plants.cell_cycle import CellCyclePlant
 from simulator.plants.cho import ChoPlant
 
 PlantFactory = Callable[[CultureParameters, CultureModel | None], EquationPlant]
@@ -23,7 +26,19 @@ def _cho(kinetics: CultureParameters, model: CultureModel | None) -> EquationPla
     return ChoPlant(kinetics, model)
 
 
-PLANTS: dict[str, PlantFactory] = {"cho": _cho}
+def _amino_acid(kinetics: CultureParameters, model: CultureModel | None) -> EquationPlant:
+    return AminoAcidPlant()
+
+
+def _cell_cycle(kinetics: CultureParameters, model: CultureModel | None) -> EquationPlant:
+    return CellCyclePlant()
+
+
+def _biovolume(kinetics: CultureParameters, model: CultureModel | None) -> EquationPlant:
+    return BiovolumePlant()
+
+
+PLANTS: dict[str, PlantFactory] = {"cho": _cho, "amino_acid": _amino_acid, "cell_cycle": _cell_cycle, "biovolume": _biovolume}
 """Plant name → factory(the simulation's CHO kinetics, a CHO model to reuse). Plants of other structure ignore both."""
 
 

@@ -249,7 +249,7 @@ def _read_table(path: Path, expected: Sequence[ColumnSpec], required: Sequence[s
             if unit != base and unit and all(word in _UNIT_WORDS for word in unit.split("_")):
                 raise table.error(
                     RecordProblem.UNIT_MISMATCH,
-                    f"unit mismatch: the layout has {spec.quantity} in {spec.unit}, in the column {spec.name!r}"
+                    f"unit mismatch: the layout has {spec.quantity.replace('_', ' ')} in {spec.unit}, in the column {spec.name!r}"
                     f"{' (its status in ' + repr(spec.name + STATUS_SUFFIX) + ')' if base != name else ''}; convert the values to {spec.unit} and rename the column",
                     row=1,
                     column=name,

@@ -158,7 +158,7 @@ def run_controlled_batch(
         lab_results=tuple(plc.published),
         kpis=kpis_of(trajectory, loaded.batch),
         harvest_reason=plc.harvest_reason or "",
-        true_culture=truth,
+        true_parameters=truth,
     )
     return ControlledBatchResult(
         batch=batch,

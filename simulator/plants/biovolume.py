@@ -62,8 +62,8 @@ class BiovolumeGrowth(FrozenConfig):
     capacity_half_ul_per_ml: float = Field(default=30.0, gt=0.0, description="viable biovolume at which division is halved [µL/mL]")
     capacity_hill: float = Field(default=4.0, ge=1.0, description="Hill exponent of the biovolume capacity [-]")
     cold_division_block: float = Field(default=0.7, ge=0.0, le=1.0, description="fraction of divisions blocked well below the cold-block temperature [-]")
-    cold_half_degc: float = Field(default=34.5, ge=28.0, le=38.0, description="temperature at which half the cold block applies [°C]")
-    cold_width_degc: float = Field(default=0.6, gt=0.0, description="width of the cold block [°C]")
+    cold_half_degc: float = Field(default=34.0, ge=28.0, le=38.0, description="temperature at which half the cold block applies [°C]")
+    cold_width_degc: float = Field(default=0.5, gt=0.0, description="width of the cold block [°C]")
     inoculum_cell_volume_pl: float = Field(default=1.45, gt=0.1, description="mean viable cell volume at inoculation (14 µm) [pL]")
     max_cell_volume_pl: float = Field(default=2.6, gt=0.1, description="largest mean viable cell volume (17.1 µm) [pL]")
 

@@ -148,10 +148,9 @@ class CellCycleKinetics(FrozenConfig):
     temperature: CellCycleTemperature = CellCycleTemperature()
 
 
-def capacity_target(product: CellCycleProduct, reference_degc: float, temperature_degc: Any) -> Any:
-    """Secretory capacity the cells tend to at a temperature, 1 at the reference temperature (numbers or CasADi)."""
-    optimum = product.temperature_optimum_degc
-    return np.exp(-product.temperature_curvature_per_degc2 * ((temperature_degc - optimum) ** 2 - (reference_degc - optimum) ** 2))
+def capacity_target(temperature_degc: Any, reference_degc: Any, optimum_degc: Any, curvature_per_degc2: Any) -> Any:
+    """Secretory capacity the cells tend to at a temperature: a bell around the optimum, 1 at the reference temperature (numbers or CasADi)."""
+    return ca.exp(-curvature_per_degc2 * ((temperature_degc - optimum_degc) ** 2 - (reference_degc - optimum_degc) ** 2))
 
 
 _STATES: tuple[Signal, ...] = (
@@ -201,7 +200,10 @@ class CellCyclePlant(EquationPlant):
         x[index("lactate")] = inoculum.lactate_g_per_l
         x[index("ammonia")] = inoculum.ammonia_mm
         x[index("other_osmolytes")] = inoculum.other_osmolytes_mosm_per_kg
-        x[index("secretory_capacity")] = float(capacity_target(self.kinetics.product, self.kinetics.temperature.reference_degc, inoculum.temperature_degc))
+        product = self.kinetics.product
+        x[index("secretory_capacity")] = float(
+            capacity_target(inoculum.temperature_degc, self.kinetics.temperature.reference_degc, product.temperature_optimum_degc, product.temperature_curvature_per_degc2)
+        )
         x[index("titer")] = inoculum.titer_g_per_l
         x[index("volume")] = inoculum.volume_l
         x[index("temperature")] = inoculum.temperature_degc
@@ -264,8 +266,7 @@ class CellCyclePlant(EquationPlant):
         )
         r_ammonia = k["metabolism.ammonia_per_glutamine_mol_per_mol"] * r_glutamine + glutamine_degradation
 
-        optimum = k["product.temperature_optimum_degc"]
-        target = ca.exp(-k["product.temperature_curvature_per_degc2"] * ((temperature - optimum) ** 2 - (reference - optimum) ** 2))
+        target = capacity_target(temperature, reference, k["product.temperature_optimum_degc"], k["product.temperature_curvature_per_degc2"])
         producing_cells = cycling + k["product.arrested_ratio"] * arrested
         r_product = k["product.q_product_pg_per_cell_day"] * PG_PER_CELL_DAY_TO_G_PER_1E9_CELLS_H * capacity * glc / (k["product.k_glucose_g_per_l"] + glc) * producing_cells
         k_gal_amm = k["product.galactosylation_ki_ammonia_mm"]

@@ -1,0 +1,348 @@
+"""The plants of other structure (simulator.plants): observables, balances, a physical recipe-like batch, and how each differs from the CHO model.
+
+The recipe-like runs here are a hand-written approximation of the platform
+recipe (nutrient feed at 3 % of the initial volume per day from 72 h, glucose
+fed hourly towards 4 g/L, a shift at 120 h), integrated with 1-minute RK4
+steps; the simulator's whole-batch runs live in hil_tests.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import casadi as ca
+import numpy as np
+import pytest
+
+from controller.config import BatchConfig
+from plant_models.parameters import CultureParameters
+from simulator.plants import OBSERVABLES, PLANTS, EquationPlant, make_plant
+from simulator.plants.amino_acid import AminoAcidPlant
+from simulator.plants.biovolume import BiovolumePlant
+from simulator.plants.cell_cycle import CellCyclePlant
+from simulator.plants.cho import ChoPlant
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH = BatchConfig.from_yaml(REPO / "configs" / "batch" / "platform.yaml")
+NOMINAL = CultureParameters.from_yaml(REPO / "configs" / "model" / "cho_nominal.yaml")
+OTHER_PLANTS = ("amino_acid", "cell_cycle", "biovolume")
+
+
+@cache
+def plant_named(name: str) -> EquationPlant:
+    return make_plant(name, NOMINAL)
+
+
+@cache
+def hour_map(name: str) -> ca.Function:
+    """60 one-minute RK4 steps with the inputs held: one hour."""
+    return plant_named(name).rk4_step(1.0 / 60.0).mapaccum("hour", 60, [0, 1], [0, 1])
+
+
+def observe(plant: EquationPlant, t: float, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    y = np.asarray(plant.observables(t, x, u, p)).ravel()
+    return {signal.name: float(y[i]) for i, signal in enumerate(OBSERVABLES)}
+
+
+def integrate(name: str, x: np.ndarray, u: np.ndarray, p: np.ndarray, hours: int, t0_h: float = 0.0) -> np.ndarray:
+    step = hour_map(name)
+    for h in range(hours):
+        _, xs = step(t0_h + h, x, u, p)
+        x = np.asarray(xs)[:, -1]
+    return x
+
+
+@dataclass(frozen=True)
+class Run:
+    time_h: np.ndarray
+    states: np.ndarray  # one row per hour
+    observed: dict[str, np.ndarray]
+    lowest_nonnegative_state: float
+
+
+@cache
+def recipe_like_run(name: str, shift_to_degc: float = 33.0) -> Run:
+    """14 days under an approximation of the platform recipe; the glucose feed replaces, each hour, what was consumed in the last hour plus a 24 h correction towards 4 g/L."""
+    plant = plant_named(name)
+    p = plant.nominal_parameters(BATCH)
+    x = plant.initial_state(BATCH)
+    media = BATCH.media
+    step = hour_map(name)
+    nonnegative = [plant.state_index(n) for n in plant.nonnegative_states]
+    lowest = float(np.min(x[nonnegative]))
+    times, states, rows = [], [], []
+    glucose_feed_lph = 0.0
+    glucose_before, glucose_in_g = None, 0.0
+    for h in range(336):
+        feed_lph = 0.03 * BATCH.inoculation.volume_l / 24.0 if h >= 72 else 0.0
+        setpoint = BATCH.inoculation.temperature_degc if h < 120 else shift_to_degc
+        now = observe(plant, float(h), x, np.array([feed_lph, glucose_feed_lph, setpoint]), p)
+        if glucose_before is not None:
+            consumed_g = (glucose_before - now["glucose"]) * now["volume"] + glucose_in_g
+            wanted_g = consumed_g + (4.0 - now["glucose"]) * now["volume"] / 24.0 - feed_lph * media.nutrient_feed_glucose_g_per_l
+            glucose_feed_lph = min(max(wanted_g / media.glucose_feed_g_per_l, 0.0), 2.0)
+        glucose_in_g = feed_lph * media.nutrient_feed_glucose_g_per_l + glucose_feed_lph * media.glucose_feed_g_per_l
+        glucose_before = now["glucose"]
+        u = np.array([feed_lph, glucose_feed_lph, setpoint])
+        times.append(float(h))
+        states.append(x)
+        rows.append(observe(plant, float(h), x, u, p))
+        _, xs = step(float(h), x, u, p)
+        trajectory = np.asarray(xs)
+        lowest = min(lowest, float(np.min(trajectory[nonnegative, :])))
+        x = trajectory[:, -1]
+    times.append(336.0)
+    states.append(x)
+    rows.append(observe(plant, 336.0, x, np.array([0.0, 0.0, shift_to_degc]), p))
+    observed = {signal.name: np.array([row[signal.name] for row in rows]) for signal in OBSERVABLES}
+    return Run(np.array(times), np.array(states), observed, lowest)
+
+
+def cell_free_state(plant: EquationPlant) -> np.ndarray:
+    """The inoculation state with (almost) no cells: what remains is feeding, dilution and chemistry."""
+    x = plant.initial_state(BATCH).copy()
+    for name in ("viable_cells", "dead_cells", "cycling_cells", "arrested_cells", "viable_biovolume"):
+        if any(s.name == name for s in plant.states):
+            x[plant.state_index(name)] *= 1e-9
+    return x
+
+
+# --- registry and observables -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", OTHER_PLANTS)
+def test_each_plant_is_registered_under_its_name_and_ignores_the_cho_kinetics(name: str) -> None:
+    plant = make_plant(name, NOMINAL)
+    assert plant.name == name
+    assert name in PLANTS
+    assert not isinstance(plant, ChoPlant)
+    assert {"volume", "temperature"} <= {s.name for s in plant.states}
+    assert plant.feed_strength_parameter in plant.parameter_names
+    assert len(set(plant.parameter_names)) == plant.n_parameters
+
+
+@pytest.mark.parametrize("name", OTHER_PLANTS)
+def test_observables_at_inoculation_are_what_the_batch_record_says(name: str) -> None:
+    plant = plant_named(name)
+    inoculum = BATCH.inoculation
+    x = plant.initial_state(BATCH)
+    y = observe(plant, 0.0, x, np.array([0.0, 0.0, inoculum.temperature_degc]), plant.nominal_parameters(BATCH))
+    assert set(y) == {s.name for s in OBSERVABLES}
+    assert all(np.isfinite(v) for v in y.values())
+    assert y["viable_cells"] == pytest.approx(inoculum.viable_cell_density_1e6_per_ml)
+    assert y["viability"] == pytest.approx(inoculum.viability_pct)
+    assert y["glucose"] == pytest.approx(inoculum.glucose_g_per_l)
+    assert y["glutamine"] == pytest.approx(inoculum.glutamine_mm)
+    assert y["osmolality"] == pytest.approx(inoculum.osmolality_mosm_per_kg)
+    assert y["volume"] == pytest.approx(inoculum.volume_l)
+    assert y["temperature"] == pytest.approx(inoculum.temperature_degc)
+    assert y["titer"] == pytest.approx(inoculum.titer_g_per_l)
+    assert y["base_added"] == 0.0
+    assert y["our"] > 0.0 and y["cer"] > 0.0 and y["capacitance"] > 0.0
+
+
+@pytest.mark.parametrize("name", OTHER_PLANTS)
+def test_the_feeds_carry_what_the_batch_file_says(name: str) -> None:
+    plant = plant_named(name)
+    p = plant.nominal_parameters(BATCH)
+    for field, value in BATCH.media.model_dump().items():
+        assert p[plant.parameter_index(f"media.{field}")] == value
+
+
+# --- balances -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", OTHER_PLANTS)
+def test_volume_rises_by_both_feeds_and_the_base(name: str) -> None:
+    plant = plant_named(name)
+    p = plant.nominal_parameters(BATCH)
+    x0 = integrate(name, plant.initial_state(BATCH), np.array([0.0, 0.0, 36.5]), p, hours=96)  # lactate being made: the base pump runs
+    feed_lph, glucose_lph = 2.0, 0.3
+    x1 = integrate(name, x0, np.array([feed_lph, glucose_lph, 36.5]), p, hours=24, t0_h=96.0)
+    before, after = observe(plant, 96.0, x0, np.zeros(3), p), observe(plant, 120.0, x1, np.zeros(3), p)
+    base_l = after["base_added"] - before["base_added"]
+    assert base_l > 0.05
+    assert after["volume"] - before["volume"] == pytest.approx((feed_lph + glucose_lph) * 24.0 + base_l, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", OTHER_PLANTS)
+def test_without_cells_glucose_and_osmoles_are_what_was_there_plus_what_was_fed(name: str) -> None:
+    """A different glucose feed and a weak feed lot in the batch file reach the culture; osmoles survive glutamine's cyclisation (one for one)."""
+    plant = plant_named(name)
+    media = BATCH.media.model_copy(update={"glucose_feed_g_per_l": 300.0, "nutrient_feed_strength": 0.8})
+    batch = BATCH.model_copy(update={"media": media})
+    p = plant.nominal_parameters(batch)
+    x0 = cell_free_state(plant)
+    feed_lph, glucose_lph, hours = 3.0, 0.5, 48
+    x1 = integrate(name, x0, np.array([feed_lph, glucose_lph, 36.5]), p, hours=hours)
+    before, after = observe(plant, 0.0, x0, np.zeros(3), p), observe(plant, float(hours), x1, np.zeros(3), p)
+    feed_l, glucose_feed_l = feed_lph * hours, glucose_lph * hours
+    glucose_fed_g = feed_l * 0.8 * media.nutrient_feed_glucose_g_per_l + glucose_feed_l * 300.0
+    assert after["glucose"] * after["volume"] == pytest.approx(before["glucose"] * before["volume"] + glucose_fed_g, rel=1e-6)
+    extra_feed_osmoles_mm = sum(p[plant.parameter_index(n)] for n in ("medium.feed_asparagine_mm", "medium.feed_glutamate_mm") if n in plant.parameter_names)
+    feed_osmolality = 0.8 * (
+        media.nutrient_feed_glucose_g_per_l * 1000.0 / 180.156 + media.nutrient_feed_glutamine_mm + media.nutrient_feed_other_osmolytes_mosm_per_kg + extra_feed_osmoles_mm
+    )
+    glucose_feed_osmolality = 300.0 * 1000.0 / 180.156
+    base_osmoles = (after["base_added"] - before["base_added"]) * media.base_mol_per_l * media.base_osmoles_per_mol * 1000.0  # the smoothed pump idles at a trickle
+    expected_osmoles = before["osmolality"] * before["volume"] + feed_l * feed_osmolality + glucose_feed_l * glucose_feed_osmolality + base_osmoles
+    assert after["osmolality"] * after["volume"] == pytest.approx(expected_osmoles, rel=1e-6)
+
+
+def test_clipping_moves_product_from_intact_to_clipped_without_losing_any() -> None:
+    plant = plant_named("biovolume")
+    p = plant.nominal_parameters(BATCH)
+    x0 = cell_free_state(plant)
+    x0[plant.state_index("titer")] = 2.0
+    x0[plant.state_index("galactosylated_titer")] = 1.2
+    x0[plant.state_index("enzyme_activity")] = 20.0
+    x1 = integrate("biovolume", x0, np.array([1.0, 0.0, 36.5]), p, hours=48)
+    mass_g = [x[plant.state_index("volume")] * (x[plant.state_index("titer")] + x[plant.state_index("clipped_product")]) for x in (x0, x1)]
+    assert x1[plant.state_index("titer")] * x1[plant.state_index("volume")] < 0.95 * 2.0 * x0[plant.state_index("volume")]
+    assert mass_g[1] == pytest.approx(mass_g[0], rel=1e-9)
+    assert x1[plant.state_index("galactosylated_titer")] / x1[plant.state_index("titer")] < 1.2 / 2.0
+
+
+# --- a recipe-like batch ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", OTHER_PLANTS)
+def test_a_recipe_like_batch_stays_physical_and_plausible(name: str) -> None:
+    run = recipe_like_run(name)
+    y = run.observed
+    assert run.lowest_nonnegative_state > -1e-6
+    assert np.all(np.isfinite(run.states))
+    assert 10.0 <= y["viable_cells"].max() <= 30.0
+    assert 2.0 <= y["titer"][-1] <= 7.0
+    assert y["titer"][-1] == pytest.approx(y["titer"].max(), rel=0.05)  # no collapse before harvest
+    assert 60.0 <= y["viability"][-1] <= 95.0
+    assert y["viability"][-1] < y["viability"].max() - 5.0  # viability declines late
+    assert y["glucose"][run.time_h >= 24].min() > 0.5
+    assert y["osmolality"].max() < 480.0
+    assert y["volume"][-1] <= BATCH.equipment.max_working_volume_l
+    assert y["temperature"][-1] == pytest.approx(33.0, abs=0.01)
+    assert 0.3 < y["galactosylated_fraction"][-1] < 0.8
+
+
+# --- structure that differs from the CHO model ------------------------------------------------------
+
+
+def titer_after_shift(name: str, shift_to_degc: float) -> float:
+    return float(recipe_like_run(name, shift_to_degc).observed["titer"][-1])
+
+
+def test_the_cho_model_gains_titer_from_every_degree_colder() -> None:
+    """The reference the other plants contradict: the controller's model rewards a colder shift."""
+    titers = [titer_after_shift("cho", t) for t in (36.5, 34.5, 33.0, 31.0)]
+    assert titers == sorted(titers)
+    assert titers[2] > 1.3 * titers[0]
+
+
+def test_amino_acid_plant_loses_titer_when_shifted_cold() -> None:
+    titers = [titer_after_shift("amino_acid", t) for t in (36.5, 34.5, 33.0, 31.0)]
+    assert titers == sorted(titers, reverse=True)
+    assert titers[2] < 0.9 * titers[0]
+
+
+def test_amino_acid_plant_consumes_ammonia_by_glutamine_synthetase_once_glutamine_is_gone() -> None:
+    """The CHO model never consumes ammonia; here growing cells without glutamine fix it onto glutamate."""
+    plant = plant_named("amino_acid")
+    p = plant.nominal_parameters(BATCH)
+    x = plant.initial_state(BATCH)
+    for name, value in (("viable_cells", 8.0), ("glutamine", 0.0), ("glutamate", 3.0), ("ammonia", 5.0), ("asparagine", 3.0), ("glucose", 4.0)):
+        x[plant.state_index(name)] = value
+    dx = np.asarray(plant.rhs(100.0, x, [0.0, 0.0, 36.5], p)).ravel()
+    assert dx[plant.state_index("ammonia")] < -0.01
+    x[plant.state_index("glutamine")] = 4.0
+    dx = np.asarray(plant.rhs(100.0, x, [0.0, 0.0, 36.5], p)).ravel()
+    assert dx[plant.state_index("ammonia")] > 0.0
+
+
+def test_amino_acid_plant_consumes_lactate_at_the_glucose_target_once_growth_has_slowed() -> None:
+    run = recipe_like_run("amino_acid")
+    lactate = run.observed["lactate"]
+    assert lactate[-1] < 0.3 * lactate.max()
+    assert run.observed["glucose"][-1] > 3.0
+    assert run.states[-1, plant_named("amino_acid").state_index("metabolic_phase")] > 0.8
+
+
+def test_cell_cycle_plant_makes_most_at_an_intermediate_shift_temperature() -> None:
+    titers = {t: titer_after_shift("cell_cycle", t) for t in (36.5, 34.5, 33.0, 31.0)}
+    assert titers[34.5] > 1.1 * titers[33.0]
+    assert titers[34.5] > 1.1 * titers[36.5]
+    assert titers[31.0] < 0.8 * titers[33.0]
+
+
+def test_cell_cycle_plant_stops_dividing_within_days_of_a_cold_shift() -> None:
+    plant = plant_named("cell_cycle")
+    run = recipe_like_run("cell_cycle")
+    cycling = run.states[:, plant.state_index("cycling_cells")]
+    arrested = run.states[:, plant.state_index("arrested_cells")]
+    at_shift, three_days_later = 120, 192
+    assert cycling[at_shift] / (cycling[at_shift] + arrested[at_shift]) > 0.6
+    assert cycling[three_days_later] / (cycling[three_days_later] + arrested[three_days_later]) < 0.25
+
+
+def test_cell_cycle_plant_productivity_follows_temperature_with_a_lag() -> None:
+    plant = plant_named("cell_cycle")
+    run = recipe_like_run("cell_cycle", shift_to_degc=34.5)
+    capacity = run.states[:, plant.state_index("secretory_capacity")]
+    target = capacity[-1]
+    assert target > 1.2
+    assert capacity[126] - 1.0 < 0.25 * (target - 1.0)  # six hours after the setpoint change: mostly not there
+    assert capacity[120 + 96] - 1.0 > 0.8 * (target - 1.0)  # four days on: mostly there
+
+
+def test_biovolume_plant_capacitance_per_viable_cell_rises_while_the_cho_model_keeps_it_constant() -> None:
+    for name, low, high in (("cho", 0.999, 1.001), ("biovolume", 1.6, 3.0)):
+        y = recipe_like_run(name).observed
+        per_cell = y["capacitance"] / y["viable_cells"]
+        assert low <= per_cell[-1] / per_cell[0] <= high, name
+
+
+def test_biovolume_plant_cells_grow_larger_when_they_stop_dividing() -> None:
+    plant = plant_named("biovolume")
+
+    def cell_volume_pl(run: Run) -> np.ndarray:
+        return run.states[:, plant.state_index("viable_biovolume")] / run.states[:, plant.state_index("viable_cells")]
+
+    shifted, warm = cell_volume_pl(recipe_like_run("biovolume")), cell_volume_pl(recipe_like_run("biovolume", 36.5))
+    assert shifted[48] == pytest.approx(plant.kinetics.growth.inoculum_cell_volume_pl, rel=0.03)  # balanced growth: size constant
+    assert shifted[-1] > 1.5 * shifted[48]  # stationary phase and cold: larger
+    assert shifted[192] > 1.1 * warm[192]  # the cold shift enlarges them sooner
+    assert shifted.max() <= plant.kinetics.growth.max_cell_volume_pl
+
+
+def test_biovolume_plant_loses_product_to_clipping_during_the_batch() -> None:
+    plant = plant_named("biovolume")
+    final = recipe_like_run("biovolume").states[-1]
+    clipped, intact = final[plant.state_index("clipped_product")], final[plant.state_index("titer")]
+    assert 0.02 < clipped / (clipped + intact) < 0.15
+
+
+def test_plants_are_independent_of_each_other_in_structure() -> None:
+    assert isinstance(plant_named("amino_acid"), AminoAcidPlant)
+    assert isinstance(plant_named("cell_cycle"), CellCyclePlant)
+    assert isinstance(plant_named("biovolume"), BiovolumePlant)
+    state_sets = [frozenset(s.name for s in plant_named(name).states) for name in ("cho", *OTHER_PLANTS)]
+    assert len(set(state_sets)) == len(state_sets)
+
+
+# --- layering ----------------------------------------------------------------------------------------
+
+_IMPORTS_SIMULATOR = re.compile(r"^\s*(from\s+simulator[.\s]|import\s+simulator\b)", re.MULTILINE)
+
+
+@pytest.mark.parametrize("package", ["controller", "interfaces", "plant_models"])
+def test_runtime_packages_never_import_the_simulator_or_its_plants(package: str) -> None:
+    offenders = [str(path.relative_to(REPO)) for path in sorted((REPO / package).rglob("*.py")) if _IMPORTS_SIMULATOR.search(path.read_text(encoding="utf-8"))]
+    assert offenders == []
+
+
+def test_the_import_check_would_see_an_import_of_the_plants() -> None:
+    assert _IMPORTS_SIMULATOR.search("from simulator.plants import PLANTS\n")
+    assert _IMPORTS_SIMULATOR.search("    import simulator.plants.amino_acid\n")
+    assert not _IMPORTS_SIMULATOR.search("from simulators_elsewhere import x\n")

@@ -346,7 +346,8 @@ def _check_range(table: _Table, number: int, column: str, value: float, ranges: 
     if check is not None and math.isfinite(value) and check.outside(value):
         raise table.error(
             RecordProblem.OUT_OF_RANGE,
-            f"{value:g} is outside the plausible range [{check.low}, {check.high}] {ColumnSpec.of(column).unit}: is the unit right?",
+            f"{value:g} is outside the plausible range [{check.low}, {check.high}] {ColumnSpec.of(column).unit}: is the unit right? "
+            "(a value the instrument got wrong: set its status to Bad)",
             row=number,
             column=column,
         )
@@ -726,6 +727,8 @@ def read_records(paths: Iterable[str | Path], *, batch_files: Iterable[str | Pat
     matched by ``batch_id``; one that matches no batch is an error, and so is
     the same batch id read twice.
     """
+    if isinstance(paths, str | Path):
+        raise TypeError(f"read_records takes a list of paths, got the single path {str(paths)!r}")
     configs = list(batch_files)
     records: list[BatchRecord] = []
     for item in paths:

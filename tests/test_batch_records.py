@@ -213,6 +213,19 @@ def test_a_semicolon_export_is_told_to_use_commas(example):
         read_batch_directory(example)
 
 
+def test_an_excel_export_with_crlf_and_a_byte_order_mark_reads_the_same(example):
+    record = read_batch_directory(example)
+    for name in (ONLINE_FILE, LAB_FILE, SETPOINTS_FILE):
+        text = (example / name).read_text(encoding="utf-8")
+        (example / name).write_bytes("\ufeff".encode() + text.replace("\n", "\r\n").encode())
+    assert_same_record(read_batch_directory(example), record)
+
+
+def test_a_single_path_is_not_taken_for_a_list_of_paths():
+    with pytest.raises(TypeError, match="a list of paths"):
+        read_records(str(EXAMPLE))
+
+
 def test_statuses_in_opc_ua_words_and_codes(example):
     def statuses(rows: list[list[str]]) -> None:
         set_cell(rows, 2, "volume_l_status", "GoodClamped")
@@ -322,15 +335,17 @@ def write_history(loaded: LoadedSimulation, path: Path, *, until_h: float, resta
         now_h = plc.process_time_h
         scan = plc.snapshot()
         readings = {tag: Reading(r.value, r.good, datetime.now(UTC)) for tag, r in scan.items()}
-        history.record_scan(now_h, readings, {})
+        problems = {"PV.OUR": "spike: 0.2 -> 0.4 in one cycle (limit 0.1)"} if now_h == 10.0 else {}
+        history.record_scan(now_h, readings, problems)
+        values = [float(scan[f"Sample.{tag}"].value) for tag in ("VCD", "Viability", "Glucose", "Lactate", "Glutamine", "Ammonia", "Titer", "Osmolality")]
+        if scan["Sample.Seq"].value != seq:
+            seq = int(scan["Sample.Seq"].value)
+            history.record_lab(now_h, LabResult(seq, float(scan["Sample.TakenAt"].value), *values), used=True)
         if restart_at_h is not None and now_h == restart_at_h:
             history.end_run(reason="restart")
             history.start_run(batch_id=loaded.batch.batch_id, requested_mode="advisory", config={})
-            history.record_scan(now_h, readings, {})
-        if scan["Sample.Seq"].value != seq:
-            seq = int(scan["Sample.Seq"].value)
-            values = [float(scan[f"Sample.{tag}"].value) for tag in ("VCD", "Viability", "Glucose", "Lactate", "Glutamine", "Ammonia", "Titer", "Osmolality")]
-            history.record_lab(now_h, LabResult(seq, float(scan["Sample.TakenAt"].value), *values), used=True)
+            history.record_scan(now_h, readings, problems)
+            history.record_lab(now_h, LabResult(seq, float(scan["Sample.TakenAt"].value), *values), used=False)  # the last result, seen again
         if now_h == 30.0:
             history.record_write(now_h, {"SP.Temperature": 35.0}, "refused", "BadOutOfRange")
             write_id = history.record_write_intent(now_h, {"SP.Temperature": 34.0, "MPC.Heartbeat": 3})
@@ -352,6 +367,9 @@ def test_a_history_file_reads_as_the_records_it_holds(loaded, tmp_path):
     reference = record_batch(loaded, until_h=60.0)  # the same scans of the same seed, by the simulator's own historian
     assert record.batch == loaded.batch and record.end_h == 60.0
     np.testing.assert_array_equal(record.online.time_h, reference.online.time_h)
+    rejected = record.online.time_h == 10.0
+    assert np.isnan(record.online.values["our_mmol_per_l_h"][rejected]).all(), "a value the runtime's quality check rejected is not used"
+    reference.online.values["our_mmol_per_l_h"][rejected] = math.nan
     for name in ONLINE_FIELDS:
         np.testing.assert_array_equal(record.online.values[name], reference.online.values[name], err_msg=name)
     assert [(s.draw_h, s.values) for s in record.lab] == [(s.draw_h, s.values) for s in reference.lab if s.result_h <= 60.0]
@@ -363,6 +381,18 @@ def test_a_history_file_reads_as_the_records_it_holds(loaded, tmp_path):
     assert 35.0 not in record.setpoints.values[:, 2]
     assert {name for name, _ in record.sources} == {str(path), str(REPO / "configs" / "batch" / "platform.yaml")}
     assert dict(record.sources)[str(path)] == hashlib.sha256(before).hexdigest()
+
+
+def test_a_history_is_read_for_the_batches_asked(loaded, tmp_path):
+    path = tmp_path / "history.sqlite"
+    write_history(loaded, path, until_h=30.0)
+    assert [r.batch_id for r in read_history(path, batch_files=[loaded.batch], batch_ids=["BR01-DEMO-001"])] == ["BR01-DEMO-001"]
+    with pytest.raises(RecordError, match=r"no run of batch BR01-NONE in this history \(it holds BR01-DEMO-001\)"):
+        read_history(path, batch_files=[loaded.batch], batch_ids=["BR01-NONE"])
+    (tmp_path / "notes.db").write_text("not a database " * 200)
+    with pytest.raises(RecordError, match=r"notes.db") as raised:
+        read_history(tmp_path / "notes.db")
+    assert raised.value.problem is RecordProblem.UNREADABLE
 
 
 def test_a_history_without_its_batch_file_says_what_to_give(loaded, tmp_path):

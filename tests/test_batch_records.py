@@ -319,7 +319,7 @@ def test_development_batches_run_their_own_recipes_and_seeds(loaded, tmp_path):
 # ---------------------------------------------------------------------- runtime history files
 
 
-def write_history(loaded: LoadedSimulation, path: Path, *, until_h: float, restart_at_h: float | None = None) -> None:
+def write_history(loaded: LoadedSimulation, path: Path, *, until_h: float, restart_at_h: float | None = None, config: dict | None = None) -> None:
     """A history as the runtime records it (interfaces.history's API): a scan per cycle, each new lab result, setpoint writes with their outcomes.
 
     The PLC runs its recipe; at 30 h a write the PLC accepted moves the
@@ -329,7 +329,7 @@ def write_history(loaded: LoadedSimulation, path: Path, *, until_h: float, resta
     plc, _ = build_simulated_plc(loaded)
     plc.set_operator_remote(False)
     history = SqliteHistory(path)
-    history.start_run(batch_id=loaded.batch.batch_id, requested_mode="advisory", config={"mode": "advisory"})
+    history.start_run(batch_id=loaded.batch.batch_id, requested_mode="advisory", config=config if config is not None else {"mode": "advisory"})
     seq = 0
     while True:
         now_h = plc.process_time_h
@@ -406,6 +406,14 @@ def test_a_history_without_its_batch_file_says_what_to_give(loaded, tmp_path):
         RecordError, match=r"no batch file given has batch_id BR01-DEMO-001 \(given: BR01-OTHER\); give the batch file of BR01-DEMO-001 \(--batch\), with batch_id: BR01-DEMO-001"
     ):
         read_history(path, batch_files=[other])
+
+
+def test_a_history_whose_run_config_holds_the_batch_file_needs_no_other(loaded, tmp_path):
+    path = tmp_path / "history.sqlite"
+    write_history(loaded, path, until_h=30.0, config={"mode": "advisory", "batch": loaded.batch.model_dump(mode="json")})
+    [record] = read_history(path)
+    assert record.batch == loaded.batch
+    assert [name for name, _ in record.sources] == [str(path)]
 
 
 def test_a_history_without_lab_results_is_refused(loaded, tmp_path):

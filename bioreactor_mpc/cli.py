@@ -18,7 +18,7 @@ import structlog
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bioreactor_mpc import admin_cli
+from bioreactor_mpc import admin_cli, calibrate_cli
 from bioreactor_mpc.logging import configure_logging
 from bioreactor_mpc.report import kpi_table, plot_predictions, write_batch_files
 from controller.modes import RequestedMode
@@ -111,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument("--force", action="store_true", help="overwrite existing files")
 
     admin_cli.add_parsers(commands)
+    calibrate_cli.add_parser(commands)
 
     schema = commands.add_parser("schema", help="write JSON Schemas of the config files, for editors that check YAML")
     schema.add_argument("--output-dir", type=Path, default=Path("runs/schema"), help="where the schemas go (default: runs/schema)")
@@ -336,6 +337,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "run": _run,
     "demo": _demo,
     "certs": _certs,
+    "calibrate": calibrate_cli.run_calibrate,
 }
 
 

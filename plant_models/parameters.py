@@ -92,8 +92,58 @@ class TemperatureParameters(FrozenConfig):
     lag_h: float = Field(gt=0.0, le=24.0, description="time constant of culture temperature following its setpoint [h]")
 
 
+class ValueRange(FrozenConfig):
+    low: float
+    high: float
+
+
+class PhaseEnvelope(FrozenConfig):
+    """What the calibration data covered in one process phase: the model has been checked only inside this."""
+
+    phase: str = Field(min_length=1)
+    start_h: float = Field(ge=0.0, description="phase start [h]")
+    end_h: float = Field(gt=0.0, description="phase end [h]")
+    temperature_degc: ValueRange = Field(description="culture temperature setpoints seen [°C]")
+    feed_per_volume_per_day: ValueRange = Field(description="nutrient feed delivered per culture volume [L/(L·day)]")
+    glucose_feed_per_volume_per_day: ValueRange = Field(description="glucose feed delivered per culture volume [L/(L·day)]")
+    glucose_g_per_l: ValueRange = Field(description="glucose measured by the lab [g/L]")
+    batches: int = Field(ge=0, description="batches with data in this phase")
+
+
+class ParameterEstimate(FrozenConfig):
+    """One calibrated parameter: its nominal and fitted value and the 95 % confidence interval of the fit."""
+
+    nominal: float
+    value: float
+    ci95_low: float
+    ci95_high: float
+    identifiable: bool = Field(description="false: the data could not determine it, and it stays at nominal")
+
+
+class ModelProvenance(FrozenConfig):
+    """Where a calibrated parameter set came from; written by ``bioreactor-mpc calibrate``, read by people and auditors."""
+
+    created_utc: str
+    tool: str
+    based_on: str = Field(description="the parameter file the fit started from")
+    inputs: tuple[tuple[str, str], ...] = Field(description="(file, sha-256) of every batch record read")
+    batches: tuple[str, ...]
+    parameters: dict[str, ParameterEstimate]
+    not_identifiable: tuple[str, ...] = Field(description="parameters the data could not determine: kept at nominal")
+    fit_statistics: dict[str, float]
+    cross_validation: dict[str, float] = Field(default_factory=dict, description="relative RMSE on batches left out, nominal vs calibrated")
+
+
+METADATA_FIELDS = frozenset({"provenance", "envelope"})
+"""Fields of a parameter file that describe it rather than parameterise the model (not in the parameter vector)."""
+
+
 class CultureParameters(FrozenConfig):
-    """The kinetics of one cell line: what the simulator calls 'true' and the MPC calls 'nominal'."""
+    """The kinetics of one cell line: what the simulator calls 'true' and the MPC calls 'nominal'.
+
+    A calibrated set also carries its ``provenance`` and the ``envelope`` its
+    data covered; neither enters the model's parameter vector.
+    """
 
     growth: GrowthParameters
     death: DeathParameters
@@ -101,6 +151,8 @@ class CultureParameters(FrozenConfig):
     product: ProductParameters
     measurement: MeasurementParameters
     temperature: TemperatureParameters
+    provenance: ModelProvenance | None = None
+    envelope: tuple[PhaseEnvelope, ...] = ()
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> CultureParameters:
@@ -126,6 +178,8 @@ class MediaComposition(FrozenConfig):
 def _flatten(model: FrozenConfig, prefix: str = "") -> list[tuple[str, float]]:
     items: list[tuple[str, float]] = []
     for name in type(model).model_fields:
+        if name in METADATA_FIELDS:
+            continue
         value = getattr(model, name)
         key = f"{prefix}{name}"
         if isinstance(value, FrozenConfig):
@@ -138,6 +192,8 @@ def _flatten(model: FrozenConfig, prefix: str = "") -> list[tuple[str, float]]:
 def _field_names(model_cls: type[FrozenConfig], prefix: str = "") -> list[str]:
     names: list[str] = []
     for name, info in model_cls.model_fields.items():
+        if name in METADATA_FIELDS:
+            continue
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, FrozenConfig):
             names.extend(_field_names(annotation, prefix=f"{prefix}{name}."))
@@ -162,7 +218,7 @@ def scaled_parameters(culture: CultureParameters, factors: dict[str, float]) -> 
     Validation runs again on the result, so a perturbation cannot produce an
     invalid parameter set silently.
     """
-    data = culture.model_dump()
+    data = culture.model_dump(exclude=set(METADATA_FIELDS))
     for dotted, factor in factors.items():
         group, _, field = dotted.partition(".")
         if group not in data or field not in data[group]:

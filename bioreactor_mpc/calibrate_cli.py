@@ -1,0 +1,188 @@
+"""``bioreactor-mpc calibrate``: fit the culture model to a site's batch records and write the calibrated parameter file and its report.
+
+Records are batch directories in the CSV layout of ``docs/batch-records.md``,
+directories of them, or the runtime's history files. The output is a
+parameter file in the format of ``configs/model/*.yaml`` with its provenance
+(inputs and their hashes, fit statistics, each parameter's 95 % interval, the
+parameters the data could not determine) and the operating envelope the data
+covered, plus a report directory: ``report.md``, one plot per batch of measured
+against fitted (and nominal), and ``fit.csv``. The workflow is in
+``docs/calibration.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from plant_models.errors import BioreactorMPCError
+from plant_models.parameters import CultureParameters
+
+if TYPE_CHECKING:
+    from controller.calibration import CalibrationResult
+
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "configs" / "model" / "cho_nominal.yaml"
+LABELS = {
+    "vcd_1e6_per_ml": "viable cells [1e6/mL]",
+    "viability_pct": "viability [%]",
+    "glucose_g_per_l": "glucose [g/L]",
+    "lactate_g_per_l": "lactate [g/L]",
+    "glutamine_mm": "glutamine [mM]",
+    "ammonia_mm": "ammonia [mM]",
+    "titer_g_per_l": "titer [g/L]",
+    "osmolality_mosm_per_kg": "osmolality [mOsm/kg]",
+    "capacitance_pf_per_cm": "capacitance [pF/cm]",
+    "our_mmol_per_l_h": "OUR [mmol/L/h]",
+}
+
+
+class CalibrateCommandError(BioreactorMPCError, ValueError):
+    """``calibrate`` cannot run as given (an output that exists, a settings file that does not validate)."""
+
+
+def add_parser(subparsers: SubParsers) -> None:
+    calibrate_parser = subparsers.add_parser("calibrate", help="fit the model to batch records; write a calibrated parameter file and a report (docs/calibration.md)")
+    calibrate_parser.add_argument("records", nargs="+", type=Path, help="batch directories (CSV layout), directories of them, or history files")
+    calibrate_parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the parameter file the fit starts from (default: the nominal CHO kinetics)")
+    calibrate_parser.add_argument("--output", type=Path, required=True, help="the calibrated parameter file to write (YAML)")
+    calibrate_parser.add_argument("--report-dir", type=Path, default=None, help="where the report goes (default: next to --output, <name>-report/)")
+    calibrate_parser.add_argument("--batch", type=Path, action="append", default=[], help="the batch file of a batch in a history file (repeatable)")
+    calibrate_parser.add_argument("--settings", type=Path, default=None, help="calibration settings (YAML): which parameters, priors, phases (docs/calibration.md)")
+    calibrate_parser.add_argument("--no-cross-validation", action="store_true", help="skip leave-one-batch-out cross-validation")
+    calibrate_parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+
+def run_calibrate(args: argparse.Namespace, console: Console) -> int:
+    from controller.calibration import CalibrationSettings, calibrate
+    from interfaces.batch_records import read_records
+    from plant_models.config_loading import load_yaml_model
+
+    if args.output.exists() and not args.force:
+        raise CalibrateCommandError(f"{args.output} exists; give --force to overwrite it, or another --output")
+    settings = load_yaml_model(args.settings, CalibrationSettings) if args.settings is not None else CalibrationSettings()
+    nominal = CultureParameters.from_yaml(args.model)
+    records = read_records(args.records, batch_files=args.batch)
+    console.print(f"calibrating on {len(records)} batches: {', '.join(r.batch_id for r in records)}")
+    result = calibrate(records, nominal, settings=settings, based_on=str(args.model), cross_validate=not args.no_cross_validation)
+    write_parameter_file(args.output, result.parameters)
+    report_dir = args.report_dir or args.output.with_name(f"{args.output.stem}-report")
+    write_report(report_dir, result, args.output)
+    console.print(parameter_table(result))
+    statistics = result.fit_statistics
+    console.print(f"reduced χ²: {statistics['reduced_chi2_nominal']:.2f} nominal → {statistics['reduced_chi2']:.2f} calibrated; {result.wall_s:.1f} s")
+    if result.not_identifiable:
+        console.print(f"not identifiable from these batches (kept at nominal): {', '.join(result.not_identifiable)}")
+    console.print(f"wrote {args.output} and {report_dir / 'report.md'}")
+    return 0
+
+
+def write_parameter_file(path: Path, parameters: CultureParameters) -> None:
+    """The calibrated set in the format of ``configs/model/*.yaml``; it loads with CultureParameters.from_yaml (checked here)."""
+    data = parameters.model_dump(mode="json", exclude_none=True)
+    header = "# Calibrated by bioreactor-mpc calibrate: provenance and envelope at the end. Review the report before deploying.\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    CultureParameters.from_yaml(path)
+
+
+def parameter_table(result: CalibrationResult) -> Table:
+    table = Table(title="calibrated parameters (95 % interval)")
+    for column in ("parameter", "nominal", "calibrated", "95 % interval", "× nominal"):
+        table.add_column(column, justify="left" if column == "parameter" else "right")
+    for name, estimate in result.estimates.items():
+        interval = f"[{estimate.ci95_low:.4g}, {estimate.ci95_high:.4g}]" if estimate.identifiable else "not identifiable"
+        table.add_row(name.removeprefix("culture."), f"{estimate.nominal:.4g}", f"{estimate.value:.4g}", interval, f"{estimate.value / estimate.nominal:.3f}")
+    return table
+
+
+def write_report(directory: Path, result: CalibrationResult, parameter_file: Path) -> None:
+    """report.md (parameters, identifiability, fit statistics, cross-validation, envelope), a plot per batch, fit.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from controller.calibration import LAB_MODEL, ONLINE_MODEL
+
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [*LAB_MODEL, *ONLINE_MODEL]
+    for fit in result.batches:
+        fig, axes = plt.subplots(2, 5, figsize=(20, 7), sharex=True)
+        for ax, name in zip(axes.flat, names, strict=True):
+            ax.plot(fit.time_h / 24.0, fit.nominal[name], color="tab:gray", ls="--", lw=1, label="nominal model")
+            ax.plot(fit.time_h / 24.0, fit.fitted[name], color="tab:blue", lw=1.5, label="calibrated model")
+            if name in fit.observations:
+                times, values = fit.observations[name]
+                ax.plot(times / 24.0, values, "o", color="tab:orange", ms=3, label="measured")
+            ax.set_title(LABELS[name], fontsize=10)
+            ax.grid(alpha=0.3)
+        axes.flat[0].legend(fontsize=8)
+        for ax in axes[-1]:
+            ax.set_xlabel("process time [day]")
+        fig.suptitle(f"batch {fit.batch_id}: measured against fitted")
+        fig.tight_layout()
+        fig.savefig(directory / f"{_slug(fit.batch_id)}.png", dpi=90)
+        plt.close(fig)
+    with (directory / "fit.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["batch_id", "quantity", "process_time_h", "measured", "fitted", "nominal"])
+        for fit in result.batches:
+            for name, (times, values) in fit.observations.items():
+                fitted = np.interp(times, fit.time_h, fit.fitted[name])
+                nominal = np.interp(times, fit.time_h, fit.nominal[name])
+                for t, v, f, n in zip(times, values, fitted, nominal, strict=True):
+                    writer.writerow([fit.batch_id, name, f"{t:.4f}", f"{v:.6g}", f"{f:.6g}", f"{n:.6g}"])
+    (directory / "report.md").write_text(_report_markdown(result, parameter_file), encoding="utf-8")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def _report_markdown(result: CalibrationResult, parameter_file: Path) -> str:
+    provenance = result.parameters.provenance
+    lines = [f"# Calibration report: {parameter_file.name}", ""]
+    if provenance is not None:
+        lines += [f"Created {provenance.created_utc} by {provenance.tool}, starting from `{provenance.based_on}`.", ""]
+        lines += ["## Inputs", "", "| file | sha-256 |", "|---|---|"]
+        lines += [f"| `{file}` | `{digest}` |" for file, digest in provenance.inputs]
+        lines += [""]
+    lines += ["## Parameters", "", "| parameter | nominal | calibrated | 95 % interval | × nominal |", "|---|---:|---:|---:|---:|"]
+    for name, e in result.estimates.items():
+        interval = f"[{e.ci95_low:.4g}, {e.ci95_high:.4g}]" if e.identifiable else "**not identifiable: kept at nominal**"
+        lines.append(f"| {name.removeprefix('culture.')} | {e.nominal:.4g} | {e.value:.4g} | {interval} | {e.value / e.nominal:.3f} |")
+    if result.not_identifiable:
+        lines += ["", f"Not identifiable from these batches (their 95 % interval spanned more than the configured factor): {', '.join(result.not_identifiable)}."]
+    lines += ["", "## Fit", "", "| statistic | value |", "|---|---:|"]
+    lines += [f"| {name} | {value:.4g} |" for name, value in result.fit_statistics.items()]
+    if result.cross_validation:
+        lines += ["", "## Cross-validation (each batch left out, predicted by a fit on the others)", "", "| quantity | nominal model | calibrated model |", "|---|---:|---:|"]
+        for quantity in sorted({key.rsplit("_", 1)[0] for key in result.cross_validation}):
+            lines.append(f"| {quantity} | {result.cross_validation[f'{quantity}_nominal']:.3f} | {result.cross_validation[f'{quantity}_calibrated']:.3f} |")
+        lines += ["", "Relative RMSE of the lab values of the batch left out."]
+    lines += [
+        "",
+        "## Operating envelope the data covered",
+        "",
+        "| phase | h | temperature °C | feed L/(L·day) | glucose feed L/(L·day) | glucose g/L | batches |",
+        "|---|---|---|---|---|---|---:|",
+    ]
+    for phase in result.parameters.envelope:
+        lines.append(
+            f"| {phase.phase} | {phase.start_h:g}–{phase.end_h:g} | {phase.temperature_degc.low:.1f}–{phase.temperature_degc.high:.1f} | "
+            f"{phase.feed_per_volume_per_day.low:.4f}–{phase.feed_per_volume_per_day.high:.4f} | "
+            f"{phase.glucose_feed_per_volume_per_day.low:.4f}–{phase.glucose_feed_per_volume_per_day.high:.4f} | "
+            f"{phase.glucose_g_per_l.low:.2f}–{phase.glucose_g_per_l.high:.2f} | {phase.batches} |"
+        )
+    lines += ["", "## Batches", ""]
+    lines += [f"![{fit.batch_id}]({_slug(fit.batch_id)}.png)" for fit in result.batches]
+    return "\n".join(lines) + "\n"

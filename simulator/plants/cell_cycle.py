@@ -42,7 +42,7 @@ from simulator.plants.base import EquationPlant
 _SMOOTH_EPS_G_PER_L_H = 1e-4
 
 
-class CellCycleDivision(FrozenConfig):
+class CellCycleGrowth(FrozenConfig):
     """Division rate of cycling cells."""
 
     mu_max_per_h: float = Field(default=0.05, gt=0.0, le=0.2, description="maximum division rate of cycling cells at the reference temperature [1/h]")
@@ -81,6 +81,8 @@ class CellCycleDeath(FrozenConfig):
     k_ammonia_mm: float = Field(default=14.0, gt=0.0, description="ammonia at half the ammonia-induced death [mM]")
     kd_starvation_max_per_h: float = Field(default=0.03, ge=0.0, description="death rate without glucose [1/h]")
     k_starvation_glucose_g_per_l: float = Field(default=0.2, gt=0.0, description="glucose below which starvation death sets in [g/L]")
+    kd_amino_acid_starvation_max_per_h: float = Field(default=0.004, ge=0.0, description="death rate without glutamine, the feed's amino-acid proxy [1/h]")
+    k_amino_acid_starvation_mm: float = Field(default=0.1, gt=0.0, description="glutamine below which amino-acid starvation death sets in [mM]")
     arrested_ratio: float = Field(default=0.6, ge=0.0, le=1.0, description="death rate of arrested relative to cycling cells [-]")
     lysis_per_h: float = Field(default=0.006, ge=0.0, description="first-order lysis of dead cells [1/h]")
 
@@ -107,13 +109,14 @@ class CellCycleProduct(FrozenConfig):
     """Productivity: secretory capacity with a temperature optimum and a lag; arrested cells produce more."""
 
     q_product_pg_per_cell_day: float = Field(
-        default=24.0, ge=0.0, le=200.0, description="productivity of a cycling cell at full capacity at the reference temperature [pg/(cell·day)]"
+        default=27.0, ge=0.0, le=200.0, description="productivity of a cycling cell at full capacity at the reference temperature [pg/(cell·day)]"
     )
     arrested_ratio: float = Field(default=1.4, ge=0.0, description="productivity of arrested relative to cycling cells [-]")
     temperature_optimum_degc: float = Field(default=34.5, ge=28.0, le=38.0, description="temperature of the highest secretory capacity [°C]")
-    temperature_curvature_per_degc2: float = Field(default=0.065, ge=0.0, description="capacity target exp(-c((T-Topt)^2-(Tref-Topt)^2)) [1/°C²]")
+    temperature_curvature_per_degc2: float = Field(default=0.08, ge=0.0, description="capacity target exp(-c((T-Topt)^2-(Tref-Topt)^2)) [1/°C²]")
     capacity_lag_h: float = Field(default=36.0, gt=0.0, description="time constant of the secretory capacity following its target [h]")
     k_glucose_g_per_l: float = Field(default=0.05, gt=0.0, description="glucose below which productivity collapses [g/L]")
+    k_glutamine_mm: float = Field(default=0.2, gt=0.0, description="glutamine (amino-acid proxy) that halves productivity [mM]")
     galactosylated_max_fraction: float = Field(default=0.74, gt=0.0, le=1.0, description="galactosylated fraction of new product without stress [-]")
     galactosylation_ki_ammonia_mm: float = Field(default=20.0, gt=0.0, description="ammonia that halves galactosylation of new product [mM]")
 
@@ -139,7 +142,7 @@ class CellCycleTemperature(FrozenConfig):
 class CellCycleKinetics(FrozenConfig):
     """All parameters of the cell-cycle plant except the batch's media; defaults are the nominal values (sources in docs/plants.md)."""
 
-    division: CellCycleDivision = CellCycleDivision()
+    growth: CellCycleGrowth = CellCycleGrowth()
     arrest: CellCycleArrest = CellCycleArrest()
     death: CellCycleDeath = CellCycleDeath()
     metabolism: CellCycleMetabolism = CellCycleMetabolism()
@@ -220,17 +223,17 @@ class CellCyclePlant(EquationPlant):
         reference = k["temperature.reference_degc"]
 
         osmolality = s["other_osmolytes"] + glc * 1000.0 / GLUCOSE_G_PER_MOL + lac * 1000.0 / LACTATE_G_PER_MOL + gln + amm
-        nutrients = glc / (k["division.k_glucose_g_per_l"] + glc) * gln / (k["division.k_glutamine_mm"] + gln)
+        nutrients = glc / (k["growth.k_glucose_g_per_l"] + glc) * gln / (k["growth.k_glutamine_mm"] + gln)
 
         division = (
-            k["division.mu_max_per_h"]
-            * q10_factor(k["division.q10"], temperature, reference)
+            k["growth.mu_max_per_h"]
+            * q10_factor(k["growth.q10"], temperature, reference)
             * nutrients
-            * k["division.ki_lactate_g_per_l"]
-            / (k["division.ki_lactate_g_per_l"] + lac)
-            * k["division.ki_ammonia_mm"]
-            / (k["division.ki_ammonia_mm"] + amm)
-            * logistic_decline(osmolality, k["division.osmolality_half_mosm_per_kg"], k["division.osmolality_width_mosm_per_kg"])
+            * k["growth.ki_lactate_g_per_l"]
+            / (k["growth.ki_lactate_g_per_l"] + lac)
+            * k["growth.ki_ammonia_mm"]
+            / (k["growth.ki_ammonia_mm"] + amm)
+            * logistic_decline(osmolality, k["growth.osmolality_half_mosm_per_kg"], k["growth.osmolality_width_mosm_per_kg"])
         )
 
         cold = logistic_decline(temperature, k["arrest.cold_half_degc"], k["arrest.cold_width_degc"])
@@ -240,11 +243,13 @@ class CellCyclePlant(EquationPlant):
         release_rate = k["arrest.release_max_per_h"] * (1.0 - cold) * nutrients * (1.0 - crowded)
 
         k_lac_d, k_amm_d, k_starve = k["death.k_lactate_g_per_l"], k["death.k_ammonia_mm"], k["death.k_starvation_glucose_g_per_l"]
+        k_aa_starve = k["death.k_amino_acid_starvation_mm"]
         kd_cycling = (
             k["death.kd_min_per_h"] * q10_factor(k["death.q10"], temperature, reference)
             + k["death.kd_lactate_max_per_h"] * lac**2 / (k_lac_d**2 + lac**2)
             + k["death.kd_ammonia_max_per_h"] * amm**2 / (k_amm_d**2 + amm**2)
             + k["death.kd_starvation_max_per_h"] * k_starve**2 / (k_starve**2 + glc**2)
+            + k["death.kd_amino_acid_starvation_max_per_h"] * k_aa_starve**2 / (k_aa_starve**2 + gln**2)
         )
         kd_arrested = k["death.arrested_ratio"] * kd_cycling
 
@@ -268,7 +273,16 @@ class CellCyclePlant(EquationPlant):
 
         target = capacity_target(temperature, reference, k["product.temperature_optimum_degc"], k["product.temperature_curvature_per_degc2"])
         producing_cells = cycling + k["product.arrested_ratio"] * arrested
-        r_product = k["product.q_product_pg_per_cell_day"] * PG_PER_CELL_DAY_TO_G_PER_1E9_CELLS_H * capacity * glc / (k["product.k_glucose_g_per_l"] + glc) * producing_cells
+        r_product = (
+            k["product.q_product_pg_per_cell_day"]
+            * PG_PER_CELL_DAY_TO_G_PER_1E9_CELLS_H
+            * capacity
+            * glc
+            / (k["product.k_glucose_g_per_l"] + glc)
+            * gln
+            / (k["product.k_glutamine_mm"] + gln)
+            * producing_cells
+        )
         k_gal_amm = k["product.galactosylation_ki_ammonia_mm"]
         new_galactosylated = k["product.galactosylated_max_fraction"] * k_gal_amm / (k_gal_amm + amm)
 

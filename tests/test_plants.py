@@ -21,7 +21,7 @@ from controller.config import BatchConfig
 from plant_models.parameters import CultureParameters
 from simulator.plants import OBSERVABLES, PLANTS, EquationPlant, make_plant
 from simulator.plants.amino_acid import AminoAcidPlant
-from simulator.plants.biovolume import BiovolumePlant
+from simulator.plants.biovolume import BiovolumeKinetics, BiovolumePlant
 from simulator.plants.cell_cycle import CellCyclePlant
 from simulator.plants.cho import ChoPlant
 
@@ -305,15 +305,16 @@ def test_biovolume_plant_capacitance_per_viable_cell_rises_while_the_cho_model_k
 
 def test_biovolume_plant_cells_grow_larger_when_they_stop_dividing() -> None:
     plant = plant_named("biovolume")
+    growth = BiovolumeKinetics().growth
 
     def cell_volume_pl(run: Run) -> np.ndarray:
         return run.states[:, plant.state_index("viable_biovolume")] / run.states[:, plant.state_index("viable_cells")]
 
     shifted, warm = cell_volume_pl(recipe_like_run("biovolume")), cell_volume_pl(recipe_like_run("biovolume", 36.5))
-    assert shifted[48] == pytest.approx(plant.kinetics.growth.inoculum_cell_volume_pl, rel=0.03)  # balanced growth: size constant
+    assert shifted[48] == pytest.approx(growth.inoculum_cell_volume_pl, rel=0.03)  # balanced growth: size constant
     assert shifted[-1] > 1.5 * shifted[48]  # stationary phase and cold: larger
     assert shifted[192] > 1.1 * warm[192]  # the cold shift enlarges them sooner
-    assert shifted.max() <= plant.kinetics.growth.max_cell_volume_pl
+    assert shifted.max() <= growth.max_cell_volume_pl
 
 
 def test_biovolume_plant_loses_product_to_clipping_during_the_batch() -> None:

@@ -1,0 +1,177 @@
+"""The controller on plants its model has never seen: recipe, NMPC with nominal kinetics, NMPC calibrated on the plant's own batch records.
+
+For each structurally different plant (simulator/plants, docs/plants.md):
+
+1. the plant's "history": a recipe batch and process-development batches
+   (other temperature shifts, feed rates, glucose targets), recorded as a
+   historian scans the PLC (simulator.records);
+2. ``calibrate`` on those records (controller.calibration: what
+   ``bioreactor-mpc calibrate`` runs);
+3. on batches of other seeds and scenarios: the platform recipe, the NMPC with
+   the nominal kinetics, the NMPC with the calibrated kinetics (both through
+   the runtime's own cycle with its estimator), and the plant's
+   perfect-knowledge oracle (simulator.oracle).
+
+Printed per batch and per plant: score (g/day), gap closed against the
+oracle, violation hours, the estimator's 95 % coverage of lab VCD and titer and
+of the true VCD and titer, and the error of the titer predicted at harvest.
+The calibration's fit, intervals and wall time are printed per plant.
+
+Usage: python benchmarks/mismatch_campaign.py [--quick] [--plants amino_acid,cell_cycle,biovolume] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bioreactor_mpc.logging import configure_logging
+from controller.calibration import calibrate
+from plant_models.parameters import CultureParameters
+from simulator.batch import run_recipe_batch
+from simulator.evaluation import EvaluatedBatch, run_with_coverage
+from simulator.oracle import run_oracle_batch
+from simulator.records import development_batches
+from simulator.scenarios import load_scenario
+
+PLANTS = ("amino_acid", "cell_cycle", "biovolume")
+DEVELOPMENT_BATCHES = 5
+"""Besides the platform recipe's own batch: six records per plant."""
+
+
+def cases(quick: bool) -> list[tuple[str, dict[str, Any]]]:
+    """Seeds and scenarios run on every plant."""
+    if quick:
+        return [("seed 1", {"seed": 1})]
+    return [
+        ("seed 1", {"seed": 1}),
+        ("seed 2", {"seed": 2}),
+        ("feed lot 15% weaker", {"seed": 3, "faults": [{"kind": "feed_lot", "start_h": 96.0, "strength": 0.85}]}),
+        ("capacitance probe Bad", {"seed": 4, "faults": [{"kind": "probe", "tag": "PV.Capacitance", "mode": "bad", "start_h": 100.0}]}),
+    ]
+
+
+@dataclass(frozen=True)
+class Arm:
+    score: float
+    violation_h: float
+    lab_coverage: dict[str, float]
+    truth_coverage: dict[str, float]
+    harvest_titer_error: float
+
+    @classmethod
+    def of(cls, evaluated: EvaluatedBatch) -> Arm:
+        kpis = evaluated.result.batch.kpis
+        return cls(kpis.score_g_per_day, kpis.violation_h, evaluated.coverage.lab, evaluated.coverage.truth, evaluated.harvest_titer_error)
+
+
+@dataclass(frozen=True)
+class Row:
+    plant: str
+    case: str
+    recipe: float
+    oracle: float
+    nominal: Arm
+    calibrated: Arm
+    wall_s: float
+
+    def gap(self, score: float) -> float:
+        span = self.oracle - self.recipe
+        return (score - self.recipe) / span if span > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class PlantCalibration:
+    plant: str
+    parameters: CultureParameters
+    wall_s: float
+    reduced_chi2_nominal: float
+    reduced_chi2: float
+    not_identifiable: tuple[str, ...]
+
+
+def calibrate_plant(plant: str) -> PlantCalibration:
+    configure_logging(level=logging.WARNING)
+    nominal = load_scenario({"plant": plant}).nominal
+    records = development_batches(load_scenario({"plant": plant, "seed": 500}), DEVELOPMENT_BATCHES, 500, id_prefix=f"{plant[:6].upper()}")
+    started = time.perf_counter()
+    result = calibrate(records, nominal, cross_validate=False, based_on="configs/model/cho_nominal.yaml")
+    statistics_ = result.fit_statistics
+    return PlantCalibration(plant, result.parameters, time.perf_counter() - started, statistics_["reduced_chi2_nominal"], statistics_["reduced_chi2"], result.not_identifiable)
+
+
+def run_case(job: tuple[str, tuple[str, dict[str, Any]], CultureParameters]) -> Row:
+    configure_logging(level=logging.WARNING)
+    plant, (name, overrides), calibrated = job
+    started = time.perf_counter()
+    loaded = load_scenario({"plant": plant, **overrides})
+    recipe = run_recipe_batch(loaded).kpis.score_g_per_day
+    oracle = run_oracle_batch(loaded).kpis.score_g_per_day
+    nominal = Arm.of(run_with_coverage(loaded, loaded.nominal))
+    tuned = Arm.of(run_with_coverage(loaded, calibrated))
+    return Row(plant, name, recipe, oracle, nominal, tuned, time.perf_counter() - started)
+
+
+def _coverage(arm: Arm) -> str:
+    return f"lab {arm.lab_coverage['viable_cells']:.0%}/{arm.lab_coverage['titer']:.0%} true {arm.truth_coverage['viable_cells']:.0%}/{arm.truth_coverage['titer']:.0%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed per plant")
+    parser.add_argument("--plants", default=",".join(PLANTS), help="comma-separated plant names")
+    parser.add_argument("--jobs", type=int, default=2, help="batches run in parallel processes")
+    args = parser.parse_args()
+    configure_logging(level=logging.WARNING)
+    plants = [name.strip() for name in args.plants.split(",") if name.strip()]
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        calibrations = {c.plant: c for c in pool.map(calibrate_plant, plants)}
+        for c in calibrations.values():
+            print(
+                f"{c.plant}: calibrated on {DEVELOPMENT_BATCHES + 1} batches in {c.wall_s:.1f} s; reduced chi2 {c.reduced_chi2_nominal:.1f} nominal -> {c.reduced_chi2:.2f}; "
+                f"not identifiable: {', '.join(n.removeprefix('culture.') for n in c.not_identifiable) or 'none'}",
+                flush=True,
+            )
+        jobs = [(plant, case, calibrations[plant].parameters) for plant in plants for case in cases(args.quick)]
+        rows = list(pool.map(run_case, jobs))
+    print()
+    header = f"{'plant':11s} {'batch':24s} {'recipe':>7s} {'oracle':>7s} | {'nominal':>7s} {'gap':>6s} {'viol h':>6s} {'coverage VCD/titer':>30s} {'titer@h':>7s} | {'calib.':>7s} {'gap':>6s} {'viol h':>6s} {'coverage VCD/titer':>30s} {'titer@h':>7s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r.plant:11s} {r.case:24s} {r.recipe:7.1f} {r.oracle:7.1f} | "
+            f"{r.nominal.score:7.1f} {r.gap(r.nominal.score):6.2f} {r.nominal.violation_h:6.1f} {_coverage(r.nominal):>30s} {r.nominal.harvest_titer_error:+7.1%} | "
+            f"{r.calibrated.score:7.1f} {r.gap(r.calibrated.score):6.2f} {r.calibrated.violation_h:6.1f} {_coverage(r.calibrated):>30s} {r.calibrated.harvest_titer_error:+7.1%}"
+        )
+    print()
+    for plant in plants:
+        mine = [r for r in rows if r.plant == plant]
+        for label, pick in (("nominal", lambda r: r.nominal), ("calibrated", lambda r: r.calibrated)):
+            arms = [pick(r) for r in mine]
+            gaps = [r.gap(pick(r).score) for r in mine]
+            worse = sum(pick(r).score < r.recipe for r in mine)
+            lab_vcd = statistics.fmean(a.lab_coverage["viable_cells"] for a in arms)
+            lab_titer = statistics.fmean(a.lab_coverage["titer"] for a in arms)
+            true_vcd = statistics.fmean(a.truth_coverage["viable_cells"] for a in arms)
+            true_titer = statistics.fmean(a.truth_coverage["titer"] for a in arms)
+            titer_errors = [abs(a.harvest_titer_error) for a in arms if math.isfinite(a.harvest_titer_error)]
+            print(
+                f"{plant:11s} {label:10s}: mean gap {statistics.fmean(gaps):+.2f} (min {min(gaps):+.2f}), below recipe in {worse}/{len(mine)}, "
+                f"violation {sum(a.violation_h for a in arms):.1f} h, coverage lab VCD {lab_vcd:.0%} titer {lab_titer:.0%}, true VCD {true_vcd:.0%} titer {true_titer:.0%}, "
+                f"|harvest titer error| median {np.median(titer_errors) if titer_errors else math.nan:.1%}"
+            )
+    print(f"\n{len(rows)} batches x 4 controllers on {len(plants)} plants in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

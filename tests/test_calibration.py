@@ -1,0 +1,132 @@
+"""Calibration: known kinetics recovered inside their intervals, unidentifiable parameters named and left nominal, bad input refused, the CLI end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from controller.calibration import CalibrationError, CalibrationSettings, calibrate
+from controller.records import BatchRecord
+from interfaces.batch_records import sha256_of, write_batch_directory
+from plant_models.parameters import CultureParameters, parameter_vector
+from simulator.records import development_batches
+from simulator.scenarios import load_scenario
+
+REPO = Path(__file__).resolve().parent.parent
+TRUE_FACTORS = {"growth.mu_max_per_h": 0.8, "product.q_product_pg_per_cell_day": 1.25, "measurement.capacitance_pf_per_cm_per_1e6_cells_ml": 1.3}
+FAST = CalibrationSettings(
+    parameters=(
+        "culture.growth.mu_max_per_h",
+        "culture.product.q_product_pg_per_cell_day",
+        "culture.measurement.capacitance_pf_per_cm_per_1e6_cells_ml",
+        "culture.metabolism.yield_cells_per_glucose_1e9_per_g",
+        "culture.death.kd_min_per_h",
+    ),
+    step_h=2.0,
+    rk4_substeps=4,
+)
+
+
+@pytest.fixture(scope="module")
+def records() -> list[BatchRecord]:
+    """Four batches of a cell line that grows slower, makes more product and reads higher on the capacitance probe than nominal."""
+    return development_batches(load_scenario({"seed": 70, "true_parameter_factors": TRUE_FACTORS}), 4, 70)
+
+
+@pytest.fixture(scope="module")
+def nominal() -> CultureParameters:
+    return CultureParameters.from_yaml(REPO / "configs" / "model" / "cho_nominal.yaml")
+
+
+def test_known_kinetics_are_recovered_inside_their_intervals(records, nominal):
+    result = calibrate(records, nominal, settings=FAST, cross_validate=False)
+    truth = {f"culture.{name}": factor for name, factor in TRUE_FACTORS.items()}
+    for name, estimate in result.estimates.items():
+        factor = truth.get(name, 1.0)
+        assert estimate.identifiable, name
+        assert estimate.ci95_low / estimate.nominal <= factor <= estimate.ci95_high / estimate.nominal, (name, estimate)
+        assert estimate.value / estimate.nominal == pytest.approx(factor, rel=0.06), name
+    assert result.fit_statistics["reduced_chi2"] < 0.2 * result.fit_statistics["reduced_chi2_nominal"]
+    assert result.fit_statistics["rel_rmse_vcd_1e6_per_ml"] < 0.5 * result.fit_statistics["rel_rmse_vcd_1e6_per_ml_nominal"]
+    # The calibrated set is the nominal one with the fitted entries changed, and says where it came from.
+    calibrated = result.parameters
+    assert calibrated.growth.mu_max_per_h == pytest.approx(result.estimates["culture.growth.mu_max_per_h"].value)
+    assert calibrated.growth.k_glucose_g_per_l == nominal.growth.k_glucose_g_per_l
+    assert calibrated.provenance is not None and calibrated.provenance.batches == tuple(r.batch_id for r in records)
+    assert np.all(np.isfinite(parameter_vector(calibrated, records[0].batch.media)))
+    # The envelope holds what the development batches ran: their temperature shifts.
+    production = {phase.phase: phase for phase in calibrated.envelope}["production"]
+    shifted = [r.batch.recipe.temperature_shifted_degc for r in records]
+    assert production.temperature_degc.low == pytest.approx(min(shifted), abs=0.01)
+    assert production.temperature_degc.high == pytest.approx(max(shifted), abs=0.01)
+
+
+def test_a_parameter_the_data_cannot_see_is_named_and_left_nominal(records, nominal):
+    """Osmolality never comes near the growth-inhibition midpoint in these batches: its parameter is not identifiable."""
+    settings = FAST.model_copy(update={"parameters": (*FAST.parameters[:2], "culture.growth.osmolality_half_mosm_per_kg")})
+    result = calibrate(records, nominal, settings=settings, cross_validate=False)
+    assert result.not_identifiable == ("culture.growth.osmolality_half_mosm_per_kg",)
+    estimate = result.estimates["culture.growth.osmolality_half_mosm_per_kg"]
+    assert not estimate.identifiable and estimate.value == estimate.nominal == nominal.growth.osmolality_half_mosm_per_kg
+    assert result.parameters.growth.osmolality_half_mosm_per_kg == nominal.growth.osmolality_half_mosm_per_kg
+    assert result.estimates["culture.growth.mu_max_per_h"].identifiable
+
+
+def test_a_batch_without_lab_results_is_refused_by_name(records, nominal):
+    blind = dataclasses.replace(records[1], lab=())
+    with pytest.raises(CalibrationError, match=rf"batch '{records[1].batch_id}': no lab VCD or titer result"):
+        calibrate([records[0], blind], nominal, settings=FAST, cross_validate=False)
+
+
+def test_settings_name_an_unknown_parameter():
+    with pytest.raises(ValueError, match="culture.growth.mu_maximum"):
+        CalibrationSettings(parameters=("culture.growth.mu_maximum",))
+
+
+def test_calibrate_command_writes_a_parameter_file_with_provenance_and_a_report(records, tmp_path):
+    directories = [write_batch_directory(record, tmp_path / "records" / record.batch_id) for record in records[:3]]
+    settings = tmp_path / "calibration.yaml"
+    settings.write_text(yaml.safe_dump(FAST.model_dump(mode="json", include={"parameters", "step_h", "rk4_substeps"})))
+    output = tmp_path / "site" / "cho_site.yaml"
+    command = [sys.executable, "-m", "bioreactor_mpc", "calibrate", str(tmp_path / "records"), "--output", str(output), "--settings", str(settings)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "calibrating on 3 batches" in done.stdout and "reduced χ²" in done.stdout
+    calibrated = CultureParameters.from_yaml(output)
+    provenance = calibrated.provenance
+    assert provenance is not None
+    assert dict(provenance.inputs)[str(directories[0] / "lab.csv")] == sha256_of(directories[0] / "lab.csv")
+    assert set(provenance.parameters) == set(FAST.parameters)
+    assert {"vcd_1e6_per_ml_calibrated", "vcd_1e6_per_ml_nominal"} <= set(provenance.cross_validation)
+    assert math.isfinite(provenance.fit_statistics["reduced_chi2"])
+    assert calibrated.growth.mu_max_per_h == pytest.approx(0.8 * 0.05, rel=0.08)
+    report = tmp_path / "site" / "cho_site-report"
+    text = (report / "report.md").read_text()
+    assert "## Cross-validation" in text and "## Operating envelope" in text
+    for record in records[:3]:
+        assert (report / f"{record.batch_id}.png").read_bytes().startswith(b"\x89PNG")
+    assert (report / "fit.csv").read_text().count("\n") > 100
+    # A second run does not overwrite the reviewed file without --force.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert again.returncode == 2 and f"{output} exists" in again.stderr
+
+
+def test_calibrate_command_names_the_file_row_and_column_of_bad_input(records, tmp_path):
+    directory = write_batch_directory(records[0], tmp_path / records[0].batch_id)
+    lab = directory / "lab.csv"
+    lines = lab.read_text().splitlines()
+    lines[0] = lines[0].replace("glucose_g_per_l", "glucose_mm")
+    lab.write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "bioreactor_mpc", "calibrate", str(directory), "--output", str(tmp_path / "out.yaml")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert str(lab) in done.stderr and "glucose_mm" in done.stderr and "glucose_g_per_l" in done.stderr
+    assert not (tmp_path / "out.yaml").exists()

@@ -16,7 +16,7 @@ Lloyd et al. 1999/2000 on productivity along the cycle), and what differs from
 - the per-cell **secretory capacity** is a state that follows a bell-shaped
   temperature optimum (34.5 °C) with a lag of a day and a half: at 33 °C the
   cells make barely more than at 36.5 °C, at 31 °C much less — where the
-  controller's model promises 1.6× at 33 °C and 2.2× at 31 °C;
+  controller's model promises 1.6× at 33 °C and 2.1× at 31 °C;
 - arrested cells make more product per cell than cycling ones, respire less,
   and die more slowly.
 

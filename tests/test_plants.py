@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from controller.config import BatchConfig
+from plant_models.errors import ConfigError
 from plant_models.parameters import CultureParameters
 from simulator.plants import OBSERVABLES, PLANTS, EquationPlant, make_plant
 from simulator.plants.amino_acid import AminoAcidPlant
@@ -150,6 +151,13 @@ def test_the_feeds_carry_what_the_batch_file_says(name: str) -> None:
     p = plant.nominal_parameters(BATCH)
     for field, value in BATCH.media.model_dump().items():
         assert p[plant.parameter_index(f"media.{field}")] == value
+
+
+def test_amino_acid_plant_refuses_an_inoculation_whose_osmolality_cannot_hold_its_medium() -> None:
+    inoculum = BATCH.inoculation.model_dump() | {"glucose_g_per_l": 30.0, "glutamine_mm": 30.0, "osmolality_mosm_per_kg": 200.0}
+    batch = BatchConfig.model_validate(BATCH.model_dump() | {"inoculation": inoculum})
+    with pytest.raises(ConfigError, match="osmolality_mosm_per_kg"):
+        plant_named("amino_acid").initial_state(batch)
 
 
 # --- balances -------------------------------------------------------------------------------------

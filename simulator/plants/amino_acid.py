@@ -37,6 +37,7 @@ from pydantic import Field
 from controller.config import BatchConfig
 from plant_models.cho import GLUCOSE_G_PER_MOL, LACTATE_G_PER_MOL, PG_PER_CELL_DAY_TO_G_PER_1E9_CELLS_H, Signal
 from plant_models.config_loading import FrozenConfig
+from plant_models.errors import ConfigError
 from plant_models.parameters import MediaComposition
 from simulator.plants.base import EquationPlant
 
@@ -232,7 +233,10 @@ class AminoAcidPlant(EquationPlant):
         x[index("metabolic_phase")] = 0.0
         other = inoculum.other_osmolytes_mosm_per_kg - medium.glutamate_initial_mm - medium.asparagine_initial_mm
         if other < 0.0:
-            raise ValueError(f"plant {self.name!r}: the inoculation osmolality leaves {other:.0f} mOsm/kg for other osmolytes after asparagine and glutamate")
+            raise ConfigError(
+                f"inoculation.osmolality_mosm_per_kg: {inoculum.osmolality_mosm_per_kg} leaves {other:.0f} mOsm/kg for other osmolytes "
+                f"after the asparagine and glutamate of plant {self.name!r}'s medium; expected a higher osmolality or a leaner medium"
+            )
         x[index("other_osmolytes")] = other
         x[index("titer")] = inoculum.titer_g_per_l
         x[index("volume")] = inoculum.volume_l

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from statistics import NormalDist
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,9 @@ log = structlog.get_logger(__name__)
 SUBSTEPS_PER_CALL = 6
 """RK4 substeps in one call of the compiled step; longer intervals are cut into several calls."""
 TIME_TOLERANCE_H = 1e-6
-SERIAL_FORMAT_VERSION = 1
+SERIAL_FORMAT_VERSION = 2
+"""2 added the consistency monitor and the process-noise scale of each interval; version-1 dicts are still read."""
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 NONNEGATIVE_STATES: tuple[str, ...] = tuple(s.name for s in STATES if s.name != "temperature")
 
@@ -72,6 +75,42 @@ LAB_MEASUREMENTS: dict[str, tuple[str, str]] = {
 
 MEASUREMENT_NAMES: tuple[str, ...] = (*ONLINE_MEASUREMENTS, *LAB_MEASUREMENTS)
 
+MU_MAX = "culture.growth.mu_max_per_h"
+Q_PRODUCT = "culture.product.q_product_pg_per_cell_day"
+DEATH = "culture.death.kd_min_per_h"
+CAPACITANCE_PER_CELL = "culture.measurement.capacitance_pf_per_cm_per_1e6_cells_ml"
+O2_MAINTENANCE_PER_CELL = "culture.measurement.o2_maintenance_mmol_per_1e9_cells_h"
+O2_PER_GROWTH = "culture.measurement.o2_per_growth_mmol_per_1e9_cells"
+
+INFLATED_BY: dict[str, tuple[str, ...]] = {
+    "our_mmol_per_l_h": ("viable_cells", O2_MAINTENANCE_PER_CELL, O2_PER_GROWTH),
+    "cer_mmol_per_l_h": ("viable_cells", O2_MAINTENANCE_PER_CELL, O2_PER_GROWTH),
+    "capacitance_pf_per_cm": ("viable_cells", CAPACITANCE_PER_CELL),
+    "volume_l": ("volume",),
+    "temperature_degc": ("temperature",),
+    "base_total_l": ("base_added",),
+    "vcd_1e6_per_ml": ("viable_cells", MU_MAX, DEATH, CAPACITANCE_PER_CELL, O2_MAINTENANCE_PER_CELL, O2_PER_GROWTH),
+    "viability_pct": ("viable_cells", "dead_cells", DEATH),
+    "glucose_g_per_l": (
+        "glucose",
+        "culture.metabolism.yield_cells_per_glucose_1e9_per_g",
+        "culture.metabolism.glucose_maintenance_g_per_1e9_cells_h",
+        "media.nutrient_feed_strength",
+    ),
+    "lactate_g_per_l": ("lactate",),
+    "glutamine_mm": ("glutamine",),
+    "ammonia_mm": ("ammonia",),
+    "titer_g_per_l": ("titer", "galactosylated_titer", Q_PRODUCT),
+    "osmolality_mosm_per_kg": ("other_osmolytes",),
+}
+"""Signal → the states and parameters whose process noise (random walk) its consistency monitor inflates.
+
+A signal that disagrees with the model for longer than chance says that what it
+observes moves more than the model allows: the states it measures, the
+measurement relation between them (a capacitance or oxygen factor per cell),
+and the kinetics that drive them. Parameters that are not estimated are skipped.
+"""
+
 
 # --------------------------------------------------------------------------- configuration
 
@@ -92,12 +131,16 @@ class EstimatedParameter(FrozenConfig):
 
 
 DEFAULT_ESTIMATED_PARAMETERS: tuple[EstimatedParameter, ...] = (
-    EstimatedParameter(name="culture.growth.mu_max_per_h", prior_log_sd=0.25, random_walk_log_sd_per_sqrt_h=0.004),
-    EstimatedParameter(name="culture.product.q_product_pg_per_cell_day", prior_log_sd=0.3, random_walk_log_sd_per_sqrt_h=0.004),
+    EstimatedParameter(name=MU_MAX, prior_log_sd=0.25, random_walk_log_sd_per_sqrt_h=0.004),
+    EstimatedParameter(name=Q_PRODUCT, prior_log_sd=0.3, random_walk_log_sd_per_sqrt_h=0.01),
     EstimatedParameter(name="culture.metabolism.yield_cells_per_glucose_1e9_per_g", prior_log_sd=0.2, random_walk_log_sd_per_sqrt_h=0.003),
-    EstimatedParameter(name="culture.death.kd_min_per_h", prior_log_sd=0.5, random_walk_log_sd_per_sqrt_h=0.01),
+    EstimatedParameter(name=DEATH, prior_log_sd=0.5, random_walk_log_sd_per_sqrt_h=0.01),
     EstimatedParameter(name="media.nutrient_feed_strength", prior_log_sd=0.1, random_walk_log_sd_per_sqrt_h=0.005),
     EstimatedParameter(name="culture.metabolism.glucose_maintenance_g_per_1e9_cells_h", prior_log_sd=0.3, random_walk_log_sd_per_sqrt_h=0.003),
+    # Measurement relations that differ between probes, cell lines and cell sizes, and drift in a batch:
+    # the probe informs the product (factor × VCD), the lab VCD pins the factor.
+    EstimatedParameter(name=CAPACITANCE_PER_CELL, prior_log_sd=0.5, random_walk_log_sd_per_sqrt_h=0.02),
+    EstimatedParameter(name=O2_MAINTENANCE_PER_CELL, prior_log_sd=0.4, random_walk_log_sd_per_sqrt_h=0.02),
 )
 
 
@@ -120,14 +163,14 @@ def _uncertainty(initial_rel: float, initial_floor: float, process_rel: float, p
 
 
 DEFAULT_STATE_UNCERTAINTY: dict[str, StateUncertainty] = {
-    "viable_cells": _uncertainty(0.10, 0.02, 0.01, 0.002),
+    "viable_cells": _uncertainty(0.10, 0.02, 0.02, 0.002),
     "dead_cells": _uncertainty(0.30, 0.01, 0.01, 0.002),
-    "glucose": _uncertainty(0.05, 0.05, 0.01, 0.01),
+    "glucose": _uncertainty(0.05, 0.05, 0.02, 0.01),
     "glutamine": _uncertainty(0.10, 0.1, 0.01, 0.01),
     "lactate": _uncertainty(0.10, 0.05, 0.01, 0.005),
     "ammonia": _uncertainty(0.10, 0.1, 0.01, 0.005),
     "other_osmolytes": _uncertainty(0.03, 2.0, 0.002, 0.2),
-    "titer": _uncertainty(0.10, 0.005, 0.005, 0.0005),
+    "titer": _uncertainty(0.10, 0.005, 0.01, 0.0005),
     "galactosylated_titer": _uncertainty(0.10, 0.005, 0.005, 0.0005),
     "volume": _uncertainty(0.005, 1.0, 0.0005, 0.05),
     "temperature": _uncertainty(0.0, 0.2, 0.0, 0.02),
@@ -169,6 +212,37 @@ class LabNoiseSd(FrozenConfig):
     osmolality_floor_mosm_per_kg: float = Field(default=2.0, gt=0.0)
 
 
+class ConsistencyConfig(FrozenConfig):
+    """The consistency monitor: each signal's normalised innovations over a window, and the model uncertainty they inflate.
+
+    A normalised innovation z = ν/√S is N(0, 1), and its square (the NIS)
+    χ²(1), when the stated uncertainty is right. Each signal's latest values
+    are tested twice at the signal's level: Σz² against the χ² quantile (too
+    confident) and Σz/√n against the normal quantile (a persistent bias,
+    which a few daily lab results of the same sign show before their
+    squares do). A value beyond the gate is left out of its window's tests
+    while it is the window's largest, so one outlier cannot fail them. When a
+    test fails, the process noise of what the signal observes
+    (:data:`INFLATED_BY`) is multiplied by a factor that grows by the
+    window's mean NIS per failed test, bounded by ``max_inflation``; while the
+    tests pass, the factor decays back to 1. Rejected values enter the window
+    too: the gate cannot lock out a signal the model disagrees with for
+    good. ``max_inflation = 1`` turns the monitor off.
+    """
+
+    online_level: float = Field(default=0.99, gt=0.5, lt=1.0, description="confidence level of the tests of an online signal's window (hourly: few false alarms) [-]")
+    lab_level: float = Field(
+        default=0.95, gt=0.5, lt=1.0, description="confidence level of the tests of a lab field's window (daily: a persistent disagreement is found sooner) [-]"
+    )
+    online_window: int = Field(default=6, ge=2, le=48, description="latest innovations of an online signal in its window [-]")
+    lab_window: int = Field(default=3, ge=2, le=14, description="latest innovations of a lab field in its window [-]")
+    max_inflation: float = Field(default=100.0, ge=1.0, le=1.0e4, description="largest factor on the process noise of what one signal observes [-]")
+    max_growth_per_test: float = Field(
+        default=10.0, gt=1.0, le=100.0, description="largest increase of a signal's factor at one failed test (it grows by the window's mean NIS) [-]"
+    )
+    half_life_h: float = Field(default=12.0, gt=0.0, le=1000.0, description="while a signal's window passes, its factor's excess over 1 halves in this time [h]")
+
+
 class EstimatorConfig(FrozenConfig):
     """Tuning of the extended Kalman filter."""
 
@@ -186,6 +260,7 @@ class EstimatorConfig(FrozenConfig):
     integration_substep_h: float = Field(default=1.0 / 6.0, gt=0.0, le=1.0, description="longest RK4 substep of the prediction [h]")
     multiplier_min: float = Field(default=0.2, gt=0.0, lt=1.0, description="estimated multipliers are kept at or above this [-]")
     multiplier_max: float = Field(default=5.0, gt=1.0, description="estimated multipliers are kept at or below this [-]")
+    consistency: ConsistencyConfig = Field(default=ConsistencyConfig(), description="the consistency monitor that inflates the model's uncertainty when the data disagree")
 
     @field_validator("states", mode="before")
     @classmethod
@@ -323,6 +398,159 @@ def delivered_inputs(
     return np.array([feed_l / dt_h, glucose_l / dt_h, temperature_setpoint_degc])
 
 
+# --------------------------------------------------------------------------- consistency monitor
+
+
+def chi_square_quantile(probability: float, dof: int) -> float:
+    """The ``probability`` quantile of the χ² distribution with ``dof`` degrees of freedom (bisection on its CDF, the regularised incomplete gamma series)."""
+    if not (0.0 < probability < 1.0) or dof < 1:
+        raise ValueError(f"need 0 < probability < 1 and dof >= 1, got {probability!r}, {dof!r}")
+    a = 0.5 * dof
+
+    def cdf(x: float) -> float:
+        half = 0.5 * x
+        if half <= 0.0:
+            return 0.0
+        term, total, n = 1.0, 1.0, 0
+        while term > 1e-17 * total:
+            n += 1
+            term *= half / (a + n)
+            total += term
+        return min(1.0, math.exp(-half + a * math.log(half) - math.lgamma(a + 1.0)) * total)
+
+    low, high = 0.0, dof + 40.0 * math.sqrt(2.0 * dof) + 60.0
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        if cdf(middle) < probability:
+            low = middle
+        else:
+            high = middle
+        if high - low <= 1e-12 * high:
+            break
+    return 0.5 * (low + high)
+
+
+@dataclass(frozen=True)
+class SignalConsistency:
+    """One signal's latest normalised innovations and the factor it puts on the process noise of what it observes."""
+
+    window: tuple[float, ...] = ()
+    """Normalised innovations ν/√S of the latest values (rejected ones too), oldest first."""
+    inflation: float = 1.0
+    tested_at_h: float | None = None
+    """Process time of the last test (the factor decays from there)."""
+
+
+@dataclass(frozen=True)
+class ConsistencyTest:
+    """A window's two statistics against their thresholds (ratios above 1 fail)."""
+
+    nis_sum: float
+    """Σ ν²/S over the window without its largest value; χ²(n − 1) or below when the model is right."""
+    nis_ratio: float
+    bias: float
+    """Σ ν/√S over the window without its largest value, / √(n − 1); N(0, 1) or narrower when the model is right."""
+    bias_ratio: float
+
+    kept: int
+    """Values the statistics are over (the window less its largest)."""
+
+    @property
+    def failed(self) -> bool:
+        return self.nis_ratio > 1.0 or self.bias_ratio > 1.0
+
+    @property
+    def mean_nis(self) -> float:
+        """Mean NIS of the kept values (1 when the stated uncertainty is right), at least 1 plus the squared mean innovation (a bias)."""
+        return max(self.nis_sum / self.kept, 1.0 + (self.bias * self.bias) / self.kept)
+
+
+class ConsistencyMonitor:
+    """Windowed innovation tests per signal (:class:`ConsistencyConfig`) and the inflation factors they drive.
+
+    Two tests on the same window, each with its largest value left out (one
+    outlier cannot fail either): the normalised innovations squared against
+    the χ² quantile (the stated uncertainty is too small), and their mean
+    against the normal quantile (a persistent bias: a few daily lab results
+    of the same sign say more than their squares). Values are recorded when
+    the filter first sees them (at the cycle for online values, at arrival
+    for lab results); replays of stored values record nothing. The factors
+    change the process noise from the next prediction on; the filter's history
+    keeps the scale each interval used, so a replay after a late lab result
+    repeats it exactly.
+    """
+
+    def __init__(self, config: ConsistencyConfig, gate_sigma: float) -> None:
+        self.config = config
+        self.gate_sigma = gate_sigma
+        self._nis_threshold = {
+            online: {dof: chi_square_quantile(level, dof) for dof in range(1, length + 1)}
+            for online, level, length in ((True, config.online_level, config.online_window), (False, config.lab_level, config.lab_window))
+        }
+        self._bias_threshold = {online: NormalDist().inv_cdf(0.5 + 0.5 * level) for online, level in ((True, config.online_level), (False, config.lab_level))}
+        self.signals: dict[str, SignalConsistency] = dict.fromkeys(MEASUREMENT_NAMES, SignalConsistency())
+
+    @property
+    def inflation(self) -> Mapping[str, float]:
+        return MappingProxyType({name: state.inflation for name, state in self.signals.items()})
+
+    def test(self, window: Sequence[float], *, online: bool) -> ConsistencyTest:
+        """Both statistics of a window of at least two normalised innovations, at the level of an online signal or a lab field."""
+        largest = max(range(len(window)), key=lambda i: abs(window[i]))
+        kept = [v for i, v in enumerate(window) if i != largest or abs(v) <= self.gate_sigma]
+        nis_sum = math.fsum(v * v for v in kept)
+        bias = math.fsum(kept) / math.sqrt(len(kept))
+        return ConsistencyTest(nis_sum, nis_sum / self._nis_threshold[online][len(kept)], bias, (bias / self._bias_threshold[online]) ** 2, len(kept))
+
+    def record(self, name: str, normalised_innovation: float, t_h: float) -> None:
+        """Add one value's ν/√S to ``name``'s window, test the window, and grow or decay its factor."""
+        config = self.config
+        state = self.signals[name]
+        online = name in ONLINE_MEASUREMENTS
+        window = (*state.window, float(normalised_innovation))[-(config.online_window if online else config.lab_window) :]
+        if len(window) < 2:
+            self.signals[name] = replace(state, window=window)
+            return
+        test = self.test(window, online=online)
+        latest = window[-1]
+        inflation = state.inflation
+        if test.failed:
+            # Grow only while the latest value still disagrees, so a window of old evidence does not compound.
+            if (test.nis_ratio > 1.0 and latest * latest > 1.0) or (test.bias_ratio > 1.0 and latest * math.copysign(1.0, test.bias) > 0.5):
+                inflation = min(config.max_inflation, inflation * min(config.max_growth_per_test, test.mean_nis))
+        elif inflation > 1.0 and state.tested_at_h is not None:
+            excess = (inflation - 1.0) * 0.5 ** (max(t_h - state.tested_at_h, 0.0) / config.half_life_h)
+            inflation = 1.0 + excess if excess > 1e-3 else 1.0
+        if inflation > state.inflation:
+            log.warning(
+                "model_uncertainty_inflated",
+                signal=name,
+                inflation=round(inflation, 3),
+                previous=round(state.inflation, 3),
+                window_nis=round(test.nis_sum, 3),
+                nis_ratio=round(test.nis_ratio, 3),
+                window_bias=round(test.bias, 3),
+                bias_ratio=round(test.bias_ratio, 3),
+                process_time_h=t_h,
+            )
+        elif inflation == 1.0 < state.inflation:
+            log.info("model_uncertainty_restored", signal=name, process_time_h=t_h)
+        self.signals[name] = SignalConsistency(window, inflation, t_h)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: {"window": list(s.window), "inflation": s.inflation, "tested_at_h": s.tested_at_h} for name, s in self.signals.items() if s != SignalConsistency()}
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Take over the windows and factors of :meth:`to_dict` (names not saved start afresh)."""
+        unknown = sorted(set(data) - set(MEASUREMENT_NAMES))
+        if unknown:
+            raise EstimatorInputError(f"saved consistency monitor names unknown signals {unknown}")
+        self.signals = dict.fromkeys(MEASUREMENT_NAMES, SignalConsistency())
+        for name, saved in data.items():
+            tested = saved.get("tested_at_h")
+            self.signals[name] = SignalConsistency(tuple(float(v) for v in saved["window"]), float(saved["inflation"]), None if tested is None else float(tested))
+
+
 # --------------------------------------------------------------------------- the filter
 
 
@@ -335,6 +563,8 @@ class _Entry:
     covariance: np.ndarray
     online: Mapping[str, float]
     inputs: np.ndarray | None = None
+    noise_scale: np.ndarray | None = None
+    """Factors on the process noise over the following interval (the consistency monitor's); None: all 1."""
 
 
 @dataclass(frozen=True)
@@ -360,6 +590,8 @@ class _Update:
     rejected: list[tuple[str, float, float, float]]
     """(name, value, predicted, innovation sigma) of each value beyond the gate."""
     released: list[str]
+    normalised: dict[str, float]
+    """Normalised innovation ν/√S of every gated value, accepted or rejected (its square is the NIS)."""
 
 
 def _check_finite(t_h: float, z: np.ndarray, covariance: np.ndarray) -> None:
@@ -410,19 +642,33 @@ class _FilterCore:
         self._r_rel = np.array([noise[name][0] for name in MEASUREMENT_NAMES])
         self._r_floor = np.array([noise[name][1] for name in MEASUREMENT_NAMES])
         self._row = {name: i for i, name in enumerate(MEASUREMENT_NAMES)}
+        slots = {**{s.name: i for i, s in enumerate(STATES)}, **{name: self.n_x + j for j, name in enumerate(self.names)}}
+        self._inflated_slots = {signal: np.array([slots[n] for n in names if n in slots], dtype=int) for signal, names in INFLATED_BY.items()}
         self._theta_min = math.log(config.multiplier_min)
         self._theta_max = math.log(config.multiplier_max)
 
     def parameters_of(self, z: np.ndarray) -> np.ndarray:
         return np.asarray(self.functions.parameters(z, self.p_nominal), dtype=float).ravel()
 
-    def predict(self, t_h: float, z: np.ndarray, covariance: np.ndarray, u: np.ndarray, dt_h: float) -> tuple[np.ndarray, np.ndarray]:
-        """Propagate the mean through RK4 and the covariance through its Jacobian: P ← F P Fᵀ + Q."""
+    def noise_scale(self, inflation: Mapping[str, float]) -> np.ndarray | None:
+        """Per element of z, the largest inflation of the signals that observe it (:data:`INFLATED_BY`); None when all are 1."""
+        if all(factor == 1.0 for factor in inflation.values()):
+            return None
+        scale = np.ones(self.n_x + len(self.names))
+        for signal, factor in inflation.items():
+            slots = self._inflated_slots[signal]
+            scale[slots] = np.maximum(scale[slots], factor)
+        return scale
+
+    def predict(self, t_h: float, z: np.ndarray, covariance: np.ndarray, u: np.ndarray, dt_h: float, noise_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Propagate the mean through RK4 and the covariance through its Jacobian: P ← F P Fᵀ + Q (Q times ``noise_scale``)."""
         n_calls = max(1, math.ceil(dt_h / (SUBSTEPS_PER_CALL * self.config.integration_substep_h) - 1e-9))
         h = dt_h / n_calls
         for _ in range(n_calls):
             x = z[: self.n_x]
             q = np.concatenate([np.maximum(self._q_rel * np.abs(x), self._q_floor) ** 2, self._q_theta]) * h
+            if noise_scale is not None:
+                q = q * noise_scale
             z_next, jacobian = self.functions.step(t_h, z, u, self.p_nominal, h)
             z = np.asarray(z_next, dtype=float).ravel()
             jacobian = np.asarray(jacobian, dtype=float)
@@ -443,8 +689,9 @@ class _FilterCore:
         accepted: dict[str, float] = {}
         rejected: list[tuple[str, float, float, float]] = []
         released: list[str] = []
+        normalised: dict[str, float] = {}
         if not values:
-            return _Update(z, covariance, accepted, rejected, released)
+            return _Update(z, covariance, accepted, rejected, released, normalised)
         y0, jacobian = self.functions.measure(t_h, z, u, self.p_nominal)
         y0 = np.asarray(y0, dtype=float).ravel()
         jacobian = np.asarray(jacobian, dtype=float)
@@ -458,6 +705,8 @@ class _FilterCore:
             s = float(h @ covariance @ h + r)
             innovation = value - predicted
             sigma = math.sqrt(s) if s > 0.0 else math.inf
+            if gated:
+                normalised[name] = float(innovation / sigma)
             if gated and abs(innovation) > self.config.gate_sigma * sigma:
                 if name not in gate_open:
                     rejected.append((name, float(value), float(predicted), sigma))
@@ -468,7 +717,7 @@ class _FilterCore:
             a = identity - np.outer(gain, h)
             covariance = a @ covariance @ a.T + r * np.outer(gain, gain)
             accepted[name] = float(value)
-        return _Update(z, 0.5 * (covariance + covariance.T), accepted, rejected, released)
+        return _Update(z, 0.5 * (covariance + covariance.T), accepted, rejected, released, normalised)
 
     def project(self, t_h: float, z: np.ndarray, *, log_changes: bool) -> np.ndarray:
         """Project onto the physical domain: no negative concentrations, multipliers within bounds."""
@@ -514,6 +763,7 @@ class ExtendedKalmanEstimator:
         self._rejected: dict[str, int] = dict.fromkeys(MEASUREMENT_NAMES, 0)
         self._consecutive: dict[str, int] = dict.fromkeys(MEASUREMENT_NAMES, 0)
         self._totalisers: _Totalisers | None = None
+        self._monitor = ConsistencyMonitor(self.config.consistency, self.config.gate_sigma)
 
     @classmethod
     def from_batch(
@@ -547,6 +797,11 @@ class ExtendedKalmanEstimator:
         theta = self._entries[-1].z[self._core.n_x :]
         return {name: float(math.exp(v)) for name, v in zip(self._core.names, theta, strict=True)}
 
+    @property
+    def inflation(self) -> Mapping[str, float]:
+        """Signal → the factor its consistency monitor puts on the process noise of what it observes now (1: the data agree with the model)."""
+        return self._monitor.inflation
+
     def step(
         self,
         process_time_h: float,
@@ -574,15 +829,17 @@ class ExtendedKalmanEstimator:
         values = self._online_values(online or {})
         z, covariance = last.z, last.covariance
         now_h = last.time_h
+        noise_scale = self._core.noise_scale(self._monitor.inflation)
         if dt_h > TIME_TOLERANCE_H:
             now_h = float(process_time_h)
-            z, covariance = self._core.predict(last.time_h, z, covariance, u, dt_h)
+            z, covariance = self._core.predict(last.time_h, z, covariance, u, dt_h, noise_scale)
         update = self._core.update(now_h, z, covariance, u, values, gated=True, gate_open=self._gate_open())
         z = self._core.project(now_h, update.z, log_changes=True)
         _check_finite(now_h, z, update.covariance)
         self._count(update, "online_value_rejected", now_h)
+        self._test_consistency(update, now_h)
         if dt_h > TIME_TOLERANCE_H:
-            self._entries[-1] = replace(last, inputs=u)
+            self._entries[-1] = replace(last, inputs=u, noise_scale=noise_scale)
             self._entries.append(_Entry(now_h, z, update.covariance, update.accepted))
         else:
             self._entries[-1] = replace(last, z=z, covariance=update.covariance, online={**last.online, **update.accepted})
@@ -612,6 +869,7 @@ class ExtendedKalmanEstimator:
             return self.estimate
         entries, update = self._reprocess(start, result)
         self._count(update, "lab_value_rejected", taken_h, seq=result.seq)
+        self._test_consistency(update, now_h)
         self._entries[start:] = entries
         self._labs.append(_AppliedLab(result, tuple(update.accepted)))
         log.info(
@@ -677,6 +935,7 @@ class ExtendedKalmanEstimator:
                     "covariance": e.covariance.tolist(),
                     "online": dict(e.online),
                     "inputs": None if e.inputs is None else e.inputs.tolist(),
+                    "noise_scale": None if e.noise_scale is None else e.noise_scale.tolist(),
                 }
                 for e in self._entries
             ],
@@ -684,6 +943,7 @@ class ExtendedKalmanEstimator:
             "rejected": dict(self._rejected),
             "consecutive_rejections": dict(self._consecutive),
             "totalisers": None if self._totalisers is None else asdict(self._totalisers),
+            "consistency": self._monitor.to_dict(),
         }
 
     @classmethod
@@ -703,8 +963,8 @@ class ExtendedKalmanEstimator:
         with (and audits), not the ones in force before. The estimated
         parameters must be the same ones (the saved state has their slots).
         """
-        if data.get("version") != SERIAL_FORMAT_VERSION:
-            raise EstimatorInputError(f"saved estimator has format version {data.get('version')!r}, expected {SERIAL_FORMAT_VERSION}")
+        if data.get("version") not in READABLE_FORMAT_VERSIONS:
+            raise EstimatorInputError(f"saved estimator has format version {data.get('version')!r}, expected one of {READABLE_FORMAT_VERSIONS}")
         saved_config = EstimatorConfig.model_validate(data["config"])
         config = config or saved_config
         saved_names = [p.name for p in saved_config.parameters]
@@ -722,6 +982,7 @@ class ExtendedKalmanEstimator:
                 np.asarray(e["covariance"], dtype=float),
                 {k: float(v) for k, v in e["online"].items()},
                 None if e["inputs"] is None else np.asarray(e["inputs"], dtype=float),
+                None if e.get("noise_scale") is None else np.asarray(e["noise_scale"], dtype=float),
             )
             for e in data["entries"]
         ]
@@ -740,6 +1001,7 @@ class ExtendedKalmanEstimator:
         estimator._consecutive.update({k: int(v) for k, v in data["consecutive_rejections"].items()})
         if data.get("totalisers") is not None:
             estimator._totalisers = _Totalisers(**{k: float(v) for k, v in data["totalisers"].items()})
+        estimator._monitor.restore(data.get("consistency") or {})
         return estimator
 
     def widen(self, sd_scale: float) -> None:
@@ -759,13 +1021,14 @@ class ExtendedKalmanEstimator:
         Shallow copies: entries, applied lab results and totalisers are frozen
         and replaced, never changed in place.
         """
-        return (list(self._entries), list(self._labs), dict(self._rejected), dict(self._consecutive), self._totalisers)
+        return (list(self._entries), list(self._labs), dict(self._rejected), dict(self._consecutive), self._totalisers, dict(self._monitor.signals))
 
     def rollback(self, token: object) -> None:
         """Return to a :meth:`checkpoint`: a cycle whose update failed half-way leaves no trace."""
-        saved: tuple[list[_Entry], list[_AppliedLab], dict[str, int], dict[str, int], _Totalisers | None] = token  # type: ignore[assignment]
-        entries, labs, rejected, consecutive, totalisers = saved
+        saved: tuple[list[_Entry], list[_AppliedLab], dict[str, int], dict[str, int], _Totalisers | None, dict[str, SignalConsistency]] = token  # type: ignore[assignment]
+        entries, labs, rejected, consecutive, totalisers, consistency = saved
         self._entries, self._labs, self._rejected, self._consecutive, self._totalisers = list(entries), list(labs), dict(rejected), dict(consecutive), totalisers
+        self._monitor.signals = dict(consistency)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -792,6 +1055,11 @@ class ExtendedKalmanEstimator:
             log.warning("gate_released", field=name, after_rejections=self._consecutive[name], process_time_h=t_h, **context)
         for name in update.accepted:
             self._consecutive[name] = 0
+
+    def _test_consistency(self, update: _Update, t_h: float) -> None:
+        """Hand every gated value's NIS to the consistency monitor (rejected values too: a persistent disagreement inflates, never locks out)."""
+        for name, value in update.normalised.items():
+            self._monitor.record(name, value, t_h)
 
     def _entry_at_or_before(self, t_h: float) -> int | None:
         for index in range(len(self._entries) - 1, -1, -1):
@@ -825,11 +1093,11 @@ class ExtendedKalmanEstimator:
                 while pending and pending[0][0] < entry.time_h - TIME_TOLERANCE_H:
                     draw_h = pending[0][0]
                     if draw_h > t_h + TIME_TOLERANCE_H:
-                        z, covariance = self._core.predict(t_h, z, covariance, u, draw_h - t_h)
+                        z, covariance = self._core.predict(t_h, z, covariance, u, draw_h - t_h, old[k - 1].noise_scale)
                         t_h = draw_h
                     z, covariance, new_update = self._apply_pending(t_h, z, covariance, u, pending.pop(0), new_update)
                 if entry.time_h > t_h + TIME_TOLERANCE_H:
-                    z, covariance = self._core.predict(t_h, z, covariance, u, entry.time_h - t_h)
+                    z, covariance = self._core.predict(t_h, z, covariance, u, entry.time_h - t_h, old[k - 1].noise_scale)
                 t_h = entry.time_h
                 update = self._core.update(t_h, z, covariance, u, entry.online, gated=False)
                 z, covariance = update.z, update.covariance

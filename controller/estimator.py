@@ -132,15 +132,15 @@ class EstimatedParameter(FrozenConfig):
 
 DEFAULT_ESTIMATED_PARAMETERS: tuple[EstimatedParameter, ...] = (
     EstimatedParameter(name=MU_MAX, prior_log_sd=0.25, random_walk_log_sd_per_sqrt_h=0.004),
-    EstimatedParameter(name=Q_PRODUCT, prior_log_sd=0.3, random_walk_log_sd_per_sqrt_h=0.01),
+    EstimatedParameter(name=Q_PRODUCT, prior_log_sd=0.3, random_walk_log_sd_per_sqrt_h=0.015),
     EstimatedParameter(name="culture.metabolism.yield_cells_per_glucose_1e9_per_g", prior_log_sd=0.2, random_walk_log_sd_per_sqrt_h=0.003),
     EstimatedParameter(name=DEATH, prior_log_sd=0.5, random_walk_log_sd_per_sqrt_h=0.01),
     EstimatedParameter(name="media.nutrient_feed_strength", prior_log_sd=0.1, random_walk_log_sd_per_sqrt_h=0.005),
     EstimatedParameter(name="culture.metabolism.glucose_maintenance_g_per_1e9_cells_h", prior_log_sd=0.3, random_walk_log_sd_per_sqrt_h=0.003),
     # Measurement relations that differ between probes, cell lines and cell sizes, and drift in a batch:
     # the probe informs the product (factor × VCD), the lab VCD pins the factor.
-    EstimatedParameter(name=CAPACITANCE_PER_CELL, prior_log_sd=0.5, random_walk_log_sd_per_sqrt_h=0.02),
-    EstimatedParameter(name=O2_MAINTENANCE_PER_CELL, prior_log_sd=0.4, random_walk_log_sd_per_sqrt_h=0.02),
+    EstimatedParameter(name=CAPACITANCE_PER_CELL, prior_log_sd=0.5, random_walk_log_sd_per_sqrt_h=0.03),
+    EstimatedParameter(name=O2_MAINTENANCE_PER_CELL, prior_log_sd=0.4, random_walk_log_sd_per_sqrt_h=0.03),
 )
 
 
@@ -165,12 +165,12 @@ def _uncertainty(initial_rel: float, initial_floor: float, process_rel: float, p
 DEFAULT_STATE_UNCERTAINTY: dict[str, StateUncertainty] = {
     "viable_cells": _uncertainty(0.10, 0.02, 0.02, 0.002),
     "dead_cells": _uncertainty(0.30, 0.01, 0.01, 0.002),
-    "glucose": _uncertainty(0.05, 0.05, 0.02, 0.01),
+    "glucose": _uncertainty(0.05, 0.05, 0.03, 0.01),
     "glutamine": _uncertainty(0.10, 0.1, 0.01, 0.01),
     "lactate": _uncertainty(0.10, 0.05, 0.01, 0.005),
     "ammonia": _uncertainty(0.10, 0.1, 0.01, 0.005),
     "other_osmolytes": _uncertainty(0.03, 2.0, 0.002, 0.2),
-    "titer": _uncertainty(0.10, 0.005, 0.01, 0.0005),
+    "titer": _uncertainty(0.10, 0.005, 0.015, 0.0005),
     "galactosylated_titer": _uncertainty(0.10, 0.005, 0.005, 0.0005),
     "volume": _uncertainty(0.005, 1.0, 0.0005, 0.05),
     "temperature": _uncertainty(0.0, 0.2, 0.0, 0.02),
@@ -430,6 +430,10 @@ def chi_square_quantile(probability: float, dof: int) -> float:
     return 0.5 * (low + high)
 
 
+RESTORED_EXCESS = 0.01
+"""A decaying inflation factor within this of 1 is set back to 1 (and logged as restored)."""
+
+
 @dataclass(frozen=True)
 class SignalConsistency:
     """One signal's latest normalised innovations and the factor it puts on the process noise of what it observes."""
@@ -520,7 +524,7 @@ class ConsistencyMonitor:
                 inflation = min(config.max_inflation, inflation * min(config.max_growth_per_test, test.mean_nis))
         elif inflation > 1.0 and state.tested_at_h is not None:
             excess = (inflation - 1.0) * 0.5 ** (max(t_h - state.tested_at_h, 0.0) / config.half_life_h)
-            inflation = 1.0 + excess if excess > 1e-3 else 1.0
+            inflation = 1.0 + excess if excess > RESTORED_EXCESS else 1.0
         if inflation > state.inflation:
             log.warning(
                 "model_uncertainty_inflated",

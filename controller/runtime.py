@@ -354,7 +354,11 @@ class Runtime:
             if plan.requested_mode is not self.modes.requested:
                 log.warning("mode_restored", requested=plan.requested_mode.value, config=self.settings.mode.value, source=plan.mode_source)
             self.modes.requested = plan.requested_mode
-            self.history.start_run(batch_id=self.batch.batch_id, requested_mode=plan.requested_mode.value, config=self.settings.model_dump(mode="json"))
+            self.history.start_run(
+                batch_id=self.batch.batch_id,
+                requested_mode=plan.requested_mode.value,
+                config={**self.settings.model_dump(mode="json"), "batch": self.batch.model_dump(mode="json")},
+            )
             self._run_started = True
         if not self._start_recorded:
             self.recorder.reconcile(readings, now_h)

@@ -91,11 +91,15 @@ class OracleConfig(FrozenConfig):
         description="the plan keeps viability and galactosylated fraction at harvest this share of their minimum above it, for the replay's small differences [-]",
     )
     temperature_rate_max_degc_per_h: float = Field(default=_MPC_DEFAULTS.temperature_rate_max_degc_per_h, gt=0.0, description="largest setpoint change per hour [°C/h]")
-    harvest_coarse_step_h: float = Field(default=24.0, gt=0.0, description="spacing of the first scan of harvest candidates [h]")
-    earliest_harvest_h: float = Field(default=168.0, gt=0.0, description="earliest harvest candidate [h]")
+    harvest_coarse_step_h: float = Field(default=24.0, gt=0.0, description="step of the scan of harvest candidates from the recipe's harvest [h]")
+    harvest_resolution_h: float = Field(default=3.0, gt=0.0, description="the step around the best candidate is halved until it is below this [h]")
+    earliest_harvest_h: float = Field(default=120.0, gt=0.0, description="the scan goes no earlier than this [h]")
+    failures_before_giving_up: int = Field(default=3, ge=1, description="candidates that fail (solver or replay check) before any succeeds, after which the recipe is kept")
+    solve_time_max_s: float = Field(default=30.0, gt=0.0, description="wall time one candidate's solve may take (IPOPT max_wall_time) [s]")
+    plan_time_max_s: float = Field(default=120.0, gt=0.0, description="no candidate is started after the plan has taken this long; the best so far is kept [s]")
     check_step_h: float = Field(default=0.25, gt=0.0, le=1.0, description="RK4 step of the simulation that checks and scores the replayed schedule [h]")
-    tol: float = Field(default=1e-6, gt=0.0, description="IPOPT tolerance")
-    max_iter: int = Field(default=500, ge=1, description="IPOPT iterations per candidate harvest")
+    tol: float = Field(default=1e-4, gt=0.0, description="IPOPT tolerance on the scaled NLP; 1e-6 takes twice the time for the same schedules (the replay scores them)")
+    max_iter: int = Field(default=300, ge=1, description="IPOPT iterations per candidate harvest (feasible candidates take 10–130)")
 
 
 @dataclass(frozen=True)
@@ -341,12 +345,21 @@ class _OracleNlp:
         self.n_eq = nx * self.n_nodes
         self.n_margins = margins.shape[0] * margins.shape[1]
         self._mass = ca.Function("oracle_mass", [w, params], [mass])
-        options = {
+        options: dict = {
             "expand": True,
             "print_time": False,
-            "ipopt": {"print_level": 0, "sb": "yes", "tol": cfg.tol, "max_iter": cfg.max_iter, "mu_strategy": "adaptive", "linear_solver": "mumps"},
+            "ipopt": {
+                "print_level": 0,
+                "sb": "yes",
+                "tol": cfg.tol,
+                "max_iter": cfg.max_iter,
+                "mu_strategy": "adaptive",
+                "linear_solver": "mumps",
+                "max_wall_time": cfg.solve_time_max_s,
+            },
         }
-        self.solver = ca.nlpsol("oracle", "ipopt", {"x": w, "p": params, "f": -mass / mass_scale_g, "g": g}, options)
+        nlp: dict = {"x": w, "p": params, "f": -mass / mass_scale_g, "g": g}
+        self.solver = ca.nlpsol("oracle", "ipopt", nlp, options)
         self._rollout = step.mapaccum("oracle_rollout", n * m)
         nonnegative = np.array([s.name in plant.nonnegative_states for s in plant.states])
         self._x_lower = np.where(nonnegative, 0.0, -np.inf)
@@ -507,6 +520,7 @@ def plan_oracle(
         nlp = _OracleNlp(plant, batch, cfg, x_scale, max(recipe.product_mass_g, 1.0))
     except RuntimeError as error:
         return recipe_schedule_because(f"the NLP could not be built: {error}")
+    log.debug("oracle_nlp_built", plant=plant.name, variables=nlp.n_w, build_s=round(time.perf_counter() - started, 2))
     t_previous = float(recipe_rows[0, _TEMPERATURE])
     n_cycles_max = round(batch.limits.latest_harvest_h / cycle_h)
     tried: dict[float, _Candidate] = {}
@@ -541,27 +555,46 @@ def plan_oracle(
         return candidate.simulation.score_g_per_day if candidate.usable and candidate.simulation is not None else -math.inf
 
     guess = _interval_average(recipe_rows, per_interval, nlp.n)
+    latest_h = batch.limits.latest_harvest_h
+    earliest_h = min(cfg.earliest_harvest_h, latest_h)
     best: _Candidate | None = None
-    # Coarse scan from the latest harvest down; warm-started from the neighbour, stopped two candidates past the best.
-    harvest_h = batch.limits.latest_harvest_h
-    worse_in_a_row = 0
-    while harvest_h >= min(cfg.earliest_harvest_h, batch.limits.latest_harvest_h) - 1e-9 and worse_in_a_row < 2:
+    failures = 0
+
+    def improves(harvest_h: float) -> bool:
+        """Solve a candidate warm-started from the best so far; whether it became the best."""
+        nonlocal best, failures
         candidate = solve(harvest_h, best.inputs if best is not None else guess)
-        if candidate.usable and (best is None or score_of(candidate) > score_of(best)):
-            best, worse_in_a_row = candidate, 0
-        elif best is not None:
-            worse_in_a_row += 1
-        harvest_h -= cfg.harvest_coarse_step_h
-    # Refinement: halve the step around the best until it is one control cycle.
+        if not candidate.usable:
+            failures += 1
+        if score_of(candidate) > score_of(best) if best is not None else candidate.usable:
+            best = candidate
+            return True
+        return False
+
+    def searching() -> bool:
+        return time.perf_counter() - started < cfg.plan_time_max_s and (best is not None or failures < cfg.failures_before_giving_up)
+
+    # Scan from the recipe's harvest: later while the score rises, else earlier while it rises.
+    improves(recipe_harvest_h)
+    harvest_h = recipe_harvest_h
+    went_later = False
+    while searching() and harvest_h < latest_h - 1e-9:
+        harvest_h = min(latest_h, harvest_h + cfg.harvest_coarse_step_h)
+        if not improves(harvest_h):
+            break
+        went_later = True
+    harvest_h = recipe_harvest_h
+    while not went_later and searching() and harvest_h > earliest_h + 1e-9:
+        harvest_h = max(earliest_h, harvest_h - cfg.harvest_coarse_step_h)
+        if not improves(harvest_h) and best is not None:
+            break
+    # Refine around the best, halving the step down to the resolution (never finer than a control cycle).
     step_h = cfg.harvest_coarse_step_h / 2.0
-    while best is not None and step_h >= cycle_h - 1e-9:
-        centre = best
-        for harvest_h in (centre.record.harvest_time_h + step_h, centre.record.harvest_time_h - step_h):
-            if harvest_h > batch.limits.latest_harvest_h + 1e-9 or harvest_h < cycle_h:
-                continue
-            candidate = solve(harvest_h, centre.inputs)
-            if score_of(candidate) > score_of(best):
-                best = candidate
+    while best is not None and searching() and step_h >= max(cfg.harvest_resolution_h, cycle_h) - 1e-9:
+        centre = best.record.harvest_time_h
+        for harvest_h in (centre + step_h, centre - step_h):
+            if earliest_h - 1e-9 <= harvest_h <= latest_h + 1e-9 and searching():
+                improves(harvest_h)
         step_h /= 2.0
     records = tuple(sorted((c.record for c in tried.values()), key=lambda r: r.harvest_time_h))
     if best is None or best.simulation is None:

@@ -13,6 +13,13 @@ time*: the filter goes back to the stored estimate at or before the draw,
 predicts to the draw, applies the result and re-runs the stored inputs and
 online measurements forward to now. Every scalar innovation is gated.
 
+The model is never exactly the plant. Two measurement relations that differ
+between probes and cell lines and drift in a batch (capacitance and oxygen
+uptake per cell) are estimated as slowly varying factors that the lab VCD
+pins. A consistency monitor (:class:`ConsistencyMonitor`) tests each signal's
+recent innovations and, where they keep disagreeing with the model, inflates
+the process noise of what that signal observes instead of rejecting the data.
+
 Design, noise settings, limits and measured performance: ``docs/estimator.md``.
 """
 
@@ -450,14 +457,13 @@ class ConsistencyTest:
     """A window's two statistics against their thresholds (ratios above 1 fail)."""
 
     nis_sum: float
-    """Σ ν²/S over the window without its largest value; χ²(n − 1) or below when the model is right."""
+    """Σ z² over the kept values; χ²(kept) when the model is right (at most that when an outlier was left out)."""
     nis_ratio: float
     bias: float
-    """Σ ν/√S over the window without its largest value, / √(n − 1); N(0, 1) or narrower when the model is right."""
+    """Σ z / √kept over the kept values; N(0, 1) when the model is right."""
     bias_ratio: float
-
     kept: int
-    """Values the statistics are over (the window less its largest)."""
+    """Values the statistics are over: the window, less its largest when that one is beyond the gate."""
 
     @property
     def failed(self) -> bool:
@@ -472,11 +478,12 @@ class ConsistencyTest:
 class ConsistencyMonitor:
     """Windowed innovation tests per signal (:class:`ConsistencyConfig`) and the inflation factors they drive.
 
-    Two tests on the same window, each with its largest value left out (one
-    outlier cannot fail either): the normalised innovations squared against
-    the χ² quantile (the stated uncertainty is too small), and their mean
+    Two tests on the same window of normalised innovations z = ν/√S: Σz²
+    against the χ² quantile (the stated uncertainty is too small) and Σz/√n
     against the normal quantile (a persistent bias: a few daily lab results
-    of the same sign say more than their squares). Values are recorded when
+    of the same sign say more than their squares). The window's largest value
+    is left out when it is beyond the gate, so one outlier cannot fail
+    either. Values are recorded when
     the filter first sees them (at the cycle for online values, at arrival
     for lab results); replays of stored values record nothing. The factors
     change the process noise from the next prediction on; the filter's history

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -54,7 +55,7 @@ from controller.types import PHASE_RUNNING, UINT32_MAX, LabResult
 from plant_models.config_loading import FrozenConfig
 from simulator.batch import BatchResult, build_simulated_plc, kpis_of
 from simulator.closed_loop import write_group
-from simulator.config import LoadedSimulation, SamplingConfig
+from simulator.config import FeedLotFault, LoadedSimulation, SamplingConfig
 from simulator.plants.base import OBSERVABLE_INDEX, EquationPlant
 
 log = structlog.get_logger(__name__)
@@ -158,6 +159,26 @@ class ScheduleSimulation:
 # ------------------------------------------------------------------ simulation
 
 
+@dataclass(frozen=True)
+class ParameterHistory:
+    """The plant's true parameters over the batch: a vector from inoculation and the changes after it (a new feed lot, say)."""
+
+    initial: np.ndarray
+    changes: tuple[tuple[float, np.ndarray], ...] = ()
+    """(process time h, the whole parameter vector from then on), in time order."""
+
+    def at(self, process_time_h: float) -> np.ndarray:
+        vector = self.initial
+        for from_h, changed in self.changes:
+            if from_h <= process_time_h + 1e-9:
+                vector = changed
+        return vector
+
+    def over(self, times_h: np.ndarray) -> np.ndarray:
+        """(parameters, len(times_h)): the vector in force at each time."""
+        return np.column_stack([self.at(float(t)) for t in times_h]) if len(times_h) else np.zeros((self.initial.size, 0))
+
+
 class _Simulator:
     """The plant integrated with RK4 on a fixed grid, cycle by cycle, in one CasADi call per schedule."""
 
@@ -188,18 +209,19 @@ class _Simulator:
         end, _ = self._cycle(np.concatenate([[t_h], x]), u, p)
         return np.asarray(end).ravel()[1:]
 
-    def run(self, x0: np.ndarray, p: np.ndarray, setpoints: np.ndarray, harvest_time_h: float, turnaround_days: float) -> ScheduleSimulation:
+    def run(self, x0: np.ndarray, parameters: ParameterHistory, setpoints: np.ndarray, harvest_time_h: float, turnaround_days: float) -> ScheduleSimulation:
         n_cycles = round(harvest_time_h / self.cycle_period_h)
         if n_cycles < 1 or setpoints.shape[0] < n_cycles:
             raise ValueError(f"a schedule of {setpoints.shape[0]} cycles cannot reach a harvest at {harvest_time_h} h")
         u = np.asarray(setpoints[:n_cycles], dtype=float).T
-        _, points = self._accumulator(n_cycles)(np.concatenate([[0.0], x0]), u, np.tile(p[:, None], (1, n_cycles)))
+        p = parameters.over(self.cycle_period_h * np.arange(n_cycles))
+        _, points = self._accumulator(n_cycles)(np.concatenate([[0.0], x0]), u, p)
         points = np.asarray(points)
         time_h = np.concatenate([[0.0], points[0]])
         states = np.hstack([x0[:, None], points[1:]])
         inputs = np.hstack([u[:, :1], np.repeat(u, self.substeps, axis=1)])
         n = time_h.size
-        observed = np.asarray(self.plant.observables.map(n)(time_h[None, :], states, inputs, np.tile(p[:, None], (1, n)))).T
+        observed = np.asarray(self.plant.observables.map(n)(time_h[None, :], states, inputs, np.hstack([p[:, :1], np.repeat(p, self.substeps, axis=1)]))).T
         mass = float(observed[-1, _Y["titer"]] * observed[-1, _Y["volume"]])
         return ScheduleSimulation(
             time_h=time_h,
@@ -211,7 +233,14 @@ class _Simulator:
 
 
 def recipe_schedule(
-    plant: EquationPlant, true_parameters: np.ndarray, batch: BatchConfig, initial_state: np.ndarray, *, sampling: SamplingConfig | None = None, step_h: float = 0.25
+    plant: EquationPlant,
+    true_parameters: np.ndarray,
+    batch: BatchConfig,
+    initial_state: np.ndarray,
+    *,
+    parameter_changes: Sequence[tuple[float, np.ndarray]] = (),
+    sampling: SamplingConfig | None = None,
+    step_h: float = 0.25,
 ) -> tuple[np.ndarray, float]:
     """The platform recipe run on the plant without noise: its setpoints per control cycle and its harvest time.
 
@@ -223,7 +252,7 @@ def recipe_schedule(
     cycle_h = batch.cycle_period_h
     simulator = _Simulator(plant, cycle_h, step_h)
     recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
-    p = np.asarray(true_parameters, dtype=float)
+    history = _history(true_parameters, parameter_changes)
     x = np.asarray(initial_state, dtype=float).copy()
     delay_h = 0.5 * (sampling.result_delay_min_h + sampling.result_delay_max_h)
     next_draw_h = sampling.first_draw_h
@@ -235,6 +264,7 @@ def recipe_schedule(
     seq = 0
     while k < n_max:
         t = k * cycle_h
+        p = history.at(t)
         while next_draw_h <= t + 1e-9:
             seq += 1
             y = np.asarray(plant.observables(t, x, rows[-1] if rows else np.zeros(plant.n_inputs), p)).ravel()
@@ -266,6 +296,11 @@ def recipe_schedule(
         glucose_total_l += u[_GLUCOSE] * cycle_h
         k += 1
     return np.array(rows), k * cycle_h
+
+
+def _history(true_parameters: np.ndarray, changes: Sequence[tuple[float, np.ndarray]]) -> ParameterHistory:
+    vectors = [(float(t), np.asarray(v, dtype=float)) for t, v in sorted(changes, key=lambda change: change[0])]
+    return ParameterHistory(np.asarray(true_parameters, dtype=float), tuple(vectors))
 
 
 # ------------------------------------------------------------------ the NLP
@@ -316,7 +351,7 @@ class _OracleNlp:
         step = self._step()
         X = ca.MX.sym("X", nx, n * m + 1)
         U = ca.MX.sym("U", nu, n)
-        p = ca.MX.sym("p", plant.n_parameters)
+        P = ca.MX.sym("P", plant.n_parameters, n * m)  # the parameters in force during each substep
         x0 = ca.MX.sym("x0", nx)
         starts = ca.MX.sym("starts", 1, n)
         durations = ca.MX.sym("durations", 1, n)
@@ -324,13 +359,13 @@ class _OracleNlp:
         owner = [j // m for j in range(n * m)]
         h = durations[:, owner] / m
         t_step = starts[:, owner] + ca.DM([j % m for j in range(n * m)]).T * h
-        x_next, margins = step.map(n * m)(X[:, : n * m], U[:, owner], ca.repmat(p, 1, n * m), t_step, h)
+        x_next, margins = step.map(n * m)(X[:, : n * m], U[:, owner], P, t_step, h)
         us, xs = self.u_scale, self.x_scale
         t_sp = U[_TEMPERATURE, :] * us[_TEMPERATURE]
         moves = t_sp - ca.horzcat(t_previous, t_sp[:, : n - 1])
         harvest_time = ca.sum2(durations)
         x_end = X[:, n * m] * ca.DM(xs)
-        y_end = plant.observables(harvest_time, x_end, U[:, n - 1] * ca.DM(us), p)
+        y_end = plant.observables(harvest_time, x_end, U[:, n - 1] * ca.DM(us), P[:, n * m - 1])
         backoff = 1.0 + cfg.harvest_backoff_fraction
         terminal = ca.vertcat(
             (y_end[_Y["viability"]] - cfg.viability_at_harvest_min_pct * backoff) / 10.0,
@@ -339,12 +374,11 @@ class _OracleNlp:
         g = ca.vertcat(X[:, 0] - x0 / ca.DM(xs), ca.vec(X[:, 1:] - x_next), ca.vec(margins), moves.T, terminal)
         mass = y_end[_Y["titer"]] * y_end[_Y["volume"]]
         w = ca.vertcat(ca.vec(X), ca.vec(U))
-        params = ca.vertcat(x0, p, starts.T, durations.T, t_previous)
+        params = ca.vertcat(x0, ca.vec(P), starts.T, durations.T, t_previous)
         self.n_w = w.shape[0]
         self.n_nodes = n * m + 1
         self.n_eq = nx * self.n_nodes
         self.n_margins = margins.shape[0] * margins.shape[1]
-        self._mass = ca.Function("oracle_mass", [w, params], [mass])
         options: dict = {
             "expand": True,
             "print_time": False,
@@ -370,19 +404,23 @@ class _OracleNlp:
         durations = np.clip(harvest_time_h - starts, 0.0, self.interval_h)
         return np.minimum(starts, harvest_time_h), durations
 
-    def rollout(self, x0: np.ndarray, p: np.ndarray, inputs: np.ndarray, harvest_time_h: float) -> np.ndarray:
-        """States at the grid nodes for interval inputs (nu, n), scaled."""
+    def substep_grid(self, harvest_time_h: float) -> tuple[np.ndarray, np.ndarray]:
+        """Start times and lengths of every RK4 substep (zero-length after harvest)."""
         starts, durations = self.grid(harvest_time_h)
         m = self.substeps
         h = np.repeat(durations, m) / m
-        t_step = np.repeat(starts, m) + np.tile(np.arange(m), self.n) * h
+        return np.repeat(starts, m) + np.tile(np.arange(m), self.n) * h, h
+
+    def rollout(self, x0: np.ndarray, parameters: ParameterHistory, inputs: np.ndarray, harvest_time_h: float) -> np.ndarray:
+        """States at every substep node for interval inputs (nu, n), scaled."""
+        t_step, h = self.substep_grid(harvest_time_h)
         x0_scaled = np.asarray(x0) / self.x_scale
-        u = np.repeat(inputs / self.u_scale[:, None], m, axis=1)
-        states, _ = self._rollout(x0_scaled, u, np.tile(p[:, None], (1, self.n * m)), t_step[None, :], h[None, :])
+        u = np.repeat(inputs / self.u_scale[:, None], self.substeps, axis=1)
+        states, _ = self._rollout(x0_scaled, u, parameters.over(t_step), t_step[None, :], h[None, :])
         return np.hstack([x0_scaled[:, None], np.asarray(states)])
 
     def solve(
-        self, x0: np.ndarray, p: np.ndarray, inputs: np.ndarray, harvest_time_h: float, t_previous_degc: float, states_scaled: np.ndarray | None = None
+        self, x0: np.ndarray, parameters: ParameterHistory, inputs: np.ndarray, harvest_time_h: float, t_previous_degc: float, states_scaled: np.ndarray | None = None
     ) -> tuple[bool, str, int, np.ndarray, np.ndarray]:
         """Solve for one harvest time from interval inputs (nu, n) as the guess; (success, status, iterations, inputs, scaled states)."""
         n, nx, nu = self.n, self.plant.n_states, self.plant.n_inputs
@@ -390,7 +428,7 @@ class _OracleNlp:
         active = durations > 0.0
         inputs = np.clip(inputs, self.u_lower[:, None], self.u_upper[:, None])
         if states_scaled is None:
-            states_scaled = self.rollout(x0, p, inputs, harvest_time_h)
+            states_scaled = self.rollout(x0, parameters, inputs, harvest_time_h)
         u_lower = np.tile(self.u_lower[:, None], (1, n))
         u_upper = np.tile(self.u_upper[:, None], (1, n))
         # Inputs after harvest act on nothing: fixed at their guess, so IPOPT drops them.
@@ -403,7 +441,7 @@ class _OracleNlp:
         ubg = np.concatenate([np.zeros(self.n_eq), np.full(self.n_margins, np.inf), rate, np.full(2, np.inf)])
         w0 = np.concatenate([states_scaled.ravel(order="F"), (inputs / self.u_scale[:, None]).ravel(order="F")])
         w0 = np.clip(w0, lbx, ubx)
-        params = np.concatenate([x0, p, starts, durations, [t_previous_degc]])
+        params = np.concatenate([x0, parameters.over(self.substep_grid(harvest_time_h)[0]).ravel(order="F"), starts, durations, [t_previous_degc]])
         result = self.solver(x0=w0, p=params, lbx=lbx, ubx=ubx, lbg=lbg, ubg=ubg)
         stats = self.solver.stats()
         w = np.asarray(result["x"]).ravel()
@@ -478,12 +516,15 @@ def plan_oracle(
     batch: BatchConfig,
     initial_state: np.ndarray | None = None,
     *,
+    parameter_changes: Sequence[tuple[float, np.ndarray]] = (),
     config: OracleConfig | None = None,
     sampling: SamplingConfig | None = None,
 ) -> OracleSchedule:
     """The best schedule for ``plant`` with its true parameters, or the recipe's when the optimiser cannot beat it.
 
     ``initial_state`` defaults to the plant's state at inoculation;
+    ``parameter_changes`` are (process time, whole parameter vector from then
+    on) pairs, for a truth that changes during the batch (a new feed lot);
     ``sampling`` is the lab schedule the recipe's glucose arithmetic follows
     (the simulation's, for a score comparable with the PLC's recipe).
     """
@@ -493,11 +534,11 @@ def plan_oracle(
     per_interval = round(cfg.interval_h / cycle_h)
     if per_interval < 1 or abs(per_interval * cycle_h - cfg.interval_h) > 1e-9:
         raise ValueError(f"interval_h ({cfg.interval_h} h) must be a whole number of control cycles ({cycle_h} h)")
-    p = np.asarray(true_parameters, dtype=float)
+    p = _history(true_parameters, parameter_changes)
     x0 = np.asarray(initial_state if initial_state is not None else plant.initial_state(batch), dtype=float)
     turnaround = batch.economics.turnaround_days
     checker = _Simulator(plant, cycle_h, cfg.check_step_h)
-    recipe_rows, recipe_harvest_h = recipe_schedule(plant, p, batch, x0, sampling=sampling, step_h=cfg.check_step_h)
+    recipe_rows, recipe_harvest_h = recipe_schedule(plant, p.initial, batch, x0, parameter_changes=p.changes, sampling=sampling, step_h=cfg.check_step_h)
     recipe = checker.run(x0, p, recipe_rows, recipe_harvest_h, turnaround)
 
     def recipe_schedule_because(reason: str, candidates: tuple[HarvestCandidate, ...] = ()) -> OracleSchedule:
@@ -632,9 +673,25 @@ def plan_oracle(
 
 
 def plan_for_simulation(loaded: LoadedSimulation, *, config: OracleConfig | None = None) -> OracleSchedule:
-    """The oracle's schedule for a simulated batch: its plant, the seeded truth and the state at inoculation, read from its simulated PLC."""
-    plc, _ = build_simulated_plc(loaded)
-    return plan_oracle(plc.plant.model, plc.plant.parameters, loaded.batch, plc.plant.state.copy(), config=config, sampling=loaded.simulation.sampling)
+    """The oracle's schedule for a simulated batch: its plant, the seeded truth (feed-lot changes included) and the state at inoculation."""
+    plc, truth = build_simulated_plc(loaded)
+    plant = plc.plant.model
+    base = np.array([truth[name] for name in plant.parameter_names])
+    changes = [(start_h, _feed_lot_parameters(loaded, plant, base, start_h)) for start_h in sorted({f.start_h for f in loaded.simulation.faults if isinstance(f, FeedLotFault)})]
+    return plan_oracle(
+        plant, _feed_lot_parameters(loaded, plant, base, 0.0), loaded.batch, plc.plant.state.copy(), parameter_changes=changes, config=config, sampling=loaded.simulation.sampling
+    )
+
+
+def _feed_lot_parameters(loaded: LoadedSimulation, plant: EquationPlant, base: np.ndarray, process_time_h: float) -> np.ndarray:
+    """The true parameters at ``process_time_h``, with the feed lot the simulated PLC applies then (the last listed fault already started)."""
+    strength = 1.0
+    for fault in loaded.simulation.faults:
+        if isinstance(fault, FeedLotFault) and fault.start_h <= process_time_h:
+            strength = fault.strength
+    vector = base.copy()
+    vector[plant.parameter_index(plant.feed_strength_parameter)] *= strength
+    return vector
 
 
 def replay_schedule(loaded: LoadedSimulation, schedule: OracleSchedule) -> BatchResult:

@@ -84,12 +84,12 @@ OUTPUT_INDEX = _index(OUTPUTS)
 PARAMETER_INDEX = {name: i for i, name in enumerate(PARAMETER_NAMES)}
 
 
-def _smooth_positive(x: Any, eps: float) -> Any:
+def smooth_positive(x: Any, eps: float) -> Any:
     """max(x, 0), made differentiable so integrators and NLP solvers see a smooth RHS."""
     return 0.5 * (x + ca.sqrt(x * x + eps * eps))
 
 
-def _logistic_decline(x: Any, half: Any, width: Any) -> Any:
+def logistic_decline(x: Any, half: Any, width: Any) -> Any:
     """1 well below ``half``, 0.5 at ``half``, 0 well above."""
     return 1.0 / (1.0 + ca.exp((x - half) / width))
 
@@ -131,8 +131,8 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
         / (par("growth.ki_lactate_g_per_l") + lac)
         * par("growth.ki_ammonia_mm")
         / (par("growth.ki_ammonia_mm") + amm)
-        * _logistic_decline(osmolality, par("growth.osmolality_half_mosm_per_kg"), par("growth.osmolality_width_mosm_per_kg"))
-        * _logistic_decline(t, par("growth.age_half_h"), par("growth.age_width_h"))
+        * logistic_decline(osmolality, par("growth.osmolality_half_mosm_per_kg"), par("growth.osmolality_width_mosm_per_kg"))
+        * logistic_decline(t, par("growth.age_half_h"), par("growth.age_width_h"))
     )
 
     # Death: basal (slower when cold) plus sigmoidal lactate, ammonia and
@@ -181,7 +181,7 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
         par("product.galactosylated_max_fraction")
         * k_amm_q
         / (k_amm_q + amm)
-        * _logistic_decline(
+        * logistic_decline(
             osmolality,
             par("product.galactosylation_osmolality_half_mosm_per_kg"),
             par("product.galactosylation_osmolality_width_mosm_per_kg"),
@@ -189,7 +189,7 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
     )
 
     # pH control: base neutralises the lactic acid formed (never removes any).
-    base_rate = par("measurement.base_per_lactate_mol_per_mol") * _smooth_positive(r_lactate, SMOOTH_POSITIVE_EPS_G_PER_L_H) * volume / LACTATE_G_PER_MOL / media("base_mol_per_l")
+    base_rate = par("measurement.base_per_lactate_mol_per_mol") * smooth_positive(r_lactate, SMOOTH_POSITIVE_EPS_G_PER_L_H) * volume / LACTATE_G_PER_MOL / media("base_mol_per_l")
 
     strength = media("nutrient_feed_strength")
     inflow = feed + glucose_feed + base_rate

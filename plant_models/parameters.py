@@ -175,7 +175,7 @@ class MediaComposition(FrozenConfig):
         return feed_total_l * self.nutrient_feed_glucose_g_per_l + glucose_feed_total_l * self.glucose_feed_g_per_l
 
 
-def _flatten(model: FrozenConfig, prefix: str = "") -> list[tuple[str, float]]:
+def flat_values(model: FrozenConfig, prefix: str = "") -> list[tuple[str, float]]:
     items: list[tuple[str, float]] = []
     for name in type(model).model_fields:
         if name in METADATA_FIELDS:
@@ -183,7 +183,7 @@ def _flatten(model: FrozenConfig, prefix: str = "") -> list[tuple[str, float]]:
         value = getattr(model, name)
         key = f"{prefix}{name}"
         if isinstance(value, FrozenConfig):
-            items.extend(_flatten(value, prefix=f"{key}."))
+            items.extend(flat_values(value, prefix=f"{key}."))
         else:
             items.append((key, float(value)))
     return items
@@ -208,7 +208,7 @@ PARAMETER_NAMES: tuple[str, ...] = tuple([f"culture.{name}" for name in _field_n
 
 def parameter_vector(culture: CultureParameters, media: MediaComposition) -> np.ndarray:
     """The numeric parameter vector the CasADi model takes, in :data:`PARAMETER_NAMES` order."""
-    values = [value for _, value in _flatten(culture)] + [value for _, value in _flatten(media)]
+    values = [value for _, value in flat_values(culture)] + [value for _, value in flat_values(media)]
     return np.asarray(values, dtype=float)
 
 

@@ -111,7 +111,7 @@ def test_unknown_fault_kind_and_perturbed_parameter_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"faults\.0"):
         load_simulation(sim)
     sim.write_text(yaml.safe_dump({**base, "true_parameter_factors": {"growth.mu_maximum": 1.2}}))
-    with pytest.raises(ConfigError, match="unknown culture parameter 'growth.mu_maximum'"):
+    with pytest.raises(ConfigError, match="'growth.mu_maximum' is not a parameter of plant 'cho'"):
         load_simulation(sim)
     sim.write_text(yaml.safe_dump({**base, "faults": [{"kind": "probe", "tag": "PV.Glucose", "start_h": 3}]}))
     with pytest.raises(ConfigError, match="'PV.Glucose' is not an online signal"):

@@ -35,11 +35,11 @@ import numpy as np
 from pydantic import Field
 
 from controller.config import BatchConfig
-from plant_models.cho import GLUCOSE_G_PER_MOL, LACTATE_G_PER_MOL, PG_PER_CELL_DAY_TO_G_PER_1E9_CELLS_H, Signal
+from plant_models.cho import GLUCOSE_G_PER_MOL, LACTATE_G_PER_MOL, PG_PER_CELL_DAY_TO_G_PER_1E9_CELLS_H, Signal, logistic_decline, smooth_positive
 from plant_models.config_loading import FrozenConfig
 from plant_models.errors import ConfigError
-from plant_models.parameters import MediaComposition
-from simulator.plants.base import EquationPlant
+from plant_models.parameters import flat_values
+from simulator.plants.base import MEDIA_PARAMETER_NAMES, EquationPlant, media_vector, q10_factor
 
 _SMOOTH_EPS_G_PER_L_H = 1e-4
 
@@ -148,41 +148,6 @@ class AminoAcidKinetics(FrozenConfig):
     temperature: AminoAcidTemperature = AminoAcidTemperature()
 
 
-def dotted_values(model: FrozenConfig, prefix: str = "") -> list[tuple[str, float]]:
-    """Every number of a nested config with its dotted name (``growth.mu_max_per_h``), in field order."""
-    items: list[tuple[str, float]] = []
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if isinstance(value, FrozenConfig):
-            items.extend(dotted_values(value, prefix=f"{prefix}{name}."))
-        else:
-            items.append((f"{prefix}{name}", float(value)))
-    return items
-
-
-MEDIA_PARAMETER_NAMES: tuple[str, ...] = tuple(f"media.{name}" for name in MediaComposition.model_fields)
-"""The batch's media as plant parameters, named as the CHO plant names them (``media.nutrient_feed_strength``)."""
-
-
-def media_vector(media: MediaComposition) -> list[float]:
-    return [value for _, value in dotted_values(media)]
-
-
-def smooth_positive(x: Any, eps: float) -> Any:
-    """max(x, 0), differentiable."""
-    return 0.5 * (x + ca.sqrt(x * x + eps * eps))
-
-
-def logistic_decline(x: Any, half: Any, width: Any) -> Any:
-    """1 well below ``half``, 0.5 at ``half``, 0 well above."""
-    return 1.0 / (1.0 + ca.exp((x - half) / width))
-
-
-def q10_factor(q10: Any, temperature: Any, reference: Any) -> Any:
-    """Rate ratio at ``temperature`` relative to ``reference`` for a Q10 coefficient."""
-    return q10 ** ((temperature - reference) / 10.0)
-
-
 _STATES: tuple[Signal, ...] = (
     Signal("viable_cells", "1e6 cells/mL", "viable cell density"),
     Signal("dead_cells", "1e6 cells/mL", "dead, not yet lysed, cell density"),
@@ -208,14 +173,14 @@ class AminoAcidPlant(EquationPlant):
     name = "amino_acid"
     description = "asparagine and glutamate tracked, ammonia fixed by glutamine synthetase, lactate switched by metabolic phase, Luedeking–Piret productivity"
     states = _STATES
-    parameter_names = tuple(name for name, _ in dotted_values(AminoAcidKinetics())) + MEDIA_PARAMETER_NAMES
+    parameter_names = tuple(name for name, _ in flat_values(AminoAcidKinetics())) + MEDIA_PARAMETER_NAMES
     feed_strength_parameter = "media.nutrient_feed_strength"
 
     def __init__(self, kinetics: AminoAcidKinetics | None = None) -> None:
         self.kinetics = kinetics or AminoAcidKinetics()
 
     def nominal_parameters(self, batch: BatchConfig) -> np.ndarray:
-        return np.asarray([value for _, value in dotted_values(self.kinetics)] + media_vector(batch.media), dtype=float)
+        return np.asarray([value for _, value in flat_values(self.kinetics)] + media_vector(batch.media), dtype=float)
 
     def initial_state(self, batch: BatchConfig) -> np.ndarray:
         inoculum = batch.inoculation

@@ -25,6 +25,7 @@ import numpy as np
 
 from controller.config import BatchConfig
 from plant_models.cho import INPUTS, Signal
+from plant_models.parameters import PARAMETER_NAMES, MediaComposition, flat_values
 
 OBSERVABLES: tuple[Signal, ...] = (
     Signal("viable_cells", "1e6 cells/mL", "viable cell density (what the lab's cell counter reports)"),
@@ -46,6 +47,19 @@ OBSERVABLES: tuple[Signal, ...] = (
 """What a plant shows the PLC, the lab and the KPIs, in this order."""
 
 OBSERVABLE_INDEX: dict[str, int] = {signal.name: i for i, signal in enumerate(OBSERVABLES)}
+
+MEDIA_PARAMETER_NAMES: tuple[str, ...] = tuple(name for name in PARAMETER_NAMES if name.startswith("media."))
+"""The batch's media as plant parameters, named as the CHO plant names them (``media.nutrient_feed_strength``)."""
+
+
+def media_vector(media: MediaComposition) -> list[float]:
+    """The batch's media in :data:`MEDIA_PARAMETER_NAMES` order."""
+    return [value for _, value in flat_values(media)]
+
+
+def q10_factor(q10: Any, temperature: Any, reference: Any) -> Any:
+    """Rate ratio at ``temperature`` relative to ``reference`` for a Q10 coefficient."""
+    return q10 ** ((temperature - reference) / 10.0)
 
 
 class EquationPlant(ABC):

@@ -38,10 +38,10 @@ import numpy as np
 from pydantic import Field
 
 from controller.config import BatchConfig
-from plant_models.cho import GLUCOSE_G_PER_MOL, LACTATE_G_PER_MOL, Signal
+from plant_models.cho import GLUCOSE_G_PER_MOL, LACTATE_G_PER_MOL, Signal, logistic_decline, smooth_positive
 from plant_models.config_loading import FrozenConfig
-from simulator.plants.amino_acid import MEDIA_PARAMETER_NAMES, dotted_values, logistic_decline, media_vector, q10_factor, smooth_positive
-from simulator.plants.base import EquationPlant
+from plant_models.parameters import flat_values
+from simulator.plants.base import MEDIA_PARAMETER_NAMES, EquationPlant, media_vector, q10_factor
 
 _SMOOTH_EPS_G_PER_L_H = 1e-4
 PG_PER_PL_DAY_TO_G_PER_ML_H = 1e-3 / 24.0
@@ -170,14 +170,14 @@ class BiovolumePlant(EquationPlant):
     name = "biovolume"
     description = "cells enlarge when division stops, per-biovolume rates, capacitance from radius-weighted biovolume, proteases clip the product"
     states = _STATES
-    parameter_names = tuple(name for name, _ in dotted_values(BiovolumeKinetics())) + MEDIA_PARAMETER_NAMES
+    parameter_names = tuple(name for name, _ in flat_values(BiovolumeKinetics())) + MEDIA_PARAMETER_NAMES
     feed_strength_parameter = "media.nutrient_feed_strength"
 
     def __init__(self, kinetics: BiovolumeKinetics | None = None) -> None:
         self.kinetics = kinetics or BiovolumeKinetics()
 
     def nominal_parameters(self, batch: BatchConfig) -> np.ndarray:
-        return np.asarray([value for _, value in dotted_values(self.kinetics)] + media_vector(batch.media), dtype=float)
+        return np.asarray([value for _, value in flat_values(self.kinetics)] + media_vector(batch.media), dtype=float)
 
     def initial_state(self, batch: BatchConfig) -> np.ndarray:
         inoculum = batch.inoculation

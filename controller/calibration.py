@@ -31,6 +31,7 @@ import numpy as np
 import structlog
 from pydantic import Field, field_validator
 
+from controller.estimator import LAB_MEASUREMENTS, ONLINE_MEASUREMENTS
 from controller.records import BatchRecord
 from controller.types import LAB_FIELDS
 from plant_models.cho import OUTPUT_INDEX, STATE_INDEX, CultureModel
@@ -69,20 +70,10 @@ DEFAULT_FITTED: tuple[str, ...] = (
 )
 """Parameters fitted by default: the growth, death, metabolism, productivity and probe parameters batch records inform."""
 
-LAB_MODEL: dict[str, tuple[str, str]] = {
-    "vcd_1e6_per_ml": ("state", "viable_cells"),
-    "viability_pct": ("output", "viability"),
-    "glucose_g_per_l": ("state", "glucose"),
-    "lactate_g_per_l": ("state", "lactate"),
-    "glutamine_mm": ("state", "glutamine"),
-    "ammonia_mm": ("state", "ammonia"),
-    "titer_g_per_l": ("state", "titer"),
-    "osmolality_mosm_per_kg": ("output", "osmolality"),
-}
-ONLINE_MODEL: dict[str, tuple[str, str]] = {
-    "capacitance_pf_per_cm": ("output", "capacitance"),
-    "our_mmol_per_l_h": ("output", "our"),
-}
+LAB_MODEL: dict[str, tuple[str, str]] = LAB_MEASUREMENTS
+"""Lab fields and what the model predicts for them (the estimator's own map)."""
+ONLINE_MODEL: dict[str, tuple[str, str]] = {name: ONLINE_MEASUREMENTS[name] for name in ("capacitance_pf_per_cm", "our_mmol_per_l_h")}
+"""The probes the fit uses: the ones whose relation to the cells it calibrates."""
 
 
 class MeasurementSd(FrozenConfig):

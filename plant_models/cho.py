@@ -230,6 +230,20 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
     return ca.vertcat(*dx), ca.vertcat(*y)
 
 
+def rk4(rhs: Any, t: Any, x: Any, u: Any, p: Any, dt: Any, substeps: int = 1) -> tuple[Any, Any]:
+    """``substeps`` classic RK4 steps of ``rhs(t, x, u, p)`` over ``dt`` with inputs held: ``(t + dt, x_next)``."""
+    h = dt / substeps if substeps != 1 else dt
+    tk, xk = t, x
+    for _ in range(substeps):
+        k1 = rhs(tk, xk, u, p)
+        k2 = rhs(tk + h / 2, xk + h / 2 * k1, u, p)
+        k3 = rhs(tk + h / 2, xk + h / 2 * k2, u, p)
+        k4 = rhs(tk + h, xk + h * k3, u, p)
+        xk = xk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        tk = tk + h
+    return tk, xk
+
+
 @dataclass(frozen=True)
 class CultureModel:
     """The culture model as CasADi functions with named, unit-carrying signals.
@@ -286,16 +300,7 @@ class CultureModel:
 
     def rk4(self, t: Any, x: Any, u: Any, p: Any, dt: Any, substeps: int = 1) -> tuple[Any, Any]:
         """``substeps`` classic RK4 steps over ``dt`` with inputs held, on symbols (SX or MX) or numbers: ``(t + dt, x_next)``."""
-        h = dt / substeps if substeps != 1 else dt
-        tk, xk = t, x
-        for _ in range(substeps):
-            k1 = self.rhs(tk, xk, u, p)
-            k2 = self.rhs(tk + h / 2, xk + h / 2 * k1, u, p)
-            k3 = self.rhs(tk + h / 2, xk + h / 2 * k2, u, p)
-            k4 = self.rhs(tk + h, xk + h * k3, u, p)
-            xk = xk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            tk = tk + h
-        return tk, xk
+        return rk4(self.rhs, t, x, u, p, dt, substeps)
 
     def rk4_step(self, dt_h: float, substeps: int = 1) -> ca.Function:
         """A fixed-step RK4 map ``(t, x, u, p) -> (t + dt, x_next)`` with inputs held constant."""

@@ -24,7 +24,7 @@ import casadi as ca
 import numpy as np
 
 from controller.config import BatchConfig
-from plant_models.cho import INPUTS, Signal
+from plant_models.cho import INPUTS, Signal, rk4
 from plant_models.parameters import PARAMETER_NAMES, MediaComposition, flat_values
 
 OBSERVABLES: tuple[Signal, ...] = (
@@ -156,13 +156,5 @@ class EquationPlant(ABC):
     def rk4_step(self, dt_h: float, substeps: int = 1) -> ca.Function:
         """A fixed-step RK4 map ``(t, x, u, p) -> (t + dt, x_next)`` with inputs held constant."""
         t, x, u, p = ca.SX.sym("t"), ca.SX.sym("x", self.n_states), ca.SX.sym("u", self.n_inputs), ca.SX.sym("p", self.n_parameters)
-        h = dt_h / substeps
-        tk, xk = t, x
-        for _ in range(substeps):
-            k1 = self.rhs(tk, xk, u, p)
-            k2 = self.rhs(tk + h / 2, xk + h / 2 * k1, u, p)
-            k3 = self.rhs(tk + h / 2, xk + h / 2 * k2, u, p)
-            k4 = self.rhs(tk + h, xk + h * k3, u, p)
-            xk = xk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            tk = tk + h
+        tk, xk = rk4(self.rhs, t, x, u, p, dt_h, substeps)
         return ca.Function(f"{self.name}_rk4", [t, x, u, p], [tk, xk], ["t", "x", "u", "p"], ["t_next", "x_next"])

@@ -49,13 +49,14 @@ def run(label: str, overrides: dict[str, object], truth: dict[str, float] | None
     for name, estimate in fit.estimates.items():
         short = name.removeprefix("culture.")
         factor = estimate.value / estimate.nominal
-        if not estimate.identifiable:
+        if estimate.ci95_low is None or estimate.ci95_high is None:
             print(f"  {short:58s} not identifiable (kept nominal)")
             continue
+        low, high = estimate.ci95_low / estimate.nominal, estimate.ci95_high / estimate.nominal
         expected = None if truth is None else truth.get(short, 1.0)
-        inside = "" if expected is None else (" truth inside" if estimate.ci95_low / estimate.nominal <= expected <= estimate.ci95_high / estimate.nominal else " TRUTH OUTSIDE")
+        inside = "" if expected is None else (" truth inside" if low <= expected <= high else " TRUTH OUTSIDE")
         shown = "" if expected is None else f" (true x{expected:.2f})"
-        print(f"  {short:58s} x{factor:.3f} [{estimate.ci95_low / estimate.nominal:.3f}, {estimate.ci95_high / estimate.nominal:.3f}]{shown}{inside}")
+        print(f"  {short:58s} x{factor:.3f} [{low:.3f}, {high:.3f}]{shown}{inside}")
     slowest = max(fit.wall_s, with_cv.wall_s)
     print(f"  target: {BATCHES} batches in <= 120 s: {'met' if slowest <= 120.0 else 'NOT met'} ({slowest:.1f} s)")
 

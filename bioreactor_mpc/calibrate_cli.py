@@ -80,6 +80,10 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     console.print(f"reduced χ²: {statistics['reduced_chi2_nominal']:.2f} nominal → {statistics['reduced_chi2']:.2f} calibrated; {result.wall_s:.1f} s")
     if result.not_identifiable:
         console.print(f"not identifiable from these batches (kept at nominal): {', '.join(result.not_identifiable)}")
+    if result.cross_validation:
+        console.print(cross_validation_table(result.cross_validation))
+    for warning in result.warnings:
+        console.print(f"[bold yellow]review:[/] {warning}")
     console.print(f"wrote {args.output} and {report_dir / 'report.md'}")
     return 0
 
@@ -96,10 +100,19 @@ def write_parameter_file(path: Path, parameters: CultureParameters) -> None:
 def parameter_table(result: CalibrationResult) -> Table:
     table = Table(title="calibrated parameters (95 % interval)")
     for column in ("parameter", "nominal", "calibrated", "95 % interval", "× nominal"):
-        table.add_column(column, justify="left" if column == "parameter" else "right")
+        table.add_column(column, justify="left" if column == "parameter" else "right", overflow="fold", no_wrap=column != "parameter")
     for name, estimate in result.estimates.items():
         interval = f"[{estimate.ci95_low:.4g}, {estimate.ci95_high:.4g}]" if estimate.identifiable else "not identifiable"
         table.add_row(name.removeprefix("culture."), f"{estimate.nominal:.4g}", f"{estimate.value:.4g}", interval, f"{estimate.value / estimate.nominal:.3f}")
+    return table
+
+
+def cross_validation_table(cv: dict[str, float]) -> Table:
+    table = Table(title="batches left out, predicted by a fit on the others (relative RMSE)")
+    for column in ("quantity", "nominal model", "calibrated model"):
+        table.add_column(column, justify="left" if column == "quantity" else "right")
+    for quantity in sorted({key.rsplit("_", 1)[0] for key in cv}):
+        table.add_row(quantity, f"{cv[f'{quantity}_nominal']:.3f}", f"{cv[f'{quantity}_calibrated']:.3f}")
     return table
 
 
@@ -162,13 +175,30 @@ def _report_markdown(result: CalibrationResult, parameter_file: Path) -> str:
         lines.append(f"| {name.removeprefix('culture.')} | {e.nominal:.4g} | {e.value:.4g} | {interval} | {e.value / e.nominal:.3f} |")
     if result.not_identifiable:
         lines += ["", f"Not identifiable from these batches (their 95 % interval spanned more than the configured factor): {', '.join(result.not_identifiable)}."]
+    if result.warnings:
+        lines += ["", "## Review before deploying", ""]
+        lines += [f"- **{warning}**" for warning in result.warnings]
     lines += ["", "## Fit", "", "| statistic | value |", "|---|---:|"]
     lines += [f"| {name} | {value:.4g} |" for name, value in result.fit_statistics.items()]
+    if provenance is not None and provenance.batch_statistics:
+        quantities = ("vcd_1e6_per_ml", "titer_g_per_l", "glucose_g_per_l")
+        lines += [
+            "",
+            "### Per batch (a batch far worse than the others may not belong)",
+            "",
+            "| batch | reduced χ² | " + " | ".join(quantities) + " |",
+            "|---|---:|" + "---:|" * len(quantities),
+        ]
+        for batch_id, row in provenance.batch_statistics.items():
+            cells = " | ".join(f"{row[f'rel_rmse_{q}']:.3f}" if f"rel_rmse_{q}" in row else "–" for q in quantities)
+            lines.append(f"| {batch_id} | {row['reduced_chi2']:.2f} | {cells} |")
     if result.cross_validation:
         lines += ["", "## Cross-validation (each batch left out, predicted by a fit on the others)", "", "| quantity | nominal model | calibrated model |", "|---|---:|---:|"]
         for quantity in sorted({key.rsplit("_", 1)[0] for key in result.cross_validation}):
             lines.append(f"| {quantity} | {result.cross_validation[f'{quantity}_nominal']:.3f} | {result.cross_validation[f'{quantity}_calibrated']:.3f} |")
-        lines += ["", "Relative RMSE of the lab values of the batch left out."]
+        lines += ["", "Relative RMSE of the lab values of the batch left out, fitted on the others from nominal."]
+    else:
+        lines += ["", "## Cross-validation", "", "Not run (it needs at least 3 batches and is skipped with --no-cross-validation)."]
     lines += [
         "",
         "## Operating envelope the data covered",
@@ -178,7 +208,7 @@ def _report_markdown(result: CalibrationResult, parameter_file: Path) -> str:
     ]
     for phase in result.parameters.envelope:
         lines.append(
-            f"| {phase.phase} | {phase.start_h:g}–{phase.end_h:g} | {phase.temperature_degc.low:.1f}–{phase.temperature_degc.high:.1f} | "
+            f"| {phase.phase} | {phase.start_h:g}–{phase.end_h:g} h | {phase.temperature_degc.low:.1f}–{phase.temperature_degc.high:.1f} | "
             f"{phase.feed_per_volume_per_day.low:.4f}–{phase.feed_per_volume_per_day.high:.4f} | "
             f"{phase.glucose_feed_per_volume_per_day.low:.4f}–{phase.glucose_feed_per_volume_per_day.high:.4f} | "
             f"{phase.glucose_g_per_l.low:.2f}–{phase.glucose_g_per_l.high:.2f} | {phase.batches} |"

@@ -20,11 +20,13 @@ refitted. Design and measured performance: ``docs/calibration.md``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import casadi as ca
 import numpy as np
@@ -121,6 +123,25 @@ class CalibrationSettings(FrozenConfig):
         description="process phases of the operating envelope",
     )
 
+    @field_validator("measurement_sd", mode="before")
+    @classmethod
+    def _merge_defaults(cls, value: Any) -> Any:
+        """A settings file names the quantities it changes; the others keep their defaults."""
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - set(DEFAULT_SD))
+            if unknown:
+                raise ValueError(f"unknown measured quantities {unknown}; expected some of {', '.join(DEFAULT_SD)}")
+            return {**DEFAULT_SD, **value}
+        return value
+
+    @field_validator("phases")
+    @classmethod
+    def _ordered_phases(cls, phases: tuple[Phase, ...]) -> tuple[Phase, ...]:
+        for phase in phases:
+            if phase.end_h <= phase.start_h:
+                raise ValueError(f"phase {phase.name!r}: end_h ({phase.end_h}) must be after start_h ({phase.start_h})")
+        return phases
+
     @field_validator("parameters")
     @classmethod
     def _known(cls, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -169,64 +190,130 @@ class CalibrationResult:
     batches: tuple[BatchFit, ...]
     cross_validation: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
+    warnings: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- problem
 
 
+QUANTITIES: tuple[str, ...] = (*LAB_MODEL, *ONLINE_MODEL)
+"""What the fit compares with the records, in the order of the model's quantity vector."""
+
+
 class _Problem:
-    """The residual function r(θ) of all batches, and its Jacobian, as CasADi functions."""
+    """The weighted residuals r(θ) of all batches and their Jacobian, by forward sensitivities.
+
+    Each batch is one ``mapaccum`` of an SX step that carries the state and its
+    sensitivity to θ, ``S ← F_x S + F_p ∂p/∂θ``: the exact Jacobian of the RK4
+    discretisation at the cost of a few extra matrix products per step (an MX
+    Jacobian of the unrolled batch was 30× slower than the residual).
+    """
 
     def __init__(self, records: Sequence[BatchRecord], nominal: CultureParameters, model: CultureModel, settings: CalibrationSettings, fitted: Sequence[str]) -> None:
         self.settings = settings
         self.fitted = tuple(fitted)
         self.records = tuple(records)
-        index = [PARAMETER_NAMES.index(name) for name in self.fitted]
-        theta = ca.MX.sym("theta", len(self.fitted))
-        h = settings.step_h
-        step = model.rk4_step(h, settings.rk4_substeps)
-        t_sym, x_sym, u_sym, p_sym = ca.SX.sym("t"), ca.SX.sym("x", model.n_states), ca.SX.sym("u", model.n_inputs), ca.SX.sym("p", model.n_parameters)
-        t_next, x_next = step(t_sym, x_sym, u_sym, p_sym)
-        augmented = ca.Function("step", [ca.vertcat(t_sym, x_sym), u_sym, p_sym], [ca.vertcat(t_next, x_next)])
-        residuals: list[ca.MX] = []
-        trajectories: list[ca.MX] = []
+        self._index = np.array([PARAMETER_NAMES.index(name) for name in self.fitted], dtype=int)
+        n_x, n_u, n_p, n_theta = model.n_states, model.n_inputs, model.n_parameters, len(self.fitted)
+        self._n_x, self._n_theta = n_x, n_theta
+        t, x, u, p = ca.SX.sym("t"), ca.SX.sym("x", n_x), ca.SX.sym("u", n_u), ca.SX.sym("p", n_p)
+        sensitivity = ca.SX.sym("S", n_x, n_theta)
+        dp = ca.SX.sym("dp", n_p, n_theta)
+        t_next, x_next = model.rk4(t, x, u, p, settings.step_h, settings.rk4_substeps)
+        s_next = ca.jtimes(x_next, ca.vertcat(x, p), ca.vertcat(sensitivity, dp))
+        self._step = ca.Function("step", [ca.vertcat(t, x), u, p], [ca.vertcat(t_next, x_next)])
+        self._step_sensitivity = ca.Function("step_sensitivity", [ca.vertcat(t, x, ca.vec(sensitivity)), u, p, ca.vec(dp)], [ca.vertcat(t_next, x_next, ca.vec(s_next))])
+        y = model.outputs(t, x, u, p)
+        quantity = ca.vertcat(*[x[STATE_INDEX[name]] if kind == "state" else y[OUTPUT_INDEX[name]] for kind, name in (LAB_MODEL | ONLINE_MODEL).values()])
+        d_quantity = ca.jtimes(quantity, ca.vertcat(x, p), ca.vertcat(sensitivity, dp))
+        self._quantity = ca.Function("quantity", [t, x, u, p], [quantity])
+        self._quantity_sensitivity = ca.Function("quantity_sensitivity", [t, x, ca.vec(sensitivity), u, p, ca.vec(dp)], [quantity, ca.vec(d_quantity)])
+        self._maps: dict[tuple[str, int], ca.Function] = {}
         self.observations: list[_Observation] = []
         self.grids: list[tuple[np.ndarray, np.ndarray]] = []
+        self._nominal: list[np.ndarray] = []
+        self._x0: list[np.ndarray] = []
+        self._rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        """Per batch: observation steps, quantity rows, values, standard deviations."""
         for b, record in enumerate(self.records):
-            grid, inputs = delivered_grid(record, h)
+            grid, inputs = delivered_grid(record, settings.step_h)
             self.grids.append((grid, inputs))
-            p_nominal = parameter_vector(nominal, record.batch.media)
-            scale = [ca.MX(1.0)] * model.n_parameters
-            for k, i in enumerate(index):
-                scale[i] = ca.exp(theta[k])
-            p = ca.DM(p_nominal) * ca.vertcat(*scale)
-            n = len(grid) - 1
-            accumulated = augmented.mapaccum(f"batch{b}", n)
-            x0 = np.concatenate([[0.0], record.batch.inoculation.initial_state()])
-            states = accumulated(x0, ca.DM(inputs[:n].T), ca.repmat(p, 1, n))
-            states = ca.horzcat(ca.DM(x0), states)[1:, :]
-            outputs = model.outputs.map(n + 1)(ca.DM(grid).T, states, ca.DM(np.vstack([inputs[:n], inputs[n - 1 : n]]).T), ca.repmat(p, 1, n + 1))
-            quantities = {name: _quantity(states, outputs, where) for name, where in {**LAB_MODEL, **ONLINE_MODEL}.items()}
-            trajectories.append(ca.horzcat(*[quantities[name] for name in (*LAB_MODEL, *ONLINE_MODEL)]))
-            for observation in _observations(record, b, grid, settings):
-                self.observations.append(observation)
-                residuals.append((quantities[observation.name][observation.step] - observation.value) / observation.sd)
-        if not residuals:
+            self._nominal.append(parameter_vector(nominal, record.batch.media))
+            self._x0.append(record.batch.inoculation.initial_state())
+            found = _observations(record, b, grid, settings)
+            self.observations += found
+            self._rows.append(
+                (
+                    np.array([o.step for o in found], dtype=int),
+                    np.array([QUANTITIES.index(o.name) for o in found], dtype=int),
+                    np.array([o.value for o in found]),
+                    np.array([o.sd for o in found]),
+                )
+            )
+        self.n_residuals = len(self.observations)
+        if not self.n_residuals:
             raise CalibrationError("the records hold no lab result or probe value to fit to")
-        r = ca.vertcat(*residuals)
-        self.residual = ca.Function("residuals", [theta], [r])
-        self.jacobian = ca.Function("jacobian", [theta], [r, ca.jacobian(r, theta)])
-        self.trajectories = ca.Function("trajectories", [theta], trajectories)
-        self.n_residuals = r.numel()
+
+    def _mapped(self, kind: str, n: int) -> ca.Function:
+        key = (kind, n)
+        if key not in self._maps:
+            functions = {
+                "step": lambda: self._step.mapaccum(n),
+                "step_sensitivity": lambda: self._step_sensitivity.mapaccum(n),
+                "quantity": lambda: self._quantity.map(n),
+                "quantity_sensitivity": lambda: self._quantity_sensitivity.map(n),
+            }
+            self._maps[key] = functions[kind]()
+        return self._maps[key]
+
+    def _parameters(self, b: int, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's parameter vector at θ and ∂p/∂θ."""
+        p = self._nominal[b].copy()
+        p[self._index] *= np.exp(theta)
+        dp = np.zeros((p.size, theta.size))
+        dp[self._index, np.arange(theta.size)] = p[self._index]
+        return p, dp
+
+    def _simulate(self, b: int, theta: np.ndarray, *, sensitivities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Quantities on the grid (n+1 × quantities) and, with ``sensitivities``, their Jacobian (n+1 × quantities × θ)."""
+        grid, inputs = self.grids[b]
+        n = len(grid) - 1
+        p, dp = self._parameters(b, theta)
+        u_steps = inputs[:n].T
+        u_points = np.vstack([inputs[:n], inputs[n - 1 : n]]).T
+        p_steps = np.tile(p[:, None], (1, n + 1))
+        n_x, n_theta = self._n_x, self._n_theta
+        if not sensitivities:
+            start = np.concatenate([[0.0], self._x0[b]])
+            states = np.hstack([start[:, None], np.asarray(self._mapped("step", n)(start, u_steps, p_steps[:, :n]))])[1:]
+            return np.asarray(self._mapped("quantity", n + 1)(grid[None, :], states, u_points, p_steps)).T, None
+        start = np.concatenate([[0.0], self._x0[b], np.zeros(n_x * n_theta)])
+        dp_steps = np.tile(dp.reshape(-1, order="F")[:, None], (1, n + 1))
+        augmented = np.hstack([start[:, None], np.asarray(self._mapped("step_sensitivity", n)(start, u_steps, p_steps[:, :n], dp_steps[:, :n]))])
+        states, sens = augmented[1 : 1 + n_x], augmented[1 + n_x :]
+        quantity, d_quantity = self._mapped("quantity_sensitivity", n + 1)(grid[None, :], states, sens, u_points, p_steps, dp_steps)
+        jacobian = np.asarray(d_quantity).T.reshape(n + 1, n_theta, len(QUANTITIES)).transpose(0, 2, 1)
+        return np.asarray(quantity).T, jacobian
+
+    def residual(self, theta: np.ndarray) -> np.ndarray:
+        parts = []
+        for b, (steps, rows, values, sd) in enumerate(self._rows):
+            quantities, _ = self._simulate(b, theta, sensitivities=False)
+            parts.append((quantities[steps, rows] - values) / sd)
+        return np.concatenate(parts)
+
+    def jacobian(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        residuals, jacobians = [], []
+        for b, (steps, rows, values, sd) in enumerate(self._rows):
+            quantities, d_quantities = self._simulate(b, theta, sensitivities=True)
+            assert d_quantities is not None
+            residuals.append((quantities[steps, rows] - values) / sd)
+            jacobians.append(d_quantities[steps, rows, :] / sd[:, None])
+        return np.concatenate(residuals), np.vstack(jacobians)
 
     def trajectory(self, theta: np.ndarray, batch: int) -> dict[str, np.ndarray]:
-        values = np.asarray(self.trajectories(theta)[batch])
-        return {name: values[:, i] for i, name in enumerate((*LAB_MODEL, *ONLINE_MODEL))}
-
-
-def _quantity(states: ca.MX, outputs: ca.MX, where: tuple[str, str]) -> ca.MX:
-    kind, name = where
-    return states[STATE_INDEX[name], :].T if kind == "state" else outputs[OUTPUT_INDEX[name], :].T
+        quantities, _ = self._simulate(batch, theta, sensitivities=False)
+        return {name: quantities[:, i] for i, name in enumerate(QUANTITIES)}
 
 
 def delivered_grid(record: BatchRecord, step_h: float) -> tuple[np.ndarray, np.ndarray]:
@@ -246,11 +333,32 @@ def delivered_grid(record: BatchRecord, step_h: float) -> tuple[np.ndarray, np.n
         values = online.signal(total)
         good = np.isfinite(values)
         if good.sum() >= 2:
-            cumulative = np.interp(grid, online.time_h[good], np.maximum.accumulate(values[good]))
+            cumulative = np.interp(grid, online.time_h[good], continued_total(values[good], record.batch_id, total))
             rates = np.diff(cumulative) / np.diff(grid)
             inputs[:-1, column] = np.maximum(rates, 0.0)
             inputs[-1, column] = inputs[-2, column] if len(inputs) > 1 else inputs[-1, column]
     return grid, inputs
+
+
+TOTALISER_RESET_L = 1.0
+"""A totaliser that falls by more than this was reset (a fall below it is rounding or noise, held flat)."""
+
+
+def continued_total(values: np.ndarray, batch_id: str, name: str) -> np.ndarray:
+    """A totaliser's readings made continuous: after a reset, the count goes on from where it was (the delivery between the two readings is lost)."""
+    steps = np.diff(values)
+    resets = np.flatnonzero(steps < -TOTALISER_RESET_L)
+    if resets.size:
+        log.warning("totaliser_reset", batch_id=batch_id, signal=name, resets=int(resets.size), first_drop_l=round(float(-steps[resets[0]]), 3))
+    # After a reset the next reading counts from about zero: continue from the last count before it.
+    offsets = np.zeros_like(values)
+    for index in resets:
+        offsets[index + 1 :] += values[index]
+    return np.maximum.accumulate(values + offsets)
+
+
+PROBE_NEAREST_H = 1.0
+"""A probe value enters the fit at a grid point only if a Good reading lies within this of it: nothing is made up across a gap."""
 
 
 def _observations(record: BatchRecord, batch: int, grid: np.ndarray, settings: CalibrationSettings) -> list[_Observation]:
@@ -271,10 +379,13 @@ def _observations(record: BatchRecord, batch: int, grid: np.ndarray, settings: C
         good = np.isfinite(values)
         if not good.any() or name not in sd:
             continue
-        on_grid = np.interp(grid, record.online.time_h[good], values[good], left=math.nan, right=math.nan)
+        times = record.online.time_h[good]
         for k in range(every, len(grid), every):
-            value = float(on_grid[k])
-            if math.isfinite(value) and value > 0.0:
+            nearest = int(np.argmin(np.abs(times - grid[k])))
+            if abs(times[nearest] - grid[k]) > PROBE_NEAREST_H:
+                continue
+            value = float(values[good][nearest])
+            if value > 0.0:
                 found.append(_Observation(batch, k, name, value, max(sd[name].relative * value, sd[name].floor)))
     return found
 
@@ -291,8 +402,7 @@ def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: Calibr
         return 0.5 * float(r @ r) + 0.5 * prior * float(theta @ theta)
 
     theta = np.clip(theta0, -bound, bound)
-    r_dm, j_dm = problem.jacobian(theta)
-    r, jacobian = np.asarray(r_dm).ravel(), np.asarray(j_dm)
+    r, jacobian = problem.jacobian(theta)
     current = cost(r, theta)
     damping = 1e-2
     iterations = 0
@@ -303,7 +413,7 @@ def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: Calibr
         while damping < 1e8:
             step = -np.linalg.solve(hessian + damping * np.diag(np.diag(hessian)), gradient)
             candidate = np.clip(theta + step, -bound, bound)
-            r_candidate = np.asarray(problem.residual(candidate)).ravel()
+            r_candidate = problem.residual(candidate)
             candidate_cost = cost(r_candidate, candidate) if np.all(np.isfinite(r_candidate)) else math.inf
             if candidate_cost < current:
                 improved = True
@@ -311,12 +421,14 @@ def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: Calibr
             damping *= 4.0
         if not improved:
             break
-        relative_change = (current - candidate_cost) / max(current, 1e-12)
+        current_change = current - candidate_cost
+        relative_change = current_change / max(current, 1e-12)
         theta, current = candidate, candidate_cost
         damping = max(damping / 3.0, 1e-7)
-        r_dm, j_dm = problem.jacobian(theta)
-        r, jacobian = np.asarray(r_dm).ravel(), np.asarray(j_dm)
-        if relative_change < 1e-7 or float(np.max(np.abs(step))) < 1e-6:
+        r, jacobian = problem.jacobian(theta)
+        # Converged when the cost falls by less than a hundredth of a unit of ½χ² (parameters then move far less
+        # than their standard errors), or by a millionth of itself.
+        if current_change < 1e-2 or relative_change < 1e-6 or float(np.max(np.abs(step))) < 1e-6:
             break
     return theta, r, jacobian, iterations
 
@@ -326,7 +438,10 @@ def _covariance(r: np.ndarray, jacobian: np.ndarray) -> tuple[np.ndarray, float]
     n, p = jacobian.shape
     reduced_chi2 = float(r @ r) / max(n - p, 1)
     information = jacobian.T @ jacobian
-    covariance = np.linalg.pinv(information, rcond=1e-10, hermitian=True)
+    # A direction the data do not inform has (almost) no information and must get a huge variance, not the zero a
+    # pseudo-inverse gives it: a tiny ridge (relative to the best-informed direction) keeps the inverse honest.
+    ridge = 1e-10 * max(float(np.max(np.diag(information))), 1e-12)
+    covariance = np.linalg.inv(information + ridge * np.eye(p))
     return covariance * max(1.0, reduced_chi2), reduced_chi2
 
 
@@ -343,24 +458,22 @@ def calibrate(
     started = time.perf_counter()
     settings = settings or CalibrationSettings()
     model = model or CultureModel()
-    if not records:
-        raise CalibrationError("no batch records to calibrate on")
-    for record in records:
-        if not any(sample.measured("vcd_1e6_per_ml") or sample.measured("titer_g_per_l") for sample in record.lab):
-            raise CalibrationError(f"batch {record.batch_id!r}: no lab VCD or titer result; a batch without lab results cannot be calibrated on")
+    check_records(records)
     fitted = list(settings.parameters)
     not_identifiable: list[str] = []
+    start = np.zeros(len(fitted))
     while True:
         problem = _Problem(records, nominal, model, settings, fitted)
-        theta, r, jacobian, iterations = _levenberg_marquardt(problem, np.zeros(len(fitted)), settings)
+        theta, r, jacobian, iterations = _levenberg_marquardt(problem, start, settings)
         covariance, reduced_chi2 = _covariance(r, jacobian)
         sd = np.sqrt(np.maximum(np.diag(covariance), 0.0))
-        ratio = np.exp(2.0 * Z95 * sd)
+        ratio = np.exp(np.minimum(2.0 * Z95 * sd, 700.0))  # the span of the 95 % interval as a factor (capped: no information at all is "infinite")
         worst = int(np.argmax(ratio))
         if ratio[worst] <= settings.identifiable_max_ratio or len(fitted) == 1:
             break
         log.info("calibration_not_identifiable", parameter=fitted[worst], ci95_ratio=round(float(ratio[worst]), 2))
         not_identifiable.append(fitted.pop(worst))
+        start = np.delete(theta, worst)  # the others refitted from where they were
     nominal_vector = parameter_vector(nominal, records[0].batch.media)
     estimates: dict[str, ParameterEstimate] = {}
     for k, name in enumerate(fitted):
@@ -374,8 +487,8 @@ def calibrate(
         )
     for name in not_identifiable:
         base = float(nominal_vector[PARAMETER_NAMES.index(name)])
-        estimates[name] = ParameterEstimate(nominal=base, value=base, ci95_low=base, ci95_high=base, identifiable=False)
-    r0 = np.asarray(problem.residual(np.zeros(len(fitted)))).ravel()
+        estimates[name] = ParameterEstimate(nominal=base, value=base, ci95_low=None, ci95_high=None, identifiable=False)
+    r0 = problem.residual(np.zeros(len(fitted)))
     statistics = {
         "batches": float(len(records)),
         "residuals": float(problem.n_residuals),
@@ -396,7 +509,11 @@ def calibrate(
         )
         for b, record in enumerate(records)
     )
-    cv = _cross_validation(records, nominal, model, settings, fitted, theta) if cross_validate and len(records) >= 3 else {}
+    cv = _cross_validation(records, nominal, model, settings, fitted) if cross_validate and len(records) >= 3 else {}
+    per_batch = _batch_statistics(problem, theta)
+    warnings = review_warnings(records, statistics, per_batch, cv, cross_validate=cross_validate)
+    for warning in warnings:
+        log.warning("calibration_review", warning=warning)
     factors = {name.removeprefix("culture."): estimates[name].value / estimates[name].nominal for name in fitted}
     provenance = ModelProvenance(
         created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -408,6 +525,8 @@ def calibrate(
         not_identifiable=tuple(not_identifiable),
         fit_statistics=statistics,
         cross_validation=cv,
+        batch_statistics=per_batch,
+        warnings=tuple(warnings),
     )
     calibrated = scaled_parameters(nominal, factors).model_copy(update={"provenance": provenance, "envelope": operating_envelope(records, settings)})
     wall = time.perf_counter() - started
@@ -420,7 +539,115 @@ def calibrate(
         batches=batches,
         cross_validation=cv,
         wall_s=wall,
+        warnings=tuple(warnings),
     )
+
+
+REFERENCE_QUANTITIES: tuple[str, ...] = ("vcd_1e6_per_ml", "titer_g_per_l", "glucose_g_per_l")
+INOCULATION_VOLUME_TOLERANCE = 0.05
+"""The batch file's inoculation volume and the first online volume may differ by this fraction."""
+
+
+def _where(record: BatchRecord) -> str:
+    return f"batch {record.batch_id!r}" + (f" ({record.sources[0][0]})" if record.sources else "")
+
+
+def check_records(records: Sequence[BatchRecord]) -> None:
+    """Refuse records the fit cannot use or would be misled by, naming the batch and its file.
+
+    A batch without a lab VCD or titer; the same lab draw twice; two batches
+    with identical data (one batch given twice under two names); a batch file
+    whose inoculation volume disagrees with the online volume at the start, or
+    whose inoculation VCD or viability disagrees with a lab sample drawn in the
+    first two hours.
+    """
+    if not records:
+        raise CalibrationError("no batch records to calibrate on")
+    seen: dict[str, str] = {}
+    for record in records:
+        where = _where(record)
+        if not any(sample.measured("vcd_1e6_per_ml") or sample.measured("titer_g_per_l") for sample in record.lab):
+            raise CalibrationError(f"{where}: no lab VCD or titer result; a batch without lab results cannot be calibrated on")
+        draws = [sample.draw_h for sample in record.lab]
+        repeated = sorted({t for t in draws if draws.count(t) > 1})
+        if repeated:
+            raise CalibrationError(f"{where}: lab samples drawn at the same time twice ({', '.join(f'{t:g} h' for t in repeated)}): a duplicated row counts twice in the fit")
+        digest = hashlib.sha256(record.online.time_h.tobytes() + b"".join(np.nan_to_num(v).tobytes() for v in record.online.values.values())).hexdigest()
+        if digest in seen:
+            raise CalibrationError(f"{where} holds the same online data as batch {seen[digest]!r}: one batch given twice would count twice in the fit")
+        seen[digest] = record.batch_id
+        inoculation = record.batch.inoculation
+        volume = record.online.signal("volume_l")
+        good = np.flatnonzero(np.isfinite(volume))
+        if good.size and record.online.time_h[good[0]] <= 1.0:
+            first = float(volume[good[0]])
+            if abs(first - inoculation.volume_l) > INOCULATION_VOLUME_TOLERANCE * inoculation.volume_l:
+                raise CalibrationError(
+                    f"{where}: the batch file's inoculation.volume_l is {inoculation.volume_l:g} L but the online volume at "
+                    f"{record.online.time_h[good[0]]:g} h reads {first:g} L: correct the batch file (the fit starts from it)"
+                )
+        for sample in record.lab:
+            if sample.draw_h > 2.0:
+                break
+            vcd, viability = sample.values.get("vcd_1e6_per_ml", math.nan), sample.values.get("viability_pct", math.nan)
+            if math.isfinite(vcd) and vcd > 0.0 and not 0.5 <= inoculation.viable_cell_density_1e6_per_ml / vcd <= 2.0:
+                raise CalibrationError(
+                    f"{where}: the batch file's inoculation.viable_cell_density_1e6_per_ml is {inoculation.viable_cell_density_1e6_per_ml:g} "
+                    f"but the lab measured {vcd:g} at {sample.draw_h:g} h: correct the batch file (the fit starts from it)"
+                )
+            if math.isfinite(viability) and abs(inoculation.viability_pct - viability) > 20.0:
+                raise CalibrationError(
+                    f"{where}: the batch file's inoculation.viability_pct is {inoculation.viability_pct:g} % but the lab measured {viability:g} % "
+                    f"at {sample.draw_h:g} h (a fraction written where a percentage belongs?): correct the batch file"
+                )
+
+
+def _batch_statistics(problem: _Problem, theta: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per batch: the reduced χ² of its residuals and the relative RMSE of VCD, titer and glucose at the fitted parameters."""
+    r = problem.residual(theta)
+    owners = np.array([o.batch for o in problem.observations])
+    result: dict[str, dict[str, float]] = {}
+    for b, record in enumerate(problem.records):
+        mine = r[owners == b]
+        row = {"reduced_chi2": float(mine @ mine) / max(mine.size, 1)}
+        row.update({f"rel_rmse_{name}": value for name, value in _relative_rmse(problem, theta, [b]).items()})
+        result[record.batch_id] = row
+    return result
+
+
+def review_warnings(
+    records: Sequence[BatchRecord], statistics: Mapping[str, float], per_batch: Mapping[str, Mapping[str, float]], cv: Mapping[str, float], *, cross_validate: bool
+) -> list[str]:
+    """What a reviewer must look at before deploying: a misfit the model cannot explain, a batch unlike the others, no gain on unseen batches."""
+    warnings: list[str] = []
+    chi2 = statistics["reduced_chi2"]
+    if chi2 > 4.0:
+        warnings.append(
+            f"the calibrated model still misses the data by far more than the measurement noise (reduced chi-square {chi2:.1f}): its structure differs from the plant's; "
+            "the intervals are widened by it, and the model should be trusted only inside the envelope"
+        )
+    typical = float(np.median([row["reduced_chi2"] for row in per_batch.values()]))
+    for batch_id, row in per_batch.items():
+        if row["reduced_chi2"] > max(3.0 * typical, 4.0):
+            warnings.append(
+                f"batch {batch_id} fits far worse than the others (reduced chi-square {row['reduced_chi2']:.1f} against a median of {typical:.1f}): "
+                "a failed or mis-recorded batch? Check it, and calibrate without it if it does not belong"
+            )
+    for record in records:
+        _, viability = record.lab_series("viability_pct")
+        times, _ = record.lab_series("viability_pct")
+        early = viability[times < 0.6 * record.end_h]
+        if early.size and float(np.min(early)) < 50.0:
+            warnings.append(f"batch {record.batch_id}: lab viability fell to {float(np.min(early)):.0f} % before 60 % of the batch (a crashed culture?)")
+    if not cross_validate:
+        warnings.append("cross-validation was not run: whether the model predicts batches it has not seen is unknown")
+    elif not cv:
+        warnings.append(f"cross-validation needs at least 3 batches ({len(records)} given): whether the model predicts batches it has not seen is unknown")
+    else:
+        worse = [name for name in REFERENCE_QUANTITIES if f"{name}_calibrated" in cv and cv[f"{name}_calibrated"] >= cv[f"{name}_nominal"]]
+        if worse:
+            warnings.append(f"on batches left out, the calibrated model predicts {', '.join(worse)} no better than the nominal one: do not deploy it")
+    return warnings
 
 
 def _observed(problem: _Problem, batch: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -447,18 +674,15 @@ def _relative_rmse(problem: _Problem, theta: np.ndarray, batches: Sequence[int] 
     return {name: float(np.sqrt(np.mean(np.square(values)))) for name, values in errors.items()}
 
 
-def _cross_validation(
-    records: Sequence[BatchRecord], nominal: CultureParameters, model: CultureModel, settings: CalibrationSettings, fitted: Sequence[str], theta_all: np.ndarray
-) -> dict[str, float]:
-    """Leave each batch out, fit on the rest (from the full fit), predict the one left out: relative RMSE, nominal vs calibrated."""
-    quick = settings.model_copy(update={"max_iterations": min(settings.max_iterations, 15)})
+def _cross_validation(records: Sequence[BatchRecord], nominal: CultureParameters, model: CultureModel, settings: CalibrationSettings, fitted: Sequence[str]) -> dict[str, float]:
+    """Leave each batch out, fit on the rest from nominal (never from a fit that saw it), predict the one left out: relative RMSE, nominal vs calibrated."""
     calibrated: dict[str, list[float]] = {}
     nominal_errors: dict[str, list[float]] = {}
     full = _Problem(records, nominal, model, settings, fitted)
     for left_out in range(len(records)):
         rest = [record for i, record in enumerate(records) if i != left_out]
-        problem = _Problem(rest, nominal, model, quick, fitted)
-        theta, *_ = _levenberg_marquardt(problem, theta_all, quick)
+        problem = _Problem(rest, nominal, model, settings, fitted)
+        theta, *_ = _levenberg_marquardt(problem, np.zeros(len(fitted)), settings)
         for name, value in _relative_rmse(full, theta, [left_out]).items():
             calibrated.setdefault(name, []).append(value)
         for name, value in _relative_rmse(full, np.zeros(len(fitted)), [left_out]).items():
@@ -506,7 +730,7 @@ def operating_envelope(records: Sequence[BatchRecord], settings: CalibrationSett
             PhaseEnvelope(
                 phase=phase.name,
                 start_h=phase.start_h,
-                end_h=phase.end_h,
+                end_h=min(phase.end_h, max(record.end_h for record in records)),
                 temperature_degc=span(temperatures),
                 feed_per_volume_per_day=span(feeds),
                 glucose_feed_per_volume_per_day=span(glucose_feeds),

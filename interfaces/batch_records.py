@@ -197,6 +197,18 @@ class _Table:
         return RecordError(self.path, problem, message, row=row, column=self.original(column) if column is not None and column in self.columns else column)
 
 
+def spec_words(spec: ColumnSpec) -> str:
+    return spec.quantity.replace("_", " ")
+
+
+def canonical_column(cell: str) -> str:
+    """A header cell in the layout's spelling: ``Glucose [g/L]`` and ``glucose_g/l`` are ``glucose_g_per_l``, ``Temperature (°C)`` is ``temperature_degc``."""
+    name = cell.strip().lower().replace("°", "deg").replace("%", "pct")
+    for old, new in (("[", " "), ("]", " "), ("(", " "), (")", " "), ("/", " per "), ("-", " "), (" ", "_")):
+        name = name.replace(old, new)
+    return "_".join(part for part in name.split("_") if part)
+
+
 def _read_table(path: Path, expected: Sequence[ColumnSpec], required: Sequence[str], *, with_status: bool) -> _Table:
     """Read one CSV file of the layout and check its header: required columns present, no unit mismatch, no duplicate."""
     if not path.is_file():
@@ -227,7 +239,7 @@ def _read_table(path: Path, expected: Sequence[ColumnSpec], required: Sequence[s
 
     columns: dict[str, int] = {}
     for index, cell in enumerate(header):
-        name = cell.strip().lower()
+        name = canonical_column(cell)
         if not name:
             filled = next((number for number, cells in records if index < len(cells) and cells[index].strip()), None)
             if filled is not None:
@@ -254,6 +266,14 @@ def _read_table(path: Path, expected: Sequence[ColumnSpec], required: Sequence[s
                     row=1,
                     column=name,
                 )
+        bare = next((spec for spec in quantities if base == spec.quantity), None)
+        if bare is not None:
+            raise table.error(
+                RecordProblem.UNIT_MISMATCH,
+                f"the column names {spec_words(bare)} without its unit: the layout has it in {bare.unit}, in the column {bare.name!r}",
+                row=1,
+                column=name,
+            )
         log.warning("batch_record_column_ignored", file=str(path), column=table.original(name), known=", ".join(by_name))
     for name in required:
         if name not in columns:
@@ -368,7 +388,7 @@ def read_batch_directory(path: str | Path) -> BatchRecord:
     end_h = float(online.time_h[-1])
     setpoints = _read_setpoints(setpoints_path, end_h)
     lab = _read_lab(lab_path, end_h)
-    sources = tuple((str(file), sha256_of(file)) for file in (batch_path, online_path, lab_path, setpoints_path))
+    sources = tuple((str(file.resolve()), sha256_of(file)) for file in (batch_path, online_path, lab_path, setpoints_path))
     return BatchRecord(batch_id=batch.batch_id, batch=batch, online=online, lab=lab, setpoints=setpoints, end_h=end_h, sources=sources)
 
 
@@ -528,9 +548,9 @@ def read_history(path: str | Path, *, batch_files: Iterable[str | Path | BatchCo
     - setpoints: the ``SP.*`` read-backs of every scan (in force at that time)
       and the writes the PLC accepted (outcome ``ok``: in force from the write on);
     - the batch file: the run's ``config`` when it holds one (a ``batch``
-      section), else the one of ``batch_files`` whose ``batch_id`` is the batch's.
-      The runtime records its settings there, not the batch file, so give
-      the batch file.
+      section, which the runtime writes at the start of every run), else the one
+      of ``batch_files`` whose ``batch_id`` is the batch's (histories written
+      before the runtime stored its batch file need it).
 
     ``batch_ids`` reads only those batches. ``sources`` holds the history
     file's sha-256 (and its ``-wal`` file's, when there is one) and the batch file's.
@@ -540,7 +560,7 @@ def read_history(path: str | Path, *, batch_files: Iterable[str | Path | BatchCo
         raise RecordError(history, RecordProblem.MISSING_FILE, "no such history file")
     configs = _batch_configs(batch_files)
     wanted = set(batch_ids) if batch_ids is not None else None
-    sources = [(str(history), sha256_of(history))]
+    sources = [(str(history.resolve()), sha256_of(history))]
     wal = history.with_name(history.name + "-wal")
     if wal.is_file() and wal.stat().st_size > 0:
         sources.append((str(wal), sha256_of(wal)))
@@ -571,7 +591,7 @@ def _batch_configs(batch_files: Iterable[str | Path | BatchConfig]) -> list[tupl
             loaded.append((item, ()))
         else:
             file = Path(item)
-            loaded.append((BatchConfig.from_yaml(file), ((str(file), sha256_of(file)),)))
+            loaded.append((BatchConfig.from_yaml(file), ((str(Path(file).resolve()), sha256_of(Path(file))),)))
     return loaded
 
 
@@ -622,7 +642,7 @@ def _history_batch(
     raise RecordError(
         history,
         RecordProblem.NO_BATCH_CONFIG,
-        f"batch {batch_id}: the history does not hold its batch file (the runtime records its settings there){given}; "
+        f"batch {batch_id}: the history does not hold its batch file (written before the runtime stored it with each run){given}; "
         f"give the batch file of {batch_id} (--batch), with batch_id: {batch_id}",
     )
 

@@ -115,8 +115,8 @@ class ParameterEstimate(FrozenConfig):
 
     nominal: float
     value: float
-    ci95_low: float
-    ci95_high: float
+    ci95_low: float | None = Field(description="lower end of the 95 % interval; none when not identifiable")
+    ci95_high: float | None = Field(description="upper end of the 95 % interval; none when not identifiable")
     identifiable: bool = Field(description="false: the data could not determine it, and it stays at nominal")
 
 
@@ -132,6 +132,8 @@ class ModelProvenance(FrozenConfig):
     not_identifiable: tuple[str, ...] = Field(description="parameters the data could not determine: kept at nominal")
     fit_statistics: dict[str, float]
     cross_validation: dict[str, float] = Field(default_factory=dict, description="relative RMSE on batches left out, nominal vs calibrated")
+    batch_statistics: dict[str, dict[str, float]] = Field(default_factory=dict, description="per batch: reduced χ² and relative RMSE of VCD, titer and glucose")
+    warnings: tuple[str, ...] = Field(default=(), description="what a reviewer must look at before deploying this model")
 
 
 METADATA_FIELDS = frozenset({"provenance", "envelope"})

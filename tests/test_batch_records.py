@@ -157,6 +157,8 @@ ERROR_CASES = {
     "first setpoint row incomplete": (SETPOINTS_FILE, lambda rows: set_cell(rows, 2, "glucose_rate_lph", ""), RecordProblem.MISSING_VALUE, 2, "glucose_rate_lph"),
     "duplicate column": (LAB_FILE, lambda rows: rename(rows, "lactate_g_per_l", "titer_g_per_l"), RecordProblem.DUPLICATE_COLUMN, 1, "titer_g_per_l"),
     "decimal comma": (ONLINE_FILE, lambda rows: rows[9].append("5"), RecordProblem.EXTRA_CELLS, 10, None),
+    "quantity without its unit": (LAB_FILE, lambda rows: rename(rows, "glucose_g_per_l", "Glucose"), RecordProblem.UNIT_MISMATCH, 1, "Glucose"),
+    "unit mismatch spelled [mM]": (LAB_FILE, lambda rows: rename(rows, "glucose_g_per_l", "Glucose [mM]"), RecordProblem.UNIT_MISMATCH, 1, "Glucose [mM]"),
 }
 
 
@@ -171,6 +173,15 @@ def test_bad_input_names_the_file_row_and_column(example, case):
     assert str(error).startswith(f"{example / name}, row {row}")
     if column is not None:
         assert f"column {column!r}" in str(error)
+
+
+@pytest.mark.parametrize("header", ["Glucose [g/L]", "glucose_g/l", "GLUCOSE (g/L)"])
+def test_a_column_in_a_historians_spelling_is_read_as_its_quantity(example, header):
+    expected = read_batch_directory(example).lab_series("glucose_g_per_l")
+    rewrite(example / LAB_FILE, lambda rows: rename(rows, "glucose_g_per_l", header))
+    times, values = read_batch_directory(example).lab_series("glucose_g_per_l")
+    np.testing.assert_array_equal(times, expected[0])
+    np.testing.assert_array_equal(values, expected[1])
 
 
 def test_a_unit_mismatch_names_the_expected_column(example):

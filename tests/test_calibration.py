@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from controller.calibration import CalibrationError, CalibrationSettings, calibrate
+from controller.calibration import CalibrationError, CalibrationSettings, calibrate, check_records, delivered_grid
 from controller.records import BatchRecord
 from interfaces.batch_records import sha256_of, write_batch_directory
 from plant_models.parameters import CultureParameters, parameter_vector
@@ -130,3 +130,79 @@ def test_calibrate_command_names_the_file_row_and_column_of_bad_input(records, t
     assert done.returncode == 2
     assert str(lab) in done.stderr and "glucose_mm" in done.stderr and "glucose_g_per_l" in done.stderr
     assert not (tmp_path / "out.yaml").exists()
+
+
+def _with_online(record: BatchRecord, **changes: np.ndarray | None) -> BatchRecord:
+    values = {name: series for name, series in record.online.values.items() if changes.get(name, series) is not None}
+    values.update({name: series for name, series in changes.items() if series is not None})
+    return dataclasses.replace(record, online=dataclasses.replace(record.online, values=values))
+
+
+def test_one_batch_fits_and_says_it_was_not_cross_validated(records, nominal):
+    result = calibrate([records[0]], nominal, settings=FAST, cross_validate=True)
+    assert result.cross_validation == {}
+    assert any("cross-validation needs at least 3 batches (1 given)" in w for w in result.warnings)
+    assert result.parameters.provenance is not None and result.parameters.provenance.warnings == result.warnings
+
+
+def test_probe_factors_without_probe_data_are_not_identifiable(records, nominal):
+    """No capacitance or OUR recorded: nothing informs the probe factors, and they must not come out with a zero-width interval."""
+    blind = [_with_online(r, capacitance_pf_per_cm=None, our_mmol_per_l_h=None) for r in records[:2]]
+    settings = FAST.model_copy(
+        update={
+            "parameters": ("culture.growth.mu_max_per_h", "culture.measurement.capacitance_pf_per_cm_per_1e6_cells_ml", "culture.measurement.o2_maintenance_mmol_per_1e9_cells_h")
+        }
+    )
+    result = calibrate(blind, nominal, settings=settings, cross_validate=False)
+    assert set(result.not_identifiable) == {"culture.measurement.capacitance_pf_per_cm_per_1e6_cells_ml", "culture.measurement.o2_maintenance_mmol_per_1e9_cells_h"}
+    assert result.estimates["culture.measurement.capacitance_pf_per_cm_per_1e6_cells_ml"].ci95_low is None
+    assert result.estimates["culture.growth.mu_max_per_h"].identifiable
+
+
+def test_a_totaliser_reset_does_not_remove_feed(records):
+    record = records[0]
+    total = record.online.signal("feed_total_l").copy()
+    after = record.online.time_h >= 200.0
+    reset = total.copy()
+    reset[after] -= total[after][0]  # the counter restarts from zero at 200 h
+    grid, inputs = delivered_grid(record, 1.0)
+    grid_reset, inputs_reset = delivered_grid(_with_online(record, feed_total_l=reset), 1.0)
+    delivered = float(np.sum(inputs[:-1, 0] * np.diff(grid)))
+    delivered_reset = float(np.sum(inputs_reset[:-1, 0] * np.diff(grid_reset)))
+    hourly = float(np.max(inputs[:, 0]))
+    assert delivered - hourly <= delivered_reset <= delivered  # at most the hour across the reset is lost
+
+
+def test_records_that_would_mislead_the_fit_are_refused_by_batch_and_field(records, nominal):
+    small = records[0].batch.model_copy(update={"inoculation": records[0].batch.inoculation.model_copy(update={"volume_l": 700.0})})
+    with pytest.raises(CalibrationError, match=r"inoculation.volume_l is 700 L but the online volume .* reads 1[34]\d\d"):
+        check_records([dataclasses.replace(records[0], batch=small)])
+    fraction = records[0].batch.model_copy(update={"inoculation": records[0].batch.inoculation.model_copy(update={"viability_pct": 0.97})})
+    with pytest.raises(CalibrationError, match=r"inoculation.viability_pct is 0.97 % but the lab measured 9\d"):
+        check_records([dataclasses.replace(records[0], batch=fraction)])
+    twice = dataclasses.replace(records[0], batch_id="COPY-OF-1")
+    with pytest.raises(CalibrationError, match=rf"'COPY-OF-1'.* the same online data as batch '{records[0].batch_id}'"):
+        check_records([records[0], twice])
+    doubled = dataclasses.replace(records[1], lab=(*records[1].lab, records[1].lab[3]))
+    with pytest.raises(CalibrationError, match=r"drawn at the same time twice"):
+        check_records([doubled])
+
+
+def test_a_crashed_batch_among_healthy_ones_is_flagged_for_review(records, nominal):
+    crashed_lab = tuple(
+        dataclasses.replace(
+            sample,
+            values={
+                **sample.values,
+                "vcd_1e6_per_ml": sample.values["vcd_1e6_per_ml"] * (0.15 if sample.draw_h > 100 else 1.0),
+                "viability_pct": 20.0 if sample.draw_h > 100 else sample.values["viability_pct"],
+            },
+        )
+        for sample in records[3].lab
+    )
+    crashed = dataclasses.replace(records[3], lab=crashed_lab)
+    result = calibrate([*records[:3], crashed], nominal, settings=FAST, cross_validate=False)
+    flagged = " ".join(result.warnings)
+    assert f"batch {crashed.batch_id} fits far worse than the others" in flagged
+    assert f"batch {crashed.batch_id}: lab viability fell to 20 %" in flagged
+    assert all(records[i].batch_id not in flagged for i in range(3))

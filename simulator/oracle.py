@@ -75,7 +75,12 @@ class OracleSource(str, Enum):
 class OracleConfig(FrozenConfig):
     """Parametrisation and constraints of the oracle's optimal control problem."""
 
-    interval_h: float = Field(default=12.0, gt=0.0, le=48.0, description="length of a piecewise-constant input interval; a whole number of control cycles [h]")
+    interval_h: float = Field(
+        default=6.0,
+        gt=0.0,
+        le=48.0,
+        description="length of a piecewise-constant input interval, a whole number of control cycles; 12 h scores up to 0.4 % lower on the CHO plant [h]",
+    )
     max_step_h: float = Field(default=3.0, gt=0.0, le=6.0, description="longest RK4 substep in the NLP, each a shooting node; path constraints hold at every one [h]")
     glucose_margin_g_per_l: float = Field(default=0.2, ge=0.0, description="the plan keeps glucose this far above the batch's starvation limit [g/L]")
     glucose_max_g_per_l: float = Field(default=_MPC_DEFAULTS.glucose_max_g_per_l, gt=0.0, description="upper edge of the glucose window [g/L]")

@@ -135,7 +135,8 @@ def test_open_loop_oracle_matches_the_nmpc_fed_the_truth(nominal_batch, cho_repl
     from simulator.closed_loop import oracle_source, run_controlled_batch
 
     nmpc_oracle = run_controlled_batch(nominal_batch, make_source=oracle_source)
-    assert cho_replay.kpis.score_g_per_day >= 0.97 * nmpc_oracle.batch.kpis.score_g_per_day
+    # Measured: 0.9996 on this batch, 0.998-1.003 over the 20 scenarios (docs/oracle.md).
+    assert cho_replay.kpis.score_g_per_day >= 0.99 * nmpc_oracle.batch.kpis.score_g_per_day
 
 
 def test_a_feed_lot_change_is_part_of_the_truth_the_oracle_knows():

@@ -104,7 +104,7 @@ class OracleConfig(FrozenConfig):
     solve_time_max_s: float = Field(default=30.0, gt=0.0, description="wall time one candidate's solve may take (IPOPT max_wall_time) [s]")
     plan_time_max_s: float = Field(default=120.0, gt=0.0, description="no candidate is started after the plan has taken this long; the best so far is kept [s]")
     check_step_h: float = Field(default=0.25, gt=0.0, le=1.0, description="RK4 step of the simulation that checks and scores the replayed schedule [h]")
-    tol: float = Field(default=1e-4, gt=0.0, description="IPOPT tolerance on the scaled NLP; 1e-6 takes twice the time for the same schedules (the replay scores them)")
+    tol: float = Field(default=1e-4, gt=0.0, description="IPOPT tolerance on the scaled NLP; 1e-6 takes 1.5-1.8 times as long for the same schedules (the replay scores them)")
     max_iter: int = Field(default=300, ge=1, description="IPOPT iterations per candidate harvest (feasible candidates take 10–130)")
 
 
@@ -235,6 +235,23 @@ class _Simulator:
             product_mass_g=mass,
             score_g_per_day=float(batch_score_g_per_day(mass, harvest_time_h, turnaround_days)),
         )
+
+
+def simulate_schedule(
+    plant: EquationPlant,
+    true_parameters: np.ndarray,
+    batch: BatchConfig,
+    setpoints: np.ndarray,
+    harvest_time_h: float,
+    initial_state: np.ndarray | None = None,
+    *,
+    parameter_changes: Sequence[tuple[float, np.ndarray]] = (),
+    step_h: float = 0.25,
+) -> ScheduleSimulation:
+    """Per-cycle setpoints (cycles, 3) integrated on the plant up to ``harvest_time_h`` with RK4 steps of at most ``step_h``, and scored."""
+    x0 = np.asarray(initial_state if initial_state is not None else plant.initial_state(batch), dtype=float)
+    simulator = _Simulator(plant, batch.cycle_period_h, step_h)
+    return simulator.run(x0, _history(true_parameters, parameter_changes), np.asarray(setpoints, dtype=float), harvest_time_h, batch.economics.turnaround_days)
 
 
 def recipe_schedule(
@@ -424,16 +441,13 @@ class _OracleNlp:
         states, _ = self._rollout(x0_scaled, u, parameters.over(t_step), t_step[None, :], h[None, :])
         return np.hstack([x0_scaled[:, None], np.asarray(states)])
 
-    def solve(
-        self, x0: np.ndarray, parameters: ParameterHistory, inputs: np.ndarray, harvest_time_h: float, t_previous_degc: float, states_scaled: np.ndarray | None = None
-    ) -> tuple[bool, str, int, np.ndarray, np.ndarray]:
-        """Solve for one harvest time from interval inputs (nu, n) as the guess; (success, status, iterations, inputs, scaled states)."""
+    def solve(self, x0: np.ndarray, parameters: ParameterHistory, inputs: np.ndarray, harvest_time_h: float, t_previous_degc: float) -> tuple[bool, str, int, np.ndarray]:
+        """Solve for one harvest time, started from interval inputs (nu, n) rolled out; (success, IPOPT status, iterations, the inputs)."""
         n, nx, nu = self.n, self.plant.n_states, self.plant.n_inputs
         starts, durations = self.grid(harvest_time_h)
         active = durations > 0.0
         inputs = np.clip(inputs, self.u_lower[:, None], self.u_upper[:, None])
-        if states_scaled is None:
-            states_scaled = self.rollout(x0, parameters, inputs, harvest_time_h)
+        states_scaled = self.rollout(x0, parameters, inputs, harvest_time_h)
         u_lower = np.tile(self.u_lower[:, None], (1, n))
         u_upper = np.tile(self.u_upper[:, None], (1, n))
         # Inputs after harvest act on nothing: fixed at their guess, so IPOPT drops them.
@@ -450,11 +464,9 @@ class _OracleNlp:
         result = self.solver(x0=w0, p=params, lbx=lbx, ubx=ubx, lbg=lbg, ubg=ubg)
         stats = self.solver.stats()
         w = np.asarray(result["x"]).ravel()
-        n_x = nx * self.n_nodes
-        states = w[:n_x].reshape((nx, self.n_nodes), order="F")
-        solved = w[n_x:].reshape((nu, n), order="F") * self.u_scale[:, None]
+        solved = w[nx * self.n_nodes :].reshape((nu, n), order="F") * self.u_scale[:, None]
         success = bool(stats.get("success", False)) and bool(np.all(np.isfinite(w)))
-        return success, str(stats.get("return_status", "unknown")), int(stats.get("iter_count", -1)), np.clip(solved, self.u_lower[:, None], self.u_upper[:, None]), states
+        return success, str(stats.get("return_status", "unknown")), int(stats.get("iter_count", -1)), np.clip(solved, self.u_lower[:, None], self.u_upper[:, None])
 
 
 def _interval_average(setpoints: np.ndarray, cycles_per_interval: int, n_intervals: int) -> np.ndarray:
@@ -483,6 +495,8 @@ def expand_to_cycles(interval_inputs: np.ndarray, interval_h: float, cycle_perio
 def constraint_violations(simulation: ScheduleSimulation, batch: BatchConfig, config: OracleConfig | None = None) -> list[str]:
     """What a simulated schedule breaks: the batch's hard limits on the path, the specifications at harvest (empty when nothing)."""
     config = config or OracleConfig()
+    if not (np.all(np.isfinite(simulation.observables)) and math.isfinite(simulation.score_g_per_day)):
+        return ["the simulation is not finite"]
     broken: list[str] = []
     glucose = simulation.observable("glucose")
     if glucose.min() < batch.limits.glucose_min_g_per_l:
@@ -577,7 +591,7 @@ def plan_oracle(
             return tried[harvest_h]
         solve_started = time.perf_counter()
         try:
-            success, status, iterations, inputs, _ = nlp.solve(x0, p, guess, harvest_h, t_previous)
+            success, status, iterations, inputs = nlp.solve(x0, p, guess, harvest_h, t_previous)
         except RuntimeError as error:
             success, status, iterations, inputs = False, f"solver error: {error}", 0, guess
         elapsed = time.perf_counter() - solve_started

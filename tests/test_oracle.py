@@ -14,7 +14,18 @@ from controller.config import BatchConfig
 from plant_models.parameters import CultureParameters
 from simulator.batch import BatchResult, run_recipe_batch
 from simulator.config import LoadedSimulation
-from simulator.oracle import OracleConfig, OracleSchedule, OracleSource, expand_to_cycles, plan_for_simulation, plan_oracle, recipe_schedule, replay_schedule
+from simulator.oracle import (
+    OracleConfig,
+    OracleSchedule,
+    OracleSource,
+    constraint_violations,
+    expand_to_cycles,
+    plan_for_simulation,
+    plan_oracle,
+    recipe_schedule,
+    replay_schedule,
+    simulate_schedule,
+)
 from simulator.plants import PLANTS
 from simulator.plants.cho import ChoPlant
 from simulator.scenarios import load_scenario
@@ -147,3 +158,18 @@ def test_a_feed_lot_change_is_part_of_the_truth_the_oracle_knows():
     # Planned on the parameters at inoculation alone, the prediction would be 0.6 % high.
     assert replay.kpis.score_g_per_day == pytest.approx(schedule.predicted_score_g_per_day, rel=2e-3)
     assert schedule.recipe_score_g_per_day == pytest.approx(run_recipe_batch(loaded).kpis.score_g_per_day, rel=2e-3)
+
+
+def test_the_check_names_what_a_schedule_breaks(batch: BatchConfig, nominal: CultureParameters):
+    plant = ChoPlant(nominal)
+    parameters = plant.nominal_parameters(batch)
+    x0 = plant.initial_state(batch)
+    setpoints, harvest_h = recipe_schedule(plant, parameters, batch, x0)
+    recipe = simulate_schedule(plant, parameters, batch, setpoints, harvest_h, x0)
+    assert constraint_violations(recipe, batch) == []
+    # No glucose feed and the nutrient feed at the pump's maximum from day 3: the culture starves and the reactor overfills.
+    starving = setpoints.copy()
+    starving[:, 1] = 0.0
+    starving[72:, 0] = batch.equipment.feed_rate_max_lph
+    broken = constraint_violations(simulate_schedule(plant, parameters, batch, starving, harvest_h, x0), batch)
+    assert any(b.startswith("volume") for b in broken), broken

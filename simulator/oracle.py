@@ -79,7 +79,7 @@ class OracleConfig(FrozenConfig):
         default=6.0,
         gt=0.0,
         le=48.0,
-        description="length of a piecewise-constant input interval, a whole number of control cycles; 12 h scores up to 0.4 % lower on the CHO plant [h]",
+        description="length of a piecewise-constant input interval, rounded to whole control cycles; 12 h scores up to 0.4 % lower on the CHO plant [h]",
     )
     max_step_h: float = Field(default=3.0, gt=0.0, le=6.0, description="longest RK4 substep in the NLP, each a shooting node; path constraints hold at every one [h]")
     glucose_margin_g_per_l: float = Field(default=0.2, ge=0.0, description="the plan keeps glucose this far above the batch's starvation limit [g/L]")
@@ -550,9 +550,11 @@ def plan_oracle(
     started = time.perf_counter()
     cfg = config or OracleConfig()
     cycle_h = batch.cycle_period_h
-    per_interval = round(cfg.interval_h / cycle_h)
-    if per_interval < 1 or abs(per_interval * cycle_h - cfg.interval_h) > 1e-9:
-        raise ValueError(f"interval_h ({cfg.interval_h} h) must be a whole number of control cycles ({cycle_h} h)")
+    per_interval = max(1, round(cfg.interval_h / cycle_h))
+    if abs(per_interval * cycle_h - cfg.interval_h) > 1e-9:
+        # Inputs change only at cycle boundaries: the interval becomes the nearest whole number of cycles.
+        log.info("oracle_interval_rounded", interval_h=cfg.interval_h, cycle_period_h=cycle_h, used_h=per_interval * cycle_h)
+        cfg = cfg.model_copy(update={"interval_h": per_interval * cycle_h})
     p = _history(true_parameters, parameter_changes)
     x0 = np.asarray(initial_state if initial_state is not None else plant.initial_state(batch), dtype=float)
     turnaround = batch.economics.turnaround_days

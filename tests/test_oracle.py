@@ -173,3 +173,16 @@ def test_the_check_names_what_a_schedule_breaks(batch: BatchConfig, nominal: Cul
     starving[72:, 0] = batch.equipment.feed_rate_max_lph
     broken = constraint_violations(simulate_schedule(plant, parameters, batch, starving, harvest_h, x0), batch)
     assert any(b.startswith("volume") for b in broken), broken
+
+
+def test_an_interval_of_no_whole_number_of_cycles_becomes_one(batch: BatchConfig, nominal: CultureParameters):
+    four_hour_cycles = batch.model_copy(update={"cycle_period_h": 4.0})
+    plant = ChoPlant(nominal)
+    schedule = plan_oracle(plant, plant.nominal_parameters(batch), four_hour_cycles)  # 6 h intervals: 8 h, two cycles each
+    assert schedule.source is OracleSource.OPTIMISED, schedule.reason
+    assert schedule.harvest_time_h % 4.0 == 0.0
+    assert schedule.setpoints.shape[0] == schedule.harvest_time_h / 4.0
+    feeds = schedule.setpoints[:, :2]
+    paired = feeds.shape[0] // 2 * 2
+    assert np.array_equal(feeds[0:paired:2], feeds[1:paired:2])
+    assert not np.array_equal(feeds[1:paired:2][:-1], feeds[2:paired:2])  # but they change from one 8 h interval to the next

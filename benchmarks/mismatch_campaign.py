@@ -96,20 +96,23 @@ class PlantCalibration:
     reduced_chi2_nominal: float
     reduced_chi2: float
     not_identifiable: tuple[str, ...]
+    warnings: tuple[str, ...]
 
 
 def calibrate_plant(plant: str) -> PlantCalibration:
-    configure_logging(level=logging.WARNING)
+    configure_logging(level=logging.ERROR)
     nominal = load_scenario({"plant": plant}).nominal
     records = development_batches(load_scenario({"plant": plant, "seed": 500}), DEVELOPMENT_BATCHES, 500, id_prefix=f"{plant[:6].upper()}")
     started = time.perf_counter()
     result = calibrate(records, nominal, cross_validate=False, based_on="configs/model/cho_nominal.yaml")
     statistics_ = result.fit_statistics
-    return PlantCalibration(plant, result.parameters, time.perf_counter() - started, statistics_["reduced_chi2_nominal"], statistics_["reduced_chi2"], result.not_identifiable)
+    return PlantCalibration(
+        plant, result.parameters, time.perf_counter() - started, statistics_["reduced_chi2_nominal"], statistics_["reduced_chi2"], result.not_identifiable, result.warnings
+    )
 
 
 def run_case(job: tuple[str, tuple[str, dict[str, Any]], CultureParameters]) -> Row:
-    configure_logging(level=logging.WARNING)
+    configure_logging(level=logging.ERROR)
     plant, (name, overrides), calibrated = job
     started = time.perf_counter()
     loaded = load_scenario({"plant": plant, **overrides})
@@ -130,7 +133,7 @@ def main() -> None:
     parser.add_argument("--plants", default=",".join(PLANTS), help="comma-separated plant names")
     parser.add_argument("--jobs", type=int, default=2, help="batches run in parallel processes")
     args = parser.parse_args()
-    configure_logging(level=logging.WARNING)
+    configure_logging(level=logging.ERROR)
     plants = [name.strip() for name in args.plants.split(",") if name.strip()]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -141,6 +144,8 @@ def main() -> None:
                 f"not identifiable: {', '.join(n.removeprefix('culture.') for n in c.not_identifiable) or 'none'}",
                 flush=True,
             )
+            for warning in c.warnings:
+                print(f"  review: {warning}")
         jobs = [(plant, case, calibrations[plant].parameters) for plant in plants for case in cases(args.quick)]
         rows = list(pool.map(run_case, jobs))
     print()

@@ -813,6 +813,11 @@ class ExtendedKalmanEstimator:
         """Signal → the factor its consistency monitor puts on the process noise of what it observes now (1: the data agree with the model)."""
         return self._monitor.inflation
 
+    def process_noise_scale(self) -> np.ndarray:
+        """The factor on each element of z's process noise now (:data:`INFLATED_BY`, the largest where signals overlap), a read-only array; for a forecast that should grow as the filter does."""
+        scale = self._core.noise_scale(self._monitor.inflation)
+        return frozen_array(np.ones(self._entries[-1].z.size) if scale is None else scale)
+
     def step(
         self,
         process_time_h: float,

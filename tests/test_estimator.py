@@ -493,6 +493,8 @@ def test_persistent_disagreement_inflates_the_model_instead_of_locking_the_signa
     assert estimator.inflation["volume_l"] > 1.0 and not any(e["event"] == "gate_released" for e in logs)
     # Only what the load cell observes was widened.
     assert all(v == 1.0 for name, v in estimator.inflation.items() if name != "volume_l")
+    scale = estimator.process_noise_scale()
+    assert scale[STATE_INDEX["volume"]] == estimator.inflation["volume_l"] and np.count_nonzero(scale != 1.0) == 1
     with pytest.raises(TypeError):
         estimator.inflation["volume_l"] = 1.0  # type: ignore[index]
 

@@ -18,6 +18,8 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("runtime_speed.py", ["--protocol", "opcua"]),
     ("forecast_speed.py", []),
     ("estimator_coverage.py", ["--quick"]),
+    ("calibration_speed.py", []),
+    ("mismatch_campaign.py", ["--quick"]),
 ]
 
 

@@ -101,7 +101,9 @@ def test_sd_grows_with_horizon_and_with_initial_uncertainty(model, batch, nomina
     assert np.all(f_wide.state_sd >= f_narrow.state_sd - 1e-12)
     for name in ("viable_cells", "glucose", "titer", "viability"):
         assert np.all(f_wide.sd(name)[1:] > f_narrow.sd(name)[1:]), name
-    assert f_wide.sd("titer")[-1] > 1.5 * f_narrow.sd("titer")[-1]
+    # The process noise (titer 1.5 %/√h since the filter was widened for plants of other structure) carries part of the
+    # titer's variance whatever P0 is; doubling the parameters' prior still widens the harvest titer by a third or more.
+    assert f_wide.sd("titer")[-1] > 1.3 * f_narrow.sd("titer")[-1]
 
 
 COARSE_VS_FINE = {
@@ -294,8 +296,9 @@ def test_recipe_outcome_at_inoculation_matches_the_simulated_recipe_batch(model,
     assert truth.harvest_time_h == outcome.harvest_time_h == batch.recipe.harvest_h
     assert outcome.titer_g_per_l == pytest.approx(truth.titer_g_per_l, rel=5e-3)
     assert outcome.score_g_per_day == pytest.approx(truth.score_g_per_day, rel=5e-3)
-    # The prior of a fresh filter (qP ± 30 %) leaves the titer at harvest uncertain by about that much.
-    assert 0.2 < outcome.titer_sd_g_per_l / outcome.titer_g_per_l < 0.5
+    # The prior of a fresh filter (qP ± 30 %) and the process noise widened for plants of other structure leave the
+    # titer at harvest uncertain by about half (58 % measured): honest before the first lab result, never a point.
+    assert 0.3 < outcome.titer_sd_g_per_l / outcome.titer_g_per_l < 0.8
     assert recipe.glucose_rate_lph == 0.0
 
 

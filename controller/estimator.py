@@ -139,7 +139,7 @@ class EstimatedParameter(FrozenConfig):
 
 DEFAULT_ESTIMATED_PARAMETERS: tuple[EstimatedParameter, ...] = (
     EstimatedParameter(name=MU_MAX, prior_log_sd=0.25, random_walk_log_sd_per_sqrt_h=0.004),
-    EstimatedParameter(name=Q_PRODUCT, prior_log_sd=0.3, random_walk_log_sd_per_sqrt_h=0.015),
+    EstimatedParameter(name=Q_PRODUCT, prior_log_sd=0.3, random_walk_log_sd_per_sqrt_h=0.03),
     EstimatedParameter(name="culture.metabolism.yield_cells_per_glucose_1e9_per_g", prior_log_sd=0.2, random_walk_log_sd_per_sqrt_h=0.003),
     EstimatedParameter(name=DEATH, prior_log_sd=0.5, random_walk_log_sd_per_sqrt_h=0.01),
     EstimatedParameter(name="media.nutrient_feed_strength", prior_log_sd=0.1, random_walk_log_sd_per_sqrt_h=0.005),
@@ -177,7 +177,7 @@ DEFAULT_STATE_UNCERTAINTY: dict[str, StateUncertainty] = {
     "lactate": _uncertainty(0.10, 0.05, 0.01, 0.005),
     "ammonia": _uncertainty(0.10, 0.1, 0.01, 0.005),
     "other_osmolytes": _uncertainty(0.03, 2.0, 0.002, 0.2),
-    "titer": _uncertainty(0.10, 0.005, 0.015, 0.0005),
+    "titer": _uncertainty(0.10, 0.005, 0.025, 0.0005),
     "galactosylated_titer": _uncertainty(0.10, 0.005, 0.005, 0.0005),
     "volume": _uncertainty(0.005, 1.0, 0.0005, 0.05),
     "temperature": _uncertainty(0.0, 0.2, 0.0, 0.02),

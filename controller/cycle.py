@@ -111,13 +111,14 @@ class CycleOutcome:
 
 
 def estimate_summary(estimator: ExtendedKalmanEstimator) -> dict[str, Any]:
-    """States with their standard deviations and the parameter multipliers, as plain data."""
+    """States with their standard deviations, the parameter multipliers and the consistency monitor's inflation per signal, as plain data."""
     estimate = estimator.estimate
     names = [s.name for s in STATES]
     return {
         "state": dict(zip(names, map(float, estimate.state), strict=True)),
         "sd": dict(zip(names, map(float, estimate.state_sd), strict=True)),
         "multipliers": {k: float(v) for k, v in estimate.multipliers.items()},
+        "inflation": {k: float(v) for k, v in estimator.inflation.items() if v != 1.0},
     }
 
 

@@ -101,7 +101,7 @@ def test_sd_grows_with_horizon_and_with_initial_uncertainty(model, batch, nomina
     assert np.all(f_wide.state_sd >= f_narrow.state_sd - 1e-12)
     for name in ("viable_cells", "glucose", "titer", "viability"):
         assert np.all(f_wide.sd(name)[1:] > f_narrow.sd(name)[1:]), name
-    # The process noise (titer 1.5 %/√h since the filter was widened for plants of other structure) carries part of the
+    # The process noise (titer 2.5 %/√h since the filter was widened for plants of other structure) carries part of the
     # titer's variance whatever P0 is; doubling the parameters' prior still widens the harvest titer by a third or more.
     assert f_wide.sd("titer")[-1] > 1.3 * f_narrow.sd("titer")[-1]
 

@@ -41,22 +41,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from bioreactor_mpc.logging import configure_logging
-from controller.estimator import ExtendedKalmanEstimator, LabNoiseSd
-from controller.types import LabResult
-from plant_models.cho import STATE_INDEX, CultureModel
-from simulator.closed_loop import estimator_source, run_controlled_batch
-from simulator.config import LoadedSimulation
+from simulator.evaluation import LAB_CHECKS as LAB_FIELDS
+from simulator.evaluation import TRUTH_STATES, Coverage, run_with_coverage
 from simulator.plants import PLANTS
-from simulator.plc import SimulatedPlc
 from simulator.scenarios import load_scenario, scenarios
-
-Z95 = 1.959964
-TRUTH_STATES = ("viable_cells", "titer", "glucose", "volume")
-LAB_FIELDS = {"viable_cells": ("vcd_1e6_per_ml", "vcd_relative", "vcd_floor_1e6_per_ml"), "titer": ("titer_g_per_l", "titer_relative", "titer_floor_g_per_l")}
-
 
 MISMATCH: tuple[tuple[str, dict[str, Any]], ...] = (
     (
@@ -109,82 +98,33 @@ def plant_cases(name: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 @dataclass(frozen=True)
-class Coverage:
+class Measured:
     name: str
-    truth: dict[str, float]
-    """State → fraction of cycles whose 95 % band held the true state."""
-    truth_z2: dict[str, float]
-    lab: dict[str, float]
-    """State → fraction of lab results inside the predictive 95 % band."""
-    lab_z2: dict[str, float]
-    lab_count: int
+    coverage: Coverage
 
 
 def _quiet() -> None:
     configure_logging(level=logging.ERROR)  # the filter logs every rejection and inflation as a warning
 
 
-def measure(case: tuple[str, dict[str, Any]]) -> Coverage:
+def measure(case: tuple[str, dict[str, Any]]) -> Measured:
+    """One closed-loop batch through the deployed cycle with the nominal kinetics, and what its estimator believed (simulator.evaluation)."""
     name, overrides = case
     loaded = load_scenario(overrides)
-    held: dict[str, Any] = {}
-
-    def source(loaded_: LoadedSimulation, plc: SimulatedPlc, model: CultureModel) -> Any:
-        held["estimator"] = estimator_source(loaded_, plc, model)
-        return held["estimator"]
-
-    beliefs: list[tuple[float, np.ndarray, np.ndarray]] = []
-
-    def after_cycle(_: float) -> None:
-        estimator: ExtendedKalmanEstimator = held["estimator"]
-        estimate = estimator.estimate
-        beliefs.append((estimator.process_time_h, np.asarray(estimate.state).copy(), np.asarray(estimate.state_sd).copy()))
-
-    result = run_controlled_batch(loaded, make_source=source, progress=after_cycle)
-    trajectory = result.batch.trajectory
-    times = np.array([t for t, _, _ in beliefs])
-    truth_hits: dict[str, list[float]] = {s: [] for s in TRUTH_STATES}
-    truth = {state: trajectory.observable(state) for state in TRUTH_STATES}
-    for t, mean, sd in beliefs:
-        row = int(np.argmin(np.abs(trajectory.time_h - t)))
-        for state in TRUTH_STATES:
-            i = STATE_INDEX[state]
-            truth_hits[state].append(((truth[state][row] - mean[i]) / max(sd[i], 1e-12)) ** 2)
-    noise = LabNoiseSd()
-    lab_hits: dict[str, list[float]] = {s: [] for s in LAB_FIELDS}
-    labs: tuple[LabResult, ...] = result.batch.lab_results
-    for lab in labs:
-        k = int(np.searchsorted(times, lab.taken_at_h, side="right")) - 1
-        if k < 0:
-            continue
-        _, mean, sd = beliefs[k]
-        for state, (field, relative, floor) in LAB_FIELDS.items():
-            value = getattr(lab, field)
-            if not math.isfinite(value):
-                continue
-            lab_sd = max(getattr(noise, relative) * abs(value), getattr(noise, floor))
-            i = STATE_INDEX[state]
-            lab_hits[state].append((value - mean[i]) ** 2 / (sd[i] ** 2 + lab_sd**2))
-    return Coverage(
-        name=name,
-        truth={s: float(np.mean(np.array(z2) <= Z95**2)) for s, z2 in truth_hits.items()},
-        truth_z2={s: float(np.mean(z2)) for s, z2 in truth_hits.items()},
-        lab={s: float(np.mean(np.array(z2) <= Z95**2)) if z2 else math.nan for s, z2 in lab_hits.items()},
-        lab_z2={s: float(np.mean(z2)) if z2 else math.nan for s, z2 in lab_hits.items()},
-        lab_count=len(labs),
-    )
+    return Measured(name, run_with_coverage(loaded, loaded.nominal).coverage)
 
 
-def report(title: str, rows: list[Coverage]) -> None:
+def report(title: str, measured: list[Measured]) -> None:
     """One line per batch, then the worst and mean coverage per quantity against the 90 % target."""
     print(f"--- {title}")
+    rows = [m.coverage for m in measured]
     header = "".join(f"{s[:8]:>9s}" for s in TRUTH_STATES)
     print(f"{'scenario':32s} truth:{header} | lab (predictive):{'vcd':>7s}{'titer':>7s} | mean z² truth vcd/titer, lab vcd/titer")
-    for r in rows:
+    for name, r in ((m.name, m.coverage) for m in measured):
         truth = "".join(f"{100 * r.truth[s]:8.0f}%" for s in TRUTH_STATES)
         lab = "".join(f"{100 * r.lab[s]:6.0f}%" for s in LAB_FIELDS)
         z2 = f"{r.truth_z2['viable_cells']:6.1f} {r.truth_z2['titer']:6.1f}  {r.lab_z2['viable_cells']:6.1f} {r.lab_z2['titer']:6.1f}"
-        print(f"{r.name:32s}       {truth} |                 {lab} | {z2}")
+        print(f"{name:32s}       {truth} |                 {lab} | {z2}")
     print()
     for state in TRUTH_STATES:
         values = [r.truth[state] for r in rows]

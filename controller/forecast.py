@@ -3,7 +3,7 @@
 :func:`forecast` takes the filter's last posterior (time, augmented mean
 ``z = [x, θ]`` and covariance) and runs the filter's own prediction forward
 with no measurements: the mean through RK4 on the shared culture model, the
-covariance as ``P ← F P Fᵀ + Q`` with the filter's process noise and its
+covariance as ``P ← F P Fᵀ + Q`` with the filter's process noise (times the consistency monitor's inflation now) and its
 parameter uncertainty (θ keeps its random walk), so the band widens with the
 horizon and with what the filter does not know. The inputs of each step come
 from an :class:`InputSchedule`: the NMPC's plan (:func:`plan_schedule`), the
@@ -199,16 +199,17 @@ class ForecastKernel:
     def _fits(self, belief: _Belief) -> bool:
         return belief.functions.estimated == self.estimated and np.array_equal(belief.nominal_parameters, self.nominal_parameters)
 
-    def _session(self) -> _KernelSession:
-        """Evaluation buffers for one forecast."""
-        return _KernelSession(self, _Buffered(self._step), _Buffered(self._outputs))
+    def _session(self, noise_scale: np.ndarray | None = None) -> _KernelSession:
+        """Evaluation buffers for one forecast; ``noise_scale`` multiplies the process noise of each element of z (the consistency monitor's inflation)."""
+        return _KernelSession(self, _Buffered(self._step), _Buffered(self._outputs), noise_scale)
 
 
 class _KernelSession:
     """A kernel's functions bound to buffers of their own: what one forecast evaluates, step by step."""
 
-    def __init__(self, kernel: ForecastKernel, step: _Buffered, outputs: _Buffered) -> None:
+    def __init__(self, kernel: ForecastKernel, step: _Buffered, outputs: _Buffered, noise_scale: np.ndarray | None = None) -> None:
         self._k = kernel
+        self._noise_scale = None if noise_scale is None else np.asarray(noise_scale, dtype=float).copy()
         self._step = step
         self._outputs = outputs
         n_u, n_z = kernel._n_u, kernel.n_z
@@ -236,6 +237,8 @@ class _KernelSession:
             np.maximum(k._q_rel * np.abs(z[:n_x]), k._q_floor, out=q[:n_x])
             q[:n_x] **= 2
             q[n_x:] = k._q_theta
+            if self._noise_scale is not None:
+                q *= self._noise_scale
             arg[0] = t_h
             arg[self._z] = z
             res = self._step()
@@ -574,7 +577,8 @@ def forecast(
     elif not kernel._fits(belief):
         raise ForecastInputError("the kernel was built for another estimator (estimated parameters or nominal vector differ)")
     run = (schedule if isinstance(schedule, InputSchedule) else _TimeSchedule(schedule)).begin(belief.time_h)
-    session = kernel._session()
+    # The forecast widens as the filter does: where the consistency monitor found the model at odds with the data, its inflation holds ahead too.
+    session = kernel._session(estimator.process_noise_scale())
     times = _grid(belief.time_h, max(float(until_h), belief.time_h), float(step_h))
     n, n_x, n_z = times.size, kernel.n_x, kernel.n_z
     z_all = np.empty((n, n_z))

@@ -431,3 +431,21 @@ def test_viability_warning_uses_the_configured_minimum(model, batch, nominal_p, 
 
 def test_batch_config_fixture_is_the_platform(batch: BatchConfig):
     assert batch.limits.glucose_min_g_per_l == 0.5 and batch.equipment.max_working_volume_l == 2000.0
+
+
+def test_the_forecast_widens_as_the_filter_does_where_the_monitor_inflated(model, batch, nominal_p, functions):
+    """A consistency monitor that found the titer at odds with the model inflates the filter's process noise: the forecast inherits it."""
+    from dataclasses import replace
+
+    estimator = estimator_at(model, batch, nominal_p, functions, 130.0, glucose=3.0, **{k: v for k, v in LATE_CULTURE.items()})
+    u = np.array([1.75, 0.1, 33.0])
+    calm = forecast(estimator, constant(*u), until_h=230.0, kernel=ForecastKernel.like_filter(estimator))
+    monitor = estimator._monitor
+    monitor.signals["titer_g_per_l"] = replace(monitor.signals["titer_g_per_l"], inflation=10.0)
+    assert estimator.inflation["titer_g_per_l"] == 10.0
+    inflated = forecast(estimator, constant(*u), until_h=131.0, kernel=ForecastKernel.like_filter(estimator))
+    wide = forecast(estimator, constant(*u), until_h=230.0, kernel=ForecastKernel.like_filter(estimator))
+    estimator.step(131.0, u)  # the filter's own predict, with the same inflation
+    np.testing.assert_allclose(inflated.covariance[1], estimator.estimate.covariance, rtol=1e-10, atol=1e-15)
+    assert wide.sd("titer")[-1] > 1.5 * calm.sd("titer")[-1]
+    np.testing.assert_allclose(wide.sd("volume"), calm.sd("volume"), rtol=1e-9)  # the titer's monitor leaves the volume alone

@@ -74,6 +74,18 @@ def kpis_of(trajectory: PlantTrajectory, batch: BatchConfig) -> BatchKpis:
     )
 
 
+def batch_result(plc: SimulatedPlc, truth: dict[str, float], batch: BatchConfig) -> BatchResult:
+    """What a finished (or stopped) batch on ``plc`` left: the true trajectory, the published lab results, the KPIs, why it ended."""
+    trajectory = plc.plant.trajectory()
+    return BatchResult(
+        trajectory=trajectory,
+        lab_results=tuple(plc.published),
+        kpis=kpis_of(trajectory, batch),
+        harvest_reason=plc.harvest_reason or "",
+        true_parameters=truth,
+    )
+
+
 def run_recipe_batch(
     loaded: LoadedSimulation,
     *,
@@ -87,11 +99,4 @@ def run_recipe_batch(
         plc.advance_to(plc.next_cycle_boundary_h())
         if progress is not None:
             progress(plc.process_time_h)
-    trajectory = plc.plant.trajectory()
-    return BatchResult(
-        trajectory=trajectory,
-        lab_results=tuple(plc.published),
-        kpis=kpis_of(trajectory, loaded.batch),
-        harvest_reason=plc.harvest_reason or "",
-        true_parameters=truth,
-    )
+    return batch_result(plc, truth, loaded.batch)

@@ -30,7 +30,7 @@ from controller.runtime_config import RuntimeSettings
 from plant_models.cho import CultureModel
 from plant_models.errors import SetpointRejectedError
 from plant_models.parameters import parameter_vector
-from simulator.batch import BatchResult, build_simulated_plc, kpis_of
+from simulator.batch import BatchResult, batch_result, build_simulated_plc
 from simulator.config import LoadedSimulation
 from simulator.plc import PHASE_RUNNING, SimulatedPlc
 
@@ -152,14 +152,7 @@ def run_controlled_batch(
         plc.advance_to(plc.next_cycle_boundary_h())
         if progress is not None:
             progress(plc.process_time_h)
-    trajectory = plc.plant.trajectory()
-    batch = BatchResult(
-        trajectory=trajectory,
-        lab_results=tuple(plc.published),
-        kpis=kpis_of(trajectory, loaded.batch),
-        harvest_reason=plc.harvest_reason or "",
-        true_parameters=truth,
-    )
+    batch = batch_result(plc, truth, loaded.batch)
     return ControlledBatchResult(
         batch=batch,
         solve_times_s=tuple(controller.solve_times_s),

@@ -53,7 +53,7 @@ from controller.mpc import MpcConfig
 from controller.recipe import PlatformRecipe
 from controller.types import PHASE_RUNNING, UINT32_MAX, LabResult
 from plant_models.config_loading import FrozenConfig
-from simulator.batch import BatchResult, build_simulated_plc, kpis_of
+from simulator.batch import BatchResult, batch_result, build_simulated_plc
 from simulator.closed_loop import write_group
 from simulator.config import FeedLotFault, LoadedSimulation, SamplingConfig
 from simulator.plants.base import OBSERVABLE_INDEX, EquationPlant
@@ -734,14 +734,7 @@ def replay_schedule(loaded: LoadedSimulation, schedule: OracleSchedule) -> Batch
         heartbeat = heartbeat % UINT32_MAX + 1
         plc.write_heartbeat(heartbeat)
         plc.advance_to(plc.next_cycle_boundary_h())
-    trajectory = plc.plant.trajectory()
-    return BatchResult(
-        trajectory=trajectory,
-        lab_results=tuple(plc.published),
-        kpis=kpis_of(trajectory, loaded.batch),
-        harvest_reason=plc.harvest_reason or "",
-        true_parameters=truth,
-    )
+    return batch_result(plc, truth, loaded.batch)
 
 
 def run_oracle_batch(loaded: LoadedSimulation, *, config: OracleConfig | None = None) -> BatchResult:

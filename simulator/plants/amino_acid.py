@@ -38,8 +38,7 @@ from controller.config import BatchConfig
 from plant_models.cho import GLUCOSE_G_PER_MOL, LACTATE_G_PER_MOL, PG_PER_CELL_DAY_TO_G_PER_1E9_CELLS_H, Signal, logistic_decline, smooth_positive
 from plant_models.config_loading import FrozenConfig
 from plant_models.errors import ConfigError
-from plant_models.parameters import flat_values
-from simulator.plants.base import MEDIA_PARAMETER_NAMES, EquationPlant, media_vector, q10_factor
+from simulator.plants.base import KineticsPlant, q10_factor
 
 _SMOOTH_EPS_G_PER_L_H = 1e-4
 
@@ -167,34 +166,22 @@ _STATES: tuple[Signal, ...] = (
 )
 
 
-class AminoAcidPlant(EquationPlant):
+class AminoAcidPlant(KineticsPlant[AminoAcidKinetics]):
     """Asparagine-limited, GS-type nitrogen metabolism, phase-switched lactate, Luedeking–Piret product that falls with temperature."""
 
     name = "amino_acid"
     description = "asparagine and glutamate tracked, ammonia fixed by glutamine synthetase, lactate switched by metabolic phase, Luedeking–Piret productivity"
     states = _STATES
-    parameter_names = tuple(name for name, _ in flat_values(AminoAcidKinetics())) + MEDIA_PARAMETER_NAMES
-    feed_strength_parameter = "media.nutrient_feed_strength"
-
-    def __init__(self, kinetics: AminoAcidKinetics | None = None) -> None:
-        self.kinetics = kinetics or AminoAcidKinetics()
-
-    def nominal_parameters(self, batch: BatchConfig) -> np.ndarray:
-        return np.asarray([value for _, value in flat_values(self.kinetics)] + media_vector(batch.media), dtype=float)
+    kinetics_type = AminoAcidKinetics
 
     def initial_state(self, batch: BatchConfig) -> np.ndarray:
         inoculum = batch.inoculation
         medium = self.kinetics.medium
-        x = np.zeros(self.n_states)
+        x = self.inoculated_state(batch)
         index = self.state_index
         x[index("viable_cells")] = inoculum.viable_cell_density_1e6_per_ml
-        x[index("dead_cells")] = inoculum.viable_cell_density_1e6_per_ml * (100.0 - inoculum.viability_pct) / inoculum.viability_pct
-        x[index("glucose")] = inoculum.glucose_g_per_l
-        x[index("glutamine")] = inoculum.glutamine_mm
         x[index("glutamate")] = medium.glutamate_initial_mm
         x[index("asparagine")] = medium.asparagine_initial_mm
-        x[index("lactate")] = inoculum.lactate_g_per_l
-        x[index("ammonia")] = inoculum.ammonia_mm
         x[index("metabolic_phase")] = 0.0
         other = inoculum.other_osmolytes_mosm_per_kg - medium.glutamate_initial_mm - medium.asparagine_initial_mm
         if other < 0.0:
@@ -203,9 +190,6 @@ class AminoAcidPlant(EquationPlant):
                 f"after the asparagine and glutamate of plant {self.name!r}'s medium; expected a higher osmolality or a leaner medium"
             )
         x[index("other_osmolytes")] = other
-        x[index("titer")] = inoculum.titer_g_per_l
-        x[index("volume")] = inoculum.volume_l
-        x[index("temperature")] = inoculum.temperature_degc
         return x
 
     def equations(self, t: Any, x: Any, u: Any, p: Any) -> tuple[list[Any], Mapping[str, Any]]:

@@ -18,13 +18,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 
 import casadi as ca
 import numpy as np
 
 from controller.config import BatchConfig
 from plant_models.cho import INPUTS, Signal, rk4
+from plant_models.config_loading import FrozenConfig
 from plant_models.parameters import PARAMETER_NAMES, MediaComposition, flat_values
 
 OBSERVABLES: tuple[Signal, ...] = (
@@ -158,3 +159,45 @@ class EquationPlant(ABC):
         t, x, u, p = ca.SX.sym("t"), ca.SX.sym("x", self.n_states), ca.SX.sym("u", self.n_inputs), ca.SX.sym("p", self.n_parameters)
         tk, xk = rk4(self.rhs, t, x, u, p, dt_h, substeps)
         return ca.Function(f"{self.name}_rk4", [t, x, u, p], [tk, xk], ["t", "x", "u", "p"], ["t_next", "x_next"])
+
+
+KineticsT = TypeVar("KineticsT", bound=FrozenConfig)
+
+
+class KineticsPlant(EquationPlant, Generic[KineticsT]):
+    """A plant whose parameters are one frozen kinetics model (dotted names, in field order) followed by the batch's media.
+
+    Subclasses set :attr:`kinetics_type`; the parameter names, the constructor
+    and the nominal parameter vector follow from it. :meth:`inoculated_state`
+    fills the states every such plant shares from the inoculation record.
+    """
+
+    kinetics_type: ClassVar[type[FrozenConfig]]
+    feed_strength_parameter = "media.nutrient_feed_strength"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.parameter_names = tuple(name for name, _ in flat_values(cls.kinetics_type())) + MEDIA_PARAMETER_NAMES
+
+    def __init__(self, kinetics: KineticsT | None = None) -> None:
+        self.kinetics: KineticsT = kinetics if kinetics is not None else self.kinetics_type()  # type: ignore[assignment]
+
+    def nominal_parameters(self, batch: BatchConfig) -> np.ndarray:
+        return np.asarray([value for _, value in flat_values(self.kinetics)] + media_vector(batch.media), dtype=float)
+
+    def inoculated_state(self, batch: BatchConfig) -> np.ndarray:
+        """A state vector with the shared states set from the inoculation record (dead cells from the viability); the rest zero."""
+        inoculum = batch.inoculation
+        viable = inoculum.viable_cell_density_1e6_per_ml
+        x = np.zeros(self.n_states)
+        index = self.state_index
+        x[index("dead_cells")] = viable * (100.0 - inoculum.viability_pct) / inoculum.viability_pct
+        x[index("glucose")] = inoculum.glucose_g_per_l
+        x[index("glutamine")] = inoculum.glutamine_mm
+        x[index("lactate")] = inoculum.lactate_g_per_l
+        x[index("ammonia")] = inoculum.ammonia_mm
+        x[index("other_osmolytes")] = inoculum.other_osmolytes_mosm_per_kg
+        x[index("titer")] = inoculum.titer_g_per_l
+        x[index("volume")] = inoculum.volume_l
+        x[index("temperature")] = inoculum.temperature_degc
+        return x

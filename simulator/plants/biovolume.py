@@ -40,8 +40,7 @@ from pydantic import Field
 from controller.config import BatchConfig
 from plant_models.cho import GLUCOSE_G_PER_MOL, LACTATE_G_PER_MOL, Signal, logistic_decline, smooth_positive
 from plant_models.config_loading import FrozenConfig
-from plant_models.parameters import flat_values
-from simulator.plants.base import MEDIA_PARAMETER_NAMES, EquationPlant, media_vector, q10_factor
+from simulator.plants.base import KineticsPlant, q10_factor
 
 _SMOOTH_EPS_G_PER_L_H = 1e-4
 PG_PER_PL_DAY_TO_G_PER_ML_H = 1e-3 / 24.0
@@ -164,37 +163,19 @@ _STATES: tuple[Signal, ...] = (
 )
 
 
-class BiovolumePlant(EquationPlant):
+class BiovolumePlant(KineticsPlant[BiovolumeKinetics]):
     """Cell size as a state, biovolume-specific rates and capacity, a radius-weighted capacitance probe, product clipping."""
 
     name = "biovolume"
     description = "cells enlarge when division stops, per-biovolume rates, capacitance from radius-weighted biovolume, proteases clip the product"
     states = _STATES
-    parameter_names = tuple(name for name, _ in flat_values(BiovolumeKinetics())) + MEDIA_PARAMETER_NAMES
-    feed_strength_parameter = "media.nutrient_feed_strength"
-
-    def __init__(self, kinetics: BiovolumeKinetics | None = None) -> None:
-        self.kinetics = kinetics or BiovolumeKinetics()
-
-    def nominal_parameters(self, batch: BatchConfig) -> np.ndarray:
-        return np.asarray([value for _, value in flat_values(self.kinetics)] + media_vector(batch.media), dtype=float)
+    kinetics_type = BiovolumeKinetics
 
     def initial_state(self, batch: BatchConfig) -> np.ndarray:
-        inoculum = batch.inoculation
-        viable = inoculum.viable_cell_density_1e6_per_ml
-        x = np.zeros(self.n_states)
-        index = self.state_index
-        x[index("viable_cells")] = viable
-        x[index("viable_biovolume")] = viable * self.kinetics.growth.inoculum_cell_volume_pl
-        x[index("dead_cells")] = viable * (100.0 - inoculum.viability_pct) / inoculum.viability_pct
-        x[index("glucose")] = inoculum.glucose_g_per_l
-        x[index("glutamine")] = inoculum.glutamine_mm
-        x[index("lactate")] = inoculum.lactate_g_per_l
-        x[index("ammonia")] = inoculum.ammonia_mm
-        x[index("other_osmolytes")] = inoculum.other_osmolytes_mosm_per_kg
-        x[index("titer")] = inoculum.titer_g_per_l
-        x[index("volume")] = inoculum.volume_l
-        x[index("temperature")] = inoculum.temperature_degc
+        viable = batch.inoculation.viable_cell_density_1e6_per_ml
+        x = self.inoculated_state(batch)
+        x[self.state_index("viable_cells")] = viable
+        x[self.state_index("viable_biovolume")] = viable * self.kinetics.growth.inoculum_cell_volume_pl
         return x
 
     def equations(self, t: Any, x: Any, u: Any, p: Any) -> tuple[list[Any], Mapping[str, Any]]:

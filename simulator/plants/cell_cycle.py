@@ -36,8 +36,7 @@ from pydantic import Field
 from controller.config import BatchConfig
 from plant_models.cho import GLUCOSE_G_PER_MOL, LACTATE_G_PER_MOL, PG_PER_CELL_DAY_TO_G_PER_1E9_CELLS_H, Signal, logistic_decline, smooth_positive
 from plant_models.config_loading import FrozenConfig
-from plant_models.parameters import flat_values
-from simulator.plants.base import MEDIA_PARAMETER_NAMES, EquationPlant, media_vector, q10_factor
+from simulator.plants.base import KineticsPlant, q10_factor
 
 _SMOOTH_EPS_G_PER_L_H = 1e-4
 
@@ -174,42 +173,26 @@ _STATES: tuple[Signal, ...] = (
 )
 
 
-class CellCyclePlant(EquationPlant):
+class CellCyclePlant(KineticsPlant[CellCycleKinetics]):
     """Cycling and arrested populations, cold-induced arrest, a delayed productivity optimum near 34.5 °C."""
 
     name = "cell_cycle"
     description = "cycling and G0/G1-arrested cells, cold-induced arrest, secretory capacity with a 34.5 °C optimum reached after a lag"
     states = _STATES
-    parameter_names = tuple(name for name, _ in flat_values(CellCycleKinetics())) + MEDIA_PARAMETER_NAMES
-    feed_strength_parameter = "media.nutrient_feed_strength"
-
-    def __init__(self, kinetics: CellCycleKinetics | None = None) -> None:
-        self.kinetics = kinetics or CellCycleKinetics()
-
-    def nominal_parameters(self, batch: BatchConfig) -> np.ndarray:
-        return np.asarray([value for _, value in flat_values(self.kinetics)] + media_vector(batch.media), dtype=float)
+    kinetics_type = CellCycleKinetics
 
     def initial_state(self, batch: BatchConfig) -> np.ndarray:
         inoculum = batch.inoculation
         arrested = self.kinetics.arrest.inoculum_arrested_fraction
         viable = inoculum.viable_cell_density_1e6_per_ml
-        x = np.zeros(self.n_states)
+        x = self.inoculated_state(batch)
         index = self.state_index
         x[index("cycling_cells")] = viable * (1.0 - arrested)
         x[index("arrested_cells")] = viable * arrested
-        x[index("dead_cells")] = viable * (100.0 - inoculum.viability_pct) / inoculum.viability_pct
-        x[index("glucose")] = inoculum.glucose_g_per_l
-        x[index("glutamine")] = inoculum.glutamine_mm
-        x[index("lactate")] = inoculum.lactate_g_per_l
-        x[index("ammonia")] = inoculum.ammonia_mm
-        x[index("other_osmolytes")] = inoculum.other_osmolytes_mosm_per_kg
         product = self.kinetics.product
         x[index("secretory_capacity")] = float(
             capacity_target(inoculum.temperature_degc, self.kinetics.temperature.reference_degc, product.temperature_optimum_degc, product.temperature_curvature_per_degc2)
         )
-        x[index("titer")] = inoculum.titer_g_per_l
-        x[index("volume")] = inoculum.volume_l
-        x[index("temperature")] = inoculum.temperature_degc
         return x
 
     def equations(self, t: Any, x: Any, u: Any, p: Any) -> tuple[list[Any], Mapping[str, Any]]:

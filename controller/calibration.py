@@ -634,8 +634,7 @@ def review_warnings(
                 "a failed or mis-recorded batch? Check it, and calibrate without it if it does not belong"
             )
     for record in records:
-        _, viability = record.lab_series("viability_pct")
-        times, _ = record.lab_series("viability_pct")
+        times, viability = record.lab_series("viability_pct")
         early = viability[times < 0.6 * record.end_h]
         if early.size and float(np.min(early)) < 50.0:
             warnings.append(f"batch {record.batch_id}: lab viability fell to {float(np.min(early)):.0f} % before 60 % of the batch (a crashed culture?)")

@@ -91,11 +91,12 @@ def run_with_coverage(loaded: LoadedSimulation, kinetics: CultureParameters, **k
 def coverage_of(result: ControlledBatchResult, beliefs: list[tuple[float, np.ndarray, np.ndarray]]) -> Coverage:
     trajectory = result.batch.trajectory
     truth_z2: dict[str, list[float]] = {state: [] for state in TRUTH_STATES}
+    truth = {state: trajectory.observable(state) for state in TRUTH_STATES}
     for t, mean, sd in beliefs:
         row = int(np.argmin(np.abs(trajectory.time_h - t)))
         for state in TRUTH_STATES:
             i = STATE_INDEX[state]
-            truth_z2[state].append(((trajectory.observable(state)[row] - mean[i]) / max(sd[i], 1e-12)) ** 2)
+            truth_z2[state].append(((truth[state][row] - mean[i]) / max(sd[i], 1e-12)) ** 2)
     noise = LabNoiseSd()
     times = np.array([t for t, _, _ in beliefs])
     lab_z2: dict[str, list[float]] = {state: [] for state in LAB_CHECKS}

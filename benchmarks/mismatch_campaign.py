@@ -17,7 +17,9 @@ oracle, violation hours, the estimator's 95 % coverage of lab VCD and titer and
 of the true VCD and titer, and the error of the titer predicted at harvest.
 The calibration's fit, intervals and wall time are printed per plant.
 
-Usage: python benchmarks/mismatch_campaign.py [--quick] [--plants amino_acid,cell_cycle,biovolume] [--jobs 2]
+Usage: python benchmarks/mismatch_campaign.py [--quick] [--plants amino_acid,cell_cycle,biovolume]
+       [--engine local|dask] [--address tcp://host:8786] [--jobs 2] [--csv PATH]
+(docs/campaigns.md: the batches on a Dask cluster, the CSV table's columns)
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import logging
 import math
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from bioreactor_mpc.logging import configure_logging
 from controller.calibration import calibrate
 from plant_models.parameters import CultureParameters
 from simulator.batch import run_recipe_batch
+from simulator.campaign import add_campaign_options, run_campaign, write_table
 from simulator.evaluation import EvaluatedBatch, run_with_coverage
 from simulator.oracle import run_oracle_batch
 from simulator.records import development_batches
@@ -131,23 +133,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed per plant")
     parser.add_argument("--plants", default=",".join(PLANTS), help="comma-separated plant names")
-    parser.add_argument("--jobs", type=int, default=2, help="batches run in parallel processes")
+    add_campaign_options(parser)
     args = parser.parse_args()
     configure_logging(level=logging.ERROR)
     plants = [name.strip() for name in args.plants.split(",") if name.strip()]
     started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        calibrations = {c.plant: c for c in pool.map(calibrate_plant, plants)}
-        for c in calibrations.values():
-            print(
-                f"{c.plant}: calibrated on {DEVELOPMENT_BATCHES + 1} batches in {c.wall_s:.1f} s; reduced chi2 {c.reduced_chi2_nominal:.1f} nominal -> {c.reduced_chi2:.2f}; "
-                f"not identifiable: {', '.join(n.removeprefix('culture.') for n in c.not_identifiable) or 'none'}",
-                flush=True,
-            )
-            for warning in c.warnings:
-                print(f"  review: {warning}")
-        jobs = [(plant, case, calibrations[plant].parameters) for plant in plants for case in cases(args.quick)]
-        rows = list(pool.map(run_case, jobs))
+    calibrations = {c.plant: c for c in run_campaign(calibrate_plant, plants, engine=args.engine, jobs=args.jobs, address=args.address, label="calibrations")}
+    for c in calibrations.values():
+        print(
+            f"{c.plant}: calibrated on {DEVELOPMENT_BATCHES + 1} batches in {c.wall_s:.1f} s; reduced chi2 {c.reduced_chi2_nominal:.1f} nominal -> {c.reduced_chi2:.2f}; "
+            f"not identifiable: {', '.join(n.removeprefix('culture.') for n in c.not_identifiable) or 'none'}",
+            flush=True,
+        )
+        for warning in c.warnings:
+            print(f"  review: {warning}")
+    batches = [(plant, case, calibrations[plant].parameters) for plant in plants for case in cases(args.quick)]
+    rows = run_campaign(run_case, batches, engine=args.engine, jobs=args.jobs, address=args.address, label="batches")
+    if args.csv:
+        write_table(rows, args.csv)
     print()
     header = f"{'plant':11s} {'batch':24s} {'recipe':>7s} {'oracle':>7s} | {'nominal':>7s} {'gap':>6s} {'viol h':>6s} {'coverage VCD/titer':>30s} {'titer@h':>7s} | {'calib.':>7s} {'gap':>6s} {'viol h':>6s} {'coverage VCD/titer':>30s} {'titer@h':>7s}"
     print(header)

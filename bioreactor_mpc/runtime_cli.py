@@ -105,6 +105,7 @@ async def run_runtime(
             history=history,
             batch=loaded.batch,
             nominal_parameters=nominal_parameter_vector(loaded),
+            envelope=loaded.nominal.envelope,
             settings=config,
             on_cycle=ProgressPrinter(console) if console is not None else None,
             audit=audit,

@@ -222,6 +222,7 @@ class ControlCycle:
             self.write_failures = self.settings.max_write_failures - 1  # one more try next cycle; one more failure and back here
         applied: dict[str, float | bool] | None = None
         adjustments: tuple[str, ...] = ()
+        alarms.update(self.controller.trust.alarms())
         if decision is not None and observation is not None:
             if decision.source.is_fallback:
                 alarms["solver_fallback"] = f"the MPC failed; running the {decision.source.value.replace('_', ' ')}"
@@ -310,6 +311,7 @@ class ControlCycle:
             wrote_setpoints=setpoints_written,
             read_time_s=read_time_s,
             write_time_s=write_time_s,
+            trust=self.controller.trust.summary(plan.process_time_h, self._volume_estimate()),
         )
         hand_over = self.settings.fault_hand_over_cycles
         withhold = plan.state is State.FAULT and hand_over is not None and self.fault_cycles >= hand_over
@@ -411,6 +413,9 @@ class ControlCycle:
             self._lab_attempts.pop(lab.seq, None)
         return decision, lab is not None
 
+    def _volume_estimate(self) -> float | None:
+        return float(self.estimator.estimate.state[STATE_INDEX["volume"]]) if self.estimator is not None else None
+
     def _volume_readings(self, observation: CycleObservation) -> dict[str, float]:
         """Every figure the cycle has for the working volume: the safety filter feeds toward none of them beyond the limit."""
         readings = {
@@ -477,6 +482,7 @@ class ControlCycle:
             requested_mode=self.modes.requested.value,
             held_contradictions=dict(self._contradictions),
             fault_cycles=self.fault_cycles,
+            trust=self.controller.trust.to_dict(),
         )
 
     def _look_ahead(self, now_h: float, decision: Decision, state: State, status: Mapping[str, Any], recommendation: Recommendation) -> tuple[dict[str, str], Recommendation]:

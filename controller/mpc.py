@@ -14,6 +14,9 @@ Formulation (multiple shooting, one CasADi NLP built once):
 - Constraints: input bounds; temperature setpoint rate limit; glucose window,
   osmolality limit and maximum volume at every stage end (softened by
   slacks); viability and galactosylated fraction at harvest (softened).
+  The input bounds and the glucose window are per stage and per solve
+  (:class:`PlanBounds`, arrays handed to the solver, not built into it): the
+  trust region (:mod:`controller.trust`) narrows them without a rebuild.
 - Harvest time: candidate harvest times are solved and compared by score
   (:class:`HarvestPlanner`).
 
@@ -69,6 +72,22 @@ class MpcConfig(FrozenConfig):
     warm_max_iter: int = Field(default=40, ge=1, description="iterations a warm-started solve may take before the cold solver is tried instead")
     deadline_s: float = Field(default=20.0, gt=0.0, description="a solve that takes longer counts as failed [s]")
     compile: bool = Field(default=True, description="generate C for the NLP's functions, compile it once and cache it on disk")
+
+
+@dataclass(frozen=True)
+class PlanBounds:
+    """Per-stage bounds of one solve: the inputs' and the glucose window's (the trust region, :mod:`controller.trust`).
+
+    Within the equipment's input range and the configured glucose window; the
+    solve intersects them with both.
+    """
+
+    inputs_lower: np.ndarray
+    """(n_inputs, n_stages): feed rate [L/h], glucose rate [L/h], temperature setpoint [°C]."""
+    inputs_upper: np.ndarray
+    glucose_lower: np.ndarray
+    """(n_stages,) [g/L]; soft, like the configured window."""
+    glucose_upper: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -136,7 +155,7 @@ class EconomicMpc:
         m, cfg, batch = self._model, self.config, self._batch
         xs, us = ca.DM(STATE_SCALE), ca.DM(self._u_scale)
         x, u, p = ca.MX.sym("x", m.n_states), ca.MX.sym("u", m.n_inputs), ca.MX.sym("p", m.n_parameters)
-        t0, dt, n = ca.MX.sym("t0"), ca.MX.sym("dt"), ca.MX.sym("n")
+        t0, dt, n, window = ca.MX.sym("t0"), ca.MX.sym("dt"), ca.MX.sym("n"), ca.MX.sym("window", 2)
         step = self._rk4_step()
         xi, ui, pi, ti, hi = (ca.MX.sym(name, *v.shape) for name, v in (("x", x), ("u", u), ("p", p), ("t", t0), ("h", dt)))
         skip = ca.Function("skip", [xi, ui, pi, ti, hi], [xi])
@@ -148,8 +167,8 @@ class EconomicMpc:
         y = m.outputs(t0 + dt, xk, uk, p)
         glucose = xk[STATE_INDEX["glucose"]]
         margins = ca.vertcat(
-            glucose - cfg.glucose_min_g_per_l,
-            cfg.glucose_max_g_per_l - glucose,
+            glucose - window[0],
+            window[1] - glucose,
             (batch.limits.osmolality_max_mosm_per_kg - cfg.osmolality_backoff_mosm_per_kg - y[OUTPUT_INDEX["osmolality"]]) / 10.0,
             (batch.equipment.max_working_volume_l - cfg.volume_backoff_l - xk[STATE_INDEX["volume"]]) / 10.0,
         )
@@ -157,7 +176,7 @@ class EconomicMpc:
             (y[OUTPUT_INDEX["viability"]] - cfg.viability_at_harvest_min_pct) / 10.0,
             (y[OUTPUT_INDEX["galactosylated_fraction"]] - cfg.galactosylated_fraction_min) * 10.0,
         )
-        return ca.Function(name, [x, u, p, t0, dt, n], [xk / xs, margins, terminal], ["x", "u", "p", "t0", "dt", "n"], ["x_next", "margins", "terminal"])
+        return ca.Function(name, [x, u, p, t0, dt, n, window], [xk / xs, margins, terminal], ["x", "u", "p", "t0", "dt", "n", "window"], ["x_next", "margins", "terminal"])
 
     def _build(self) -> None:
         m, cfg = self._model, self.config
@@ -180,10 +199,15 @@ class EconomicMpc:
         t_start = ca.MX.sym("t_start", 1, n)
         dt = ca.MX.sym("dt", 1, n)
         substeps = ca.MX.sym("substeps", 1, n)
+        window = ca.MX.sym("window", 2, n)  # glucose window per stage
         u_prev = ca.MX.sym("u_prev", nu)
 
-        fine_next, fine_margins, _fine_terminal = fine_stage.map(nf, "serial")(X[:, :nf], U[:, :nf], ca.repmat(p, 1, nf), t_start[:, :nf], dt[:, :nf], substeps[:, :nf])
-        coarse_next, coarse_margins, coarse_terminal = coarse_stage.map(nc, "serial")(X[:, nf:n], U[:, nf:], ca.repmat(p, 1, nc), t_start[:, nf:], dt[:, nf:], substeps[:, nf:])
+        fine_next, fine_margins, _fine_terminal = fine_stage.map(nf, "serial")(
+            X[:, :nf], U[:, :nf], ca.repmat(p, 1, nf), t_start[:, :nf], dt[:, :nf], substeps[:, :nf], window[:, :nf]
+        )
+        coarse_next, coarse_margins, coarse_terminal = coarse_stage.map(nc, "serial")(
+            X[:, nf:n], U[:, nf:], ca.repmat(p, 1, nc), t_start[:, nf:], dt[:, nf:], substeps[:, nf:], window[:, nf:]
+        )
         x_next = ca.horzcat(fine_next, coarse_next)
         margins = ca.horzcat(fine_margins, coarse_margins)
         terminal = coarse_terminal
@@ -208,7 +232,7 @@ class EconomicMpc:
             -product_kg + ca.sum1(ca.sum2(ca.repmat(weights, 1, n) * moves**2)) + cfg.slack_l1 * (ca.sum1(ca.vec(S)) + ca.sum1(T)) + cfg.slack_l2 * (ca.sumsqr(S) + ca.sumsqr(T))
         )
         w = ca.vertcat(ca.vec(X), ca.vec(U), ca.vec(S), T)
-        params = ca.vertcat(x0, p, t_start.T, dt.T, substeps.T, u_prev)
+        params = ca.vertcat(x0, p, t_start.T, dt.T, substeps.T, u_prev, ca.vec(window))
         nlp = {"x": w, "p": params, "f": objective, "g": g}
         option_sets = [_solver_options(cfg)] + ([_solver_options(cfg, warm=True)] if cfg.solver == "ipopt" else [])
         solvers = compiled_nlpsols("economic_mpc", cfg.solver, nlp, option_sets, compile_code=cfg.compile)
@@ -271,14 +295,34 @@ class EconomicMpc:
 
     def rollout(self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, inputs: np.ndarray, *, cold: bool = False) -> np.ndarray:
         """States at every stage end for a given input plan, integrated with a warm (or ``cold``) solve's RK4 steps."""
-        return self._rollout(x0, parameters, starts, durations, self.substeps(durations, cold=cold), inputs)[0]
+        return self._rollout(x0, parameters, starts, durations, self.substeps(durations, cold=cold), inputs, self.glucose_window())[0]
+
+    def glucose_window(self, bounds: PlanBounds | None = None) -> np.ndarray:
+        """(2, n_stages): the configured glucose window, narrowed per stage by ``bounds``."""
+        cfg = self.config
+        lower = np.full(self.n_stages, cfg.glucose_min_g_per_l)
+        upper = np.full(self.n_stages, cfg.glucose_max_g_per_l)
+        if bounds is not None:
+            lower = np.clip(np.asarray(bounds.glucose_lower, dtype=float), cfg.glucose_min_g_per_l, cfg.glucose_max_g_per_l)
+            upper = np.clip(np.asarray(bounds.glucose_upper, dtype=float), lower, cfg.glucose_max_g_per_l)
+        return np.vstack([lower, upper])
+
+    def input_bounds(self, bounds: PlanBounds | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(n_inputs, n_stages) lower and upper input bounds: the equipment's range, narrowed per stage by ``bounds``."""
+        n = self.n_stages
+        lower = np.tile(self._u_lower[:, None], (1, n))
+        upper = np.tile(self._u_upper[:, None], (1, n))
+        if bounds is not None:
+            lower = np.clip(np.asarray(bounds.inputs_lower, dtype=float), lower, upper)
+            upper = np.clip(np.asarray(bounds.inputs_upper, dtype=float), lower, upper)
+        return lower, upper
 
     def _rollout(
-        self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, substeps: np.ndarray, inputs: np.ndarray
+        self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, substeps: np.ndarray, inputs: np.ndarray, window: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """States at every stage end, the soft constraints' margins per stage and the harvest margins."""
         x0_scaled = np.asarray(x0, dtype=float) / STATE_SCALE
-        states, margins, terminal = self._rollout_function(x0_scaled, inputs / self._u_scale[:, None], parameters, starts, durations, substeps)
+        states, margins, terminal = self._rollout_function(x0_scaled, inputs / self._u_scale[:, None], parameters, starts, durations, substeps, window)
         states = np.hstack([x0_scaled[:, None], np.asarray(states)])
         return states * STATE_SCALE[:, None], np.asarray(margins), np.asarray(terminal)[:, -1]
 
@@ -288,13 +332,16 @@ class EconomicMpc:
         n = nf + nc
         x0, u, p = ca.MX.sym("x0", m.n_states), ca.MX.sym("u", m.n_inputs, n), ca.MX.sym("p", m.n_parameters)
         starts, durations, substeps = ca.MX.sym("starts", 1, n), ca.MX.sym("durations", 1, n), ca.MX.sym("substeps", 1, n)
-        fine_x, fine_margins, fine_terminal = fine_stage.mapaccum("fine_rollout", nf)(x0, u[:, :nf], ca.repmat(p, 1, nf), starts[:, :nf], durations[:, :nf], substeps[:, :nf])
+        window = ca.MX.sym("window", 2, n)
+        fine_x, fine_margins, fine_terminal = fine_stage.mapaccum("fine_rollout", nf)(
+            x0, u[:, :nf], ca.repmat(p, 1, nf), starts[:, :nf], durations[:, :nf], substeps[:, :nf], window[:, :nf]
+        )
         coarse_x, coarse_margins, coarse_terminal = coarse_stage.mapaccum("coarse_rollout", nc)(
-            fine_x[:, -1], u[:, nf:], ca.repmat(p, 1, nc), starts[:, nf:], durations[:, nf:], substeps[:, nf:]
+            fine_x[:, -1], u[:, nf:], ca.repmat(p, 1, nc), starts[:, nf:], durations[:, nf:], substeps[:, nf:], window[:, nf:]
         )
         return ca.Function(
             "rollout",
-            [x0, u, p, starts, durations, substeps],
+            [x0, u, p, starts, durations, substeps, window],
             [ca.horzcat(fine_x, coarse_x), ca.horzcat(fine_margins, coarse_margins), ca.horzcat(fine_terminal, coarse_terminal)],
         )
 
@@ -311,8 +358,9 @@ class EconomicMpc:
         warm: dict[str, np.ndarray] | None = None,
         guess_inputs: np.ndarray | None = None,
         shift_warm: bool = True,
+        bounds: PlanBounds | None = None,
     ) -> MpcSolution:
-        """Plan from ``state`` at ``process_time_h`` to ``harvest_time_h``.
+        """Plan from ``state`` at ``process_time_h`` to ``harvest_time_h``, within ``bounds`` per stage (the equipment's range and the configured window without).
 
         ``warm`` is a previous solution's ``warm`` dict: its inputs (shifted by
         one control interval when ``shift_warm``, as for the previous cycle's
@@ -332,17 +380,23 @@ class EconomicMpc:
             lam_g0, lam_x0 = warm.get("lam_g"), warm.get("lam_x")
             if shift_warm and lam_g0 is not None and lam_x0 is not None:
                 lam_g0, lam_x0 = self._shift_multipliers(lam_g0, lam_x0)
+        u_lower, u_upper = self.input_bounds(bounds)
+        window = self.glucose_window(bounds)
         inputs = guess_inputs if guess_inputs is not None else np.tile(previous_inputs[:, None], (1, n))
-        inputs = np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None])
+        inputs = np.clip(inputs, u_lower, u_upper)
         warm_start = lam_g0 is not None and lam_x0 is not None and self._warm_solver is not None
         substeps = self.substeps(durations, cold=not warm_start)
-        states, margins, terminal = self._rollout(state, parameters, starts, durations, substeps, inputs)
+        states, margins, terminal = self._rollout(state, parameters, starts, durations, substeps, inputs, window)
         # Slacks that make the soft constraints hold on the rolled-out guess: a guess that starts
         # feasible (a plant already past a back-off, say) saves the solver several iterations.
         slacks = np.concatenate([np.maximum(0.0, -margins).ravel(order="F"), np.maximum(0.0, -terminal)])
         w0 = np.concatenate([(states / STATE_SCALE[:, None]).ravel(order="F"), (inputs / self._u_scale[:, None]).ravel(order="F"), slacks])
-        params = np.concatenate([state, parameters, starts, durations, substeps, previous_inputs])
-        args: dict = {"x0": w0, "p": params, "lbx": self._lbw, "ubx": self._ubw, "lbg": self._lbg, "ubg": self._ubg}
+        params = np.concatenate([state, parameters, starts, durations, substeps, previous_inputs, window.ravel(order="F")])
+        lbw, ubw = self._lbw.copy(), self._ubw.copy()
+        n_x = nx * (n + 1)
+        lbw[n_x : n_x + nu * n] = (u_lower / self._u_scale[:, None]).ravel(order="F")
+        ubw[n_x : n_x + nu * n] = (u_upper / self._u_scale[:, None]).ravel(order="F")
+        args: dict = {"x0": w0, "p": params, "lbx": lbw, "ubx": ubw, "lbg": self._lbg, "ubg": self._ubg}
         solver = self._solver
         if warm_start and self._warm_solver is not None:
             args["lam_g0"], args["lam_x0"] = lam_g0, lam_x0
@@ -364,7 +418,6 @@ class EconomicMpc:
             iterations += int(stats.get("iter_count", -1))
         elapsed = time.perf_counter() - started
         w = np.asarray(result["x"]).ravel()
-        n_x = nx * (n + 1)
         states = w[:n_x].reshape((nx, n + 1), order="F") * STATE_SCALE[:, None]
         inputs = w[n_x : n_x + nu * n].reshape((nu, n), order="F") * self._u_scale[:, None]
         slacks = w[n_x + nu * n :]
@@ -374,7 +427,7 @@ class EconomicMpc:
         if success and not (np.all(np.isfinite(w)) and math.isfinite(float(result["f"]))):
             success, reason = False, "non-finite solution"
         tolerance = 1e-6 * self._u_scale[:, None]
-        if success and (np.any(inputs < self._u_lower[:, None] - tolerance) or np.any(inputs > self._u_upper[:, None] + tolerance)):
+        if success and (np.any(inputs < u_lower - tolerance) or np.any(inputs > u_upper + tolerance)):
             success, reason = False, "inputs outside their bounds"
         if success and elapsed > self.config.deadline_s:
             success, reason = False, f"deadline exceeded ({elapsed:.2f} s)"
@@ -391,14 +444,14 @@ class EconomicMpc:
             objective=float(result["f"]),
             harvest_time_h=harvest_time_h,
             stage_times_h=starts,
-            inputs=np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None]),
+            inputs=np.clip(inputs, u_lower, u_upper),
             states=states,
             slack_max=float(np.max(slacks)) if slacks.size else 0.0,
             predicted_product_mass_g=mass,
             predicted_titer_g_per_l=titer,
             predicted_score_g_per_day=batch_score_g_per_day(mass, harvest_time_h, self._batch.economics.turnaround_days),
             warm={
-                "inputs": np.clip(inputs, self._u_lower[:, None], self._u_upper[:, None]),
+                "inputs": np.clip(inputs, u_lower, u_upper),
                 "lam_g": np.asarray(result["lam_g"]).ravel(),
                 "lam_x": np.asarray(result["lam_x"]).ravel(),
             },

@@ -13,6 +13,12 @@ is solved and adopted if it predicts a better score.
 Failures: a failed, non-finite or out-of-bounds solve is never applied. The
 previous plan, shifted to now, is used for up to ``max_shifted_cycles``
 cycles; after that the platform recipe runs until a solve succeeds again.
+
+Trust: every plan, and the harvest time, stay inside the trust region
+(:mod:`controller.trust`); each new lab result is held against the plan in
+force a lead time before its draw, which widens or narrows the region, and
+after repeated misses the NMPC stands down for the platform recipe until
+:meth:`NmpcController.reenable`.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ from pydantic import Field
 
 from controller.config import BatchConfig
 from controller.kpis import batch_score_g_per_day
-from controller.mpc import EconomicMpc, MpcConfig, MpcSolution
+from controller.mpc import EconomicMpc, MpcConfig, MpcSolution, PlanBounds
 from controller.recipe import PlatformRecipe
+from controller.trust import TrustRegion, TrustRegionConfig
 from controller.types import LabResult, Setpoints
 from plant_models.cho import STATE_INDEX, CultureModel
 from plant_models.config_loading import FrozenConfig
+from plant_models.parameters import PhaseEnvelope
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +52,7 @@ class NmpcConfig(FrozenConfig):
     later_harvest_every_cycles: int = Field(default=12, ge=1, description="how often a later harvest is tried")
     harvest_improvement_min: float = Field(default=0.002, ge=0.0, description="relative score gain needed to move the harvest [-]")
     initial_harvest_h: float | None = Field(default=None, description="first planned harvest; default the recipe's [h]")
+    trust: TrustRegionConfig = TrustRegionConfig()
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,8 @@ class DecisionSource(str, Enum):
     """The last successful plan, shifted to now: the solve failed."""
     RECIPE = "recipe"
     """The platform recipe: the solves kept failing."""
+    STOOD_DOWN = "stood_down"
+    """The platform recipe: the lab results kept missing the plans' predictions, and the NMPC stood down until an operator re-enables it."""
     HARVEST = "harvest"
     """The planned harvest time has come."""
     NONE = "none"
@@ -74,6 +85,7 @@ class DecisionSource(str, Enum):
 
     @property
     def is_fallback(self) -> bool:
+        """The solver failed: the shifted plan or the recipe stands in (a stand-down is not a failure: the trust region alarms it)."""
         return self in (DecisionSource.SHIFTED_PLAN, DecisionSource.RECIPE)
 
 
@@ -96,12 +108,23 @@ class StateSource(Protocol):
 
 
 class NmpcController:
-    def __init__(self, model: CultureModel, batch: BatchConfig, source: StateSource, config: NmpcConfig | None = None, mpc: EconomicMpc | None = None) -> None:
+    def __init__(
+        self,
+        model: CultureModel,
+        batch: BatchConfig,
+        source: StateSource,
+        config: NmpcConfig | None = None,
+        mpc: EconomicMpc | None = None,
+        *,
+        envelope: tuple[PhaseEnvelope, ...] = (),
+    ) -> None:
+        """``envelope``: the operating envelope of the model's calibration data (empty for an uncalibrated model: the recipe band)."""
         self.config = config or NmpcConfig()
         self._batch = batch
         self._source = source
         self.mpc = mpc or EconomicMpc(model, batch, self.config.mpc)
         self.recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
+        self.trust = TrustRegion(batch, self.recipe, envelope, self.config.trust)
         self.harvest_time_h = self.config.initial_harvest_h or batch.recipe.harvest_h
         self._plan: MpcSolution | None = None
         self._plan_time_h = 0.0
@@ -135,6 +158,18 @@ class NmpcController:
         if self.harvest_time_h - t < 0.5 * cycle_h:
             return self._decision(observation.applied, DecisionSource.HARVEST, harvest=True)
         state, parameters = self._source.observe(observation)
+        if observation.lab_result is not None:
+            check = self.trust.check(observation.lab_result)
+            if check is not None:
+                log.info("plan_checked_against_lab", process_time_h=t, check=check.describe(), width=self.trust.width, stood_down=self.trust.stood_down)
+        if self.trust.stood_down:
+            recipe = self.recipe.setpoints(t, volume_l=observation.online.get("volume_l"))
+            self.harvest_time_h = max(t, self._batch.recipe.harvest_h)
+            return self._decision(recipe, DecisionSource.STOOD_DOWN, harvest=recipe.harvest)
+        earliest, latest_allowed = self.trust.harvest_window_h(t)
+        self.harvest_time_h = min(max(self.harvest_time_h, earliest), latest_allowed)
+        if self.harvest_time_h - t < 0.5 * cycle_h:
+            return self._decision(observation.applied, DecisionSource.HARVEST, harvest=True)
         previous = np.array([observation.applied.feed_rate_lph, observation.applied.glucose_rate_lph, observation.applied.temperature_degc])
         solution = self._solve(
             process_time_h=t,
@@ -147,6 +182,7 @@ class NmpcController:
         if solution.success:
             solution = self._improve_harvest(solution, t, state, parameters, previous)
             self._plan, self._plan_time_h, self._failures = solution, t, 0
+            self.trust.remember(t, _stage_ends(solution, with_start=True), solution.states)
             u = solution.first_inputs
             return self._decision(Setpoints(float(u[0]), float(u[1]), float(u[2])), DecisionSource.MPC, solution=solution)
         self._failures += 1
@@ -159,8 +195,23 @@ class NmpcController:
         recipe = self.recipe.setpoints(t, volume_l=observation.online.get("volume_l"))
         return self._decision(Setpoints(recipe.feed_rate_lph, recipe.glucose_rate_lph, recipe.temperature_degc), DecisionSource.RECIPE)
 
+    def _bounds(self, t: float, harvest_time_h: float, state: np.ndarray, previous: np.ndarray) -> PlanBounds | None:
+        """The trust region on the stage grid from ``t`` to ``harvest_time_h`` (volumes per stage from the last plan, else now's)."""
+        starts, durations = self.mpc.stage_grid(t, harvest_time_h)
+        i_v = STATE_INDEX["volume"]
+        volume = np.full(len(starts), float(state[i_v]))
+        if self._plan is not None:
+            volume = np.interp(starts, _stage_ends(self._plan, with_start=True), self._plan.states[i_v])
+        return self.trust.bounds(starts, durations, volume_l=volume, previous_inputs=previous, temperature_rate_degc_per_h=self.config.mpc.temperature_rate_max_degc_per_h)
+
+    def reenable(self) -> None:
+        """An operator puts the NMPC back in charge after it stood down (see :meth:`controller.trust.TrustRegion.reenable`)."""
+        self.trust.reenable()
+        self.harvest_time_h = self.config.initial_harvest_h or self._batch.recipe.harvest_h
+
     def _solve(self, **arguments: Any) -> MpcSolution:
-        """One :meth:`EconomicMpc.solve` (same arguments), its time and any cold retry recorded."""
+        """One :meth:`EconomicMpc.solve` (same arguments) inside the trust region, its time and any cold retry recorded."""
+        arguments["bounds"] = self._bounds(arguments["process_time_h"], arguments["harvest_time_h"], arguments["state"], arguments["previous_inputs"])
         solution = self.mpc.solve(**arguments)
         self.solve_times_s.append(solution.solve_time_s)
         if solution.retried_after:
@@ -177,15 +228,16 @@ class NmpcController:
 
     def _improve_harvest(self, solution: MpcSolution, t: float, state: np.ndarray, parameters: np.ndarray, previous: np.ndarray) -> MpcSolution:
         config = self.config
-        ends = solution.stage_times_h + np.diff(np.append(solution.stage_times_h, solution.harvest_time_h))
+        earliest, latest = self.trust.harvest_window_h(t)
+        ends = _stage_ends(solution)
         masses = solution.states[STATE_INDEX["titer"], 1:] * solution.states[STATE_INDEX["volume"], 1:]
-        scores = batch_score_g_per_day(masses, ends, self._batch.economics.turnaround_days)
+        scores = np.where(ends >= earliest - 1e-9, batch_score_g_per_day(masses, ends, self._batch.economics.turnaround_days), -np.inf)
         best = int(np.argmax(scores))
         if scores[best] > solution.predicted_score_g_per_day * (1.0 + config.harvest_improvement_min) and ends[best] < solution.harvest_time_h:
             log.info("harvest_moved_earlier", process_time_h=t, from_h=solution.harvest_time_h, to_h=float(ends[best]))
             self.harvest_time_h = float(ends[best])
-        elif self._cycles % config.later_harvest_every_cycles == 0 and self.harvest_time_h < self._batch.limits.latest_harvest_h:
-            later_h = min(self.harvest_time_h + config.later_harvest_step_h, self._batch.limits.latest_harvest_h)
+        elif self._cycles % config.later_harvest_every_cycles == 0 and self.harvest_time_h < latest:
+            later_h = min(self.harvest_time_h + config.later_harvest_step_h, latest)
             candidate = self._solve(process_time_h=t, state=state, parameters=parameters, previous_inputs=previous, harvest_time_h=later_h, warm=solution.warm, shift_warm=False)
             if candidate.success and candidate.predicted_score_g_per_day > solution.predicted_score_g_per_day * (1.0 + config.harvest_improvement_min):
                 log.info("harvest_moved_later", process_time_h=t, from_h=self.harvest_time_h, to_h=later_h)
@@ -204,3 +256,9 @@ class NmpcController:
             solution=solution,
             solve_time_s=float(sum(self.solve_times_s[self._cycle_first_solve :])) if len(self.solve_times_s) > self._cycle_first_solve else math.nan,
         )
+
+
+def _stage_ends(solution: MpcSolution, *, with_start: bool = False) -> np.ndarray:
+    """The plan's stage-end times (with the plan's start first: one time per column of ``solution.states``)."""
+    ends = solution.stage_times_h + np.diff(np.append(solution.stage_times_h, solution.harvest_time_h))
+    return np.concatenate([solution.stage_times_h[:1], ends]) if with_start else ends

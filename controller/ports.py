@@ -141,6 +141,8 @@ class ResumeState:
     """Physical contradictions held until an engineer acknowledges them: a restart does not clear them."""
     fault_cycles: int = 0
     """Cycles in fault in a row at the last cycle: a restart during a fault hand-over goes on withholding the heartbeat."""
+    trust: Mapping[str, Any] = field(default_factory=dict)
+    """The trust region's width, its miss count and whether the NMPC stood down (``TrustRegion.to_dict``): a restart does not re-trust a model."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,8 @@ class CycleRecord:
     """The scan's read request."""
     write_time_s: float = math.nan
     """The cycle's write requests before the heartbeat, read-backs included."""
+    trust: Mapping[str, Any] = field(default_factory=dict)
+    """The trust region at this cycle: its source, width, current bounds, miss count and last lab check (``TrustRegion.summary``)."""
 
 
 @dataclass(frozen=True)

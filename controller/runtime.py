@@ -66,6 +66,7 @@ from controller.signing import AUTO_APPROVER, AdvisoryDesk
 from controller.takeover import RuntimeStartError, StartDeferredError, StartPlan, TakeoverApproval, plan_start
 from controller.types import PHASE_HARVESTED, PHASE_IDLE
 from plant_models.cho import CultureModel
+from plant_models.parameters import PhaseEnvelope
 
 log = structlog.get_logger(__name__)
 
@@ -131,13 +132,16 @@ class Runtime:
         audit: AuditLog | None = None,
         mode_override: RequestedMode | None = None,
         takeover: TakeoverApproval | None = None,
+        envelope: tuple[PhaseEnvelope, ...] = (),
     ) -> None:
+        """``envelope``: the operating envelope of the model's calibration (``CultureParameters.envelope``; empty: the NMPC plans in the recipe band)."""
         self.port = port
         self.history = history
         self.batch = batch
         self.settings = settings
         self._model = model or CultureModel()
         self._nominal = np.asarray(nominal_parameters, dtype=float)
+        self._envelope = envelope
         self._mpc = mpc or EconomicMpc(self._model, batch, settings.nmpc.mpc)
         self._on_cycle = on_cycle
         self.summary = RunSummary()
@@ -385,9 +389,11 @@ class Runtime:
         for signal, floor in (plan.totaliser_floors or {}).items():
             self.quality.expect_at_least(signal, floor)  # a totaliser reset while away is a critical input, not a crash
         self.quality.commit_lab(plan.lab_seq)
-        controller = NmpcController(self._model, self.batch, plan.estimator, self.settings.nmpc, mpc=self._mpc)
+        controller = NmpcController(self._model, self.batch, plan.estimator, self.settings.nmpc, mpc=self._mpc, envelope=self._envelope)
         if plan.harvest_time_h is not None:
             controller.harvest_time_h = plan.harvest_time_h
+        if plan.trust:
+            controller.trust.restore(dict(plan.trust))
         self.cycle = ControlCycle(
             batch=self.batch,
             settings=self.settings,

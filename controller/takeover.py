@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import structlog
@@ -104,6 +105,8 @@ class StartPlan:
     """A new batch's first cycle must run by then (else the batch ran on without the runtime, and needs a take-over)."""
     held_contradictions: Mapping[str, str] | None = None
     fault_cycles: int = 0
+    trust: Mapping[str, Any] | None = None
+    """The resumed trust region (``TrustRegion.to_dict``)."""
 
 
 def choose_mode(override: RequestedMode | None, resume: ResumeState | None, configured: RequestedMode) -> tuple[RequestedMode, str]:
@@ -177,6 +180,7 @@ def plan_start(
             beat_now=math.isfinite(now_h) and now_h < clock.next_cycle_h - TIME_TOLERANCE_H and not withheld,
             held_contradictions=resume.held_contradictions,
             fault_cycles=resume.fault_cycles,
+            trust=resume.trust,
         )
     phase = good_number(readings, "Status.Phase")
     if not math.isfinite(phase) or (int(phase) == PHASE_RUNNING and not math.isfinite(now_h)):

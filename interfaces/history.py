@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS cycles (
     id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, process_time_h REAL NOT NULL, wall_utc TEXT NOT NULL,
     state TEXT NOT NULL, reason TEXT NOT NULL, source TEXT NOT NULL, requested TEXT, applied TEXT, adjustments TEXT,
     harvest_time_h REAL, predicted_titer_g_per_l REAL, predicted_score_g_per_day REAL, solve_time_s REAL,
-    estimate TEXT, wrote_setpoints INTEGER NOT NULL, read_time_s REAL, write_time_s REAL);
+    estimate TEXT, wrote_setpoints INTEGER NOT NULL, read_time_s REAL, write_time_s REAL, trust TEXT);
 CREATE TABLE IF NOT EXISTS writes (
     id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, process_time_h REAL NOT NULL, wall_utc TEXT NOT NULL, "values" TEXT NOT NULL,
     outcome TEXT NOT NULL, detail TEXT, outcome_utc TEXT);
@@ -89,16 +89,26 @@ CREATE TABLE IF NOT EXISTS alarms (
     active INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS resume (
     batch_id TEXT PRIMARY KEY, last_cycle_h REAL NOT NULL, lab_seq INTEGER NOT NULL, harvest_time_h REAL NOT NULL,
-    estimator TEXT NOT NULL, wall_utc TEXT NOT NULL, requested_mode TEXT, held TEXT, fault_cycles INTEGER);
+    estimator TEXT NOT NULL, wall_utc TEXT NOT NULL, requested_mode TEXT, held TEXT, fault_cycles INTEGER, trust TEXT);
 """
 
 
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("resume", "held", "TEXT"),
+    ("resume", "fault_cycles", "INTEGER"),
+    ("resume", "trust", "TEXT"),
+    ("cycles", "trust", "TEXT"),
+)
+"""Columns added after a table was first written (table, column, type): ``resume.held`` (the physical contradictions held until
+acknowledged), ``resume.fault_cycles``, and the trust region (``resume.trust``, ``cycles.trust``)."""
+
+
 def _add_held_column(db: sqlite3.Connection) -> None:
-    """``resume.held`` (the physical contradictions held until acknowledged) and ``resume.fault_cycles``, added to a file written before them."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(resume)")}
-    for name, kind in (("held", "TEXT"), ("fault_cycles", "INTEGER")):
+    """The columns of :data:`_ADDED_COLUMNS` a file written before them lacks."""
+    for table, name, kind in _ADDED_COLUMNS:
+        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if name not in columns:
-            db.execute(f"ALTER TABLE resume ADD COLUMN {name} {kind}")
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 _PENDING_INDEX = "CREATE INDEX IF NOT EXISTS writes_pending ON writes (run_id) WHERE outcome = 'pending'"
@@ -492,12 +502,13 @@ class SqliteHistory:
             int(record.wrote_setpoints),
             _real(record.read_time_s),
             _real(record.write_time_s),
+            _json(record.trust) if record.trust else None,
         )
         with self._recording(f"the cycle at {record.process_time_h:.2f} h") as db:
             db.execute(
                 "INSERT INTO cycles (run_id, process_time_h, wall_utc, state, reason, source, requested, applied, adjustments, harvest_time_h, "
-                "predicted_titer_g_per_l, predicted_score_g_per_day, solve_time_s, estimate, wrote_setpoints, read_time_s, write_time_s) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "predicted_titer_g_per_l, predicted_score_g_per_day, solve_time_s, estimate, wrote_setpoints, read_time_s, write_time_s, trust) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 cycle,
             )
             if resume is not None:
@@ -510,8 +521,8 @@ class SqliteHistory:
     @staticmethod
     def _write_resume(db: sqlite3.Connection, resume: ResumeState) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO resume (batch_id, last_cycle_h, lab_seq, harvest_time_h, estimator, wall_utc, requested_mode, held, fault_cycles) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO resume (batch_id, last_cycle_h, lab_seq, harvest_time_h, estimator, wall_utc, requested_mode, held, fault_cycles, trust) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 resume.batch_id,
                 resume.last_cycle_h,
@@ -522,6 +533,7 @@ class SqliteHistory:
                 resume.requested_mode,
                 _json(dict(resume.held_contradictions)),
                 resume.fault_cycles,
+                _json(dict(resume.trust)),
             ),
         )
 
@@ -541,6 +553,7 @@ class SqliteHistory:
             requested_mode=row["requested_mode"],
             held_contradictions=held,
             fault_cycles=int(row.get("fault_cycles") or 0),
+            trust=json.loads(row["trust"]) if row.get("trust") else {},
         )
 
     def end_run(self, *, reason: str) -> None:

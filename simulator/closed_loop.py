@@ -29,7 +29,7 @@ from controller.quality import DataQualityChecker
 from controller.runtime_config import RuntimeSettings
 from plant_models.cho import CultureModel
 from plant_models.errors import SetpointRejectedError
-from plant_models.parameters import parameter_vector
+from plant_models.parameters import PhaseEnvelope, parameter_vector
 from simulator.batch import BatchResult, batch_result, build_simulated_plc
 from simulator.config import LoadedSimulation
 from simulator.plc import PHASE_RUNNING, SimulatedPlc
@@ -90,15 +90,22 @@ def run_controlled_batch(
     snapshot_every_h: float = 72.0,
     settings: RuntimeSettings | None = None,
     max_cycles: int | None = None,
+    envelope: tuple[PhaseEnvelope, ...] = (),
 ) -> ControlledBatchResult:
-    """One batch with the NMPC in the loop through the runtime's own cycle (:class:`~controller.cycle.ControlCycle`); ``make_source`` chooses the estimator or the truth."""
+    """One batch with the NMPC in the loop through the runtime's own cycle (:class:`~controller.cycle.ControlCycle`); ``make_source`` chooses the estimator or the truth.
+
+    ``envelope``: the calibration envelope of the controller's kinetics (empty: the trust region is the recipe band).
+    """
     model = model or CultureModel()
     settings = settings or RuntimeSettings()
     if config is not None:
         settings = settings.model_copy(update={"nmpc": config})
     plc, truth = build_simulated_plc(loaded, model)
     source = make_source(loaded, plc, model)
-    controller = NmpcController(model, loaded.batch, source, settings.nmpc)
+    nmpc = settings.nmpc
+    if isinstance(source, TruthSource):  # perfect knowledge needs no trust region: the oracle is the upper bound the controller is measured against
+        nmpc = nmpc.model_copy(update={"trust": nmpc.trust.model_copy(update={"enabled": False})})
+    controller = NmpcController(model, loaded.batch, source, nmpc, envelope=envelope)
     cycle = ControlCycle(
         batch=loaded.batch,
         settings=settings,

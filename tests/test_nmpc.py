@@ -10,9 +10,13 @@ import pytest
 from controller.mpc import EconomicMpc, MpcConfig
 from controller.nmpc import CycleObservation, NmpcConfig, NmpcController
 from controller.safety import filter_setpoints
+from controller.trust import TrustRegionConfig
 from controller.types import Setpoints
 
+
 SMALL = MpcConfig(fine_stages=6, coarse_stages=4, compile=False)
+NO_TRUST_REGION = TrustRegionConfig(enabled=False)
+"""Perfect knowledge (FrozenTruth) needs no trust region, and these tests are about the solver and the harvest mechanics."""
 
 
 class FrozenTruth:
@@ -52,7 +56,7 @@ def test_solver_failure_falls_back_to_shifted_plan_then_recipe(model, batch, day
 def test_a_failed_warm_solve_is_retried_with_the_cold_solver(model, batch, day_twelve):
     plc, applied = day_twelve
     source = FrozenTruth(plc.plant.state.copy(), plc.plant.parameters)
-    controller = NmpcController(model, batch, source, NmpcConfig(mpc=SMALL))
+    controller = NmpcController(model, batch, source, NmpcConfig(mpc=SMALL, trust=NO_TRUST_REGION))  # compared with a solve without bounds
     first = controller.cycle(_observation(288.0, applied))
     reference = controller.mpc.solve(
         process_time_h=289.0,
@@ -88,7 +92,7 @@ def test_a_failed_warm_solve_is_retried_with_the_cold_solver(model, batch, day_t
 def test_a_cycle_reports_the_time_of_all_its_solves(model, batch, day_twelve):
     """A cycle that also solves a later harvest candidate reports both solves' time, as the runtime records it."""
     plc, applied = day_twelve
-    config = NmpcConfig(mpc=SMALL, initial_harvest_h=300.0, later_harvest_every_cycles=1)
+    config = NmpcConfig(mpc=SMALL, initial_harvest_h=300.0, later_harvest_every_cycles=1, trust=NO_TRUST_REGION)
     controller = NmpcController(model, batch, FrozenTruth(plc.plant.state.copy(), plc.plant.parameters), config)
     decision = controller.cycle(_observation(288.0, applied))
     assert len(controller.solve_times_s) == 2  # the plan and the candidate 12 h later
@@ -97,7 +101,7 @@ def test_a_cycle_reports_the_time_of_all_its_solves(model, batch, day_twelve):
 
 def test_harvest_is_requested_when_the_planned_time_arrives(model, batch, day_twelve):
     plc, applied = day_twelve
-    controller = NmpcController(model, batch, FrozenTruth(plc.plant.state.copy(), plc.plant.parameters), NmpcConfig(mpc=SMALL, initial_harvest_h=300.0))
+    controller = NmpcController(model, batch, FrozenTruth(plc.plant.state.copy(), plc.plant.parameters), NmpcConfig(mpc=SMALL, initial_harvest_h=300.0, trust=NO_TRUST_REGION))
     assert not controller.cycle(_observation(299.0, applied)).setpoints.harvest
     decision = controller.cycle(_observation(299.7, applied))
     assert decision.setpoints.harvest and decision.source == "harvest"

@@ -1,0 +1,309 @@
+"""The trust region the NMPC plans in, and the performance monitor that widens, narrows or withdraws it.
+
+A model is trusted only where it has been checked. The region is one
+mechanism with two sources of *reach* (how far a plan may go from the
+platform recipe's own trajectory):
+
+- **calibration envelope**: a model calibrated on batch records carries the
+  operating envelope those records covered, per process phase (temperature,
+  nutrient feed per volume, glucose level; :func:`controller.calibration.operating_envelope`).
+  The reach is that envelope plus a configured margin, and the region starts
+  at full width: the data checked the model there.
+- **recipe band**: a model with no envelope (the nominal kinetics) is trusted
+  only near what the plant has always run: the recipe's temperature, its
+  feed per initial volume and its glucose target, within configured reaches.
+  The region starts narrow (``initial_width``) and widens only as the batch's
+  own lab results confirm the model's predictions.
+
+The region's *width* ``w`` ∈ [0, 1] scales the reach: a bound is
+``recipe + w · (edge − recipe)``. At ``w = 0`` the plan follows the recipe's
+temperature and feed and keeps glucose at its target; the harvest moves no
+further than ``w · harvest_reach_h`` from the recipe's.
+
+The performance monitor holds each new lab result (VCD, titer, glucose)
+against what the plan in force ``lead_h`` before its draw predicted for it.
+Within tolerance on every measured field it *confirms* the model and widens
+the region by ``widen_step``; beyond tolerance on any field it *misses*,
+and the region shrinks by ``shrink_factor``. After ``misses_to_recipe``
+misses in a row the NMPC stands down and the platform recipe runs until an
+operator re-enables it (:meth:`TrustRegion.reenable`). Each step is alarmed
+(:meth:`TrustRegion.alarms`) and so audited by the runtime.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from controller.config import BatchConfig
+from controller.mpc import PlanBounds
+from controller.recipe import PlatformRecipe
+from controller.types import LabResult
+from plant_models.cho import STATE_INDEX
+from plant_models.config_loading import FrozenConfig
+from plant_models.parameters import PhaseEnvelope
+
+MONITORED: tuple[tuple[str, str], ...] = (("vcd_1e6_per_ml", "viable_cells"), ("titer_g_per_l", "titer"), ("glucose_g_per_l", "glucose"))
+"""Lab field → model state the monitor compares."""
+
+
+class Tolerance(FrozenConfig):
+    relative: float = Field(gt=0.0, le=5.0, description="miss beyond this fraction of the measured value [-]")
+    floor: float = Field(ge=0.0, description="and beyond this absolute difference (for small values) [field unit]")
+
+    def limit(self, measured: float) -> float:
+        return max(self.relative * abs(measured), self.floor)
+
+
+class TrustRegionConfig(FrozenConfig):
+    """Where the NMPC may plan, and how lab results move that."""
+
+    enabled: bool = Field(default=True, description="plan inside the trust region; off: the equipment's range and the configured glucose window")
+    temperature_reach_degc: float = Field(default=1.5, ge=0.0, le=10.0, description="recipe band: farthest from the recipe's temperature at full width [°C]")
+    feed_reach_per_day: float = Field(
+        default=0.02, ge=0.0, le=0.2, description="recipe band: farthest from the recipe's nutrient feed at full width, as a fraction of the initial volume per day [-/day]"
+    )
+    glucose_reach_g_per_l: float = Field(default=2.5, ge=0.0, le=10.0, description="recipe band: farthest below the recipe's glucose target at full width [g/L]")
+    harvest_reach_h: float = Field(default=24.0, ge=0.0, le=240.0, description="farthest from the recipe's harvest at full width [h]")
+    envelope_margin_degc: float = Field(default=0.5, ge=0.0, le=5.0, description="calibration envelope: temperature margin beyond what the data covered [°C]")
+    envelope_margin_relative: float = Field(default=0.1, ge=0.0, le=1.0, description="calibration envelope: feed and glucose margin, as a fraction of the covered span [-]")
+    initial_width: float = Field(default=0.3, ge=0.0, le=1.0, description="recipe band: width at inoculation [-]")
+    widen_step: float = Field(default=0.15, ge=0.0, le=1.0, description="width added by a lab result that confirms the plan's prediction [-]")
+    shrink_factor: float = Field(default=0.5, ge=0.0, le=1.0, description="width kept after a lab result that misses it [-]")
+    misses_to_recipe: int = Field(default=3, ge=1, le=100, description="misses in a row after which the NMPC stands down for the platform recipe")
+    lead_h: float = Field(default=24.0, gt=0.0, le=240.0, description="a lab result is held against the plan in force this long before its draw [h]")
+    vcd: Tolerance = Tolerance(relative=0.2, floor=0.5)
+    titer: Tolerance = Tolerance(relative=0.15, floor=0.1)
+    glucose: Tolerance = Tolerance(relative=0.3, floor=0.75)
+
+    def tolerance(self, field: str) -> Tolerance:
+        return {"vcd_1e6_per_ml": self.vcd, "titer_g_per_l": self.titer, "glucose_g_per_l": self.glucose}[field]
+
+
+class RegionSource(str, Enum):
+    CALIBRATION_ENVELOPE = "calibration_envelope"
+    RECIPE_BAND = "recipe_band"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class LabCheck:
+    """One lab result held against the plan in force ``lead_h`` before its draw."""
+
+    seq: int
+    taken_at_h: float
+    plan_made_at_h: float
+    errors: dict[str, float]
+    """Lab field → (measured − predicted) / tolerance: beyond ±1 is a miss."""
+    confirmed: bool
+    width_after: float
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name.split('_')[0]} {error:+.1f}×tol" for name, error in self.errors.items())
+        verdict = "confirmed" if self.confirmed else "missed"
+        return f"lab result {self.seq} (drawn {self.taken_at_h:.0f} h) {verdict} the plan made at {self.plan_made_at_h:.0f} h ({parts})"
+
+
+@dataclass(frozen=True)
+class _Prediction:
+    made_at_h: float
+    times_h: np.ndarray
+    states: np.ndarray
+    """(len(MONITORED), len(times_h)) predicted VCD, titer and glucose."""
+
+
+class TrustRegion:
+    """The region, its width and the performance monitor of one batch."""
+
+    def __init__(self, batch: BatchConfig, recipe: PlatformRecipe, envelope: tuple[PhaseEnvelope, ...], config: TrustRegionConfig | None = None) -> None:
+        self.config = config or TrustRegionConfig()
+        self._batch = batch
+        self._recipe = recipe
+        self._envelope = tuple(sorted(envelope, key=lambda phase: phase.start_h))
+        if not self.config.enabled:
+            self.source = RegionSource.OFF
+        elif self._envelope:
+            self.source = RegionSource.CALIBRATION_ENVELOPE
+        else:
+            self.source = RegionSource.RECIPE_BAND
+        self.width = self._initial_width()
+        self.misses = 0
+        self.stood_down = False
+        self.checks: list[LabCheck] = []
+        self._predictions: deque[_Prediction] = deque()
+
+    def _initial_width(self) -> float:
+        return 1.0 if self.source is not RegionSource.RECIPE_BAND else self.config.initial_width
+
+    @property
+    def active(self) -> bool:
+        return self.source is not RegionSource.OFF
+
+    # ------------------------------------------------------------------ region
+
+    def harvest_window_h(self, now_h: float) -> tuple[float, float]:
+        """Earliest and latest harvest the plan may choose (never before now, never after the batch's latest)."""
+        recipe_h, latest_h = self._batch.recipe.harvest_h, self._batch.limits.latest_harvest_h
+        if not self.active:
+            return now_h, latest_h
+        reach = self.width * self.config.harvest_reach_h
+        upper = recipe_h + reach
+        if self.source is RegionSource.CALIBRATION_ENVELOPE:
+            upper = min(upper, max(recipe_h, self._envelope[-1].end_h))
+        return max(now_h, recipe_h - reach), max(now_h, min(upper, latest_h))
+
+    def _phase(self, time_h: float) -> PhaseEnvelope:
+        for phase in self._envelope:
+            if time_h < phase.end_h:
+                return phase
+        return self._envelope[-1]
+
+    def _edges(self, time_h: float, volume_l: float) -> tuple[float, float, float, float, float]:
+        """At ``time_h``: the feed rate's lower and upper bound [L/h], the temperature's [°C] and the glucose window's lower edge [g/L]."""
+        cfg, batch, w = self.config, self._batch, self.width
+        target = batch.recipe.glucose_target_g_per_l
+        temperature, feed = self._recipe.setpoints(time_h).temperature_degc, self._recipe.feed_rate_lph(time_h)
+        if self.source is RegionSource.CALIBRATION_ENVELOPE:
+            phase = self._phase(time_h)
+            t_low, t_high = phase.temperature_degc.low - cfg.envelope_margin_degc, phase.temperature_degc.high + cfg.envelope_margin_degc
+            feeds, glucose = phase.feed_per_volume_per_day, phase.glucose_g_per_l
+            f_margin = cfg.envelope_margin_relative * (feeds.high - feeds.low)
+            f_low, f_high = max(0.0, feeds.low - f_margin) * volume_l / 24.0, (feeds.high + f_margin) * volume_l / 24.0
+            g_low = glucose.low - cfg.envelope_margin_relative * (glucose.high - glucose.low) if glucose.high > 0.0 else target
+        else:
+            t_low, t_high = temperature - cfg.temperature_reach_degc, temperature + cfg.temperature_reach_degc
+            reach_lph = cfg.feed_reach_per_day * batch.inoculation.volume_l / 24.0
+            f_low, f_high = max(0.0, feed - reach_lph), feed + reach_lph
+            g_low = target - cfg.glucose_reach_g_per_l
+        return (
+            feed - w * max(0.0, feed - f_low),
+            feed + w * max(0.0, f_high - feed),
+            temperature - w * max(0.0, temperature - t_low),
+            temperature + w * max(0.0, t_high - temperature),
+            target - w * max(0.0, target - g_low),
+        )
+
+    def bounds(self, starts_h: np.ndarray, durations_h: np.ndarray, *, volume_l: np.ndarray, previous_inputs: np.ndarray, temperature_rate_degc_per_h: float) -> PlanBounds | None:
+        """Per-stage bounds for a plan on this stage grid; None when the region is off.
+
+        ``volume_l`` is the expected volume per stage (feed bounds of the
+        envelope are per volume). The glucose feed is bounded only by its
+        pump (the recipe's own glucose feed follows the lab results): the
+        glucose *level* is held in the region instead. The temperature bounds
+        are relaxed where the setpoint rate limit needs it: each stage can
+        reach the next stage's region (the recipe's temperature shift is a
+        step), and the fastest way from ``previous_inputs`` into the region is
+        allowed, so a region that moves (the shift, a narrowing) never makes
+        the plan infeasible.
+        """
+        if not self.active:
+            return None
+        n = len(starts_h)
+        edges = np.array([self._edges(float(t), float(v)) for t, v in zip(starts_h, np.broadcast_to(volume_l, (n,)), strict=True)]).T
+        lower = np.vstack([edges[0], np.zeros(n), edges[2]])
+        upper = np.vstack([edges[1], np.full(n, self._batch.equipment.glucose_rate_max_lph), edges[3]])
+        rate = temperature_rate_degc_per_h
+        elapsed = np.cumsum(durations_h)
+        # Each stage may be where a ramp at the rate limit must already be to meet a later stage's region (the recipe's shift is a step).
+        low_ahead, high_ahead = math.inf, -math.inf
+        for k in range(n - 1, -1, -1):
+            original = lower[2, k], upper[2, k]
+            lower[2, k] = min(lower[2, k], low_ahead - rate * elapsed[k])
+            upper[2, k] = max(upper[2, k], high_ahead + rate * elapsed[k])
+            low_ahead, high_ahead = min(low_ahead, original[1] + rate * elapsed[k]), max(high_ahead, original[0] - rate * elapsed[k])
+        previous_temperature = float(previous_inputs[2])
+        lower[2] = np.minimum(lower[2], previous_temperature + rate * elapsed)  # coming up from below the region
+        upper[2] = np.maximum(upper[2], previous_temperature - rate * elapsed)  # coming down from above it
+        return PlanBounds(inputs_lower=lower, inputs_upper=upper, glucose_lower=edges[4], glucose_upper=np.full(n, math.inf))
+
+    # ----------------------------------------------------------------- monitor
+
+    def remember(self, made_at_h: float, times_h: np.ndarray, states: np.ndarray) -> None:
+        """Keep a plan's prediction (stage-end times from ``made_at_h`` and the states there) for the lab results to come."""
+        rows = [STATE_INDEX[state] for _, state in MONITORED]
+        self._predictions.append(_Prediction(made_at_h, np.asarray(times_h, dtype=float).copy(), np.asarray(states)[rows, :].copy()))
+        keep_after_h = made_at_h - self.config.lead_h - 48.0
+        while len(self._predictions) > 1 and self._predictions[1].made_at_h <= keep_after_h:
+            self._predictions.popleft()
+
+    def check(self, lab: LabResult) -> LabCheck | None:
+        """Hold a new lab result against the plan in force ``lead_h`` before its draw; widen or narrow the region. None when no such plan is known."""
+        if not self.active or self.stood_down:
+            return None
+        before = [p for p in self._predictions if p.made_at_h <= lab.taken_at_h - self.config.lead_h + 1e-9]
+        if not before:
+            return None
+        plan = before[-1]
+        if not plan.times_h[0] <= lab.taken_at_h <= plan.times_h[-1]:
+            return None
+        errors: dict[str, float] = {}
+        for i, (field, _) in enumerate(MONITORED):
+            if not lab.measured(field):
+                continue
+            measured = float(getattr(lab, field))
+            predicted = float(np.interp(lab.taken_at_h, plan.times_h, plan.states[i]))
+            errors[field] = (measured - predicted) / self.config.tolerance(field).limit(measured)
+        if not errors:
+            return None
+        confirmed = all(abs(error) <= 1.0 for error in errors.values())
+        cfg = self.config
+        if confirmed:
+            self.misses = 0
+            self.width = min(1.0, self.width + cfg.widen_step)
+        else:
+            self.misses += 1
+            self.width *= cfg.shrink_factor
+            if self.misses >= cfg.misses_to_recipe:
+                self.stood_down = True
+        result = LabCheck(lab.seq, lab.taken_at_h, plan.made_at_h, errors, confirmed, self.width)
+        self.checks.append(result)
+        return result
+
+    def reenable(self) -> None:
+        """An operator puts the NMPC back in charge after a stand-down: the region restarts at its initial width, the miss count at 0."""
+        self.stood_down = False
+        self.misses = 0
+        self.width = self._initial_width()
+        self._predictions.clear()
+
+    # ------------------------------------------------------------------ report
+
+    def alarms(self) -> dict[str, str]:
+        """Active alarms: the NMPC stood down, or the last lab results missed the plan (region narrowed)."""
+        alarms: dict[str, str] = {}
+        last = self.checks[-1].describe() if self.checks else ""
+        if self.stood_down:
+            alarms["nmpc_stood_down"] = (
+                f"{self.misses} lab results in a row missed the plan's predictions; the platform recipe runs until an operator re-enables the NMPC (last: {last})"
+            )
+        elif self.misses:
+            alarms["nmpc_predictions_missed"] = f"{last}: trust region narrowed to {self.width:.0%}"
+        return alarms
+
+    def summary(self, now_h: float | None = None, volume_l: float | None = None) -> dict[str, Any]:
+        """The region as plain data, for the cycle record, the screen and the report."""
+        data: dict[str, Any] = {"source": self.source.value, "width": self.width, "misses": self.misses, "stood_down": self.stood_down}
+        if now_h is not None and self.active:
+            feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._edges(now_h, volume_l if volume_l is not None else self._batch.inoculation.volume_l)
+            data["temperature_degc"] = [temperature_low, temperature_high]
+            data["feed_rate_lph"] = [feed_low, feed_high]
+            data["glucose_min_g_per_l"] = glucose_low
+            data["harvest_h"] = list(self.harvest_window_h(now_h))
+        if self.checks:
+            data["last_check"] = self.checks[-1].describe()
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a restart needs (the predictions are not kept: the first lab results after a restart are not checked)."""
+        return {"width": self.width, "misses": self.misses, "stood_down": self.stood_down}
+
+    def restore(self, data: dict[str, Any]) -> None:
+        self.width = float(np.clip(float(data.get("width", self.width)), 0.0, 1.0))
+        self.misses = int(data.get("misses", 0))
+        self.stood_down = bool(data.get("stood_down", False))

@@ -15,6 +15,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import structlog
@@ -26,6 +27,7 @@ from controller.modes import ModeMachine, RequestedMode
 from controller.nmpc import CycleObservation, DecisionSource, NmpcConfig, NmpcController, StateSource
 from controller.ports import Value
 from controller.quality import DataQualityChecker
+from controller.records import BatchRecord
 from controller.runtime_config import RuntimeSettings
 from plant_models.cho import CultureModel
 from plant_models.errors import SetpointRejectedError
@@ -33,6 +35,7 @@ from plant_models.parameters import PhaseEnvelope, parameter_vector
 from simulator.batch import BatchResult, batch_result, build_simulated_plc
 from simulator.config import LoadedSimulation
 from simulator.plc import PHASE_RUNNING, SimulatedPlc
+from simulator.records import Historian
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +54,10 @@ class ControlledBatchResult:
     """(process time the plan was made, stage-end times, predicted states at stage ends) every ``snapshot_every_h``."""
     states: dict[str, int] = dataclasses.field(default_factory=dict)
     """Cycles per runtime state (closed_loop, held while the operator had local control, fault, ...)."""
+    record: BatchRecord | None = None
+    """The batch as a historian recorded it (with ``record=True``): what the next calibration fits."""
+    trust: tuple[dict[str, Any], ...] = ()
+    """The trust region after every cycle (``TrustRegion.summary``)."""
 
     def harvest_titer_errors(self) -> list[tuple[float, float]]:
         """(process time, predicted − actual titer at harvest, g/L) for cycles that planned the actual harvest time."""
@@ -91,10 +98,12 @@ def run_controlled_batch(
     settings: RuntimeSettings | None = None,
     max_cycles: int | None = None,
     envelope: tuple[PhaseEnvelope, ...] = (),
+    record: bool = False,
 ) -> ControlledBatchResult:
     """One batch with the NMPC in the loop through the runtime's own cycle (:class:`~controller.cycle.ControlCycle`); ``make_source`` chooses the estimator or the truth.
 
     ``envelope``: the calibration envelope of the controller's kinetics (empty: the trust region is the recipe band).
+    ``record``: scan the PLC at every cycle as a historian would, and return the batch record.
     """
     model = model or CultureModel()
     settings = settings or RuntimeSettings()
@@ -120,9 +129,13 @@ def run_controlled_batch(
     states: dict[str, int] = {}
     predictions: list[tuple[float, float, float]] = []
     snapshots: list[tuple[float, np.ndarray, np.ndarray]] = []
+    trust: list[dict[str, Any]] = []
+    historian = Historian() if record else None
     cycles = 0
     while plc.phase == PHASE_RUNNING and (max_cycles is None or cycles < max_cycles):
         cycles += 1
+        if historian is not None:
+            historian.scan(plc)
         readings = plc.snapshot()
         verdict = cycle.clock_verdict(readings, wall_s=plc.process_time_h * 3600.0)
         if verdict.tick is Tick.WAIT:
@@ -139,6 +152,7 @@ def run_controlled_batch(
             if refusals:
                 break
         outcome = cycle.conclude(plan, setpoints_written=written, setpoint_write_failed=failed)
+        trust.append(dict(outcome.record.trust))
         states[plan.state.value] = states.get(plan.state.value, 0) + 1
         decision = plan.decision
         if decision is not None:
@@ -169,6 +183,8 @@ def run_controlled_batch(
         harvest_time_predictions=tuple(predictions),
         plan_snapshots=tuple(snapshots),
         states=states,
+        record=historian.record(loaded, plc) if historian is not None and historian.time_h else None,
+        trust=tuple(trust),
     )
 
 

@@ -27,7 +27,7 @@ from simulator.config import LoadedSimulation
 from simulator.plc import SimulatedPlc
 
 
-class _Historian:
+class Historian:
     """What a historian keeps of a PLC's scans: the online tags with their status and the setpoints, on change."""
 
     def __init__(self) -> None:
@@ -53,6 +53,28 @@ class _Historian:
         seq = int(readings["Sample.Seq"].value)
         self.first_seen_h.setdefault(seq, now_h)
 
+    def record(self, loaded: LoadedSimulation, plc: SimulatedPlc) -> BatchRecord:
+        """The batch record of what was scanned: it ends at the last scan; lab results are the ones published by then."""
+        end_h = self.time_h[-1]
+        published_at_h: list[float] | None = getattr(plc, "published_at_h", None)
+        lab = []
+        for i, result in enumerate(plc.published):
+            if published_at_h is not None:
+                result_h: float | None = published_at_h[i]
+            else:  # what a historian sees: the first scan that shows this Sample.Seq or a later one
+                result_h = min((t for seq, t in self.first_seen_h.items() if seq >= result.seq), default=None)
+            if result_h is None or result.taken_at_h > end_h:
+                continue
+            lab.append(LabSample(draw_h=result.taken_at_h, result_h=result_h, values={name: float(getattr(result, name)) for name in LAB_FIELDS}))
+        return BatchRecord(
+            batch_id=loaded.batch.batch_id,
+            batch=loaded.batch,
+            online=OnlineSeries(time_h=np.array(self.time_h), values={name: np.array(values) for name, values in self.online.items()}),
+            lab=tuple(lab),
+            setpoints=SetpointSeries(time_h=np.array(self.setpoint_time_h), values=np.array(self.setpoints)),
+            end_h=end_h,
+        )
+
 
 def record_batch(loaded: LoadedSimulation, *, model: CultureModel | None = None, until_h: float | None = None) -> BatchRecord:
     """One batch under the platform recipe of ``loaded.batch``, as its records would show it.
@@ -70,32 +92,14 @@ def record_batch(loaded: LoadedSimulation, *, model: CultureModel | None = None,
     """
     plc, _ = build_simulated_plc(loaded, model)
     plc.set_operator_remote(False)
-    historian = _Historian()
+    historian = Historian()
     historian.scan(plc)
     while plc.phase == PHASE_RUNNING and (until_h is None or plc.process_time_h < until_h - 1e-9):
         plc.advance_to(plc.next_cycle_boundary_h())
         if plc.phase != PHASE_RUNNING:
             break
         historian.scan(plc)
-    end_h = historian.time_h[-1]
-    published_at_h: list[float] | None = getattr(plc, "published_at_h", None)
-    lab = []
-    for i, result in enumerate(plc.published):
-        if published_at_h is not None:
-            result_h: float | None = published_at_h[i]
-        else:  # what a historian sees: the first scan that shows this Sample.Seq or a later one
-            result_h = min((t for seq, t in historian.first_seen_h.items() if seq >= result.seq), default=None)
-        if result_h is None or result.taken_at_h > end_h:
-            continue
-        lab.append(LabSample(draw_h=result.taken_at_h, result_h=result_h, values={name: float(getattr(result, name)) for name in LAB_FIELDS}))
-    return BatchRecord(
-        batch_id=loaded.batch.batch_id,
-        batch=loaded.batch,
-        online=OnlineSeries(time_h=np.array(historian.time_h), values={name: np.array(values) for name, values in historian.online.items()}),
-        lab=tuple(lab),
-        setpoints=SetpointSeries(time_h=np.array(historian.setpoint_time_h), values=np.array(historian.setpoints)),
-        end_h=end_h,
-    )
+    return historian.record(loaded, plc)
 
 
 def development_recipes(batch: BatchConfig, n: int, rng: np.random.Generator) -> list[BatchConfig]:

@@ -1,0 +1,152 @@
+"""Learning from batch to batch: successive batches on each structurally different plant, starting from the nominal model.
+
+Batch 1 runs the deployed cycle (simulator.closed_loop through
+controller.cycle, estimator and all) with the nominal kinetics: its trust
+region is the band around the recipe. After each batch, its record (scanned
+as a historian scans the PLC) joins the plant's history, ``calibrate``
+(controller.calibration, what ``bioreactor-mpc calibrate`` runs on the
+runtime's history files) refits on the whole history so far, and the next
+batch runs with the new model and the envelope of its data. At a site an
+engineer approves each model before use (``bioreactor-mpc model approve``,
+docs/calibration.md); here every model is taken as approved.
+
+Each batch has its own seed (the plant's batch-to-batch variation, sampling
+times and noise). Printed per plant and batch: the recipe's and the oracle's
+score on that batch, the controller's score and gap closed, violation hours,
+the trust region (source, width at harvest, cycles stood down) and the
+calibration's time. Then the mean gap closed per batch number over the plants.
+
+Usage: python benchmarks/batch_to_batch.py [--quick] [--batches 5] [--plants amino_acid,cell_cycle,biovolume] [--engine local|dask] [--jobs 2] [--csv PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+from bioreactor_mpc.logging import configure_logging
+from controller.calibration import calibrate
+from controller.records import BatchRecord
+from plant_models.parameters import CultureParameters
+from simulator.batch import run_recipe_batch
+from simulator.campaign import Engine, add_campaign_options, run_campaign, write_table
+from simulator.evaluation import run_with_coverage
+from simulator.oracle import run_oracle_batch
+from simulator.scenarios import load_scenario
+
+PLANTS = ("amino_acid", "cell_cycle", "biovolume")
+FIRST_SEED = 700
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    plant: str
+    batch: int
+    seed: int
+    model: str
+    """nominal, or the batches the model was calibrated on (e.g. "calibrated on 1-3")."""
+    recipe: float
+    oracle: float
+    score: float
+    violation_h: float
+    region: str
+    width_at_harvest: float
+    stood_down_cycles: int
+    calibration_s: float
+    """Time of the calibration that made this batch's model (0 for the nominal model)."""
+
+    @property
+    def gap(self) -> float:
+        span = self.oracle - self.recipe
+        return (self.score - self.recipe) / span if span > 0 else math.nan
+
+
+def quiet() -> None:
+    configure_logging(level=logging.ERROR)
+
+
+def run_plant(job: tuple[str, int]) -> list[BatchRow]:
+    """``batches`` successive batches on one plant, each with the model calibrated on all the batches before it."""
+    plant, batches = job
+    nominal = load_scenario({"plant": plant}).nominal
+    kinetics: CultureParameters = nominal
+    history: list[BatchRecord] = []
+    rows: list[BatchRow] = []
+    calibration_s = 0.0
+    for k in range(1, batches + 1):
+        seed = FIRST_SEED + k
+        loaded = load_scenario({"plant": plant, "seed": seed})
+        loaded = loaded.model_copy(update={"batch": loaded.batch.model_copy(update={"batch_id": f"B2B-{plant[:4].upper()}-{k:02d}"})})
+        recipe = run_recipe_batch(loaded).kpis.score_g_per_day
+        oracle = run_oracle_batch(loaded).kpis.score_g_per_day
+        evaluated = run_with_coverage(loaded, kinetics, record=True)
+        result = evaluated.result
+        kpis = result.batch.kpis
+        last = result.trust[-1] if result.trust else {}
+        rows.append(
+            BatchRow(
+                plant=plant,
+                batch=k,
+                seed=seed,
+                model="nominal" if k == 1 else f"calibrated on 1-{k - 1}",
+                recipe=recipe,
+                oracle=oracle,
+                score=kpis.score_g_per_day,
+                violation_h=kpis.violation_h,
+                region=str(last.get("source", "")),
+                width_at_harvest=float(last.get("width", math.nan)),
+                stood_down_cycles=result.decisions_by_source.get("stood_down", 0),
+                calibration_s=calibration_s,
+            )
+        )
+        if k == batches:
+            break
+        assert result.record is not None
+        history.append(result.record)
+        started = time.perf_counter()
+        kinetics = calibrate(history, nominal, cross_validate=False, based_on=f"nominal kinetics of {plant}").parameters
+        calibration_s = time.perf_counter() - started
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two batches on one plant (cell_cycle)")
+    parser.add_argument("--batches", type=int, default=5, help="successive batches per plant")
+    parser.add_argument("--plants", default=",".join(PLANTS), help="comma-separated plant names")
+    add_campaign_options(parser)
+    args = parser.parse_args()
+    quiet()
+    plants = ["cell_cycle"] if args.quick else [name.strip() for name in args.plants.split(",") if name.strip()]
+    batches = 2 if args.quick else args.batches
+    started = time.perf_counter()
+    per_plant = run_campaign(run_plant, [(plant, batches) for plant in plants], engine=Engine(args.engine), jobs=args.jobs, address=args.address, initializer=quiet, label="plants")
+    rows = [row for plant_rows in per_plant for row in plant_rows]
+    if args.csv:
+        write_table(rows, args.csv)
+    header = f"{'plant':11s} {'batch':>5s} {'model':20s} {'recipe':>7s} {'oracle':>7s} {'score':>7s} {'gap':>6s} {'viol h':>6s} {'region':>21s} {'width':>5s} {'stood down':>10s} {'calib. s':>8s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r.plant:11s} {r.batch:5d} {r.model:20s} {r.recipe:7.1f} {r.oracle:7.1f} {r.score:7.1f} {r.gap:6.2f} {r.violation_h:6.1f} "
+            f"{r.region:>21s} {r.width_at_harvest:5.2f} {r.stood_down_cycles:10d} {r.calibration_s:8.1f}"
+        )
+    print()
+    for k in range(1, batches + 1):
+        mine = [r for r in rows if r.batch == k]
+        gaps = [r.gap for r in mine]
+        below = sum(r.score < r.recipe for r in mine)
+        print(
+            f"batch {k}: mean gap closed {statistics.fmean(gaps):+.2f} (min {min(gaps):+.2f}), below the recipe on {below}/{len(mine)} plants, "
+            f"violation {sum(r.violation_h for r in mine):.1f} h"
+        )
+    print(f"\n{len(rows)} batches on {len(plants)} plants in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

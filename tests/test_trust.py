@@ -1,0 +1,154 @@
+"""The trust region: where it lets the NMPC plan, how lab results move it, and the stand-down to the recipe."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from controller.mpc import MpcConfig
+from controller.nmpc import CycleObservation, DecisionSource, NmpcConfig, NmpcController
+from controller.recipe import PlatformRecipe
+from controller.trust import RegionSource, TrustRegion, TrustRegionConfig
+from controller.types import LabResult, Setpoints
+from plant_models.cho import STATE_INDEX
+from plant_models.parameters import PhaseEnvelope, ValueRange
+
+RATE = 0.5
+
+
+def _region(batch, envelope=(), **config) -> TrustRegion:
+    recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
+    return TrustRegion(batch, recipe, envelope, TrustRegionConfig(**config))
+
+
+def _grid(start_h: float, fine: int = 16, coarse: int = 8, end_h: float = 336.0) -> tuple[np.ndarray, np.ndarray]:
+    durations = np.concatenate([np.ones(fine), np.full(coarse, (end_h - start_h - fine) / coarse)])
+    return start_h + np.concatenate([[0.0], np.cumsum(durations)[:-1]]), durations
+
+
+def _lab(seq: int, taken_at_h: float, *, vcd: float, titer: float, glucose: float) -> LabResult:
+    nan = math.nan
+    return LabResult(seq, taken_at_h, vcd, 95.0, glucose, nan, nan, nan, titer, nan)
+
+
+def _plan(region: TrustRegion, made_at_h: float, *, vcd: float, titer: float, glucose: float) -> None:
+    """A plan whose prediction is flat at these values for three days."""
+    times = made_at_h + np.array([0.0, 24.0, 48.0, 72.0])
+    states = np.zeros((len(STATE_INDEX), times.size))
+    states[STATE_INDEX["viable_cells"]], states[STATE_INDEX["titer"]], states[STATE_INDEX["glucose"]] = vcd, titer, glucose
+    region.remember(made_at_h, times, states)
+
+
+def test_at_width_zero_the_plan_follows_the_recipe(batch):
+    region = _region(batch, initial_width=0.0)
+    starts, durations = _grid(100.0)
+    recipe = region._recipe
+    bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.75, 0.3, 36.5]), temperature_rate_degc_per_h=RATE)
+    assert bounds is not None and region.source is RegionSource.RECIPE_BAND
+    feed = [recipe.feed_rate_lph(t) for t in starts]
+    np.testing.assert_allclose(bounds.inputs_lower[0], feed)
+    np.testing.assert_allclose(bounds.inputs_upper[0], feed)
+    np.testing.assert_allclose(bounds.glucose_lower, batch.recipe.glucose_target_g_per_l)
+    after_shift = starts > batch.recipe.temperature_shift_h + 10.0  # past the rate-limited ramp into the shifted temperature
+    np.testing.assert_allclose(bounds.inputs_lower[2, after_shift], batch.recipe.temperature_shifted_degc)
+    np.testing.assert_allclose(bounds.inputs_upper[2, after_shift], batch.recipe.temperature_shifted_degc)
+    assert region.harvest_window_h(100.0) == (batch.recipe.harvest_h, batch.recipe.harvest_h)
+
+
+@pytest.mark.parametrize("width", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("previous_degc", [30.0, 33.0, 38.0])
+def test_the_temperature_bounds_leave_a_rate_limited_path(batch, width, previous_degc):
+    """Whatever the plant runs now and however narrow the region, the rate limit can follow it: the NLP stays feasible."""
+    region = _region(batch, initial_width=width, temperature_reach_degc=3.0)
+    starts, durations = _grid(105.0)
+    bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.0, 0.0, previous_degc]), temperature_rate_degc_per_h=RATE)
+    assert bounds is not None
+    low, high = bounds.inputs_lower[2], bounds.inputs_upper[2]
+    # The feasible set, propagated forward: from the previous setpoint, each stage moves at most RATE * its duration.
+    reach_low = reach_high = previous_degc
+    for k in range(starts.size):
+        reach_low, reach_high = max(low[k], reach_low - RATE * durations[k]), min(high[k], reach_high + RATE * durations[k])
+        assert reach_low <= reach_high + 1e-9, f"no setpoint at stage {k} ({starts[k]:.0f} h) is both reachable and inside the region"
+
+
+def test_lab_results_widen_narrow_and_stand_the_nmpc_down(batch):
+    region = _region(batch, initial_width=0.3, widen_step=0.2, shrink_factor=0.5, misses_to_recipe=2, lead_h=24.0)
+    _plan(region, 0.0, vcd=5.0, titer=0.5, glucose=4.0)
+    assert region.check(_lab(1, 12.0, vcd=5.0, titer=0.5, glucose=4.0)) is None  # no plan in force 24 h before the draw
+    confirmed = region.check(_lab(2, 30.0, vcd=5.2, titer=0.52, glucose=3.8))
+    assert confirmed is not None and confirmed.confirmed and region.width == pytest.approx(0.5)
+    missed = region.check(_lab(3, 40.0, vcd=5.0, titer=0.9, glucose=4.0))  # titer 80 % above the plan's
+    assert missed is not None and not missed.confirmed and missed.errors["titer_g_per_l"] > 1.0
+    assert region.width == pytest.approx(0.25) and region.misses == 1 and not region.stood_down
+    assert "nmpc_predictions_missed" in region.alarms()
+    region.check(_lab(4, 50.0, vcd=2.0, titer=0.5, glucose=4.0))
+    assert region.stood_down and set(region.alarms()) == {"nmpc_stood_down"}
+    assert region.check(_lab(5, 60.0, vcd=5.0, titer=0.5, glucose=4.0)) is None  # stood down: nothing to check
+    region.reenable()
+    assert not region.stood_down and region.misses == 0 and region.width == pytest.approx(0.3) and not region.alarms()
+
+
+def test_a_calibrated_model_plans_in_its_envelope_plus_margin(batch):
+    envelope = (
+        PhaseEnvelope(
+            phase="growth",
+            start_h=0.0,
+            end_h=120.0,
+            temperature_degc=ValueRange(low=36.0, high=37.0),
+            feed_per_volume_per_day=ValueRange(low=0.0, high=0.04),
+            glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.01),
+            glucose_g_per_l=ValueRange(low=2.0, high=6.0),
+            batches=4,
+        ),
+        PhaseEnvelope(
+            phase="production",
+            start_h=120.0,
+            end_h=348.0,
+            temperature_degc=ValueRange(low=31.0, high=34.0),
+            feed_per_volume_per_day=ValueRange(low=0.02, high=0.04),
+            glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.01),
+            glucose_g_per_l=ValueRange(low=3.0, high=6.0),
+            batches=4,
+        ),
+    )
+    region = _region(batch, envelope, envelope_margin_degc=0.5, envelope_margin_relative=0.1)
+    assert region.source is RegionSource.CALIBRATION_ENVELOPE and region.width == 1.0
+    starts, durations = _grid(200.0)
+    bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1800.0), previous_inputs=np.array([2.0, 0.2, 33.0]), temperature_rate_degc_per_h=RATE)
+    assert bounds is not None
+    np.testing.assert_allclose(bounds.inputs_lower[2], 30.5)
+    np.testing.assert_allclose(bounds.inputs_upper[2], 34.5)
+    np.testing.assert_allclose(bounds.inputs_upper[0], (0.04 + 0.002) * 1800.0 / 24.0)
+    np.testing.assert_allclose(bounds.glucose_lower, 3.0 - 0.3)
+    assert region.harvest_window_h(200.0) == (batch.recipe.harvest_h - 24.0, 348.0)
+
+
+class _Frozen:
+    def __init__(self, state: np.ndarray, parameters: np.ndarray) -> None:
+        self.state, self.parameters = state, parameters
+
+    def observe(self, observation: CycleObservation) -> tuple[np.ndarray, np.ndarray]:
+        return self.state, self.parameters
+
+
+def test_a_stood_down_nmpc_runs_the_recipe_until_reenabled(model, batch, day_twelve):
+    plc, applied = day_twelve
+    config = NmpcConfig(mpc=MpcConfig(fine_stages=6, coarse_stages=4, compile=False), trust=TrustRegionConfig(misses_to_recipe=1))
+    controller = NmpcController(model, batch, _Frozen(plc.plant.state.copy(), plc.plant.parameters), config)
+    observation = CycleObservation(process_time_h=288.0, online={"volume_l": 1800.0}, feed_total_l=0.0, glucose_feed_total_l=0.0, applied=applied)
+    first = controller.cycle(observation)
+    assert first.source is DecisionSource.MPC
+    titer = float(plc.plant.state[STATE_INDEX["titer"]])
+    lab = _lab(1, 312.0, vcd=1.0, titer=titer * 0.3, glucose=4.0)  # far from anything the plan predicted
+    decision = controller.cycle(
+        CycleObservation(process_time_h=314.0, online={"volume_l": 1800.0}, feed_total_l=0.0, glucose_feed_total_l=0.0, applied=first.setpoints, lab_result=lab)
+    )
+    recipe = controller.recipe.setpoints(314.0, volume_l=1800.0)
+    assert decision.source is DecisionSource.STOOD_DOWN and not decision.source.is_fallback
+    assert decision.setpoints == Setpoints(recipe.feed_rate_lph, recipe.glucose_rate_lph, recipe.temperature_degc, harvest=recipe.harvest)
+    assert "nmpc_stood_down" in controller.trust.alarms()
+    controller.reenable()
+    again = controller.cycle(CycleObservation(process_time_h=315.0, online={"volume_l": 1800.0}, feed_total_l=0.0, glucose_feed_total_l=0.0, applied=decision.setpoints))
+    assert again.source is DecisionSource.MPC

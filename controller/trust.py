@@ -23,8 +23,10 @@ further than ``w · harvest_reach_h`` from the recipe's.
 The performance monitor holds each new lab result (VCD, titer, glucose)
 against what the plan in force ``lead_h`` before its draw predicted for it.
 Within tolerance on every measured field it *confirms* the model and widens
-the region by ``widen_step``; beyond tolerance on any field it *misses*,
-and the region shrinks by ``shrink_factor``. After ``misses_to_recipe``
+the region by ``widen_step``; beyond tolerance on any field, or with the
+mean error of a field over the last ``bias_window`` results beyond
+``bias_threshold`` tolerances (a bias, each result within tolerance), it
+*misses*, and the region shrinks by ``shrink_factor``. After ``misses_to_recipe``
 misses in a row the NMPC stands down and the platform recipe runs until an
 operator re-enables it (:meth:`TrustRegion.reenable`). Each step is alarmed
 (:meth:`TrustRegion.alarms`) and so audited by the runtime.
@@ -78,6 +80,10 @@ class TrustRegionConfig(FrozenConfig):
     shrink_factor: float = Field(default=0.5, ge=0.0, le=1.0, description="width kept after a lab result that misses it [-]")
     misses_to_recipe: int = Field(default=3, ge=1, le=100, description="misses in a row after which the NMPC stands down for the platform recipe")
     lead_h: float = Field(default=24.0, gt=0.0, le=240.0, description="a lab result is held against the plan in force this long before its draw [h]")
+    bias_window: int = Field(default=3, ge=1, le=20, description="lab results over which the monitor looks for a bias [-]")
+    bias_threshold: float = Field(
+        default=0.6, gt=0.0, le=5.0, description="a mean error (in tolerances, same sign) beyond this over bias_window results is a miss, though each was within tolerance [-]"
+    )
     vcd: Tolerance = Tolerance(relative=0.2, floor=0.5)
     titer: Tolerance = Tolerance(relative=0.15, floor=0.1)
     glucose: Tolerance = Tolerance(relative=0.3, floor=0.75)
@@ -251,8 +257,16 @@ class TrustRegion:
             errors[field] = (measured - predicted) / self.config.tolerance(field).limit(measured)
         if not errors:
             return None
-        confirmed = all(abs(error) <= 1.0 for error in errors.values())
         cfg = self.config
+        recent = [*self.checks[-(cfg.bias_window - 1) :], None] if cfg.bias_window > 1 else [None]
+        biased = {
+            field
+            for field, error in errors.items()
+            if len(recent) == cfg.bias_window
+            and all(check is None or field in check.errors for check in recent)
+            and abs(sum(error if check is None else check.errors[field] for check in recent) / cfg.bias_window) > cfg.bias_threshold
+        }
+        confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
         if confirmed:
             self.misses = 0
             self.width = min(1.0, self.width + cfg.widen_step)

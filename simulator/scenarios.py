@@ -1,7 +1,11 @@
 """The closed-loop scenario set: recipe, NMPC and the perfect-knowledge oracle on the same seeded batches.
 
-Used by ``benchmarks/closed_loop_scenarios.py`` (which prints the figures) and
-by the ``campaign`` tests (which assert the targets).
+The NMPC runs twice on each batch: with the nominal kinetics and no
+calibration (its trust region is the band around the recipe), and with the
+kinetics calibrated on the plant's process-development batches
+(:func:`development_calibration`; its trust region is the envelope of those
+batches). Used by ``benchmarks/closed_loop_scenarios.py`` (which prints the
+figures) and by the ``campaign`` tests (which assert the targets).
 """
 
 from __future__ import annotations
@@ -11,9 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controller.calibration import CalibrationResult, calibrate
+from plant_models.parameters import CultureParameters
 from simulator.batch import run_recipe_batch
-from simulator.closed_loop import estimator_source, oracle_source, run_controlled_batch
+from simulator.closed_loop import oracle_source, run_controlled_batch
 from simulator.config import LoadedSimulation, load_simulation
+from simulator.evaluation import estimator_with
+from simulator.records import development_batches
 
 PLATFORM = Path(__file__).resolve().parent.parent / "configs" / "simulate" / "platform.yaml"
 
@@ -65,11 +73,19 @@ class ScenarioResult:
     nmpc_wall_s: float
     nmpc_failures: int
     nmpc_cold_retries: int
+    calibrated_score: float = float("nan")
+    """The NMPC with the kinetics calibrated on the plant's development batches (NaN when not run)."""
+    calibrated_violation_h: float = float("nan")
 
     @property
     def gap_closed(self) -> float:
         span = self.oracle_score - self.recipe_score
         return (self.nmpc_score - self.recipe_score) / span if span > 0 else float("nan")
+
+    @property
+    def calibrated_gap_closed(self) -> float:
+        span = self.oracle_score - self.recipe_score
+        return (self.calibrated_score - self.recipe_score) / span if span > 0 else float("nan")
 
 
 def load_scenario(overrides: dict[str, Any]) -> LoadedSimulation:
@@ -79,13 +95,26 @@ def load_scenario(overrides: dict[str, Any]) -> LoadedSimulation:
     return base.model_copy(update={"simulation": simulation})
 
 
-def run_scenario(case: tuple[str, dict[str, Any]]) -> ScenarioResult:
+DEVELOPMENT_BATCHES = 5
+DEVELOPMENT_SEED = 500
+
+
+def development_calibration(plant: str = "cho", *, batches: int = DEVELOPMENT_BATCHES, seed: int = DEVELOPMENT_SEED) -> CalibrationResult:
+    """The nominal kinetics calibrated on ``batches`` process-development batches of ``plant`` (other recipes, their own seeds; simulator.records)."""
+    nominal = load_scenario({"plant": plant}).nominal
+    records = development_batches(load_scenario({"plant": plant, "seed": seed}), batches, seed, id_prefix=f"{plant[:6].upper()}")
+    return calibrate(records, nominal, cross_validate=False, based_on=f"nominal kinetics, development batches of {plant}")
+
+
+def run_scenario(case: tuple[str, dict[str, Any]], calibrated: CultureParameters | None = None) -> ScenarioResult:
+    """Recipe, NMPC (nominal kinetics; and ``calibrated`` ones when given, with their envelope) and oracle on one seeded batch."""
     name, overrides = case
     loaded = load_scenario(overrides)
     recipe = run_recipe_batch(loaded)
     started = time.perf_counter()
-    nmpc = run_controlled_batch(loaded, make_source=estimator_source)
+    nmpc = run_controlled_batch(loaded, make_source=estimator_with(loaded.nominal), envelope=loaded.nominal.envelope)
     wall = time.perf_counter() - started
+    tuned = run_controlled_batch(loaded, make_source=estimator_with(calibrated), envelope=calibrated.envelope) if calibrated is not None else None
     oracle = run_controlled_batch(loaded, make_source=oracle_source)
     return ScenarioResult(
         name=name,
@@ -98,4 +127,6 @@ def run_scenario(case: tuple[str, dict[str, Any]]) -> ScenarioResult:
         nmpc_wall_s=wall,
         nmpc_failures=nmpc.solver_failures,
         nmpc_cold_retries=nmpc.solver_cold_retries,
+        calibrated_score=tuned.batch.kpis.score_g_per_day if tuned is not None else float("nan"),
+        calibrated_violation_h=tuned.batch.kpis.violation_h if tuned is not None else float("nan"),
     )

@@ -152,3 +152,13 @@ def test_a_stood_down_nmpc_runs_the_recipe_until_reenabled(model, batch, day_twe
     controller.reenable()
     again = controller.cycle(CycleObservation(process_time_h=315.0, online={"volume_l": 1800.0}, feed_total_l=0.0, glucose_feed_total_l=0.0, applied=decision.setpoints))
     assert again.source is DecisionSource.MPC
+
+
+def test_a_bias_within_tolerance_is_a_miss(batch):
+    """Three results each within tolerance but all 80 % of a tolerance low: the model is biased, and the region narrows."""
+    region = _region(batch, initial_width=0.5, widen_step=0.1, bias_window=3, bias_threshold=0.6)
+    _plan(region, 0.0, vcd=10.0, titer=1.0, glucose=4.0)
+    low = 1.0 - 0.8 * 0.15  # titer 0.8 tolerances low
+    checks = [region.check(_lab(seq, 24.0 + seq, vcd=10.0, titer=low, glucose=4.0)) for seq in (1, 2, 3)]
+    assert [c.confirmed for c in checks if c is not None] == [True, True, False]
+    assert region.misses == 1 and region.width == pytest.approx((0.5 + 0.1 + 0.1) * 0.5)

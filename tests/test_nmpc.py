@@ -13,7 +13,6 @@ from controller.safety import filter_setpoints
 from controller.trust import TrustRegionConfig
 from controller.types import Setpoints
 
-
 SMALL = MpcConfig(fine_stages=6, coarse_stages=4, compile=False)
 NO_TRUST_REGION = TrustRegionConfig(enabled=False)
 """Perfect knowledge (FrozenTruth) needs no trust region, and these tests are about the solver and the harvest mechanics."""

@@ -19,7 +19,9 @@ object runs the in-process closed loop. This shell:
   replaced), writes nothing, withholds the heartbeat so that the PLC's watchdog
   hands control to its recipe, alarms, and tries again every
   ``safeguards.storage_retry_s`` until storage is back;
-- serves the operator's signatures in advisory mode (:mod:`controller.signing`).
+- serves the operator's signatures in advisory mode (:mod:`controller.signing`),
+  an engineer's acknowledgement of a held contradiction and an engineer's
+  re-enabling of the NMPC after it stood down (each audited first).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from plant_models.parameters import PhaseEnvelope
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["CycleReport", "PollOutcome", "RunSummary", "Runtime", "RuntimeStartError"]
+__all__ = ["CycleReport", "ModelFile", "PollOutcome", "RunSummary", "Runtime", "RuntimeStartError"]
 
 
 class PollOutcome(str, Enum):
@@ -79,6 +81,22 @@ class PollOutcome(str, Enum):
     STORAGE_DOWN = "storage_down"
     CYCLED = "cycled"
     WAITING = "waiting"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """The parameter file the kinetics came from, as the ``config_loaded`` audit record names it."""
+
+    path: str
+    sha256: str
+    """Of the file's bytes: what ``bioreactor-mpc model approve`` signed."""
+    calibrated: bool
+    """The file carries a calibration's provenance (and needs an engineer's approval to run)."""
+    approval_seq: int | None = None
+    """The ``model_approved`` audit record of a calibrated file; None for the nominal file."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "calibrated": self.calibrated, "approval_seq": self.approval_seq}
 
 
 @dataclass(frozen=True)
@@ -133,8 +151,12 @@ class Runtime:
         mode_override: RequestedMode | None = None,
         takeover: TakeoverApproval | None = None,
         envelope: tuple[PhaseEnvelope, ...] = (),
+        model_file: ModelFile | None = None,
     ) -> None:
-        """``envelope``: the operating envelope of the model's calibration (``CultureParameters.envelope``; empty: the NMPC plans in the recipe band)."""
+        """``envelope``: the operating envelope of the model's calibration (``CultureParameters.envelope``; empty: the NMPC plans in the recipe band).
+
+        ``model_file``: the parameter file of ``nominal_parameters``, for the start's audit record (checked for approval by the caller).
+        """
         self.port = port
         self.history = history
         self.batch = batch
@@ -142,6 +164,7 @@ class Runtime:
         self._model = model or CultureModel()
         self._nominal = np.asarray(nominal_parameters, dtype=float)
         self._envelope = envelope
+        self._model_file = model_file
         self._mpc = mpc or EconomicMpc(self._model, batch, settings.nmpc.mpc)
         self._on_cycle = on_cycle
         self.summary = RunSummary()
@@ -222,7 +245,19 @@ class Runtime:
             "estimate": estimate_summary(self.cycle.estimator) if self.cycle is not None and self.cycle.estimator is not None else None,
             "cycles": self.summary.cycles,
             "decisions": dict(self.summary.decisions),
+            "trust": self._trust_view(),
         }
+
+    def _trust_view(self) -> dict[str, Any] | None:
+        """The trust region of the latest cycle record, with how many misses in a row stand the NMPC down, and whether an engineer
+        re-enabled it since that record (the region then restarts at the next cycle)."""
+        report = self.last_report
+        if report is None or not report.record.trust:
+            return None
+        trust = dict(report.record.trust)
+        trust["misses_to_recipe"] = self.settings.nmpc.trust.misses_to_recipe
+        trust["reenabled"] = bool(trust.get("stood_down")) and self.cycle is not None and not self.cycle.controller.trust.stood_down
+        return trust
 
     # ------------------------------------------------------------------ the loop
 
@@ -374,6 +409,7 @@ class Runtime:
                 "settings_sha256": _sha256(self.settings.model_dump(mode="json")),
                 "batch_sha256": _sha256(self.batch.model_dump(mode="json")),
                 "nominal_parameters_sha256": _sha256(self._nominal.tolist()),
+                "model_file": self._model_file.as_dict() if self._model_file is not None else None,
                 "estimator_config_sha256": _sha256(self.settings.estimator.model_dump(mode="json")),
                 "mode": plan.requested_mode.value,
                 "mode_from": plan.mode_source,
@@ -563,6 +599,24 @@ class Runtime:
             if not self.recorder.audited(self._last_time_h, actor=user, action="contradiction_acknowledged", subject=code, details={"reason": reason}):
                 raise ApprovalRefusedError("the audit record could not be written; the contradiction is still held")
             self.cycle.acknowledge(code)
+
+    async def reenable_nmpc(self, *, user: str, reason: str) -> None:
+        """An engineer puts the NMPC back in charge after it stood down for the platform recipe (audited first); it plans again from the next cycle.
+
+        Between cycles only (the I/O lock). The trust region restarts at its
+        initial width and the miss count at 0 (:meth:`controller.nmpc.NmpcController.reenable`).
+        """
+        if not reason.strip():
+            raise ApprovalRefusedError("re-enabling the NMPC needs a reason")
+        async with self._io:
+            if self.cycle is None or not self.cycle.controller.trust.stood_down:
+                raise ApprovalRefusedError("the NMPC has not stood down: nothing to re-enable")
+            trust = self.cycle.controller.trust
+            details = {"reason": reason, "misses": trust.misses, "width": trust.width, "last_check": trust.checks[-1].describe() if trust.checks else None}
+            if not self.recorder.audited(self._last_time_h, actor=user, action="nmpc_reenabled", subject="nmpc", details=details):
+                raise ApprovalRefusedError("the audit record could not be written; the NMPC stays stood down")
+            self.cycle.controller.reenable()
+            log.info("nmpc_reenabled", user=user, process_time_h=self._last_time_h, reason=reason)
 
     async def _operator_sign(self, made_at_h: float, signer: Signer, meaning: Meaning, reason: str) -> Recommendation:
         if not reason.strip():

@@ -22,14 +22,15 @@ from runtime_harness import TAG_MAPS, TEST_SETTINGS, SimulatedPlant, TcpProxy, f
 from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
 from controller.runtime import CycleReport, Runtime
-from controller.runtime_config import ScreenSettings
-from interfaces.audit import AuditTrail
+from controller.runtime_config import RuntimeSettings, ScreenSettings
+from controller.trust import Tolerance
+from interfaces.audit import AuditError, AuditTrail
 from interfaces.history import SqliteHistory
 from interfaces.users import Role, UserStore
 from plant_models.cho import CultureModel
 from plant_models.parameters import parameter_vector
 from simulator.batch import build_simulated_plc
-from simulator.config import load_simulation
+from simulator.config import LoadedSimulation, load_simulation
 from simulator.opcua_server import OpcUaPlcServer
 
 pytestmark = pytest.mark.hil
@@ -59,9 +60,9 @@ class Screen:
         target = self.freeze_at_h
         await self.plant.step()
         for _ in range(400):
-            recommendation = self.runtime.recommendation
-            if recommendation is not None and recommendation.made_at_h >= target:
-                return
+            recommendation, report = self.runtime.recommendation, self.runtime.last_report
+            if recommendation is not None and recommendation.made_at_h >= target and report is not None and report.record.process_time_h >= target:
+                return  # offered, and its cycle recorded (the status shows that cycle's record)
             await asyncio.sleep(0.025)
         raise AssertionError(f"no recommendation at {target} h")
 
@@ -73,14 +74,23 @@ class Screen:
 
 
 @contextlib.asynccontextmanager
-async def advisory_screen(tmp_path: Path, mpc: EconomicMpc, *, freeze_at_h: float = FREEZE_AT_H, auto_approve_until_h: float = 0.0) -> AsyncIterator[Screen]:
+async def advisory_screen(
+    tmp_path: Path,
+    mpc: EconomicMpc,
+    *,
+    freeze_at_h: float = FREEZE_AT_H,
+    auto_approve_until_h: float = 0.0,
+    loaded: LoadedSimulation | None = None,
+    settings: RuntimeSettings = TEST_SETTINGS,
+) -> AsyncIterator[Screen]:
     """The simulated PLC, the runtime in advisory mode with its audit trail, and the screen, frozen after the cycle of ``freeze_at_h``.
 
     Before ``auto_approve_until_h`` every recommendation is approved at once (to reach a later point of the batch quickly).
+    ``loaded`` and ``settings`` replace the platform batch and the test settings.
     """
     from bioreactor_mpc.runtime_cli import serve_screen
 
-    loaded = load_simulation(PLATFORM)
+    loaded = loaded or load_simulation(PLATFORM)
     plc, _ = build_simulated_plc(loaded)
     plc.lockstep = True
     endpoint = f"opc.tcp://127.0.0.1:{free_port()}/bioreactor-mpc/"
@@ -106,7 +116,7 @@ async def advisory_screen(tmp_path: Path, mpc: EconomicMpc, *, freeze_at_h: floa
         if report.record.process_time_h >= limit - 1e-6:
             clock_stops.append(asyncio.ensure_future(plant.stop_clock()))  # before this cycle's heartbeat moves the plant on
 
-    settings = TEST_SETTINGS.model_copy(update={"mode": RequestedMode.ADVISORY, "auto_approve": auto_approve_until_h > 0.0})
+    settings = settings.model_copy(update={"mode": RequestedMode.ADVISORY, "auto_approve": auto_approve_until_h > 0.0})
     runtime = Runtime(
         port=OpcUaPort(TAG_MAPS["opcua"], endpoint=endpoint, timeout_s=2.0, allow_insecure=True),
         history=history,
@@ -124,7 +134,8 @@ async def advisory_screen(tmp_path: Path, mpc: EconomicMpc, *, freeze_at_h: floa
             screen = Screen(url, runtime, plant, history_path, freeze_at_h)
             holder["screen"] = screen
             for _ in range(int(60 + freeze_at_h) * 20):
-                if runtime.recommendation is not None and runtime.recommendation.made_at_h >= freeze_at_h:
+                report = runtime.last_report
+                if runtime.recommendation is not None and runtime.recommendation.made_at_h >= freeze_at_h and report is not None and report.record.process_time_h >= freeze_at_h:
                     break
                 await asyncio.sleep(0.05)
             else:
@@ -235,6 +246,78 @@ def test_only_engineers_change_the_mode_and_monitoring_sees_it(tmp_path, mpc):
             assert (await anonymous.get("/api/status")).status_code == 401
             assert (await anonymous.get("/", follow_redirects=False)).headers["location"] == "/login"
             await anonymous.aclose()
+            await olga.aclose()
+            await erik.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_the_screen_shows_the_trust_region_and_an_engineer_re_enables_the_nmpc_after_it_stood_down(tmp_path, mpc):
+    """A monitor stricter than the lab's own noise: the first lab result (drawn at 1 h, published at 1.5 h) misses the plan made at 0 h,
+    and one miss stands the NMPC down. The screen explains it; only an engineer, signing, re-enables it (audited first)."""
+    platform = load_simulation(PLATFORM)
+    sampling = platform.simulation.sampling.model_copy(update={"first_draw_h": 1.0, "draw_jitter_h": 0.0, "result_delay_min_h": 0.5, "result_delay_max_h": 0.5})
+    loaded = platform.model_copy(update={"simulation": platform.simulation.model_copy(update={"sampling": sampling})})
+    strict = Tolerance(relative=1e-6, floor=0.0)
+    trust = TEST_SETTINGS.nmpc.trust.model_copy(update={"misses_to_recipe": 1, "lead_h": 0.5, "vcd": strict, "titer": strict, "glucose": strict})
+    settings = TEST_SETTINGS.model_copy(update={"nmpc": TEST_SETTINGS.nmpc.model_copy(update={"trust": trust})})
+
+    class FailingAudit:
+        def append(self, **record: object) -> None:
+            raise AuditError("h.sqlite: cannot write the audit record: disk I/O error")
+
+    async def scenario() -> None:
+        async with advisory_screen(tmp_path, mpc, loaded=loaded, settings=settings) as screen:
+            olga, erik = await screen.client("olga"), await screen.client("erik")
+            status = (await olga.get("/api/status")).json()
+            region = status["trust"]
+            assert region["source"] == "recipe_band" and region["stood_down"] is True and region["misses"] == 1 and region["misses_to_recipe"] == 1
+            assert "lab result 1 (drawn 1 h) missed the plan made at 0 h" in region["last_check"] and region["reenabled"] is False
+            assert region["width"] == pytest.approx(trust.initial_width * trust.shrink_factor)
+            # The recipe band at the width it shrank to: around the recipe's temperature and feed, glucose kept near its target.
+            recipe = screen.runtime.cycle.controller.recipe
+            low, high = region["temperature_degc"]
+            assert low < recipe.setpoints(FREEZE_AT_H).temperature_degc < high and high - low == pytest.approx(2.0 * region["width"] * trust.temperature_reach_degc)
+            target = loaded.batch.recipe.glucose_target_g_per_l
+            assert region["glucose_min_g_per_l"] == pytest.approx(target - region["width"] * trust.glucose_reach_g_per_l)
+            assert region["harvest_h"] == pytest.approx(
+                [loaded.batch.recipe.harvest_h - region["width"] * trust.harvest_reach_h, loaded.batch.recipe.harvest_h + region["width"] * trust.harvest_reach_h]
+            )
+            assert "nmpc_stood_down" in status["alarms"] and status["decisions"].get("stood_down") == 1
+            # The page carries the explanation for everyone and the re-enable form for engineers only.
+            page_olga, page_erik = (await olga.get("/")).text, (await erik.get("/")).text
+            assert 'id="stood-down"' in page_olga and 'id="reenable-form"' not in page_olga and "needs the engineer role" in page_olga
+            assert 'id="reenable-form"' in page_erik
+            # Engineers only, with their own password and a reason; refused while the audit trail cannot be written.
+            body = {"password": PASSWORDS["erik"], "reason": "lab re-ran the sample: the first VCD was a dilution error"}
+            assert (await olga.post("/api/nmpc/reenable", json={**body, "password": PASSWORDS["olga"]})).status_code == 403
+            assert (await erik.post("/api/nmpc/reenable", json={**body, "password": "not-my-password"})).status_code == 403
+            assert (await erik.post("/api/nmpc/reenable", json={**body, "reason": ""})).status_code == 422
+            audit_trail = screen.runtime.recorder.audit
+            screen.runtime.recorder.audit = FailingAudit()
+            unrecorded = await erik.post("/api/nmpc/reenable", json=body)
+            screen.runtime.recorder.audit = audit_trail
+            assert unrecorded.status_code == 409 and "audit record could not be written" in unrecorded.json()["detail"]
+            assert (await erik.get("/api/status")).json()["trust"]["reenabled"] is False, "not recorded, not done"
+            reenabled = await erik.post("/api/nmpc/reenable", json=body)
+            assert reenabled.status_code == 200, reenabled.text
+            assert (await erik.get("/api/status")).json()["trust"]["reenabled"] is True
+            again = await erik.post("/api/nmpc/reenable", json=body)
+            assert again.status_code == 409 and "has not stood down" in again.json()["detail"]
+            # From the next cycle the NMPC plans again, in a region back at its initial width, and the alarm clears.
+            await screen.step()
+            status = (await erik.get("/api/status")).json()
+            region = status["trust"]
+            assert region["stood_down"] is False and region["misses"] == 0 and region["width"] == pytest.approx(trust.initial_width)
+            assert "nmpc_stood_down" not in status["alarms"] and status["decisions"].get("mpc", 0) >= 2
+            audit = AuditTrail(screen.history_path, read_only=True)
+            records = audit.records()
+            reenables = [r for r in records if r.action == "nmpc_reenabled"]
+            assert [(r.actor, r.details["reason"], r.details["misses"]) for r in reenables] == [("erik", body["reason"], 1)]
+            cleared = [r for r in records if r.action == "alarm_cleared" and r.subject == "nmpc_stood_down"]
+            assert cleared and cleared[0].seq > reenables[0].seq
+            assert audit.verify().ok
+            audit.close()
             await olga.aclose()
             await erik.aclose()
 

@@ -39,6 +39,8 @@ field is a free string; these are the ones in use):
 ``alarm_raised``                an alarm was raised
 ``alarm_cleared``               an alarm was cleared
 ``config_loaded``               the runtime loaded its configuration and model (files and their digests)
+``nmpc_reenabled``              an engineer put the NMPC back in charge after it stood down for the recipe
+``model_approved``              ``bioreactor-mpc model approve``: an engineer approved a calibrated parameter file (its sha256)
 ``user_added``                  ``bioreactor-mpc users add``
 ``user_add_failed``             a user recorded as added could not be stored
 ``password_changed``            ``bioreactor-mpc users passwd``

@@ -10,7 +10,9 @@ Who may do what (roles of :mod:`interfaces.users`):
 - viewer: log in and see everything;
 - operator: approve or reject the current recommendation, re-entering the
   password (an electronic signature, 21 CFR Part 11 §11.50 and §11.200);
-- engineer: also change the requested mode (again with the password).
+- engineer: also change the requested mode, acknowledge a held physical
+  contradiction and re-enable the NMPC after it stood down for the platform
+  recipe (each again with the password, each audited).
 
 Sessions: an HttpOnly, SameSite=Strict cookie holding a random token (only its
 hash is stored), expiring after idle time and at a maximum age. ``/metrics``
@@ -188,6 +190,7 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
             "modes": [m.value for m in RequestedMode],
             "can_sign": user.role.allows(Role.OPERATOR),
             "can_change_mode": user.role.allows(Role.ENGINEER),
+            "can_reenable": user.role.allows(Role.ENGINEER),
         }
         return templates.TemplateResponse(request, "screen.html", context)
 
@@ -245,6 +248,15 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
             raise HTTPException(status_code=409, detail=str(error)) from error
         return {"acknowledged": code, "effective": "at the next cycle"}
 
+    @app.post("/api/nmpc/reenable")
+    async def reenable_nmpc(body: Signature, user: User = Depends(require(Role.ENGINEER))) -> dict[str, Any]:
+        await signer(user, body.password)
+        try:
+            await runtime.reenable_nmpc(user=user.name, reason=body.reason)
+        except ApprovalRefusedError as error:
+            raise HTTPException(status_code=409, detail=str(error)) from error
+        return {"reenabled": True, "effective": "at the next cycle"}
+
     # ------------------------------------------------------------------ operations
 
     registry = CollectorRegistry()
@@ -286,7 +298,7 @@ class RuntimeCollector:
         solves = SummaryMetricFamily("bioreactor_mpc_solve_seconds", "MPC solve time")
         solves.add_metric([], len(summary.solve_times_s), float(sum(summary.solve_times_s)))
         yield solves
-        decisions = CounterMetricFamily("bioreactor_mpc_decisions", "cycles by who decided (mpc, shifted_plan, recipe, harvest, none)", labels=["source"])
+        decisions = CounterMetricFamily("bioreactor_mpc_decisions", "cycles by who decided (mpc, shifted_plan, recipe, stood_down, harvest, none)", labels=["source"])
         for source, count in sorted(summary.decisions.items()):
             decisions.add_metric([source], count)
         yield decisions

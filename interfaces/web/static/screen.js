@@ -6,6 +6,11 @@ const PLOTS = [
   ["ammonia", "ammonia [mM]"], ["osmolality", "osmolality [mOsm/kg]"], ["titer", "titer [g/L]"], ["volume", "volume [L]"],
 ];
 const LABELS = { viable_cells: "viable cells", glucose: "glucose", lactate: "lactate", ammonia: "ammonia", titer: "titer", volume: "volume", glutamine: "glutamine", temperature: "temperature" };
+const TRUST_SOURCES = {
+  calibration_envelope: "what the model's calibration data covered, plus a margin",
+  recipe_band: "a band around the platform recipe (no calibration), widened as lab results confirm the model",
+  off: "off: the equipment's range",
+};
 let current = null;
 
 function fmt(value, digits = 2) { return value === null || value === undefined ? "—" : Number(value).toFixed(digits); }
@@ -52,6 +57,7 @@ async function refreshStatus() {
     rows("estimate-table", Object.keys(LABELS).map((k) => [LABELS[k], `${fmt(s.estimate.state[k])} ± ${fmt(s.estimate.sd[k])}`])
       .concat(Object.entries(s.estimate.multipliers).map(([k, v]) => [`× ${k.split(".").pop()}`, fmt(v, 3)])));
   }
+  showTrust(s.trust);
   current = s.recommendation;
   const r = s.recommendation;
   if (r) {
@@ -65,6 +71,28 @@ async function refreshStatus() {
       ["predicted score", `${fmt(r.predicted_score_g_per_day, 0)} g/day (recipe: ${fmt(r.recipe_score_g_per_day, 0)})`],
     ]);
   }
+}
+
+function range(pair, digits, unit) { return pair ? `${fmt(pair[0], digits)} – ${fmt(pair[1], digits)} ${unit}` : "—"; }
+
+function showTrust(trust) {
+  const banner = document.getElementById("stood-down");
+  if (!trust) { banner.hidden = true; rows("trust-table", [["region", "no cycle yet"]]); return; }
+  const down = trust.stood_down && !trust.reenabled;
+  banner.hidden = !down;
+  if (down) text("stood-down-why", `${trust.misses} lab results in a row missed what the plans predicted (${trust.misses_to_recipe} stand it down).`);
+  const harvest = trust.harvest_h ? `${range(trust.harvest_h, 0, "h")} (day ${fmt(trust.harvest_h[0] / 24, 1)} – ${fmt(trust.harvest_h[1] / 24, 1)})` : "—";
+  rows("trust-table", [
+    ["status", down ? "STOOD DOWN: the platform recipe runs" : trust.reenabled ? "re-enabled: the NMPC plans again from the next cycle" : "the NMPC plans inside the region"],
+    ["source", TRUST_SOURCES[trust.source] || trust.source],
+    ["width", `${fmt(100 * trust.width, 0)} %`],
+    ["temperature", range(trust.temperature_degc, 1, "°C")],
+    ["nutrient feed", range(trust.feed_rate_lph, 2, "L/h")],
+    ["glucose at least", trust.glucose_min_g_per_l === undefined ? "—" : `${fmt(trust.glucose_min_g_per_l)} g/L`],
+    ["harvest", harvest],
+    ["misses in a row", `${trust.misses} of ${trust.misses_to_recipe}`],
+    ["last lab check", trust.last_check || "none yet"],
+  ]);
 }
 
 async function refreshPlots() {
@@ -108,6 +136,18 @@ function wire() {
       const signed = await post(`/api/recommendations/${current.made_at_h}/${meaning}`, { password: form.get("password"), reason: form.get("reason") });
       result.textContent = `${signed.status} (recommendation of ${fmt(signed.made_at_h, 1)} h)`; result.className = "result ok";
       sign.reset();
+    } catch (error) { result.textContent = error.message; result.className = "result error"; }
+    refreshStatus();
+  });
+  const reenable = document.getElementById("reenable-form");
+  if (reenable) reenable.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const result = document.getElementById("reenable-result");
+    const form = new FormData(reenable);
+    try {
+      await post("/api/nmpc/reenable", { password: form.get("password"), reason: form.get("reason") });
+      result.textContent = "re-enabled; the NMPC plans again from the next cycle"; result.className = "result ok";
+      reenable.reset();
     } catch (error) { result.textContent = error.message; result.className = "result error"; }
     refreshStatus();
   });

@@ -1,6 +1,6 @@
-"""``bioreactor-mpc audit`` and ``bioreactor-mpc users``: check the audit trail, manage the operator screen's users.
+"""``bioreactor-mpc audit``, ``users`` and ``model``: check the audit trail, manage the operator screen's users, approve a model.
 
-Both work on the history file (``--history``), where the runtime keeps its
+All work on the history file (``--history``), where the runtime keeps its
 records, the audit trail and the users (docs/audit-and-users.md):
 
 - ``audit verify --history PATH``: checks every record and the chain, opening
@@ -13,6 +13,11 @@ records, the audit trail and the users (docs/audit-and-users.md):
   names; never from an argument (arguments are visible to every user of the
   machine). Every change is an audit record (actor ``admin-cli``), written
   before the change is made: when it cannot be written, nothing changes.
+- ``model approve PARAMS --history PATH --user ENGINEER --reason "…"``: an
+  engineer's signature (the password re-entered) on a calibrated parameter
+  file, recorded as ``model_approved`` with the file's sha256 and a summary
+  of its provenance. ``run`` refuses a calibrated file without one in its
+  history (docs/calibration.md, "Approving a model").
 
 :func:`add_parsers` adds the commands to the CLI's sub-parsers and
 :func:`dispatch` runs them.
@@ -22,26 +27,30 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hashlib
 import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from controller.advisory import Signer
 from controller.takeover import TakeoverApproval
-from interfaces.audit import AuditTrail, AuditVerification
+from interfaces.audit import AuditRecord, AuditTrail, AuditVerification
 from interfaces.users import Role, UnknownUserError, User, UserStore, check_password, check_user_name, parse_role
 from plant_models.errors import BioreactorMPCError
+from plant_models.parameters import CultureParameters
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 ACTOR = "admin-cli"
-"""The actor of the audit records these commands write."""
+"""The actor of the audit records the ``users`` commands write (a signed action's actor is its signer)."""
+MODEL_APPROVED = "model_approved"
+"""The audit action of an engineer's approval of a calibrated parameter file."""
 
 
 class AdminCommandError(BioreactorMPCError, ValueError):
@@ -49,7 +58,7 @@ class AdminCommandError(BioreactorMPCError, ValueError):
 
 
 def add_parsers(subparsers: SubParsers) -> None:
-    """Add ``audit`` and ``users`` to the CLI's sub-parsers (``dest="command"``)."""
+    """Add ``audit``, ``users`` and ``model`` to the CLI's sub-parsers (``dest="command"``)."""
     history_help = "the history file (SQLite) that holds the audit trail and the users"
 
     audit = subparsers.add_parser("audit", help="check the audit trail in a history file (docs/audit-and-users.md)")
@@ -85,9 +94,20 @@ def add_parsers(subparsers: SubParsers) -> None:
     disable.add_argument("name")
     disable.add_argument("--history", type=Path, required=True, metavar="PATH", help=history_help)
 
+    model = subparsers.add_parser("model", help="approve a calibrated model before the runtime may use it (docs/calibration.md)")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    approve = model_commands.add_parser(
+        "approve", help="an engineer's signed approval of a calibrated parameter file, recorded in the history's audit trail with the file's sha256"
+    )
+    approve.add_argument("parameters", type=Path, metavar="PARAMS", help="the calibrated parameter file (written by bioreactor-mpc calibrate)")
+    approve.add_argument("--history", type=Path, required=True, metavar="PATH", help=f"{history_help}: the runtime that will use the model reads its approval there")
+    approve.add_argument("--user", required=True, metavar="ENGINEER", help="the approving engineer's user name (the password is asked)")
+    approve.add_argument("--reason", required=True, help="why the model may be used (what was reviewed); recorded in the audit trail")
+    approve.add_argument("--password-env", metavar="VAR", default=None, help=password_env_help)
+
 
 def dispatch(args: argparse.Namespace, console: Console) -> int | None:
-    """Run an ``audit`` or ``users`` command and return its exit status; None when ``args.command`` is neither.
+    """Run an ``audit``, ``users`` or ``model`` command and return its exit status; None when ``args.command`` is none of them.
 
     Raises :class:`~plant_models.errors.BioreactorMPCError` subclasses whose
     message says what is wrong (the CLI prints it and exits with status 2).
@@ -103,6 +123,8 @@ def dispatch(args: argparse.Namespace, console: Console) -> int | None:
             "disable": _users_disable,
         }
         return commands[args.users_command](args, console)
+    if args.command == "model":
+        return _model_approve(args, console)
     return None
 
 
@@ -205,6 +227,84 @@ def _users_disable(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- models
+
+
+def _model_approve(args: argparse.Namespace, console: Console) -> int:
+    reason = args.reason.strip()
+    if not reason:
+        raise AdminCommandError("--reason: say why the model may be used (what was reviewed); it goes in the audit trail")
+    path = _existing(args.history)
+    parameters_path: Path = args.parameters
+    if not parameters_path.is_file():
+        raise AdminCommandError(f"{parameters_path}: no such parameter file")
+    parameters, digest = read_parameter_file(parameters_path)
+    if parameters.provenance is None:
+        raise AdminCommandError(f"{parameters_path}: no provenance, so not a calibrated model (bioreactor-mpc calibrate writes one); the nominal kinetics need no approval")
+    signer = _engineer(args, path, args.user, action="approve a model", refused="nothing approved")
+    signature = {"signer": signer.name, "printed_name": signer.full_name, "role": signer.role, "reason": reason, "signed_utc": datetime.now(UTC).isoformat()}
+    details = {"file": str(parameters_path.resolve()), "sha256": digest, "signature": signature, "provenance": provenance_summary(parameters)}
+    earlier = model_approval(path, digest)
+    with AuditTrail(path) as trail:
+        record = trail.append(actor=signer.name, action=MODEL_APPROVED, subject=f"model {parameters_path.name}", details=details)
+    _say(console, f"approved {parameters_path} (sha256 {digest}) as {signer.name}: audit record {record.seq} in {path}")
+    if earlier is not None:
+        _say(console, f"(approved before by {earlier.actor}, audit record {earlier.seq})")
+    for warning in parameters.provenance.warnings:
+        _say(console, f"the calibration asked the reviewer to look at: {warning}")
+    return 0
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes: what an approval signs, and what the runtime checks at start."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as error:
+        raise AdminCommandError(f"{path}: cannot read: {error.strerror or error}") from error
+
+
+def read_parameter_file(path: Path) -> tuple[CultureParameters, str]:
+    """A parameter file and the sha256 of the very bytes it was read from (refused when the file changes meanwhile)."""
+    digest = file_sha256(path)
+    parameters = CultureParameters.from_yaml(path)
+    if file_sha256(path) != digest:
+        raise AdminCommandError(f"{path}: the file changed while it was read; try again once nobody writes it")
+    return parameters, digest
+
+
+def model_approval(history_path: Path, sha256: str) -> AuditRecord | None:
+    """The latest ``model_approved`` record of a parameter file with this sha256 in the history's audit trail (read-only); None when there is none."""
+    if not history_path.is_file():
+        return None
+    with AuditTrail(history_path, read_only=True) as trail:
+        approvals = [record for record in trail.records(action=MODEL_APPROVED) if record.details.get("sha256") == sha256]
+    return approvals[-1] if approvals else None
+
+
+def provenance_summary(parameters: CultureParameters) -> dict[str, Any]:
+    """What an approval records of a calibrated file: where it came from, what was fitted, how well, what a reviewer was asked to look at, the envelope."""
+    provenance = parameters.provenance
+    if provenance is None:
+        return {}
+    return {
+        "created_utc": provenance.created_utc,
+        "tool": provenance.tool,
+        "based_on": provenance.based_on,
+        "batches": list(provenance.batches),
+        "inputs": [[name, digest] for name, digest in provenance.inputs],
+        "fitted": {
+            name: {"nominal": estimate.nominal, "value": estimate.value, "ci95": [estimate.ci95_low, estimate.ci95_high]}
+            for name, estimate in provenance.parameters.items()
+            if estimate.identifiable
+        },
+        "not_identifiable": list(provenance.not_identifiable),
+        "fit_statistics": dict(provenance.fit_statistics),
+        "cross_validation": dict(provenance.cross_validation),
+        "warnings": list(provenance.warnings),
+        "envelope": [{"phase": phase.phase, "start_h": phase.start_h, "end_h": phase.end_h, "batches": phase.batches} for phase in parameters.envelope],
+    }
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -228,14 +328,20 @@ def takeover_signature(args: argparse.Namespace, history_path: Path) -> Takeover
         raise AdminCommandError("--take-over-as needs --reason: why the batch is taken over without its history (it goes in the audit trail)")
     if not history_path.exists():
         raise AdminCommandError(f"{history_path}: no history file, so no users to sign with; add an engineer first (bioreactor-mpc users add --history ...)")
-    password = _password(args, f"password for {args.take_over_as}: ", confirm=False)
+    signer = _engineer(args, history_path, args.take_over_as, action="take over a batch without its history", refused="nothing taken over")
+    return TakeoverApproval(signer, reason, datetime.now(UTC).isoformat())
+
+
+def _engineer(args: argparse.Namespace, history_path: Path, name: str, *, action: str, refused: str) -> Signer:
+    """An engineer's signature: the password re-entered (or from ``--password-env``) and checked against the history's user store."""
+    password = _password(args, f"password for {name}: ", confirm=False)
     with UserStore(history_path) as store:
-        user = store.authenticate(args.take_over_as, password)
+        user = store.authenticate(name, password)
     if user is None:
-        raise AdminCommandError(f"{args.take_over_as}: wrong user name or password; nothing taken over")
+        raise AdminCommandError(f"{name}: wrong user name or password; {refused}")
     if not user.role.allows(Role.ENGINEER):
-        raise AdminCommandError(f"{user.name} is {user.role.value}: only an engineer can take over a batch without its history")
-    return TakeoverApproval(Signer(user.name, user.full_name, user.role.value), reason, datetime.now(UTC).isoformat())
+        raise AdminCommandError(f"{user.name} is {user.role.value}: only an engineer can {action}")
+    return Signer(user.name, user.full_name, user.role.value)
 
 
 def _password(args: argparse.Namespace, prompt: str, *, confirm: bool = True) -> str:

@@ -1,4 +1,10 @@
-"""``bioreactor-mpc run``: the runtime against a PLC, with a live progress line and the history's path at the end."""
+"""``bioreactor-mpc run``: the runtime against a PLC, with a live progress line and the history's path at the end.
+
+Before anything else the runtime's kinetics file is checked: a calibrated one
+(with ``provenance``) runs only when an engineer approved that very file (its
+sha256) in the history's audit trail (``bioreactor-mpc model approve``); the
+nominal kinetics need no approval.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,13 @@ import numpy as np
 import structlog
 from rich.console import Console
 
+from bioreactor_mpc.admin_cli import model_approval, read_parameter_file
 from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
 from controller.ports import PlcPort
-from controller.runtime import CycleReport, RunSummary, Runtime
+from controller.runtime import CycleReport, ModelFile, RunSummary, Runtime
 from controller.runtime_config import LoadedRuntime, ScreenSettings, nominal_parameter_vector
-from controller.takeover import TakeoverApproval
+from controller.takeover import RuntimeStartError, TakeoverApproval
 from interfaces.audit import AuditTrail
 from interfaces.history import SqliteHistory
 from interfaces.tagmap import ModbusTagMap, OpcUaTagMap, load_tag_map
@@ -42,6 +49,27 @@ def make_port(tag_map_path: Path, *, endpoint: str | None, timeout_s: float, all
 
     host, port = parse_endpoint(endpoint) if endpoint is not None else (None, None)
     return ModbusPort(tag_map, host=host, port=port, timeout_s=timeout_s)
+
+
+def approved_model_file(loaded: LoadedRuntime) -> ModelFile:
+    """The runtime's kinetics file with its sha256; a calibrated one must carry an engineer's approval of that sha256 in the history's audit trail.
+
+    Raises :class:`~controller.takeover.RuntimeStartError` naming the file and the command that approves it.
+    """
+    path = loaded.source.parent / loaded.config.model
+    parameters, digest = read_parameter_file(path)
+    if parameters != loaded.nominal:
+        raise RuntimeStartError(f"{path}: the file changed since the configuration was loaded; start again")
+    if parameters.provenance is None:
+        return ModelFile(str(path), digest, calibrated=False)
+    approval = model_approval(loaded.history_path, digest)
+    if approval is None:
+        raise RuntimeStartError(
+            f"{path} is a calibrated model (sha256 {digest}) that no engineer has approved in {loaded.history_path}; the runtime does not start. "
+            f'Review its calibration report, then approve it: bioreactor-mpc model approve {path} --history {loaded.history_path} --user ENGINEER --reason "..."'
+        )
+    log.info("model_approved", path=str(path), sha256=digest, approved_by=approval.actor, audit_seq=approval.seq)
+    return ModelFile(str(path), digest, calibrated=True, approval_seq=approval.seq)
 
 
 class ProgressPrinter:
@@ -85,10 +113,13 @@ async def run_runtime(
 ) -> RunSummary:
     """Run the runtime of ``loaded`` until the batch ends or ``stop`` is set (SIGINT and SIGTERM set it too).
 
+    Refuses a calibrated kinetics file without an engineer's approval (:func:`approved_model_file`).
+
     With a ``screen`` section the operator screen is served from the same
     event loop; ``on_screen`` is told its URL once it listens.
     """
     config = loaded.config
+    model_file = approved_model_file(loaded)  # before anything is built, connected or created
     port = make_port(
         loaded.tag_map_path,
         endpoint=endpoint,
@@ -106,6 +137,7 @@ async def run_runtime(
             batch=loaded.batch,
             nominal_parameters=nominal_parameter_vector(loaded),
             envelope=loaded.nominal.envelope,
+            model_file=model_file,
             settings=config,
             on_cycle=ProgressPrinter(console) if console is not None else None,
             audit=audit,

@@ -369,3 +369,93 @@ def test_a_lasting_fault_can_hand_control_to_the_plcs_recipe(tmp_path, mpc):
     assert any(tripped and not remote for t, (tripped, remote) in seen.items() if 9.0 <= t < 12.0), "the PLC's watchdog took over"
     assert states[12.0] == "held" and states[13.0] == "closed_loop", "back: held while the watchdog is tripped, then closed loop"
     assert any(a["code"] == "quality.PV.FeedTotal" for a in result.rows("alarms"))
+
+
+def test_run_starts_with_an_approved_calibrated_model_audits_its_sha256_and_plans_in_its_envelope(tmp_path, mpc, monkeypatch):
+    """``bioreactor-mpc run``'s runtime with a calibrated kinetics file an engineer approved (tests/test_model_approval.py has the refusals)."""
+    import argparse
+    import hashlib
+
+    from argon2 import PasswordHasher
+    from rich.console import Console
+    from runtime_harness import TAG_MAPS, TcpProxy, free_port
+
+    from bioreactor_mpc.admin_cli import add_parsers, dispatch
+    from bioreactor_mpc.runtime_cli import run_runtime
+    from controller.runtime_config import load_runtime_config
+    from interfaces.audit import AuditTrail
+    from interfaces.history import SqliteHistory
+    from interfaces.users import Role, UserStore
+    from plant_models.parameters import CultureParameters, ModelProvenance, ParameterEstimate, PhaseEnvelope, ValueRange
+    from simulator.batch import build_simulated_plc
+    from simulator.opcua_server import OpcUaPlcServer
+
+    nominal = CultureParameters.from_yaml(REPO / "configs" / "model" / "cho_nominal.yaml")
+    estimate = ParameterEstimate(nominal=nominal.growth.mu_max_per_h, value=nominal.growth.mu_max_per_h, ci95_low=0.03, ci95_high=0.06, identifiable=True)
+    provenance = ModelProvenance(
+        created_utc="2026-12-06T08:00:00+00:00",
+        tool="test",
+        based_on="cho_nominal.yaml",
+        inputs=(),
+        batches=("BR01-101",),
+        parameters={"growth.mu_max_per_h": estimate},
+        not_identifiable=(),
+        fit_statistics={},
+    )
+    phase = PhaseEnvelope(
+        phase="all",
+        start_h=0.0,
+        end_h=340.0,
+        temperature_degc=ValueRange(low=33.0, high=36.5),
+        feed_per_volume_per_day=ValueRange(low=0.0, high=0.04),
+        glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.01),
+        glucose_g_per_l=ValueRange(low=2.0, high=6.5),
+        batches=1,
+    )
+    model = tmp_path / "site.yaml"
+    model.write_text(yaml.safe_dump(nominal.model_copy(update={"provenance": provenance, "envelope": (phase,)}).model_dump(mode="json"), sort_keys=False))
+    history_path = tmp_path / "history.sqlite"
+    with UserStore(history_path, password_hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)) as users:
+        users.add_user("erik", full_name="Erik Lind", role=Role.ENGINEER, password="engineer-password-1")
+    monkeypatch.setenv("ERIK_PASSWORD", "engineer-password-1")
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    approve = ["model", "approve", str(model), "--history", str(history_path), "--user", "erik", "--reason", "report reviewed", "--password-env", "ERIK_PASSWORD"]
+    assert dispatch(parser.parse_args(approve), Console(file=None, quiet=True)) == 0
+    config = yaml.safe_load((REPO / "configs" / "runtime" / "reference-opcua.yaml").read_text())
+    for key in ("tag_map", "batch"):
+        config[key] = str((REPO / "configs" / "runtime" / config[key]).resolve())
+    config.update(model=str(model), history=str(history_path), poll_interval_s=0.01, reconnect_initial_s=0.05, safeguards={"claim_watch_s": 0.2})
+    config_path = tmp_path / "runtime.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    loaded = load_runtime_config(config_path)
+
+    async def scenario() -> None:
+        plc, _ = build_simulated_plc(load_simulation(PLATFORM))
+        plc.lockstep = True
+        port = free_port()
+        server = OpcUaPlcServer(plc, TAG_MAPS["opcua"], endpoint=f"opc.tcp://127.0.0.1:{port}/bioreactor-mpc/")
+        await server.start()
+        plant = SimulatedPlant(plc, server, TcpProxy(port), lockstep_timeout_s=10.0)
+        stop = asyncio.Event()
+        running = asyncio.create_task(run_runtime(loaded, endpoint=server.endpoint, console=None, stop=stop, mpc=mpc))
+        try:
+            for _ in range(600):
+                if plc.process_time_h >= 2.0 or running.done():
+                    break
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.wait_for(running, 30.0)
+        finally:
+            await plant.stop_clock()
+            await server.stop()
+
+    asyncio.run(scenario())
+    with AuditTrail(history_path, read_only=True) as trail:
+        (approval,) = trail.records(action="model_approved")
+        (started,) = trail.records(action="config_loaded")
+    assert started.details["model_file"] == {"path": str(model), "sha256": hashlib.sha256(model.read_bytes()).hexdigest(), "calibrated": True, "approval_seq": approval.seq}
+    history = SqliteHistory(history_path, read_only=True)
+    cycles = history.table("cycles")
+    history.close()
+    assert len(cycles) >= 2 and {json.loads(c["trust"])["source"] for c in cycles} == {"calibration_envelope"}

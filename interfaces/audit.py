@@ -317,8 +317,8 @@ class AuditTrail:
                 raise AuditError(f"{self.path}: cannot read the audit trail's head: {error}") from error
         return AuditHead(int(row[0]), str(row[1])) if row is not None else None
 
-    def records(self, *, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]:
-        """Records after ``since_seq``, oldest first, at most ``limit`` of them."""
+    def records(self, *, since_seq: int = 0, limit: int | None = None, action: str | None = None) -> list[AuditRecord]:
+        """Records after ``since_seq``, oldest first, at most ``limit`` of them; only those of ``action`` when given."""
         if limit is not None and limit < 0:
             raise ValueError(f"limit must not be negative, got {limit}")
         with self._lock:
@@ -326,8 +326,8 @@ class AuditTrail:
                 if not self._has_tables():
                     return []
                 rows = self._db.execute(
-                    f"SELECT {_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",  # a fixed column list
-                    (since_seq, -1 if limit is None else limit),
+                    f"SELECT {_COLUMNS} FROM audit WHERE seq > ? AND (? IS NULL OR action = ?) ORDER BY seq LIMIT ?",  # a fixed column list
+                    (since_seq, action, action, -1 if limit is None else limit),
                 ).fetchall()
             except sqlite3.Error as error:
                 raise AuditError(f"{self.path}: cannot read the audit trail: {error}") from error

@@ -95,6 +95,10 @@ def test_records_since_and_limit(tmp_path):
         assert [r.seq for r in trail.records(since_seq=2, limit=3)] == [3, 4, 5]
         assert [r.seq for r in trail.records(since_seq=5)] == [6]
         assert trail.records(since_seq=6) == []
+        trail.append(actor="erik", action="model_approved", subject="model site.yaml", details={"sha256": "ab"})
+        assert [(r.seq, r.actor) for r in trail.records(action="model_approved")] == [(7, "erik")]
+        assert [r.seq for r in trail.records(since_seq=1, limit=2, action="state_changed")] == [2, 3]
+        assert trail.records(action="user_added") == []
 
 
 def test_update_and_delete_are_refused_by_the_database(tmp_path):

@@ -1,0 +1,175 @@
+"""An engineer approves a calibrated model before the runtime may use it: ``bioreactor-mpc model approve`` and the check at ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+import structlog
+import yaml
+from argon2 import PasswordHasher
+from rich.console import Console
+
+from bioreactor_mpc.admin_cli import AdminCommandError, add_parsers, dispatch
+from bioreactor_mpc.cli import main
+from bioreactor_mpc.runtime_cli import approved_model_file
+from controller.runtime_config import load_runtime_config
+from controller.takeover import RuntimeStartError
+from interfaces.audit import AuditTrail
+from interfaces.users import Role, UserStore
+from plant_models.parameters import CultureParameters, ModelProvenance, ParameterEstimate, PhaseEnvelope, ValueRange
+
+pytestmark = pytest.mark.usefixtures("uncached_logging")
+
+REPO = Path(__file__).resolve().parent.parent
+PASSWORDS = {"erik": "engineer-password-1", "olga": "operator-password-1"}
+
+
+def calibrated(nominal: CultureParameters, path: Path) -> Path:
+    """The nominal kinetics with a calibration's provenance and envelope, in the format of ``bioreactor-mpc calibrate``'s output.
+
+    (Not with its ``write_parameter_file``: that drops the ``None`` intervals of a parameter that was not identifiable, which the file needs.)
+    """
+    growth = nominal.growth.model_copy(update={"mu_max_per_h": 0.9 * nominal.growth.mu_max_per_h})
+    provenance = ModelProvenance(
+        created_utc="2026-12-06T08:00:00+00:00",
+        tool="bioreactor-mpc calibrate (test)",
+        based_on="configs/model/cho_nominal.yaml",
+        inputs=(("records/BR01-101/lab.csv", "0" * 64),),
+        batches=("BR01-101", "BR01-102"),
+        parameters={
+            "growth.mu_max_per_h": ParameterEstimate(nominal=nominal.growth.mu_max_per_h, value=growth.mu_max_per_h, ci95_low=0.03, ci95_high=0.04, identifiable=True),
+            "death.kd_min_per_h": ParameterEstimate(nominal=0.001, value=0.001, ci95_low=None, ci95_high=None, identifiable=False),
+        },
+        not_identifiable=("death.kd_min_per_h",),
+        fit_statistics={"reduced_chi2": 1.1},
+        warnings=("only two batches",),
+    )
+    envelope = (
+        PhaseEnvelope(
+            phase="growth",
+            start_h=0.0,
+            end_h=120.0,
+            temperature_degc=ValueRange(low=36.0, high=37.0),
+            feed_per_volume_per_day=ValueRange(low=0.0, high=0.04),
+            glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.005),
+            glucose_g_per_l=ValueRange(low=3.0, high=6.5),
+            batches=2,
+        ),
+        PhaseEnvelope(
+            phase="production",
+            start_h=120.0,
+            end_h=340.0,
+            temperature_degc=ValueRange(low=32.5, high=34.0),
+            feed_per_volume_per_day=ValueRange(low=0.02, high=0.04),
+            glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.01),
+            glucose_g_per_l=ValueRange(low=2.0, high=6.0),
+            batches=2,
+        ),
+    )
+    data = nominal.model_copy(update={"growth": growth, "provenance": provenance, "envelope": envelope}).model_dump(mode="json")
+    path.write_text("# calibrated (test)\n" + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    assert CultureParameters.from_yaml(path).provenance == provenance
+    return path
+
+
+def runtime_config(tmp_path: Path, model: Path, history: Path) -> Path:
+    """The reference OPC UA runtime config with another kinetics file and history."""
+    config = yaml.safe_load((REPO / "configs" / "runtime" / "reference-opcua.yaml").read_text())
+    for key in ("tag_map", "batch"):
+        config[key] = str((REPO / "configs" / "runtime" / config[key]).resolve())
+    config.update(model=str(model), history=str(history))
+    path = tmp_path / f"runtime-{model.stem}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def history(tmp_path: Path, uncached_logging: None) -> Path:
+    """A history file with an engineer and an operator (cheap password hashes: tests)."""
+    path = tmp_path / "history.sqlite"
+    with UserStore(path, password_hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)) as users:
+        users.add_user("erik", full_name="Erik Lind", role=Role.ENGINEER, password=PASSWORDS["erik"])
+        users.add_user("olga", full_name="Olga Ivanova", role=Role.OPERATOR, password=PASSWORDS["olga"])
+    return path
+
+
+def _approve(monkeypatch: pytest.MonkeyPatch, parameters: Path, history: Path, user: str, password: str, reason: str = "report reviewed with QA") -> tuple[int, str]:
+    monkeypatch.setenv("APPROVER_PASSWORD", password)
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    argv = ["model", "approve", str(parameters), "--history", str(history), "--user", user, "--reason", reason, "--password-env", "APPROVER_PASSWORD"]
+    out = io.StringIO()
+    status = dispatch(parser.parse_args(argv), Console(file=out, width=200))
+    return status if status is not None else -1, out.getvalue()
+
+
+def _approvals(history: Path) -> list[tuple[str, str]]:
+    with AuditTrail(history, read_only=True) as trail:
+        return [(record.actor, record.details["sha256"]) for record in trail.records(action="model_approved")]
+
+
+def test_run_refuses_a_calibrated_model_until_an_engineer_approves_that_very_file(tmp_path, nominal, history, monkeypatch, capsys):
+    model = calibrated(nominal, tmp_path / "site.yaml")
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    config = runtime_config(tmp_path, model, history)
+    # Refused at start, naming the file and the command that approves it; nothing run, nothing recorded.
+    saved = structlog.get_config()
+    try:
+        assert main(["run", "--config", str(config)]) == 2
+    finally:  # the CLI points structlog at this test's captured stderr, closed after it
+        structlog.reset_defaults()
+        structlog.configure(**saved)
+    error = capsys.readouterr().err
+    assert f"{model} is a calibrated model (sha256 {digest}) that no engineer has approved in {history}" in error
+    assert f"bioreactor-mpc model approve {model} --history {history} --user ENGINEER" in error
+    # A wrong password, an operator and a missing reason approve nothing.
+    with pytest.raises(AdminCommandError, match="erik: wrong user name or password; nothing approved"):
+        _approve(monkeypatch, model, history, "erik", "not-the-password")
+    with pytest.raises(AdminCommandError, match="olga is operator: only an engineer can approve a model"):
+        _approve(monkeypatch, model, history, "olga", PASSWORDS["olga"])
+    with pytest.raises(AdminCommandError, match="--reason"):
+        _approve(monkeypatch, model, history, "erik", PASSWORDS["erik"], reason="  ")
+    assert _approvals(history) == []
+    with pytest.raises(RuntimeStartError, match="no engineer has approved"):
+        approved_model_file(load_runtime_config(config))
+    # The engineer's approval: the file's sha256, the signature and a summary of the provenance, in the audit trail.
+    status, out = _approve(monkeypatch, model, history, "erik", PASSWORDS["erik"])
+    assert status == 0 and f"approved {model} (sha256 {digest}) as erik" in out and "only two batches" in out
+    with AuditTrail(history, read_only=True) as trail:
+        (record,) = trail.records(action="model_approved")
+        assert trail.verify().ok
+    assert record.actor == "erik" and record.subject == "model site.yaml" and record.details["file"] == str(model.resolve())
+    assert record.details["signature"] | {"signed_utc": None} == {
+        "signer": "erik",
+        "printed_name": "Erik Lind",
+        "role": "engineer",
+        "reason": "report reviewed with QA",
+        "signed_utc": None,
+    }
+    provenance = record.details["provenance"]
+    assert provenance["batches"] == ["BR01-101", "BR01-102"] and provenance["not_identifiable"] == ["death.kd_min_per_h"]
+    assert set(provenance["fitted"]) == {"growth.mu_max_per_h"} and [phase["phase"] for phase in provenance["envelope"]] == ["growth", "production"]
+    # Now the runtime accepts it, and names the approval in its start record.
+    model_file = approved_model_file(load_runtime_config(config))
+    assert (model_file.sha256, model_file.calibrated, model_file.approval_seq) == (digest, True, record.seq)
+    # A file changed after its approval is another model: refused again.
+    model.write_text(model.read_text() + "# edited after the approval\n")
+    with pytest.raises(RuntimeStartError, match="no engineer has approved"):
+        approved_model_file(load_runtime_config(config))
+
+
+def test_the_nominal_kinetics_need_no_approval_and_cannot_be_approved(tmp_path, history, monkeypatch):
+    nominal_file = REPO / "configs" / "model" / "cho_nominal.yaml"
+    model_file = approved_model_file(load_runtime_config(runtime_config(tmp_path, nominal_file, tmp_path / "no-history-yet.sqlite")))
+    assert (model_file.calibrated, model_file.approval_seq) == (False, None)
+    assert model_file.sha256 == hashlib.sha256(nominal_file.read_bytes()).hexdigest()
+    assert not (tmp_path / "no-history-yet.sqlite").exists(), "the check creates nothing"
+    with pytest.raises(AdminCommandError, match="no provenance, so not a calibrated model"):
+        _approve(monkeypatch, nominal_file, history, "erik", PASSWORDS["erik"])
+    with pytest.raises(AdminCommandError, match="missing.sqlite: no such history file"):
+        _approve(monkeypatch, nominal_file, tmp_path / "missing.sqlite", "erik", PASSWORDS["erik"])
+    assert _approvals(history) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bioreactor_mpc import admin_cli, calibrate_cli
 from bioreactor_mpc.logging import configure_logging
-from bioreactor_mpc.report import kpi_table, plot_predictions, write_batch_files
+from bioreactor_mpc.report import TrustTimeline, kpi_table, plot_predictions, write_batch_files
 from controller.modes import RequestedMode
 from plant_models.errors import BioreactorMPCError
 
@@ -277,22 +278,28 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     log.info("batch_started", config=str(args.config), seed=loaded.simulation.seed, controller=args.controller, batch_id=loaded.batch.batch_id)
     with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} h"), TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("batch", total=latest_h)
+        advanced_to_h: list[float] = []
 
         def advance(t_h: float) -> None:
             progress.update(task, completed=t_h)
+            advanced_to_h.append(t_h)
 
         controlled = None
+        trust = None
         if args.controller == "recipe":
             result = run_recipe_batch(loaded, progress=advance)
         else:
             source = estimator_source if args.controller == "nmpc" else oracle_source
-            controlled = run_controlled_batch(loaded, make_source=source, progress=advance)
+            controlled = run_controlled_batch(loaded, make_source=source, progress=advance, envelope=loaded.nominal.envelope)
             result = controlled.batch
+            trust = TrustTimeline.from_records(_cycle_times_h(advanced_to_h, len(controlled.trust), loaded.batch.cycle_period_h), controlled.trust)
     log.info("batch_harvested", process_time_h=round(result.kpis.harvest_time_h, 2), reason=result.harvest_reason)
 
     stem = f"{loaded.batch.batch_id}-seed{loaded.simulation.seed}-{args.controller}"
     title = f"{stem}: score {result.kpis.score_g_per_day:.0f} g/day"
-    paths = write_batch_files(args.output_dir, stem, result.trajectory, result.lab_results, loaded.batch, title=title, csv_every_min=args.csv_every_min, plot=not args.no_plot)
+    paths = write_batch_files(
+        args.output_dir, stem, result.trajectory, result.lab_results, loaded.batch, title=title, csv_every_min=args.csv_every_min, plot=not args.no_plot, trust=trust
+    )
     columns = {args.controller: result.kpis}
     if controlled is not None:
         columns["recipe, same batch"] = run_recipe_batch(loaded).kpis
@@ -301,11 +308,26 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
         recipe_score = columns["recipe, same batch"].score_g_per_day
         gain = 100.0 * (result.kpis.score_g_per_day / recipe_score - 1.0)
         console.print(f"score: {args.controller} {result.kpis.score_g_per_day:.1f} g/day against the recipe's {recipe_score:.1f} g/day on the same batch ({gain:+.1f} %)")
+    if trust is not None:
+        for line in trust.describe():
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     for kind, path in paths.items():
         console.print(f"{kind + ':':14s}{path}")
     if controlled is not None:
         _report_controller(controlled, args.output_dir, stem, console, plot=not args.no_plot)
     return 0
+
+
+def _cycle_times_h(advanced_to_h: list[float], cycles: int, cycle_period_h: float) -> list[float]:
+    """The process time of each of ``cycles`` in-process cycles, from the times the loop reported advancing to after them.
+
+    ``run_controlled_batch`` reports progress once after each cycle but the last, with the next boundary, one period on; the last
+    cycle (the harvest) is at the boundary reported last. (Its trust records carry no time of their own.)
+    """
+    times = [t - cycle_period_h for t in advanced_to_h[:cycles]]
+    if cycles > len(advanced_to_h):
+        times.append(advanced_to_h[-1] if advanced_to_h else 0.0)
+    return times[:cycles] + [math.nan] * (cycles - len(times))
 
 
 def _report_controller(controlled: ControlledBatchResult, output_dir: Path, stem: str, console: Console, *, plot: bool) -> None:

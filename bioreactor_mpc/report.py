@@ -1,10 +1,13 @@
-"""Batch reports: the KPI table, the trajectories file and the plot."""
+"""Batch reports: the KPI table, the trajectories file and the plot; for a controlled batch, the NMPC's trust region."""
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -15,6 +18,7 @@ from rich.table import Table
 
 from controller.config import BatchConfig
 from controller.kpis import BatchKpis
+from controller.trust import RegionSource
 from controller.types import LabResult
 from plant_models.cho import INPUTS
 from simulator.plant import PlantTrajectory
@@ -42,6 +46,156 @@ def kpi_table(columns: dict[str, BatchKpis], title: str) -> Table:
     for name, cell in rows:
         table.add_row(name, *(cell(kpis) for kpis in columns.values()))
     return table
+
+
+@dataclass(frozen=True)
+class TrustCheck:
+    """A lab result held against the plan in force before its draw (:class:`controller.trust.LabCheck`, as the cycle record describes it)."""
+
+    checked_at_h: float
+    """The cycle that received the lab result."""
+    description: str
+    confirmed: bool
+    width_after: float
+
+
+@dataclass(frozen=True)
+class TrustTimeline:
+    """The NMPC's trust region cycle by cycle (``TrustRegion.summary`` of each cycle record), for the report."""
+
+    time_h: np.ndarray
+    source: RegionSource
+    width: np.ndarray
+    misses: np.ndarray
+    stood_down: np.ndarray
+    temperature_degc: np.ndarray
+    """(cycles, 2): the lower and upper bound; NaN where the region is off."""
+    feed_rate_lph: np.ndarray
+    glucose_min_g_per_l: np.ndarray
+    harvest_h: np.ndarray
+    checks: tuple[TrustCheck, ...]
+
+    @classmethod
+    def from_records(cls, time_h: Sequence[float], summaries: Sequence[Mapping[str, Any]]) -> TrustTimeline | None:
+        """From the cycle times and each cycle's ``trust`` record; None when no cycle recorded one."""
+        rows = [(float(t), summary) for t, summary in zip(time_h, summaries, strict=True) if summary]
+        if not rows:
+            return None
+
+        def pair(summary: Mapping[str, Any], key: str) -> list[float]:
+            value = summary.get(key)
+            return [float(value[0]), float(value[1])] if value is not None else [math.nan, math.nan]
+
+        checks: list[TrustCheck] = []
+        previous = None
+        for t, summary in rows:
+            last = summary.get("last_check")
+            if last is not None and last != previous:  # a new lab check: a confirmation resets the misses, a miss counts one more
+                checks.append(TrustCheck(t, str(last), int(summary["misses"]) == 0, float(summary["width"])))
+            previous = last
+        return cls(
+            time_h=np.array([t for t, _ in rows]),
+            source=RegionSource(rows[-1][1]["source"]),
+            width=np.array([float(summary["width"]) for _, summary in rows]),
+            misses=np.array([int(summary["misses"]) for _, summary in rows]),
+            stood_down=np.array([bool(summary["stood_down"]) for _, summary in rows]),
+            temperature_degc=np.array([pair(summary, "temperature_degc") for _, summary in rows]),
+            feed_rate_lph=np.array([pair(summary, "feed_rate_lph") for _, summary in rows]),
+            glucose_min_g_per_l=np.array([float(summary.get("glucose_min_g_per_l", math.nan)) for _, summary in rows]),
+            harvest_h=np.array([pair(summary, "harvest_h") for _, summary in rows]),
+            checks=tuple(checks),
+        )
+
+    @property
+    def stood_down_at_h(self) -> float | None:
+        """The first cycle the NMPC stood down at, or None."""
+        down = np.flatnonzero(self.stood_down)
+        return float(self.time_h[down[0]]) if down.size else None
+
+    def describe(self) -> list[str]:
+        """The report's lines: where the region came from, its width over the batch, the lab checks and any stand-down."""
+        if self.source is RegionSource.OFF:
+            return ["trust region: off (the NMPC plans anywhere in the equipment's range)"]
+        source = "the calibration envelope plus a margin" if self.source is RegionSource.CALIBRATION_ENVELOPE else "a band around the platform recipe"
+        confirmed = sum(check.confirmed for check in self.checks)
+        lines = [
+            f"trust region: {source}; width {100 * self.width[0]:.0f} % at the first cycle, {100 * self.width.min():.0f}-{100 * self.width.max():.0f} % "
+            f"over the batch, {100 * self.width[-1]:.0f} % at the last; lab checks: {len(self.checks)} ({confirmed} confirmed, {len(self.checks) - confirmed} missed)"
+        ]
+        lines += [f"  day {check.checked_at_h / 24:5.2f}: {check.description} -> width {100 * check.width_after:.0f} %" for check in self.checks]
+        down_h = self.stood_down_at_h
+        if down_h is not None:
+            back = np.flatnonzero(~self.stood_down & (self.time_h > down_h))
+            until = f"until {self.time_h[back[0]]:.0f} h" if back.size else "for the rest of the batch"
+            lines.append(f"the NMPC STOOD DOWN at {down_h:.0f} h (day {down_h / 24:.2f}) after {self.misses[self.stood_down][0]} misses in a row: the platform recipe ran {until}")
+        return lines
+
+
+def write_trust_csv(path: Path, trust: TrustTimeline) -> None:
+    """The trust region at every cycle: width, misses, whether the NMPC stood down, the bounds, and the lab check received then."""
+    checks = {check.checked_at_h: check.description for check in trust.checks}
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [
+                "process_time_h",
+                "source",
+                "width",
+                "misses",
+                "stood_down",
+                "temperature_low_degc",
+                "temperature_high_degc",
+                "feed_rate_low_lph",
+                "feed_rate_high_lph",
+                "glucose_min_g_per_l",
+                "harvest_earliest_h",
+                "harvest_latest_h",
+                "lab_check",
+            ]
+        )
+        for i, t in enumerate(trust.time_h):
+            numbers = [trust.width[i], *trust.temperature_degc[i], *trust.feed_rate_lph[i], trust.glucose_min_g_per_l[i], *trust.harvest_h[i]]
+            width, t_low, t_high, f_low, f_high, glucose, h_low, h_high = (f"{v:.6g}" if math.isfinite(v) else "" for v in numbers)
+            writer.writerow(
+                [
+                    f"{t:.6g}",
+                    trust.source.value,
+                    width,
+                    int(trust.misses[i]),
+                    int(trust.stood_down[i]),
+                    t_low,
+                    t_high,
+                    f_low,
+                    f_high,
+                    glucose,
+                    h_low,
+                    h_high,
+                    checks.get(float(t), ""),
+                ]
+            )
+
+
+def plot_trust(path: Path, trust: TrustTimeline, title: str) -> None:
+    """The region's width over the batch, each lab check (confirmed or missed) and the time the NMPC stood down."""
+    fig, ax = plt.subplots(figsize=(12, 3.8))
+    t_day = trust.time_h / 24.0
+    ax.step(t_day, 100.0 * trust.width, where="post", color="tab:green", lw=1.5, label=f"width ({trust.source.value.replace('_', ' ')})")
+    for confirmed, colour, label in ((True, "tab:green", "lab check confirmed"), (False, "tab:red", "lab check missed")):
+        days = [check.checked_at_h / 24.0 for check in trust.checks if check.confirmed is confirmed]
+        widths = [100.0 * check.width_after for check in trust.checks if check.confirmed is confirmed]
+        if days:
+            ax.plot(days, widths, "o" if confirmed else "x", color=colour, ms=6, label=label)
+    if trust.stood_down.any():
+        ax.fill_between(t_day, 0, 100, where=trust.stood_down, step="post", color="tab:red", alpha=0.12, label="NMPC stood down: the recipe runs")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("trust region width [%]")
+    ax.set_xlabel("process time [day]")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_trajectories_csv(path: Path, trajectory: PlantTrajectory, every_minutes: int) -> None:
@@ -76,8 +230,9 @@ def _unit_slug(unit: str) -> str:
     return unit.replace("1e6 cells/mL", "1e6_per_ml").replace("/", "_per_").replace(" ", "").replace("%", "pct").replace("-", "fraction")
 
 
-def plot_batch(path: Path, trajectory: PlantTrajectory, lab_results: tuple[LabResult, ...], batch: BatchConfig, title: str) -> None:
-    """A 3 × 3 grid of the main trajectories, lab results as markers, limits dashed."""
+def plot_batch(path: Path, trajectory: PlantTrajectory, lab_results: tuple[LabResult, ...], batch: BatchConfig, title: str, *, trust: TrustTimeline | None = None) -> None:
+    """A 3 × 3 grid of the main trajectories, lab results as markers, limits dashed; the NMPC's trust region as a band on the temperature
+    and the lowest glucose it allowed (``trust``)."""
     t_day = trajectory.time_h / 24.0
     lab_day = np.array([r.taken_at_h / 24.0 for r in lab_results])
 
@@ -115,6 +270,15 @@ def plot_batch(path: Path, trajectory: PlantTrajectory, lab_results: tuple[LabRe
     quality_ax.set_ylabel("galactosylated fraction", color="tab:green", fontsize=9)
     temperature_ax = axes.flat[8]
     temperature_ax.plot(t_day, trajectory.inputs[:, 2], color="tab:gray", ls=":", lw=1, label="setpoint")
+    if trust is not None and np.isfinite(trust.temperature_degc).any():
+        trust_day = trust.time_h / 24.0
+        temperature_ax.fill_between(trust_day, trust.temperature_degc[:, 0], trust.temperature_degc[:, 1], step="post", color="tab:green", alpha=0.15, label="trust region")
+        if trust.stood_down.any():
+            temperature_ax.fill_between(
+                trust_day, 0, 1, where=trust.stood_down, step="post", transform=temperature_ax.get_xaxis_transform(), color="tab:red", alpha=0.1, label="NMPC stood down"
+            )
+        temperature_ax.legend(loc="lower left", fontsize=8)
+        axes.flat[2].step(trust_day, trust.glucose_min_g_per_l, where="post", color="tab:green", ls=":", lw=1, label="trust region: lowest glucose planned")
     feed_ax = axes.flat[7].twinx()
     feed_ax.step(t_day, trajectory.inputs[:, 0], where="post", color="tab:brown", lw=0.8, label="feed [L/h]")
     feed_ax.step(t_day, trajectory.inputs[:, 1], where="post", color="tab:olive", lw=0.8, label="glucose feed [L/h]")
@@ -152,14 +316,29 @@ def plot_predictions(path: Path, trajectory: PlantTrajectory, snapshots: tuple[t
 
 
 def write_batch_files(
-    output_dir: Path, stem: str, trajectory: PlantTrajectory, lab_results: tuple[LabResult, ...], batch: BatchConfig, *, title: str, csv_every_min: int = 15, plot: bool = True
+    output_dir: Path,
+    stem: str,
+    trajectory: PlantTrajectory,
+    lab_results: tuple[LabResult, ...],
+    batch: BatchConfig,
+    *,
+    title: str,
+    csv_every_min: int = 15,
+    plot: bool = True,
+    trust: TrustTimeline | None = None,
 ) -> dict[str, Path]:
-    """The trajectories and lab results as CSV and the plot, named ``<stem>-…``; the paths by kind."""
+    """The trajectories and lab results as CSV and the plot, named ``<stem>-…`` (with ``trust``, the trust region's CSV and plot too); the paths by kind."""
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"trajectories": output_dir / f"{stem}-trajectories.csv", "lab results": output_dir / f"{stem}-lab.csv"}
     write_trajectories_csv(paths["trajectories"], trajectory, csv_every_min)
     write_lab_results_csv(paths["lab results"], lab_results)
+    if trust is not None:
+        paths["trust region"] = output_dir / f"{stem}-trust.csv"
+        write_trust_csv(paths["trust region"], trust)
     if plot:
         paths["plot"] = output_dir / f"{stem}.png"
-        plot_batch(paths["plot"], trajectory, lab_results, batch, title)
+        plot_batch(paths["plot"], trajectory, lab_results, batch, title, trust=trust)
+        if trust is not None and trust.source is not RegionSource.OFF:
+            paths["trust plot"] = output_dir / f"{stem}-trust.png"
+            plot_trust(paths["trust plot"], trust, f"{title}: trust region of the NMPC")
     return paths

@@ -6,6 +6,8 @@ per machine and cached; about a minute the first time).
 
 from __future__ import annotations
 
+import csv
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +53,15 @@ def test_simulate_command_with_nmpc_reports_against_the_recipe(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "recipe, same batch" in result.stdout and "score (product per occupied day)" in result.stdout
     assert "harvest titer predicted on day  7" in result.stdout and "failures 0" in result.stdout
+    assert "trust region: a band around the platform recipe; width 30 % at the first cycle" in result.stdout, "the nominal kinetics: the recipe band"
+    assert "lab result 2 (drawn 24 h) confirmed the plan made at 0 h" in result.stdout
     stem = "BR01-DEMO-001-seed2-nmpc"
-    for suffix in ("-trajectories.csv", "-lab.csv", ".png", "-predictions.png"):
+    for suffix in ("-trajectories.csv", "-lab.csv", ".png", "-predictions.png", "-trust.csv", "-trust.png"):
         assert (tmp_path / f"{stem}{suffix}").stat().st_size > 1000
+    with (tmp_path / f"{stem}-trust.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    times = [float(row["process_time_h"]) for row in rows]
+    assert times[0] == 0.0 and all(b - a == 1.0 for a, b in itertools.pairwise(times)), "one row per hourly cycle"
+    late = [row for row in rows if float(row["process_time_h"]) >= 336.0]  # from the recipe's harvest on
+    assert late and all(float(row["harvest_earliest_h"]) == float(row["process_time_h"]) for row in late), "the window never opens before now: each row at its cycle's time"
+    assert len([row for row in rows if row["lab_check"]]) >= 10, "a lab check a day from day 1"

@@ -1,0 +1,76 @@
+"""The trust region in ``simulate``'s report: from the cycle records of a trust region whose lab checks confirm, then miss, then stand the NMPC down."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from bioreactor_mpc.report import TrustTimeline, plot_trust, write_trust_csv
+from controller.recipe import PlatformRecipe
+from controller.trust import RegionSource, TrustRegion
+from controller.types import LabResult
+from plant_models.cho import STATE_INDEX
+
+PLANNED = {"viable_cells": 5.0, "titer": 1.0, "glucose": 4.0}
+"""What every plan predicts, flat over its horizon."""
+LAB_AT_H = {30: 5.0, 54: 10.0, 78: 10.0, 102: 10.0}
+"""Draw time → measured VCD: the first agrees with the plans, the next three are twice what they predicted."""
+
+
+def _lab(seq: int, taken_at_h: float, vcd: float) -> LabResult:
+    nan = float("nan")
+    return LabResult(seq, taken_at_h, vcd, 95.0, PLANNED["glucose"], nan, nan, nan, PLANNED["titer"], nan)
+
+
+@pytest.fixture
+def recorded(batch):
+    """A trust region driven hour by hour to 130 h as the NMPC drives it, and its summary at every cycle (what the cycle records hold)."""
+    region = TrustRegion(batch, PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l), ())
+    times, summaries = [], []
+    for t in range(131):
+        horizon = np.array([t, t + 200.0])
+        states = np.zeros((len(STATE_INDEX), 2))
+        for state, value in PLANNED.items():
+            states[STATE_INDEX[state]] = value
+        if not region.stood_down:
+            region.remember(float(t), horizon, states)
+        if t - 4 in LAB_AT_H:  # published four hours after the draw
+            region.check(_lab(len(region.checks) + 1, float(t - 4), LAB_AT_H[t - 4]))
+        times.append(float(t))
+        summaries.append(region.summary(float(t)))
+    return region, times, summaries
+
+
+def test_the_timeline_has_the_width_the_checks_and_the_stand_down_of_the_records(recorded):
+    region, times, summaries = recorded
+    trust = TrustTimeline.from_records(times, summaries)
+    assert trust is not None and trust.source is RegionSource.RECIPE_BAND
+    assert [(c.checked_at_h, c.confirmed, c.width_after) for c in trust.checks] == [(c.taken_at_h + 4.0, c.confirmed, c.width_after) for c in region.checks]
+    assert [c.confirmed for c in trust.checks] == [True, False, False, False], "the plans predicted VCD 5: the first result agrees, the next three do not"
+    assert trust.stood_down_at_h == 106.0 and trust.stood_down[-1] and not trust.stood_down[times.index(105.0)]
+    recipe_degc = 36.5  # configs/batch/platform.yaml before the shift
+    assert trust.temperature_degc[0] == pytest.approx([recipe_degc - 0.3 * 1.5, recipe_degc + 0.3 * 1.5]), "initial width 0.3 of the default reach of 1.5 °C"
+    lines = trust.describe()
+    assert lines[0].startswith("trust region: a band around the platform recipe; width 30 % at the first cycle") and "lab checks: 4 (1 confirmed, 3 missed)" in lines[0]
+    assert "lab result 2 (drawn 54 h) missed the plan made at 30 h" in lines[2] and "STOOD DOWN at 106 h" in lines[-1] and "for the rest of the batch" in lines[-1]
+
+
+def test_the_trust_files_hold_every_cycle_and_each_check_once(recorded, tmp_path):
+    _, times, summaries = recorded
+    trust = TrustTimeline.from_records(times, summaries)
+    assert trust is not None
+    write_trust_csv(tmp_path / "trust.csv", trust)
+    with (tmp_path / "trust.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(times) and float(rows[34]["process_time_h"]) == 34.0
+    assert [float(r["process_time_h"]) for r in rows if r["lab_check"]] == [34.0, 58.0, 82.0, 106.0]
+    assert float(rows[0]["width"]) == pytest.approx(summaries[0]["width"]) and rows[-1]["stood_down"] == "1"
+    assert float(rows[0]["temperature_high_degc"]) == pytest.approx(summaries[0]["temperature_degc"][1])
+    plot_trust(tmp_path / "trust.png", trust, "test")
+    assert (tmp_path / "trust.png").stat().st_size > 10_000
+
+
+def test_no_trust_records_no_timeline():
+    assert TrustTimeline.from_records([0.0, 1.0], [{}, {}]) is None

@@ -80,7 +80,8 @@ function showTrust(trust) {
   if (!trust) { banner.hidden = true; rows("trust-table", [["region", "no cycle yet"]]); return; }
   const down = trust.stood_down && !trust.reenabled;
   banner.hidden = !down;
-  if (down) text("stood-down-why", `${trust.misses} lab results in a row missed what the plans predicted (${trust.misses_to_recipe} stand it down).`);
+  const results = (n) => (n === 1 ? "1 lab result" : `${n} lab results`);
+  if (down) text("stood-down-why", `${results(trust.misses)} in a row missed what the plans predicted (${results(trust.misses_to_recipe)} missed in a row stand it down).`);
   const harvest = trust.harvest_h ? `${range(trust.harvest_h, 0, "h")} (day ${fmt(trust.harvest_h[0] / 24, 1)} – ${fmt(trust.harvest_h[1] / 24, 1)})` : "—";
   rows("trust-table", [
     ["status", down ? "STOOD DOWN: the platform recipe runs" : trust.reenabled ? "re-enabled: the NMPC plans again from the next cycle" : "the NMPC plans inside the region"],
@@ -88,7 +89,7 @@ function showTrust(trust) {
     ["width", `${fmt(100 * trust.width, 0)} %`],
     ["temperature", range(trust.temperature_degc, 1, "°C")],
     ["nutrient feed", range(trust.feed_rate_lph, 2, "L/h")],
-    ["glucose at least", trust.glucose_min_g_per_l === undefined ? "—" : `${fmt(trust.glucose_min_g_per_l)} g/L`],
+    ["lowest glucose planned", trust.glucose_min_g_per_l === undefined ? "—" : `${fmt(trust.glucose_min_g_per_l)} g/L`],
     ["harvest", harvest],
     ["misses in a row", `${trust.misses} of ${trust.misses_to_recipe}`],
     ["last lab check", trust.last_check || "none yet"],

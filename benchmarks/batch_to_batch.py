@@ -86,7 +86,7 @@ def run_plant(job: tuple[str, int]) -> list[BatchRow]:
         evaluated = run_with_coverage(loaded, kinetics, record=True)
         result = evaluated.result
         kpis = result.batch.kpis
-        last = result.trust[-1] if result.trust else {}
+        last = result.trust[-1][1] if result.trust else {}
         rows.append(
             BatchRow(
                 plant=plant,

@@ -90,7 +90,7 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
 
 def write_parameter_file(path: Path, parameters: CultureParameters) -> None:
     """The calibrated set in the format of ``configs/model/*.yaml``; it loads with CultureParameters.from_yaml (checked here)."""
-    data = parameters.model_dump(mode="json", exclude_none=True)
+    data = parameters.model_dump(mode="json")  # not exclude_none: a parameter that was not identifiable has no interval (None), and says so
     header = "# Calibrated by bioreactor-mpc calibrate: provenance and envelope at the end. Review the report before deploying.\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")

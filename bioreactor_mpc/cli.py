@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -292,7 +291,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             source = estimator_source if args.controller == "nmpc" else oracle_source
             controlled = run_controlled_batch(loaded, make_source=source, progress=advance, envelope=loaded.nominal.envelope)
             result = controlled.batch
-            trust = TrustTimeline.from_records(_cycle_times_h(advanced_to_h, len(controlled.trust), loaded.batch.cycle_period_h), controlled.trust)
+            trust = TrustTimeline.from_records([t for t, _ in controlled.trust], [summary for _, summary in controlled.trust])
     log.info("batch_harvested", process_time_h=round(result.kpis.harvest_time_h, 2), reason=result.harvest_reason)
 
     stem = f"{loaded.batch.batch_id}-seed{loaded.simulation.seed}-{args.controller}"
@@ -316,18 +315,6 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     if controlled is not None:
         _report_controller(controlled, args.output_dir, stem, console, plot=not args.no_plot)
     return 0
-
-
-def _cycle_times_h(advanced_to_h: list[float], cycles: int, cycle_period_h: float) -> list[float]:
-    """The process time of each of ``cycles`` in-process cycles, from the times the loop reported advancing to after them.
-
-    ``run_controlled_batch`` reports progress once after each cycle but the last, with the next boundary, one period on; the last
-    cycle (the harvest) is at the boundary reported last. (Its trust records carry no time of their own.)
-    """
-    times = [t - cycle_period_h for t in advanced_to_h[:cycles]]
-    if cycles > len(advanced_to_h):
-        times.append(advanced_to_h[-1] if advanced_to_h else 0.0)
-    return times[:cycles] + [math.nan] * (cycles - len(times))
 
 
 def _report_controller(controlled: ControlledBatchResult, output_dir: Path, stem: str, console: Console, *, plot: bool) -> None:

@@ -109,11 +109,14 @@ class LabCheck:
     """Lab field → (measured − predicted) / tolerance: beyond ±1 is a miss."""
     confirmed: bool
     width_after: float
+    biased: tuple[str, ...] = ()
+    """Lab fields whose mean error over the monitor's window was beyond its bias threshold."""
 
     def describe(self) -> str:
         parts = ", ".join(f"{name.split('_')[0]} {error:+.1f}×tol" for name, error in self.errors.items())
         verdict = "confirmed" if self.confirmed else "missed"
-        return f"lab result {self.seq} (drawn {self.taken_at_h:.0f} h) {verdict} the plan made at {self.plan_made_at_h:.0f} h ({parts})"
+        bias = f"; biased: {', '.join(name.split('_')[0] for name in self.biased)} off the same way result after result" if self.biased else ""
+        return f"lab result {self.seq} (drawn {self.taken_at_h:.0f} h) {verdict} the plan made at {self.plan_made_at_h:.0f} h ({parts}{bias})"
 
 
 @dataclass(frozen=True)
@@ -260,13 +263,13 @@ class TrustRegion:
             return None
         cfg = self.config
         recent = [*self.checks[-(cfg.bias_window - 1) :], None] if cfg.bias_window > 1 else [None]
-        biased = {
+        biased = tuple(
             field
             for field, error in errors.items()
             if len(recent) == cfg.bias_window
             and all(check is None or field in check.errors for check in recent)
             and abs(sum(error if check is None else check.errors[field] for check in recent) / cfg.bias_window) > cfg.bias_threshold
-        }
+        )
         confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
         if confirmed:
             self.misses = 0
@@ -276,7 +279,7 @@ class TrustRegion:
             self.width *= cfg.shrink_factor
             if self.misses >= cfg.misses_to_recipe:
                 self.stood_down = True
-        result = LabCheck(lab.seq, lab.taken_at_h, plan.made_at_h, errors, confirmed, self.width)
+        result = LabCheck(lab.seq, lab.taken_at_h, plan.made_at_h, errors, confirmed, self.width, biased)
         self.checks.append(result)
         return result
 
@@ -294,9 +297,8 @@ class TrustRegion:
         alarms: dict[str, str] = {}
         last = self.checks[-1].describe() if self.checks else ""
         if self.stood_down:
-            alarms["nmpc_stood_down"] = (
-                f"{self.misses} lab results in a row missed the plan's predictions; the platform recipe runs until an operator re-enables the NMPC (last: {last})"
-            )
+            results = "1 lab result" if self.misses == 1 else f"{self.misses} lab results in a row"
+            alarms["nmpc_stood_down"] = f"{results} missed the plan's predictions; the platform recipe runs until an engineer re-enables the NMPC (last: {last})"
         elif self.misses:
             alarms["nmpc_predictions_missed"] = f"{last}: trust region narrowed to {self.width:.0%}"
         return alarms

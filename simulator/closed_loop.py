@@ -56,8 +56,8 @@ class ControlledBatchResult:
     """Cycles per runtime state (closed_loop, held while the operator had local control, fault, ...)."""
     record: BatchRecord | None = None
     """The batch as a historian recorded it (with ``record=True``): what the next calibration fits."""
-    trust: tuple[dict[str, Any], ...] = ()
-    """The trust region after every cycle (``TrustRegion.summary``)."""
+    trust: tuple[tuple[float, dict[str, Any]], ...] = ()
+    """(process time, the trust region then: ``TrustRegion.summary``) after every cycle."""
 
     def harvest_titer_errors(self) -> list[tuple[float, float]]:
         """(process time, predicted − actual titer at harvest, g/L) for cycles that planned the actual harvest time."""
@@ -129,7 +129,7 @@ def run_controlled_batch(
     states: dict[str, int] = {}
     predictions: list[tuple[float, float, float]] = []
     snapshots: list[tuple[float, np.ndarray, np.ndarray]] = []
-    trust: list[dict[str, Any]] = []
+    trust: list[tuple[float, dict[str, Any]]] = []
     historian = Historian() if record else None
     cycles = 0
     while plc.phase == PHASE_RUNNING and (max_cycles is None or cycles < max_cycles):
@@ -152,7 +152,7 @@ def run_controlled_batch(
             if refusals:
                 break
         outcome = cycle.conclude(plan, setpoints_written=written, setpoint_write_failed=failed)
-        trust.append(dict(outcome.record.trust))
+        trust.append((plan.process_time_h, dict(outcome.record.trust)))
         states[plan.state.value] = states.get(plan.state.value, 0) + 1
         decision = plan.decision
         if decision is not None:

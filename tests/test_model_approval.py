@@ -14,6 +14,7 @@ from argon2 import PasswordHasher
 from rich.console import Console
 
 from bioreactor_mpc.admin_cli import AdminCommandError, add_parsers, dispatch
+from bioreactor_mpc.calibrate_cli import write_parameter_file
 from bioreactor_mpc.cli import main
 from bioreactor_mpc.runtime_cli import approved_model_file
 from controller.runtime_config import load_runtime_config
@@ -29,10 +30,7 @@ PASSWORDS = {"erik": "engineer-password-1", "olga": "operator-password-1"}
 
 
 def calibrated(nominal: CultureParameters, path: Path) -> Path:
-    """The nominal kinetics with a calibration's provenance and envelope, in the format of ``bioreactor-mpc calibrate``'s output.
-
-    (Not with its ``write_parameter_file``: that drops the ``None`` intervals of a parameter that was not identifiable, which the file needs.)
-    """
+    """The nominal kinetics with a calibration's provenance and envelope, written by ``bioreactor-mpc calibrate``'s own writer."""
     growth = nominal.growth.model_copy(update={"mu_max_per_h": 0.9 * nominal.growth.mu_max_per_h})
     provenance = ModelProvenance(
         created_utc="2026-12-06T08:00:00+00:00",
@@ -70,9 +68,8 @@ def calibrated(nominal: CultureParameters, path: Path) -> Path:
             batches=2,
         ),
     )
-    data = nominal.model_copy(update={"growth": growth, "provenance": provenance, "envelope": envelope}).model_dump(mode="json")
-    path.write_text("# calibrated (test)\n" + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    assert CultureParameters.from_yaml(path).provenance == provenance
+    write_parameter_file(path, nominal.model_copy(update={"growth": growth, "provenance": provenance, "envelope": envelope}))
+    assert CultureParameters.from_yaml(path).provenance == provenance  # a parameter that was not identifiable (no interval) included
     return path
 
 

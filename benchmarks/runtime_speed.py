@@ -7,10 +7,13 @@ in closed loop with the default runtime config of the protocol, exactly as
 ``bioreactor-mpc demo`` does. Printed per protocol: the batch's wall time
 (target ≤ 60 s over OPC UA), the read and write request times per cycle from
 the history (median / p95), the solve times, the runtime process's peak
-resident memory (target ≤ 300 MB) and the batch's score.
+resident memory (target ≤ 300 MB) and the batch's score. With
+``--compare``, the same batch in-process (simulator.closed_loop, the same
+control cycle) and the difference of the scores (target: within 1 %).
 
     python benchmarks/runtime_speed.py                 # OPC UA and Modbus
     python benchmarks/runtime_speed.py --protocol opcua
+    python benchmarks/runtime_speed.py --protocol opcua --scenario configs/simulate/plant-cell-cycle.yaml --compare   # a plant of other structure
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _run_runtime(protocol: str, endpoint: str, history: str, queue: Any) -> None
     queue.put({"wall_s": wall_s, "peak_mb": peak_mb, "cycles": summary.cycles, "end": summary.end_reason, "failed": summary.writes_failed})
 
 
-def measure(protocol: str, seed: int, workdir: Path) -> dict[str, Any]:
+def measure(protocol: str, seed: int, workdir: Path, scenario: Path = SCENARIO) -> dict[str, Any]:
     from bioreactor_mpc.demo import free_port, wait_for_listener
     from controller.kpis import BatchKpis
     from interfaces.history import SqliteHistory
@@ -61,7 +64,7 @@ def measure(protocol: str, seed: int, workdir: Path) -> dict[str, Any]:
     stem = f"bench-{protocol}"
     log_path = workdir / f"{protocol}-plc-sim.log"
     command = [sys.executable, "-m", "bioreactor_mpc", "--log-json", "plc-sim", "--protocol", protocol, "--lockstep", "--endpoint", endpoint]
-    command += ["--scenario", str(SCENARIO), "--seed", str(seed), "--report-dir", str(workdir), "--report-stem", stem, "--linger-s", "2"]
+    command += ["--scenario", str(scenario), "--seed", str(seed), "--report-dir", str(workdir), "--report-stem", stem, "--linger-s", "2"]
     with log_path.open("wb") as log_file:
         server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
         try:
@@ -96,6 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--protocol", choices=["opcua", "modbus", "both"], default="both")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--scenario", type=Path, default=SCENARIO, help="simulation config the PLC serves (default: the platform batch)")
+    parser.add_argument("--compare", action="store_true", help="also run the batch in-process and compare the scores (target: within 1 %%)")
     args = parser.parse_args()
     protocols = ["opcua", "modbus"] if args.protocol == "both" else [args.protocol]
     print(f"runtime against the simulated PLC in lockstep, closed loop, seed {args.seed} (runtime and PLC in separate processes)")
@@ -106,7 +111,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="runtime-bench-") as tmp:
         for protocol in protocols:
-            f = measure(protocol, args.seed, Path(tmp))
+            f = measure(protocol, args.seed, Path(tmp), args.scenario)
             rows.append((protocol, f))
             print(
                 f"{protocol:8s} {f['wall_s']:12.1f} {f['cycles']:6d} {_median_p95(f['read_ms']):>16s} {_median_p95(f['write_ms']):>17s} "
@@ -124,6 +129,28 @@ def main() -> None:
             f"ended: {f['end']}, failed writes {f['failed']}",
         ]
         print(f"{protocol}: " + "; ".join(v for v in verdicts if v))
+    if args.compare:
+        in_process = _in_process_score(args.scenario, args.seed)
+        for protocol, f in rows:
+            difference = f["score"] / in_process - 1.0
+            print(
+                f"{protocol}: score {f['score']:.1f} g/day, in-process {in_process:.1f} g/day: {100 * difference:+.2f} % "
+                f"(target within 1 %: {'met' if abs(difference) <= 0.01 else 'MISSED'})"
+            )
+
+
+def _in_process_score(scenario: Path, seed: int) -> float:
+    """The same batch through the same control cycle in-process (the runtime config's settings, no network)."""
+    from bioreactor_mpc.logging import configure_logging
+    from controller.runtime_config import load_runtime_config
+    from simulator.closed_loop import estimator_source, run_controlled_batch
+    from simulator.config import load_simulation
+
+    configure_logging(json=True, level=40)
+    loaded = load_simulation(scenario)
+    loaded = loaded.model_copy(update={"simulation": loaded.simulation.model_copy(update={"seed": seed})})
+    settings = load_runtime_config(REPO / "configs" / "runtime" / "reference-opcua.yaml").config
+    return run_controlled_batch(loaded, make_source=estimator_source, settings=settings).batch.kpis.score_g_per_day
 
 
 if __name__ == "__main__":

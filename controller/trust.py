@@ -185,12 +185,14 @@ class TrustRegion:
             f_margin = cfg.envelope_margin_relative * (feeds.high - feeds.low)
             f_low, f_high = max(0.0, feeds.low - f_margin) * volume_l / 24.0, (feeds.high + f_margin) * volume_l / 24.0
             g_low = glucose.low - cfg.envelope_margin_relative * (glucose.high - glucose.low) if glucose.high > 0.0 else target
-            g_low = max(g_low, target - cfg.glucose_reach_g_per_l)  # starvation is a hard limit: no lower glucose floor than the recipe band's
         else:
             t_low, t_high = temperature - cfg.temperature_reach_degc, temperature + cfg.temperature_reach_degc
             reach_lph = cfg.feed_reach_per_day * batch.inoculation.volume_l / 24.0
             f_low, f_high = max(0.0, feed - reach_lph), feed + reach_lph
             g_low = target - cfg.glucose_reach_g_per_l
+        # Starvation is a hard limit, and the monitor trusts a day-ahead glucose prediction only to ±glucose.floor:
+        # whatever the source, the plan keeps two of those above the limit.
+        g_low = min(target, max(g_low, batch.limits.glucose_min_g_per_l + 2.0 * cfg.glucose.floor))
         return (
             feed - w * max(0.0, feed - f_low),
             feed + w * max(0.0, f_high - feed),

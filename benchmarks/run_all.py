@@ -14,6 +14,7 @@ from pathlib import Path
 BENCHMARKS: list[tuple[str, list[str]]] = [
     ("simulation_speed.py", []),
     ("solver_speed.py", ["--quick"]),
+    ("robust_speed.py", ["--quick"]),
     ("closed_loop_scenarios.py", ["--quick"]),
     ("runtime_speed.py", ["--protocol", "opcua"]),
     ("forecast_speed.py", []),

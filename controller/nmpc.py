@@ -36,6 +36,7 @@ from controller.config import BatchConfig
 from controller.kpis import batch_score_g_per_day
 from controller.mpc import EconomicMpc, MpcConfig, MpcSolution, PlanBounds
 from controller.recipe import PlatformRecipe
+from controller.robust import DEFAULT_K_SIGMA, RobustMpc, RobustMpcSolution, ScenarioError, scenarios_from_estimate
 from controller.trust import TrustRegion, TrustRegionConfig
 from controller.types import LabResult, Setpoints
 from plant_models.cho import STATE_INDEX, CultureModel
@@ -43,6 +44,13 @@ from plant_models.config_loading import FrozenConfig
 from plant_models.parameters import PhaseEnvelope
 
 log = structlog.get_logger(__name__)
+
+
+class RobustConfig(FrozenConfig):
+    """The multi-stage NMPC over the estimator's parameter uncertainty (controller.robust, docs/robust-mpc.md)."""
+
+    enabled: bool = Field(default=False, description="plan for 9 scenarios of the two most uncertain kinetic multipliers at once (robust horizon 1)")
+    k_sigma: float = Field(default=DEFAULT_K_SIGMA, ge=1.0, le=4.0, description="the scenarios lie this many standard deviations of ln(multiplier) out [-]")
 
 
 class NmpcConfig(FrozenConfig):
@@ -53,6 +61,7 @@ class NmpcConfig(FrozenConfig):
     harvest_improvement_min: float = Field(default=0.002, ge=0.0, description="relative score gain needed to move the harvest [-]")
     initial_harvest_h: float | None = Field(default=None, description="first planned harvest; default the recipe's [h]")
     trust: TrustRegionConfig = TrustRegionConfig()
+    robust: RobustConfig = RobustConfig()
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,7 @@ class NmpcController:
         self.config = config or NmpcConfig()
         self._batch = batch
         self._source = source
-        self.mpc = mpc or EconomicMpc(model, batch, self.config.mpc)
+        self.mpc: EconomicMpc | RobustMpc = mpc or (RobustMpc(model, batch, self.config.mpc) if self.config.robust.enabled else EconomicMpc(model, batch, self.config.mpc))
         self.recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
         self.trust = TrustRegion(batch, self.recipe, envelope, self.config.trust)
         self.harvest_time_h = self.config.initial_harvest_h or batch.recipe.harvest_h
@@ -204,6 +213,20 @@ class NmpcController:
             volume = np.interp(starts, _stage_ends(self._plan, with_start=True), self._plan.states[i_v])
         return self.trust.bounds(starts, durations, volume_l=volume, previous_inputs=previous, temperature_rate_degc_per_h=self.config.mpc.temperature_rate_max_degc_per_h)
 
+    def _scenarios(self, parameters: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The robust solve's parameter scenarios: from the estimator's uncertainty; all nominal when the source states none."""
+        estimate = getattr(self._source, "estimate", None)
+        if estimate is not None:
+            try:
+                scenarios = scenarios_from_estimate(estimate, k_sigma=self.config.robust.k_sigma)
+            except ScenarioError as error:
+                log.warning("robust_scenarios_unavailable", error=str(error))
+            else:
+                scenarios.parameters[:, 0] = parameters  # the nominal scenario is what the source gave to plan with
+                return scenarios.parameters, scenarios.weights
+        n = self.mpc.n_scenarios if isinstance(self.mpc, RobustMpc) else 1
+        return np.tile(np.asarray(parameters, dtype=float)[:, None], (1, n)), None
+
     def reenable(self) -> None:
         """An operator puts the NMPC back in charge after it stood down (see :meth:`controller.trust.TrustRegion.reenable`)."""
         self.trust.reenable()
@@ -212,6 +235,8 @@ class NmpcController:
     def _solve(self, **arguments: Any) -> MpcSolution:
         """One :meth:`EconomicMpc.solve` (same arguments) inside the trust region, its time and any cold retry recorded."""
         arguments["bounds"] = self._bounds(arguments["process_time_h"], arguments["harvest_time_h"], arguments["state"], arguments["previous_inputs"])
+        if isinstance(self.mpc, RobustMpc):
+            arguments["scenarios"], arguments["weights"] = self._scenarios(arguments["parameters"])
         solution = self.mpc.solve(**arguments)
         self.solve_times_s.append(solution.solve_time_s)
         if solution.retried_after:
@@ -230,7 +255,11 @@ class NmpcController:
         config = self.config
         earliest, latest = self.trust.harvest_window_h(t)
         ends = _stage_ends(solution)
-        masses = solution.states[STATE_INDEX["titer"], 1:] * solution.states[STATE_INDEX["volume"], 1:]
+        i_p, i_v = STATE_INDEX["titer"], STATE_INDEX["volume"]
+        if isinstance(solution, RobustMpcSolution) and solution.scenario_states.size:  # what the robust plan's prediction is: the scenarios' weighted mean
+            masses = solution.weights @ (solution.scenario_states[:, i_p, 1:] * solution.scenario_states[:, i_v, 1:])
+        else:
+            masses = solution.states[i_p, 1:] * solution.states[i_v, 1:]
         scores = np.where(ends >= earliest - 1e-9, batch_score_g_per_day(masses, ends, self._batch.economics.turnaround_days), -np.inf)
         best = int(np.argmax(scores))
         if scores[best] > solution.predicted_score_g_per_day * (1.0 + config.harvest_improvement_min) and ends[best] < solution.harvest_time_h:

@@ -13,6 +13,7 @@ from controller.mpc import STATE_SCALE, EconomicMpc, MpcConfig
 from controller.robust import (
     DEFAULT_K_SIGMA,
     RobustMpc,
+    RobustMpcSolution,
     ScenarioError,
     ScenarioSource,
     parameter_scenarios,
@@ -246,3 +247,29 @@ def test_scenarios_from_the_estimator_and_from_a_calibration(model, batch, nomin
         parameter_scenarios(nominal_p, {DEATH: 0.5})
     with pytest.raises(ScenarioError, match="unknown"):
         parameter_scenarios(nominal_p, {"culture.growth.no_such": 0.5, DEATH: 0.5})
+
+
+def test_the_controller_plans_robustly_over_the_estimators_uncertainty():
+    """With ``nmpc.robust.enabled`` the deployed cycle plans for 9 scenarios of the estimator's own parameter uncertainty."""
+    from controller.nmpc import NmpcConfig, RobustConfig
+    from controller.runtime_config import RuntimeSettings
+    from simulator.closed_loop import estimator_source, run_controlled_batch
+    from simulator.scenarios import load_scenario
+
+    settings = RuntimeSettings().model_copy(update={"nmpc": NmpcConfig(mpc=MpcConfig(fine_stages=4, coarse_stages=3, compile=False), robust=RobustConfig(enabled=True))})
+    captured: list[RobustMpcSolution] = []
+    original = RobustMpc.solve
+
+    def spy(self, **arguments):
+        solution = original(self, **arguments)
+        scenarios = arguments["scenarios"]
+        assert scenarios.shape[1] == 9 and np.unique(scenarios, axis=1).shape[1] == 9, "nine distinct scenarios"
+        np.testing.assert_allclose(scenarios[:, 0], arguments["parameters"])
+        captured.append(solution)
+        return solution
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RobustMpc, "solve", spy)
+        result = run_controlled_batch(load_scenario({"seed": 1}), make_source=estimator_source, settings=settings, max_cycles=3)
+    assert result.decisions_by_source == {"mpc": 3} and len(captured) == 3
+    assert all(isinstance(s, RobustMpcSolution) and s.success for s in captured)

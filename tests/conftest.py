@@ -13,7 +13,7 @@ import yaml
 
 from controller.config import BatchConfig
 from plant_models.cho import CultureModel
-from plant_models.parameters import CultureParameters, parameter_vector
+from plant_models.parameters import CultureParameters, PhaseEnvelope, ValueRange, parameter_vector
 from simulator.config import LoadedSimulation, load_simulation
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,3 +86,30 @@ def uncached_logging() -> Iterator[None]:
     structlog.reset_defaults()
     yield
     structlog.configure(**saved)
+
+
+@pytest.fixture
+def envelope() -> tuple[PhaseEnvelope, ...]:
+    """A calibration's operating envelope in two phases (growth to 120 h, production to 348 h), as ``calibrate`` writes it."""
+    return (
+        PhaseEnvelope(
+            phase="growth",
+            start_h=0.0,
+            end_h=120.0,
+            temperature_degc=ValueRange(low=36.0, high=37.0),
+            feed_per_volume_per_day=ValueRange(low=0.0, high=0.04),
+            glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.01),
+            glucose_g_per_l=ValueRange(low=2.0, high=6.0),
+            batches=4,
+        ),
+        PhaseEnvelope(
+            phase="production",
+            start_h=120.0,
+            end_h=348.0,
+            temperature_degc=ValueRange(low=31.0, high=34.0),
+            feed_per_volume_per_day=ValueRange(low=0.02, high=0.04),
+            glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.01),
+            glucose_g_per_l=ValueRange(low=3.0, high=6.0),
+            batches=4,
+        ),
+    )

@@ -21,7 +21,7 @@ from controller.runtime_config import load_runtime_config
 from controller.takeover import RuntimeStartError
 from interfaces.audit import AuditTrail
 from interfaces.users import Role, UserStore
-from plant_models.parameters import CultureParameters, ModelProvenance, ParameterEstimate, PhaseEnvelope, ValueRange
+from plant_models.parameters import CultureParameters, ModelProvenance, ParameterEstimate, PhaseEnvelope
 
 pytestmark = pytest.mark.usefixtures("uncached_logging")
 
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 PASSWORDS = {"erik": "engineer-password-1", "olga": "operator-password-1"}
 
 
-def calibrated(nominal: CultureParameters, path: Path) -> Path:
+def calibrated(nominal: CultureParameters, path: Path, envelope: tuple[PhaseEnvelope, ...]) -> Path:
     """The nominal kinetics with a calibration's provenance and envelope, written by ``bioreactor-mpc calibrate``'s own writer."""
     growth = nominal.growth.model_copy(update={"mu_max_per_h": 0.9 * nominal.growth.mu_max_per_h})
     provenance = ModelProvenance(
@@ -45,28 +45,6 @@ def calibrated(nominal: CultureParameters, path: Path) -> Path:
         not_identifiable=("death.kd_min_per_h",),
         fit_statistics={"reduced_chi2": 1.1},
         warnings=("only two batches",),
-    )
-    envelope = (
-        PhaseEnvelope(
-            phase="growth",
-            start_h=0.0,
-            end_h=120.0,
-            temperature_degc=ValueRange(low=36.0, high=37.0),
-            feed_per_volume_per_day=ValueRange(low=0.0, high=0.04),
-            glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.005),
-            glucose_g_per_l=ValueRange(low=3.0, high=6.5),
-            batches=2,
-        ),
-        PhaseEnvelope(
-            phase="production",
-            start_h=120.0,
-            end_h=340.0,
-            temperature_degc=ValueRange(low=32.5, high=34.0),
-            feed_per_volume_per_day=ValueRange(low=0.02, high=0.04),
-            glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.01),
-            glucose_g_per_l=ValueRange(low=2.0, high=6.0),
-            batches=2,
-        ),
     )
     write_parameter_file(path, nominal.model_copy(update={"growth": growth, "provenance": provenance, "envelope": envelope}))
     assert CultureParameters.from_yaml(path).provenance == provenance  # a parameter that was not identifiable (no interval) included
@@ -109,8 +87,8 @@ def _approvals(history: Path) -> list[tuple[str, str]]:
         return [(record.actor, record.details["sha256"]) for record in trail.records(action="model_approved")]
 
 
-def test_run_refuses_a_calibrated_model_until_an_engineer_approves_that_very_file(tmp_path, nominal, history, monkeypatch, capsys):
-    model = calibrated(nominal, tmp_path / "site.yaml")
+def test_run_refuses_a_calibrated_model_until_an_engineer_approves_that_very_file(tmp_path, nominal, envelope, history, monkeypatch, capsys):
+    model = calibrated(nominal, tmp_path / "site.yaml", envelope)
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
     config = runtime_config(tmp_path, model, history)
     # Refused at start, naming the file and the command that approves it; nothing run, nothing recorded.

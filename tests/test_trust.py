@@ -13,7 +13,6 @@ from controller.recipe import PlatformRecipe
 from controller.trust import RegionSource, TrustRegion, TrustRegionConfig
 from controller.types import LabResult, Setpoints
 from plant_models.cho import STATE_INDEX
-from plant_models.parameters import PhaseEnvelope, ValueRange
 
 RATE = 0.5
 
@@ -90,29 +89,7 @@ def test_lab_results_widen_narrow_and_stand_the_nmpc_down(batch):
     assert not region.stood_down and region.misses == 0 and region.width == pytest.approx(0.3) and not region.alarms()
 
 
-def test_a_calibrated_model_plans_in_its_envelope_plus_margin(batch):
-    envelope = (
-        PhaseEnvelope(
-            phase="growth",
-            start_h=0.0,
-            end_h=120.0,
-            temperature_degc=ValueRange(low=36.0, high=37.0),
-            feed_per_volume_per_day=ValueRange(low=0.0, high=0.04),
-            glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.01),
-            glucose_g_per_l=ValueRange(low=2.0, high=6.0),
-            batches=4,
-        ),
-        PhaseEnvelope(
-            phase="production",
-            start_h=120.0,
-            end_h=348.0,
-            temperature_degc=ValueRange(low=31.0, high=34.0),
-            feed_per_volume_per_day=ValueRange(low=0.02, high=0.04),
-            glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.01),
-            glucose_g_per_l=ValueRange(low=3.0, high=6.0),
-            batches=4,
-        ),
-    )
+def test_a_calibrated_model_plans_in_its_envelope_plus_margin(batch, envelope):
     region = _region(batch, envelope, envelope_margin_degc=0.5, envelope_margin_relative=0.1)
     assert region.source is RegionSource.CALIBRATION_ENVELOPE and region.width == 1.0
     starts, durations = _grid(200.0)

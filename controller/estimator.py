@@ -864,6 +864,13 @@ class ExtendedKalmanEstimator:
             self.apply_lab_result(result)
         return self.estimate
 
+    def lab_fields_accepted(self, seq: int) -> frozenset[str] | None:
+        """The fields of lab result ``seq`` the gate accepted (LabResult field names); None when no such result was applied."""
+        for lab in reversed(self._labs):
+            if lab.result.seq == seq:
+                return frozenset(lab.accepted)
+        return None
+
     def apply_lab_result(self, result: LabResult) -> StateEstimate:
         """Apply one lab result at its draw time and bring the estimate forward to now.
 

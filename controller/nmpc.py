@@ -168,7 +168,8 @@ class NmpcController:
             return self._decision(observation.applied, DecisionSource.HARVEST, harvest=True)
         state, parameters = self._source.observe(observation)
         if observation.lab_result is not None:
-            check = self.trust.check(observation.lab_result)
+            accepted = getattr(self._source, "lab_fields_accepted", None)
+            check = self.trust.check(observation.lab_result, accepted(observation.lab_result.seq) if accepted is not None else None)
             if check is not None:
                 log.info("plan_checked_against_lab", process_time_h=t, check=check.describe(), width=self.trust.width, stood_down=self.trust.stood_down)
         if self.trust.stood_down:

@@ -244,8 +244,12 @@ class TrustRegion:
         while len(self._predictions) > 1 and self._predictions[1].made_at_h <= keep_after_h:
             self._predictions.popleft()
 
-    def check(self, lab: LabResult) -> LabCheck | None:
-        """Hold a new lab result against the plan in force ``lead_h`` before its draw; widen or narrow the region. None when no such plan is known."""
+    def check(self, lab: LabResult, accepted: frozenset[str] | None = None) -> LabCheck | None:
+        """Hold a new lab result against the plan in force ``lead_h`` before its draw; widen or narrow the region. None when no such plan is known.
+
+        ``accepted``: the fields the estimator's gate accepted (None: all measured ones). A value the gate rejected (a typo, a swapped
+        sample) says nothing about the model: it is neither a confirmation nor a miss.
+        """
         if not self.active or self.stood_down:
             return None
         before = [p for p in self._predictions if p.made_at_h <= lab.taken_at_h - self.config.lead_h + 1e-9]
@@ -256,7 +260,7 @@ class TrustRegion:
             return None
         errors: dict[str, float] = {}
         for i, (field, _) in enumerate(MONITORED):
-            if not lab.measured(field):
+            if not lab.measured(field) or (accepted is not None and field not in accepted):
                 continue
             measured = float(getattr(lab, field))
             predicted = float(np.interp(lab.taken_at_h, plan.times_h, plan.states[i]))

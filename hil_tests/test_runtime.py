@@ -89,10 +89,13 @@ def test_closed_loop_batch_over_the_network_scores_as_in_process(protocol, tmp_p
     assert len(writes) == summary.writes_ok == 720 and {w["outcome"] for w in writes} == {"ok"}
     assert len(result.rows("lab_results")) == len(result.plc.published)
     assert result.rows("runs")[0]["end_reason"] == "batch harvested"
-    # The NMPC lets viability fall below 70 % late in the batch (its harvest limit is 60 %): the early warning comes ahead of it.
+    # Late in the batch the NMPC brings viability down to about 70 % (its harvest limit is 60 %): the early warning comes ahead of the
+    # crossing, or (in the trust region, which keeps this batch just above) ahead of the closest approach.
     trajectory = result.plc.plant.trajectory()
     viability = trajectory.observable("viability")
-    crossed_h = float(trajectory.time_h[np.argmax(viability < 70.0)])
+    below = viability < 70.0
+    crossed_h = float(trajectory.time_h[np.argmax(below)] if below.any() else trajectory.time_h[np.argmin(viability)])
+    assert viability.min() < 72.0, f"the batch stayed far from the limit (lowest viability {viability.min():.1f} %): nothing to warn of"
     warnings = [a for a in result.rows("alarms") if a["code"] == "early_warning.viability_low" and a["active"]]
     assert warnings and warnings[0]["process_time_h"] < crossed_h, f"warned at {warnings[0]['process_time_h'] if warnings else None} h, crossed at {crossed_h} h"
     assert "ahead" in warnings[0]["message"]

@@ -139,3 +139,14 @@ def test_a_bias_within_tolerance_is_a_miss(batch):
     checks = [region.check(_lab(seq, 24.0 + seq, vcd=10.0, titer=low, glucose=4.0)) for seq in (1, 2, 3)]
     assert [c.confirmed for c in checks if c is not None] == [True, True, False]
     assert region.misses == 1 and region.width == pytest.approx((0.5 + 0.1 + 0.1) * 0.5)
+
+
+def test_a_value_the_estimators_gate_rejected_neither_confirms_nor_misses(batch):
+    """A glucose typo x10 the estimator's gate rejected says nothing about the model: only the accepted fields are held against the plan."""
+    region = _region(batch, initial_width=0.5, widen_step=0.1)
+    _plan(region, 0.0, vcd=10.0, titer=1.0, glucose=4.0)
+    typo = _lab(1, 30.0, vcd=10.0, titer=1.0, glucose=40.0)
+    check = region.check(typo, accepted=frozenset({"vcd_1e6_per_ml", "titer_g_per_l"}))
+    assert check is not None and check.confirmed and set(check.errors) == {"vcd_1e6_per_ml", "titer_g_per_l"}
+    assert region.check(_lab(2, 31.0, vcd=10.0, titer=1.0, glucose=40.0)) is not None and region.misses == 1  # without the gate's verdict: a miss
+    assert region.check(_lab(3, 32.0, vcd=10.0, titer=1.0, glucose=4.0), accepted=frozenset()) is None  # nothing accepted: nothing to check

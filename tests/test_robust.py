@@ -250,13 +250,18 @@ def test_scenarios_from_the_estimator_and_from_a_calibration(model, batch, nomin
 
 
 def test_the_controller_plans_robustly_over_the_estimators_uncertainty():
-    """With ``nmpc.robust.enabled`` the deployed cycle plans for 9 scenarios of the estimator's own parameter uncertainty."""
+    """With ``nmpc.robust.enabled`` the deployed cycle plans for 9 scenarios of the estimator's own parameter uncertainty.
+
+    (Uncompiled, a solve can take long on a loaded machine: the deadline is not what this test is about.)
+    """
     from controller.nmpc import NmpcConfig, RobustConfig
     from controller.runtime_config import RuntimeSettings
     from simulator.closed_loop import estimator_source, run_controlled_batch
     from simulator.scenarios import load_scenario
 
-    settings = RuntimeSettings().model_copy(update={"nmpc": NmpcConfig(mpc=MpcConfig(fine_stages=4, coarse_stages=3, compile=False), robust=RobustConfig(enabled=True))})
+    settings = RuntimeSettings().model_copy(
+        update={"nmpc": NmpcConfig(mpc=MpcConfig(fine_stages=4, coarse_stages=3, compile=False, deadline_s=600.0), robust=RobustConfig(enabled=True))}
+    )
     captured: list[RobustMpcSolution] = []
     original = RobustMpc.solve
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import casadi as ca
 import numpy as np
@@ -397,26 +398,9 @@ class EconomicMpc:
         lbw[n_x : n_x + nu * n] = (u_lower / self._u_scale[:, None]).ravel(order="F")
         ubw[n_x : n_x + nu * n] = (u_upper / self._u_scale[:, None]).ravel(order="F")
         args: dict = {"x0": w0, "p": params, "lbx": lbw, "ubx": ubw, "lbg": self._lbg, "ubg": self._ubg}
-        solver = self._solver
-        if warm_start and self._warm_solver is not None:
-            args["lam_g0"], args["lam_x0"] = lam_g0, lam_x0
-            solver = self._warm_solver
-        started = time.perf_counter()
-        result = solver(**args)
-        stats = solver.stats()
-        iterations = int(stats.get("iter_count", -1))
-        retried_after = ""
-        if solver is self._warm_solver and not stats.get("success", False) and time.perf_counter() - started < self.config.deadline_s:
-            # The warm start's small barrier parameter can jam against the bounds when the optimum has moved
-            # far; the cold solver's adaptive barrier, from the same guess (and on the same grid), gets there
-            # (see docs/solver.md). The deadline covers both attempts.
-            retried_after = str(stats.get("return_status", "unknown"))
-            del args["lam_g0"], args["lam_x0"]
-            solver = self._solver
-            result = solver(**args)
-            stats = solver.stats()
-            iterations += int(stats.get("iter_count", -1))
-        elapsed = time.perf_counter() - started
+        multipliers = (lam_g0, lam_x0) if warm_start and lam_g0 is not None and lam_x0 is not None else None
+        run = solve_with_cold_retry(self._solver, self._warm_solver, args, multipliers, deadline_s=self.config.deadline_s)
+        result, stats, iterations, retried_after, elapsed = run.result, run.stats, run.iterations, run.retried_after, run.elapsed_s
         w = np.asarray(result["x"]).ravel()
         states = w[:n_x].reshape((nx, n + 1), order="F") * STATE_SCALE[:, None]
         inputs = w[n_x : n_x + nu * n].reshape((nu, n), order="F") * self._u_scale[:, None]
@@ -456,6 +440,45 @@ class EconomicMpc:
                 "lam_x": np.asarray(result["lam_x"]).ravel(),
             },
         )
+
+
+@dataclass(frozen=True)
+class SolverRun:
+    """One NLP solve as the solver answered it, with the cold retry of a failed warm start (:func:`solve_with_cold_retry`)."""
+
+    result: dict[str, Any]
+    stats: dict[str, Any]
+    iterations: int
+    """Both attempts' iterations when the warm solve was retried."""
+    retried_after: str
+    """The warm solve's status when it failed and the cold solver was run instead; empty otherwise."""
+    elapsed_s: float
+
+
+def solve_with_cold_retry(cold: ca.Function, warm: ca.Function | None, args: dict[str, Any], multipliers: tuple[np.ndarray, np.ndarray] | None, *, deadline_s: float) -> SolverRun:
+    """Solve with ``warm`` from ``multipliers`` (``(lam_g0, lam_x0)``) when both are given, else with ``cold``; a failed warm solve is retried cold.
+
+    The warm start's small barrier parameter can jam against the bounds when the
+    optimum has moved far; the cold solver's adaptive barrier, from the same
+    guess (and on the same grid), gets there (see docs/solver.md). No retry once
+    ``deadline_s`` has passed: the deadline covers both attempts.
+    """
+    solver = cold
+    if warm is not None and multipliers is not None:
+        args = {**args, "lam_g0": multipliers[0], "lam_x0": multipliers[1]}
+        solver = warm
+    started = time.perf_counter()
+    result = solver(**args)
+    stats = solver.stats()
+    iterations = int(stats.get("iter_count", -1))
+    retried_after = ""
+    if solver is warm and not stats.get("success", False) and time.perf_counter() - started < deadline_s:
+        retried_after = str(stats.get("return_status", "unknown"))
+        cold_args = {key: value for key, value in args.items() if key not in ("lam_g0", "lam_x0")}
+        result = cold(**cold_args)
+        stats = cold.stats()
+        iterations += int(stats.get("iter_count", -1))
+    return SolverRun(result, stats, iterations, retried_after, time.perf_counter() - started)
 
 
 def _solver_options(cfg: MpcConfig, *, warm: bool = False) -> dict:

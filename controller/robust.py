@@ -41,7 +41,7 @@ from controller.codegen import compiled_nlpsols
 from controller.config import BatchConfig
 from controller.estimator import StateEstimate
 from controller.kpis import batch_score_g_per_day
-from controller.mpc import STATE_SCALE, EconomicMpc, MpcConfig, MpcSolution, PlanBounds, _solver_options
+from controller.mpc import STATE_SCALE, EconomicMpc, MpcConfig, MpcSolution, PlanBounds, _solver_options, solve_with_cold_retry
 from plant_models.cho import INPUT_INDEX, STATE_INDEX, CultureModel
 from plant_models.errors import BioreactorMPCError
 from plant_models.parameters import PARAMETER_NAMES, ModelProvenance
@@ -598,24 +598,9 @@ class RobustMpc:
         lbw[lay.first_inputs, 1:], ubw[lay.first_inputs, 1:] = -np.inf, np.inf  # scenario 0's first inputs carry the bounds for all
         params = np.concatenate([state, scenarios.ravel(order="F"), weights, starts, durations, substeps, previous_inputs, window.ravel(order="F")])
         args: dict = {"x0": w0, "p": params, "lbx": lbw.ravel(order="F"), "ubx": ubw.ravel(order="F"), "lbg": self._lbg, "ubg": self._ubg}
-        solver = self._solver
-        if warm_start:
-            args["lam_g0"], args["lam_x0"] = lam_g0, lam_x0
-            solver = self._warm_solver
-        started = time.perf_counter()
-        result = solver(**args)
-        stats = solver.stats()
-        iterations = int(stats.get("iter_count", -1))
-        retried_after = ""
-        if solver is self._warm_solver and not stats.get("success", False) and time.perf_counter() - started < self.config.deadline_s:
-            # As EconomicMpc: a jammed warm start is retried by the cold solver from the same guess.
-            retried_after = str(stats.get("return_status", "unknown"))
-            del args["lam_g0"], args["lam_x0"]
-            solver = self._solver
-            result = solver(**args)
-            stats = solver.stats()
-            iterations += int(stats.get("iter_count", -1))
-        return self._solution(result, stats, iterations, retried_after, harvest_time_h, starts, weights, u_lower, u_upper)
+        multipliers = (lam_g0, lam_x0) if lam_g0 is not None and lam_x0 is not None else None
+        run = solve_with_cold_retry(self._solver, self._warm_solver, args, multipliers, deadline_s=self.config.deadline_s)
+        return self._solution(run.result, run.stats, run.iterations, run.retried_after, harvest_time_h, starts, weights, u_lower, u_upper)
 
     def _solution(
         self,

@@ -418,9 +418,10 @@ class ControlCycle:
 
     def _volume_readings(self, observation: CycleObservation) -> dict[str, float]:
         """Every figure the cycle has for the working volume: the safety filter feeds toward none of them beyond the limit."""
+        estimate = self._volume_estimate()
         readings = {
             "PV.Volume": observation.online.get("volume_l", math.nan),
-            "the estimate": float(self.estimator.estimate.state[STATE_INDEX["volume"]]) if self.estimator is not None else math.nan,
+            "the estimate": estimate if estimate is not None else math.nan,
             "the volume balance": self.plausibility.expected_volume_l(observation),
         }
         return {name: value for name, value in readings.items() if math.isfinite(value)}

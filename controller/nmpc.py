@@ -214,7 +214,7 @@ class NmpcController:
             volume = np.interp(starts, _stage_ends(self._plan, with_start=True), self._plan.states[i_v])
         return self.trust.bounds(starts, durations, volume_l=volume, previous_inputs=previous, temperature_rate_degc_per_h=self.config.mpc.temperature_rate_max_degc_per_h)
 
-    def _scenarios(self, parameters: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _scenarios(self, parameters: np.ndarray, n_scenarios: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The robust solve's parameter scenarios: from the estimator's uncertainty; all nominal when the source states none."""
         estimate = getattr(self._source, "estimate", None)
         if estimate is not None:
@@ -225,8 +225,7 @@ class NmpcController:
             else:
                 scenarios.parameters[:, 0] = parameters  # the nominal scenario is what the source gave to plan with
                 return scenarios.parameters, scenarios.weights
-        n = self.mpc.n_scenarios if isinstance(self.mpc, RobustMpc) else 1
-        return np.tile(np.asarray(parameters, dtype=float)[:, None], (1, n)), None
+        return np.tile(np.asarray(parameters, dtype=float)[:, None], (1, n_scenarios)), None
 
     def reenable(self) -> None:
         """An operator puts the NMPC back in charge after it stood down (see :meth:`controller.trust.TrustRegion.reenable`)."""
@@ -237,7 +236,7 @@ class NmpcController:
         """One :meth:`EconomicMpc.solve` (same arguments) inside the trust region, its time and any cold retry recorded."""
         arguments["bounds"] = self._bounds(arguments["process_time_h"], arguments["harvest_time_h"], arguments["state"], arguments["previous_inputs"])
         if isinstance(self.mpc, RobustMpc):
-            arguments["scenarios"], arguments["weights"] = self._scenarios(arguments["parameters"])
+            arguments["scenarios"], arguments["weights"] = self._scenarios(arguments["parameters"], self.mpc.n_scenarios)
         solution = self.mpc.solve(**arguments)
         self.solve_times_s.append(solution.solve_time_s)
         if solution.retried_after:

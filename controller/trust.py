@@ -268,13 +268,13 @@ class TrustRegion:
         if not errors:
             return None
         cfg = self.config
-        recent = [*self.checks[-(cfg.bias_window - 1) :], None] if cfg.bias_window > 1 else [None]
+        window = [check.errors for check in self.checks[max(0, len(self.checks) - cfg.bias_window + 1) :]] + [errors]
         biased = tuple(
             field
-            for field, error in errors.items()
-            if len(recent) == cfg.bias_window
-            and all(check is None or field in check.errors for check in recent)
-            and abs(sum(error if check is None else check.errors[field] for check in recent) / cfg.bias_window) > cfg.bias_threshold
+            for field in errors
+            if len(window) == cfg.bias_window
+            and all(field in errors_then for errors_then in window)
+            and abs(sum(errors_then[field] for errors_then in window) / cfg.bias_window) > cfg.bias_threshold
         )
         confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
         if confirmed:

@@ -134,9 +134,9 @@ def run_controlled_batch(
     cycles = 0
     while plc.phase == PHASE_RUNNING and (max_cycles is None or cycles < max_cycles):
         cycles += 1
-        if historian is not None:
-            historian.scan(plc)
         readings = plc.snapshot()
+        if historian is not None:
+            historian.scan(plc, readings)
         verdict = cycle.clock_verdict(readings, wall_s=plc.process_time_h * 3600.0)
         if verdict.tick is Tick.WAIT:
             plc.advance_to(plc.next_cycle_boundary_h())

@@ -13,10 +13,12 @@ rates, feed starts and glucose targets.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
 from controller.config import BatchConfig, RecipeConfig
+from controller.ports import ScannedValue
 from controller.records import ONLINE_FIELDS, BatchRecord, LabSample, OnlineSeries, SetpointSeries
 from controller.types import LAB_FIELDS, PHASE_RUNNING
 from interfaces.batch_records import ONLINE_TAGS, SETPOINT_TAGS
@@ -38,8 +40,9 @@ class Historian:
         self.first_seen_h: dict[int, float] = {}
         """``Sample.Seq`` → the first scan that showed it."""
 
-    def scan(self, plc: SimulatedPlc) -> None:
-        readings = plc.snapshot()
+    def scan(self, plc: SimulatedPlc, readings: Mapping[str, ScannedValue] | None = None) -> None:
+        """Keep one scan of ``plc``: ``readings`` when the caller has just taken its snapshot, else a snapshot of its own."""
+        readings = plc.snapshot() if readings is None else readings
         now_h = plc.process_time_h
         self.time_h.append(now_h)
         for tag, name in ONLINE_TAGS.items():

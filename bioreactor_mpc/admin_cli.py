@@ -73,7 +73,9 @@ def add_parsers(subparsers: SubParsers) -> None:
     add = user_commands.add_parser("add", help="add a user; the password is asked twice (or --password-env)")
     add.add_argument("name", help="the log-in name: 2-32 characters, a-z, 0-9, '_', '.', '-', starting with a letter")
     add.add_argument("--full-name", required=True, help="the printed name on the user's electronic signatures")
-    add.add_argument("--role", required=True, choices=[r.value for r in Role], help="viewer sees, operator also approves and rejects, engineer also changes the mode")
+    add.add_argument(
+        "--role", required=True, choices=[r.value for r in Role], help="viewer sees; operator also signs; engineer also changes the mode, reads the audit; qa sees, reads the audit"
+    )
     add.add_argument("--history", type=Path, required=True, metavar="PATH", help=f"{history_help} (created if missing)")
     add.add_argument("--password-env", metavar="VAR", default=None, help=password_env_help)
 

@@ -1,8 +1,11 @@
 """Users, their roles and their sessions, in the history's SQLite file.
 
-Three roles, each including the one below it (:meth:`Role.allows`):
-``viewer`` sees the screen; ``operator`` also approves and rejects
-recommendations; ``engineer`` also changes the requested mode. Passwords are
+Four roles (:meth:`Role.allows`): ``viewer`` sees the screen; ``operator``
+also approves and rejects recommendations; ``engineer`` also changes the
+requested mode; ``qa`` (quality assurance, an auditor) sees the screen and
+reads the audit trail but signs and changes nothing. Reading the audit trail
+is its own capability (:func:`can_read_audit`): QA and engineers have it,
+viewers and operators do not. Passwords are
 stored as argon2id hashes (argon2-cffi's :class:`~argon2.PasswordHasher` with
 its defaults, RFC 9106's low-memory profile) and rehashed at the next login
 when those defaults move on. A session is a random token the browser keeps;
@@ -79,19 +82,36 @@ class UnknownUserError(LookupError, BioreactorMPCError):
 
 
 class Role(str, Enum):
-    """What a user may do; each role includes the ones before it."""
+    """What a user may do: operator and engineer each include the roles before them; QA includes only viewer."""
 
     VIEWER = "viewer"
     """Sees the screen: the batch, the forecast, the recommendation, the alarms."""
     OPERATOR = "operator"
     """Also approves and rejects recommendations (electronic signatures)."""
     ENGINEER = "engineer"
-    """Also changes the requested mode (off, advisory, closed loop)."""
+    """Also changes the requested mode (off, advisory, closed loop), and reads the audit trail."""
+    QA = "qa"
+    """Quality assurance: sees the screen and reads the audit trail; signs nothing and changes nothing."""
 
     def allows(self, needed: Role) -> bool:
-        """Whether a user with this role may do what ``needed`` may: ``Role.ENGINEER.allows(Role.OPERATOR)`` is true."""
-        order = list(type(self))
-        return order.index(self) >= order.index(type(self)(needed))
+        """Whether a user with this role may do what ``needed`` may: ``Role.ENGINEER.allows(Role.OPERATOR)`` is true, ``Role.QA.allows(Role.OPERATOR)`` false."""
+        return type(self)(needed) in _INCLUDED_ROLES[self]
+
+
+_INCLUDED_ROLES: dict[Role, frozenset[Role]] = {
+    Role.VIEWER: frozenset({Role.VIEWER}),
+    Role.OPERATOR: frozenset({Role.VIEWER, Role.OPERATOR}),
+    Role.ENGINEER: frozenset({Role.VIEWER, Role.OPERATOR, Role.ENGINEER}),
+    Role.QA: frozenset({Role.VIEWER, Role.QA}),
+}
+"""What each role may do, as the roles whose rights it has (one table, read by :meth:`Role.allows`)."""
+
+_AUDIT_READERS = frozenset({Role.ENGINEER, Role.QA})
+
+
+def can_read_audit(role: Role) -> bool:
+    """Whether a user with ``role`` may read the audit trail (QA and engineers; not viewers or operators)."""
+    return Role(role) in _AUDIT_READERS
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from bioreactor_mpc.admin_cli import AdminCommandError, add_parsers, dispatch
 from interfaces.audit import AuditError, AuditTrail
 from interfaces.history import SqliteHistory
-from interfaces.users import InvalidUserError, Role, UnknownUserError, User, UserStore, WeakPasswordError
+from interfaces.users import InvalidUserError, Role, UnknownUserError, User, UserStore, WeakPasswordError, can_read_audit
 
 pytestmark = pytest.mark.usefixtures("uncached_logging")
 
@@ -98,7 +98,7 @@ def test_names_roles_full_names_and_passwords_are_checked(store):
             store.add_user(name, full_name="A", role="viewer", password=PASSWORD)
     for name in ("al", "alice.martin", "op-2", "x_" + "a" * 30):
         store.add_user(name, full_name="Someone", role="viewer", password=PASSWORD)
-    with pytest.raises(InvalidUserError, match="role 'admin': use one of viewer, operator, engineer"):
+    with pytest.raises(InvalidUserError, match="role 'admin': use one of viewer, operator, engineer, qa"):
         store.add_user("carol", full_name="Carol", role="admin", password=PASSWORD)
     with pytest.raises(InvalidUserError, match="full name is empty"):
         store.add_user("carol", full_name="  ", role="viewer", password=PASSWORD)
@@ -114,8 +114,8 @@ def test_names_roles_full_names_and_passwords_are_checked(store):
     assert [u.name for u in store.users()] == ["al", "alice.martin", "op-2", "x_" + "a" * 30]
 
 
-def test_roles_include_the_ones_below():
-    assert [r.value for r in Role] == ["viewer", "operator", "engineer"]
+def test_operator_and_engineer_include_the_roles_below_and_qa_only_viewer():
+    assert [r.value for r in Role] == ["viewer", "operator", "engineer", "qa"]
     allowed = {(have, need) for have in Role for need in Role if have.allows(need)}
     assert allowed == {
         (Role.VIEWER, Role.VIEWER),
@@ -124,7 +124,33 @@ def test_roles_include_the_ones_below():
         (Role.ENGINEER, Role.VIEWER),
         (Role.ENGINEER, Role.OPERATOR),
         (Role.ENGINEER, Role.ENGINEER),
+        (Role.QA, Role.VIEWER),
+        (Role.QA, Role.QA),
     }
+
+
+def test_qa_and_engineers_read_the_audit_trail_viewers_and_operators_do_not():
+    assert {role for role in Role if can_read_audit(role)} == {Role.QA, Role.ENGINEER}
+
+
+def test_a_user_database_written_before_qa_existed_still_loads(tmp_path):
+    path = tmp_path / "h.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE users (name TEXT PRIMARY KEY, full_name TEXT NOT NULL, role TEXT NOT NULL, password_hash TEXT NOT NULL,
+            disabled INTEGER NOT NULL DEFAULT 0, created_utc TEXT NOT NULL, password_changed_utc TEXT NOT NULL);
+        CREATE TABLE sessions (token_sha256 TEXT PRIMARY KEY, user_name TEXT NOT NULL, created_utc TEXT NOT NULL,
+            created_s REAL NOT NULL, last_seen_s REAL NOT NULL, expires_s REAL NOT NULL);
+        """
+    )
+    cheap = CountingHasher()
+    db.execute("INSERT INTO users VALUES ('vera', 'Vera', 'viewer', ?, 0, '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')", (cheap.hash(PASSWORD),))
+    db.commit()
+    db.close()
+    with UserStore(path, password_hasher=cheap) as users:
+        assert users.users() == [User("vera", "Vera", Role.VIEWER, disabled=False)]
+        assert users.authenticate("vera", PASSWORD) == User("vera", "Vera", Role.VIEWER, disabled=False)
 
 
 def test_an_old_hash_is_upgraded_at_the_next_login(tmp_path):

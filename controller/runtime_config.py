@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +22,92 @@ from plant_models.config_loading import FieldError, FrozenConfig, config_error, 
 from plant_models.errors import ConfigError
 from plant_models.parameters import CultureParameters, parameter_vector
 
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+"""An origin as a browser sends it in ``Origin``: scheme, host, optional port."""
+LOOPBACK_NAMES = ("localhost",)
+"""Host names that always mean this machine (an IP address is checked with :mod:`ipaddress`)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable from this machine only."""
+    if host.strip().lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
 
 class ScreenSettings(FrozenConfig):
-    """Where the operator screen listens (docs/operator-screen.md)."""
+    """Where and how the operator screen listens (docs/operator-screen.md, section "Security").
 
-    host: str = Field(default="127.0.0.1", description="address to listen on; 0.0.0.0 for every interface")
+    On a loopback address it may serve plain HTTP; on any other address it
+    serves HTTPS (a certificate from files, or one made at each start), unless
+    ``allow_plain_http`` says a reverse proxy in front terminates TLS.
+    """
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="address to listen on; 0.0.0.0 for every interface (then TLS, or allow_plain_http behind a TLS proxy)")
     port: int = Field(default=8080, ge=1, le=65535, description="TCP port")
-    secure_cookies: bool = Field(default=False, description="mark the session cookie Secure (when a TLS proxy serves the screen)")
+    tls_certificate: Path | None = Field(default=None, description="PEM certificate (with its chain) to serve HTTPS with; relative to the config file")
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_certificate (readable by the service user only); relative to the config file")
+    tls_self_signed: bool = Field(
+        default=False, description="serve HTTPS with a self-signed certificate made at each start (browsers warn; a stopgap until a site certificate is installed)"
+    )
+    allow_plain_http: bool = Field(
+        default=False, description="serve plain HTTP on a non-loopback address: only where a reverse proxy in front terminates TLS and is the only way in"
+    )
+    secure_cookies: bool = Field(default=False, description="mark the session cookie Secure without TLS here (TLS terminated at a proxy); always so with TLS")
+    trusted_proxies: tuple[str, ...] = Field(
+        default=(), description="addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For is believed; empty: the connection's peer is the client"
+    )
+    allowed_origins: tuple[str, ...] = Field(
+        default=(), description="origins (scheme://host[:port]) browsers may post from besides the one the screen is served at, e.g. the proxy's https URL"
+    )
+
+    @property
+    def tls(self) -> bool:
+        """Whether the screen itself serves HTTPS."""
+        return self.tls_certificate is not None or self.tls_self_signed
+
+    @property
+    def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(proxy, strict=False) for proxy in self.trusted_proxies)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScreenSettings:
+        for index, proxy in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError as error:
+                raise FieldError(f"trusted_proxies[{index}]", proxy, f"must be an IP address or a network such as 10.0.0.0/24 ({error})") from error
+        for index, origin in enumerate(self.allowed_origins):
+            if _ORIGIN.fullmatch(origin) is None:
+                raise FieldError(f"allowed_origins[{index}]", origin, "must be an origin: http:// or https://, a host and an optional :port, no path")
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_certificate"
+            raise FieldError(missing, None, "tls_certificate and tls_key go together: give both, or neither")
+        if self.tls_certificate is not None and self.tls_self_signed:
+            raise FieldError("tls_self_signed", True, "contradicts tls_certificate: use the certificate files or a self-signed certificate, not both")
+        if self.allow_plain_http and self.tls:
+            raise FieldError("allow_plain_http", True, "contradicts the TLS settings: the screen serves HTTPS itself")
+        if not self.tls and not self.allow_plain_http and not is_loopback(self.host):
+            raise FieldError(
+                "host",
+                self.host,
+                "is not a loopback address, and plain HTTP there sends passwords and sessions in clear: set tls_certificate and tls_key "
+                "(or tls_self_signed: true), or allow_plain_http: true when a reverse proxy in front terminates TLS",
+            )
+        return self
+
+    def resolved(self, base: Path, *, source: str) -> ScreenSettings:
+        """These settings with the certificate paths relative to ``base`` (the config file's folder), checked to exist."""
+        if self.tls_certificate is None or self.tls_key is None:
+            return self
+        paths = {"tls_certificate": base / self.tls_certificate, "tls_key": base / self.tls_key}
+        for name, resolved in paths.items():
+            if not resolved.is_file():
+                raise config_error(source, f"screen.{name}", str(getattr(self, name)), f"no such file {resolved}")
+        return self.model_copy(update=paths)
 
 
 class RuntimeSettings(FrozenConfig):
@@ -94,6 +175,8 @@ def load_runtime_config(path: str | Path, *, history: str | Path | None = None, 
     if mode is not None:
         config = config.model_copy(update={"mode": mode})
     base = path.parent
+    if config.screen is not None:
+        config = config.model_copy(update={"screen": config.screen.resolved(base, source=str(path))})
     batch = BatchConfig.from_yaml(base / config.batch)
     _check_against_batch(config, batch, source=str(path), batch_path=base / config.batch)
     nominal = CultureParameters.from_yaml(base / config.model)

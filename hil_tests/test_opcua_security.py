@@ -120,7 +120,13 @@ def _reissue(pki: Pki, *, not_before: dt.datetime, not_after: dt.datetime) -> No
 
 
 def _server_security(pki: Pki, **overrides: Any) -> OpcUaServerSecurity:
-    settings: dict[str, Any] = {"certificate": pki.server_cert, "private_key": pki.server_key, "trusted_clients": pki.server_trusts, "users": {USER: PASSWORD}}
+    settings: dict[str, Any] = {
+        "certificate": pki.server_cert,
+        "private_key": pki.server_key,
+        "trusted_clients": pki.server_trusts,
+        "users": {USER: PASSWORD},
+        "writer_certificates": (pki.client_cert,),  # the runtime writes; hil_tests/test_plc_access.py checks that nobody else does
+    }
     return OpcUaServerSecurity(**{**settings, **overrides})
 
 
@@ -238,9 +244,9 @@ def test_untrusted_client_certificate_is_refused_by_the_server(pki, opcua_endpoi
     tag_map = _tag_map(pki, **CREDENTIALS_FROM_ENV)
 
     async def scenario() -> None:
-        async with _serving(tag_map, opcua_endpoint, _server_security(pki)):
+        async with _serving(tag_map, opcua_endpoint, _server_security(pki, writer_certificates=(pki.stranger_cert,))):  # a writer must be trusted
             port = OpcUaPort(tag_map, endpoint=opcua_endpoint, timeout_s=TIMEOUT_S)
-            with pytest.raises(PlcAuthError, match=r"refused this client's certificate \(BadCertificateUntrusted; neither it nor a CA") as refused:
+            with pytest.raises(PlcAuthError, match=r"the PLC does not trust this runtime's certificate \(BadCertificateUntrusted\), SHA-256 ") as refused:
                 await port.connect()
             assert opcua_endpoint in str(refused.value) and str(pki.client_cert) in str(refused.value)
             assert not port.connected

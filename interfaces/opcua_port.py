@@ -34,21 +34,40 @@ Errors: everything that goes wrong in :meth:`OpcUaPort.connect`,
 server's answer is a :class:`~controller.ports.PlcLinkError`. When it is about
 who the runtime is (the server refuses the credentials or this client's
 certificate, the server's certificate is not trusted, the runtime's own
-certificate, key, trust store or credentials cannot be used now) it is a
-:class:`~controller.ports.PlcAuthError` whose ``retry_after_s`` (the port's
-``auth_retry_after_s``, 5 minutes by default) is how long to wait before the
-next attempt: retrying a wrong password every few seconds locks the PLC's
-account.
+certificate, key, trust store or credentials cannot be used now, the
+server gives this session no write rights) it is a
+:class:`~controller.ports.PlcAuthError` whose ``retry_after_s`` is how long to
+wait before the next attempt: retrying a wrong password every few seconds
+locks the PLC's account, and nothing changes on its own. The wait backs off
+exponentially: ``auth_retry_after_s`` (5 minutes by default) after the first
+refusal, doubled after each further one, capped at ``auth_retry_max_s`` (30
+minutes by default); it starts again from the first wait once the PLC lets
+the runtime connect (after a refused connect) or write (after a refused
+write). Each refusal is logged once, as one line without a traceback
+(``opcua_access_refused``), and asyncua's own warnings about the refusal
+(the service fault, the closed channel) are not logged again.
+
+Write rights: a PLC gives write rights to the runtime's identity (its
+certificate or its user) and none to other clients (docs/opcua-security.md).
+A session without them is refused before anything is written: at connect,
+when the PLC reports a written signal's ``UserAccessLevel`` without
+CurrentWrite for this session; at a write, when the PLC answers the request
+with a ``BadUserAccessDenied`` (or another access) service fault, or answers
+``BadUserAccessDenied`` for a signal other than ``SP.*`` (the reference PLC
+refuses only ``SP.*`` writes while remote is disabled, with that status;
+``MPC.*`` always accepts the runtime's writes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import logging
 import math
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +88,7 @@ from interfaces.opcua_certificates import (
     application_uri,
     certificate_validator,
     describe,
+    fingerprint,
     load_trust_store,
     read_certificate,
     read_private_key,
@@ -115,7 +135,12 @@ _CERTIFICATE_PROBLEMS = {
     "BadSecurityChecksFailed": "it failed the security checks",
 }
 DEFAULT_AUTH_RETRY_AFTER_S = 300.0
-"""How long to wait after the PLC refused the runtime's credentials or certificate: minutes, so that a PLC does not lock the account."""
+"""How long to wait after the PLC first refused the runtime's credentials or certificate: minutes, so that a PLC does not lock the account."""
+DEFAULT_AUTH_RETRY_MAX_S = 1800.0
+"""The longest wait between attempts while the PLC goes on refusing the runtime: the back-off doubles up to here."""
+_ACCESS_REFUSED = _CREDENTIALS_REFUSED | {"BadSecurityChecksFailed", "BadNoValidCertificates", "BadApplicationSignatureInvalid"}
+"""Service faults that mean the PLC refuses this session's identity or rights, not the link."""
+_ASYNCUA_CLIENT_LOGGERS = ("asyncua.client.ua_client.UASocketProtocol", "asyncua.client.ua_client.UaClient")
 
 READABLE_AS: dict[str, frozenset[ua.VariantType]] = {
     "double": frozenset({ua.VariantType.Double, ua.VariantType.Float}),
@@ -162,16 +187,26 @@ class OpcUaPort:
         timeout_s: float = 5.0,
         allow_insecure: bool = False,
         auth_retry_after_s: float = DEFAULT_AUTH_RETRY_AFTER_S,
+        auth_retry_max_s: float | None = None,
     ) -> None:
         if not timeout_s > 0.0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        if not auth_retry_after_s >= 0.0:
-            raise ValueError(f"auth_retry_after_s must not be negative, got {auth_retry_after_s}")
+        if not (auth_retry_after_s >= 0.0 and math.isfinite(auth_retry_after_s)):
+            raise ValueError(f"auth_retry_after_s must be a finite number of seconds, not negative; got {auth_retry_after_s}")
+        if auth_retry_max_s is None:
+            auth_retry_max_s = max(DEFAULT_AUTH_RETRY_MAX_S, auth_retry_after_s)
+        if not (auth_retry_max_s >= auth_retry_after_s and math.isfinite(auth_retry_max_s)):
+            raise ValueError(f"auth_retry_max_s must be finite and at least auth_retry_after_s ({auth_retry_after_s}); got {auth_retry_max_s}")
         self.tag_map = tag_map
         self.endpoint = endpoint or tag_map.endpoint
         _check_endpoint(self.endpoint)
         self.timeout_s = timeout_s
         self.auth_retry_after_s = auth_retry_after_s
+        self.auth_retry_max_s = auth_retry_max_s
+        self._auth_refusals = 0
+        """Refusals of this runtime's identity or rights in a row: the exponent of the back-off."""
+        self._refused_writing = False
+        """Whether the last refusal was of a write (then only a write that goes through starts the back-off again)."""
         security = tag_map.security
         self._security: _ClientSecurity | None = None
         if security is not None and security.secured:
@@ -191,6 +226,15 @@ class OpcUaPort:
     @property
     def connected(self) -> bool:
         return self._client is not None
+
+    @property
+    def auth_refusals(self) -> int:
+        """How many times in a row the PLC refused this runtime's identity or rights (0 once it accepts them)."""
+        return self._auth_refusals
+
+    def next_auth_wait_s(self) -> float:
+        """The wait the next refusal asks for: ``auth_retry_after_s`` doubled for each refusal in a row before it, at most ``auth_retry_max_s``."""
+        return min(self.auth_retry_after_s * 2.0 ** min(self._auth_refusals, 60), self.auth_retry_max_s)
 
     @property
     def security_policy_uri(self) -> str | None:
@@ -214,32 +258,47 @@ class OpcUaPort:
         :class:`PlcLinkError` for anything else: the server cannot be reached,
         does not answer in time, answers nonsense, or offers no endpoint with
         the configured policy and mode. Each says what it is in its message.
-        After any of them the port is not connected.
+        After any of them the port is not connected. A :class:`PlcAuthError`
+        asks for the back-off's next wait (:meth:`next_auth_wait_s`) and is
+        logged once here (``opcua_access_refused``).
         """
         await self.close()
         client = Client(self.endpoint, timeout=self.timeout_s)
         connected = False
+        wait_s = self.next_auth_wait_s()
         try:
             attempt: _SecureAttempt | None = None
             if self._security is None:
-                log.warning("opcua_security_none", endpoint=self.endpoint, reason="security mode None by explicit opt-in")
+                log.warning("opcua_security_none", endpoint=self.endpoint, reason="security mode None by explicit opt-in; a test-only mode")
             else:
-                attempt = await self._security.prepare(client, self.timeout_s, retry_after_s=self.auth_retry_after_s)
-            await self._open_session(client, attempt)
+                attempt = await self._security.prepare(client, self.timeout_s, retry_after_s=wait_s)
+            with _asyncua_refusals_quiet():
+                await self._open_session(client, attempt, retry_after_s=wait_s)
             index = await self._namespace_index(client)
             nodes = {name: ua.NodeId(ua.String(tag.node), ua.Int16(index)) for name, tag in self.tag_map.tags.items()}
             try:
-                problems = await mapping_problems(client, self.tag_map, nodes, timeout_s=self.timeout_s)
+                check = await check_nodes(client, self.tag_map, nodes, timeout_s=self.timeout_s)
             except _LINK_ERRORS as error:
                 raise PlcLinkError(f"{self.endpoint}: checking the tag map's nodes failed: {error!r}") from error
-            if problems:
-                raise PlcMappingError(problems)
+            if check.problems:
+                raise PlcMappingError(check.all_problems())
+            if check.not_writable_by_user:
+                raise PlcAuthError(
+                    f"{self.endpoint}: the PLC gives this session no write rights on {', '.join(check.not_writable_by_user)} "
+                    f"(their UserAccessLevel lacks CurrentWrite for {self._identity_text()}); {self._rights_advice()}",
+                    retry_after_s=wait_s,
+                )
             connected = True
+        except PlcAuthError as error:
+            self._auth_refused(error, writing=False)
+            raise
         finally:
             if not connected:
                 await _disconnect_quietly(client)
         self._client, self._nodes = client, nodes
         self._misread.clear()
+        if not self._refused_writing:
+            self._auth_refusals = 0
         policy = client.security_policy
         log.info(
             "opcua_connected",
@@ -274,8 +333,22 @@ class OpcUaPort:
             if name not in self._nodes or not SIGNALS[name].writable:
                 raise KeyError(f"{name} is not a writable signal of this tag map")
         data = [ua.DataValue(ua.Variant(_raw_value(self.tag_map.tags[name], name, values[name]), VARIANT_TYPES[self.tag_map.tags[name].type])) for name in names]
+        wait_s = self.next_auth_wait_s()
         try:
-            statuses = await asyncio.wait_for(client.uaclient.write_attributes([self._nodes[n] for n in names], data), self.timeout_s)
+            with _asyncua_refusals_quiet():
+                statuses = await asyncio.wait_for(client.uaclient.write_attributes([self._nodes[n] for n in names], data), self.timeout_s)
+        except ua.UaStatusCodeError as error:
+            status = ua.StatusCode(ua.UInt32(error.code)).name
+            await self.close()
+            if status in _ACCESS_REFUSED or _is_certificate_problem(status):
+                refused = PlcAuthError(
+                    f"{self.endpoint}: the PLC refused the write of {', '.join(names)} as a whole ({status}): {self._identity_text()} has no write rights; "
+                    f"nothing of it was applied. {self._rights_advice()}",
+                    retry_after_s=wait_s,
+                )
+                self._auth_refused(refused, writing=True)
+                raise refused from None
+            raise PlcLinkError(f"{self.endpoint}: the PLC refused the write of {', '.join(names)} as a whole ({status}); state unknown, read again") from error
         except _LINK_ERRORS as error:
             await self.close()
             raise PlcLinkError(f"{self.endpoint}: write of {', '.join(names)} failed on the link: {error!r}; state unknown, read again") from error
@@ -289,8 +362,20 @@ class OpcUaPort:
             mismatched = {n: (values[n], _value_of(back[n])) for n in accepted if not _same(self.tag_map.tags[n], n, values[n], back[n])}
             if mismatched:
                 raise PlcWriteMismatchError(f"{self.endpoint}: written values read back differently: {mismatched}")
+        denied = [name for name, status in refusals.items() if status == "BadUserAccessDenied" and not name.startswith("SP.")]
+        if denied:  # the reference PLC refuses only SP.* with this status (remote disabled): anything else is this session's rights
+            await self.close()
+            written = f"; written: {', '.join(accepted)}" if accepted else "; nothing written"
+            refused = PlcAuthError(
+                f"{self.endpoint}: the PLC refused writes of {', '.join(denied)} (BadUserAccessDenied): {self._identity_text()} has no write rights on them"
+                f"{written}. {self._rights_advice()}",
+                retry_after_s=wait_s,
+            )
+            self._auth_refused(refused, writing=True)
+            raise refused
         if refusals:
             raise PlcWriteRefusedError(refusals)
+        self._refused_writing, self._auth_refusals = False, 0
 
     # ------------------------------------------------------------------ helpers
 
@@ -299,13 +384,30 @@ class OpcUaPort:
             raise PlcLinkError(f"{self.endpoint}: not connected")
         return self._client
 
-    async def _open_session(self, client: Client, attempt: _SecureAttempt | None) -> None:
+    def _auth_refused(self, error: PlcAuthError, *, writing: bool) -> None:
+        """Count a refusal for the back-off and log it: one line, no traceback."""
+        self._auth_refusals += 1
+        self._refused_writing = writing
+        log.error("opcua_access_refused", endpoint=self.endpoint, refusals_in_a_row=self._auth_refusals, retry_after_s=error.retry_after_s, reason=str(error))
+
+    def _identity_text(self) -> str:
+        """Who this session is to the PLC, as an operator compares it with the PLC's user management."""
+        if self._security is None:
+            return "an anonymous session with security mode None"
+        return self._security.identity_text()
+
+    def _rights_advice(self) -> str:
+        if self._security is None:
+            return "A PLC that restricts writes needs a security section with the runtime's certificate (docs/opcua-security.md)"
+        return self._security.rights_advice()
+
+    async def _open_session(self, client: Client, attempt: _SecureAttempt | None, *, retry_after_s: float) -> None:
         try:
             await asyncio.wait_for(client.connect(), self.timeout_s)
         except ua.UaStatusCodeError as error:
             if attempt is not None:
                 raise attempt.refusal(error) from error
-            raise _insecure_refusal(self.endpoint, error, retry_after_s=self.auth_retry_after_s) from error
+            raise _insecure_refusal(self.endpoint, error, retry_after_s=retry_after_s) from error
         except _LINK_ERRORS as error:
             raise PlcLinkError(f"{self.endpoint}: cannot connect: {error!r}") from error
 
@@ -367,11 +469,59 @@ def _is_certificate_problem(status: str) -> bool:
     return status.startswith("BadCertificate") or status in _CERTIFICATE_PROBLEMS or status in ("BadApplicationSignatureInvalid", "BadNoValidCertificates")
 
 
+class _RefusalNoise(logging.Filter):
+    """Drops asyncua's client warnings about a refusal the port reports itself: the service fault, and closing a channel the server closed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "close_secure_channel was called but connection is closed":
+            return False
+        if isinstance(record.msg, str) and record.msg.startswith("ServiceFault (") and record.args:
+            status = record.args[0] if isinstance(record.args, tuple) else None
+            return not (isinstance(status, str) and (status in _ACCESS_REFUSED or _is_certificate_problem(status)))
+        return True
+
+
+_REFUSAL_NOISE = _RefusalNoise()
+
+
+@contextlib.contextmanager
+def _asyncua_refusals_quiet() -> Iterator[None]:
+    """While a connect or write runs: asyncua does not log again the refusals the port turns into one ``opcua_access_refused`` line."""
+    loggers = [logging.getLogger(name) for name in _ASYNCUA_CLIENT_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_REFUSAL_NOISE)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_REFUSAL_NOISE)
+
+
 # --------------------------------------------------------------------------- the tag map against the server
 
 
+@dataclass(frozen=True)
+class NodeCheck:
+    """What :func:`check_nodes` found: the tag map's problems, and the written signals this session's user may not write."""
+
+    problems: dict[str, str]
+    """Signal: what does not fit (the node is missing, of another type, not writable at all, ...)."""
+    not_writable_by_user: tuple[str, ...]
+    """Written signals whose UserAccessLevel lacks CurrentWrite for this session: the PLC withholds write rights from this identity."""
+
+    def all_problems(self) -> dict[str, str]:
+        """Every problem, the missing write rights included, as :class:`~controller.ports.PlcMappingError` lists them."""
+        denied = {name: f"may not be written by this session's user (its UserAccessLevel lacks CurrentWrite), and the runtime writes {name}" for name in self.not_writable_by_user}
+        return {**denied, **self.problems}
+
+
 async def mapping_problems(client: Client, tag_map: OpcUaTagMap, nodes: Mapping[str, ua.NodeId], *, timeout_s: float) -> dict[str, str]:
-    """What is wrong with each mapped signal on this server (empty when the tag map fits), from one Read request.
+    """What is wrong with each mapped signal on this server (empty when the tag map fits), write rights included (:func:`check_nodes`)."""
+    return (await check_nodes(client, tag_map, nodes, timeout_s=timeout_s)).all_problems()
+
+
+async def check_nodes(client: Client, tag_map: OpcUaTagMap, nodes: Mapping[str, ua.NodeId], *, timeout_s: float) -> NodeCheck:
+    """What is wrong with each mapped signal on this server, and which written ones this session may not write, from one Read request.
 
     For each node: NodeClass, DataType, ValueRank, AccessLevel and
     UserAccessLevel. A node must exist, be a Variable holding a single value,
@@ -389,6 +539,7 @@ async def mapping_problems(client: Client, tag_map: OpcUaTagMap, nodes: Mapping[
         attributes[name][attribute] = answer
     base_types = await _base_types(client, [_attribute_value(attributes[name][ua.AttributeIds.DataType]) for name in names], timeout_s=timeout_s)
     problems: dict[str, str] = {}
+    not_writable_by_user: list[str] = []
     unchecked: list[str] = []
     for name in names:
         tag, found = tag_map.tags[name], attributes[name]
@@ -419,12 +570,12 @@ async def mapping_problems(client: Client, tag_map: OpcUaTagMap, nodes: Mapping[
             if isinstance(access, int) and not access & ua.AccessLevel.CurrentWrite.mask:
                 found_problems.append(f"{where} is not writable (its AccessLevel lacks CurrentWrite), and the runtime writes {name}")
             elif isinstance(user_access, int) and not user_access & ua.AccessLevel.CurrentWrite.mask:
-                found_problems.append(f"{where} may not be written by this session's user (its UserAccessLevel lacks CurrentWrite), and the runtime writes {name}")
+                not_writable_by_user.append(name)
         if found_problems:
             problems[name] = "; ".join(found_problems)
     if unchecked:
         log.warning("opcua_node_type_abstract", signals=unchecked, detail="declared with an abstract DataType (BaseDataType, Number, ...): its values' types are not checked")
-    return problems
+    return NodeCheck(problems, tuple(not_writable_by_user))
 
 
 async def _read_attributes(client: Client, items: list[ua.ReadValueId], *, timeout_s: float) -> list[ua.DataValue]:
@@ -545,7 +696,8 @@ class _ClientSecurity:
         self.endpoint = endpoint
         self.policy = SECURITY_POLICIES[settings.policy]
         self.mode = SECURITY_MODES[settings.mode]
-        self._identity()
+        self._certificate = self._identity().certificate
+        """The runtime's certificate as last read: what the PLC is told to trust or give write rights to."""
         trusted_certificates(self._path("trust_store"), field="security.trust_store")
         self._credentials()
         _warn_if_readable_by_others(self._path("private_key"), field="security.private_key")
@@ -607,6 +759,7 @@ class _ClientSecurity:
         """
         try:
             identity = self._identity()
+            self._certificate = identity.certificate
             store = await load_trust_store(self._path("trust_store"), field="security.trust_store")
             credentials = self._credentials()
         except ConfigError as error:  # names the field and the file or variable
@@ -658,6 +811,16 @@ class _ClientSecurity:
             client.set_password(credentials[1])
         return _SecureAttempt(self, identity, server_certificate, credentials[0] if credentials is not None else None, retry_after_s)
 
+    def identity_text(self) -> str:
+        """This runtime's identity as the PLC sees it: its certificate (file and fingerprint) and its user, if any."""
+        user = f" and user from ${self.settings.username_env}" if self.settings.username_env is not None else ""
+        return f"this runtime's identity (certificate {self.settings.certificate}, SHA-256 {fingerprint(self._certificate)}{user})"
+
+    def rights_advice(self) -> str:
+        """What the PLC's administrator does so that the runtime may write."""
+        who = "the runtime's user, or its certificate," if self.settings.username_env is not None else "the runtime's certificate"
+        return f"On the PLC, give {who} write rights on the runtime's signals (SP.*, MPC.*); other clients stay read-only (docs/opcua-security.md)"
+
     def server_refused(self, certificate: x509.Certificate, status: str) -> str:
         """Why the server's certificate is refused, and what the operator does about it."""
         problem = _CERTIFICATE_PROBLEMS.get(status.partition(" ")[0], "it failed the checks")
@@ -701,10 +864,18 @@ class _SecureAttempt:
                 f"{endpoint}: the server refused the credentials ({status}) of user {self.username!r} (from ${settings.username_env}, password from {source})",
                 retry_after_s=self.retry_after_s,
             )
+        if status in ("BadCertificateUntrusted", "BadSecurityChecksFailed"):
+            why = "" if status == "BadCertificateUntrusted" else ", which PLCs answer for a client certificate they do not trust"
+            return PlcAuthError(
+                f"{endpoint}: the PLC does not trust this runtime's certificate ({status}{why}), SHA-256 {fingerprint(self.identity.certificate)}: "
+                f"add {settings.certificate} to the PLC's trusted client certificates and compare the fingerprint it shows "
+                f"({describe(self.identity.certificate)})",
+                retry_after_s=self.retry_after_s,
+            )
         if _is_certificate_problem(status):
             return PlcAuthError(
-                f"{endpoint}: the server refused this client's certificate ({status}; {_CERTIFICATE_PROBLEMS.get(status, 'it failed the server checks')}): "
-                f"{describe(self.identity.certificate)}; the PLC must trust {settings.certificate}: import it into the PLC's trusted certificates",
+                f"{endpoint}: the PLC refused this runtime's certificate ({status}; {_CERTIFICATE_PROBLEMS.get(status, 'it failed the PLC checks')}): "
+                f"{describe(self.identity.certificate)}; make one that passes (bioreactor-mpc certs) and add it to the PLC's trusted client certificates",
                 retry_after_s=self.retry_after_s,
             )
         return PlcLinkError(f"{endpoint}: the server refused the {settings.policy} {self.security.mode.name} connection: {status}")

@@ -11,15 +11,29 @@ equipment's range, and the old value stays.
 The clocks (lockstep and free-running) are :class:`~simulator.clocks.PlcServerClocks`.
 
 Security: without :class:`OpcUaServerSecurity` the server offers security mode
-None only (127.0.0.1, tests, demos). With it, it offers only the configured
-policy and mode (Basic256Sha256 SignAndEncrypt by default), with its own
-certificate; a client whose certificate is not in the trusted directory
-(directly or through a CA there) is refused, and so is a wrong user name or
-password when users are configured. asyncua alone would still serve a session
-on an unsecured channel (discovery needs one) and would check only the
-certificate a client names in CreateSession; the server therefore also
+None only, and every client may read and write (a test-only mode: 127.0.0.1,
+quick software-in-the-loop runs, demos). With it, it offers only the
+configured policy and mode (Basic256Sha256 SignAndEncrypt by default), with
+its own certificate; a client whose certificate is not in the trusted
+directory (directly or through a CA there) is refused, and so is a wrong user
+name or password when users are configured. asyncua alone would still serve a
+session on an unsecured channel (discovery needs one) and would check only
+the certificate a client names in CreateSession; the server therefore also
 requires, when a session is activated, that the channel itself is secured
 with a trusted certificate.
+
+Access, secured: only the *writers* may write, as a PLC gives write rights to
+the runtime's identity alone. A session is a writer when its channel's
+certificate is one of ``writer_certificates`` (`plc-sim`: the runtime's by default) or
+its user is one of ``writer_users``; every other trusted client (an
+operator's HMI, a historian) reads, browses and subscribes but may not write
+or call methods. It is done with asyncua's own mechanisms: the user manager
+gives each session a :class:`PlcUser` (the writer certificates matched by
+asyncua's :class:`~asyncua.server.user_managers.CertificateUserManager`), a
+:class:`~asyncua.crypto.permission_rules.PermissionRuleset` refuses a
+reader's Write and Call requests with ``BadUserAccessDenied``, and the
+``UserAccessLevel`` a reader reads of a writable variable lacks CurrentWrite,
+as a PLC reports it per user.
 """
 
 from __future__ import annotations
@@ -29,19 +43,21 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
 from asyncua import Server, ua
-from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.common.callback import CallbackType, ServerItemCallback
+from asyncua.crypto.permission_rules import SimpleRoleRuleset, User, UserRole
 from asyncua.crypto.truststore import TrustStore
 from asyncua.server.address_space import NodeData
-from asyncua.server.user_managers import UserManager
+from asyncua.server.user_managers import CertificateUserManager, UserManager
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from interfaces.opcua_certificates import application_uri, certificate_validator, load_trust_store, read_certificate, read_private_key
+from interfaces.opcua_certificates import application_uri, certificate_validator, fingerprint, load_trust_store, read_certificate, read_private_key, validity_problem
 from interfaces.opcua_port import VARIANT_TYPES
 from interfaces.signals import SIGNALS
 from interfaces.tagmap import OpcUaTagMap, SecurityPolicyName
@@ -64,12 +80,18 @@ _POLICY_TYPES: dict[tuple[str, str], ua.SecurityPolicyType] = {
 
 @dataclass(frozen=True)
 class OpcUaServerSecurity:
-    """The simulated PLC's security: its certificate and key, the clients it trusts, its users.
+    """The simulated PLC's security: its certificate and key, the clients it trusts, its users, and who may write.
 
     ``trusted_clients`` is a directory of trusted client (or CA) certificates,
     ``*.der`` or ``*.pem``. ``users`` maps user names to passwords; empty means
     anonymous sessions (over the secured channel only). The server's
     application URI is the one in its certificate.
+
+    ``writer_certificates`` (certificate files, each trusted by
+    ``trusted_clients``) and ``writer_users`` (names in ``users``) say whose
+    sessions may write: the runtime's identity. Every other trusted client is
+    read-only. At least one writer is needed: a PLC nobody may write to would
+    refuse the runtime too.
     """
 
     certificate: Path
@@ -78,24 +100,84 @@ class OpcUaServerSecurity:
     users: Mapping[str, str] = field(default_factory=dict, repr=False)
     policy: SecurityPolicyName = "Basic256Sha256"
     mode: Literal["sign_and_encrypt", "sign"] = "sign_and_encrypt"
+    writer_certificates: tuple[Path, ...] = ()
+    writer_users: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if (self.policy, self.mode) not in _POLICY_TYPES:
             raise ConfigError(f"OPC UA server security: unknown policy {self.policy!r} or mode {self.mode!r}")
+        if isinstance(self.writer_certificates, str | Path) or isinstance(self.writer_users, str):
+            raise ConfigError("OPC UA server security: writer_certificates is a tuple of paths and writer_users a set of names, not a single value")
+        unknown = sorted(set(self.writer_users) - set(self.users))
+        if unknown:
+            raise ConfigError(f"OPC UA server security: writer_users: {', '.join(unknown)} not among the users ({', '.join(sorted(self.users)) or 'none configured'})")
+        if not self.writer_certificates and not self.writer_users:
+            raise ConfigError(
+                "OPC UA server security: no writer (writer_certificates or writer_users): every client would be read-only, the runtime too; "
+                "name the runtime's certificate (bioreactor-mpc certs) as a writer"
+            )
 
 
-class _SecuredSessions(UserManager):
-    """asyncua user manager: a session needs a channel secured with a trusted certificate, and a known user if there are users.
+class Access(Enum):
+    """What a session may do to the PLC's variables."""
+
+    READ = "read"
+    WRITE = "write"
+
+
+@dataclass
+class PlcUser(User):
+    """asyncua's session user, with the session's access: a writer (the runtime's identity) or read-only."""
+
+    access: Access = Access.READ
+
+
+_WRITING_SERVICES = frozenset(
+    ua.NodeId(ua.Int32(service))
+    for service in (ua.ObjectIds.WriteRequest_Encoding_DefaultBinary, ua.ObjectIds.CallRequest_Encoding_DefaultBinary, ua.ObjectIds.HistoryUpdateRequest_Encoding_DefaultBinary)
+)
+"""The services that change the PLC (Write, Call, HistoryUpdate): a writer's only."""
+
+
+def may_write(user: Any) -> bool:
+    return isinstance(user, PlcUser) and user.access is Access.WRITE
+
+
+class _PlcAccessRules(SimpleRoleRuleset):
+    """asyncua's permission ruleset, with the writers' services kept for writers.
+
+    asyncua's :class:`SimpleRoleRuleset` decides by role (nobody here is an
+    Admin, so nobody changes the address space); on top of it a Write, Call or
+    HistoryUpdate request of a read-only session is refused, which asyncua
+    answers with a ``BadUserAccessDenied`` service fault: nothing of the
+    request is applied.
+    """
+
+    def check_validity(self, user: Any, action_type_id: Any, body: Any) -> bool:
+        if not super().check_validity(user, action_type_id, body):
+            return False
+        if action_type_id in _WRITING_SERVICES and not may_write(user):
+            log.info("opcua_write_refused", user=getattr(user, "name", None), reason="read-only session: only the runtime's identity may write")
+            return False
+        return True
+
+
+class _PlcSessions(UserManager):
+    """asyncua user manager: a session needs a channel secured with a trusted certificate, and a known user if there are users; writers write.
 
     asyncua hands the manager the certificate of the secure channel (empty on
     an unsecured one) together with the user token, so the check covers the
     channel that will carry the session, not only the certificate the client
-    named in CreateSession.
+    named in CreateSession. A session is a writer when that certificate is a
+    writer certificate (asyncua's :class:`CertificateUserManager` matches it)
+    or its user is a writer user; read-only otherwise.
     """
 
-    def __init__(self, trust_store: TrustStore, users: Mapping[str, str]) -> None:
+    def __init__(self, trust_store: TrustStore, users: Mapping[str, str], writer_certificates: CertificateUserManager, writer_users: frozenset[str]) -> None:
         self._trust_store = trust_store
         self._users = dict(users)
+        self._writer_certificates = writer_certificates
+        self._writer_users = writer_users
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None) -> User | None:
         if not certificate:
@@ -107,15 +189,19 @@ class _SecuredSessions(UserManager):
             log.info("opcua_session_refused", reason="unreadable channel certificate")
             return None
         if not self._trust_store.is_trusted(channel_certificate):
-            log.info("opcua_session_refused", reason="untrusted channel certificate")
+            log.info("opcua_session_refused", reason="untrusted channel certificate", certificate_sha256=fingerprint(channel_certificate))
             return None
-        if not self._users:
-            return User(role=UserRole.User)
-        expected = self._users.get(username or "")
-        if expected is None or password is None or not hmac.compare_digest(password.encode(), expected.encode()):
-            log.info("opcua_session_refused", reason="wrong user name or password", user=username)
-            return None
-        return User(role=UserRole.User, name=username)
+        name: str | None = None
+        if self._users:
+            expected = self._users.get(username or "")
+            if expected is None or password is None or not hmac.compare_digest(password.encode(), expected.encode()):
+                log.info("opcua_session_refused", reason="wrong user name or password", user=username)
+                return None
+            name = username
+        writer_by_certificate = self._writer_certificates.get_user(iserver, certificate=bytes(certificate)) is not None
+        access = Access.WRITE if writer_by_certificate or (name is not None and name in self._writer_users) else Access.READ
+        log.info("opcua_session_opened", user=name, certificate_sha256=fingerprint(channel_certificate), access=access.value)
+        return PlcUser(role=UserRole.User, name=name or channel_certificate.subject.rfc4514_string(), access=access)
 
 
 def _raw(value: Any, type_name: str) -> Any:
@@ -140,6 +226,7 @@ class OpcUaPlcServer(PlcServerClocks):
         self.security = security
         self._server = Server()
         self._nodes: dict[str, ua.NodeId] = {}
+        self._writable: set[ua.NodeId] = set()
         self._publishing = False
         self._scans: dict[str, tuple[float, datetime]] = {}
 
@@ -163,6 +250,7 @@ class OpcUaPlcServer(PlcServerClocks):
             if SIGNALS[name].writable:
                 await node.set_writable()
                 server.set_attribute_value_setter(node.nodeid, self._setter(name))
+                self._writable.add(node.nodeid)
             self._nodes[name] = node.nodeid
         await server.start()
         await self.publish()
@@ -180,11 +268,36 @@ class OpcUaPlcServer(PlcServerClocks):
         await server.load_certificate(certificate.public_bytes(serialization.Encoding.DER))
         await server.load_private_key(key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         await server.set_application_uri(uri)
-        server.set_security_policy([_POLICY_TYPES[(security.policy, security.mode)]])
-        server.set_identity_tokens([ua.UserNameIdentityToken] if security.users else [ua.AnonymousIdentityToken])
         trust_store = await load_trust_store(security.trusted_clients, field="trusted client certificates")
+        writer_certificates = CertificateUserManager()
+        for path in security.writer_certificates:
+            writer = read_certificate(path, field="writer certificate")
+            invalid = validity_problem(writer)
+            if invalid is not None:
+                raise ConfigError(f"writer certificate: {path}: {invalid}")
+            if not trust_store.is_trusted(writer):
+                raise ConfigError(
+                    f"writer certificate: {path}: not trusted by {security.trusted_clients} (SHA-256 {fingerprint(writer)}); a writer must be a trusted client: copy it there too"
+                )
+            await writer_certificates.add_role(writer.public_bytes(serialization.Encoding.DER), UserRole.User, name=fingerprint(writer), format="der")  # type: ignore[arg-type]  # asyncua loads a path or the certificate's bytes; annotated as a path
+        server.set_security_policy([_POLICY_TYPES[(security.policy, security.mode)]], permission_ruleset=_PlcAccessRules())
+        server.set_identity_tokens([ua.UserNameIdentityToken] if security.users else [ua.AnonymousIdentityToken])
         server.set_certificate_validator(certificate_validator(trust_store, peer="client"))
-        server.iserver.set_user_manager(_SecuredSessions(trust_store, security.users))
+        server.iserver.set_user_manager(_PlcSessions(trust_store, security.users, writer_certificates, security.writer_users))
+        server.subscribe_server_callback(CallbackType.PostRead, self._user_access_level)
+
+    def _user_access_level(self, event: ServerItemCallback, _dispatcher: Any) -> None:
+        """A read-only session reads the UserAccessLevel of a writable variable without CurrentWrite, as a PLC reports its rights per user."""
+        if not event.is_external or may_write(event.user) or event.response_params is None:
+            return
+        writable = self._writable
+        for index, item in enumerate(event.request_params.NodesToRead):
+            if item.AttributeId != ua.AttributeIds.UserAccessLevel or item.NodeId not in writable:
+                continue
+            answer: ua.DataValue = event.response_params[index]
+            if answer.Value is not None and isinstance(answer.Value.Value, int):
+                level = answer.Value.Value & ~ua.AccessLevel.CurrentWrite.mask
+                event.response_params[index] = ua.DataValue(ua.Variant(level, ua.VariantType.Byte), StatusCode=answer.StatusCode)
 
     def _answer_writes_per_node(self) -> None:
         """Answer a multi-value write with one status per value, as a PLC does.

@@ -68,6 +68,22 @@ def _parser() -> argparse.ArgumentParser:
     plc_sim.add_argument("--report-stem", default=None, help="file name stem of the report (default: <batch>-seed<seed>-plc-sim)")
     plc_sim.add_argument("--local", action="store_true", help="the operator's switch in local: the PLC runs its own recipe and refuses SP.* writes")
     plc_sim.add_argument("--linger-s", type=float, default=3.0, help="keep serving this long after harvest, so clients read the final phase (default 3)")
+    secured = plc_sim.add_argument_group(
+        "OPC UA security (docs/opcua-security.md)",
+        "without these, security mode None and every client may write: a test-only mode for 127.0.0.1; with them, SignAndEncrypt and only the writers write",
+    )
+    secured.add_argument("--certificate", type=Path, default=None, help="the simulated PLC's certificate (bioreactor-mpc certs); needs --private-key and --trusted-clients")
+    secured.add_argument("--private-key", type=Path, default=None, help="the simulated PLC's private key")
+    secured.add_argument("--trusted-clients", type=Path, default=None, help="directory of the client (or CA) certificates the PLC trusts, *.der or *.pem")
+    secured.add_argument(
+        "--writer-cert",
+        type=Path,
+        action="append",
+        default=[],
+        help="a certificate whose sessions may write (repeatable; default: the runtime's, runtime.der in --trusted-clients); other trusted clients only read",
+    )
+    secured.add_argument("--users-file", type=Path, default=None, help="users as 'name:password' lines (mode 0600); then sessions need a user name and password")
+    secured.add_argument("--writer-user", action="append", default=[], help="a user of --users-file who may write (repeatable)")
 
     run = commands.add_parser("run", help="run the runtime against a PLC until the batch is harvested")
     run.add_argument("--config", type=Path, default=DEFAULT_RUNTIME, help=f"runtime config (default: {DEFAULT_RUNTIME})")
@@ -164,10 +180,15 @@ def _plc_sim(args: argparse.Namespace, console: Console) -> int:
     if args.local:
         plc.set_operator_remote(False)
 
+    security = _plc_security(args)
+
     async def serve() -> None:
-        server = _plc_server(args.protocol, plc, tag_map, args.endpoint)
+        server = _plc_server(args.protocol, plc, tag_map, args.endpoint, security)
         await server.start()
-        console.print(f"simulated PLC on {server.endpoint} ({'lockstep' if plc.lockstep else f'x{args.time_scale:g}'}); Ctrl-C stops it")
+        access = ""
+        if args.protocol == "opcua":
+            access = "; security mode None, every client may write (test-only)" if security is None else "; SignAndEncrypt, only the writers may write"
+        console.print(f"simulated PLC on {server.endpoint} ({'lockstep' if plc.lockstep else f'x{args.time_scale:g}'}{access}); Ctrl-C stops it")
         try:
             if plc.lockstep:
                 await server.run_lockstep(wall_timeout_s=args.lockstep_timeout_s)
@@ -193,11 +214,42 @@ def _plc_sim(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _plc_server(protocol: str, plc: Any, tag_map: Any, endpoint: str | None) -> Any:
+def _plc_security(args: argparse.Namespace) -> Any:
+    """The simulated OPC UA PLC's security from plc-sim's options; None for the test-only security mode None."""
+    from simulator.opcua_server import DEFAULT_WRITER_CERTIFICATE_NAME, OpcUaServerSecurity, read_users_file
+
+    given = {"--certificate": args.certificate, "--private-key": args.private_key, "--trusted-clients": args.trusted_clients}
+    dependent = [name for name, value in (("--writer-cert", args.writer_cert), ("--users-file", args.users_file), ("--writer-user", args.writer_user)) if value]
+    if all(value is None for value in given.values()):
+        if dependent:
+            raise BioreactorMPCError(f"{', '.join(dependent)}: needs a secured server (--certificate, --private-key and --trusted-clients)")
+        return None
+    if args.protocol != "opcua":
+        raise BioreactorMPCError(f"{', '.join(name for name, value in given.items() if value is not None)}: OPC UA security options; Modbus TCP has none (docs/opcua-security.md)")
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise BioreactorMPCError(f"{', '.join(missing)}: needed too for a secured server (--certificate, --private-key and --trusted-clients go together)")
+    users = read_users_file(args.users_file) if args.users_file is not None else {}
+    writers = tuple(args.writer_cert) or ((args.trusted_clients / DEFAULT_WRITER_CERTIFICATE_NAME,) if not args.writer_user else ())
+    for path in writers:
+        if not path.is_file():
+            default = " (the default writer: the runtime's certificate, copied there; name another with --writer-cert)" if not args.writer_cert else ""
+            raise BioreactorMPCError(f"--writer-cert: {path}: certificate file not found{default}")
+    return OpcUaServerSecurity(
+        certificate=args.certificate,
+        private_key=args.private_key,
+        trusted_clients=args.trusted_clients,
+        users=users,
+        writer_certificates=writers,
+        writer_users=frozenset(args.writer_user),
+    )
+
+
+def _plc_server(protocol: str, plc: Any, tag_map: Any, endpoint: str | None, security: Any = None) -> Any:
     if protocol == "opcua":
         from simulator.opcua_server import OpcUaPlcServer
 
-        return OpcUaPlcServer(plc, tag_map, endpoint=endpoint)
+        return OpcUaPlcServer(plc, tag_map, endpoint=endpoint, security=security)
     from interfaces.modbus_port import parse_endpoint
     from simulator.modbus_server import ModbusPlcServer
 

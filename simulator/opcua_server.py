@@ -118,6 +118,40 @@ class OpcUaServerSecurity:
             )
 
 
+DEFAULT_WRITER_CERTIFICATE_NAME = "runtime.der"
+"""The runtime's certificate in the PLC's trusted directory, as docs/opcua-security.md names it: ``plc-sim``'s writer by default."""
+
+
+def read_users_file(path: Path) -> dict[str, str]:
+    """The simulated PLC's users from a file of ``name:password`` lines (``#`` comments and blank lines skipped), mode 0600.
+
+    A problem is a :class:`ConfigError` naming the file and the line; the
+    password never appears in a message.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"users file: {path}: not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"users file: {path}: not UTF-8 text") from None
+    except OSError as error:
+        raise ConfigError(f"users file: {path}: cannot read it ({error.strerror})") from None
+    users: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, colon, password = line.partition(":")
+        name = name.strip()
+        if not colon or not name or not password:
+            raise ConfigError(f"users file: {path}: line {number}: expected 'name:password' with both parts non-empty")
+        if name in users:
+            raise ConfigError(f"users file: {path}: line {number}: user {name!r} appears twice")
+        users[name] = password
+    if not users:
+        raise ConfigError(f"users file: {path}: holds no 'name:password' line")
+    return users
+
+
 class Access(Enum):
     """What a session may do to the PLC's variables."""
 

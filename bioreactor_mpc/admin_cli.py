@@ -40,7 +40,7 @@ from rich.console import Console
 from controller.advisory import Signer
 from controller.takeover import TakeoverApproval
 from interfaces.audit import AuditRecord, AuditTrail, AuditVerification
-from interfaces.users import Role, UnknownUserError, User, UserStore, check_password, check_user_name, parse_role
+from interfaces.users import Role, UnknownUserError, User, UserStore, check_user_name, parse_role
 from plant_models.errors import BioreactorMPCError
 from plant_models.parameters import CultureParameters
 
@@ -163,15 +163,8 @@ def _count(number: int, noun: str) -> str:
 def _users_add(args: argparse.Namespace, console: Console) -> int:
     check_user_name(args.name)
     password = _password(args, f"password for {args.name}: ")
-    with UserStore(args.history) as store, AuditTrail(args.history) as trail:
-        user = store.check_new_user(args.name, full_name=args.full_name, role=args.role, password=password)
-        subject = f"user {user.name}"
-        trail.append(actor=ACTOR, action="user_added", subject=subject, details={"name": user.name, "full_name": user.full_name, "role": user.role.value})
-        try:
-            store.add_user(user.name, full_name=user.full_name, role=user.role, password=password)
-        except BioreactorMPCError as error:
-            trail.append(actor=ACTOR, action="user_add_failed", subject=subject, details={"name": user.name, "error": str(error)})
-            raise
+    with AuditTrail(args.history) as trail, UserStore(args.history, audit=trail, actor=ACTOR) as store:
+        user = store.add_user(args.name, full_name=args.full_name, role=args.role, password=password)
     _say(console, f"added {user.name} ({user.full_name}) as {user.role.value} to {args.history}")
     return 0
 
@@ -185,32 +178,29 @@ def _users_list(args: argparse.Namespace, console: Console) -> int:
         return 0
     width = max(len(u.name) for u in users)
     for user in users:
-        state = "disabled" if user.disabled else "active"
+        state = "disabled" if user.disabled else "locked" if user.locked else "active"
         _say(console, f"{user.name:<{width}}  {user.role.value:<8}  {state:<8}  {user.full_name}")
     return 0
 
 
 def _users_passwd(args: argparse.Namespace, console: Console) -> int:
     path = _existing(args.history)
-    with UserStore(path) as store, AuditTrail(path) as trail:
+    with AuditTrail(path) as trail, UserStore(path, audit=trail, actor=ACTOR) as store:
         _known(store, args.name)
         password = _password(args, f"new password for {args.name}: ")
-        check_password(password)
-        trail.append(actor=ACTOR, action="password_changed", subject=f"user {args.name}", details={"name": args.name})
         store.set_password(args.name, password)
-    _say(console, f"password of {args.name} changed; the user's sessions ended")
+    _say(console, f"password of {args.name} changed (a locked account is unlocked); the user's sessions ended")
     return 0
 
 
 def _users_role(args: argparse.Namespace, console: Console) -> int:
     path = _existing(args.history)
     role = parse_role(args.role)
-    with UserStore(path) as store, AuditTrail(path) as trail:
+    with AuditTrail(path) as trail, UserStore(path, audit=trail, actor=ACTOR) as store:
         user = _known(store, args.name)
         if user.role is role:
             _say(console, f"{user.name} is {role.value} already; nothing changed")
             return 0
-        trail.append(actor=ACTOR, action="role_changed", subject=f"user {user.name}", details={"name": user.name, "from": user.role.value, "to": role.value})
         store.set_role(user.name, role)
     _say(console, f"{user.name}: {user.role.value} -> {role.value}")
     return 0
@@ -218,12 +208,11 @@ def _users_role(args: argparse.Namespace, console: Console) -> int:
 
 def _users_disable(args: argparse.Namespace, console: Console) -> int:
     path = _existing(args.history)
-    with UserStore(path) as store, AuditTrail(path) as trail:
+    with AuditTrail(path) as trail, UserStore(path, audit=trail, actor=ACTOR) as store:
         user = _known(store, args.name)
         if user.disabled:
             _say(console, f"{user.name} is disabled already; nothing changed")
             return 0
-        trail.append(actor=ACTOR, action="user_disabled", subject=f"user {user.name}", details={"name": user.name})
         store.disable(user.name)
     _say(console, f"{user.name} disabled; the user's sessions ended")
     return 0

@@ -9,7 +9,7 @@ trajectories, KPIs and plot; the demo prints them beside the platform recipe
 on the same batch.
 
 In advisory mode the runtime also serves the operator screen (its URL and
-three demo users with random passwords are printed) and the PLC runs free at
+four demo users, one of each role, with random passwords are printed) and the PLC runs free at
 ``--time-scale`` (360: a cycle every 10 s), remote enabled, so that a person
 can approve; what is not approved in time leaves the PLC on the setpoints it
 last had, and the report shows what that gave. ``--auto-approve`` runs it in
@@ -38,6 +38,7 @@ from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
 from controller.runtime import RunSummary
 from controller.runtime_config import LoadedRuntime, ScreenSettings, load_runtime_config
+from interfaces.audit import AuditTrail
 from interfaces.users import Role, UserStore
 from plant_models.cho import CultureModel
 from plant_models.errors import BioreactorMPCError
@@ -45,7 +46,12 @@ from plant_models.errors import BioreactorMPCError
 SERVER_START_TIMEOUT_S = 60.0
 ADVISORY_TIME_SCALE = 360.0
 """Plant seconds per wall second in the advisory demo: one cycle every 10 s, a batch in an hour."""
-DEMO_USERS = (("viewer", "Demo Viewer", Role.VIEWER), ("operator", "Demo Operator", Role.OPERATOR), ("engineer", "Demo Engineer", Role.ENGINEER))
+DEMO_USERS = (
+    ("viewer", "Demo Viewer", Role.VIEWER),
+    ("operator", "Demo Operator", Role.OPERATOR),
+    ("engineer", "Demo Engineer", Role.ENGINEER),
+    ("qa", "Demo QA", Role.QA),
+)
 SERVER_EXIT_TIMEOUT_S = 30.0
 EXIT_INTERRUPTED = 130
 
@@ -57,15 +63,12 @@ def free_port() -> int:
 
 
 def _demo_users(history_path: Path, console: Console) -> None:
-    """One user of each role in the demo's history, with fresh random passwords printed once."""
-    users = UserStore(history_path)
-    try:
+    """One user of each role in the demo's history, with fresh random passwords printed once; each addition an audit record (``user_added``)."""
+    with AuditTrail(history_path) as trail, UserStore(history_path, audit=trail, actor="demo") as users:
         for name, full_name, role in DEMO_USERS:
             password = secrets.token_urlsafe(12)
             users.add_user(name, full_name=full_name, role=role, password=password)
             console.print(f"demo user {name!r} ({role.value}), password {password}", highlight=False, soft_wrap=True)
-    finally:
-        users.close()
 
 
 def wait_for_listener(port: int, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = SERVER_START_TIMEOUT_S) -> None:

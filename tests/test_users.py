@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from bioreactor_mpc.admin_cli import AdminCommandError, add_parsers, dispatch
 from interfaces.audit import AuditError, AuditTrail
 from interfaces.history import SqliteHistory
-from interfaces.users import InvalidUserError, Role, UnknownUserError, User, UserStore, WeakPasswordError, can_read_audit
+from interfaces.users import InvalidUserError, Role, UnknownUserError, User, UserStore, WeakPasswordError, can_read_audit, user_store_problems
 
 pytestmark = pytest.mark.usefixtures("uncached_logging")
 
@@ -259,8 +259,10 @@ def test_users_commands_add_list_passwd_role_disable_with_audit_records(tmp_path
         ("admin-cli", "role_changed", "user alice"),
         ("admin-cli", "user_disabled", "user alice"),
     ]
-    assert records[0].details == {"name": "alice", "full_name": "Alice Martin", "role": "operator"}
-    assert records[2].details == {"name": "alice", "from": "operator", "to": "engineer"}
+    assert {k: v for k, v in records[0].details.items() if k != "user"} == {"name": "alice", "full_name": "Alice Martin", "role": "operator"}
+    assert {k: v for k, v in records[2].details.items() if k not in ("user", "previous")} == {"name": "alice", "from": "operator", "to": "engineer"}
+    assert [r.details["previous"] for r in records[1:]] == [r.details["user"] for r in records[:-1]], "each change starts from the row the one before left"
+    assert user_store_problems(path, records) == [], "the users table is what the records say"
     assert PASSWORD.encode() not in path.read_bytes(), "every connection closed: the WAL is in the file"
 
 

@@ -116,7 +116,7 @@ def check_password(password: str, *, policy: PasswordPolicy | None = None, user_
     if user_name:
         name = _fold(user_name)
         if folded == name or (len(name) >= _SHORT_USER_NAME and name in folded):
-            raise WeakPasswordError(f"the password contains the user name {user_name!r}", PasswordRule.USER_NAME)
+            raise WeakPasswordError("the password is or contains the user name", PasswordRule.USER_NAME)
     for part in _name_parts(full_name):
         if part in folded:
             raise WeakPasswordError(f"the password contains {part!r} from the user's full name", PasswordRule.USER_NAME)

@@ -773,7 +773,8 @@ def user_store_problems(history_path: str | Path, audit_records: Iterable[AuditR
             claimed = details.get("previous", digest) if action != "login" else digest
             if state is None:
                 problems.append(f"seq {seq}: {action} of user {name!r}, who no earlier record adds")
-            elif isinstance(state, str) and claimed != state:
+                continue  # the row stays unaccounted for
+            if isinstance(state, str) and claimed != state:
                 problems.append(f"seq {seq}: {action} of user {name!r} found a row no earlier record accounts for: changed outside bioreactor-mpc after seq {recorded_at[name]}")
             expected[name] = digest
         else:

@@ -176,7 +176,7 @@ def test_a_change_whose_row_moved_under_it_is_refused_and_recorded(store, trail,
     with pytest.raises(UserStoreError, match="cannot role changed for user 'alice': the user's row changed between reading and writing it"):
         store.set_role("alice", Role.ENGINEER)
     assert [r.action for r in trail.records()][-2:] == ["role_changed", "user_change_failed"]
-    assert store.user("alice").role is Role.OPERATOR  # type: ignore[union-attr]
+    assert store.user("alice").role is Role.OPERATOR
     problems = user_store_problems(path, trail.records())
     assert problems == [f"user 'alice' (operator, disabled): the row differs from the one recorded at seq {trail.head().seq}: changed outside bioreactor-mpc"]
 

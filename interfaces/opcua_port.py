@@ -343,7 +343,7 @@ class OpcUaPort:
             if status in _ACCESS_REFUSED or _is_certificate_problem(status):
                 refused = PlcAuthError(
                     f"{self.endpoint}: the PLC refused the write of {', '.join(names)} as a whole ({status}): {self._identity_text()} has no write rights; "
-                    f"nothing of it was applied. {self._rights_advice()}",
+                    f"nothing of it was applied; {self._rights_advice()}",
                     retry_after_s=wait_s,
                 )
                 self._auth_refused(refused, writing=True)
@@ -368,7 +368,7 @@ class OpcUaPort:
             written = f"; written: {', '.join(accepted)}" if accepted else "; nothing written"
             refused = PlcAuthError(
                 f"{self.endpoint}: the PLC refused writes of {', '.join(denied)} (BadUserAccessDenied): {self._identity_text()} has no write rights on them"
-                f"{written}. {self._rights_advice()}",
+                f"{written}; {self._rights_advice()}",
                 retry_after_s=wait_s,
             )
             self._auth_refused(refused, writing=True)
@@ -398,7 +398,7 @@ class OpcUaPort:
 
     def _rights_advice(self) -> str:
         if self._security is None:
-            return "A PLC that restricts writes needs a security section with the runtime's certificate (docs/opcua-security.md)"
+            return "a PLC that restricts writes needs a security section with the runtime's certificate (docs/opcua-security.md)"
         return self._security.rights_advice()
 
     async def _open_session(self, client: Client, attempt: _SecureAttempt | None, *, retry_after_s: float) -> None:
@@ -698,6 +698,8 @@ class _ClientSecurity:
         self.mode = SECURITY_MODES[settings.mode]
         self._certificate = self._identity().certificate
         """The runtime's certificate as last read: what the PLC is told to trust or give write rights to."""
+        self._username: str | None = None
+        """The user name of the last connect (None: anonymous)."""
         trusted_certificates(self._path("trust_store"), field="security.trust_store")
         self._credentials()
         _warn_if_readable_by_others(self._path("private_key"), field="security.private_key")
@@ -762,6 +764,7 @@ class _ClientSecurity:
             self._certificate = identity.certificate
             store = await load_trust_store(self._path("trust_store"), field="security.trust_store")
             credentials = self._credentials()
+            self._username = credentials[0] if credentials is not None else None
         except ConfigError as error:  # names the field and the file or variable
             raise PlcAuthError(f"{self.endpoint}: not connecting: {error}", retry_after_s=retry_after_s) from None
         except (OSError, ValueError) as error:  # a trusted certificate changed between the check and asyncua's loading it
@@ -813,13 +816,13 @@ class _ClientSecurity:
 
     def identity_text(self) -> str:
         """This runtime's identity as the PLC sees it: its certificate (file and fingerprint) and its user, if any."""
-        user = f" and user from ${self.settings.username_env}" if self.settings.username_env is not None else ""
+        user = f" and user {self._username!r} (from ${self.settings.username_env})" if self._username is not None else ""
         return f"this runtime's identity (certificate {self.settings.certificate}, SHA-256 {fingerprint(self._certificate)}{user})"
 
     def rights_advice(self) -> str:
         """What the PLC's administrator does so that the runtime may write."""
         who = "the runtime's user, or its certificate," if self.settings.username_env is not None else "the runtime's certificate"
-        return f"On the PLC, give {who} write rights on the runtime's signals (SP.*, MPC.*); other clients stay read-only (docs/opcua-security.md)"
+        return f"on the PLC, give {who} write rights on the runtime's signals (SP.*, MPC.*); other clients stay read-only (docs/opcua-security.md)"
 
     def server_refused(self, certificate: x509.Certificate, status: str) -> str:
         """Why the server's certificate is refused, and what the operator does about it."""
@@ -960,6 +963,7 @@ def _same(tag: OpcUaTag, name: str, written: Value, data: ua.DataValue) -> bool:
 
 async def _disconnect_quietly(client: Client) -> None:
     try:
-        await asyncio.wait_for(client.disconnect(), 2.0)
+        with _asyncua_refusals_quiet():  # closing a channel the server already closed is no news
+            await asyncio.wait_for(client.disconnect(), 2.0)
     except Exception as error:  # noqa: BLE001 - a broken link may fail in any way while closing; it is dropped either way
         log.debug("opcua_disconnect_failed", error=repr(error))

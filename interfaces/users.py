@@ -24,7 +24,8 @@ be written does not happen): ``user_added``, ``password_changed``,
 ``role_changed``, ``user_disabled``, ``login``, ``login_failed`` (with the
 reason, never the password), ``session_started``, ``logout``,
 ``session_expired``, ``user_locked``, ``password_rehashed``, and
-``user_change_failed`` when a change recorded could not be stored. Each
+``user_add_failed``, ``user_change_failed`` or ``session_start_failed`` when
+what was recorded could not be stored. Each
 carries the digest of the user's row (:func:`user_row_digest`: role, disabled
 and locked flags, the SHA-256 of the password hash, never the hash) or of the
 session's row (:func:`session_row_digest`: never the token, nor even its
@@ -444,11 +445,15 @@ class UserStore:
         self._expire_stale(now)
         session = {"token_sha256": _token_digest(token), "user_name": user.name, "created_utc": self._stamp(now), "created_s": now, "expires_s": now + self.session_max_s}
         self._record(user.name, "session_started", user.name, {"session": session_row_digest(session), "expires_utc": self._stamp(now + self.session_max_s)})
-        with self._transaction(f"open a session for {user.name!r}") as db:
-            active = db.execute("SELECT disabled, locked_utc FROM users WHERE name = ?", (user.name,)).fetchone()
-            if active is None or active[0] or active[1] is not None:
-                raise UnknownUserError(f"{self.path}: no active user {user.name!r} to open a session for")
-            db.execute(f"INSERT INTO sessions ({', '.join(_SESSION_COLUMNS)}, last_seen_s) VALUES (?, ?, ?, ?, ?, ?)", (*session.values(), now))
+        try:
+            with self._transaction(f"open a session for {user.name!r}") as db:
+                active = db.execute("SELECT disabled, locked_utc FROM users WHERE name = ?", (user.name,)).fetchone()
+                if active is None or active[0] or active[1] is not None:
+                    raise UnknownUserError(f"{self.path}: no active user {user.name!r} to open a session for")
+                db.execute(f"INSERT INTO sessions ({', '.join(_SESSION_COLUMNS)}, last_seen_s) VALUES (?, ?, ?, ?, ?, ?)", (*session.values(), now))
+        except (UnknownUserError, UserStoreError, sqlite3.IntegrityError) as error:
+            self._record(user.name, "session_start_failed", user.name, {"session": session_row_digest(session), "error": str(error)})
+            raise
         log.info("session_started", user=user.name)
         return token
 

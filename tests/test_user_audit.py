@@ -14,7 +14,7 @@ from argon2 import PasswordHasher
 
 from interfaces.audit import AuditError, AuditTrail
 from interfaces.passwords import PasswordPolicy
-from interfaces.users import LoginPurpose, Role, UserStore, UserStoreError, session_row_digest, user_row_digest, user_store_problems
+from interfaces.users import LoginPurpose, Role, UnknownUserError, UserStore, UserStoreError, session_row_digest, user_row_digest, user_store_problems
 
 DAY_S = 86400.0
 PASSWORD = "correct horse battery"
@@ -282,4 +282,23 @@ def test_the_cross_check_names_a_missing_file(tmp_path):
 
 def test_a_history_without_users_has_nothing_to_account_for(tmp_path, trail, path):
     trail.append(actor="runtime", action="state_changed", subject="runtime", details={"to": "advisory"})
+    assert user_store_problems(path, trail.records()) == []
+
+
+def test_a_session_whose_user_was_disabled_meanwhile_is_refused_and_recorded(store, trail, path, monkeypatch):
+    alice = store.add_user("alice", full_name="Alice", role=Role.OPERATOR, password=PASSWORD)
+    real_append = AuditTrail.append
+
+    def append_then_disable(self: AuditTrail, **record: Any) -> Any:
+        written = real_append(self, **record)
+        if record["action"] == "session_started":
+            store.disable("alice")
+        return written
+
+    monkeypatch.setattr(AuditTrail, "append", append_then_disable)
+    with pytest.raises(UnknownUserError, match="no active user 'alice' to open a session for"):
+        store.create_session(alice)
+    assert [r.action for r in trail.records()] == ["user_added", "session_started", "user_disabled", "session_start_failed"]
+    started, failed = trail.records(action="session_started")[0], trail.records(action="session_start_failed")[0]
+    assert failed.details["session"] == started.details["session"]
     assert user_store_problems(path, trail.records()) == []

@@ -54,6 +54,7 @@ import structlog
 
 from controller.ports import CycleRecord, HistoryUnavailableError, PendingWrite, Reading, ResumeState, Value
 from controller.types import LabResult, json_compatible
+from interfaces.audit_keys import AuditKey
 from plant_models.errors import BioreactorMPCError
 
 log = structlog.get_logger(__name__)
@@ -64,29 +65,29 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY, batch_id TEXT NOT NULL, requested_mode TEXT NOT NULL, config TEXT NOT NULL,
-    started_utc TEXT NOT NULL, ended_utc TEXT, end_reason TEXT);
+    started_utc TEXT NOT NULL, ended_utc TEXT, end_reason TEXT, audit_mac TEXT);
 CREATE TABLE IF NOT EXISTS readings (
     run_id INTEGER NOT NULL, process_time_h REAL NOT NULL, signal TEXT NOT NULL, value REAL, text TEXT,
-    good INTEGER NOT NULL, source_utc TEXT, problem TEXT);
+    good INTEGER NOT NULL, source_utc TEXT, problem TEXT, audit_mac TEXT);
 CREATE INDEX IF NOT EXISTS readings_by_time ON readings (process_time_h, signal);
 CREATE TABLE IF NOT EXISTS lab_results (
     run_id INTEGER NOT NULL, received_at_h REAL NOT NULL, seq INTEGER NOT NULL, taken_at_h REAL NOT NULL,
     vcd_1e6_per_ml REAL, viability_pct REAL, glucose_g_per_l REAL, lactate_g_per_l REAL, glutamine_mm REAL,
-    ammonia_mm REAL, titer_g_per_l REAL, osmolality_mosm_per_kg REAL, used INTEGER NOT NULL);
+    ammonia_mm REAL, titer_g_per_l REAL, osmolality_mosm_per_kg REAL, used INTEGER NOT NULL, audit_mac TEXT);
 CREATE TABLE IF NOT EXISTS cycles (
     id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, process_time_h REAL NOT NULL, wall_utc TEXT NOT NULL,
     state TEXT NOT NULL, reason TEXT NOT NULL, source TEXT NOT NULL, requested TEXT, applied TEXT, adjustments TEXT,
     harvest_time_h REAL, predicted_titer_g_per_l REAL, predicted_score_g_per_day REAL, solve_time_s REAL,
-    estimate TEXT, wrote_setpoints INTEGER NOT NULL, read_time_s REAL, write_time_s REAL, trust TEXT);
+    estimate TEXT, wrote_setpoints INTEGER NOT NULL, read_time_s REAL, write_time_s REAL, trust TEXT, audit_mac TEXT);
 CREATE TABLE IF NOT EXISTS writes (
     id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, process_time_h REAL NOT NULL, wall_utc TEXT NOT NULL, "values" TEXT NOT NULL,
-    outcome TEXT NOT NULL, detail TEXT, outcome_utc TEXT);
+    outcome TEXT NOT NULL, detail TEXT, outcome_utc TEXT, audit_mac TEXT);
 CREATE TABLE IF NOT EXISTS state_changes (
     run_id INTEGER NOT NULL, process_time_h REAL, wall_utc TEXT NOT NULL, previous TEXT NOT NULL, state TEXT NOT NULL,
-    reason TEXT NOT NULL);
+    reason TEXT NOT NULL, audit_mac TEXT);
 CREATE TABLE IF NOT EXISTS alarms (
     run_id INTEGER NOT NULL, process_time_h REAL, wall_utc TEXT NOT NULL, code TEXT NOT NULL, message TEXT NOT NULL,
-    active INTEGER NOT NULL);
+    active INTEGER NOT NULL, audit_mac TEXT);
 CREATE TABLE IF NOT EXISTS resume (
     batch_id TEXT PRIMARY KEY, last_cycle_h REAL NOT NULL, lab_seq INTEGER NOT NULL, harvest_time_h REAL NOT NULL,
     estimator TEXT NOT NULL, wall_utc TEXT NOT NULL, requested_mode TEXT, held TEXT, fault_cycles INTEGER, trust TEXT);
@@ -98,9 +99,45 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("resume", "fault_cycles", "INTEGER"),
     ("resume", "trust", "TEXT"),
     ("cycles", "trust", "TEXT"),
+    *((table, "audit_mac", "TEXT") for table in ("runs", "readings", "lab_results", "cycles", "writes", "state_changes", "alarms")),
 )
 """Columns added after a table was first written (table, column, type): ``resume.held`` (the physical contradictions held until
-acknowledged), ``resume.fault_cycles``, and the trust region (``resume.trust``, ``cycles.trust``)."""
+acknowledged), ``resume.fault_cycles``, the trust region (``resume.trust``, ``cycles.trust``), and the rows' MACs (``audit_mac``)."""
+
+COVERED_COLUMNS: Mapping[str, tuple[str, ...]] = {
+    "runs": ("batch_id", "requested_mode", "config", "started_utc", "ended_utc", "end_reason"),
+    "readings": ("run_id", "process_time_h", "signal", "value", "text", "good", "source_utc", "problem"),
+    "lab_results": (
+        "run_id", "received_at_h", "seq", "taken_at_h", "vcd_1e6_per_ml", "viability_pct", "glucose_g_per_l", "lactate_g_per_l",
+        "glutamine_mm", "ammonia_mm", "titer_g_per_l", "osmolality_mosm_per_kg", "used",
+    ),
+    "cycles": (
+        "run_id", "process_time_h", "wall_utc", "state", "reason", "source", "requested", "applied", "adjustments", "harvest_time_h",
+        "predicted_titer_g_per_l", "predicted_score_g_per_day", "solve_time_s", "estimate", "wrote_setpoints", "read_time_s", "write_time_s", "trust",
+    ),
+    "writes": ("run_id", "process_time_h", "wall_utc", "values", "outcome", "detail", "outcome_utc"),
+    "state_changes": ("run_id", "process_time_h", "wall_utc", "previous", "state", "reason"),
+    "alarms": ("run_id", "process_time_h", "wall_utc", "code", "message", "active"),
+}  # fmt: skip
+"""The tables the audit trail covers, and the columns of a row that its MAC and digest are computed over, in this order (the rowid first).
+
+``resume`` is not covered: it is the state to resume from, replaced at every
+cycle, not a record. A column added later must be added at the end, and old
+checkpoints then recomputed without it (a new version of this list)."""
+OPEN_ROWS: Mapping[str, str] = {"runs": "ended_utc IS NULL", "writes": "outcome = 'pending'"}
+"""The rows that may still change, by table (an SQL condition): a run not ended, a write awaiting its outcome. Every other row is final once inserted."""
+ROW_MAC_PURPOSE = "history-row"
+"""The purpose a row's MAC is made for (:meth:`interfaces.audit_keys.AuditKey.mac`)."""
+
+
+def row_content(table: str, rowid: int, values: tuple[Any, ...]) -> list[Any]:
+    """What a row's MAC and digest are computed over: ``[table, rowid, *values]`` (values as SQLite returns them, in :data:`COVERED_COLUMNS` order)."""
+    return [table, rowid, *values]
+
+
+def quoted_columns(table: str) -> str:
+    """The covered columns of ``table`` as an SQL list (``"values"`` is a keyword)."""
+    return ", ".join(f'"{name}"' for name in COVERED_COLUMNS[table])
 
 
 def _add_held_column(db: sqlite3.Connection) -> None:
@@ -234,9 +271,24 @@ class SqliteHistory:
     schema).
     """
 
-    def __init__(self, path: str | Path, *, read_only: bool = False, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        timeout_s: float = 10.0,
+        mac_key: AuditKey | None = None,
+        checkpoint: Callable[[], object] | None = None,
+        checkpoint_every_cycles: int = 60,
+    ) -> None:
+        if checkpoint_every_cycles < 1:
+            raise ValueError(f"checkpoint_every_cycles must be at least 1, got {checkpoint_every_cycles}")
         self.path = Path(path)
         self.read_only = read_only
+        self._mac_key = mac_key
+        self._checkpoint = checkpoint
+        self._checkpoint_every_cycles = checkpoint_every_cycles
+        self._cycles_since_checkpoint = 0
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._run_id: int | None = None
         self._release_lock: Callable[[], Any] = lambda: None
@@ -412,8 +464,8 @@ class SqliteHistory:
 
     def start_run(self, *, batch_id: str, requested_mode: str, config: Mapping[str, Any]) -> None:
         with self._recording(f"the start of a run of {batch_id}") as db:
-            cursor = db.execute("INSERT INTO runs (batch_id, requested_mode, config, started_utc) VALUES (?, ?, ?, ?)", (batch_id, requested_mode, _json(config), _now()))
-        self._run_id = cursor.lastrowid
+            run_id = self._insert(db, "runs", ("batch_id", "requested_mode", "config", "started_utc"), [(batch_id, requested_mode, _json(config), _now())])
+        self._run_id = run_id
         log.info("history_run_started", path=str(self.path), run_id=self._run_id, batch_id=batch_id)
 
     def record_scan(self, process_time_h: float, readings: Mapping[str, Reading], problems: Mapping[str, str]) -> None:
@@ -424,35 +476,28 @@ class SqliteHistory:
             stamp = reading.source_time.isoformat() if reading.source_time is not None else None
             rows.append((run_id, process_time_h, signal, value, text, int(reading.good), stamp, problems.get(signal)))
         with self._recording(f"the scan at {process_time_h:.2f} h") as db:
-            db.executemany("INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._insert(db, "readings", COVERED_COLUMNS["readings"], rows)
 
     def record_lab(self, process_time_h: float, result: LabResult, *, used: bool) -> None:
         run_id = self.run_id
         values = tuple(_real(v) for v in result.values().values())
         with self._recording(f"lab result {result.seq} at {process_time_h:.2f} h") as db:
-            db.execute("INSERT INTO lab_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (run_id, process_time_h, result.seq, result.taken_at_h, *values, int(used)))
+            self._insert(db, "lab_results", COVERED_COLUMNS["lab_results"], [(run_id, process_time_h, result.seq, result.taken_at_h, *values, int(used))])
 
     def record_write(self, process_time_h: float, values: Mapping[str, Value], outcome: str, detail: str = "") -> None:
         """A write refused before it was sent (or any write recorded at once with its outcome)."""
         run_id = self.run_id
         now = _now()
         with self._recording(f"the write at {process_time_h:.2f} h") as db:
-            db.execute(
-                'INSERT INTO writes (run_id, process_time_h, wall_utc, "values", outcome, detail, outcome_utc) VALUES (?, ?, ?, ?, ?, ?, ?)',
-                (run_id, process_time_h, now, _json(dict(values)), outcome, detail, now),
-            )
+            self._insert(db, "writes", COVERED_COLUMNS["writes"], [(run_id, process_time_h, now, _json(dict(values)), outcome, detail, now)])
 
     def record_write_intent(self, process_time_h: float, values: Mapping[str, Value]) -> int:
         """Record a write before it is sent, outcome ``pending``; its id, for :meth:`record_write_outcome`."""
         run_id = self.run_id
         with self._recording(f"the write intent at {process_time_h:.2f} h") as db:
-            cursor = db.execute(
-                'INSERT INTO writes (run_id, process_time_h, wall_utc, "values", outcome, detail) VALUES (?, ?, ?, ?, ?, ?)',
-                (run_id, process_time_h, _now(), _json(dict(values)), PENDING, ""),
+            return self._insert(
+                db, "writes", ("run_id", "process_time_h", "wall_utc", "values", "outcome", "detail"), [(run_id, process_time_h, _now(), _json(dict(values)), PENDING, "")]
             )
-        if cursor.lastrowid is None:
-            raise HistoryError(f"{self.path}: the write intent at {process_time_h:.2f} h was recorded without an id")
-        return cursor.lastrowid
 
     def record_write_outcome(self, write_id: int, outcome: str, detail: str = "") -> None:
         """The outcome of a write recorded by :meth:`record_write_intent` (in this run or an earlier one); once per write."""
@@ -460,8 +505,9 @@ class SqliteHistory:
             raise HistoryError(f"{self.path}: {PENDING!r} is not an outcome (write {write_id})")
         with self._recording(f"the outcome of write {write_id}") as db:
             cursor = db.execute("UPDATE writes SET outcome = ?, detail = ?, outcome_utc = ? WHERE id = ? AND outcome = ?", (outcome, detail, _now(), write_id, PENDING))
-        if cursor.rowcount != 1:
-            raise HistoryError(f"{self.path}: no pending write {write_id}: unknown, or its outcome is already recorded")
+            if cursor.rowcount != 1:
+                raise HistoryError(f"{self.path}: no pending write {write_id}: unknown, or its outcome is already recorded")
+            self._seal(db, "writes", write_id - 1, last_rowid=write_id)
 
     def pending_writes(self, batch_id: str) -> list[PendingWrite]:
         """This batch's writes recorded as intents whose outcome was not recorded, across runs, oldest first."""
@@ -476,12 +522,12 @@ class SqliteHistory:
     def record_state_change(self, process_time_h: float, previous: str, state: str, reason: str) -> None:
         run_id = self.run_id
         with self._recording(f"the state change to {state}") as db:
-            db.execute("INSERT INTO state_changes VALUES (?, ?, ?, ?, ?, ?)", (run_id, _real(process_time_h), _now(), previous, state, reason))
+            self._insert(db, "state_changes", COVERED_COLUMNS["state_changes"], [(run_id, _real(process_time_h), _now(), previous, state, reason)])
 
     def record_alarm(self, process_time_h: float, code: str, message: str, *, active: bool) -> None:
         run_id = self.run_id
         with self._recording(f"the alarm {code}") as db:
-            db.execute("INSERT INTO alarms VALUES (?, ?, ?, ?, ?, ?)", (run_id, _real(process_time_h), _now(), code, message, int(active)))
+            self._insert(db, "alarms", COVERED_COLUMNS["alarms"], [(run_id, _real(process_time_h), _now(), code, message, int(active))])
 
     def commit_cycle(self, record: CycleRecord, resume: ResumeState | None) -> None:
         cycle = (
@@ -505,14 +551,28 @@ class SqliteHistory:
             _json(record.trust) if record.trust else None,
         )
         with self._recording(f"the cycle at {record.process_time_h:.2f} h") as db:
-            db.execute(
-                "INSERT INTO cycles (run_id, process_time_h, wall_utc, state, reason, source, requested, applied, adjustments, harvest_time_h, "
-                "predicted_titer_g_per_l, predicted_score_g_per_day, solve_time_s, estimate, wrote_setpoints, read_time_s, write_time_s, trust) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                cycle,
-            )
+            self._insert(db, "cycles", COVERED_COLUMNS["cycles"], [cycle])
             if resume is not None:
                 self._write_resume(db, resume)
+        self._cycles_since_checkpoint += 1
+        if self._checkpoint is not None and self._cycles_since_checkpoint >= self._checkpoint_every_cycles:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Have the audit trail record a ``history_checkpoint`` now (the ``checkpoint`` given at construction); a failure is logged, not raised.
+
+        Called every ``checkpoint_every_cycles`` committed cycles. The cycle is
+        committed whatever happens here: a checkpoint that fails is tried
+        again at the next cycle.
+        """
+        if self._checkpoint is None:
+            return
+        try:
+            self._checkpoint()
+        except BioreactorMPCError as error:
+            log.warning("history_checkpoint_failed", path=str(self.path), error=str(error))
+            return
+        self._cycles_since_checkpoint = 0
 
     def save_resume(self, resume: ResumeState) -> None:
         with self._recording(f"the state to resume from at {resume.last_cycle_h:.2f} h") as db:
@@ -560,6 +620,7 @@ class SqliteHistory:
         run_id = self.run_id
         with self._recording("the end of the run") as db:
             db.execute("UPDATE runs SET ended_utc = ?, end_reason = ? WHERE id = ?", (_now(), reason, run_id))
+            self._seal(db, "runs", run_id - 1, last_rowid=run_id)
 
     def close(self) -> None:
         """Close the database, then release the lock (in that order: nothing is written once another runtime can open it)."""
@@ -604,6 +665,24 @@ class SqliteHistory:
             if problem is None:
                 raise HistoryError(f"{self.path}: cannot record {what}: {error}") from error
             raise HistoryWriteError(f"{self.path}: cannot record {what}: {problem}") from error
+
+    def _insert(self, db: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> int:
+        """Insert ``rows`` into ``table`` (inside a :meth:`_recording` transaction) and MAC them; the rowid of the last one."""
+        before = int(db.execute(f"SELECT COALESCE(MAX(rowid), 0) FROM {table}").fetchone()[0])  # a fixed table name; the write lock is held
+        names = ", ".join(f'"{name}"' for name in columns)
+        db.executemany(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})", rows)  # fixed names
+        last = int(db.execute(f"SELECT COALESCE(MAX(rowid), 0) FROM {table}").fetchone()[0])
+        self._seal(db, table, before, last_rowid=last)
+        return last
+
+    def _seal(self, db: sqlite3.Connection, table: str, after_rowid: int, *, last_rowid: int) -> None:
+        """Store the MAC of each row of ``table`` in ``(after_rowid, last_rowid]`` as it now reads (``key_id:mac`` in ``audit_mac``); nothing without a key."""
+        if self._mac_key is None:
+            return
+        key = self._mac_key
+        rows = db.execute(f"SELECT rowid, {quoted_columns(table)} FROM {table} WHERE rowid > ? AND rowid <= ?", (after_rowid, last_rowid)).fetchall()  # fixed names
+        seals = [(f"{key.key_id}:{key.mac(ROW_MAC_PURPOSE, row_content(table, int(row[0]), tuple(row[1:])))}", row[0]) for row in rows]
+        db.executemany(f"UPDATE {table} SET audit_mac = ? WHERE rowid = ?", seals)
 
     def _read(self, sql: str, parameters: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         try:

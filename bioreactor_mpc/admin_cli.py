@@ -3,9 +3,17 @@
 All work on the history file (``--history``), where the runtime keeps its
 records, the audit trail and the users (docs/audit-and-users.md):
 
-- ``audit verify --history PATH``: checks every record and the chain, opening
-  the file read-only; exit status 0 when intact, 1 when records were altered,
-  deleted or reordered (one line per problem).
+- ``audit verify --history PATH --key KEYS [--checkpoints FILE]``: checks
+  every record, its MAC and the chain, the process history's rows, and the
+  checkpoints exported outside, opening the file read-only; exit status 0
+  when intact, 1 when something was altered, deleted, inserted or reordered
+  (one line per problem). ``--without-key`` checks what can be checked
+  without the key, and says what was not.
+- ``audit key create PATH``, ``audit key rotate --key PATH --history H``,
+  ``audit key replace --key NEW --history H --reason "…"``: the audit key's
+  lifecycle (docs/audit-and-users.md, section 2).
+- ``audit checkpoint --history PATH --to FILE``: record a history checkpoint
+  and export the head now (a daily timer, before an archive).
 - ``users add NAME --full-name "…" --role operator --history PATH``,
   ``users list``, ``users passwd NAME``, ``users role NAME --role engineer``,
   ``users disable NAME``. A password is typed twice at the terminal, or, for
@@ -39,7 +47,9 @@ from rich.console import Console
 
 from controller.advisory import Signer
 from controller.takeover import TakeoverApproval
-from interfaces.audit import AuditRecord, AuditTrail, AuditVerification
+from interfaces.audit import DEFAULT_CHECKERS, AuditRecord, AuditTrail, AuditVerification, Checker, checkpoints_checker
+from interfaces.audit_export import CheckpointSink, FileSink, HttpSink, SyslogSink, read_checkpoints
+from interfaces.audit_keys import KEY_ENV, KEY_SUFFIX, AuditKey, AuditKeyring, create_key_file, generate_key, load_key_file, load_keys
 from interfaces.users import Role, UnknownUserError, User, UserStore, check_user_name, parse_role
 from plant_models.errors import BioreactorMPCError
 from plant_models.parameters import CultureParameters
@@ -63,12 +73,46 @@ def add_parsers(subparsers: SubParsers) -> None:
 
     audit = subparsers.add_parser("audit", help="check the audit trail in a history file (docs/audit-and-users.md)")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_commands.add_parser("verify", help="check every record and the chain: exit 0 when intact, 1 when records were altered, deleted or reordered")
+    verify = audit_commands.add_parser(
+        "verify", help="check every record, its MAC, the chain, the history's rows and the exported checkpoints: exit 0 when intact, 1 when something was altered or removed"
+    )
     verify.add_argument("--history", type=Path, required=True, metavar="PATH", help=history_help)
+    verify.add_argument(
+        "--key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="KEY",
+        help=f"an audit key file, or a directory of them (*{KEY_SUFFIX}: the current key and the retired ones); repeatable; default: ${KEY_ENV}",
+    )
+    verify.add_argument("--without-key", action="store_true", help="no key at hand: check the hash chain, the history's digests and the checkpoints, and say what was not checked")
+    verify.add_argument(
+        "--checkpoints", type=Path, action="append", default=[], metavar="FILE", help="checkpoints exported outside the history (a checkpoint file, or a syslog file); repeatable"
+    )
+
+    key = audit_commands.add_parser("key", help="create, rotate or replace the audit key (docs/audit-and-users.md, section 2)")
+    key_commands = key.add_subparsers(dest="key_command", required=True)
+    create = key_commands.add_parser("create", help="create a new audit key file, mode 0600 (never overwrites one)")
+    create.add_argument("path", type=Path, metavar="PATH", help="the key file to create, outside the history's directory (e.g. /etc/bioreactor-mpc/audit-keys/audit.key)")
+    rotate = key_commands.add_parser("rotate", help="a new key at PATH; the old one kept beside it as <key id>.key; the rotation recorded in the history, MAC'd by the old key")
+    rotate.add_argument("--key", type=Path, required=True, metavar="PATH", help="the current key file (replaced by the new key)")
+    rotate.add_argument("--history", type=Path, required=True, metavar="PATH", help=history_help)
+    replace = key_commands.add_parser("replace", help="the key was lost: start MAC'ing with a new key, recorded with the reason (the old records keep their chain and checkpoints)")
+    replace.add_argument("--key", type=Path, required=True, metavar="PATH", help="the new key file (created if missing)")
+    replace.add_argument("--history", type=Path, required=True, metavar="PATH", help=history_help)
+    replace.add_argument("--reason", required=True, help="what happened to the old key; recorded in the audit trail")
+
+    checkpoint = audit_commands.add_parser("checkpoint", help="record a history checkpoint and export the trail's head now")
+    checkpoint.add_argument("--history", type=Path, required=True, metavar="PATH", help=history_help)
+    checkpoint.add_argument("--to", type=Path, action="append", default=[], metavar="FILE", help="append the checkpoint to this file (JSON lines); repeatable")
+    checkpoint.add_argument("--syslog", default=None, metavar="ADDRESS", help="send it to syslog: /dev/log, or host:port (UDP)")
+    checkpoint.add_argument("--http", default=None, metavar="URL", help="POST it to this http(s) endpoint")
+    checkpoint.add_argument("--audit-key", type=Path, default=None, metavar="PATH", help=f"the audit key file (default: ${KEY_ENV})")
 
     users = subparsers.add_parser("users", help="manage the users of the operator screen (docs/audit-and-users.md)")
     user_commands = users.add_subparsers(dest="users_command", required=True)
     password_env_help = "read the password from this environment variable (for automation) instead of the terminal"
+    audit_key_help = f"the audit key file that MACs the records this command writes (default: ${KEY_ENV})"
 
     add = user_commands.add_parser("add", help="add a user; the password is asked twice (or --password-env)")
     add.add_argument("name", help="the log-in name: 2-32 characters, a-z, 0-9, '_', '.', '-', starting with a letter")
@@ -78,6 +122,7 @@ def add_parsers(subparsers: SubParsers) -> None:
     )
     add.add_argument("--history", type=Path, required=True, metavar="PATH", help=f"{history_help} (created if missing)")
     add.add_argument("--password-env", metavar="VAR", default=None, help=password_env_help)
+    add.add_argument("--audit-key", type=Path, default=None, metavar="PATH", help=audit_key_help)
 
     listing = user_commands.add_parser("list", help="list the users with their roles")
     listing.add_argument("--history", type=Path, required=True, metavar="PATH", help=history_help)
@@ -86,15 +131,18 @@ def add_parsers(subparsers: SubParsers) -> None:
     passwd.add_argument("name")
     passwd.add_argument("--history", type=Path, required=True, metavar="PATH", help=history_help)
     passwd.add_argument("--password-env", metavar="VAR", default=None, help=password_env_help)
+    passwd.add_argument("--audit-key", type=Path, default=None, metavar="PATH", help=audit_key_help)
 
     role = user_commands.add_parser("role", help="change a user's role")
     role.add_argument("name")
     role.add_argument("--role", required=True, choices=[r.value for r in Role], help="the new role")
     role.add_argument("--history", type=Path, required=True, metavar="PATH", help=history_help)
+    role.add_argument("--audit-key", type=Path, default=None, metavar="PATH", help=audit_key_help)
 
     disable = user_commands.add_parser("disable", help="disable a user: log-ins fail and sessions end; the user stays on record")
     disable.add_argument("name")
     disable.add_argument("--history", type=Path, required=True, metavar="PATH", help=history_help)
+    disable.add_argument("--audit-key", type=Path, default=None, metavar="PATH", help=audit_key_help)
 
     model = subparsers.add_parser("model", help="approve a calibrated model before the runtime may use it (docs/calibration.md)")
     model_commands = model.add_subparsers(dest="model_command", required=True)
@@ -106,6 +154,7 @@ def add_parsers(subparsers: SubParsers) -> None:
     approve.add_argument("--user", required=True, metavar="ENGINEER", help="the approving engineer's user name (the password is asked)")
     approve.add_argument("--reason", required=True, help="why the model may be used (what was reviewed); recorded in the audit trail")
     approve.add_argument("--password-env", metavar="VAR", default=None, help=password_env_help)
+    approve.add_argument("--audit-key", type=Path, default=None, metavar="PATH", help=audit_key_help)
 
 
 def dispatch(args: argparse.Namespace, console: Console) -> int | None:
@@ -115,6 +164,11 @@ def dispatch(args: argparse.Namespace, console: Console) -> int | None:
     message says what is wrong (the CLI prints it and exits with status 2).
     """
     if args.command == "audit":
+        if args.audit_command == "key":
+            keys: dict[str, Callable[[argparse.Namespace, Console], int]] = {"create": _audit_key_create, "rotate": _audit_key_rotate, "replace": _audit_key_replace}
+            return keys[args.key_command](args, console)
+        if args.audit_command == "checkpoint":
+            return _audit_checkpoint(args, console)
         return _audit_verify(args, console)
     if args.command == "users":
         commands: dict[str, Callable[[argparse.Namespace, Console], int]] = {
@@ -135,22 +189,113 @@ def dispatch(args: argparse.Namespace, console: Console) -> int | None:
 
 def _audit_verify(args: argparse.Namespace, console: Console) -> int:
     path = _existing(args.history)
+    keys = _verifying_keys(args)
+    checkers: list[Checker] = list(DEFAULT_CHECKERS)
+    for file in args.checkpoints:
+        read, damaged = read_checkpoints(file)
+        checkers.append(checkpoints_checker(read, damaged))
     with AuditTrail(path, read_only=True) as trail:
-        result = trail.verify()
-    _say(console, _describe(path, result))
+        result = trail.verify(keys=keys, checkers=checkers)
+    _say(console, _describe(path, result, keys))
     for problem in result.problems:
         _say(console, problem)
+    for note in result.notes:
+        _say(console, f"note: {note}")
     return 0 if result.ok else 1
 
 
-def _describe(path: Path, result: AuditVerification) -> str:
+def _verifying_keys(args: argparse.Namespace) -> AuditKeyring | None:
+    """The keys ``--key`` names (files or directories), else the one ``$BIOREACTOR_MPC_AUDIT_KEY`` names; None with ``--without-key``."""
+    if args.without_key:
+        if args.key:
+            raise AdminCommandError("--key and --without-key: give one or the other")
+        return None
+    given = args.key or ([Path(os.environ[KEY_ENV])] if os.environ.get(KEY_ENV) else [])
+    if not given:
+        raise AdminCommandError(
+            f"no audit key to check the MACs with: give --key FILE or --key DIR (or set {KEY_ENV}), "
+            "or --without-key to check only what can be checked without it (the hash chain, the history's digests, the checkpoints)"
+        )
+    return load_keys(given)
+
+
+def _describe(path: Path, result: AuditVerification, keys: AuditKeyring | None) -> str:
     if result.ok and result.records == 0:
         return f"{path}: no audit records"
     head = f"; head seq {result.head.seq}, sha256 {result.head.hash}" if result.head is not None else "; no head"
     records = _count(result.records, "record")
+    how = f"MACs checked with key {', '.join(keys)}" if keys else "WITHOUT the key: MACs not checked"
     if result.ok:
-        return f"{path}: audit trail intact: {records}{head}"
-    return f"{path}: audit trail NOT intact: {_count(len(result.problems), 'problem')} in {records}{head}"
+        return f"{path}: audit trail intact: {records}, {how}{head}"
+    return f"{path}: audit trail NOT intact: {_count(len(result.problems), 'problem')} in {records}, {how}{head}"
+
+
+def _audit_key_create(args: argparse.Namespace, console: Console) -> int:
+    key = create_key_file(args.path)
+    _say(console, f"created audit key {key.key_id} in {args.path} (mode 0600); back it up now, to a place only the quality unit can read (docs/audit-and-users.md)")
+    return 0
+
+
+def _audit_key_rotate(args: argparse.Namespace, console: Console) -> int:
+    """Record first, then act: the new key is written beside the old, the rotation recorded with the old key, then the old key kept as ``<id>.key`` and the new one moved in."""
+    path = _existing(args.history)
+    key_path: Path = args.key
+    old = load_key_file(key_path)
+    pending = key_path.with_name(key_path.name + ".new")
+    new = create_key_file(pending, generate_key())
+    try:
+        with AuditTrail(path, key=old) as trail:
+            record = trail.rotate_key(new, actor=ACTOR)
+    except BioreactorMPCError:
+        pending.unlink()
+        raise
+    retired = key_path.with_name(f"{old.key_id}{KEY_SUFFIX}")
+    if not retired.exists():
+        create_key_file(retired, old)
+    os.replace(pending, key_path)
+    _say(console, f"rotated the audit key of {path}: {old.key_id} -> {new.key_id} (audit record {record.seq}); {key_path} holds the new key, {retired} the old one")
+    _say(console, f"verify with --key {key_path.parent}; back up the new key now")
+    return 0
+
+
+def _audit_key_replace(args: argparse.Namespace, console: Console) -> int:
+    path = _existing(args.history)
+    reason = args.reason.strip()
+    if not reason:
+        raise AdminCommandError("--reason: say what happened to the old key; it goes in the audit trail")
+    key_path: Path = args.key
+    new = load_key_file(key_path) if key_path.exists() else create_key_file(key_path)
+    with AuditTrail(path) as trail:
+        record = trail.replace_key(new, actor=ACTOR, reason=reason)
+    lost = record.details.get("lost_key_id")
+    _say(console, f"{path}: the audit key {lost} replaced by {new.key_id} (audit record {record.seq}); records before it keep their hash chain and checkpoints")
+    return 0
+
+
+def _audit_checkpoint(args: argparse.Namespace, console: Console) -> int:
+    path = _existing(args.history)
+    sinks: list[CheckpointSink] = [FileSink(file) for file in args.to]
+    if args.syslog is not None:
+        sinks.append(SyslogSink(args.syslog))
+    if args.http is not None:
+        sinks.append(HttpSink(args.http))
+    if not sinks:
+        raise AdminCommandError("nowhere to export the checkpoint to: give --to FILE, --syslog ADDRESS or --http URL")
+    with AuditTrail(path, key=_writing_key(args), sinks=sinks) as trail:
+        checkpoint = trail.checkpoint("requested", actor=ACTOR)
+    _say(console, f"{path}: checkpoint of seq {checkpoint.seq} (sha256 {checkpoint.hash}) exported to {', '.join(s.describe() for s in sinks)}")
+    return 0
+
+
+def _writing_key(args: argparse.Namespace) -> AuditKey | None:
+    """The key that MACs the records a command writes: ``--audit-key``, else the file ``$BIOREACTOR_MPC_AUDIT_KEY`` names, else none (refused by a MAC'd trail)."""
+    given = getattr(args, "audit_key", None) or (Path(os.environ[KEY_ENV]) if os.environ.get(KEY_ENV) else None)
+    return load_key_file(given) if given is not None else None
+
+
+def _writer(path: Path, args: argparse.Namespace) -> AuditTrail:
+    """The trail a command appends to, with its audit key."""
+    return AuditTrail(path, key=_writing_key(args))
 
 
 def _count(number: int, noun: str) -> str:
@@ -163,7 +308,7 @@ def _count(number: int, noun: str) -> str:
 def _users_add(args: argparse.Namespace, console: Console) -> int:
     check_user_name(args.name)
     password = _password(args, f"password for {args.name}: ")
-    with AuditTrail(args.history) as trail, UserStore(args.history, audit=trail, actor=ACTOR) as store:
+    with _writer(args.history, args) as trail, UserStore(args.history, audit=trail, actor=ACTOR) as store:
         user = store.add_user(args.name, full_name=args.full_name, role=args.role, password=password)
     _say(console, f"added {user.name} ({user.full_name}) as {user.role.value} to {args.history}")
     return 0
@@ -185,7 +330,7 @@ def _users_list(args: argparse.Namespace, console: Console) -> int:
 
 def _users_passwd(args: argparse.Namespace, console: Console) -> int:
     path = _existing(args.history)
-    with AuditTrail(path) as trail, UserStore(path, audit=trail, actor=ACTOR) as store:
+    with _writer(path, args) as trail, UserStore(path, audit=trail, actor=ACTOR) as store:
         _known(store, args.name)
         password = _password(args, f"new password for {args.name}: ")
         store.set_password(args.name, password)
@@ -196,7 +341,7 @@ def _users_passwd(args: argparse.Namespace, console: Console) -> int:
 def _users_role(args: argparse.Namespace, console: Console) -> int:
     path = _existing(args.history)
     role = parse_role(args.role)
-    with AuditTrail(path) as trail, UserStore(path, audit=trail, actor=ACTOR) as store:
+    with _writer(path, args) as trail, UserStore(path, audit=trail, actor=ACTOR) as store:
         user = _known(store, args.name)
         if user.role is role:
             _say(console, f"{user.name} is {role.value} already; nothing changed")
@@ -208,7 +353,7 @@ def _users_role(args: argparse.Namespace, console: Console) -> int:
 
 def _users_disable(args: argparse.Namespace, console: Console) -> int:
     path = _existing(args.history)
-    with AuditTrail(path) as trail, UserStore(path, audit=trail, actor=ACTOR) as store:
+    with _writer(path, args) as trail, UserStore(path, audit=trail, actor=ACTOR) as store:
         user = _known(store, args.name)
         if user.disabled:
             _say(console, f"{user.name} is disabled already; nothing changed")
@@ -236,7 +381,7 @@ def _model_approve(args: argparse.Namespace, console: Console) -> int:
     signature = {"signer": signer.name, "printed_name": signer.full_name, "role": signer.role, "reason": reason, "signed_utc": datetime.now(UTC).isoformat()}
     details = {"file": str(parameters_path.resolve()), "sha256": digest, "signature": signature, "provenance": provenance_summary(parameters)}
     earlier = model_approval(path, digest)
-    with AuditTrail(path) as trail:
+    with _writer(path, args) as trail:
         record = trail.append(actor=signer.name, action=MODEL_APPROVED, subject=f"model {parameters_path.name}", details=details)
     _say(console, f"approved {parameters_path} (sha256 {digest}) as {signer.name}: audit record {record.seq} in {path}")
     if earlier is not None:

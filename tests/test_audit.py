@@ -288,24 +288,35 @@ def _run(*argv: str) -> tuple[int | None, str]:
 def test_audit_verify_exits_0_when_intact_and_1_with_each_problem_on_a_line(tmp_path):
     path = tmp_path / "h.sqlite"
     records = _filled(path)
-    status, out = _run("audit", "verify", "--history", str(path))
+    status, out = _run("audit", "verify", "--history", str(path), "--without-key")
     assert status == 0
-    assert out == f"{path}: audit trail intact: 5 records; head seq 5, sha256 {records[-1].hash}\n"
+    assert out.splitlines()[0] == f"{path}: audit trail intact: 5 records, WITHOUT the key: MACs not checked; head seq 5, sha256 {records[-1].hash}"
+    assert out.splitlines()[1:] == ["note: seq 1 to 5: no record carries a MAC (written without an audit key): whoever can write the file could have rewritten them"]
     db = _raw(path)
     db.execute("DELETE FROM audit WHERE seq = 2")
     db.execute("UPDATE audit SET subject = 'cycle 9' WHERE seq = 4")
-    status, out = _run("audit", "verify", "--history", str(path))
+    status, out = _run("audit", "verify", "--history", str(path), "--without-key")
     assert status == 1
-    assert out.splitlines()[1:] == ["seq 2: missing (deleted)", "seq 4: altered: its content does not match its hash"]
+    assert out.splitlines()[1:3] == ["seq 2: missing (deleted)", "seq 4: altered: its content does not match its hash"]
     assert out.splitlines()[0].startswith(f"{path}: audit trail NOT intact: 2 problems in 4 records")
+
+
+def test_audit_verify_needs_a_key_or_says_it_goes_without(tmp_path, monkeypatch):
+    path = tmp_path / "h.sqlite"
+    _filled(path, 2)
+    monkeypatch.delenv("BIOREACTOR_MPC_AUDIT_KEY", raising=False)
+    with pytest.raises(AdminCommandError, match="no audit key to check the MACs with: give --key FILE or --key DIR .* or --without-key"):
+        _run("audit", "verify", "--history", str(path))
+    with pytest.raises(AdminCommandError, match="--key and --without-key"):
+        _run("audit", "verify", "--history", str(path), "--without-key", "--key", str(tmp_path))
 
 
 def test_audit_verify_of_a_history_without_audit_records_or_no_file(tmp_path):
     path = tmp_path / "h.sqlite"
     SqliteHistory(path).close()
-    assert _run("audit", "verify", "--history", str(path)) == (0, f"{path}: no audit records\n")
+    assert _run("audit", "verify", "--history", str(path), "--without-key") == (0, f"{path}: no audit records\n")
     with pytest.raises(AdminCommandError, match="missing.sqlite: no such history file"):
-        _run("audit", "verify", "--history", str(tmp_path / "missing.sqlite"))
+        _run("audit", "verify", "--history", str(tmp_path / "missing.sqlite"), "--without-key")
     assert not (tmp_path / "missing.sqlite").exists()
 
 

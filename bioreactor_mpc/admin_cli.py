@@ -50,6 +50,7 @@ from controller.takeover import TakeoverApproval
 from interfaces.audit import DEFAULT_CHECKERS, AuditRecord, AuditTrail, AuditVerification, Checker, checkpoints_checker
 from interfaces.audit_export import CheckpointSink, FileSink, HttpSink, SyslogSink, read_checkpoints
 from interfaces.audit_keys import KEY_ENV, KEY_SUFFIX, AuditKey, AuditKeyring, create_key_file, generate_key, load_key_file, load_keys
+from interfaces.passwords import PasswordPolicy, load_password_policy
 from interfaces.users import Role, UnknownUserError, User, UserStore, check_user_name, parse_role
 from plant_models.errors import BioreactorMPCError
 from plant_models.parameters import CultureParameters
@@ -113,6 +114,7 @@ def add_parsers(subparsers: SubParsers) -> None:
     user_commands = users.add_subparsers(dest="users_command", required=True)
     password_env_help = "read the password from this environment variable (for automation) instead of the terminal"
     audit_key_help = f"the audit key file that MACs the records this command writes (default: ${KEY_ENV})"
+    policy_help = "the site's password policy, a YAML file of PasswordPolicy fields (docs/audit-and-users.md, section 4); default: NIST SP 800-63B's, no ageing, no lock"
 
     add = user_commands.add_parser("add", help="add a user; the password is asked twice (or --password-env)")
     add.add_argument("name", help="the log-in name: 2-32 characters, a-z, 0-9, '_', '.', '-', starting with a letter")
@@ -123,15 +125,18 @@ def add_parsers(subparsers: SubParsers) -> None:
     add.add_argument("--history", type=Path, required=True, metavar="PATH", help=f"{history_help} (created if missing)")
     add.add_argument("--password-env", metavar="VAR", default=None, help=password_env_help)
     add.add_argument("--audit-key", type=Path, default=None, metavar="PATH", help=audit_key_help)
+    add.add_argument("--password-policy", type=Path, default=None, metavar="FILE", help=policy_help)
 
-    listing = user_commands.add_parser("list", help="list the users with their roles")
+    listing = user_commands.add_parser("list", help="list the users with their roles and states (active, disabled, locked, password expired)")
     listing.add_argument("--history", type=Path, required=True, metavar="PATH", help=history_help)
+    listing.add_argument("--password-policy", type=Path, default=None, metavar="FILE", help=f"{policy_help}: shows whose password has aged out")
 
     passwd = user_commands.add_parser("passwd", help="set a user's password (ends the user's sessions)")
     passwd.add_argument("name")
     passwd.add_argument("--history", type=Path, required=True, metavar="PATH", help=history_help)
     passwd.add_argument("--password-env", metavar="VAR", default=None, help=password_env_help)
     passwd.add_argument("--audit-key", type=Path, default=None, metavar="PATH", help=audit_key_help)
+    passwd.add_argument("--password-policy", type=Path, default=None, metavar="FILE", help=policy_help)
 
     role = user_commands.add_parser("role", help="change a user's role")
     role.add_argument("name")
@@ -307,8 +312,9 @@ def _count(number: int, noun: str) -> str:
 
 def _users_add(args: argparse.Namespace, console: Console) -> int:
     check_user_name(args.name)
+    policy = _password_policy(args)
     password = _password(args, f"password for {args.name}: ")
-    with _writer(args.history, args) as trail, UserStore(args.history, audit=trail, actor=ACTOR) as store:
+    with _writer(args.history, args) as trail, UserStore(args.history, audit=trail, actor=ACTOR, policy=policy) as store:
         user = store.add_user(args.name, full_name=args.full_name, role=args.role, password=password)
     _say(console, f"added {user.name} ({user.full_name}) as {user.role.value} to {args.history}")
     return 0
@@ -316,21 +322,23 @@ def _users_add(args: argparse.Namespace, console: Console) -> int:
 
 def _users_list(args: argparse.Namespace, console: Console) -> int:
     path = _existing(args.history)
-    with UserStore(path) as store:
+    with UserStore(path, policy=_password_policy(args)) as store:
         users = store.users()
+        expired = {user.name for user in users if store.password_expired(user.name)}
     if not users:
         _say(console, f"{path}: no users")
         return 0
     width = max(len(u.name) for u in users)
     for user in users:
-        state = "disabled" if user.disabled else "locked" if user.locked else "active"
+        state = "disabled" if user.disabled else "locked" if user.locked else "expired" if user.name in expired else "active"
         _say(console, f"{user.name:<{width}}  {user.role.value:<8}  {state:<8}  {user.full_name}")
     return 0
 
 
 def _users_passwd(args: argparse.Namespace, console: Console) -> int:
     path = _existing(args.history)
-    with _writer(path, args) as trail, UserStore(path, audit=trail, actor=ACTOR) as store:
+    policy = _password_policy(args)
+    with _writer(path, args) as trail, UserStore(path, audit=trail, actor=ACTOR, policy=policy) as store:
         _known(store, args.name)
         password = _password(args, f"new password for {args.name}: ")
         store.set_password(args.name, password)
@@ -361,6 +369,11 @@ def _users_disable(args: argparse.Namespace, console: Console) -> int:
         store.disable(user.name)
     _say(console, f"{user.name} disabled; the user's sessions ended")
     return 0
+
+
+def _password_policy(args: argparse.Namespace) -> PasswordPolicy | None:
+    """The policy ``--password-policy`` names, validated (a ConfigError naming the file and field otherwise); None for the default."""
+    return load_password_policy(args.password_policy) if args.password_policy is not None else None
 
 
 # --------------------------------------------------------------------------- models

@@ -24,8 +24,10 @@ they make passwords worse, not stronger. ``max_age_days`` (ageing) and
 ``lock_after_inactive_days`` (inactivity lock) are off by default, as the
 standard advises; a site whose procedures require them sets them.
 
-This module imports nothing but pydantic and the standard library, so a
-configuration that holds a :class:`PasswordPolicy` loads without the rest.
+:class:`PasswordPolicy` is a configuration model like the others
+(:class:`~plant_models.config_loading.FrozenConfig`); this module imports
+nothing else of the project's, so a configuration that holds one loads
+without the user store.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ import unicodedata
 from enum import Enum
 from functools import cache
 from importlib.resources import files
+from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from plant_models.config_loading import FieldError, FrozenConfig, load_yaml_model
 from plant_models.errors import BioreactorMPCError
 
 COMMON_PASSWORDS_RESOURCE = "data/common-passwords.txt"
@@ -72,10 +76,8 @@ class WeakPasswordError(ValueError, BioreactorMPCError):
         self.rule = rule
 
 
-class PasswordPolicy(BaseModel):
-    """What a new password must meet, and when an account's password ages out or the account locks (docs/audit-and-users.md)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class PasswordPolicy(FrozenConfig):
+    """What a new password must meet, and when an account's password ages out or the account locks (docs/audit-and-users.md, section 4)."""
 
     min_length: int = Field(default=12, ge=8, le=256, description="fewest characters (NIST SP 800-63B: at least 8; 15 where a password is the only factor)")
     max_length: int = Field(default=1024, ge=64, le=HARD_MAX_LENGTH, description="most characters (at least 64, so pass phrases fit)")
@@ -92,11 +94,16 @@ class PasswordPolicy(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> PasswordPolicy:
         if self.max_length < self.min_length:
-            raise ValueError(f"max_length {self.max_length} is below min_length {self.min_length}")
+            raise FieldError("max_length", self.max_length, f"must be at least min_length ({self.min_length})")
         for word in self.context_words:
             if len(word.strip()) < _MIN_RUN:
-                raise ValueError(f"context_words: {word!r} is too short to refuse passwords for; use words of at least {_MIN_RUN} characters")
+                raise FieldError("context_words", word, f"each word needs at least {_MIN_RUN} characters (a shorter one occurs in ordinary pass phrases)")
         return self
+
+
+def load_password_policy(path: str | Path) -> PasswordPolicy:
+    """The :class:`PasswordPolicy` in the YAML file at ``path``; a :class:`~plant_models.errors.ConfigError` naming the file and each wrong field otherwise."""
+    return load_yaml_model(path, PasswordPolicy)
 
 
 def check_password(password: str, *, policy: PasswordPolicy | None = None, user_name: str | None = None, full_name: str | None = None) -> None:

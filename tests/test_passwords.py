@@ -10,8 +10,9 @@ import pytest
 from argon2 import PasswordHasher
 from pydantic import ValidationError
 
-from interfaces.passwords import PasswordPolicy, PasswordRule, WeakPasswordError, check_password, common_passwords, is_repetitive_or_sequential
+from interfaces.passwords import PasswordPolicy, PasswordRule, WeakPasswordError, check_password, common_passwords, is_repetitive_or_sequential, load_password_policy
 from interfaces.users import Role, User, UserStore
+from plant_models.errors import ConfigError
 
 DAY_S = 86400.0
 GOOD = "correct horse battery"
@@ -117,9 +118,9 @@ def test_the_policy_is_frozen_and_refuses_what_nist_does_not_allow():
         PasswordPolicy(min_length=6)
     with pytest.raises(ValidationError, match="max_length"):
         PasswordPolicy(max_length=32)
-    with pytest.raises(ValidationError, match="max_length 100 is below min_length 200"):
+    with pytest.raises(ValidationError, match=r"max_length: must be at least min_length \(200\); got 100"):
         PasswordPolicy(min_length=200, max_length=100)
-    with pytest.raises(ValidationError, match="context_words: 'ab' is too short"):
+    with pytest.raises(ValidationError, match="context_words: each word needs at least 3 characters"):
         PasswordPolicy(context_words=("ab",))
     with pytest.raises(ValidationError, match="extra_forbidden|Extra inputs"):
         PasswordPolicy(require_digit=True)  # type: ignore[call-arg]
@@ -220,3 +221,16 @@ def test_an_account_unused_too_long_locks_at_its_next_login_and_a_new_password_u
     with _store(tmp_path, clock) as users:  # the lock off (the default)
         clock.now_s += 400 * DAY_S
         assert users.authenticate("alice", "a fresh pass phrase") == alice
+
+
+def test_a_policy_file_is_loaded_and_a_wrong_field_named(tmp_path):
+    good = tmp_path / "policy.yaml"
+    good.write_text("min_length: 14\ncontext_words: [bioreactor, acme]\nhistory_count: 8\nmax_age_days: 180\nlock_after_inactive_days: 90\n")
+    assert load_password_policy(good) == PasswordPolicy(min_length=14, context_words=("bioreactor", "acme"), history_count=8, max_age_days=180, lock_after_inactive_days=90)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("min_lenght: 14\n")
+    with pytest.raises(ConfigError, match="bad.yaml: min_lenght: .*min_length"):
+        load_password_policy(bad)
+    bad.write_text("refuse_common: yes\n")
+    with pytest.raises(ConfigError, match="bad.yaml: refuse_common: must be true or false"):
+        load_password_policy(bad)

@@ -19,6 +19,7 @@ from bioreactor_mpc.admin_cli import AdminCommandError, add_parsers, dispatch
 from interfaces.audit import AuditError, AuditTrail
 from interfaces.history import SqliteHistory
 from interfaces.users import InvalidUserError, Role, UnknownUserError, User, UserStore, WeakPasswordError, can_read_audit, user_store_problems
+from plant_models.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("uncached_logging")
 
@@ -304,3 +305,25 @@ def test_users_commands_explain_what_is_wrong(tmp_path, monkeypatch):
         _run("users", "list", "--history", str(tmp_path / "other.sqlite"))
     with AuditTrail(path) as trail:
         assert trail.records() == [], "nothing refused was recorded as done"
+
+
+def test_users_commands_apply_the_sites_password_policy_file(tmp_path, monkeypatch):
+    path = tmp_path / "history.sqlite"
+    policy = tmp_path / "password-policy.yaml"
+    policy.write_text("context_words: [bioreactor, acme]\nmax_age_days: 90\n")
+    monkeypatch.setenv("PW", "acme pass phrase 2027")
+    with pytest.raises(WeakPasswordError, match="contains 'acme'.*password rule: context_word"):
+        _run("users", "add", "alice", "--full-name", "Alice", "--role", "qa", "--history", str(path), "--password-env", "PW", "--password-policy", str(policy))
+    assert _run("users", "add", "alice", "--full-name", "Alice", "--role", "qa", "--history", str(path), "--password-env", "PW")[0] == 0, "not a context word by default"
+    with pytest.raises(WeakPasswordError, match="password rule: reused"):
+        _run("users", "passwd", "alice", "--history", str(path), "--password-env", "PW")
+    assert _run("users", "list", "--history", str(path), "--password-policy", str(policy)) == (0, "alice  qa        active    Alice\n")
+    db = sqlite3.connect(path)
+    db.execute("UPDATE users SET password_changed_utc = '2020-01-01T00:00:00+00:00'")
+    db.commit()
+    db.close()
+    assert _run("users", "list", "--history", str(path), "--password-policy", str(policy)) == (0, "alice  qa        expired   Alice\n")
+    assert _run("users", "list", "--history", str(path)) == (0, "alice  qa        active    Alice\n"), "no ageing without a policy that sets it"
+    policy.write_text("max_age_days: -1\n")
+    with pytest.raises(ConfigError, match="password-policy.yaml: max_age_days"):
+        _run("users", "list", "--history", str(path), "--password-policy", str(policy))

@@ -60,7 +60,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from interfaces.audit import AuditRecord, canonical_json
 from interfaces.history import read_only_uri
-from interfaces.passwords import PasswordPolicy, PasswordRule, WeakPasswordError, check_password
+from interfaces.passwords import HARD_MAX_LENGTH, PasswordPolicy, PasswordRule, WeakPasswordError, check_password
 from plant_models.errors import BioreactorMPCError
 
 __all__ = [
@@ -88,7 +88,7 @@ log = structlog.get_logger(__name__)
 
 USER_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{1,31}")
 """A user name: 2 to 32 characters, lower-case letters, digits, ``_``, ``.`` and ``-``, starting with a letter."""
-MAX_PASSWORD_LENGTH = 4096
+MAX_PASSWORD_LENGTH = HARD_MAX_LENGTH
 """A password offered at login longer than this is refused unhashed, so a login form cannot be used to make the server hash megabytes."""
 MAX_FULL_NAME_LENGTH = 100
 _MAX_TOKEN_LENGTH = 256
@@ -680,6 +680,8 @@ class UserStore:
             for column, kind in _ADDED_COLUMNS:
                 if column not in present:
                     db.execute(f"ALTER TABLE users ADD COLUMN {column} {kind}")  # names from a fixed tuple
+            if "last_active_utc" not in present:  # when each user last logged in was not kept: their inactivity counts from now
+                db.execute("UPDATE users SET last_active_utc = ?", (self._stamp(),))
 
     @contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:

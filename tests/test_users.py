@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from bioreactor_mpc.admin_cli import AdminCommandError, add_parsers, dispatch
 from interfaces.audit import AuditError, AuditTrail
 from interfaces.history import SqliteHistory
+from interfaces.passwords import PasswordPolicy
 from interfaces.users import InvalidUserError, Role, UnknownUserError, User, UserStore, WeakPasswordError, can_read_audit, user_store_problems
 from plant_models.errors import ConfigError
 
@@ -149,9 +150,9 @@ def test_a_user_database_written_before_qa_existed_still_loads(tmp_path):
     db.execute("INSERT INTO users VALUES ('vera', 'Vera', 'viewer', ?, 0, '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')", (cheap.hash(PASSWORD),))
     db.commit()
     db.close()
-    with UserStore(path, password_hasher=cheap) as users:
+    with UserStore(path, password_hasher=cheap, policy=PasswordPolicy(lock_after_inactive_days=30)) as users:
         assert users.users() == [User("vera", "Vera", Role.VIEWER, disabled=False)]
-        assert users.authenticate("vera", PASSWORD) == User("vera", "Vera", Role.VIEWER, disabled=False)
+        assert users.authenticate("vera", PASSWORD) == User("vera", "Vera", Role.VIEWER, disabled=False), "inactivity counts from the upgrade, not from 2026-01-01"
 
 
 def test_an_old_hash_is_upgraded_at_the_next_login(tmp_path):

@@ -4,6 +4,11 @@ Before anything else the runtime's kinetics file is checked: a calibrated one
 (with ``provenance``) runs only when an engineer approved that very file (its
 sha256) in the history's audit trail (``bioreactor-mpc model approve``); the
 nominal kinetics need no approval.
+
+The audit trail is MAC'd with the audit key (:func:`audit_key`) and exports
+checkpoints of its head (:func:`checkpoint_sinks`) every
+``audit.checkpoints.every_records`` records, every ``every_cycles`` cycles
+(with the process history's rows) and at shutdown (docs/audit-and-users.md).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -27,6 +33,8 @@ from controller.runtime import CycleReport, ModelFile, RunSummary, Runtime
 from controller.runtime_config import LoadedRuntime, ScreenSettings, nominal_parameter_vector
 from controller.takeover import RuntimeStartError, TakeoverApproval
 from interfaces.audit import AuditTrail
+from interfaces.audit_export import CheckpointSink, FileSink, HttpSink, SyslogSink
+from interfaces.audit_keys import KEY_ENV, AuditKey, load_key_file
 from interfaces.history import SqliteHistory
 from interfaces.tagmap import ModbusTagMap, OpcUaTagMap, load_tag_map
 from interfaces.users import UserStore
@@ -70,6 +78,50 @@ def approved_model_file(loaded: LoadedRuntime) -> ModelFile:
         )
     log.info("model_approved", path=str(path), sha256=digest, approved_by=approval.actor, audit_seq=approval.seq)
     return ModelFile(str(path), digest, calibrated=True, approval_seq=approval.seq)
+
+
+DEFAULT_KEY_FILE = "audit.key"
+"""The audit key file the runtime uses, beside its config file, when neither ``$BIOREACTOR_MPC_AUDIT_KEY`` nor ``audit.key_file`` names one."""
+
+
+def audit_key(loaded: LoadedRuntime) -> AuditKey | None:
+    """The audit key: the file ``$BIOREACTOR_MPC_AUDIT_KEY`` names, else ``audit.key_file``, else ``audit.key`` beside the config if it exists.
+
+    A key file named (by the variable or the config) must exist and be
+    readable by its owner only, or the runtime does not start
+    (:class:`~interfaces.audit_keys.AuditKeyError` names the file). With no
+    key at all the trail is not MAC'd, and every start logs ``audit_unkeyed``.
+    """
+    named = os.environ.get(KEY_ENV)
+    if named:
+        return load_key_file(Path(named))
+    base = loaded.source.parent
+    if loaded.config.audit.key_file is not None:
+        return load_key_file(base / loaded.config.audit.key_file)
+    default = base / DEFAULT_KEY_FILE
+    if default.exists():
+        return load_key_file(default)
+    log.warning(
+        "audit_unkeyed",
+        history=str(loaded.history_path),
+        reason=f"no audit key ({KEY_ENV}, audit.key_file or {default}): the audit trail is not MAC'd, and whoever can write the history can rewrite it",
+    )
+    return None
+
+
+def checkpoint_sinks(loaded: LoadedRuntime) -> list[CheckpointSink]:
+    """Where the audit trail's checkpoints go (``audit.checkpoints``); none configured is logged (``audit_checkpoints_not_exported``)."""
+    settings = loaded.config.audit.checkpoints
+    sinks: list[CheckpointSink] = []
+    if settings.file is not None:
+        sinks.append(FileSink(loaded.source.parent / settings.file))
+    if settings.syslog is not None:
+        sinks.append(SyslogSink(settings.syslog))
+    if settings.http_url is not None:
+        sinks.append(HttpSink(settings.http_url, timeout_s=settings.http_timeout_s))
+    if not sinks:
+        log.warning("audit_checkpoints_not_exported", history=str(loaded.history_path), reason="no audit.checkpoints: a rewrite of the whole history would not be evident")
+    return sinks
 
 
 class ProgressPrinter:
@@ -120,6 +172,7 @@ async def run_runtime(
     """
     config = loaded.config
     model_file = approved_model_file(loaded)  # before anything is built, connected or created
+    key, sinks, every = audit_key(loaded), checkpoint_sinks(loaded), config.audit.checkpoints
     port = make_port(
         loaded.tag_map_path,
         endpoint=endpoint,
@@ -128,9 +181,15 @@ async def run_runtime(
         auth_retry_after_s=config.safeguards.auth_retry_after_s,
     )
     mpc = mpc or EconomicMpc(CultureModel(), loaded.batch, config.nmpc.mpc)  # built (on a new machine, compiled) before any file is created
+
+    def checkpoint() -> object:  # the history has the audit trail, opened after it, record its rows every so many cycles
+        return audit.checkpoint(f"every {every.every_cycles} cycles")
+
     with contextlib.ExitStack() as files:  # closed in reverse order, whatever happens
-        history = files.enter_context(SqliteHistory(loaded.history_path))  # takes the history's lock: one runtime per history file
-        audit = files.enter_context(AuditTrail(loaded.history_path))
+        history = files.enter_context(  # takes the history's lock: one runtime per history file
+            SqliteHistory(loaded.history_path, mac_key=key, checkpoint=checkpoint, checkpoint_every_cycles=every.every_cycles)
+        )
+        audit = files.enter_context(AuditTrail(loaded.history_path, key=key, sinks=sinks, checkpoint_every=every.every_records))
         runtime = Runtime(
             port=port,
             history=history,

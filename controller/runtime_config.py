@@ -148,6 +148,28 @@ class RuntimeSettings(FrozenConfig):
         return self
 
 
+class AuditCheckpointSettings(FrozenConfig):
+    """Where the audit trail's checkpoints go, outside the history, and how often (docs/audit-and-users.md, section 2)."""
+
+    file: Path | None = Field(default=None, description="append each checkpoint to this file (JSON lines), on another volume than the history; relative to the config file")
+    syslog: str | None = Field(default=None, min_length=1, description="send each checkpoint to syslog: /dev/log, or host:port (UDP) of a log server")
+    http_url: str | None = Field(default=None, pattern=r"^https?://", description="POST each checkpoint (JSON) to this http(s) endpoint")
+    http_timeout_s: float = Field(default=5.0, gt=0.0, le=60.0, description="how long a POST may take [s]")
+    every_records: int = Field(default=100, ge=1, description="a checkpoint every this many audit records (and at shutdown)")
+    every_cycles: int = Field(default=60, ge=1, description="and every this many control cycles: the process history's rows since the last one")
+
+
+class AuditSettings(FrozenConfig):
+    """The audit trail's key and checkpoints."""
+
+    key_file: Path | None = Field(
+        default=None,
+        description="the audit key file (bioreactor-mpc audit key create; mode 0600, not in the history's directory); relative to the config file. "
+        "Default: audit.key beside the config file, when it exists; $BIOREACTOR_MPC_AUDIT_KEY overrides both",
+    )
+    checkpoints: AuditCheckpointSettings = AuditCheckpointSettings()
+
+
 class RuntimeConfig(RuntimeSettings):
     """A deployment: which PLC, which batch, which kinetics, where the history goes. Paths are relative to this file."""
 
@@ -156,6 +178,7 @@ class RuntimeConfig(RuntimeSettings):
     model: Path = Field(description="the nominal kinetics of the cell line")
     history: Path = Field(description="the SQLite history file (created if missing)")
     allow_insecure: bool = Field(default=False, description="OPC UA security mode None, by explicit opt-in (logged at every start)")
+    audit: AuditSettings = Field(default=AuditSettings(), description="the audit trail's key and where its checkpoints are exported")
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,7 @@ class SyslogSink:
             if self._handler is None:
                 self._handler = logging.handlers.SysLogHandler(address=self._target, facility=self._facility, socktype=socket.SOCK_DGRAM)
                 self._handler.ident = "bioreactor-mpc: "
+                self._handler.append_nul = False  # a plain line in the log server's files
             record = logging.LogRecord("bioreactor_mpc.audit", logging.INFO, __file__, 0, "%s %s", None, None)
             record.args = (CHECKPOINT_FORMAT, checkpoint.to_json())
             self._handler.emit(record)  # emit, not handle: errors raise here instead of going to handleError's stderr

@@ -451,6 +451,7 @@ class AuditTrail:
                 self._db.execute("PRAGMA mmap_size=0")
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
+                self._refuse_a_deleted_trail()
                 self._db.executescript(SCHEMA)
                 for column in ("key_id", "mac"):  # a trail written before the audit key
                     if column not in self._audit_columns():
@@ -464,6 +465,7 @@ class AuditTrail:
                 raise AuditUnavailableError(f"{self.path}: cannot open the audit trail: {problem}") from error
             raise AuditError(f"{self.path}: cannot open the audit trail: {error}") from error
         except AuditError:
+            self._discard_connection()
             raise
         except OSError as error:
             self._discard_connection()
@@ -748,6 +750,25 @@ class AuditTrail:
             self._db.close()
 
     # ------------------------------------------------------------------ helpers
+
+    def _refuse_a_deleted_trail(self) -> None:
+        """Refuse to start a new trail (at seq 1) in a history whose runs were MAC'd: its trail was there, and was deleted.
+
+        Appending would make a fresh chain that verifies, and hide the deletion.
+        A history from before the audit key (no MACs) may start its trail.
+        """
+        tables = {str(row[0]) for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "runs" not in tables or "audit_mac" not in {str(row[1]) for row in self._db.execute("PRAGMA table_info(runs)")}:
+            return
+        if "audit" in tables and self._db.execute("SELECT 1 FROM audit LIMIT 1").fetchone() is not None:
+            return
+        sealed = int(self._db.execute("SELECT COUNT(*) FROM runs WHERE audit_mac IS NOT NULL").fetchone()[0])
+        if sealed:
+            state = "is empty" if "audit" in tables else "is missing"
+            raise AuditError(
+                f"{self.path}: the audit trail {state}, but the history holds {sealed} runs MAC'd with an audit key: the trail was deleted. "
+                "Nothing is appended (a new chain would hide that); keep this file as evidence, and restore the history from a backup or start a new history file"
+            )
 
     def _audit_columns(self) -> set[str]:
         return {str(row[1]) for row in self._db.execute("PRAGMA table_info(audit)")}

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from bioreactor_mpc.admin_cli import AdminCommandError, add_parsers, dispatch
 from interfaces.audit import GENESIS_HASH, AuditError, AuditRecord, AuditTrail
+from interfaces.audit_keys import AuditKeyError, create_key_file, load_key_file
 from interfaces.history import SqliteHistory
 
 pytestmark = pytest.mark.usefixtures("uncached_logging")
@@ -322,3 +323,65 @@ def test_audit_verify_of_a_history_without_audit_records_or_no_file(tmp_path):
 
 def test_dispatch_leaves_other_commands_alone():
     assert dispatch(argparse.Namespace(command="simulate"), Console(file=io.StringIO())) is None
+
+
+def test_audit_key_create_rotate_checkpoint_and_verify_with_a_key_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("BIOREACTOR_MPC_AUDIT_KEY", raising=False)
+    keys, path, offsite = tmp_path / "etc" / "keys", tmp_path / "var" / "h.sqlite", tmp_path / "offsite" / "cp.jsonl"
+    status, out = _run("audit", "key", "create", str(keys / "audit.key"))
+    first = load_key_file(keys / "audit.key")
+    assert status == 0 and out.startswith(f"created audit key {first.key_id} in {keys / 'audit.key'} (mode 0600)")
+    with pytest.raises(AuditKeyError, match="a file exists there already"):
+        _run("audit", "key", "create", str(keys / "audit.key"))
+    with AuditTrail(path, key=first) as trail:
+        trail.append(actor="runtime", action="config_loaded", subject="B1", details={})
+    status, out = _run("audit", "checkpoint", "--history", str(path), "--to", str(offsite), "--audit-key", str(keys / "audit.key"))
+    assert status == 0 and out.startswith(f"{path}: checkpoint of seq 2 (sha256 ")
+    status, out = _run("audit", "key", "rotate", "--key", str(keys / "audit.key"), "--history", str(path))
+    second = load_key_file(keys / "audit.key")
+    assert status == 0 and f"{first.key_id} -> {second.key_id} (audit record 3)" in out
+    assert load_key_file(keys / f"{first.key_id}.key").key_id == first.key_id, "the old key kept beside the new"
+    assert not (keys / "audit.key.new").exists()
+    with AuditTrail(path, key=second) as trail:
+        trail.append(actor="runtime", action="alarm_raised", subject="x", details={})
+    status, out = _run("audit", "verify", "--history", str(path), "--key", str(keys), "--checkpoints", str(offsite))
+    assert status == 0, out
+    assert out.splitlines()[0].startswith(f"{path}: audit trail intact: 4 records, MACs checked with key ")
+    assert out.splitlines()[1:] == ["note: 1 checkpoints of h.sqlite compared, up to seq 2"]
+    status, out = _run("audit", "verify", "--history", str(path), "--key", str(keys / "audit.key"))
+    assert status == 1
+    assert out.splitlines()[1].startswith(f"seq 1 to 3: MAC not checked: key {first.key_id} is not among the keys given")
+    monkeypatch.setenv("BIOREACTOR_MPC_AUDIT_KEY", str(keys))
+    assert _run("audit", "verify", "--history", str(path))[0] == 0, "the key directory from the environment"
+
+
+def test_audit_key_replace_starts_a_new_key_after_a_lost_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("BIOREACTOR_MPC_AUDIT_KEY", raising=False)
+    lost = create_key_file(tmp_path / "lost" / "audit.key")
+    path = tmp_path / "h.sqlite"
+    with AuditTrail(path, key=lost) as trail:
+        trail.append(actor="runtime", action="config_loaded", subject="B1", details={})
+    status, out = _run("audit", "key", "replace", "--key", str(tmp_path / "new" / "audit.key"), "--history", str(path), "--reason", "disk failed, no backup")
+    new = load_key_file(tmp_path / "new" / "audit.key")
+    assert status == 0 and out.startswith(f"{path}: the audit key {lost.key_id} replaced by {new.key_id} (audit record 2)")
+    status, out = _run("audit", "verify", "--history", str(path), "--key", str(tmp_path / "new"))
+    assert status == 1, "the lost key's records cannot be checked without it, and the verdict says so"
+    assert f"seq 1: MAC not checked: key {lost.key_id} is not among the keys given" in out
+    status, out = _run("audit", "verify", "--history", str(path), "--key", str(tmp_path / "new"), "--key", str(tmp_path / "lost"))
+    assert status == 0 and f"note: seq 2: the audit key {lost.key_id} was replaced by {new.key_id} without it (reason: disk failed, no backup)" in out
+    with pytest.raises(AdminCommandError, match="--reason: say what happened to the old key"):
+        _run("audit", "key", "replace", "--key", str(tmp_path / "new" / "audit.key"), "--history", str(path), "--reason", " ")
+
+
+def test_audit_verify_fails_when_the_trail_of_a_history_with_runs_is_gone(tmp_path):
+    path = tmp_path / "h.sqlite"
+    history = SqliteHistory(path)
+    history.start_run(batch_id="B1", requested_mode="advisory", config={})
+    history.close()
+    _filled(path, 2)
+    db = _raw(path)
+    db.execute("DROP TABLE audit")
+    db.execute("DROP TABLE audit_head")
+    status, out = _run("audit", "verify", "--history", str(path), "--without-key")
+    assert status == 1
+    assert out.splitlines()[1] == "the audit trail is missing (no audit table), but the history holds 1 runs: its records were deleted"

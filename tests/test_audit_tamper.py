@@ -22,7 +22,7 @@ import pytest
 
 from controller.ports import CycleRecord, Reading
 from controller.types import LabResult
-from interfaces.audit import DEFAULT_CHECKERS, GENESIS_HASH, AuditTrail, AuditVerification, checkpoints_checker, record_hash
+from interfaces.audit import DEFAULT_CHECKERS, GENESIS_HASH, AuditError, AuditTrail, AuditVerification, checkpoints_checker, record_hash
 from interfaces.audit_export import FileSink, read_checkpoints
 from interfaces.audit_keys import AuditKey, AuditKeyError, create_key_file, generate_key, load_key_file, load_keys
 from interfaces.history import SqliteHistory
@@ -474,3 +474,64 @@ def test_a_lost_key_is_replaced_by_a_record_of_the_new_one(site):
     (site.key_dir / "audit.key").unlink()
     result = _verify(site)
     assert not result.ok and any(f"MAC not checked: key {site.key.key_id} is not among the keys given" in p for p in result.problems)
+
+
+@pytest.mark.parametrize("attack", [_drop_tables, _empty_tables], ids=["dropped", "emptied"])
+def test_a_deleted_trail_is_not_restarted_over_a_keyed_history(site, attack):
+    attack(site)
+    with pytest.raises(AuditError, match=r"history\.sqlite: the audit trail is (missing|empty), but the history holds 1 runs MAC'd with an audit key: the trail was deleted"):
+        AuditTrail(site.path, key=site.key)
+    with AuditTrail(site.path, read_only=True) as trail:
+        assert trail.records() == []
+
+
+def test_a_history_from_before_the_key_may_start_its_trail_and_says_what_predates_coverage(tmp_path):
+    """An old file: no audit_mac columns, an audit table without key_id/mac; opened by this version, it is migrated and keyed from then on."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '2');
+        CREATE TABLE runs (id INTEGER PRIMARY KEY, batch_id TEXT NOT NULL, requested_mode TEXT NOT NULL, config TEXT NOT NULL,
+            started_utc TEXT NOT NULL, ended_utc TEXT, end_reason TEXT);
+        CREATE TABLE readings (run_id INTEGER NOT NULL, process_time_h REAL NOT NULL, signal TEXT NOT NULL, value REAL, text TEXT,
+            good INTEGER NOT NULL, source_utc TEXT, problem TEXT);
+        INSERT INTO runs VALUES (1, 'B0', 'advisory', '{}', '2026-01-01T00:00:00+00:00', '2026-01-02T00:00:00+00:00', 'harvested');
+        INSERT INTO readings VALUES (1, 1.0, 'PV.Volume', 1400.0, NULL, 1, NULL, NULL);
+        INSERT INTO readings VALUES (1, 2.0, 'PV.Volume', 1401.0, NULL, 1, NULL, NULL);
+        CREATE TABLE audit (seq INTEGER PRIMARY KEY, wall_utc TEXT NOT NULL, process_time_h REAL, actor TEXT NOT NULL, action TEXT NOT NULL,
+            subject TEXT NOT NULL, details TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+        CREATE TABLE audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL, wall_utc TEXT NOT NULL);
+        """
+    )
+    wall = "2026-01-01T00:00:01+00:00"
+    digest = record_hash(1, wall, None, "runtime", "config_loaded", "B0", {}, GENESIS_HASH)
+    db.execute("INSERT INTO audit VALUES (1, ?, NULL, 'runtime', 'config_loaded', 'B0', '{}', ?, ?)", (wall, GENESIS_HASH, digest))
+    db.execute("INSERT INTO audit_head VALUES (1, 1, ?, ?)", (digest, wall))
+    db.close()
+    keys_dir = tmp_path / "keys"
+    key = create_key_file(keys_dir / "audit.key")
+    with AuditTrail(path, read_only=True) as reader:  # an old file read as it is, without migrating it
+        old = reader.verify(keys=load_keys([keys_dir]))
+    assert old.problems == ["seq 1: no record carries a MAC: the trail was written without a key, or rewritten by someone without it"]
+    assert "readings rows 1–2: no MAC: written before the history was MAC'd (covered by the history checkpoints only)" in old.notes
+    history = SqliteHistory(path, mac_key=key)
+    with AuditTrail(path, key=key) as trail:
+        history.start_run(batch_id="B1", requested_mode="advisory", config={})
+        history.record_scan(1.0, {"PV.Volume": Reading(1500.0, True, None)}, {})
+        trail.append(actor="runtime", action="config_loaded", subject="B1", details={})
+        trail.checkpoint("requested")
+    history.close()
+    with AuditTrail(path, read_only=True) as reader:
+        result = reader.verify(keys=load_keys([keys_dir]))
+    assert result.problems == []
+    assert result.notes == [
+        "seq 1: written before the trail had an audit key: checked by the hash chain (and checkpoints) only",
+        "runs row 1: no MAC: written before the history was MAC'd (covered by the history checkpoints only)",
+        "readings rows 1–2: no MAC: written before the history was MAC'd (covered by the history checkpoints only)",
+    ]
+    # The old rows are pinned by the checkpoint from then on: an edit of one is found, without the key too.
+    sqlite3.connect(path, isolation_level=None).execute("UPDATE readings SET value = 1.0 WHERE rowid = 1")
+    with AuditTrail(path, read_only=True) as reader:
+        assert reader.verify().problems == ["readings rows 1–3: their content no longer gives the digest of the history checkpoint at seq 3 (a row altered or replaced)"]

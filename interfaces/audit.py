@@ -1,23 +1,43 @@
-"""The audit trail: append-only, hash-chained records of who did what, in the history's SQLite file.
+"""The audit trail: append-only records of who did what, hash-chained and MAC'd with a key kept outside the history's SQLite file.
 
 Every record names its actor (a user name, or ``runtime``), its action, what
 it is about (``subject``) and a JSON object of details, with the wall-clock
 time (UTC) and the process time when there is one. Records are numbered 1, 2,
 3 … without gaps, and each carries the SHA-256 of its own content and of the
-record before it (:func:`record_hash`), so that ``bioreactor-mpc audit verify``
-(:meth:`AuditTrail.verify`) finds any record altered, deleted or reordered
-since it was written. The number and hash of the last record (the **head**)
-are kept in a second table, updated in the same transaction, so a deletion of
-the last records is found too.
+record before it (:func:`record_hash`); the number and hash of the last
+record (the **head**) are kept in a second table, updated in the same
+transaction. The chain needs no key: anyone can check it.
 
-What it cannot do: whoever can rewrite the whole file can recompute every hash
-and the head, and the result verifies. The chain makes tampering evident only
-against a head hash kept somewhere else: the runtime logs it (event
-``audit_head``) every :data:`HEAD_LOG_EVERY` records, and
-:meth:`AuditTrail.head` gives it to whoever exports it (a daily log line, a
-ticket, a printed batch record). Triggers refuse ``UPDATE`` and ``DELETE`` on
-the table: an honest barrier against mistakes, not the security mechanism
-(they can be dropped; the chain still finds what was changed after).
+**Against someone who can write the file**, three things more
+(docs/audit-and-users.md, section 1, has the threat model):
+
+- **a key outside the history** (:mod:`interfaces.audit_keys`): with one,
+  every record carries the key's id and an HMAC-SHA256 over its number and
+  content (:func:`record_mac_content`), so a record altered, renumbered,
+  forged or appended without the key is named even when the chain was
+  recomputed. Once a trail is MAC'd, appends without its key are refused.
+  :meth:`AuditTrail.rotate_key` records a rotation (MAC'd by the old key,
+  naming the new); :meth:`AuditTrail.replace_key` starts a new key after a
+  loss, saying why;
+- **checkpoints outside** (:mod:`interfaces.audit_export`):
+  :meth:`AuditTrail.checkpoint` exports the head, MAC'd, to a file on another
+  path, syslog or an HTTP endpoint; a trail made with ``checkpoint_every``
+  does so every that many records and at :meth:`AuditTrail.close`. They are
+  what finds a trail truncated with its head rewound, an older copy of the
+  file, or a trail rewritten by someone who holds the key;
+- **the process history covered** (:mod:`interfaces.audit_coverage`): each
+  checkpoint first appends a ``history_checkpoint`` record with the count and
+  digest, per table, of the history rows written since the last one; each
+  row carries its own MAC (:class:`interfaces.history.SqliteHistory`).
+
+:meth:`AuditTrail.verify` runs a list of checkers (:data:`DEFAULT_CHECKERS`,
+:func:`checkpoints_checker`, and any other :data:`Checker`: a function of a
+:class:`VerifyContext` returning :class:`Findings`) on one snapshot, and
+fails when the trail is missing or empty for a history that has runs.
+Without keys it checks the chain, the digests and the checkpoints, and its
+notes say which MACs it did not check. Triggers refuse ``UPDATE`` and
+``DELETE`` on the table: an honest barrier against mistakes, not the
+security mechanism.
 
 **The contract for callers**: record first, then act. When
 :meth:`AuditTrail.append` raises :class:`AuditError` the record was not
@@ -46,10 +66,13 @@ field is a free string; these are the ones in use):
 ``password_changed``            ``bioreactor-mpc users passwd``
 ``role_changed``                ``bioreactor-mpc users role``
 ``user_disabled``               ``bioreactor-mpc users disable``
+``history_checkpoint``          the process history's rows since the last one, counted and digested per table
+``audit_key_rotated``           the audit key rotated: MAC'd by the old key, naming the new one
+``audit_key_replaced``          a new audit key after the old one was lost, with the reason
 ==============================  ==============================================================
 
-Tables: ``audit`` (one row per record) and ``audit_head`` (one row: the last
-record's number and hash).
+Tables: ``audit`` (one row per record, with ``key_id`` and ``mac``) and
+``audit_head`` (one row: the last record's number and hash).
 """
 
 from __future__ import annotations

@@ -26,6 +26,14 @@ succeeds once the cause is gone, without reopening.
 calls, without writing. A file deleted or replaced under a running history is
 found at once: SQLite itself would go on writing to the deleted file.
 
+**Covered by the audit trail.** Given the audit key (``mac_key``), every row
+of the tables in :data:`COVERED_COLUMNS` carries its HMAC in ``audit_mac``
+(``key_id:hmac``), written in the transaction that writes the row, and again
+when a write's outcome or a run's end changes it; ``checkpoint`` (the audit
+trail's :meth:`interfaces.audit.AuditTrail.checkpoint`) is called every
+``checkpoint_every_cycles`` committed cycles, and records the rows' count and
+digest in the trail (:mod:`interfaces.audit_coverage`, docs/audit-and-users.md).
+
 Tables: ``runs``, ``readings``, ``lab_results``, ``cycles``, ``writes``,
 ``state_changes``, ``alarms``, ``resume`` (see :data:`SCHEMA`). Times are
 process hours (``process_time_h``) and wall-clock UTC ISO strings

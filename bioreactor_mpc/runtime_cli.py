@@ -189,7 +189,7 @@ async def run_runtime(
         history = files.enter_context(  # takes the history's lock: one runtime per history file
             SqliteHistory(loaded.history_path, mac_key=key, checkpoint=checkpoint, checkpoint_every_cycles=every.every_cycles)
         )
-        audit = files.enter_context(AuditTrail(loaded.history_path, key=key, sinks=sinks, checkpoint_every=every.every_records))
+        audit = files.enter_context(AuditTrail(loaded.history_path, key=key, sinks=sinks, checkpoint_every=every.every_records, export_in_background=True))
         runtime = Runtime(
             port=port,
             history=history,

@@ -84,6 +84,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -436,7 +437,10 @@ class AuditTrail:
     ``key`` MACs every record appended; once a trail has MAC'd records, an
     append without the key (or with another one) is refused. ``sinks`` and
     ``checkpoint_every`` make the trail checkpoint itself (:meth:`checkpoint`)
-    every that many records and at :meth:`close`.
+    every that many records and at :meth:`close`; ``export_in_background``
+    sends the checkpoints to the sinks from a worker thread (the runtime: an
+    endpoint that is slow to answer must not hold up a cycle), which
+    :meth:`close` waits for.
     """
 
     def __init__(
@@ -449,6 +453,7 @@ class AuditTrail:
         key: AuditKey | None = None,
         sinks: Sequence[CheckpointSink] = (),
         checkpoint_every: int | None = None,
+        export_in_background: bool = False,
     ) -> None:
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
@@ -457,6 +462,7 @@ class AuditTrail:
         self._head_log_every = head_log_every
         self._key = key
         self._sinks = tuple(sinks)
+        self._exporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-checkpoints") if export_in_background and self._sinks else None
         self._checkpoint_every = checkpoint_every
         self._last_checkpoint_seq = 0
         self._lock = threading.Lock()
@@ -550,7 +556,10 @@ class AuditTrail:
         record = self._append(actor=actor, action=HISTORY_CHECKPOINT, subject="history", details=details, process_time_h=None)
         key = self._key if self._key is not None and self._key.key_id == record.key_id else None
         exported = make_checkpoint(history=self.path.name, seq=record.seq, hash=record.hash, wall_utc=record.wall_utc, reason=reason, key=key)
-        export_checkpoint(exported, self._sinks)
+        if self._exporter is not None:
+            self._exporter.submit(export_checkpoint, exported, self._sinks)  # a slow endpoint must not hold up the control cycle
+        else:
+            export_checkpoint(exported, self._sinks)
         self._last_checkpoint_seq = record.seq
         log.info("audit_checkpoint", path=str(self.path), seq=record.seq, hash=record.hash, reason=reason, sinks=len(self._sinks))
         return exported
@@ -767,6 +776,8 @@ class AuditTrail:
         """Close the file; a trail that checkpoints itself (``checkpoint_every``) checkpoints once more first (``shutdown``)."""
         if self._checkpoint_every is not None and not self.read_only:
             self._checkpoint_quietly("shutdown")
+        if self._exporter is not None:
+            self._exporter.shutdown(wait=True)  # the exports queued, each bounded by its sink's timeout
         for sink in self._sinks:
             sink.close()
         with self._lock:

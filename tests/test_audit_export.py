@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ class _Collector(BaseHTTPRequestHandler):
     status = 204
 
     def do_POST(self) -> None:
+        time.sleep(self.server.delay_s)  # type: ignore[attr-defined]
         length = int(self.headers["Content-Length"])
         self.server.received.append(json.loads(self.rfile.read(length)))  # type: ignore[attr-defined]
         self.send_response(self.server.status)  # type: ignore[attr-defined]
@@ -99,6 +101,7 @@ def endpoint():
     server = HTTPServer(("127.0.0.1", 0), _Collector)
     server.received = []  # type: ignore[attr-defined]
     server.status = 204  # type: ignore[attr-defined]
+    server.delay_s = 0.0  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -115,6 +118,18 @@ def test_an_http_endpoint_gets_each_checkpoint_as_a_json_post(tmp_path, endpoint
     assert len(endpoint.received) == 1
     assert endpoint.received[0]["seq"] == checkpoint.seq and endpoint.received[0]["hash"] == checkpoint.hash
     assert endpoint.received[0]["format"] == "bioreactor-mpc-audit-checkpoint"
+
+
+def test_a_slow_endpoint_does_not_hold_up_the_trail_exporting_in_the_background(tmp_path, endpoint):
+    endpoint.delay_s = 1.0
+    url = f"http://127.0.0.1:{endpoint.server_address[1]}/"
+    trail = _trail_with_records(tmp_path / "h.sqlite", sinks=[HttpSink(url, timeout_s=5.0)], export_in_background=True)
+    started = time.monotonic()
+    checkpoint = trail.checkpoint("requested")
+    assert time.monotonic() - started < 0.5, "the append and the checkpoint record do not wait for the endpoint"
+    assert endpoint.received == []
+    trail.close()  # waits for the export
+    assert [r["seq"] for r in endpoint.received] == [checkpoint.seq]
 
 
 def test_a_failing_sink_is_logged_and_the_record_stays_written(tmp_path, endpoint):

@@ -46,6 +46,11 @@ a mode change is refused, a user is not added). An action that then fails is
 recorded by a record of its own (``setpoint_write`` then
 ``setpoint_write_result``).
 
+**For records about a stored row** (a user, a session): put
+:func:`row_digest` of the row in the details (``row_digest("users", name,
+role, …)``), and add a :data:`Checker` that recomputes it from the row as
+stored and compares it with the last record's (:meth:`VerifyContext.audit_records`).
+
 Actions the runtime, the operator screen and the admin command record (the
 field is a free string; these are the ones in use):
 
@@ -97,7 +102,7 @@ import structlog
 from controller.ports import HistoryUnavailableError
 from interfaces.audit_coverage import HISTORY_CHECKPOINT, Findings, check_history, history_checkpoint_details
 from interfaces.audit_export import Checkpoint, CheckpointSink, ReadCheckpoint, check_checkpoints, export_checkpoint, make_checkpoint
-from interfaces.audit_keys import AuditKey, AuditKeyError, AuditKeyring, canonical_json, load_key_file, plain
+from interfaces.audit_keys import AuditKey, AuditKeyError, AuditKeyring, canonical_json, load_key_file, plain, row_digest
 from interfaces.history import read_only_uri, sqlite_problem, storage_problem
 from plant_models.errors import BioreactorMPCError
 
@@ -122,6 +127,7 @@ __all__ = [
     "check_presence",
     "checkpoints_checker",
     "record_hash",
+    "row_digest",
 ]
 
 log = structlog.get_logger(__name__)

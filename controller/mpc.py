@@ -14,7 +14,7 @@ Formulation (multiple shooting, one CasADi NLP built once):
 - Constraints: input bounds; temperature setpoint rate limit; glucose window,
   osmolality limit and maximum volume at every stage end (softened by
   slacks); viability and galactosylated fraction at harvest (softened).
-  The input bounds and the glucose window are per stage and per solve
+  The input bounds, the glucose window and the volume ceiling are per stage and per solve
   (:class:`PlanBounds`, arrays handed to the solver, not built into it): the
   trust region (:mod:`controller.trust`) narrows them without a rebuild.
 - Harvest time: candidate harvest times are solved and compared by score
@@ -77,7 +77,7 @@ class MpcConfig(FrozenConfig):
 
 @dataclass(frozen=True)
 class PlanBounds:
-    """Per-stage bounds of one solve: the inputs' and the glucose window's (the trust region, :mod:`controller.trust`).
+    """Per-stage bounds of one solve: the inputs', the glucose window's and the volume ceiling (the trust region, :mod:`controller.trust`).
 
     Within the equipment's input range and the configured glucose window; the
     solve intersects them with both.
@@ -89,6 +89,12 @@ class PlanBounds:
     glucose_lower: np.ndarray
     """(n_stages,) [g/L]; soft, like the configured window."""
     glucose_upper: np.ndarray
+    volume_upper: np.ndarray | None = None
+    """(n_stages,) [L]; soft, like the maximum working volume it lowers (None: that maximum less the configured back-off)."""
+
+
+WINDOW_ROWS = 3
+"""Rows of the per-stage window the NLP takes as a parameter: glucose low, glucose high [g/L], volume ceiling [L]."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ class EconomicMpc:
         m, cfg, batch = self._model, self.config, self._batch
         xs, us = ca.DM(STATE_SCALE), ca.DM(self._u_scale)
         x, u, p = ca.MX.sym("x", m.n_states), ca.MX.sym("u", m.n_inputs), ca.MX.sym("p", m.n_parameters)
-        t0, dt, n, window = ca.MX.sym("t0"), ca.MX.sym("dt"), ca.MX.sym("n"), ca.MX.sym("window", 2)
+        t0, dt, n, window = ca.MX.sym("t0"), ca.MX.sym("dt"), ca.MX.sym("n"), ca.MX.sym("window", WINDOW_ROWS)
         step = self._rk4_step()
         xi, ui, pi, ti, hi = (ca.MX.sym(name, *v.shape) for name, v in (("x", x), ("u", u), ("p", p), ("t", t0), ("h", dt)))
         skip = ca.Function("skip", [xi, ui, pi, ti, hi], [xi])
@@ -171,7 +177,7 @@ class EconomicMpc:
             glucose - window[0],
             window[1] - glucose,
             (batch.limits.osmolality_max_mosm_per_kg - cfg.osmolality_backoff_mosm_per_kg - y[OUTPUT_INDEX["osmolality"]]) / 10.0,
-            (batch.equipment.max_working_volume_l - cfg.volume_backoff_l - xk[STATE_INDEX["volume"]]) / 10.0,
+            (window[2] - xk[STATE_INDEX["volume"]]) / 10.0,
         )
         terminal = ca.vertcat(
             (y[OUTPUT_INDEX["viability"]] - cfg.viability_at_harvest_min_pct) / 10.0,
@@ -200,7 +206,7 @@ class EconomicMpc:
         t_start = ca.MX.sym("t_start", 1, n)
         dt = ca.MX.sym("dt", 1, n)
         substeps = ca.MX.sym("substeps", 1, n)
-        window = ca.MX.sym("window", 2, n)  # glucose window per stage
+        window = ca.MX.sym("window", WINDOW_ROWS, n)  # per stage: glucose window, volume ceiling
         u_prev = ca.MX.sym("u_prev", nu)
 
         fine_next, fine_margins, _fine_terminal = fine_stage.map(nf, "serial")(
@@ -296,17 +302,21 @@ class EconomicMpc:
 
     def rollout(self, x0: np.ndarray, parameters: np.ndarray, starts: np.ndarray, durations: np.ndarray, inputs: np.ndarray, *, cold: bool = False) -> np.ndarray:
         """States at every stage end for a given input plan, integrated with a warm (or ``cold``) solve's RK4 steps."""
-        return self._rollout(x0, parameters, starts, durations, self.substeps(durations, cold=cold), inputs, self.glucose_window())[0]
+        return self._rollout(x0, parameters, starts, durations, self.substeps(durations, cold=cold), inputs, self.stage_window())[0]
 
-    def glucose_window(self, bounds: PlanBounds | None = None) -> np.ndarray:
-        """(2, n_stages): the configured glucose window, narrowed per stage by ``bounds``."""
+    def stage_window(self, bounds: PlanBounds | None = None) -> np.ndarray:
+        """(WINDOW_ROWS, n_stages): the configured glucose window and the volume ceiling (maximum working volume less the back-off), narrowed per stage by ``bounds``."""
         cfg = self.config
+        ceiling = self._batch.equipment.max_working_volume_l - cfg.volume_backoff_l
         lower = np.full(self.n_stages, cfg.glucose_min_g_per_l)
         upper = np.full(self.n_stages, cfg.glucose_max_g_per_l)
+        volume = np.full(self.n_stages, ceiling)
         if bounds is not None:
             lower = np.clip(np.asarray(bounds.glucose_lower, dtype=float), cfg.glucose_min_g_per_l, cfg.glucose_max_g_per_l)
             upper = np.clip(np.asarray(bounds.glucose_upper, dtype=float), lower, cfg.glucose_max_g_per_l)
-        return np.vstack([lower, upper])
+            if bounds.volume_upper is not None:
+                volume = np.clip(np.asarray(bounds.volume_upper, dtype=float), 0.0, ceiling)
+        return np.vstack([lower, upper, volume])
 
     def input_bounds(self, bounds: PlanBounds | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(n_inputs, n_stages) lower and upper input bounds: the equipment's range, narrowed per stage by ``bounds``."""
@@ -333,7 +343,7 @@ class EconomicMpc:
         n = nf + nc
         x0, u, p = ca.MX.sym("x0", m.n_states), ca.MX.sym("u", m.n_inputs, n), ca.MX.sym("p", m.n_parameters)
         starts, durations, substeps = ca.MX.sym("starts", 1, n), ca.MX.sym("durations", 1, n), ca.MX.sym("substeps", 1, n)
-        window = ca.MX.sym("window", 2, n)
+        window = ca.MX.sym("window", WINDOW_ROWS, n)
         fine_x, fine_margins, fine_terminal = fine_stage.mapaccum("fine_rollout", nf)(
             x0, u[:, :nf], ca.repmat(p, 1, nf), starts[:, :nf], durations[:, :nf], substeps[:, :nf], window[:, :nf]
         )
@@ -382,7 +392,7 @@ class EconomicMpc:
             if shift_warm and lam_g0 is not None and lam_x0 is not None:
                 lam_g0, lam_x0 = self._shift_multipliers(lam_g0, lam_x0)
         u_lower, u_upper = self.input_bounds(bounds)
-        window = self.glucose_window(bounds)
+        window = self.stage_window(bounds)
         inputs = guess_inputs if guess_inputs is not None else np.tile(previous_inputs[:, None], (1, n))
         inputs = np.clip(inputs, u_lower, u_upper)
         warm_start = lam_g0 is not None and lam_x0 is not None and self._warm_solver is not None

@@ -33,6 +33,8 @@ import structlog
 from pydantic import Field
 
 from controller.config import BatchConfig
+from controller.estimator import ExtendedKalmanEstimator
+from controller.forecast import ForecastDivergedError, ForecastInputError, ForecastKernel, forecast, plan_schedule
 from controller.kpis import batch_score_g_per_day
 from controller.mpc import EconomicMpc, MpcConfig, MpcSolution, PlanBounds
 from controller.recipe import PlatformRecipe
@@ -139,6 +141,7 @@ class NmpcController:
         self._plan_time_h = 0.0
         self._failures = 0
         self._cycles = 0
+        self._forecast_kernel: ForecastKernel | None = None
         self._recipe_glucose_at_draw: list[tuple[float, float, float]] = []
         self.solve_times_s: list[float] = []
         self.failures_total = 0
@@ -192,7 +195,8 @@ class NmpcController:
         if solution.success:
             solution = self._improve_harvest(solution, t, state, parameters, previous)
             self._plan, self._plan_time_h, self._failures = solution, t, 0
-            self.trust.remember(t, _stage_ends(solution, with_start=True), solution.states)
+            times = _stage_ends(solution, with_start=True)
+            self.trust.remember(t, times, solution.states, self._prediction_sd(solution, times))
             u = solution.first_inputs
             return self._decision(Setpoints(float(u[0]), float(u[1]), float(u[2])), DecisionSource.MPC, solution=solution)
         self._failures += 1
@@ -204,6 +208,20 @@ class NmpcController:
             return self._decision(Setpoints(float(u[0]), float(u[1]), float(u[2])), DecisionSource.SHIFTED_PLAN, solution=self._plan)
         recipe = self.recipe.setpoints(t, volume_l=observation.online.get("volume_l"))
         return self._decision(Setpoints(recipe.feed_rate_lph, recipe.glucose_rate_lph, recipe.temperature_degc), DecisionSource.RECIPE)
+
+    def _prediction_sd(self, solution: MpcSolution, times_h: np.ndarray) -> np.ndarray | None:
+        """The estimator's forecast sd of every state along the plan, on the plan's times, as far as the monitor looks; None without an estimator."""
+        if not (self.trust.active and isinstance(self._source, ExtendedKalmanEstimator)):
+            return None
+        until_h = min(float(times_h[-1]), float(times_h[0]) + self.trust.config.lead_h + 2.0 * self._batch.cycle_period_h + 24.0)
+        try:
+            if self._forecast_kernel is None:
+                self._forecast_kernel = ForecastKernel.like_filter(self._source)
+            ahead = forecast(self._source, plan_schedule(solution), until_h=until_h, kernel=self._forecast_kernel)
+        except (ForecastInputError, ForecastDivergedError) as error:
+            log.warning("plan_uncertainty_unavailable", error=str(error))
+            return None
+        return np.array([np.interp(times_h, ahead.times_h, row) for row in ahead.state_sd])
 
     def _bounds(self, t: float, harvest_time_h: float, state: np.ndarray, previous: np.ndarray) -> PlanBounds | None:
         """The trust region on the stage grid from ``t`` to ``harvest_time_h`` (volumes per stage from the last plan, else now's)."""

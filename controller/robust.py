@@ -41,7 +41,7 @@ from controller.codegen import compiled_nlpsols
 from controller.config import BatchConfig
 from controller.estimator import StateEstimate
 from controller.kpis import batch_score_g_per_day
-from controller.mpc import STATE_SCALE, EconomicMpc, MpcConfig, MpcSolution, PlanBounds, _solver_options, solve_with_cold_retry
+from controller.mpc import STATE_SCALE, WINDOW_ROWS, EconomicMpc, MpcConfig, MpcSolution, PlanBounds, _solver_options, solve_with_cold_retry
 from plant_models.cho import INPUT_INDEX, STATE_INDEX, CultureModel
 from plant_models.errors import BioreactorMPCError
 from plant_models.parameters import PARAMETER_NAMES, ModelProvenance
@@ -318,7 +318,7 @@ class RobustMpc:
         us = self._u_scale
         ws, p = ca.MX.sym("w", lay.n_w), ca.MX.sym("p", m.n_parameters)
         x0, u_prev = ca.MX.sym("x0", nx), ca.MX.sym("u_prev", nu)
-        t_start, dt, substeps, window = ca.MX.sym("t_start", 1, n), ca.MX.sym("dt", 1, n), ca.MX.sym("substeps", 1, n), ca.MX.sym("window", 2, n)
+        t_start, dt, substeps, window = ca.MX.sym("t_start", 1, n), ca.MX.sym("dt", 1, n), ca.MX.sym("substeps", 1, n), ca.MX.sym("window", WINDOW_ROWS, n)
         offset = 0
 
         def take(rows: int, columns: int) -> ca.MX:
@@ -368,7 +368,7 @@ class RobustMpc:
         W = ca.MX.sym("W", lay.n_w, n_s)  # one column per scenario
         x0, P, weights = ca.MX.sym("x0", nx), ca.MX.sym("P", m.n_parameters, n_s), ca.MX.sym("weights", n_s)
         t_start, dt, substeps = ca.MX.sym("t_start", 1, n), ca.MX.sym("dt", 1, n), ca.MX.sym("substeps", 1, n)
-        u_prev, window = ca.MX.sym("u_prev", nu), ca.MX.sym("window", 2, n)
+        u_prev, window = ca.MX.sym("u_prev", nu), ca.MX.sym("window", WINDOW_ROWS, n)
         G, F = scenario.map(n_s, "serial")(W, P, x0, t_start, dt, substeps, u_prev, window)
         first = W[lay.first_inputs.tolist(), :]
         non_anticipative = first[:, 1:] - ca.repmat(first[:, 0], 1, n_s - 1)  # robust horizon 1: every scenario's first inputs are scenario 0's
@@ -393,7 +393,7 @@ class RobustMpc:
         m, nf, nc = self._model, self.config.fine_stages, self.config.coarse_stages
         n = nf + nc
         x0, u, p = ca.MX.sym("x0", m.n_states), ca.MX.sym("u", m.n_inputs, n), ca.MX.sym("p", m.n_parameters)
-        starts, durations, substeps, window = ca.MX.sym("starts", 1, n), ca.MX.sym("durations", 1, n), ca.MX.sym("substeps", 1, n), ca.MX.sym("window", 2, n)
+        starts, durations, substeps, window = ca.MX.sym("starts", 1, n), ca.MX.sym("durations", 1, n), ca.MX.sym("substeps", 1, n), ca.MX.sym("window", WINDOW_ROWS, n)
         fine_x, fine_margins, _ = fine_stage.mapaccum("fine_rollout", nf)(x0, u[:, :nf], ca.repmat(p, 1, nf), starts[:, :nf], durations[:, :nf], substeps[:, :nf], window[:, :nf])
         coarse_x, coarse_margins, coarse_terminal = coarse_stage.mapaccum("coarse_rollout", nc)(
             fine_x[:, -1], u[:, nf:], ca.repmat(p, 1, nc), starts[:, nf:], durations[:, nf:], substeps[:, nf:], window[:, nf:]
@@ -561,7 +561,7 @@ class RobustMpc:
         u_lower, u_upper = self.nominal.input_bounds(bounds)
         equipment_lower, equipment_upper = self.nominal.input_bounds()
         previous_inputs = np.clip(np.asarray(previous_inputs, dtype=float), equipment_lower[:, 0], equipment_upper[:, 0])
-        window = self.nominal.glucose_window(bounds)
+        window = self.nominal.stage_window(bounds)
         if inputs is None:
             inputs = np.repeat(np.tile(previous_inputs[:, None], (1, n))[:, :, None], n_s, axis=2)
         inputs, lam_g0, lam_x0 = self._consolidate(np.clip(inputs, u_lower[:, :, None], u_upper[:, :, None]), lam_g, lam_x, weights)

@@ -73,6 +73,15 @@ class TrustRegionConfig(FrozenConfig):
     )
     glucose_reach_g_per_l: float = Field(default=2.5, ge=0.0, le=10.0, description="recipe band: farthest below the recipe's glucose target at full width [g/L]")
     harvest_reach_h: float = Field(default=24.0, ge=0.0, le=240.0, description="farthest from the recipe's harvest at full width [h]")
+    fallback_glucose_reserve_per_day: float = Field(
+        default=0.006,
+        ge=0.0,
+        le=0.1,
+        description=(
+            "volume the plan leaves free for the platform recipe's glucose feed, should the NMPC stand down, per day to the recipe's harvest, as a fraction of the initial"
+            " volume [-/day]; the recipe's own batches need up to about 0.006 (8 L/day at 1400 L) after the peak"
+        ),
+    )
     envelope_margin_degc: float = Field(default=0.5, ge=0.0, le=5.0, description="calibration envelope: temperature margin beyond what the data covered [°C]")
     envelope_margin_relative: float = Field(default=0.1, ge=0.0, le=1.0, description="calibration envelope: feed and glucose margin, as a fraction of the covered span [-]")
     initial_width: float = Field(default=0.3, ge=0.0, le=1.0, description="recipe band: width at inoculation [-]")
@@ -83,6 +92,12 @@ class TrustRegionConfig(FrozenConfig):
     bias_window: int = Field(default=3, ge=1, le=20, description="lab results over which the monitor looks for a bias [-]")
     bias_threshold: float = Field(
         default=0.6, gt=0.0, le=5.0, description="a mean error (in tolerances, same sign) beyond this over bias_window results is a miss, though each was within tolerance [-]"
+    )
+    prediction_sigmas: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=10.0,
+        description="the plan's own predictive uncertainty counted into each tolerance: limit = hypot(tolerance, prediction_sigmas × predicted sd) [-]",
     )
     vcd: Tolerance = Tolerance(relative=0.2, floor=0.5)
     titer: Tolerance = Tolerance(relative=0.15, floor=0.1)
@@ -125,6 +140,8 @@ class _Prediction:
     times_h: np.ndarray
     states: np.ndarray
     """(len(MONITORED), len(times_h)) predicted VCD, titer and glucose."""
+    sd: np.ndarray
+    """Same shape: the prediction's standard deviation (zeros when the source states none)."""
 
 
 class TrustRegion:
@@ -212,7 +229,9 @@ class TrustRegion:
         reach the next stage's region (the recipe's temperature shift is a
         step), and the fastest way from ``previous_inputs`` into the region is
         allowed, so a region that moves (the shift, a narrowing) never makes
-        the plan infeasible.
+        the plan infeasible. The volume ceiling keeps room for the recipe's
+        glucose feed to the recipe's harvest (``fallback_glucose_reserve_per_day``):
+        the fallback must be able to run whenever the monitor stands the NMPC down.
         """
         if not self.active:
             return None
@@ -232,14 +251,27 @@ class TrustRegion:
         previous_temperature = float(previous_inputs[2])
         lower[2] = np.minimum(lower[2], previous_temperature + rate * elapsed)  # coming up from below the region
         upper[2] = np.maximum(upper[2], previous_temperature - rate * elapsed)  # coming down from above it
-        return PlanBounds(inputs_lower=lower, inputs_upper=upper, glucose_lower=edges[4], glucose_upper=np.full(n, math.inf))
+        # A plan that fills the reactor leaves the recipe no room to feed the glucose it needs should the NMPC stand down: keep that room free.
+        ends_h = np.asarray(starts_h, dtype=float) + np.asarray(durations_h, dtype=float)
+        reserve_per_h = self.config.fallback_glucose_reserve_per_day * self._batch.inoculation.volume_l / 24.0
+        volume_upper = self._batch.equipment.max_working_volume_l - reserve_per_h * np.maximum(0.0, self._batch.recipe.harvest_h - ends_h)
+        return PlanBounds(inputs_lower=lower, inputs_upper=upper, glucose_lower=edges[4], glucose_upper=np.full(n, math.inf), volume_upper=volume_upper)
 
     # ----------------------------------------------------------------- monitor
 
-    def remember(self, made_at_h: float, times_h: np.ndarray, states: np.ndarray) -> None:
-        """Keep a plan's prediction (stage-end times from ``made_at_h`` and the states there) for the lab results to come."""
+    def remember(self, made_at_h: float, times_h: np.ndarray, states: np.ndarray, sd: np.ndarray | None = None) -> None:
+        """Keep a plan's prediction (stage-end times from ``made_at_h`` and the states there) for the lab results to come.
+
+        ``sd``: the prediction's standard deviation per state on the same times (the estimator's forecast along the plan); a lab
+        result is then a miss only beyond the tolerance and ``prediction_sigmas`` of it together. A correct model predicts no
+        better than the state it starts from: early in a batch, with the inoculum's VCD known to ±10 %, a day of exponential
+        growth spreads the prediction by more than the VCD tolerance, and counting that as the model's fault stood a correct
+        model down.
+        """
         rows = [STATE_INDEX[state] for _, state in MONITORED]
-        self._predictions.append(_Prediction(made_at_h, np.asarray(times_h, dtype=float).copy(), np.asarray(states)[rows, :].copy()))
+        times = np.asarray(times_h, dtype=float).copy()
+        spread = np.zeros((len(rows), times.size)) if sd is None else np.nan_to_num(np.asarray(sd, dtype=float)[rows, :], nan=0.0)
+        self._predictions.append(_Prediction(made_at_h, times, np.asarray(states)[rows, :].copy(), spread))
         keep_after_h = made_at_h - self.config.lead_h - 48.0
         while len(self._predictions) > 1 and self._predictions[1].made_at_h <= keep_after_h:
             self._predictions.popleft()
@@ -264,7 +296,8 @@ class TrustRegion:
                 continue
             measured = float(getattr(lab, field))
             predicted = float(np.interp(lab.taken_at_h, plan.times_h, plan.states[i]))
-            errors[field] = (measured - predicted) / self.config.tolerance(field).limit(measured)
+            spread = self.config.prediction_sigmas * float(np.interp(lab.taken_at_h, plan.times_h, plan.sd[i]))
+            errors[field] = (measured - predicted) / math.hypot(self.config.tolerance(field).limit(measured), spread)
         if not errors:
             return None
         cfg = self.config

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,15 @@ class Screen:
         raise AssertionError(f"no recommendation at {target} h")
 
     async def client(self, user: str) -> httpx.AsyncClient:
-        client = httpx.AsyncClient(base_url=self.url, timeout=10.0)
-        response = await client.post("/login", data={"username": user, "password": PASSWORDS[user]})
+        """Logged in as a browser is: the log-in form's token, then the page's token on every request, from the screen's origin."""
+        client = httpx.AsyncClient(base_url=self.url, timeout=10.0, headers={"Origin": self.url.rstrip("/")})
+        form = re.search(r'name="csrf_token" value="([0-9a-f]+)"', (await client.get("/login")).text)
+        assert form is not None
+        response = await client.post("/login", data={"username": user, "password": PASSWORDS[user], "csrf_token": form.group(1)})
         assert response.status_code == 303 and response.headers["location"] == "/", response.text
+        page = re.search(r'<meta name="csrf-token" content="([0-9a-f]+)">', (await client.get("/")).text)
+        assert page is not None
+        client.headers["X-CSRF-Token"] = page.group(1)
         return client
 
 
@@ -88,7 +95,7 @@ async def advisory_screen(
     Before ``auto_approve_until_h`` every recommendation is approved at once (to reach a later point of the batch quickly).
     ``loaded`` and ``settings`` replace the platform batch and the test settings.
     """
-    from bioreactor_mpc.runtime_cli import serve_screen
+    from interfaces.web.serve import serve_screen
 
     loaded = loaded or load_simulation(PLATFORM)
     plc, _ = build_simulated_plc(loaded)
@@ -158,37 +165,48 @@ def test_operators_sign_recommendations_that_reach_the_plc_and_the_audit_trail(t
             assert status["state"] == "advisory" and status["user"]["role"] == "operator"
             recommendation = status["recommendation"]
             assert recommendation["status"] == "pending" and recommendation["made_at_h"] == FREEZE_AT_H
-            url = f"/api/recommendations/{recommendation['made_at_h']}"
+            url, digest = f"/api/recommendations/{recommendation['recommendation_id']}", recommendation["digest"]
             # A viewer cannot sign; an operator must give the right password and a reason.
-            assert (await vera.post(f"{url}/approve", json={"password": PASSWORDS["vera"], "reason": "looks fine"})).status_code == 403
-            wrong = await olga.post(f"{url}/approve", json={"password": "not-my-password", "reason": "looks fine"})
+            assert (await vera.post(f"{url}/approve", json={"digest": digest, "password": PASSWORDS["vera"], "reason": "looks fine"})).status_code == 403
+            wrong = await olga.post(f"{url}/approve", json={"digest": digest, "password": "not-my-password", "reason": "looks fine"})
             assert wrong.status_code == 403 and "password" in wrong.json()["detail"]
-            assert (await olga.post(f"{url}/approve", json={"password": PASSWORDS["olga"], "reason": ""})).status_code == 422
+            assert (await olga.post(f"{url}/approve", json={"digest": digest, "password": PASSWORDS["olga"], "reason": ""})).status_code == 422
+            # Not a recommendation's id (the probe's NaN): refused, nothing signed.
+            nan = await olga.post("/api/recommendations/nan/approve", json={"digest": digest, "password": PASSWORDS["olga"], "reason": "probe"})
+            assert nan.status_code == 422 and "not a recommendation id" in nan.json()["detail"]
             before = screen.plant.plc.snapshot()["SP.Temperature"].value
-            approved = await olga.post(f"{url}/approve", json={"password": PASSWORDS["olga"], "reason": "glucose trend agrees with the lab"})
+            approved = await olga.post(f"{url}/approve", json={"digest": digest, "password": PASSWORDS["olga"], "reason": "glucose trend agrees with the lab"})
             assert approved.status_code == 200, approved.text
             assert approved.json()["status"] == "approved" and approved.json()["signature"]["printed_name"] == "Olga Tester"
             plc = screen.plant.plc.snapshot()
             assert plc["SP.Temperature"].value == pytest.approx(recommendation["temperature_degc"]) and plc["SP.Temperature"].value != before
             assert plc["SP.FeedRate"].value == pytest.approx(recommendation["feed_rate_lph"])
-            again = await olga.post(f"{url}/approve", json={"password": PASSWORDS["olga"], "reason": "twice"})
+            again = await olga.post(f"{url}/approve", json={"digest": digest, "password": PASSWORDS["olga"], "reason": "twice"})
             assert again.status_code == 409 and "already approved" in again.json()["detail"]
             # The next recommendation is rejected: nothing is written.
             await screen.step()
             rejected_one = (await olga.get("/api/status")).json()["recommendation"]
             temperature = screen.plant.plc.snapshot()["SP.Temperature"].value
-            rejected = await olga.post(f"/api/recommendations/{rejected_one['made_at_h']}/reject", json={"password": PASSWORDS["olga"], "reason": "lab sample pending"})
+            assert rejected_one["recommendation_id"] != recommendation["recommendation_id"]
+            rejected = await olga.post(
+                f"/api/recommendations/{rejected_one['recommendation_id']}/reject",
+                json={"digest": rejected_one["digest"], "password": PASSWORDS["olga"], "reason": "lab sample pending"},
+            )
             assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
             assert screen.plant.plc.snapshot()["SP.Temperature"].value == temperature
             # A recommendation from data that has moved on expires and cannot be approved.
             await screen.step()
-            stale = await olga.post(f"/api/recommendations/{rejected_one['made_at_h']}/approve", json={"password": PASSWORDS["olga"], "reason": "late"})
+            stale = await olga.post(
+                f"/api/recommendations/{rejected_one['recommendation_id']}/approve", json={"digest": rejected_one["digest"], "password": PASSWORDS["olga"], "reason": "late"}
+            )
             assert stale.status_code == 409 and "expired" in stale.json()["detail"]
             # Remote disabled at the PLC: the approval is refused and nothing written.
             screen.plant.plc.set_operator_remote(False)
             await screen.plant.publish()
             current = (await olga.get("/api/status")).json()["recommendation"]
-            refused = await olga.post(f"/api/recommendations/{current['made_at_h']}/approve", json={"password": PASSWORDS["olga"], "reason": "try"})
+            refused = await olga.post(
+                f"/api/recommendations/{current['recommendation_id']}/approve", json={"digest": current["digest"], "password": PASSWORDS["olga"], "reason": "try"}
+            )
             assert refused.status_code == 409 and "RemoteEnabled" in refused.json()["detail"]
             screen.plant.plc.set_operator_remote(True)
             await screen.plant.publish()
@@ -197,7 +215,9 @@ def test_operators_sign_recommendations_that_reach_the_plc_and_the_audit_trail(t
             changed = (await olga.get("/api/status")).json()["recommendation"]
             screen.plant.plc.write_setpoint("SP.Temperature", 35.0)
             await screen.plant.publish()
-            late = await olga.post(f"/api/recommendations/{changed['made_at_h']}/approve", json={"password": PASSWORDS["olga"], "reason": "try"})
+            late = await olga.post(
+                f"/api/recommendations/{changed['recommendation_id']}/approve", json={"digest": changed["digest"], "password": PASSWORDS["olga"], "reason": "try"}
+            )
             assert late.status_code == 409 and "SP.Temperature changed" in late.json()["detail"]
             assert screen.plant.plc.snapshot()["SP.Temperature"].value == 35.0
             # Every signature is in the audit trail, with who, when, what it means and why, linked to the recommendation.
@@ -207,12 +227,17 @@ def test_operators_sign_recommendations_that_reach_the_plc_and_the_audit_trail(t
             first = signatures[0].details["signature"]
             assert first["printed_name"] == "Olga Tester" and first["meaning"] == "approved" and first["reason"] == "glucose trend agrees with the lab"
             assert signatures[0].details["recommendation"]["made_at_h"] == FREEZE_AT_H and first["signed_utc"]
+            assert (first["recommendation_id"], first["recommendation_digest"]) == (recommendation["recommendation_id"], digest)
             assert audit.verify().ok
             audit.close()
-            entries = (await vera.get("/api/audit?limit=5")).json()
+            # The audit trail is for QA and engineers, not viewers or operators.
+            assert (await vera.get("/api/audit?limit=5")).status_code == 403 and (await olga.get("/api/audit?limit=5")).status_code == 403
+            erik = await screen.client("erik")
+            entries = (await erik.get("/api/audit?limit=5")).json()
             assert len(entries) == 5 and entries[-1]["seq"] > entries[0]["seq"]
             await olga.aclose()
             await vera.aclose()
+            await erik.aclose()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
 
@@ -259,7 +284,7 @@ def test_the_screen_shows_the_trust_region_and_an_engineer_re_enables_the_nmpc_a
     sampling = platform.simulation.sampling.model_copy(update={"first_draw_h": 1.0, "draw_jitter_h": 0.0, "result_delay_min_h": 0.5, "result_delay_max_h": 0.5})
     loaded = platform.model_copy(update={"simulation": platform.simulation.model_copy(update={"sampling": sampling})})
     strict = Tolerance(relative=1e-6, floor=0.0)
-    trust = TEST_SETTINGS.nmpc.trust.model_copy(update={"misses_to_recipe": 1, "lead_h": 0.5, "vcd": strict, "titer": strict, "glucose": strict})
+    trust = TEST_SETTINGS.nmpc.trust.model_copy(update={"misses_to_recipe": 1, "lead_h": 0.5, "prediction_sigmas": 0.0, "vcd": strict, "titer": strict, "glucose": strict})
     settings = TEST_SETTINGS.model_copy(update={"nmpc": TEST_SETTINGS.nmpc.model_copy(update={"trust": trust})})
 
     class FailingAudit:
@@ -340,6 +365,8 @@ def test_in_a_browser_an_operator_logs_in_sees_the_plots_and_approves(tmp_path, 
                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
             )
             page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+            blocked: list[str] = []  # what the Content-Security-Policy refused: nothing the screen needs
+            page.on("console", lambda message: blocked.append(message.text) if "Content Security Policy" in message.text else None)
             await page.goto(screen.url)
             assert page.url.endswith("/login")
             await page.fill("input[name=username]", "olga")
@@ -362,7 +389,11 @@ def test_in_a_browser_an_operator_logs_in_sees_the_plots_and_approves(tmp_path, 
             await page.wait_for_selector("#rec-table >> text=Olga Tester")
             if shot:
                 await page.screenshot(path=shot, full_page=True)
+            await page.click("header button.link")  # log out: a form post with the page's token
+            await page.wait_for_selector("input[name=username]")
+            assert page.url.endswith("/login")
             await browser.close()
+            assert not blocked, "\n".join(blocked)
             return {"plc": screen.plant.plc.snapshot(), "recommendation": recommendation}
 
     result = asyncio.run(asyncio.wait_for(scenario(), 180))

@@ -32,12 +32,16 @@ def _lab(seq: int, taken_at_h: float, *, vcd: float, titer: float, glucose: floa
     return LabResult(seq, taken_at_h, vcd, 95.0, glucose, nan, nan, nan, titer, nan)
 
 
-def _plan(region: TrustRegion, made_at_h: float, *, vcd: float, titer: float, glucose: float) -> None:
-    """A plan whose prediction is flat at these values for three days."""
+def _plan(region: TrustRegion, made_at_h: float, *, vcd: float, titer: float, glucose: float, vcd_sd: float | None = None) -> None:
+    """A plan whose prediction is flat at these values for three days (with ``vcd_sd``: that spread on VCD, none elsewhere)."""
     times = made_at_h + np.array([0.0, 24.0, 48.0, 72.0])
     states = np.zeros((len(STATE_INDEX), times.size))
     states[STATE_INDEX["viable_cells"]], states[STATE_INDEX["titer"]], states[STATE_INDEX["glucose"]] = vcd, titer, glucose
-    region.remember(made_at_h, times, states)
+    sd = None
+    if vcd_sd is not None:
+        sd = np.zeros_like(states)
+        sd[STATE_INDEX["viable_cells"]] = vcd_sd
+    region.remember(made_at_h, times, states, sd)
 
 
 def test_at_width_zero_the_plan_follows_the_recipe(batch):
@@ -87,6 +91,28 @@ def test_lab_results_widen_narrow_and_stand_the_nmpc_down(batch):
     assert region.check(_lab(5, 60.0, vcd=5.0, titer=0.5, glucose=4.0)) is None  # stood down: nothing to check
     region.reenable()
     assert not region.stood_down and region.misses == 0 and region.width == pytest.approx(0.3) and not region.alarms()
+
+
+@pytest.mark.parametrize(("vcd_sd", "confirmed"), [(None, False), (0.0, False), (0.3, False), (1.2, True)])
+def test_the_predictions_own_spread_counts_into_the_tolerance(batch, vcd_sd, confirmed):
+    """VCD 1.5 tolerances off: a miss for a prediction that claimed to be sure, not for one that said it could be 1.2 × 10⁶/mL off (early growth from an uncertain inoculum)."""
+    region = _region(batch, lead_h=24.0, prediction_sigmas=1.0)
+    _plan(region, 0.0, vcd=5.0, titer=0.5, glucose=4.0, vcd_sd=vcd_sd)
+    check = region.check(_lab(1, 30.0, vcd=6.5, titer=0.5, glucose=4.0))  # VCD tolerance: 20 % of 6.5 = 1.3; error 1.5
+    assert check is not None and check.confirmed is confirmed
+    assert check.errors["vcd_1e6_per_ml"] == pytest.approx(1.5 / math.hypot(1.3, vcd_sd or 0.0))
+
+
+def test_the_plan_leaves_room_for_the_recipes_glucose_should_the_nmpc_stand_down(batch):
+    region = _region(batch, fallback_glucose_reserve_per_day=0.006)
+    starts, durations = _grid(100.0)
+    bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.75, 0.3, 36.5]), temperature_rate_degc_per_h=RATE)
+    assert bounds is not None and bounds.volume_upper is not None
+    ends = starts + durations
+    reserve_l = 0.006 * batch.inoculation.volume_l / 24.0 * np.maximum(0.0, batch.recipe.harvest_h - ends)
+    np.testing.assert_allclose(bounds.volume_upper, batch.equipment.max_working_volume_l - reserve_l)
+    assert bounds.volume_upper[0] < batch.equipment.max_working_volume_l - 40.0  # about ten days of glucose kept free at 100 h
+    assert bounds.volume_upper[-1] == pytest.approx(batch.equipment.max_working_volume_l)  # nothing to keep at the recipe's harvest
 
 
 def test_a_calibrated_model_plans_in_its_envelope_plus_margin(batch, envelope):

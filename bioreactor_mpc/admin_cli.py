@@ -247,6 +247,11 @@ def _audit_key_rotate(args: argparse.Namespace, console: Console) -> int:
     key_path: Path = args.key
     old = load_key_file(key_path)
     pending = key_path.with_name(key_path.name + ".new")
+    if pending.exists():
+        raise AdminCommandError(
+            f"{pending}: left by a rotation that did not finish. If the history's last audit_key_rotated record names its key id, "
+            f"keep {key_path} as <its key id>.key beside it and move {pending.name} to {key_path.name}; if no record names it, delete it; then rotate again if needed"
+        )
     new = create_key_file(pending, generate_key())
     try:
         with AuditTrail(path, key=old) as trail:

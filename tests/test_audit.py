@@ -342,6 +342,10 @@ def test_audit_key_create_rotate_checkpoint_and_verify_with_a_key_directory(tmp_
     assert status == 0 and f"{first.key_id} -> {second.key_id} (audit record 3)" in out
     assert load_key_file(keys / f"{first.key_id}.key").key_id == first.key_id, "the old key kept beside the new"
     assert not (keys / "audit.key.new").exists()
+    (keys / "audit.key.new").write_text("left by a crash")
+    with pytest.raises(AdminCommandError, match=r"audit\.key\.new: left by a rotation that did not finish"):
+        _run("audit", "key", "rotate", "--key", str(keys / "audit.key"), "--history", str(path))
+    (keys / "audit.key.new").unlink()
     with AuditTrail(path, key=second) as trail:
         trail.append(actor="runtime", action="alarm_raised", subject="x", details={})
     status, out = _run("audit", "verify", "--history", str(path), "--key", str(keys), "--checkpoints", str(offsite))

@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         action="append",
         default=[],
-        help="a certificate whose sessions may write (repeatable; default: the runtime's, runtime.der in --trusted-clients); other trusted clients only read",
+        help="a certificate whose sessions may write (repeatable; default, unless --writer-user names a writer: runtime.der in --trusted-clients, "
+        "the runtime's certificate); other trusted clients only read",
     )
     secured.add_argument("--users-file", type=Path, default=None, help="users as 'name:password' lines (mode 0600); then sessions need a user name and password")
     secured.add_argument("--writer-user", action="append", default=[], help="a user of --users-file who may write (repeatable)")

@@ -104,13 +104,20 @@ def plc_security(pki: SitePki, **overrides: Any) -> OpcUaServerSecurity:
 
 
 @asynccontextmanager
-async def serving(tag_map: OpcUaTagMap, endpoint: str, security: OpcUaServerSecurity | None) -> AsyncIterator[SimulatedPlc]:
-    """The simulated platform PLC served on ``endpoint`` while the block runs, remote enabled."""
+async def serving_server(tag_map: OpcUaTagMap, endpoint: str, security: OpcUaServerSecurity | None) -> AsyncIterator[OpcUaPlcServer]:
+    """The simulated platform PLC served on ``endpoint`` while the block runs, remote enabled; the server (its PLC is ``.plc``)."""
     plc, _ = build_simulated_plc(load_simulation(PLATFORM))
     plc.set_operator_remote(True)
     server = OpcUaPlcServer(plc, tag_map, endpoint=endpoint, security=security)
     await server.start()
     try:
-        yield plc
+        yield server
     finally:
         await server.stop()
+
+
+@asynccontextmanager
+async def serving(tag_map: OpcUaTagMap, endpoint: str, security: OpcUaServerSecurity | None) -> AsyncIterator[SimulatedPlc]:
+    """As :func:`serving_server`, giving the simulated PLC."""
+    async with serving_server(tag_map, endpoint, security) as server:
+        yield server.plc

@@ -26,7 +26,7 @@ import pytest
 import structlog
 from asyncua import Client, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
-from opcua_pki import SitePki, make_site_pki, plc_security, secured_tag_map, serving
+from opcua_pki import SitePki, make_site_pki, plc_security, secured_tag_map, serving, serving_server
 from runtime_harness import TEST_SETTINGS
 from structlog.testing import capture_logs
 
@@ -212,7 +212,45 @@ def test_a_user_with_write_rights_writes_and_another_user_only_reads(site, opcua
     _run(scenario)
 
 
-def test_the_plc_security_names_a_writer_that_can_connect(site):
+def test_write_rights_withdrawn_mid_session_refuse_the_write_as_an_auth_error_and_back_off(site, opcua_endpoint, caplog):
+    """The PLC's administrator withdraws the runtime's write rights while it is connected: the write is refused whole, nothing applied,
+    the port drops the session and asks for a longer wait at each refusal, and starts again from the first wait once a write goes through."""
+    runtime_map = secured_tag_map(site, certificate=site.runtime_cert, private_key=site.runtime_key)
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario() -> None:
+        async with serving_server(runtime_map, opcua_endpoint, plc_security(site)) as server:
+            plc = server.plc
+            port = OpcUaPort(runtime_map, endpoint=opcua_endpoint, timeout_s=TIMEOUT_S, auth_retry_after_s=10.0, auth_retry_max_s=25.0)
+            await port.connect()
+            before = _plc_values(plc)
+            server.grant_write_rights(False)
+            with pytest.raises(PlcAuthError) as refused:
+                await port.write({"SP.FeedRate": 4.0, "MPC.Heartbeat": int(before["MPC.Heartbeat"]) + 1})
+            message = str(refused.value)
+            assert "the PLC refused the write of SP.FeedRate, MPC.Heartbeat as a whole (BadUserAccessDenied)" in message
+            assert "nothing of it was applied" in message and fingerprint(read_certificate(site.runtime_cert, field="certificate")) in message
+            assert refused.value.retry_after_s == 10.0 and not port.connected
+            assert _plc_values(plc) == before
+            # Reconnecting, the port sees the missing rights before writing, and waits longer.
+            with pytest.raises(PlcAuthError, match="the PLC gives this session no write rights on") as at_connect:
+                await port.connect()
+            assert at_connect.value.retry_after_s == 20.0 and not port.connected
+            with pytest.raises(PlcAuthError) as again:
+                await port.connect()
+            assert again.value.retry_after_s == 25.0 and port.auth_refusals == 3  # capped
+            server.grant_write_rights(True)
+            await port.connect()
+            assert port.auth_refusals == 3  # a connect does not prove the rights a write lacked
+            await port.write({"SP.FeedRate": 4.0})
+            assert port.auth_refusals == 0 and port.next_auth_wait_s() == 10.0 and plc.snapshot()["SP.FeedRate"].value == 4.0
+            await port.close()
+
+    _run(scenario)
+    assert [record.getMessage() for record in caplog.records if record.exc_info] == []
+
+
+def test_the_plc_security_names_a_writer_that_can_connect(site, opcua_endpoint):
     with pytest.raises(ConfigError, match=r"no writer \(writer_certificates or writer_users\): every client would be read-only, the runtime too"):
         OpcUaServerSecurity(certificate=site.plc_cert, private_key=site.plc_key, trusted_clients=site.plc_trusts)
     with pytest.raises(ConfigError, match=r"writer_users: 'nobody': not a user \(the users: operator\)"):
@@ -221,7 +259,7 @@ def test_the_plc_security_names_a_writer_that_can_connect(site):
     async def start_with_untrusted_writer() -> None:
         async with serving(
             secured_tag_map(site, certificate=site.runtime_cert, private_key=site.runtime_key),
-            "opc.tcp://127.0.0.1:4999/",
+            opcua_endpoint,
             plc_security(site, writer_certificates=(site.stranger_cert,)),
         ):
             pytest.fail("a PLC whose writer it does not trust started")

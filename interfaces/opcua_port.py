@@ -42,9 +42,10 @@ locks the PLC's account, and nothing changes on its own. The wait backs off
 exponentially: ``auth_retry_after_s`` (5 minutes by default) after the first
 refusal, doubled after each further one, capped at ``auth_retry_max_s`` (30
 minutes by default); it starts again from the first wait once the PLC lets
-the runtime connect (after a refused connect) or write (after a refused
-write). Each refusal is logged once, as one line without a traceback
-(``opcua_access_refused``), and asyncua's own warnings about the refusal
+the runtime write (after a refused write: a connect does not prove write
+rights), or connect (when only connects were refused). Each refusal is
+logged once, as one line without a traceback (``opcua_access_refused``),
+and asyncua's own warnings about the refusal
 (the service fault, the closed channel) are not logged again.
 
 Write rights: a PLC gives write rights to the runtime's identity (its
@@ -206,7 +207,7 @@ class OpcUaPort:
         self._auth_refusals = 0
         """Refusals of this runtime's identity or rights in a row: the exponent of the back-off."""
         self._refused_writing = False
-        """Whether the last refusal was of a write (then only a write that goes through starts the back-off again)."""
+        """Whether a write was refused since the back-off last started (then only a write that goes through starts it again)."""
         security = tag_map.security
         self._security: _ClientSecurity | None = None
         if security is not None and security.secured:
@@ -387,7 +388,7 @@ class OpcUaPort:
     def _auth_refused(self, error: PlcAuthError, *, writing: bool) -> None:
         """Count a refusal for the back-off and log it: one line, no traceback."""
         self._auth_refusals += 1
-        self._refused_writing = writing
+        self._refused_writing = self._refused_writing or writing
         log.error("opcua_access_refused", endpoint=self.endpoint, refusals_in_a_row=self._auth_refusals, retry_after_s=error.retry_after_s, reason=str(error))
 
     def _identity_text(self) -> str:

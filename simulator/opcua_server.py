@@ -110,7 +110,9 @@ class OpcUaServerSecurity:
             raise ConfigError("OPC UA server security: writer_certificates is a tuple of paths and writer_users a set of names, not a single value")
         unknown = sorted(set(self.writer_users) - set(self.users))
         if unknown:
-            raise ConfigError(f"OPC UA server security: writer_users: {', '.join(unknown)} not among the users ({', '.join(sorted(self.users)) or 'none configured'})")
+            raise ConfigError(
+                f"OPC UA server security: writer_users: {', '.join(map(repr, unknown))}: not a user (the users: {', '.join(sorted(self.users)) or 'none configured'})"
+            )
         if not self.writer_certificates and not self.writer_users:
             raise ConfigError(
                 "OPC UA server security: no writer (writer_certificates or writer_users): every client would be read-only, the runtime too; "
@@ -173,8 +175,14 @@ _WRITING_SERVICES = frozenset(
 """The services that change the PLC (Write, Call, HistoryUpdate): a writer's only."""
 
 
-def may_write(user: Any) -> bool:
-    return isinstance(user, PlcUser) and user.access is Access.WRITE
+class _WriteRights:
+    """Whether a session may write now: a writer's, unless the PLC's administrator withdrew the writers' rights while sessions are open."""
+
+    def __init__(self) -> None:
+        self.granted = True
+
+    def allow(self, user: Any) -> bool:
+        return self.granted and isinstance(user, PlcUser) and user.access is Access.WRITE
 
 
 class _PlcAccessRules(SimpleRoleRuleset):
@@ -187,10 +195,14 @@ class _PlcAccessRules(SimpleRoleRuleset):
     request is applied.
     """
 
+    def __init__(self, rights: _WriteRights) -> None:
+        super().__init__()
+        self._rights = rights
+
     def check_validity(self, user: Any, action_type_id: Any, body: Any) -> bool:
         if not super().check_validity(user, action_type_id, body):
             return False
-        if action_type_id in _WRITING_SERVICES and not may_write(user):
+        if action_type_id in _WRITING_SERVICES and not self._rights.allow(user):
             log.info("opcua_write_refused", user=getattr(user, "name", None), reason="read-only session: only the runtime's identity may write")
             return False
         return True
@@ -261,6 +273,7 @@ class OpcUaPlcServer(PlcServerClocks):
         self._server = Server()
         self._nodes: dict[str, ua.NodeId] = {}
         self._writable: set[ua.NodeId] = set()
+        self._rights = _WriteRights()
         self._publishing = False
         self._scans: dict[str, tuple[float, datetime]] = {}
 
@@ -314,7 +327,7 @@ class OpcUaPlcServer(PlcServerClocks):
                     f"writer certificate: {path}: not trusted by {security.trusted_clients} (SHA-256 {fingerprint(writer)}); a writer must be a trusted client: copy it there too"
                 )
             await writer_certificates.add_role(writer.public_bytes(serialization.Encoding.DER), UserRole.User, name=fingerprint(writer), format="der")  # type: ignore[arg-type]  # asyncua loads a path or the certificate's bytes; annotated as a path
-        server.set_security_policy([_POLICY_TYPES[(security.policy, security.mode)]], permission_ruleset=_PlcAccessRules())
+        server.set_security_policy([_POLICY_TYPES[(security.policy, security.mode)]], permission_ruleset=_PlcAccessRules(self._rights))
         server.set_identity_tokens([ua.UserNameIdentityToken] if security.users else [ua.AnonymousIdentityToken])
         server.set_certificate_validator(certificate_validator(trust_store, peer="client"))
         server.iserver.set_user_manager(_PlcSessions(trust_store, security.users, writer_certificates, security.writer_users))
@@ -322,7 +335,7 @@ class OpcUaPlcServer(PlcServerClocks):
 
     def _user_access_level(self, event: ServerItemCallback, _dispatcher: Any) -> None:
         """A read-only session reads the UserAccessLevel of a writable variable without CurrentWrite, as a PLC reports its rights per user."""
-        if not event.is_external or may_write(event.user) or event.response_params is None:
+        if not event.is_external or self._rights.allow(event.user) or event.response_params is None:
             return
         writable = self._writable
         for index, item in enumerate(event.request_params.NodesToRead):
@@ -355,6 +368,18 @@ class OpcUaPlcServer(PlcServerClocks):
             return results
 
         service.write = write_each  # type: ignore[method-assign]
+
+    def grant_write_rights(self, granted: bool) -> None:
+        """Secured: grant the writers their rights (the default), or withdraw them while sessions are open, as a PLC's administrator can.
+
+        Withdrawn, every session is read-only: writes are refused with
+        ``BadUserAccessDenied`` and ``UserAccessLevel`` lacks CurrentWrite.
+        Security mode None has no rights to withdraw.
+        """
+        if self.security is None:
+            raise ConfigError("write rights: the server runs with security mode None, where every client may write; serve it secured (OpcUaServerSecurity)")
+        self._rights.granted = granted
+        log.info("opcua_write_rights_changed", granted=granted)
 
     async def stop(self) -> None:
         await self._server.stop()

@@ -86,7 +86,7 @@ def history_checkpoint_details(db: sqlite3.Connection, previous: Mapping[str, An
         earlier_open = sorted(int(r) for r in mark.get("open", [])) if mark is not None else []
         digest = hashlib.sha256()
         closed, still_open, new_open = [], [], []
-        rows = last = 0
+        rows = 0
         found = {rowid: (values, is_open) for rowid, values, _mac, is_open in _rows(db, table, "rowid IN (SELECT value FROM json_each(?))", (json.dumps(earlier_open),))}
         for rowid in earlier_open:
             if rowid not in found:

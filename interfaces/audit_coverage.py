@@ -258,7 +258,7 @@ class _TableRanges:
             self.deleted.ids.extend(range(self._expected_next, mark.last_rowid + 1))
         for rowid in sorted((previous.open if previous is not None else frozenset()) - set(mark.closed) - mark.open):
             self.deleted.ids.append(rowid)
-        where = f"{self.table} rows {mark.after_rowid + 1}–{mark.last_rowid}"
+        where = f"{self.table} {_rows_named(mark)}"
         if self._count != mark.rows and len(self.deleted.ids) == missing_before:
             self.findings.problems.append(f"{where}: the history checkpoint at seq {mark.seq} counted {mark.rows} rows, the history has {self._count} (rows inserted)")
         elif self._count == mark.rows and self._digest.hexdigest() != mark.sha256:
@@ -266,6 +266,17 @@ class _TableRanges:
         self._expected_next = max(self._expected_next, mark.last_rowid + 1)
         self._index += 1
         self._start()
+
+
+def _rows_named(mark: CheckpointMark) -> str:
+    """The rows a checkpoint digested: its new range, and the rows it closed (final since the checkpoint before)."""
+    parts = []
+    if mark.last_rowid > mark.after_rowid:
+        first, last = mark.after_rowid + 1, mark.last_rowid
+        parts.append(f"row {first}" if first == last else f"rows {first}–{last}")
+    if mark.closed:
+        parts.append(f"row{'s' if len(mark.closed) > 1 else ''} {', '.join(str(r) for r in mark.closed)} (final since the checkpoint before)")
+    return " and ".join(parts) or "(no rows)"
 
 
 class _Ranges:

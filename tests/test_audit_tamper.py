@@ -304,7 +304,11 @@ ATTACKS: list[tuple[str, Callable[[Site], None], list[str]]] = [
     ("the audit tables emptied", _empty_tables, ["the audit trail is empty, but the history holds 1 runs, 8 cycles, 8 writes: its records were deleted"]),
     ("the last record and the head deleted", _delete_head, ["the head (audit_head) is missing", "is beyond the history's last record"]),
     ("a cycle edited", _edit_cycle, ["cycles row 3: altered: its MAC does not match", "cycles rows 3–4: their content no longer gives the digest"]),
-    ("a write's outcome edited", _edit_write, ["writes row 3: altered: its MAC does not match", "writes rows 5–6: their content no longer gives the digest"]),
+    (
+        "a write's outcome edited",
+        _edit_write,
+        ["writes row 3: altered: its MAC does not match", "writes rows 5–6 and row 3 (final since the checkpoint before): their content no longer gives the digest"],
+    ),
     ("a reading edited", _edit_reading, ["readings row 5: altered: its MAC does not match", "readings rows 5–8: their content no longer gives the digest"]),
     ("a lab result edited", _edit_lab, ["lab_results row 1: altered: its MAC does not match"]),
     ("a reading deleted", _delete_reading, ["readings row 7: deleted: a history checkpoint counted it"]),

@@ -569,13 +569,13 @@ class Runtime:
 
     # ------------------------------------------------------------------ the operator (advisory mode)
 
-    async def approve(self, made_at_h: float, *, signer: Signer, reason: str) -> Recommendation:
-        """Sign and apply the current recommendation: its setpoints are written now, while remote is enabled."""
-        return await self._operator_sign(made_at_h, signer, Meaning.APPROVED, reason)
+    async def approve(self, recommendation_id: str, digest: str, *, signer: Signer, reason: str) -> Recommendation:
+        """Sign and apply the current recommendation, named by its id and content digest: its setpoints are written now, while remote is enabled."""
+        return await self._operator_sign(recommendation_id, digest, signer, Meaning.APPROVED, reason)
 
-    async def reject(self, made_at_h: float, *, signer: Signer, reason: str) -> Recommendation:
-        """Sign a rejection of the current recommendation; nothing is written to the PLC."""
-        return await self._operator_sign(made_at_h, signer, Meaning.REJECTED, reason)
+    async def reject(self, recommendation_id: str, digest: str, *, signer: Signer, reason: str) -> Recommendation:
+        """Sign a rejection of the current recommendation, named by its id and content digest; nothing is written to the PLC."""
+        return await self._operator_sign(recommendation_id, digest, signer, Meaning.REJECTED, reason)
 
     def request_mode(self, mode: RequestedMode, *, user: str, reason: str) -> None:
         """Change the requested mode (it takes effect at the next cycle); refused if the audit record cannot be written."""
@@ -618,11 +618,11 @@ class Runtime:
             self.cycle.controller.reenable()
             log.info("nmpc_reenabled", user=user, process_time_h=self._last_time_h, reason=reason)
 
-    async def _operator_sign(self, made_at_h: float, signer: Signer, meaning: Meaning, reason: str) -> Recommendation:
+    async def _operator_sign(self, recommendation_id: str, digest: str, signer: Signer, meaning: Meaning, reason: str) -> Recommendation:
         if not reason.strip():
             raise ApprovalRefusedError(f"a signature ({meaning.value}) needs a reason")
         async with self._io:
-            current = self.desk.signable(made_at_h, self.modes)
+            current = self.desk.signable(recommendation_id, digest, self.modes)
             try:
                 readings = await self.port.read()
             except PlcLinkError as error:
@@ -646,13 +646,21 @@ class Runtime:
 
     async def _sign(self, recommendation: Recommendation, signer: Signer, meaning: Meaning, reason: str, now_h: float) -> bool:
         """Record the signature (refused if it cannot be), then, for an approval, write its setpoints; whether they were written."""
-        signature = Signature(signer, meaning, reason, now_utc(), recommendation.made_at_h)
-        subject = f"recommendation made at {recommendation.made_at_h:.2f} h"
+        signature = Signature(signer, meaning, reason, now_utc(), recommendation.recommendation_id, recommendation.digest, recommendation.made_at_h)
+        subject = f"recommendation {recommendation.recommendation_id} made at {recommendation.made_at_h:.2f} h"
         details = {"signature": signature.as_dict(), "recommendation": recommendation.as_dict()}
         if not self.recorder.audited(now_h, actor=signer.name, action=f"recommendation_{meaning.value}", subject=subject, details=details):
             raise ApprovalRefusedError("the signature could not be recorded in the audit trail; nothing done")
         self.desk.apply(recommendation, signature)
-        log.info("recommendation_signed", meaning=meaning.value, signer=signer.name, made_at_h=recommendation.made_at_h, reason=reason)
+        log.info(
+            "recommendation_signed",
+            meaning=meaning.value,
+            signer=signer.name,
+            recommendation_id=recommendation.recommendation_id,
+            digest=recommendation.digest,
+            made_at_h=recommendation.made_at_h,
+            reason=reason,
+        )
         if meaning is not Meaning.APPROVED:
             return False
         written = await self.recorder.write(now_h, recommendation.setpoint_values(), actor=signer.name)

@@ -1,17 +1,19 @@
 """The operator's desk in advisory mode: the current recommendation, and whether a signature may still apply to it.
 
 The runtime offers each cycle's recommendation here (the previous one
-expires), and asks :meth:`AdvisoryDesk.signable` and
+expires), and asks :meth:`AdvisoryDesk.signable` (by the recommendation's id
+and content digest, as the screen showed them) and
 :meth:`AdvisoryDesk.still_current` before it records a signature and writes.
 The desk does no I/O: the runtime reads the PLC and writes (docs/operator-screen.md).
 """
 
 from __future__ import annotations
 
+import hmac
 import math
 from collections.abc import Mapping
 
-from controller.advisory import ApprovalRefusedError, Recommendation, RecommendationStatus, Signature, Signer
+from controller.advisory import ApprovalRefusedError, Recommendation, RecommendationStatus, Signature, Signer, check_signature_target
 from controller.clock import TIME_TOLERANCE_H
 from controller.modes import ModeMachine, RequestedMode, State
 from controller.ports import Reading
@@ -34,17 +36,23 @@ class AdvisoryDesk:
         if self.recommendation is not None and self.recommendation.status is RecommendationStatus.PENDING:
             self.recommendation = self.recommendation.expired()
 
-    def signable(self, made_at_h: float, modes: ModeMachine) -> Recommendation:
-        """The current recommendation, if the one made at ``made_at_h`` is it and may be signed now; raises :class:`ApprovalRefusedError`."""
+    def signable(self, recommendation_id: str, digest: str, modes: ModeMachine) -> Recommendation:
+        """The current recommendation, if it is the one with ``recommendation_id`` and its content has ``digest``, and may be signed now.
+
+        Raises :class:`MalformedSignatureError` when the id or the digest is not of the right form, else
+        :class:`ApprovalRefusedError` saying why this one cannot be signed (another is current, its content differs, not pending, not advisory).
+        """
+        check_signature_target(recommendation_id, digest)
         current = self.recommendation
-        if not math.isfinite(made_at_h):
-            raise ApprovalRefusedError(f"{made_at_h!r} is not the time of a recommendation")
-        if current is None or abs(current.made_at_h - made_at_h) > TIME_TOLERANCE_H:
-            raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h is not the current one: it has expired")
+        if current is None or not hmac.compare_digest(current.recommendation_id, recommendation_id):
+            raise ApprovalRefusedError(f"recommendation {recommendation_id} is not the current one: it has expired (refresh the screen)")
+        made = f"recommendation {recommendation_id} (made at {current.made_at_h:.2f} h)"
+        if not hmac.compare_digest(current.digest, digest):
+            raise ApprovalRefusedError(f"{made} has content digest {current.digest}, not {digest}: what was shown is not what would be signed (refresh the screen)")
         if current.status is RecommendationStatus.INFORMATION:
-            raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h was made in {modes.state.value}, not advisory: nothing to sign")
+            raise ApprovalRefusedError(f"{made} was made in {modes.state.value}, not advisory: nothing to sign")
         if current.status is not RecommendationStatus.PENDING:
-            raise ApprovalRefusedError(f"the recommendation made at {made_at_h:.2f} h is already {current.status.value}")
+            raise ApprovalRefusedError(f"{made} is already {current.status.value}")
         if modes.state is not State.ADVISORY or modes.requested is not RequestedMode.ADVISORY:
             raise ApprovalRefusedError(f"signatures apply in advisory mode; the runtime is {modes.state.value}, {modes.requested.value} requested")
         return current

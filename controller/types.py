@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -69,3 +70,11 @@ def json_compatible(data: Any) -> Any:
     if isinstance(data, list | tuple):
         return [json_compatible(value) for value in data]
     return data
+
+
+def canonical_json(data: Any) -> str:
+    """``data`` as the one JSON text digests are computed over: :func:`json_compatible`, sorted keys, no whitespace, UTF-8 text.
+
+    The same form as the audit trail's (``interfaces.audit.canonical_json``), which the controller may not import.
+    """
+    return json.dumps(json_compatible(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -18,7 +18,7 @@ import contextlib
 import math
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +30,14 @@ from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
 from controller.ports import PlcPort
 from controller.runtime import CycleReport, ModelFile, RunSummary, Runtime
-from controller.runtime_config import LoadedRuntime, ScreenSettings, nominal_parameter_vector
+from controller.runtime_config import LoadedRuntime, nominal_parameter_vector
 from controller.takeover import RuntimeStartError, TakeoverApproval
 from interfaces.audit import AuditTrail
 from interfaces.audit_export import CheckpointSink, FileSink, HttpSink, SyslogSink
 from interfaces.audit_keys import KEY_ENV, AuditKey, load_key_file
 from interfaces.history import SqliteHistory
 from interfaces.tagmap import ModbusTagMap, OpcUaTagMap, load_tag_map
-from interfaces.users import UserStore
+from interfaces.web.serve import serve_screen
 from plant_models.cho import CultureModel
 from plant_models.errors import ConfigError
 
@@ -223,54 +223,6 @@ async def run_runtime(
         finally:
             for signum in handled:
                 loop.remove_signal_handler(signum)
-
-
-@contextlib.asynccontextmanager
-async def serve_screen(runtime: Runtime, settings: ScreenSettings, history_path: Path) -> AsyncIterator[str]:
-    """The operator screen on uvicorn in this event loop, for as long as the context lasts; yields its URL."""
-    import socket
-
-    import uvicorn
-
-    from interfaces.web.app import create_app
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:  # the runtime owns SIGINT and SIGTERM
-            yield
-
-    listener = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((settings.host, settings.port))
-    except OSError as error:
-        listener.close()
-        raise ConfigError(f"screen: cannot listen on {settings.host}:{settings.port}: {error.strerror or error}") from error
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.secure_cookies:
-        log.warning(
-            "screen_without_tls", host=settings.host, reason="sessions and passwords cross the network in clear: serve the screen behind a TLS proxy and set secure_cookies"
-        )
-    users = UserStore(history_path)
-    app = create_app(runtime=runtime, users=users, audit=AuditTrail(history_path, read_only=True), history_path=history_path, secure_cookies=settings.secure_cookies)
-    server = Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[listener]))
-    for _ in range(200):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.05)
-    if not server.started:
-        task.cancel()
-        listener.close()
-        raise ConfigError(f"screen: uvicorn did not start on {settings.host}:{settings.port}")
-    url = f"http://{settings.host}:{settings.port}/"
-    log.info("screen_serving", url=url)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10.0)
-        listener.close()
-        users.close()
 
 
 def print_summary(summary: RunSummary, history_path: Path, console: Console) -> None:

@@ -7,15 +7,21 @@ endpoints (``/api/status`` every 2 s, ``/api/trajectories`` every 15 s).
 
 Who may do what (roles of :mod:`interfaces.users`):
 
-- viewer: log in and see everything;
-- operator: approve or reject the current recommendation, re-entering the
-  password (an electronic signature, 21 CFR Part 11 §11.50 and §11.200);
+- viewer: log in and see the batch, the estimate, the forecast and the recommendation;
+- operator: approve or reject the current recommendation, named by its id and
+  content digest, re-entering the password (an electronic signature, 21 CFR
+  Part 11 §11.50 and §11.200);
 - engineer: also change the requested mode, acknowledge a held physical
   contradiction and re-enable the NMPC after it stood down for the platform
-  recipe (each again with the password, each audited).
+  recipe (each again with the password, each audited);
+- reading the audit trail (``/api/audit``) is its own right
+  (:func:`interfaces.users.can_read_audit`: QA and engineers).
 
 Sessions: an HttpOnly, SameSite=Strict cookie holding a random token (only its
-hash is stored), expiring after idle time and at a maximum age. ``/metrics``
+hash is stored), expiring after idle time and at a maximum age, ``Secure``
+whenever the screen is served over TLS. Every state-changing request needs
+the screen's origin and the session's CSRF token, and every response carries
+the security headers (:mod:`interfaces.web.security`). ``/metrics``
 (Prometheus text format) and ``/healthz`` need no login: they are for the
 plant's monitoring on the control network.
 """
@@ -30,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,15 +49,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from pydantic import BaseModel, Field
 
-from controller.advisory import ApprovalRefusedError, Signer
+from controller.advisory import ApprovalRefusedError, MalformedSignatureError, Signer, check_signature_target
 from controller.modes import RequestedMode, State
 from controller.runtime import Runtime
+from controller.runtime_config import ScreenSettings
 from controller.types import json_compatible
 from interfaces.audit import AuditTrail
-from interfaces.users import Role, User, UserStore
+from interfaces.users import Role, User, UserStore, can_read_audit
+from interfaces.web.security import CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, ScreenGuard, client_address, csrf_token, new_secret
 
 HERE = Path(__file__).resolve().parent
-SESSION_COOKIE = "bioreactor_mpc_session"
 PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
 TRAJECTORY_STATES = ("viable_cells", "glucose", "lactate", "ammonia", "titer", "volume")
 LAB_COLUMNS = {
@@ -100,18 +108,50 @@ class LoginThrottle:
         self._failures.pop(key, None)
 
 
+class LoginError(str, Enum):
+    """Why a log-in did not succeed, as ``/login?error=`` carries it: a code, never text (the page shows only its own messages)."""
+
+    CREDENTIALS = "credentials"
+    THROTTLED = "throttled"
+
+
+LOGIN_MESSAGES = {
+    LoginError.CREDENTIALS: "wrong user name or password",
+    LoginError.THROTTLED: "too many failed attempts: wait five minutes",
+}
+UNKNOWN_LOGIN_ERROR = "the log-in did not succeed: try again"
+
+
+def login_message(code: str | None) -> str | None:
+    """The fixed text for a ``/login?error=`` code (a generic one for a code the screen never sends); None without a code."""
+    if code is None:
+        return None
+    try:
+        return LOGIN_MESSAGES[LoginError(code)]
+    except ValueError:
+        return UNKNOWN_LOGIN_ERROR
+
+
 class Signature(BaseModel):
     password: str = Field(min_length=1, description="the signer's password, entered again to sign")
     reason: str = Field(min_length=1, max_length=500, description="why")
+
+
+class RecommendationSignature(Signature):
+    digest: str = Field(description="the content digest of the recommendation as the screen showed it (its status's 'digest')")
 
 
 class ModeChange(Signature):
     mode: RequestedMode
 
 
-def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history_path: Path, secure_cookies: bool = False) -> FastAPI:
-    """The screen's application for one runtime; ``secure_cookies`` when it is served over HTTPS."""
+def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history_path: Path, settings: ScreenSettings | None = None) -> FastAPI:
+    """The screen's application for one runtime, served as ``settings`` say (TLS: Secure cookies and HSTS; trusted proxies; allowed origins)."""
+    settings = settings or ScreenSettings()
+    secure_cookies = settings.tls or settings.secure_cookies
+    proxies = settings.proxy_networks
     app = FastAPI(title="bioreactor-mpc", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app.add_middleware(ScreenGuard, tls=settings.tls, allowed_origins=settings.allowed_origins)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     logins, signatures = LoginThrottle(), LoginThrottle()
     password_checks = threading.Semaphore(2)  # argon2 costs 64 MiB and 0.1 s a check: at most two at a time beside the NMPC
@@ -153,24 +193,32 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
             return RedirectResponse("/login", status_code=303)
         return JSONResponse({"detail": error.detail}, status_code=error.status_code)
 
+    def page(request: Request, template: str, context: dict[str, Any], *, secret: str) -> Response:
+        return templates.TemplateResponse(request, template, {**context, "csrf_token": csrf_token(secret), "csrf_field": CSRF_FIELD})
+
     # ------------------------------------------------------------------ pages
 
     @app.get("/login", response_class=HTMLResponse)
     def login_page(request: Request, error: str | None = None) -> Response:
-        return templates.TemplateResponse(request, "login.html", {"error": error, "batch_id": runtime.batch.batch_id})
+        secret = request.cookies.get(LOGIN_COOKIE) or new_secret()
+        response = page(request, "login.html", {"error": login_message(error), "batch_id": runtime.batch.batch_id}, secret=secret)
+        response.set_cookie(LOGIN_COOKIE, secret, httponly=True, samesite="strict", secure=secure_cookies)
+        return response
 
     @app.post("/login")
     def login(request: Request, username: str = Form(...), password: str = Form(...)) -> Response:
-        key = f"{username}@{request.client.host if request.client else '?'}"
+        address = client_address(request.client.host if request.client else None, request.headers.getlist("x-forwarded-for"), proxies)
+        key = f"{username}@{address}"
         if logins.blocked(key):
-            return RedirectResponse("/login?error=too+many+failed+attempts:+wait+five+minutes", status_code=303)
+            return RedirectResponse(f"/login?error={LoginError.THROTTLED.value}", status_code=303)
         user = authenticate(username, password)
         if user is None:
             logins.failed(key)
-            return RedirectResponse("/login?error=wrong+user+name+or+password", status_code=303)
+            return RedirectResponse(f"/login?error={LoginError.CREDENTIALS.value}", status_code=303)
         logins.succeeded(key)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(SESSION_COOKIE, users.create_session(user), httponly=True, samesite="strict", secure=secure_cookies)
+        response.delete_cookie(LOGIN_COOKIE)
         return response
 
     @app.post("/logout")
@@ -192,7 +240,7 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
             "can_change_mode": user.role.allows(Role.ENGINEER),
             "can_reenable": user.role.allows(Role.ENGINEER),
         }
-        return templates.TemplateResponse(request, "screen.html", context)
+        return page(request, "screen.html", context, secret=request.cookies.get(SESSION_COOKIE, ""))
 
     @app.get("/static-vendor/plotly.min.js")
     def plotly_js() -> Response:
@@ -212,8 +260,14 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
         data["forecast"] = forecast_series(runtime)
         return json_compatible(data)
 
+    def audit_reader(user: User = Depends(current_user)) -> User:
+        if not can_read_audit(user.role):
+            readers = " or ".join(role.value for role in Role if can_read_audit(role))
+            raise HTTPException(status_code=403, detail=f"{user.name} is a {user.role.value}; reading the audit trail needs the role {readers}")
+        return user
+
     @app.get("/api/audit")
-    def audit_records(limit: int = 50, user: User = Depends(current_user)) -> list[dict[str, Any]]:
+    def audit_records(limit: int = 50, user: User = Depends(audit_reader)) -> list[dict[str, Any]]:
         head = audit.head()
         last = head.seq if head is not None else 0
         records = audit.records(since_seq=max(0, last - max(1, min(limit, 500))))
@@ -221,11 +275,14 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
 
     # ------------------------------------------------------------------ signatures and mode
 
-    @app.post("/api/recommendations/{made_at_h}/{action}")
-    async def sign(made_at_h: float, action: Literal["approve", "reject"], body: Signature, user: User = Depends(require(Role.OPERATOR))) -> dict[str, Any]:
+    @app.post("/api/recommendations/{recommendation_id}/{action}")
+    async def sign(recommendation_id: str, action: Literal["approve", "reject"], body: RecommendationSignature, user: User = Depends(require(Role.OPERATOR))) -> dict[str, Any]:
         sign_as = runtime.approve if action == "approve" else runtime.reject
         try:
-            recommendation = await sign_as(made_at_h, signer=await signer(user, body.password), reason=body.reason)
+            check_signature_target(recommendation_id, body.digest)  # before the password is checked: garbage costs no argon2
+            recommendation = await sign_as(recommendation_id, body.digest, signer=await signer(user, body.password), reason=body.reason)
+        except MalformedSignatureError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from error
         except ApprovalRefusedError as error:
             raise HTTPException(status_code=409, detail=str(error)) from error
         return json_compatible(recommendation.as_dict())

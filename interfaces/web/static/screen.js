@@ -1,5 +1,8 @@
 // The operator screen: polls /api/status (2 s) and /api/trajectories (15 s); signs through the API.
+// Every POST carries the session's CSRF token (the page's <meta name="csrf-token">) in X-CSRF-Token.
 "use strict";
+
+const CSRF_TOKEN = document.querySelector('meta[name="csrf-token"]').content;
 
 const PLOTS = [
   ["viable_cells", "viable cells [1e6/mL]"], ["viability", "viability [%]"], ["glucose", "glucose [g/L]"], ["lactate", "lactate [g/L]"],
@@ -63,6 +66,7 @@ async function refreshStatus() {
   if (r) {
     rows("rec-table", [
       ["made at", `${fmt(r.made_at_h, 1)} h (valid until ${fmt(r.expires_at_h, 1)} h)`],
+      ["id", `${r.recommendation_id.slice(0, 8)} (digest ${r.digest.slice(0, 12)})`],
       ["status", r.status + (r.signature ? ` by ${r.signature.printed_name}: ${r.signature.reason}` : "")],
       ["nutrient feed", `${fmt(r.feed_rate_lph)} L/h`], ["glucose feed", `${fmt(r.glucose_rate_lph)} L/h`],
       ["temperature", `${fmt(r.temperature_degc, 1)} °C`],
@@ -119,7 +123,7 @@ async function refreshPlots() {
 }
 
 async function post(url, body) {
-  const response = await fetch(url, { method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  const response = await fetch(url, { method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json", "X-CSRF-Token": CSRF_TOKEN }, body: JSON.stringify(body) });
   const data = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(data.detail || response.statusText);
   return data;
@@ -134,7 +138,9 @@ function wire() {
     if (!current) { result.textContent = "no recommendation"; result.className = "result error"; return; }
     const form = new FormData(sign);
     try {
-      const signed = await post(`/api/recommendations/${current.made_at_h}/${meaning}`, { password: form.get("password"), reason: form.get("reason") });
+      // The signature names the recommendation shown (its id and content digest): if another is current by now, the runtime refuses it.
+      const url = `/api/recommendations/${encodeURIComponent(current.recommendation_id)}/${meaning}`;
+      const signed = await post(url, { digest: current.digest, password: form.get("password"), reason: form.get("reason") });
       result.textContent = `${signed.status} (recommendation of ${fmt(signed.made_at_h, 1)} h)`; result.className = "result ok";
       sign.reset();
     } catch (error) { result.textContent = error.message; result.className = "result error"; }

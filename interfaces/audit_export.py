@@ -154,12 +154,12 @@ class SyslogSink:
     def export(self, checkpoint: Checkpoint) -> None:
         try:
             if self._handler is None:
-                self._handler = logging.handlers.SysLogHandler(address=self._target, facility=self._facility, socktype=socket.SOCK_DGRAM)
+                self._handler = _RaisingSysLogHandler(address=self._target, facility=self._facility, socktype=socket.SOCK_DGRAM)
                 self._handler.ident = "bioreactor-mpc: "
                 self._handler.append_nul = False  # a plain line in the log server's files
             record = logging.LogRecord("bioreactor_mpc.audit", logging.INFO, __file__, 0, "%s %s", None, None)
             record.args = (CHECKPOINT_FORMAT, checkpoint.to_json())
-            self._handler.emit(record)  # emit, not handle: errors raise here instead of going to handleError's stderr
+            self._handler.emit(record)
         except OSError as error:
             self.close()
             raise CheckpointExportError(f"{self.describe()}: cannot send the checkpoint of seq {checkpoint.seq}: {error.strerror or error}") from error
@@ -168,6 +168,13 @@ class SyslogSink:
         if self._handler is not None:
             self._handler.close()
             self._handler = None
+
+
+class _RaisingSysLogHandler(logging.handlers.SysLogHandler):
+    """A syslog handler whose failures raise (the stdlib's print a traceback to stderr and go on), so the sink can report them."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        raise  # the error being handled, from within emit's except block
 
 
 class HttpSink:

@@ -76,6 +76,17 @@ def test_syslog_gets_one_message_per_checkpoint(tmp_path):
     assert damaged == [] and [r.checkpoint for r in read] == [checkpoint]
 
 
+def test_a_syslog_socket_that_is_not_there_is_a_logged_failure_not_a_traceback(tmp_path, capsys):
+    sink = SyslogSink(str(tmp_path / "no-such-log-socket"))
+    trail = _trail_with_records(tmp_path / "h.sqlite", sinks=[sink])
+    with capture_logs() as logs:
+        trail.checkpoint("requested")
+    trail.close()
+    failures = [e for e in logs if e["event"] == "audit_checkpoint_export_failed"]
+    assert len(failures) == 1 and failures[0]["error"].startswith(f"syslog {tmp_path / 'no-such-log-socket'}: cannot send the checkpoint of seq 4")
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_a_bad_syslog_address_is_a_clear_error():
     with pytest.raises(CheckpointExportError, match="syslog 'loghost': expected /path/to/socket or host:port"):
         SyslogSink("loghost")

@@ -576,7 +576,11 @@ class AuditTrail:
         if old is None:
             raise AuditError(f"{self.path}: cannot rotate the audit key: this trail was opened without one (give the current key)")
         record = self._append(
-            actor=actor, action=KEY_ROTATED, subject="audit key", details=lambda _db, _expected: {"from_key_id": old.key_id, "to_key_id": new_key.key_id}, process_time_h=None
+            actor=actor,
+            action=KEY_ROTATED,
+            subject="audit key",
+            details=lambda _db, expected: {"from_key_id": expected or old.key_id, "to_key_id": new_key.key_id},
+            process_time_h=None,
         )
         with self._lock:
             self._key = new_key

@@ -26,7 +26,7 @@ from controller.advisory import Recommendation
 from controller.modes import RequestedMode, State
 from controller.ports import Reading
 from controller.runtime import Runtime
-from controller.runtime_config import RuntimeSettings, ScreenSettings
+from controller.runtime_config import RuntimeSettings, ScreenSettings, load_runtime_config
 from interfaces.audit import AuditTrail
 from interfaces.history import SqliteHistory
 from interfaces.opcua_certificates import create_certificate
@@ -400,6 +400,25 @@ def test_plain_http_off_the_loopback_is_refused_unless_a_tls_proxy_is_declared(s
 
     with pytest.raises(ConfigError, match="screen: host 0.0.0.0 is not a loopback address"):
         run(scenario())
+
+
+def test_a_runtime_config_s_certificate_paths_are_relative_to_it_and_must_exist(tmp_path):
+    runtime = REPO / "configs" / "runtime"
+    files = {
+        name: (runtime / relative).resolve()
+        for name, relative in (("tag_map", "../plc/reference-opcua.yaml"), ("batch", "../batch/platform.yaml"), ("model", "../model/cho_nominal.yaml"))
+    }
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "pki" / "screen.pem").write_text("certificate")
+    (tmp_path / "pki" / "screen-key.pem").write_text("key")
+    lines = [f"{name}: {path}" for name, path in files.items()] + ["history: history.sqlite", "screen:", "  host: 0.0.0.0", "  tls_certificate: pki/screen.pem"]
+    config = tmp_path / "runtime.yaml"
+    config.write_text("\n".join([*lines, "  tls_key: pki/screen-key.pem", ""]))
+    screen = load_runtime_config(config).config.screen
+    assert screen is not None and screen.tls_certificate == tmp_path / "pki" / "screen.pem" and screen.tls_key == tmp_path / "pki" / "screen-key.pem"
+    config.write_text("\n".join([*lines, "  tls_key: pki/missing-key.pem", ""]))
+    with pytest.raises(ConfigError, match=r"runtime\.yaml: screen\.tls_key: no such file .*pki/missing-key\.pem"):
+        load_runtime_config(config)
 
 
 def test_with_a_self_signed_certificate_the_screen_serves_https_with_hsts_and_secure_cookies(screen):

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import matplotlib
 
@@ -175,8 +175,8 @@ def write_trust_csv(path: Path, trust: TrustTimeline) -> None:
             )
 
 
-def plot_trust(path: Path, trust: TrustTimeline, title: str) -> None:
-    """The region's width over the batch, each lab check (confirmed or missed) and the time the NMPC stood down."""
+def plot_trust(path: Path | IO[bytes], trust: TrustTimeline, title: str) -> None:
+    """The region's width over the batch, each lab check (confirmed or missed) and the time the NMPC stood down, as a PNG file (or into a binary stream)."""
     fig, ax = plt.subplots(figsize=(12, 3.8))
     t_day = trust.time_h / 24.0
     ax.step(t_day, 100.0 * trust.width, where="post", color="tab:green", lw=1.5, label=f"width ({trust.source.value.replace('_', ' ')})")

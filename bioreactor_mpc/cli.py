@@ -18,7 +18,7 @@ import structlog
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bioreactor_mpc import admin_cli, calibrate_cli
+from bioreactor_mpc import admin_cli, calibrate_cli, export_cli
 from bioreactor_mpc.logging import configure_logging
 from bioreactor_mpc.report import TrustTimeline, kpi_table, plot_predictions, write_batch_files
 from controller.modes import RequestedMode
@@ -129,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 
     admin_cli.add_parsers(commands)
     calibrate_cli.add_parser(commands)
+    export_cli.add_parsers(commands)
 
     schema = commands.add_parser("schema", help="write JSON Schemas of the config files, for editors that check YAML")
     schema.add_argument("--output-dir", type=Path, default=Path("runs/schema"), help="where the schemas go (default: runs/schema)")
@@ -400,6 +401,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "demo": _demo,
     "certs": _certs,
     "calibrate": calibrate_cli.run_calibrate,
+    "export": export_cli.run_export,
+    "report": export_cli.run_report,
 }
 
 

@@ -367,6 +367,8 @@ def test_an_untrusted_runtime_certificate_backs_off_with_one_alarm_no_traceback_
     assert [event["refusals_in_a_row"] for event in refusals] == list(range(1, len(connects) + 1))
     assert [event["retry_after_s"] for event in refusals] == [min(FIRST_WAIT_S * 2**k, MAX_WAIT_S) for k in range(len(connects))]
     assert all(runtime_fingerprint in event["reason"] for event in refusals)
+    plc_side = [event for event in events if event["event"] == "opcua_client_refused"]  # the PLC lists the certificate it refused, as a PLC's rejected list
+    assert [(event["reason"], event["certificate_sha256"]) for event in plc_side] == [("BadCertificateUntrusted", runtime_fingerprint)] * len(connects)
     assert not [event for event in events if "exc_info" in event or "exception" in event]
     assert [record.getMessage() for record in caplog.records if record.exc_info] == []
     assert not [record.getMessage() for record in caplog.records if record.name.startswith("asyncua.client") and record.levelno >= logging.WARNING], (

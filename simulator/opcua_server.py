@@ -50,8 +50,10 @@ from typing import Any, Literal
 import structlog
 from asyncua import Server, ua
 from asyncua.common.callback import CallbackType, ServerItemCallback
+from asyncua.common.utils import ServiceError
 from asyncua.crypto.permission_rules import SimpleRoleRuleset, User, UserRole
 from asyncua.crypto.truststore import TrustStore
+from asyncua.crypto.validator import CertificateValidator
 from asyncua.server.address_space import NodeData
 from asyncua.server.user_managers import CertificateUserManager, UserManager
 from cryptography import x509
@@ -208,6 +210,25 @@ class _PlcAccessRules(SimpleRoleRuleset):
         return True
 
 
+def _logging_refusals(validator: CertificateValidator) -> Any:
+    """asyncua's client certificate check, saying once which certificate it refused (as a PLC lists rejected certificates)."""
+
+    async def validate(certificate: x509.Certificate, description: ua.ApplicationDescription) -> None:
+        try:
+            await validator(certificate, description)
+        except ServiceError as error:
+            log.info(
+                "opcua_client_refused",
+                reason=ua.StatusCode(ua.UInt32(error.code)).name,
+                certificate_sha256=fingerprint(certificate),
+                subject=certificate.subject.rfc4514_string(),
+                application_uri=description.ApplicationUri,
+            )
+            raise
+
+    return validate
+
+
 class _PlcSessions(UserManager):
     """asyncua user manager: a session needs a channel secured with a trusted certificate, and a known user if there are users; writers write.
 
@@ -329,7 +350,7 @@ class OpcUaPlcServer(PlcServerClocks):
             await writer_certificates.add_role(writer.public_bytes(serialization.Encoding.DER), UserRole.User, name=fingerprint(writer), format="der")  # type: ignore[arg-type]  # asyncua loads a path or the certificate's bytes; annotated as a path
         server.set_security_policy([_POLICY_TYPES[(security.policy, security.mode)]], permission_ruleset=_PlcAccessRules(self._rights))
         server.set_identity_tokens([ua.UserNameIdentityToken] if security.users else [ua.AnonymousIdentityToken])
-        server.set_certificate_validator(certificate_validator(trust_store, peer="client"))
+        server.set_certificate_validator(_logging_refusals(certificate_validator(trust_store, peer="client")))
         server.iserver.set_user_manager(_PlcSessions(trust_store, security.users, writer_certificates, security.writer_users))
         server.subscribe_server_callback(CallbackType.PostRead, self._user_access_level)
 

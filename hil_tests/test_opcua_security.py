@@ -232,6 +232,9 @@ def test_untrusted_server_certificate_is_refused_by_the_port(pki, opcua_endpoint
             assert server_fingerprint in message and str(pki.client_trusts) in message  # what to check, and where to put it
             assert PASSWORD not in message and not port.connected
             assert refused.value.retry_after_s == 300.0
+            with pytest.raises(PlcAuthError) as again:  # still untrusted: the wait doubles (docs/opcua-security.md, section 9)
+                await port.connect()
+            assert again.value.retry_after_s == 600.0 and port.auth_refusals == 2
 
     _run(scenario)
     # The refusal is the exception's one line; nothing logs a traceback for it (asyncua's own trust store would).

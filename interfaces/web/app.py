@@ -77,7 +77,9 @@ class LoginThrottle:
 
     The user store never locks an account (that would let anyone lock the
     operators out of a running batch); the screen slows password guessing
-    instead, per user name *and* client address at login, so a stranger
+    instead, per user name *and* client address at login (the connection's
+    peer, or what a trusted proxy says in ``X-Forwarded-For``:
+    :func:`interfaces.web.security.client_address`), so a stranger
     cannot block an operator who logs in from elsewhere, and separately for
     signatures (by logged-in users only). In memory and bounded: a restart
     forgets, and the oldest keys are dropped beyond ``max_keys``.

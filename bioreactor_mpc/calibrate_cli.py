@@ -58,6 +58,9 @@ def add_parser(subparsers: SubParsers) -> None:
     calibrate_parser.add_argument("--settings", type=Path, default=None, help="calibration settings (YAML): which parameters, priors, phases (docs/calibration.md)")
     calibrate_parser.add_argument("--no-cross-validation", action="store_true", help="skip leave-one-batch-out cross-validation")
     calibrate_parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    calibrate_parser.add_argument(
+        "--strict", action="store_true", help="exit 1 when the fit has review warnings (the file and report are still written: a pipeline stops, nothing is lost)"
+    )
 
 
 def run_calibrate(args: argparse.Namespace, console: Console) -> int:
@@ -85,6 +88,9 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     for warning in result.warnings:
         console.print(f"[bold yellow]review:[/] {warning}")
     console.print(f"wrote {args.output} and {report_dir / 'report.md'}")
+    if args.strict and result.warnings:
+        console.print(f"[bold red]--strict:[/] {len(result.warnings)} review warning(s); exit status 1")
+        return 1
     return 0
 
 

@@ -116,6 +116,11 @@ def test_calibrate_command_writes_a_parameter_file_with_provenance_and_a_report(
     # A second run does not overwrite the reviewed file without --force.
     again = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert again.returncode == 2 and f"{output} exists" in again.stderr
+    # --strict: a fit with review warnings (here: no cross-validation) exits 1, and still writes the file for the review.
+    output.unlink()
+    strict = subprocess.run([*command, "--no-cross-validation", "--strict"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert strict.returncode == 1, strict.stdout + strict.stderr
+    assert "cross-validation was not run" in strict.stdout and output.exists()
 
 
 def test_calibrate_command_names_the_file_row_and_column_of_bad_input(records, tmp_path):

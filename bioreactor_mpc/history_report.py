@@ -276,14 +276,15 @@ _MEASURED_PANELS = (
 
 def _measured_section(batch: HistoryBatch) -> str:
     cycles, lab, online = batch.tables["cycles"], batch.tables["lab"], batch.tables["online"]
-    if not cycles.rows or "estimate_viable_cells_1e6_per_ml" not in cycles.data:
+    panels = [panel for panel in _MEASURED_PANELS if panel[2] in cycles.data and panel[3] in cycles.data]
+    if not cycles.rows or not panels:
         return '<p class="note">No cycle recorded an estimate (the runtime ran without its estimator, or no cycle ran).</p>'
     t_h = np.asarray(cycles.numbers("process_time_h"))
     draw_h = np.asarray(lab.numbers("draw_time_h"))
 
     def draw(target: io.BytesIO) -> None:
-        fig, axes = plt.subplots(1, len(_MEASURED_PANELS), figsize=(18, 4.2))
-        for ax, (title, lab_column, estimate, sd) in zip(axes, _MEASURED_PANELS, strict=True):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.2), squeeze=False)
+        for ax, (title, lab_column, estimate, sd) in zip(axes[0], panels, strict=True):
             mean, spread = np.asarray(cycles.numbers(estimate)), np.asarray(cycles.numbers(sd))
             ax.plot(t_h / 24, mean, color="tab:blue", lw=1.3, label="estimate")
             ax.fill_between(t_h / 24, mean - spread, mean + spread, color="tab:blue", alpha=0.2, label="± 1 sd")
@@ -298,7 +299,7 @@ def _measured_section(batch: HistoryBatch) -> str:
         _save(fig, target)
 
     rows = []
-    for title, lab_column, estimate, sd in _MEASURED_PANELS:
+    for title, lab_column, estimate, sd in panels:
         if lab_column is None or not lab.rows:
             continue
         measured = np.asarray(lab.numbers(lab_column))

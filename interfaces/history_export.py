@@ -479,7 +479,7 @@ def _cycles(db: sqlite3.Connection, run_ids: Sequence[int]) -> tuple[Table, tupl
             "state": row["state"],
             "reason": row["reason"],
             "source": row["source"],
-            "adjustments": "; ".join(map(str, row["adjustments"] or [])),
+            "adjustments": "; ".join(map(str, row["adjustments"] or [])) or None,
             "wrote_setpoints": bool(row["wrote_setpoints"]),
             "planned_harvest_time_h": row["harvest_time_h"],
             "predicted_titer_g_per_l": row["predicted_titer_g_per_l"],
@@ -582,15 +582,14 @@ def _states(db: sqlite3.Connection, run_ids: Sequence[int]) -> Table:
 
 
 def _audit_of(path: Path, runs: Sequence[Run]) -> tuple[AuditRecord, ...]:
-    """The audit trail's records written from the first run's start to the last run's end (to now, for a run not ended)."""
+    """The audit trail's records written during the runs, each from its start to its end (to now, for a run not ended)."""
     try:
         with AuditTrail(path, read_only=True) as trail:
             records = trail.records()
     except AuditError as error:
         raise HistoryReadError(f"{path}: cannot read the audit trail: {error}") from error
-    start = _instant(runs[0].started_utc)
-    end = _instant(runs[-1].ended_utc) if runs[-1].ended_utc is not None else None
-    return tuple(r for r in records if start <= _instant(r.wall_utc) and (end is None or _instant(r.wall_utc) <= end))
+    windows = [(_instant(run.started_utc), _instant(run.ended_utc) if run.ended_utc is not None else None) for run in runs]
+    return tuple(r for r in records if any(start <= _instant(r.wall_utc) and (end is None or _instant(r.wall_utc) <= end) for start, end in windows))
 
 
 def _instant(utc: str) -> datetime:

@@ -30,7 +30,6 @@ runtime's file can be exported, and nothing in it changes.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import re
 import sqlite3
@@ -45,6 +44,7 @@ from typing import Any
 
 from controller.types import LAB_FIELDS
 from interfaces.audit import AuditError, AuditRecord, AuditTrail
+from interfaces.batch_records import sha256_of
 from interfaces.history import SCHEMA_VERSION, read_only_uri
 from interfaces.signals import SIGNALS, Kind
 from plant_models.cho import STATES
@@ -554,31 +554,36 @@ def _writes(db: sqlite3.Connection, run_ids: Sequence[int]) -> Table:
     return _table("writes", columns, out)
 
 
+_ALARM_COLUMNS = (
+    _TIME,
+    _RUN,
+    _WALL,
+    Column("code", ColumnKind.TEXT, "", "the alarm's code"),
+    Column("event", ColumnKind.TEXT, "", "raised or cleared"),
+    Column("message", ColumnKind.TEXT, "", "what the alarm says"),
+)
+_STATE_COLUMNS = (
+    _TIME,
+    _RUN,
+    _WALL,
+    Column("previous", ColumnKind.TEXT, "", "the state before"),
+    Column("state", ColumnKind.TEXT, "", "the state after"),
+    Column("reason", ColumnKind.TEXT, "", "why"),
+)
+
+
+def _events(db: sqlite3.Connection, run_ids: Sequence[int], source: str, selected: str) -> list[dict[str, Any]]:
+    """The rows of an event table (``alarms``, ``state_changes``: fixed names) of the runs, in the order recorded."""
+    return _rows(db, f"SELECT run_id, process_time_h, wall_utc, {selected} FROM {source} WHERE {_in(run_ids)} ORDER BY rowid", run_ids)
+
+
 def _alarms(db: sqlite3.Connection, run_ids: Sequence[int]) -> Table:
-    rows = _rows(db, f"SELECT run_id, process_time_h, wall_utc, code, message, active FROM alarms WHERE {_in(run_ids)} ORDER BY rowid", run_ids)
-    columns = [
-        _TIME,
-        _RUN,
-        _WALL,
-        Column("code", ColumnKind.TEXT, "", "the alarm's code"),
-        Column("event", ColumnKind.TEXT, "", "raised or cleared"),
-        Column("message", ColumnKind.TEXT, "", "what the alarm says"),
-    ]
-    out = [{**row, "event": "raised" if row["active"] else "cleared"} for row in rows]
-    return _table("alarms", columns, out)
+    rows = [{**row, "event": "raised" if row["active"] else "cleared"} for row in _events(db, run_ids, "alarms", "code, message, active")]
+    return _table("alarms", _ALARM_COLUMNS, rows)
 
 
 def _states(db: sqlite3.Connection, run_ids: Sequence[int]) -> Table:
-    rows = _rows(db, f"SELECT run_id, process_time_h, wall_utc, previous, state, reason FROM state_changes WHERE {_in(run_ids)} ORDER BY rowid", run_ids)
-    columns = [
-        _TIME,
-        _RUN,
-        _WALL,
-        Column("previous", ColumnKind.TEXT, "", "the state before"),
-        Column("state", ColumnKind.TEXT, "", "the state after"),
-        Column("reason", ColumnKind.TEXT, "", "why"),
-    ]
-    return _table("states", columns, rows)
+    return _table("states", _STATE_COLUMNS, _events(db, run_ids, "state_changes", "previous, state, reason"))
 
 
 def _audit_of(path: Path, runs: Sequence[Run]) -> tuple[AuditRecord, ...]:
@@ -629,15 +634,7 @@ def _audit_table(records: Sequence[AuditRecord]) -> Table:
 def history_digests(path: Path) -> tuple[str, str | None]:
     """The sha256 of the history file, and of its ``-wal`` file when that holds anything (records not yet checkpointed into the file)."""
     wal = path.with_name(path.name + "-wal")
-    return _sha256(path), _sha256(wal) if wal.is_file() and wal.stat().st_size > 0 else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(path), sha256_of(wal) if wal.is_file() and wal.stat().st_size > 0 else None
 
 
 def tool_version() -> str:

@@ -213,3 +213,22 @@ def test_the_report_refuses_to_overwrite_the_history(site, capsys):
     assert main(["report", "--history", str(site), "--out", str(site)]) == EXIT_USER_ERROR
     assert "the report would replace the history" in capsys.readouterr().err
     assert site.read_bytes() == before
+
+
+def test_the_report_compares_with_the_recipes_forecast_of_a_signed_recommendation_and_names_each_start(tmp_path):
+    path = tmp_path / "advisory.sqlite"
+    with AuditTrail(path) as trail, SqliteHistory(path) as history:
+        _run(history, trail, "B1", [0.0, 1.0])
+        _run(history, trail, "B1", [2.0, 3.0])
+        history.start_run(batch_id="B1", requested_mode="advisory", config={})
+        recommendation = {"made_at_h": 4.0, "predicted_score_g_per_day": 612.5, "recipe_titer_g_per_l": 4.04, "recipe_score_g_per_day": 496.9}
+        trail.append(actor="alice", action="recommendation_approved", subject="recommendation made at 4.00 h", details={"recommendation": recommendation}, process_time_h=4.0)
+        history.end_run(reason="stopped")
+    out = tmp_path / "report.html"
+    assert main(["report", "--history", str(path), "--out", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    kpis = page[page.index('id="kpis"') : page.index('id="measured-vs-predicted"')]
+    assert re.search(r"<td>titer at harvest \[g/L\]</td>(<td[^>]*>[^<]*</td>){3}<td class=\"n\">4\.04</td>", kpis), kpis
+    assert re.search(r"<td>score: product per occupied day \[g/day\]</td>(<td[^>]*>[^<]*</td>){3}<td class=\"n\">496\.9</td>", kpis), kpis
+    configuration = page[page.index('id="configuration"') :]
+    assert configuration.count("settings-of-B1") == 2, "one column per start of the runtime on the batch"

@@ -47,11 +47,11 @@ from rich.console import Console
 
 from controller.advisory import Signer
 from controller.takeover import TakeoverApproval
-from interfaces.audit import DEFAULT_CHECKERS, AuditRecord, AuditTrail, AuditVerification, Checker, checkpoints_checker
+from interfaces.audit import DEFAULT_CHECKERS, AuditRecord, AuditTrail, AuditVerification, Checker, Findings, VerifyContext, checkpoints_checker
 from interfaces.audit_export import CheckpointSink, FileSink, HttpSink, SyslogSink, read_checkpoints
 from interfaces.audit_keys import KEY_ENV, KEY_SUFFIX, AuditKey, AuditKeyring, create_key_file, generate_key, load_key_file, load_keys
 from interfaces.passwords import PasswordPolicy, load_password_policy
-from interfaces.users import Role, UnknownUserError, User, UserStore, check_user_name, parse_role
+from interfaces.users import LoginPurpose, Role, UnknownUserError, User, UserStore, UserStoreError, check_user_name, parse_role, user_store_problems
 from plant_models.errors import BioreactorMPCError
 from plant_models.parameters import CultureParameters
 
@@ -199,6 +199,7 @@ def _audit_verify(args: argparse.Namespace, console: Console) -> int:
     for file in args.checkpoints:
         read, damaged = read_checkpoints(file)
         checkers.append(checkpoints_checker(read, damaged))
+    checkers.append(_users_checker)
     with AuditTrail(path, read_only=True) as trail:
         result = trail.verify(keys=keys, checkers=checkers)
     _say(console, _describe(path, result, keys))
@@ -207,6 +208,14 @@ def _audit_verify(args: argparse.Namespace, console: Console) -> int:
     for note in result.notes:
         _say(console, f"note: {note}")
     return 0 if result.ok else 1
+
+
+def _users_checker(context: VerifyContext) -> Findings:
+    """The users and sessions tables against the records that account for them (:func:`interfaces.users.user_store_problems`)."""
+    try:
+        return Findings(user_store_problems(context.path, context.audit_records()), [])
+    except UserStoreError as error:
+        return Findings([f"users and sessions: cannot be checked: {error}"], [])
 
 
 def _verifying_keys(args: argparse.Namespace) -> AuditKeyring | None:
@@ -475,22 +484,26 @@ def _known(store: UserStore, name: str) -> User:
     return user
 
 
-def takeover_signature(args: argparse.Namespace, history_path: Path) -> TakeoverApproval:
-    """``run --take-over-as NAME --reason TEXT``: the engineer's signature, checked against the history's user store (password re-entered)."""
+def takeover_signature(args: argparse.Namespace, history_path: Path, key: AuditKey | None = None) -> TakeoverApproval:
+    """``run --take-over-as NAME --reason TEXT``: the engineer's signature, checked against the history's user store (password re-entered).
+
+    ``key``: the runtime's audit key (its config's), which MACs the records the check writes; else the one ``$BIOREACTOR_MPC_AUDIT_KEY`` names.
+    """
     reason = (args.reason or "").strip()
     if not reason:
         raise AdminCommandError("--take-over-as needs --reason: why the batch is taken over without its history (it goes in the audit trail)")
     if not history_path.exists():
         raise AdminCommandError(f"{history_path}: no history file, so no users to sign with; add an engineer first (bioreactor-mpc users add --history ...)")
-    signer = _engineer(args, history_path, args.take_over_as, action="take over a batch without its history", refused="nothing taken over")
+    signer = _engineer(args, history_path, args.take_over_as, action="take over a batch without its history", refused="nothing taken over", key=key)
     return TakeoverApproval(signer, reason, datetime.now(UTC).isoformat())
 
 
-def _engineer(args: argparse.Namespace, history_path: Path, name: str, *, action: str, refused: str) -> Signer:
-    """An engineer's signature: the password re-entered (or from ``--password-env``) and checked against the history's user store."""
+def _engineer(args: argparse.Namespace, history_path: Path, name: str, *, action: str, refused: str, key: AuditKey | None = None) -> Signer:
+    """An engineer's signature: the password re-entered (or from ``--password-env``) and checked against the history's user store (a wrong one is recorded)."""
     password = _password(args, f"password for {name}: ", confirm=False)
-    with UserStore(history_path) as store:
-        user = store.authenticate(name, password)
+    trail = AuditTrail(history_path, key=key) if key is not None else _writer(history_path, args)
+    with trail, UserStore(history_path, audit=trail, actor=name) as store:
+        user = store.authenticate(name, password, purpose=LoginPurpose.SIGNATURE)
     if user is None:
         raise AdminCommandError(f"{name}: wrong user name or password; {refused}")
     if not user.role.allows(Role.ENGINEER):

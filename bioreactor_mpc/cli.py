@@ -287,14 +287,14 @@ def _certs(args: argparse.Namespace, console: Console) -> int:
 def _run(args: argparse.Namespace, console: Console) -> int:
     import asyncio
 
-    from bioreactor_mpc.runtime_cli import print_summary, run_runtime
+    from bioreactor_mpc.runtime_cli import audit_key, print_summary, run_runtime
     from controller.runtime_config import load_runtime_config
 
     loaded = load_runtime_config(args.config, history=args.history)
     override = RequestedMode(args.mode) if args.mode else None
     if args.take_over_as is None and (args.reason is not None or args.password_env is not None):
         raise admin_cli.AdminCommandError("--reason and --password-env sign a take-over: they need --take-over-as ENGINEER")
-    takeover = admin_cli.takeover_signature(args, loaded.history_path) if args.take_over_as is not None else None
+    takeover = admin_cli.takeover_signature(args, loaded.history_path, audit_key(loaded)) if args.take_over_as is not None else None
     log.info("runtime_config", config=str(args.config), tag_map=str(loaded.tag_map_path), history=str(loaded.history_path), mode=(override or loaded.config.mode).value)
     summary = asyncio.run(run_runtime(loaded, endpoint=args.endpoint, console=console, mode_override=override, takeover=takeover))
     print_summary(summary, loaded.history_path, console)

@@ -216,7 +216,7 @@ async def run_runtime(
         try:
             if config.screen is None:
                 return await runtime.run(stop=stop)
-            async with serve_screen(runtime, config.screen, loaded.history_path) as url:
+            async with serve_screen(runtime, config.screen, loaded.history_path, audit=audit) as url:
                 if on_screen is not None:
                     on_screen(url)
                 return await runtime.run(stop=stop)

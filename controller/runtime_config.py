@@ -63,6 +63,10 @@ class ScreenSettings(FrozenConfig):
     allowed_origins: tuple[str, ...] = Field(
         default=(), description="origins (scheme://host[:port]) browsers may post from besides the one the screen is served at, e.g. the proxy's https URL"
     )
+    password_policy: Path | None = Field(
+        default=None,
+        description="the site's password policy file (YAML, docs/audit-and-users.md; the same file as users --password-policy): its ageing and inactivity lock apply at log-in; relative to the config file",
+    )
 
     @property
     def tls(self) -> bool:
@@ -100,10 +104,10 @@ class ScreenSettings(FrozenConfig):
         return self
 
     def resolved(self, base: Path, *, source: str) -> ScreenSettings:
-        """These settings with the certificate paths relative to ``base`` (the config file's folder), checked to exist."""
-        if self.tls_certificate is None or self.tls_key is None:
+        """These settings with the certificate and policy paths relative to ``base`` (the config file's folder), checked to exist."""
+        paths = {name: base / path for name in ("tls_certificate", "tls_key", "password_policy") if (path := getattr(self, name)) is not None}
+        if not paths:
             return self
-        paths = {"tls_certificate": base / self.tls_certificate, "tls_key": base / self.tls_key}
         for name, resolved in paths.items():
             if not resolved.is_file():
                 raise config_error(source, f"screen.{name}", str(getattr(self, name)), f"no such file {resolved}")

@@ -105,11 +105,11 @@ async def advisory_screen(
     await server.start()
     plant = SimulatedPlant(plc, server, TcpProxy(free_port()), lockstep_timeout_s=10.0)
     history_path = tmp_path / "history.sqlite"
-    users = UserStore(history_path)
+    history, audit = SqliteHistory(history_path), AuditTrail(history_path)
+    users = UserStore(history_path, audit=audit, actor="admin-cli")
     for name, role in (("olga", Role.OPERATOR), ("erik", Role.ENGINEER), ("vera", Role.VIEWER)):
         users.add_user(name, full_name=f"{name.title()} Tester", role=role, password=PASSWORDS[name])
     users.close()
-    history, audit = SqliteHistory(history_path), AuditTrail(history_path)
     from interfaces.opcua_port import OpcUaPort
 
     holder: dict[str, Screen] = {}
@@ -137,7 +137,7 @@ async def advisory_screen(
     stop = asyncio.Event()
     running = asyncio.create_task(runtime.run(stop=stop))
     try:
-        async with serve_screen(runtime, ScreenSettings(port=free_port()), history_path) as url:
+        async with serve_screen(runtime, ScreenSettings(port=free_port()), history_path, audit=audit) as url:
             screen = Screen(url, runtime, plant, history_path, freeze_at_h)
             holder["screen"] = screen
             for _ in range(int(60 + freeze_at_h) * 20):
@@ -228,6 +228,11 @@ def test_operators_sign_recommendations_that_reach_the_plc_and_the_audit_trail(t
             assert first["printed_name"] == "Olga Tester" and first["meaning"] == "approved" and first["reason"] == "glucose trend agrees with the lab"
             assert signatures[0].details["recommendation"]["made_at_h"] == FREEZE_AT_H and first["signed_utc"]
             assert (first["recommendation_id"], first["recommendation_digest"]) == (recommendation["recommendation_id"], digest)
+            # The screen's log-ins are recorded through the runtime's trail, and so is the signature with the wrong password (not as a log-in).
+            records = audit.records()
+            assert {r.subject for r in records if r.action == "login"} >= {"user olga", "user vera"}
+            failed = [r for r in records if r.action == "login_failed"]
+            assert [(r.subject, r.details.get("purpose")) for r in failed] == [("user olga", "signature")], failed
             assert audit.verify().ok
             audit.close()
             # The audit trail is for QA and engineers, not viewers or operators.

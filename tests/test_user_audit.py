@@ -302,3 +302,19 @@ def test_a_session_whose_user_was_disabled_meanwhile_is_refused_and_recorded(sto
     started, failed = trail.records(action="session_started")[0], trail.records(action="session_start_failed")[0]
     assert failed.details["session"] == started.details["session"]
     assert user_store_problems(path, trail.records()) == []
+
+
+def test_audit_verify_checks_the_users_and_sessions_tables(store, trail, path):
+    """``bioreactor-mpc audit verify`` runs the cross-check: intact after recorded changes, not intact (exit 1, the row named) after an insert."""
+    import subprocess
+    import sys
+
+    store.add_user("erik", full_name="Erik Engineer", role=Role.ENGINEER, password=PASSWORD)
+    token = store.create_session(store.authenticate("erik", PASSWORD))
+    store.end_session(token)
+    command = [sys.executable, "-m", "bioreactor_mpc", "audit", "verify", "--history", str(path), "--without-key"]
+    intact = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    _forge_user(path, "mallory", "engineer", "mallory's own password")
+    forged = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert forged.returncode == 1 and "mallory" in forged.stdout and "no audit record adds this user" in forged.stdout, forged.stdout + forged.stderr

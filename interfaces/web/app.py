@@ -55,7 +55,7 @@ from controller.runtime import Runtime
 from controller.runtime_config import ScreenSettings
 from controller.types import json_compatible
 from interfaces.audit import AuditTrail
-from interfaces.users import Role, User, UserStore, can_read_audit
+from interfaces.users import LoginPurpose, Role, User, UserStore, can_read_audit
 from interfaces.web.security import CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, ScreenGuard, client_address, csrf_token, new_secret
 
 HERE = Path(__file__).resolve().parent
@@ -158,9 +158,9 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
     logins, signatures = LoginThrottle(), LoginThrottle()
     password_checks = threading.Semaphore(2)  # argon2 costs 64 MiB and 0.1 s a check: at most two at a time beside the NMPC
 
-    def authenticate(name: str, password: str) -> User | None:
+    def authenticate(name: str, password: str, purpose: LoginPurpose = LoginPurpose.SESSION) -> User | None:
         with password_checks:
-            return users.authenticate(name, password)
+            return users.authenticate(name, password, purpose=purpose)
 
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
@@ -183,7 +183,7 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
     async def signer(user: User, password: str) -> Signer:
         if signatures.blocked(user.name):
             raise HTTPException(status_code=429, detail="too many wrong passwords: wait five minutes")
-        if await asyncio.to_thread(authenticate, user.name, password) is None:
+        if await asyncio.to_thread(authenticate, user.name, password, LoginPurpose.SIGNATURE) is None:
             signatures.failed(user.name)
             raise HTTPException(status_code=403, detail="wrong password: the signature needs the signer's own password")
         signatures.succeeded(user.name)

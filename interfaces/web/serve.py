@@ -29,6 +29,7 @@ from controller.runtime import Runtime
 from controller.runtime_config import ScreenSettings, is_loopback
 from interfaces.audit import AuditTrail
 from interfaces.opcua_certificates import create_certificate, fingerprint
+from interfaces.passwords import load_password_policy
 from interfaces.users import UserStore
 from plant_models.errors import ConfigError
 
@@ -95,8 +96,12 @@ def check_plain_http(settings: ScreenSettings) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serve_screen(runtime: Runtime, settings: ScreenSettings, history_path: Path) -> AsyncIterator[str]:
-    """The operator screen on uvicorn in this event loop, for as long as the context lasts; yields its URL."""
+async def serve_screen(runtime: Runtime, settings: ScreenSettings, history_path: Path, *, audit: AuditTrail | None = None) -> AsyncIterator[str]:
+    """The operator screen on uvicorn in this event loop, for as long as the context lasts; yields its URL.
+
+    ``audit``: the runtime's own (keyed) trail, which records every log-in, failed log-in, log-out and session expiry of the screen's
+    users (:class:`~interfaces.users.UserStore`); without it those are not recorded, and a keyed trail refuses them.
+    """
     import uvicorn
 
     from interfaces.web.app import create_app
@@ -115,7 +120,8 @@ async def serve_screen(runtime: Runtime, settings: ScreenSettings, history_path:
         except OSError as error:
             listener.close()
             raise ConfigError(f"screen: cannot listen on {settings.host}:{settings.port}: {error.strerror or error}") from error
-        users = UserStore(history_path)
+        policy = load_password_policy(settings.password_policy) if settings.password_policy is not None else None
+        users = UserStore(history_path, audit=audit, actor="screen", policy=policy)
         app = create_app(runtime=runtime, users=users, audit=AuditTrail(history_path, read_only=True), history_path=history_path, settings=settings)
         config = uvicorn.Config(
             app,

@@ -97,7 +97,7 @@ from interfaces.opcua_certificates import (
     validity_problem,
 )
 from interfaces.signals import SIGNALS, Kind
-from interfaces.tagmap import OpcUaSecurity, OpcUaTag, OpcUaTagMap, check_endpoint_has_no_credentials
+from interfaces.tagmap import OpcUaSecurity, OpcUaTag, OpcUaTagMap, check_endpoint_has_no_credentials, split_browse_path
 from plant_models.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -275,14 +275,14 @@ class OpcUaPort:
                 attempt = await self._security.prepare(client, self.timeout_s, retry_after_s=wait_s)
             with _asyncua_refusals_quiet():
                 await self._open_session(client, attempt, retry_after_s=wait_s)
-            index = await self._namespace_index(client)
-            nodes = {name: ua.NodeId(ua.String(tag.node), ua.Int16(index)) for name, tag in self.tag_map.tags.items()}
+            indices = await self._namespace_indices(client)
             try:
+                nodes, unresolved = await resolve_nodes(client, self.tag_map, indices, timeout_s=self.timeout_s)
                 check = await check_nodes(client, self.tag_map, nodes, timeout_s=self.timeout_s)
             except _LINK_ERRORS as error:
                 raise PlcLinkError(f"{self.endpoint}: checking the tag map's nodes failed: {error!r}") from error
-            if check.problems:
-                raise PlcMappingError(check.all_problems())
+            if check.problems or unresolved:
+                raise PlcMappingError({**unresolved, **check.all_problems()})
             if check.not_writable_by_user:
                 raise PlcAuthError(
                     f"{self.endpoint}: the PLC gives this session no write rights on {', '.join(check.not_writable_by_user)} "
@@ -304,8 +304,9 @@ class OpcUaPort:
         log.info(
             "opcua_connected",
             endpoint=self.endpoint,
-            namespace_index=index,
+            namespace_indices=indices,
             signals_checked=len(nodes),
+            by_browse_path=sum(tag.browse_path is not None for tag in self.tag_map.tags.values()),
             security_policy=policy.URI.rpartition("#")[2],
             security_mode=policy.Mode.name,
         )
@@ -412,17 +413,19 @@ class OpcUaPort:
         except _LINK_ERRORS as error:
             raise PlcLinkError(f"{self.endpoint}: cannot connect: {error!r}") from error
 
-    async def _namespace_index(self, client: Client) -> int:
-        uri = self.tag_map.namespace_uri
+    async def _namespace_indices(self, client: Client) -> dict[str, int]:
+        """The index of every namespace of the tag map, by URI, from the server's namespace array (a missing one is a :class:`PlcMappingError`)."""
         try:
             namespaces = await asyncio.wait_for(client.get_namespace_array(), self.timeout_s)
         except _LINK_ERRORS as error:
             raise PlcLinkError(f"{self.endpoint}: cannot read the server's namespace array: {error!r}") from error
         if not isinstance(namespaces, list) or not all(isinstance(namespace, str) for namespace in namespaces):
             raise PlcLinkError(f"{self.endpoint}: the server's namespace array is not a list of strings: {namespaces!r}")
-        if uri not in namespaces:
-            raise PlcMappingError({"namespace_uri": f"the server has no namespace {uri!r}; it has: {', '.join(namespaces)}"})
-        return namespaces.index(uri)
+        fields = {"namespace_uri": self.tag_map.namespace_uri, **{f"namespaces.{name}": uri for name, uri in self.tag_map.namespaces.items()}}
+        missing = {field: f"the server has no namespace {uri!r}; it has: {', '.join(namespaces)}" for field, uri in fields.items() if uri not in namespaces}
+        if missing:
+            raise PlcMappingError(missing)
+        return {uri: namespaces.index(uri) for uri in fields.values()}
 
     async def _read_nodes(self, names: list[str]) -> list[ua.DataValue]:
         client = self._require_client()
@@ -516,6 +519,65 @@ class NodeCheck:
         return {**denied, **self.problems}
 
 
+_NO_REMAINING_PATH = 0xFFFFFFFF
+"""A BrowsePathTarget's RemainingPathIndex when the whole path was followed on this server."""
+
+
+def browse_path_of(tag_map: OpcUaTagMap, tag: OpcUaTag, indices: Mapping[str, int]) -> ua.BrowsePath:
+    """A tag's browse path as the TranslateBrowsePathsToNodeIds request carries it: from the Objects folder along hierarchical references."""
+    if tag.browse_path is None:
+        raise ValueError("the tag has a node id, not a browse path")
+    default = indices[tag_map.namespace_of(tag)]
+    elements = [
+        ua.RelativePathElement(
+            ReferenceTypeId=ua.NodeId(ua.Int32(ua.ObjectIds.HierarchicalReferences)),
+            IsInverse=False,  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
+            IncludeSubtypes=True,  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
+            TargetName=ua.QualifiedName(ua.String(name), ua.UInt16(indices[tag_map.namespaces[namespace]] if namespace is not None else default)),
+        )
+        for namespace, name in split_browse_path(tag.browse_path)
+    ]
+    return ua.BrowsePath(StartingNode=ua.NodeId(ua.Int32(ua.ObjectIds.ObjectsFolder)), RelativePath=ua.RelativePath(Elements=elements))
+
+
+async def resolve_nodes(client: Client, tag_map: OpcUaTagMap, indices: Mapping[str, int], *, timeout_s: float) -> tuple[dict[str, ua.NodeId], dict[str, str]]:
+    """The node id of every mapped signal, and what is wrong with those whose browse path leads nowhere.
+
+    A node id (string or numeric) is taken as it is, in its namespace's index
+    on this server; the browse paths are resolved together by the server in
+    one TranslateBrowsePathsToNodeIds request. A path must lead to exactly one
+    node on this server. Raises what asyncua raises when the link fails.
+    """
+    nodes: dict[str, ua.NodeId] = {}
+    by_path: list[str] = []
+    for name, tag in tag_map.tags.items():
+        if tag.node is None:
+            by_path.append(name)
+            continue
+        identifier = ua.Int32(tag.node) if isinstance(tag.node, int) else ua.String(tag.node)  # a numeric identifier is a UInt32; asyncua annotates it Int32
+        nodes[name] = ua.NodeId(identifier, ua.Int16(indices[tag_map.namespace_of(tag)]))
+    if not by_path:
+        return nodes, {}
+    paths = [browse_path_of(tag_map, tag_map.tags[name], indices) for name in by_path]
+    results = await asyncio.wait_for(client.uaclient.translate_browsepaths_to_nodeids(paths), timeout_s)
+    if len(results) != len(paths):
+        raise ua.UaError(f"the server answered {len(paths)} browse paths with {len(results)} results")
+    problems: dict[str, str] = {}
+    for name, result in zip(by_path, results, strict=True):
+        where = f"browse path {tag_map.tags[name].browse_path!r} (from the Objects folder)"
+        status = result.StatusCode
+        complete = [target for target in result.Targets if target.RemainingPathIndex == _NO_REMAINING_PATH and target.TargetId.ServerIndex == 0]
+        if status is not None and not status.is_good():
+            problems[name] = f"{where} leads to no node ({status.name})"
+        elif len(complete) != 1:
+            found = ", ".join(target.TargetId.to_string() for target in result.Targets) or "none"
+            problems[name] = f"{where} leads to {len(complete)} nodes on this server, not one (targets: {found}); give the node id instead"
+        else:
+            target = complete[0].TargetId
+            nodes[name] = ua.NodeId(target.Identifier, target.NamespaceIndex, target.NodeIdType)
+    return nodes, problems
+
+
 async def mapping_problems(client: Client, tag_map: OpcUaTagMap, nodes: Mapping[str, ua.NodeId], *, timeout_s: float) -> dict[str, str]:
     """What is wrong with each mapped signal on this server (empty when the tag map fits), write rights included (:func:`check_nodes`)."""
     return (await check_nodes(client, tag_map, nodes, timeout_s=timeout_s)).all_problems()
@@ -544,7 +606,7 @@ async def check_nodes(client: Client, tag_map: OpcUaTagMap, nodes: Mapping[str, 
     unchecked: list[str] = []
     for name in names:
         tag, found = tag_map.tags[name], attributes[name]
-        where = f"node {nodes[name].to_string()!r}"
+        where = f"node {nodes[name].to_string()!r}" + (f" (browse path {tag.browse_path!r})" if tag.browse_path is not None else "")
         node_class = found[ua.AttributeIds.NodeClass]
         if not _good(node_class):
             status = node_class.StatusCode.name if node_class.StatusCode is not None else "no answer"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -69,18 +69,99 @@ class _Scaled(FrozenConfig):
         return (value - self.offset) / self.scale if self.scaled else value
 
 
+UINT32_MAX = 4_294_967_295
+_NAMESPACE_NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
+
+
+def split_browse_path(path: str) -> list[tuple[str | None, str]]:
+    """The segments of a browse path ``name/name/...``, each as (namespace name or None, browse name).
+
+    A segment may start with ``<namespace>:`` (a name from the map's
+    ``namespaces``); ``&`` escapes the next character, so ``&/``, ``&:`` and
+    ``&&`` stand for themselves in a browse name. Raises :class:`ValueError`
+    for an empty segment or a dangling ``&``.
+    """
+    segments: list[tuple[str | None, str]] = []
+    namespace: str | None = None
+    name: list[str] = []
+    escaped = False
+    for character in path + "/":
+        if escaped:
+            name.append(character)
+            escaped = False
+        elif character == "&":
+            escaped = True
+        elif character == ":" and namespace is None and name:
+            namespace, name = "".join(name), []
+        elif character == "/":
+            if not name:
+                raise ValueError(f"browse path {path!r}: an empty browse name (two '/' in a row, a leading or trailing '/', or '<namespace>:' alone)")
+            segments.append((namespace, "".join(name)))
+            namespace, name = None, []
+        else:
+            name.append(character)
+    if escaped:
+        raise ValueError(f"browse path {path!r}: ends with a lone '&' (it escapes the next character)")
+    return segments
+
+
 class OpcUaTag(_Scaled):
-    node: str = Field(min_length=1, description="string node id in the map's namespace, e.g. 'BR01.PV.Temperature'")
+    """Where a signal lives on an OPC UA server: a node id, or a browse path from the Objects folder, in a namespace.
+
+    ``node`` is the identifier alone: a string (``BR01.PV.Temperature``, i.e.
+    ``s=``) or a non-negative integer (``i=``). ``browse_path`` is
+    ``name/name/...`` from the Objects folder (``BR01/PV/Temperature``),
+    resolved by the server (TranslateBrowsePathsToNodeIds) at every connect.
+    Give one of the two. ``namespace`` names one of the map's ``namespaces``;
+    without it the tag is in ``namespace_uri``.
+    """
+
+    node: Annotated[int, Field(ge=0, le=UINT32_MAX, strict=True)] | str | None = Field(
+        default=None, description="node identifier in the tag's namespace: a string (s=), e.g. 'BR01.PV.Temperature', or an integer (i=), e.g. 6021"
+    )
+    browse_path: str | None = Field(
+        default=None,
+        min_length=1,
+        description="instead of node: browse names from the Objects folder separated by '/', e.g. 'BR01/PV/Temperature'; "
+        "a segment may start with '<namespace>:' (a name in namespaces); '&' escapes '/', ':' and '&'",
+    )
+    namespace: str | None = Field(default=None, description="a name from the map's namespaces; default: the map's namespace_uri")
     type: OpcUaType = Field(description="the variable's data type; writes use it as the explicit variant type")
 
     @field_validator("node")
     @classmethod
-    def _string_identifier(cls, node: str) -> str:
+    def _string_identifier(cls, node: int | str | None) -> int | str | None:
+        if not isinstance(node, str):
+            return node
+        if not node:
+            raise ValueError("an empty string is not a node identifier")
         if node != node.strip() or any(not character.isprintable() for character in node):
             raise ValueError("malformed: a string node id has no leading or trailing spaces and no control characters")
         if re.match(r"^(ns|nsu|i|s|g|b)=", node):
-            raise ValueError("malformed: give the string identifier alone, without 'ns=…;s=' (the namespace comes from namespace_uri, its index from the server)")
+            raise ValueError(
+                "malformed: give the identifier alone, without 'ns=…;s=' (the namespace comes from namespace_uri or the tag's namespace, its index from the server); "
+                "a numeric identifier is an integer (node: 6021)"
+            )
         return node
+
+    @field_validator("browse_path")
+    @classmethod
+    def _browse_path(cls, path: str | None) -> str | None:
+        if path is not None:
+            split_browse_path(path)
+        return path
+
+    @model_validator(mode="after")
+    def _one_address(self) -> OpcUaTag:
+        if (self.node is None) == (self.browse_path is None):
+            raise ValueError("give either node (a node id) or browse_path (browse names from the Objects folder), not both and not neither")
+        return self
+
+    @property
+    def address(self) -> str:
+        """The tag's address as a message shows it: the node identifier or the browse path, with its namespace name if any."""
+        where = f"i={self.node}" if isinstance(self.node, int) else f"s={self.node}" if self.node is not None else f"browse path {self.browse_path}"
+        return f"{where} in namespace {self.namespace}" if self.namespace is not None else where
 
 
 class QualityBit(FrozenConfig):
@@ -229,6 +310,11 @@ class OpcUaTagMap(FrozenConfig):
     protocol: Literal["opcua"]
     endpoint: str = Field(pattern=r"^opc\.tcp://", description="server endpoint URL, e.g. opc.tcp://127.0.0.1:4840/bioreactor")
     namespace_uri: str = Field(min_length=1, description="namespace of the node ids; its index is resolved from the server, never assumed")
+    namespaces: dict[str, str] = Field(
+        default_factory=dict,
+        description="more namespaces by a short name (name: URI), for tags (namespace: name) and browse path segments ('name:Browse'); "
+        "each index is resolved from the server's namespace array, never assumed",
+    )
     security: OpcUaSecurity | None = Field(
         default=None,
         description="OPC UA security: mode, policy, certificate, private_key, trust_store, username_env, password_env or password_file (docs/opcua-security.md); "
@@ -251,12 +337,38 @@ class OpcUaTagMap(FrozenConfig):
     @model_validator(mode="after")
     def _consistent(self) -> OpcUaTagMap:
         _check_signal_names(list(self.tags), kinds={n: t.type for n, t in self.tags.items()}, scaled={n: t.scaled for n, t in self.tags.items()})
-        seen: dict[str, str] = {}
+        for name, uri in self.namespaces.items():
+            if not re.fullmatch(_NAMESPACE_NAME, name):
+                raise FieldError(f"namespaces.{name}", name, "a namespace name is a letter followed by letters, digits, '_' or '-'")
+            if not uri:
+                raise FieldError(f"namespaces.{name}", uri, "must be a namespace URI")
+        known = ", ".join(sorted(self.namespaces)) or "none defined"
+        seen: dict[tuple[str | None, int | str | None, str | None], str] = {}
         for name, tag in self.tags.items():
-            other = seen.setdefault(tag.node, name)
+            if tag.namespace is not None and tag.namespace not in self.namespaces:
+                raise FieldError(f"tags.{name}.namespace", tag.namespace, f"is not a name in namespaces ({known})")
+            if tag.browse_path is not None:
+                unknown = sorted({ns for ns, _ in split_browse_path(tag.browse_path) if ns is not None and ns not in self.namespaces})
+                if unknown:
+                    raise FieldError(
+                        f"tags.{name}.browse_path",
+                        tag.browse_path,
+                        f"names namespace {', '.join(unknown)}, not a name in namespaces ({known}); write a ':' in a browse name as '&:'",
+                    )
+            key = (tag.namespace, tag.node, tag.browse_path)
+            other = seen.setdefault(key, name)
             if other != name:
-                raise FieldError(f"tags.{name}.node", tag.node, f"is also the node of tags.{other}")
+                field = "node" if tag.node is not None else "browse_path"
+                raise FieldError(f"tags.{name}.{field}", tag.node if tag.node is not None else tag.browse_path, f"is also the {field.replace('_', ' ')} of tags.{other}")
         return self
+
+    def namespace_of(self, tag: OpcUaTag) -> str:
+        """The namespace URI of a tag (of its node id, and of the browse path segments without a namespace name)."""
+        return self.namespaces[tag.namespace] if tag.namespace is not None else self.namespace_uri
+
+    def namespace_uris(self) -> list[str]:
+        """Every namespace URI the map uses: ``namespace_uri`` first, then the named ones in order."""
+        return list(dict.fromkeys([self.namespace_uri, *self.namespaces.values()]))
 
 
 class ModbusTagMap(FrozenConfig):

@@ -1,12 +1,24 @@
 """The simulated PLC served over OPC UA (asyncua), exactly as the tag map and the reference interface say.
 
-Every mapped signal is a variable ``ns=<idx>;s=<node>`` in the map's
-namespace, with the map's data type. :meth:`OpcUaPlcServer.publish` scans the
-PLC and writes every value with its status (Good, or Bad for a failed probe or
-an unmeasured lab field) and a wall-clock UTC source timestamp. A client's
-write to a writable variable goes through the PLC's own logic: refused with
-``BadUserAccessDenied`` while remote is disabled, ``BadOutOfRange`` outside the
-equipment's range, and the old value stays.
+Address space (docs/plc-simulator.md): an object for the unit (``BR01``) under
+Objects, and under it a folder per group of the signal's name (``PV``, ``SP``,
+``Sample``, ``Status``, ``MPC`` with ``Rec`` and ``Pred``, ``Sim``); each
+variable's browse name is the last part of the signal's name
+(``BR01/PV/Temperature``) and its node id is the tag map's, unchanged
+(``ns=<idx>;s=BR01.PV.Temperature``), with the map's data type. A real signal
+(temperature, volume, a rate, a lab value, a time) is an ``AnalogItemType``
+with the ``EURange`` and ``EngineeringUnits`` properties (UNECE units, from
+:data:`interfaces.signals.SIGNALS`); the setpoints' EURange is the equipment's
+range, outside which a write is refused. The server names itself
+(ApplicationUri, ProductUri, BuildInfo with the package's version) instead of
+asyncua's defaults.
+
+:meth:`OpcUaPlcServer.publish` scans the PLC and writes every value with its
+status (Good, or Bad for a failed probe or an unmeasured lab field) and a
+wall-clock UTC source timestamp: the moment of the scan that produced it. A
+client's write to a writable variable goes through the PLC's own logic:
+refused with ``BadUserAccessDenied`` while remote is disabled,
+``BadOutOfRange`` outside the equipment's range, and the old value stays.
 
 The clocks (lockstep and free-running) are :class:`~simulator.clocks.PlcServerClocks`.
 
@@ -38,8 +50,11 @@ as a PLC reports it per user.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import importlib.metadata
 import math
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,7 +63,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from asyncua import Server, ua
+from asyncua import Node, Server, ua
 from asyncua.common.callback import CallbackType, ServerItemCallback
 from asyncua.common.utils import ServiceError
 from asyncua.crypto.permission_rules import SimpleRoleRuleset, User, UserRole
@@ -59,10 +74,11 @@ from asyncua.server.user_managers import CertificateUserManager, UserManager
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from controller.config import BatchConfig
 from interfaces.opcua_certificates import application_uri, certificate_validator, fingerprint, load_trust_store, read_certificate, read_private_key, validity_problem
 from interfaces.opcua_port import VARIANT_TYPES
-from interfaces.signals import SIGNALS
-from interfaces.tagmap import OpcUaTagMap, SecurityPolicyName
+from interfaces.signals import SIGNALS, Kind
+from interfaces.tagmap import OpcUaTag, OpcUaTagMap, SecurityPolicyName
 from plant_models.errors import ConfigError, RemoteDisabledError, SetpointOutOfRangeError
 from simulator.clocks import PlcServerClocks
 from simulator.plc import SimulatedPlc
@@ -78,6 +94,123 @@ _POLICY_TYPES: dict[tuple[str, str], ua.SecurityPolicyType] = {
     ("Aes256_Sha256_RsaPss", "sign_and_encrypt"): ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
     ("Aes256_Sha256_RsaPss", "sign"): ua.SecurityPolicyType.Aes256Sha256RsaPss_Sign,
 }
+
+
+PACKAGE = "bioreactor-mpc"
+PRODUCT_URI = "urn:bioreactor-mpc:plc-sim"
+PRODUCT_NAME = "bioreactor-mpc simulated reference PLC"
+MANUFACTURER_NAME = "bioreactor-mpc project"
+
+
+def default_application_uri() -> str:
+    """The simulated PLC's ApplicationUri without a certificate: unique per host, as OPC UA asks (``urn:<host>:bioreactor-mpc:plc-sim``)."""
+    return f"urn:{socket.gethostname()}:bioreactor-mpc:plc-sim"
+
+
+def build_info() -> tuple[str, datetime]:
+    """The package's version and the time its installed metadata was written (the build date a PLC's BuildInfo shows)."""
+    try:
+        distribution = importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown", datetime(1970, 1, 1, tzinfo=UTC)
+    built = datetime(1970, 1, 1, tzinfo=UTC)
+    for file in distribution.files or ():
+        if file.name in ("METADATA", "PKG-INFO"):
+            with contextlib.suppress(OSError):
+                built = datetime.fromtimestamp(Path(str(distribution.locate_file(file))).stat().st_mtime, UTC)
+            break
+    return distribution.version, built
+
+
+UNECE_UNITS_URI = "http://www.opcfoundation.org/UA/units/un/cefact"
+"""The namespace of ``EUInformation`` units taken from UNECE Recommendation 20 (OPC UA Part 8)."""
+
+
+@dataclass(frozen=True)
+class EngineeringUnit:
+    """A unit as OPC UA's ``EngineeringUnits`` carries it: a UNECE common code (None where Rec. 20 has none), its symbol and its name."""
+
+    common_code: str | None
+    symbol: str
+    name: str
+
+    @property
+    def unit_id(self) -> int:
+        """The UNECE common code packed into an Int32 as OPC UA Part 8 specifies; -1 for a unit without one."""
+        if self.common_code is None:
+            return -1
+        unit_id = 0
+        for character in self.common_code:
+            unit_id = (unit_id << 8) | ord(character)
+        return unit_id
+
+    def information(self) -> ua.EUInformation:
+        return ua.EUInformation(NamespaceUri=UNECE_UNITS_URI, UnitId=self.unit_id, DisplayName=ua.LocalizedText(self.symbol), Description=ua.LocalizedText(self.name))
+
+
+ENGINEERING_UNITS: dict[str, EngineeringUnit] = {
+    "°C": EngineeringUnit("CEL", "°C", "degree Celsius"),
+    "pH": EngineeringUnit("C62", "pH", "pH (dimensionless)"),
+    "% air saturation": EngineeringUnit("P1", "%", "percent of air saturation"),
+    "%": EngineeringUnit("P1", "%", "percent"),
+    "L": EngineeringUnit("LTR", "L", "litre"),
+    "L/h": EngineeringUnit("E32", "L/h", "litre per hour"),
+    "g/L": EngineeringUnit("GL", "g/L", "gram per litre"),
+    "mM": EngineeringUnit("M33", "mmol/L", "millimole per litre"),
+    "h": EngineeringUnit("HUR", "h", "hour"),
+    "rpm": EngineeringUnit("RPM", "r/min", "revolutions per minute"),
+    "mmol/L/h": EngineeringUnit(None, "mmol/(L·h)", "millimole per litre and hour"),
+    "pF/cm": EngineeringUnit(None, "pF/cm", "picofarad per centimetre"),
+    "1e6 cells/mL": EngineeringUnit(None, "1e6 cells/mL", "million cells per millilitre"),
+    "mOsm/kg": EngineeringUnit(None, "mOsm/kg", "milliosmole per kilogram"),
+}
+"""The unit of each real signal of :data:`interfaces.signals.SIGNALS`, by its unit there, as OPC UA ``EUInformation``."""
+
+INSTRUMENT_SPANS: dict[str, tuple[float, float]] = {
+    "PV.Temperature": (0.0, 50.0),
+    "PV.pH": (0.0, 14.0),
+    "PV.DO": (0.0, 200.0),
+    "PV.OUR": (0.0, 50.0),
+    "PV.CER": (0.0, 50.0),
+    "PV.Capacitance": (0.0, 100.0),
+    "PV.AgitationSpeed": (0.0, 500.0),
+    "Sample.VCD": (0.0, 100.0),
+    "Sample.Viability": (0.0, 100.0),
+    "Sample.Glucose": (0.0, 50.0),
+    "Sample.Lactate": (0.0, 20.0),
+    "Sample.Glutamine": (0.0, 20.0),
+    "Sample.Ammonia": (0.0, 30.0),
+    "Sample.Titer": (0.0, 20.0),
+    "Sample.Osmolality": (0.0, 1000.0),
+    "MPC.Pred.HarvestTiter": (0.0, 20.0),
+}
+"""EURange of the measured values: the spans a PLC engineer configures for the instruments and the lab's reporting range."""
+
+_UNBOUNDED_BATCH_SPANS: dict[str, tuple[float, float]] = {
+    **dict.fromkeys(("PV.Volume", "PV.FeedTotal", "PV.GlucoseFeedTotal", "PV.BaseTotal"), (0.0, 25000.0)),
+    **dict.fromkeys(("SP.FeedRate", "SP.GlucoseRate", "MPC.Rec.FeedRate", "MPC.Rec.GlucoseRate"), (0.0, 1000.0)),
+    **dict.fromkeys(("SP.Temperature", "MPC.Rec.Temperature"), (0.0, 50.0)),
+    **dict.fromkeys(("Status.ProcessTime", "Sample.TakenAt", "MPC.Rec.HarvestTime"), (0.0, 720.0)),
+}
+"""EURange of the batch's values when the server is not given the batch: the widest a reference plant uses (25 m³, 30 days)."""
+
+
+def eu_ranges(batch: BatchConfig | None) -> dict[str, tuple[float, float]]:
+    """The EURange of every real signal: the instruments' spans, and the equipment's and the batch's ranges from ``batch``.
+
+    The setpoints' range is the equipment's, the one outside which the PLC
+    answers a write with ``BadOutOfRange``; volumes go up to the maximum
+    working volume, times up to the latest harvest.
+    """
+    ranges = {**INSTRUMENT_SPANS, **_UNBOUNDED_BATCH_SPANS}
+    if batch is not None:
+        equipment = batch.equipment
+        ranges.update(dict.fromkeys(("PV.Volume", "PV.FeedTotal", "PV.GlucoseFeedTotal", "PV.BaseTotal"), (0.0, equipment.max_working_volume_l)))
+        ranges.update(dict.fromkeys(("SP.FeedRate", "MPC.Rec.FeedRate"), (0.0, equipment.feed_rate_max_lph)))
+        ranges.update(dict.fromkeys(("SP.GlucoseRate", "MPC.Rec.GlucoseRate"), (0.0, equipment.glucose_rate_max_lph)))
+        ranges.update(dict.fromkeys(("SP.Temperature", "MPC.Rec.Temperature"), (equipment.temperature_min_degc, equipment.temperature_max_degc)))
+        ranges.update(dict.fromkeys(("Status.ProcessTime", "Sample.TakenAt", "MPC.Rec.HarvestTime"), (0.0, batch.limits.latest_harvest_h)))
+    return ranges
 
 
 @dataclass(frozen=True)
@@ -283,38 +416,133 @@ def _raw(value: Any, type_name: str) -> Any:
     return int(number) if math.isfinite(number) else 0
 
 
-class OpcUaPlcServer(PlcServerClocks):
-    """An asyncua server in front of a :class:`~simulator.plc.SimulatedPlc`."""
+DEFAULT_UNIT = "BR01"
 
-    def __init__(self, plc: SimulatedPlc, tag_map: OpcUaTagMap, *, endpoint: str | None = None, security: OpcUaServerSecurity | None = None) -> None:
+
+def unit_of(tag_map: OpcUaTagMap) -> str:
+    """The unit the map's node ids name (``BR01`` in ``BR01.PV.Temperature``): the object the variables are grouped under.
+
+    It is the prefix every string node id puts before its signal's name; a
+    map without one common prefix is grouped under :data:`DEFAULT_UNIT`.
+    """
+    prefixes = {tag.node[: -len(name) - 1] for name, tag in tag_map.tags.items() if isinstance(tag.node, str) and tag.node.endswith(f".{name}")}
+    prefixes.discard("")
+    return prefixes.pop() if len(prefixes) == 1 else DEFAULT_UNIT
+
+
+async def _add_analog_item(parent: Node, tag: OpcUaTag, nodeid: ua.NodeId, browse_name: ua.QualifiedName, value: ua.Variant, eu_range: ua.Range, unit: EngineeringUnit) -> Node:
+    """A variable of type ``AnalogItemType`` (OPC UA Part 8) holding ``value``, with its ``EURange`` and ``EngineeringUnits`` properties.
+
+    asyncua's ``add_variable`` makes a ``BaseDataVariableType``; this asks for
+    the node with the analog type definition instead. The properties get the
+    string node ids ``<node>.EURange`` and ``<node>.EngineeringUnits`` (a
+    numeric node's get generated ones).
+    """
+    item = ua.AddNodesItem()
+    item.RequestedNewNodeId = nodeid
+    item.BrowseName = browse_name
+    item.NodeClass = ua.NodeClass.Variable
+    item.ParentNodeId = parent.nodeid
+    item.ReferenceTypeId = ua.NodeId(ua.Int32(ua.ObjectIds.HasComponent))
+    item.TypeDefinition = ua.NodeId(ua.Int32(ua.ObjectIds.AnalogItemType))
+    attributes = ua.VariableAttributes()
+    attributes.DisplayName = ua.LocalizedText(browse_name.Name)
+    attributes.Description = ua.LocalizedText(f"{browse_name.Name} [{unit.symbol}]")
+    attributes.DataType = ua.NodeId(ua.Int32(value.VariantType.value))
+    attributes.Value = value
+    attributes.ValueRank = ua.ValueRank.Scalar
+    attributes.AccessLevel = ua.AccessLevel.CurrentRead.mask
+    attributes.UserAccessLevel = ua.AccessLevel.CurrentRead.mask
+    item.NodeAttributes = attributes
+    (result,) = await parent.session.add_nodes([item])
+    result.StatusCode.check()
+    node = Node(parent.session, result.AddedNodeId)
+
+    def property_id(name: str) -> ua.NodeId:
+        if isinstance(tag.node, str):
+            return ua.NodeId(ua.String(f"{tag.node}.{name}"), nodeid.NamespaceIndex)
+        return ua.NodeId(NamespaceIndex=nodeid.NamespaceIndex)  # asyncua generates one
+
+    await node.add_property(property_id("EURange"), ua.QualifiedName("EURange", 0), eu_range, datatype=ua.NodeId(ua.Int32(ua.ObjectIds.Range)))
+    await node.add_property(property_id("EngineeringUnits"), ua.QualifiedName("EngineeringUnits", 0), unit.information(), datatype=ua.NodeId(ua.Int32(ua.ObjectIds.EUInformation)))
+    return node
+
+
+class OpcUaPlcServer(PlcServerClocks):
+    """An asyncua server in front of a :class:`~simulator.plc.SimulatedPlc`.
+
+    ``batch`` gives the equipment's and the batch's ranges for the analog
+    items' EURange (:func:`eu_ranges`); without it they are the widest a
+    reference plant uses.
+    """
+
+    def __init__(
+        self,
+        plc: SimulatedPlc,
+        tag_map: OpcUaTagMap,
+        *,
+        endpoint: str | None = None,
+        security: OpcUaServerSecurity | None = None,
+        batch: BatchConfig | None = None,
+    ) -> None:
         super().__init__(plc)
         self.tag_map = tag_map
         self.endpoint = endpoint or tag_map.endpoint
         self.security = security
+        self.unit = unit_of(tag_map)
+        self.eu_ranges = eu_ranges(batch)
+        self.application_uri = default_application_uri()
+        """The ApplicationUri the server announces: its certificate's when secured."""
         self._server = Server()
         self._nodes: dict[str, ua.NodeId] = {}
         self._writable: set[ua.NodeId] = set()
         self._rights = _WriteRights()
         self._publishing = False
         self._scans: dict[str, tuple[float, datetime]] = {}
+        for name, tag in tag_map.tags.items():
+            if tag.node is None:
+                raise ConfigError(
+                    f"tags.{name}: browse_path {tag.browse_path!r}: the simulated PLC serves node ids, and places each variable itself "
+                    f"(<unit>/<group>/<name>, docs/plc-simulator.md); give the runtime's map the browse path instead"
+                )
 
     async def start(self) -> None:
         server = self._server
+        server.product_uri = PRODUCT_URI
+        server.manufacturer_name = MANUFACTURER_NAME
+        server.application_type = ua.ApplicationType.Server
+        server.set_server_name(PRODUCT_NAME)
         await server.init()
+        version, built = build_info()
+        await server.set_build_info(PRODUCT_URI, MANUFACTURER_NAME, PRODUCT_NAME, version, version, built)
+        await server.set_application_uri(self.application_uri)
         server.set_endpoint(self.endpoint)
-        server.set_server_name("bioreactor-mpc simulated reference PLC")
         if self.security is None:
             server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         else:
             await self._secure(self.security)
         self._answer_writes_per_node()
         index = await server.register_namespace(self.tag_map.namespace_uri)
-        folder = await server.nodes.objects.add_object(ua.NodeId("BR01", index), ua.QualifiedName("BR01", index))  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
+        indices = {self.tag_map.namespace_uri: index}
+        for uri in self.tag_map.namespaces.values():
+            indices[uri] = await server.register_namespace(uri)
+        unit = await server.nodes.objects.add_object(ua.NodeId(self.unit, index), ua.QualifiedName(self.unit, index))  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
+        folders: dict[tuple[str, ...], Node] = {(): unit}
         snapshot = self.plc.snapshot()
         for name, tag in self.tag_map.tags.items():
+            *groups, leaf = name.split(".")
+            parent = await self._folder(folders, tuple(groups), index)
             reading = snapshot.get(name)
             initial = _raw(tag.to_raw(reading.value), tag.type) if reading is not None else _DEFAULTS.get(tag.type, 0)
-            node = await folder.add_variable(ua.NodeId(tag.node, index), ua.QualifiedName(name, index), ua.Variant(initial, VARIANT_TYPES[tag.type]))  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
+            namespace = indices[self.tag_map.namespace_of(tag)]
+            identifier = ua.Int32(tag.node) if isinstance(tag.node, int) else ua.String(str(tag.node))  # a numeric identifier is a UInt32; asyncua annotates it Int32
+            nodeid, browse_name = ua.NodeId(identifier, ua.Int16(namespace)), ua.QualifiedName(leaf, namespace)
+            variant = ua.Variant(initial, VARIANT_TYPES[tag.type])
+            if SIGNALS[name].kind is Kind.REAL and not tag.scaled:
+                low, high = self.eu_ranges[name]
+                node = await _add_analog_item(parent, tag, nodeid, browse_name, variant, ua.Range(Low=low, High=high), ENGINEERING_UNITS[SIGNALS[name].unit])
+            else:
+                node = await parent.add_variable(nodeid, browse_name, variant)
             if SIGNALS[name].writable:
                 await node.set_writable()
                 server.set_attribute_value_setter(node.nodeid, self._setter(name))
@@ -323,7 +551,23 @@ class OpcUaPlcServer(PlcServerClocks):
         await server.start()
         await self.publish()
         security = "None" if self.security is None else f"{self.security.policy} {self.security.mode}"
-        log.info("opcua_plc_started", endpoint=self.endpoint, namespace_index=index, variables=len(self._nodes), security=security)
+        log.info(
+            "opcua_plc_started",
+            endpoint=self.endpoint,
+            namespace_index=index,
+            variables=len(self._nodes),
+            security=security,
+            application_uri=self.application_uri,
+        )
+
+    async def _folder(self, folders: dict[tuple[str, ...], Node], groups: tuple[str, ...], index: int) -> Node:
+        """The folder ``<unit>/<group>/...`` (made on first use), with the string node id ``<unit>.<group>...`` in the map's namespace."""
+        if groups in folders:
+            return folders[groups]
+        parent = await self._folder(folders, groups[:-1], index)
+        folder = await parent.add_folder(ua.NodeId(".".join((self.unit, *groups)), index), ua.QualifiedName(groups[-1], index))  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
+        folders[groups] = folder
+        return folder
 
     async def _secure(self, security: OpcUaServerSecurity) -> None:
         """Offer only the configured policy and mode, with the server's certificate; trust only the trusted clients."""
@@ -335,7 +579,8 @@ class OpcUaPlcServer(PlcServerClocks):
             raise ConfigError(f"server certificate: {security.certificate}: has no application URI in its SubjectAltName")
         await server.load_certificate(certificate.public_bytes(serialization.Encoding.DER))
         await server.load_private_key(key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        await server.set_application_uri(uri)
+        self.application_uri = uri
+        await server.set_application_uri(uri)  # a client checks that the certificate names the ApplicationUri the server announces
         trust_store = await load_trust_store(security.trusted_clients, field="trusted client certificates")
         writer_certificates = CertificateUserManager()
         for path in security.writer_certificates:
@@ -406,8 +651,9 @@ class OpcUaPlcServer(PlcServerClocks):
         await self._server.stop()
 
     async def publish(self) -> None:
-        """Scan the PLC and write every mapped value with its status and a wall-clock source timestamp."""
+        """Scan the PLC and write every mapped value with its status and the wall-clock time of the scan that produced it."""
         now = datetime.now(UTC)
+        process_time_h = self.plc.process_time_h
         snapshot = self.plc.snapshot()
         self._publishing = True
         try:
@@ -417,15 +663,23 @@ class OpcUaPlcServer(PlcServerClocks):
                     continue
                 status = ua.StatusCode(ua.StatusCodes.Good if reading.good else ua.StatusCodes.Bad)  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
                 variant = ua.Variant(_raw(tag.to_raw(reading.value), tag.type), VARIANT_TYPES[tag.type])
-                scanned = self._source_time(name, reading.scanned_at_h, now)
+                scanned = self._source_time(name, reading.scanned_at_h, process_time_h, now)
                 await self._server.write_attribute_value(self._nodes[name], ua.DataValue(variant, StatusCode=status, SourceTimestamp=scanned, ServerTimestamp=now))  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
         finally:
             self._publishing = False
 
-    def _source_time(self, name: str, scanned_at_h: float, now: datetime) -> datetime:
-        """The wall-clock time the PLC scanned a value: now, unless the scan is the same as last publish (a stale probe)."""
+    def _source_time(self, name: str, scanned_at_h: float, process_time_h: float, now: datetime) -> datetime:
+        """The wall-clock time of the scan that produced a value.
+
+        A value scanned now (its scan time is the plant's present) was produced
+        now, even when the plant's clock has not moved since the last publish
+        (free-running, several publishes fall in one plant minute; a client's
+        write in a lockstep pause). A value the PLC repeats from an earlier
+        scan (a stale probe: value and scan time both stop) keeps the time of
+        that scan.
+        """
         last = self._scans.get(name)
-        if last is not None and last[0] == scanned_at_h:
+        if last is not None and last[0] == scanned_at_h and scanned_at_h < process_time_h:
             return last[1]
         self._scans[name] = (scanned_at_h, now)
         return now

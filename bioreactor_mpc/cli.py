@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         "OPC UA security (docs/opcua-security.md)",
         "without these, security mode None and every client may write: a test-only mode for 127.0.0.1; with them, SignAndEncrypt and only the writers write",
     )
+    secured.add_argument(
+        "--security",
+        choices=["none", "sign", "sign-encrypt"],
+        default=None,
+        help="message security (Basic256Sha256): sign-encrypt or sign need --certificate, --private-key and --trusted-clients; none (test-only) needs none of them. "
+        "Default: sign-encrypt when the certificate options are given, else none",
+    )
     secured.add_argument("--certificate", type=Path, default=None, help="the simulated PLC's certificate (bioreactor-mpc certs); needs --private-key and --trusted-clients")
     secured.add_argument("--private-key", type=Path, default=None, help="the simulated PLC's private key")
     secured.add_argument("--trusted-clients", type=Path, default=None, help="directory of the client (or CA) certificates the PLC trusts, *.der or *.pem")
@@ -185,11 +192,12 @@ def _plc_sim(args: argparse.Namespace, console: Console) -> int:
     security = _plc_security(args)
 
     async def serve() -> None:
-        server = _plc_server(args.protocol, plc, tag_map, args.endpoint, security)
+        server = _plc_server(args.protocol, plc, tag_map, args.endpoint, security, loaded.batch)
         await server.start()
         access = ""
         if args.protocol == "opcua":
-            access = "; security mode None, every client may write (test-only)" if security is None else "; SignAndEncrypt, only the writers may write"
+            secured = "Sign" if security is not None and security.mode == "sign" else "SignAndEncrypt"
+            access = "; security mode None, every client may write (test-only)" if security is None else f"; {secured}, only the writers may write"
         console.print(f"simulated PLC on {server.endpoint} ({'lockstep' if plc.lockstep else f'x{args.time_scale:g}'}{access}); Ctrl-C stops it")
         try:
             if plc.lockstep:
@@ -222,6 +230,15 @@ def _plc_security(args: argparse.Namespace) -> Any:
 
     given = {"--certificate": args.certificate, "--private-key": args.private_key, "--trusted-clients": args.trusted_clients}
     dependent = [name for name, value in (("--writer-cert", args.writer_cert), ("--users-file", args.users_file), ("--writer-user", args.writer_user)) if value]
+    if args.security == "none":
+        if any(value is not None for value in given.values()) or dependent:
+            named = [name for name, value in given.items() if value is not None] + dependent
+            raise BioreactorMPCError(f"--security none: serves without security, so {', '.join(named)} would be ignored; leave them out, or ask for --security sign-encrypt")
+        return None
+    if args.security is not None and args.protocol != "opcua":
+        raise BioreactorMPCError(f"--security {args.security}: an OPC UA security option; Modbus TCP has none (docs/opcua-security.md)")
+    if args.security is not None and all(value is None for value in given.values()):
+        raise BioreactorMPCError(f"--security {args.security}: needs --certificate, --private-key and --trusted-clients (the PLC's certificate and key, the clients it trusts)")
     if all(value is None for value in given.values()):
         if dependent:
             raise BioreactorMPCError(f"{', '.join(dependent)}: needs a secured server (--certificate, --private-key and --trusted-clients)")
@@ -244,14 +261,15 @@ def _plc_security(args: argparse.Namespace) -> Any:
         users=users,
         writer_certificates=writers,
         writer_users=frozenset(args.writer_user),
+        mode="sign" if args.security == "sign" else "sign_and_encrypt",
     )
 
 
-def _plc_server(protocol: str, plc: Any, tag_map: Any, endpoint: str | None, security: Any = None) -> Any:
+def _plc_server(protocol: str, plc: Any, tag_map: Any, endpoint: str | None, security: Any = None, batch: Any = None) -> Any:
     if protocol == "opcua":
         from simulator.opcua_server import OpcUaPlcServer
 
-        return OpcUaPlcServer(plc, tag_map, endpoint=endpoint, security=security)
+        return OpcUaPlcServer(plc, tag_map, endpoint=endpoint, security=security, batch=batch)
     from interfaces.modbus_port import parse_endpoint
     from simulator.modbus_server import ModbusPlcServer
 

@@ -21,6 +21,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from bioreactor_mpc.resources import reference_config
 from plant_models.errors import BioreactorMPCError
 from plant_models.parameters import CultureParameters
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "configs" / "model" / "cho_nominal.yaml"
+DEFAULT_MODEL = reference_config("model", "cho_nominal.yaml")
 LABELS = {
     "vcd_1e6_per_ml": "viable cells [1e6/mL]",
     "viability_pct": "viability [%]",

@@ -18,18 +18,20 @@ import structlog
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bioreactor_mpc import admin_cli, calibrate_cli, export_cli
+from bioreactor_mpc import admin_cli, calibrate_cli, export_cli, init_cli
 from bioreactor_mpc.logging import configure_logging
 from bioreactor_mpc.report import TrustTimeline, kpi_table, plot_predictions, write_batch_files
+from bioreactor_mpc.resources import reference_config
 from controller.modes import RequestedMode
 from plant_models.errors import BioreactorMPCError
 
 if TYPE_CHECKING:
     from simulator.closed_loop import ControlledBatchResult
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_SIMULATION = REPO_CONFIGS / "simulate" / "platform.yaml"
-DEFAULT_RUNTIME = REPO_CONFIGS / "runtime" / "reference-opcua.yaml"
+DEFAULT_SIMULATION = reference_config("simulate", "platform.yaml")
+DEFAULT_RUNTIME = reference_config("runtime", "reference-opcua.yaml")
+DEFAULT_HISTORY = Path("runs/runtime/history.sqlite")
+"""The history of ``run`` on the reference runtime config: under the current directory, never inside the installed package."""
 EXIT_USER_ERROR = 2
 
 log = structlog.get_logger("bioreactor_mpc")
@@ -102,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the mode to request now (default: the one in force when the runtime last stopped on this batch, else the config's)",
     )
     run.add_argument("--endpoint", default=None, help="override the tag map's endpoint: an opc.tcp:// URL, or host:port for Modbus")
-    run.add_argument("--history", type=Path, default=None, help="override the config's history file")
+    run.add_argument("--history", type=Path, default=None, help=f"override the config's history file (the reference config's: {DEFAULT_HISTORY} under the current directory)")
     run.add_argument(
         "--take-over-as",
         metavar="ENGINEER",
@@ -134,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument("--days", type=int, default=730, help="validity in days (default 730)")
     certs.add_argument("--force", action="store_true", help="overwrite existing files")
 
+    init_cli.add_parser(commands)
     admin_cli.add_parsers(commands)
     calibrate_cli.add_parser(commands)
     export_cli.add_parsers(commands)
@@ -178,7 +181,7 @@ def _plc_sim(args: argparse.Namespace, console: Console) -> int:
 
     if args.time_scale is not None and not args.time_scale > 0.0:
         raise BioreactorMPCError(f"--time-scale must be positive, got {args.time_scale}")
-    tag_map_path = args.tag_map or REPO_CONFIGS / "plc" / f"reference-{args.protocol}.yaml"
+    tag_map_path = args.tag_map or reference_config("plc", f"reference-{args.protocol}.yaml")
     tag_map = load_tag_map(tag_map_path)
     expected = OpcUaTagMap if args.protocol == "opcua" else ModbusTagMap
     if not isinstance(tag_map, expected):
@@ -308,7 +311,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     from bioreactor_mpc.runtime_cli import audit_key, print_summary, run_runtime
     from controller.runtime_config import load_runtime_config
 
-    loaded = load_runtime_config(args.config, history=args.history)
+    loaded = load_runtime_config(args.config, history=args.history or (DEFAULT_HISTORY if args.config == DEFAULT_RUNTIME else None))
     override = RequestedMode(args.mode) if args.mode else None
     if args.take_over_as is None and (args.reason is not None or args.password_env is not None):
         raise admin_cli.AdminCommandError("--reason and --password-env sign a take-over: they need --take-over-as ENGINEER")
@@ -327,7 +330,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         scenario=args.scenario,
         seed=args.seed,
         mode=RequestedMode(args.mode),
-        runtime_config=args.runtime_config or REPO_CONFIGS / "runtime" / f"reference-{args.protocol}.yaml",
+        runtime_config=args.runtime_config or reference_config("runtime", f"reference-{args.protocol}.yaml"),
         output_dir=args.output_dir,
         lockstep_timeout_s=args.lockstep_timeout_s,
         console=console,
@@ -418,6 +421,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "run": _run,
     "demo": _demo,
     "certs": _certs,
+    "init": init_cli.run_init,
     "calibrate": calibrate_cli.run_calibrate,
     "export": export_cli.run_export,
     "report": export_cli.run_report,

@@ -121,6 +121,10 @@ class RunSummary:
     solve_times_s: list[float] = field(default_factory=list)
     cycle_times_s: list[float] = field(default_factory=list)
     """Wall time of each cycle, from its read to its heartbeat."""
+    read_times_s: list[float] = field(default_factory=list)
+    """Wall time of each cycle's scan request."""
+    write_times_s: list[float] = field(default_factory=list)
+    """Wall time of each cycle's write requests before the heartbeat, read-backs included."""
     resumed_from_h: float | None = None
     taken_over_at_h: float | None = None
 
@@ -192,6 +196,8 @@ class Runtime:
         self._last_time_h = math.nan
         self._last_cycle_wall_s: float | None = None
         self._read_time_s = math.nan
+        self.running = False
+        """Whether :meth:`run` is running (the monitoring's /healthz)."""
         self._io = asyncio.Lock()
 
     # ------------------------------------------------------------------ views for the screen
@@ -224,6 +230,11 @@ class Runtime:
             if idle_s > stall_s:
                 return False, f"no cycle for {idle_s:.0f} s (limit {stall_s:.0f} s): the loop has stalled"
         return True, "ok"
+
+    @property
+    def last_cycle_wall_s(self) -> float | None:
+        """``time.monotonic()`` at the end of the last cycle (at the start of :meth:`run` before the first); None before :meth:`run`."""
+        return self._last_cycle_wall_s
 
     def view(self) -> dict[str, Any]:
         """What the operator screen shows now, as JSON-compatible data."""
@@ -266,6 +277,7 @@ class Runtime:
         stop = stop or asyncio.Event()
         backoff_s = self.settings.reconnect_initial_s
         self._last_cycle_wall_s = time.monotonic()  # a runtime that never cycles is stalled too
+        self.running = True
         try:
             while not stop.is_set():
                 async with self._io:  # one PLC conversation at a time: a cycle, or an operator's signature
@@ -285,6 +297,7 @@ class Runtime:
             else:
                 self.summary.end_reason = self.summary.end_reason or "stopped"
         finally:
+            self.running = False
             try:
                 if self._run_started:
                     self.history.end_run(reason=self.summary.end_reason or "interrupted")
@@ -680,6 +693,10 @@ class Runtime:
         summary.decisions[record.source] = summary.decisions.get(record.source, 0) + 1
         if math.isfinite(record.solve_time_s):
             summary.solve_times_s.append(record.solve_time_s)
+        if math.isfinite(record.read_time_s):
+            summary.read_times_s.append(record.read_time_s)
+        if math.isfinite(record.write_time_s):
+            summary.write_times_s.append(record.write_time_s)
 
     def _link_lost(self, error: PlcLinkError) -> None:
         if isinstance(error, PlcAuthError):

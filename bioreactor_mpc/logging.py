@@ -1,25 +1,79 @@
-"""structlog set-up: readable lines in a terminal, JSON lines otherwise."""
+"""structlog set-up: readable lines in a terminal, JSON lines otherwise, the libraries' log records (asyncua, pymodbus, uvicorn) included.
+
+Our own events go through structlog's processors; the libraries log through
+the standard library, whose root logger gets one handler with structlog's
+:class:`~structlog.stdlib.ProcessorFormatter`, so their records come out in
+the same form (one JSON object a line, with ``logger`` naming the library).
+One level applies to both.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable
+from typing import TextIO
 
 import structlog
 
+HANDLER_NAME = "bioreactor_mpc"
+"""The root handler this module installs (replaced, not added again, when logging is configured anew)."""
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+"""Loggers to which uvicorn's default log config gives handlers of their own, plain text and not propagated."""
 
-def configure_logging(*, json: bool | None = None, level: int = logging.INFO) -> None:
+
+def level_number(level: int | str) -> int:
+    """A level given by number or by name (``"debug"``, ``"INFO"``) as the standard library's number; ValueError for an unknown name."""
+    if isinstance(level, int):
+        return level
+    number = logging.getLevelNamesMapping().get(level.upper())
+    if number is None:
+        raise ValueError(f"unknown log level {level!r}: expected debug, info, warning, error or critical")
+    return number
+
+
+def configure_logging(*, json: bool | None = None, level: int | str = logging.INFO, stream: TextIO | None = None) -> None:
+    """Log at ``level`` and above to ``stream`` (standard error): JSON lines when ``json`` (default: when the stream is not a terminal).
+
+    Calling it again (a config file's level after the command line's) takes
+    effect for every logger, including those already used.
+    """
+    stream = stream if stream is not None else sys.stderr
     if json is None:
-        json = not sys.stderr.isatty()
+        json = not stream.isatty()
+    number = level_number(level)
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     renderer: structlog.types.Processor = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
+    tracebacks: list[structlog.types.Processor] = [structlog.processors.format_exc_info] if json else []
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, timestamper, *tracebacks, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(number),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,  # a logger used before a second configure_logging would keep the first level
     )
+    handler = logging.StreamHandler(stream)
+    handler.set_name(HANDLER_NAME)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name, timestamper],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tracebacks, renderer],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(number)
+
+
+def route_to_root(names: Iterable[str] = UVICORN_LOGGERS) -> None:
+    """Send these loggers' records to the root handler again, after a library gave them handlers of their own.
+
+    uvicorn does so whenever a server is configured with its default log
+    config (plain text lines, not propagated).
+    """
+    for name in names:
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.propagate = True

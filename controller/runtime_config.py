@@ -5,12 +5,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from controller.config import BatchConfig
+from controller.config import BatchConfig, BatchTemplate
 from controller.estimator import EstimatorConfig
 from controller.forecast import EarlyWarningConfig
 from controller.modes import RequestedMode
@@ -152,6 +153,33 @@ class RuntimeSettings(FrozenConfig):
         return self
 
 
+class MonitoringSettings(FrozenConfig):
+    """Where the runtime serves ``/metrics``, ``/healthz`` and ``/readyz`` for the plant's monitoring, with or without the screen (docs/monitoring.md).
+
+    Plain HTTP and no login, as Prometheus scrapes: the endpoints show the
+    runtime's counters and health, never process data or controls. Off the
+    loopback, firewall the port to the monitoring server.
+    """
+
+    enabled: bool = Field(default=True, description="serve the monitoring endpoints (on by default: a runtime nobody watches can stall unseen)")
+    host: str = Field(default="127.0.0.1", min_length=1, description="address to listen on; 0.0.0.0 for every interface (then firewall the port to the Prometheus server)")
+    port: int = Field(default=9108, ge=0, le=65535, description="TCP port; 0 takes a free one, named in the log (tests and demos)")
+
+
+class LogLevel(str, Enum):
+    """The least severe log lines written, the runtime's and its libraries' alike (asyncua, pymodbus, uvicorn)."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+class LoggingSettings(FrozenConfig):
+    level: LogLevel = Field(default=LogLevel.INFO, description="debug, info, warning, error or critical; the command line's --log-level overrides it")
+
+
 class AuditCheckpointSettings(FrozenConfig):
     """Where the audit trail's checkpoints go, outside the history, and how often (docs/audit-and-users.md, section 2)."""
 
@@ -178,21 +206,32 @@ class RuntimeConfig(RuntimeSettings):
     """A deployment: which PLC, which batch, which kinetics, where the history goes. Paths are relative to this file."""
 
     tag_map: Path = Field(description="the PLC's tag map (configs/plc/)")
-    batch: Path = Field(description="the batch file: inoculation record, media, equipment, recipe, limits")
+    batch: Path = Field(
+        description="the batch file, a process template: inoculation record, media, equipment, recipe, limits; "
+        "without batch_id the runtime follows the PLC's Status.BatchId from batch to batch, with one it runs that batch only"
+    )
     model: Path = Field(description="the nominal kinetics of the cell line")
     history: Path = Field(description="the SQLite history file (created if missing)")
     allow_insecure: bool = Field(default=False, description="OPC UA security mode None, by explicit opt-in (logged at every start)")
     audit: AuditSettings = Field(default=AuditSettings(), description="the audit trail's key and where its checkpoints are exported")
+    monitoring: MonitoringSettings = Field(default=MonitoringSettings(), description="/metrics, /healthz and /readyz on their own port (docs/monitoring.md)")
+    logging: LoggingSettings = Field(default=LoggingSettings(), description="the log level")
 
 
 @dataclass(frozen=True)
 class LoadedRuntime:
     source: Path
     config: RuntimeConfig
-    batch: BatchConfig
+    template: BatchTemplate
+    """The batch file: a process template (``batch_id`` absent: the runtime follows the PLC's batch id), or pinned to one batch."""
     nominal: CultureParameters
     tag_map_path: Path
     history_path: Path
+
+    @property
+    def batch(self) -> BatchConfig:
+        """The template as a batch's config, for what depends on no particular batch (the MPC's problem); its id is the pinned one, if any."""
+        return self.template.for_batch()
 
 
 def load_runtime_config(path: str | Path, *, history: str | Path | None = None, mode: RequestedMode | None = None) -> LoadedRuntime:
@@ -204,7 +243,7 @@ def load_runtime_config(path: str | Path, *, history: str | Path | None = None, 
     base = path.parent
     if config.screen is not None:
         config = config.model_copy(update={"screen": config.screen.resolved(base, source=str(path))})
-    batch = BatchConfig.from_yaml(base / config.batch)
+    batch = BatchTemplate.from_yaml(base / config.batch)
     _check_against_batch(config, batch, source=str(path), batch_path=base / config.batch)
     nominal = CultureParameters.from_yaml(base / config.model)
     tag_map_path = base / config.tag_map
@@ -214,7 +253,7 @@ def load_runtime_config(path: str | Path, *, history: str | Path | None = None, 
     return LoadedRuntime(path, config, batch, nominal, tag_map_path, history_path)
 
 
-def _check_against_batch(config: RuntimeSettings, batch: BatchConfig, *, source: str, batch_path: Path) -> None:
+def _check_against_batch(config: RuntimeSettings, batch: BatchTemplate, *, source: str, batch_path: Path) -> None:
     """What a runtime config asks of its batch must be possible in it."""
     nmpc, limits = config.nmpc, batch.limits
     if nmpc.initial_harvest_h is not None and nmpc.initial_harvest_h > limits.latest_harvest_h:

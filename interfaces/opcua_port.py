@@ -566,7 +566,9 @@ async def resolve_nodes(client: Client, tag_map: OpcUaTagMap, indices: Mapping[s
     for name, result in zip(by_path, results, strict=True):
         where = f"browse path {tag_map.tags[name].browse_path!r} (from the Objects folder)"
         status = result.StatusCode
-        complete = [target for target in result.Targets if target.RemainingPathIndex == _NO_REMAINING_PATH and target.TargetId.ServerIndex == 0]
+        complete = [
+            target for target in result.Targets if target.RemainingPathIndex == _NO_REMAINING_PATH and getattr(target.TargetId, "ServerIndex", 0) == 0
+        ]  # asyncua decodes a local target as a plain NodeId
         if status is not None and not status.is_good():
             problems[name] = f"{where} leads to no node ({status.name})"
         elif len(complete) != 1:

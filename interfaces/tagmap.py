@@ -85,7 +85,13 @@ def split_browse_path(path: str) -> list[tuple[str | None, str]]:
     namespace: str | None = None
     name: list[str] = []
     escaped = False
-    for character in path + "/":
+
+    def end_segment() -> None:
+        if not name:
+            raise ValueError(f"browse path {path!r}: an empty browse name (two '/' in a row, a leading or trailing '/', or '<namespace>:' alone)")
+        segments.append((namespace, "".join(name)))
+
+    for character in path:
         if escaped:
             name.append(character)
             escaped = False
@@ -94,14 +100,13 @@ def split_browse_path(path: str) -> list[tuple[str | None, str]]:
         elif character == ":" and namespace is None and name:
             namespace, name = "".join(name), []
         elif character == "/":
-            if not name:
-                raise ValueError(f"browse path {path!r}: an empty browse name (two '/' in a row, a leading or trailing '/', or '<namespace>:' alone)")
-            segments.append((namespace, "".join(name)))
+            end_segment()
             namespace, name = None, []
         else:
             name.append(character)
     if escaped:
         raise ValueError(f"browse path {path!r}: ends with a lone '&' (it escapes the next character)")
+    end_segment()
     return segments
 
 

@@ -78,7 +78,7 @@ from controller.config import BatchConfig
 from interfaces.opcua_certificates import application_uri, certificate_validator, fingerprint, load_trust_store, read_certificate, read_private_key, validity_problem
 from interfaces.opcua_port import VARIANT_TYPES
 from interfaces.signals import SIGNALS, Kind
-from interfaces.tagmap import OpcUaTag, OpcUaTagMap, SecurityPolicyName
+from interfaces.tagmap import OpcUaTagMap, SecurityPolicyName
 from plant_models.errors import ConfigError, RemoteDisabledError, SetpointOutOfRangeError
 from simulator.clocks import PlcServerClocks
 from simulator.plc import SimulatedPlc
@@ -430,13 +430,16 @@ def unit_of(tag_map: OpcUaTagMap) -> str:
     return prefixes.pop() if len(prefixes) == 1 else DEFAULT_UNIT
 
 
-async def _add_analog_item(parent: Node, tag: OpcUaTag, nodeid: ua.NodeId, browse_name: ua.QualifiedName, value: ua.Variant, eu_range: ua.Range, unit: EngineeringUnit) -> Node:
+async def _add_analog_item(
+    parent: Node, nodeid: ua.NodeId, browse_name: ua.QualifiedName, value: ua.Variant, eu_range: ua.Range, unit: EngineeringUnit, *, properties_prefix: str
+) -> Node:
     """A variable of type ``AnalogItemType`` (OPC UA Part 8) holding ``value``, with its ``EURange`` and ``EngineeringUnits`` properties.
 
     asyncua's ``add_variable`` makes a ``BaseDataVariableType``; this asks for
     the node with the analog type definition instead. The properties get the
-    string node ids ``<node>.EURange`` and ``<node>.EngineeringUnits`` (a
-    numeric node's get generated ones).
+    string node ids ``<properties_prefix>.EURange`` and
+    ``<properties_prefix>.EngineeringUnits`` in the variable's namespace (for
+    ``BR01.PV.Temperature``: ``BR01.PV.Temperature.EURange``).
     """
     item = ua.AddNodesItem()
     item.RequestedNewNodeId = nodeid
@@ -459,9 +462,7 @@ async def _add_analog_item(parent: Node, tag: OpcUaTag, nodeid: ua.NodeId, brows
     node = Node(parent.session, result.AddedNodeId)
 
     def property_id(name: str) -> ua.NodeId:
-        if isinstance(tag.node, str):
-            return ua.NodeId(ua.String(f"{tag.node}.{name}"), nodeid.NamespaceIndex)
-        return ua.NodeId(NamespaceIndex=nodeid.NamespaceIndex)  # asyncua generates one
+        return ua.NodeId(ua.String(f"{properties_prefix}.{name}"), nodeid.NamespaceIndex)
 
     await node.add_property(property_id("EURange"), ua.QualifiedName("EURange", 0), eu_range, datatype=ua.NodeId(ua.Int32(ua.ObjectIds.Range)))
     await node.add_property(property_id("EngineeringUnits"), ua.QualifiedName("EngineeringUnits", 0), unit.information(), datatype=ua.NodeId(ua.Int32(ua.ObjectIds.EUInformation)))
@@ -540,7 +541,9 @@ class OpcUaPlcServer(PlcServerClocks):
             variant = ua.Variant(initial, VARIANT_TYPES[tag.type])
             if SIGNALS[name].kind is Kind.REAL and not tag.scaled:
                 low, high = self.eu_ranges[name]
-                node = await _add_analog_item(parent, tag, nodeid, browse_name, variant, ua.Range(Low=low, High=high), ENGINEERING_UNITS[SIGNALS[name].unit])
+                node = await _add_analog_item(
+                    parent, nodeid, browse_name, variant, ua.Range(Low=low, High=high), ENGINEERING_UNITS[SIGNALS[name].unit], properties_prefix=f"{self.unit}.{name}"
+                )
             else:
                 node = await parent.add_variable(nodeid, browse_name, variant)
             if SIGNALS[name].writable:

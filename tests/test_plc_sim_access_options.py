@@ -33,6 +33,11 @@ def _secured(pki: Path) -> list[str]:
         (["--private-key", "x.pem"], "--certificate, --trusted-clients: needed too for a secured server"),
         (["--writer-user", "bob"], "--writer-user: needs a secured server (--certificate, --private-key and --trusted-clients)"),
         (["--protocol", "modbus", "--certificate", "plc.der"], "--certificate: OPC UA security options; Modbus TCP has none"),
+        (["--security", "sign-encrypt"], "--security sign-encrypt: needs --certificate, --private-key and --trusted-clients"),
+        (["--security", "sign"], "--security sign: needs --certificate, --private-key and --trusted-clients"),
+        (["--security", "sign", "--protocol", "modbus"], "--security sign: an OPC UA security option; Modbus TCP has none"),
+        (["--security", "none", "--certificate", "plc.der"], "--security none: serves without security, so --certificate would be ignored"),
+        (["--security", "none", "--writer-user", "bob"], "--security none: serves without security, so --writer-user would be ignored"),
     ],
 )
 def test_security_options_that_do_not_go_together_are_refused(extra, expected, capsys):

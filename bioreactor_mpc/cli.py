@@ -23,6 +23,7 @@ from bioreactor_mpc.logging import configure_logging
 from bioreactor_mpc.report import TrustTimeline, kpi_table, plot_predictions, write_batch_files
 from bioreactor_mpc.resources import reference_config
 from controller.modes import RequestedMode
+from controller.runtime_config import LogLevel
 from plant_models.errors import BioreactorMPCError
 
 if TYPE_CHECKING:
@@ -40,6 +41,12 @@ log = structlog.get_logger("bioreactor_mpc")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bioreactor-mpc", description="Model-predictive control runtime for fed-batch CHO bioreactors.")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines even in a terminal")
+    parser.add_argument(
+        "--log-level",
+        choices=[level.value for level in LogLevel],
+        default=None,
+        help="the least severe log lines written, ours and the libraries' (default: for run, the config's logging.level; else info)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     simulate = commands.add_parser("simulate", help="simulate one batch in-process and report its KPIs")
@@ -312,6 +319,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     from controller.runtime_config import load_runtime_config
 
     loaded = load_runtime_config(args.config, history=args.history or (DEFAULT_HISTORY if args.config == DEFAULT_RUNTIME else None))
+    if args.log_level is None:  # the config's level; the command line's wins
+        configure_logging(json=True if args.log_json else None, level=loaded.config.logging.level.value)
     override = RequestedMode(args.mode) if args.mode else None
     if args.take_over_as is None and (args.reason is not None or args.password_env is not None):
         raise admin_cli.AdminCommandError("--reason and --password-env sign a take-over: they need --take-over-as ENGINEER")
@@ -433,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(ValueError, OSError):  # a standard error without a file descriptor (embedded, captured)
             faulthandler.enable()  # a crash in native code (SIGBUS on a vanished file, SIGSEGV) still says where
     args = _parser().parse_args(argv)
-    configure_logging(json=True if args.log_json else None)
+    configure_logging(json=True if args.log_json else None, level=args.log_level or LogLevel.INFO.value)
     console = Console()
     try:
         status = admin_cli.dispatch(args, console)

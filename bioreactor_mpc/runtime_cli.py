@@ -26,6 +26,7 @@ import structlog
 from rich.console import Console
 
 from bioreactor_mpc.admin_cli import model_approval, read_parameter_file
+from bioreactor_mpc.logging import route_to_root
 from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
 from controller.ports import PlcPort
@@ -36,6 +37,7 @@ from interfaces.audit import AuditTrail
 from interfaces.audit_export import CheckpointSink, FileSink, HttpSink, SyslogSink
 from interfaces.audit_keys import KEY_ENV, AuditKey, load_key_file
 from interfaces.history import SqliteHistory
+from interfaces.monitoring import serve_monitoring
 from interfaces.tagmap import ModbusTagMap, OpcUaTagMap, load_tag_map
 from interfaces.web.serve import serve_screen
 from plant_models.cho import CultureModel
@@ -167,8 +169,10 @@ async def run_runtime(
 
     Refuses a calibrated kinetics file without an engineer's approval (:func:`approved_model_file`).
 
-    With a ``screen`` section the operator screen is served from the same
-    event loop; ``on_screen`` is told its URL once it listens.
+    The monitoring endpoints (``/metrics``, ``/healthz``, ``/readyz``) are
+    served from the same event loop on their own port unless
+    ``monitoring.enabled`` is false. With a ``screen`` section the operator
+    screen is served there too; ``on_screen`` is told its URL once it listens.
     """
     config = loaded.config
     model_file = approved_model_file(loaded)  # before anything is built, connected or created
@@ -214,11 +218,14 @@ async def run_runtime(
             except (NotImplementedError, RuntimeError):  # not the main thread, or no signals on this platform
                 pass
         try:
-            if config.screen is None:
-                return await runtime.run(stop=stop)
-            async with serve_screen(runtime, config.screen, loaded.history_path, audit=audit) as url:
-                if on_screen is not None:
-                    on_screen(url)
+            async with contextlib.AsyncExitStack() as servers:
+                if config.monitoring.enabled:
+                    await servers.enter_async_context(serve_monitoring(runtime, config.monitoring))
+                if config.screen is not None:
+                    url = await servers.enter_async_context(serve_screen(runtime, config.screen, loaded.history_path, audit=audit))
+                    route_to_root()  # the screen's uvicorn gave its loggers plain-text handlers of their own
+                    if on_screen is not None:
+                        on_screen(url)
                 return await runtime.run(stop=stop)
         finally:
             for signum in handled:

@@ -22,19 +22,19 @@ hash is stored), expiring after idle time and at a maximum age, ``Secure``
 whenever the screen is served over TLS. Every state-changing request needs
 the screen's origin and the session's CSRF token, and every response carries
 the security headers (:mod:`interfaces.web.security`). ``/metrics``
-(Prometheus text format) and ``/healthz`` need no login: they are for the
-plant's monitoring on the control network.
+(Prometheus text format), ``/healthz`` and ``/readyz`` need no login: they
+are for the plant's monitoring on the control network, the same endpoints
+as on the runtime's monitoring port (:mod:`interfaces.monitoring`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import closing
 from enum import Enum
 from pathlib import Path
@@ -42,19 +42,18 @@ from typing import Any, Literal
 
 import plotly
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from pydantic import BaseModel, Field
 
 from controller.advisory import ApprovalRefusedError, MalformedSignatureError, Signer, check_signature_target
-from controller.modes import RequestedMode, State
+from controller.modes import RequestedMode
 from controller.runtime import Runtime
 from controller.runtime_config import ScreenSettings
 from controller.types import json_compatible
 from interfaces.audit import AuditTrail
+from interfaces.monitoring import Monitor
 from interfaces.users import LoginPurpose, Role, User, UserStore, can_read_audit
 from interfaces.web.security import CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, ScreenGuard, client_address, csrf_token, new_secret
 
@@ -316,64 +315,11 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
             raise HTTPException(status_code=409, detail=str(error)) from error
         return {"reenabled": True, "effective": "at the next cycle"}
 
-    # ------------------------------------------------------------------ operations
+    # ------------------------------------------------------------------ operations: /metrics, /healthz, /readyz, as on the monitoring port
 
-    registry = CollectorRegistry()
-    registry.register(RuntimeCollector(runtime))
-
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/healthz")
-    def healthz() -> Response:
-        view = runtime.view()
-        healthy = bool(view["healthy"])
-        body = {
-            "healthy": healthy,
-            "why": view["health"],
-            "state": view["state"],
-            "reason": view["reason"],
-            "link_up": view["link_up"],
-            "process_time_h": view["process_time_h"],
-        }
-        return JSONResponse(json_compatible(body), status_code=200 if healthy else 503)
+    app.router.routes.extend(Monitor(runtime).routes())
 
     return app
-
-
-class RuntimeCollector:
-    """Prometheus metrics read from the runtime at scrape time."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    def collect(self) -> Iterator[Any]:
-        summary = self.runtime.summary
-        view = self.runtime.view()
-        cycles = SummaryMetricFamily("bioreactor_mpc_cycle_seconds", "wall time of a cycle, read to heartbeat")
-        cycles.add_metric([], len(summary.cycle_times_s), float(sum(summary.cycle_times_s)))
-        yield cycles
-        solves = SummaryMetricFamily("bioreactor_mpc_solve_seconds", "MPC solve time")
-        solves.add_metric([], len(summary.solve_times_s), float(sum(summary.solve_times_s)))
-        yield solves
-        decisions = CounterMetricFamily("bioreactor_mpc_decisions", "cycles by who decided (mpc, shifted_plan, recipe, stood_down, harvest, none)", labels=["source"])
-        for source, count in sorted(summary.decisions.items()):
-            decisions.add_metric([source], count)
-        yield decisions
-        writes = CounterMetricFamily("bioreactor_mpc_writes", "PLC write requests by outcome", labels=["outcome"])
-        writes.add_metric(["ok"], summary.writes_ok)
-        writes.add_metric(["failed"], summary.writes_failed)
-        yield writes
-        yield CounterMetricFamily("bioreactor_mpc_link_losses", "times the PLC link was lost", value=summary.link_losses)
-        state = GaugeMetricFamily("bioreactor_mpc_state", "1 for the runtime's current state", labels=["state"])
-        for candidate in State:
-            state.add_metric([candidate.value], 1.0 if candidate.value == view["state"] else 0.0)
-        yield state
-        yield GaugeMetricFamily("bioreactor_mpc_active_alarms", "alarms active now", value=len(view["alarms"]))
-        yield GaugeMetricFamily(
-            "bioreactor_mpc_process_time_hours", "the batch clock at the last cycle", value=view["process_time_h"] if view["process_time_h"] is not None else math.nan
-        )
 
 
 FORECAST_QUANTITIES = (*TRAJECTORY_STATES, "viability", "osmolality")

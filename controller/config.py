@@ -1,12 +1,20 @@
-"""Configuration of one batch: inoculation record, media, equipment, recipe, limits, economics.
+"""Configuration of a batch: inoculation record, media, equipment, recipe, limits, economics.
 
 Shared by the runtime (its safety filter, fallback recipe and KPIs) and the
 simulator (its PLC logic and plant). Loaded from ``configs/batch/*.yaml``.
+
+A batch file is a **process template** (:class:`BatchTemplate`): what every
+batch of one process in one reactor shares. Without ``batch_id`` the runtime
+follows the PLC's ``Status.BatchId`` from batch to batch; with one it is
+pinned to that batch. One batch's config (:class:`BatchConfig`) is the
+template with the batch's id (:meth:`BatchTemplate.for_batch`): what the
+history records for each run, and what the simulator inoculates.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -115,10 +123,33 @@ class Economics(FrozenConfig):
     turnaround_days: float = Field(ge=0.0, le=30.0, description="days the reactor is occupied between batches (clean, sterilise, inoculate) [day]")
 
 
-class BatchConfig(FrozenConfig):
-    """Everything about one batch that is not cell kinetics."""
+BATCH_ID_MAX_CHARS = 16
+"""``Status.BatchId`` is 16 ASCII characters at most (the reference PLC's Modbus registers 70-77)."""
+ANY_BATCH_ID = "(any batch)"
+"""The id :meth:`BatchTemplate.for_batch` gives a template that names no batch, for what depends on no batch (the MPC's problem)."""
 
-    batch_id: str = Field(min_length=1, max_length=16, description="batch identifier (16 ASCII characters at most)")
+
+def batch_id_problem(batch_id: str) -> str | None:
+    """Why ``batch_id`` cannot be a batch's id (empty, too long, not ASCII); None when it can."""
+    if not batch_id.strip():
+        return "is empty"
+    if len(batch_id) > BATCH_ID_MAX_CHARS:
+        return f"is {len(batch_id)} characters long, more than the {BATCH_ID_MAX_CHARS} the PLC stores"
+    if not batch_id.isascii():
+        return f"must be ASCII (the PLC stores it as {BATCH_ID_MAX_CHARS} ASCII characters)"
+    return None
+
+
+class BatchTemplate(FrozenConfig):
+    """Everything about a process's batches that is not cell kinetics; ``batch_id`` pins it to one batch."""
+
+    batch_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=BATCH_ID_MAX_CHARS,
+        description="pin the runtime to this batch: Status.BatchId must be it, and the runtime ends at its harvest; "
+        "absent: the runtime follows the PLC's Status.BatchId from batch to batch (16 ASCII characters at most)",
+    )
     cycle_period_h: float = Field(gt=0.0, le=24.0, description="control cycle period, equal to the PLC's [h]")
     inoculation: InoculationRecord
     media: MediaComposition
@@ -142,10 +173,10 @@ class BatchConfig(FrozenConfig):
         return period_h
 
     @model_validator(mode="after")
-    def _consistent(self) -> BatchConfig:
+    def _consistent(self) -> Self:
         inoculation, equipment, recipe, limits = self.inoculation, self.equipment, self.recipe, self.limits
-        if not self.batch_id.isascii():
-            raise FieldError("batch_id", self.batch_id, "must be ASCII (the PLC stores it as 16 ASCII characters)")
+        if self.batch_id is not None and not self.batch_id.isascii():
+            raise FieldError("batch_id", self.batch_id, f"must be ASCII (the PLC stores it as {BATCH_ID_MAX_CHARS} ASCII characters)")
         if inoculation.volume_l >= equipment.max_working_volume_l:
             raise FieldError("inoculation.volume_l", inoculation.volume_l, f"must be below equipment.max_working_volume_l ({equipment.max_working_volume_l})")
         if limits.osmolality_max_mosm_per_kg <= inoculation.osmolality_mosm_per_kg:
@@ -191,6 +222,30 @@ class BatchConfig(FrozenConfig):
             )
         return self
 
+    @property
+    def pinned(self) -> bool:
+        """Whether this template names its batch (the runtime then runs that batch only)."""
+        return self.batch_id is not None
+
+    def for_batch(self, batch_id: str | None = None) -> BatchConfig:
+        """This template as the config of batch ``batch_id`` (default: the pinned one, else :data:`ANY_BATCH_ID`).
+
+        Raises :class:`ValueError` when ``batch_id`` cannot be a batch's id (:func:`batch_id_problem`).
+        """
+        chosen = batch_id if batch_id is not None else self.batch_id or ANY_BATCH_ID
+        problem = batch_id_problem(chosen)
+        if problem is not None:
+            raise ValueError(f"batch id {chosen!r} {problem}")
+        if isinstance(self, BatchConfig) and self.batch_id == chosen:
+            return self
+        return BatchConfig.model_validate({**self.model_dump(), "batch_id": chosen})
+
     @classmethod
-    def from_yaml(cls, path: str | Path) -> BatchConfig:
+    def from_yaml(cls, path: str | Path) -> Self:
         return load_yaml_model(path, cls)
+
+
+class BatchConfig(BatchTemplate):
+    """One batch: a template with the batch's id."""
+
+    batch_id: str = Field(min_length=1, max_length=BATCH_ID_MAX_CHARS, description="batch identifier (16 ASCII characters at most)")

@@ -197,7 +197,7 @@ async def run_runtime(
         runtime = Runtime(
             port=port,
             history=history,
-            batch=loaded.batch,
+            batch=loaded.template,  # pinned to one batch, or a template that follows the PLC's batch id
             nominal_parameters=nominal_parameter_vector(loaded),
             envelope=loaded.nominal.envelope,
             model_file=model_file,

@@ -10,6 +10,13 @@ object runs the in-process closed loop. This shell:
 - starts once (:mod:`controller.takeover`: new batch, resume, or an engineer's
   signed take-over), after watching ``MPC.Heartbeat`` for another runtime;
   reconciles the writes a killed predecessor left without an outcome;
+- follows the PLC from batch to batch when the batch file is a template (no
+  ``batch_id``): a run per batch, each with a fresh estimator, trust region,
+  recipe, clock and data checks, started when ``Status.BatchId`` names a new
+  batch and ``Status.Phase`` says it runs, ended at harvest (or when the PLC
+  names another batch); a batch whose inoculation contradicts the template is
+  refused with an alarm, writing nothing, until the next one. A pinned batch
+  file runs that batch only, and the runtime ends at its harvest;
 - runs a cycle: records the scan, the lab result and the state changes, and
   commits the state to resume from *before* the writes; every write is
   recorded as an intent first, setpoint writes in the audit trail too (no
@@ -32,7 +39,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
@@ -43,7 +50,7 @@ import structlog
 from controller.advisory import ApprovalRefusedError, Meaning, Recommendation, Signature, Signer, now_utc
 from controller.alarms import AlarmBoard, AlarmChange
 from controller.clock import ClockVerdict, Tick, process_time_of
-from controller.config import BatchConfig
+from controller.config import BatchConfig, BatchTemplate, batch_id_problem
 from controller.cycle import ControlCycle, CyclePlan, estimate_summary
 from controller.forecast import Forecast
 from controller.modes import Conditions, ModeMachine, RequestedMode, State
@@ -65,8 +72,8 @@ from controller.quality import DataQualityChecker
 from controller.recorder import Recorder, WriteCounts
 from controller.runtime_config import RuntimeSettings
 from controller.signing import AUTO_APPROVER, AdvisoryDesk
-from controller.takeover import RuntimeStartError, StartDeferredError, StartPlan, TakeoverApproval, plan_start
-from controller.types import PHASE_HARVESTED, PHASE_IDLE
+from controller.takeover import BatchRefusedError, RuntimeStartError, StartDeferredError, StartPlan, TakeoverApproval, plan_start
+from controller.types import PHASE_HARVESTED, PHASE_IDLE, PHASE_RUNNING
 from plant_models.cho import CultureModel
 from plant_models.parameters import PhaseEnvelope
 
@@ -127,6 +134,10 @@ class RunSummary:
     """Wall time of each cycle's write requests before the heartbeat, read-backs included."""
     resumed_from_h: float | None = None
     taken_over_at_h: float | None = None
+    batches: list[str] = field(default_factory=list)
+    """The batches a run was started for, in order (one per run in the history)."""
+    refused_batches: list[str] = field(default_factory=list)
+    """The PLC's batches refused as not matching the template (a runtime that follows the PLC)."""
 
     @property
     def writes_ok(self) -> int:
@@ -138,14 +149,14 @@ class RunSummary:
 
 
 class Runtime:
-    """One batch beside one PLC."""
+    """Beside one PLC: one batch (a pinned batch file), or batch after batch (a template that follows the PLC's ``Status.BatchId``)."""
 
     def __init__(
         self,
         *,
         port: PlcPort,
         history: HistoryStore,
-        batch: BatchConfig,
+        batch: BatchTemplate,
         nominal_parameters: np.ndarray,
         settings: RuntimeSettings,
         model: CultureModel | None = None,
@@ -157,22 +168,32 @@ class Runtime:
         envelope: tuple[PhaseEnvelope, ...] = (),
         model_file: ModelFile | None = None,
     ) -> None:
-        """``envelope``: the operating envelope of the model's calibration (``CultureParameters.envelope``; empty: the NMPC plans in the recipe band).
+        """``batch``: a batch file with ``batch_id`` (a :class:`BatchConfig`) runs that batch only; a template without one follows the PLC.
+
+        ``envelope``: the operating envelope of the model's calibration (``CultureParameters.envelope``; empty: the NMPC plans in the recipe band).
 
         ``model_file``: the parameter file of ``nominal_parameters``, for the start's audit record (checked for approval by the caller).
         """
         self.port = port
         self.history = history
-        self.batch = batch
+        self.template = batch
         self.settings = settings
         self._model = model or CultureModel()
         self._nominal = np.asarray(nominal_parameters, dtype=float)
         self._envelope = envelope
         self._model_file = model_file
-        self._mpc = mpc or EconomicMpc(self._model, batch, settings.nmpc.mpc)
+        self._mpc = mpc or EconomicMpc(self._model, batch.for_batch(), settings.nmpc.mpc)
         self._on_cycle = on_cycle
         self.summary = RunSummary()
-        self.recorder = Recorder(port=port, history=history, audit=audit, batch_id=batch.batch_id, counts=self.summary.writes)
+        self._run_batch: BatchConfig | None = batch.for_batch() if batch.pinned else None
+        """The batch of the run in hand (pinned: always that batch); None between batches of a runtime that follows the PLC."""
+        self._run_cycles = 0
+        self._refused: tuple[str, str] | None = None
+        """The PLC's batch id last refused and why: not tried again until the PLC names another batch."""
+        self._carried_mode: RequestedMode | None = None
+        """The mode requested when the previous batch ended: the next batch starts in it (an engineer's choice outlives the batch)."""
+        self.recorder = Recorder(port=port, history=history, audit=audit, batch_id=batch.batch_id or "", counts=self.summary.writes)
+        """Replaced at each batch of a runtime that follows the PLC (:meth:`_recorder`)."""
         self._mode_override = mode_override
         self._takeover = takeover
         self.modes = ModeMachine(settings.mode, max_write_failures=settings.max_write_failures)
@@ -201,6 +222,11 @@ class Runtime:
         self._io = asyncio.Lock()
 
     # ------------------------------------------------------------------ views for the screen
+
+    @property
+    def batch(self) -> BatchTemplate:
+        """The batch of the run in hand; between batches (following the PLC), the template."""
+        return self._run_batch if self._run_batch is not None else self.template
 
     @property
     def recommendation(self) -> Recommendation | None:
@@ -320,9 +346,9 @@ class Runtime:
             self._link_lost(error)
             return PollOutcome.LINK_DOWN
         except PlcMappingError as error:
-            if not self._run_started:
+            if not self._run_started and not self.summary.batches:
                 raise  # at start: the tag map does not fit this PLC, refuse (the error names every signal)
-            # mid-batch (a PLC program changed under the runtime): fault and check again, as for a lost link
+            # mid-batch or between batches (a PLC program changed under the runtime): fault and check again, as for a lost link
             self._link_lost(PlcLinkError(f"the tag map no longer fits the PLC: {error}"))
             await self.port.close()
             return PollOutcome.LINK_DOWN
@@ -330,9 +356,13 @@ class Runtime:
             self._link_restored()
         try:
             self.history.check_available()  # storage counts as back only once a cycle's records go in (small records can fit on a full disk)
+            between_batches = not self.template.pinned and self._follow(readings)
         except HistoryUnavailableError as error:
             self._storage_lost(error)
             return PollOutcome.STORAGE_DOWN
+        if between_batches:
+            self._last_cycle_wall_s = time.monotonic()  # waiting for the next batch is not a stall
+            return PollOutcome.WAITING
         starting = self.cycle is None
         try:
             cycle = await self._start(readings)
@@ -342,15 +372,17 @@ class Runtime:
         except HistoryUnavailableError as error:
             self._storage_lost(error)
             return PollOutcome.STORAGE_DOWN
+        except BatchRefusedError as error:
+            if self.template.pinned:
+                raise
+            return self._refuse(error, readings)
         except StartDeferredError as error:
-            if str(error) != self._deferred:  # once per reason, not once per poll
-                log.warning("start_deferred", reason=str(error))
-                self._deferred = str(error)
+            self._defer(str(error))
             return PollOutcome.WAITING
         if starting:
             return PollOutcome.WAITING  # the start watched the PLC for a while: the first cycle runs on a fresh scan
         phase = good_number(readings, "Status.Phase")
-        if phase == PHASE_HARVESTED:
+        if phase == PHASE_HARVESTED:  # pinned (a runtime that follows the PLC ends the batch's run in _follow and waits for the next)
             self.summary.end_reason = "batch harvested"
             self.desk.expire()
             return PollOutcome.ENDED
@@ -361,12 +393,15 @@ class Runtime:
         if verdict.tick is Tick.WAIT:
             return PollOutcome.WAITING
         plan = self._start_plan
-        if plan is not None and plan.first_cycle_by_h is not None and self.summary.cycles == 0 and verdict.process_time_h > plan.first_cycle_by_h + 1e-6:
-            self.summary.end_reason = "refused: the batch ran on before the first cycle"
-            raise RuntimeStartError(
+        if plan is not None and plan.first_cycle_by_h is not None and self._run_cycles == 0 and verdict.process_time_h > plan.first_cycle_by_h + 1e-6:
+            ran_on = BatchRefusedError(
                 f"the batch ran on to {verdict.process_time_h:.2f} h before this runtime's first cycle (a new batch must start within "
                 f"{plan.first_cycle_by_h:.2f} h of inoculation): restart it to take the batch over; nothing written"
             )
+            if not self.template.pinned:
+                return self._refuse(ran_on, readings)
+            self.summary.end_reason = "refused: the batch ran on before the first cycle"
+            raise ran_on
         started = time.perf_counter() - self._read_time_s
         try:
             outcome = await self._cycle(cycle, readings, verdict)
@@ -379,7 +414,11 @@ class Runtime:
     # ------------------------------------------------------------------ start
 
     async def _start(self, readings: Mapping[str, Reading]) -> ControlCycle:
-        """Start once: claim the PLC, plan the start, open the run, reconcile, audit; each step done only once across retries."""
+        """Start the batch in hand once: claim the PLC (once per process), plan the start, open the run, reconcile, audit; each step done
+        only once across retries."""
+        batch = self._run_batch
+        if batch is None:
+            raise StartDeferredError("no batch in hand")  # _follow chooses one first: not reached
         if self.cycle is not None:
             if self._resume_beat_due:
                 await self._beat(self.cycle, self._last_time_h)
@@ -389,17 +428,21 @@ class Runtime:
             await self._claim(readings)
             self._claimed = True
         if self._start_plan is None:
-            resume = self.history.load_resume(self.batch.batch_id)
-            self._start_plan = plan_start(
+            resume = self.history.load_resume(batch.batch_id)
+            plan = plan_start(
                 readings=readings,
-                batch=self.batch,
+                batch=batch,
                 settings=self.settings,
                 model=self._model,
                 nominal_parameters=self._nominal,
                 resume=resume,
                 mode_override=self._mode_override,
                 takeover=self._takeover,
+                follows_plc=not self.template.pinned,
             )
+            if self._mode_override is None and resume is None and self._carried_mode is not None:
+                plan = replace(plan, requested_mode=self._carried_mode, mode_source="in force when the previous batch ended")
+            self._start_plan = plan
         plan = self._start_plan
         now_h = process_time_of(readings)
         if not self._run_started:
@@ -407,20 +450,21 @@ class Runtime:
                 log.warning("mode_restored", requested=plan.requested_mode.value, config=self.settings.mode.value, source=plan.mode_source)
             self.modes.requested = plan.requested_mode
             self.history.start_run(
-                batch_id=self.batch.batch_id,
+                batch_id=batch.batch_id,
                 requested_mode=plan.requested_mode.value,
-                config={**self.settings.model_dump(mode="json"), "batch": self.batch.model_dump(mode="json")},
+                config={**self.settings.model_dump(mode="json"), "batch": batch.model_dump(mode="json")},
             )
             self._run_started = True
+            self.summary.batches.append(batch.batch_id)
         if not self._start_recorded:
             self.recorder.reconcile(readings, now_h)
             if plan.taken_over_at_h is not None and self._takeover is not None:
                 details = {"signature": self._takeover.as_dict(), "process_time_h": plan.taken_over_at_h, "lab_seq": plan.lab_seq}
-                if not self.recorder.audited(now_h, actor=self._takeover.signer.name, action="batch_taken_over", subject=self.batch.batch_id, details=details):
+                if not self.recorder.audited(now_h, actor=self._takeover.signer.name, action="batch_taken_over", subject=batch.batch_id, details=details):
                     raise RuntimeStartError(f"the take-over cannot be recorded in the audit trail ({self.recorder.audit_problem}); the runtime does not start")
             configuration = {
                 "settings_sha256": _sha256(self.settings.model_dump(mode="json")),
-                "batch_sha256": _sha256(self.batch.model_dump(mode="json")),
+                "batch_sha256": _sha256(batch.model_dump(mode="json")),
                 "nominal_parameters_sha256": _sha256(self._nominal.tolist()),
                 "model_file": self._model_file.as_dict() if self._model_file is not None else None,
                 "estimator_config_sha256": _sha256(self.settings.estimator.model_dump(mode="json")),
@@ -432,19 +476,21 @@ class Runtime:
                 "taken_over_at_h": plan.taken_over_at_h,
                 "held_contradictions": dict(plan.held_contradictions or {}),
             }
-            if not self.recorder.audited(now_h, actor="runtime", action="config_loaded", subject=self.batch.batch_id, details=configuration):
+            if not self.recorder.audited(now_h, actor="runtime", action="config_loaded", subject=batch.batch_id, details=configuration):
                 raise RuntimeStartError(f"the audit trail cannot be written ({self.recorder.audit_problem}); the runtime does not start")
+            if not self.template.pinned and not self._batch_started_audited(batch, plan, readings, now_h):
+                raise RuntimeStartError(f"the audit trail cannot be written ({self.recorder.audit_problem}); the batch does not start")
             self._start_recorded = True
         for signal, floor in (plan.totaliser_floors or {}).items():
             self.quality.expect_at_least(signal, floor)  # a totaliser reset while away is a critical input, not a crash
         self.quality.commit_lab(plan.lab_seq)
-        controller = NmpcController(self._model, self.batch, plan.estimator, self.settings.nmpc, mpc=self._mpc, envelope=self._envelope)
+        controller = NmpcController(self._model, batch, plan.estimator, self.settings.nmpc, mpc=self._mpc, envelope=self._envelope)
         if plan.harvest_time_h is not None:
             controller.harvest_time_h = plan.harvest_time_h
         if plan.trust:
             controller.trust.restore(dict(plan.trust))
         self.cycle = ControlCycle(
-            batch=self.batch,
+            batch=batch,
             settings=self.settings,
             modes=self.modes,
             quality=self.quality,
@@ -459,10 +505,10 @@ class Runtime:
         self.summary.resumed_from_h = plan.resumed_from_h
         self.summary.taken_over_at_h = plan.taken_over_at_h
         if plan.resumed_from_h is not None:
-            log.info("runtime_resumed", batch_id=self.batch.batch_id, last_cycle_h=plan.resumed_from_h, next_cycle_h=plan.clock.next_cycle_h, process_time_h=now_h)
+            log.info("runtime_resumed", batch_id=batch.batch_id, last_cycle_h=plan.resumed_from_h, next_cycle_h=plan.clock.next_cycle_h, process_time_h=now_h)
         if self.settings.auto_approve:
             log.warning("auto_approve_enabled", reason="every advisory recommendation is approved at once: lockstep tests and demos only")
-        log.info("runtime_started", batch_id=self.batch.batch_id, start=plan.how, mode=plan.requested_mode.value, heartbeat=plan.heartbeat, first_cycle_h=plan.clock.next_cycle_h)
+        log.info("runtime_started", batch_id=batch.batch_id, start=plan.how, mode=plan.requested_mode.value, heartbeat=plan.heartbeat, first_cycle_h=plan.clock.next_cycle_h)
         if plan.beat_now:  # the cycle of this boundary ran before the restart; its heartbeat may not have gone out
             self._resume_beat_due = True
             self._last_time_h = plan.resumed_from_h if plan.resumed_from_h is not None else now_h
@@ -485,6 +531,130 @@ class Runtime:
                     f"MPC.Heartbeat moved from {first.value} to {now.value} while this runtime watched for {watch_s:.1f} s: another runtime holds "
                     "this PLC. Stop it first (docs/runtime.md, section 7: one runtime per PLC); nothing written"
                 )
+
+    # ------------------------------------------------------------------ batch after batch (a template that follows the PLC)
+
+    def _follow(self, readings: Mapping[str, Reading]) -> bool:
+        """Which batch the PLC runs: end the run in hand at harvest or when the PLC names another batch, and take up a new batch once
+        ``Status.Phase`` says it runs. True while there is no batch to run (between batches, a refused batch, an unreadable id or phase)."""
+        reading = readings.get("Status.BatchId")
+        plc_batch_id = str(reading.value) if reading is not None and reading.good else None
+        phase = good_number(readings, "Status.Phase")
+        if self._run_batch is not None:
+            if plc_batch_id is not None and plc_batch_id != self._run_batch.batch_id:
+                self._end_batch(f"the PLC named batch {plc_batch_id}", readings)
+            elif phase == PHASE_HARVESTED:
+                self._end_batch("batch harvested", readings)
+                return True
+            elif self.cycle is None and math.isfinite(phase) and int(phase) != PHASE_RUNNING:
+                self._end_batch("not started: the PLC's phase left running", readings)  # the batch must be matched to the template running
+                return True
+            else:
+                return False
+        if plc_batch_id is None or not math.isfinite(phase):
+            self._defer("Status.BatchId or Status.Phase is not Good: the runtime waits for a good scan to know the batch")
+            return True
+        if int(phase) != PHASE_RUNNING:  # idle or harvested: between batches, nothing to control and nothing written
+            return True
+        if self._refused is not None and self._refused[0] == plc_batch_id:
+            return True  # refused once, with its alarm: the next batch is tried afresh
+        problem = batch_id_problem(plc_batch_id)
+        if problem is not None:
+            self._refuse(BatchRefusedError(f"Status.BatchId {plc_batch_id!r} {problem}: it cannot name a run; nothing written"), readings, batch_id=plc_batch_id)
+            return True
+        self._run_batch = self.template.for_batch(plc_batch_id)
+        self.recorder = self._recorder(plc_batch_id)
+        self._deferred = ""
+        log.info("batch_found", batch_id=plc_batch_id, process_time_h=process_time_of(readings))
+        return False
+
+    def _batch_started_audited(self, batch: BatchConfig, plan: StartPlan, readings: Mapping[str, Reading], now_h: float) -> bool:
+        """The ``batch_started`` audit record of a runtime that follows the PLC: the PLC's batch id, the template's digest, how it started."""
+        volume_l = good_number(readings, "PV.Volume")
+        details = {
+            "batch_id": batch.batch_id,
+            "template_sha256": _sha256(self.template.model_dump(mode="json")),
+            "start": plan.how,
+            "process_time_h": now_h if math.isfinite(now_h) else None,
+            "volume_l": volume_l if math.isfinite(volume_l) else None,
+            "run": len(self.summary.batches),
+        }
+        if not self.recorder.audited(now_h, actor="runtime", action="batch_started", subject=batch.batch_id, details=details):
+            return False
+        change = self._link_alarms.clear("batch_refused")
+        if change is not None:  # recorded in the new batch's run (and audited)
+            log.info("alarm_cleared", code=change.code, batch_id=batch.batch_id)
+            self._try_record(lambda: self.recorder.alarms(now_h, [change], logged=True))
+        self._refused = None
+        log.info("batch_started", batch_id=batch.batch_id, start=plan.how, process_time_h=now_h, run=len(self.summary.batches))
+        return True
+
+    def _end_batch(self, reason: str, readings: Mapping[str, Reading]) -> PollOutcome:
+        """End the run of the batch in hand (its history run closed with ``reason``, audited) and wait for the next batch with nothing in hand:
+        the next one starts with a fresh estimator, trust region, recipe, clock, data checks and state machine, in the mode requested now.
+
+        Raises :class:`HistoryUnavailableError` when the run's end cannot be recorded: tried again at the next poll."""
+        batch = self._run_batch
+        now_h = process_time_of(readings)
+        self.desk.expire()
+        if self._run_started:
+            self.history.end_run(reason=reason)
+        if batch is not None and self._start_recorded:
+            cycles = self._run_cycles
+            self.recorder.audited(now_h, actor="runtime", action="batch_ended", subject=batch.batch_id, details={"reason": reason, "cycles": cycles})
+            log.info("batch_ended", batch_id=batch.batch_id, reason=reason, cycles=cycles, process_time_h=now_h)
+        self._carried_mode = self.modes.requested
+        self._reset_run()
+        return PollOutcome.WAITING
+
+    def _refuse(self, error: RuntimeStartError, readings: Mapping[str, Reading], *, batch_id: str | None = None) -> PollOutcome:
+        """The PLC's batch does not match the template (or cannot run with this history): alarm and audit why, close its run if one was
+        opened, write nothing, and wait for the PLC to name another batch."""
+        refused_id = batch_id or (self._run_batch.batch_id if self._run_batch is not None else "?")
+        now_h = process_time_of(readings)
+        reason = str(error)
+        try:
+            if self._run_started:
+                self.history.end_run(reason=f"refused: {reason}")
+        except HistoryUnavailableError as history_error:
+            self._storage_lost(history_error)
+        self._reset_run()
+        self._refused = (refused_id, reason)
+        self.summary.refused_batches.append(refused_id)
+        message = f"batch {refused_id} refused: {reason}"
+        self.recorder.audited(
+            now_h, actor="runtime", action="batch_refused", subject=refused_id, details={"reason": reason, "process_time_h": now_h if math.isfinite(now_h) else None}
+        )
+        self._link_alarms.clear("batch_refused")  # an earlier batch's refusal: this one's reason replaces it
+        self._link_alarms.raise_("batch_refused", message)
+        self.recorder.audited(now_h, actor="runtime", action="alarm_raised", subject="batch_refused", details={"message": message})
+        log.error("alarm_raised", code="batch_refused", message=message, batch_id=refused_id, process_time_h=now_h)
+        return PollOutcome.WAITING
+
+    def _reset_run(self) -> None:
+        """Nothing in hand: the next batch starts afresh (the PLC stays claimed; a take-over signature was for the first batch only)."""
+        self.cycle = None
+        self._start_plan = None
+        self._run_started = False
+        self._start_recorded = False
+        self._run_batch = None
+        self._run_cycles = 0
+        self._resume_beat_due = False
+        self._deferred = ""
+        self._takeover = None
+        self.modes = ModeMachine(self.settings.mode, max_write_failures=self.settings.max_write_failures)
+        self.quality = DataQualityChecker(self.settings.quality)
+        self.recorder = self._recorder("")
+        self.last_report = None
+
+    def _recorder(self, batch_id: str) -> Recorder:
+        """The history and audit records of ``batch_id``'s run (its writes left pending by a killed predecessor are reconciled at its start)."""
+        return Recorder(port=self.port, history=self.history, audit=self.recorder.audit, batch_id=batch_id, counts=self.summary.writes)
+
+    def _defer(self, reason: str) -> None:
+        if reason != self._deferred:  # once per reason, not once per poll
+            log.warning("start_deferred", reason=reason)
+            self._deferred = reason
 
     # ------------------------------------------------------------------ one cycle
 
@@ -688,6 +858,7 @@ class Runtime:
     def _count(self, record: CycleRecord) -> None:
         summary = self.summary
         summary.cycles += 1
+        self._run_cycles += 1
         summary.last_process_time_h = record.process_time_h
         summary.states[record.state] = summary.states.get(record.state, 0) + 1
         summary.decisions[record.source] = summary.decisions.get(record.source, 0) + 1

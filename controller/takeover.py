@@ -18,6 +18,13 @@ I/O: the runtime reads the PLC, loads the resume state and records the start.
   with a signature; the estimator then starts *now* from the PLC's current
   readings and the latest lab result it holds (:func:`state_from_readings`),
   with the configured initial uncertainty widened by ``takeover_sd_scale``.
+
+When the batch file is a template that follows the PLC's batch id
+(``follows_plc``), a new batch whose ``PV.Volume`` at inoculation contradicts
+the template's inoculation volume is refused (:func:`check_inoculation`), and
+every refusal that concerns the PLC's batch rather than the runtime's own
+configuration is a :class:`BatchRefusedError`: the runtime alarms, writes
+nothing and waits for the next batch instead of stopping.
 """
 
 from __future__ import annotations
@@ -48,6 +55,11 @@ log = structlog.get_logger(__name__)
 
 class RuntimeStartError(BioreactorMPCError, RuntimeError):
     """The runtime cannot start on this PLC with this history (wrong batch, history ahead of the PLC, a running batch without its history)."""
+
+
+class BatchRefusedError(RuntimeStartError):
+    """The PLC's batch cannot be run with this template and history (its inoculation contradicts the template, a reused id, a running batch
+    without its history). A runtime that follows the PLC alarms and waits for the next batch; a pinned one stops."""
 
 
 class StartDeferredError(BioreactorMPCError, RuntimeError):
@@ -128,8 +140,13 @@ def plan_start(
     resume: ResumeState | None,
     mode_override: RequestedMode | None = None,
     takeover: TakeoverApproval | None = None,
+    follows_plc: bool = False,
 ) -> StartPlan:
-    """Decide how to start from the PLC's first scan and the history's resume state; refuses with :class:`RuntimeStartError`."""
+    """Decide how to start from the PLC's first scan and the history's resume state; refuses with :class:`RuntimeStartError`.
+
+    ``follows_plc``: ``batch`` is the template with the PLC's batch id, so a new batch must match the template at inoculation
+    (:func:`check_inoculation`). A refusal about the PLC's batch is a :class:`BatchRefusedError`.
+    """
     batch_id = readings.get("Status.BatchId")
     if batch_id is not None and not batch_id.good:
         raise StartDeferredError("Status.BatchId is not Good in this scan: the runtime waits for a good scan to check the batch")
@@ -156,7 +173,7 @@ def plan_start(
         if takeover is not None:
             log.warning("takeover_ignored", batch_id=batch.batch_id, signer=takeover.signer.name, reason="the history has this batch: the runtime resumes it")
         if math.isfinite(now_h) and resume.last_cycle_h > now_h + TIME_TOLERANCE_H:
-            raise RuntimeStartError(
+            raise BatchRefusedError(
                 f"the history has batch {resume.batch_id} up to {resume.last_cycle_h:.2f} h but the PLC's batch clock reads {now_h:.2f} h: "
                 "a new batch with a reused id, or a PLC whose clock was reset? Start with a new history file; nothing written"
             )
@@ -186,19 +203,22 @@ def plan_start(
     if not math.isfinite(phase) or (int(phase) == PHASE_RUNNING and not math.isfinite(now_h)):
         raise StartDeferredError("Status.Phase or the batch clock is not Good in this scan: the runtime cannot tell a new batch from a running one, and waits for a good scan")
     if int(phase) != PHASE_RUNNING or now_h <= safeguards.fresh_start_within_h + TIME_TOLERANCE_H:
+        if follows_plc and int(phase) == PHASE_RUNNING:
+            check_inoculation(readings, batch, settings, now_h=now_h)
         estimator = ExtendedKalmanEstimator.from_batch(model, batch, nominal_parameters, settings.estimator)
+        held_seq = good_number(readings, "Sample.Seq")
         return StartPlan(
             how="new batch",
             estimator=estimator,
             clock=clock,
-            lab_seq=0,
+            lab_seq=int(held_seq) if math.isfinite(held_seq) else 0,  # a result the PLC holds before inoculation is the previous batch's
             requested_mode=mode,
             mode_source=mode_source,
             heartbeat=heartbeat,
             first_cycle_by_h=safeguards.fresh_start_within_h,
         )
     if takeover is None:
-        raise RuntimeStartError(
+        raise BatchRefusedError(
             f"the PLC runs batch {batch.batch_id} at {now_h:.2f} h but the history has no record of it (an empty, lost or new history file): "
             "an estimate from inoculation would be out of date. Start the runtime on the batch's history, or have an engineer take the batch "
             "over with a signature (bioreactor-mpc run --take-over-as NAME --reason TEXT); nothing written"
@@ -209,6 +229,24 @@ def plan_start(
     estimator.widen(safeguards.takeover_sd_scale)
     clock.start_at(now_h)
     return StartPlan(how="taken over", estimator=estimator, clock=clock, lab_seq=seq, requested_mode=mode, mode_source=mode_source, heartbeat=heartbeat, taken_over_at_h=now_h)
+
+
+def check_inoculation(readings: Mapping[str, ScannedValue], batch: BatchConfig, settings: RuntimeSettings, *, now_h: float) -> None:
+    """Refuse a new batch whose ``PV.Volume`` contradicts the template's inoculation volume (plus what was fed since) beyond the volume
+    balance's tolerance (``plausibility.volume_tolerance_l`` / ``volume_tolerance_fraction``): the balance is kept from the template's volume
+    for the whole batch, so such a batch would be a held contradiction from its first cycle. Not this template's batch: a
+    :class:`BatchRefusedError` saying why. A volume that is not Good is left to the first cycle's checks (a fault, nothing written)."""
+    report = DataQualityChecker(settings.quality).check(readings)
+    if "PV.Volume" in report.problems or not report.usable:
+        return
+    for contradiction in PlausibilityChecker(batch, settings.plausibility).check(report.observation()):
+        if contradiction.code == "volume_balance":
+            raise BatchRefusedError(
+                f"batch {batch.batch_id} at {now_h:.2f} h does not match the batch template: {contradiction.message}. "
+                f"PV.Volume at inoculation must be the template's inoculation.volume_l ({batch.inoculation.volume_l:g} L) within the volume balance's "
+                "tolerance (plausibility.volume_tolerance_l, volume_tolerance_fraction): another reactor, process or template? Nothing written; "
+                "the runtime waits for a batch that matches"
+            )
 
 
 def _check_volume_balance(readings: Mapping[str, ScannedValue], batch: BatchConfig, settings: RuntimeSettings) -> None:

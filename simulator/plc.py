@@ -10,6 +10,11 @@ harvest. Choices where the reference is silent are in ``docs/plc-simulator.md``.
 Time only moves when :meth:`SimulatedPlc.advance_to` is called, so a batch
 runs as fast as the model integrates, and a server can pace it in lockstep or
 at any time scale.
+
+One batch after another: after harvest, :meth:`SimulatedPlc.next_batch`
+inoculates the next batch (a new ``Status.BatchId``, process time 0, a fresh
+plant, recipe and sampling schedule, the watchdog armed afresh); the PLC's
+``MPC.*`` registers and ``Sample.Seq`` keep their values, as a PLC's memory does.
 """
 
 from __future__ import annotations
@@ -73,12 +78,26 @@ class SimulatedPlc:
         true_parameters: np.ndarray,
         rng_streams: tuple[np.random.Generator, np.random.Generator, np.random.Generator],
     ) -> None:
-        self._batch = batch
+        self._model = model
         self._simulation = simulation
         self._plc: PlcConfig = simulation.plc
         self._sampling_rng, self._lab_rng, self._online_rng = rng_streams
         self._true_parameters = np.asarray(true_parameters, dtype=float).copy()
-        self.plant = Plant(model, model.initial_state(batch), self._true_parameters)
+
+        self.lockstep = False
+        """Set by a server that pauses the plant at every cycle boundary (``Sim.Lockstep``)."""
+        self._operator_switch_remote = self._plc.remote_enabled_at_start
+        self._heartbeat = 0
+        self._mode = 0
+        self._recommendation = dict.fromkeys(RECOMMENDATION_TAGS, 0.0)
+        self._sample_seq = 0
+        self._feed_strength_index = model.parameter_index(model.feed_strength_parameter)
+        self._inoculate(batch)
+
+    def _inoculate(self, batch: BatchConfig) -> None:
+        """Start ``batch`` at process time 0: a fresh plant, recipe, setpoints, sampling schedule and watchdog."""
+        self._batch = batch
+        self.plant = Plant(self._model, self._model.initial_state(batch), self._true_parameters)
         self.recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
 
         cycle_minutes = round(batch.cycle_period_h * MINUTES_PER_HOUR)
@@ -87,16 +106,10 @@ class SimulatedPlc:
         self._watchdog_minutes = max(1, round(timeout_h * MINUTES_PER_HOUR))
         self._latest_harvest_minute = round(batch.limits.latest_harvest_h * MINUTES_PER_HOUR)
 
-        self.lockstep = False
-        """Set by a server that pauses the plant at every cycle boundary (``Sim.Lockstep``)."""
         self.phase = PHASE_RUNNING
         self.harvest_reason: str | None = None
-        self._operator_switch_remote = self._plc.remote_enabled_at_start
         self.watchdog_tripped = False
-        self._heartbeat = 0
         self._heartbeat_minute = 0
-        self._mode = 0
-        self._recommendation = dict.fromkeys(RECOMMENDATION_TAGS, 0.0)
         self._harvest_request = False
         first = self.recipe.setpoints(0.0)
         self._setpoints = {"SP.FeedRate": first.feed_rate_lph, "SP.GlucoseRate": first.glucose_rate_lph, "SP.Temperature": first.temperature_degc}
@@ -106,7 +119,6 @@ class SimulatedPlc:
             "SP.Temperature": (batch.equipment.temperature_min_degc, batch.equipment.temperature_max_degc),
         }
 
-        self._sample_seq = 0
         self._sample_registers: dict[str, float] = {"Sample.TakenAt": math.nan, **dict.fromkeys(SAMPLE_SIGNALS, math.nan)}
         self._pending: list[_PendingSample] = []
         self._next_draw_index = 0
@@ -116,8 +128,17 @@ class SimulatedPlc:
         """Process time each of :attr:`published` appeared on the Sample.* tags."""
         self._frozen_readings: dict[str, TagReading] = {}
         self._last_good_pv: dict[str, float] = {}
-        self._feed_strength_index = model.parameter_index(model.feed_strength_parameter)
         self._process_events()
+
+    def next_batch(self, batch: BatchConfig) -> None:
+        """Inoculate the next batch after this one's harvest (the turnaround is the caller's wait): ``Status.BatchId`` becomes ``batch``'s,
+        the process time 0, the phase running. The plant's true kinetics stay; ``batch`` may differ in its inoculation (a wrong volume).
+
+        Raises :class:`RuntimeError` while a batch runs: a PLC inoculates an empty, cleaned reactor.
+        """
+        if self.phase == PHASE_RUNNING:
+            raise RuntimeError(f"batch {self._batch.batch_id} is still running at {self.process_time_h:.2f} h: harvest it first")
+        self._inoculate(batch)
 
     # ----------------------------------------------------------------- clock
 

@@ -139,6 +139,10 @@ def test_real_signals_are_analog_items_with_ranges_and_units(opcua_endpoint):
                 await temperature.write_value(ua.DataValue(ua.Variant(ranges["SP.Temperature"].Low, ua.VariantType.Double)))
                 with pytest.raises(ua.UaStatusCodeError):
                     await temperature.write_value(ua.DataValue(ua.Variant(ranges["SP.Temperature"].Low - 0.1, ua.VariantType.Double)))
+                # A value the PLC only reports is not writable (its AccessLevel says so), whoever asks.
+                with pytest.raises(ua.UaStatusCodeError) as refused:
+                    await client.get_node(ua.NodeId("BR01.PV.Temperature", index)).write_value(ua.DataValue(ua.Variant(37.0, ua.VariantType.Double)))
+                assert refused.value.code == ua.StatusCodes.BadNotWritable
         finally:
             await server.stop()
 

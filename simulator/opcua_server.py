@@ -621,14 +621,23 @@ class OpcUaPlcServer(PlcServerClocks):
         asyncua turns an exception raised by a value setter into a service
         fault for the whole request (values before it applied, after it not,
         and the client cannot tell which). Each value is written on its own
-        here, and a refused one answers its own status code.
+        here, and a refused one answers its own status code. A value written to
+        a signal the PLC only reports (``PV.*``, ``Status.*``, ``Sample.*``)
+        answers ``BadNotWritable``, as OPC UA specifies for a variable whose
+        AccessLevel forbids writing (asyncua would answer ``BadUserAccessDenied``,
+        which means *this user* may not, and sends a client looking for rights).
         """
         service = self._server.iserver.attribute_service
         write_all = service.write
+        not_writable = ua.StatusCode(ua.StatusCodes.BadNotWritable)  # type: ignore[arg-type]  # asyncua's annotations name its scalar classes; it takes plain values
 
         async def write_each(params: ua.WriteParameters, user: Any = None) -> list[ua.StatusCode]:
             results: list[ua.StatusCode] = []
+            read_only = set(self._nodes.values()) - self._writable
             for item in params.NodesToWrite:
+                if item.NodeId in read_only and item.AttributeId == ua.AttributeIds.Value:
+                    results.append(not_writable)
+                    continue
                 single = ua.WriteParameters(NodesToWrite=[item])
                 try:
                     results.extend(await (write_all(single, user=user) if user is not None else write_all(single)))

@@ -108,17 +108,17 @@ class Monitor:
         return Verdict(True, "ok", details)
 
     def readiness(self) -> Verdict:
-        """Ready to control: alive, connected to the PLC with the last read OK, the history writable, not in fault."""
+        """Ready to control: alive, the last PLC read OK, the history writable, not in fault (:meth:`Runtime.health`), and connected."""
         runtime = self.runtime
         alive = self.liveness()
         connected, (healthy, why) = runtime.port.connected, runtime.health()
         details = {"connected": connected, "link_up": runtime.view()["link_up"], "state": runtime.modes.state.value, "reason": runtime.modes.reason}
         if not alive.ok:
             return Verdict(False, alive.why, details)
-        if not connected:
-            return Verdict(False, "not connected to the PLC", details)
         if not healthy:
             return Verdict(False, why, details)
+        if not connected:
+            return Verdict(False, "not connected to the PLC", details)
         return Verdict(True, "ok", details)
 
     # ------------------------------------------------------------------ HTTP

@@ -185,6 +185,54 @@ class EconomicMpc:
         )
         return ca.Function(name, [x, u, p, t0, dt, n, window], [xk / xs, margins, terminal], ["x", "u", "p", "t0", "dt", "n", "window"], ["x_next", "margins", "terminal"])
 
+    def constraints_and_objective(
+        self,
+        fine_stage: ca.Function,
+        coarse_stage: ca.Function,
+        X: ca.MX,
+        U: ca.MX,
+        S: ca.MX,
+        T: ca.MX,
+        p: ca.MX,
+        x0: ca.MX,
+        u_prev: ca.MX,
+        t_start: ca.MX,
+        dt: ca.MX,
+        substeps: ca.MX,
+        window: ca.MX,
+    ) -> tuple[ca.MX, ca.MX]:
+        """The NLP's constraints ``g`` (equalities first: the initial state and the shooting gaps; then the soft margins, the rate limits
+        and the harvest margins, all ≥ 0) and its objective, for scaled states ``X``, inputs ``U`` and slacks ``S``, ``T`` under parameters
+        ``p``. One place for both this NLP and each scenario of the robust one (:mod:`controller.robust`)."""
+        cfg, n, nf, nc = self.config, self.n_stages, self.config.fine_stages, self.config.coarse_stages
+        us = self._u_scale
+        fine_next, fine_margins, _fine_terminal = fine_stage.map(nf, "serial")(
+            X[:, :nf], U[:, :nf], ca.repmat(p, 1, nf), t_start[:, :nf], dt[:, :nf], substeps[:, :nf], window[:, :nf]
+        )
+        coarse_next, coarse_margins, coarse_terminal = coarse_stage.map(nc, "serial")(
+            X[:, nf:n], U[:, nf:], ca.repmat(p, 1, nc), t_start[:, nf:], dt[:, nf:], substeps[:, nf:], window[:, nf:]
+        )
+        x_next = ca.horzcat(fine_next, coarse_next)
+        margins = ca.horzcat(fine_margins, coarse_margins)
+        i_t = INPUT_INDEX["temperature_setpoint"]
+        moves = U - ca.horzcat(u_prev / us, U[:, : n - 1])
+        rate = cfg.temperature_rate_max_degc_per_h * dt / us[i_t]
+        g = ca.vertcat(
+            X[:, 0] - x0 / STATE_SCALE,
+            ca.vec(X[:, 1:] - x_next),
+            ca.vec(margins + S),
+            ca.vec(rate - moves[i_t, :]),
+            ca.vec(rate + moves[i_t, :]),
+            coarse_terminal[:, -1] + T,
+        )
+        weights = ca.DM(np.asarray(cfg.move_penalty))
+        i_p, i_v = STATE_INDEX["titer"], STATE_INDEX["volume"]
+        product_kg = X[i_p, n] * STATE_SCALE[i_p] * X[i_v, n] * STATE_SCALE[i_v] / 1000.0
+        objective = (
+            -product_kg + ca.sum1(ca.sum2(ca.repmat(weights, 1, n) * moves**2)) + cfg.slack_l1 * (ca.sum1(ca.vec(S)) + ca.sum1(T)) + cfg.slack_l2 * (ca.sumsqr(S) + ca.sumsqr(T))
+        )
+        return g, objective
+
     def _build(self) -> None:
         m, cfg = self._model, self.config
         n, nx, nu = self.n_stages, m.n_states, m.n_inputs
@@ -209,35 +257,9 @@ class EconomicMpc:
         window = ca.MX.sym("window", WINDOW_ROWS, n)  # per stage: glucose window, volume ceiling
         u_prev = ca.MX.sym("u_prev", nu)
 
-        fine_next, fine_margins, _fine_terminal = fine_stage.map(nf, "serial")(
-            X[:, :nf], U[:, :nf], ca.repmat(p, 1, nf), t_start[:, :nf], dt[:, :nf], substeps[:, :nf], window[:, :nf]
-        )
-        coarse_next, coarse_margins, coarse_terminal = coarse_stage.map(nc, "serial")(
-            X[:, nf:n], U[:, nf:], ca.repmat(p, 1, nc), t_start[:, nf:], dt[:, nf:], substeps[:, nf:], window[:, nf:]
-        )
-        x_next = ca.horzcat(fine_next, coarse_next)
-        margins = ca.horzcat(fine_margins, coarse_margins)
-        terminal = coarse_terminal
-        i_t = INPUT_INDEX["temperature_setpoint"]
-        previous = ca.horzcat(u_prev / us, U[:, : n - 1])
-        moves = U - previous
-        rate = cfg.temperature_rate_max_degc_per_h * dt / us[i_t]
-        g = ca.vertcat(
-            X[:, 0] - x0 / STATE_SCALE,
-            ca.vec(X[:, 1:] - x_next),
-            ca.vec(margins + S),
-            ca.vec(rate - moves[i_t, :]),
-            ca.vec(rate + moves[i_t, :]),
-            terminal[:, -1] + T,
-        )
+        g, objective = self.constraints_and_objective(fine_stage, coarse_stage, X, U, S, T, p, x0, u_prev, t_start, dt, substeps, window)
         n_eq = nx * (n + 1)
         n_ineq = g.shape[0] - n_eq
-        weights = ca.DM(np.asarray(cfg.move_penalty))
-        i_p, i_v = STATE_INDEX["titer"], STATE_INDEX["volume"]
-        product_kg = X[i_p, n] * STATE_SCALE[i_p] * X[i_v, n] * STATE_SCALE[i_v] / 1000.0
-        objective = (
-            -product_kg + ca.sum1(ca.sum2(ca.repmat(weights, 1, n) * moves**2)) + cfg.slack_l1 * (ca.sum1(ca.vec(S)) + ca.sum1(T)) + cfg.slack_l2 * (ca.sumsqr(S) + ca.sumsqr(T))
-        )
         w = ca.vertcat(ca.vec(X), ca.vec(U), ca.vec(S), T)
         params = ca.vertcat(x0, p, t_start.T, dt.T, substeps.T, u_prev, ca.vec(window))
         nlp = {"x": w, "p": params, "f": objective, "g": g}

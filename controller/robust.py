@@ -312,10 +312,8 @@ class RobustMpc:
 
     def _scenario_function(self, fine_stage: ca.Function, coarse_stage: ca.Function) -> ca.Function:
         """One scenario's constraints and objective: EconomicMpc's NLP for one parameter vector."""
-        m, cfg, lay = self._model, self.config, self._layout
+        m, lay = self._model, self._layout
         nx, nu, n = lay.nx, lay.nu, lay.n
-        nf, nc = cfg.fine_stages, cfg.coarse_stages
-        us = self._u_scale
         ws, p = ca.MX.sym("w", lay.n_w), ca.MX.sym("p", m.n_parameters)
         x0, u_prev = ca.MX.sym("x0", nx), ca.MX.sym("u_prev", nu)
         t_start, dt, substeps, window = ca.MX.sym("t_start", 1, n), ca.MX.sym("dt", 1, n), ca.MX.sym("substeps", 1, n), ca.MX.sym("window", WINDOW_ROWS, n)
@@ -328,32 +326,7 @@ class RobustMpc:
             return block
 
         X, U, S, T = take(nx, n + 1), take(nu, n), take(4, n), take(2, 1)
-        fine_next, fine_margins, _ = fine_stage.map(nf, "serial")(X[:, :nf], U[:, :nf], ca.repmat(p, 1, nf), t_start[:, :nf], dt[:, :nf], substeps[:, :nf], window[:, :nf])
-        coarse_next, coarse_margins, coarse_terminal = coarse_stage.map(nc, "serial")(
-            X[:, nf:n], U[:, nf:], ca.repmat(p, 1, nc), t_start[:, nf:], dt[:, nf:], substeps[:, nf:], window[:, nf:]
-        )
-        x_next = ca.horzcat(fine_next, coarse_next)
-        margins = ca.horzcat(fine_margins, coarse_margins)
-        i_t = INPUT_INDEX["temperature_setpoint"]
-        moves = U - ca.horzcat(u_prev / us, U[:, : n - 1])
-        rate = cfg.temperature_rate_max_degc_per_h * dt / us[i_t]
-        g = ca.vertcat(
-            X[:, 0] - x0 / STATE_SCALE,
-            ca.vec(X[:, 1:] - x_next),
-            ca.vec(margins + S),
-            ca.vec(rate - moves[i_t, :]),
-            ca.vec(rate + moves[i_t, :]),
-            coarse_terminal[:, -1] + T,
-        )
-        i_p, i_v = STATE_INDEX["titer"], STATE_INDEX["volume"]
-        product_kg = X[i_p, n] * STATE_SCALE[i_p] * X[i_v, n] * STATE_SCALE[i_v] / 1000.0
-        move_weights = ca.DM(np.asarray(cfg.move_penalty))
-        f = (
-            -product_kg
-            + ca.sum1(ca.sum2(ca.repmat(move_weights, 1, n) * moves**2))
-            + cfg.slack_l1 * (ca.sum1(ca.vec(S)) + ca.sum1(T))
-            + cfg.slack_l2 * (ca.sumsqr(S) + ca.sumsqr(T))
-        )
+        g, f = self.nominal.constraints_and_objective(fine_stage, coarse_stage, X, U, S, T, p, x0, u_prev, t_start, dt, substeps, window)
         return ca.Function("robust_scenario", [ws, p, x0, t_start, dt, substeps, u_prev, window], [g, f])
 
     def _build(self) -> None:

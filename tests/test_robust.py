@@ -28,7 +28,7 @@ from simulator.config import load_simulation
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-SMALL = {"fine_stages": 6, "coarse_stages": 4, "compile": False}
+SMALL = {"fine_stages": 6, "coarse_stages": 4, "compile": False, "deadline_s": 600.0}  # uncompiled on a loaded machine: the deadline is not what these tests are about
 GLUCOSE_MAINTENANCE = "culture.metabolism.glucose_maintenance_g_per_1e9_cells_h"
 DEATH = "culture.death.kd_min_per_h"
 Q_PRODUCT = "culture.product.q_product_pg_per_cell_day"

@@ -211,7 +211,7 @@ class NmpcController:
 
     def _prediction_sd(self, solution: MpcSolution, times_h: np.ndarray) -> np.ndarray | None:
         """The estimator's forecast sd of every state along the plan, on the plan's times, as far as the monitor looks; None without an estimator."""
-        if not (self.trust.active and isinstance(self._source, ExtendedKalmanEstimator)):
+        if not (self.trust.active and self.trust.config.prediction_sigmas > 0.0 and isinstance(self._source, ExtendedKalmanEstimator)):
             return None
         until_h = min(float(times_h[-1]), float(times_h[0]) + self.trust.config.lead_h + 2.0 * self._batch.cycle_period_h + 24.0)
         try:

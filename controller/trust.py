@@ -94,10 +94,13 @@ class TrustRegionConfig(FrozenConfig):
         default=0.6, gt=0.0, le=5.0, description="a mean error (in tolerances, same sign) beyond this over bias_window results is a miss, though each was within tolerance [-]"
     )
     prediction_sigmas: float = Field(
-        default=1.0,
+        default=0.0,
         ge=0.0,
         le=10.0,
-        description="the plan's own predictive uncertainty counted into each tolerance: limit = hypot(tolerance, prediction_sigmas × predicted sd) [-]",
+        description=(
+            "the plan's own predictive spread counted into each tolerance: limit = hypot(tolerance, prediction_sigmas × predicted sd) [-]; 0 by default: the estimator"
+            " widens its spread exactly where the model is wrong, and a monitor that forgives that spread keeps a wrong model in charge (docs/trust-region.md)"
+        ),
     )
     vcd: Tolerance = Tolerance(relative=0.2, floor=0.5)
     titer: Tolerance = Tolerance(relative=0.15, floor=0.1)

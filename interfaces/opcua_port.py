@@ -1,7 +1,11 @@
 """The PLC port over OPC UA (asyncua client).
 
-- The namespace index is resolved from the tag map's namespace URI at every
-  connect, never assumed.
+- The index of each of the tag map's namespaces (``namespace_uri`` and the
+  named ``namespaces``) is resolved from its URI at every connect, never
+  assumed. A tag is a string or numeric node id in its namespace, or a browse
+  path from the Objects folder, which the server resolves at every connect
+  (:func:`resolve_nodes`, one TranslateBrowsePathsToNodeIds request for all);
+  reads and writes then use the node ids.
 - At every connect, before the port counts as connected, every mapped node is
   checked in one Read request of its attributes (:func:`mapping_problems`):
   it exists, is a Variable holding one value of the tag map's type (or, for a

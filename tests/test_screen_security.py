@@ -51,6 +51,8 @@ SCREEN = "http://screen.test"
 FOREIGN = "https://attacker.example"
 BASIS = (0.5, 0.1, 36.5)
 
+pytestmark = pytest.mark.security
+
 
 class ScannedPlc:
     """The one PLC read a signature makes: the batch clock, the last lab result's number, the setpoints running, remote enabled."""
@@ -194,6 +196,47 @@ def test_the_client_address_is_the_peer_unless_the_peer_is_a_trusted_proxy():
     assert client_address("10.1.0.5", ["1.2.3.4, 203.0.113.7", "192.0.2.1"], proxies) == "203.0.113.7", "proxies chained: the last untrusted hop"
     assert client_address("10.1.0.5", ["203.0.113.7, not-an-address"], proxies) == "10.1.0.5", "garbage from a trusted proxy counts the proxy"
     assert client_address("10.1.0.5", [], proxies) == "10.1.0.5"
+
+
+def test_a_client_inside_a_trusted_network_cannot_choose_its_address_and_a_port_is_dropped():
+    """Found by the attack review: a client inside a trusted network (a proxy subnet drawn too wide) wrote a new address to the
+    left of its own with every guess, and the left-most entry was counted; a proxy that writes ports made every client the proxy."""
+    proxies = ScreenSettings(trusted_proxies=("10.1.0.0/16",)).proxy_networks
+    claimed = {client_address("10.1.0.5", [f"10.1.99.{guess}, 10.1.0.7"], proxies) for guess in range(20)}
+    assert claimed == {"10.1.0.7"}, "the address the proxy saw, whatever the client claimed"
+    assert client_address("10.1.0.5", ["203.0.113.7:5123"], proxies) == "203.0.113.7"
+    assert client_address("10.1.0.5", ["[2001:db8::7]:5123"], proxies) == "2001:db8::7"
+    assert client_address("10.1.0.5", ["[2001:db8::7]"], proxies) == "2001:db8::7"
+    assert client_address("10.1.0.5", ["2001:db8::7"], proxies) == "2001:db8::7"
+
+
+def test_an_oversized_body_is_refused_before_any_route_reads_it(screen):
+    """Found by the attack review: a 300 MB JSON body posted without a session was read whole and parsed (422, not 401), in the
+    runtime's own process (its memory grew by the body's size); a form with its token in the header was read whole too."""
+    megabytes = 8
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(megabytes):
+            yield b"[" * (1024 * 1024)
+
+    async def scenario() -> None:
+        async with serve_screen(screen.runtime, ScreenSettings(port=free_port()), screen.history_path) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+            declared = await client.post("/api/mode", content=b"[" * (megabytes * 1024 * 1024), headers={"Content-Type": "application/json"})
+            chunked = await client.post("/api/mode", content=body(), headers={"Content-Type": "application/json"})
+            page = await client.get("/login")
+            token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', page.text)
+            assert token is not None
+            form = b"username=olga&password=" + b"a" * (megabytes * 1024 * 1024)
+            login = await client.post(
+                "/login", content=form, headers={"Origin": url.rstrip("/"), "X-CSRF-Token": token.group(1), "Content-Type": "application/x-www-form-urlencoded"}
+            )
+            assert [declared.status_code, chunked.status_code, login.status_code] == [413, 413, 413]
+            assert "larger than 65536 bytes" in chunked.json()["detail"]
+            ordinary = await log_in(client, "olga", headers={"Origin": url.rstrip("/")})
+            assert ordinary.headers["location"] == "/", "a form of ordinary size still logs in"
+
+    run(scenario())
+    assert "login_failed" not in screen.audit_actions(), "the oversized log-in never reached the password check"
 
 
 def test_uvicorn_does_not_take_the_client_address_from_x_forwarded_for(screen):

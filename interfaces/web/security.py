@@ -7,8 +7,11 @@
   every state-changing request (any method but GET, HEAD, OPTIONS) must come
   from the screen's own origin (``Origin``, else ``Referer``) and carry the
   session's CSRF token (``X-CSRF-Token`` from the page's scripts, or the
-  ``csrf_token`` field of a form); every response carries the security
-  headers of :func:`security_headers`.
+  ``csrf_token`` field of a form), and its body may not exceed
+  :data:`MAX_BODY_BYTES` (read here, before any route: the screen runs in the
+  runtime's process, and a body of hundreds of megabytes, buffered whole and
+  parsed before the log-in is checked, would take the controller's memory);
+  every response carries the security headers of :func:`security_headers`.
 
 The CSRF token of a session is an HMAC of its cookie (which the page's scripts
 cannot read: HttpOnly), so it needs no storage and survives a restart; the
@@ -39,8 +42,8 @@ LOGIN_PATH = "/login"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-MAX_FORM_BYTES = 64 * 1024
-"""A form this screen posts (log-in, log-out) is a few hundred bytes; a longer one is refused before it is read whole."""
+MAX_BODY_BYTES = 64 * 1024
+"""The body of a state-changing request: a form (log-in, log-out) or a signature's JSON is a few hundred bytes; a longer one is refused (413) as it arrives."""
 HSTS_MAX_AGE_S = 365 * 24 * 3600
 CONTENT_SECURITY_POLICY = "; ".join(
     (
@@ -79,8 +82,11 @@ def client_address(peer: str | None, forwarded_for: Sequence[str], proxies: Sequ
     ``X-Forwarded-For`` (all its headers, in order) that is not a trusted proxy.
 
     Only the right end of ``X-Forwarded-For`` is believed: each trusted proxy appends the address it was connected from, and
-    whatever a client wrote to the left of that is the client's own claim. An entry a trusted proxy wrote that is not an
-    address counts the proxy itself (misconfigured, never a way to start afresh).
+    whatever a client wrote to the left of that is the client's own claim. An entry may carry a port (``203.0.113.7:5123``,
+    ``[2001:db8::7]:5123``), which is dropped. An entry a trusted proxy wrote that is not an address counts the proxy itself
+    (misconfigured, never a way to start afresh). When every entry is a trusted address, the right-most one is the client:
+    the entries to its left may have been written by a client inside a trusted network, and a new one with each guess
+    would start the throttle afresh.
     """
     if peer is None:
         return "?"
@@ -88,13 +94,27 @@ def client_address(peer: str | None, forwarded_for: Sequence[str], proxies: Sequ
         return peer
     hops = [hop.strip() for header in forwarded_for for hop in header.split(",") if hop.strip()]
     for hop in reversed(hops):
-        try:
-            address = ipaddress.ip_address(hop)
-        except ValueError:
+        address = _hop_address(hop)
+        if address is None:
             return peer
         if not any(address in network for network in proxies):
             return str(address)
-    return hops[0] if hops else peer
+    return str(_hop_address(hops[-1])) if hops else peer
+
+
+def _hop_address(hop: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address of one ``X-Forwarded-For`` entry, without a port; None when it is not one."""
+    candidates = [hop]
+    if hop.startswith("["):
+        candidates.append(hop[1:].partition("]")[0])
+    elif hop.count(":") == 1:
+        candidates.append(hop.partition(":")[0])
+    for candidate in candidates:
+        try:
+            return ipaddress.ip_address(candidate)
+        except ValueError:
+            continue
+    return None
 
 
 def _trusted(address: str, proxies: Sequence[Network]) -> bool:
@@ -140,13 +160,17 @@ class ScreenGuard:
         send = self._with_headers(scope, send)
         if scope["method"] not in SAFE_METHODS:
             connection = HTTPConnection(scope)
-            problem = self.origin_problem(connection)
+            status, problem = 403, self.origin_problem(connection)
             if not problem:
-                submitted, receive, problem = await self._submitted_token(connection, receive)
-                problem = problem or self.token_problem(connection, submitted)
+                body, problem = await self._body(connection, receive)
+                if problem:
+                    status = 413
+                else:
+                    receive = _replaying(body, receive)
+                    problem = self.token_problem(connection, self._submitted_token(connection, body))
             if problem:
                 log.warning("request_refused", method=scope["method"], path=scope["path"], reason=problem)
-                await JSONResponse({"detail": problem}, status_code=403)(scope, receive, send)
+                await JSONResponse({"detail": problem}, status_code=status)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -178,34 +202,33 @@ class ScreenGuard:
             return ""
         return f"cross-site request refused: it comes from {origin!r}, not from this screen ({served})"
 
-    async def _submitted_token(self, connection: HTTPConnection, receive: Receive) -> tuple[str | None, Receive, str]:
-        """The CSRF token the request carries (header, or a form's field), the ``receive`` that replays what was read, and a problem."""
-        header = connection.headers.get(CSRF_HEADER)
-        content_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()
-        if header is not None or content_type != "application/x-www-form-urlencoded":
-            return header, receive, ""
+    @staticmethod
+    async def _body(connection: HTTPConnection, receive: Receive) -> tuple[bytes, str]:
+        """The request's whole body, and a problem when it is (or says it is) larger than :data:`MAX_BODY_BYTES` (then only what was read)."""
+        too_large = f"request body larger than {MAX_BODY_BYTES} bytes refused"
+        declared = connection.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return b"", too_large
         body = b""
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return None, receive, "the client went away"
+                return body, "the client went away"
             body += message.get("body", b"")
-            if len(body) > MAX_FORM_BYTES:
-                return None, receive, f"form larger than {MAX_FORM_BYTES} bytes refused"
+            if len(body) > MAX_BODY_BYTES:
+                return body, too_large
             if not message.get("more_body", False):
-                break
-        replayed = False
+                return body, ""
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        fields = parse_qs(body.decode("latin-1"), keep_blank_values=True)
-        values = fields.get(CSRF_FIELD, [])
-        return (values[0] if len(values) == 1 else None), replay, ""
+    @staticmethod
+    def _submitted_token(connection: HTTPConnection, body: bytes) -> str | None:
+        """The CSRF token the request carries: the ``X-CSRF-Token`` header, else a form's one ``csrf_token`` field."""
+        header = connection.headers.get(CSRF_HEADER)
+        content_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()
+        if header is not None or content_type != "application/x-www-form-urlencoded":
+            return header
+        values = parse_qs(body.decode("latin-1"), keep_blank_values=True).get(CSRF_FIELD, [])
+        return values[0] if len(values) == 1 else None
 
     @staticmethod
     def token_problem(connection: HTTPConnection, submitted: str | None) -> str:
@@ -219,3 +242,17 @@ class ScreenGuard:
         if not hmac.compare_digest(submitted.encode("utf-8", "replace"), csrf_token(secret).encode("ascii")):
             return "wrong CSRF token (from another page or session): reload the page"
         return ""
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the application the body already read, then what the server sends next (the disconnect)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay

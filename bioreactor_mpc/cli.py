@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level",
         choices=[level.value for level in LogLevel],
         default=None,
-        help="the least severe log lines written, ours and the libraries' (default: for run, the config's logging.level; else info)",
+        help="the least severe log lines written (default: for run, the config's logging.level; else info); the libraries' from warning, or from this when more severe",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -319,8 +319,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     from controller.runtime_config import load_runtime_config
 
     loaded = load_runtime_config(args.config, history=args.history or (DEFAULT_HISTORY if args.config == DEFAULT_RUNTIME else None))
-    if args.log_level is None:  # the config's level; the command line's wins
-        configure_logging(json=True if args.log_json else None, level=loaded.config.logging.level.value)
+    levels = loaded.config.logging  # the command line's level wins over the config's
+    configure_logging(json=True if args.log_json else None, level=args.log_level or levels.level.value, libraries_level=levels.libraries_level.value)
     override = RequestedMode(args.mode) if args.mode else None
     if args.take_over_as is None and (args.reason is not None or args.password_env is not None):
         raise admin_cli.AdminCommandError("--reason and --password-env sign a take-over: they need --take-over-as ENGINEER")

@@ -167,7 +167,7 @@ class MonitoringSettings(FrozenConfig):
 
 
 class LogLevel(str, Enum):
-    """The least severe log lines written, the runtime's and its libraries' alike (asyncua, pymodbus, uvicorn)."""
+    """The least severe log lines written."""
 
     DEBUG = "debug"
     INFO = "info"
@@ -177,7 +177,10 @@ class LogLevel(str, Enum):
 
 
 class LoggingSettings(FrozenConfig):
-    level: LogLevel = Field(default=LogLevel.INFO, description="debug, info, warning, error or critical; the command line's --log-level overrides it")
+    level: LogLevel = Field(default=LogLevel.INFO, description="the runtime's own lines: debug, info, warning, error or critical; the command line's --log-level overrides it")
+    libraries_level: LogLevel = Field(
+        default=LogLevel.WARNING, description="the libraries' lines (asyncua, pymodbus, uvicorn), never below level: their info lines are mostly connection chatter"
+    )
 
 
 class AuditCheckpointSettings(FrozenConfig):

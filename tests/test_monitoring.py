@@ -415,28 +415,42 @@ def restore_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
-def test_the_log_level_applies_to_ours_and_the_libraries_lines_in_json(restore_logging: None) -> None:
+def _log_everything() -> None:
+    """One line of ours and one of a library at each level, the library's with arguments to format."""
+    ours, library = structlog.get_logger("bioreactor_mpc"), logging.getLogger("asyncua.client.ua_client")
+    for level in ("debug", "info", "warning", "error"):
+        getattr(ours, level)(f"ours_{level}", cycle=1)
+        getattr(library, level)("library %s line of session %d", level, 7)
+
+
+def _logged(out: io.StringIO) -> list[str]:
+    return [json.loads(line)["event"] for line in out.getvalue().splitlines()]  # every line one JSON object, or this fails
+
+
+def test_the_log_levels_apply_to_ours_and_the_libraries_lines_in_json(restore_logging: None) -> None:
     out = io.StringIO()
-    configure_logging(json=True, level="warning", stream=out)
-    structlog.get_logger("bioreactor_mpc").info("cycle_done", cycle=1)
-    logging.getLogger("asyncua.client.ua_client").info("connection %s open", "opc.tcp://plc")
-    structlog.get_logger("bioreactor_mpc").warning("write_refused", tag="SP.FeedRate")
-    logging.getLogger("asyncua.client.ua_client").warning("session %s closed by the server: %s", 7, "BadSessionIdInvalid")
-    lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [line["event"] for line in lines] == ["write_refused", "session 7 closed by the server: BadSessionIdInvalid"], "info dropped at warning"
-    library = lines[1]
+    configure_logging(json=True, level="info", stream=out)
+    _log_everything()
+    assert _logged(out) == ["ours_info", "ours_warning", "library warning line of session 7", "ours_error", "library error line of session 7"], (
+        "ours from info, the libraries' from warning"
+    )
+    library = json.loads(out.getvalue().splitlines()[2])
     assert library["logger"] == "asyncua.client.ua_client" and library["level"] == "warning" and "timestamp" in library
 
     out = io.StringIO()
-    configure_logging(json=True, level="debug", stream=out)
-    logging.getLogger("pymodbus.logging").debug("frame %s", "0x0103")
-    structlog.get_logger("bioreactor_mpc").debug("scan_read", signals=42)
-    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["frame 0x0103", "scan_read"]
+    configure_logging(json=True, level="error", stream=out)
+    _log_everything()
+    assert _logged(out) == ["ours_error", "library error line of session 7"], "the libraries never below our level"
+
+    out = io.StringIO()
+    configure_logging(json=True, level="debug", libraries_level="debug", stream=out)
+    _log_everything()
+    assert len(_logged(out)) == 8
     with pytest.raises(ValueError, match="unknown log level"):
         configure_logging(level="loud", stream=out)
 
 
-def _runtime_config(folder: Path, *, level: str, monitoring_port: int) -> Path:
+def _runtime_config(folder: Path, *, level: str, libraries_level: str, monitoring_port: int) -> Path:
     config = yaml.safe_load((REPO / "configs" / "runtime" / "reference-opcua.yaml").read_text(encoding="utf-8"))
     for key in ("tag_map", "batch", "model"):
         config[key] = str((REPO / "configs" / "runtime" / config[key]).resolve())
@@ -445,7 +459,7 @@ def _runtime_config(folder: Path, *, level: str, monitoring_port: int) -> Path:
         poll_interval_s=0.05,
         nmpc=FAILING_NMPC,
         monitoring={"port": monitoring_port},
-        logging={"level": level},
+        logging={"level": level, "libraries_level": libraries_level},
         audit={"checkpoints": {"file": str(folder / "checkpoints.jsonl")}},
     )
     path = folder / "runtime.yaml"
@@ -453,13 +467,13 @@ def _runtime_config(folder: Path, *, level: str, monitoring_port: int) -> Path:
     return path
 
 
-def _run_until_monitored(folder: Path, *, config_level: str, cli: list[str]) -> tuple[list[str], dict[str, int]]:
+def _run_until_monitored(folder: Path, *, config_level: str, libraries_level: str = "warning", cli: list[str]) -> tuple[list[str], dict[str, int]]:
     """``bioreactor-mpc --log-json [cli] run`` against an endpoint where no PLC listens; its monitoring port scraped, then SIGTERM.
 
     Returns the standard error's lines and the status of /metrics, /healthz and /readyz.
     """
     port = free_port()
-    config = _runtime_config(folder, level=config_level, monitoring_port=port)
+    config = _runtime_config(folder, level=config_level, libraries_level=libraries_level, monitoring_port=port)
     command = [sys.executable, "-m", "bioreactor_mpc", "--log-json", *cli, "run", "--config", str(config), "--endpoint", f"opc.tcp://127.0.0.1:{free_port()}/nobody/"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=folder)
     statuses: dict[str, int] = {}
@@ -490,7 +504,7 @@ def test_run_serves_monitoring_without_the_screen_and_logs_json_at_the_configure
 
 
 def test_the_command_lines_log_level_wins_and_uvicorns_lines_are_json(tmp_path: Path) -> None:
-    lines, statuses = _run_until_monitored(tmp_path, config_level="error", cli=["--log-level", "info"])
+    lines, statuses = _run_until_monitored(tmp_path, config_level="error", libraries_level="info", cli=["--log-level", "info"])
     assert statuses["/metrics"] == 200
     events = [json.loads(line) for line in lines if line.strip()]
     assert any(event["event"] == "runtime_config" and event["level"] == "info" for event in events), "--log-level info over the config's error"

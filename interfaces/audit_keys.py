@@ -4,7 +4,11 @@ A key is 32 random bytes (:func:`secrets.token_bytes`) in a small JSON file
 readable by its owner only (mode 0600, :func:`create_key_file`). A key file
 that the group or others can read is refused with an error naming the file
 and its mode (:func:`load_key_file`): a key that others could have read
-proves nothing. Its **key id** (16 hex digits) is derived from the secret,
+proves nothing. So is a key file in a directory the group or others may write
+(or a key directory such): whoever can write there can put a key of their own
+beside the site's (a verifier given the directory trusts every ``*.key`` in
+it) or replace the site's, and a record of a key replacement then makes a
+forged trail verify. Its **key id** (16 hex digits) is derived from the secret,
 so a record names the key that MAC'd it without revealing it, and a damaged
 key file (an id that does not match its secret) is found at load.
 
@@ -161,6 +165,7 @@ def load_key_file(path: str | Path) -> AuditKey:
     mode = stat.S_IMODE(found.st_mode)
     if mode & 0o077:
         raise AuditKeyError(f"{path}: mode {mode:04o}: an audit key file must be readable by its owner only (the service user); chmod 600 {path}, and treat the key as exposed")
+    _refuse_a_shared_directory(path.parent)
     try:
         content = json.loads(path.read_text(encoding="ascii"))
     except (OSError, ValueError) as error:
@@ -206,6 +211,7 @@ def load_keys(paths: Iterable[str | Path]) -> AuditKeyring:
     for given in paths:
         path = Path(given)
         if path.is_dir():
+            _refuse_a_shared_directory(path)
             files = sorted(p for p in path.iterdir() if p.name.endswith(KEY_SUFFIX))
             if not files:
                 raise AuditKeyError(f"{path}: no audit key files (*{KEY_SUFFIX}) in this directory")
@@ -215,3 +221,16 @@ def load_keys(paths: Iterable[str | Path]) -> AuditKeyring:
             key = load_key_file(file)
             keys.setdefault(key.key_id, key)
     return AuditKeyring(keys.values())
+
+
+def _refuse_a_shared_directory(directory: Path) -> None:
+    """Raise :class:`AuditKeyError` when the group or others may write in ``directory`` (they could add or replace key files)."""
+    try:
+        mode = stat.S_IMODE(os.stat(directory).st_mode)
+    except OSError as error:
+        raise AuditKeyError(f"{directory}: cannot check the audit key directory: {error.strerror or error}") from error
+    if mode & 0o022:
+        raise AuditKeyError(
+            f"{directory}: mode {mode:04o}: the group or others may write in this audit key directory, so anyone could have put a key of their own in it "
+            f"or replaced one; chmod go-w {directory} (0700 as created), check its *{KEY_SUFFIX} files against the key ids you backed up, and treat the keys as exposed"
+        )

@@ -27,7 +27,7 @@ from interfaces.audit_export import FileSink, read_checkpoints
 from interfaces.audit_keys import AuditKey, AuditKeyError, create_key_file, generate_key, load_key_file, load_keys
 from interfaces.history import SqliteHistory
 
-pytestmark = pytest.mark.usefixtures("uncached_logging")
+pytestmark = [pytest.mark.usefixtures("uncached_logging"), pytest.mark.security]
 
 CYCLES = 8
 
@@ -396,6 +396,40 @@ def test_a_key_file_readable_by_others_is_refused_naming_its_mode(tmp_path):
         load_key_file(path)
     path.chmod(0o600)
     assert load_key_file(path).path == path
+
+
+def test_a_key_directory_others_may_write_is_refused_so_a_planted_key_cannot_vouch_for_a_forgery(site):
+    """Found by the attack review: in a key directory others could write, an attacker put a key of their own beside the site's,
+    appended a key replacement naming it and a forged approval MAC'd with it, and verify --key DIR said intact (exit 0), checkpoints or not."""
+    from interfaces.audit import KEY_REPLACED, record_mac_content
+
+    site.key_dir.chmod(0o777)
+    planted = create_key_file(site.key_dir / "zz-attacker.key")
+    db = _raw(site.path)
+    for actor, action, subject, details in [
+        ("admin-cli", KEY_REPLACED, "audit key", {"lost_key_id": site.key.key_id, "to_key_id": planted.key_id, "reason": "disk failure"}),
+        ("olga", "recommendation_approved", "recommendation made at 9.00 h", {"signature": {"signer": "olga", "reason": "forged"}}),
+    ]:
+        seq, previous = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        wall_utc = "2026-12-06T10:00:00+00:00"
+        digest = record_hash(seq + 1, wall_utc, None, actor, action, subject, details, previous)
+        mac = planted.mac("audit-record", record_mac_content(seq + 1, wall_utc, None, actor, action, subject, details, planted.key_id))
+        db.execute(
+            "INSERT INTO audit VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?)", (seq + 1, wall_utc, actor, action, subject, json.dumps(details), previous, digest, planted.key_id, mac)
+        )
+        db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq + 1, digest))
+    db.close()
+    for mode in (0o777, 0o770, 0o1777):
+        site.key_dir.chmod(mode)
+        with pytest.raises(AuditKeyError, match=rf"{site.key_dir}: mode {mode:04o}: the group or others may write in this audit key directory"):
+            load_keys([site.key_dir])
+        with pytest.raises(AuditKeyError, match="may write in this audit key directory"):
+            load_key_file(site.key_dir / "audit.key")
+    site.key_dir.chmod(0o700)
+    (site.key_dir / "zz-attacker.key").unlink()
+    result = _verify(site)
+    assert not result.ok
+    assert any(f"key {planted.key_id} is not among the keys given" in problem for problem in result.problems), result.problems
 
 
 def test_a_key_file_is_never_overwritten_and_a_damaged_one_is_named(tmp_path):

@@ -192,6 +192,13 @@ def dispatch(args: argparse.Namespace, console: Console) -> int | None:
 # --------------------------------------------------------------------------- audit
 
 
+NO_CHECKPOINTS_NOTE = (
+    "no exported checkpoints compared (--checkpoints FILE): a trail truncated with its head rewound, "
+    "a history emptied whole, or records added by someone holding the key are found only by them"
+)
+"""What ``audit verify`` says when it was given no checkpoints: without them, 'intact' cannot cover those."""
+
+
 def _audit_verify(args: argparse.Namespace, console: Console) -> int:
     path = _existing(args.history)
     keys = _verifying_keys(args)
@@ -205,7 +212,10 @@ def _audit_verify(args: argparse.Namespace, console: Console) -> int:
     _say(console, _describe(path, result, keys))
     for problem in result.problems:
         _say(console, problem)
-    for note in result.notes:
+    notes = list(result.notes)
+    if not args.checkpoints:
+        notes.append(NO_CHECKPOINTS_NOTE)
+    for note in notes:
         _say(console, f"note: {note}")
     return 0 if result.ok else 1
 

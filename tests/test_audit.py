@@ -17,7 +17,7 @@ import pytest
 from rich.console import Console
 from structlog.testing import capture_logs
 
-from bioreactor_mpc.admin_cli import AdminCommandError, add_parsers, dispatch
+from bioreactor_mpc.admin_cli import NO_CHECKPOINTS_NOTE, AdminCommandError, add_parsers, dispatch
 from interfaces.audit import GENESIS_HASH, AuditError, AuditRecord, AuditTrail
 from interfaces.audit_keys import AuditKeyError, create_key_file, load_key_file
 from interfaces.history import SqliteHistory
@@ -292,7 +292,10 @@ def test_audit_verify_exits_0_when_intact_and_1_with_each_problem_on_a_line(tmp_
     status, out = _run("audit", "verify", "--history", str(path), "--without-key")
     assert status == 0
     assert out.splitlines()[0] == f"{path}: audit trail intact: 5 records, WITHOUT the key: MACs not checked; head seq 5, sha256 {records[-1].hash}"
-    assert out.splitlines()[1:] == ["note: seq 1 to 5: no record carries a MAC (written without an audit key): whoever can write the file could have rewritten them"]
+    assert out.splitlines()[1:] == [
+        "note: seq 1 to 5: no record carries a MAC (written without an audit key): whoever can write the file could have rewritten them",
+        f"note: {NO_CHECKPOINTS_NOTE}",
+    ]
     db = _raw(path)
     db.execute("DELETE FROM audit WHERE seq = 2")
     db.execute("UPDATE audit SET subject = 'cycle 9' WHERE seq = 4")
@@ -315,7 +318,7 @@ def test_audit_verify_needs_a_key_or_says_it_goes_without(tmp_path, monkeypatch)
 def test_audit_verify_of_a_history_without_audit_records_or_no_file(tmp_path):
     path = tmp_path / "h.sqlite"
     SqliteHistory(path).close()
-    assert _run("audit", "verify", "--history", str(path), "--without-key") == (0, f"{path}: no audit records\n")
+    assert _run("audit", "verify", "--history", str(path), "--without-key") == (0, f"{path}: no audit records\nnote: {NO_CHECKPOINTS_NOTE}\n")
     with pytest.raises(AdminCommandError, match="missing.sqlite: no such history file"):
         _run("audit", "verify", "--history", str(tmp_path / "missing.sqlite"), "--without-key")
     assert not (tmp_path / "missing.sqlite").exists()

@@ -349,6 +349,38 @@ def test_without_checkpoints_a_rewound_trail_is_not_found_which_is_why_they_are_
     assert not any("seq" in p and "missing" in p for p in result.problems), "a rollback to an earlier, keyed state is only visible from outside"
 
 
+def test_audit_verify_without_checkpoints_says_a_rewound_trail_would_pass_it(site):
+    """Found by the attack review: the tail truncated and the head rewound, then every table dropped, both gave exit 0 from audit
+    verify without --checkpoints, and nothing in its output said that those attacks are exactly what it did not check."""
+    import argparse
+    import io
+
+    from rich.console import Console
+
+    from bioreactor_mpc.admin_cli import NO_CHECKPOINTS_NOTE, add_parsers, dispatch
+
+    def verify(*extra: str) -> tuple[int | None, str]:
+        parser = argparse.ArgumentParser()
+        add_parsers(parser.add_subparsers(dest="command", required=True))
+        out = io.StringIO()
+        status = dispatch(parser.parse_args(["audit", "verify", "--history", str(site.path), "--key", str(site.key_dir), *extra]), Console(file=out, width=400))
+        return status, out.getvalue()
+
+    _truncate_and_rewind(site)
+    status, out = verify()
+    assert status == 0
+    assert f"note: {NO_CHECKPOINTS_NOTE}" in out.splitlines()
+    status, out = verify("--checkpoints", str(site.checkpoints))
+    assert status == 1
+    assert NO_CHECKPOINTS_NOTE not in out
+    db = _raw(site.path)
+    for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+        db.execute(f"DROP TABLE {table}")
+    db.close()
+    assert verify() == (0, f"{site.path}: no audit records\nnote: {NO_CHECKPOINTS_NOTE}\n")
+    assert verify("--checkpoints", str(site.checkpoints))[0] == 1
+
+
 def test_an_altered_checkpoint_line_is_found_and_not_used(site):
     lines = site.checkpoints.read_text().splitlines()
     first = json.loads(lines[0])

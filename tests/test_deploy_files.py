@@ -93,7 +93,8 @@ def test_the_image_installs_the_wheel_with_the_validated_versions_as_a_service_u
     assert "/etc/bioreactor-mpc" in volumes and HISTORY_DIR in volumes, "the config set is mounted; the history persists"
     (entrypoint,) = [args for kind, args in final if kind == "ENTRYPOINT"]
     assert entrypoint.startswith('["bioreactor-mpc"')
-    assert "HEALTHCHECK" in text, "a health check, or a note of why there is none yet"
+    (healthcheck,) = [args for kind, args in final if kind == "HEALTHCHECK"]
+    assert "http://127.0.0.1:9108/healthz" in healthcheck, "the runtime's monitoring port on its default address"
 
 
 def test_the_image_is_built_from_every_package():

@@ -148,12 +148,15 @@ async def until(condition: Callable[[], bool], what: str, timeout_s: float = WAI
 
 
 async def settle(plant: Plant) -> None:
-    """Stop the PLC's clock and wait until the cycle in hand is over: the counters then hold still while a test reads them."""
+    """Stop the PLC's clock and wait until the cycle in hand is over (and 0.3 s more): the counters then hold still while a test reads them."""
     plant.port.advancing = False
-    seen = -1
-    while seen != len(plant.records):
-        seen = len(plant.records)
-        await asyncio.sleep(0.3)
+    plc, summary = plant.port.plc, plant.runtime.summary
+
+    def done() -> bool:  # the PLC's time has had its cycle, and that cycle's time is counted (after its heartbeat)
+        return bool(plant.records) and plant.records[-1].record.process_time_h >= plc.process_time_h - 1e-6 and len(summary.cycle_times_s) == len(plant.records)
+
+    await until(done, "the cycle in hand to end")
+    await asyncio.sleep(0.3)
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

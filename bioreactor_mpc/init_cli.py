@@ -132,7 +132,9 @@ starting the runtime: a bad file stops it at once, naming the field.
 ## What to edit
 
 `{BATCH_FILE}`: the batch template
-- `batch_id`: the id the PLC reports in `Status.BatchId` for the batch.
+- `batch_id` pins the runtime to one batch, the one the PLC reports in
+  `Status.BatchId`; without it the runtime follows the PLC from batch to
+  batch (docs/runtime.md).
 - `inoculation`, `media`, `equipment`: your inoculum, feeds and bioreactor
   (working volume, pump ranges, temperature range).
 - `recipe` and `limits`: your platform recipe and the limits the MPC keeps.

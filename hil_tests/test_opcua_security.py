@@ -191,6 +191,7 @@ def test_secured_connection_reads_and_writes(pki, opcua_endpoint, credentials, p
     _run(scenario)
 
 
+@pytest.mark.security
 def test_server_offers_only_the_configured_policy(pki, opcua_endpoint, credentials):
     tag_map = _tag_map(pki, **CREDENTIALS_FROM_ENV)
 
@@ -215,6 +216,7 @@ def test_server_offers_only_the_configured_policy(pki, opcua_endpoint, credentia
     _run(scenario)
 
 
+@pytest.mark.security
 def test_untrusted_server_certificate_is_refused_by_the_port(pki, opcua_endpoint, credentials, caplog):
     (pki.client_trusts / "plc.der").unlink()
     shutil.copy(pki.stranger_cert, pki.client_trusts / "stranger.der")
@@ -241,6 +243,7 @@ def test_untrusted_server_certificate_is_refused_by_the_port(pki, opcua_endpoint
     assert [record.getMessage() for record in caplog.records if record.exc_info] == []
 
 
+@pytest.mark.security
 def test_untrusted_client_certificate_is_refused_by_the_server(pki, opcua_endpoint, credentials):
     (pki.server_trusts / "runtime.der").unlink()
     shutil.copy(pki.stranger_cert, pki.server_trusts / "stranger.der")
@@ -257,6 +260,7 @@ def test_untrusted_client_certificate_is_refused_by_the_server(pki, opcua_endpoi
     _run(scenario)
 
 
+@pytest.mark.security
 def test_wrong_password_or_no_user_is_refused(pki, opcua_endpoint, monkeypatch):
     wrong = "Tr0ub4dor&3"
     monkeypatch.setenv("BIOREACTOR_MPC_OPCUA_USER", USER)
@@ -322,6 +326,7 @@ def test_own_certificate_that_cannot_be_used_at_connect_is_an_auth_error(pki, op
         OpcUaPort(_tag_map(pki, **CREDENTIALS_FROM_ENV), endpoint=opcua_endpoint)
 
 
+@pytest.mark.security
 def test_security_none_needs_the_opt_in_even_when_configured(pki, opcua_endpoint):
     tag_map = _tag_map(pki, mode="none")
     with pytest.raises(ConfigError, match=r"security section says mode 'none'.*allow_insecure=True"):

@@ -44,7 +44,7 @@ from simulator.config import load_simulation
 from simulator.opcua_server import OpcUaServerSecurity
 from simulator.plc import SimulatedPlc
 
-pytestmark = pytest.mark.hil
+pytestmark = [pytest.mark.hil, pytest.mark.security]
 
 REPO = Path(__file__).resolve().parent.parent
 NAMESPACE = "urn:bioreactor-mpc:reference-plc"

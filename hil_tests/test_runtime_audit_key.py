@@ -25,7 +25,7 @@ from simulator.batch import build_simulated_plc
 from simulator.config import load_simulation
 from simulator.opcua_server import OpcUaPlcServer
 
-pytestmark = pytest.mark.hil
+pytestmark = [pytest.mark.hil, pytest.mark.security]
 
 REPO = Path(__file__).resolve().parent.parent
 PLATFORM = REPO / "configs" / "simulate" / "platform.yaml"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from interfaces.web.app import LoginThrottle
+
+pytestmark = pytest.mark.security
 
 
 def test_five_failures_block_a_name_until_the_window_passes():

@@ -30,6 +30,7 @@ def cheap_hasher() -> PasswordHasher:
     return PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
 
+@pytest.mark.security
 @pytest.mark.parametrize(
     ("password", "rule"),
     [
@@ -71,6 +72,7 @@ def test_random_passwords_pass():
         check_password(secrets.token_urlsafe(12), user_name="operator")
 
 
+@pytest.mark.security
 def test_a_password_equal_to_the_user_name_is_refused_and_a_two_letter_name_only_when_equal():
     with pytest.raises(WeakPasswordError, match="the password is or contains the user name") as error:
         check_password("Operator.One", user_name="operator.one", policy=PasswordPolicy(min_length=8))
@@ -87,6 +89,7 @@ def test_the_messages_say_the_numbers():
         check_password("correct horse " * 5, policy=PasswordPolicy(max_length=64))
 
 
+@pytest.mark.security
 def test_site_context_words_are_refused_case_insensitively():
     policy = PasswordPolicy(context_words=("bioreactor", "Acme Biologics", "Basel"))
     with pytest.raises(WeakPasswordError, match="'Basel'") as error:
@@ -95,6 +98,7 @@ def test_site_context_words_are_refused_case_insensitively():
     check_password("summer in BASEL 2026")  # not a context word by default
 
 
+@pytest.mark.security
 def test_the_common_list_is_shipped_as_package_data_and_can_be_switched_off():
     listed = common_passwords()
     assert len(listed) > 19_000
@@ -106,6 +110,7 @@ def test_the_common_list_is_shipped_as_package_data_and_can_be_switched_off():
     check_password(long_common, policy=PasswordPolicy(refuse_common=False))
 
 
+@pytest.mark.security
 def test_repetitive_or_sequential_runs():
     for text in ("aaaaaaaaaaaa", "abababababab", "zyxwvutsrqpo", "890123456789", "asdfghjklasd", "1111112345678"):
         assert is_repetitive_or_sequential(text), text
@@ -144,6 +149,7 @@ def _store(tmp_path: Path, clock: Clock, policy: PasswordPolicy | None = None) -
     return UserStore(tmp_path / "history.sqlite", clock=clock, password_hasher=cheap_hasher(), policy=policy)
 
 
+@pytest.mark.security
 def test_the_store_applies_the_policy_to_new_users_and_new_passwords(tmp_path, clock):
     with _store(tmp_path, clock) as users:
         for password, rule in (("aaaaaaaaaaaa", "repetitive"), ("password1234", "common"), ("alice.martin", "user_name")):
@@ -156,6 +162,7 @@ def test_the_store_applies_the_policy_to_new_users_and_new_passwords(tmp_path, c
         assert users.authenticate("alice.martin", GOOD) is not None
 
 
+@pytest.mark.security
 def test_one_of_the_last_five_passwords_is_refused_an_older_one_accepted(tmp_path, clock):
     passwords = [f"{word} lantern orchard" for word in ("first", "second", "third", "fourth", "fifth", "sixth")]
     with _store(tmp_path, clock) as users:
@@ -186,6 +193,7 @@ def test_no_history_kept_when_history_count_is_zero(tmp_path, clock):
     db.close()
 
 
+@pytest.mark.security
 def test_an_aged_password_no_longer_logs_in_until_an_administrator_sets_a_new_one(tmp_path, clock):
     with _store(tmp_path, clock, PasswordPolicy(max_age_days=90)) as users:
         users.add_user("alice", full_name="Alice", role="operator", password=GOOD)
@@ -201,6 +209,7 @@ def test_an_aged_password_no_longer_logs_in_until_an_administrator_sets_a_new_on
         assert users.authenticate("alice", "a fresh pass phrase") is not None
 
 
+@pytest.mark.security
 def test_an_account_unused_too_long_locks_at_its_next_login_and_a_new_password_unlocks_it(tmp_path, clock):
     with _store(tmp_path, clock, PasswordPolicy(lock_after_inactive_days=30)) as users:
         alice = users.add_user("alice", full_name="Alice", role="operator", password=GOOD)

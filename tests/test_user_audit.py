@@ -71,6 +71,7 @@ def _row(path: Path, table: str, where: str, parameters: tuple[Any, ...]) -> Map
     return dict(row)
 
 
+@pytest.mark.security
 def test_every_change_login_failure_logout_and_expiry_is_recorded_in_order(store, trail, clock, path):
     alice = store.add_user("alice", full_name="Alice Martin", role=Role.OPERATOR, password=PASSWORD)
     assert store.authenticate("alice", "not her password") is None
@@ -134,6 +135,7 @@ def test_every_change_login_failure_logout_and_expiry_is_recorded_in_order(store
     assert user_store_problems(path, records) == []
 
 
+@pytest.mark.security
 def test_each_session_record_carries_its_rows_digest(store, trail, path):
     alice = store.add_user("alice", full_name="Alice", role=Role.OPERATOR, password=PASSWORD)
     token = store.create_session(alice)
@@ -144,6 +146,7 @@ def test_each_session_record_carries_its_rows_digest(store, trail, path):
     assert trail.records(action="logout")[-1].details["session"] == session_row_digest(row)
 
 
+@pytest.mark.security
 def test_a_login_whose_record_cannot_be_written_is_refused(store, trail, monkeypatch):
     alice = store.add_user("alice", full_name="Alice", role=Role.OPERATOR, password=PASSWORD)
 
@@ -193,6 +196,7 @@ def _forge_user(path: Path, name: str, role: str, password: str) -> None:
     )
 
 
+@pytest.mark.security
 def test_an_engineer_inserted_into_the_file_is_found(store, trail, path):
     store.add_user("alice", full_name="Alice", role=Role.OPERATOR, password=PASSWORD)
     assert user_store_problems(path, trail.records()) == []
@@ -204,6 +208,7 @@ def test_an_engineer_inserted_into_the_file_is_found(store, trail, path):
     ]
 
 
+@pytest.mark.security
 def test_a_forged_session_row_is_found(store, trail, path, clock):
     alice = store.add_user("alice", full_name="Alice", role=Role.ENGINEER, password=PASSWORD)
     token = store.create_session(alice)
@@ -220,6 +225,7 @@ def test_a_forged_session_row_is_found(store, trail, path, clock):
     assert len(user_store_problems(path, trail.records())) == 2, "a real session made to live longer is found too"
 
 
+@pytest.mark.security
 def test_an_ended_session_brought_back_is_found(store, trail, path):
     alice = store.add_user("alice", full_name="Alice", role=Role.OPERATOR, password=PASSWORD)
     token = store.create_session(alice)
@@ -230,6 +236,7 @@ def test_an_ended_session_brought_back_is_found(store, trail, path):
     assert user_store_problems(path, trail.records()) == [f"session of 'alice' started {row['created_utc']}: ended at seq {logout}, yet its row is back in the sessions table"]
 
 
+@pytest.mark.security
 @pytest.mark.parametrize(
     ("edit", "found"),
     [
@@ -251,6 +258,7 @@ def test_a_user_row_changed_or_deleted_in_the_file_is_found(store, trail, path, 
     assert len(problems) >= 1 and problems[0].startswith(found)
 
 
+@pytest.mark.security
 def test_a_recorded_change_does_not_launder_an_earlier_edit(store, trail, path):
     store.add_user("alice", full_name="Alice", role=Role.OPERATOR, password=PASSWORD)
     _sql(path, "UPDATE users SET role = 'engineer' WHERE name = 'alice'")
@@ -304,6 +312,7 @@ def test_a_session_whose_user_was_disabled_meanwhile_is_refused_and_recorded(sto
     assert user_store_problems(path, trail.records()) == []
 
 
+@pytest.mark.security
 def test_audit_verify_checks_the_users_and_sessions_tables(store, trail, path):
     """``bioreactor-mpc audit verify`` runs the cross-check: intact after recorded changes, not intact (exit 1, the row named) after an insert."""
     import subprocess

@@ -41,10 +41,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]
     else:
         source, dist = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("dist")
         for name in _build_inputs():
-            if (REPO / name).is_dir():
-                shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            else:
-                shutil.copy2(REPO / name, source / name)
+            for path in _source_files(REPO / name) if (REPO / name).is_dir() else [REPO / name]:
+                (source / path.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, source / path.relative_to(REPO))
         command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps", "--wheel-dir", str(dist), str(source)]
         subprocess.run(command, check=True, capture_output=True, timeout=240)
         (path,) = dist.glob("bioreactor_mpc-*.whl")
@@ -52,15 +51,22 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]
         yield archive
 
 
-def _repository_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+def _source_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` a commit would hold: tracked, or new and not ignored (outside a git checkout, all but bytecode)."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", str(folder)], cwd=REPO, capture_output=True, check=True, timeout=60
+        ).stdout.decode()
+    except (OSError, subprocess.SubprocessError):
+        return sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+    return sorted(path for name in listed.split("\0") if name and (path := REPO / name).is_file())
 
 
 def test_every_package_folder_is_in_the_wheel_whole(wheel):
     """Code, templates, static files, data, py.typed: what a package folder holds, the wheel holds (a new subpackage must be listed in pyproject)."""
     names = set(wheel.namelist())
     for root in ROOTS:
-        files = _repository_files(REPO / root)
+        files = _source_files(REPO / root)
         missing = [str(p.relative_to(REPO)) for p in files if p.relative_to(REPO).as_posix() not in names]
         assert not missing, f"not in the wheel: {missing}"
         assert f"{root}/py.typed" in names
@@ -74,7 +80,7 @@ def test_the_screen_and_the_password_list_are_in_the_wheel(wheel):
 
 
 def test_the_reference_configs_are_in_the_wheel_as_they_are_in_the_repository(wheel):
-    configs = _repository_files(REPO / "configs")
+    configs = _source_files(REPO / "configs")
     assert {p.parent.name for p in configs} >= {"batch", "model", "plc", "runtime", "simulate"}
     for path in configs:
         packaged = f"bioreactor_mpc/configs/{path.relative_to(REPO / 'configs').as_posix()}"

@@ -109,6 +109,15 @@ class RecipeConfig(FrozenConfig):
     harvest_h: float = Field(gt=0.0, description="process time of the scheduled harvest [h]")
     harvest_viability_pct: float = Field(ge=0.0, le=100.0, description="harvest early once a lab viability falls below this [%]")
     feed_stop_below_max_l: float = Field(default=5.0, ge=0.0, description="high-level feed stop: both feeds stop once the working volume is within this of the maximum [L]")
+    glucose_room_per_day: float = Field(
+        default=0.006,
+        ge=0.0,
+        le=0.1,
+        description=(
+            "room kept for the glucose feed: the nutrient feed stops once the volume is within this much per day left to the harvest, times the initial volume,"
+            " of the feed stop (the glucose feed goes on to the feed stop itself); an NMPC's plan keeps the same room [-/day]"
+        ),
+    )
 
 
 class ProcessLimits(FrozenConfig):

@@ -35,6 +35,7 @@ class PlatformRecipe:
         self._recipe = recipe
         self._media = media
         self._equipment = equipment
+        self._initial_volume_l = initial_volume_l
         self._feed_rate_lph = recipe.feed_fraction_of_initial_volume_per_day * initial_volume_l / 24.0
         self._glucose_rate_lph = 0.0
         self._last_glucose: _GlucoseObservation | None = None
@@ -74,20 +75,30 @@ class PlatformRecipe:
     def harvest_due(self, process_time_h: float) -> bool:
         return process_time_h >= self._recipe.harvest_h or self._low_viability_seen
 
+    def glucose_room_l(self, process_time_h: float) -> float:
+        """The volume kept free for the glucose feed at ``process_time_h``: ``glucose_room_per_day`` × the initial volume × the days left to the harvest."""
+        return self._recipe.glucose_room_per_day * self._initial_volume_l * max(0.0, self._recipe.harvest_h - process_time_h) / 24.0
+
     def setpoints(self, process_time_h: float, *, volume_l: float | None = None) -> Setpoints:
-        """The recipe's setpoints now; with a known ``volume_l``, both feeds stop near the maximum working volume.
+        """The recipe's setpoints now; with a known ``volume_l``, the feeds stop near the maximum working volume.
 
         The high-level feed stop is what a PLC's own recipe does: a reactor
         that a controller filled close to its maximum is not overfilled by the
-        schedule when the operator takes local control. An unknown volume
-        (None or NaN) leaves the schedule as it is.
+        schedule when the operator takes local control. The nutrient feed
+        stops first, :meth:`glucose_room_l` before the feed stop, so that the
+        glucose feed can keep the culture fed to the harvest (a reactor filled
+        with nutrient feed starves). An unknown volume (None or NaN) leaves the
+        schedule as it is.
         """
         if not math.isfinite(process_time_h):
             raise ValueError(f"process time must be finite, got {process_time_h}")
-        full = volume_l is not None and math.isfinite(volume_l) and volume_l >= self._equipment.max_working_volume_l - self._recipe.feed_stop_below_max_l
+        volume = math.nan if volume_l is None else volume_l  # comparisons with NaN are false: an unknown volume stops nothing
+        stop_l = self._equipment.max_working_volume_l - self._recipe.feed_stop_below_max_l
+        full = volume >= stop_l
+        nutrient_full = volume >= stop_l - self.glucose_room_l(process_time_h)
         temperature = self._recipe.temperature_initial_degc if process_time_h < self._recipe.temperature_shift_h else self._recipe.temperature_shifted_degc
         return Setpoints(
-            feed_rate_lph=0.0 if full else self.feed_rate_lph(process_time_h),
+            feed_rate_lph=0.0 if nutrient_full else self.feed_rate_lph(process_time_h),
             glucose_rate_lph=0.0 if full else self._glucose_rate_lph,
             temperature_degc=temperature,
             harvest=self.harvest_due(process_time_h),

@@ -73,15 +73,6 @@ class TrustRegionConfig(FrozenConfig):
     )
     glucose_reach_g_per_l: float = Field(default=2.5, ge=0.0, le=10.0, description="recipe band: farthest below the recipe's glucose target at full width [g/L]")
     harvest_reach_h: float = Field(default=24.0, ge=0.0, le=240.0, description="farthest from the recipe's harvest at full width [h]")
-    fallback_glucose_reserve_per_day: float = Field(
-        default=0.006,
-        ge=0.0,
-        le=0.1,
-        description=(
-            "volume the plan leaves free for the platform recipe's glucose feed, should the NMPC stand down, per day to the recipe's harvest, as a fraction of the initial"
-            " volume [-/day]; the recipe's own batches need up to about 0.006 (8 L/day at 1400 L) after the peak"
-        ),
-    )
     envelope_margin_degc: float = Field(default=0.5, ge=0.0, le=5.0, description="calibration envelope: temperature margin beyond what the data covered [°C]")
     envelope_margin_relative: float = Field(default=0.1, ge=0.0, le=1.0, description="calibration envelope: feed and glucose margin, as a fraction of the covered span [-]")
     initial_width: float = Field(default=0.3, ge=0.0, le=1.0, description="recipe band: width at inoculation [-]")
@@ -233,7 +224,7 @@ class TrustRegion:
         step), and the fastest way from ``previous_inputs`` into the region is
         allowed, so a region that moves (the shift, a narrowing) never makes
         the plan infeasible. The volume ceiling keeps room for the recipe's
-        glucose feed to the recipe's harvest (``fallback_glucose_reserve_per_day``):
+        glucose feed to the recipe's harvest (``recipe.glucose_room_per_day``):
         the fallback must be able to run whenever the monitor stands the NMPC down.
         """
         if not self.active:
@@ -254,10 +245,9 @@ class TrustRegion:
         previous_temperature = float(previous_inputs[2])
         lower[2] = np.minimum(lower[2], previous_temperature + rate * elapsed)  # coming up from below the region
         upper[2] = np.maximum(upper[2], previous_temperature - rate * elapsed)  # coming down from above it
-        # A plan that fills the reactor leaves the recipe no room to feed the glucose it needs should the NMPC stand down: keep that room free.
+        # A plan that fills the reactor leaves the recipe no room to feed the glucose it needs should the NMPC stand down: keep the recipe's room free.
         ends_h = np.asarray(starts_h, dtype=float) + np.asarray(durations_h, dtype=float)
-        reserve_per_h = self.config.fallback_glucose_reserve_per_day * self._batch.inoculation.volume_l / 24.0
-        volume_upper = self._batch.equipment.max_working_volume_l - reserve_per_h * np.maximum(0.0, self._batch.recipe.harvest_h - ends_h)
+        volume_upper = self._batch.equipment.max_working_volume_l - np.array([self._recipe.glucose_room_l(float(t)) for t in ends_h])
         return PlanBounds(inputs_lower=lower, inputs_upper=upper, glucose_lower=edges[4], glucose_upper=np.full(n, math.inf), volume_upper=volume_upper)
 
     # ----------------------------------------------------------------- monitor

@@ -67,16 +67,21 @@ def test_low_viability_triggers_harvest(recipe):
     assert recipe.setpoints(205.0).harvest
 
 
-def test_high_level_stops_both_feeds(recipe):
+def test_near_the_maximum_the_nutrient_feed_stops_first_and_the_high_level_stops_both(recipe, batch):
     recipe.on_lab_result(_lab(1, 24.0, 5.0), volume_l=1400.0, glucose_delivered_g=0.0)
     recipe.on_lab_result(_lab(2, 48.0, 2.0), volume_l=1400.0, glucose_delivered_g=0.0)
     assert recipe.glucose_rate_lph > 0.0
-    below = recipe.setpoints(200.0, volume_l=1994.9)
+    room_l = recipe.glucose_room_l(200.0)  # kept for the glucose feed to the harvest at 336 h
+    assert room_l == pytest.approx(batch.recipe.glucose_room_per_day * 1400.0 * (batch.recipe.harvest_h - 200.0) / 24.0) and room_l > 40.0
+    below = recipe.setpoints(200.0, volume_l=1994.9 - room_l)
     assert below.feed_rate_lph > 0.0 and below.glucose_rate_lph > 0.0
+    glucose_only = recipe.setpoints(200.0, volume_l=1995.0 - room_l)  # the room left is the glucose feed's
+    assert glucose_only.feed_rate_lph == 0.0 and glucose_only.glucose_rate_lph == below.glucose_rate_lph
     full = recipe.setpoints(200.0, volume_l=1995.0)  # within 5 L of the 2000 L maximum
     assert full.feed_rate_lph == 0.0 and full.glucose_rate_lph == 0.0 and full.temperature_degc == 33.0
     unknown = recipe.setpoints(200.0, volume_l=math.nan)  # a Bad load cell leaves the schedule as it is
-    assert unknown.feed_rate_lph == below.feed_rate_lph
+    assert unknown.feed_rate_lph == below.feed_rate_lph and unknown.glucose_rate_lph == below.glucose_rate_lph
+    assert recipe.glucose_room_l(batch.recipe.harvest_h + 5.0) == 0.0  # nothing to keep after the harvest
 
 
 def test_local_recipe_does_not_overfill_a_full_reactor(make_simulation):

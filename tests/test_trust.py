@@ -104,12 +104,12 @@ def test_the_predictions_own_spread_counts_into_the_tolerance(batch, vcd_sd, con
 
 
 def test_the_plan_leaves_room_for_the_recipes_glucose_should_the_nmpc_stand_down(batch):
-    region = _region(batch, fallback_glucose_reserve_per_day=0.006)
+    region = _region(batch)
     starts, durations = _grid(100.0)
     bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.75, 0.3, 36.5]), temperature_rate_degc_per_h=RATE)
     assert bounds is not None and bounds.volume_upper is not None
     ends = starts + durations
-    reserve_l = 0.006 * batch.inoculation.volume_l / 24.0 * np.maximum(0.0, batch.recipe.harvest_h - ends)
+    reserve_l = batch.recipe.glucose_room_per_day * batch.inoculation.volume_l / 24.0 * np.maximum(0.0, batch.recipe.harvest_h - ends)
     np.testing.assert_allclose(bounds.volume_upper, batch.equipment.max_working_volume_l - reserve_l)
     assert bounds.volume_upper[0] < batch.equipment.max_working_volume_l - 40.0  # about ten days of glucose kept free at 100 h
     assert bounds.volume_upper[-1] == pytest.approx(batch.equipment.max_working_volume_l)  # nothing to keep at the recipe's harvest

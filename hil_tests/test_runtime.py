@@ -428,7 +428,9 @@ def test_run_starts_with_an_approved_calibrated_model_audits_its_sha256_and_plan
     config = yaml.safe_load((REPO / "configs" / "runtime" / "reference-opcua.yaml").read_text())
     for key in ("tag_map", "batch"):
         config[key] = str((REPO / "configs" / "runtime" / config[key]).resolve())
-    config.update(model=str(model), history=str(history_path), poll_interval_s=0.01, reconnect_initial_s=0.05, safeguards={"claim_watch_s": 0.2})
+    config.update(
+        model=str(model), history=str(history_path), poll_interval_s=0.01, reconnect_initial_s=0.05, safeguards={"claim_watch_s": 0.2}, monitoring={"port": 0}
+    )  # monitoring on a free port: never collides with a runtime or test running beside this one
     config_path = tmp_path / "runtime.yaml"
     config_path.write_text(yaml.safe_dump(config))
     loaded = load_runtime_config(config_path)

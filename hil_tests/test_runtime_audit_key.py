@@ -48,6 +48,7 @@ def test_a_keyed_run_verifies_with_its_key_and_checkpoints_and_an_edited_cycle_i
         config[name] = str((REPO / "configs" / "runtime" / config[name]).resolve())
     config.update(history=str(history_path), poll_interval_s=0.01, reconnect_initial_s=0.05, safeguards={"claim_watch_s": 0.2})
     config["audit"] = {"checkpoints": {"file": str(offsite), "every_cycles": 2}}
+    config["monitoring"] = {"port": 0}  # a free port: never collides with a runtime or test running beside this one
     (etc / "runtime.yaml").write_text(yaml.safe_dump(config))
     loaded = load_runtime_config(etc / "runtime.yaml")
     mpc = EconomicMpc(CultureModel(), loaded.batch, TEST_SETTINGS.nmpc.mpc)

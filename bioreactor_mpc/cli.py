@@ -156,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
 def _schema(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    from controller.config import BatchConfig
+    from controller.config import BatchTemplate
     from controller.runtime_config import RuntimeConfig
     from interfaces.tagmap import ModbusTagMap, OpcUaTagMap
     from plant_models.parameters import CultureParameters
@@ -165,7 +165,7 @@ def _schema(args: argparse.Namespace, console: Console) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     models = (
         ("culture-parameters", CultureParameters),
-        ("batch", BatchConfig),
+        ("batch", BatchTemplate),  # a template: batch_id optional (the runtime then follows the PLC)
         ("simulation", SimulationConfig),
         ("tag-map-opcua", OpcUaTagMap),
         ("tag-map-modbus", ModbusTagMap),

@@ -145,3 +145,4 @@ def test_schema_command_writes_json_schemas(tmp_path):
     batch_schema = json.loads((tmp_path / "batch.schema.json").read_text())
     assert batch_schema["additionalProperties"] is False
     assert "max_working_volume_l" in json.dumps(batch_schema)
+    assert "batch_id" not in batch_schema.get("required", []), "the batch file is a template: without batch_id the runtime follows the PLC"

@@ -412,6 +412,60 @@ def test_a_signature_names_the_recommendation_s_id_and_digest_never_a_time(scree
 # ---------------------------------------------------------------------- the audit trail
 
 
+def test_a_signature_on_data_that_moved_on_is_refused(screen):
+    """Found by the attack review, held: a recommendation signed after a new lab result, after the PLC's setpoints changed, past
+    its expiry, or by the id and digest of the one before, is refused (409) and nothing is recorded as signed."""
+    body = {"password": USERS["olga"][1], "reason": "as planned"}
+
+    async def scenario() -> dict[str, int]:
+        async with app_client(screen) as client:
+            await log_in(client, "olga")
+            headers = {"Origin": SCREEN, "X-CSRF-Token": await page_token(client)}
+
+            async def sign(recommendation: Recommendation) -> int:
+                path = f"/api/recommendations/{recommendation.recommendation_id}/approve"
+                return (await client.post(path, json={**body, "digest": recommendation.digest}, headers=headers)).status_code
+
+            found = {}
+            for name, signal, moved in (("new lab result", "Sample.Seq", 1), ("setpoint changed", "SP.FeedRate", 0.7), ("past expiry", "Status.ProcessTime", 3.5)):
+                recommendation = screen.recommend()
+                kept = screen.runtime.port.values[signal]
+                screen.runtime.port.values[signal] = moved
+                found[name] = await sign(recommendation)
+                screen.runtime.port.values[signal] = kept
+            earlier = screen.recommend()
+            screen.recommend()
+            found["the one before"] = await sign(earlier)
+            return found
+
+    assert run(scenario()) == {"new lab result": 409, "setpoint changed": 409, "past expiry": 409, "the one before": 409}
+    assert "recommendation_approved" not in screen.audit_actions()
+
+
+def test_a_csrf_token_from_another_session_and_a_cookie_after_logout_are_refused(screen):
+    """Found by the attack review, held: the CSRF token of one session replayed in another, and a session cookie kept after logout."""
+    body = {"mode": "advisory", "password": USERS["erik"][1], "reason": "trial"}
+
+    async def scenario() -> None:
+        async with app_client(screen) as first, app_client(screen) as second:
+            await log_in(first, "erik")
+            await log_in(second, "erik")
+            token_of_first = await page_token(first)
+            replayed = await second.post("/api/mode", json=body, headers={"Origin": SCREEN, "X-CSRF-Token": token_of_first})
+            assert replayed.status_code == 403
+            assert "wrong CSRF token" in replayed.json()["detail"]
+            kept = {"Cookie": f"bioreactor_mpc_session={first.cookies.get('bioreactor_mpc_session')}"}
+            async with app_client(screen) as elsewhere:
+                assert (await elsewhere.get("/api/status", headers=kept)).status_code == 200, "the kept cookie is the session's, before logout"
+                assert (await first.post("/logout", headers={"Origin": SCREEN, "X-CSRF-Token": token_of_first})).status_code == 303
+                assert (await elsewhere.get("/api/status", headers=kept)).status_code == 401
+                after = await elsewhere.post("/api/mode", json=body, headers={**kept, "Origin": SCREEN, "X-CSRF-Token": token_of_first})
+                assert after.status_code == 401
+
+    run(scenario())
+    assert "mode_requested" not in screen.audit_actions()
+
+
 def test_only_qa_and_engineers_read_the_audit_trail(screen):
     """The probe: every viewer could read the whole audit trail."""
 

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
 from typing import TextIO
 
 import structlog
 
 HANDLER_NAME = "bioreactor_mpc"
 """The root handler this module installs (replaced, not added again, when logging is configured anew)."""
-UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
-"""Loggers to which uvicorn's default log config gives handlers of their own, plain text and not propagated."""
 
 
 class _StandardErrorHandler(logging.StreamHandler[TextIO]):
@@ -77,16 +74,3 @@ def configure_logging(*, json: bool | None = None, level: int | str = logging.IN
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(libraries)
-
-
-def route_to_root(names: Iterable[str] = UVICORN_LOGGERS) -> None:
-    """Send these loggers' records to the root handler again, after a library gave them handlers of their own.
-
-    uvicorn does so whenever a server is configured with its default log
-    config (plain text lines, not propagated).
-    """
-    for name in names:
-        library = logging.getLogger(name)
-        for handler in list(library.handlers):
-            library.removeHandler(handler)
-        library.propagate = True

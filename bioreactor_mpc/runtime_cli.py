@@ -26,7 +26,6 @@ import structlog
 from rich.console import Console
 
 from bioreactor_mpc.admin_cli import model_approval, read_parameter_file
-from bioreactor_mpc.logging import route_to_root
 from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
 from controller.ports import PlcPort
@@ -223,7 +222,6 @@ async def run_runtime(
                     await servers.enter_async_context(serve_monitoring(runtime, config.monitoring))
                 if config.screen is not None:
                     url = await servers.enter_async_context(serve_screen(runtime, config.screen, loaded.history_path, audit=audit))
-                    route_to_root()  # the screen's uvicorn gave its loggers plain-text handlers of their own
                     if on_screen is not None:
                         on_screen(url)
                 return await runtime.run(stop=stop)

@@ -23,10 +23,8 @@ the screen serves the same endpoints from :meth:`Monitor.routes`
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ from controller.nmpc import DecisionSource
 from controller.runtime import Runtime
 from controller.runtime_config import MonitoringSettings
 from controller.types import json_compatible
-from plant_models.errors import ConfigError
+from interfaces.serving import serve_asgi
 
 log = structlog.get_logger("bioreactor_mpc")
 
@@ -236,39 +234,6 @@ async def serve_monitoring(runtime: Runtime, settings: MonitoringSettings, *, cl
     Raises :class:`ConfigError` naming ``monitoring.host`` and ``monitoring.port`` when they cannot be listened on (another
     runtime on this machine with the same port would otherwise be the one scraped).
     """
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:  # the runtime owns SIGINT and SIGTERM
-            yield
-
-    listener = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((settings.host, settings.port))
-    except OSError as error:
-        listener.close()
-        raise ConfigError(f"monitoring: cannot listen on {settings.host}:{settings.port}: {error.strerror or error} (monitoring.host, monitoring.port)") from error
-    port = listener.getsockname()[1]
-    # log_config=None: uvicorn's records go to the root logger, rendered as ours (bioreactor_mpc.logging); no access log (a scrape every 15 s)
-    config = uvicorn.Config(monitoring_app(Monitor(runtime, clock=clock)), log_config=None, access_log=False, lifespan="off", proxy_headers=False, server_header=False)
-    server = Server(config)
-    task = asyncio.create_task(server.serve(sockets=[listener]))
-    for _ in range(200):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.05)
-    if not server.started:
-        task.cancel()
-        listener.close()
-        raise ConfigError(f"monitoring: uvicorn did not start on {settings.host}:{port}")
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{host}:{port}/"
-    log.info("monitoring_serving", url=url, metrics=f"{url}metrics", healthz=f"{url}healthz", readyz=f"{url}readyz")
-    try:
+    async with serve_asgi(monitoring_app(Monitor(runtime, clock=clock)), host=settings.host, port=settings.port, setting="monitoring") as url:
+        log.info("monitoring_serving", url=url, metrics=f"{url}metrics", healthz=f"{url}healthz", readyz=f"{url}readyz")
         yield url
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10.0)
-        listener.close()

@@ -15,7 +15,6 @@ forwarded addresses only from its configured proxies
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import ssl
@@ -30,6 +29,7 @@ from controller.runtime_config import ScreenSettings, is_loopback
 from interfaces.audit import AuditTrail
 from interfaces.opcua_certificates import create_certificate, fingerprint
 from interfaces.passwords import load_password_policy
+from interfaces.serving import serve_asgi
 from interfaces.users import UserStore
 from plant_models.errors import ConfigError
 
@@ -102,54 +102,16 @@ async def serve_screen(runtime: Runtime, settings: ScreenSettings, history_path:
     ``audit``: the runtime's own (keyed) trail, which records every log-in, failed log-in, log-out and session expiry of the screen's
     users (:class:`~interfaces.users.UserStore`); without it those are not recorded, and a keyed trail refuses them.
     """
-    import uvicorn
-
     from interfaces.web.app import create_app
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:  # the runtime owns SIGINT and SIGTERM
-            yield
 
     check_plain_http(settings)
     with tls_files(settings) as tls:
-        listener = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((settings.host, settings.port))
-        except OSError as error:
-            listener.close()
-            raise ConfigError(f"screen: cannot listen on {settings.host}:{settings.port}: {error.strerror or error}") from error
         policy = load_password_policy(settings.password_policy) if settings.password_policy is not None else None
         users = UserStore(history_path, audit=audit, actor="screen", policy=policy)
-        app = create_app(runtime=runtime, users=users, audit=AuditTrail(history_path, read_only=True), history_path=history_path, settings=settings)
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            lifespan="off",
-            proxy_headers=False,
-            server_header=False,
-            ssl_certfile=str(tls[0]) if tls else None,
-            ssl_keyfile=str(tls[1]) if tls else None,
-        )
-        server = Server(config)
-        task = asyncio.create_task(server.serve(sockets=[listener]))
-        for _ in range(200):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.05)
-        if not server.started:
-            task.cancel()
-            listener.close()
-            users.close()
-            raise ConfigError(f"screen: uvicorn did not start on {settings.host}:{settings.port}")
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        url = f"{'https' if tls else 'http'}://{host}:{settings.port}/"
-        log.info("screen_serving", url=url, tls=tls is not None)
         try:
-            yield url
+            app = create_app(runtime=runtime, users=users, audit=AuditTrail(history_path, read_only=True), history_path=history_path, settings=settings)
+            async with serve_asgi(app, host=settings.host, port=settings.port, setting="screen", tls=tls) as url:
+                log.info("screen_serving", url=url, tls=tls is not None)
+                yield url
         finally:
-            server.should_exit = True
-            await asyncio.wait_for(task, 10.0)
-            listener.close()
             users.close()

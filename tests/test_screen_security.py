@@ -171,6 +171,23 @@ def test_x_forwarded_for_from_an_untrusted_peer_does_not_reset_the_login_throttl
     run(scenario())
 
 
+def test_one_address_guessing_a_new_user_name_each_time_is_throttled(screen):
+    """helper-24's flood: 59 failed log-ins in 20 s from one client, each with a new user name, none throttled."""
+    from interfaces.web.app import ADDRESS_ATTEMPTS
+
+    async def scenario() -> None:
+        async with app_client(screen) as client:
+            for guess in range(ADDRESS_ATTEMPTS):
+                response = await log_in(client, f"user{guess:03d}", password="not-a-password-of-anyone")
+                assert response.headers["location"] == "/login?error=credentials", guess
+            flooded = await log_in(client, "user999", password="not-a-password-of-anyone")
+            assert flooded.headers["location"] == "/login?error=throttled"
+            right = await log_in(client, "olga")
+            assert right.headers["location"] == "/login?error=throttled", "the address is refused, whatever the name"
+
+    run(scenario())
+
+
 def test_x_forwarded_for_from_a_trusted_proxy_is_honoured(screen):
     settings = ScreenSettings(trusted_proxies=("10.1.0.0/16",))
 

@@ -71,6 +71,10 @@ LAB_COLUMNS = {
 }
 
 
+ADDRESS_ATTEMPTS = 20
+"""Failed log-ins from one client address, whatever the user names, within the throttle's window before that address is refused."""
+
+
 class LoginThrottle:
     """Refuses a key (a user name from one address, or a signer) after ``attempts`` failures within ``window_s``.
 
@@ -80,7 +84,9 @@ class LoginThrottle:
     peer, or what a trusted proxy says in ``X-Forwarded-For``:
     :func:`interfaces.web.security.client_address`), so a stranger
     cannot block an operator who logs in from elsewhere, and separately for
-    signatures (by logged-in users only). In memory and bounded: a restart
+    signatures (by logged-in users only). One address is also refused after
+    :data:`ADDRESS_ATTEMPTS` failures with any user names (a guesser who
+    changes the name each time; each check costs both cores 0.2 s of argon2). In memory and bounded: a restart
     forgets, and the oldest keys are dropped beyond ``max_keys``.
     """
 
@@ -155,6 +161,7 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
     app.add_middleware(ScreenGuard, tls=settings.tls, allowed_origins=settings.allowed_origins)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     logins, signatures = LoginThrottle(), LoginThrottle()
+    addresses = LoginThrottle(attempts=ADDRESS_ATTEMPTS)  # one client guessing a new user name each time is slowed too
     password_checks = threading.Semaphore(2)  # argon2 costs 64 MiB and 0.1 s a check: at most two at a time beside the NMPC
 
     def authenticate(name: str, password: str, purpose: LoginPurpose = LoginPurpose.SESSION) -> User | None:
@@ -210,11 +217,12 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
     def login(request: Request, username: str = Form(...), password: str = Form(...)) -> Response:
         address = client_address(request.client.host if request.client else None, request.headers.getlist("x-forwarded-for"), proxies)
         key = f"{username}@{address}"
-        if logins.blocked(key):
+        if logins.blocked(key) or addresses.blocked(address):
             return RedirectResponse(f"/login?error={LoginError.THROTTLED.value}", status_code=303)
         user = authenticate(username, password)
         if user is None:
             logins.failed(key)
+            addresses.failed(address)  # not forgotten at a success: a guesser's own account must not reset it
             return RedirectResponse(f"/login?error={LoginError.CREDENTIALS.value}", status_code=303)
         logins.succeeded(key)
         response = RedirectResponse("/", status_code=303)

@@ -18,7 +18,7 @@ import structlog
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bioreactor_mpc import admin_cli, calibrate_cli, export_cli, init_cli
+from bioreactor_mpc import admin_cli, calibrate_cli, export_cli, init_cli, plant_sim_cli
 from bioreactor_mpc.logging import configure_logging
 from bioreactor_mpc.report import TrustTimeline, kpi_table, plot_predictions, write_batch_files
 from bioreactor_mpc.resources import reference_config
@@ -147,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     admin_cli.add_parsers(commands)
     calibrate_cli.add_parser(commands)
     export_cli.add_parsers(commands)
+    plant_sim_cli.add_parsers(commands)
 
     schema = commands.add_parser("schema", help="write JSON Schemas of the config files, for editors that check YAML")
     schema.add_argument("--output-dir", type=Path, default=Path("runs/schema"), help="where the schemas go (default: runs/schema)")
@@ -434,6 +435,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "calibrate": calibrate_cli.run_calibrate,
     "export": export_cli.run_export,
     "report": export_cli.run_report,
+    "soft-plc": plant_sim_cli.run_soft_plc,
+    "plant-sim": plant_sim_cli.run_plant_sim,
 }
 
 

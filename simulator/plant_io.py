@@ -1,0 +1,305 @@
+"""``plant-sim``: the plant as an I/O simulator, a client of a PLC's field I/O over OPC UA.
+
+:class:`PlantSimulator` is the sans-I/O core: the plant model with the
+seed's true parameters, its instruments (:func:`simulator.plc.online_values`)
+and its lab (:class:`~simulator.lims.Lims`), exactly the pieces the all-in-one
+``plc-sim`` uses, so a seed gives the same truth, draw times and assay noise.
+It takes the PLC's actuator outputs, integrates, and gives the raw values of
+the PLC's inputs in the PLC's own scaling (:mod:`simulator.io_map`), with the
+I/O faults of :mod:`simulator.io_faults` applied on the way.
+
+:func:`run_plant_io` moves the data: it reads the outputs, integrates and
+writes the inputs (and released lab results, through the LIMS tags) either
+
+- in **virtual time** with a soft PLC (the map's ``clock``): the plant
+  integrates to the minute the PLC names and answers with the minute it
+  reached; nothing is lost however slow either side is; or
+- **free-running** at ``time_scale`` plant seconds per wall second (1: real
+  time), exchanging every ``exchange_period_s``: an exchange that overruns
+  its period makes the plant hold the PLC's outputs longer than it should;
+  it is counted (:attr:`PlantRunReport.missed_exchanges`) and logged, never
+  hidden.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+from asyncua import Client, ua
+
+from controller.types import LAB_FIELDS, UINT32_MAX, LabResult
+from simulator.batch import plant_of, true_parameter_factors
+from simulator.config import FeedLotFault, LoadedSimulation
+from simulator.io_faults import FrozenInput, IoFault, PumpDegraded, StuckActuator, WireBreak
+from simulator.io_map import CHANNEL_OF_PV, NOT_YET, AnalogChannel, IoMap
+from simulator.lims import Lims
+from simulator.plant import MINUTES_PER_HOUR, Plant
+from simulator.plc import online_values
+
+log = structlog.get_logger(__name__)
+
+PUMPS = ("feed_pump_lph", "glucose_pump_lph")
+FLOW_METER_OF_PUMP = {"feed_pump_lph": "feed_flow_lph", "glucose_pump_lph": "glucose_flow_lph"}
+
+
+@dataclass(frozen=True)
+class ActuatorCommand:
+    """The PLC's outputs in engineering units, as ``plant-sim`` read them."""
+
+    feed_pump_lph: float
+    glucose_pump_lph: float
+    temperature_setpoint_degc: float
+    harvest_valve: bool
+
+    def value(self, channel: str) -> float:
+        return float(getattr(self, channel))
+
+
+class PlantSimulator:
+    """The plant, its instruments and its lab behind a PLC's field I/O, on the plant's 1-minute grid."""
+
+    def __init__(self, loaded: LoadedSimulation, io_map: IoMap, faults: Sequence[IoFault] = ()) -> None:
+        truth_rng, sampling_rng, lab_rng, online_rng = (np.random.default_rng(child) for child in np.random.SeedSequence(loaded.simulation.seed).spawn(4))
+        self._loaded = loaded
+        self._io = io_map
+        self.faults = tuple(faults)
+        model = plant_of(loaded)
+        self._true_parameters = model.true_parameters(loaded.batch, true_parameter_factors(loaded.simulation, truth_rng))
+        self._feed_strength_index = model.parameter_index(model.feed_strength_parameter)
+        self.plant = Plant(model, model.initial_state(loaded.batch), self._true_parameters)
+        self.lims = Lims(loaded.simulation, sampling_rng, lab_rng)
+        self._online_rng = online_rng
+        self.harvested = False
+        self.released: list[LabResult] = []
+        """Every lab result the LIMS released, in order (``seq`` is the LIMS's count)."""
+        self._stuck: dict[str, float] = {}
+        self._frozen_raw: dict[str, float] = {}
+        self._delivered: dict[str, float] = dict.fromkeys(PUMPS, 0.0)
+        self._started = False
+
+    # ----------------------------------------------------------------- plant
+
+    def advance_to(self, minute: int, command: ActuatorCommand) -> None:
+        """Integrate to ``minute`` with the PLC's outputs held (a valve opened for harvest ends the batch instead)."""
+        if self.harvested:
+            return
+        if command.harvest_valve and not self._actuator_stuck("harvest_valve"):
+            self.harvested = True
+            log.info("plant_harvested", process_time_h=self.plant.process_time_h)
+            return
+        if not self._started:
+            self._started = True
+            self._events(command)
+        while self.plant.minute < minute:
+            stop = min(minute, self._next_event_minute())
+            self.plant.integrate(stop - self.plant.minute, self._plant_inputs(command))
+            self._events(command)
+
+    def _next_event_minute(self) -> int:
+        now = self.plant.minute
+        candidates = [*self.lims.event_minutes()]
+        for fault in self._loaded.simulation.faults:
+            if isinstance(fault, FeedLotFault):
+                candidates.append(round(fault.start_h * MINUTES_PER_HOUR))
+        for io_fault in self.faults:
+            for edge_h in (io_fault.start_h, io_fault.end_h):
+                if edge_h is not None:
+                    candidates.append(round(edge_h * MINUTES_PER_HOUR))
+        later = [c for c in candidates if c > now]
+        return min(later) if later else UINT32_MAX
+
+    def _events(self, command: ActuatorCommand) -> None:
+        now_h = self.plant.process_time_h
+        strength = 1.0
+        for fault in self._loaded.simulation.faults:
+            if isinstance(fault, FeedLotFault) and fault.start_h <= now_h:
+                strength = fault.strength
+        parameters = self._true_parameters.copy()
+        parameters[self._feed_strength_index] *= strength
+        if not np.array_equal(parameters, self.plant.parameters):
+            self.plant.set_parameters(parameters)
+        for sample in self.lims.due(self.plant.minute):
+            self.released.append(LabResult(**{**sample.result.__dict__, "seq": len(self.released) + 1}))
+        media = self._loaded.batch.media
+        self.lims.draw_due(self.plant, self._plant_inputs(command), media.glucose_delivered_g(self.plant.feed_total_l, self.plant.glucose_feed_total_l))
+
+    def _plant_inputs(self, command: ActuatorCommand) -> np.ndarray:
+        """What reaches the culture: the commands, through stuck and degraded actuators."""
+        now_h = self.plant.process_time_h
+        values: dict[str, float] = {}
+        for channel in ("feed_pump_lph", "glucose_pump_lph", "temperature_setpoint_degc"):
+            value = command.value(channel)
+            if self._actuator_stuck(channel):
+                value = self._stuck.setdefault(channel, value)
+            else:
+                self._stuck.pop(channel, None)
+            for fault in self.faults:
+                if isinstance(fault, PumpDegraded) and fault.channel == channel and fault.active(now_h):
+                    value *= fault.delivery_fraction
+            values[channel] = value
+        self._delivered = {pump: values[pump] for pump in PUMPS}
+        return np.array([values["feed_pump_lph"], values["glucose_pump_lph"], values["temperature_setpoint_degc"]])
+
+    def _actuator_stuck(self, channel: str) -> bool:
+        now_h = self.plant.process_time_h
+        return any(isinstance(fault, StuckActuator) and fault.channel == channel and fault.active(now_h) for fault in self.faults)
+
+    # ---------------------------------------------------------------- inputs
+
+    def input_values(self, command: ActuatorCommand) -> dict[str, float]:
+        """What each of the PLC's inputs measures now, in engineering units (no I/O fault applied)."""
+        pv = online_values(self.plant, self._plant_inputs(command), self._loaded.simulation.noise.online, self._loaded.simulation.plc, self._online_rng, running=not self.harvested)
+        values = {channel: pv[tag] for tag, channel in CHANNEL_OF_PV.items()}
+        for pump, meter in FLOW_METER_OF_PUMP.items():
+            values[meter] = self._delivered[pump]
+        return values
+
+    def raw_inputs(self, command: ActuatorCommand) -> dict[str, float | int]:
+        """The raw value of every mapped input in the PLC's scaling, with the I/O faults active now."""
+        now_h = self.plant.process_time_h
+        raw: dict[str, float | int] = {}
+        for channel, value in self.input_values(command).items():
+            spec: AnalogChannel | None = getattr(self._io.inputs, channel)
+            if spec is None:
+                continue
+            wire = next((f for f in self.faults if isinstance(f, WireBreak) and f.channel == channel and f.active(now_h)), None)
+            if wire is not None:
+                raw[channel] = spec.counts_of_current(wire.current_ma) if spec.counts else math.nan
+            else:
+                raw[channel] = spec.to_raw(value)
+            if any(isinstance(f, FrozenInput) and f.channel == channel and f.active(now_h) for f in self.faults):
+                raw[channel] = self._frozen_raw.setdefault(channel, raw[channel])
+            else:
+                self._frozen_raw.pop(channel, None)
+        return raw
+
+
+# ------------------------------------------------------------------ network
+
+
+@dataclass
+class PlantRunReport:
+    """How a ``plant-sim`` run went, for its summary and the tests."""
+
+    exchanges: int = 0
+    missed_exchanges: int = 0
+    """Free-running: exchange deadlines that passed while an exchange was still running (outputs held longer than they should)."""
+    worst_overrun_s: float = 0.0
+    exchange_wall_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    ended: str = ""
+
+
+class PlcIoClient:
+    """The PLC's I/O tags of an :class:`~simulator.io_map.IoMap` over an asyncua client."""
+
+    def __init__(self, client: Client, io_map: IoMap) -> None:
+        self._client = client
+        self._io = io_map
+        self._nodes: dict[str, ua.NodeId] = {}
+
+    async def resolve(self) -> None:
+        index = await self._client.get_namespace_index(self._io.namespace_uri)
+        self._nodes = {path: ua.NodeId(ua.String(node), ua.Int16(index)) for path, node in self._io.nodes().items()}
+
+    async def read_command(self) -> tuple[ActuatorCommand, int | None]:
+        """The actuator outputs in engineering units, and the PLC's minute (virtual time) or None."""
+        outputs = self._io.outputs
+        paths = [f"outputs.{name}" for name in ("feed_pump_lph", "glucose_pump_lph", "temperature_setpoint_degc", "harvest_valve")]
+        if self._io.clock is not None:
+            paths.append("clock.plc_minute")
+        values = await self._client.read_values([self._client.get_node(self._nodes[path]) for path in paths])
+        engineering = [
+            spec.to_engineering(raw)[0] for spec, raw in zip((outputs.feed_pump_lph, outputs.glucose_pump_lph, outputs.temperature_setpoint_degc), values[:3], strict=True)
+        ]
+        command = ActuatorCommand(engineering[0], engineering[1], engineering[2], bool(values[3]))
+        return command, (int(values[4]) if self._io.clock is not None else None)
+
+    async def write_inputs(self, raw: dict[str, float | int], *, plant_minute: int | None) -> None:
+        nodes, values = [], []
+        for channel, value in raw.items():
+            spec: AnalogChannel = getattr(self._io.inputs, channel)
+            nodes.append(self._client.get_node(self._nodes[f"inputs.{channel}"]))
+            values.append(ua.DataValue(ua.Variant(int(value), ua.VariantType.Int16) if spec.counts else ua.Variant(float(value), ua.VariantType.Double)))
+        if plant_minute is not None and self._io.clock is not None:
+            nodes.append(self._client.get_node(self._nodes["clock.plant_minute"]))
+            values.append(ua.DataValue(ua.Variant(plant_minute, ua.VariantType.UInt32)))
+        await self._client.write_values(nodes, values)
+
+    async def write_lab_result(self, result: LabResult) -> None:
+        """A released result set on the PLC's LIMS tags: the values first, ``seq`` last (the PLC takes the set when ``seq`` moves)."""
+        if self._io.lims is None:
+            return
+        names = ["taken_at_h", *LAB_FIELDS]
+        nodes = [self._client.get_node(self._nodes[f"lims.{name}"]) for name in names]
+        await self._client.write_values(nodes, [ua.DataValue(ua.Variant(float(getattr(result, name)), ua.VariantType.Double)) for name in names])
+        await self._client.write_values([self._client.get_node(self._nodes["lims.seq"])], [ua.DataValue(ua.Variant(result.seq, ua.VariantType.UInt32))])
+
+
+async def run_plant_io(
+    simulator: PlantSimulator,
+    io_map: IoMap,
+    *,
+    time_scale: float | None = None,
+    exchange_period_s: float = 0.1,
+    wall_timeout_s: float = 3600.0,
+    poll_s: float = 0.002,
+    stop: asyncio.Event | None = None,
+) -> PlantRunReport:
+    """Drive the plant against the PLC until harvest, ``stop`` or ``wall_timeout_s``: virtual time when ``time_scale`` is None, else free-running."""
+    if time_scale is None and io_map.clock is None:
+        raise ValueError("virtual time needs the I/O map's clock section (a soft PLC); a real PLC needs a time scale (1 for real time)")
+    if time_scale is not None and not time_scale > 0.0:
+        raise ValueError(f"time_scale must be positive, got {time_scale}")
+    report = PlantRunReport()
+    started = time.monotonic()
+    released = 0
+    async with Client(io_map.endpoint, timeout=5) as client:
+        io = PlcIoClient(client, io_map)
+        await io.resolve()
+
+        async def exchange(minute: int, command: ActuatorCommand, *, answer_minute: bool) -> None:
+            nonlocal released
+            begun = time.monotonic()
+            simulator.advance_to(minute, command)
+            raw = simulator.raw_inputs(command)
+            while released < len(simulator.released):
+                await io.write_lab_result(simulator.released[released])
+                released += 1
+            await io.write_inputs(raw, plant_minute=simulator.plant.minute if answer_minute else None)
+            report.exchanges += 1
+            report.exchange_wall_s.append(time.monotonic() - begun)
+
+        while not simulator.harvested and (stop is None or not stop.is_set()):
+            if time.monotonic() - started > wall_timeout_s:
+                report.ended = f"wall timeout {wall_timeout_s:g} s"
+                break
+            command, plc_minute = await io.read_command()
+            if time_scale is None:
+                plc_minute = NOT_YET if plc_minute is None else plc_minute
+                if command.harvest_valve or (plc_minute != NOT_YET and (plc_minute > simulator.plant.minute or not report.exchanges)):
+                    await exchange(plc_minute if plc_minute != NOT_YET else 0, command, answer_minute=True)
+                else:
+                    await asyncio.sleep(poll_s)
+                continue
+            tick = report.exchanges + report.missed_exchanges
+            minute = math.floor((time.monotonic() - started) * time_scale / 60.0)
+            await exchange(minute, command, answer_minute=io_map.clock is not None)
+            next_deadline = started + (tick + 1) * exchange_period_s
+            late_s = time.monotonic() - next_deadline
+            if late_s > 0.0:
+                missed = 1 + math.floor(late_s / exchange_period_s)
+                report.missed_exchanges += missed
+                report.worst_overrun_s = max(report.worst_overrun_s, late_s)
+                log.warning("plant_exchange_missed", missed=missed, late_s=round(late_s, 3), process_time_h=simulator.plant.process_time_h, missed_total=report.missed_exchanges)
+            else:
+                await asyncio.sleep(-late_s)
+        report.ended = report.ended or ("harvest" if simulator.harvested else "stopped")
+    report.wall_s = time.monotonic() - started
+    return report

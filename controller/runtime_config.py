@@ -29,6 +29,14 @@ LOOPBACK_NAMES = ("localhost",)
 """Host names that always mean this machine (an IP address is checked with :mod:`ipaddress`)."""
 
 
+def _is_wildcard(host: str) -> bool:
+    """Whether ``host`` means every interface (0.0.0.0, ::)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an address or ``localhost``) is reachable from this machine only."""
     if host.strip().lower() in LOOPBACK_NAMES:
@@ -64,6 +72,13 @@ class ScreenSettings(FrozenConfig):
     allowed_origins: tuple[str, ...] = Field(
         default=(), description="origins (scheme://host[:port]) browsers may post from besides the one the screen is served at, e.g. the proxy's https URL"
     )
+    allowed_hosts: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "host names (or addresses) browsers reach the screen at, as in its URL; the loopback names always; empty: the host it listens on."
+            " Any other Host header is refused (400), so a page on another site cannot reach it through DNS rebinding. Required when listening on every interface"
+        ),
+    )
     password_policy: Path | None = Field(
         default=None,
         description="the site's password policy file (YAML, docs/audit-and-users.md; the same file as users --password-policy): its ageing and inactivity lock apply at log-in; relative to the config file",
@@ -73,6 +88,12 @@ class ScreenSettings(FrozenConfig):
     def tls(self) -> bool:
         """Whether the screen itself serves HTTPS."""
         return self.tls_certificate is not None or self.tls_self_signed
+
+    @property
+    def host_names(self) -> tuple[str, ...]:
+        """The Host header values (without port) the screen answers: the loopback names, and ``allowed_hosts`` or else the host it listens on."""
+        named = self.allowed_hosts or ((self.host,) if not _is_wildcard(self.host) else ())
+        return tuple(dict.fromkeys([*LOOPBACK_NAMES, "127.0.0.1", *(name.lower() for name in named)]))
 
     @property
     def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -93,6 +114,13 @@ class ScreenSettings(FrozenConfig):
             raise FieldError(missing, None, "tls_certificate and tls_key go together: give both, or neither")
         if self.tls_certificate is not None and self.tls_self_signed:
             raise FieldError("tls_self_signed", True, "contradicts tls_certificate: use the certificate files or a self-signed certificate, not both")
+        for index, name in enumerate(self.allowed_hosts):
+            if not name or any(c in name for c in "/:@ ") or (name.startswith("*") and not name.startswith("*.")):
+                raise FieldError(
+                    f"allowed_hosts[{index}]",
+                    name,
+                    "must be a host name or an IPv4 address as browsers put it in Host, such as screen.plant.example or 10.20.0.5 (*.domain for a whole domain), without scheme or port",
+                )
         if self.allow_plain_http and self.tls:
             raise FieldError("allow_plain_http", True, "contradicts the TLS settings: the screen serves HTTPS itself")
         if not self.tls and not self.allow_plain_http and not is_loopback(self.host):
@@ -101,6 +129,12 @@ class ScreenSettings(FrozenConfig):
                 self.host,
                 "is not a loopback address, and plain HTTP there sends passwords and sessions in clear: set tls_certificate and tls_key "
                 "(or tls_self_signed: true), or allow_plain_http: true when a reverse proxy in front terminates TLS",
+            )
+        if _is_wildcard(self.host) and not self.allowed_hosts:
+            raise FieldError(
+                "allowed_hosts",
+                [],
+                f"the screen listens on every interface ({self.host}): name the host names browsers use to reach it (its DNS name, its address), so that no other site can reach it through DNS rebinding",
             )
         return self
 

@@ -360,7 +360,7 @@ def test_the_screen_serves_the_same_monitoring_endpoints_without_login(tmp_path:
 
     async def scenario() -> None:
         async with serve_monitoring(plant.runtime, MonitoringSettings(port=0)) as url, httpx.AsyncClient(base_url=url, timeout=10.0) as own:
-            screen = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://screen.test")
+            screen = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
             async with screen:
                 for path in ("/metrics", "/healthz", "/readyz"):
                     on_screen, on_port = await screen.get(path), await own.get(path)

@@ -47,7 +47,7 @@ USERS = {
     "vera": (Role.VIEWER, "Cobalt-meadow-Falcon-76"),
     "quinn": (Role.QA, "Juniper-anvil-Saffron-19"),
 }
-SCREEN = "http://screen.test"
+SCREEN = "http://localhost:8080"  # a Host the screen answers by default (loopback names; see allowed_hosts)
 FOREIGN = "https://attacker.example"
 BASIS = (0.5, 0.1, 36.5)
 
@@ -504,8 +504,9 @@ def test_plain_http_off_the_loopback_is_refused_unless_a_tls_proxy_is_declared(s
     """The probe: binding 0.0.0.0 served plain HTTP with only a warning."""
     with pytest.raises(ConfigError, match=r"r\.yaml: screen\.host: is not a loopback address.*tls_certificate and tls_key.*allow_plain_http: true"):
         validate_model(RuntimeSettings, {"screen": {"host": "0.0.0.0"}}, source="r.yaml")
-    assert validate_model(ScreenSettings, {"host": "0.0.0.0", "allow_plain_http": True}, source="r.yaml").allow_plain_http
-    assert validate_model(ScreenSettings, {"host": "0.0.0.0", "tls_self_signed": True}, source="r.yaml").tls
+    everywhere = {"host": "0.0.0.0", "allowed_hosts": ["screen.plant.example"]}
+    assert validate_model(ScreenSettings, {**everywhere, "allow_plain_http": True}, source="r.yaml").allow_plain_http
+    assert validate_model(ScreenSettings, {**everywhere, "tls_self_signed": True}, source="r.yaml").tls
     unchecked = ScreenSettings().model_copy(update={"host": "0.0.0.0"})  # a copy skips validation: the server checks again
 
     async def scenario() -> None:
@@ -514,6 +515,27 @@ def test_plain_http_off_the_loopback_is_refused_unless_a_tls_proxy_is_declared(s
 
     with pytest.raises(ConfigError, match="screen: host 0.0.0.0 is not a loopback address"):
         run(scenario())
+
+
+def test_a_foreign_host_header_is_refused_so_dns_rebinding_cannot_reach_the_screen(screen):
+    """helper-24's attack: a page at evil.example, its name rebound to the screen's address, posted log-ins with Host and Origin its own."""
+    with pytest.raises(ConfigError, match=r"screen\.allowed_hosts: the screen listens on every interface"):
+        validate_model(RuntimeSettings, {"screen": {"host": "0.0.0.0", "tls_self_signed": True}}, source="r.yaml")
+    with pytest.raises(ConfigError, match=r"allowed_hosts\[0\]"):
+        validate_model(ScreenSettings, {"allowed_hosts": ["https://screen.plant.example"]}, source="r.yaml")
+
+    async def scenario() -> None:
+        evil = {"Host": "evil.example", "Origin": "http://evil.example"}
+        async with app_client(screen) as client:
+            assert (await client.get("/login", headers=evil)).status_code == 400
+            assert (await client.post("/login", data={"username": "olga", "password": "x"}, headers=evil)).status_code == 400
+            assert (await client.get("/login")).status_code == 200  # localhost, the default
+        named = ScreenSettings(allowed_hosts=("screen.plant.example",))
+        async with app_client(screen, named) as client:
+            assert (await client.get("/login", headers={"Host": "screen.plant.example"})).status_code == 200
+            assert (await client.get("/login", headers=evil)).status_code == 400
+
+    run(scenario())
 
 
 def test_a_runtime_config_s_certificate_paths_are_relative_to_it_and_must_exist(tmp_path):
@@ -525,7 +547,13 @@ def test_a_runtime_config_s_certificate_paths_are_relative_to_it_and_must_exist(
     (tmp_path / "pki").mkdir()
     (tmp_path / "pki" / "screen.pem").write_text("certificate")
     (tmp_path / "pki" / "screen-key.pem").write_text("key")
-    lines = [f"{name}: {path}" for name, path in files.items()] + ["history: history.sqlite", "screen:", "  host: 0.0.0.0", "  tls_certificate: pki/screen.pem"]
+    lines = [f"{name}: {path}" for name, path in files.items()] + [
+        "history: history.sqlite",
+        "screen:",
+        "  host: 0.0.0.0",
+        "  allowed_hosts: [screen.plant.example]",
+        "  tls_certificate: pki/screen.pem",
+    ]
     config = tmp_path / "runtime.yaml"
     config.write_text("\n".join([*lines, "  tls_key: pki/screen-key.pem", ""]))
     screen = load_runtime_config(config).config.screen

@@ -46,6 +46,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from controller.advisory import ApprovalRefusedError, MalformedSignatureError, Signer, check_signature_target
 from controller.modes import RequestedMode
@@ -159,6 +160,7 @@ def create_app(*, runtime: Runtime, users: UserStore, audit: AuditTrail, history
     proxies = settings.proxy_networks
     app = FastAPI(title="bioreactor-mpc", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.add_middleware(ScreenGuard, tls=settings.tls, allowed_origins=settings.allowed_origins)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.host_names))  # outermost: a foreign Host (DNS rebinding) gets 400 before anything
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     logins, signatures = LoginThrottle(), LoginThrottle()
     addresses = LoginThrottle(attempts=ADDRESS_ATTEMPTS)  # one client guessing a new user name each time is slowed too

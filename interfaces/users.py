@@ -45,6 +45,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -262,6 +263,12 @@ def _check_full_name(full_name: str) -> str:
     return text
 
 
+def _printed_key(full_name: str) -> str:
+    """What a reader of a printed signature sees: NFKC-normalised, case-folded, spaces collapsed (full-width letters, ligatures and
+    case do not make two names different). Look-alike letters of other scripts (Cyrillic а for Latin a) are not caught."""
+    return " ".join(unicodedata.normalize("NFKC", full_name).casefold().split())
+
+
 def _token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -338,6 +345,12 @@ class UserStore:
         check_password(password, policy=self.policy, user_name=name, full_name=full_name)
         if self._row(name) is not None:
             raise InvalidUserError(f"{self.path}: user {name!r} exists")
+        printed = _printed_key(full_name)
+        for other in self.users():
+            if _printed_key(other.full_name) == printed:
+                raise InvalidUserError(
+                    f"{self.path}: full name {full_name!r} reads as user {other.name!r}'s ({other.full_name!r}); a printed name on a signature must say who signed: add a middle initial or a department"
+                )
         return User(name, full_name, role, disabled=False)
 
     def add_user(self, name: str, *, full_name: str, role: Role | str, password: str, actor: str | None = None) -> User:

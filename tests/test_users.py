@@ -99,7 +99,7 @@ def test_names_roles_full_names_and_passwords_are_checked(store):
         with pytest.raises(InvalidUserError, match="user name"):
             store.add_user(name, full_name="A", role="viewer", password=PASSWORD)
     for name in ("al", "alice.martin", "op-2", "x_" + "a" * 30):
-        store.add_user(name, full_name="Someone", role="viewer", password=PASSWORD)
+        store.add_user(name, full_name=f"Someone {name}", role="viewer", password=PASSWORD)
     with pytest.raises(InvalidUserError, match="role 'admin': use one of viewer, operator, engineer, qa"):
         store.add_user("carol", full_name="Carol", role="admin", password=PASSWORD)
     with pytest.raises(InvalidUserError, match="full name is empty"):
@@ -328,3 +328,16 @@ def test_users_commands_apply_the_sites_password_policy_file(tmp_path, monkeypat
     policy.write_text("max_age_days: -1\n")
     with pytest.raises(ConfigError, match="password-policy.yaml: max_age_days"):
         _run("users", "list", "--history", str(path), "--password-policy", str(policy))
+
+
+def test_a_printed_name_that_reads_as_another_users_is_refused(tmp_path):
+    """helper-24: two users could sign with the same printed name (case, spaces, full-width letters), so a signature would not say who signed."""
+    from argon2 import PasswordHasher
+
+    cheap = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    with UserStore(tmp_path / "h.sqlite", password_hasher=cheap) as store:
+        store.add_user("amartin", full_name="Alice Martin", role="operator", password="correct horse battery")
+        for same in ("alice martin", "Alice  Martin ", "Ａｌｉｃｅ Martin"):
+            with pytest.raises(InvalidUserError, match="reads as user 'amartin'"):
+                store.add_user("alice2", full_name=same, role="operator", password="correct horse battery")
+        assert store.add_user("alice2", full_name="Alice B. Martin", role="operator", password="correct horse battery").full_name == "Alice B. Martin"

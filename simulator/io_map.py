@@ -18,9 +18,9 @@ Scaling of an analog channel (:class:`AnalogChannel`):
   underrange counts continue the line up to the module's limits
   (``raw_min``/``raw_max``, S7: −4864 = 1.185 mA and 32511 = 22.81 mA), and
   a current below the measurable range reads ``raw_underflow`` (S7: −32768).
-  The PLC takes a current below ``fault_below_ma`` (3.6 mA, NAMUR NE 43's
-  failure signal) or above ``fault_above_ma`` (21 mA) as a failed channel:
-  the value is Bad.
+  The PLC takes a current outside ``fault_below_ma``–``fault_above_ma``
+  (3.8–20.5 mA: NAMUR NE 43's measuring range; a transmitter signals its own
+  failure at ≤ 3.6 or ≥ 21 mA) as a failed channel: the value is Bad.
 
 This module imports no protocol library: loading and validating a map never
 starts a server.
@@ -68,8 +68,15 @@ class AnalogChannel(FrozenConfig):
     raw_max: int = Field(default=32511, ge=-32768, le=32767, description="highest counts the module shows before overflow (S7: 32511, 22.81 mA)")
     raw_underflow: int = Field(default=-32768, ge=-32768, le=32767, description="counts shown below the measurable range, a broken wire at 0 mA (S7: -32768)")
     raw_overflow: int = Field(default=32767, ge=-32768, le=32767, description="counts shown above the measurable range (S7: 32767)")
-    fault_below_ma: float = Field(default=3.6, ge=0.0, le=4.0, description="below this current the PLC takes the channel as failed (NAMUR NE 43: 3.6 mA)")
-    fault_above_ma: float = Field(default=21.0, ge=20.0, description="above this current the PLC takes the channel as failed (NAMUR NE 43: 21 mA)")
+    fault_below_ma: float = Field(
+        default=3.8,
+        ge=0.0,
+        le=4.0,
+        description="below this current the PLC takes the channel as failed (NAMUR NE 43's measuring range starts at 3.8 mA; a failed transmitter drives ≤ 3.6)",
+    )
+    fault_above_ma: float = Field(
+        default=20.5, ge=20.0, description="above this current the PLC takes the channel as failed (NAMUR NE 43's measuring range ends at 20.5 mA; failure ≥ 21)"
+    )
 
     @model_validator(mode="after")
     def _scaling(self) -> AnalogChannel:

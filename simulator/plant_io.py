@@ -44,9 +44,6 @@ from simulator.plc import online_values
 
 log = structlog.get_logger(__name__)
 
-PUMPS = ("feed_pump_lph", "glucose_pump_lph")
-FLOW_METER_OF_PUMP = {"feed_pump_lph": "feed_flow_lph", "glucose_pump_lph": "glucose_flow_lph"}
-
 
 @dataclass(frozen=True)
 class ActuatorCommand:
@@ -80,7 +77,8 @@ class PlantSimulator:
         """Every lab result the LIMS released, in order (``seq`` is the LIMS's count)."""
         self._stuck: dict[str, float] = {}
         self._frozen_raw: dict[str, float] = {}
-        self._delivered: dict[str, float] = dict.fromkeys(PUMPS, 0.0)
+        self._applied = np.zeros(3)
+        """The inputs over the last integrated stretch: what the pumps delivered, what the flow meters show."""
         self._started = False
 
     # ----------------------------------------------------------------- plant
@@ -95,11 +93,13 @@ class PlantSimulator:
             return
         if not self._started:
             self._started = True
-            self._events(command)
+            self._applied = self._plant_inputs(command)
+            self._events()
         while self.plant.minute < minute:
             stop = min(minute, self._next_event_minute())
-            self.plant.integrate(stop - self.plant.minute, self._plant_inputs(command))
-            self._events(command)
+            self._applied = self._plant_inputs(command)
+            self.plant.integrate(stop - self.plant.minute, self._applied)
+            self._events()
 
     def _next_event_minute(self) -> int:
         now = self.plant.minute
@@ -114,7 +114,7 @@ class PlantSimulator:
         later = [c for c in candidates if c > now]
         return min(later) if later else UINT32_MAX
 
-    def _events(self, command: ActuatorCommand) -> None:
+    def _events(self) -> None:
         now_h = self.plant.process_time_h
         strength = 1.0
         for fault in self._loaded.simulation.faults:
@@ -127,23 +127,25 @@ class PlantSimulator:
         for sample in self.lims.due(self.plant.minute):
             self.released.append(LabResult(**{**sample.result.__dict__, "seq": len(self.released) + 1}))
         media = self._loaded.batch.media
-        self.lims.draw_due(self.plant, self._plant_inputs(command), media.glucose_delivered_g(self.plant.feed_total_l, self.plant.glucose_feed_total_l))
+        self.lims.draw_due(self.plant, self._applied, media.glucose_delivered_g(self.plant.feed_total_l, self.plant.glucose_feed_total_l))
 
     def _plant_inputs(self, command: ActuatorCommand) -> np.ndarray:
-        """What reaches the culture: the commands, through stuck and degraded actuators."""
+        """What reaches the culture from now on: the commands, through stuck and degraded actuators.
+
+        A stuck actuator keeps what it did over the stretch before its fault began.
+        """
         now_h = self.plant.process_time_h
         values: dict[str, float] = {}
-        for channel in ("feed_pump_lph", "glucose_pump_lph", "temperature_setpoint_degc"):
+        for index, channel in enumerate(("feed_pump_lph", "glucose_pump_lph", "temperature_setpoint_degc")):
             value = command.value(channel)
             if self._actuator_stuck(channel):
-                value = self._stuck.setdefault(channel, value)
+                value = self._stuck.setdefault(channel, float(self._applied[index]) if self._started else value)
             else:
                 self._stuck.pop(channel, None)
             for fault in self.faults:
                 if isinstance(fault, PumpDegraded) and fault.channel == channel and fault.active(now_h):
                     value *= fault.delivery_fraction
             values[channel] = value
-        self._delivered = {pump: values[pump] for pump in PUMPS}
         return np.array([values["feed_pump_lph"], values["glucose_pump_lph"], values["temperature_setpoint_degc"]])
 
     def _actuator_stuck(self, channel: str) -> bool:
@@ -152,19 +154,19 @@ class PlantSimulator:
 
     # ---------------------------------------------------------------- inputs
 
-    def input_values(self, command: ActuatorCommand) -> dict[str, float]:
-        """What each of the PLC's inputs measures now, in engineering units (no I/O fault applied)."""
-        pv = online_values(self.plant, self._plant_inputs(command), self._loaded.simulation.noise.online, self._loaded.simulation.plc, self._online_rng, running=not self.harvested)
+    def input_values(self) -> dict[str, float]:
+        """What each of the PLC's inputs measures now, in engineering units (no I/O fault applied); the flow meters show the last stretch's flows."""
+        pv = online_values(self.plant, self._applied, self._loaded.simulation.noise.online, self._loaded.simulation.plc, self._online_rng, running=not self.harvested)
         values = {channel: pv[tag] for tag, channel in CHANNEL_OF_PV.items()}
-        for pump, meter in FLOW_METER_OF_PUMP.items():
-            values[meter] = self._delivered[pump]
+        values["feed_flow_lph"] = float(self._applied[0])
+        values["glucose_flow_lph"] = float(self._applied[1])
         return values
 
-    def raw_inputs(self, command: ActuatorCommand) -> dict[str, float | int]:
+    def raw_inputs(self) -> dict[str, float | int]:
         """The raw value of every mapped input in the PLC's scaling, with the I/O faults active now."""
         now_h = self.plant.process_time_h
         raw: dict[str, float | int] = {}
-        for channel, value in self.input_values(command).items():
+        for channel, value in self.input_values().items():
             spec: AnalogChannel | None = getattr(self._io.inputs, channel)
             if spec is None:
                 continue
@@ -268,7 +270,7 @@ async def run_plant_io(
             nonlocal released
             begun = time.monotonic()
             simulator.advance_to(minute, command)
-            raw = simulator.raw_inputs(command)
+            raw = simulator.raw_inputs()
             while released < len(simulator.released):
                 await io.write_lab_result(simulator.released[released])
                 released += 1

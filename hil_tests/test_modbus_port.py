@@ -64,9 +64,14 @@ def test_port_reads_writes_and_survives_a_lost_link(modbus_port_number):
             await port.write({"SP.FeedRate": 2.5, "SP.Temperature": 36.0, "MPC.Heartbeat": 7, "MPC.Mode": 2, "MPC.Rec.HarvestTime": 290.1})
             assert (plc.snapshot()["SP.FeedRate"].value, plc.heartbeat, plc.snapshot()["MPC.Mode"].value) == (2.5, 7, 2)
             assert plc.snapshot()["MPC.Rec.HarvestTime"].value == _float32(290.1)
+            # SP.GlucoseRate and SP.Temperature (holding registers 2-5) go in one request, which the PLC applies in address order
+            # up to the refused value: read back, SP.GlucoseRate counts as written and only SP.Temperature as refused.
             with pytest.raises(PlcWriteRefusedError) as refused:
                 await port.write({"SP.GlucoseRate": 0.5, "SP.Temperature": 99.0, "MPC.Mode": 9})
-            assert refused.value.refusals == {"SP.Temperature": "exception 3 (illegal data value)", "MPC.Mode": "exception 3 (illegal data value)"}
+            assert refused.value.refusals == {
+                "SP.Temperature": "exception 3 (illegal data value), answering the one request for holding registers 2-5 (SP.GlucoseRate, SP.Temperature)",
+                "MPC.Mode": "exception 3 (illegal data value)",
+            }
             assert plc.snapshot()["SP.GlucoseRate"].value == 0.5 and plc.snapshot()["SP.Temperature"].value == 36.0
             plc.set_operator_remote(False)
             with pytest.raises(PlcWriteRefusedError, match=r"SP.FeedRate: exception 4 \(server device failure\)"):

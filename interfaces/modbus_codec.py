@@ -3,7 +3,10 @@
 Pure functions over register values, so that the port (network) and the
 simulated PLC (server) share one encoding and it is tested without a socket.
 Number conversion is pymodbus's own (``convert_to_registers`` /
-``convert_from_registers``), in the map's word order.
+``convert_from_registers``) in each tag's word order: pymodbus's ``big`` for
+ABCD and BADC, ``little`` for CDAB and DCBA, and for BADC and DCBA the two
+bytes of every register swapped, which pymodbus does not offer
+(:func:`to_registers`, :func:`from_registers`).
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from pymodbus.client.mixin import ModbusClientMixin
 
 from interfaces.signals import SIGNALS
-from interfaces.tagmap import ModbusTag, ModbusTagMap
+from interfaces.tagmap import ModbusTag, ModbusTagMap, WordOrder
 
 _DATATYPE = ModbusClientMixin.DATATYPE
 _PYMODBUS_TYPES = {
@@ -27,8 +31,12 @@ _PYMODBUS_TYPES = {
     "int32": _DATATYPE.INT32,
     "string": _DATATYPE.STRING,
 }
+_PYMODBUS_WORD_ORDER: dict[WordOrder, Literal["big", "little"]] = {"ABCD": "big", "CDAB": "little", "BADC": "big", "DCBA": "little"}
+_BYTES_SWAPPED = frozenset({"BADC", "DCBA"})
 MAX_REGISTERS_PER_READ = 125
 MAX_BITS_PER_READ = 2000
+MAX_REGISTERS_PER_WRITE = 123
+"""Write multiple registers (function 16) carries at most 123 registers (Modbus application protocol v1.1b3, 6.12)."""
 
 
 class ModbusEncodingError(ValueError):
@@ -54,6 +62,39 @@ class EncodedWrite:
     address: int
     registers: tuple[int, ...] = ()
     bit: bool | None = None
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    """One Modbus write request and the signals it carries: adjacent holding registers (function 16) or one coil (function 5)."""
+
+    write: EncodedWrite
+    signals: tuple[str, ...]
+
+
+def write_requests(encoded: Mapping[str, EncodedWrite]) -> list[WriteRequest]:
+    """The fewest requests that write ``encoded``: signals in adjacent holding registers share one write-multiple-registers request.
+
+    In address order; a block stops at a gap and at the 123 registers one
+    request carries; a coil is a request of its own. A 32-bit value is never
+    split between requests.
+    """
+    requests: list[WriteRequest] = []
+    for name, write in sorted(encoded.items(), key=lambda item: (item[1].table, item[1].address)):
+        last = requests[-1] if requests else None
+        if (
+            last is not None
+            and write.bit is None
+            and last.write.bit is None
+            and last.write.table == write.table
+            and last.write.address + len(last.write.registers) == write.address
+            and len(last.write.registers) + len(write.registers) <= MAX_REGISTERS_PER_WRITE
+        ):
+            joined = EncodedWrite(write.table, last.write.address, registers=last.write.registers + write.registers)
+            requests[-1] = WriteRequest(joined, (*last.signals, name))
+        else:
+            requests.append(WriteRequest(write, (name,)))
+    return requests
 
 
 class ModbusLayout:
@@ -112,10 +153,9 @@ class ModbusLayout:
             bits = int(tag.type[-2:])
             low, high = (0, 2**bits - 1) if tag.type.startswith("u") else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
             if not (math.isfinite(raw) and low <= round(raw) <= high):
-                raise ModbusEncodingError(f"{name}: {value!r} is outside the range of {tag.type} [{low}, {high}]")
-            encoded = round(raw)
-        registers = ModbusClientMixin.convert_to_registers(encoded, _PYMODBUS_TYPES[tag.type], word_order=self.tag_map.word_order)
-        return EncodedWrite(tag.table, tag.address, registers=tuple(registers))
+                raise ModbusEncodingError(f"{name}: {value!r} is outside the range of {_range_text(tag, low, high)}")
+            encoded = round(raw)  # a scaled integer holds the nearest count
+        return EncodedWrite(tag.table, tag.address, registers=to_registers(encoded, tag.type, self.tag_map.word_order_of(tag)))
 
     # ------------------------------------------------------------------ decoding
 
@@ -126,9 +166,7 @@ class ModbusLayout:
         registers = [int(table[address]) for address in range(tag.address, tag.address + tag.register_count)]
         if tag.type == "string":
             return _text(registers)
-        value = ModbusClientMixin.convert_from_registers(registers, _PYMODBUS_TYPES[tag.type], word_order=self.tag_map.word_order)
-        assert isinstance(value, int | float)
-        return tag.to_engineering(value)
+        return tag.to_engineering(from_registers(registers, tag.type, self.tag_map.word_order_of(tag)))
 
     @staticmethod
     def _good(tag: ModbusTag, raw: Mapping[str, Mapping[int, int | bool]]) -> bool:
@@ -136,6 +174,35 @@ class ModbusLayout:
             return True
         register = int(raw[tag.bad_when.table][tag.bad_when.address])
         return not (register >> tag.bad_when.bit) & 1
+
+
+def to_registers(value: float | int, data_type: str, word_order: WordOrder) -> tuple[int, ...]:
+    """The registers, in address order, that carry a number of ``data_type`` (float32, int16, …) in ``word_order``."""
+    registers = ModbusClientMixin.convert_to_registers(value, _PYMODBUS_TYPES[data_type], word_order=_PYMODBUS_WORD_ORDER[word_order])
+    return tuple(_swap_bytes(registers) if word_order in _BYTES_SWAPPED else registers)
+
+
+def from_registers(registers: Sequence[int], data_type: str, word_order: WordOrder) -> float | int:
+    """The number of ``data_type`` that ``registers`` (in address order) carry in ``word_order``."""
+    ordered = _swap_bytes(registers) if word_order in _BYTES_SWAPPED else list(registers)
+    value = ModbusClientMixin.convert_from_registers(ordered, _PYMODBUS_TYPES[data_type], word_order=_PYMODBUS_WORD_ORDER[word_order])
+    if not isinstance(value, int | float):
+        raise TypeError(f"{data_type} decoded as {type(value).__name__}, not a number")
+    return value
+
+
+def _swap_bytes(registers: Sequence[int]) -> list[int]:
+    """Each register with its two bytes exchanged: what BADC and DCBA add to pymodbus's word orders."""
+    return [((register & 0xFF) << 8) | ((register >> 8) & 0xFF) for register in registers]
+
+
+def _range_text(tag: ModbusTag, low: int, high: int) -> str:
+    """``int16 [-32768, 32767]``, and for a scaled tag the engineering range: ``int16 [-32768, 32767] (× 0.1 + 0: [-3276.8, 3276.7])``."""
+    plain = f"{tag.type} [{low}, {high}]"
+    if not tag.scaled:
+        return plain
+    ends = sorted((tag.to_engineering(low), tag.to_engineering(high)))
+    return f"{plain} (× {tag.scale:g} + {tag.offset:g}: [{ends[0]:g}, {ends[1]:g}])"
 
 
 def _text(registers: Sequence[int]) -> str:

@@ -17,11 +17,15 @@
   reads NaN (its registers are meaningless), as over OPC UA.
 - :meth:`ModbusPort.write` encodes every value first (NaN, ±Inf, a value
   outside its register type and a non-writable signal are refused before
-  anything is sent), then sends one request per signal: write multiple
-  registers (function 16) for a register value, so that a 32-bit value always
-  arrives whole, write single coil (function 5) for a bit. An exception
-  response refuses that signal only; the others are still written. Accepted
-  values are read back and compared register by register.
+  anything is sent), then sends the fewest requests
+  (:func:`~interfaces.modbus_codec.write_requests`): one write multiple
+  registers (function 16) for each run of signals in adjacent holding
+  registers, so that a 32-bit value always arrives whole and adjacent
+  setpoints arrive together, write single coil (function 5) for a bit. An
+  exception response refuses that request only; the others are still sent.
+  Everything is read back: accepted values compared register by register,
+  and of a refused request of several signals those that hold what was
+  written count as written, the others as refused.
 - One request is in flight at a time (an :class:`asyncio.Lock`), each with a
   timeout. pymodbus's own retries and automatic reconnection are disabled: a
   write is never sent twice (a harvest request must not be repeated), and
@@ -42,7 +46,7 @@ from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ModbusPDU
 
 from controller.ports import PlcLinkError, PlcMappingError, PlcWriteMismatchError, PlcWriteRefusedError, Reading, Value
-from interfaces.modbus_codec import Block, EncodedWrite, ModbusLayout, registers_by_address
+from interfaces.modbus_codec import Block, EncodedWrite, ModbusLayout, WriteRequest, registers_by_address, write_requests
 from interfaces.signals import SIGNALS, Kind
 from interfaces.tagmap import ModbusTagMap
 from plant_models.errors import ConfigError
@@ -164,45 +168,56 @@ class ModbusPort:
         return readings
 
     async def write(self, values: Mapping[str, Value]) -> None:
-        """Write each signal with its own request and verify the accepted ones by reading them back.
+        """Write the signals in the fewest requests (adjacent holding registers in one) and verify them by reading back.
 
         Raises :class:`KeyError` (not a writable signal of this map) or
         :class:`ValueError` (not finite, wrong kind, outside its register
         type) before anything is sent; :class:`PlcWriteRefusedError` naming
-        every signal the PLC answered with an exception (the others were
-        written); :class:`PlcWriteMismatchError` when an accepted value reads
-        back differently; :class:`PlcLinkError` when the link failed (the
-        message says which signals were written, which is unknown and which
-        were not sent).
+        every signal the PLC did not take (the others were written: a request
+        the PLC answered with an exception is read back, and those of its
+        signals that hold the written registers count as written, as a PLC
+        that applies a request in address order up to the refused value
+        leaves them); :class:`PlcWriteMismatchError` when an accepted value
+        reads back differently; :class:`PlcLinkError` when the link failed
+        (the message says which signals were written, which are unknown and
+        which were not sent).
         """
         encoded = {name: self._layout.encode(name, value) for name, value in values.items()}
-        refusals: dict[str, str] = {}
+        requests = write_requests(encoded)
+        refused: list[tuple[WriteRequest, str]] = []
         written: list[str] = []
         async with self._lock:
-            for name, request in encoded.items():
-                unsent = [other for other in encoded if other not in written and other not in refusals]
+            for index, request in enumerate(requests):
+                refused_names = {name: reason for done, reason in refused for name in done.signals}
+                unsent = [name for later in requests[index + 1 :] for name in later.signals]
                 try:
                     client = self._link()
                 except PlcLinkError as error:
-                    raise PlcLinkError(f"{error}; {_progress(written, refusals, None, unsent)}") from error
+                    raise PlcLinkError(f"{error}; {_progress(written, refused_names, None, list(request.signals) + unsent)}") from error
                 try:
-                    response = await self._send(client, _write_call(request, self.tag_map.unit_id))
+                    response = await self._send(client, _write_call(request.write, self.tag_map.unit_id))
                 except PlcLinkError as error:
-                    raise PlcLinkError(f"{error}; {_progress(written, refusals, f'{name} ({_where(request)})', unsent[1:])}") from error
+                    raise PlcLinkError(f"{error}; {_progress(written, refused_names, _carried(request), unsent)}") from error
                 if response.isError():
-                    refusals[name] = exception_reason(_exception_code(response))
+                    refused.append((request, exception_reason(_exception_code(response))))
                 else:
-                    written.append(name)
-            if written:
+                    written.extend(request.signals)
+            refusals: dict[str, str] = {}
+            if written or any(len(request.signals) > 1 for request, _ in refused):
                 try:
                     raw = await self._read_blocks()
                 except PlcLinkError as error:
-                    raise PlcLinkError(f"{error}; written but not verified: {', '.join(written)}") from error
+                    unverified = written + [name for request, _ in refused for name in request.signals if len(request.signals) > 1]
+                    raise PlcLinkError(f"{error}; written but not verified: {', '.join(unverified)}") from error
                 mismatched = [name for name in written if not _holds(raw, encoded[name])]
                 if mismatched:
                     back = self._layout.decode(raw)
                     details = "; ".join(f"{name} ({_where(encoded[name])}) wrote {values[name]!r}, reads {back[name].value!r}" for name in mismatched)
                     raise PlcWriteMismatchError(f"{self.endpoint}: written values read back differently: {details}")
+                for request, reason in refused:
+                    refusals.update(_refused_signals(request, reason, raw, encoded))
+            else:
+                refusals = {name: reason for request, reason in refused for name in request.signals}
         if refusals:
             raise PlcWriteRefusedError(refusals)
 
@@ -347,8 +362,39 @@ def _holds(raw: RawTables, request: EncodedWrite) -> bool:
     return all(int(table[request.address + i]) == register for i, register in enumerate(request.registers))
 
 
+def _refused_signals(request: WriteRequest, reason: str, raw: RawTables, encoded: Mapping[str, EncodedWrite]) -> dict[str, str]:
+    """The signals of a request the PLC answered with an exception that it did not take, each with why.
+
+    A request of one signal refuses it. In a request of several, those that
+    read back as written were taken (a PLC applies such a request in address
+    order up to the refused value, or not at all); if every one reads back as
+    written, all are named: the PLC refused the request, whichever value it
+    meant.
+    """
+    if len(request.signals) == 1:
+        return {request.signals[0]: reason}
+    why = f"{reason}, answering the one request for {_request_span(request)} ({', '.join(request.signals)})"
+    taken = [name for name in request.signals if _holds(raw, encoded[name])]
+    if len(taken) == len(request.signals):
+        return dict.fromkeys(request.signals, why)
+    return {name: why for name in request.signals if name not in taken}
+
+
+def _carried(request: WriteRequest) -> str:
+    """The signals of a request and where: ``SP.FeedRate, SP.GlucoseRate (holding registers 0-3)``."""
+    return f"{', '.join(request.signals)} ({_request_span(request)})"
+
+
 def _where(request: EncodedWrite) -> str:
+    """Where a signal's value starts: ``holding register 4``."""
     return f"{_TABLE_NAMES[request.table]} {request.address}"
+
+
+def _request_span(request: WriteRequest) -> str:
+    """Where a request writes: ``holding register 4`` for one signal, ``holding registers 0-5`` for several."""
+    if len(request.signals) == 1:
+        return _where(request.write)
+    return _span(Block(request.write.table, request.write.address, len(request.write.registers)))
 
 
 def _span(block: Block) -> str:

@@ -35,6 +35,11 @@ SecurityPolicyName = Literal["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_
 OpcUaType = Literal["double", "float", "uint32", "int32", "uint16", "int16", "boolean", "string"]
 ModbusType = Literal["float32", "float64", "uint16", "int16", "uint32", "int32", "string", "bool"]
 ModbusTable = Literal["input", "holding", "coil", "discrete"]
+WordOrder = Literal["ABCD", "CDAB", "BADC", "DCBA"]
+"""The byte order of a 16-, 32- or 64-bit value over its registers, A the most significant byte, in address order."""
+ModbusWordOrder = Literal["ABCD", "CDAB", "BADC", "DCBA", "big", "little"]
+"""A :data:`WordOrder`, or pymodbus's names for the first two: ``big`` is ABCD, ``little`` CDAB."""
+_WORD_ORDERS: dict[ModbusWordOrder, WordOrder] = {"ABCD": "ABCD", "CDAB": "CDAB", "BADC": "BADC", "DCBA": "DCBA", "big": "ABCD", "little": "CDAB"}
 
 _TYPES_FOR_KIND: dict[Kind, frozenset[str]] = {
     Kind.REAL: frozenset({"double", "float", "float32", "float64", "uint32", "int32", "uint16", "int16"}),
@@ -180,14 +185,21 @@ class QualityBit(FrozenConfig):
 class ModbusTag(_Scaled):
     table: ModbusTable = Field(description="input registers, holding registers, coils or discrete inputs")
     address: int = Field(ge=0, le=65535, description="first register or bit, zero-based")
-    type: ModbusType = Field(description="encoding: 32/64-bit values span 2/4 registers in the map's word order")
+    type: ModbusType = Field(description="encoding: 32/64-bit values span 2/4 registers in the tag's (or the map's) word_order")
     length: int | None = Field(default=None, ge=2, le=240, description="characters, for type 'string' (two per register)")
     bad_when: QualityBit | None = Field(default=None, description="the quality bit that marks this value Bad")
+    word_order: ModbusWordOrder | None = Field(
+        default=None,
+        description="this value's byte order over its registers, A the most significant byte: ABCD (big), CDAB (little: low word first), "
+        "BADC or DCBA (bytes swapped in each register, a 16-bit value too); default: the map's word_order",
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> ModbusTag:
         if self.length is not None and self.type != "string":
             raise FieldError("length", self.length, f"applies to type 'string' only, not '{self.type}'")
+        if self.word_order is not None and self.type in ("bool", "string"):
+            raise FieldError("word_order", self.word_order, f"applies to numbers only, not '{self.type}' (a string's characters run in address order)")
         last = self.address + self.register_count - 1
         if last > 65535:
             raise FieldError("address", self.address, f"leaves no room for the {self.register_count} registers of a {self.type} (the last address is 65535)")
@@ -381,8 +393,16 @@ class ModbusTagMap(FrozenConfig):
     host: str = Field(min_length=1, description="PLC host name or address")
     port: int = Field(default=502, ge=1, le=65535, description="TCP port")
     unit_id: int = Field(default=1, ge=0, le=255, description="Modbus unit (slave) id")
-    word_order: Literal["big", "little"] = Field(default="big", description="'big': high word first (ABCD)")
+    word_order: ModbusWordOrder = Field(
+        default="big",
+        description="the byte order of every number that does not give its own: ABCD or 'big' (high word first), CDAB or 'little' (low word first), "
+        "BADC, DCBA (bytes swapped in each register, 16-bit values too)",
+    )
     tags: dict[str, ModbusTag]
+
+    def word_order_of(self, tag: ModbusTag) -> WordOrder:
+        """A tag's byte order: its own ``word_order``, or the map's; ``big`` and ``little`` as ABCD and CDAB."""
+        return _WORD_ORDERS[tag.word_order or self.word_order]
 
     @model_validator(mode="after")
     def _consistent(self) -> ModbusTagMap:

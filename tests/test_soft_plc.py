@@ -1,0 +1,92 @@
+"""The soft PLC and plant-sim's core, coupled in one process through the I/O map's scaling: the split against the all-in-one simulated PLC."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from controller.types import LAB_FIELDS, PHASE_HARVESTED, PHASE_RUNNING
+from simulator.batch import kpis_of, run_recipe_batch
+from simulator.config import load_simulation
+from simulator.io_faults import IoFault, WireBreak
+from simulator.io_map import IoMap, load_io_map
+from simulator.plant import MINUTES_PER_HOUR
+from simulator.plant_io import ActuatorCommand, PlantSimulator
+from simulator.soft_plc import SoftPlc
+
+REPO = Path(__file__).resolve().parent.parent
+IO_MAP = load_io_map(REPO / "configs" / "io" / "soft-plc-opcua.yaml")
+PLATFORM = REPO / "configs" / "simulate" / "platform.yaml"
+
+
+def _command(io_map: IoMap, outputs: dict[str, float | bool]) -> ActuatorCommand:
+    """The PLC's outputs as plant-sim reads them: through the output channels' scaling (4–20 mA counts) and back."""
+    channels = io_map.outputs
+    values = [
+        spec.to_engineering(spec.to_raw(float(outputs[name])))[0]
+        for name, spec in (
+            ("feed_pump_lph", channels.feed_pump_lph),
+            ("glucose_pump_lph", channels.glucose_pump_lph),
+            ("temperature_setpoint_degc", channels.temperature_setpoint_degc),
+        )
+    ]
+    return ActuatorCommand(values[0], values[1], values[2], bool(outputs["harvest_valve"]))
+
+
+def _lims_tags(simulator: PlantSimulator) -> dict[str, float]:
+    if not simulator.released:
+        return {"seq": 0.0, "taken_at_h": math.nan, **dict.fromkeys(LAB_FIELDS, math.nan)}
+    result = simulator.released[-1]
+    return {"seq": float(result.seq), "taken_at_h": result.taken_at_h, **{name: getattr(result, name) for name in LAB_FIELDS}}
+
+
+def _local_batch(faults: tuple[IoFault, ...] = ()) -> tuple[SoftPlc, PlantSimulator]:
+    """A recipe batch (the operator's switch in local) stepped as soft-plc and plant-sim step it in virtual time, without the network."""
+    loaded = load_simulation(PLATFORM)
+    plc = SoftPlc(batch=loaded.batch, simulation=loaded.simulation, io_map=IO_MAP)
+    plc.set_operator_remote(False)
+    simulator = PlantSimulator(loaded, IO_MAP, faults)
+
+    def scan(minute: int) -> None:
+        simulator.advance_to(minute, _command(IO_MAP, plc.outputs()))
+        plc.scan(minute, simulator.raw_inputs(), _lims_tags(simulator))
+
+    scan(0)
+    for _ in range(100_000):
+        if plc.phase != PHASE_RUNNING:
+            break
+        scan(plc.next_event_minute())
+    simulator.advance_to(plc.minute, _command(IO_MAP, plc.outputs()))
+    return plc, simulator
+
+
+def test_the_split_plc_and_plant_run_the_recipe_batch_of_the_all_in_one_plc():
+    plc, simulator = _local_batch()
+    all_in_one = run_recipe_batch(load_simulation(PLATFORM))
+    assert simulator.harvested and plc.phase == PHASE_HARVESTED and plc.harvest_reason == all_in_one.harvest_reason == "local recipe"
+    assert plc.process_time_h == all_in_one.kpis.harvest_time_h
+    # One lab, one seed: the same draws, released at the same times, reach the PLC.
+    assert [r.taken_at_h for r in plc.published] == [r.taken_at_h for r in all_in_one.lab_results]
+    # The PLC's recipe sees the load cell (1 L noise, 0.09 L a count) where the all-in-one PLC sees the true volume: the glucose rates differ by that much.
+    score = kpis_of(simulator.plant.trajectory(), load_simulation(PLATFORM).batch).score_g_per_day
+    assert score == pytest.approx(all_in_one.kpis.score_g_per_day, rel=0.005)
+    # The PLC's totalisers integrate the flow meters; the flows are constant between scans, so they are exact up to the meters' counts.
+    resolution_l = plc.process_time_h * 20.0 / 27648
+    assert plc.feed_total_l == pytest.approx(simulator.plant.feed_total_l, abs=resolution_l)
+    assert plc.glucose_feed_total_l == pytest.approx(simulator.plant.glucose_feed_total_l, abs=resolution_l)
+
+
+def test_a_wire_break_reads_bad_and_the_recipe_keeps_the_last_good_volume():
+    plc, simulator = _local_batch((WireBreak(kind="wire_break", channel="volume_l", current_ma=0.0, start_h=100.0, end_h=101.0),))
+    assert plc.phase == PHASE_HARVESTED
+    fresh = SoftPlc(batch=load_simulation(PLATFORM).batch, simulation=load_simulation(PLATFORM).simulation, io_map=IO_MAP)
+    fresh.scan(0, {"volume_l": IO_MAP.inputs.volume_l.counts_of_current(0.0), "temperature_degc": IO_MAP.inputs.temperature_degc.counts_of_current(3.6)})
+    scan = fresh.snapshot()
+    assert not scan["PV.Volume"].good and not scan["PV.Temperature"].good
+    assert fresh.recipe_volume_l() == load_simulation(PLATFORM).batch.inoculation.volume_l, "no good reading yet: the inoculation volume"
+    fresh.scan(60, {"volume_l": IO_MAP.inputs.volume_l.to_raw(1402.0)})
+    fresh.scan(120, {"volume_l": IO_MAP.inputs.volume_l.counts_of_current(0.0)})
+    assert fresh.recipe_volume_l() == pytest.approx(1402.0, abs=0.1), "a broken load cell: the last good volume"
+    assert fresh.minute == 2 * MINUTES_PER_HOUR

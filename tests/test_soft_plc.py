@@ -78,9 +78,12 @@ def test_the_split_plc_and_plant_run_the_recipe_batch_of_the_all_in_one_plc():
     assert plc.glucose_feed_total_l == pytest.approx(simulator.plant.glucose_feed_total_l, abs=resolution_l)
 
 
+def test_a_recipe_batch_with_a_broken_load_cell_runs_to_its_harvest():
+    plc, simulator = _local_batch((WireBreak(kind="wire_break", channel="volume_l", current_ma=0.0, start_h=100.0, end_h=130.0),))
+    assert plc.phase == PHASE_HARVESTED and plc.harvest_reason == "local recipe" and simulator.harvested
+
+
 def test_a_wire_break_reads_bad_and_the_recipe_keeps_the_last_good_volume():
-    plc, simulator = _local_batch((WireBreak(kind="wire_break", channel="volume_l", current_ma=0.0, start_h=100.0, end_h=101.0),))
-    assert plc.phase == PHASE_HARVESTED
     fresh = SoftPlc(batch=load_simulation(PLATFORM).batch, simulation=load_simulation(PLATFORM).simulation, io_map=IO_MAP)
     fresh.scan(0, {"volume_l": IO_MAP.inputs.volume_l.counts_of_current(0.0), "temperature_degc": IO_MAP.inputs.temperature_degc.counts_of_current(3.6)})
     scan = fresh.snapshot()

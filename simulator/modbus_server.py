@@ -22,8 +22,14 @@ logic, and a refused write leaves the old value:
 
 A request that covers several signals is applied in address order and stops
 at the first refused one, whose exception it answers; the signals before it
-stay written (Modbus has no per-value status; the runtime's port sends one
-request per signal).
+stay written (Modbus has no per-value status; the runtime's port writes
+adjacent signals in one request and reads back which of them were taken).
+
+The encoding is the tag map's, whatever it is: each tag's word order (ABCD,
+CDAB, BADC, DCBA), scaled 16- and 32-bit integers (raw = (engineering value
+− offset) / scale, rounded), its own addresses. Serving another PLC's layout
+is a matter of passing its map (``plc-sim --tag-map``); a value its integer
+register cannot carry is published as 0 with its quality bit set.
 
 pymodbus (3.16) keeps a server's registers in its own runtime built from
 :class:`~pymodbus.simulator.SimDevice` blocks and offers one hook into them:

@@ -39,7 +39,12 @@ def add_parsers(commands: Any) -> None:
     clock.add_argument("--time-scale", type=float, default=None, help="run free, this many plant seconds per wall second")
     soft.add_argument("--scan-period-s", type=float, default=0.05, help="free-running: wall seconds between scans (default 0.05)")
     soft.add_argument("--lockstep-timeout-s", type=float, default=30.0, help="wall seconds a lockstep pause waits for the heartbeat (default 30)")
-    soft.add_argument("--plant-timeout-s", type=float, default=10.0, help="lockstep: wall seconds a scan waits for plant-sim's answer before it counts as missed (default 10)")
+    soft.add_argument(
+        "--plant-timeout-s",
+        type=float,
+        default=10.0,
+        help="lockstep: wall seconds a scan waits for plant-sim's answer before it counts as missed; free-running: how long the batch waits for plant-sim to start (default 10)",
+    )
     soft.add_argument("--local", action="store_true", help="the operator's switch in local: the PLC runs its own recipe")
     soft.add_argument("--linger-s", type=float, default=3.0, help="keep serving this long after harvest (default 3)")
     soft.add_argument("--summary", type=Path, default=None, help="write scans, missed scans and scan times as JSON here at the end")
@@ -104,7 +109,7 @@ def run_soft_plc(args: argparse.Namespace, console: Console) -> int:
                 if args.time_scale is None:
                     await runner.run_lockstep(wall_timeout_s=args.lockstep_timeout_s, plant_timeout_s=args.plant_timeout_s)
                 else:
-                    await runner.run_free(time_scale=args.time_scale, scan_period_s=args.scan_period_s)
+                    await runner.run_free(time_scale=args.time_scale, scan_period_s=args.scan_period_s, plant_timeout_s=args.plant_timeout_s)
                 console.print(f"batch ended at {plc.process_time_h:.2f} h: {plc.harvest_reason}; scans {runner.scans}, missed {runner.missed_scans}")
                 await asyncio.sleep(max(0.0, args.linger_s))
             finally:

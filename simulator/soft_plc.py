@@ -282,11 +282,21 @@ class SoftPlcRunner:
         await self.io.write_outputs(self.plc.outputs(), plc_minute=self.plc.minute)
         await self.reference.publish()
 
-    async def run_free(self, *, time_scale: float, scan_period_s: float = 0.05) -> None:
-        """A scan every ``scan_period_s`` on the batch clock ``elapsed × time_scale``; overruns are missed scans, counted."""
+    async def run_free(self, *, time_scale: float, scan_period_s: float = 0.05, plant_timeout_s: float = 60.0) -> None:
+        """A scan every ``scan_period_s`` on the batch clock ``elapsed × time_scale``; overruns are missed scans, counted.
+
+        With the I/O map's clock section the batch starts (the clock at 0)
+        when plant-sim first answers, or after ``plant_timeout_s`` without it,
+        so the PLC's and the plant's clocks start within one exchange of each other.
+        """
         if not time_scale > 0.0:
             raise ValueError(f"time_scale must be positive, got {time_scale}")
         self.plc.lockstep = False
+        await self.reference.publish()
+        if self.io.io_map.clock is not None:
+            deadline = time.monotonic() + plant_timeout_s
+            while await self.io.plant_minute() == NOT_YET and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
         started = time.monotonic()
         tick = 0
         while self.plc.phase == PHASE_RUNNING:

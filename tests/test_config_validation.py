@@ -24,6 +24,7 @@ from plant_models.config_loading import read_yaml_mapping
 from plant_models.errors import ConfigError
 from plant_models.parameters import CultureParameters
 from simulator.config import load_simulation
+from simulator.io_map import load_io_map
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -261,5 +262,6 @@ def test_every_shipped_config_loads(path):
         "plc": load_tag_map,
         "runtime": load_runtime_config,
         "simulate": load_simulation,
+        "io": load_io_map,
     }
     assert loaders[path.parent.name](path) is not None

@@ -26,7 +26,7 @@ from bioreactor_mpc.demo import free_port, wait_for_listener
 REPO = Path(__file__).resolve().parent.parent
 PLATFORM_BATCH = REPO / "configs" / "batch" / "platform.yaml"
 NOMINAL_MODEL = REPO / "configs" / "model" / "cho_nominal.yaml"
-RUNTIME_CONFIG = REPO / "configs" / "runtime" / "reference-opcua.yaml"
+RUNTIME_CONFIGS = {protocol: REPO / "configs" / "runtime" / f"reference-{protocol}.yaml" for protocol in ("opcua", "modbus")}
 IO_MAP = REPO / "configs" / "io" / "soft-plc-opcua.yaml"
 
 
@@ -64,23 +64,26 @@ class HilRun:
     directory: Path
 
 
-def run_three_processes(directory: Path, simulation: Path, *, faults: tuple[str, ...] = (), timeout_s: float = 240.0, stop_at_h: float | None = None) -> HilRun:
+def run_three_processes(
+    directory: Path, simulation: Path, *, faults: tuple[str, ...] = (), timeout_s: float = 240.0, stop_at_h: float | None = None, protocol: str = "opcua"
+) -> HilRun:
     """One batch: runtime in closed loop ⇄ soft PLC (lockstep, virtual time) ⇄ plant-sim, each its own process (and process group).
 
     ``stop_at_h``: stop the runtime (SIGTERM, as an operator would) once its
     history holds that cycle, and end the batch there instead of at harvest.
     """
     reference_port, io_port = free_port(), free_port()
-    reference_endpoint = f"opc.tcp://127.0.0.1:{reference_port}/bioreactor-mpc/"
+    reference_endpoint = f"opc.tcp://127.0.0.1:{reference_port}/bioreactor-mpc/" if protocol == "opcua" else f"127.0.0.1:{reference_port}"
     io_endpoint = f"opc.tcp://127.0.0.1:{io_port}/soft-plc-io/"
-    config = yaml.safe_load(RUNTIME_CONFIG.read_text())
+    runtime_template = RUNTIME_CONFIGS[protocol]
+    config = yaml.safe_load(runtime_template.read_text())
     for key in ("tag_map", "model"):
-        config[key] = str((RUNTIME_CONFIG.parent / config[key]).resolve())
+        config[key] = str((runtime_template.parent / config[key]).resolve())
     config.update(batch=str(PLATFORM_BATCH), history=str(directory / "history.sqlite"), poll_interval_s=0.01, monitoring={"port": 0})
     runtime_config = directory / "runtime.yaml"
     runtime_config.write_text(yaml.safe_dump(config))
     cli = [sys.executable, "-m", "bioreactor_mpc", "--log-json"]
-    soft_plc = ["soft-plc", "--scenario", str(simulation), "--endpoint", reference_endpoint, "--io", str(IO_MAP), "--io-endpoint", io_endpoint]
+    soft_plc = ["soft-plc", "--protocol", protocol, "--scenario", str(simulation), "--endpoint", reference_endpoint, "--io", str(IO_MAP), "--io-endpoint", io_endpoint]
     soft_plc += ["--summary", str(directory / "soft-plc.json"), "--linger-s", "2"]
     plant_sim = ["plant-sim", "--io", str(IO_MAP), "--io-endpoint", io_endpoint, "--scenario", str(simulation), "--report-dir", str(directory), "--report-stem", "plant"]
     plant_sim += ["--wall-timeout-s", str(timeout_s), *(argument for fault in faults for argument in ("--fault", fault))]

@@ -52,6 +52,14 @@ def test_three_process_batches_of_other_truths_score_as_the_all_in_one_simulatio
     _score_agrees(run_three_processes(tmp_path, simulation, timeout_s=600.0), simulation)
 
 
+def test_the_soft_plc_serves_the_runtime_over_modbus_too(tmp_path):
+    run = run_three_processes(tmp_path, scenario(tmp_path), timeout_s=120.0, stop_at_h=12.0, protocol="modbus")
+    with sqlite3.connect(run.history) as db:
+        states = [state for (state,) in db.execute("SELECT state FROM cycles WHERE process_time_h >= 1 ORDER BY process_time_h")]
+        outcomes = {outcome for (outcome,) in db.execute("SELECT outcome FROM writes")}
+    assert len(states) >= 11 and set(states) == {"closed_loop"} and outcomes == {"ok"}, "every write accepted by the soft PLC"
+
+
 # ------------------------------------------------------------------ I/O faults
 
 FAULTS = (

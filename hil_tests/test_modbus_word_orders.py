@@ -21,10 +21,11 @@ from typing import Any
 
 import pytest
 from pyModbusTCP.client import ModbusClient
+from pyModbusTCP.constants import EXP_DATA_ADDRESS
 from pyModbusTCP.server import DataBank, DataHandler, ModbusServer
 from runtime_harness import free_port
 
-from controller.ports import PlcWriteRefusedError
+from controller.ports import PlcMappingError, PlcWriteRefusedError
 from interfaces.modbus_port import ModbusPort
 from interfaces.signals import SIGNALS
 from interfaces.tagmap import ModbusTagMap, load_tag_map
@@ -273,3 +274,70 @@ def test_the_port_reads_and_writes_a_plc_that_is_not_pymodbus(modbus_port_number
         (26, [0x0000, 0x4391, 0x40B0, 0x0000]),  # 290.0 (43 91 00 00) low word first, 5.5 (40 B0 00 00) high word first (its own order)
     ]
     assert bank.get_holding_registers(0, 3) == [2500, 500, 3650]
+
+
+class _StrictHandler(DataHandler):
+    """pyModbusTCP's data handler for a PLC that answers exception 2 to a read touching a register it does not map."""
+
+    def __init__(self, data_bank: DataBank, mapped: dict[str, set[int]]) -> None:
+        super().__init__(data_bank)
+        self.mapped = mapped
+        self.reads: list[tuple[str, int, int]] = []
+
+    def _read(self, table: str, address: int, count: int, srv_info: Any, read: Any) -> Any:
+        self.reads.append((table, address, count))
+        if not set(range(address, address + count)) <= self.mapped[table]:
+            return DataHandler.Return(exp_code=EXP_DATA_ADDRESS)
+        return read(address, count, srv_info)
+
+    def read_i_regs(self, address: int, count: int, srv_info: Any) -> Any:
+        return self._read("input", address, count, srv_info, super().read_i_regs)
+
+    def read_h_regs(self, address: int, count: int, srv_info: Any) -> Any:
+        return self._read("holding", address, count, srv_info, super().read_h_regs)
+
+
+def test_a_plc_that_refuses_unmapped_registers_is_read_run_by_run_when_the_map_says_so(modbus_port_number):
+    mapped: dict[str, set[int]] = {"input": set(), "holding": set()}
+    for tag in EXAMPLE.tags.values():
+        if tag.table in mapped:
+            mapped[tag.table].update(range(tag.address, tag.address + tag.register_count))
+        if tag.bad_when is not None:
+            mapped[tag.bad_when.table].add(tag.bad_when.address)
+    bank = DataBank()
+    bank.set_input_registers(4, [0x0000, 0x44AF])  # PV.Volume 1400.0, low word first
+    handler = _StrictHandler(bank, mapped)
+    server = ModbusServer(host="127.0.0.1", port=modbus_port_number, no_block=True, data_hdl=handler)
+    server.start()
+    run_by_run = EXAMPLE.model_copy(update={"read_across_gaps": False})
+
+    async def scenario() -> None:
+        # Read as one block per table, the gaps (input 23, 42-45, 48-49; holding 3-9, 13-19) are refused: named at connect.
+        port = ModbusPort(EXAMPLE, port=modbus_port_number, timeout_s=2.0)
+        with pytest.raises(PlcMappingError) as refused:
+            await port.connect()
+        assert set(refused.value.problems) == {"input registers 0-57", "holding registers 0-29"}
+        assert all("read_across_gaps: false" in problem for problem in refused.value.problems.values())
+        # Run by run it fits: one request per run of adjacent mapped registers.
+        port = ModbusPort(run_by_run, port=modbus_port_number, timeout_s=2.0)
+        try:
+            await port.connect()
+            handler.reads.clear()
+            readings = await port.read()
+            assert readings["PV.Volume"].value == 1400.0
+            assert sorted(handler.reads) == [
+                ("holding", 0, 3),
+                ("holding", 10, 3),
+                ("holding", 20, 10),
+                ("input", 0, 23),
+                ("input", 24, 18),
+                ("input", 46, 2),
+                ("input", 50, 8),
+            ]
+        finally:
+            await port.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    finally:
+        server.stop()

@@ -105,18 +105,24 @@ class ModbusLayout:
         self._tags = dict(tag_map.tags)
 
     def blocks(self) -> list[Block]:
-        """One contiguous read per table that covers every mapped value and quality register (split at protocol limits)."""
-        spans: dict[str, list[int]] = {}
+        """The reads that cover every mapped value and quality register, split at the protocol's limits.
+
+        One per table, from its first to its last mapped address; with the
+        map's ``read_across_gaps`` false, one per run of adjacent mapped
+        addresses instead.
+        """
+        spans: dict[str, set[int]] = {}
         for tag in self._tags.values():
-            spans.setdefault(tag.table, []).extend(range(tag.address, tag.address + tag.register_count))
+            spans.setdefault(tag.table, set()).update(range(tag.address, tag.address + tag.register_count))
             if tag.bad_when is not None:
-                spans.setdefault(tag.bad_when.table, []).append(tag.bad_when.address)
+                spans.setdefault(tag.bad_when.table, set()).add(tag.bad_when.address)
         blocks = []
         for table, addresses in sorted(spans.items()):
             limit = MAX_BITS_PER_READ if table in ("coil", "discrete") else MAX_REGISTERS_PER_READ
-            first, last = min(addresses), max(addresses)
-            for start in range(first, last + 1, limit):
-                blocks.append(Block(table, start, min(limit, last + 1 - start)))
+            runs = _runs(sorted(addresses)) if not self.tag_map.read_across_gaps else [(min(addresses), max(addresses))]
+            for first, last in runs:
+                for start in range(first, last + 1, limit):
+                    blocks.append(Block(table, start, min(limit, last + 1 - start)))
         return blocks
 
     def decode(self, raw: Mapping[str, Mapping[int, int | bool]]) -> dict[str, DecodedValue]:
@@ -174,6 +180,17 @@ class ModbusLayout:
             return True
         register = int(raw[tag.bad_when.table][tag.bad_when.address])
         return not (register >> tag.bad_when.bit) & 1
+
+
+def _runs(addresses: Sequence[int]) -> list[tuple[int, int]]:
+    """The first and last address of each run of consecutive ``addresses`` (sorted)."""
+    runs: list[tuple[int, int]] = []
+    for address in addresses:
+        if runs and runs[-1][1] + 1 == address:
+            runs[-1] = (runs[-1][0], address)
+        else:
+            runs.append((address, address))
+    return runs
 
 
 def to_registers(value: float | int, data_type: str, word_order: WordOrder) -> tuple[int, ...]:

@@ -10,7 +10,9 @@
   types and no access rights to ask for: a register that exists but holds
   something else, or refuses writes, is not found here.
 - :meth:`ModbusPort.read` reads the tag map's blocks (one request per Modbus
-  table, split at the protocol's limits: :meth:`ModbusLayout.blocks`) and
+  table, or per run of adjacent mapped registers where the map says
+  ``read_across_gaps: false``, split at the protocol's limits:
+  :meth:`ModbusLayout.blocks`) and
   decodes every mapped signal with the shared codec. Modbus carries no
   timestamps (``source_time`` is None); a value whose quality bit is set reads
   Bad, so does a non-finite real that has no quality bit, and a Bad real
@@ -279,7 +281,8 @@ class ModbusPort:
             if not found:
                 found = {
                     _span(block): f"answered {exception_reason(code)}, though each mapped signal in it reads alone: "
-                    "the PLC does not serve the unmapped addresses between them, which the port reads as one block"
+                    "the PLC does not serve the unmapped addresses between them, which the port reads as one block "
+                    "(read_across_gaps: false in the tag map reads each run of adjacent signals alone)"
                 }
             for name, problem in found.items():
                 problems[name] = f"{problems[name]}; {problem}" if name in problems else problem

@@ -398,6 +398,11 @@ class ModbusTagMap(FrozenConfig):
         description="the byte order of every number that does not give its own: ABCD or 'big' (high word first), CDAB or 'little' (low word first), "
         "BADC, DCBA (bytes swapped in each register, 16-bit values too)",
     )
+    read_across_gaps: bool = Field(
+        default=True,
+        description="true: read each table in one request, the unmapped registers between signals included (the fewest requests); "
+        "false, for a PLC that refuses to read unmapped addresses: one request per run of adjacent mapped registers",
+    )
     tags: dict[str, ModbusTag]
 
     def word_order_of(self, tag: ModbusTag) -> WordOrder:

@@ -180,3 +180,20 @@ def test_the_example_map_loads_with_its_word_orders_and_scales():
     layout = ModbusLayout(tag_map)
     requests = write_requests({name: layout.encode(name, value) for name, value in {"SP.FeedRate": 2.5, "SP.GlucoseRate": 0.5, "SP.Temperature": 36.5}.items()})
     assert [(r.write.address, r.write.registers) for r in requests] == [(0, (2500, 500, 3650))]
+
+
+def test_reads_cover_each_table_in_one_request_or_run_by_run_when_the_map_says_so():
+    across = ModbusLayout(_map({}))
+    assert [(b.table, b.start, b.count) for b in across.blocks()] == [("coil", 0, 1), ("discrete", 0, 3), ("holding", 0, 30), ("input", 0, 78)]
+    runs = ModbusLayout(_map({}, read_across_gaps=False))
+    assert [(b.table, b.start, b.count) for b in runs.blocks()] == [
+        ("coil", 0, 1),
+        ("discrete", 0, 3),
+        ("holding", 0, 6),  # the setpoints
+        ("holding", 10, 3),  # heartbeat and mode
+        ("holding", 20, 10),  # the recommendation
+        ("input", 0, 24),  # online values and the process time
+        ("input", 30, 18),  # the lab result
+        ("input", 60, 5),  # Sample.Seq, Status.Phase and the two quality registers
+        ("input", 70, 8),  # Status.BatchId
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from controller.types import LAB_FIELDS, PHASE_HARVESTED, PHASE_RUNNING
@@ -93,3 +94,31 @@ def test_a_wire_break_reads_bad_and_the_recipe_keeps_the_last_good_volume():
     fresh.scan(120, {"volume_l": IO_MAP.inputs.volume_l.counts_of_current(0.0)})
     assert fresh.recipe_volume_l() == pytest.approx(1402.0, abs=0.1), "a broken load cell: the last good volume"
     assert fresh.minute == 2 * MINUTES_PER_HOUR
+
+
+@pytest.mark.parametrize("scenario", ["platform", "faults"])
+def test_plant_sim_given_the_all_in_one_plc_s_outputs_is_the_all_in_one_plant_exactly(scenario):
+    """plant-sim's plant and lab are plc-sim's own: replaying the all-in-one batch's inputs reproduces its plant and lab results.
+
+    To rounding only: each integrates in stretches between its own events, and a stretch restarts the model's clock from its minute.
+    """
+    loaded = load_simulation(REPO / "configs" / "simulate" / f"{scenario}.yaml")
+    all_in_one = run_recipe_batch(loaded)
+    inputs = all_in_one.trajectory.inputs
+    minutes = np.rint(all_in_one.trajectory.time_h * MINUTES_PER_HOUR).astype(int)
+    simulator = PlantSimulator(loaded, IO_MAP)
+    # Row i holds the input applied over (minute i-1, minute i]: step to every minute where it changes, with the input before it.
+    changes = [i for i in range(2, len(minutes)) if not np.array_equal(inputs[i], inputs[i - 1])] + [len(minutes)]
+    start = 1
+    for end in changes:
+        feed, glucose, temperature = inputs[start]
+        simulator.advance_to(int(minutes[end - 1]), ActuatorCommand(float(feed), float(glucose), float(temperature), False))
+        start = end
+    np.testing.assert_allclose(simulator.plant.trajectory().states, all_in_one.trajectory.states, rtol=1e-10, atol=1e-12)
+    # The same draws at the same minutes with the same assay noise, released at the same times (the last may fall after harvest).
+    released = list(all_in_one.lab_results)
+    assert len(released) - 1 <= len(simulator.released) <= len(released)
+    for mine, theirs in zip(simulator.released, released, strict=False):
+        assert mine.seq == theirs.seq and mine.taken_at_h == theirs.taken_at_h
+        for name in LAB_FIELDS:
+            assert getattr(mine, name) == pytest.approx(getattr(theirs, name), rel=1e-9, nan_ok=True)

@@ -248,3 +248,46 @@ def test_the_same_plc_reads_the_same_over_opcua_and_modbus(modbus_port_number, o
             await opcua_server.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+
+
+def test_a_link_lost_while_reading_back_a_refused_request_says_what_is_known(modbus_port_number):
+    """A PLC that refuses every write (exception 4) and drops the link at the read-back: refused alone, or uncertain in a shared request."""
+
+    async def scenario() -> None:
+        state = {"refused": 0}
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    header = await reader.readexactly(7)
+                    transaction, _, length, unit = struct.unpack(">HHHB", header)
+                    pdu = await reader.readexactly(length - 1)
+                    function = pdu[0]
+                    if function in (5, 6, 15, 16):
+                        state["refused"] += 1
+                        answer = bytes([function | 0x80, 4])
+                    elif state["refused"]:
+                        break  # the read-back after a refusal: the link goes
+                    else:
+                        count = struct.unpack(">H", pdu[3:5])[0]
+                        data = bytes((count + 7) // 8) if function in (1, 2) else bytes(2 * count)
+                        answer = bytes([function, len(data)]) + data
+                    writer.write(struct.pack(">HHHB", transaction, 0, len(answer) + 1, unit) + answer)
+                    await writer.drain()
+            except asyncio.IncompleteReadError:
+                pass
+            writer.close()
+
+        plc = await asyncio.start_server(serve, "127.0.0.1", modbus_port_number)
+        port = ModbusPort(TAG_MAP, port=modbus_port_number, timeout_s=1.0)
+        try:
+            await port.connect()
+            with pytest.raises(PlcLinkError, match=r"in a refused request, taken or not: SP.FeedRate, SP.GlucoseRate; refused: MPC.Mode$"):
+                await port.write({"SP.FeedRate": 2.5, "SP.GlucoseRate": 0.5, "MPC.Mode": 2})
+            assert state["refused"] == 2  # one request for holding registers 0-3, one for 12
+        finally:
+            await port.close()
+            plc.close()
+            await plc.wait_closed()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))

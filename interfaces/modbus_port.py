@@ -209,8 +209,14 @@ class ModbusPort:
                 try:
                     raw = await self._read_blocks()
                 except PlcLinkError as error:
-                    unverified = written + [name for request, _ in refused for name in request.signals if len(request.signals) > 1]
-                    raise PlcLinkError(f"{error}; written but not verified: {', '.join(unverified)}") from error
+                    parts = [f"written but not verified: {', '.join(written)}"] if written else []
+                    uncertain = [name for request, _ in refused if len(request.signals) > 1 for name in request.signals]
+                    if uncertain:
+                        parts.append(f"in a refused request, taken or not: {', '.join(uncertain)}")
+                    alone = [request.signals[0] for request, _ in refused if len(request.signals) == 1]
+                    if alone:
+                        parts.append(f"refused: {', '.join(alone)}")
+                    raise PlcLinkError(f"{error}; {'; '.join(parts)}") from error
                 mismatched = [name for name in written if not _holds(raw, encoded[name])]
                 if mismatched:
                     back = self._layout.decode(raw)

@@ -17,6 +17,10 @@ Formulation (multiple shooting, one CasADi NLP built once):
   The input bounds, the glucose window and the volume ceiling are per stage and per solve
   (:class:`PlanBounds`, arrays handed to the solver, not built into it): the
   trust region (:mod:`controller.trust`) narrows them without a rebuild.
+  The other values a site config sets (input scales, osmolality ceiling,
+  harvest minima, rate limit, penalty weights) are one more parameter
+  (:meth:`EconomicMpc.settings_vector`): the compiled NLP depends on the model
+  and the horizon's layout only, and another site loads the same library.
 - Harvest time: candidate harvest times are solved and compared by score
   (:class:`HarvestPlanner`).
 
@@ -33,13 +37,16 @@ from typing import Any
 
 import casadi as ca
 import numpy as np
+import structlog
 from pydantic import Field
 
-from controller.codegen import compiled_nlpsols
+from controller.codegen import BackgroundCompile, compiled_nlpsols, library_path, load_compiled, nlpsols_compiling_in_background
 from controller.config import BatchConfig
 from controller.kpis import batch_score_g_per_day
 from plant_models.cho import INPUT_INDEX, OUTPUT_INDEX, STATE_INDEX, CultureModel
 from plant_models.config_loading import FrozenConfig
+
+log = structlog.get_logger(__name__)
 
 STATE_SCALE = np.array([15.0, 5.0, 5.0, 5.0, 3.0, 8.0, 400.0, 5.0, 5.0, 2000.0, 37.0, 50.0])
 """Typical magnitudes of the 12 states, so the NLP sees numbers of order one."""
@@ -96,6 +103,30 @@ class PlanBounds:
 WINDOW_ROWS = 3
 """Rows of the per-stage window the NLP takes as a parameter: glucose low, glucose high [g/L], volume ceiling [L]."""
 
+SETTINGS_ROWS = 12
+"""Rows of the NLP's settings parameter (:meth:`EconomicMpc.settings_vector`): the site's equipment, limits and the MPC's tuning, so that none is in the compiled code."""
+_SETTING: dict[str, int | slice] = {
+    "input_scale": slice(0, 3),
+    "osmolality_ceiling": 3,
+    "viability_min": 4,
+    "galactosylated_min": 5,
+    "temperature_rate_max": 6,
+    "move_penalty": slice(7, 10),
+    "slack_l1": 10,
+    "slack_l2": 11,
+}
+SUBSTEP_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+"""A stage is built with the smallest of these that holds its substeps, so nearby cycle periods and latest harvest times share one compiled NLP."""
+
+
+def substep_bucket(needed: int) -> int:
+    """The number of RK4 substeps a stage that needs ``needed`` is built with: the next :data:`SUBSTEP_BUCKETS` entry (beyond the last, ``needed`` itself).
+
+    Substeps beyond those a stage's duration needs are switched off at run time
+    and cost nothing in a solve, so rounding up changes no answer.
+    """
+    return next((bucket for bucket in SUBSTEP_BUCKETS if bucket >= needed), needed)
+
 
 @dataclass(frozen=True)
 class MpcSolution:
@@ -126,9 +157,19 @@ class MpcSolution:
 
 
 class EconomicMpc:
-    """The NLP, built once, solved each cycle for a given state, parameters and harvest time."""
+    """The NLP, built once, solved each cycle for a given state, parameters and harvest time.
 
-    def __init__(self, model: CultureModel, batch: BatchConfig, config: MpcConfig | None = None) -> None:
+    The compiled code depends only on the model and the horizon's layout (stage
+    counts, substeps per stage); the site's equipment and limits and the tuning
+    are the NLP's settings parameter (:meth:`settings_vector`), so another
+    site's config loads the same cached library. With ``background_compile``
+    a cache miss does not hold up the first solve: it runs on interpreted
+    functions while the library compiles in a child process
+    (:class:`~controller.codegen.BackgroundCompile`), and the first solve
+    after the compile ends switches to the compiled solvers.
+    """
+
+    def __init__(self, model: CultureModel, batch: BatchConfig, config: MpcConfig | None = None, *, background_compile: bool = False) -> None:
         self._model = model
         self._batch = batch
         self.config = config or MpcConfig()
@@ -136,6 +177,10 @@ class EconomicMpc:
         self._u_lower = np.array([0.0, 0.0, batch.equipment.temperature_min_degc])
         self._u_upper = np.array([batch.equipment.feed_rate_max_lph, batch.equipment.glucose_rate_max_lph, batch.equipment.temperature_max_degc])
         self._u_scale = np.maximum(self._u_upper, 1e-3)
+        self._settings = self.settings_vector()
+        self._background_compile = background_compile
+        self.compile_job: BackgroundCompile | None = None
+        """The library's compile while it runs in the background (None: the solvers are final)."""
         self._build()
 
     # ------------------------------------------------------------------ NLP
@@ -159,14 +204,15 @@ class EconomicMpc:
         Built in MX from calls of one RK4 step so that generated code holds the
         step (and its derivatives) once.
         """
-        m, cfg, batch = self._model, self.config, self._batch
-        xs, us = ca.DM(STATE_SCALE), ca.DM(self._u_scale)
+        m = self._model
         x, u, p = ca.MX.sym("x", m.n_states), ca.MX.sym("u", m.n_inputs), ca.MX.sym("p", m.n_parameters)
         t0, dt, n, window = ca.MX.sym("t0"), ca.MX.sym("dt"), ca.MX.sym("n"), ca.MX.sym("window", WINDOW_ROWS)
+        settings = ca.MX.sym("settings", SETTINGS_ROWS)
         step = self._rk4_step()
         xi, ui, pi, ti, hi = (ca.MX.sym(name, *v.shape) for name, v in (("x", x), ("u", u), ("p", p), ("t", t0), ("h", dt)))
         skip = ca.Function("skip", [xi, ui, pi, ti, hi], [xi])
         step_or_skip = ca.Function.conditional("step_or_skip", [skip], step)
+        xs, us = ca.DM(STATE_SCALE), settings[_SETTING["input_scale"]]
         h = dt / ca.fmax(n, 1)
         xk, uk = x * xs, u * us
         for i in range(max_substeps):
@@ -176,14 +222,20 @@ class EconomicMpc:
         margins = ca.vertcat(
             glucose - window[0],
             window[1] - glucose,
-            (batch.limits.osmolality_max_mosm_per_kg - cfg.osmolality_backoff_mosm_per_kg - y[OUTPUT_INDEX["osmolality"]]) / 10.0,
+            (settings[_SETTING["osmolality_ceiling"]] - y[OUTPUT_INDEX["osmolality"]]) / 10.0,
             (window[2] - xk[STATE_INDEX["volume"]]) / 10.0,
         )
         terminal = ca.vertcat(
-            (y[OUTPUT_INDEX["viability"]] - cfg.viability_at_harvest_min_pct) / 10.0,
-            (y[OUTPUT_INDEX["galactosylated_fraction"]] - cfg.galactosylated_fraction_min) * 10.0,
+            (y[OUTPUT_INDEX["viability"]] - settings[_SETTING["viability_min"]]) / 10.0,
+            (y[OUTPUT_INDEX["galactosylated_fraction"]] - settings[_SETTING["galactosylated_min"]]) * 10.0,
         )
-        return ca.Function(name, [x, u, p, t0, dt, n, window], [xk / xs, margins, terminal], ["x", "u", "p", "t0", "dt", "n", "window"], ["x_next", "margins", "terminal"])
+        return ca.Function(
+            name,
+            [x, u, p, t0, dt, n, window, settings],
+            [xk / xs, margins, terminal],
+            ["x", "u", "p", "t0", "dt", "n", "window", "settings"],
+            ["x_next", "margins", "terminal"],
+        )
 
     def constraints_and_objective(
         self,
@@ -200,23 +252,24 @@ class EconomicMpc:
         dt: ca.MX,
         substeps: ca.MX,
         window: ca.MX,
+        settings: ca.MX,
     ) -> tuple[ca.MX, ca.MX]:
         """The NLP's constraints ``g`` (equalities first: the initial state and the shooting gaps; then the soft margins, the rate limits
         and the harvest margins, all ≥ 0) and its objective, for scaled states ``X``, inputs ``U`` and slacks ``S``, ``T`` under parameters
-        ``p``. One place for both this NLP and each scenario of the robust one (:mod:`controller.robust`)."""
-        cfg, n, nf, nc = self.config, self.n_stages, self.config.fine_stages, self.config.coarse_stages
-        us = self._u_scale
+        ``p`` and ``settings`` (:meth:`settings_vector`). One place for both this NLP and each scenario of the robust one (:mod:`controller.robust`)."""
+        n, nf, nc = self.n_stages, self.config.fine_stages, self.config.coarse_stages
+        us = settings[_SETTING["input_scale"]]
         fine_next, fine_margins, _fine_terminal = fine_stage.map(nf, "serial")(
-            X[:, :nf], U[:, :nf], ca.repmat(p, 1, nf), t_start[:, :nf], dt[:, :nf], substeps[:, :nf], window[:, :nf]
+            X[:, :nf], U[:, :nf], ca.repmat(p, 1, nf), t_start[:, :nf], dt[:, :nf], substeps[:, :nf], window[:, :nf], ca.repmat(settings, 1, nf)
         )
         coarse_next, coarse_margins, coarse_terminal = coarse_stage.map(nc, "serial")(
-            X[:, nf:n], U[:, nf:], ca.repmat(p, 1, nc), t_start[:, nf:], dt[:, nf:], substeps[:, nf:], window[:, nf:]
+            X[:, nf:n], U[:, nf:], ca.repmat(p, 1, nc), t_start[:, nf:], dt[:, nf:], substeps[:, nf:], window[:, nf:], ca.repmat(settings, 1, nc)
         )
         x_next = ca.horzcat(fine_next, coarse_next)
         margins = ca.horzcat(fine_margins, coarse_margins)
         i_t = INPUT_INDEX["temperature_setpoint"]
         moves = U - ca.horzcat(u_prev / us, U[:, : n - 1])
-        rate = cfg.temperature_rate_max_degc_per_h * dt / us[i_t]
+        rate = settings[_SETTING["temperature_rate_max"]] * dt / us[i_t]
         g = ca.vertcat(
             X[:, 0] - x0 / STATE_SCALE,
             ca.vec(X[:, 1:] - x_next),
@@ -225,12 +278,11 @@ class EconomicMpc:
             ca.vec(rate + moves[i_t, :]),
             coarse_terminal[:, -1] + T,
         )
-        weights = ca.DM(np.asarray(cfg.move_penalty))
+        weights = settings[_SETTING["move_penalty"]]
+        slack_l1, slack_l2 = settings[_SETTING["slack_l1"]], settings[_SETTING["slack_l2"]]
         i_p, i_v = STATE_INDEX["titer"], STATE_INDEX["volume"]
         product_kg = X[i_p, n] * STATE_SCALE[i_p] * X[i_v, n] * STATE_SCALE[i_v] / 1000.0
-        objective = (
-            -product_kg + ca.sum1(ca.sum2(ca.repmat(weights, 1, n) * moves**2)) + cfg.slack_l1 * (ca.sum1(ca.vec(S)) + ca.sum1(T)) + cfg.slack_l2 * (ca.sumsqr(S) + ca.sumsqr(T))
-        )
+        objective = -product_kg + ca.sum1(ca.sum2(ca.repmat(weights, 1, n) * moves**2)) + slack_l1 * (ca.sum1(ca.vec(S)) + ca.sum1(T)) + slack_l2 * (ca.sumsqr(S) + ca.sumsqr(T))
         return g, objective
 
     def _build(self) -> None:
@@ -240,7 +292,7 @@ class EconomicMpc:
         cycle = self._batch.cycle_period_h
         longest_coarse_h = max(0.0, self._batch.limits.latest_harvest_h - nf * cycle) / nc
         finest_h = min(cfg.max_step_h, cfg.cold_max_step_h)
-        self._max_substeps = (max(1, math.ceil(cycle / finest_h - 1e-9)), max(1, math.ceil(longest_coarse_h / finest_h - 1e-9)))
+        self._max_substeps = (substep_bucket(math.ceil(cycle / finest_h - 1e-9)), substep_bucket(math.ceil(longest_coarse_h / finest_h - 1e-9)))
         fine_stage = self._stage_function(self._max_substeps[0], "fine_stage")
         coarse_stage = self._stage_function(self._max_substeps[1], "coarse_stage")
         us = self._u_scale
@@ -256,15 +308,22 @@ class EconomicMpc:
         substeps = ca.MX.sym("substeps", 1, n)
         window = ca.MX.sym("window", WINDOW_ROWS, n)  # per stage: glucose window, volume ceiling
         u_prev = ca.MX.sym("u_prev", nu)
+        settings = ca.MX.sym("settings", SETTINGS_ROWS)  # the site's equipment and limits, the tuning: values, not code
 
-        g, objective = self.constraints_and_objective(fine_stage, coarse_stage, X, U, S, T, p, x0, u_prev, t_start, dt, substeps, window)
+        g, objective = self.constraints_and_objective(fine_stage, coarse_stage, X, U, S, T, p, x0, u_prev, t_start, dt, substeps, window, settings)
         n_eq = nx * (n + 1)
         n_ineq = g.shape[0] - n_eq
         w = ca.vertcat(ca.vec(X), ca.vec(U), ca.vec(S), T)
-        params = ca.vertcat(x0, p, t_start.T, dt.T, substeps.T, u_prev, ca.vec(window))
+        params = ca.vertcat(x0, p, t_start.T, dt.T, substeps.T, u_prev, ca.vec(window), settings)
         nlp = {"x": w, "p": params, "f": objective, "g": g}
         option_sets = [_solver_options(cfg)] + ([_solver_options(cfg, warm=True)] if cfg.solver == "ipopt" else [])
-        solvers = compiled_nlpsols("economic_mpc", cfg.solver, nlp, option_sets, compile_code=cfg.compile)
+        self._option_sets = option_sets
+        self.library = library_path("economic_mpc", cfg.solver, nlp, option_sets[0])
+        """Where the compiled NLP is cached; its name holds the cache key, which depends on the model and the horizon's layout only."""
+        if cfg.compile and self._background_compile:
+            solvers, self.compile_job = nlpsols_compiling_in_background("economic_mpc", cfg.solver, nlp, option_sets)
+        else:
+            solvers = compiled_nlpsols("economic_mpc", cfg.solver, nlp, option_sets, compile_code=cfg.compile)
         self._solver = solvers[0]
         self._warm_solver = solvers[1] if len(solvers) > 1 else None
         self._lbg = np.concatenate([np.zeros(n_eq), np.zeros(n_ineq)])
@@ -276,6 +335,49 @@ class EconomicMpc:
         self._lbw, self._ubw = lbw, ubw
         self._n_w = w.shape[0]
         self._rollout_function = self._build_rollout(fine_stage, coarse_stage)
+
+    def settings_vector(self) -> np.ndarray:
+        """(SETTINGS_ROWS,): the values the NLP takes as its settings parameter, so that a new site's equipment, limits or tuning needs no compile.
+
+        The input scales (the equipment's input ranges), the osmolality ceiling
+        (the limit less the back-off), the viability and quality minima at
+        harvest, the temperature rate limit, the move penalties and the slack
+        weights. (The glucose window and the volume ceiling are per stage:
+        :meth:`stage_window`.)
+        """
+        cfg = self.config
+        return np.concatenate(
+            [
+                self._u_scale,
+                [
+                    self._batch.limits.osmolality_max_mosm_per_kg - cfg.osmolality_backoff_mosm_per_kg,
+                    cfg.viability_at_harvest_min_pct,
+                    cfg.galactosylated_fraction_min,
+                    cfg.temperature_rate_max_degc_per_h,
+                ],
+                cfg.move_penalty,
+                [cfg.slack_l1, cfg.slack_l2],
+            ]
+        ).astype(float)
+
+    @property
+    def compiled(self) -> bool:
+        """The solvers run on the compiled library (False: interpreted, by ``compile: False``, for want of a compiler, or while it compiles)."""
+        return self.config.compile and self.compile_job is None and self.library.exists()
+
+    def _switch_when_compiled(self) -> None:
+        """Once the background compile has ended, solve on its library from now on (or, if it failed, keep the interpreted solvers)."""
+        job = self.compile_job
+        if job is None or not job.done:
+            return
+        self.compile_job = None
+        if not job.ready:
+            log.warning("mpc_staying_interpreted", reason=job.error)
+            return
+        solvers = load_compiled("economic_mpc", self.config.solver, job.library, self._option_sets)
+        self._solver = solvers[0]
+        self._warm_solver = solvers[1] if len(solvers) > 1 else None
+        log.info("mpc_switched_to_compiled", library=str(job.library), compile_s=round(job.elapsed_s, 1))
 
     # ----------------------------------------------------------------- grid
 
@@ -355,7 +457,7 @@ class EconomicMpc:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """States at every stage end, the soft constraints' margins per stage and the harvest margins."""
         x0_scaled = np.asarray(x0, dtype=float) / STATE_SCALE
-        states, margins, terminal = self._rollout_function(x0_scaled, inputs / self._u_scale[:, None], parameters, starts, durations, substeps, window)
+        states, margins, terminal = self._rollout_function(x0_scaled, inputs / self._u_scale[:, None], parameters, starts, durations, substeps, window, self._settings)
         states = np.hstack([x0_scaled[:, None], np.asarray(states)])
         return states * STATE_SCALE[:, None], np.asarray(margins), np.asarray(terminal)[:, -1]
 
@@ -365,16 +467,16 @@ class EconomicMpc:
         n = nf + nc
         x0, u, p = ca.MX.sym("x0", m.n_states), ca.MX.sym("u", m.n_inputs, n), ca.MX.sym("p", m.n_parameters)
         starts, durations, substeps = ca.MX.sym("starts", 1, n), ca.MX.sym("durations", 1, n), ca.MX.sym("substeps", 1, n)
-        window = ca.MX.sym("window", WINDOW_ROWS, n)
+        window, settings = ca.MX.sym("window", WINDOW_ROWS, n), ca.MX.sym("settings", SETTINGS_ROWS)
         fine_x, fine_margins, fine_terminal = fine_stage.mapaccum("fine_rollout", nf)(
-            x0, u[:, :nf], ca.repmat(p, 1, nf), starts[:, :nf], durations[:, :nf], substeps[:, :nf], window[:, :nf]
+            x0, u[:, :nf], ca.repmat(p, 1, nf), starts[:, :nf], durations[:, :nf], substeps[:, :nf], window[:, :nf], ca.repmat(settings, 1, nf)
         )
         coarse_x, coarse_margins, coarse_terminal = coarse_stage.mapaccum("coarse_rollout", nc)(
-            fine_x[:, -1], u[:, nf:], ca.repmat(p, 1, nc), starts[:, nf:], durations[:, nf:], substeps[:, nf:], window[:, nf:]
+            fine_x[:, -1], u[:, nf:], ca.repmat(p, 1, nc), starts[:, nf:], durations[:, nf:], substeps[:, nf:], window[:, nf:], ca.repmat(settings, 1, nc)
         )
         return ca.Function(
             "rollout",
-            [x0, u, p, starts, durations, substeps, window],
+            [x0, u, p, starts, durations, substeps, window, settings],
             [ca.horzcat(fine_x, coarse_x), ca.horzcat(fine_margins, coarse_margins), ca.horzcat(fine_terminal, coarse_terminal)],
         )
 
@@ -400,6 +502,7 @@ class EconomicMpc:
         plan; as they are for a candidate harvest solved at the same time) and
         its multipliers start the solver. ``guess_inputs`` alone starts it cold.
         """
+        self._switch_when_compiled()
         n, nx, nu = self.n_stages, self._model.n_states, self._model.n_inputs
         starts, durations = self.stage_grid(process_time_h, harvest_time_h)
         previous_inputs = np.clip(np.asarray(previous_inputs, dtype=float), self._u_lower, self._u_upper)
@@ -424,7 +527,7 @@ class EconomicMpc:
         # feasible (a plant already past a back-off, say) saves the solver several iterations.
         slacks = np.concatenate([np.maximum(0.0, -margins).ravel(order="F"), np.maximum(0.0, -terminal)])
         w0 = np.concatenate([(states / STATE_SCALE[:, None]).ravel(order="F"), (inputs / self._u_scale[:, None]).ravel(order="F"), slacks])
-        params = np.concatenate([state, parameters, starts, durations, substeps, previous_inputs, window.ravel(order="F")])
+        params = np.concatenate([state, parameters, starts, durations, substeps, previous_inputs, window.ravel(order="F"), self._settings])
         lbw, ubw = self._lbw.copy(), self._ubw.copy()
         n_x = nx * (n + 1)
         lbw[n_x : n_x + nu * n] = (u_lower / self._u_scale[:, None]).ravel(order="F")

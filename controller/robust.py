@@ -41,7 +41,7 @@ from controller.codegen import compiled_nlpsols
 from controller.config import BatchConfig
 from controller.estimator import StateEstimate
 from controller.kpis import batch_score_g_per_day
-from controller.mpc import STATE_SCALE, WINDOW_ROWS, EconomicMpc, MpcConfig, MpcSolution, PlanBounds, _solver_options, solve_with_cold_retry
+from controller.mpc import SETTINGS_ROWS, STATE_SCALE, WINDOW_ROWS, EconomicMpc, MpcConfig, MpcSolution, PlanBounds, _solver_options, solve_with_cold_retry
 from plant_models.cho import INPUT_INDEX, STATE_INDEX, CultureModel
 from plant_models.errors import BioreactorMPCError
 from plant_models.parameters import PARAMETER_NAMES, ModelProvenance
@@ -317,6 +317,7 @@ class RobustMpc:
         ws, p = ca.MX.sym("w", lay.n_w), ca.MX.sym("p", m.n_parameters)
         x0, u_prev = ca.MX.sym("x0", nx), ca.MX.sym("u_prev", nu)
         t_start, dt, substeps, window = ca.MX.sym("t_start", 1, n), ca.MX.sym("dt", 1, n), ca.MX.sym("substeps", 1, n), ca.MX.sym("window", WINDOW_ROWS, n)
+        settings = ca.MX.sym("settings", SETTINGS_ROWS)
         offset = 0
 
         def take(rows: int, columns: int) -> ca.MX:
@@ -326,8 +327,8 @@ class RobustMpc:
             return block
 
         X, U, S, T = take(nx, n + 1), take(nu, n), take(4, n), take(2, 1)
-        g, f = self.nominal.constraints_and_objective(fine_stage, coarse_stage, X, U, S, T, p, x0, u_prev, t_start, dt, substeps, window)
-        return ca.Function("robust_scenario", [ws, p, x0, t_start, dt, substeps, u_prev, window], [g, f])
+        g, f = self.nominal.constraints_and_objective(fine_stage, coarse_stage, X, U, S, T, p, x0, u_prev, t_start, dt, substeps, window, settings)
+        return ca.Function("robust_scenario", [ws, p, x0, t_start, dt, substeps, u_prev, window, settings], [g, f])
 
     def _build(self) -> None:
         m, lay = self._model, self._layout
@@ -341,12 +342,12 @@ class RobustMpc:
         W = ca.MX.sym("W", lay.n_w, n_s)  # one column per scenario
         x0, P, weights = ca.MX.sym("x0", nx), ca.MX.sym("P", m.n_parameters, n_s), ca.MX.sym("weights", n_s)
         t_start, dt, substeps = ca.MX.sym("t_start", 1, n), ca.MX.sym("dt", 1, n), ca.MX.sym("substeps", 1, n)
-        u_prev, window = ca.MX.sym("u_prev", nu), ca.MX.sym("window", WINDOW_ROWS, n)
-        G, F = scenario.map(n_s, "serial")(W, P, x0, t_start, dt, substeps, u_prev, window)
+        u_prev, window, settings = ca.MX.sym("u_prev", nu), ca.MX.sym("window", WINDOW_ROWS, n), ca.MX.sym("settings", SETTINGS_ROWS)
+        G, F = scenario.map(n_s, "serial")(W, P, x0, t_start, dt, substeps, u_prev, window, settings)
         first = W[lay.first_inputs.tolist(), :]
         non_anticipative = first[:, 1:] - ca.repmat(first[:, 0], 1, n_s - 1)  # robust horizon 1: every scenario's first inputs are scenario 0's
         g = ca.vertcat(ca.vec(G), ca.vec(non_anticipative))
-        params = ca.vertcat(x0, ca.vec(P), weights, t_start.T, dt.T, substeps.T, u_prev, ca.vec(window))
+        params = ca.vertcat(x0, ca.vec(P), weights, t_start.T, dt.T, substeps.T, u_prev, ca.vec(window), settings)
         nlp = {"x": ca.vec(W), "p": params, "f": ca.dot(weights, F.T), "g": g}
         self._solver, self._warm_solver = compiled_nlpsols(
             "robust_mpc", "ipopt", nlp, [_solver_options(self.config), _solver_options(self.config, warm=True)], compile_code=self.config.compile
@@ -367,13 +368,16 @@ class RobustMpc:
         n = nf + nc
         x0, u, p = ca.MX.sym("x0", m.n_states), ca.MX.sym("u", m.n_inputs, n), ca.MX.sym("p", m.n_parameters)
         starts, durations, substeps, window = ca.MX.sym("starts", 1, n), ca.MX.sym("durations", 1, n), ca.MX.sym("substeps", 1, n), ca.MX.sym("window", WINDOW_ROWS, n)
-        fine_x, fine_margins, _ = fine_stage.mapaccum("fine_rollout", nf)(x0, u[:, :nf], ca.repmat(p, 1, nf), starts[:, :nf], durations[:, :nf], substeps[:, :nf], window[:, :nf])
+        settings = ca.MX.sym("settings", SETTINGS_ROWS)
+        fine_x, fine_margins, _ = fine_stage.mapaccum("fine_rollout", nf)(
+            x0, u[:, :nf], ca.repmat(p, 1, nf), starts[:, :nf], durations[:, :nf], substeps[:, :nf], window[:, :nf], ca.repmat(settings, 1, nf)
+        )
         coarse_x, coarse_margins, coarse_terminal = coarse_stage.mapaccum("coarse_rollout", nc)(
-            fine_x[:, -1], u[:, nf:], ca.repmat(p, 1, nc), starts[:, nf:], durations[:, nf:], substeps[:, nf:], window[:, nf:]
+            fine_x[:, -1], u[:, nf:], ca.repmat(p, 1, nc), starts[:, nf:], durations[:, nf:], substeps[:, nf:], window[:, nf:], ca.repmat(settings, 1, nc)
         )
         return ca.Function(
             "scenario_rollout",
-            [x0, u, p, starts, durations, substeps, window],
+            [x0, u, p, starts, durations, substeps, window, settings],
             [ca.horzcat(x0, fine_x, coarse_x), ca.horzcat(fine_margins, coarse_margins), coarse_terminal[:, -1]],
         )
 
@@ -535,6 +539,7 @@ class RobustMpc:
         equipment_lower, equipment_upper = self.nominal.input_bounds()
         previous_inputs = np.clip(np.asarray(previous_inputs, dtype=float), equipment_lower[:, 0], equipment_upper[:, 0])
         window = self.nominal.stage_window(bounds)
+        settings = self.nominal.settings_vector()
         if inputs is None:
             inputs = np.repeat(np.tile(previous_inputs[:, None], (1, n))[:, :, None], n_s, axis=2)
         inputs, lam_g0, lam_x0 = self._consolidate(np.clip(inputs, u_lower[:, :, None], u_upper[:, :, None]), lam_g, lam_x, weights)
@@ -550,6 +555,7 @@ class RobustMpc:
                 durations[None, :],
                 substeps[None, :],
                 window,
+                settings,
             )
         )
         # Slacks that make each scenario's soft constraints hold on its rolled-out guess, as EconomicMpc starts.
@@ -569,7 +575,7 @@ class RobustMpc:
         lbw = np.tile(np.concatenate([self._state_lower, (u_lower / us).ravel(order="F"), np.zeros(4 * n + 2)])[:, None], (1, n_s))
         ubw = np.tile(np.concatenate([np.full(nx * (n + 1), np.inf), (u_upper / us).ravel(order="F"), np.full(4 * n + 2, np.inf)])[:, None], (1, n_s))
         lbw[lay.first_inputs, 1:], ubw[lay.first_inputs, 1:] = -np.inf, np.inf  # scenario 0's first inputs carry the bounds for all
-        params = np.concatenate([state, scenarios.ravel(order="F"), weights, starts, durations, substeps, previous_inputs, window.ravel(order="F")])
+        params = np.concatenate([state, scenarios.ravel(order="F"), weights, starts, durations, substeps, previous_inputs, window.ravel(order="F"), settings])
         args: dict = {"x0": w0, "p": params, "lbx": lbw.ravel(order="F"), "ubx": ubw.ravel(order="F"), "lbg": self._lbg, "ubg": self._ubg}
         multipliers = (lam_g0, lam_x0) if lam_g0 is not None and lam_x0 is not None else None
         run = solve_with_cold_retry(self._solver, self._warm_solver, args, multipliers, deadline_s=self.config.deadline_s)

@@ -16,6 +16,7 @@ from pathlib import Path
 BENCHMARKS: list[tuple[str, list[str]]] = [
     ("simulation_speed.py", []),
     ("solver_speed.py", ["--quick"]),
+    ("first_cycle.py", []),
     ("robust_speed.py", ["--quick"]),
     ("closed_loop_scenarios.py", ["--quick"]),
     ("runtime_speed.py", ["--protocol", "opcua"]),

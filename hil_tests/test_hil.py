@@ -34,6 +34,7 @@ def _score_agrees(run: HilRun, simulation: Path) -> None:
     assert run.plant["timing"]["missed_exchanges"] == 0 and run.soft_plc["missed_scans"] == 0, "virtual time misses nothing"
 
 
+@pytest.mark.timeout(480)  # about 100 s with the NLP compiled; its first compile after a change to the NLP costs minutes more
 def test_three_process_batch_scores_as_the_all_in_one_simulation(tmp_path):
     """The whole platform batch in virtual time: about a minute of wall time (the runtime's solves set the pace)."""
     simulation = scenario(tmp_path)
@@ -45,6 +46,7 @@ def test_three_process_batch_scores_as_the_all_in_one_simulation(tmp_path):
 
 
 @pytest.mark.hil_long
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("seed", [2, 3, 4])
 def test_three_process_batches_of_other_truths_score_as_the_all_in_one_simulation(tmp_path, seed):
     """Batches whose true kinetics differ from the controller's (the perturbed scenario): the agreement does not depend on a nominal plant."""

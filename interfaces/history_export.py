@@ -692,7 +692,9 @@ def _parquet_writer() -> Any:
         import pyarrow as pa  # type: ignore[import-untyped]
         import pyarrow.parquet as pq  # type: ignore[import-untyped]
     except ImportError as error:
-        raise ExportError("--format parquet needs pyarrow, an optional part of bioreactor-mpc: pip install 'bioreactor-mpc[parquet]' (or pyarrow); --format csv needs nothing more") from error
+        raise ExportError(
+            "--format parquet needs pyarrow, an optional part of bioreactor-mpc: pip install 'bioreactor-mpc[parquet]' (or pyarrow); --format csv needs nothing more"
+        ) from error
     types = {ColumnKind.REAL: pa.float64(), ColumnKind.INTEGER: pa.int64(), ColumnKind.BOOLEAN: pa.bool_(), ColumnKind.TEXT: pa.string()}
 
     def write(path: Path, table: Table) -> None:

@@ -19,6 +19,7 @@ solvers can take over.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -157,6 +158,13 @@ class BackgroundCompile:
         self._process = subprocess.Popen([compiler, *COMPILE_FLAGS, str(source), "-o", str(self._partial)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._thread = threading.Thread(target=self._wait, args=(progress_every_s,), name=f"compile-{library.stem}", daemon=True)
         self._thread.start()
+        atexit.register(self._stop_compiler)  # a process that ends (or is interrupted) takes its compiler with it
+
+    def _stop_compiler(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+            self._partial.unlink(missing_ok=True)
 
     @property
     def done(self) -> bool:
@@ -211,4 +219,5 @@ class BackgroundCompile:
                 log.error("mpc_compile_failed", library=str(self.library), elapsed_s=round(time.monotonic() - self._started, 1), error=self.error)
             self._partial.unlink(missing_ok=True)
             self._scratch.cleanup()
+            atexit.unregister(self._stop_compiler)
             self._done.set()

@@ -248,15 +248,18 @@ def test_plan_schedule_is_piecewise_constant_and_holds_the_last_stage(model, bat
 
 
 def test_recipe_schedule_stops_feeding_at_the_high_level(model, batch, nominal_p, functions):
+    """The nutrient feed stops first, the glucose room before the feed stop (recipe.glucose_room_per_day); the glucose feed only at the feed stop."""
     recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
-    estimator = estimator_at(model, batch, nominal_p, functions, 200.0, glucose=3.0, **{**LATE_CULTURE, "volume": 1990.0})
-    result = forecast(estimator, recipe_schedule(recipe, media=batch.media, glucose_delivered_g=5000.0), until_h=260.0)
     stop_l = batch.equipment.max_working_volume_l - batch.recipe.feed_stop_below_max_l
+    start_l = stop_l - recipe.glucose_room_l(200.0) - 15.0
+    estimator = estimator_at(model, batch, nominal_p, functions, 200.0, glucose=3.0, **{**LATE_CULTURE, "volume": start_l})
+    result = forecast(estimator, recipe_schedule(recipe, media=batch.media, glucose_delivered_g=5000.0), until_h=260.0)
     volume = result.value("volume")[:-1]
+    room = np.array([recipe.glucose_room_l(t) for t in result.times_h[:-1]])
     feeding = result.inputs[0] > 0.0
     assert feeding[0] and not feeding[-1]
-    np.testing.assert_array_equal(feeding, volume < stop_l)
-    assert np.all(result.inputs[1][~feeding] == 0.0)
+    np.testing.assert_array_equal(feeding, volume < stop_l - room)
+    assert np.all(result.inputs[1][volume >= stop_l] == 0.0)
 
 
 def test_recipe_schedule_doses_glucose_from_emulated_results_on_a_copy(model, batch, nominal_p, functions):

@@ -34,6 +34,7 @@ def _score_agrees(run: HilRun, simulation: Path) -> None:
     assert run.plant["timing"]["missed_exchanges"] == 0 and run.soft_plc["missed_scans"] == 0, "virtual time misses nothing"
 
 
+@pytest.mark.hil_long  # 100-125 s of a 2-core machine: out of the default run (CI's 15 minutes), run with ./dev.sh test -m hil_long
 @pytest.mark.timeout(480)  # about 100 s with the NLP compiled; its first compile after a change to the NLP costs minutes more
 def test_three_process_batch_scores_as_the_all_in_one_simulation(tmp_path):
     """The whole platform batch in virtual time: about a minute of wall time (the runtime's solves set the pace)."""

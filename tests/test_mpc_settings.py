@@ -124,6 +124,7 @@ def test_two_sites_share_one_compiled_library_and_solve_as_fresh_builds(model, b
     assert len(compiles) <= 1
 
 
+@pytest.mark.compile  # 200 s of CI's 19 min: a library compiled from scratch; run with ./dev.sh test -m compile
 @pytest.mark.timeout(COMPILE_TEST_TIMEOUT_S)
 def test_background_compile_starts_interpreted_then_switches(model, batch, late_batch, tmp_path, monkeypatch):
     """A cache miss with a background compile: the first solve runs interpreted, the compile's progress is logged, and the first solve after it ends runs compiled."""

@@ -38,7 +38,7 @@ from controller.alarms import AlarmBoard, AlarmChange
 from controller.clock import BatchClock, ClockVerdict, Tick, process_time_of
 from controller.config import BatchConfig
 from controller.estimator import ExtendedKalmanEstimator
-from controller.forecast import Forecast, ForecastKernel, early_warnings, forecast, plan_schedule, recipe_outcome
+from controller.forecast import Forecast, ForecastKernel, HarvestOutcome, early_warnings, forecast, plan_schedule, recipe_outcome
 from controller.modes import Conditions, ModeMachine, State, StateChange
 from controller.nmpc import CycleObservation, Decision, DecisionSource, NmpcController
 from controller.plausibility import PlausibilityChecker
@@ -94,6 +94,9 @@ class CyclePlan:
     lab_seq_before: int
     before: tuple[State, str, int, int]
     """The state, its reason, the fault cycles and the write failures before this cycle: :meth:`ControlCycle.abandon` returns to them."""
+    recipe_forecast: HarvestOutcome | None = None
+    """What the platform recipe would give from this cycle's estimate on (titer and score at its harvest, ± sd): recorded with the cycle,
+    the report's KPIs against the recipe. None without an estimate or a decision, or from the recipe's harvest on."""
 
     @property
     def process_time_h(self) -> float:
@@ -160,6 +163,8 @@ class ControlCycle:
         self.full_forecast = full_forecast
         self.forecast: Forecast | None = None
         self._kernel: ForecastKernel | None = None
+        self._recipe_forecast_due = True
+        """Forecast the recipe at the next cycle with a decision even in closed loop without a screen: the first one, and after a lab result."""
         self._lab_attempts: dict[int, int] = {}
         self._contradictions: dict[str, str] = dict(held_contradictions or {})
         """Physical contradictions found (code → message): held, with the cycle in fault, until :meth:`acknowledge`."""
@@ -240,8 +245,10 @@ class ControlCycle:
             applied = filtered.setpoints.as_dict()
         state = self.modes.state
         recommendation = self._recommendation(now_h, state, decision, applied, observation)
+        recipe_forecast: HarvestOutcome | None = None
         if decision is not None and recommendation is not None:
-            lookahead, recommendation = self._look_ahead(now_h, decision, state, status, recommendation)
+            self._recipe_forecast_due |= lab_used
+            lookahead, recommendation, recipe_forecast = self._look_ahead(now_h, decision, state, status, recommendation)
             alarms.update(lookahead)
         else:
             self.forecast = None
@@ -261,6 +268,7 @@ class ControlCycle:
             checkpoint=checkpoint,
             lab_seq_before=lab_seq_before,
             before=before,
+            recipe_forecast=recipe_forecast,
         )
 
     def abandon(self, plan: CyclePlan) -> None:
@@ -270,6 +278,7 @@ class ControlCycle:
             self.estimator.rollback(plan.checkpoint)
         self.quality.commit_lab(plan.lab_seq_before)
         self.modes.state, self.modes.reason, self.fault_cycles, self.write_failures = plan.before
+        self._recipe_forecast_due |= plan.recipe_forecast is not None  # its record was not written: forecast again
 
     # ------------------------------------------------------------------ second half
 
@@ -307,7 +316,7 @@ class ControlCycle:
             predicted_titer_g_per_l=decision.predicted_titer_g_per_l if decision is not None else math.nan,
             predicted_score_g_per_day=decision.predicted_score_g_per_day if decision is not None else math.nan,
             solve_time_s=decision.solve_time_s if decision is not None else math.nan,
-            estimate=estimate_summary(self.estimator) if self.estimator is not None else {},
+            estimate=_with_recipe_forecast(estimate_summary(self.estimator), plan.recipe_forecast) if self.estimator is not None else {},
             wrote_setpoints=setpoints_written,
             read_time_s=read_time_s,
             write_time_s=write_time_s,
@@ -486,31 +495,66 @@ class ControlCycle:
             trust=self.controller.trust.to_dict(),
         )
 
-    def _look_ahead(self, now_h: float, decision: Decision, state: State, status: Mapping[str, Any], recommendation: Recommendation) -> tuple[dict[str, str], Recommendation]:
-        """Early warnings from the plan's forecast; with a screen or in advisory mode, the forecast to harvest and the recipe's outcome too."""
-        solution = decision.solution
-        if solution is None or self.estimator is None:
+    def _look_ahead(
+        self, now_h: float, decision: Decision, state: State, status: Mapping[str, Any], recommendation: Recommendation
+    ) -> tuple[dict[str, str], Recommendation, HarvestOutcome | None]:
+        """Early warnings from the plan's forecast; with a screen or in advisory mode, the forecast to harvest too, and the recipe's
+        outcome beside the recommendation. The recipe's outcome is also forecast for the record (the report's KPIs against the recipe)
+        in closed loop without a screen, at the first cycle and at each cycle that used a lab result: about 30 ms each
+        (docs/export-and-report.md), which every cycle would add to the cycle's time for little news between lab results."""
+        if self.estimator is None:
             self.forecast = None
-            return {}, recommendation
-        config = self.settings.early_warning
-        full = self.full_forecast or state is State.ADVISORY
-        until_h = max(decision.harvest_time_h, now_h + config.window_h) if full else now_h + config.window_h
+            return {}, recommendation, None
         if self._kernel is None:
             self._kernel = ForecastKernel(self.estimator)
+        full = self.full_forecast or state is State.ADVISORY
+        recipe = self._recipe_forecast(now_h, status) if full or self._recipe_forecast_due else None
+        if recipe is not None:
+            self._recipe_forecast_due = False
+        if full and recipe is not None:
+            recommendation = replace(recommendation, recipe_titer_g_per_l=recipe.titer_g_per_l, recipe_score_g_per_day=recipe.score_g_per_day)
+        solution = decision.solution
+        if solution is None:
+            self.forecast = None
+            return {}, recommendation, recipe
+        config = self.settings.early_warning
+        until_h = max(decision.harvest_time_h, now_h + config.window_h) if full else now_h + config.window_h
         try:
             predicted = forecast(self.estimator, plan_schedule(solution), until_h=until_h, kernel=self._kernel)
         except LOOK_AHEAD_ERRORS as error:  # a failed plan or a diverged forecast: no warnings this cycle, and the log says so
             log.warning("forecast_failed", process_time_h=now_h, error=str(error), kind=type(error).__name__)
             self.forecast = None
-            return {}, recommendation
+            return {}, recommendation, recipe
         self.forecast = predicted if full else None
-        if full and now_h < min(self.batch.recipe.harvest_h, self.batch.limits.latest_harvest_h):
-            delivered = self.batch.media.glucose_delivered_g(float(status.get("PV.FeedTotal", 0.0)), float(status.get("PV.GlucoseFeedTotal", 0.0)))
-            try:
-                recipe = recipe_outcome(self.estimator, self.controller.recipe, self.batch, glucose_delivered_g=delivered, kernel=self._kernel)
-            except LOOK_AHEAD_ERRORS as error:
-                log.warning("recipe_forecast_failed", process_time_h=now_h, error=str(error), kind=type(error).__name__)
-            else:
-                recommendation = replace(recommendation, recipe_titer_g_per_l=recipe.titer_g_per_l, recipe_score_g_per_day=recipe.score_g_per_day)
         warnings = {warning.code: warning.message for warning in early_warnings(predicted, self.batch, config, now_h=now_h)}
-        return warnings, recommendation
+        return warnings, recommendation, recipe
+
+    def _recipe_forecast(self, now_h: float, status: Mapping[str, Any]) -> HarvestOutcome | None:
+        """The platform recipe's titer and score at its harvest, forecast from the estimate now (None from the recipe's harvest on, or when the forecast fails)."""
+        if self.estimator is None or self._kernel is None or now_h >= min(self.batch.recipe.harvest_h, self.batch.limits.latest_harvest_h):
+            return None
+        delivered = self.batch.media.glucose_delivered_g(float(status.get("PV.FeedTotal", 0.0)), float(status.get("PV.GlucoseFeedTotal", 0.0)))
+        try:
+            return recipe_outcome(self.estimator, self.controller.recipe, self.batch, glucose_delivered_g=delivered, kernel=self._kernel)
+        except LOOK_AHEAD_ERRORS as error:
+            log.warning("recipe_forecast_failed", process_time_h=now_h, error=str(error), kind=type(error).__name__)
+            return None
+
+
+def _with_recipe_forecast(estimate: dict[str, Any], recipe: HarvestOutcome | None) -> dict[str, Any]:
+    """The cycle's estimate with what it forecasts for the recipe (``recipe_forecast``), when there is such a forecast.
+
+    Kept in the estimate (the history's ``cycles.estimate``) because it is a forecast from that estimate, and so covered by the row's MAC
+    without a new column; docs/export-and-report.md.
+    """
+    if recipe is None:
+        return estimate
+    return estimate | {
+        "recipe_forecast": {
+            "harvest_time_h": recipe.harvest_time_h,
+            "titer_g_per_l": recipe.titer_g_per_l,
+            "titer_sd_g_per_l": recipe.titer_sd_g_per_l,
+            "score_g_per_day": recipe.score_g_per_day,
+            "score_sd_g_per_day": recipe.score_sd_g_per_day,
+        }
+    }

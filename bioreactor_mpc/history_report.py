@@ -228,6 +228,63 @@ def _recipe_forecasts(audit: Sequence[AuditRecord]) -> list[Mapping[str, Any]]:
     return found
 
 
+@dataclass(frozen=True)
+class _RecipeForecast:
+    """The recipe's outcome as the model forecast it: where it comes from, and its harvest, titer and score (with sds where recorded)."""
+
+    label: str
+    harvest_h: float | None
+    titer_g_per_l: float | None
+    titer_sd_g_per_l: float | None
+    score_g_per_day: float | None
+    score_sd_g_per_day: float | None
+
+
+def _recipe_forecast(batch: HistoryBatch, config: BatchConfig | None) -> _RecipeForecast | None:
+    """The recipe's forecast at the first cycle that recorded one (every cycle does since they are recorded); else, for an older
+    history, the one of the last signed recommendation (advisory mode); None when neither is there."""
+    cycles = batch.tables["cycles"]
+    if "recipe_forecast_titer_g_per_l" in cycles.data:
+        for i, titer in enumerate(cycles.column("recipe_forecast_titer_g_per_l")):
+            if titer is not None:
+                row = {name: cycles.column(name)[i] for name in cycles.data if name.startswith("recipe_forecast_") or name == "process_time_h"}
+                return _RecipeForecast(
+                    f"recipe, forecast at {_num(row['process_time_h'], 1)} h (± 1 sd)",
+                    row["recipe_forecast_harvest_time_h"],
+                    titer,
+                    row["recipe_forecast_titer_sd_g_per_l"],
+                    row["recipe_forecast_score_g_per_day"],
+                    row["recipe_forecast_score_sd_g_per_day"],
+                )
+    signed = _recipe_forecasts(batch.audit)
+    if not signed:
+        return None
+    last = signed[-1]
+    made_at = last.get("made_at_h")
+    return _RecipeForecast(
+        f"recipe, forecast with the recommendation signed at {_num(made_at, 1)} h",
+        config.recipe.harvest_h if config is not None else None,
+        last.get("recipe_titer_g_per_l"),
+        None,
+        last.get("recipe_score_g_per_day"),
+        None,
+    )
+
+
+def _simulated(batch: HistoryBatch) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+    """The simulator's true KPIs of this batch and of the recipe on the same batch (the last :data:`SIMULATION_REFERENCE` record), if simulated."""
+    for record in reversed(batch.simulation):
+        this, recipe = record.details.get("batch_kpis"), record.details.get("recipe_kpis")
+        if isinstance(this, Mapping) and isinstance(recipe, Mapping):
+            return this, recipe
+    return None
+
+
+def _with_sd(value: Any, sd: Any, digits: int) -> str:
+    text = _num(value, digits)
+    return f"{text} ± {_num(sd, digits)}" if text != "—" and sd is not None else text
+
+
 def _kpi_section(batch: HistoryBatch, config: BatchConfig | None) -> str:
     outcome = _outcome(batch, config)
     cycles = batch.tables["cycles"]
@@ -240,29 +297,56 @@ def _kpi_section(batch: HistoryBatch, config: BatchConfig | None) -> str:
     turnaround = config.economics.turnaround_days if config is not None else None
     mass = outcome.product_mass_g
     score = batch_score_g_per_day(mass, outcome.harvest_h, turnaround) if mass is not None and outcome.harvest_h and turnaround is not None else None
-    signed = _recipe_forecasts(batch.audit)
-    recipe_titer = signed[-1].get("recipe_titer_g_per_l") if signed else None
-    recipe_score = signed[-1].get("recipe_score_g_per_day") if signed else None
-    recipe_harvest = config.recipe.harvest_h if config is not None else None
-    rows = [
-        ("harvest (last scan) [h]", _num(outcome.harvest_h, 1), _num(first_plan[0], 1), _num(last_plan[0], 1), _num(recipe_harvest, 1)),
-        ("titer at harvest [g/L]", _num(outcome.titer_g_per_l, 2), _num(first_plan[1], 2), _num(last_plan[1], 2), _num(recipe_titer, 2)),
-        ("volume at the last scan [L]", _num(outcome.volume_l, 0), "", "", ""),
-        ("product mass [kg]", _num(mass / 1000 if mass is not None else None, 3), "", "", ""),
-        ("score: product per occupied day [g/day]", _num(score, 1), _num(first_plan[2], 1), _num(last_plan[2], 1), _num(recipe_score, 1)),
-        ("peak VCD, lab [1e6 cells/mL]", _num(outcome.peak_vcd_1e6_per_ml, 1), "", "", ""),
-        ("viability, last lab result [%]", _num(outcome.viability_pct, 1), "", "", ""),
-        ("lab results below the glucose limit", "—" if outcome.glucose_low_samples is None else str(outcome.glucose_low_samples), "", "", ""),
+    recipe = _recipe_forecast(batch, config) or _RecipeForecast("recipe, forecast", config.recipe.harvest_h if config is not None else None, None, None, None, None)
+    simulated = _simulated(batch)
+    rows: list[list[str]] = [
+        ["harvest (last scan) [h]", _num(outcome.harvest_h, 1), _num(first_plan[0], 1), _num(last_plan[0], 1), _num(recipe.harvest_h, 1)],
+        ["titer at harvest [g/L]", _num(outcome.titer_g_per_l, 2), _num(first_plan[1], 2), _num(last_plan[1], 2), _with_sd(recipe.titer_g_per_l, recipe.titer_sd_g_per_l, 2)],
+        ["volume at the last scan [L]", _num(outcome.volume_l, 0), "", "", ""],
+        ["product mass [kg]", _num(mass / 1000 if mass is not None else None, 3), "", "", ""],
+        ["score: product per occupied day [g/day]", _num(score, 1), _num(first_plan[2], 1), _num(last_plan[2], 1), _with_sd(recipe.score_g_per_day, recipe.score_sd_g_per_day, 1)],
+        ["peak VCD, lab [1e6 cells/mL]", _num(outcome.peak_vcd_1e6_per_ml, 1), "", "", ""],
+        ["viability, last lab result [%]", _num(outcome.viability_pct, 1), "", "", ""],
+        ["lab results below the glucose limit", "—" if outcome.glucose_low_samples is None else str(outcome.glucose_low_samples), "", "", ""],
     ]
+    header = ["KPI", "this batch, measured", "plan at the first cycle (forecast)", "plan at the last cycle (forecast)", recipe.label]
+    if simulated is not None:
+        header += ["this batch, simulated truth", "recipe on the same batch, simulated truth"]
+        keys = ("harvest_time_h", "titer_g_per_l", None, "product_mass_g", "score_g_per_day", "peak_vcd_1e6_per_ml", "viability_at_harvest_pct", None)
+        digits = (1, 2, 0, 3, 1, 1, 1, 0)
+        scale = (1.0, 1.0, 1.0, 1e-3, 1.0, 1.0, 1.0, 1.0)
+        for row, key, n, k in zip(rows, keys, digits, scale, strict=True):
+            row += ["", ""] if key is None else [_num(_scaled(part.get(key), k), n) for part in simulated]
     notes = [
         f"Measured: the last lab titer (drawn at {_num(outcome.titer_drawn_h, 1)} h) times PV.Volume at the last scan; the score divides the product by the days "
         f"from inoculation to the last scan plus the turnaround ({_num(turnaround, 1, 'days')}) of the batch file recorded with the run.",
-        "Plan: the NMPC's plan at the first and at the last cycle that made one (its harvest, the titer then and its score).",
-        "Recipe: the recipe's harvest from the batch file; its titer and score as forecast with the last signed recommendation "
-        + ("(advisory mode)." if signed else "— none in this batch: the runtime records the recipe's forecast only with advisory recommendations, not with closed-loop cycles."),
+        "Plan: the NMPC's forecast at the first and at the last cycle that made a plan (its harvest, the titer then and its score); the plan records no sd.",
+        _recipe_note(recipe),
     ]
-    header = ["KPI", "this batch, measured", "plan at the first cycle", "plan at the last cycle", "recipe"]
-    return _html_table(header, rows, numeric=(1, 2, 3, 4)) + "".join(f'<p class="note">{_e(n)}</p>' for n in notes)
+    if simulated is not None:
+        notes.append(
+            "Simulated truth: the simulator's own plant, not a measurement and not a forecast: this batch's true outcome, and the platform recipe "
+            "run by the simulator on the same batch (the same plant, seed and inoculum). A real plant has neither."
+        )
+    numeric = tuple(range(1, len(header)))
+    return _html_table(header, rows, numeric=numeric) + "".join(f'<p class="note">{_e(n)}</p>' for n in notes)
+
+
+def _scaled(value: Any, factor: float) -> float | None:
+    return float(value) * factor if isinstance(value, int | float) else None
+
+
+def _recipe_note(recipe: _RecipeForecast) -> str:
+    if recipe.label.startswith("recipe, forecast at"):
+        return (
+            "Recipe: a forecast, not a measurement (a batch runs one policy; what the recipe would have given is never measured). The model runs the "
+            "platform recipe from the estimate of the first cycle that forecast it (at inoculation, before any control) to the recipe's harvest, with "
+            "the estimator's uncertainty carried forward: ± 1 sd. Compare it with the plan at the first cycle, forecast from the same estimate. Every "
+            "cycle's forecast of the recipe from its own estimate is in the export (cycles: recipe_forecast_…)."
+        )
+    if recipe.titer_g_per_l is not None:
+        return "Recipe: its harvest from the batch file; its titer and score as forecast with the last signed recommendation (advisory mode; a history recorded before the cycles recorded the recipe's forecast)."
+    return "Recipe: its harvest from the batch file; no cycle of this batch recorded a forecast of the recipe (a history recorded before they did, or no cycle had an estimate)."
 
 
 _MEASURED_PANELS = (

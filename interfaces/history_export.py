@@ -53,6 +53,9 @@ from plant_models.errors import BioreactorMPCError
 EXPORT_FORMAT = "bioreactor-mpc-history-export"
 """The ``format`` of ``manifest.json``."""
 MANIFEST_FILE = "manifest.json"
+SIMULATION_REFERENCE = "simulation_reference"
+"""The audit action of a simulated batch's true outcome, and the platform recipe's on the same simulated batch (``details``: ``batch_kpis``,
+``recipe_kpis`` as :class:`controller.kpis.BatchKpis` fields, ``scenario``, ``seed``), appended by the demo after harvest; subject: the batch id."""
 HISTORY_TABLES = ("runs", "readings", "lab_results", "cycles", "writes", "state_changes", "alarms")
 """The tables a runtime history has (:data:`interfaces.history.SCHEMA`); a file without them is not one."""
 
@@ -161,6 +164,8 @@ class HistoryBatch:
     history_sha256: str
     wal_sha256: str | None = None
     """The ``-wal`` file's sha256, when it holds records not yet checkpointed into the history file."""
+    simulation: tuple[AuditRecord, ...] = ()
+    """The audit trail's :data:`SIMULATION_REFERENCE` records of this batch (a simulated batch only), wherever they are in the trail."""
 
     @property
     def run_ids(self) -> tuple[int, ...]:
@@ -245,10 +250,20 @@ def read_history_batch(path: str | Path, *, batch_id: str | None = None, run_ids
             "alarms": _alarms(db, selected),
             "states": _states(db, selected),
         }
-    audit = _audit_of(path, runs)
+    audit, simulation = _audit_of(path, runs)
     tables["audit"] = _audit_table(audit)
     digest, wal_digest = history_digests(path)
-    return HistoryBatch(path=path, batch_id=runs[0].batch_id, runs=runs, tables=tables, audit=audit, trust=cycles[1], history_sha256=digest, wal_sha256=wal_digest)
+    return HistoryBatch(
+        path=path,
+        batch_id=runs[0].batch_id,
+        runs=runs,
+        tables=tables,
+        audit=audit,
+        trust=cycles[1],
+        history_sha256=digest,
+        wal_sha256=wal_digest,
+        simulation=simulation,
+    )
 
 
 @contextmanager
@@ -415,6 +430,14 @@ _CYCLE_PLAN = (
     Column("read_time_s", ColumnKind.REAL, "s", "the PLC read's time"),
     Column("write_time_s", ColumnKind.REAL, "s", "the PLC write's time"),
 )
+_RECIPE_FORECAST = (
+    Column("recipe_forecast_harvest_time_h", ColumnKind.REAL, "h", "the platform recipe's harvest, forecast from this cycle's estimate"),
+    Column("recipe_forecast_titer_g_per_l", ColumnKind.REAL, "g/L", "the recipe's titer at its harvest, forecast from this cycle's estimate (not measured)"),
+    Column("recipe_forecast_titer_sd_g_per_l", ColumnKind.REAL, "g/L", "its standard deviation"),
+    Column("recipe_forecast_score_g_per_day", ColumnKind.REAL, "g/day", "the recipe's score (product per day of occupancy), forecast from this cycle's estimate (not measured)"),
+    Column("recipe_forecast_score_sd_g_per_day", ColumnKind.REAL, "g/day", "its standard deviation"),
+)
+"""What the platform recipe would give from each cycle's estimate on (``cycles.estimate.recipe_forecast``; empty where the cycle made none)."""
 _TRUST = (
     Column("trust_source", ColumnKind.TEXT, "", "where the trust region comes from: calibration_envelope, recipe_band or off"),
     Column("trust_width", ColumnKind.REAL, "", "the trust region's width, a fraction of its full width (0–1)"),
@@ -460,6 +483,7 @@ def _cycles(db: sqlite3.Connection, run_ids: Sequence[int]) -> tuple[Table, tupl
         Column("adjustments", ColumnKind.TEXT, "", "what the safety filter changed, '; ' between items"),
         Column("wrote_setpoints", ColumnKind.BOOLEAN, "", "the cycle wrote its setpoints to the PLC"),
         *_CYCLE_PLAN,
+        *_RECIPE_FORECAST,
     ]
     for name in states:
         unit = _STATE_UNITS.get(name, "")
@@ -488,6 +512,8 @@ def _cycles(db: sqlite3.Connection, run_ids: Sequence[int]) -> tuple[Table, tupl
             "read_time_s": row.get("read_time_s"),
             "write_time_s": row.get("write_time_s"),
         }
+        recipe = estimate.get("recipe_forecast") or {}
+        values |= {column.name: recipe.get(column.name.removeprefix("recipe_forecast_")) for column in _RECIPE_FORECAST}
         for key in setpoint_keys:
             for prefix, part in (("requested", requested), ("applied", applied)):
                 values[f"{prefix}_{key}"] = _typed(ColumnKind.BOOLEAN if key == "harvest" else ColumnKind.REAL, part.get(key))
@@ -586,15 +612,18 @@ def _states(db: sqlite3.Connection, run_ids: Sequence[int]) -> Table:
     return _table("states", _STATE_COLUMNS, _events(db, run_ids, "state_changes", "previous, state, reason"))
 
 
-def _audit_of(path: Path, runs: Sequence[Run]) -> tuple[AuditRecord, ...]:
-    """The audit trail's records written during the runs, each from its start to its end (to now, for a run not ended)."""
+def _audit_of(path: Path, runs: Sequence[Run]) -> tuple[tuple[AuditRecord, ...], tuple[AuditRecord, ...]]:
+    """The audit trail's records written during the runs, each from its start to its end (to now, for a run not ended);
+    and the batch's :data:`SIMULATION_REFERENCE` records, written after its runs."""
     try:
         with AuditTrail(path, read_only=True) as trail:
             records = trail.records()
     except AuditError as error:
         raise HistoryReadError(f"{path}: cannot read the audit trail: {error}") from error
     windows = [(_instant(run.started_utc), _instant(run.ended_utc) if run.ended_utc is not None else None) for run in runs]
-    return tuple(r for r in records if any(start <= _instant(r.wall_utc) and (end is None or _instant(r.wall_utc) <= end) for start, end in windows))
+    during = tuple(r for r in records if any(start <= _instant(r.wall_utc) and (end is None or _instant(r.wall_utc) <= end) for start, end in windows))
+    simulation = tuple(r for r in records if r.action == SIMULATION_REFERENCE and r.subject == runs[0].batch_id)
+    return during, simulation
 
 
 def _instant(utc: str) -> datetime:

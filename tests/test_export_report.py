@@ -7,6 +7,7 @@ The histories here are written through :class:`interfaces.history.SqliteHistory`
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -21,7 +22,7 @@ from controller.ports import CycleRecord, Reading
 from controller.types import LabResult
 from interfaces.audit import AuditTrail
 from interfaces.history import SqliteHistory
-from interfaces.history_export import UNIT_SLUGS, signal_column
+from interfaces.history_export import SIMULATION_REFERENCE, UNIT_SLUGS, signal_column
 from interfaces.signals import SIGNALS
 from plant_models.cho import STATES
 
@@ -232,3 +233,33 @@ def test_the_report_compares_with_the_recipes_forecast_of_a_signed_recommendatio
     assert re.search(r"<td>score: product per occupied day \[g/day\]</td>(<td[^>]*>[^<]*</td>){3}<td class=\"n\">496\.9</td>", kpis), kpis
     configuration = page[page.index('id="configuration"') :]
     assert configuration.count("settings-of-B1") == 2, "one column per start of the runtime on the batch"
+
+
+def test_the_report_shows_the_recipes_forecast_recorded_with_the_cycles_and_a_simulated_batchs_truth_labelled_as_such(tmp_path):
+    path = tmp_path / "simulated.sqlite"
+    with AuditTrail(path) as trail, SqliteHistory(path) as history:
+        history.start_run(batch_id="B1", requested_mode="closed-loop", config={})
+        for t_h, titer in ((0.0, 4.1234), (1.0, 4.2)):
+            recipe = {"harvest_time_h": 336.0, "titer_g_per_l": titer, "titer_sd_g_per_l": 0.876, "score_g_per_day": 480.04, "score_sd_g_per_day": 101.26}
+            history.commit_cycle(dataclasses.replace(_cycle(t_h, 4.0), estimate={**_cycle(t_h, 4.0).estimate, "recipe_forecast": recipe}), None)
+        history.commit_cycle(_cycle(2.0, 4.0), None)  # a cycle that forecast nothing for the recipe
+        history.end_run(reason="stopped")
+        kpis = {"harvest_time_h": 312.0, "titer_g_per_l": 5.43, "product_mass_g": 9876.0, "score_g_per_day": 611.1, "peak_vcd_1e6_per_ml": 21.0, "viability_at_harvest_pct": 81.0}
+        recipe_kpis = {**kpis, "titer_g_per_l": 4.32, "score_g_per_day": 470.2}
+        details = {"scenario": "platform.yaml", "seed": 1, "batch_kpis": kpis, "recipe_kpis": recipe_kpis}
+        trail.append(actor="demo", action=SIMULATION_REFERENCE, subject="B1", details=details, process_time_h=312.0)
+    manifest = _export(path, tmp_path / "out")
+    units = {c["name"]: c["unit"] for c in manifest["tables"]["cycles"]["columns"]}
+    assert units["recipe_forecast_titer_sd_g_per_l"] == "g/L" and units["recipe_forecast_score_g_per_day"] == "g/day"
+    cycles = _rows(tmp_path / "out" / "cycles.csv")
+    assert [row["recipe_forecast_titer_g_per_l"] for row in cycles] == ["4.1234", "4.2", ""]
+    assert "simulation_reference" not in {row["action"] for row in _rows(tmp_path / "out" / "audit.csv")}, "written after the run: not one of its records"
+    out = tmp_path / "report.html"
+    assert main(["report", "--history", str(path), "--out", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    kpis_html = page[page.index('id="kpis"') : page.index('id="measured-vs-predicted"')]
+    assert "<th>recipe, forecast at 0.0 h (± 1 sd)</th><th>this batch, simulated truth</th><th>recipe on the same batch, simulated truth</th>" in kpis_html
+    titer = r"<td>titer at harvest \[g/L\]</td>(<td[^>]*>[^<]*</td>){3}<td class=\"n\">4\.12 ± 0\.88</td><td class=\"n\">5\.43</td><td class=\"n\">4\.32</td>"
+    score = r"<td>score: product per occupied day \[g/day\]</td>(<td[^>]*>[^<]*</td>){3}<td class=\"n\">480\.0 ± 101\.3</td><td class=\"n\">611\.1</td><td class=\"n\">470\.2</td>"
+    assert re.search(titer, kpis_html) and re.search(score, kpis_html), kpis_html
+    assert "a forecast, not a measurement" in kpis_html and "not a measurement and not a forecast" in kpis_html

@@ -3,7 +3,8 @@
 The tables are checked against the history's SQLite tables read here
 independently (row counts, values, times), the Parquet files against the
 CSV files, and the report for being one file that names no other; the
-history's bytes must not change.
+history's bytes must not change. The cycles carry the recipe's forecast, MAC'd
+with the row: the report's KPIs against the recipe are figures in closed loop too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from runtime_harness import TEST_SETTINGS, run_runtime_against
 from bioreactor_mpc.cli import main
 from bioreactor_mpc.history_report import SECTIONS
 from controller.mpc import EconomicMpc
-from interfaces.audit import AuditTrail
+from interfaces.audit import AuditTrail, check_history_rows
+from interfaces.audit_keys import AuditKey, AuditKeyring, generate_key
+from interfaces.history import SqliteHistory
 from interfaces.history_export import UNIT_SLUGS
 from plant_models.cho import CultureModel
 from simulator.config import load_simulation
@@ -40,13 +43,19 @@ STOP_AT_H = 54.0
 
 
 @pytest.fixture(scope="module")
-def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The history (with its audit trail) of a closed loop run to 54 h, closed."""
+def audit_key() -> AuditKey:
+    return generate_key()
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory, audit_key: AuditKey) -> Path:
+    """The history (with its audit trail, both MAC'd with ``audit_key``) of a closed loop run to 54 h, closed."""
     path = tmp_path_factory.mktemp("closed-loop") / "history.sqlite"
     loaded = load_simulation(PLATFORM)
     mpc = EconomicMpc(CultureModel(), loaded.batch, TEST_SETTINGS.nmpc.mpc)
-    with AuditTrail(path) as trail:
-        result = asyncio.run(run_runtime_against(loaded, path, mpc=mpc, stop_at_h=STOP_AT_H, audit=trail))
+    with AuditTrail(path, key=audit_key) as trail:
+        history = SqliteHistory(path, mac_key=audit_key)
+        result = asyncio.run(run_runtime_against(loaded, path, mpc=mpc, stop_at_h=STOP_AT_H, audit=trail, history=history))
         result.history.close()
     return path
 
@@ -180,3 +189,61 @@ def test_the_report_is_one_self_contained_file_with_every_section(history, tmp_p
     # The lab results measured are shown against the estimate: a row per quantity with the count of lab results.
     lab_results = _sql(history, "SELECT COUNT(*) FROM lab_results")[0][0]
     assert re.search(rf"<td>viable cells \[1e6/mL\]</td><td class=\"n\">{lab_results}</td>", page)
+
+
+_FIGURE = r"(-?\d+\.\d+)"
+_WITH_SD = rf"{_FIGURE} ± {_FIGURE}"
+
+
+def test_a_closed_loop_records_the_recipes_forecast_every_cycle_and_reports_it_against_the_plan(history, audit_key, tmp_path):
+    """Closed loop makes no recommendation, yet every cycle records what the recipe would give from its estimate; the report shows it ± sd."""
+    assert main(["export", "--history", str(history), "--out", str(tmp_path / "csv")]) == 0
+    manifest = json.loads((tmp_path / "csv" / "manifest.json").read_text(encoding="utf-8"))
+    units = {c["name"]: c["unit"] for c in manifest["tables"]["cycles"]["columns"]}
+    for name, unit in (("recipe_forecast_titer_g_per_l", "g/L"), ("recipe_forecast_titer_sd_g_per_l", "g/L"), ("recipe_forecast_score_g_per_day", "g/day")):
+        assert units.get(name) == unit, name
+    cycles = _csv(tmp_path / "csv" / "cycles.csv")
+    # Without a screen, a closed loop forecasts the recipe at its first cycle and at each cycle that used a lab result.
+    decided = [float(row["process_time_h"]) for row in cycles if row["source"] != "none"]
+    used = {float(row["result_time_h"]) for row in _csv(tmp_path / "csv" / "lab.csv") if row["used"] == "true"}
+    forecast_at = [float(row["process_time_h"]) for row in cycles if row["recipe_forecast_titer_g_per_l"]]
+    assert {row["state"] for row in cycles} == {"closed_loop"} and len(used) >= 3
+    assert forecast_at == sorted({decided[0]} | used), "the first cycle, and each that used a lab result"
+    # The same figures as the history's MAC'd cycle rows hold, read here with SQL.
+    recorded = _sql(history, "SELECT json_extract(estimate, '$.recipe_forecast.titer_g_per_l') FROM cycles ORDER BY id")
+    assert _floats(cycles, "recipe_forecast_titer_g_per_l") == pytest.approx([math.nan if t is None else t for (t,) in recorded], nan_ok=True, rel=0, abs=0)
+    first = next(row for row in cycles if row["recipe_forecast_titer_g_per_l"])
+    harvest_h, titer, titer_sd = (float(first[f"recipe_forecast_{name}"]) for name in ("harvest_time_h", "titer_g_per_l", "titer_sd_g_per_l"))
+    score, score_sd = float(first["recipe_forecast_score_g_per_day"]), float(first["recipe_forecast_score_sd_g_per_day"])
+    loaded = load_simulation(PLATFORM)
+    assert harvest_h <= loaded.batch.recipe.harvest_h and 0.0 < titer_sd < titer and 0.0 < score_sd < score
+    # The score is the titer times the volume per occupied day (independent of the forecast's arithmetic): with the recipe's harvest
+    # volume between the inoculum and the reactor's maximum, the score lies between those bounds.
+    days = harvest_h / 24.0 + loaded.batch.economics.turnaround_days
+    assert titer * loaded.batch.inoculation.volume_l / days < score <= titer * loaded.batch.equipment.max_working_volume_l / days
+
+    out = tmp_path / "report.html"
+    assert main(["report", "--history", str(history), "--out", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    kpis = page[page.index('id="kpis"') : page.index('id="measured-vs-predicted"')]
+    assert f"recipe, forecast at {float(first['process_time_h']):.1f} h (± 1 sd)" in kpis
+    titer_cell = re.search(rf"<td>titer at harvest \[g/L\]</td>(?:<td[^>]*>[^<]*</td>){{3}}<td class=\"n\">{_WITH_SD}</td>", kpis)
+    score_cell = re.search(rf"<td>score: product per occupied day \[g/day\]</td>(?:<td[^>]*>[^<]*</td>){{3}}<td class=\"n\">{_WITH_SD}</td>", kpis)
+    assert titer_cell and score_cell, kpis
+    assert (float(titer_cell[1]), float(titer_cell[2])) == (round(titer, 2), round(titer_sd, 2))
+    assert (float(score_cell[1]), float(score_cell[2])) == (round(score, 1), round(score_sd, 1))
+    assert "a forecast, not a measurement" in kpis and "simulated truth" not in kpis, "the runtime's history holds no simulator's truth"
+
+    # MAC'd with its row: the trail verifies, and a recipe forecast edited in a copy of the history is found.
+    with AuditTrail(history, read_only=True) as trail:
+        assert trail.verify(keys=AuditKeyring([audit_key]), checkers=[check_history_rows]).problems == []
+    copy = tmp_path / "edited.sqlite"
+    copy.write_bytes(history.read_bytes())
+    db = sqlite3.connect(copy)
+    [[row_id]] = db.execute("SELECT id FROM cycles WHERE json_extract(estimate, '$.recipe_forecast') IS NOT NULL ORDER BY id DESC LIMIT 1").fetchall()
+    db.execute("UPDATE cycles SET estimate = json_set(estimate, '$.recipe_forecast.titer_g_per_l', 9.99) WHERE id = ?", (row_id,))
+    db.commit()
+    db.close()
+    with AuditTrail(copy, read_only=True) as trail:
+        problems = trail.verify(keys=AuditKeyring([audit_key]), checkers=[check_history_rows]).problems
+    assert any(f"cycles row {row_id}: altered" in problem for problem in problems), problems

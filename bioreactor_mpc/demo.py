@@ -32,13 +32,14 @@ from pathlib import Path
 from rich.console import Console
 
 from bioreactor_mpc.report import kpi_table
-from bioreactor_mpc.runtime_cli import print_summary, run_runtime
+from bioreactor_mpc.runtime_cli import audit_key, print_summary, run_runtime
 from controller.kpis import BatchKpis
 from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
 from controller.runtime import RunSummary
 from controller.runtime_config import LoadedRuntime, ScreenSettings, load_runtime_config
 from interfaces.audit import AuditTrail
+from interfaces.history_export import SIMULATION_REFERENCE, read_history_batch
 from interfaces.users import Role, UserStore
 from plant_models.cho import CultureModel
 from plant_models.errors import BioreactorMPCError
@@ -174,7 +175,14 @@ def run_demo(
         f"score: {kpis.score_g_per_day:.1f} g/day against the recipe's {recipe.score_g_per_day:.1f} g/day on the same batch ({gain:+.1f} %)", highlight=False, soft_wrap=True
     )
     print_summary(summary, history_path, console)
-    for kind, path in report["files"].items():
+    with AuditTrail(history_path, key=audit_key(loaded)) as trail:  # the simulator's truth, for the report beside the measured and the forecast
+        details = {"scenario": str(scenario), "seed": seed_used, "batch_kpis": kpis.as_dict(), "recipe_kpis": recipe.as_dict()}
+        trail.append(actor="demo", action=SIMULATION_REFERENCE, subject=loaded_sim.batch.batch_id, details=details, process_time_h=kpis.harvest_time_h)
+    from bioreactor_mpc.history_report import write_history_report
+
+    batch_report = output_dir / f"{stem}-report.html"
+    write_history_report(read_history_batch(history_path), batch_report)
+    for kind, path in {**report["files"], "batch report": str(batch_report)}.items():
         console.print(f"{kind + ':':14s}{path}", soft_wrap=True)
     console.print(f"demo took {time.monotonic() - started:.0f} s", highlight=False)
     if mpc.compile_job is not None and not mpc.compile_job.done:  # the batch ended first: finish the library, so that the next run starts compiled

@@ -224,12 +224,13 @@ class NmpcController:
         return np.array([np.interp(times_h, ahead.times_h, row) for row in ahead.state_sd])
 
     def _bounds(self, t: float, harvest_time_h: float, state: np.ndarray, previous: np.ndarray) -> PlanBounds | None:
-        """The trust region on the stage grid from ``t`` to ``harvest_time_h`` (volumes per stage from the last plan, else now's)."""
+        """The trust region on the stage grid from ``t`` to ``harvest_time_h`` (volumes per stage from the last plan, else now's; the first stage's now's)."""
         starts, durations = self.mpc.stage_grid(t, harvest_time_h)
         i_v = STATE_INDEX["volume"]
         volume = np.full(len(starts), float(state[i_v]))
         if self._plan is not None:
             volume = np.interp(starts, _stage_ends(self._plan, with_start=True), self._plan.states[i_v])
+            volume[0] = float(state[i_v])
         return self.trust.bounds(starts, durations, volume_l=volume, previous_inputs=previous, temperature_rate_degc_per_h=self.config.mpc.temperature_rate_max_degc_per_h)
 
     def _scenarios(self, parameters: np.ndarray, n_scenarios: int) -> tuple[np.ndarray, np.ndarray | None]:

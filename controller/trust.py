@@ -216,7 +216,7 @@ class TrustRegion:
         """Per-stage bounds for a plan on this stage grid; None when the region is off.
 
         ``volume_l`` is the expected volume per stage (feed bounds of the
-        envelope are per volume). The glucose feed is bounded only by its
+        envelope are per volume), its first entry the volume now. The glucose feed is bounded only by its
         pump (the recipe's own glucose feed follows the lab results): the
         glucose *level* is held in the region instead. The temperature bounds
         are relaxed where the setpoint rate limit needs it: each stage can
@@ -226,6 +226,8 @@ class TrustRegion:
         the plan infeasible. The volume ceiling keeps room for the recipe's
         glucose feed to the recipe's harvest (``recipe.glucose_room_per_day``):
         the fallback must be able to run whenever the monitor stands the NMPC down.
+        The feed's lower bounds never fill that room (the ceiling is a soft
+        constraint of the plan, the input bounds are hard).
         """
         if not self.active:
             return None
@@ -248,6 +250,9 @@ class TrustRegion:
         # A plan that fills the reactor leaves the recipe no room to feed the glucose it needs should the NMPC stand down: keep the recipe's room free.
         ends_h = np.asarray(starts_h, dtype=float) + np.asarray(durations_h, dtype=float)
         volume_upper = self._batch.equipment.max_working_volume_l - np.array([self._recipe.glucose_room_l(float(t)) for t in ends_h])
+        # The region's least feed must not fill that room: a narrowed region around a schedule that ignores the volume
+        # (the recipe stops its nutrient feed at the room; its schedule does not) would force the plan over its ceiling.
+        lower[0] = _fill_lower_bounds(lower[0], np.asarray(durations_h, dtype=float), float(np.broadcast_to(volume_l, (n,))[0]), volume_upper)
         return PlanBounds(inputs_lower=lower, inputs_upper=upper, glucose_lower=edges[4], glucose_upper=np.full(n, math.inf), volume_upper=volume_upper)
 
     # ----------------------------------------------------------------- monitor
@@ -356,3 +361,14 @@ class TrustRegion:
         self.width = float(np.clip(float(data.get("width", self.width)), 0.0, 1.0))
         self.misses = int(data.get("misses", 0))
         self.stood_down = bool(data.get("stood_down", False))
+
+
+def _fill_lower_bounds(feed_lower_lph: np.ndarray, durations_h: np.ndarray, volume_now_l: float, volume_upper_l: np.ndarray) -> np.ndarray:
+    """The nutrient feed's lower bounds per stage, cut where feeding at them would take the volume above ``volume_upper_l`` at the stage's end."""
+    cut = np.array(feed_lower_lph, dtype=float)
+    volume = volume_now_l
+    for k, duration in enumerate(durations_h):
+        room_lph = max(0.0, (float(volume_upper_l[k]) - volume) / duration) if duration > 0.0 else 0.0
+        cut[k] = min(cut[k], room_lph)
+        volume += cut[k] * duration
+    return cut

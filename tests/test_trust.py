@@ -115,6 +115,30 @@ def test_the_plan_leaves_room_for_the_recipes_glucose_should_the_nmpc_stand_down
     assert bounds.volume_upper[-1] == pytest.approx(batch.equipment.max_working_volume_l)  # nothing to keep at the recipe's harvest
 
 
+def test_a_narrowed_region_never_feeds_the_reactor_into_the_recipe_s_glucose_room(batch):
+    """At width 0 the region is the recipe's feed schedule, which ignores the volume: its least feed is cut where it would fill the room.
+
+    Found on the own plant with calibrated kinetics: a region narrowed on day 10 forced the schedule's nutrient feed into a reactor
+    already at its room, the PLC's high-level stop then stopped the glucose feed too, and the culture starved for the last 5 h.
+    """
+    region = _region(batch, initial_width=0.0)
+    starts, durations = _grid(250.0)
+    ceiling = batch.equipment.max_working_volume_l - np.array([region._recipe.glucose_room_l(t) for t in starts + durations])
+    now_l = float(ceiling[0]) - 1.0  # a litre below the first stage's ceiling
+    volume = np.full(starts.size, now_l)
+    bounds = region.bounds(starts, durations, volume_l=volume, previous_inputs=np.array([1.75, 0.3, 33.0]), temperature_rate_degc_per_h=RATE)
+    assert bounds is not None
+    np.testing.assert_allclose(bounds.volume_upper, ceiling)
+    least_fill = now_l + np.cumsum(bounds.inputs_lower[0] * durations)
+    assert np.all(least_fill <= ceiling + 1e-9)
+    assert bounds.inputs_lower[0, 0] == pytest.approx(1.0)  # the litre left, not the schedule's 1.75 L/h
+    assert bounds.inputs_lower[0, 1:] == pytest.approx(np.diff(ceiling) / durations[1:])  # then the room as it frees up: 0.35 L/h, not 1.75
+    assert np.all(bounds.inputs_lower[0] <= bounds.inputs_upper[0])
+    roomy = region.bounds(starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.75, 0.3, 33.0]), temperature_rate_degc_per_h=RATE)
+    assert roomy is not None
+    np.testing.assert_allclose(roomy.inputs_lower[0], [region._recipe.feed_rate_lph(t) for t in starts])  # far from the room: the schedule
+
+
 def test_a_calibrated_model_plans_in_its_envelope_plus_margin(batch, envelope):
     region = _region(batch, envelope, envelope_margin_degc=0.5, envelope_margin_relative=0.1)
     assert region.source is RegionSource.CALIBRATION_ENVELOPE and region.width == 1.0

@@ -157,24 +157,30 @@ def _parser() -> argparse.ArgumentParser:
 def _schema(args: argparse.Namespace, console: Console) -> int:
     import json
 
+    from pydantic import TypeAdapter
+
     from controller.config import BatchTemplate
     from controller.runtime_config import RuntimeConfig
     from interfaces.tagmap import ModbusTagMap, OpcUaTagMap
     from plant_models.parameters import CultureParameters
     from simulator.config import SimulationConfig
+    from simulator.io_faults import IoFaultScenario
+    from simulator.io_map import IoMap
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    models = (
+    models: tuple[tuple[str, Any], ...] = (
         ("culture-parameters", CultureParameters),
         ("batch", BatchTemplate),  # a template: batch_id optional (the runtime then follows the PLC)
         ("simulation", SimulationConfig),
         ("tag-map-opcua", OpcUaTagMap),
         ("tag-map-modbus", ModbusTagMap),
         ("runtime", RuntimeConfig),
+        ("io-map", IoMap),  # plant-sim's and soft-plc's --io: OPC UA or Modbus TCP, by its protocol
+        ("io-faults", IoFaultScenario),  # plant-sim's --faults
     )
     for name, model in models:
         path = args.output_dir / f"{name}.schema.json"
-        path.write_text(json.dumps(model.model_json_schema(), indent=2) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(TypeAdapter(model).json_schema(), indent=2) + "\n", encoding="utf-8")
         console.print(f"{path}")
     return 0
 

@@ -2,7 +2,8 @@
 
 ``soft-plc`` runs the reference PLC's logic as a process of its own: the
 reference interface to the runtime (OPC UA or Modbus TCP, the servers of
-``plc-sim``) and its field I/O to ``plant-sim`` (OPC UA, the I/O map's tags).
+``plc-sim``) and its field I/O to ``plant-sim`` (OPC UA or Modbus TCP, as the
+I/O map's ``protocol`` says).
 ``plant-sim`` is the plant behind a PLC's field I/O: the soft PLC's, or a
 real PLC's.
 """
@@ -13,13 +14,16 @@ import argparse
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from bioreactor_mpc.report import write_batch_files
 from bioreactor_mpc.resources import reference_config
 from plant_models.errors import BioreactorMPCError
+
+if TYPE_CHECKING:
+    from simulator.io_map import ModbusIoMap, OpcUaIoMap
 
 DEFAULT_SIMULATION = reference_config("simulate", "platform.yaml")
 DEFAULT_IO_MAP = reference_config("io", "soft-plc-opcua.yaml")
@@ -32,8 +36,13 @@ def add_parsers(commands: Any) -> None:
     soft.add_argument("--scenario", type=Path, default=DEFAULT_SIMULATION, help=f"simulation config: the batch and the PLC's settings (default: {DEFAULT_SIMULATION})")
     soft.add_argument("--tag-map", type=Path, default=None, help="tag map of the reference interface (default: configs/plc/reference-<protocol>.yaml)")
     soft.add_argument("--endpoint", default=None, help="override the tag map's endpoint (opc.tcp://… or host:port for Modbus)")
-    soft.add_argument("--io", type=Path, default=DEFAULT_IO_MAP, help=f"I/O map of the field I/O it serves to plant-sim (default: {DEFAULT_IO_MAP})")
-    soft.add_argument("--io-endpoint", default=None, help="override the I/O map's endpoint")
+    soft.add_argument(
+        "--io",
+        type=Path,
+        default=DEFAULT_IO_MAP,
+        help=f"I/O map of the field I/O it serves to plant-sim, over the map's protocol (OPC UA or Modbus TCP; default: {DEFAULT_IO_MAP})",
+    )
+    soft.add_argument("--io-endpoint", default=None, help="override the I/O map's endpoint (opc.tcp://… or host:port for Modbus)")
     clock = soft.add_mutually_exclusive_group()
     clock.add_argument("--lockstep", action="store_true", help="virtual time: pause at every cycle boundary until MPC.Heartbeat moves, step the plant in between (the default)")
     clock.add_argument("--time-scale", type=float, default=None, help="run free, this many plant seconds per wall second")
@@ -51,7 +60,7 @@ def add_parsers(commands: Any) -> None:
 
     plant = commands.add_parser("plant-sim", help="the plant as an I/O simulator: writes a PLC's sensor inputs, reads its actuator outputs (docs/hil.md)")
     plant.add_argument("--io", type=Path, default=None, help=f"I/O map of the PLC's field I/O (default: {DEFAULT_IO_MAP})")
-    plant.add_argument("--io-endpoint", default=None, help="override the I/O map's endpoint")
+    plant.add_argument("--io-endpoint", default=None, help="override the I/O map's endpoint (opc.tcp://… or host:port for Modbus)")
     plant.add_argument("--scenario", type=Path, default=DEFAULT_SIMULATION, help=f"simulation config: truth, noise, sampling (default: {DEFAULT_SIMULATION})")
     plant.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
     plant.add_argument(
@@ -63,14 +72,28 @@ def add_parsers(commands: Any) -> None:
     plant.add_argument("--wall-timeout-s", type=float, default=3600.0, help="give up after this many wall seconds (default 3600)")
     plant.add_argument("--report-dir", type=Path, default=None, help="at the end, write the true trajectories, KPIs, plot and the run's timing here")
     plant.add_argument("--report-stem", default=None, help="file name stem of the report (default: <batch>-seed<seed>-plant-sim)")
-    plant.add_argument("--write-schema", type=Path, default=None, metavar="DIR", help="write the JSON Schemas of the I/O map and the fault scenario into DIR and exit")
+
+
+def _io_map(path: Path, endpoint: str | None) -> OpcUaIoMap | ModbusIoMap:
+    """The I/O map at ``path`` (either protocol), its endpoint replaced by ``endpoint`` (``opc.tcp://…``, or ``host:port`` for a Modbus map) when given."""
+    from simulator.io_map import ModbusIoMap, load_io_map
+
+    io_map = load_io_map(path)
+    if endpoint is None:
+        return io_map
+    if isinstance(io_map, ModbusIoMap):
+        from interfaces.modbus_port import parse_endpoint
+
+        host, port = parse_endpoint(endpoint)
+        return io_map.model_copy(update={"host": host, "port": port})
+    return io_map.model_copy(update={"endpoint": endpoint})
 
 
 def run_soft_plc(args: argparse.Namespace, console: Console) -> int:
     from interfaces.tagmap import ModbusTagMap, OpcUaTagMap, load_tag_map
     from simulator.config import load_simulation
-    from simulator.io_map import load_io_map
-    from simulator.soft_plc import IoServer, SoftPlc, SoftPlcRunner
+    from simulator.io_map import OpcUaIoMap
+    from simulator.soft_plc import FieldIoServer, IoServer, SoftPlc, SoftPlcRunner
 
     if args.time_scale is not None and not args.time_scale > 0.0:
         raise BioreactorMPCError(f"--time-scale must be positive, got {args.time_scale}")
@@ -78,7 +101,7 @@ def run_soft_plc(args: argparse.Namespace, console: Console) -> int:
     tag_map = load_tag_map(tag_map_path)
     if not isinstance(tag_map, OpcUaTagMap if args.protocol == "opcua" else ModbusTagMap):
         raise BioreactorMPCError(f"{tag_map_path}: protocol is '{tag_map.protocol}', --protocol {args.protocol} needs a {args.protocol} tag map")
-    io_map = load_io_map(args.io)
+    io_map = _io_map(args.io, args.io_endpoint)
     if args.time_scale is None and io_map.clock is None:
         raise BioreactorMPCError(f"{args.io}: lockstep needs the I/O map's clock section (virtual time with plant-sim); or give --time-scale")
     loaded = load_simulation(args.scenario)
@@ -98,7 +121,12 @@ def run_soft_plc(args: argparse.Namespace, console: Console) -> int:
 
             host, port = parse_endpoint(args.endpoint) if args.endpoint is not None else (None, None)
             reference = ModbusPlcServer(served, tag_map, host=host, port=port)  # type: ignore[arg-type]  # checked above: a Modbus map
-        io_server = IoServer(io_map, endpoint=args.io_endpoint)
+        if isinstance(io_map, OpcUaIoMap):
+            io_server: FieldIoServer = IoServer(io_map)
+        else:
+            from simulator.modbus_server import ModbusIoServer
+
+            io_server = ModbusIoServer(io_map)
         runner = SoftPlcRunner(plc, reference, io_server)
         await io_server.start()
         try:
@@ -132,23 +160,13 @@ def run_soft_plc(args: argparse.Namespace, console: Console) -> int:
 def run_plant_sim(args: argparse.Namespace, console: Console) -> int:
     from simulator.batch import kpis_of
     from simulator.config import load_simulation
-    from simulator.io_faults import IoFaultScenario, load_fault_scenario, parse_fault
-    from simulator.io_map import IoMap, load_io_map
+    from simulator.io_faults import load_fault_scenario, parse_fault
     from simulator.plant_io import PlantSimulator, run_plant_io
 
-    if args.write_schema is not None:
-        args.write_schema.mkdir(parents=True, exist_ok=True)
-        for name, model in (("io-map", IoMap), ("io-faults", IoFaultScenario)):
-            path = args.write_schema / f"{name}.schema.json"
-            path.write_text(json.dumps(model.model_json_schema(), indent=2) + "\n", encoding="utf-8")
-            console.print(str(path))
-        return 0
     if args.time_scale is not None and not args.time_scale > 0.0:
         raise BioreactorMPCError(f"--time-scale must be positive, got {args.time_scale}")
     io_path = args.io or DEFAULT_IO_MAP
-    io_map = load_io_map(io_path)
-    if args.io_endpoint is not None:
-        io_map = io_map.model_copy(update={"endpoint": args.io_endpoint})
+    io_map = _io_map(io_path, args.io_endpoint)
     if args.time_scale is None and io_map.clock is None:
         raise BioreactorMPCError(f"{io_path}: no clock section (a real PLC's I/O): give --time-scale (1 for real time)")
     faults = [*(load_fault_scenario(args.faults).faults if args.faults is not None else []), *(parse_fault(spec) for spec in args.fault)]
@@ -161,6 +179,8 @@ def run_plant_sim(args: argparse.Namespace, console: Console) -> int:
     except KeyboardInterrupt:
         console.print("stopped")
         return 0
+    except BioreactorMPCError:  # the I/O device's own refusal or silence, already named (IoDeviceError)
+        raise
     except OSError as error:
         raise BioreactorMPCError(f"{io_map.endpoint}: cannot reach the PLC's I/O ({error})") from error
     trajectory = simulator.plant.trajectory()

@@ -45,18 +45,21 @@ The clocks (lockstep and free-running) are :class:`~simulator.clocks.PlcServerCl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Coroutine, Sequence
 
 import structlog
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from interfaces.modbus_codec import EncodedWrite, ModbusEncodingError, ModbusLayout
+from controller.types import LAB_FIELDS
+from interfaces.modbus_codec import EncodedWrite, ModbusEncodingError, ModbusLayout, from_registers, to_registers
 from interfaces.signals import SIGNALS
-from interfaces.tagmap import ModbusTag, ModbusTagMap
+from interfaces.tagmap import ModbusTag, ModbusTagMap, WordOrder
 from plant_models.errors import RemoteDisabledError, SetpointOutOfRangeError
 from simulator.clocks import PlcServerClocks
+from simulator.io_map import NOT_YET, ModbusAnalogInput, ModbusAnalogOutput, ModbusIoMap, ModbusValue
 from simulator.plc import SimulatedPlc
 
 log = structlog.get_logger(__name__)
@@ -67,6 +70,8 @@ _TABLES = ("coil", "discrete", "holding", "input")
 _TABLE_OF_FUNCTION = {1: "coil", 5: "coil", 15: "coil", 2: "discrete", 3: "holding", 6: "holding", 16: "holding", 22: "holding", 23: "holding", 4: "input"}
 _BITS_PER_REGISTER = 16
 _TABLE_NAMES = {"input": "input register", "holding": "holding register", "coil": "coil", "discrete": "discrete input"}
+LAB_TAGS = ("taken_at_h", *LAB_FIELDS)
+"""The LIMS values of an I/O map, ``seq`` aside."""
 
 
 class ModbusPlcServer(PlcServerClocks):
@@ -95,17 +100,8 @@ class ModbusPlcServer(PlcServerClocks):
 
     async def start(self) -> None:
         """Listen on the map's (or the given) host and port, serving the map's unit id."""
-        devices = [SimDevice(id=self.tag_map.unit_id, simdata=self._blocks(), action=self._on_access)]
-        if self.tag_map.unit_id != 0:  # pymodbus answers unit ids it does not serve from device 0, or fails with exception 4
-            devices.append(SimDevice(id=0, simdata=self._blocks(), action=_answer_other_units))
         await self.publish()
-        server = ModbusTcpServer(devices, address=(self.host, self.port))
-        try:
-            await server.serve_forever(background=True)
-        except RuntimeError as error:  # pymodbus's way of saying that it cannot listen
-            await server.shutdown()
-            raise OSError(f"{self.endpoint}: the Modbus server cannot listen (address in use or not local?)") from error
-        self._server = server
+        self._server = await serve_image(self._image, self._on_access, unit_id=self.tag_map.unit_id, host=self.host, port=self.port, endpoint=self.endpoint)
         log.info("modbus_plc_started", host=self.host, port=self.port, unit_id=self.tag_map.unit_id, signals=len(self.tag_map.tags))
 
     async def stop(self) -> None:
@@ -142,22 +138,6 @@ class ModbusPlcServer(PlcServerClocks):
 
     # ------------------------------------------------------------------ requests
 
-    def _blocks(self) -> tuple[list[SimData], list[SimData], list[SimData], list[SimData]]:
-        """One pymodbus block per table spanning its mapped addresses (gaps inside read as 0; writes there are refused)."""
-        blocks: list[list[SimData]] = []
-        for table in _TABLES:
-            addresses = self._image[table]
-            if not addresses:  # no signal in this table: a placeholder the action refuses
-                placeholder = SimData(0, values=[False], datatype=DataType.BITS) if table in _BIT_TABLES else SimData(0, datatype=DataType.INVALID)
-                blocks.append([placeholder])
-                continue
-            first, last = min(addresses), max(addresses)
-            if table in _BIT_TABLES:
-                blocks.append([SimData(first, values=[False] * (last - first + 1), datatype=DataType.BITS)])
-            else:
-                blocks.append([SimData(first, count=last - first + 1, values=0, datatype=DataType.REGISTERS)])
-        return blocks[0], blocks[1], blocks[2], blocks[3]
-
     async def _on_access(self, function_code: int, start_address: int, address: int, count: int, registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
         """pymodbus's device action: refresh the registers a read will return, or apply a write through the PLC.
 
@@ -170,21 +150,9 @@ class ModbusPlcServer(PlcServerClocks):
         if table is None or not self._image[table]:
             return ExcCodes.ILLEGAL_ADDRESS
         if values is None:
-            self._refresh(table, start_address, address, count, registers)
+            refresh_registers(self._image[table], table, start_address, address, count, registers)
             return None
         return self._write(table, address, list(values))
-
-    def _refresh(self, table: str, start_address: int, address: int, count: int, registers: list[int]) -> None:
-        image = self._image[table]
-        if table in _BIT_TABLES:
-            first = address // _BITS_PER_REGISTER - start_address
-            for index in range(first, first + count):
-                base = (start_address + index) * _BITS_PER_REGISTER
-                registers[index] = sum(1 << bit for bit in range(_BITS_PER_REGISTER) if image.get(base + bit, False))
-            return
-        offset = address - start_address
-        for index in range(count):
-            registers[offset + index] = int(image.get(address + index, 0))
 
     def _write(self, table: str, address: int, values: list[int] | list[bool]) -> ExcCodes | None:
         """Apply a write request signal by signal, in address order; an exception code refuses it (see the module doc)."""
@@ -238,6 +206,181 @@ class ModbusPlcServer(PlcServerClocks):
             image[tag.address + index] = register
 
 
+class ModbusIoServer:
+    """The soft PLC's field I/O as a Modbus TCP device: the registers and coils of a :class:`~simulator.io_map.ModbusIoMap`.
+
+    plant-sim writes the inputs (holding registers), their wire-break coils,
+    the LIMS registers and ``clock.plant_minute``; a write anywhere else (an
+    output, the PLC's minute, a gap) is refused with exception 2, as a device
+    refuses a write to its read-only data. The soft PLC puts its outputs and
+    its minute into the image directly and reads the inputs from it, decoded
+    with the runtime's codec in each value's word order.
+    """
+
+    def __init__(self, io_map: ModbusIoMap, *, host: str | None = None, port: int | None = None) -> None:
+        self.io_map = io_map
+        self.host = host or io_map.host
+        self.port = port if port is not None else io_map.port
+        self._image: RegisterImage = {table: {} for table in _TABLES}
+        self._writable: set[tuple[str, int]] = set()
+        """What plant-sim may write: the inputs, their wire-break coils, the LIMS and the plant's minute."""
+        for slot in io_map.slots():
+            for address in range(slot.address, slot.address + slot.count):
+                self._image[slot.table][address] = False if slot.table in _BIT_TABLES else 0
+                if slot.path.startswith(("inputs.", "lims.")) or slot.path == "clock.plant_minute":
+                    self._writable.add((slot.table, address))
+        for name in type(io_map.inputs).model_fields:
+            channel: ModbusAnalogInput | None = getattr(io_map.inputs, name)
+            if channel is not None:  # nothing wired yet: a dead loop
+                self._store(channel.address, channel.number_of(channel.counts_of_current(0.0) if channel.counts else math.nan), channel.type, io_map.word_order_of(channel))
+        if io_map.lims is not None:
+            for name in LAB_TAGS:
+                value: ModbusValue = getattr(io_map.lims, name)
+                self._store(value.address, math.nan, value.type, io_map.word_order_of(value))
+        if io_map.clock is not None:
+            for value in (io_map.clock.plc_minute, io_map.clock.plant_minute):
+                self._store(value.address, NOT_YET, value.type, io_map.word_order_of(value))
+        self._server: ModbusTcpServer | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"modbus-tcp://{self.host}:{self.port} unit {self.io_map.unit_id}"
+
+    async def start(self) -> None:
+        self._server = await serve_image(self._image, self._on_access, unit_id=self.io_map.unit_id, host=self.host, port=self.port, endpoint=self.endpoint)
+        log.info(
+            "soft_plc_io_started",
+            endpoint=self.endpoint,
+            registers=len(self._image["holding"]) + len(self._image["input"]),
+            bits=len(self._image["coil"]) + len(self._image["discrete"]),
+        )
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            await server.shutdown()
+
+    async def _on_access(self, function_code: int, start_address: int, address: int, count: int, registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
+        table = _TABLE_OF_FUNCTION.get(function_code)
+        if table is None or not self._image[table]:
+            return ExcCodes.ILLEGAL_ADDRESS
+        if values is None:
+            refresh_registers(self._image[table], table, start_address, address, count, registers)
+            return None
+        refused = [target for target in range(address, address + len(values)) if (table, target) not in self._writable]
+        if refused:
+            log.info(
+                "modbus_io_write_refused",
+                table=table,
+                address=refused[0],
+                code=int(ExcCodes.ILLEGAL_ADDRESS),
+                reason="not an input, a wire-break coil, a LIMS or the plant's clock register",
+            )
+            return ExcCodes.ILLEGAL_ADDRESS
+        for index, value in enumerate(values):
+            self._image[table][address + index] = bool(value) if table in _BIT_TABLES else int(value)
+        return None
+
+    # ---------------------------------------------------------------- the PLC's side
+
+    def _store(self, address: int, number: float | int, data_type: str, word_order: WordOrder, table: str = "holding") -> None:
+        for index, register in enumerate(to_registers(number, data_type, word_order)):
+            self._image[table][address + index] = register
+
+    def _number(self, table: str, address: int, count: int, data_type: str, word_order: WordOrder) -> float | int:
+        return from_registers([int(self._image[table][address + index]) for index in range(count)], data_type, word_order)
+
+    async def read_inputs(self) -> tuple[dict[str, float], dict[str, float] | None, frozenset[str]]:
+        """The raw inputs by channel (counts or engineering units), the LIMS registers (None without them), and the channels whose wire-break coil is set."""
+        inputs: dict[str, float] = {}
+        broken: set[str] = set()
+        for name in type(self.io_map.inputs).model_fields:
+            channel: ModbusAnalogInput | None = getattr(self.io_map.inputs, name)
+            if channel is None:
+                continue
+            inputs[name] = channel.raw_of(self._number("holding", channel.address, channel.register_count, channel.type, self.io_map.word_order_of(channel)))
+            if channel.wire_break_coil is not None and self._image["coil"][channel.wire_break_coil]:
+                broken.add(name)
+        lims = None
+        if self.io_map.lims is not None:
+            lims = {}
+            for name in ("seq", *LAB_TAGS):
+                value: ModbusValue = getattr(self.io_map.lims, name)
+                lims[name] = float(self._number("holding", value.address, value.register_count, value.type, self.io_map.word_order_of(value)))
+        return inputs, lims, frozenset(broken)
+
+    async def write_outputs(self, outputs: dict[str, float | bool], *, plc_minute: int | None) -> None:
+        """The PLC's outputs (engineering units) into the output registers and the valve's bit; the minute it wants the plant at."""
+        for name, value in outputs.items():
+            if name == "harvest_valve":
+                valve = self.io_map.outputs.harvest_valve
+                self._image[valve.table][valve.address] = bool(value)
+                continue
+            channel: ModbusAnalogOutput = getattr(self.io_map.outputs, name)
+            self._store(channel.address, channel.number_of(channel.to_raw(float(value))), channel.type, self.io_map.word_order_of(channel), table=channel.table)
+        if plc_minute is not None and self.io_map.clock is not None:
+            clock = self.io_map.clock.plc_minute
+            self._store(clock.address, plc_minute, clock.type, self.io_map.word_order_of(clock))
+
+    async def plant_minute(self) -> int:
+        if self.io_map.clock is None:
+            return NOT_YET
+        clock = self.io_map.clock.plant_minute
+        return int(self._number("holding", clock.address, clock.register_count, clock.type, self.io_map.word_order_of(clock)))
+
+
 async def _answer_other_units(function_code: int, start_address: int, address: int, count: int, registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes:
     """The device action of every unit id but the served one: as a gateway whose target does not answer."""
     return ExcCodes.GATEWAY_NO_RESPONSE
+
+
+# ------------------------------------------------------------------ the register image, shared by the servers
+
+
+RegisterImage = dict[str, dict[int, int | bool]]
+"""A server's registers by table (coil, discrete, holding, input) and address: what its clients read."""
+DeviceAction = Callable[[int, int, int, int, list[int], list[int] | list[bool] | None], Coroutine[None, None, ExcCodes | None]]
+
+
+def register_blocks(image: RegisterImage) -> tuple[list[SimData], list[SimData], list[SimData], list[SimData]]:
+    """One pymodbus block per table spanning its mapped addresses (gaps inside read as 0; writes there are the device action's to refuse)."""
+    blocks: list[list[SimData]] = []
+    for table in _TABLES:
+        addresses = image[table]
+        if not addresses:  # no signal in this table: a placeholder the action refuses
+            placeholder = SimData(0, values=[False], datatype=DataType.BITS) if table in _BIT_TABLES else SimData(0, datatype=DataType.INVALID)
+            blocks.append([placeholder])
+            continue
+        first, last = min(addresses), max(addresses)
+        if table in _BIT_TABLES:
+            blocks.append([SimData(first, values=[False] * (last - first + 1), datatype=DataType.BITS)])
+        else:
+            blocks.append([SimData(first, count=last - first + 1, values=0, datatype=DataType.REGISTERS)])
+    return blocks[0], blocks[1], blocks[2], blocks[3]
+
+
+def refresh_registers(image: dict[int, int | bool], table: str, start_address: int, address: int, count: int, registers: list[int]) -> None:
+    """Copy a table's image into pymodbus's block before a read (bits packed 16 to a register, lowest address in bit 0)."""
+    if table in _BIT_TABLES:
+        first = address // _BITS_PER_REGISTER - start_address
+        for index in range(first, first + count):
+            base = (start_address + index) * _BITS_PER_REGISTER
+            registers[index] = sum(1 << bit for bit in range(_BITS_PER_REGISTER) if image.get(base + bit, False))
+        return
+    offset = address - start_address
+    for index in range(count):
+        registers[offset + index] = int(image.get(address + index, 0))
+
+
+async def serve_image(image: RegisterImage, action: DeviceAction, *, unit_id: int, host: str, port: int, endpoint: str) -> ModbusTcpServer:
+    """A listening pymodbus TCP server for ``image`` whose every access goes through ``action``; other unit ids answer exception 11."""
+    devices = [SimDevice(id=unit_id, simdata=register_blocks(image), action=action)]
+    if unit_id != 0:  # pymodbus answers unit ids it does not serve from device 0, or fails with exception 4
+        devices.append(SimDevice(id=0, simdata=register_blocks(image), action=_answer_other_units))
+    server = ModbusTcpServer(devices, address=(host, port))
+    try:
+        await server.serve_forever(background=True)
+    except RuntimeError as error:  # pymodbus's way of saying that it cannot listen
+        await server.shutdown()
+        raise OSError(f"{endpoint}: the Modbus server cannot listen (address in use or not local?)") from error
+    return server

@@ -1,4 +1,4 @@
-"""``plant-sim``: the plant as an I/O simulator, a client of a PLC's field I/O over OPC UA.
+"""``plant-sim``: the plant as an I/O simulator, a client of a PLC's field I/O over OPC UA or Modbus TCP.
 
 :class:`PlantSimulator` is the sans-I/O core: the plant model with the
 seed's true parameters, its instruments (:func:`simulator.plc.online_values`)
@@ -8,8 +8,11 @@ It takes the PLC's actuator outputs, integrates, and gives the raw values of
 the PLC's inputs in the PLC's own scaling (:mod:`simulator.io_map`), with the
 I/O faults of :mod:`simulator.io_faults` applied on the way.
 
-:func:`run_plant_io` moves the data: it reads the outputs, integrates and
-writes the inputs (and released lab results, through the LIMS tags) either
+:func:`run_plant_io` moves the data through :class:`PlcIoClient` (OPC UA) or
+:class:`ModbusPlcIoClient` (Modbus TCP, the registers encoded with the
+runtime's codec, :mod:`interfaces.modbus_codec`), as the map's ``protocol``
+says: it reads the outputs, integrates and writes the inputs (and released
+lab results, through the LIMS tags) either
 
 - in **virtual time** with a soft PLC (the map's ``clock``): the plant
   integrates to the minute the PLC names and answers with the minute it
@@ -24,20 +27,28 @@ writes the inputs (and released lab results, through the LIMS tags) either
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import structlog
 from asyncua import Client, ua
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusException
+from pymodbus.pdu import ModbusPDU
 
 from controller.types import LAB_FIELDS, UINT32_MAX, LabResult
+from interfaces.modbus_codec import MAX_BITS_PER_READ, MAX_REGISTERS_PER_READ, EncodedWrite, from_registers, to_registers, write_requests
+from interfaces.modbus_port import exception_reason
+from plant_models.errors import BioreactorMPCError
 from simulator.batch import plant_of, true_parameter_factors
 from simulator.config import FeedLotFault, LoadedSimulation
 from simulator.io_faults import FrozenInput, IoFault, PumpDegraded, StuckActuator, WireBreak
-from simulator.io_map import CHANNEL_OF_PV, NOT_YET, AnalogChannel, IoMap
+from simulator.io_map import CHANNEL_OF_PV, NOT_YET, AnalogScaling, ModbusAnalogOutput, ModbusIoMap, ModbusSlot, ModbusValue, OpcUaIoMap
 from simulator.lims import Lims
 from simulator.plant import MINUTES_PER_HOUR, Plant
 from simulator.plc import online_values
@@ -61,7 +72,7 @@ class ActuatorCommand:
 class PlantSimulator:
     """The plant, its instruments and its lab behind a PLC's field I/O, on the plant's 1-minute grid."""
 
-    def __init__(self, loaded: LoadedSimulation, io_map: IoMap, faults: Sequence[IoFault] = ()) -> None:
+    def __init__(self, loaded: LoadedSimulation, io_map: OpcUaIoMap | ModbusIoMap, faults: Sequence[IoFault] = ()) -> None:
         truth_rng, sampling_rng, lab_rng, online_rng = (np.random.default_rng(child) for child in np.random.SeedSequence(loaded.simulation.seed).spawn(4))
         self._loaded = loaded
         self._io = io_map
@@ -167,7 +178,7 @@ class PlantSimulator:
         now_h = self.plant.process_time_h
         raw: dict[str, float | int] = {}
         for channel, value in self.input_values().items():
-            spec: AnalogChannel | None = getattr(self._io.inputs, channel)
+            spec: AnalogScaling | None = getattr(self._io.inputs, channel)
             if spec is None:
                 continue
             wire = next((f for f in self.faults if isinstance(f, WireBreak) and f.channel == channel and f.active(now_h)), None)
@@ -180,6 +191,11 @@ class PlantSimulator:
             else:
                 self._frozen_raw.pop(channel, None)
         return raw
+
+    def broken_inputs(self) -> frozenset[str]:
+        """The inputs whose loop is broken now (a wire break active): what an input terminal's status bit reports."""
+        now_h = self.plant.process_time_h
+        return frozenset(f.channel for f in self.faults if isinstance(f, WireBreak) and f.active(now_h) and getattr(self._io.inputs, f.channel) is not None)
 
 
 # ------------------------------------------------------------------ network
@@ -198,10 +214,33 @@ class PlantRunReport:
     ended: str = ""
 
 
-class PlcIoClient:
-    """The PLC's I/O tags of an :class:`~simulator.io_map.IoMap` over an asyncua client."""
+class PlcIo(Protocol):
+    """The PLC's field I/O as plant-sim uses it, whatever the protocol."""
 
-    def __init__(self, client: Client, io_map: IoMap) -> None:
+    async def read_command(self) -> tuple[ActuatorCommand, int | None]:
+        """The actuator outputs in engineering units, and the PLC's minute (virtual time) or None."""
+        ...
+
+    async def write_inputs(self, raw: dict[str, float | int], *, broken: frozenset[str], plant_minute: int | None) -> None:
+        """The inputs' raw values (and the wire-break status of those that carry one), then the plant's minute, last."""
+        ...
+
+    async def write_lab_result(self, result: LabResult) -> None:
+        """A released result set on the PLC's LIMS tags: the values first, ``seq`` last (the PLC takes the set when ``seq`` moves)."""
+        ...
+
+
+class IoDeviceError(BioreactorMPCError, ConnectionError):
+    """The PLC's I/O refused a request or did not answer it: which request, which fields of the map, why."""
+
+
+_ANALOG_OUTPUTS = ("feed_pump_lph", "glucose_pump_lph", "temperature_setpoint_degc")
+
+
+class PlcIoClient:
+    """The PLC's I/O tags of an :class:`~simulator.io_map.OpcUaIoMap` over an asyncua client."""
+
+    def __init__(self, client: Client, io_map: OpcUaIoMap) -> None:
         self._client = client
         self._io = io_map
         self._nodes: dict[str, ua.NodeId] = {}
@@ -211,22 +250,20 @@ class PlcIoClient:
         self._nodes = {path: ua.NodeId(ua.String(node), ua.Int16(index)) for path, node in self._io.nodes().items()}
 
     async def read_command(self) -> tuple[ActuatorCommand, int | None]:
-        """The actuator outputs in engineering units, and the PLC's minute (virtual time) or None."""
         outputs = self._io.outputs
-        paths = [f"outputs.{name}" for name in ("feed_pump_lph", "glucose_pump_lph", "temperature_setpoint_degc", "harvest_valve")]
+        paths = [f"outputs.{name}" for name in (*_ANALOG_OUTPUTS, "harvest_valve")]
         if self._io.clock is not None:
             paths.append("clock.plc_minute")
         values = await self._client.read_values([self._client.get_node(self._nodes[path]) for path in paths])
-        engineering = [
-            spec.to_engineering(raw)[0] for spec, raw in zip((outputs.feed_pump_lph, outputs.glucose_pump_lph, outputs.temperature_setpoint_degc), values[:3], strict=True)
-        ]
+        engineering = [getattr(outputs, name).to_engineering(raw)[0] for name, raw in zip(_ANALOG_OUTPUTS, values[:3], strict=True)]
         command = ActuatorCommand(engineering[0], engineering[1], engineering[2], bool(values[3]))
         return command, (int(values[4]) if self._io.clock is not None else None)
 
-    async def write_inputs(self, raw: dict[str, float | int], *, plant_minute: int | None) -> None:
+    async def write_inputs(self, raw: dict[str, float | int], *, broken: frozenset[str] = frozenset(), plant_minute: int | None) -> None:
+        """``broken`` is not written: an OPC UA map carries no wire-break status (the value shows the broken loop)."""
         nodes, values = [], []
         for channel, value in raw.items():
-            spec: AnalogChannel = getattr(self._io.inputs, channel)
+            spec: AnalogScaling = getattr(self._io.inputs, channel)
             nodes.append(self._client.get_node(self._nodes[f"inputs.{channel}"]))
             values.append(ua.DataValue(ua.Variant(int(value), ua.VariantType.Int16) if spec.counts else ua.Variant(float(value), ua.VariantType.Double)))
         if plant_minute is not None and self._io.clock is not None:
@@ -235,7 +272,6 @@ class PlcIoClient:
         await self._client.write_values(nodes, values)
 
     async def write_lab_result(self, result: LabResult) -> None:
-        """A released result set on the PLC's LIMS tags: the values first, ``seq`` last (the PLC takes the set when ``seq`` moves)."""
         if self._io.lims is None:
             return
         names = ["taken_at_h", *LAB_FIELDS]
@@ -244,9 +280,141 @@ class PlcIoClient:
         await self._client.write_values([self._client.get_node(self._nodes["lims.seq"])], [ua.DataValue(ua.Variant(result.seq, ua.VariantType.UInt32))])
 
 
+@dataclass(frozen=True)
+class _Read:
+    table: str
+    start: int
+    count: int
+
+
+class ModbusPlcIoClient:
+    """The PLC's I/O registers and coils of a :class:`~simulator.io_map.ModbusIoMap` over a pymodbus TCP client.
+
+    Numbers are encoded and decoded by the runtime's codec
+    (:func:`~interfaces.modbus_codec.to_registers`, :func:`~interfaces.modbus_codec.from_registers`)
+    in each value's word order; inputs in adjacent registers are written in
+    one request (:func:`~interfaces.modbus_codec.write_requests`), the
+    plant's minute and a lab set's ``seq`` after everything else. A refused
+    request raises :class:`IoDeviceError` naming the registers, the map's
+    fields and the exception.
+    """
+
+    def __init__(self, client: AsyncModbusTcpClient, io_map: ModbusIoMap, *, timeout_s: float = 5.0) -> None:
+        self._client = client
+        self._io = io_map
+        self._timeout_s = timeout_s
+        self._slots = {slot.path: slot for slot in io_map.slots()}
+        wanted = [self._slots[f"outputs.{name}"] for name in (*_ANALOG_OUTPUTS, "harvest_valve")]
+        if io_map.clock is not None:
+            wanted.append(self._slots["clock.plc_minute"])
+        self._reads = _reads_covering(wanted)
+
+    async def _send(self, what: str, request: Awaitable[ModbusPDU]) -> ModbusPDU:
+        try:
+            response = await asyncio.wait_for(request, self._timeout_s)
+        except (TimeoutError, ModbusException, OSError) as error:
+            raise IoDeviceError(f"{self._io.endpoint} unit {self._io.unit_id}: {what}: no answer ({error})") from error
+        if response.isError():
+            raise IoDeviceError(f"{self._io.endpoint} unit {self._io.unit_id}: {what}: refused with {exception_reason(int(getattr(response, 'exception_code', 0)))}")
+        return response
+
+    async def read_command(self) -> tuple[ActuatorCommand, int | None]:
+        raw: dict[str, dict[int, int | bool]] = {"holding": {}, "input": {}, "coil": {}, "discrete": {}}
+        unit = self._io.unit_id
+        for read in self._reads:
+            functions = {
+                "holding": self._client.read_holding_registers,
+                "input": self._client.read_input_registers,
+                "coil": self._client.read_coils,
+                "discrete": self._client.read_discrete_inputs,
+            }
+            what = f"reading {ModbusSlot('', read.table, read.start, read.count).describe()}"
+            response = await self._send(what, functions[read.table](read.start, count=read.count, device_id=unit))
+            values = response.bits if read.table in ("coil", "discrete") else response.registers
+            raw[read.table].update({read.start + index: values[index] for index in range(read.count)})
+        outputs = self._io.outputs
+        engineering = []
+        for name in _ANALOG_OUTPUTS:
+            channel: ModbusAnalogOutput = getattr(outputs, name)
+            registers = [int(raw[channel.table][channel.address + index]) for index in range(channel.register_count)]
+            number = from_registers(registers, channel.type, self._io.word_order_of(channel))
+            engineering.append(channel.to_engineering(channel.raw_of(number))[0])
+        valve = bool(raw[outputs.harvest_valve.table][outputs.harvest_valve.address])
+        plc_minute = None
+        if self._io.clock is not None:
+            clock = self._io.clock.plc_minute
+            plc_minute = int(from_registers([int(raw["holding"][clock.address + index]) for index in range(clock.register_count)], clock.type, self._io.word_order_of(clock)))
+        return ActuatorCommand(engineering[0], engineering[1], engineering[2], valve), plc_minute
+
+    async def _write(self, encoded: Mapping[str, EncodedWrite]) -> None:
+        unit = self._io.unit_id
+        for request in write_requests(encoded):
+            write = request.write
+            where = ModbusSlot("", write.table, write.address, max(1, len(write.registers))).describe()
+            what = f"writing {where} ({', '.join(request.signals)})"
+            if write.bit is not None:
+                await self._send(what, self._client.write_coil(write.address, write.bit, device_id=unit))
+            else:
+                await self._send(what, self._client.write_registers(write.address, list(write.registers), device_id=unit))
+
+    def _value(self, path: str, value: ModbusValue, number: float | int) -> tuple[str, EncodedWrite]:
+        return path, EncodedWrite("holding", value.address, registers=to_registers(number, value.type, self._io.word_order_of(value)))
+
+    async def write_inputs(self, raw: dict[str, float | int], *, broken: frozenset[str] = frozenset(), plant_minute: int | None) -> None:
+        encoded: dict[str, EncodedWrite] = {}
+        for name, value in raw.items():
+            channel = getattr(self._io.inputs, name)
+            registers = to_registers(channel.number_of(value), channel.type, self._io.word_order_of(channel))
+            encoded[f"inputs.{name}"] = EncodedWrite("holding", channel.address, registers=registers)
+            if channel.wire_break_coil is not None:
+                encoded[f"inputs.{name}.wire_break_coil"] = EncodedWrite("coil", channel.wire_break_coil, bit=name in broken)
+        await self._write(encoded)
+        if plant_minute is not None and self._io.clock is not None:
+            await self._write(dict([self._value("clock.plant_minute", self._io.clock.plant_minute, plant_minute)]))
+
+    async def write_lab_result(self, result: LabResult) -> None:
+        lims = self._io.lims
+        if lims is None:
+            return
+        await self._write(dict(self._value(f"lims.{name}", getattr(lims, name), float(getattr(result, name))) for name in ("taken_at_h", *LAB_FIELDS)))
+        await self._write(dict([self._value("lims.seq", lims.seq, result.seq)]))
+
+
+def _reads_covering(slots: Sequence[ModbusSlot]) -> list[_Read]:
+    """One read per table from its first to its last wanted address, split at the protocol's limits (125 registers or 2000 bits a request)."""
+    spans: dict[str, set[int]] = {}
+    for slot in slots:
+        spans.setdefault(slot.table, set()).update(range(slot.address, slot.address + slot.count))
+    reads: list[_Read] = []
+    for table, addresses in sorted(spans.items()):
+        limit = MAX_BITS_PER_READ if table in ("coil", "discrete") else MAX_REGISTERS_PER_READ
+        first, last = min(addresses), max(addresses)
+        reads.extend(_Read(table, start, min(limit, last + 1 - start)) for start in range(first, last + 1, limit))
+    return reads
+
+
+@contextlib.asynccontextmanager
+async def connect_io(io_map: OpcUaIoMap | ModbusIoMap, *, timeout_s: float = 5.0) -> AsyncIterator[PlcIo]:
+    """A connected client of the PLC's field I/O for the map's protocol; closed on leaving."""
+    if isinstance(io_map, OpcUaIoMap):
+        async with Client(io_map.endpoint, timeout=timeout_s) as client:
+            io = PlcIoClient(client, io_map)
+            await io.resolve()
+            yield io
+        return
+    modbus = AsyncModbusTcpClient(io_map.host, port=io_map.port, name=f"plant-sim {io_map.endpoint}", timeout=timeout_s, retries=0, reconnect_delay=0)
+    try:
+        connected = await asyncio.wait_for(modbus.connect(), timeout_s)
+        if not connected:
+            raise IoDeviceError(f"{io_map.endpoint} unit {io_map.unit_id}: cannot connect to the Modbus I/O device")
+        yield ModbusPlcIoClient(modbus, io_map, timeout_s=timeout_s)
+    finally:
+        modbus.close()
+
+
 async def run_plant_io(
     simulator: PlantSimulator,
-    io_map: IoMap,
+    io_map: OpcUaIoMap | ModbusIoMap,
     *,
     time_scale: float | None = None,
     exchange_period_s: float = 0.1,
@@ -262,9 +430,7 @@ async def run_plant_io(
     report = PlantRunReport()
     started = time.monotonic()
     released = 0
-    async with Client(io_map.endpoint, timeout=5) as client:
-        io = PlcIoClient(client, io_map)
-        await io.resolve()
+    async with connect_io(io_map) as io:
 
         async def exchange(minute: int, command: ActuatorCommand, *, answer_minute: bool) -> None:
             nonlocal released
@@ -274,7 +440,7 @@ async def run_plant_io(
             while released < len(simulator.released):
                 await io.write_lab_result(simulator.released[released])
                 released += 1
-            await io.write_inputs(raw, plant_minute=simulator.plant.minute if answer_minute else None)
+            await io.write_inputs(raw, broken=simulator.broken_inputs(), plant_minute=simulator.plant.minute if answer_minute else None)
             report.exchanges += 1
             report.exchange_wall_s.append(time.monotonic() - begun)
 

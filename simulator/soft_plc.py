@@ -4,14 +4,17 @@
 (remote/local, watchdog, ranges, recipe, harvest) with a field I/O image
 instead of a plant. Each scan takes the raw inputs in the I/O map's scaling
 (:mod:`simulator.io_map`), marks a 4–20 mA channel outside its fault limits
-Bad (a wire break), totalises the two flow meters, takes a result set from
+Bad (a wire break), as it does a channel whose wire-break status bit is set
+(a Modbus map's ``wire_break_coil``), totalises the two flow meters, takes a result set from
 the LIMS tags when their ``seq`` moves, and drives the outputs: the pumps,
 the temperature setpoint, the harvest valve.
 
 :class:`SoftPlcRunner` serves it: the reference interface to the runtime by
 composition with the very servers ``plc-sim`` uses (:class:`~simulator.opcua_server.OpcUaPlcServer`,
 :class:`~simulator.modbus_server.ModbusPlcServer`), and the I/O tags to
-``plant-sim`` (:class:`IoServer`, a small OPC UA server). Its clocks:
+``plant-sim``: :class:`IoServer`, a small OPC UA server, or for a Modbus I/O
+map :class:`~simulator.modbus_server.ModbusIoServer`, a Modbus TCP I/O device
+(the map's ``protocol`` chooses). Its clocks:
 
 - **lockstep** (virtual time): as ``plc-sim``, the PLC pauses at every cycle
   boundary until ``MPC.Heartbeat`` moves; between pauses it steps from event
@@ -34,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import structlog
 from asyncua import Server, ua
@@ -42,7 +45,7 @@ from asyncua import Server, ua
 from controller.config import BatchConfig
 from controller.types import LAB_FIELDS, PHASE_RUNNING, LabResult
 from simulator.config import SimulationConfig
-from simulator.io_map import CHANNEL_OF_PV, NOT_YET, AnalogChannel, DigitalChannel, IoMap
+from simulator.io_map import CHANNEL_OF_PV, NOT_YET, AnalogScaling, DigitalChannel, ModbusIoMap, OpcUaIoMap
 from simulator.plant import MINUTES_PER_HOUR
 from simulator.plc import SimulatedPlc
 from simulator.plc_logic import PlcLogic, TagReading
@@ -55,7 +58,7 @@ OUTPUT_OF_SETPOINT = {"SP.FeedRate": "feed_pump_lph", "SP.GlucoseRate": "glucose
 class SoftPlc(PlcLogic):
     """The reference PLC's program on a field I/O image."""
 
-    def __init__(self, *, batch: BatchConfig, simulation: SimulationConfig, io_map: IoMap) -> None:
+    def __init__(self, *, batch: BatchConfig, simulation: SimulationConfig, io_map: OpcUaIoMap | ModbusIoMap) -> None:
         super().__init__(batch=batch, simulation=simulation)
         self._io = io_map
         self._minute = 0
@@ -86,17 +89,22 @@ class SoftPlc(PlcLogic):
 
     # ------------------------------------------------------------------ scan
 
-    def scan(self, minute: int, raw_inputs: dict[str, float], lims: dict[str, float] | None = None) -> None:
-        """One PLC scan at batch ``minute`` with the inputs the plant put on the field I/O (raw, in the map's scaling)."""
+    def scan(self, minute: int, raw_inputs: dict[str, float], lims: dict[str, float] | None = None, broken: frozenset[str] = frozenset()) -> None:
+        """One PLC scan at batch ``minute`` with the inputs the plant put on the field I/O (raw, in the map's scaling).
+
+        ``broken``: the channels whose input terminal reports a broken loop in
+        its status (a Modbus map's wire-break coil): failed whatever their value.
+        """
         if minute < self._minute:
             raise ValueError(f"the batch clock runs forward: scan at minute {minute} after {self._minute}")
         if self.phase != PHASE_RUNNING:
             return
         hours = (minute - self._minute) / MINUTES_PER_HOUR
         for channel, raw in raw_inputs.items():
-            spec: AnalogChannel | None = getattr(self._io.inputs, channel)
+            spec: AnalogScaling | None = getattr(self._io.inputs, channel)
             if spec is not None:
-                self._field[channel] = spec.to_engineering(raw)
+                value, good = spec.to_engineering(raw)
+                self._field[channel] = (value, good and channel not in broken)
         # The flow meters show what the pumps delivered since the last scan; a failed meter adds nothing (the totaliser holds).
         for meter, attribute in (("feed_flow_lph", "feed_total_l"), ("glucose_flow_lph", "glucose_feed_total_l")):
             flow, good = self._field.get(meter, (0.0, False))
@@ -153,7 +161,7 @@ class SoftPlc(PlcLogic):
 class IoServer:
     """The soft PLC's field I/O as a small OPC UA server: one variable per tag of the I/O map (``plant-sim`` writes the inputs, reads the outputs)."""
 
-    def __init__(self, io_map: IoMap, *, endpoint: str | None = None) -> None:
+    def __init__(self, io_map: OpcUaIoMap, *, endpoint: str | None = None) -> None:
         self.io_map = io_map
         self.endpoint = endpoint or io_map.endpoint
         self._server = Server()
@@ -207,8 +215,8 @@ class IoServer:
         for path, value in values.items():
             await self._server.write_attribute_value(self._nodes[path], ua.DataValue(self._variant(path, value)))
 
-    async def read_inputs(self) -> tuple[dict[str, float], dict[str, float] | None]:
-        """The raw inputs by channel, and the LIMS tags (None without them in the map)."""
+    async def read_inputs(self) -> tuple[dict[str, float], dict[str, float] | None, frozenset[str]]:
+        """The raw inputs by channel, the LIMS tags (None without them in the map), and no channel reported broken (OPC UA maps carry no wire-break status)."""
         paths = [path for path in self._nodes if path.startswith("inputs.")]
         values = await self.read(paths)
         inputs = {path.partition(".")[2]: float(value) for path, value in values.items()}
@@ -216,7 +224,7 @@ class IoServer:
         if self.io_map.lims is not None:
             lims_values = await self.read([path for path in self._nodes if path.startswith("lims.")])
             lims = {path.partition(".")[2]: float(value) for path, value in lims_values.items()}
-        return inputs, lims
+        return inputs, lims, frozenset()
 
     async def write_outputs(self, outputs: dict[str, float | bool], *, plc_minute: int | None) -> None:
         raw: dict[str, Any] = {}
@@ -231,10 +239,30 @@ class IoServer:
         return int((await self.read(["clock.plant_minute"]))["clock.plant_minute"])
 
 
-class SoftPlcRunner:
-    """Runs a :class:`SoftPlc`: the reference server towards the runtime, the :class:`IoServer` towards the plant, and the PLC's clock."""
+class FieldIoServer(Protocol):
+    """The soft PLC's field I/O towards plant-sim: :class:`IoServer` (OPC UA) or :class:`~simulator.modbus_server.ModbusIoServer` (Modbus TCP)."""
 
-    def __init__(self, plc: SoftPlc, reference_server: Any, io_server: IoServer) -> None:
+    @property
+    def io_map(self) -> OpcUaIoMap | ModbusIoMap: ...
+
+    @property
+    def endpoint(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def read_inputs(self) -> tuple[dict[str, float], dict[str, float] | None, frozenset[str]]: ...
+
+    async def write_outputs(self, outputs: dict[str, float | bool], *, plc_minute: int | None) -> None: ...
+
+    async def plant_minute(self) -> int: ...
+
+
+class SoftPlcRunner:
+    """Runs a :class:`SoftPlc`: the reference server towards the runtime, the field I/O server towards the plant, and the PLC's clock."""
+
+    def __init__(self, plc: SoftPlc, reference_server: Any, io_server: FieldIoServer) -> None:
         self.plc = plc
         self.reference = reference_server
         self.io = io_server
@@ -259,8 +287,8 @@ class SoftPlcRunner:
                     log.warning("soft_plc_plant_late", minute=minute, plant_timeout_s=plant_timeout_s, missed_total=self.missed_scans)
                     break
                 await asyncio.sleep(0.001)
-        inputs, lims = await self.io.read_inputs()
-        self.plc.scan(minute, inputs, lims)
+        inputs, lims, broken = await self.io.read_inputs()
+        self.plc.scan(minute, inputs, lims, broken)
         await self.io.write_outputs(self.plc.outputs(), plc_minute=None)
         self.scans += 1
         self.scan_wall_s.append(time.monotonic() - begun)

@@ -41,6 +41,11 @@ through the PLC. Only the map's unit id is served; any other unit id is
 answered with exception 11 (gateway target device failed to respond).
 
 The clocks (lockstep and free-running) are :class:`~simulator.clocks.PlcServerClocks`.
+
+:class:`ModbusIoServer` is the soft PLC's field I/O as a Modbus I/O device
+(a :class:`~simulator.io_map.ModbusIoMap`'s registers and coils, for
+``plant-sim``) on the same register image, blocks and listener
+(:func:`register_blocks`, :func:`refresh_registers`, :func:`serve_image`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up the project (once; again only when pyproject.toml changes) and run one job.
 #   ./dev.sh demo        the main job: the simulated PLC over OPC UA in lockstep, the runtime in closed loop against it, the batch report
-#   ./dev.sh test        the default test suite (tests/ and hil_tests/; installs Debian's chromium for the browser tests if missing)
+#   ./dev.sh test        the default test suite (tests/ and hil_tests/, one worker per core; installs Debian's chromium for the browser tests if missing)
 #   ./dev.sh lint        ruff (format and lint), mypy and the import-layer contracts
 #   ./dev.sh bench       the benchmarks
 #   ./dev.sh cli ARGS    any bioreactor-mpc command, e.g. ./dev.sh cli simulate --seed 7
@@ -49,7 +49,8 @@ job="${1:-demo}"
 setup
 case "$job" in
     demo)  exec .venv/bin/bioreactor-mpc demo "$@" ;;
-    test)  browser; exec .venv/bin/python -m pytest "$@" ;;
+    # One pytest worker per core (at most 4: each batch test runs a PLC and a runtime of its own); worksteal keeps both busy to the end. -n 0 runs serially.
+    test)  browser; exec .venv/bin/python -m pytest --numprocesses auto --maxprocesses 4 --dist worksteal "$@" ;;
     lint)  .venv/bin/ruff format --check . && .venv/bin/ruff check . && .venv/bin/mypy && exec .venv/bin/lint-imports ;;
     bench) exec .venv/bin/python benchmarks/run_all.py "$@" ;;
     cli)   exec .venv/bin/bioreactor-mpc "$@" ;;

@@ -137,6 +137,8 @@ def test_schema_command_writes_json_schemas(tmp_path):
     assert names == [
         "batch.schema.json",
         "culture-parameters.schema.json",
+        "io-faults.schema.json",
+        "io-map.schema.json",
         "runtime.schema.json",
         "simulation.schema.json",
         "tag-map-modbus.schema.json",

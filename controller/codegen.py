@@ -126,6 +126,39 @@ def nlpsols_compiling_in_background(
     return interpreted, BackgroundCompile(interpreted[0], compiler, library, progress_every_s=progress_every_s or PROGRESS_EVERY_S)
 
 
+def nlpsols(
+    name: str, plugin: str, nlp: dict, option_sets: Sequence[dict], *, compile_code: bool = True, background: bool = False
+) -> tuple[list[ca.Function], BackgroundCompile | None]:
+    """One solver per option set, and the compile to switch after (None: the solvers are final).
+
+    Compiled from the cache, or compiled now (waiting for it) on a cache miss;
+    with ``background`` a cache miss starts on interpreted solvers instead
+    (:func:`nlpsols_compiling_in_background`; :func:`solvers_once_compiled`
+    hands over to the compiled ones). ``compile_code`` False: interpreted.
+    """
+    if compile_code and background:
+        return nlpsols_compiling_in_background(name, plugin, nlp, option_sets)
+    return compiled_nlpsols(name, plugin, nlp, option_sets, compile_code=compile_code), None
+
+
+def solvers_once_compiled(job: BackgroundCompile | None, name: str, plugin: str, option_sets: Sequence[dict]) -> tuple[BackgroundCompile | None, list[ca.Function] | None]:
+    """Whether to switch after a background compile: (the compile still to wait for, the compiled solvers to switch to).
+
+    While ``job`` runs: ``(job, None)``. Once it has ended: ``(None, solvers
+    on its library)`` (``mpc_switched_to_compiled`` logged), or ``(None,
+    None)`` when it failed (``mpc_staying_interpreted``): the interpreted
+    solvers stay.
+    """
+    if job is None or not job.done:
+        return job, None
+    if not job.ready:
+        log.warning("mpc_staying_interpreted", library=job.library.name, reason=job.error)
+        return None, None
+    solvers = load_compiled(name, plugin, job.library, option_sets)
+    log.info("mpc_switched_to_compiled", library=str(job.library), compile_s=round(job.elapsed_s, 1))
+    return None, solvers
+
+
 def load_compiled(name: str, plugin: str, library: Path, option_sets: Sequence[dict]) -> list[ca.Function]:
     """One solver per option set on a compiled library (:func:`library_path`)."""
     return [ca.nlpsol(name, plugin, str(library), options) for options in option_sets]

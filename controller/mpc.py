@@ -40,7 +40,7 @@ import numpy as np
 import structlog
 from pydantic import Field
 
-from controller.codegen import BackgroundCompile, compiled_nlpsols, library_path, load_compiled, nlpsols_compiling_in_background
+from controller.codegen import BackgroundCompile, library_path, nlpsols, solvers_once_compiled
 from controller.config import BatchConfig
 from controller.kpis import batch_score_g_per_day
 from plant_models.cho import INPUT_INDEX, OUTPUT_INDEX, STATE_INDEX, CultureModel
@@ -320,10 +320,7 @@ class EconomicMpc:
         self._option_sets = option_sets
         self.library = library_path("economic_mpc", cfg.solver, nlp, option_sets[0])
         """Where the compiled NLP is cached; its name holds the cache key, which depends on the model and the horizon's layout only."""
-        if cfg.compile and self._background_compile:
-            solvers, self.compile_job = nlpsols_compiling_in_background("economic_mpc", cfg.solver, nlp, option_sets)
-        else:
-            solvers = compiled_nlpsols("economic_mpc", cfg.solver, nlp, option_sets, compile_code=cfg.compile)
+        solvers, self.compile_job = nlpsols("economic_mpc", cfg.solver, nlp, option_sets, compile_code=cfg.compile, background=self._background_compile)
         self._solver = solvers[0]
         self._warm_solver = solvers[1] if len(solvers) > 1 else None
         self._lbg = np.concatenate([np.zeros(n_eq), np.zeros(n_ineq)])
@@ -367,17 +364,10 @@ class EconomicMpc:
 
     def _switch_when_compiled(self) -> None:
         """Once the background compile has ended, solve on its library from now on (or, if it failed, keep the interpreted solvers)."""
-        job = self.compile_job
-        if job is None or not job.done:
-            return
-        self.compile_job = None
-        if not job.ready:
-            log.warning("mpc_staying_interpreted", reason=job.error)
-            return
-        solvers = load_compiled("economic_mpc", self.config.solver, job.library, self._option_sets)
-        self._solver = solvers[0]
-        self._warm_solver = solvers[1] if len(solvers) > 1 else None
-        log.info("mpc_switched_to_compiled", library=str(job.library), compile_s=round(job.elapsed_s, 1))
+        self.compile_job, solvers = solvers_once_compiled(self.compile_job, "economic_mpc", self.config.solver, self._option_sets)
+        if solvers is not None:
+            self._solver = solvers[0]
+            self._warm_solver = solvers[1] if len(solvers) > 1 else None
 
     # ----------------------------------------------------------------- grid
 

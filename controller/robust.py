@@ -37,7 +37,7 @@ from statistics import NormalDist
 import casadi as ca
 import numpy as np
 
-from controller.codegen import compiled_nlpsols
+from controller.codegen import BackgroundCompile, library_path, nlpsols, solvers_once_compiled
 from controller.config import BatchConfig
 from controller.estimator import StateEstimate
 from controller.kpis import batch_score_g_per_day
@@ -277,9 +277,14 @@ class RobustMpc:
     directions: each scenario's own copy keeps the Hessian block diagonal.)
     Only scenario 0's copy carries the input bounds and the first stage's rate
     limit, so that no constraint is stated twice.
+
+    With ``background_compile``, as :class:`EconomicMpc`'s: a cache miss of
+    either library (the nominal NLP's, the robust one's) starts on interpreted
+    functions while it compiles in a child process, and each NLP switches to
+    its library at the first robust solve after that compile ends.
     """
 
-    def __init__(self, model: CultureModel, batch: BatchConfig, config: MpcConfig | None = None, *, n_scenarios: int = 9) -> None:
+    def __init__(self, model: CultureModel, batch: BatchConfig, config: MpcConfig | None = None, *, n_scenarios: int = 9, background_compile: bool = False) -> None:
         self.config = config or MpcConfig()
         if self.config.solver != "ipopt":
             raise ScenarioError(f"the robust NLP is solved with IPOPT; solver {self.config.solver!r} needs a single chain of stages")
@@ -289,10 +294,13 @@ class RobustMpc:
         self._batch = batch
         self.n_scenarios = n_scenarios
         # The nominal NLP lends its stage functions, grid and bounds, and solves the nominal problem that starts a cold robust solve.
-        self.nominal = EconomicMpc(model, batch, self.config)
+        self.nominal = EconomicMpc(model, batch, self.config, background_compile=background_compile)
         self.n_stages = self.nominal.n_stages
         self._u_scale = self.nominal._u_scale
         self._layout = _Layout(model.n_states, model.n_inputs, self.n_stages)
+        self._background_compile = background_compile
+        self.compile_job: BackgroundCompile | None = None
+        """The robust library's compile while it runs in the background (the nominal NLP's is ``nominal.compile_job``)."""
         self._build()
 
     # ------------------------------------------------------------ delegated
@@ -349,8 +357,11 @@ class RobustMpc:
         g = ca.vertcat(ca.vec(G), ca.vec(non_anticipative))
         params = ca.vertcat(x0, ca.vec(P), weights, t_start.T, dt.T, substeps.T, u_prev, ca.vec(window), settings)
         nlp = {"x": ca.vec(W), "p": params, "f": ca.dot(weights, F.T), "g": g}
-        self._solver, self._warm_solver = compiled_nlpsols(
-            "robust_mpc", "ipopt", nlp, [_solver_options(self.config), _solver_options(self.config, warm=True)], compile_code=self.config.compile
+        self._option_sets = [_solver_options(self.config), _solver_options(self.config, warm=True)]
+        self.library = library_path("robust_mpc", "ipopt", nlp, self._option_sets[0])
+        """Where the compiled robust NLP is cached (the nominal NLP's: ``nominal.library``)."""
+        (self._solver, self._warm_solver), self.compile_job = nlpsols(
+            "robust_mpc", "ipopt", nlp, self._option_sets, compile_code=self.config.compile, background=self._background_compile
         )
         lbg = np.zeros((lay.n_g, n_s))
         ubg = np.zeros((lay.n_g, n_s))
@@ -380,6 +391,18 @@ class RobustMpc:
             [x0, u, p, starts, durations, substeps, window, settings],
             [ca.horzcat(x0, fine_x, coarse_x), ca.horzcat(fine_margins, coarse_margins), coarse_terminal[:, -1]],
         )
+
+    @property
+    def compiled(self) -> bool:
+        """Both NLPs, the robust and the nominal one, run on their compiled libraries (False: interpreted, or while either compiles)."""
+        return self.config.compile and self.compile_job is None and self.library.exists() and self.nominal.compiled
+
+    def _switch_when_compiled(self) -> None:
+        """Once a background compile has ended, solve on its library from now on: the robust one's here, the nominal one's in the nominal NLP."""
+        self.nominal._switch_when_compiled()
+        self.compile_job, solvers = solvers_once_compiled(self.compile_job, "robust_mpc", "ipopt", self._option_sets)
+        if solvers is not None:
+            self._solver, self._warm_solver = solvers
 
     # ------------------------------------------------------------ warm start
 
@@ -493,6 +516,7 @@ class RobustMpc:
         iterations are included in the solution's.
         """
         scenarios, weights = self._checked_scenarios(parameters, scenarios, weights)
+        self._switch_when_compiled()
         started = time.perf_counter()
         iterations = 0
         presolve_status = ""

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog
 
+from controller import codegen
 from controller.estimator import ExtendedKalmanEstimator
 from controller.mpc import STATE_SCALE, EconomicMpc, MpcConfig
 from controller.robust import (
@@ -278,3 +280,31 @@ def test_the_controller_plans_robustly_over_the_estimators_uncertainty():
         result = run_controlled_batch(load_scenario({"seed": 1}), make_source=estimator_source, settings=settings, max_cycles=3)
     assert result.decisions_by_source == {"mpc": 3} and len(captured) == 3
     assert all(isinstance(s, RobustMpcSolution) and s.success for s in captured)
+
+
+# --------------------------------------------------------------------------- compiled in the background
+
+
+@pytest.mark.compile  # two libraries compiled from scratch (minutes); run with ./dev.sh test -m compile
+@pytest.mark.timeout(1800)
+def test_background_compile_starts_interpreted_then_switches(model, batch, day_twelve_truth, tmp_path, monkeypatch):
+    """A cache miss of both libraries (the nominal NLP's and the robust one's) with a background compile: the first robust solve runs
+    interpreted, the first after both compiles end runs compiled, and both find the same plan."""
+    monkeypatch.setenv("BIOREACTOR_MPC_CACHE", str(tmp_path))
+    state, parameters, recipe_inputs = day_twelve_truth
+    scenarios = np.stack([parameters, with_factor(parameters, DEATH, 1.3), with_factor(parameters, DEATH, 1 / 1.3)], axis=1)
+    arguments = {"process_time_h": 288.0, "state": state, "parameters": parameters, "previous_inputs": recipe_inputs, "harvest_time_h": 336.0, "scenarios": scenarios}
+    with structlog.testing.capture_logs() as events:
+        robust = RobustMpc(model, batch, MpcConfig(**{**SMALL, "compile": True}), n_scenarios=3, background_compile=True)
+        jobs = [robust.compile_job, robust.nominal.compile_job]
+        assert not robust.compiled and robust.library.parent == tmp_path
+        first = robust.solve(**arguments)
+        assert first.success and not robust.compiled, first.reason
+        for job in jobs:
+            assert job is not None and job.wait(codegen.COMPILE_TIMEOUT_S), job and job.error
+        second = robust.solve(**arguments)
+        assert robust.compiled and second.success, second.reason
+    switched = sorted(Path(event["library"]).name for event in events if event["event"] == "mpc_switched_to_compiled")
+    assert switched == sorted([robust.library.name, robust.nominal.library.name])
+    assert second.objective == pytest.approx(first.objective, rel=1e-6)
+    np.testing.assert_allclose(second.first_inputs, first.first_inputs, rtol=1e-5, atol=1e-7)

@@ -64,7 +64,7 @@ from interfaces.signals import SIGNALS
 from interfaces.tagmap import ModbusTag, ModbusTagMap, WordOrder
 from plant_models.errors import RemoteDisabledError, SetpointOutOfRangeError
 from simulator.clocks import PlcServerClocks
-from simulator.io_map import NOT_YET, ModbusAnalogInput, ModbusAnalogOutput, ModbusIoMap, ModbusValue
+from simulator.io_map import NOT_YET, ModbusAnalogInput, ModbusAnalogOutput, ModbusIoMap, ModbusSlot, ModbusValue
 from simulator.plc import SimulatedPlc
 
 log = structlog.get_logger(__name__)
@@ -217,7 +217,9 @@ class ModbusIoServer:
     plant-sim writes the inputs (holding registers), their wire-break coils,
     the LIMS registers and ``clock.plant_minute``; a write anywhere else (an
     output, the PLC's minute, a gap) is refused with exception 2, as a device
-    refuses a write to its read-only data. The soft PLC puts its outputs and
+    refuses a write to its read-only data; a write that covers only part of a
+    32- or 64-bit value is refused with exception 3, as the PLC server does
+    (the PLC would scan a number torn between two writes). The soft PLC puts its outputs and
     its minute into the image directly and reads the inputs from it, decoded
     with the runtime's codec in each value's word order.
     """
@@ -227,13 +229,13 @@ class ModbusIoServer:
         self.host = host or io_map.host
         self.port = port if port is not None else io_map.port
         self._image: RegisterImage = {table: {} for table in _TABLES}
-        self._writable: set[tuple[str, int]] = set()
-        """What plant-sim may write: the inputs, their wire-break coils, the LIMS and the plant's minute."""
+        self._writable: dict[tuple[str, int], ModbusSlot] = {}
+        """What plant-sim may write, by place: the inputs, their wire-break coils, the LIMS and the plant's minute (each a value a write must cover whole)."""
         for slot in io_map.slots():
             for address in range(slot.address, slot.address + slot.count):
                 self._image[slot.table][address] = False if slot.table in _BIT_TABLES else 0
                 if slot.path.startswith(("inputs.", "lims.")) or slot.path == "clock.plant_minute":
-                    self._writable.add((slot.table, address))
+                    self._writable[(slot.table, address)] = slot
         for name in type(io_map.inputs).model_fields:
             channel: ModbusAnalogInput | None = getattr(io_map.inputs, name)
             if channel is not None:  # nothing wired yet: a dead loop
@@ -282,6 +284,12 @@ class ModbusIoServer:
                 reason="not an input, a wire-break coil, a LIMS or the plant's clock register",
             )
             return ExcCodes.ILLEGAL_ADDRESS
+        span = range(address, address + len(values))
+        for slot in dict.fromkeys(self._writable[(table, target)] for target in span):
+            if slot.address < span.start or slot.address + slot.count > span.stop:  # half a 32/64-bit value: the PLC would scan a torn number
+                reason = f"{slot.path} spans {slot.describe()}: write it whole, in one request"
+                log.info("modbus_io_write_refused", table=table, address=slot.address, code=int(ExcCodes.ILLEGAL_VALUE), reason=reason)
+                return ExcCodes.ILLEGAL_VALUE
         for index, value in enumerate(values):
             self._image[table][address + index] = bool(value) if table in _BIT_TABLES else int(value)
         return None

@@ -454,6 +454,27 @@ _TRUST = (
 )
 
 
+def _recipe_forecast_values(recipe: Any, row: Mapping[str, Any]) -> dict[str, float | None]:
+    """The :data:`_RECIPE_FORECAST` columns of a cycle from its ``estimate.recipe_forecast`` (numbers or null; absent: empty).
+
+    Anything else was not written by the runtime (an edited or foreign history): refused, naming the cycle and the field, rather than
+    exported as text in a number column or left out unnoticed.
+    """
+    where = f"cycles row at {row.get('process_time_h')} h (run {row.get('run_id')}): estimate.recipe_forecast"
+    if recipe is None:
+        return {column.name: None for column in _RECIPE_FORECAST}
+    if not isinstance(recipe, Mapping):
+        raise HistoryReadError(f"{where} is {recipe!r}, not an object of numbers: the runtime did not write it ('bioreactor-mpc audit verify' checks the rows)")
+    values: dict[str, float | None] = {}
+    for column in _RECIPE_FORECAST:
+        key = column.name.removeprefix("recipe_forecast_")
+        value = recipe.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise HistoryReadError(f"{where}.{key} is {value!r}, not a number: the runtime did not write it ('bioreactor-mpc audit verify' checks the rows)")
+        values[column.name] = _typed(ColumnKind.REAL, value)
+    return values
+
+
 def _setpoint_columns(prefix: str, keys: Iterable[str], what: str) -> list[Column]:
     """``requested_feed_rate_lph`` …: the setpoint keys (``controller.types.Setpoints``) carry their unit already."""
     units = {"lph": "L/h", "degc": "°C"}
@@ -512,8 +533,7 @@ def _cycles(db: sqlite3.Connection, run_ids: Sequence[int]) -> tuple[Table, tupl
             "read_time_s": row.get("read_time_s"),
             "write_time_s": row.get("write_time_s"),
         }
-        recipe = estimate.get("recipe_forecast") or {}
-        values |= {column.name: recipe.get(column.name.removeprefix("recipe_forecast_")) for column in _RECIPE_FORECAST}
+        values |= _recipe_forecast_values(estimate.get("recipe_forecast"), row)
         for key in setpoint_keys:
             for prefix, part in (("requested", requested), ("applied", applied)):
                 values[f"{prefix}_{key}"] = _typed(ColumnKind.BOOLEAN if key == "harvest" else ColumnKind.REAL, part.get(key))

@@ -263,3 +263,28 @@ def test_the_report_shows_the_recipes_forecast_recorded_with_the_cycles_and_a_si
     score = r"<td>score: product per occupied day \[g/day\]</td>(<td[^>]*>[^<]*</td>){3}<td class=\"n\">480\.0 ± 101\.3</td><td class=\"n\">611\.1</td><td class=\"n\">470\.2</td>"
     assert re.search(titer, kpis_html) and re.search(score, kpis_html), kpis_html
     assert "a forecast, not a measurement" in kpis_html and "not a measurement and not a forecast" in kpis_html
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ("not a forecast", r"estimate\.recipe_forecast is 'not a forecast', not an object of numbers"),
+        ([4.0, 0.5], r"estimate\.recipe_forecast is \[4\.0, 0\.5\], not an object of numbers"),
+        ({"titer_g_per_l": "4.0abc"}, r"estimate\.recipe_forecast\.titer_g_per_l is '4\.0abc', not a number"),
+        ({"titer_g_per_l": 4.0, "score_sd_g_per_day": True}, r"estimate\.recipe_forecast\.score_sd_g_per_day is True, not a number"),
+    ],
+)
+def test_a_recipe_forecast_the_runtime_did_not_write_is_named_by_export_and_report_not_crashed_on_or_exported_as_text(recipe, message, tmp_path, capsys):
+    """Found by editing a history's cycles.estimate: export and report failed with AttributeError ('str' object has no attribute 'get'),
+    or ValueError in the report; export wrote '4.0abc' into the REAL column recipe_forecast_titer_g_per_l."""
+    path = tmp_path / "edited.sqlite"
+    with AuditTrail(path), SqliteHistory(path) as history:
+        history.start_run(batch_id="B1", requested_mode="closed-loop", config={})
+        history.commit_cycle(dataclasses.replace(_cycle(3.0, 4.0), estimate={**_cycle(3.0, 4.0).estimate, "recipe_forecast": recipe}), None)
+        history.end_run(reason="stopped")
+    before = path.read_bytes()
+    for command in (["export", "--history", str(path), "--out", str(tmp_path / "out")], ["report", "--history", str(path), "--out", str(tmp_path / "report.html")]):
+        assert main(command) == EXIT_USER_ERROR, command
+        error = capsys.readouterr().err
+        assert "cycles row at 3.0 h (run 1)" in error and re.search(message, error) and "audit verify" in error, error
+    assert path.read_bytes() == before and not (tmp_path / "report.html").exists()

@@ -194,6 +194,7 @@ def run_plant_sim(args: argparse.Namespace, console: Console) -> int:
         "exchange_wall_s_max": walls[-1] if walls else None,
         "wall_s": round(report.wall_s, 2),
         "ended": report.ended,
+        "io_error": report.io_error or None,
     }
     console.print(
         f"plant ended at {simulator.plant.process_time_h:.2f} h ({report.ended}): score {kpis.score_g_per_day:.1f} g/day; "
@@ -205,4 +206,7 @@ def run_plant_sim(args: argparse.Namespace, console: Console) -> int:
         files = write_batch_files(args.report_dir, stem, trajectory, tuple(simulator.released), loaded.batch, title=f"{stem}: score {kpis.score_g_per_day:.0f} g/day")
         summary = {"kpis": kpis.as_dict(), "timing": timing, "faults": [fault.model_dump() for fault in faults], "files": {kind: str(path) for kind, path in files.items()}}
         (args.report_dir / f"{stem}-kpis.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if report.io_error:  # the plant to this point is reported above; the run itself failed
+        kept = f"; the plant to {simulator.plant.process_time_h:.2f} h is reported in {args.report_dir}" if args.report_dir is not None else ""
+        raise BioreactorMPCError(f"{report.io_error}{kept}")
     return 0

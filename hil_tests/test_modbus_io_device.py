@@ -8,22 +8,39 @@ does, or as a misbehaving client would.
 from __future__ import annotations
 
 import asyncio
+import csv
+import json
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import structlog
 from pymodbus.client import AsyncModbusTcpClient
 
+from bioreactor_mpc.cli import EXIT_USER_ERROR, main
 from bioreactor_mpc.demo import free_port
+from simulator.config import load_simulation
 from simulator.io_map import ModbusIoMap, load_io_map
 from simulator.modbus_server import ModbusIoServer
+from simulator.plant_io import PlantRunReport, PlantSimulator, run_plant_io
 
 pytestmark = pytest.mark.hil
 
-IO_MAP = Path(__file__).resolve().parent.parent / "configs" / "io" / "soft-plc-modbus.yaml"
+REPO = Path(__file__).resolve().parent.parent
+IO_MAP = REPO / "configs" / "io" / "soft-plc-modbus.yaml"
 ILLEGAL_VALUE = 3
+
+
+@pytest.fixture(autouse=True)
+def logging_as_found() -> Iterator[None]:
+    """The CLI configures structlog onto the captured stdout; the next test starts from the configuration found before it."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def _io_map() -> ModbusIoMap:
@@ -69,3 +86,78 @@ def test_a_write_of_part_of_a_32_bit_input_is_refused_and_the_plc_scans_the_valu
                 client.close()
 
     _run(scenario)
+
+
+RECIPE_OUTPUTS: dict[str, float | bool] = {"feed_pump_lph": 0.0, "glucose_pump_lph": 0.0, "temperature_setpoint_degc": 36.5, "harvest_valve": False}
+
+
+async def _plant_at(device: ModbusIoServer, minute: int, deadline_s: float = 20.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while await device.plant_minute() != minute:
+        assert time.monotonic() < deadline, f"plant-sim did not answer minute {minute}"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.timeout(60)
+def test_a_soft_plc_restarted_under_plant_sim_stops_it_naming_the_restart_and_the_plant_so_far_is_reported(tmp_path, capsys):
+    """Found by restarting the PLC's clock (minute 60, then 0) under plant-sim: it polled, silent, until its wall timeout (an hour by
+    default) while the new PLC scanned a plant that never answered; and a plant-sim whose I/O failed wrote no report of the plant so far."""
+    io_map = _io_map()
+    ready, done = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    async def plc() -> None:
+        async with _device(io_map) as device:
+            ready.set()
+            await device.write_outputs(RECIPE_OUTPUTS, plc_minute=60)
+            await _plant_at(device, 60)
+            await device.write_outputs(RECIPE_OUTPUTS, plc_minute=0)  # the restarted PLC's first scan
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+
+    def serve() -> None:
+        try:
+            asyncio.run(plc())
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            failures.append(error)
+            ready.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10.0)
+    started = time.monotonic()
+    try:
+        status = main(
+            ["plant-sim", "--io", str(IO_MAP), "--io-endpoint", f"127.0.0.1:{io_map.port}", "--report-dir", str(tmp_path), "--report-stem", "plant", "--wall-timeout-s", "20"]
+        )
+    finally:
+        done.set()
+        thread.join(10.0)
+    assert not failures, failures
+    assert status == EXIT_USER_ERROR and time.monotonic() - started < 10.0
+    error = capsys.readouterr().err
+    assert "the PLC's minute went back from 60 to 0" in error and str(tmp_path) in error, error
+    with (tmp_path / "plant-trajectories.csv").open(encoding="utf-8") as handle:
+        hours = [float(row["process_time_h"]) for row in csv.DictReader(handle)]
+    assert hours[-1] == pytest.approx(1.0), "the plant's hour before the restart is kept"
+    summary = json.loads((tmp_path / "plant-kpis.json").read_text(encoding="utf-8"))
+    assert "went back" in summary["timing"]["io_error"]
+
+
+@pytest.mark.timeout(60)
+def test_a_device_that_goes_away_mid_batch_ends_the_run_with_the_plant_so_far_kept():
+    io_map = _io_map()
+    simulator = PlantSimulator(load_simulation(REPO / "configs" / "simulate" / "platform.yaml"), io_map)
+
+    async def scenario() -> PlantRunReport:
+        async with _device(io_map) as device:
+            await device.write_outputs(RECIPE_OUTPUTS, plc_minute=0)
+            running = asyncio.create_task(run_plant_io(simulator, io_map, wall_timeout_s=20.0))
+            await _plant_at(device, 0)
+            await device.write_outputs(RECIPE_OUTPUTS, plc_minute=90)
+            await _plant_at(device, 90)
+        return await running  # the device is gone: plant-sim's next read finds no answer
+
+    report = asyncio.run(asyncio.wait_for(scenario(), 30.0))
+    assert report.ended == "the PLC's I/O failed" and f"127.0.0.1:{io_map.port} unit 1" in report.io_error, report
+    assert simulator.plant.minute == 90 and report.exchanges == 2

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -212,6 +213,8 @@ class PlantRunReport:
     exchange_wall_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     ended: str = ""
+    io_error: str = ""
+    """Why the run stopped before harvest on the PLC's side (its I/O refused or stopped answering, its clock went back): the plant so far is kept."""
 
 
 class PlcIo(Protocol):
@@ -309,9 +312,10 @@ class ModbusPlcIoClient:
             wanted.append(self._slots["clock.plc_minute"])
         self._reads = _reads_covering(wanted)
 
-    async def _send(self, what: str, request: Awaitable[ModbusPDU]) -> ModbusPDU:
+    async def _send(self, what: str, request: Callable[[], Awaitable[ModbusPDU]]) -> ModbusPDU:
+        """``request()``'s answer; a refusal, a timeout or a lost connection (pymodbus raises that one as it builds the request) is an :class:`IoDeviceError`."""
         try:
-            response = await asyncio.wait_for(request, self._timeout_s)
+            response = await asyncio.wait_for(request(), self._timeout_s)
         except (TimeoutError, ModbusException, OSError) as error:
             raise IoDeviceError(f"{self._io.endpoint} unit {self._io.unit_id}: {what}: no answer ({error})") from error
         if response.isError():
@@ -329,7 +333,7 @@ class ModbusPlcIoClient:
                 "discrete": self._client.read_discrete_inputs,
             }
             what = f"reading {ModbusSlot('', read.table, read.start, read.count).describe()}"
-            response = await self._send(what, functions[read.table](read.start, count=read.count, device_id=unit))
+            response = await self._send(what, functools.partial(functions[read.table], read.start, count=read.count, device_id=unit))
             values = response.bits if read.table in ("coil", "discrete") else response.registers
             raw[read.table].update({read.start + index: values[index] for index in range(read.count)})
         outputs = self._io.outputs
@@ -353,9 +357,9 @@ class ModbusPlcIoClient:
             where = ModbusSlot("", write.table, write.address, max(1, len(write.registers))).describe()
             what = f"writing {where} ({', '.join(request.signals)})"
             if write.bit is not None:
-                await self._send(what, self._client.write_coil(write.address, write.bit, device_id=unit))
+                await self._send(what, functools.partial(self._client.write_coil, write.address, write.bit, device_id=unit))
             else:
-                await self._send(what, self._client.write_registers(write.address, list(write.registers), device_id=unit))
+                await self._send(what, functools.partial(self._client.write_registers, write.address, list(write.registers), device_id=unit))
 
     def _value(self, path: str, value: ModbusValue, number: float | int) -> tuple[str, EncodedWrite]:
         return path, EncodedWrite("holding", value.address, registers=to_registers(number, value.type, self._io.word_order_of(value)))
@@ -444,30 +448,70 @@ async def run_plant_io(
             report.exchanges += 1
             report.exchange_wall_s.append(time.monotonic() - begun)
 
-        while not simulator.harvested and (stop is None or not stop.is_set()):
-            if time.monotonic() - started > wall_timeout_s:
-                report.ended = f"wall timeout {wall_timeout_s:g} s"
-                break
-            command, plc_minute = await io.read_command()
-            if time_scale is None:
-                plc_minute = NOT_YET if plc_minute is None else plc_minute
-                if command.harvest_valve or (plc_minute != NOT_YET and (plc_minute > simulator.plant.minute or not report.exchanges)):
-                    await exchange(plc_minute if plc_minute != NOT_YET else 0, command, answer_minute=True)
-                else:
-                    await asyncio.sleep(poll_s)
-                continue
-            tick = report.exchanges + report.missed_exchanges
-            minute = math.floor((time.monotonic() - started) * time_scale / 60.0)
-            await exchange(minute, command, answer_minute=io_map.clock is not None)
-            next_deadline = started + (tick + 1) * exchange_period_s
-            late_s = time.monotonic() - next_deadline
-            if late_s > 0.0:
-                missed = 1 + math.floor(late_s / exchange_period_s)
-                report.missed_exchanges += missed
-                report.worst_overrun_s = max(report.worst_overrun_s, late_s)
-                log.warning("plant_exchange_missed", missed=missed, late_s=round(late_s, 3), process_time_h=simulator.plant.process_time_h, missed_total=report.missed_exchanges)
-            else:
-                await asyncio.sleep(-late_s)
+        try:
+            await _drive(
+                io,
+                simulator,
+                report,
+                exchange,
+                started=started,
+                time_scale=time_scale,
+                exchange_period_s=exchange_period_s,
+                wall_timeout_s=wall_timeout_s,
+                poll_s=poll_s,
+                stop=stop,
+                io_map=io_map,
+            )
+        except (IoDeviceError, OSError) as error:  # the plant so far is the caller's to report: the error is in the report, not lost with it
+            report.io_error = str(error)
+            report.ended = "the PLC's I/O failed"
+            log.error("plant_io_failed", error=str(error), process_time_h=simulator.plant.process_time_h, exchanges=report.exchanges)
         report.ended = report.ended or ("harvest" if simulator.harvested else "stopped")
     report.wall_s = time.monotonic() - started
     return report
+
+
+async def _drive(
+    io: PlcIo,
+    simulator: PlantSimulator,
+    report: PlantRunReport,
+    exchange: Callable[..., Awaitable[None]],
+    *,
+    started: float,
+    time_scale: float | None,
+    exchange_period_s: float,
+    wall_timeout_s: float,
+    poll_s: float,
+    stop: asyncio.Event | None,
+    io_map: OpcUaIoMap | ModbusIoMap,
+) -> None:
+    """:func:`run_plant_io`'s loop: exchange with the PLC until harvest, ``stop`` or the wall timeout."""
+    while not simulator.harvested and (stop is None or not stop.is_set()):
+        if time.monotonic() - started > wall_timeout_s:
+            report.ended = f"wall timeout {wall_timeout_s:g} s"
+            break
+        command, plc_minute = await io.read_command()
+        if time_scale is None:
+            plc_minute = NOT_YET if plc_minute is None else plc_minute
+            if plc_minute != NOT_YET and report.exchanges and plc_minute < simulator.plant.minute:
+                raise IoDeviceError(
+                    f"{io_map.endpoint}: the PLC's minute went back from {simulator.plant.minute} to {plc_minute}: "
+                    "the PLC restarted its batch clock under a running plant; start plant-sim again with it"
+                )
+            if command.harvest_valve or (plc_minute != NOT_YET and (plc_minute > simulator.plant.minute or not report.exchanges)):
+                await exchange(plc_minute if plc_minute != NOT_YET else 0, command, answer_minute=True)
+            else:
+                await asyncio.sleep(poll_s)
+            continue
+        tick = report.exchanges + report.missed_exchanges
+        minute = math.floor((time.monotonic() - started) * time_scale / 60.0)
+        await exchange(minute, command, answer_minute=io_map.clock is not None)
+        next_deadline = started + (tick + 1) * exchange_period_s
+        late_s = time.monotonic() - next_deadline
+        if late_s > 0.0:
+            missed = 1 + math.floor(late_s / exchange_period_s)
+            report.missed_exchanges += missed
+            report.worst_overrun_s = max(report.worst_overrun_s, late_s)
+            log.warning("plant_exchange_missed", missed=missed, late_s=round(late_s, 3), process_time_h=simulator.plant.process_time_h, missed_total=report.missed_exchanges)
+        else:
+            await asyncio.sleep(-late_s)

@@ -22,7 +22,7 @@ from controller.mpc import SETTINGS_ROWS, EconomicMpc, MpcConfig, substep_bucket
 
 SMALL: dict[str, Any] = {"fine_stages": 6, "coarse_stages": 4}
 COMPILE_TEST_TIMEOUT_S = 1800
-"""A compile of the NLP takes about 3 minutes on an idle 2-core machine, 15 on a loaded one."""
+"""A compile of the default NLP takes about a minute on the 2-core machine (-O1), several on a loaded one."""
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_two_sites_share_one_compiled_library_and_solve_as_fresh_builds(model, b
     assert len(compiles) <= 1
 
 
-@pytest.mark.compile  # 200 s of CI's 19 min: a library compiled from scratch; run with ./dev.sh test -m compile
+@pytest.mark.compile  # 74 s under load (200 s with -O2): a library compiled from scratch; run with ./dev.sh test -m compile
 @pytest.mark.timeout(COMPILE_TEST_TIMEOUT_S)
 def test_background_compile_starts_interpreted_then_switches(model, batch, late_batch, tmp_path, monkeypatch):
     """A cache miss with a background compile: the first solve runs interpreted, the compile's progress is logged, and the first solve after it ends runs compiled."""

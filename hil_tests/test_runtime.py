@@ -238,7 +238,8 @@ def test_runtime_killed_mid_batch_the_watchdog_takes_over_and_a_restart_resumes(
     config = yaml.safe_load((REPO / "configs" / "runtime" / "reference-opcua.yaml").read_text())
     for key in ("tag_map", "batch", "model"):
         config[key] = str((REPO / "configs" / "runtime" / config[key]).resolve())
-    config.update(history=str(history_path), poll_interval_s=0.01, reconnect_initial_s=0.05, reconnect_max_s=0.3)
+    # monitoring on a free port: the reference's 9108 collides with a runtime of a test running beside this one (pytest-xdist)
+    config.update(history=str(history_path), poll_interval_s=0.01, reconnect_initial_s=0.05, reconnect_max_s=0.3, monitoring={"port": 0})
     config_path = tmp_path / "runtime.yaml"
     config_path.write_text(yaml.safe_dump(config))
     runtime_command = [sys.executable, "-m", "bioreactor_mpc", "--log-json", "run", "--config", str(config_path)]

@@ -56,7 +56,7 @@ def runtime_config(tmp_path: Path, model: Path, history: Path) -> Path:
     config = yaml.safe_load((REPO / "configs" / "runtime" / "reference-opcua.yaml").read_text())
     for key in ("tag_map", "batch"):
         config[key] = str((REPO / "configs" / "runtime" / config[key]).resolve())
-    config.update(model=str(model), history=str(history))
+    config.update(model=str(model), history=str(history), monitoring={"port": 0})  # a free port: never the 9108 of a runtime beside this test
     path = tmp_path / f"runtime-{model.stem}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

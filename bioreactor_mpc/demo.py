@@ -36,6 +36,8 @@ from bioreactor_mpc.runtime_cli import audit_key, print_summary, run_runtime
 from controller.kpis import BatchKpis
 from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
+from controller.nmpc import build_mpc
+from controller.robust import RobustMpc
 from controller.runtime import RunSummary
 from controller.runtime_config import LoadedRuntime, ScreenSettings, load_runtime_config
 from interfaces.audit import AuditTrail
@@ -124,10 +126,10 @@ def run_demo(
     # the first cycles solve on interpreted functions (about ten times slower: on an idle 2-core machine 3.8 s for the cold solve
     # at inoculation, 0.8 s warm; docs/solver.md) and the first solve after the compile switches to the library. (An empty cache's
     # first demo ran its whole batch interpreted in 284 s, before the compile ended; it then waits for the compile, for the next run.)
-    mpc = EconomicMpc(CultureModel(), loaded.batch, loaded.config.nmpc.mpc, background_compile=True)
-    if mpc.compile_job is not None:
+    mpc = build_mpc(CultureModel(), loaded.batch, loaded.config.nmpc, background_compile=True)
+    if mpc.compile_jobs:
         console.print(
-            "compiling the NMPC's optimisation problem to C in the background (once per machine and model structure, about 3 minutes on 2 cores; "
+            "compiling the NMPC's optimisation problem to C in the background (once per machine and model structure, about a minute on 2 cores; "
             f"cached in {mpc.library.parent}); the batch starts now on the interpreted solver and switches when the compile is done",
             highlight=False,
             soft_wrap=True,
@@ -185,13 +187,14 @@ def run_demo(
     for kind, path in {**report["files"], "batch report": str(batch_report)}.items():
         console.print(f"{kind + ':':14s}{path}", soft_wrap=True)
     console.print(f"demo took {time.monotonic() - started:.0f} s", highlight=False)
-    if mpc.compile_job is not None and not mpc.compile_job.done:  # the batch ended first: finish the library, so that the next run starts compiled
+    if any(not job.done for job in mpc.compile_jobs):  # the batch ended first: finish the libraries, so that the next run starts compiled
         console.print("finishing the compile of the NMPC's problem for the next run (its progress is logged)", highlight=False)
-        mpc.compile_job.wait()
+        for job in mpc.compile_jobs:
+            job.wait()
     return 0
 
 
-async def _run_while_serving(loaded: LoadedRuntime, endpoint: str, server: subprocess.Popen[bytes], console: Console, mpc: EconomicMpc) -> RunSummary:
+async def _run_while_serving(loaded: LoadedRuntime, endpoint: str, server: subprocess.Popen[bytes], console: Console, mpc: EconomicMpc | RobustMpc) -> RunSummary:
     """The runtime, stopped if the simulated PLC dies under it."""
     stop = asyncio.Event()
 

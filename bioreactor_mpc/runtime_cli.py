@@ -28,7 +28,9 @@ from rich.console import Console
 from bioreactor_mpc.admin_cli import model_approval, read_parameter_file
 from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
+from controller.nmpc import build_mpc
 from controller.ports import PlcPort
+from controller.robust import RobustMpc
 from controller.runtime import CycleReport, ModelFile, RunSummary, Runtime
 from controller.runtime_config import LoadedRuntime, nominal_parameter_vector
 from controller.takeover import RuntimeStartError, TakeoverApproval
@@ -161,7 +163,7 @@ async def run_runtime(
     stop: asyncio.Event | None = None,
     on_screen: Callable[[str], None] | None = None,
     mode_override: RequestedMode | None = None,
-    mpc: EconomicMpc | None = None,
+    mpc: EconomicMpc | RobustMpc | None = None,
     takeover: TakeoverApproval | None = None,
 ) -> RunSummary:
     """Run the runtime of ``loaded`` until the batch ends or ``stop`` is set (SIGINT and SIGTERM set it too).
@@ -183,7 +185,7 @@ async def run_runtime(
         allow_insecure=config.allow_insecure,
         auth_retry_after_s=config.safeguards.auth_retry_after_s,
     )
-    mpc = mpc or EconomicMpc(CultureModel(), loaded.batch, config.nmpc.mpc)  # built (on a new machine, compiled) before any file is created
+    mpc = mpc or build_mpc(CultureModel(), loaded.batch, config.nmpc)  # built (on a new machine, compiled) before any file is created
 
     def checkpoint() -> object:  # the history has the audit trail, opened after it, record its rows every so many cycles
         return audit.checkpoint(f"every {every.every_cycles} cycles")

@@ -364,6 +364,11 @@ class EconomicMpc:
         """The solvers run on the compiled library (False: interpreted, by ``compile: False``, for want of a compiler, or while it compiles)."""
         return self.config.compile and self.compile_job is None and self.library.exists()
 
+    @property
+    def compile_jobs(self) -> tuple[BackgroundCompile, ...]:
+        """The library compiles still running in the background (one at most here; a robust NLP has two)."""
+        return (self.compile_job,) if self.compile_job is not None else ()
+
     def _switch_when_compiled(self) -> None:
         """Once the background compile has ended, solve on its library from now on (or, if it failed, keep the interpreted solvers)."""
         self.compile_job, solvers = solvers_once_compiled(self.compile_job, "economic_mpc", self.config.solver, self._option_sets)

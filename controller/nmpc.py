@@ -66,6 +66,13 @@ class NmpcConfig(FrozenConfig):
     robust: RobustConfig = RobustConfig()
 
 
+def build_mpc(model: CultureModel, batch: BatchConfig, config: NmpcConfig, *, background_compile: bool = False) -> EconomicMpc | RobustMpc:
+    """The NLP the NMPC plans on: the robust multi-stage one with ``robust.enabled``, else the economic one; one place for every caller."""
+    if config.robust.enabled:
+        return RobustMpc(model, batch, config.mpc, background_compile=background_compile)
+    return EconomicMpc(model, batch, config.mpc, background_compile=background_compile)
+
+
 @dataclass(frozen=True)
 class CycleObservation:
     """What one cycle knows: the batch clock, validated signals and any new lab result."""
@@ -125,7 +132,7 @@ class NmpcController:
         batch: BatchConfig,
         source: StateSource,
         config: NmpcConfig | None = None,
-        mpc: EconomicMpc | None = None,
+        mpc: EconomicMpc | RobustMpc | None = None,
         *,
         envelope: tuple[PhaseEnvelope, ...] = (),
     ) -> None:
@@ -133,7 +140,7 @@ class NmpcController:
         self.config = config or NmpcConfig()
         self._batch = batch
         self._source = source
-        self.mpc: EconomicMpc | RobustMpc = mpc or (RobustMpc(model, batch, self.config.mpc) if self.config.robust.enabled else EconomicMpc(model, batch, self.config.mpc))
+        self.mpc: EconomicMpc | RobustMpc = mpc or build_mpc(model, batch, self.config)
         self.recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
         self.trust = TrustRegion(batch, self.recipe, envelope, self.config.trust)
         self.harvest_time_h = self.config.initial_harvest_h or batch.recipe.harvest_h

@@ -397,6 +397,11 @@ class RobustMpc:
         """Both NLPs, the robust and the nominal one, run on their compiled libraries (False: interpreted, or while either compiles)."""
         return self.config.compile and self.compile_job is None and self.library.exists() and self.nominal.compiled
 
+    @property
+    def compile_jobs(self) -> tuple[BackgroundCompile, ...]:
+        """The library compiles still running in the background: the nominal NLP's and the robust one's."""
+        return self.nominal.compile_jobs + ((self.compile_job,) if self.compile_job is not None else ())
+
     def _switch_when_compiled(self) -> None:
         """Once a background compile has ended, solve on its library from now on: the robust one's here, the nominal one's in the nominal NLP."""
         self.nominal._switch_when_compiled()

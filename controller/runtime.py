@@ -55,7 +55,7 @@ from controller.cycle import ControlCycle, CyclePlan, estimate_summary
 from controller.forecast import Forecast
 from controller.modes import Conditions, ModeMachine, RequestedMode, State
 from controller.mpc import EconomicMpc
-from controller.nmpc import NmpcController
+from controller.nmpc import NmpcController, build_mpc
 from controller.ports import (
     AuditLog,
     CycleRecord,
@@ -70,6 +70,7 @@ from controller.ports import (
 )
 from controller.quality import DataQualityChecker
 from controller.recorder import Recorder, WriteCounts
+from controller.robust import RobustMpc
 from controller.runtime_config import RuntimeSettings
 from controller.signing import AUTO_APPROVER, AdvisoryDesk
 from controller.takeover import BatchRefusedError, RuntimeStartError, StartDeferredError, StartPlan, TakeoverApproval, plan_start
@@ -160,7 +161,7 @@ class Runtime:
         nominal_parameters: np.ndarray,
         settings: RuntimeSettings,
         model: CultureModel | None = None,
-        mpc: EconomicMpc | None = None,
+        mpc: EconomicMpc | RobustMpc | None = None,
         on_cycle: Callable[[CycleReport], None] | None = None,
         audit: AuditLog | None = None,
         mode_override: RequestedMode | None = None,
@@ -182,7 +183,7 @@ class Runtime:
         self._nominal = np.asarray(nominal_parameters, dtype=float)
         self._envelope = envelope
         self._model_file = model_file
-        self._mpc = mpc or EconomicMpc(self._model, batch.for_batch(), settings.nmpc.mpc)
+        self._mpc = mpc or build_mpc(self._model, batch.for_batch(), settings.nmpc)
         self._on_cycle = on_cycle
         self.summary = RunSummary()
         self._run_batch: BatchConfig | None = batch.for_batch() if batch.pinned else None

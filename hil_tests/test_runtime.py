@@ -465,3 +465,22 @@ def test_run_starts_with_an_approved_calibrated_model_audits_its_sha256_and_plan
     cycles = history.table("cycles")
     history.close()
     assert len(cycles) >= 2 and {json.loads(c["trust"])["source"] for c in cycles} == {"calibration_envelope"}
+
+
+def test_the_deployed_runtime_plans_robustly_when_the_config_says_so(tmp_path):
+    """``nmpc.robust.enabled`` reaches the runtime that runs against a PLC, not only the in-process simulation.
+
+    (The runtime built an EconomicMpc whatever the config said: robust mode was silently ignored by ``run`` and the demo.)
+    Interpreted and on a short horizon, so that no compile is needed: the choice of NLP is what this test is about.
+    """
+    from controller.mpc import MpcConfig
+    from controller.nmpc import NmpcConfig, RobustConfig
+    from controller.robust import RobustMpc
+
+    nmpc = NmpcConfig(mpc=MpcConfig(fine_stages=4, coarse_stages=3, compile=False, deadline_s=600.0), robust=RobustConfig(enabled=True))
+    settings = TEST_SETTINGS.model_copy(update={"nmpc": nmpc})
+    holder: dict[str, Any] = {}
+    result = asyncio.run(run_runtime_against(load_simulation(PLATFORM), tmp_path / "h.sqlite", settings=settings, stop_at_h=1.0, runtime_ref=holder))
+    assert isinstance(holder["runtime"]._mpc, RobustMpc)
+    cycles = result.rows("cycles")
+    assert cycles and all(c["source"] == "mpc" for c in cycles), [(c["source"], c["reason"]) for c in cycles]

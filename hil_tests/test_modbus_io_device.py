@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -26,7 +27,7 @@ from bioreactor_mpc.demo import free_port
 from simulator.config import load_simulation
 from simulator.io_map import ModbusIoMap, load_io_map
 from simulator.modbus_server import ModbusIoServer
-from simulator.plant_io import PlantRunReport, PlantSimulator, run_plant_io
+from simulator.plant_io import ModbusPlcIoClient, PlantRunReport, PlantSimulator, run_plant_io
 
 pytestmark = pytest.mark.hil
 
@@ -161,3 +162,49 @@ def test_a_device_that_goes_away_mid_batch_ends_the_run_with_the_plant_so_far_ke
     report = asyncio.run(asyncio.wait_for(scenario(), 30.0))
     assert report.ended == "the PLC's I/O failed" and f"127.0.0.1:{io_map.port} unit 1" in report.io_error, report
     assert simulator.plant.minute == 90 and report.exchanges == 2
+
+
+@pytest.mark.timeout(60)
+def test_the_outputs_plant_sim_reads_are_those_of_the_minute_it_reads_though_the_plc_moves_on_between_its_requests():
+    """plant-sim read the outputs and the PLC's minute in two requests, outputs first: a PLC that named the next minute (with its
+    new outputs) between them gave the new minute with the old outputs, and the plant ran that hour on the previous setpoints."""
+    io_map = _io_map()
+    before: dict[str, float | bool] = {**RECIPE_OUTPUTS, "feed_pump_lph": 1.0}
+    after: dict[str, float | bool] = {**RECIPE_OUTPUTS, "feed_pump_lph": 2.0, "temperature_setpoint_degc": 34.0}
+
+    async def scenario() -> list[tuple[float, float, int | None]]:
+        async with _device(io_map) as device:
+            await device.write_outputs(before, plc_minute=60)
+            client = AsyncModbusTcpClient("127.0.0.1", port=io_map.port, timeout=5.0, retries=0)
+            assert await client.connect()
+            try:
+                io = ModbusPlcIoClient(client, io_map)
+                read_holding = client.read_holding_registers
+                requests = 0
+
+                async def plc_moves_on_after_the_first_request(address: int, **kwargs: Any) -> Any:
+                    nonlocal requests
+                    response = await read_holding(address, **kwargs)
+                    requests += 1
+                    if requests == 1:
+                        await device.write_outputs(after, plc_minute=120)  # the PLC's next scan, between plant-sim's two requests
+                    return response
+
+                client.read_holding_registers = plc_moves_on_after_the_first_request  # type: ignore[method-assign]
+                seen = []
+                for _ in range(2):
+                    command, minute = await io.read_command()
+                    seen.append((command.feed_pump_lph, command.temperature_setpoint_degc, minute))
+                assert requests >= 3, "the minute and the outputs in requests of their own"
+                return seen
+            finally:
+                client.close()
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), 30.0))
+    feed_after_lph = round(2.0 / 20.0 * 27648) * 20.0 / 27648
+    assert seen[-1] == (pytest.approx(feed_after_lph), 34.0, 120)
+    # The plant is at minute 60: a read of minute 60 makes no exchange, whichever outputs came with it; minute 120 must bring its own.
+    for feed_lph, temperature_degc, minute in seen:
+        assert minute in (60, 120)
+        if minute == 120:
+            assert (feed_lph, temperature_degc) == (pytest.approx(feed_after_lph), 34.0), f"minute 120 read with the outputs of minute 60: {seen}"

@@ -307,10 +307,11 @@ class ModbusPlcIoClient:
         self._io = io_map
         self._timeout_s = timeout_s
         self._slots = {slot.path: slot for slot in io_map.slots()}
-        wanted = [self._slots[f"outputs.{name}"] for name in (*_ANALOG_OUTPUTS, "harvest_valve")]
-        if io_map.clock is not None:
-            wanted.append(self._slots["clock.plc_minute"])
-        self._reads = _reads_covering(wanted)
+        # The PLC's minute first, then the outputs: the soft PLC names a minute together with the outputs for it and changes
+        # them only once the plant has answered, so outputs read after the minute are that minute's. Read the other way round
+        # (one table's span in one request), a PLC that moved on between the requests gave the new minute with the old outputs.
+        clock = [self._slots["clock.plc_minute"]] if io_map.clock is not None else []
+        self._reads = [*_reads_covering(clock), *_reads_covering([self._slots[f"outputs.{name}"] for name in (*_ANALOG_OUTPUTS, "harvest_valve")])]
 
     async def _send(self, what: str, request: Callable[[], Awaitable[ModbusPDU]]) -> ModbusPDU:
         """``request()``'s answer; a refusal, a timeout or a lost connection (pymodbus raises that one as it builds the request) is an :class:`IoDeviceError`."""

@@ -204,7 +204,13 @@ def run_plant_sim(args: argparse.Namespace, console: Console) -> int:
     if args.report_dir is not None:
         stem = args.report_stem or f"{loaded.batch.batch_id}-seed{loaded.simulation.seed}-plant-sim"
         files = write_batch_files(args.report_dir, stem, trajectory, tuple(simulator.released), loaded.batch, title=f"{stem}: score {kpis.score_g_per_day:.0f} g/day")
-        summary = {"kpis": kpis.as_dict(), "timing": timing, "faults": [fault.model_dump() for fault in faults], "files": {kind: str(path) for kind, path in files.items()}}
+        summary = {
+            "kpis": kpis.as_dict(),
+            "timing": timing,
+            "faults": [fault.model_dump() for fault in faults],
+            "unusable_outputs": {channel: record.as_dict() for channel, record in simulator.unusable_outputs.items()},
+            "files": {kind: str(path) for kind, path in files.items()},
+        }
         (args.report_dir / f"{stem}-kpis.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if report.io_error:  # the plant to this point is reported above; the run itself failed
         kept = f"; the plant to {simulator.plant.process_time_h:.2f} h is reported in {args.report_dir}" if args.report_dir is not None else ""

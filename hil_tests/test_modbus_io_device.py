@@ -165,6 +165,75 @@ def test_a_device_that_goes_away_mid_batch_ends_the_run_with_the_plant_so_far_ke
 
 
 @pytest.mark.timeout(60)
+def test_unusable_outputs_over_modbus_stop_the_pump_hold_the_jacket_and_are_reported_not_a_traceback(tmp_path, capsys):
+    """Feed pump counts at underflow (−32768) and a NaN float32 temperature setpoint in the output registers for two PLC hours.
+
+    plant-sim crashed on the first such exchange (``ValueError: plant inputs
+    must be 3 finite numbers``, a traceback and no report). A pump whose drive
+    signal is unusable stops and the jacket holds its last valid setpoint;
+    the episode is counted in the KPI file and logged once at each end.
+    """
+    io_map = _io_map()
+    ready, done = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+    valid: dict[str, float | bool] = {"feed_pump_lph": 1.0, "glucose_pump_lph": 0.1, "temperature_setpoint_degc": 35.0, "harvest_valve": False}
+    # −10 L/h on a 0–20 L/h channel is −4 mA: below the module's range, it shows underflow; a NaN float32 passes as it is.
+    unusable = {**valid, "feed_pump_lph": -10.0, "temperature_setpoint_degc": float("nan")}
+    assert io_map.outputs.feed_pump_lph.to_raw(-10.0) == io_map.outputs.feed_pump_lph.raw_underflow == -32768
+
+    async def plc() -> None:
+        async with _device(io_map) as device:
+            ready.set()
+            for minute, outputs in ((0, valid), (60, valid), (120, unusable), (180, unusable), (240, valid)):
+                await device.write_outputs(outputs, plc_minute=minute)
+                await _plant_at(device, minute)
+            await device.write_outputs({**valid, "harvest_valve": True}, plc_minute=300)
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+
+    def serve() -> None:
+        try:
+            asyncio.run(plc())
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            failures.append(error)
+            ready.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10.0)
+    try:
+        status = main(
+            ["plant-sim", "--io", str(IO_MAP), "--io-endpoint", f"127.0.0.1:{io_map.port}", "--report-dir", str(tmp_path), "--report-stem", "plant", "--wall-timeout-s", "20"]
+        )
+    finally:
+        done.set()
+        thread.join(10.0)
+    assert not failures, failures
+    assert status == 0
+    summary = json.loads((tmp_path / "plant-kpis.json").read_text(encoding="utf-8"))
+    assert summary["timing"]["ended"] == "harvest"
+    unusable_for = {"episodes": 1, "exchanges": 2, "plant_h": 2.0, "unusable_since_h": None}
+    assert summary["unusable_outputs"] == {
+        "feed_pump_lph": unusable_for,
+        "glucose_pump_lph": {"episodes": 0, "exchanges": 0, "plant_h": 0.0, "unusable_since_h": None},
+        "temperature_setpoint_degc": unusable_for,
+    }
+    with (tmp_path / "plant-trajectories.csv").open(encoding="utf-8") as handle:
+        rows = [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+    def column(row: dict[str, float], prefix: str) -> float:
+        return next(value for name, value in row.items() if name.startswith(prefix))
+
+    counts_lph = round(1.0 / 20.0 * 27648) * 20.0 / 27648  # 1 L/h to the count on the S7-style channel
+    for row in rows[1:]:
+        within = 1.0 < row["process_time_h"] <= 3.0
+        assert column(row, "feed_rate") == pytest.approx(0.0 if within else counts_lph, abs=1e-6), row["process_time_h"]
+        assert column(row, "temperature_setpoint") == 35.0, "the jacket held the last valid setpoint"
+    logged = capsys.readouterr().err
+    assert logged.count("plant_output_unusable") == 2 and logged.count("plant_output_usable_again") == 2, "one line per output at each end of the episode, none per exchange"
+
+
+@pytest.mark.timeout(60)
 def test_the_outputs_plant_sim_reads_are_those_of_the_minute_it_reads_though_the_plc_moves_on_between_its_requests():
     """plant-sim read the outputs and the PLC's minute in two requests, outputs first: a PLC that named the next minute (with its
     new outputs) between them gave the new minute with the old outputs, and the plant ran that hour on the previous setpoints."""

@@ -70,6 +70,31 @@ class ActuatorCommand:
         return float(getattr(self, channel))
 
 
+ANALOG_OUTPUTS = ("feed_pump_lph", "glucose_pump_lph", "temperature_setpoint_degc")
+PUMP_OUTPUTS = ("feed_pump_lph", "glucose_pump_lph")
+
+
+@dataclass
+class UnusableOutput:
+    """An analog output whose drive signal was unusable (not a number: a NaN float, 4–20 mA counts at underflow or overflow), over the run.
+
+    What the plant did instead: a pump stops (0 L/h); the jacket holds the
+    last valid temperature setpoint.
+    """
+
+    episodes: int = 0
+    """Stretches of consecutive exchanges that read it unusable."""
+    exchanges: int = 0
+    """Exchanges (commands read from the PLC) that read it unusable."""
+    plant_minutes: int = 0
+    """Plant minutes integrated with the substitute."""
+    since_h: float | None = None
+    """Process time the current episode began; None while the signal is usable."""
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {"episodes": self.episodes, "exchanges": self.exchanges, "plant_h": self.plant_minutes / MINUTES_PER_HOUR, "unusable_since_h": self.since_h}
+
+
 class PlantSimulator:
     """The plant, its instruments and its lab behind a PLC's field I/O, on the plant's 1-minute grid."""
 
@@ -92,6 +117,10 @@ class PlantSimulator:
         self._applied = np.zeros(3)
         """The inputs over the last integrated stretch: what the pumps delivered, what the flow meters show."""
         self._started = False
+        self.unusable_outputs = {channel: UnusableOutput() for channel in ANALOG_OUTPUTS}
+        """Each analog output's unusable drive signals over the run (what plant-sim's report lists)."""
+        self._last_valid_temperature_degc = loaded.batch.inoculation.temperature_degc
+        """What the jacket holds when its setpoint signal is unusable: the last valid one (the inoculation temperature before any)."""
 
     # ----------------------------------------------------------------- plant
 
@@ -103,6 +132,7 @@ class PlantSimulator:
             self.harvested = True
             log.info("plant_harvested", process_time_h=self.plant.process_time_h)
             return
+        command, unusable = self._usable(command)
         if not self._started:
             self._started = True
             self._applied = self._plant_inputs(command)
@@ -110,8 +140,47 @@ class PlantSimulator:
         while self.plant.minute < minute:
             stop = min(minute, self._next_event_minute())
             self._applied = self._plant_inputs(command)
+            for channel in unusable:
+                self.unusable_outputs[channel].plant_minutes += stop - self.plant.minute
             self.plant.integrate(stop - self.plant.minute, self._applied)
             self._events()
+
+    def _usable(self, command: ActuatorCommand) -> tuple[ActuatorCommand, list[str]]:
+        """What the devices make of the PLC's outputs: an unusable pump signal stops the pump, an unusable temperature setpoint leaves the last valid one.
+
+        Counts each output's unusable commands; logs each episode's start and end, once.
+        """
+        now_h = self.plant.process_time_h
+        unusable: list[str] = []
+        for channel in ANALOG_OUTPUTS:
+            record = self.unusable_outputs[channel]
+            value = command.value(channel)
+            if math.isfinite(value):
+                if record.since_h is not None:
+                    log.info("plant_output_usable_again", output=channel, value=value, process_time_h=now_h, unusable_for_h=now_h - record.since_h)
+                    record.since_h = None
+                continue
+            unusable.append(channel)
+            record.exchanges += 1
+            if record.since_h is None:
+                record.since_h = now_h
+                record.episodes += 1
+                if channel in PUMP_OUTPUTS:
+                    log.warning("plant_output_unusable", output=channel, value=repr(value), process_time_h=now_h, episode=record.episodes, action="pump stopped (0 L/h)")
+                else:
+                    held = self._last_valid_temperature_degc
+                    log.warning("plant_output_unusable", output=channel, value=repr(value), process_time_h=now_h, episode=record.episodes, action=f"jacket holds {held:g} degC")
+        if math.isfinite(command.temperature_setpoint_degc):
+            self._last_valid_temperature_degc = command.temperature_setpoint_degc
+        if not unusable:
+            return command, unusable
+        usable = ActuatorCommand(
+            feed_pump_lph=0.0 if "feed_pump_lph" in unusable else command.feed_pump_lph,
+            glucose_pump_lph=0.0 if "glucose_pump_lph" in unusable else command.glucose_pump_lph,
+            temperature_setpoint_degc=self._last_valid_temperature_degc if "temperature_setpoint_degc" in unusable else command.temperature_setpoint_degc,
+            harvest_valve=command.harvest_valve,
+        )
+        return usable, unusable
 
     def _next_event_minute(self) -> int:
         now = self.plant.minute
@@ -148,7 +217,7 @@ class PlantSimulator:
         """
         now_h = self.plant.process_time_h
         values: dict[str, float] = {}
-        for index, channel in enumerate(("feed_pump_lph", "glucose_pump_lph", "temperature_setpoint_degc")):
+        for index, channel in enumerate(ANALOG_OUTPUTS):
             value = command.value(channel)
             if self._actuator_stuck(channel):
                 value = self._stuck.setdefault(channel, float(self._applied[index]) if self._started else value)
@@ -237,9 +306,6 @@ class IoDeviceError(BioreactorMPCError, ConnectionError):
     """The PLC's I/O refused a request or did not answer it: which request, which fields of the map, why."""
 
 
-_ANALOG_OUTPUTS = ("feed_pump_lph", "glucose_pump_lph", "temperature_setpoint_degc")
-
-
 class PlcIoClient:
     """The PLC's I/O tags of an :class:`~simulator.io_map.OpcUaIoMap` over an asyncua client."""
 
@@ -254,11 +320,11 @@ class PlcIoClient:
 
     async def read_command(self) -> tuple[ActuatorCommand, int | None]:
         outputs = self._io.outputs
-        paths = [f"outputs.{name}" for name in (*_ANALOG_OUTPUTS, "harvest_valve")]
+        paths = [f"outputs.{name}" for name in (*ANALOG_OUTPUTS, "harvest_valve")]
         if self._io.clock is not None:
             paths.append("clock.plc_minute")
         values = await self._client.read_values([self._client.get_node(self._nodes[path]) for path in paths])
-        engineering = [getattr(outputs, name).to_engineering(raw)[0] for name, raw in zip(_ANALOG_OUTPUTS, values[:3], strict=True)]
+        engineering = [getattr(outputs, name).to_engineering(raw)[0] for name, raw in zip(ANALOG_OUTPUTS, values[:3], strict=True)]
         command = ActuatorCommand(engineering[0], engineering[1], engineering[2], bool(values[3]))
         return command, (int(values[4]) if self._io.clock is not None else None)
 
@@ -311,7 +377,7 @@ class ModbusPlcIoClient:
         # them only once the plant has answered, so outputs read after the minute are that minute's. Read the other way round
         # (one table's span in one request), a PLC that moved on between the requests gave the new minute with the old outputs.
         clock = [self._slots["clock.plc_minute"]] if io_map.clock is not None else []
-        self._reads = [*_reads_covering(clock), *_reads_covering([self._slots[f"outputs.{name}"] for name in (*_ANALOG_OUTPUTS, "harvest_valve")])]
+        self._reads = [*_reads_covering(clock), *_reads_covering([self._slots[f"outputs.{name}"] for name in (*ANALOG_OUTPUTS, "harvest_valve")])]
 
     async def _send(self, what: str, request: Callable[[], Awaitable[ModbusPDU]]) -> ModbusPDU:
         """``request()``'s answer; a refusal, a timeout or a lost connection (pymodbus raises that one as it builds the request) is an :class:`IoDeviceError`."""
@@ -339,7 +405,7 @@ class ModbusPlcIoClient:
             raw[read.table].update({read.start + index: values[index] for index in range(read.count)})
         outputs = self._io.outputs
         engineering = []
-        for name in _ANALOG_OUTPUTS:
+        for name in ANALOG_OUTPUTS:
             channel: ModbusAnalogOutput = getattr(outputs, name)
             registers = [int(raw[channel.table][channel.address + index]) for index in range(channel.register_count)]
             number = from_registers(registers, channel.type, self._io.word_order_of(channel))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog.testing
 
 from controller.types import LAB_FIELDS, PHASE_HARVESTED, PHASE_RUNNING
 from simulator.batch import kpis_of, run_recipe_batch
@@ -122,3 +123,42 @@ def test_plant_sim_given_the_all_in_one_plc_s_outputs_is_the_all_in_one_plant_ex
         assert mine.seq == theirs.seq and mine.taken_at_h == theirs.taken_at_h
         for name in LAB_FIELDS:
             assert getattr(mine, name) == pytest.approx(getattr(theirs, name), rel=1e-9, nan_ok=True)
+
+
+def test_an_unusable_drive_signal_stops_the_pump_and_the_jacket_holds_its_last_valid_setpoint():
+    """A NaN setpoint or 4–20 mA counts at underflow read as NaN: plant-sim stopped with ValueError ("plant inputs must be 3 finite numbers").
+
+    A pump whose drive signal is unusable stops; the jacket's controller keeps
+    the last valid setpoint (before any, the inoculation temperature). Each
+    episode is counted once and logged at its start and its end.
+    """
+    loaded = load_simulation(PLATFORM)
+    simulator = PlantSimulator(loaded, IO_MAP)
+    underflow = IO_MAP.outputs.feed_pump_lph.to_engineering(IO_MAP.outputs.feed_pump_lph.raw_underflow)[0]
+    assert math.isnan(underflow), "the map's scaling reads underflow counts as NaN"
+    with structlog.testing.capture_logs() as logs:
+        simulator.advance_to(60, ActuatorCommand(1.0, 0.1, math.nan, False))
+        simulator.advance_to(120, ActuatorCommand(1.0, 0.1, 35.0, False))
+        for minute in (180, 240, 300):
+            simulator.advance_to(minute, ActuatorCommand(underflow, 0.2, math.inf, False))
+        simulator.advance_to(360, ActuatorCommand(2.0, 0.2, 34.0, False))
+    inputs = simulator.plant.trajectory().inputs
+    np.testing.assert_array_equal(inputs[1:61], np.tile([1.0, 0.1, loaded.batch.inoculation.temperature_degc], (60, 1)))
+    np.testing.assert_array_equal(inputs[121:301], np.tile([0.0, 0.2, 35.0], (180, 1)))
+    np.testing.assert_array_equal(inputs[301:361], np.tile([2.0, 0.2, 34.0], (60, 1)))
+    assert simulator.plant.feed_total_l == pytest.approx(1.0 * 2 + 2.0 * 1), "no feed while the pump's signal was unusable"
+    records = {channel: record.as_dict() for channel, record in simulator.unusable_outputs.items()}
+    assert records == {
+        "feed_pump_lph": {"episodes": 1, "exchanges": 3, "plant_h": 3.0, "unusable_since_h": None},
+        "glucose_pump_lph": {"episodes": 0, "exchanges": 0, "plant_h": 0.0, "unusable_since_h": None},
+        "temperature_setpoint_degc": {"episodes": 2, "exchanges": 4, "plant_h": 4.0, "unusable_since_h": None},
+    }
+    events = [(entry["event"], entry["output"], entry["process_time_h"]) for entry in logs if entry["event"].startswith("plant_output_")]
+    assert events == [
+        ("plant_output_unusable", "temperature_setpoint_degc", 0.0),
+        ("plant_output_usable_again", "temperature_setpoint_degc", 1.0),
+        ("plant_output_unusable", "feed_pump_lph", 2.0),
+        ("plant_output_unusable", "temperature_setpoint_degc", 2.0),
+        ("plant_output_usable_again", "feed_pump_lph", 5.0),
+        ("plant_output_usable_again", "temperature_setpoint_degc", 5.0),
+    ], "one line at each episode's start and end, none per exchange"

@@ -69,6 +69,8 @@ class SoftPlc(PlcLogic):
         self.feed_total_l = 0.0
         self.glucose_feed_total_l = 0.0
         self._lims_seq = 0
+        self.lab_results_rejected = 0
+        """LIMS sets refused for a draw time that is no process time (not a number, infinite, before inoculation): not published."""
         self._trend: list[tuple[int, float, float]] = []
         """(minute, load-cell volume, nominal glucose delivered) at every scan: what the recipe needs at a sample's draw time."""
         self._scanned = False
@@ -124,7 +126,21 @@ class SoftPlc(PlcLogic):
         if seq == self._lims_seq or seq == 0:
             return
         self._lims_seq = seq
-        result = LabResult(seq=0, taken_at_h=float(lims["taken_at_h"]), **{name: float(lims[name]) for name in LAB_FIELDS})
+        taken_at_h = float(lims["taken_at_h"])
+        if not (math.isfinite(taken_at_h) and taken_at_h >= 0.0):
+            # A set without a draw time cannot be placed in the batch (the runtime's estimator, the recipe's glucose balance):
+            # the PLC refuses it whole, Sample.* keep the last published set, and it says so; the LIMS may send it again with a new seq.
+            self.lab_results_rejected += 1
+            log.warning(
+                "soft_plc_lab_result_rejected",
+                seq=seq,
+                taken_at_h=repr(taken_at_h),
+                reason="taken_at_h is not a process time (finite, at or after inoculation)",
+                rejected_total=self.lab_results_rejected,
+                process_time_h=self.process_time_h,
+            )
+            return
+        result = LabResult(seq=0, taken_at_h=taken_at_h, **{name: float(lims[name]) for name in LAB_FIELDS})
         draw_minute = round(result.taken_at_h * MINUTES_PER_HOUR)
         at_draw = [row for row in self._trend if row[0] <= draw_minute] or self._trend[:1]
         _, volume_l, glucose_g = at_draw[-1]
@@ -355,4 +371,5 @@ class SoftPlcRunner:
             "process_time_h": self.plc.process_time_h,
             "harvest_reason": self.plc.harvest_reason,
             "lab_results": len(self.plc.published),
+            "lab_results_rejected": self.plc.lab_results_rejected,
         }

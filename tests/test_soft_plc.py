@@ -162,3 +162,32 @@ def test_an_unusable_drive_signal_stops_the_pump_and_the_jacket_holds_its_last_v
         ("plant_output_usable_again", "feed_pump_lph", 5.0),
         ("plant_output_usable_again", "temperature_setpoint_degc", 5.0),
     ], "one line at each episode's start and end, none per exchange"
+
+
+def test_a_lims_set_without_a_process_time_for_its_draw_is_refused_not_a_crash():
+    """``seq`` moving while ``taken_at_h`` was NaN or infinite crashed the soft PLC's scan (``round()`` of the draw minute).
+
+    The PLC refuses the set whole: Sample.* keep the last published set and
+    Sample.Seq does not move; it logs each refusal once and counts it; a set
+    sent again with a new seq and a valid draw time is taken.
+    """
+    loaded = load_simulation(PLATFORM)
+    plc = SoftPlc(batch=loaded.batch, simulation=loaded.simulation, io_map=IO_MAP)
+    inputs = {"volume_l": IO_MAP.inputs.volume_l.to_raw(1400.0)}
+    values = {name: 1.0 for name in LAB_FIELDS}
+
+    def lims(seq: int, taken_at_h: float) -> dict[str, float]:
+        return {"seq": float(seq), "taken_at_h": taken_at_h, **values}
+
+    with structlog.testing.capture_logs() as logs:
+        plc.scan(0, inputs, lims(0, math.nan))
+        for minute, seq, taken_at_h in ((300, 1, math.nan), (360, 1, math.nan), (420, 2, math.inf), (480, 3, -math.inf), (540, 4, -1.0)):
+            plc.scan(minute, inputs, lims(seq, taken_at_h))
+            snapshot = plc.snapshot()
+            assert snapshot["Sample.Seq"].value == 0 and not snapshot["Sample.TakenAt"].good, f"seq {seq}: nothing published"
+        plc.scan(600, inputs, lims(5, 0.5))
+    assert plc.lab_results_rejected == 4 and [result.taken_at_h for result in plc.published] == [0.5]
+    snapshot = plc.snapshot()
+    assert snapshot["Sample.Seq"].value == 1 and snapshot["Sample.TakenAt"].value == 0.5 and snapshot["Sample.Glucose"].value == 1.0
+    rejected = [entry["seq"] for entry in logs if entry["event"] == "soft_plc_lab_result_rejected"]
+    assert rejected == [1, 2, 3, 4], "one line per refused set, not per scan"

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 PLATFORM_BATCH = REPO / "configs" / "batch" / "platform.yaml"
 NOMINAL_MODEL = REPO / "configs" / "model" / "cho_nominal.yaml"
 RUNTIME_CONFIGS = {protocol: REPO / "configs" / "runtime" / f"reference-{protocol}.yaml" for protocol in ("opcua", "modbus")}
-IO_MAP = REPO / "configs" / "io" / "soft-plc-opcua.yaml"
+IO_MAPS = {protocol: REPO / "configs" / "io" / f"soft-plc-{protocol}.yaml" for protocol in ("opcua", "modbus")}
+"""The soft PLC's field I/O towards plant-sim by protocol: a small OPC UA server, or a Modbus TCP I/O device."""
 
 
 def scenario(directory: Path, *, seed: int = 1, name: str = "platform") -> Path:
@@ -65,16 +66,27 @@ class HilRun:
 
 
 def run_three_processes(
-    directory: Path, simulation: Path, *, faults: tuple[str, ...] = (), timeout_s: float = 240.0, stop_at_h: float | None = None, protocol: str = "opcua"
+    directory: Path,
+    simulation: Path,
+    *,
+    faults: tuple[str, ...] = (),
+    timeout_s: float = 240.0,
+    stop_at_h: float | None = None,
+    protocol: str = "opcua",
+    field_io: str = "opcua",
 ) -> HilRun:
     """One batch: runtime in closed loop ⇄ soft PLC (lockstep, virtual time) ⇄ plant-sim, each its own process (and process group).
 
+    ``protocol``: the reference interface between the runtime and the soft
+    PLC; ``field_io``: the soft PLC's field I/O towards plant-sim (its I/O
+    map, :data:`IO_MAPS`), OPC UA or Modbus TCP.
     ``stop_at_h``: stop the runtime (SIGTERM, as an operator would) once its
     history holds that cycle, and end the batch there instead of at harvest.
     """
     reference_port, io_port = free_port(), free_port()
     reference_endpoint = f"opc.tcp://127.0.0.1:{reference_port}/bioreactor-mpc/" if protocol == "opcua" else f"127.0.0.1:{reference_port}"
-    io_endpoint = f"opc.tcp://127.0.0.1:{io_port}/soft-plc-io/"
+    io_endpoint = f"opc.tcp://127.0.0.1:{io_port}/soft-plc-io/" if field_io == "opcua" else f"127.0.0.1:{io_port}"
+    io_map = IO_MAPS[field_io]
     runtime_template = RUNTIME_CONFIGS[protocol]
     config = yaml.safe_load(runtime_template.read_text())
     for key in ("tag_map", "model"):
@@ -83,9 +95,9 @@ def run_three_processes(
     runtime_config = directory / "runtime.yaml"
     runtime_config.write_text(yaml.safe_dump(config))
     cli = [sys.executable, "-m", "bioreactor_mpc", "--log-json"]
-    soft_plc = ["soft-plc", "--protocol", protocol, "--scenario", str(simulation), "--endpoint", reference_endpoint, "--io", str(IO_MAP), "--io-endpoint", io_endpoint]
+    soft_plc = ["soft-plc", "--protocol", protocol, "--scenario", str(simulation), "--endpoint", reference_endpoint, "--io", str(io_map), "--io-endpoint", io_endpoint]
     soft_plc += ["--summary", str(directory / "soft-plc.json"), "--linger-s", "2"]
-    plant_sim = ["plant-sim", "--io", str(IO_MAP), "--io-endpoint", io_endpoint, "--scenario", str(simulation), "--report-dir", str(directory), "--report-stem", "plant"]
+    plant_sim = ["plant-sim", "--io", str(io_map), "--io-endpoint", io_endpoint, "--scenario", str(simulation), "--report-dir", str(directory), "--report-stem", "plant"]
     plant_sim += ["--wall-timeout-s", str(timeout_s), *(argument for fault in faults for argument in ("--fault", fault))]
     commands = {"soft-plc": [*cli, *soft_plc], "plant-sim": [*cli, *plant_sim], "runtime": [*cli, "run", "--config", str(runtime_config), "--endpoint", reference_endpoint]}
     processes: dict[str, subprocess.Popen[bytes]] = {}

@@ -46,6 +46,25 @@ def test_three_process_batch_scores_as_the_all_in_one_simulation(tmp_path):
     _score_agrees(run, simulation)
 
 
+@pytest.mark.hil_long  # 83-91 s each on a loaded 2-core machine (docs/hil.md, section 6)
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("reference", ["opcua", "modbus"])
+def test_three_process_batch_over_modbus_field_io_scores_as_the_all_in_one_simulation(tmp_path, reference):
+    """The whole platform batch with the soft PLC's field I/O a Modbus TCP I/O device (configs/io/soft-plc-modbus.yaml).
+
+    S7 counts, scaled integers with wire-break coils, float32 pairs in three
+    word orders and the LIMS in float32 registers between plant-sim and the
+    PLC; the runtime reaches the soft PLC over OPC UA or over Modbus TCP.
+    """
+    simulation = scenario(tmp_path)
+    run = run_three_processes(tmp_path, simulation, timeout_s=300.0, protocol=reference, field_io="modbus")
+    assert run.plant is not None and run.soft_plc is not None
+    assert "against 127.0.0.1:" in (tmp_path / "plant-sim.log").read_text(encoding="utf-8"), "plant-sim reached the PLC's I/O over Modbus TCP, not OPC UA"
+    assert run.plant["kpis"]["harvest_time_h"] > 300.0
+    assert run.soft_plc["lab_results"] == 15, "every lab result released before harvest reached the PLC through the LIMS registers"
+    _score_agrees(run, simulation)
+
+
 @pytest.mark.hil_long
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("seed", [2, 3, 4])

@@ -99,20 +99,16 @@ async def _plant_at(device: ModbusIoServer, minute: int, deadline_s: float = 20.
         await asyncio.sleep(0.005)
 
 
-@pytest.mark.timeout(60)
-def test_a_soft_plc_restarted_under_plant_sim_stops_it_naming_the_restart_and_the_plant_so_far_is_reported(tmp_path, capsys):
-    """Found by restarting the PLC's clock (minute 60, then 0) under plant-sim: it polled, silent, until its wall timeout (an hour by
-    default) while the new PLC scanned a plant that never answered; and a plant-sim whose I/O failed wrote no report of the plant so far."""
-    io_map = _io_map()
+def _plant_sim_against(io_map: ModbusIoMap, tmp_path: Path, script: Callable[[ModbusIoServer], Awaitable[None]]) -> int:
+    """``plant-sim`` (the command, as a user runs it) against an I/O device served in a thread of its own, where ``script`` plays the PLC;
+    the device stays up after the script until plant-sim has ended. Returns plant-sim's exit status."""
     ready, done = threading.Event(), threading.Event()
     failures: list[BaseException] = []
 
     async def plc() -> None:
         async with _device(io_map) as device:
             ready.set()
-            await device.write_outputs(RECIPE_OUTPUTS, plc_minute=60)
-            await _plant_at(device, 60)
-            await device.write_outputs(RECIPE_OUTPUTS, plc_minute=0)  # the restarted PLC's first scan
+            await script(device)
             while not done.is_set():
                 await asyncio.sleep(0.01)
 
@@ -126,7 +122,6 @@ def test_a_soft_plc_restarted_under_plant_sim_stops_it_naming_the_restart_and_th
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     assert ready.wait(10.0)
-    started = time.monotonic()
     try:
         status = main(
             ["plant-sim", "--io", str(IO_MAP), "--io-endpoint", f"127.0.0.1:{io_map.port}", "--report-dir", str(tmp_path), "--report-stem", "plant", "--wall-timeout-s", "20"]
@@ -135,7 +130,23 @@ def test_a_soft_plc_restarted_under_plant_sim_stops_it_naming_the_restart_and_th
         done.set()
         thread.join(10.0)
     assert not failures, failures
-    assert status == EXIT_USER_ERROR and time.monotonic() - started < 10.0
+    return status
+
+
+@pytest.mark.timeout(60)
+def test_a_soft_plc_restarted_under_plant_sim_stops_it_naming_the_restart_and_the_plant_so_far_is_reported(tmp_path, capsys):
+    """Found by restarting the PLC's clock (minute 60, then 0) under plant-sim: it polled, silent, until its wall timeout (an hour by
+    default) while the new PLC scanned a plant that never answered; and a plant-sim whose I/O failed wrote no report of the plant so far."""
+    io_map = _io_map()
+
+    async def restart(device: ModbusIoServer) -> None:
+        await device.write_outputs(RECIPE_OUTPUTS, plc_minute=60)
+        await _plant_at(device, 60)
+        await device.write_outputs(RECIPE_OUTPUTS, plc_minute=0)  # the restarted PLC's first scan
+
+    started = time.monotonic()
+    status = _plant_sim_against(io_map, tmp_path, restart)
+    assert status == EXIT_USER_ERROR and time.monotonic() - started < 10.0, "at once, not at the 20-s wall timeout"
     error = capsys.readouterr().err
     assert "the PLC's minute went back from 60 to 0" in error and str(tmp_path) in error, error
     with (tmp_path / "plant-trajectories.csv").open(encoding="utf-8") as handle:
@@ -174,42 +185,18 @@ def test_unusable_outputs_over_modbus_stop_the_pump_hold_the_jacket_and_are_repo
     the episode is counted in the KPI file and logged once at each end.
     """
     io_map = _io_map()
-    ready, done = threading.Event(), threading.Event()
-    failures: list[BaseException] = []
     valid: dict[str, float | bool] = {"feed_pump_lph": 1.0, "glucose_pump_lph": 0.1, "temperature_setpoint_degc": 35.0, "harvest_valve": False}
     # −10 L/h on a 0–20 L/h channel is −4 mA: below the module's range, it shows underflow; a NaN float32 passes as it is.
     unusable = {**valid, "feed_pump_lph": -10.0, "temperature_setpoint_degc": float("nan")}
     assert io_map.outputs.feed_pump_lph.to_raw(-10.0) == io_map.outputs.feed_pump_lph.raw_underflow == -32768
 
-    async def plc() -> None:
-        async with _device(io_map) as device:
-            ready.set()
-            for minute, outputs in ((0, valid), (60, valid), (120, unusable), (180, unusable), (240, valid)):
-                await device.write_outputs(outputs, plc_minute=minute)
-                await _plant_at(device, minute)
-            await device.write_outputs({**valid, "harvest_valve": True}, plc_minute=300)
-            while not done.is_set():
-                await asyncio.sleep(0.01)
+    async def episode(device: ModbusIoServer) -> None:
+        for minute, outputs in ((0, valid), (60, valid), (120, unusable), (180, unusable), (240, valid)):
+            await device.write_outputs(outputs, plc_minute=minute)
+            await _plant_at(device, minute)
+        await device.write_outputs({**valid, "harvest_valve": True}, plc_minute=300)
 
-    def serve() -> None:
-        try:
-            asyncio.run(plc())
-        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
-            failures.append(error)
-            ready.set()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(10.0)
-    try:
-        status = main(
-            ["plant-sim", "--io", str(IO_MAP), "--io-endpoint", f"127.0.0.1:{io_map.port}", "--report-dir", str(tmp_path), "--report-stem", "plant", "--wall-timeout-s", "20"]
-        )
-    finally:
-        done.set()
-        thread.join(10.0)
-    assert not failures, failures
-    assert status == 0
+    assert _plant_sim_against(io_map, tmp_path, episode) == 0
     summary = json.loads((tmp_path / "plant-kpis.json").read_text(encoding="utf-8"))
     assert summary["timing"]["ended"] == "harvest"
     unusable_for = {"episodes": 1, "exchanges": 2, "plant_h": 2.0, "unusable_since_h": None}

@@ -234,3 +234,28 @@ async def run_runtime_against(
         await proxy.cut()
         await server.stop()
     return RunResult(summary, plc, history, runtime)
+
+
+async def run_command_runtime(loaded_runtime: Any, plant: LoadedSimulation, *, until_h: float, mpc: EconomicMpc | None = None, wall_timeout_s: float = 60.0) -> None:
+    """``bioreactor-mpc run``'s runtime (:func:`~bioreactor_mpc.runtime_cli.run_runtime`, from its loaded config) against the simulated
+    OPC UA PLC of ``plant`` in lockstep, stopped once the PLC reaches ``until_h`` (or the runtime ends by itself)."""
+    from bioreactor_mpc.runtime_cli import run_runtime
+
+    plc, _ = build_simulated_plc(plant)
+    plc.lockstep = True
+    port = free_port()
+    server = OpcUaPlcServer(plc, TAG_MAPS["opcua"], endpoint=f"opc.tcp://127.0.0.1:{port}/bioreactor-mpc/")
+    await server.start()
+    simulated = SimulatedPlant(plc, server, TcpProxy(port), lockstep_timeout_s=10.0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_runtime(loaded_runtime, endpoint=server.endpoint, console=None, stop=stop, mpc=mpc))
+    try:
+        for _ in range(int(wall_timeout_s / 0.05)):
+            if plc.process_time_h >= until_h or running.done():
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(running, 30.0)
+    finally:
+        await simulated.stop_clock()
+        await server.stop()

@@ -382,17 +382,14 @@ def test_run_starts_with_an_approved_calibrated_model_audits_its_sha256_and_plan
 
     from argon2 import PasswordHasher
     from rich.console import Console
-    from runtime_harness import TAG_MAPS, TcpProxy, free_port
+    from runtime_harness import run_command_runtime
 
     from bioreactor_mpc.admin_cli import add_parsers, dispatch
-    from bioreactor_mpc.runtime_cli import run_runtime
     from controller.runtime_config import load_runtime_config
     from interfaces.audit import AuditTrail
     from interfaces.history import SqliteHistory
     from interfaces.users import Role, UserStore
     from plant_models.parameters import CultureParameters, ModelProvenance, ParameterEstimate, PhaseEnvelope, ValueRange
-    from simulator.batch import build_simulated_plc
-    from simulator.opcua_server import OpcUaPlcServer
 
     nominal = CultureParameters.from_yaml(REPO / "configs" / "model" / "cho_nominal.yaml")
     estimate = ParameterEstimate(nominal=nominal.growth.mu_max_per_h, value=nominal.growth.mu_max_per_h, ci95_low=0.03, ci95_high=0.06, identifiable=True)
@@ -436,27 +433,7 @@ def test_run_starts_with_an_approved_calibrated_model_audits_its_sha256_and_plan
     config_path.write_text(yaml.safe_dump(config))
     loaded = load_runtime_config(config_path)
 
-    async def scenario() -> None:
-        plc, _ = build_simulated_plc(load_simulation(PLATFORM))
-        plc.lockstep = True
-        port = free_port()
-        server = OpcUaPlcServer(plc, TAG_MAPS["opcua"], endpoint=f"opc.tcp://127.0.0.1:{port}/bioreactor-mpc/")
-        await server.start()
-        plant = SimulatedPlant(plc, server, TcpProxy(port), lockstep_timeout_s=10.0)
-        stop = asyncio.Event()
-        running = asyncio.create_task(run_runtime(loaded, endpoint=server.endpoint, console=None, stop=stop, mpc=mpc))
-        try:
-            for _ in range(600):
-                if plc.process_time_h >= 2.0 or running.done():
-                    break
-                await asyncio.sleep(0.05)
-            stop.set()
-            await asyncio.wait_for(running, 30.0)
-        finally:
-            await plant.stop_clock()
-            await server.stop()
-
-    asyncio.run(scenario())
+    asyncio.run(run_command_runtime(loaded, load_simulation(PLATFORM), until_h=2.0, mpc=mpc, wall_timeout_s=30.0))
     with AuditTrail(history_path, read_only=True) as trail:
         (approval,) = trail.records(action="model_approved")
         (started,) = trail.records(action="config_loaded")

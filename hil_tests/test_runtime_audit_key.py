@@ -11,19 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 from rich.console import Console
-from runtime_harness import TAG_MAPS, TEST_SETTINGS, SimulatedPlant, TcpProxy, free_port
+from runtime_harness import TEST_SETTINGS, run_command_runtime
 
 from bioreactor_mpc.admin_cli import add_parsers, dispatch
-from bioreactor_mpc.runtime_cli import run_runtime
 from controller.mpc import EconomicMpc
 from controller.runtime_config import load_runtime_config
 from interfaces.audit import AuditTrail
 from interfaces.audit_export import read_checkpoints
 from interfaces.audit_keys import KEY_ENV, create_key_file
 from plant_models.cho import CultureModel
-from simulator.batch import build_simulated_plc
 from simulator.config import load_simulation
-from simulator.opcua_server import OpcUaPlcServer
 
 pytestmark = [pytest.mark.hil, pytest.mark.security]
 
@@ -53,27 +50,7 @@ def test_a_keyed_run_verifies_with_its_key_and_checkpoints_and_an_edited_cycle_i
     loaded = load_runtime_config(etc / "runtime.yaml")
     mpc = EconomicMpc(CultureModel(), loaded.batch, TEST_SETTINGS.nmpc.mpc)
 
-    async def scenario() -> None:
-        plc, _ = build_simulated_plc(load_simulation(PLATFORM))
-        plc.lockstep = True
-        port = free_port()
-        server = OpcUaPlcServer(plc, TAG_MAPS["opcua"], endpoint=f"opc.tcp://127.0.0.1:{port}/bioreactor-mpc/")
-        await server.start()
-        plant = SimulatedPlant(plc, server, TcpProxy(port), lockstep_timeout_s=10.0)
-        stop = asyncio.Event()
-        running = asyncio.create_task(run_runtime(loaded, endpoint=server.endpoint, console=None, stop=stop, mpc=mpc))
-        try:
-            for _ in range(1200):
-                if plc.process_time_h >= 1.5 or running.done():
-                    break
-                await asyncio.sleep(0.05)
-            stop.set()
-            await asyncio.wait_for(running, 30.0)
-        finally:
-            await plant.stop_clock()
-            await server.stop()
-
-    asyncio.run(scenario())
+    asyncio.run(run_command_runtime(loaded, load_simulation(PLATFORM), until_h=1.5, mpc=mpc))
     with AuditTrail(history_path, read_only=True) as trail:
         records = trail.records()
     assert records and all(r.key_id == key.key_id and r.mac for r in records), "every record MAC'd with the key beside the config"

@@ -47,7 +47,18 @@ from rich.console import Console
 
 from controller.advisory import Signer
 from controller.takeover import TakeoverApproval
-from interfaces.audit import DEFAULT_CHECKERS, AuditRecord, AuditTrail, AuditVerification, Checker, Findings, VerifyContext, checkpoints_checker
+from interfaces.audit import (
+    DEFAULT_CHECKERS,
+    AuditRecord,
+    AuditTrail,
+    AuditVerification,
+    Checker,
+    Findings,
+    VerifyContext,
+    check_chain,
+    checkpoints_checker,
+    record_mac_matches,
+)
 from interfaces.audit_export import CheckpointSink, FileSink, HttpSink, SyslogSink, read_checkpoints
 from interfaces.audit_keys import KEY_ENV, KEY_SUFFIX, AuditKey, AuditKeyring, create_key_file, generate_key, load_key_file, load_keys
 from interfaces.passwords import PasswordPolicy, load_password_policy
@@ -445,13 +456,42 @@ def read_parameter_file(path: Path) -> tuple[CultureParameters, str]:
     return parameters, digest
 
 
-def model_approval(history_path: Path, sha256: str) -> AuditRecord | None:
-    """The latest ``model_approved`` record of a parameter file with this sha256 in the history's audit trail (read-only); None when there is none."""
+class UntrustedApprovalError(AdminCommandError):
+    """A model approval the audit key cannot vouch for: not MAC'd by it, or in a trail whose hash chain is broken."""
+
+
+def model_approval(history_path: Path, sha256: str, *, key: AuditKey | None = None) -> AuditRecord | None:
+    """The latest ``model_approved`` record of a parameter file with this sha256 in the history's audit trail (read-only); None when there is none.
+
+    With ``key`` (the runtime's audit key) only an approval that key MAC'd, in a trail whose hash chain is intact, counts: a record
+    inserted or edited by someone without the key, or one approved under a key retired since, raises :class:`UntrustedApprovalError`
+    naming the record and what to do. Without a key the trail is not MAC'd, and the runtime says so at every start (``audit_unkeyed``).
+    """
     if not history_path.is_file():
         return None
     with AuditTrail(history_path, read_only=True) as trail:
         approvals = [record for record in trail.records(action=MODEL_APPROVED) if record.details.get("sha256") == sha256]
-    return approvals[-1] if approvals else None
+        chain = trail.verify(checkers=(check_chain,)) if key is not None and approvals else None
+    if not approvals or key is None or chain is None:
+        return approvals[-1] if approvals else None
+    if not chain.ok:
+        raise UntrustedApprovalError(
+            f"{history_path}: the audit trail's hash chain is broken ({chain.problems[0]}), so the approval of sha256 {sha256} cannot be trusted; "
+            f"bioreactor-mpc audit verify --history {history_path} lists every problem"
+        )
+    trusted = [record for record in approvals if record_mac_matches(record, key)]
+    if not trusted:
+        last = approvals[-1]
+        if last.key_id == key.key_id:
+            why = f"carries a MAC by the runtime's audit key {key.key_id} that does not match its content: altered by someone without the key"
+        else:
+            signed = f"MAC'd by key {last.key_id}" if last.key_id else "not MAC'd"
+            why = f"is {signed}, not by the runtime's audit key {key.key_id}: written without that key (or under a key retired since)"
+        raise UntrustedApprovalError(
+            f"{history_path}: the approval of sha256 {sha256} (audit record {last.seq}, by {last.actor}) {why}, so it is not trusted. "
+            "An engineer approves the model again with the key in use (bioreactor-mpc model approve ... --audit-key FILE, or $BIOREACTOR_MPC_AUDIT_KEY)"
+        )
+    return trusted[-1]
 
 
 def provenance_summary(parameters: CultureParameters) -> dict[str, Any]:

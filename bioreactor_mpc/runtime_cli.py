@@ -25,7 +25,7 @@ import numpy as np
 import structlog
 from rich.console import Console
 
-from bioreactor_mpc.admin_cli import model_approval, read_parameter_file
+from bioreactor_mpc.admin_cli import UntrustedApprovalError, model_approval, read_parameter_file
 from controller.modes import RequestedMode
 from controller.mpc import EconomicMpc
 from controller.nmpc import build_mpc
@@ -73,7 +73,10 @@ def approved_model_file(loaded: LoadedRuntime) -> ModelFile:
         raise RuntimeStartError(f"{path}: the file changed since the configuration was loaded; start again")
     if parameters.provenance is None:
         return ModelFile(str(path), digest, calibrated=False)
-    approval = model_approval(loaded.history_path, digest)
+    try:
+        approval = model_approval(loaded.history_path, digest, key=audit_key(loaded))
+    except UntrustedApprovalError as error:
+        raise RuntimeStartError(f"{path} is a calibrated model; {error}; the runtime does not start") from error
     if approval is None:
         raise RuntimeStartError(
             f"{path} is a calibrated model (sha256 {digest}) that no engineer has approved in {loaded.history_path}; the runtime does not start. "

@@ -222,6 +222,14 @@ def record_hash(seq: int, wall_utc: str, process_time_h: float | None, actor: st
     return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
 
+def record_mac_matches(record: AuditRecord, key: AuditKey) -> bool:
+    """Whether ``record`` carries a MAC by ``key`` that matches its number and content (False for a record MAC'd by another key or none)."""
+    if record.key_id != key.key_id or not record.mac:
+        return False
+    content = record_mac_content(record.seq, record.wall_utc, record.process_time_h, record.actor, record.action, record.subject, record.details, key.key_id)
+    return key.matches(_MAC_PURPOSE, content, record.mac)
+
+
 def record_mac_content(seq: int, wall_utc: str, process_time_h: float | None, actor: str, action: str, subject: str, details: Any, key_id: str) -> list[Any]:
     """What a record's MAC is computed over: its number, its content and the key's id (not ``prev_hash``: a MAC names the one record altered)."""
     return [seq, wall_utc, process_time_h, actor, action, subject, details, key_id]

@@ -148,3 +148,44 @@ def test_the_nominal_kinetics_need_no_approval_and_cannot_be_approved(tmp_path, 
     with pytest.raises(AdminCommandError, match="missing.sqlite: no such history file"):
         _approve(monkeypatch, nominal_file, tmp_path / "missing.sqlite", "erik", PASSWORDS["erik"])
     assert _approvals(history) == []
+
+
+def test_with_an_audit_key_only_an_approval_that_key_macd_in_an_intact_trail_lets_the_runtime_start(tmp_path, nominal, envelope, history, monkeypatch):
+    """Found by review: the runtime took any ``model_approved`` record with the file's sha256, so whoever could write the history could
+    approve a model by inserting one. With an audit key, the approval must carry that key's MAC, in a trail whose hash chain holds."""
+    import sqlite3
+
+    from interfaces.audit_keys import KEY_ENV, create_key_file
+
+    model = calibrated(nominal, tmp_path / "site.yaml", envelope)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    config = runtime_config(tmp_path, model, history)
+    key = create_key_file(tmp_path / "audit.key")  # beside the runtime's config: the runtime's key
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    # An approval written without the key (as anyone with the file could): refused, naming the record and the key.
+    with AuditTrail(history) as unkeyed:
+        forged = unkeyed.append(actor="erik", action="model_approved", subject="model site.yaml", details={"sha256": digest, "file": str(model)})
+    with pytest.raises(RuntimeStartError, match=rf"audit record {forged.seq}, by erik\) is not MAC'd, not by the runtime's audit key {key.key_id}"):
+        approved_model_file(load_runtime_config(config))
+    # The engineer's approval with the key: accepted, and it is that record the runtime names.
+    monkeypatch.setenv(KEY_ENV, str(tmp_path / "audit.key"))
+    status, _ = _approve(monkeypatch, model, history, "erik", PASSWORDS["erik"])
+    monkeypatch.delenv(KEY_ENV)
+    assert status == 0
+    with AuditTrail(history, read_only=True) as trail:
+        approval = trail.records(action="model_approved")[-1]
+    assert approval.key_id == key.key_id
+    assert approved_model_file(load_runtime_config(config)).approval_seq == approval.seq
+    # That approval edited in the file (its reason changed, the triggers dropped first): the chain no longer holds, nothing is trusted.
+    db = sqlite3.connect(history, isolation_level=None)
+    db.execute("DROP TRIGGER IF EXISTS audit_no_update")
+    db.execute("UPDATE audit SET details = replace(details, 'report reviewed with QA', 'rubber-stamped') WHERE seq = ?", (approval.seq,))
+    with pytest.raises(RuntimeStartError, match=rf"hash chain is broken \(seq {approval.seq}: altered"):
+        approved_model_file(load_runtime_config(config))
+    # The chain recomputed with the public formula (as an attacker would): the MAC gives the edit away.
+    from test_audit_tamper import _rechain
+
+    _rechain(db)
+    db.close()
+    with pytest.raises(RuntimeStartError, match=rf"audit record {approval.seq}, by erik\) carries a MAC by the runtime's audit key {key.key_id} that does not match"):
+        approved_model_file(load_runtime_config(config))

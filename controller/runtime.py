@@ -801,6 +801,20 @@ class Runtime:
                 raise ApprovalRefusedError("the audit record could not be written; the NMPC stays stood down")
             self.cycle.controller.reenable()
             log.info("nmpc_reenabled", user=user, process_time_h=self._last_time_h, reason=reason)
+            self._save_trust_for_resume()
+
+    def _save_trust_for_resume(self) -> None:
+        """The trust region as it is now into the state to resume from, so that a restart before the next cycle does not undo an engineer's
+        re-enable (the next cycle saves it anyway; a history that cannot take it now is logged, and the re-enable stays in force)."""
+        batch = self._run_batch
+        if batch is None or self.cycle is None:
+            return
+        try:
+            saved = self.history.load_resume(batch.batch_id)
+            if saved is not None:
+                self.history.save_resume(replace(saved, trust=self.cycle.controller.trust.to_dict()))
+        except HistoryUnavailableError as error:
+            log.warning("resume_trust_not_saved", error=str(error), process_time_h=self._last_time_h)
 
     async def _operator_sign(self, recommendation_id: str, digest: str, signer: Signer, meaning: Meaning, reason: str) -> Recommendation:
         if not reason.strip():

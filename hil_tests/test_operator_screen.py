@@ -332,6 +332,9 @@ def test_the_screen_shows_the_trust_region_and_an_engineer_re_enables_the_nmpc_a
             reenabled = await erik.post("/api/nmpc/reenable", json=body)
             assert reenabled.status_code == 200, reenabled.text
             assert (await erik.get("/api/status")).json()["trust"]["reenabled"] is True
+            with SqliteHistory(screen.history_path, read_only=True) as saved:  # a restart before the next cycle resumes re-enabled, not stood down
+                resume = saved.load_resume(loaded.batch.batch_id)
+            assert resume is not None and resume.trust["stood_down"] is False and resume.trust["misses"] == 0
             again = await erik.post("/api/nmpc/reenable", json=body)
             assert again.status_code == 409 and "has not stood down" in again.json()["detail"]
             # From the next cycle the NMPC plans again, in a region back at its initial width, and the alarm clears.

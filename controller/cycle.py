@@ -246,8 +246,8 @@ class ControlCycle:
         state = self.modes.state
         recommendation = self._recommendation(now_h, state, decision, applied, observation)
         recipe_forecast: HarvestOutcome | None = None
+        self._recipe_forecast_due |= lab_used  # also on a cycle without a decision (held): forecast at the next one that has one
         if decision is not None and recommendation is not None:
-            self._recipe_forecast_due |= lab_used
             lookahead, recommendation, recipe_forecast = self._look_ahead(now_h, decision, state, status, recommendation)
             alarms.update(lookahead)
         else:

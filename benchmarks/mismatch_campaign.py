@@ -158,8 +158,8 @@ def main() -> None:
     for r in rows:
         print(
             f"{r.plant:11s} {r.case:24s} {r.recipe:7.1f} {r.oracle:7.1f} | "
-            f"{r.nominal.score:7.1f} {r.gap(r.nominal.score):6.2f} {r.nominal.violation_h:6.1f} {_coverage(r.nominal):>30s} {r.nominal.harvest_titer_error:+7.1%} | "
-            f"{r.calibrated.score:7.1f} {r.gap(r.calibrated.score):6.2f} {r.calibrated.violation_h:6.1f} {_coverage(r.calibrated):>30s} {r.calibrated.harvest_titer_error:+7.1%}"
+            f"{r.nominal.score:7.1f} {r.gap(r.nominal.score):6.2f} {r.nominal.violation_h:6.1f} {_coverage(r.nominal):>30s} {_titer_error(r.nominal.harvest_titer_error):>7s} | "
+            f"{r.calibrated.score:7.1f} {r.gap(r.calibrated.score):6.2f} {r.calibrated.violation_h:6.1f} {_coverage(r.calibrated):>30s} {_titer_error(r.calibrated.harvest_titer_error):>7s}"
         )
     print()
     for plant in plants:
@@ -176,9 +176,17 @@ def main() -> None:
             print(
                 f"{plant:11s} {label:10s}: mean gap {statistics.fmean(gaps):+.2f} (min {min(gaps):+.2f}), below recipe in {worse}/{len(mine)}, "
                 f"violation {sum(a.violation_h for a in arms):.1f} h, coverage lab VCD {lab_vcd:.0%} titer {lab_titer:.0%}, true VCD {true_vcd:.0%} titer {true_titer:.0%}, "
-                f"|harvest titer error| median {np.median(titer_errors) if titer_errors else math.nan:.1%}"
+                f"|harvest titer error| median {f'{np.median(titer_errors):.1%}' if titer_errors else NO_HARVEST_PREDICTION}"
             )
     print(f"\n{len(rows)} batches x 4 controllers on {len(plants)} plants in {time.perf_counter() - started:.0f} s")
+
+
+NO_HARVEST_PREDICTION = "n/a (no plan predicted the harvest it made in its last 72 h: stood down for the recipe)"
+
+
+def _titer_error(error: float) -> str:
+    """The relative error of the titer a plan predicted for the harvest it made; n/a where no plan did (the NMPC had stood down)."""
+    return f"{error:+.1%}" if math.isfinite(error) else "n/a"
 
 
 if __name__ == "__main__":

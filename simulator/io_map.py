@@ -133,6 +133,12 @@ class AnalogScaling(FrozenConfig):
             return math.nan
         return MA_LOW + (raw - self.raw_low) / (self.raw_high - self.raw_low) * MA_SPAN
 
+    def drive_value(self, raw: float) -> float:
+        """What an actuator makes of the drive signal ``raw``: its engineering value, NaN (unusable) outside the channel's fault limits
+        (a 4–20 mA output at 3.6 mA is a failed loop to the device as to the PLC, not a small negative flow)."""
+        value, good = self.to_engineering(raw)
+        return value if good else math.nan
+
     def to_engineering(self, raw: float) -> tuple[float, bool]:
         """The engineering value of ``raw`` and whether the channel is healthy (a 4–20 mA channel outside its fault limits is not)."""
         if not self.counts:

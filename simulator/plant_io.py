@@ -172,11 +172,11 @@ class PlantSimulator:
                     log.warning("plant_output_unusable", output=channel, value=repr(value), process_time_h=now_h, episode=record.episodes, action=f"jacket holds {held:g} degC")
         if math.isfinite(command.temperature_setpoint_degc):
             self._last_valid_temperature_degc = command.temperature_setpoint_degc
-        if not unusable:
+        if not unusable and command.feed_pump_lph >= 0.0 and command.glucose_pump_lph >= 0.0:
             return command, unusable
-        usable = ActuatorCommand(
-            feed_pump_lph=0.0 if "feed_pump_lph" in unusable else command.feed_pump_lph,
-            glucose_pump_lph=0.0 if "glucose_pump_lph" in unusable else command.glucose_pump_lph,
+        usable = ActuatorCommand(  # a stopped pump for an unusable signal; and a pump does not run backwards
+            feed_pump_lph=0.0 if "feed_pump_lph" in unusable else max(0.0, command.feed_pump_lph),
+            glucose_pump_lph=0.0 if "glucose_pump_lph" in unusable else max(0.0, command.glucose_pump_lph),
             temperature_setpoint_degc=self._last_valid_temperature_degc if "temperature_setpoint_degc" in unusable else command.temperature_setpoint_degc,
             harvest_valve=command.harvest_valve,
         )
@@ -324,7 +324,7 @@ class PlcIoClient:
         if self._io.clock is not None:
             paths.append("clock.plc_minute")
         values = await self._client.read_values([self._client.get_node(self._nodes[path]) for path in paths])
-        engineering = [getattr(outputs, name).to_engineering(raw)[0] for name, raw in zip(ANALOG_OUTPUTS, values[:3], strict=True)]
+        engineering = [getattr(outputs, name).drive_value(raw) for name, raw in zip(ANALOG_OUTPUTS, values[:3], strict=True)]
         command = ActuatorCommand(engineering[0], engineering[1], engineering[2], bool(values[3]))
         return command, (int(values[4]) if self._io.clock is not None else None)
 
@@ -409,7 +409,7 @@ class ModbusPlcIoClient:
             channel: ModbusAnalogOutput = getattr(outputs, name)
             registers = [int(raw[channel.table][channel.address + index]) for index in range(channel.register_count)]
             number = from_registers(registers, channel.type, self._io.word_order_of(channel))
-            engineering.append(channel.to_engineering(channel.raw_of(number))[0])
+            engineering.append(channel.drive_value(channel.raw_of(number)))
         valve = bool(raw[outputs.harvest_valve.table][outputs.harvest_valve.address])
         plc_minute = None
         if self._io.clock is not None:

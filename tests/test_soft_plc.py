@@ -191,3 +191,23 @@ def test_a_lims_set_without_a_process_time_for_its_draw_is_refused_not_a_crash()
     assert snapshot["Sample.Seq"].value == 1 and snapshot["Sample.TakenAt"].value == 0.5 and snapshot["Sample.Glucose"].value == 1.0
     rejected = [entry["seq"] for entry in logs if entry["event"] == "soft_plc_lab_result_rejected"]
     assert rejected == [1, 2, 3, 4], "one line per refused set, not per scan"
+
+
+def test_a_drive_signal_outside_its_fault_limits_stops_the_pump_and_a_negative_rate_runs_it_at_zero():
+    """Found by review: a finite but failed 4–20 mA output (3.6 mA, NAMUR NE 43's failure signal) passed as a negative flow to the plant.
+
+    To the pump it is a failed loop, as it is to the PLC's own input channels: the pump stops and the episode is counted. A rate below
+    zero in engineering units (a PLC writing −0.5 L/h) runs the pump at 0: it does not run backwards.
+    """
+    channel = IO_MAP.outputs.feed_pump_lph
+    assert channel.counts, "the reference I/O map drives the feed pump with 4–20 mA counts"
+    failed = channel.counts_of_current(3.6)
+    assert math.isfinite(channel.to_engineering(failed)[0]) and math.isnan(channel.drive_value(failed)), "a value, but not a usable one"
+    simulator = PlantSimulator(load_simulation(PLATFORM), IO_MAP)
+    simulator.advance_to(60, ActuatorCommand(channel.drive_value(failed), 0.1, 36.5, False))
+    simulator.advance_to(120, ActuatorCommand(1.0, -0.5, 36.5, False))
+    inputs = simulator.plant.trajectory().inputs
+    np.testing.assert_array_equal(inputs[1:61, :2], np.tile([0.0, 0.1], (60, 1)))
+    np.testing.assert_array_equal(inputs[61:121, :2], np.tile([1.0, 0.0], (60, 1)))
+    assert simulator.unusable_outputs["feed_pump_lph"].as_dict()["episodes"] == 1
+    assert simulator.unusable_outputs["glucose_pump_lph"].as_dict()["episodes"] == 0, "a negative rate is a usable signal, floored at zero"

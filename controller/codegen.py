@@ -87,16 +87,22 @@ def compiled_nlpsol(name: str, plugin: str, nlp: dict, options: dict, *, compile
 
 def compiled_nlpsols(name: str, plugin: str, nlp: dict, option_sets: Sequence[dict], *, compile_code: bool = True, cache_dir: Path | None = None) -> list[ca.Function]:
     """One solver per option set (for example cold and warm start), all on one generated and compiled library."""
-    compiler = shutil.which(os.environ.get("CC", "gcc")) if compile_code else None
+    compiler = _compiler() if compile_code else None
     if compiler is None:
-        if compile_code:
-            log.warning("codegen_unavailable", reason="no C compiler found; solving with interpreted functions")
         return [ca.nlpsol(name, plugin, nlp, options) for options in option_sets]
     library = library_path(name, plugin, nlp, option_sets[0], cache_dir)
     library.parent.mkdir(parents=True, exist_ok=True)
     if not library.exists():
         _compile(ca.nlpsol(name, plugin, nlp, option_sets[0]), compiler, library)
-    return [ca.nlpsol(name, plugin, str(library), options) for options in option_sets]
+    return load_compiled(name, plugin, library, option_sets)
+
+
+def _compiler() -> str | None:
+    """The C compiler (``$CC``, else gcc) on the path; None, with a warning that the NLP runs interpreted, when there is none."""
+    compiler = shutil.which(os.environ.get("CC", "gcc"))
+    if compiler is None:
+        log.warning("codegen_unavailable", reason="no C compiler found; solving with interpreted functions")
+    return compiler
 
 
 def _compile(solver: ca.Function, compiler: str, library: Path) -> None:
@@ -117,9 +123,8 @@ def nlpsols_compiling_in_background(
     :func:`load_compiled` gives the compiled solvers; they solve as the
     interpreted ones do, several times faster.
     """
-    compiler = shutil.which(os.environ.get("CC", "gcc"))
+    compiler = _compiler()
     if compiler is None:
-        log.warning("codegen_unavailable", reason="no C compiler found; solving with interpreted functions")
         return [ca.nlpsol(name, plugin, nlp, options) for options in option_sets], None
     library = library_path(name, plugin, nlp, option_sets[0], cache_dir)
     library.parent.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ class ModbusPlcServer(PlcServerClocks):
     async def start(self) -> None:
         """Listen on the map's (or the given) host and port, serving the map's unit id."""
         await self.publish()
-        self._server = await serve_image(self._image, self._on_access, unit_id=self.tag_map.unit_id, host=self.host, port=self.port, endpoint=self.endpoint)
+        self._server = await serve_image(self._image, self._write, unit_id=self.tag_map.unit_id, host=self.host, port=self.port, endpoint=self.endpoint)
         log.info("modbus_plc_started", host=self.host, port=self.port, unit_id=self.tag_map.unit_id, signals=len(self.tag_map.tags))
 
     async def stop(self) -> None:
@@ -142,22 +142,6 @@ class ModbusPlcServer(PlcServerClocks):
             self._image[table][address] = bits
 
     # ------------------------------------------------------------------ requests
-
-    async def _on_access(self, function_code: int, start_address: int, address: int, count: int, registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
-        """pymodbus's device action: refresh the registers a read will return, or apply a write through the PLC.
-
-        ``registers`` is pymodbus's whole block for the table, starting at
-        ``start_address``; coils and discrete inputs are packed 16 to a
-        register, lowest address in bit 0 (and then ``start_address`` and
-        ``count`` are in registers, ``address`` in bits).
-        """
-        table = _TABLE_OF_FUNCTION.get(function_code)
-        if table is None or not self._image[table]:
-            return ExcCodes.ILLEGAL_ADDRESS
-        if values is None:
-            refresh_registers(self._image[table], table, start_address, address, count, registers)
-            return None
-        return self._write(table, address, list(values))
 
     def _write(self, table: str, address: int, values: list[int] | list[bool]) -> ExcCodes | None:
         """Apply a write request signal by signal, in address order; an exception code refuses it (see the module doc)."""
@@ -254,7 +238,7 @@ class ModbusIoServer:
         return f"modbus-tcp://{self.host}:{self.port} unit {self.io_map.unit_id}"
 
     async def start(self) -> None:
-        self._server = await serve_image(self._image, self._on_access, unit_id=self.io_map.unit_id, host=self.host, port=self.port, endpoint=self.endpoint)
+        self._server = await serve_image(self._image, self._write, unit_id=self.io_map.unit_id, host=self.host, port=self.port, endpoint=self.endpoint)
         log.info(
             "soft_plc_io_started",
             endpoint=self.endpoint,
@@ -267,13 +251,8 @@ class ModbusIoServer:
         if server is not None:
             await server.shutdown()
 
-    async def _on_access(self, function_code: int, start_address: int, address: int, count: int, registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
-        table = _TABLE_OF_FUNCTION.get(function_code)
-        if table is None or not self._image[table]:
-            return ExcCodes.ILLEGAL_ADDRESS
-        if values is None:
-            refresh_registers(self._image[table], table, start_address, address, count, registers)
-            return None
+    def _write(self, table: str, address: int, values: list[int] | list[bool]) -> ExcCodes | None:
+        """plant-sim's write: only to the inputs, the wire-break coils, the LIMS and the plant's clock, and never half a 32/64-bit value."""
         refused = [target for target in range(address, address + len(values)) if (table, target) not in self._writable]
         if refused:
             log.info(
@@ -353,6 +332,8 @@ async def _answer_other_units(function_code: int, start_address: int, address: i
 RegisterImage = dict[str, dict[int, int | bool]]
 """A server's registers by table (coil, discrete, holding, input) and address: what its clients read."""
 DeviceAction = Callable[[int, int, int, int, list[int], list[int] | list[bool] | None], Coroutine[None, None, ExcCodes | None]]
+WriteAction = Callable[[str, int, list[int] | list[bool]], ExcCodes | None]
+"""A server's own handling of a write request: (table, first address, values); an exception code refuses it."""
 
 
 def register_blocks(image: RegisterImage) -> tuple[list[SimData], list[SimData], list[SimData], list[SimData]]:
@@ -385,8 +366,25 @@ def refresh_registers(image: dict[int, int | bool], table: str, start_address: i
         registers[offset + index] = int(image.get(address + index, 0))
 
 
-async def serve_image(image: RegisterImage, action: DeviceAction, *, unit_id: int, host: str, port: int, endpoint: str) -> ModbusTcpServer:
-    """A listening pymodbus TCP server for ``image`` whose every access goes through ``action``; other unit ids answer exception 11."""
+async def serve_image(image: RegisterImage, write: WriteAction, *, unit_id: int, host: str, port: int, endpoint: str) -> ModbusTcpServer:
+    """A listening pymodbus TCP server for ``image``: reads answered from the image, writes handed to ``write``; other unit ids answer exception 11."""
+
+    async def action(function_code: int, start_address: int, address: int, count: int, registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
+        """pymodbus's device action: refresh the registers a read will return, or hand a write over.
+
+        ``registers`` is pymodbus's whole block for the table, starting at
+        ``start_address``; coils and discrete inputs are packed 16 to a
+        register, lowest address in bit 0 (and then ``start_address`` and
+        ``count`` are in registers, ``address`` in bits).
+        """
+        table = _TABLE_OF_FUNCTION.get(function_code)
+        if table is None or not image[table]:
+            return ExcCodes.ILLEGAL_ADDRESS
+        if values is None:
+            refresh_registers(image[table], table, start_address, address, count, registers)
+            return None
+        return write(table, address, list(values))
+
     devices = [SimDevice(id=unit_id, simdata=register_blocks(image), action=action)]
     if unit_id != 0:  # pymodbus answers unit ids it does not serve from device 0, or fails with exception 4
         devices.append(SimDevice(id=0, simdata=register_blocks(image), action=_answer_other_units))

@@ -140,6 +140,13 @@ def test_a_value_the_plc_does_not_hold_after_accepting_it_is_a_mismatch(modbus_p
     asyncio.run(asyncio.wait_for(scenario(), timeout=60))
 
 
+def _zeros_answer(pdu: bytes) -> bytes:
+    """The answer to a read request (function 1-4) whose every bit or register is 0."""
+    function, count = pdu[0], struct.unpack(">H", pdu[3:5])[0]
+    data = bytes((count + 7) // 8) if function in (1, 2) else bytes(2 * count)
+    return bytes([function, len(data)]) + data
+
+
 def _answer_reads_only(received: bytearray) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """A Modbus TCP server that answers every read with zeros and every other request with silence (kept in ``received``)."""
 
@@ -153,9 +160,7 @@ def _answer_reads_only(received: bytearray) -> Callable[[asyncio.StreamReader, a
                 if function not in (1, 2, 3, 4):
                     received.extend(header + pdu)
                     continue
-                count = struct.unpack(">H", pdu[3:5])[0]
-                data = bytes((count + 7) // 8) if function in (1, 2) else bytes(2 * count)
-                answer = bytes([function, len(data)]) + data
+                answer = _zeros_answer(pdu)
                 writer.write(struct.pack(">HHHB", transaction, 0, len(answer) + 1, unit) + answer)
                 await writer.drain()
         except asyncio.IncompleteReadError:
@@ -269,9 +274,7 @@ def test_a_link_lost_while_reading_back_a_refused_request_says_what_is_known(mod
                     elif state["refused"]:
                         break  # the read-back after a refusal: the link goes
                     else:
-                        count = struct.unpack(">H", pdu[3:5])[0]
-                        data = bytes((count + 7) // 8) if function in (1, 2) else bytes(2 * count)
-                        answer = bytes([function, len(data)]) + data
+                        answer = _zeros_answer(pdu)
                     writer.write(struct.pack(">HHHB", transaction, 0, len(answer) + 1, unit) + answer)
                     await writer.drain()
             except asyncio.IncompleteReadError:

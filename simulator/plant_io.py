@@ -392,29 +392,30 @@ class ModbusPlcIoClient:
     async def read_command(self) -> tuple[ActuatorCommand, int | None]:
         raw: dict[str, dict[int, int | bool]] = {"holding": {}, "input": {}, "coil": {}, "discrete": {}}
         unit = self._io.unit_id
+        functions = {
+            "holding": self._client.read_holding_registers,
+            "input": self._client.read_input_registers,
+            "coil": self._client.read_coils,
+            "discrete": self._client.read_discrete_inputs,
+        }
         for read in self._reads:
-            functions = {
-                "holding": self._client.read_holding_registers,
-                "input": self._client.read_input_registers,
-                "coil": self._client.read_coils,
-                "discrete": self._client.read_discrete_inputs,
-            }
             what = f"reading {ModbusSlot('', read.table, read.start, read.count).describe()}"
             response = await self._send(what, functools.partial(functions[read.table], read.start, count=read.count, device_id=unit))
             values = response.bits if read.table in ("coil", "discrete") else response.registers
             raw[read.table].update({read.start + index: values[index] for index in range(read.count)})
+
+        def number_of(table: str, value: ModbusValue | ModbusAnalogOutput) -> float | int:
+            """The number a value's registers hold, in its type and word order."""
+            registers = [int(raw[table][value.address + index]) for index in range(value.register_count)]
+            return from_registers(registers, value.type, self._io.word_order_of(value))
+
         outputs = self._io.outputs
         engineering = []
         for name in ANALOG_OUTPUTS:
             channel: ModbusAnalogOutput = getattr(outputs, name)
-            registers = [int(raw[channel.table][channel.address + index]) for index in range(channel.register_count)]
-            number = from_registers(registers, channel.type, self._io.word_order_of(channel))
-            engineering.append(channel.drive_value(channel.raw_of(number)))
+            engineering.append(channel.drive_value(channel.raw_of(number_of(channel.table, channel))))
         valve = bool(raw[outputs.harvest_valve.table][outputs.harvest_valve.address])
-        plc_minute = None
-        if self._io.clock is not None:
-            clock = self._io.clock.plc_minute
-            plc_minute = int(from_registers([int(raw["holding"][clock.address + index]) for index in range(clock.register_count)], clock.type, self._io.word_order_of(clock)))
+        plc_minute = int(number_of("holding", self._io.clock.plc_minute)) if self._io.clock is not None else None
         return ActuatorCommand(engineering[0], engineering[1], engineering[2], valve), plc_minute
 
     async def _write(self, encoded: Mapping[str, EncodedWrite]) -> None:

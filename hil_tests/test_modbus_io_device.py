@@ -103,7 +103,7 @@ def _plant_sim_against(io_map: ModbusIoMap, tmp_path: Path, script: Callable[[Mo
     """``plant-sim`` (the command, as a user runs it) against an I/O device served in a thread of its own, where ``script`` plays the PLC;
     the device stays up after the script until plant-sim has ended. Returns plant-sim's exit status."""
     ready, done = threading.Event(), threading.Event()
-    failures: list[BaseException] = []
+    failures: list[Exception] = []
 
     async def plc() -> None:
         async with _device(io_map) as device:
@@ -115,7 +115,7 @@ def _plant_sim_against(io_map: ModbusIoMap, tmp_path: Path, script: Callable[[Mo
     def serve() -> None:
         try:
             asyncio.run(plc())
-        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+        except Exception as error:  # noqa: BLE001 - handed to the test's thread
             failures.append(error)
             ready.set()
 

@@ -66,6 +66,8 @@ class TrustTimeline:
     time_h: np.ndarray
     source: RegionSource
     width: np.ndarray
+    reach_scale: np.ndarray
+    """The earned reach scale (1 in records made before it existed)."""
     misses: np.ndarray
     stood_down: np.ndarray
     temperature_degc: np.ndarray
@@ -97,6 +99,7 @@ class TrustTimeline:
             time_h=np.array([t for t, _ in rows]),
             source=RegionSource(rows[-1][1]["source"]),
             width=np.array([float(summary["width"]) for _, summary in rows]),
+            reach_scale=np.array([float(summary.get("reach_scale", 1.0)) for _, summary in rows]),
             misses=np.array([int(summary["misses"]) for _, summary in rows]),
             stood_down=np.array([bool(summary["stood_down"]) for _, summary in rows]),
             temperature_degc=np.array([pair(summary, "temperature_degc") for _, summary in rows]),
@@ -120,7 +123,8 @@ class TrustTimeline:
         confirmed = sum(check.confirmed for check in self.checks)
         lines = [
             f"trust region: {source}; width {100 * self.width[0]:.0f} % at the first cycle, {100 * self.width.min():.0f}-{100 * self.width.max():.0f} % "
-            f"over the batch, {100 * self.width[-1]:.0f} % at the last; lab checks: {len(self.checks)} ({confirmed} confirmed, {len(self.checks) - confirmed} missed)"
+            f"over the batch, {100 * self.width[-1]:.0f} % at the last; reach earned by results a plan predicted days ahead: x{self.reach_scale.max():.2f} at most, "
+            f"x{self.reach_scale[-1]:.2f} at the last cycle; lab checks: {len(self.checks)} ({confirmed} confirmed, {len(self.checks) - confirmed} missed)"
         ]
         lines += [f"  day {check.checked_at_h / 24:5.2f}: {check.description} -> width {100 * check.width_after:.0f} %" for check in self.checks]
         down_h = self.stood_down_at_h
@@ -141,6 +145,7 @@ def write_trust_csv(path: Path, trust: TrustTimeline) -> None:
                 "process_time_h",
                 "source",
                 "width",
+                "reach_scale",
                 "misses",
                 "stood_down",
                 "temperature_low_degc",
@@ -161,6 +166,7 @@ def write_trust_csv(path: Path, trust: TrustTimeline) -> None:
                     f"{t:.6g}",
                     trust.source.value,
                     width,
+                    f"{trust.reach_scale[i]:.6g}",
                     int(trust.misses[i]),
                     int(trust.stood_down[i]),
                     t_low,

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from controller.config import BatchConfig
 from controller.mpc import PlanBounds
@@ -93,9 +93,25 @@ class TrustRegionConfig(FrozenConfig):
             " widens its spread exactly where the model is wrong, and a monitor that forgives that spread keeps a wrong model in charge (docs/trust-region.md)"
         ),
     )
+    long_lead_h: float = Field(
+        default=72.0,
+        gt=0.0,
+        le=240.0,
+        description="each lab result is also held against the plan in force this long before its draw; results that confirm it at both leads earn reach [h]",
+    )
+    reach_step: float = Field(default=0.25, ge=0.0, le=2.0, description="reach scale added by a lab result that confirms the plan at lead_h and at long_lead_h [-]")
+    max_reach_scale: float = Field(
+        default=3.0, ge=1.0, le=10.0, description="the reach (recipe band) or margin (calibration envelope) is scaled by at most this much through earned reach [-]"
+    )
     vcd: Tolerance = Tolerance(relative=0.2, floor=0.5)
     titer: Tolerance = Tolerance(relative=0.15, floor=0.1)
     glucose: Tolerance = Tolerance(relative=0.3, floor=0.75)
+
+    @model_validator(mode="after")
+    def _long_lead_is_longer(self) -> TrustRegionConfig:
+        if self.long_lead_h <= self.lead_h:
+            raise ValueError(f"long_lead_h ({self.long_lead_h}) must be longer than lead_h ({self.lead_h}): earned reach needs predictions further ahead than the day-ahead check")
+        return self
 
     def tolerance(self, field: str) -> Tolerance:
         return {"vcd_1e6_per_ml": self.vcd, "titer_g_per_l": self.titer, "glucose_g_per_l": self.glucose}[field]
@@ -120,12 +136,29 @@ class LabCheck:
     width_after: float
     biased: tuple[str, ...] = ()
     """Lab fields whose mean error over the monitor's window was beyond its bias threshold."""
+    long_plan_made_at_h: float = math.nan
+    """When the plan in force ``long_lead_h`` before the draw was made (NaN: no such plan was known)."""
+    long_errors: dict[str, float] = field(default_factory=dict)
+    """Lab field → error in tolerances against that plan."""
+    reach_scale_after: float = 1.0
+
+    @property
+    def long_confirmed(self) -> bool:
+        """The plan in force ``long_lead_h`` before the draw predicted every field within tolerance (False when there was none)."""
+        return bool(self.long_errors) and all(abs(error) <= 1.0 for error in self.long_errors.values())
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name.split('_')[0]} {error:+.1f}×tol" for name, error in self.errors.items())
         verdict = "confirmed" if self.confirmed else "missed"
         bias = f"; biased: {', '.join(name.split('_')[0] for name in self.biased)} off the same way result after result" if self.biased else ""
-        return f"lab result {self.seq} (drawn {self.taken_at_h:.0f} h) {verdict} the plan made at {self.plan_made_at_h:.0f} h ({parts}{bias})"
+        text = f"lab result {self.seq} (drawn {self.taken_at_h:.0f} h) {verdict} the plan made at {self.plan_made_at_h:.0f} h ({_errors_text(self.errors)}{bias})"
+        if self.long_errors:
+            verdict = "confirmed" if self.long_confirmed else "missed"
+            text += f"; {verdict} the plan made at {self.long_plan_made_at_h:.0f} h ({_errors_text(self.long_errors)})"
+        return text + f"; reach x{self.reach_scale_after:.2f}"
+
+
+def _errors_text(errors: dict[str, float]) -> str:
+    return ", ".join(f"{name.split('_')[0]} {error:+.1f}×tol" for name, error in errors.items())
 
 
 @dataclass(frozen=True)
@@ -153,6 +186,8 @@ class TrustRegion:
         else:
             self.source = RegionSource.RECIPE_BAND
         self.width = self._initial_width()
+        self.reach_scale = 1.0
+        """Earned reach: how far beyond its configured reach (or margin) the region goes; grows with results that confirm the plan a day and ``long_lead_h`` ahead."""
         self.misses = 0
         self.stood_down = False
         self.checks: list[LabCheck] = []
@@ -172,7 +207,7 @@ class TrustRegion:
         recipe_h, latest_h = self._batch.recipe.harvest_h, self._batch.limits.latest_harvest_h
         if not self.active:
             return now_h, latest_h
-        reach = self.width * self.config.harvest_reach_h
+        reach = self.width * self.reach_scale * self.config.harvest_reach_h
         upper = recipe_h + reach
         if self.source is RegionSource.CALIBRATION_ENVELOPE:
             upper = min(upper, max(recipe_h, self._envelope[-1].end_h))
@@ -186,21 +221,22 @@ class TrustRegion:
 
     def _edges(self, time_h: float, volume_l: float) -> tuple[float, float, float, float, float]:
         """At ``time_h``: the feed rate's lower and upper bound [L/h], the temperature's [°C] and the glucose window's lower edge [g/L]."""
-        cfg, batch, w = self.config, self._batch, self.width
+        cfg, batch, w, scale = self.config, self._batch, self.width, self.reach_scale
         target = batch.recipe.glucose_target_g_per_l
         temperature, feed = self._recipe.setpoints(time_h).temperature_degc, self._recipe.feed_rate_lph(time_h)
         if self.source is RegionSource.CALIBRATION_ENVELOPE:
             phase = self._phase(time_h)
-            t_low, t_high = phase.temperature_degc.low - cfg.envelope_margin_degc, phase.temperature_degc.high + cfg.envelope_margin_degc
+            margin_degc, margin = scale * cfg.envelope_margin_degc, scale * cfg.envelope_margin_relative
+            t_low, t_high = phase.temperature_degc.low - margin_degc, phase.temperature_degc.high + margin_degc
             feeds, glucose = phase.feed_per_volume_per_day, phase.glucose_g_per_l
-            f_margin = cfg.envelope_margin_relative * (feeds.high - feeds.low)
+            f_margin = margin * (feeds.high - feeds.low)
             f_low, f_high = max(0.0, feeds.low - f_margin) * volume_l / 24.0, (feeds.high + f_margin) * volume_l / 24.0
-            g_low = glucose.low - cfg.envelope_margin_relative * (glucose.high - glucose.low) if glucose.high > 0.0 else target
+            g_low = glucose.low - margin * (glucose.high - glucose.low) if glucose.high > 0.0 else target
         else:
-            t_low, t_high = temperature - cfg.temperature_reach_degc, temperature + cfg.temperature_reach_degc
-            reach_lph = cfg.feed_reach_per_day * batch.inoculation.volume_l / 24.0
+            t_low, t_high = temperature - scale * cfg.temperature_reach_degc, temperature + scale * cfg.temperature_reach_degc
+            reach_lph = scale * cfg.feed_reach_per_day * batch.inoculation.volume_l / 24.0
             f_low, f_high = max(0.0, feed - reach_lph), feed + reach_lph
-            g_low = target - cfg.glucose_reach_g_per_l
+            g_low = target - scale * cfg.glucose_reach_g_per_l
         # Starvation is a hard limit, and the monitor trusts a day-ahead glucose prediction only to ±glucose.floor:
         # whatever the source, the plan keeps two of those above the limit.
         g_low = min(target, max(g_low, batch.limits.glucose_min_g_per_l + 2.0 * cfg.glucose.floor))
@@ -270,7 +306,7 @@ class TrustRegion:
         times = np.asarray(times_h, dtype=float).copy()
         spread = np.zeros((len(rows), times.size)) if sd is None else np.nan_to_num(np.asarray(sd, dtype=float)[rows, :], nan=0.0)
         self._predictions.append(_Prediction(made_at_h, times, np.asarray(states)[rows, :].copy(), spread))
-        keep_after_h = made_at_h - self.config.lead_h - 48.0
+        keep_after_h = made_at_h - max(self.config.lead_h, self.config.long_lead_h) - 48.0
         while len(self._predictions) > 1 and self._predictions[1].made_at_h <= keep_after_h:
             self._predictions.popleft()
 
@@ -279,35 +315,31 @@ class TrustRegion:
 
         ``accepted``: the fields the estimator's gate accepted (None: all measured ones). A value the gate rejected (a typo, a swapped
         sample) says nothing about the model: it is neither a confirmation nor a miss.
+
+        The result is also held against the plan in force ``long_lead_h`` before its draw. A model whose predictions hold a day
+        ahead is not thereby right about the days after, and only those decide where a plan ends up: the reach scale grows by
+        ``reach_step`` (up to ``max_reach_scale``) only with results that confirm the plan at both leads, and returns to 1 at
+        any miss, at either lead.
         """
         if not self.active or self.stood_down:
             return None
-        before = [p for p in self._predictions if p.made_at_h <= lab.taken_at_h - self.config.lead_h + 1e-9]
-        if not before:
-            return None
-        plan = before[-1]
-        if not plan.times_h[0] <= lab.taken_at_h <= plan.times_h[-1]:
-            return None
-        errors: dict[str, float] = {}
-        for i, (field, _) in enumerate(MONITORED):
-            if not lab.measured(field) or (accepted is not None and field not in accepted):
-                continue
-            measured = float(getattr(lab, field))
-            predicted = float(np.interp(lab.taken_at_h, plan.times_h, plan.states[i]))
-            spread = self.config.prediction_sigmas * float(np.interp(lab.taken_at_h, plan.times_h, plan.sd[i]))
-            errors[field] = (measured - predicted) / math.hypot(self.config.tolerance(field).limit(measured), spread)
-        if not errors:
-            return None
         cfg = self.config
+        plan = self._plan_before(lab.taken_at_h, cfg.lead_h)
+        errors = self._errors(plan, lab, accepted) if plan is not None else {}
+        if plan is None or not errors:
+            return None
         window = [check.errors for check in self.checks[max(0, len(self.checks) - cfg.bias_window + 1) :]] + [errors]
         biased = tuple(
-            field
-            for field in errors
+            name
+            for name in errors
             if len(window) == cfg.bias_window
-            and all(field in errors_then for errors_then in window)
-            and abs(sum(errors_then[field] for errors_then in window) / cfg.bias_window) > cfg.bias_threshold
+            and all(name in errors_then for errors_then in window)
+            and abs(sum(errors_then[name] for errors_then in window) / cfg.bias_window) > cfg.bias_threshold
         )
         confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
+        long_plan = self._plan_before(lab.taken_at_h, cfg.long_lead_h)
+        long_errors = self._errors(long_plan, lab, accepted) if long_plan is not None else {}
+        long_missed = any(abs(error) > 1.0 for error in long_errors.values())
         if confirmed:
             self.misses = 0
             self.width = min(1.0, self.width + cfg.widen_step)
@@ -316,15 +348,50 @@ class TrustRegion:
             self.width *= cfg.shrink_factor
             if self.misses >= cfg.misses_to_recipe:
                 self.stood_down = True
-        result = LabCheck(lab.seq, lab.taken_at_h, plan.made_at_h, errors, confirmed, self.width, biased)
+        if not confirmed or long_missed:
+            self.reach_scale = 1.0
+        elif long_errors:
+            self.reach_scale = min(cfg.max_reach_scale, self.reach_scale + cfg.reach_step)
+        result = LabCheck(
+            lab.seq,
+            lab.taken_at_h,
+            plan.made_at_h,
+            errors,
+            confirmed,
+            self.width,
+            biased,
+            long_plan.made_at_h if long_plan is not None and long_errors else math.nan,
+            long_errors,
+            self.reach_scale,
+        )
         self.checks.append(result)
         return result
+
+    def _plan_before(self, taken_at_h: float, lead_h: float) -> _Prediction | None:
+        """The plan in force ``lead_h`` before ``taken_at_h``, if it predicted that far."""
+        before = [p for p in self._predictions if p.made_at_h <= taken_at_h - lead_h + 1e-9]
+        if not before or not before[-1].times_h[0] <= taken_at_h <= before[-1].times_h[-1]:
+            return None
+        return before[-1]
+
+    def _errors(self, plan: _Prediction, lab: LabResult, accepted: frozenset[str] | None) -> dict[str, float]:
+        """Lab field → (measured − predicted) / tolerance for the fields measured and accepted."""
+        errors: dict[str, float] = {}
+        for i, (name, _) in enumerate(MONITORED):
+            if not lab.measured(name) or (accepted is not None and name not in accepted):
+                continue
+            measured = float(getattr(lab, name))
+            predicted = float(np.interp(lab.taken_at_h, plan.times_h, plan.states[i]))
+            spread = self.config.prediction_sigmas * float(np.interp(lab.taken_at_h, plan.times_h, plan.sd[i]))
+            errors[name] = (measured - predicted) / math.hypot(self.config.tolerance(name).limit(measured), spread)
+        return errors
 
     def reenable(self) -> None:
         """An operator puts the NMPC back in charge after a stand-down: the region restarts at its initial width, the miss count at 0."""
         self.stood_down = False
         self.misses = 0
         self.width = self._initial_width()
+        self.reach_scale = 1.0
         self._predictions.clear()
 
     # ------------------------------------------------------------------ report
@@ -342,7 +409,7 @@ class TrustRegion:
 
     def summary(self, now_h: float | None = None, volume_l: float | None = None) -> dict[str, Any]:
         """The region as plain data, for the cycle record, the screen and the report."""
-        data: dict[str, Any] = {"source": self.source.value, "width": self.width, "misses": self.misses, "stood_down": self.stood_down}
+        data: dict[str, Any] = {"source": self.source.value, "width": self.width, "reach_scale": self.reach_scale, "misses": self.misses, "stood_down": self.stood_down}
         if now_h is not None and self.active:
             feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._edges(now_h, volume_l if volume_l is not None else self._batch.inoculation.volume_l)
             data["temperature_degc"] = [temperature_low, temperature_high]
@@ -355,10 +422,11 @@ class TrustRegion:
 
     def to_dict(self) -> dict[str, Any]:
         """What a restart needs (the predictions are not kept: the first lab results after a restart are not checked)."""
-        return {"width": self.width, "misses": self.misses, "stood_down": self.stood_down}
+        return {"width": self.width, "reach_scale": self.reach_scale, "misses": self.misses, "stood_down": self.stood_down}
 
     def restore(self, data: dict[str, Any]) -> None:
         self.width = float(np.clip(float(data.get("width", self.width)), 0.0, 1.0))
+        self.reach_scale = float(np.clip(float(data.get("reach_scale", 1.0)), 1.0, self.config.max_reach_scale))
         self.misses = int(data.get("misses", 0))
         self.stood_down = bool(data.get("stood_down", False))
 

@@ -303,7 +303,7 @@ def test_the_screen_shows_the_trust_region_and_an_engineer_re_enables_the_nmpc_a
             region = status["trust"]
             assert region["source"] == "recipe_band" and region["stood_down"] is True and region["misses"] == 1 and region["misses_to_recipe"] == 1
             assert "lab result 1 (drawn 1 h) missed the plan made at 0 h" in region["last_check"] and region["reenabled"] is False
-            assert region["width"] == pytest.approx(trust.initial_width * trust.shrink_factor)
+            assert region["width"] == pytest.approx(trust.initial_width * trust.shrink_factor) and region["reach_scale"] == 1.0  # a miss earns no reach
             # The recipe band at the width it shrank to: around the recipe's temperature and feed, glucose kept near its target.
             recipe = screen.runtime.cycle.controller.recipe
             low, high = region["temperature_degc"]

@@ -54,6 +54,7 @@ def test_the_timeline_has_the_width_the_checks_and_the_stand_down_of_the_records
     assert trust.temperature_degc[0] == pytest.approx([recipe_degc - 0.3 * 1.5, recipe_degc + 0.3 * 1.5]), "initial width 0.3 of the default reach of 1.5 °C"
     lines = trust.describe()
     assert lines[0].startswith("trust region: a band around the platform recipe; width 30 % at the first cycle") and "lab checks: 4 (1 confirmed, 3 missed)" in lines[0]
+    assert "reach earned by results a plan predicted days ahead: x1.00 at most" in lines[0]
     assert "lab result 2 (drawn 54 h) missed the plan made at 30 h" in lines[2] and "STOOD DOWN at 106 h" in lines[-1] and "for the rest of the batch" in lines[-1]
 
 
@@ -67,6 +68,7 @@ def test_the_trust_files_hold_every_cycle_and_each_check_once(recorded, tmp_path
     assert len(rows) == len(times) and float(rows[34]["process_time_h"]) == 34.0
     assert [float(r["process_time_h"]) for r in rows if r["lab_check"]] == [34.0, 58.0, 82.0, 106.0]
     assert float(rows[0]["width"]) == pytest.approx(summaries[0]["width"]) and rows[-1]["stood_down"] == "1"
+    assert {float(r["reach_scale"]) for r in rows} == {1.0}  # every check that had a plan three days before missed, or had none
     assert float(rows[0]["temperature_high_degc"]) == pytest.approx(summaries[0]["temperature_degc"][1])
     plot_trust(tmp_path / "trust.png", trust, "test")
     assert (tmp_path / "trust.png").stat().st_size > 10_000

@@ -200,3 +200,59 @@ def test_a_value_the_estimators_gate_rejected_neither_confirms_nor_misses(batch)
     assert check is not None and check.confirmed and set(check.errors) == {"vcd_1e6_per_ml", "titer_g_per_l"}
     assert region.check(_lab(2, 31.0, vcd=10.0, titer=1.0, glucose=40.0)) is not None and region.misses == 1  # without the gate's verdict: a miss
     assert region.check(_lab(3, 32.0, vcd=10.0, titer=1.0, glucose=4.0), accepted=frozenset()) is None  # nothing accepted: nothing to check
+
+
+def _long_plan(region: TrustRegion, made_at_h: float, *, titer: float) -> None:
+    """A plan predicting five days ahead: flat VCD and glucose, ``titer`` throughout."""
+    times = made_at_h + np.arange(0.0, 121.0, 24.0)
+    states = np.zeros((len(STATE_INDEX), times.size))
+    states[STATE_INDEX["viable_cells"]], states[STATE_INDEX["titer"]], states[STATE_INDEX["glucose"]] = 10.0, titer, 4.0
+    region.remember(made_at_h, times, states)
+
+
+def test_reach_is_earned_only_by_results_that_confirm_the_plan_days_ahead(batch):
+    """The day-ahead check alone widens the region to its reach; only results the plan made long_lead_h before also predicted scale the reach up, and any miss at either lead returns it to 1."""
+    region = _region(batch, initial_width=1.0, lead_h=24.0, long_lead_h=72.0, reach_step=0.5, max_reach_scale=2.0, temperature_reach_degc=1.0)
+    _long_plan(region, 0.0, titer=1.0)  # the plan in force 72 h before the results below
+    _long_plan(region, 60.0, titer=1.0)  # and the one in force 24 h before them
+    first = region.check(_lab(1, 90.0, vcd=10.0, titer=1.0, glucose=4.0))
+    assert first is not None and first.confirmed and first.long_confirmed and first.long_plan_made_at_h == 0.0
+    assert region.reach_scale == pytest.approx(1.5) and "confirmed the plan made at 0 h" in first.describe()
+    region.check(_lab(2, 91.0, vcd=10.0, titer=1.0, glucose=4.0))
+    region.check(_lab(3, 92.0, vcd=10.0, titer=1.0, glucose=4.0))
+    assert region.reach_scale == pytest.approx(2.0)  # capped at max_reach_scale
+    recipe_degc = batch.recipe.temperature_shifted_degc
+    assert region.summary(200.0)["temperature_degc"] == pytest.approx([recipe_degc - 2.0, recipe_degc + 2.0])
+    assert region.summary(200.0)["reach_scale"] == pytest.approx(2.0)
+
+    restored = _region(batch, initial_width=1.0, lead_h=24.0, long_lead_h=72.0, max_reach_scale=2.0)
+    restored.restore(region.to_dict())
+    assert restored.reach_scale == pytest.approx(2.0)
+
+    # A prediction 72 h ahead that missed (the day-ahead one confirmed): the earned reach is gone, the width is not.
+    _long_plan(region, 30.0, titer=2.0)
+    _long_plan(region, 80.0, titer=1.0)
+    late = region.check(_lab(4, 104.0, vcd=10.0, titer=1.0, glucose=4.0))
+    assert late is not None and late.confirmed and not late.long_confirmed and late.long_plan_made_at_h == 30.0
+    assert region.reach_scale == 1.0 and region.width == pytest.approx(1.0) and region.misses == 0
+
+    region.reach_scale = 2.0
+    missed = region.check(_lab(5, 105.0, vcd=10.0, titer=1.5, glucose=4.0))  # 50 % off a day ahead
+    assert missed is not None and not missed.confirmed and region.reach_scale == 1.0
+
+    region.reach_scale = 2.0
+    region.reenable()
+    assert region.reach_scale == 1.0
+
+
+def test_no_plan_long_lead_before_leaves_the_reach_as_it_is(batch):
+    region = _region(batch, initial_width=0.3, lead_h=24.0, long_lead_h=72.0)
+    _long_plan(region, 0.0, titer=1.0)
+    check = region.check(_lab(1, 30.0, vcd=10.0, titer=1.0, glucose=4.0))
+    assert check is not None and check.confirmed and not check.long_errors and math.isnan(check.long_plan_made_at_h)
+    assert region.reach_scale == 1.0 and "reach x1.00" in check.describe()
+
+
+def test_a_long_lead_no_longer_than_the_day_ahead_lead_is_refused():
+    with pytest.raises(ValueError, match="long_lead_h"):
+        TrustRegionConfig(lead_h=24.0, long_lead_h=24.0)

@@ -91,6 +91,7 @@ function showTrust(trust) {
     ["status", down ? "STOOD DOWN: the platform recipe runs" : trust.reenabled ? "re-enabled: the NMPC plans again from the next cycle" : "the NMPC plans inside the region"],
     ["source", TRUST_SOURCES[trust.source] || trust.source],
     ["width", `${fmt(100 * trust.width, 0)} %`],
+    ["reach earned", trust.reach_scale === undefined ? "—" : `× ${fmt(trust.reach_scale, 2)} (results the plans predicted days ahead)`],
     ["temperature", range(trust.temperature_degc, 1, "°C")],
     ["nutrient feed", range(trust.feed_rate_lph, 2, "L/h")],
     ["lowest glucose planned", trust.glucose_min_g_per_l === undefined ? "—" : `${fmt(trust.glucose_min_g_per_l)} g/L`],

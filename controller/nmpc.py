@@ -38,8 +38,9 @@ from controller.forecast import ForecastDivergedError, ForecastInputError, Forec
 from controller.kpis import batch_score_g_per_day
 from controller.mpc import EconomicMpc, MpcConfig, MpcSolution, PlanBounds
 from controller.recipe import PlatformRecipe
+from controller.replay import ReplayMemory
 from controller.robust import DEFAULT_K_SIGMA, RobustMpc, RobustMpcSolution, ScenarioError, scenarios_from_estimate
-from controller.trust import TrustRegion, TrustRegionConfig
+from controller.trust import MONITORED, Replay, TrustRegion, TrustRegionConfig
 from controller.types import LabResult, Setpoints
 from plant_models.cho import STATE_INDEX, CultureModel
 from plant_models.config_loading import FrozenConfig
@@ -143,6 +144,7 @@ class NmpcController:
         self.mpc: EconomicMpc | RobustMpc = mpc or build_mpc(model, batch, self.config)
         self.recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
         self.trust = TrustRegion(batch, self.recipe, envelope, self.config.trust)
+        self._replays = ReplayMemory(model, keep_h=self.config.trust.long_lead_h + 48.0, max_gap_h=2.0 * batch.cycle_period_h)
         self.harvest_time_h = self.config.initial_harvest_h or batch.recipe.harvest_h
         self._plan: MpcSolution | None = None
         self._plan_time_h = 0.0
@@ -177,9 +179,13 @@ class NmpcController:
         if self.harvest_time_h - t < 0.5 * cycle_h:
             return self._decision(observation.applied, DecisionSource.HARVEST, harvest=True)
         state, parameters = self._source.observe(observation)
+        applied = observation.applied
+        if self.trust.active:
+            self._replays.record(t, np.array([applied.feed_rate_lph, applied.glucose_rate_lph, applied.temperature_degc]), state, parameters)
         if observation.lab_result is not None:
             accepted = getattr(self._source, "lab_fields_accepted", None)
-            check = self.trust.check(observation.lab_result, accepted(observation.lab_result.seq) if accepted is not None else None)
+            lab = observation.lab_result
+            check = self.trust.check(lab, accepted(lab.seq) if accepted is not None else None, self.replay(lab.taken_at_h), self.replay(lab.taken_at_h, self.trust.config.lead_h))
             if check is not None:
                 log.info("plan_checked_against_lab", process_time_h=t, check=check.describe(), width=self.trust.width, stood_down=self.trust.stood_down)
         if self.trust.stood_down:
@@ -252,6 +258,16 @@ class NmpcController:
                 scenarios.parameters[:, 0] = parameters  # the nominal scenario is what the source gave to plan with
                 return scenarios.parameters, scenarios.weights
         return np.tile(np.asarray(parameters, dtype=float)[:, None], (1, n_scenarios)), None
+
+    def replay(self, taken_at_h: float, lead_h: float | None = None) -> Replay | None:
+        """The model run to ``taken_at_h`` from the estimate ``lead_h`` (default ``long_lead_h``) before, with the setpoints the plant ran since (:mod:`controller.replay`); None without one."""
+        if not self.trust.active or self.trust.stood_down:
+            return None
+        ran = self._replays.replay(taken_at_h - (self.trust.config.long_lead_h if lead_h is None else lead_h), taken_at_h)
+        if ran is None:
+            return None
+        from_h, state = ran
+        return Replay(from_h, taken_at_h, {name: float(state[STATE_INDEX[state_name]]) for name, state_name in MONITORED})
 
     def reenable(self) -> None:
         """An operator puts the NMPC back in charge after it stood down (see :meth:`controller.trust.TrustRegion.reenable`)."""

@@ -97,7 +97,10 @@ class TrustRegionConfig(FrozenConfig):
         default=72.0,
         gt=0.0,
         le=240.0,
-        description="each lab result is also held against the plan in force this long before its draw; results that confirm it at both leads earn reach [h]",
+        description=(
+            "each lab result is also held against the model run this long before its draw, from the estimate then, with the inputs the plant"
+            " was actually given; results that confirm it and the day-ahead plan earn reach [h]"
+        ),
     )
     reach_step: float = Field(default=0.25, ge=0.0, le=2.0, description="reach scale added by a lab result that confirms the plan at lead_h and at long_lead_h [-]")
     max_reach_scale: float = Field(
@@ -136,29 +139,43 @@ class LabCheck:
     width_after: float
     biased: tuple[str, ...] = ()
     """Lab fields whose mean error over the monitor's window was beyond its bias threshold."""
-    long_plan_made_at_h: float = math.nan
-    """When the plan in force ``long_lead_h`` before the draw was made (NaN: no such plan was known)."""
+    long_from_h: float = math.nan
+    """The estimate the long-lead replay started from (NaN: none was known ``long_lead_h`` before the draw)."""
     long_errors: dict[str, float] = field(default_factory=dict)
-    """Lab field → error in tolerances against that plan."""
+    """Lab field → error in tolerances against that replay."""
     reach_scale_after: float = 1.0
+    replayed: bool = False
+    """The day-ahead prediction was the model run from the estimate the plan started from with the inputs applied since, not the plan's own."""
 
     @property
     def long_confirmed(self) -> bool:
-        """The plan in force ``long_lead_h`` before the draw predicted every field within tolerance (False when there was none)."""
+        """The model run from the estimate ``long_lead_h`` before the draw, with the inputs applied since, predicted every field within tolerance (False when there was none)."""
         return bool(self.long_errors) and all(abs(error) <= 1.0 for error in self.long_errors.values())
 
     def describe(self) -> str:
         verdict = "confirmed" if self.confirmed else "missed"
         bias = f"; biased: {', '.join(name.split('_')[0] for name in self.biased)} off the same way result after result" if self.biased else ""
-        text = f"lab result {self.seq} (drawn {self.taken_at_h:.0f} h) {verdict} the plan made at {self.plan_made_at_h:.0f} h ({_errors_text(self.errors)}{bias})"
+        what = f"the model run from {self.plan_made_at_h:.0f} h with the inputs applied since" if self.replayed else f"the plan made at {self.plan_made_at_h:.0f} h"
+        text = f"lab result {self.seq} (drawn {self.taken_at_h:.0f} h) {verdict} {what} ({_errors_text(self.errors)}{bias})"
         if self.long_errors:
             verdict = "confirmed" if self.long_confirmed else "missed"
-            text += f"; {verdict} the plan made at {self.long_plan_made_at_h:.0f} h ({_errors_text(self.long_errors)})"
+            text += f"; {verdict} the model run from {self.long_from_h:.0f} h with the inputs applied since ({_errors_text(self.long_errors)})"
         return text + f"; reach x{self.reach_scale_after:.2f}"
 
 
 def _errors_text(errors: dict[str, float]) -> str:
     return ", ".join(f"{name.split('_')[0]} {error:+.1f}×tol" for name, error in errors.items())
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The model run from an earlier estimate with the inputs the plant was actually given, to a lab result's draw."""
+
+    from_h: float
+    """When the estimate it started from was made."""
+    taken_at_h: float
+    predicted: dict[str, float]
+    """Lab field (of :data:`MONITORED`) → the value the run reached at the draw."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +186,12 @@ class _Prediction:
     """(len(MONITORED), len(times_h)) predicted VCD, titer and glucose."""
     sd: np.ndarray
     """Same shape: the prediction's standard deviation (zeros when the source states none)."""
+
+    def at(self, time_h: float, sigmas: float) -> dict[str, tuple[float, float]]:
+        """Lab field → (predicted value, ``sigmas`` × its sd) at ``time_h``."""
+        return {
+            name: (float(np.interp(time_h, self.times_h, self.states[i])), sigmas * float(np.interp(time_h, self.times_h, self.sd[i]))) for i, (name, _) in enumerate(MONITORED)
+        }
 
 
 class TrustRegion:
@@ -306,27 +329,36 @@ class TrustRegion:
         times = np.asarray(times_h, dtype=float).copy()
         spread = np.zeros((len(rows), times.size)) if sd is None else np.nan_to_num(np.asarray(sd, dtype=float)[rows, :], nan=0.0)
         self._predictions.append(_Prediction(made_at_h, times, np.asarray(states)[rows, :].copy(), spread))
-        keep_after_h = made_at_h - max(self.config.lead_h, self.config.long_lead_h) - 48.0
+        keep_after_h = made_at_h - self.config.lead_h - 48.0
         while len(self._predictions) > 1 and self._predictions[1].made_at_h <= keep_after_h:
             self._predictions.popleft()
 
-    def check(self, lab: LabResult, accepted: frozenset[str] | None = None) -> LabCheck | None:
+    def check(self, lab: LabResult, accepted: frozenset[str] | None = None, replay: Replay | None = None, day_replay: Replay | None = None) -> LabCheck | None:
         """Hold a new lab result against the plan in force ``lead_h`` before its draw; widen or narrow the region. None when no such plan is known.
 
         ``accepted``: the fields the estimator's gate accepted (None: all measured ones). A value the gate rejected (a typo, a swapped
         sample) says nothing about the model: it is neither a confirmation nor a miss.
 
-        The result is also held against the plan in force ``long_lead_h`` before its draw. A model whose predictions hold a day
-        ahead is not thereby right about the days after, and only those decide where a plan ends up: the reach scale grows by
-        ``reach_step`` (up to ``max_reach_scale``) only with results that confirm the plan at both leads, and returns to 1 at
-        any miss, at either lead.
+        ``replay``: the model run from the estimate ``long_lead_h`` before the draw with the inputs actually applied since (the
+        controller makes it: :meth:`controller.nmpc.NmpcController.replay`). A model whose predictions hold a day ahead is not
+        thereby right about the days after, and only those decide where a plan ends up: the reach scale grows by ``reach_step``
+        (up to ``max_reach_scale``) only with results that confirm both the day-ahead plan and the replay, and returns to 1 at
+        any miss of either. The replay, not the plan made ``long_lead_h`` before, is the evidence: the plans of the days between
+        changed the inputs, above all the glucose feed, and a plan's three-day-old glucose says more about the replanning than
+        about the model.
         """
         if not self.active or self.stood_down:
             return None
         cfg = self.config
         plan = self._plan_before(lab.taken_at_h, cfg.lead_h)
-        errors = self._errors(plan, lab, accepted) if plan is not None else {}
-        if plan is None or not errors:
+        if plan is None:
+            return None
+        predicted = plan.at(lab.taken_at_h, cfg.prediction_sigmas)
+        replayed = day_replay is not None and day_replay.taken_at_h == lab.taken_at_h
+        if replayed and day_replay is not None:
+            predicted = {name: (day_replay.predicted[name], spread) for name, (_, spread) in predicted.items() if name in day_replay.predicted}
+        errors = self._errors(predicted, lab, accepted)
+        if not errors:
             return None
         window = [check.errors for check in self.checks[max(0, len(self.checks) - cfg.bias_window + 1) :]] + [errors]
         biased = tuple(
@@ -337,8 +369,7 @@ class TrustRegion:
             and abs(sum(errors_then[name] for errors_then in window) / cfg.bias_window) > cfg.bias_threshold
         )
         confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
-        long_plan = self._plan_before(lab.taken_at_h, cfg.long_lead_h)
-        long_errors = self._errors(long_plan, lab, accepted) if long_plan is not None else {}
+        long_errors = self._errors(replay.predicted, lab, accepted) if replay is not None and replay.taken_at_h == lab.taken_at_h else {}
         long_missed = any(abs(error) > 1.0 for error in long_errors.values())
         if confirmed:
             self.misses = 0
@@ -355,14 +386,15 @@ class TrustRegion:
         result = LabCheck(
             lab.seq,
             lab.taken_at_h,
-            plan.made_at_h,
+            day_replay.from_h if replayed and day_replay is not None else plan.made_at_h,
             errors,
             confirmed,
             self.width,
             biased,
-            long_plan.made_at_h if long_plan is not None and long_errors else math.nan,
+            replay.from_h if replay is not None and long_errors else math.nan,
             long_errors,
             self.reach_scale,
+            replayed,
         )
         self.checks.append(result)
         return result
@@ -374,16 +406,16 @@ class TrustRegion:
             return None
         return before[-1]
 
-    def _errors(self, plan: _Prediction, lab: LabResult, accepted: frozenset[str] | None) -> dict[str, float]:
-        """Lab field → (measured − predicted) / tolerance for the fields measured and accepted."""
+    def _errors(self, predicted: dict[str, tuple[float, float]] | dict[str, float], lab: LabResult, accepted: frozenset[str] | None) -> dict[str, float]:
+        """Lab field → (measured − predicted) / tolerance for the fields measured and accepted; ``predicted``: field → value, or (value, spread to count in)."""
         errors: dict[str, float] = {}
-        for i, (name, _) in enumerate(MONITORED):
-            if not lab.measured(name) or (accepted is not None and name not in accepted):
+        for name, _ in MONITORED:
+            if name not in predicted or not lab.measured(name) or (accepted is not None and name not in accepted):
                 continue
             measured = float(getattr(lab, name))
-            predicted = float(np.interp(lab.taken_at_h, plan.times_h, plan.states[i]))
-            spread = self.config.prediction_sigmas * float(np.interp(lab.taken_at_h, plan.times_h, plan.sd[i]))
-            errors[name] = (measured - predicted) / math.hypot(self.config.tolerance(name).limit(measured), spread)
+            value = predicted[name]
+            mean, spread = value if isinstance(value, tuple) else (value, 0.0)
+            errors[name] = (measured - mean) / math.hypot(self.config.tolerance(name).limit(measured), spread)
         return errors
 
     def reenable(self) -> None:

@@ -283,7 +283,7 @@ def test_only_engineers_change_the_mode_and_monitoring_sees_it(tmp_path, mpc):
 
 
 def test_the_screen_shows_the_trust_region_and_an_engineer_re_enables_the_nmpc_after_it_stood_down(tmp_path, mpc):
-    """A monitor stricter than the lab's own noise: the first lab result (drawn at 1 h, published at 1.5 h) misses the plan made at 0 h,
+    """A monitor stricter than the lab's own noise: the first lab result (drawn at 1 h, published at 1.5 h) misses the model run from 0 h,
     and one miss stands the NMPC down. The screen explains it; only an engineer, signing, re-enables it (audited first)."""
     platform = load_simulation(PLATFORM)
     sampling = platform.simulation.sampling.model_copy(update={"first_draw_h": 1.0, "draw_jitter_h": 0.0, "result_delay_min_h": 0.5, "result_delay_max_h": 0.5})
@@ -302,7 +302,7 @@ def test_the_screen_shows_the_trust_region_and_an_engineer_re_enables_the_nmpc_a
             status = (await olga.get("/api/status")).json()
             region = status["trust"]
             assert region["source"] == "recipe_band" and region["stood_down"] is True and region["misses"] == 1 and region["misses_to_recipe"] == 1
-            assert "lab result 1 (drawn 1 h) missed the plan made at 0 h" in region["last_check"] and region["reenabled"] is False
+            assert "lab result 1 (drawn 1 h) missed the model run from 0 h with the inputs applied since" in region["last_check"] and region["reenabled"] is False
             assert region["width"] == pytest.approx(trust.initial_width * trust.shrink_factor) and region["reach_scale"] == 1.0  # a miss earns no reach
             # The recipe band at the width it shrank to: around the recipe's temperature and feed, glucose kept near its target.
             recipe = screen.runtime.cycle.controller.recipe

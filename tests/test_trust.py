@@ -10,7 +10,7 @@ import pytest
 from controller.mpc import MpcConfig
 from controller.nmpc import CycleObservation, DecisionSource, NmpcConfig, NmpcController
 from controller.recipe import PlatformRecipe
-from controller.trust import RegionSource, TrustRegion, TrustRegionConfig
+from controller.trust import RegionSource, Replay, TrustRegion, TrustRegionConfig
 from controller.types import LabResult, Setpoints
 from plant_models.cho import STATE_INDEX
 
@@ -202,24 +202,20 @@ def test_a_value_the_estimators_gate_rejected_neither_confirms_nor_misses(batch)
     assert region.check(_lab(3, 32.0, vcd=10.0, titer=1.0, glucose=4.0), accepted=frozenset()) is None  # nothing accepted: nothing to check
 
 
-def _long_plan(region: TrustRegion, made_at_h: float, *, titer: float) -> None:
-    """A plan predicting five days ahead: flat VCD and glucose, ``titer`` throughout."""
-    times = made_at_h + np.arange(0.0, 121.0, 24.0)
-    states = np.zeros((len(STATE_INDEX), times.size))
-    states[STATE_INDEX["viable_cells"]], states[STATE_INDEX["titer"]], states[STATE_INDEX["glucose"]] = 10.0, titer, 4.0
-    region.remember(made_at_h, times, states)
+def _replay(taken_at_h: float, from_h: float, *, titer: float) -> Replay:
+    """The model run from the estimate at ``from_h`` to the draw: VCD 10, glucose 4 and ``titer`` there."""
+    return Replay(from_h, taken_at_h, {"vcd_1e6_per_ml": 10.0, "titer_g_per_l": titer, "glucose_g_per_l": 4.0})
 
 
-def test_reach_is_earned_only_by_results_that_confirm_the_plan_days_ahead(batch):
-    """The day-ahead check alone widens the region to its reach; only results the plan made long_lead_h before also predicted scale the reach up, and any miss at either lead returns it to 1."""
+def test_reach_is_earned_only_by_results_that_confirm_the_plan_and_the_replay_days_ahead(batch):
+    """The day-ahead check alone widens the region to its reach; only results the model run from three days before (with the inputs applied since) also predicted scale the reach up, and any miss of either returns it to 1."""
     region = _region(batch, initial_width=1.0, lead_h=24.0, long_lead_h=72.0, reach_step=0.5, max_reach_scale=2.0, temperature_reach_degc=1.0)
-    _long_plan(region, 0.0, titer=1.0)  # the plan in force 72 h before the results below
-    _long_plan(region, 60.0, titer=1.0)  # and the one in force 24 h before them
-    first = region.check(_lab(1, 90.0, vcd=10.0, titer=1.0, glucose=4.0))
-    assert first is not None and first.confirmed and first.long_confirmed and first.long_plan_made_at_h == 0.0
-    assert region.reach_scale == pytest.approx(1.5) and "confirmed the plan made at 0 h" in first.describe()
-    region.check(_lab(2, 91.0, vcd=10.0, titer=1.0, glucose=4.0))
-    region.check(_lab(3, 92.0, vcd=10.0, titer=1.0, glucose=4.0))
+    _plan(region, 60.0, vcd=10.0, titer=1.0, glucose=4.0)  # the plan in force a day before the results below
+    first = region.check(_lab(1, 90.0, vcd=10.0, titer=1.0, glucose=4.0), replay=_replay(90.0, 17.0, titer=1.0))
+    assert first is not None and first.confirmed and first.long_confirmed and first.long_from_h == 17.0
+    assert region.reach_scale == pytest.approx(1.5) and "confirmed the model run from 17 h with the inputs applied since" in first.describe()
+    region.check(_lab(2, 91.0, vcd=10.0, titer=1.0, glucose=4.0), replay=_replay(91.0, 18.0, titer=1.0))
+    region.check(_lab(3, 92.0, vcd=10.0, titer=1.0, glucose=4.0), replay=_replay(92.0, 19.0, titer=1.0))
     assert region.reach_scale == pytest.approx(2.0)  # capped at max_reach_scale
     recipe_degc = batch.recipe.temperature_shifted_degc
     assert region.summary(200.0)["temperature_degc"] == pytest.approx([recipe_degc - 2.0, recipe_degc + 2.0])
@@ -229,30 +225,48 @@ def test_reach_is_earned_only_by_results_that_confirm_the_plan_days_ahead(batch)
     restored.restore(region.to_dict())
     assert restored.reach_scale == pytest.approx(2.0)
 
-    # A prediction 72 h ahead that missed (the day-ahead one confirmed): the earned reach is gone, the width is not.
-    _long_plan(region, 30.0, titer=2.0)
-    _long_plan(region, 80.0, titer=1.0)
-    late = region.check(_lab(4, 104.0, vcd=10.0, titer=1.0, glucose=4.0))
-    assert late is not None and late.confirmed and not late.long_confirmed and late.long_plan_made_at_h == 30.0
+    # No replay (none kept, or for another draw): the reach stays as it is.
+    kept = region.check(_lab(4, 93.0, vcd=10.0, titer=1.0, glucose=4.0), replay=_replay(90.0, 17.0, titer=1.0))
+    assert kept is not None and not kept.long_errors and math.isnan(kept.long_from_h) and region.reach_scale == pytest.approx(2.0)
+
+    # The replay missed (the day-ahead plan confirmed): the earned reach is gone, the width is not.
+    late = region.check(_lab(5, 94.0, vcd=10.0, titer=1.0, glucose=4.0), replay=_replay(94.0, 21.0, titer=2.0))
+    assert late is not None and late.confirmed and not late.long_confirmed
     assert region.reach_scale == 1.0 and region.width == pytest.approx(1.0) and region.misses == 0
 
     region.reach_scale = 2.0
-    missed = region.check(_lab(5, 105.0, vcd=10.0, titer=1.5, glucose=4.0))  # 50 % off a day ahead
-    assert missed is not None and not missed.confirmed and region.reach_scale == 1.0
+    missed = region.check(_lab(6, 95.0, vcd=10.0, titer=1.5, glucose=4.0), replay=_replay(95.0, 22.0, titer=1.5))  # 50 % off a day ahead
+    assert missed is not None and not missed.confirmed and missed.long_confirmed and region.reach_scale == 1.0
 
     region.reach_scale = 2.0
     region.reenable()
     assert region.reach_scale == 1.0
 
 
-def test_no_plan_long_lead_before_leaves_the_reach_as_it_is(batch):
+def test_no_replay_leaves_the_reach_as_it_is(batch):
     region = _region(batch, initial_width=0.3, lead_h=24.0, long_lead_h=72.0)
-    _long_plan(region, 0.0, titer=1.0)
+    _plan(region, 0.0, vcd=10.0, titer=1.0, glucose=4.0)
     check = region.check(_lab(1, 30.0, vcd=10.0, titer=1.0, glucose=4.0))
-    assert check is not None and check.confirmed and not check.long_errors and math.isnan(check.long_plan_made_at_h)
+    assert check is not None and check.confirmed and not check.long_errors and math.isnan(check.long_from_h)
     assert region.reach_scale == 1.0 and "reach x1.00" in check.describe()
 
 
 def test_a_long_lead_no_longer_than_the_day_ahead_lead_is_refused():
     with pytest.raises(ValueError, match="long_lead_h"):
         TrustRegionConfig(lead_h=24.0, long_lead_h=24.0)
+
+
+def test_the_day_ahead_check_holds_the_result_against_the_model_run_with_the_inputs_applied(batch):
+    """The plan a day before predicted glucose 4 g/L, but the plans after it fed less glucose: the model, run from the plan's estimate with the
+    glucose feed actually given, predicted the 2 g/L measured. That confirms the model; the plan's own glucose would have been a miss of the replanning."""
+    region = _region(batch, initial_width=0.5, widen_step=0.1, lead_h=24.0)
+    _plan(region, 0.0, vcd=10.0, titer=1.0, glucose=4.0)
+    lab = _lab(1, 30.0, vcd=10.0, titer=1.0, glucose=2.0)
+    ran = Replay(0.0, 30.0, {"vcd_1e6_per_ml": 10.0, "titer_g_per_l": 1.0, "glucose_g_per_l": 2.1})
+    check = region.check(lab, day_replay=ran)
+    assert check is not None and check.confirmed and check.replayed and region.width == pytest.approx(0.6)
+    assert "confirmed the model run from 0 h with the inputs applied since" in check.describe()
+    plan_only = _region(batch, initial_width=0.5, lead_h=24.0)
+    _plan(plan_only, 0.0, vcd=10.0, titer=1.0, glucose=4.0)
+    missed = plan_only.check(lab)  # no replay (the first cycles after a restart): the plan's own prediction
+    assert missed is not None and not missed.confirmed and not missed.replayed and "missed the plan made at 0 h" in missed.describe()

@@ -41,6 +41,7 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
+import structlog
 from pydantic import Field, model_validator
 
 from controller.config import BatchConfig
@@ -50,6 +51,8 @@ from controller.types import LabResult
 from plant_models.cho import STATE_INDEX
 from plant_models.config_loading import FrozenConfig
 from plant_models.parameters import PhaseEnvelope
+
+log = structlog.get_logger(__name__)
 
 MONITORED: tuple[tuple[str, str], ...] = (("vcd_1e6_per_ml", "viable_cells"), ("titer_g_per_l", "titer"), ("glucose_g_per_l", "glucose"))
 """Lab field → model state the monitor compares."""
@@ -336,6 +339,9 @@ class TrustRegion:
     def check(self, lab: LabResult, accepted: frozenset[str] | None = None, replay: Replay | None = None, day_replay: Replay | None = None) -> LabCheck | None:
         """Hold a new lab result against the plan in force ``lead_h`` before its draw; widen or narrow the region. None when no such plan is known.
 
+        A result already checked (same ``seq``) is not checked again: one result is one piece of evidence, however often a retried
+        cycle hands it over.
+
         ``accepted``: the fields the estimator's gate accepted (None: all measured ones). A value the gate rejected (a typo, a swapped
         sample) says nothing about the model: it is neither a confirmation nor a miss.
 
@@ -349,6 +355,8 @@ class TrustRegion:
         """
         if not self.active or self.stood_down:
             return None
+        if any(check.seq == lab.seq for check in self.checks):
+            return None  # handed over again (its cycle failed after the check, or was abandoned): it has counted once
         cfg = self.config
         plan = self._plan_before(lab.taken_at_h, cfg.lead_h)
         if plan is None:
@@ -457,10 +465,25 @@ class TrustRegion:
         return {"width": self.width, "reach_scale": self.reach_scale, "misses": self.misses, "stood_down": self.stood_down}
 
     def restore(self, data: dict[str, Any]) -> None:
-        self.width = float(np.clip(float(data.get("width", self.width)), 0.0, 1.0))
-        self.reach_scale = float(np.clip(float(data.get("reach_scale", 1.0)), 1.0, self.config.max_reach_scale))
+        """Take up a saved region. A width or reach scale that is no finite number (a damaged or edited resume state) is no evidence:
+        the region takes a fresh one's. A NaN would have made every bound NaN, and the harvest window [now, now]: a harvest at once."""
+        self.width = float(np.clip(_saved_number(data, "width", self.width), 0.0, 1.0))
+        self.reach_scale = float(np.clip(_saved_number(data, "reach_scale", 1.0), 1.0, self.config.max_reach_scale))
         self.misses = int(data.get("misses", 0))
         self.stood_down = bool(data.get("stood_down", False))
+
+
+def _saved_number(data: dict[str, Any], name: str, default: float) -> float:
+    """``data[name]`` as a float; ``default`` when it is missing or no finite number (logged: a damaged or edited resume state)."""
+    value = data.get(name, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isfinite(number):
+        return number
+    log.warning("trust_restore_value_ignored", field=name, saved=repr(value), used=default)
+    return default
 
 
 def _fill_lower_bounds(feed_lower_lph: np.ndarray, durations_h: np.ndarray, volume_now_l: float, volume_upper_l: np.ndarray) -> np.ndarray:

@@ -49,7 +49,12 @@ class ReplayMemory:
         self._step = ca.Function("replay_step", [t, x, u, p, dt], [x_next])
 
     def record(self, time_h: float, applied_before: np.ndarray, state: np.ndarray, parameters: np.ndarray) -> None:
-        """One cycle: the setpoints the plant ran since the previous cycle (read back now), and the estimate made now."""
+        """One cycle: the setpoints the plant ran since the previous cycle (read back now), and the estimate made now.
+
+        The same time again is the same cycle run again (abandoned before its writes): no time passed, and the first read-back is kept.
+        """
+        if self._cycles and time_h == self._cycles[-1].time_h:
+            return
         if self._cycles and not 0.0 < time_h - self._cycles[-1].time_h <= self._max_gap_h:
             self._cycles.clear()
         if not (np.all(np.isfinite(applied_before)) and np.all(np.isfinite(state)) and np.all(np.isfinite(parameters))):

@@ -161,3 +161,18 @@ def test_the_controller_replays_each_interval_with_the_setpoints_read_back_at_it
     assert ran is not None and ran.from_h == 103.0
     for name, state in MONITORED:
         assert ran.predicted[name] == pytest.approx(float(x[STATE_INDEX[state]]), rel=1e-4), name
+
+
+def test_a_cycle_run_again_at_the_same_process_time_keeps_the_memory(model, batch, nominal_p):
+    """A cycle abandoned before its writes (the history was down) runs again on the next scan, which may carry the same process time: no
+    time passed and nothing was written, so nothing is unknown, and five days of evidence must not go (the day-ahead check would fall back
+    to the plan's own prediction, whose replanned glucose misses a correct model)."""
+    memory = _memory(model, batch, nominal_p, range(21))
+    state = batch.inoculation.initial_state()
+    memory.record(20.0, np.array([1.0, 0.2, 36.5]), state, nominal_p)
+    for hour in range(21, 30):
+        memory.record(float(hour), np.array([1.0, 0.2, 36.5]), state, nominal_p)
+    reference = _memory(model, batch, nominal_p, range(30))
+    ran, expected = memory.replay(10.0, 29.0), reference.replay(10.0, 29.0)
+    assert ran is not None and expected is not None
+    np.testing.assert_allclose(ran[1], expected[1])

@@ -145,6 +145,8 @@ class NmpcController:
         self.recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
         self.trust = TrustRegion(batch, self.recipe, envelope, self.config.trust)
         self._replays = ReplayMemory(model, keep_h=self.config.trust.long_lead_h + 48.0, max_gap_h=2.0 * batch.cycle_period_h)
+        self._last_totals: tuple[float, float, float] | None = None
+        """(process time, nutrient feed total L, glucose feed total L) at the previous cycle: what was delivered since."""
         self.harvest_time_h = self.config.initial_harvest_h or batch.recipe.harvest_h
         self._plan: MpcSolution | None = None
         self._plan_time_h = 0.0
@@ -179,9 +181,8 @@ class NmpcController:
         if self.harvest_time_h - t < 0.5 * cycle_h:
             return self._decision(observation.applied, DecisionSource.HARVEST, harvest=True)
         state, parameters = self._source.observe(observation)
-        applied = observation.applied
         if self.trust.active:
-            self._replays.record(t, np.array([applied.feed_rate_lph, applied.glucose_rate_lph, applied.temperature_degc]), state, parameters)
+            self._replays.record(t, self._delivered(observation), state, parameters)
         if observation.lab_result is not None:
             accepted = getattr(self._source, "lab_fields_accepted", None)
             lab = observation.lab_result
@@ -258,6 +259,24 @@ class NmpcController:
                 scenarios.parameters[:, 0] = parameters  # the nominal scenario is what the source gave to plan with
                 return scenarios.parameters, scenarios.weights
         return np.tile(np.asarray(parameters, dtype=float)[:, None], (1, n_scenarios)), None
+
+    def _delivered(self, observation: CycleObservation) -> np.ndarray:
+        """What the plant was given since the previous cycle: the feed rates the flow totals show, and the temperature setpoint read back.
+
+        The setpoints read back are not what went in when the PLC stopped a pump (its high-level stop, a pump fault): the totals
+        are. Where a total is unknown, went backwards (a reset) or this is the first cycle, the read-back rate stands in.
+        """
+        applied = observation.applied
+        rates = [applied.feed_rate_lph, applied.glucose_rate_lph]
+        now = (observation.process_time_h, observation.feed_total_l, observation.glucose_feed_total_l)
+        if self._last_totals is not None:
+            then_h, *then_totals = self._last_totals
+            dt = now[0] - then_h
+            for i, (before, after) in enumerate(zip(then_totals, now[1:], strict=True)):
+                if dt > 0.0 and math.isfinite(before) and math.isfinite(after) and after >= before:
+                    rates[i] = (after - before) / dt
+        self._last_totals = now
+        return np.array([rates[0], rates[1], applied.temperature_degc])
 
     def replay(self, taken_at_h: float, lead_h: float | None = None) -> Replay | None:
         """The model run to ``taken_at_h`` from the estimate ``lead_h`` (default ``long_lead_h``) before, with the setpoints the plant ran since (:mod:`controller.replay`); None without one."""

@@ -142,22 +142,36 @@ def test_a_process_time_that_runs_backwards_is_not_replayed_through(model, batch
     assert memory.replay(22.0, 29.0) is not None
 
 
-def test_the_controller_replays_each_interval_with_the_setpoints_read_back_at_its_end(model, batch, nominal_p):
-    """The setpoints read back at a cycle are those the plant ran since the cycle before: the controller's replay matches the model run
-    on a fine grid (an independent reference) with hour k's readback from k − 1 to k, and it reads each lab field from its own state."""
+def _replayed_against_fine_run(model, batch, nominal_p, delivered_fraction: float):
+    """The controller fed hour k's readback from k − 1 to k, the flow totals showing ``delivered_fraction`` of the feeds delivered; its replay, and the model run on a fine grid with what was delivered."""
     controller = NmpcController(model, batch, _Frozen(batch.inoculation.initial_state(), nominal_p), NmpcConfig(mpc=MpcConfig(compile=False)))
     controller.trust.restore({"stood_down": True})  # the recipe runs: cycles without solves, and the memory is kept all the same
     readback = {hour: Setpoints(2.0 if hour % 3 else 0.0, 0.5 * (hour % 2), 36.5 if hour < 110 else 33.0) for hour in range(100, 131)}
+    feed_total = glucose_total = 10.0
     for hour, applied in readback.items():
-        controller.cycle(CycleObservation(process_time_h=float(hour), online={"volume_l": 1500.0}, feed_total_l=0.0, glucose_feed_total_l=0.0, applied=applied))
+        if hour > 100:
+            feed_total += delivered_fraction * applied.feed_rate_lph
+            glucose_total += delivered_fraction * applied.glucose_rate_lph
+        observation = CycleObservation(process_time_h=float(hour), online={"volume_l": 1500.0}, feed_total_l=feed_total, glucose_feed_total_l=glucose_total, applied=applied)
+        controller.cycle(observation)
     controller.reenable()
     step, fine_h = model.rk4_step(0.05), 0.05
     x = batch.inoculation.initial_state()
     for hour in range(104, 131):
         u = readback[hour]
+        given = np.array([delivered_fraction * u.feed_rate_lph, delivered_fraction * u.glucose_rate_lph, u.temperature_degc])
         for i in range(round(1.0 / fine_h)):
-            x = np.asarray(step(hour - 1 + i * fine_h, x, np.array([u.feed_rate_lph, u.glucose_rate_lph, u.temperature_degc]), nominal_p)[1]).ravel()
-    ran = controller.replay(130.0, lead_h=27.0)
+            x = np.asarray(step(hour - 1 + i * fine_h, x, given, nominal_p)[1]).ravel()
+    return controller.replay(130.0, lead_h=27.0), x
+
+
+@pytest.mark.parametrize("delivered_fraction", [1.0, 0.0, 0.5])
+def test_the_controller_replays_each_interval_with_what_the_plant_was_given(model, batch, nominal_p, delivered_fraction):
+    """The setpoints read back at a cycle are those the plant ran since the cycle before, and the flow totals say what went in: the
+    controller's replay matches the model run on a fine grid (an independent reference) with hour k's temperature readback and the feeds
+    the totals show from k − 1 to k, and it reads each lab field from its own state. With the pumps stopped (the PLC's high-level stop,
+    the totals flat while the setpoints still ask for feed) the replay feeds nothing."""
+    ran, x = _replayed_against_fine_run(model, batch, nominal_p, delivered_fraction)
     assert ran is not None and ran.from_h == 103.0
     for name, state in MONITORED:
         assert ran.predicted[name] == pytest.approx(float(x[STATE_INDEX[state]]), rel=1e-4), name

@@ -107,7 +107,13 @@ class TrustRegionConfig(FrozenConfig):
     )
     reach_step: float = Field(default=0.25, ge=0.0, le=2.0, description="reach scale added by a lab result that confirms the plan at lead_h and at long_lead_h [-]")
     max_reach_scale: float = Field(
-        default=3.0, ge=1.0, le=10.0, description="the reach (recipe band) or margin (calibration envelope) is scaled by at most this much through earned reach [-]"
+        default=3.0,
+        ge=1.0,
+        le=10.0,
+        description=(
+            "earned reach: the recipe band's reaches are scaled by at most this much; a calibration envelope is extended by (scale − 1) times"
+            " the band's reaches beyond its margin [-]"
+        ),
     )
     vcd: Tolerance = Tolerance(relative=0.2, floor=0.5)
     titer: Tolerance = Tolerance(relative=0.15, floor=0.1)
@@ -252,12 +258,19 @@ class TrustRegion:
         temperature, feed = self._recipe.setpoints(time_h).temperature_degc, self._recipe.feed_rate_lph(time_h)
         if self.source is RegionSource.CALIBRATION_ENVELOPE:
             phase = self._phase(time_h)
-            margin_degc, margin = scale * cfg.envelope_margin_degc, scale * cfg.envelope_margin_relative
-            t_low, t_high = phase.temperature_degc.low - margin_degc, phase.temperature_degc.high + margin_degc
+            # Earned reach extends the envelope by (scale − 1) times the recipe band's reach, as it extends the band itself.
+            earned = scale - 1.0
+            t_low = phase.temperature_degc.low - cfg.envelope_margin_degc - earned * cfg.temperature_reach_degc
+            t_high = phase.temperature_degc.high + cfg.envelope_margin_degc + earned * cfg.temperature_reach_degc
             feeds, glucose = phase.feed_per_volume_per_day, phase.glucose_g_per_l
-            f_margin = margin * (feeds.high - feeds.low)
-            f_low, f_high = max(0.0, feeds.low - f_margin) * volume_l / 24.0, (feeds.high + f_margin) * volume_l / 24.0
-            g_low = glucose.low - margin * (glucose.high - glucose.low) if glucose.high > 0.0 else target
+            f_margin = cfg.envelope_margin_relative * (feeds.high - feeds.low)
+            earned_lph = earned * cfg.feed_reach_per_day * batch.inoculation.volume_l / 24.0
+            f_low = max(0.0, max(0.0, feeds.low - f_margin) * volume_l / 24.0 - earned_lph)
+            f_high = (feeds.high + f_margin) * volume_l / 24.0 + earned_lph
+            if glucose.high > 0.0:
+                g_low = glucose.low - cfg.envelope_margin_relative * (glucose.high - glucose.low) - earned * cfg.glucose_reach_g_per_l
+            else:
+                g_low = target
         else:
             t_low, t_high = temperature - scale * cfg.temperature_reach_degc, temperature + scale * cfg.temperature_reach_degc
             reach_lph = scale * cfg.feed_reach_per_day * batch.inoculation.volume_l / 24.0

@@ -270,3 +270,19 @@ def test_the_day_ahead_check_holds_the_result_against_the_model_run_with_the_inp
     _plan(plan_only, 0.0, vcd=10.0, titer=1.0, glucose=4.0)
     missed = plan_only.check(lab)  # no replay (the first cycles after a restart): the plan's own prediction
     assert missed is not None and not missed.confirmed and not missed.replayed and "missed the plan made at 0 h" in missed.describe()
+
+
+def test_earned_reach_extends_a_calibration_envelope_by_the_bands_reach(batch, envelope):
+    """Scale 2: the envelope plus its margin, plus one more recipe-band reach on every side (the starvation floor still holds)."""
+    region = _region(batch, envelope, envelope_margin_degc=0.5, envelope_margin_relative=0.1, temperature_reach_degc=1.5, feed_reach_per_day=0.02, glucose_reach_g_per_l=2.5)
+    region.reach_scale = 2.0
+    starts, durations = _grid(200.0)
+    bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1800.0), previous_inputs=np.array([2.0, 0.2, 33.0]), temperature_rate_degc_per_h=RATE)
+    assert bounds is not None
+    band_lph = 0.02 * batch.inoculation.volume_l / 24.0
+    np.testing.assert_allclose(bounds.inputs_lower[2], 30.5 - 1.5)
+    np.testing.assert_allclose(bounds.inputs_upper[2], 34.5 + 1.5)
+    np.testing.assert_allclose(bounds.inputs_upper[0], (0.04 + 0.002) * 1800.0 / 24.0 + band_lph)
+    np.testing.assert_allclose(bounds.inputs_lower[0], max(0.0, (0.02 - 0.002) * 1800.0 / 24.0 - band_lph))
+    np.testing.assert_allclose(bounds.glucose_lower, batch.limits.glucose_min_g_per_l + 2.0 * 0.75)  # 2.7 - 2.5 is below the floor
+    assert region.harvest_window_h(200.0) == (batch.recipe.harvest_h - 48.0, 348.0)  # no later than the records went

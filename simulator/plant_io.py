@@ -52,7 +52,7 @@ from simulator.io_faults import FrozenInput, IoFault, PumpDegraded, StuckActuato
 from simulator.io_map import CHANNEL_OF_PV, NOT_YET, AnalogScaling, ModbusAnalogOutput, ModbusIoMap, ModbusSlot, ModbusValue, OpcUaIoMap
 from simulator.lims import Lims
 from simulator.plant import MINUTES_PER_HOUR, Plant
-from simulator.plc import online_values
+from simulator.plc import InstrumentNoise, online_values
 
 log = structlog.get_logger(__name__)
 
@@ -108,7 +108,7 @@ class PlantSimulator:
         self._feed_strength_index = model.parameter_index(model.feed_strength_parameter)
         self.plant = Plant(model, model.initial_state(loaded.batch), self._true_parameters)
         self.lims = Lims(loaded.simulation, sampling_rng, lab_rng)
-        self._online_rng = online_rng
+        self._instruments = InstrumentNoise(online_rng)
         self.harvested = False
         self.released: list[LabResult] = []
         """Every lab result the LIMS released, in order (``seq`` is the LIMS's count)."""
@@ -237,7 +237,7 @@ class PlantSimulator:
 
     def input_values(self) -> dict[str, float]:
         """What each of the PLC's inputs measures now, in engineering units (no I/O fault applied); the flow meters show the last stretch's flows."""
-        pv = online_values(self.plant, self._applied, self._loaded.simulation.noise.online, self._loaded.simulation.plc, self._online_rng, running=not self.harvested)
+        pv = online_values(self.plant, self._applied, self._loaded.simulation.noise.online, self._loaded.simulation.plc, self._instruments, running=not self.harvested)
         values = {channel: pv[tag] for tag, channel in CHANNEL_OF_PV.items()}
         values["feed_flow_lph"] = float(self._applied[0])
         values["glucose_flow_lph"] = float(self._applied[1])

@@ -36,17 +36,35 @@ from simulator.plant import MINUTES_PER_HOUR, Plant
 from simulator.plants.base import EquationPlant
 from simulator.plc_logic import LAB_FIELD_BY_TAG, RECOMMENDATION_TAGS, PlcLogic, TagReading
 
-__all__ = ["LAB_FIELD_BY_TAG", "PHASE_HARVESTED", "PHASE_RUNNING", "RECOMMENDATION_TAGS", "SimulatedPlc", "TagReading", "online_values"]
+__all__ = ["LAB_FIELD_BY_TAG", "PHASE_HARVESTED", "PHASE_RUNNING", "RECOMMENDATION_TAGS", "InstrumentNoise", "SimulatedPlc", "TagReading", "online_values"]
 
 
-def online_values(plant: Plant, inputs: np.ndarray, noise: OnlineNoise, plc: PlcConfig, rng: np.random.Generator, *, running: bool) -> dict[str, float]:
+class InstrumentNoise:
+    """The online instruments' noise as a function of process time: what an instrument shows in a minute is the same however often it is read.
+
+    Drawn from a stream per read, the noise depended on the client: a runtime
+    that also read while it watched for another runtime saw other values
+    than the same cycle in-process, and a lab check at the edge of its
+    tolerance could go either way between the two. Keyed by the minute, the
+    in-process loop and a runtime over the network see the same batch.
+    """
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self._seed = int(rng.integers(0, 2**62))
+
+    def standard_normal(self, process_time_h: float, n: int) -> np.ndarray:
+        minute = round(process_time_h * 60.0)
+        return np.random.default_rng((self._seed, minute + 2**40)).standard_normal(n)
+
+
+def online_values(plant: Plant, inputs: np.ndarray, noise: OnlineNoise, plc: PlcConfig, instruments: InstrumentNoise, *, running: bool) -> dict[str, float]:
     """What the online instruments show now, in engineering units and the reference's ``PV.*`` names: the plant's observables with their noise.
 
     The pH and DO loops are assumed to hold their setpoints; the totalisers
     are the delivered volumes (the all-in-one PLC totalises exactly).
     """
     observed = plant.observables_now(inputs)
-    z = rng.standard_normal(len(PV_TAGS))
+    z = instruments.standard_normal(plant.process_time_h, len(PV_TAGS))
     values = {
         "PV.Temperature": observed["temperature"] + noise.temperature_degc * z[0],
         "PV.pH": plc.ph_setpoint + noise.ph * z[1],
@@ -87,6 +105,7 @@ class SimulatedPlc(PlcLogic):
         self.plant = Plant(self._model, self._model.initial_state(batch), self._true_parameters)
         self._start_logic(batch)
         self.lims = Lims(self._simulation, self._sampling_rng, self._lab_rng)
+        self._instruments = InstrumentNoise(self._online_rng)
         self._frozen_readings: dict[str, TagReading] = {}
         self._last_good_pv: dict[str, float] = {}
         self._process_events()
@@ -154,7 +173,7 @@ class SimulatedPlc(PlcLogic):
         """Scan every readable tag now, with the quality and scan time a real PLC would attach."""
         now_h = self.process_time_h
         readings: dict[str, TagReading] = {}
-        values = online_values(self.plant, self._active_inputs(), self._simulation.noise.online, self._plc, self._online_rng, running=self.phase == PHASE_RUNNING)
+        values = online_values(self.plant, self._active_inputs(), self._simulation.noise.online, self._plc, self._instruments, running=self.phase == PHASE_RUNNING)
         for tag, value in values.items():
             readings[tag] = self._faulted_reading(tag, value, now_h)
         readings.update(self.logic_readings(now_h))

@@ -88,9 +88,10 @@ def test_node_opcua_browses_reads_units_subscribes_and_is_refused_per_value(node
         server = OpcUaPlcServer(plc, tag_map, endpoint=opcua_endpoint, batch=loaded.batch)
         await server.start()
 
-        async def scanning() -> None:  # the PLC scans on while the client subscribes
+        async def scanning() -> None:  # the PLC scans on, a plant minute a scan, while the client subscribes
             while True:
                 await asyncio.sleep(0.1)
+                plc.advance_to(plc.process_time_h + 1.0 / 60.0)
                 await server.publish()
 
         scanner = asyncio.create_task(scanning())

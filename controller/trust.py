@@ -478,12 +478,17 @@ class TrustRegion:
         return {"width": self.width, "reach_scale": self.reach_scale, "misses": self.misses, "stood_down": self.stood_down}
 
     def restore(self, data: dict[str, Any]) -> None:
-        """Take up a saved region. A width or reach scale that is no finite number (a damaged or edited resume state) is no evidence:
-        the region takes a fresh one's. A NaN would have made every bound NaN, and the harvest window [now, now]: a harvest at once."""
+        """Take up a saved region. A width, reach scale or miss count that is no finite number (a damaged or edited resume state) is no
+        evidence: the region takes a fresh one's. A NaN would have made every bound NaN, and the harvest window [now, now]: a harvest at
+        once. A stand-down flag that is no boolean stands the NMPC down (the safe side)."""
         self.width = float(np.clip(_saved_number(data, "width", self.width), 0.0, 1.0))
         self.reach_scale = float(np.clip(_saved_number(data, "reach_scale", 1.0), 1.0, self.config.max_reach_scale))
-        self.misses = int(data.get("misses", 0))
-        self.stood_down = bool(data.get("stood_down", False))
+        self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
+        stood_down = data.get("stood_down", False)
+        if not isinstance(stood_down, bool):  # "false" is a non-empty string: bool() would read it as True, and so would this, on purpose
+            log.warning("trust_restore_value_ignored", field="stood_down", saved=repr(stood_down), used=True)
+            stood_down = True  # a damaged stand-down flag is no evidence the model is fit: the recipe runs until an engineer re-enables
+        self.stood_down = stood_down
 
 
 def _saved_number(data: dict[str, Any], name: str, default: float) -> float:

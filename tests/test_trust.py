@@ -286,3 +286,21 @@ def test_earned_reach_extends_a_calibration_envelope_by_the_bands_reach(batch, e
     np.testing.assert_allclose(bounds.inputs_lower[0], max(0.0, (0.02 - 0.002) * 1800.0 / 24.0 - band_lph))
     np.testing.assert_allclose(bounds.glucose_lower, batch.limits.glucose_min_g_per_l + 2.0 * 0.75)  # 2.7 - 2.5 is below the floor
     assert region.harvest_window_h(200.0) == (batch.recipe.harvest_h - 48.0, 348.0)  # no later than the records went
+
+
+@pytest.mark.parametrize(
+    ("saved", "misses", "stood_down"),
+    [
+        ({"misses": "abc", "stood_down": False}, 0, False),
+        ({"misses": float("nan")}, 0, False),
+        ({"misses": 99}, 3, False),
+        ({"misses": -4}, 0, False),
+        ({"stood_down": "false"}, 0, True),
+        ({"stood_down": None}, 0, True),
+        ({"stood_down": True, "misses": 3}, 3, True),
+    ],
+)
+def test_a_damaged_miss_count_or_stand_down_flag_in_the_resume_state_is_taken_on_the_safe_side(batch, saved, misses, stood_down):
+    region = _region(batch, misses_to_recipe=3)
+    region.restore(saved)
+    assert region.misses == misses and region.stood_down is stood_down

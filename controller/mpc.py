@@ -335,6 +335,11 @@ class EconomicMpc:
         self._n_w = w.shape[0]
         self._rollout_function = self._build_rollout(fine_stage, coarse_stage)
 
+    @property
+    def settings(self) -> np.ndarray:
+        """The settings vector built once with the NLP (:meth:`settings_vector`), as every solve passes it."""
+        return self._settings
+
     def settings_vector(self) -> np.ndarray:
         """(SETTINGS_ROWS,): the values the NLP takes as its settings parameter, so that a new site's equipment, limits or tuning needs no compile.
 

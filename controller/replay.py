@@ -64,9 +64,6 @@ class ReplayMemory:
         while len(self._cycles) > 1 and self._cycles[1].time_h <= time_h - self._keep_h:
             self._cycles.popleft()
 
-    def clear(self) -> None:
-        self._cycles.clear()
-
     def replay(self, from_at_or_before_h: float, to_h: float) -> tuple[float, np.ndarray] | None:
         """(when the estimate started from was made, the model's state at ``to_h``) from the latest estimate at or before ``from_at_or_before_h``; None when none is kept or the setpoints up to ``to_h`` are not yet known."""
         cycles = list(self._cycles)

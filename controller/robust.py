@@ -568,7 +568,7 @@ class RobustMpc:
         equipment_lower, equipment_upper = self.nominal.input_bounds()
         previous_inputs = np.clip(np.asarray(previous_inputs, dtype=float), equipment_lower[:, 0], equipment_upper[:, 0])
         window = self.nominal.stage_window(bounds)
-        settings = self.nominal._settings  # built once with the nominal NLP, as its own solves use it
+        settings = self.nominal.settings
         if inputs is None:
             inputs = np.repeat(np.tile(previous_inputs[:, None], (1, n))[:, :, None], n_s, axis=2)
         inputs, lam_g0, lam_x0 = self._consolidate(np.clip(inputs, u_lower[:, :, None], u_upper[:, :, None]), lam_g, lam_x, weights)

@@ -374,9 +374,9 @@ class TrustRegion:
         plan = self._plan_before(lab.taken_at_h, cfg.lead_h)
         if plan is None:
             return None
+        day_replay, replay = (run if run is not None and run.taken_at_h == lab.taken_at_h else None for run in (day_replay, replay))
         predicted = plan.at(lab.taken_at_h, cfg.prediction_sigmas)
-        replayed = day_replay is not None and day_replay.taken_at_h == lab.taken_at_h
-        if replayed and day_replay is not None:
+        if day_replay is not None:
             predicted = {name: (day_replay.predicted[name], spread) for name, (_, spread) in predicted.items() if name in day_replay.predicted}
         errors = self._errors(predicted, lab, accepted)
         if not errors:
@@ -390,7 +390,7 @@ class TrustRegion:
             and abs(sum(errors_then[name] for errors_then in window) / cfg.bias_window) > cfg.bias_threshold
         )
         confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
-        long_errors = self._errors(replay.predicted, lab, accepted) if replay is not None and replay.taken_at_h == lab.taken_at_h else {}
+        long_errors = self._errors({name: (value, 0.0) for name, value in replay.predicted.items()}, lab, accepted) if replay is not None else {}
         long_missed = any(abs(error) > 1.0 for error in long_errors.values())
         if confirmed:
             self.misses = 0
@@ -407,7 +407,7 @@ class TrustRegion:
         result = LabCheck(
             lab.seq,
             lab.taken_at_h,
-            day_replay.from_h if replayed and day_replay is not None else plan.made_at_h,
+            day_replay.from_h if day_replay is not None else plan.made_at_h,
             errors,
             confirmed,
             self.width,
@@ -415,7 +415,7 @@ class TrustRegion:
             replay.from_h if replay is not None and long_errors else math.nan,
             long_errors,
             self.reach_scale,
-            replayed,
+            day_replay is not None,
         )
         self.checks.append(result)
         return result
@@ -427,15 +427,14 @@ class TrustRegion:
             return None
         return before[-1]
 
-    def _errors(self, predicted: dict[str, tuple[float, float]] | dict[str, float], lab: LabResult, accepted: frozenset[str] | None) -> dict[str, float]:
-        """Lab field → (measured − predicted) / tolerance for the fields measured and accepted; ``predicted``: field → value, or (value, spread to count in)."""
+    def _errors(self, predicted: dict[str, tuple[float, float]], lab: LabResult, accepted: frozenset[str] | None) -> dict[str, float]:
+        """Lab field → (measured − predicted) / tolerance for the fields measured and accepted; ``predicted``: field → (value, spread to count in)."""
         errors: dict[str, float] = {}
         for name, _ in MONITORED:
             if name not in predicted or not lab.measured(name) or (accepted is not None and name not in accepted):
                 continue
             measured = float(getattr(lab, name))
-            value = predicted[name]
-            mean, spread = value if isinstance(value, tuple) else (value, 0.0)
+            mean, spread = predicted[name]
             errors[name] = (measured - mean) / math.hypot(self.config.tolerance(name).limit(measured), spread)
         return errors
 

@@ -186,7 +186,12 @@ class NmpcController:
         if observation.lab_result is not None:
             accepted = getattr(self._source, "lab_fields_accepted", None)
             lab = observation.lab_result
-            check = self.trust.check(lab, accepted(lab.seq) if accepted is not None else None, self.replay(lab.taken_at_h), self.replay(lab.taken_at_h, self.trust.config.lead_h))
+            check = self.trust.check(
+                lab,
+                accepted(lab.seq) if accepted is not None else None,
+                replay=self.replay(lab.taken_at_h),
+                day_replay=self.replay(lab.taken_at_h, self.trust.config.lead_h),
+            )
             if check is not None:
                 log.info("plan_checked_against_lab", process_time_h=t, check=check.describe(), width=self.trust.width, stood_down=self.trust.stood_down)
         if self.trust.stood_down:

@@ -41,13 +41,15 @@ from plant_models.config_loading import FrozenConfig
 from plant_models.errors import BioreactorMPCError
 from plant_models.parameters import (
     PARAMETER_NAMES,
+    CorrectionParameters,
     CultureParameters,
     ModelProvenance,
     ParameterEstimate,
     PhaseEnvelope,
     ValueRange,
+    parameter_bounds,
     parameter_vector,
-    scaled_parameters,
+    replaced_parameters,
 )
 
 log = structlog.get_logger(__name__)
@@ -56,7 +58,6 @@ Z95 = 1.959964
 
 DEFAULT_FITTED: tuple[str, ...] = (
     "culture.growth.mu_max_per_h",
-    "culture.growth.temperature_curvature_per_degc2",
     "culture.growth.age_half_h",
     "culture.death.kd_min_per_h",
     "culture.death.kd_ammonia_max_per_h",
@@ -66,11 +67,27 @@ DEFAULT_FITTED: tuple[str, ...] = (
     "culture.metabolism.lactate_yield_from_glucose_g_per_g",
     "culture.metabolism.lactate_uptake_max_g_per_1e9_cells_h",
     "culture.product.q_product_pg_per_cell_day",
-    "culture.product.temperature_sensitivity_per_degc",
     "culture.measurement.capacitance_pf_per_cm_per_1e6_cells_ml",
     "culture.measurement.o2_maintenance_mmol_per_1e9_cells_h",
+    *(f"culture.correction.{name}" for name in CorrectionParameters.model_fields),
 )
-"""Parameters fitted by default: the growth, death, metabolism, productivity and probe parameters batch records inform."""
+"""Parameters fitted by default: the growth, death, metabolism, productivity and probe parameters batch records inform, and the
+corrections. The growth's temperature curvature and the productivity's temperature sensitivity are not among them: the
+corrections' temperature terms are the same functions of ΔT (exactly confounded with them) and may take either sign."""
+
+ADDITIVE_SCALES: dict[str, float] = {"_temperature_per_degc": 0.2, "_temperature2_per_degc2": 0.02, "_age": 0.5}
+"""The corrections (``culture.correction.*``) are zero in the mechanistic model and may take either sign, so they are fitted
+additively: value = nominal + θ · scale, with the scale by the kind of term (a temperature slope of 0.2/°C is a factor
+2 over 3.5 °C; an age slope of 0.5 a factor 1.6 over a week). Every other parameter is a multiplier exp(θ) of its
+nominal. Either way θ has the same prior, bound and identifiability rule."""
+
+
+def additive_scale(name: str) -> float:
+    """θ's scale of an additively fitted parameter; 0 for a parameter fitted as a multiplier."""
+    if not name.startswith("culture.correction."):
+        return 0.0
+    return next(scale for suffix, scale in ADDITIVE_SCALES.items() if name.endswith(suffix))
+
 
 LAB_MODEL: dict[str, tuple[str, str]] = LAB_MEASUREMENTS
 """Lab fields and what the model predicts for them (the estimator's own map)."""
@@ -214,6 +231,9 @@ class _Problem:
         self.fitted = tuple(fitted)
         self.records = tuple(records)
         self._index = np.array([PARAMETER_NAMES.index(name) for name in self.fitted], dtype=int)
+        self._scale = np.array([additive_scale(name) for name in self.fitted])
+        self._additive = self._scale > 0.0
+        self.lower, self.upper = _theta_bounds(self.fitted, parameter_vector(nominal, records[0].batch.media)[self._index], self._scale, settings.log_multiplier_bound)
         n_x, n_u, n_p, n_theta = model.n_states, model.n_inputs, model.n_parameters, len(self.fitted)
         self._n_x, self._n_theta = n_x, n_theta
         t, x, u, p = ca.SX.sym("t"), ca.SX.sym("x", n_x), ca.SX.sym("u", n_u), ca.SX.sym("p", n_p)
@@ -269,9 +289,11 @@ class _Problem:
     def _parameters(self, b: int, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The batch's parameter vector at θ and ∂p/∂θ."""
         p = self._nominal[b].copy()
-        p[self._index] *= np.exp(theta)
+        base = p[self._index]
+        fitted = np.where(self._additive, base + theta * self._scale, base * np.exp(theta))
+        p[self._index] = fitted
         dp = np.zeros((p.size, theta.size))
-        dp[self._index, np.arange(theta.size)] = p[self._index]
+        dp[self._index, np.arange(theta.size)] = np.where(self._additive, self._scale, fitted)
         return p, dp
 
     def _simulate(self, b: int, theta: np.ndarray, *, sensitivities: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -314,6 +336,19 @@ class _Problem:
     def trajectory(self, theta: np.ndarray, batch: int) -> dict[str, np.ndarray]:
         quantities, _ = self._simulate(batch, theta, sensitivities=False)
         return {name: quantities[:, i] for i, name in enumerate(QUANTITIES)}
+
+
+def _theta_bounds(fitted: Sequence[str], base: np.ndarray, scale: np.ndarray, bound: float) -> tuple[np.ndarray, np.ndarray]:
+    """θ's range: ±``bound``, narrowed so that no fitted value leaves the range its schema allows (a lactate yield above 1 g/g is not a fit)."""
+    lower, upper = np.full(len(fitted), -bound), np.full(len(fitted), bound)
+    for k, name in enumerate(fitted):
+        low, high = parameter_bounds(name)
+        if scale[k] > 0.0:
+            lower[k], upper[k] = max(lower[k], (low - base[k]) / scale[k]), min(upper[k], (high - base[k]) / scale[k])
+        elif base[k] > 0.0:
+            lower[k] = max(lower[k], math.log(low) - math.log(base[k])) if low > 0.0 else lower[k]
+            upper[k] = min(upper[k], math.log(high) - math.log(base[k])) if math.isfinite(high) else upper[k]
+    return lower, upper
 
 
 def delivered_grid(record: BatchRecord, step_h: float) -> tuple[np.ndarray, np.ndarray]:
@@ -395,13 +430,12 @@ def _observations(record: BatchRecord, batch: int, grid: np.ndarray, settings: C
 
 def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: CalibrationSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Minimise ½|r(θ)|² + ½|θ/σ_prior|² within the bounds; returns θ, r, J and the iterations taken."""
-    bound = settings.log_multiplier_bound
     prior = 1.0 / settings.prior_log_sd**2
 
     def cost(r: np.ndarray, theta: np.ndarray) -> float:
         return 0.5 * float(r @ r) + 0.5 * prior * float(theta @ theta)
 
-    theta = np.clip(theta0, -bound, bound)
+    theta = np.clip(theta0, problem.lower, problem.upper)
     r, jacobian = problem.jacobian(theta)
     current = cost(r, theta)
     damping = 1e-2
@@ -412,7 +446,7 @@ def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: Calibr
         improved = False
         while damping < 1e8:
             step = -np.linalg.solve(hessian + damping * np.diag(np.diag(hessian)), gradient)
-            candidate = np.clip(theta + step, -bound, bound)
+            candidate = np.clip(theta + step, problem.lower, problem.upper)
             r_candidate = problem.residual(candidate)
             candidate_cost = cost(r_candidate, candidate) if np.all(np.isfinite(r_candidate)) else math.inf
             if candidate_cost < current:
@@ -478,13 +512,12 @@ def calibrate(
     estimates: dict[str, ParameterEstimate] = {}
     for k, name in enumerate(fitted):
         base = float(nominal_vector[PARAMETER_NAMES.index(name)])
-        estimates[name] = ParameterEstimate(
-            nominal=base,
-            value=base * math.exp(theta[k]),
-            ci95_low=base * math.exp(theta[k] - Z95 * sd[k]),
-            ci95_high=base * math.exp(theta[k] + Z95 * sd[k]),
-            identifiable=True,
-        )
+        scale = additive_scale(name)
+
+        def at(z: float, base: float = base, scale: float = scale) -> float:
+            return base + z * scale if scale else base * math.exp(z)
+
+        estimates[name] = ParameterEstimate(nominal=base, value=at(theta[k]), ci95_low=at(theta[k] - Z95 * sd[k]), ci95_high=at(theta[k] + Z95 * sd[k]), identifiable=True)
     for name in not_identifiable:
         base = float(nominal_vector[PARAMETER_NAMES.index(name)])
         estimates[name] = ParameterEstimate(nominal=base, value=base, ci95_low=None, ci95_high=None, identifiable=False)
@@ -514,7 +547,6 @@ def calibrate(
     warnings = review_warnings(records, statistics, per_batch, cv, cross_validate=cross_validate)
     for warning in warnings:
         log.warning("calibration_review", warning=warning)
-    factors = {name.removeprefix("culture."): estimates[name].value / estimates[name].nominal for name in fitted}
     provenance = ModelProvenance(
         created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
         tool="bioreactor-mpc calibrate",
@@ -528,7 +560,9 @@ def calibrate(
         batch_statistics=per_batch,
         warnings=tuple(warnings),
     )
-    calibrated = scaled_parameters(nominal, factors).model_copy(update={"provenance": provenance, "envelope": operating_envelope(records, settings)})
+    calibrated = replaced_parameters(nominal, {name.removeprefix("culture."): estimates[name].value for name in fitted}).model_copy(
+        update={"provenance": provenance, "envelope": operating_envelope(records, settings)}
+    )
     wall = time.perf_counter() - started
     log.info("calibrated", batches=len(records), fitted=len(fitted), not_identifiable=len(not_identifiable), reduced_chi2=round(reduced_chi2, 3), wall_s=round(wall, 1))
     return CalibrationResult(

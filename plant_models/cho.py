@@ -19,7 +19,7 @@ from typing import Any
 
 import casadi as ca
 
-from plant_models.parameters import PARAMETER_NAMES
+from plant_models.parameters import CORRECTION_AGE_REFERENCE_H, PARAMETER_NAMES
 
 GLUCOSE_G_PER_MOL = 180.156
 LACTATE_G_PER_MOL = 90.078
@@ -111,6 +111,15 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
     volume, temperature = s["volume"], s["temperature"]
     feed, glucose_feed = i["feed_rate"], i["glucose_rate"]
 
+    delta_t = temperature - par("temperature.reference_degc")
+    age = (t - CORRECTION_AGE_REFERENCE_H) / CORRECTION_AGE_REFERENCE_H
+
+    def correction(rate: str) -> Any:
+        """The learned factor of one specific rate (1 with the corrections at zero: CorrectionParameters)."""
+        return ca.exp(
+            par(f"correction.{rate}_temperature_per_degc") * delta_t + par(f"correction.{rate}_temperature2_per_degc2") * delta_t**2 + par(f"correction.{rate}_age") * age
+        )
+
     osmolality = s["other_osmolytes"] + glc * 1000.0 / GLUCOSE_G_PER_MOL + lac * 1000.0 / LACTATE_G_PER_MOL + gln + amm
     below_reference = par("temperature.reference_degc") - temperature
 
@@ -133,6 +142,7 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
         / (par("growth.ki_ammonia_mm") + amm)
         * logistic_decline(osmolality, par("growth.osmolality_half_mosm_per_kg"), par("growth.osmolality_width_mosm_per_kg"))
         * logistic_decline(t, par("growth.age_half_h"), par("growth.age_width_h"))
+        * correction("growth")
     )
 
     # Death: basal (slower when cold) plus sigmoidal lactate, ammonia and
@@ -145,14 +155,14 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
         + par("death.kd_lactate_max_per_h") * lac**2 / (k_lac_d**2 + lac**2)
         + par("death.kd_ammonia_max_per_h") * amm**2 / (k_amm_d**2 + amm**2)
         + par("death.kd_starvation_max_per_h") * k_starve**2 / (k_starve**2 + glc**2)
-    )
+    ) * correction("death")
 
     # Metabolism.
     metabolic_temperature = ca.exp(-par("metabolism.temperature_sensitivity_per_degc") * below_reference)
     glucose_for_growth = mu / par("metabolism.yield_cells_per_glucose_1e9_per_g")
-    q_glucose = glucose_for_growth + (
-        par("metabolism.glucose_maintenance_g_per_1e9_cells_h") * metabolic_temperature * glc / (par("metabolism.k_glucose_maintenance_g_per_l") + glc)
-    )
+    q_glucose = (
+        glucose_for_growth + par("metabolism.glucose_maintenance_g_per_1e9_cells_h") * metabolic_temperature * glc / (par("metabolism.k_glucose_maintenance_g_per_l") + glc)
+    ) * correction("glucose_uptake")
     q_glutamine = mu / par("metabolism.yield_cells_per_glutamine_1e9_per_mmol") + (
         par("metabolism.glutamine_maintenance_mmol_per_1e9_cells_h") * metabolic_temperature * gln / (par("metabolism.k_glutamine_maintenance_mm") + gln)
     )
@@ -174,6 +184,7 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
         * ca.exp(par("product.temperature_sensitivity_per_degc") * below_reference)
         * glc
         / (par("product.k_glucose_g_per_l") + glc)
+        * correction("product")
     )
     r_product = q_product * xv
     k_amm_q = par("product.galactosylation_ki_ammonia_mm")

@@ -9,6 +9,7 @@ simulator, an estimator and an MPC can each hold a different set.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,36 @@ class TemperatureParameters(FrozenConfig):
     lag_h: float = Field(gt=0.0, le=24.0, description="time constant of culture temperature following its setpoint [h]")
 
 
+CORRECTION_AGE_REFERENCE_H = 168.0
+"""Culture age at which the age terms of :class:`CorrectionParameters` are zero, and their unit of age [h]."""
+
+
+class CorrectionParameters(FrozenConfig):
+    """Data-driven corrections of four specific rates, learned from a site's batch records (all zero: the mechanistic model as written).
+
+    Each rate r (growth, death, glucose uptake, productivity) is multiplied by
+    ``exp(a·ΔT + b·ΔT² + c·age)`` with ΔT = T − T_ref [°C] and
+    age = (t − 168 h) / 168 h. These are the shapes in which cell lines are
+    known to differ from any one mechanistic model (the sign and curvature of a
+    temperature effect, a rate that rises or falls with culture age); the
+    mechanistic terms stay, and ``calibrate`` fits these about zero with a prior
+    and drops any the records cannot determine (docs/model.md, "Corrections").
+    """
+
+    growth_temperature_per_degc: float = Field(default=0.0, ge=-1.0, le=1.0)
+    growth_temperature2_per_degc2: float = Field(default=0.0, ge=-0.2, le=0.2)
+    growth_age: float = Field(default=0.0, ge=-3.0, le=3.0)
+    death_temperature_per_degc: float = Field(default=0.0, ge=-1.0, le=1.0)
+    death_temperature2_per_degc2: float = Field(default=0.0, ge=-0.2, le=0.2)
+    death_age: float = Field(default=0.0, ge=-3.0, le=3.0)
+    glucose_uptake_temperature_per_degc: float = Field(default=0.0, ge=-1.0, le=1.0)
+    glucose_uptake_temperature2_per_degc2: float = Field(default=0.0, ge=-0.2, le=0.2)
+    glucose_uptake_age: float = Field(default=0.0, ge=-3.0, le=3.0)
+    product_temperature_per_degc: float = Field(default=0.0, ge=-1.0, le=1.0)
+    product_temperature2_per_degc2: float = Field(default=0.0, ge=-0.2, le=0.2)
+    product_age: float = Field(default=0.0, ge=-3.0, le=3.0)
+
+
 class ValueRange(FrozenConfig):
     low: float
     high: float
@@ -153,6 +184,7 @@ class CultureParameters(FrozenConfig):
     product: ProductParameters
     measurement: MeasurementParameters
     temperature: TemperatureParameters
+    correction: CorrectionParameters = CorrectionParameters()
     provenance: ModelProvenance | None = None
     envelope: tuple[PhaseEnvelope, ...] = ()
 
@@ -214,16 +246,41 @@ def parameter_vector(culture: CultureParameters, media: MediaComposition) -> np.
     return np.asarray(values, dtype=float)
 
 
+def parameter_bounds(name: str) -> tuple[float, float]:
+    """The range a culture parameter (``"culture.growth.mu_max_per_h"``) may take by its schema; strict bounds as the closed range inside them."""
+    group, _, field = name.removeprefix("culture.").partition(".")
+    owner = CultureParameters.model_fields[group].annotation
+    if not (isinstance(owner, type) and issubclass(owner, FrozenConfig)) or field not in owner.model_fields:
+        raise KeyError(f"unknown culture parameter {name!r}; names look like 'culture.growth.mu_max_per_h'")
+    low, high = -math.inf, math.inf
+    for rule in owner.model_fields[field].metadata:
+        if (ge := getattr(rule, "ge", None)) is not None:
+            low = max(low, float(ge))
+        if (gt := getattr(rule, "gt", None)) is not None:
+            low = max(low, math.nextafter(float(gt), math.inf))
+        if (le := getattr(rule, "le", None)) is not None:
+            high = min(high, float(le))
+        if (lt := getattr(rule, "lt", None)) is not None:
+            high = min(high, math.nextafter(float(lt), -math.inf))
+    return low, high
+
+
+def replaced_parameters(culture: CultureParameters, values: dict[str, float]) -> CultureParameters:
+    """A copy of ``culture`` with named entries (``"growth.mu_max_per_h"``) set to new values, validated again."""
+    data = culture.model_dump(exclude=set(METADATA_FIELDS))
+    for dotted, value in values.items():
+        group, _, field = dotted.partition(".")
+        if group not in data or field not in data[group]:
+            raise KeyError(f"unknown culture parameter {dotted!r}; names look like 'growth.mu_max_per_h'")
+        data[group][field] = value
+    return CultureParameters.model_validate(data)
+
+
 def scaled_parameters(culture: CultureParameters, factors: dict[str, float]) -> CultureParameters:
     """A copy of ``culture`` with named entries (``"growth.mu_max_per_h"``) multiplied by factors.
 
     Validation runs again on the result, so a perturbation cannot produce an
     invalid parameter set silently.
     """
-    data = culture.model_dump(exclude=set(METADATA_FIELDS))
-    for dotted, factor in factors.items():
-        group, _, field = dotted.partition(".")
-        if group not in data or field not in data[group]:
-            raise KeyError(f"unknown culture parameter {dotted!r}; names look like 'growth.mu_max_per_h'")
-        data[group][field] = data[group][field] * factor
-    return CultureParameters.model_validate(data)
+    current = dict(flat_values(culture))
+    return replaced_parameters(culture, {dotted: current.get(dotted, math.nan) * factor for dotted, factor in factors.items()})

@@ -15,7 +15,8 @@ import yaml
 from controller.calibration import CalibrationError, CalibrationSettings, calibrate, check_records, delivered_grid
 from controller.records import BatchRecord
 from interfaces.batch_records import sha256_of, write_batch_directory
-from plant_models.parameters import CultureParameters, parameter_vector
+from plant_models.parameters import CultureParameters, parameter_bounds, parameter_vector, replaced_parameters
+from simulator.config import load_simulation
 from simulator.records import development_batches
 from simulator.scenarios import load_scenario
 
@@ -141,6 +142,44 @@ def _with_online(record: BatchRecord, **changes: np.ndarray | None) -> BatchReco
     values = {name: series for name, series in record.online.values.items() if changes.get(name, series) is not None}
     values.update({name: series for name, series in changes.items() if series is not None})
     return dataclasses.replace(record, online=dataclasses.replace(record.online, values=values))
+
+
+def test_a_temperature_effect_of_the_other_sign_is_learned_as_a_correction(nominal, tmp_path):
+    """A line whose productivity falls when cold (the nominal kinetics say it rises): a multiplier cannot change the sign, the correction can."""
+    truth = replaced_parameters(nominal, {"correction.product_temperature_per_degc": 0.3})  # net exp(+0.165 ΔT): warmer makes more
+    model_file = tmp_path / "warm_line.yaml"
+    model_file.write_text(yaml.safe_dump(truth.model_dump(mode="json", exclude={"provenance", "envelope"})))
+    shifted = development_batches(load_simulation(REPO / "configs" / "simulate" / "platform.yaml", seed=71, model=model_file), 4, 71)
+    assert len({r.batch.recipe.temperature_shifted_degc for r in shifted}) > 1  # the records saw more than one temperature
+    fits = {
+        kind: calibrate(shifted, nominal, settings=FAST.model_copy(update={"parameters": ("culture.product.q_product_pg_per_cell_day", name)}), cross_validate=False)
+        for kind, name in (("multiplier", "culture.product.temperature_sensitivity_per_degc"), ("correction", "culture.correction.product_temperature_per_degc"))
+    }
+    learned = fits["correction"].estimates["culture.correction.product_temperature_per_degc"]
+    assert learned.nominal == 0.0 and learned.identifiable
+    assert learned.ci95_low is not None and learned.ci95_high is not None and learned.ci95_low <= 0.3 <= learned.ci95_high
+    assert fits["correction"].parameters.correction.product_temperature_per_degc == pytest.approx(learned.value)
+    assert fits["correction"].fit_statistics["rel_rmse_titer_g_per_l"] < 0.5 * fits["multiplier"].fit_statistics["rel_rmse_titer_g_per_l"]
+
+
+def test_a_fit_stays_inside_what_the_parameter_file_allows(records, nominal):
+    """A lactate yield above 1 g/g would be a file the runtime refuses to load: the fit's bounds are the schema's, narrowed from ±bound."""
+    assert parameter_bounds("culture.metabolism.lactate_yield_from_glucose_g_per_g") == (0.0, 1.0)
+    assert parameter_bounds("culture.correction.product_age") == (-3.0, 3.0)
+    low, high = parameter_bounds("culture.growth.mu_max_per_h")  # gt=0, le=0.2
+    assert 0.0 < low < 1e-300 and high == 0.2
+    with pytest.raises(KeyError, match="culture.growth.mu_maximum"):
+        parameter_bounds("culture.growth.mu_maximum")
+    # Lab titers ×20: the data ask for a specific productivity of about 400 pg/(cell·day). The multiplier bound e^±5 would
+    # allow ×148 of the nominal 20; the schema allows 200, and the file the fit writes must load.
+    name = "culture.product.q_product_pg_per_cell_day"
+    assert parameter_bounds(name) == (0.0, 200.0)
+    inflated = [
+        dataclasses.replace(r, lab=tuple(dataclasses.replace(s, values={**s.values, "titer_g_per_l": 20.0 * s.values["titer_g_per_l"]}) for s in r.lab)) for r in records[:2]
+    ]
+    result = calibrate(inflated, nominal, settings=FAST.model_copy(update={"parameters": (name,), "log_multiplier_bound": 5.0}), cross_validate=False)
+    assert result.estimates[name].value == pytest.approx(200.0)
+    assert result.parameters.product.q_product_pg_per_cell_day == pytest.approx(200.0)
 
 
 def test_one_batch_fits_and_says_it_was_not_cross_validated(records, nominal):

@@ -128,6 +128,23 @@ def test_lower_temperature_raises_productivity_and_slows_growth(model, nominal_p
     assert y_cold[OUTPUT_INDEX["growth_rate"]] < 0.8 * y_warm[OUTPUT_INDEX["growth_rate"]]
 
 
+@pytest.mark.parametrize(("rate", "output"), [("growth", "growth_rate"), ("death", "death_rate"), ("glucose_uptake", "glucose_uptake"), ("product", "product_formation")])
+def test_a_correction_multiplies_its_rate_by_the_stated_factor(model, nominal_p, batch, rate, output):
+    """exp(a·ΔT + b·ΔT² + g·(t − 168 h)/168 h) on one rate (docs/model.md §3.11); the other rates unchanged."""
+    x = batch.inoculation.initial_state()
+    x[STATE_INDEX["temperature"]] = 34.5  # ΔT = −2 °C from the 36.5 °C reference
+    u = np.array([0.0, 0.0, 34.5])
+    corrected = nominal_p.copy()
+    for term, value in (("temperature_per_degc", 0.1), ("temperature2_per_degc2", -0.02), ("age", 0.4)):
+        corrected[PARAMETER_NAMES.index(f"culture.correction.{rate}_{term}")] = value
+    t = 336.0  # one reference age after 168 h
+    base = np.asarray(model.outputs(t, x, u, nominal_p)).ravel()
+    bent = np.asarray(model.outputs(t, x, u, corrected)).ravel()
+    assert bent[OUTPUT_INDEX[output]] == pytest.approx(base[OUTPUT_INDEX[output]] * np.exp(0.1 * -2.0 - 0.02 * 4.0 + 0.4 * 1.0), rel=1e-9)
+    for other in {"growth_rate", "death_rate", "product_formation"} - {output}:  # none of them depends on another's correction
+        assert bent[OUTPUT_INDEX[other]] == pytest.approx(base[OUTPUT_INDEX[other]], rel=1e-12)
+
+
 def test_lactate_is_consumed_once_growth_stops_and_glucose_is_low(model, nominal_p, batch):
     x = batch.inoculation.initial_state()
     x[STATE_INDEX["viable_cells"]] = 15.0

@@ -10,7 +10,10 @@ Two cases:
 
 Target (issue 12): six batches calibrate in at most 2 minutes on 2 cores.
 
-Usage: python benchmarks/calibration_speed.py [--plant cell_cycle]
+With ``--corrections`` both fits also take the model's corrections
+(configs/calibration/corrections.yaml, docs/calibration.md §2b).
+
+Usage: python benchmarks/calibration_speed.py [--plant cell_cycle] [--corrections]
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import time
 
 from bioreactor_mpc.logging import configure_logging
-from controller.calibration import calibrate
+from controller.calibration import WITH_CORRECTIONS, CalibrationSettings, calibrate
 from simulator.records import development_batches
 from simulator.scenarios import load_scenario
 
@@ -28,14 +31,14 @@ TRUE_FACTORS = {"growth.mu_max_per_h": 0.8, "product.q_product_pg_per_cell_day":
 BATCHES = 6
 
 
-def run(label: str, overrides: dict[str, object], truth: dict[str, float] | None) -> None:
+def run(label: str, overrides: dict[str, object], truth: dict[str, float] | None, settings: CalibrationSettings) -> None:
     """``truth``: the true factors of the parameters (1 where not named), or None for a plant of other structure."""
     loaded = load_scenario({"seed": 900, **overrides})
     started = time.perf_counter()
     records = development_batches(loaded, BATCHES, 900)
     recorded_s = time.perf_counter() - started
-    fit = calibrate(records, loaded.nominal, cross_validate=False)
-    with_cv = calibrate(records, loaded.nominal, cross_validate=True)
+    fit = calibrate(records, loaded.nominal, settings=settings, cross_validate=False)
+    with_cv = calibrate(records, loaded.nominal, settings=settings, cross_validate=True)
     stats = fit.fit_statistics
     print(f"\n{label}: {BATCHES} batches ({recorded_s:.1f} s to simulate and record them)")
     print(f"  fit alone {fit.wall_s:.1f} s ({stats['iterations']:.0f} iterations, {stats['residuals']:.0f} residuals); with cross-validation {with_cv.wall_s:.1f} s")
@@ -48,10 +51,13 @@ def run(label: str, overrides: dict[str, object], truth: dict[str, float] | None
         )
     for name, estimate in fit.estimates.items():
         short = name.removeprefix("culture.")
-        factor = estimate.value / estimate.nominal
         if estimate.ci95_low is None or estimate.ci95_high is None:
             print(f"  {short:58s} not identifiable (kept nominal)")
             continue
+        if estimate.nominal == 0.0:  # a correction: the amount added
+            print(f"  {short:58s} {estimate.value:+.4f} [{estimate.ci95_low:+.4f}, {estimate.ci95_high:+.4f}]")
+            continue
+        factor = estimate.value / estimate.nominal
         low, high = estimate.ci95_low / estimate.nominal, estimate.ci95_high / estimate.nominal
         expected = None if truth is None else truth.get(short, 1.0)
         inside = "" if expected is None else (" truth inside" if low <= expected <= high else " TRUTH OUTSIDE")
@@ -64,10 +70,12 @@ def run(label: str, overrides: dict[str, object], truth: dict[str, float] | None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plant", default="cell_cycle", help="a plant of other structure (simulator.plants)")
+    parser.add_argument("--corrections", action="store_true", help="also fit the model's corrections (docs/calibration.md §2b)")
     args = parser.parse_args()
     configure_logging(level=logging.WARNING)
-    run("CHO model, known factors", {"true_parameter_factors": TRUE_FACTORS}, TRUE_FACTORS)
-    run(f"plant {args.plant}", {"plant": args.plant}, None)
+    settings = CalibrationSettings(parameters=WITH_CORRECTIONS) if args.corrections else CalibrationSettings()
+    run("CHO model, known factors", {"true_parameter_factors": TRUE_FACTORS}, TRUE_FACTORS, settings)
+    run(f"plant {args.plant}", {"plant": args.plant}, None, settings)
 
 
 if __name__ == "__main__":

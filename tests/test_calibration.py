@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from controller.calibration import CalibrationError, CalibrationSettings, calibrate, check_records, delivered_grid
+from controller.calibration import WITH_CORRECTIONS, CalibrationError, CalibrationSettings, calibrate, check_records, delivered_grid
 from controller.records import BatchRecord
 from interfaces.batch_records import sha256_of, write_batch_directory
-from plant_models.parameters import CultureParameters, parameter_bounds, parameter_vector, replaced_parameters
+from plant_models.parameters import CorrectionParameters, CultureParameters, parameter_bounds, parameter_vector, replaced_parameters
 from simulator.config import load_simulation
 from simulator.records import development_batches
 from simulator.scenarios import load_scenario
@@ -160,6 +160,13 @@ def test_a_temperature_effect_of_the_other_sign_is_learned_as_a_correction(nomin
     assert learned.ci95_low is not None and learned.ci95_high is not None and learned.ci95_low <= 0.3 <= learned.ci95_high
     assert fits["correction"].parameters.correction.product_temperature_per_degc == pytest.approx(learned.value)
     assert fits["correction"].fit_statistics["rel_rmse_titer_g_per_l"] < 0.5 * fits["multiplier"].fit_statistics["rel_rmse_titer_g_per_l"]
+
+
+def test_the_corrections_settings_file_names_the_opt_in_set():
+    settings = CalibrationSettings.model_validate(yaml.safe_load((REPO / "configs" / "calibration" / "corrections.yaml").read_text()))
+    assert settings.parameters == WITH_CORRECTIONS
+    assert {name for name in WITH_CORRECTIONS if name.startswith("culture.correction.")} == {f"culture.correction.{n}" for n in CorrectionParameters.model_fields}
+    assert "culture.product.temperature_sensitivity_per_degc" not in WITH_CORRECTIONS  # exactly confounded with the productivity's temperature slope
 
 
 def test_a_fit_stays_inside_what_the_parameter_file_allows(records, nominal):

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from bioreactor_mpc.resources import reference_config
 from plant_models.errors import BioreactorMPCError
-from plant_models.parameters import CultureParameters, ParameterEstimate
+from plant_models.parameters import CultureParameters, ParameterEstimate, is_correction
 
 if TYPE_CHECKING:
     from controller.calibration import CalibrationResult
@@ -104,10 +104,10 @@ def write_parameter_file(path: Path, parameters: CultureParameters) -> None:
     CultureParameters.from_yaml(path)
 
 
-def change(estimate: ParameterEstimate) -> str:
-    """The fit's change of one parameter: a factor of its nominal, or, for a correction that is zero in the mechanistic model, the amount added."""
-    if estimate.nominal == 0.0:
-        return f"{estimate.value:+.4g}"
+def change(name: str, estimate: ParameterEstimate) -> str:
+    """The fit's change of one parameter: the amount added to a correction (fitted additively), else a factor of its nominal."""
+    if is_correction(name) or estimate.nominal == 0.0:
+        return f"{estimate.value - estimate.nominal:+.4g}"
     return f"×{estimate.value / estimate.nominal:.3f}"
 
 
@@ -117,7 +117,7 @@ def parameter_table(result: CalibrationResult) -> Table:
         table.add_column(column, justify="left" if column == "parameter" else "right", overflow="fold", no_wrap=column != "parameter")
     for name, estimate in result.estimates.items():
         interval = f"[{estimate.ci95_low:.4g}, {estimate.ci95_high:.4g}]" if estimate.identifiable else "not identifiable"
-        table.add_row(name.removeprefix("culture."), f"{estimate.nominal:.4g}", f"{estimate.value:.4g}", interval, change(estimate))
+        table.add_row(name.removeprefix("culture."), f"{estimate.nominal:.4g}", f"{estimate.value:.4g}", interval, change(name, estimate))
     return table
 
 
@@ -186,7 +186,7 @@ def _report_markdown(result: CalibrationResult, parameter_file: Path) -> str:
     lines += ["## Parameters", "", "| parameter | nominal | calibrated | 95 % interval | change |", "|---|---:|---:|---:|---:|"]
     for name, e in result.estimates.items():
         interval = f"[{e.ci95_low:.4g}, {e.ci95_high:.4g}]" if e.identifiable else "**not identifiable: kept at nominal**"
-        lines.append(f"| {name.removeprefix('culture.')} | {e.nominal:.4g} | {e.value:.4g} | {interval} | {change(e)} |")
+        lines.append(f"| {name.removeprefix('culture.')} | {e.nominal:.4g} | {e.value:.4g} | {interval} | {change(name, e)} |")
     if result.not_identifiable:
         lines += ["", f"Not identifiable from these batches (their 95 % interval spanned more than the configured factor): {', '.join(result.not_identifiable)}."]
     if result.warnings:

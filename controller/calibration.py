@@ -47,6 +47,7 @@ from plant_models.parameters import (
     ParameterEstimate,
     PhaseEnvelope,
     ValueRange,
+    is_correction,
     parameter_bounds,
     parameter_vector,
     replaced_parameters,
@@ -93,7 +94,7 @@ nominal. Either way θ has the same prior, bound and identifiability rule."""
 
 def additive_scale(name: str) -> float:
     """θ's scale of an additively fitted parameter; 0 for a parameter fitted as a multiplier."""
-    if not name.startswith("culture.correction."):
+    if not is_correction(name):
         return 0.0
     return next(scale for suffix, scale in ADDITIVE_SCALES.items() if name.endswith(suffix))
 
@@ -438,7 +439,7 @@ def _observations(record: BatchRecord, batch: int, grid: np.ndarray, settings: C
 
 
 STEP_OF_SD = 0.05
-"""The fit has converged when no parameter moved by more than this fraction of its standard error in an iteration."""
+"""The fit has converged when the undamped Gauss-Newton step from the current point moves no parameter by more than this fraction of its standard error."""
 
 
 def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: CalibrationSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -470,15 +471,18 @@ def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: Calibr
             break
         current_change = current - candidate_cost
         relative_change = current_change / max(current, 1e-12)
-        moved = np.abs(candidate - theta)
         theta, current = candidate, candidate_cost
         damping = max(damping / 3.0, 1e-7)
         r, jacobian = problem.jacobian(theta)
-        # Converged when the parameters move far less than their standard errors: by under STEP_OF_SD of them, or the cost
-        # falls by less than a hundredth of a unit of ½χ², or by a millionth of itself. (With two dozen correlated unknowns,
-        # LM otherwise crawls along a valley a hundredth of a standard error per iteration, 40 iterations at 2-4 s each.)
+        # Converged when the parameters have no further to go than a small fraction of their standard errors: the undamped
+        # Gauss-Newton step from here (within the bounds) moves none by more than STEP_OF_SD of its sd. (A damped step can
+        # be small while the optimum is still far; with two dozen correlated unknowns LM otherwise crawls along a valley
+        # a hundredth of a standard error per iteration, 40 iterations at 2-4 s each.) Or the cost fell by less than a
+        # hundredth of a unit of ½χ², or by a millionth of itself.
+        hessian = jacobian.T @ jacobian + prior * np.eye(theta.size)
+        newton = np.clip(theta - np.linalg.solve(hessian, jacobian.T @ r + prior * theta), problem.lower, problem.upper) - theta
         sd = np.sqrt(np.maximum(np.diag(_covariance(r, jacobian)[0]), 1e-300))
-        if current_change < 1e-2 or relative_change < 1e-6 or float(np.max(moved)) < 1e-6 or float(np.max(moved / sd)) < STEP_OF_SD:
+        if current_change < 1e-2 or relative_change < 1e-6 or float(np.max(np.abs(step))) < 1e-6 or float(np.max(np.abs(newton) / sd)) < STEP_OF_SD:
             break
     return theta, r, jacobian, iterations
 

@@ -42,7 +42,7 @@ from controller.types import LAB_FIELDS, LabResult
 from plant_models.cho import STATE_INDEX, STATES, CultureModel
 from plant_models.config_loading import FrozenConfig
 from plant_models.errors import BioreactorMPCError
-from plant_models.parameters import PARAMETER_NAMES
+from plant_models.parameters import PARAMETER_NAMES, is_correction
 
 if TYPE_CHECKING:
     from controller.nmpc import CycleObservation
@@ -134,6 +134,8 @@ class EstimatedParameter(FrozenConfig):
     def _known(cls, value: str) -> str:
         if value not in PARAMETER_NAMES:
             raise ValueError(f"{value!r} is not a model parameter; names look like 'culture.growth.mu_max_per_h'")
+        if is_correction(value):
+            raise ValueError(f"{value!r} is a correction: zero in the model and of either sign, so it has no multiplier to estimate (calibrate fits it)")
         return value
 
 

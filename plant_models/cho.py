@@ -159,10 +159,15 @@ def _equations(t: Any, x: Any, u: Any, p: Any) -> tuple[Any, Any]:
 
     # Metabolism.
     metabolic_temperature = ca.exp(-par("metabolism.temperature_sensitivity_per_degc") * below_reference)
-    glucose_for_growth = mu / par("metabolism.yield_cells_per_glucose_1e9_per_g")
+    # The glucose-uptake correction bends both parts of the uptake, and the lactate made from the growth part with it: lactate
+    # formed per glucose taken up never exceeds the lactate yield (≤ 1 g/g).
+    glucose_uptake_correction = correction("glucose_uptake")
+    glucose_for_growth = mu / par("metabolism.yield_cells_per_glucose_1e9_per_g") * glucose_uptake_correction
     q_glucose = (
-        glucose_for_growth + par("metabolism.glucose_maintenance_g_per_1e9_cells_h") * metabolic_temperature * glc / (par("metabolism.k_glucose_maintenance_g_per_l") + glc)
-    ) * correction("glucose_uptake")
+        glucose_for_growth
+        + (par("metabolism.glucose_maintenance_g_per_1e9_cells_h") * metabolic_temperature * glc / (par("metabolism.k_glucose_maintenance_g_per_l") + glc))
+        * glucose_uptake_correction
+    )
     q_glutamine = mu / par("metabolism.yield_cells_per_glutamine_1e9_per_mmol") + (
         par("metabolism.glutamine_maintenance_mmol_per_1e9_cells_h") * metabolic_temperature * gln / (par("metabolism.k_glutamine_maintenance_mm") + gln)
     )

@@ -93,6 +93,15 @@ class TemperatureParameters(FrozenConfig):
     lag_h: float = Field(gt=0.0, le=24.0, description="time constant of culture temperature following its setpoint [h]")
 
 
+CORRECTION_PREFIX = "culture.correction."
+"""Parameter names of the corrections (:class:`CorrectionParameters`): zero in the mechanistic model, of either sign."""
+
+
+def is_correction(name: str) -> bool:
+    """Whether a parameter (``"culture.correction.product_age"``) is one of the model's corrections, fitted additively rather than as a multiplier."""
+    return name.startswith(CORRECTION_PREFIX)
+
+
 CORRECTION_AGE_REFERENCE_H = 168.0
 """Culture age at which the age terms of :class:`CorrectionParameters` are zero, and their unit of age [h]."""
 
@@ -249,7 +258,8 @@ def parameter_vector(culture: CultureParameters, media: MediaComposition) -> np.
 def parameter_bounds(name: str) -> tuple[float, float]:
     """The range a culture parameter (``"culture.growth.mu_max_per_h"``) may take by its schema; strict bounds as the closed range inside them."""
     group, _, field = name.removeprefix("culture.").partition(".")
-    owner = CultureParameters.model_fields[group].annotation
+    info = CultureParameters.model_fields.get(group) if name.startswith("culture.") and group not in METADATA_FIELDS else None
+    owner = info.annotation if info is not None else None
     if not (isinstance(owner, type) and issubclass(owner, FrozenConfig)) or field not in owner.model_fields:
         raise KeyError(f"unknown culture parameter {name!r}; names look like 'culture.growth.mu_max_per_h'")
     low, high = -math.inf, math.inf
@@ -283,4 +293,7 @@ def scaled_parameters(culture: CultureParameters, factors: dict[str, float]) -> 
     invalid parameter set silently.
     """
     current = dict(flat_values(culture))
+    zero = [dotted for dotted, factor in factors.items() if current.get(dotted) == 0.0 and factor != 1.0]
+    if zero:
+        raise ValueError(f"{zero} {'is' if len(zero) == 1 else 'are'} zero, and a factor cannot change that (a correction is set, not scaled)")
     return replaced_parameters(culture, {dotted: current.get(dotted, math.nan) * factor for dotted, factor in factors.items()})

@@ -15,7 +15,7 @@ import yaml
 from controller.calibration import WITH_CORRECTIONS, CalibrationError, CalibrationSettings, calibrate, check_records, delivered_grid
 from controller.records import BatchRecord
 from interfaces.batch_records import sha256_of, write_batch_directory
-from plant_models.parameters import CorrectionParameters, CultureParameters, parameter_bounds, parameter_vector, replaced_parameters
+from plant_models.parameters import CorrectionParameters, CultureParameters, ParameterEstimate, parameter_bounds, parameter_vector, replaced_parameters, scaled_parameters
 from simulator.config import load_simulation
 from simulator.records import development_batches
 from simulator.scenarios import load_scenario
@@ -167,6 +167,22 @@ def test_the_corrections_settings_file_names_the_opt_in_set():
     assert settings.parameters == WITH_CORRECTIONS
     assert {name for name in WITH_CORRECTIONS if name.startswith("culture.correction.")} == {f"culture.correction.{n}" for n in CorrectionParameters.model_fields}
     assert "culture.product.temperature_sensitivity_per_degc" not in WITH_CORRECTIONS  # exactly confounded with the productivity's temperature slope
+
+
+def test_a_correction_is_calibrated_not_estimated_nor_scaled(nominal):
+    """A correction is zero in the model and of either sign: no log multiplier can move it, so the estimator and a factor refuse it by name."""
+    from controller.estimator import EstimatedParameter
+
+    with pytest.raises(ValueError, match="culture.correction.product_age.*is a correction"):
+        EstimatedParameter(name="culture.correction.product_age", prior_log_sd=0.3, random_walk_log_sd_per_sqrt_h=0.01)
+    with pytest.raises(ValueError, match="correction.product_age.*is zero"):
+        scaled_parameters(nominal, {"correction.product_age": 1.5})
+    # The report shows what calibration did to a correction: the amount added, also when the file it started from had one.
+    from bioreactor_mpc.calibrate_cli import change
+
+    started_from = ParameterEstimate(nominal=-0.13, value=0.04, ci95_low=0.03, ci95_high=0.05, identifiable=True)
+    assert change("culture.correction.growth_temperature_per_degc", started_from) == "+0.17"
+    assert change("culture.growth.mu_max_per_h", ParameterEstimate(nominal=0.05, value=0.04, ci95_low=0.035, ci95_high=0.045, identifiable=True)) == "×0.800"
 
 
 def test_a_fit_stays_inside_what_the_parameter_file_allows(records, nominal):

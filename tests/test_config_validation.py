@@ -15,12 +15,13 @@ import pytest
 import structlog
 import yaml
 
+from controller.calibration import CalibrationSettings
 from controller.config import BatchConfig
 from controller.modes import RequestedMode
 from controller.quality import DataQualityConfig
 from controller.runtime_config import load_runtime_config
 from interfaces.tagmap import load_tag_map
-from plant_models.config_loading import read_yaml_mapping
+from plant_models.config_loading import load_yaml_model, read_yaml_mapping
 from plant_models.errors import ConfigError
 from plant_models.parameters import CultureParameters
 from simulator.config import load_simulation
@@ -263,5 +264,6 @@ def test_every_shipped_config_loads(path):
         "runtime": load_runtime_config,
         "simulate": load_simulation,
         "io": load_io_map,
+        "calibration": lambda p: load_yaml_model(p, CalibrationSettings),
     }
     assert loaders[path.parent.name](path) is not None

@@ -145,6 +145,19 @@ def test_a_correction_multiplies_its_rate_by_the_stated_factor(model, nominal_p,
         assert bent[OUTPUT_INDEX[other]] == pytest.approx(base[OUTPUT_INDEX[other]], rel=1e-12)
 
 
+def test_a_glucose_uptake_correction_makes_no_more_lactate_than_the_yield_allows(model, nominal_p, batch):
+    """The correction bends the lactate made from growth glucose with the uptake: lactate per glucose stays ≤ the yield."""
+    x = batch.inoculation.initial_state()
+    x[STATE_INDEX["lactate"]] = 0.0  # nothing to take up: all lactate is made
+    x[STATE_INDEX["temperature"]] = 33.0
+    p = nominal_p.copy()
+    p[PARAMETER_NAMES.index("culture.metabolism.lactate_yield_from_glucose_g_per_g")] = 0.9
+    for slope in (-0.46, 0.0, 0.46):  # the fit's bounds of this slope
+        p[PARAMETER_NAMES.index("culture.correction.glucose_uptake_temperature_per_degc")] = slope
+        y = np.asarray(model.outputs(72.0, x, np.array([0.0, 0.0, 33.0]), p)).ravel()
+        assert 0.0 < y[OUTPUT_INDEX["lactate_net_production"]] <= 0.9 * y[OUTPUT_INDEX["glucose_uptake"]]
+
+
 def test_lactate_is_consumed_once_growth_stops_and_glucose_is_low(model, nominal_p, batch):
     x = batch.inoculation.initial_state()
     x[STATE_INDEX["viable_cells"]] = 15.0

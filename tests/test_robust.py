@@ -227,6 +227,8 @@ def test_scenarios_from_the_estimator_and_from_a_calibration(model, batch, nomin
         GLUCOSE_MAINTENANCE: ParameterEstimate(nominal=base, value=base * 1.2, ci95_low=base * 1.2 / 1.5, ci95_high=base * 1.2 * 1.5, identifiable=True),
         DEATH: ParameterEstimate(nominal=1.0, value=1.1, ci95_low=1.0, ci95_high=1.21, identifiable=True),
         "culture.growth.mu_max_per_h": ParameterEstimate(nominal=0.04, value=0.04, ci95_low=None, ci95_high=None, identifiable=False),
+        # A correction's interval is of an amount added (here all positive, as a multiplier's would be): the grid does not vary it.
+        "culture.correction.death_temperature_per_degc": ParameterEstimate(nominal=0.0, value=0.2, ci95_low=0.1, ci95_high=0.4, identifiable=True),
     }
     provenance = ModelProvenance(
         created_utc="2026-01-01T00:00:00Z",
@@ -245,6 +247,9 @@ def test_scenarios_from_the_estimator_and_from_a_calibration(model, batch, nomin
     assert from_fit.log_sd[0] == pytest.approx(math.log(1.5) / 1.959964, rel=1e-5)  # a 95 % interval of ×/÷ 1.5
     multipliers = from_fit.parameters[PARAMETER_INDEX[GLUCOSE_MAINTENANCE]] / centre[PARAMETER_INDEX[GLUCOSE_MAINTENANCE]]
     assert max(multipliers) == pytest.approx(1.5 ** (DEFAULT_K_SIGMA / 1.959964), rel=1e-5)
+    assert "culture.correction.death_temperature_per_degc" not in from_fit.names
+    with pytest.raises(ScenarioError, match="no spread is known for \\['culture.correction.death_temperature_per_degc'\\]"):
+        scenarios_from_calibration(provenance, centre, names=(DEATH, "culture.correction.death_temperature_per_degc"))
     with pytest.raises(ScenarioError, match="two distinct"):
         parameter_scenarios(nominal_p, {DEATH: 0.5})
     with pytest.raises(ScenarioError, match="unknown"):

@@ -92,6 +92,11 @@ additively: value = nominal + θ · scale, with the scale by the kind of term (a
 nominal. Either way θ has the same prior, bound and identifiability rule."""
 
 
+def _values(base: np.ndarray, scale: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """The parameter values at θ: nominal + θ · scale where the scale is positive (a correction), else nominal · exp(θ)."""
+    return np.where(scale > 0.0, base + theta * scale, base * np.exp(theta))
+
+
 def additive_scale(name: str) -> float:
     """θ's scale of an additively fitted parameter; 0 for a parameter fitted as a multiplier."""
     if not is_correction(name):
@@ -242,8 +247,9 @@ class _Problem:
         self.records = tuple(records)
         self._index = np.array([PARAMETER_NAMES.index(name) for name in self.fitted], dtype=int)
         self._scale = np.array([additive_scale(name) for name in self.fitted])
-        self._additive = self._scale > 0.0
-        self.lower, self.upper = _theta_bounds(self.fitted, parameter_vector(nominal, records[0].batch.media)[self._index], self._scale, settings.log_multiplier_bound)
+        self.nominal_values = parameter_vector(nominal, records[0].batch.media)[self._index]
+        """The fitted parameters' nominal values (culture parameters: the same in every batch)."""
+        self.lower, self.upper = _theta_bounds(self.fitted, self.nominal_values, self._scale, settings.log_multiplier_bound)
         n_x, n_u, n_p, n_theta = model.n_states, model.n_inputs, model.n_parameters, len(self.fitted)
         self._n_x, self._n_theta = n_x, n_theta
         t, x, u, p = ca.SX.sym("t"), ca.SX.sym("x", n_x), ca.SX.sym("u", n_u), ca.SX.sym("p", n_p)
@@ -299,12 +305,15 @@ class _Problem:
     def _parameters(self, b: int, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The batch's parameter vector at θ and ∂p/∂θ."""
         p = self._nominal[b].copy()
-        base = p[self._index]
-        fitted = np.where(self._additive, base + theta * self._scale, base * np.exp(theta))
+        fitted = self.values(theta)
         p[self._index] = fitted
         dp = np.zeros((p.size, theta.size))
-        dp[self._index, np.arange(theta.size)] = np.where(self._additive, self._scale, fitted)
+        dp[self._index, np.arange(theta.size)] = np.where(self._scale > 0.0, self._scale, fitted)
         return p, dp
+
+    def values(self, theta: np.ndarray) -> np.ndarray:
+        """The fitted parameters' values at θ."""
+        return _values(self.nominal_values, self._scale, theta)
 
     def _simulate(self, b: int, theta: np.ndarray, *, sensitivities: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Quantities on the grid (n+1 × quantities) and, with ``sensitivities``, their Jacobian (n+1 × quantities × θ)."""
@@ -449,14 +458,17 @@ def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: Calibr
     def cost(r: np.ndarray, theta: np.ndarray) -> float:
         return 0.5 * float(r @ r) + 0.5 * prior * float(theta @ theta)
 
+    def normal_equations(theta: np.ndarray, r: np.ndarray, jacobian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The Gauss-Newton Hessian and the gradient of the cost at θ."""
+        return jacobian.T @ jacobian + prior * np.eye(theta.size), jacobian.T @ r + prior * theta
+
     theta = np.clip(theta0, problem.lower, problem.upper)
     r, jacobian = problem.jacobian(theta)
+    hessian, gradient = normal_equations(theta, r, jacobian)
     current = cost(r, theta)
     damping = 1e-2
     iterations = 0
     for iterations in range(1, settings.max_iterations + 1):  # noqa: B007 (the count is returned)
-        hessian = jacobian.T @ jacobian + prior * np.eye(theta.size)
-        gradient = jacobian.T @ r + prior * theta
         improved = False
         while damping < 1e8:
             step = -np.linalg.solve(hessian + damping * np.diag(np.diag(hessian)), gradient)
@@ -474,13 +486,13 @@ def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: Calibr
         theta, current = candidate, candidate_cost
         damping = max(damping / 3.0, 1e-7)
         r, jacobian = problem.jacobian(theta)
+        hessian, gradient = normal_equations(theta, r, jacobian)
         # Converged when the parameters have no further to go than a small fraction of their standard errors: the undamped
         # Gauss-Newton step from here (within the bounds) moves none by more than STEP_OF_SD of its sd. (A damped step can
         # be small while the optimum is still far; with two dozen correlated unknowns LM otherwise crawls along a valley
         # a hundredth of a standard error per iteration, 40 iterations at 2-4 s each.) Or the cost fell by less than a
         # hundredth of a unit of ½χ², or by a millionth of itself.
-        hessian = jacobian.T @ jacobian + prior * np.eye(theta.size)
-        newton = np.clip(theta - np.linalg.solve(hessian, jacobian.T @ r + prior * theta), problem.lower, problem.upper) - theta
+        newton = np.clip(theta - np.linalg.solve(hessian, gradient), problem.lower, problem.upper) - theta
         sd = np.sqrt(np.maximum(np.diag(_covariance(r, jacobian)[0]), 1e-300))
         if current_change < 1e-2 or relative_change < 1e-6 or float(np.max(np.abs(step))) < 1e-6 or float(np.max(np.abs(newton) / sd)) < STEP_OF_SD:
             break
@@ -530,16 +542,11 @@ def calibrate(
         start = np.delete(theta, worst)  # the others refitted from where they were
     nominal_vector = parameter_vector(nominal, records[0].batch.media)
     estimates: dict[str, ParameterEstimate] = {}
+    values, ci95_low, ci95_high = problem.values(theta), problem.values(theta - Z95 * sd), problem.values(theta + Z95 * sd)
     for k, name in enumerate(fitted):
-        base = float(nominal_vector[PARAMETER_NAMES.index(name)])
-        scale = additive_scale(name)
-
-        def at(z: float, base: float = base, scale: float = scale) -> float:
-            return base + z * scale if scale else base * math.exp(z)
-
         low, high = parameter_bounds(name)  # θ is bounded to them; exp and log may round a hair outside
         estimates[name] = ParameterEstimate(
-            nominal=base, value=min(max(at(theta[k]), low), high), ci95_low=at(theta[k] - Z95 * sd[k]), ci95_high=at(theta[k] + Z95 * sd[k]), identifiable=True
+            nominal=float(problem.nominal_values[k]), value=min(max(float(values[k]), low), high), ci95_low=float(ci95_low[k]), ci95_high=float(ci95_high[k]), identifiable=True
         )
     for name in not_identifiable:
         base = float(nominal_vector[PARAMETER_NAMES.index(name)])

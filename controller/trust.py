@@ -57,6 +57,9 @@ log = structlog.get_logger(__name__)
 MONITORED: tuple[tuple[str, str], ...] = (("vcd_1e6_per_ml", "viable_cells"), ("titer_g_per_l", "titer"), ("glucose_g_per_l", "glucose"))
 """Lab field → model state the monitor compares."""
 
+MAX_GLUCOSE_ERROR_G_PER_L = 20.0
+"""A restored glucose error is clipped here (a damaged resume state): more than any glucose window, so the floor becomes the target."""
+
 
 class Tolerance(FrozenConfig):
     relative: float = Field(gt=0.0, le=5.0, description="miss beyond this fraction of the measured value [-]")
@@ -118,6 +121,15 @@ class TrustRegionConfig(FrozenConfig):
     vcd: Tolerance = Tolerance(relative=0.2, floor=0.5)
     titer: Tolerance = Tolerance(relative=0.15, floor=0.1)
     glucose: Tolerance = Tolerance(relative=0.3, floor=0.75)
+    glucose_margins: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=10.0,
+        description=(
+            "the plan keeps glucose this many day-ahead glucose errors above the starvation limit, whatever the source; one error is the"
+            " glucose tolerance's floor, or the largest shortfall (predicted − measured) of the last bias_window lab results when that is larger [-]"
+        ),
+    )
 
     @model_validator(mode="after")
     def _long_lead_is_longer(self) -> TrustRegionConfig:
@@ -155,6 +167,8 @@ class LabCheck:
     reach_scale_after: float = 1.0
     replayed: bool = False
     """The day-ahead prediction was the model run from the estimate the plan started from with the inputs applied since, not the plan's own."""
+    glucose_shortfall_g_per_l: float = math.nan
+    """Predicted − measured glucose [g/L] (positive: the culture had less than the model said; NaN: glucose not measured or not accepted)."""
 
     @property
     def long_confirmed(self) -> bool:
@@ -222,6 +236,8 @@ class TrustRegion:
         """Earned reach: how far beyond its configured reach (or margin) the region goes; grows with results that confirm the plan a day and ``long_lead_h`` ahead."""
         self.misses = 0
         self.stood_down = False
+        self.glucose_error_g_per_l = self.config.glucose.floor
+        """One day-ahead glucose error: the tolerance's floor, or the largest shortfall of the last ``bias_window`` checks if larger (:meth:`check`)."""
         self.checks: list[LabCheck] = []
         self._predictions: deque[_Prediction] = deque()
 
@@ -276,9 +292,9 @@ class TrustRegion:
             reach_lph = scale * cfg.feed_reach_per_day * batch.inoculation.volume_l / 24.0
             f_low, f_high = max(0.0, feed - reach_lph), feed + reach_lph
             g_low = target - scale * cfg.glucose_reach_g_per_l
-        # Starvation is a hard limit, and the monitor trusts a day-ahead glucose prediction only to ±glucose.floor:
-        # whatever the source, the plan keeps two of those above the limit.
-        g_low = min(target, max(g_low, batch.limits.glucose_min_g_per_l + 2.0 * cfg.glucose.floor))
+        # Starvation is a hard limit, and a day-ahead glucose prediction is trusted only to ±glucose_error_g_per_l (the batch's own
+        # shortfalls widen it): whatever the source, the plan keeps glucose_margins of those above the limit.
+        g_low = min(target, max(g_low, batch.limits.glucose_min_g_per_l + cfg.glucose_margins * self.glucose_error_g_per_l))
         return (
             feed - w * max(0.0, feed - f_low),
             feed + w * max(0.0, f_high - feed),
@@ -391,6 +407,7 @@ class TrustRegion:
         )
         confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
         long_errors = self._errors({name: (value, 0.0) for name, value in replay.predicted.items()}, lab, accepted) if replay is not None else {}
+        shortfall = predicted["glucose_g_per_l"][0] - lab.glucose_g_per_l if "glucose_g_per_l" in errors and "glucose_g_per_l" in predicted else math.nan
         long_missed = any(abs(error) > 1.0 for error in long_errors.values())
         if confirmed:
             self.misses = 0
@@ -416,9 +433,21 @@ class TrustRegion:
             long_errors,
             self.reach_scale,
             day_replay is not None,
+            shortfall,
         )
         self.checks.append(result)
+        self.glucose_error_g_per_l = self._glucose_error()
         return result
+
+    def _glucose_error(self) -> float:
+        """The glucose tolerance's floor, or the largest shortfall of the last ``bias_window`` checks when larger.
+
+        A model that over-predicts glucose by more than the floor's assumption plans the culture towards starvation with a
+        margin it does not have; the batch's own results say how far off it is. Each result counts for ``bias_window`` checks,
+        so the margin narrows again once the model's glucose holds.
+        """
+        recent = [check.glucose_shortfall_g_per_l for check in self.checks[-self.config.bias_window :]]
+        return max([self.config.glucose.floor, *(value for value in recent if math.isfinite(value))])
 
     def _plan_before(self, taken_at_h: float, lead_h: float) -> _Prediction | None:
         """The plan in force ``lead_h`` before ``taken_at_h``, if it predicted that far."""
@@ -444,7 +473,7 @@ class TrustRegion:
         self.misses = 0
         self.width = self._initial_width()
         self.reach_scale = 1.0
-        self._predictions.clear()
+        self._predictions.clear()  # the glucose error stays: the model's glucose shortfalls are still evidence
 
     # ------------------------------------------------------------------ report
 
@@ -461,7 +490,14 @@ class TrustRegion:
 
     def summary(self, now_h: float | None = None, volume_l: float | None = None) -> dict[str, Any]:
         """The region as plain data, for the cycle record, the screen and the report."""
-        data: dict[str, Any] = {"source": self.source.value, "width": self.width, "reach_scale": self.reach_scale, "misses": self.misses, "stood_down": self.stood_down}
+        data: dict[str, Any] = {
+            "source": self.source.value,
+            "width": self.width,
+            "reach_scale": self.reach_scale,
+            "misses": self.misses,
+            "stood_down": self.stood_down,
+            "glucose_error_g_per_l": self.glucose_error_g_per_l,
+        }
         if now_h is not None and self.active:
             feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._edges(now_h, volume_l if volume_l is not None else self._batch.inoculation.volume_l)
             data["temperature_degc"] = [temperature_low, temperature_high]
@@ -474,7 +510,7 @@ class TrustRegion:
 
     def to_dict(self) -> dict[str, Any]:
         """What a restart needs (the predictions are not kept: the first lab results after a restart are not checked)."""
-        return {"width": self.width, "reach_scale": self.reach_scale, "misses": self.misses, "stood_down": self.stood_down}
+        return {"width": self.width, "reach_scale": self.reach_scale, "misses": self.misses, "stood_down": self.stood_down, "glucose_error_g_per_l": self.glucose_error_g_per_l}
 
     def restore(self, data: dict[str, Any]) -> None:
         """Take up a saved region. A width, reach scale or miss count that is no finite number (a damaged or edited resume state) is no
@@ -483,6 +519,8 @@ class TrustRegion:
         self.width = float(np.clip(_saved_number(data, "width", self.width), 0.0, 1.0))
         self.reach_scale = float(np.clip(_saved_number(data, "reach_scale", 1.0), 1.0, self.config.max_reach_scale))
         self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
+        # Never below the configured floor (a saved smaller one is no evidence the model's glucose is better than assumed).
+        self.glucose_error_g_per_l = float(np.clip(_saved_number(data, "glucose_error_g_per_l", self.config.glucose.floor), self.config.glucose.floor, MAX_GLUCOSE_ERROR_G_PER_L))
         stood_down = data.get("stood_down", False)
         if not isinstance(stood_down, bool):  # "false" is a non-empty string: bool() would read it as True, and so would this, on purpose
             log.warning("trust_restore_value_ignored", field="stood_down", saved=repr(stood_down), used=True)

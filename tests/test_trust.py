@@ -304,3 +304,44 @@ def test_a_damaged_miss_count_or_stand_down_flag_in_the_resume_state_is_taken_on
     region = _region(batch, misses_to_recipe=3)
     region.restore(saved)
     assert region.misses == misses and region.stood_down is stood_down
+
+
+def _glucose_floor(region: TrustRegion) -> float:
+    starts, durations = _grid(150.0)
+    bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.75, 0.3, 36.5]), temperature_rate_degc_per_h=RATE)
+    assert bounds is not None
+    return float(bounds.glucose_lower.min())
+
+
+def test_a_model_that_over_predicts_glucose_raises_the_floor_until_it_holds_again(batch):
+    """The floor keeps two day-ahead glucose errors above the starvation limit; a result 1.2 g/L below the prediction makes one error 1.2 g/L."""
+    region = _region(batch, glucose_reach_g_per_l=10.0, initial_width=1.0, widen_step=0.0, shrink_factor=1.0, bias_window=2, lead_h=24.0)  # reach to the floor, width held at 1
+    limit = batch.limits.glucose_min_g_per_l
+    assert _glucose_floor(region) == pytest.approx(limit + 2.0 * 0.75)
+    _plan(region, 0.0, vcd=5.0, titer=0.5, glucose=4.0)
+    check = region.check(_lab(1, 30.0, vcd=5.0, titer=0.5, glucose=2.8))  # short by 1.2 g/L (a miss: 1.4 tolerances)
+    assert check is not None and check.glucose_shortfall_g_per_l == pytest.approx(1.2)
+    assert _glucose_floor(region) == pytest.approx(limit + 2.0 * 1.2)
+    region.check(_lab(2, 40.0, vcd=5.0, titer=0.5, glucose=5.0))  # more glucose than predicted: no shortfall, the 1.2 still in the window
+    assert _glucose_floor(region) == pytest.approx(limit + 2.0 * 1.2)
+    region.check(_lab(3, 50.0, vcd=5.0, titer=0.5, glucose=4.1))  # two results without a shortfall: back to the tolerance's floor
+    assert _glucose_floor(region) == pytest.approx(limit + 2.0 * 0.75)
+    assert region.summary()["glucose_error_g_per_l"] == pytest.approx(0.75)
+
+
+def test_a_result_without_accepted_glucose_leaves_the_glucose_error_as_it_is(batch):
+    region = _region(batch, lead_h=24.0)
+    _plan(region, 0.0, vcd=5.0, titer=0.5, glucose=4.0)
+    check = region.check(_lab(1, 30.0, vcd=5.0, titer=0.5, glucose=1.0), accepted=frozenset({"vcd_1e6_per_ml", "titer_g_per_l"}))  # the gate rejected it
+    assert check is not None and math.isnan(check.glucose_shortfall_g_per_l) and region.glucose_error_g_per_l == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize(
+    ("saved", "error"),
+    [({}, 0.75), ({"glucose_error_g_per_l": 1.4}, 1.4), ({"glucose_error_g_per_l": 0.1}, 0.75), ({"glucose_error_g_per_l": "nan"}, 0.75), ({"glucose_error_g_per_l": 1e9}, 20.0)],
+)
+def test_the_glucose_error_survives_a_restart_never_below_the_tolerances_floor(batch, saved, error):
+    region = _region(batch)
+    region.restore(saved)
+    assert region.glucose_error_g_per_l == pytest.approx(error)
+    assert _region(batch).to_dict().keys() >= {"glucose_error_g_per_l"}

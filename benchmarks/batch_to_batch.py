@@ -16,7 +16,7 @@ score on that batch, the controller's score and gap closed, violation hours,
 the trust region (source, width at harvest, cycles stood down) and the
 calibration's time. Then the mean gap closed per batch number over the plants.
 
-Usage: python benchmarks/batch_to_batch.py [--quick] [--batches 5] [--plants amino_acid,cell_cycle,biovolume] [--engine local|dask] [--jobs 2] [--csv PATH]
+Usage: python benchmarks/batch_to_batch.py [--quick] [--batches 5] [--plants amino_acid,cell_cycle,biovolume] [--settings PATH] [--engine local|dask] [--jobs 2] [--csv PATH]
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import time
 from dataclasses import dataclass
 
 from bioreactor_mpc.logging import configure_logging
-from controller.calibration import calibrate
+from controller.calibration import CalibrationSettings, calibrate
 from controller.records import BatchRecord
 from plant_models.parameters import CultureParameters
 from simulator.batch import run_recipe_batch
-from simulator.campaign import Engine, add_campaign_options, run_campaign, write_table
+from simulator.campaign import Engine, add_campaign_options, add_settings_option, load_settings, run_campaign, write_table
 from simulator.evaluation import run_with_coverage
 from simulator.oracle import run_oracle_batch
 from simulator.scenarios import load_scenario
@@ -69,9 +69,9 @@ def quiet() -> None:
     configure_logging(level=logging.ERROR)
 
 
-def run_plant(job: tuple[str, int]) -> list[BatchRow]:
-    """``batches`` successive batches on one plant, each with the model calibrated on all the batches before it."""
-    plant, batches = job
+def run_plant(job: tuple[str, int, CalibrationSettings]) -> list[BatchRow]:
+    """``batches`` successive batches on one plant, each with the model calibrated (with ``settings``) on all the batches before it."""
+    plant, batches, settings = job
     nominal = load_scenario({"plant": plant}).nominal
     kinetics: CultureParameters = nominal
     history: list[BatchRecord] = []
@@ -108,7 +108,7 @@ def run_plant(job: tuple[str, int]) -> list[BatchRow]:
         assert result.record is not None
         history.append(result.record)
         started = time.perf_counter()
-        kinetics = calibrate(history, nominal, cross_validate=False, based_on=f"nominal kinetics of {plant}").parameters
+        kinetics = calibrate(history, nominal, settings=settings, cross_validate=False, based_on=f"nominal kinetics of {plant}").parameters
         calibration_s = time.perf_counter() - started
     return rows
 
@@ -118,13 +118,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two batches on one plant (cell_cycle)")
     parser.add_argument("--batches", type=int, default=5, help="successive batches per plant")
     parser.add_argument("--plants", default=",".join(PLANTS), help="comma-separated plant names")
+    add_settings_option(parser)
     add_campaign_options(parser)
     args = parser.parse_args()
     quiet()
+    settings = load_settings(parser, args.settings)
     plants = ["cell_cycle"] if args.quick else [name.strip() for name in args.plants.split(",") if name.strip()]
     batches = 2 if args.quick else args.batches
     started = time.perf_counter()
-    per_plant = run_campaign(run_plant, [(plant, batches) for plant in plants], engine=Engine(args.engine), jobs=args.jobs, address=args.address, initializer=quiet, label="plants")
+    per_plant = run_campaign(
+        run_plant, [(plant, batches, settings) for plant in plants], engine=Engine(args.engine), jobs=args.jobs, address=args.address, initializer=quiet, label="plants"
+    )
     rows = [row for plant_rows in per_plant for row in plant_rows]
     if args.csv:
         write_table(rows, args.csv)

@@ -18,7 +18,7 @@ of the true VCD and titer, and the error of the titer predicted at harvest.
 The calibration's fit, intervals and wall time are printed per plant.
 
 Usage: python benchmarks/mismatch_campaign.py [--quick] [--plants amino_acid,cell_cycle,biovolume]
-       [--engine local|dask] [--address tcp://host:8786] [--jobs 2] [--csv PATH]
+       [--settings configs/calibration/corrections.yaml] [--engine local|dask] [--address tcp://host:8786] [--jobs 2] [--csv PATH]
 (docs/campaigns.md: the batches on a Dask cluster, the CSV table's columns)
 """
 
@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 
 from bioreactor_mpc.logging import configure_logging
-from controller.calibration import calibrate
+from controller.calibration import CalibrationSettings, calibrate
 from plant_models.parameters import CultureParameters
 from simulator.batch import run_recipe_batch
-from simulator.campaign import add_campaign_options, run_campaign, write_table
+from simulator.campaign import add_campaign_options, add_settings_option, load_settings, run_campaign, write_table
 from simulator.evaluation import EvaluatedBatch, run_with_coverage
 from simulator.oracle import run_oracle_batch
 from simulator.records import development_batches
@@ -101,12 +101,13 @@ class PlantCalibration:
     warnings: tuple[str, ...]
 
 
-def calibrate_plant(plant: str) -> PlantCalibration:
+def calibrate_plant(job: tuple[str, CalibrationSettings]) -> PlantCalibration:
+    plant, settings = job
     configure_logging(level=logging.ERROR)
     nominal = load_scenario({"plant": plant}).nominal
     records = development_batches(load_scenario({"plant": plant, "seed": 500}), DEVELOPMENT_BATCHES, 500, id_prefix=f"{plant[:6].upper()}")
     started = time.perf_counter()
-    result = calibrate(records, nominal, cross_validate=False, based_on="configs/model/cho_nominal.yaml")
+    result = calibrate(records, nominal, settings=settings, cross_validate=False, based_on="configs/model/cho_nominal.yaml")
     statistics_ = result.fit_statistics
     return PlantCalibration(
         plant, result.parameters, time.perf_counter() - started, statistics_["reduced_chi2_nominal"], statistics_["reduced_chi2"], result.not_identifiable, result.warnings
@@ -133,12 +134,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed per plant")
     parser.add_argument("--plants", default=",".join(PLANTS), help="comma-separated plant names")
+    add_settings_option(parser)
     add_campaign_options(parser)
     args = parser.parse_args()
     configure_logging(level=logging.ERROR)
     plants = [name.strip() for name in args.plants.split(",") if name.strip()]
+    settings = load_settings(parser, args.settings)
     started = time.perf_counter()
-    calibrations = {c.plant: c for c in run_campaign(calibrate_plant, plants, engine=args.engine, jobs=args.jobs, address=args.address, label="calibrations")}
+    jobs = [(plant, settings) for plant in plants]
+    calibrations = {c.plant: c for c in run_campaign(calibrate_plant, jobs, engine=args.engine, jobs=args.jobs, address=args.address, label="calibrations")}
     for c in calibrations.values():
         print(
             f"{c.plant}: calibrated on {DEVELOPMENT_BATCHES + 1} batches in {c.wall_s:.1f} s; reduced chi2 {c.reduced_chi2_nominal:.1f} nominal -> {c.reduced_chi2:.2f}; "

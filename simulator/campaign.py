@@ -34,7 +34,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from plant_models.errors import BioreactorMPCError
+from controller.calibration import CalibrationSettings
+from plant_models.config_loading import load_yaml_model
+from plant_models.errors import BioreactorMPCError, ConfigError
 
 Argument = TypeVar("Argument")
 Row = TypeVar("Row")
@@ -148,6 +150,24 @@ def add_campaign_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--address", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (with --engine dask; without it, a local Dask cluster of --jobs workers)")
     group.add_argument("--jobs", type=int, default=2, help="batches run in parallel: local processes, or the workers of a local Dask cluster (default 2)")
     group.add_argument("--csv", type=Path, metavar="PATH", help="also write the table of batches to this CSV file")
+
+
+def add_settings_option(parser: argparse.ArgumentParser) -> None:
+    """``--settings``: the calibration settings a learning campaign calibrates with, as ``bioreactor-mpc calibrate --settings`` takes them."""
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        metavar="PATH",
+        help="calibration settings (YAML, docs/calibration.md), e.g. configs/calibration/corrections.yaml; default: the calibration's defaults",
+    )
+
+
+def load_settings(parser: argparse.ArgumentParser, path: Path | None) -> CalibrationSettings:
+    """The settings file ``--settings`` names, validated, or the defaults; a file that is missing or wrong exits with the parser's usage and the error naming the file and the field."""
+    try:
+        return load_yaml_model(path, CalibrationSettings) if path is not None else CalibrationSettings()
+    except ConfigError as error:
+        parser.error(f"--settings: {error}")
 
 
 def _run_job(function: Callable[[Argument], Row], initializer: Callable[[], None] | None, argument: Argument) -> Row:

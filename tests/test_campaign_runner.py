@@ -6,6 +6,7 @@ two worker processes listen on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import functools
 import logging
@@ -21,9 +22,10 @@ import pytest
 from distributed import LocalCluster
 
 from bioreactor_mpc.logging import configure_logging
+from controller.calibration import WITH_CORRECTIONS, CalibrationSettings
 from plant_models.errors import BioreactorMPCError
 from simulator.batch import run_recipe_batch
-from simulator.campaign import CampaignJobError, Engine, run_campaign, write_table
+from simulator.campaign import CampaignJobError, Engine, add_settings_option, load_settings, run_campaign, write_table
 from simulator.scenarios import load_scenario
 
 pytestmark = pytest.mark.timeout(60)
@@ -180,3 +182,17 @@ def test_table_refuses_rows_of_different_fields(tmp_path: Path) -> None:
         write_table([Arm(1.0, {"vcd": 1.0}), Arm(1.0, {"titer": 1.0})], tmp_path / "table.csv")
     with pytest.raises(TypeError, match="dataclass"):
         write_table([{"score": 1.0}], tmp_path / "table.csv")
+
+
+def test_the_calibration_settings_option_reads_a_file_and_names_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="campaign")
+    add_settings_option(parser)
+    assert load_settings(parser, parser.parse_args([]).settings) == CalibrationSettings()
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "calibration" / "corrections.yaml"
+    assert load_settings(parser, parser.parse_args(["--settings", str(shipped)]).settings).parameters == WITH_CORRECTIONS
+    bad = tmp_path / "settings.yaml"
+    bad.write_text("parameters: [culture.growth.nope]\n", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        load_settings(parser, parser.parse_args(["--settings", str(bad)]).settings)
+    error = capsys.readouterr().err
+    assert "--settings" in error and str(bad) in error and "culture.growth.nope" in error

@@ -182,7 +182,10 @@ class NmpcController:
             return self._decision(observation.applied, DecisionSource.HARVEST, harvest=True)
         state, parameters = self._source.observe(observation)
         if self.trust.active:
-            self._replays.record(t, self._delivered(observation), state, parameters)
+            delivered, totalled = self._delivered(observation)
+            # Across a gap (a lost connection: the PLC ran its local recipe) the totals say what went in; without them the read-back says nothing of it.
+            bridge_h = max(self._replays.max_gap_h, self.config.trust.replay_gap_h) if totalled else self._replays.max_gap_h
+            self._replays.record(t, delivered, state, parameters, bridge_h=bridge_h)
         if observation.lab_result is not None:
             accepted = getattr(self._source, "lab_fields_accepted", None)
             lab = observation.lab_result
@@ -265,14 +268,15 @@ class NmpcController:
                 return scenarios.parameters, scenarios.weights
         return np.tile(np.asarray(parameters, dtype=float)[:, None], (1, n_scenarios)), None
 
-    def _delivered(self, observation: CycleObservation) -> np.ndarray:
-        """What the plant was given since the previous cycle: the feed rates the flow totals show, and the temperature setpoint read back.
+    def _delivered(self, observation: CycleObservation) -> tuple[np.ndarray, bool]:
+        """What the plant was given since the previous cycle: the feed rates the flow totals show, and the temperature setpoint read back; and whether both rates came from totals.
 
         The setpoints read back are not what went in when the PLC stopped a pump (its high-level stop, a pump fault): the totals
         are. Where a total is unknown, went backwards (a reset) or this is the first cycle, the read-back rate stands in.
         """
         applied = observation.applied
         rates = [applied.feed_rate_lph, applied.glucose_rate_lph]
+        totalled = [False, False]
         now = (observation.process_time_h, observation.feed_total_l, observation.glucose_feed_total_l)
         if self._last_totals is not None:
             then_h, *then_totals = self._last_totals
@@ -280,8 +284,9 @@ class NmpcController:
             for i, (before, after) in enumerate(zip(then_totals, now[1:], strict=True)):
                 if dt > 0.0 and math.isfinite(before) and math.isfinite(after) and after >= before:
                     rates[i] = (after - before) / dt
+                    totalled[i] = True
         self._last_totals = now
-        return np.array([rates[0], rates[1], applied.temperature_degc])
+        return np.array([rates[0], rates[1], applied.temperature_degc]), all(totalled)
 
     def replay(self, taken_at_h: float, lead_h: float | None = None) -> Replay | None:
         """The model run to ``taken_at_h`` from the estimate ``lead_h`` (default ``long_lead_h``) before, with the setpoints the plant ran since (:mod:`controller.replay`); None without one."""

@@ -57,8 +57,8 @@ log = structlog.get_logger(__name__)
 MONITORED: tuple[tuple[str, str], ...] = (("vcd_1e6_per_ml", "viable_cells"), ("titer_g_per_l", "titer"), ("glucose_g_per_l", "glucose"))
 """Lab field → model state the monitor compares."""
 
-MAX_GLUCOSE_ERROR_G_PER_L = 20.0
-"""A restored glucose error is clipped here (a damaged resume state): more than any glucose window, so the floor becomes the target."""
+MAX_GLUCOSE_SHORTFALL_G_PER_L = 20.0
+"""A saved glucose shortfall is clipped here, and a damaged one taken as this (the safe side): more than any glucose window, so the floor becomes the target."""
 
 
 class Tolerance(FrozenConfig):
@@ -108,7 +108,26 @@ class TrustRegionConfig(FrozenConfig):
             " was actually given; results that confirm it and the day-ahead plan earn reach [h]"
         ),
     )
+    replay_gap_h: float = Field(
+        default=6.0,
+        gt=0.0,
+        le=24.0,
+        description=(
+            "a gap between cycles (a lost connection, during which the PLC ran its local recipe) up to this long is bridged in the model runs"
+            " the checks replay: with the feed the flow totals show across it and the temperature read back after it; a longer one, or one"
+            " without both totals, starts them again. Gaps of up to two cycles are always bridged, so a value below that changes nothing [h]"
+        ),
+    )
     reach_step: float = Field(default=0.25, ge=0.0, le=2.0, description="reach scale added by a lab result that confirms the plan at lead_h and at long_lead_h [-]")
+    reach_reset_tolerances: float = Field(
+        default=2.0,
+        ge=1.0,
+        le=10.0,
+        description=(
+            "a lab result the day-ahead check confirmed but the long_lead_h replay missed: by more than this many tolerances (any field) the"
+            " reach returns to 1, by less the part earned beyond 1 is halved; a day-ahead miss always returns it to 1 [-]"
+        ),
+    )
     max_reach_scale: float = Field(
         default=3.0,
         ge=1.0,
@@ -126,8 +145,9 @@ class TrustRegionConfig(FrozenConfig):
         ge=0.0,
         le=10.0,
         description=(
-            "the plan keeps glucose this many day-ahead glucose errors above the starvation limit, whatever the source; one error is the"
-            " glucose tolerance's floor, or the largest shortfall (predicted − measured) of the last bias_window lab results when that is larger [-]"
+            "the plan keeps glucose this many day-ahead glucose errors above the starvation limit (never above the recipe's glucose target),"
+            " whatever the source; one error is the glucose tolerance's floor, or the largest shortfall (predicted − measured, against the"
+            " model run with the inputs applied) of the last bias_window lab results when that is larger [-]"
         ),
     )
 
@@ -183,6 +203,8 @@ class LabCheck:
         if self.long_errors:
             verdict = "confirmed" if self.long_confirmed else "missed"
             text += f"; {verdict} the model run from {self.long_from_h:.0f} h with the inputs applied since ({_errors_text(self.long_errors)})"
+        if self.glucose_shortfall_g_per_l > 0.0:
+            text += f"; glucose {self.glucose_shortfall_g_per_l:.2f} g/L below the model's"
         return text + f"; reach x{self.reach_scale_after:.2f}"
 
 
@@ -236,8 +258,8 @@ class TrustRegion:
         """Earned reach: how far beyond its configured reach (or margin) the region goes; grows with results that confirm the plan a day and ``long_lead_h`` ahead."""
         self.misses = 0
         self.stood_down = False
-        self.glucose_error_g_per_l = self.config.glucose.floor
-        """One day-ahead glucose error: the tolerance's floor, or the largest shortfall of the last ``bias_window`` checks if larger (:meth:`check`)."""
+        self._shortfalls: deque[float] = deque(maxlen=self.config.bias_window)
+        """Predicted − measured glucose of the last ``bias_window`` checks (NaN: none for that check)."""
         self.checks: list[LabCheck] = []
         self._predictions: deque[_Prediction] = deque()
 
@@ -377,8 +399,10 @@ class TrustRegion:
         ``replay``: the model run from the estimate ``long_lead_h`` before the draw with the inputs actually applied since (the
         controller makes it: :meth:`controller.nmpc.NmpcController.replay`). A model whose predictions hold a day ahead is not
         thereby right about the days after, and only those decide where a plan ends up: the reach scale grows by ``reach_step``
-        (up to ``max_reach_scale``) only with results that confirm both the day-ahead plan and the replay, and returns to 1 at
-        any miss of either. The replay, not the plan made ``long_lead_h`` before, is the evidence: the plans of the days between
+        (up to ``max_reach_scale``) only with results that confirm both the day-ahead plan and the replay. It returns to 1 at a
+        day-ahead miss or a replay miss beyond ``reach_reset_tolerances``; a replay just beyond tolerance halves what was earned
+        (a replay starts from an estimate three days old, whose own error a right model carries forward). The replay, not the plan
+        made ``long_lead_h`` before, is the evidence: the plans of the days between
         changed the inputs, above all the glucose feed, and a plan's three-day-old glucose says more about the replanning than
         about the model.
         """
@@ -407,7 +431,8 @@ class TrustRegion:
         )
         confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
         long_errors = self._errors({name: (value, 0.0) for name, value in replay.predicted.items()}, lab, accepted) if replay is not None else {}
-        shortfall = predicted["glucose_g_per_l"][0] - lab.glucose_g_per_l if "glucose_g_per_l" in errors and "glucose_g_per_l" in predicted else math.nan
+        # Against the model run with the inputs applied only: the plan's own glucose a day ahead is as much the replanning's as the model's.
+        shortfall = predicted["glucose_g_per_l"][0] - lab.glucose_g_per_l if day_replay is not None and "glucose_g_per_l" in errors else math.nan
         long_missed = any(abs(error) > 1.0 for error in long_errors.values())
         if confirmed:
             self.misses = 0
@@ -417,8 +442,10 @@ class TrustRegion:
             self.width *= cfg.shrink_factor
             if self.misses >= cfg.misses_to_recipe:
                 self.stood_down = True
-        if not confirmed or long_missed:
+        if not confirmed or (long_missed and max(abs(error) for error in long_errors.values()) > cfg.reach_reset_tolerances):
             self.reach_scale = 1.0
+        elif long_missed:  # just beyond tolerance three days ahead: the estimate's own error, carried forward, can do that to a right model
+            self.reach_scale = 1.0 + 0.5 * (self.reach_scale - 1.0)
         elif long_errors:
             self.reach_scale = min(cfg.max_reach_scale, self.reach_scale + cfg.reach_step)
         result = LabCheck(
@@ -436,18 +463,18 @@ class TrustRegion:
             shortfall,
         )
         self.checks.append(result)
-        self.glucose_error_g_per_l = self._glucose_error()
+        self._shortfalls.append(shortfall)
         return result
 
-    def _glucose_error(self) -> float:
-        """The glucose tolerance's floor, or the largest shortfall of the last ``bias_window`` checks when larger.
+    @property
+    def glucose_error_g_per_l(self) -> float:
+        """One day-ahead glucose error: the glucose tolerance's floor, or the largest shortfall of the last ``bias_window`` checks when larger.
 
         A model that over-predicts glucose by more than the floor's assumption plans the culture towards starvation with a
         margin it does not have; the batch's own results say how far off it is. Each result counts for ``bias_window`` checks,
         so the margin narrows again once the model's glucose holds.
         """
-        recent = [check.glucose_shortfall_g_per_l for check in self.checks[-self.config.bias_window :]]
-        return max([self.config.glucose.floor, *(value for value in recent if math.isfinite(value))])
+        return max([self.config.glucose.floor, *(value for value in self._shortfalls if math.isfinite(value))])
 
     def _plan_before(self, taken_at_h: float, lead_h: float) -> _Prediction | None:
         """The plan in force ``lead_h`` before ``taken_at_h``, if it predicted that far."""
@@ -510,7 +537,13 @@ class TrustRegion:
 
     def to_dict(self) -> dict[str, Any]:
         """What a restart needs (the predictions are not kept: the first lab results after a restart are not checked)."""
-        return {"width": self.width, "reach_scale": self.reach_scale, "misses": self.misses, "stood_down": self.stood_down, "glucose_error_g_per_l": self.glucose_error_g_per_l}
+        return {
+            "width": self.width,
+            "reach_scale": self.reach_scale,
+            "misses": self.misses,
+            "stood_down": self.stood_down,
+            "glucose_shortfalls_g_per_l": [value if math.isfinite(value) else None for value in self._shortfalls],
+        }
 
     def restore(self, data: dict[str, Any]) -> None:
         """Take up a saved region. A width, reach scale or miss count that is no finite number (a damaged or edited resume state) is no
@@ -519,13 +552,23 @@ class TrustRegion:
         self.width = float(np.clip(_saved_number(data, "width", self.width), 0.0, 1.0))
         self.reach_scale = float(np.clip(_saved_number(data, "reach_scale", 1.0), 1.0, self.config.max_reach_scale))
         self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
-        # Never below the configured floor (a saved smaller one is no evidence the model's glucose is better than assumed).
-        self.glucose_error_g_per_l = float(np.clip(_saved_number(data, "glucose_error_g_per_l", self.config.glucose.floor), self.config.glucose.floor, MAX_GLUCOSE_ERROR_G_PER_L))
+        self._shortfalls.clear()
+        self._shortfalls.extend(_saved_shortfalls(data))
         stood_down = data.get("stood_down", False)
         if not isinstance(stood_down, bool):  # "false" is a non-empty string: bool() would read it as True, and so would this, on purpose
             log.warning("trust_restore_value_ignored", field="stood_down", saved=repr(stood_down), used=True)
             stood_down = True  # a damaged stand-down flag is no evidence the model is fit: the recipe runs until an engineer re-enables
         self.stood_down = stood_down
+
+
+def _saved_shortfalls(data: dict[str, Any]) -> list[float]:
+    """The saved glucose shortfalls (None: none for that check). Missing: none (a state saved before they were kept). Damaged (no list of
+    numbers or nulls): one of :data:`MAX_GLUCOSE_SHORTFALL_G_PER_L`, logged: the floor at the recipe's target until new results say otherwise."""
+    saved = data.get("glucose_shortfalls_g_per_l", [])
+    if not isinstance(saved, list) or not all(value is None or (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)) for value in saved):
+        log.warning("trust_restore_value_ignored", field="glucose_shortfalls_g_per_l", saved=repr(saved), used=[MAX_GLUCOSE_SHORTFALL_G_PER_L])
+        return [MAX_GLUCOSE_SHORTFALL_G_PER_L]
+    return [math.nan if value is None else float(np.clip(value, -MAX_GLUCOSE_SHORTFALL_G_PER_L, MAX_GLUCOSE_SHORTFALL_G_PER_L)) for value in saved]
 
 
 def _saved_number(data: dict[str, Any], name: str, default: float) -> float:

@@ -81,3 +81,28 @@ def test_a_gap_or_an_unknown_value_starts_the_memory_again(model, batch, nominal
 def test_bad_settings_are_refused(model):
     with pytest.raises(ValueError, match="keep_h"):
         ReplayMemory(model, keep_h=0.0, max_gap_h=2.0)
+
+
+def test_a_gap_the_caller_vouches_for_is_bridged(model, batch, nominal_p):
+    """A lost connection of 4 h: the flow totals give the feed across it, so the caller lets the memory bridge it; a gap longer than that starts again."""
+
+    def held(hour: int) -> np.ndarray:
+        return np.array([1.5, 0.25, 36.5])  # what the PLC ran through the gap, as the totals average it
+
+    fine = model.rk4_step(0.05)
+    x = batch.inoculation.initial_state()
+    states = [x]
+    for hour in range(1, 41):
+        for i in range(20):
+            x = np.asarray(fine(hour - 1 + i * 0.05, x, held(hour), nominal_p)[1]).ravel()
+        states.append(x)
+    for bridge_h, bridged in ((6.0, True), (4.5, False)):
+        memory = ReplayMemory(model, keep_h=120.0, max_gap_h=2.0)
+        for hour in range(0, 41):
+            if 20 < hour < 25:
+                continue  # no cycle: the connection was lost from 20 h to 25 h
+            memory.record(float(hour), held(hour), states[hour], nominal_p, bridge_h=bridge_h if hour == 25 else None)
+        ran = memory.replay(10.0, 40.0)
+        assert (ran is not None) is bridged
+        if ran is not None:
+            assert ran[1][STATE_INDEX["viable_cells"]] == pytest.approx(states[40][STATE_INDEX["viable_cells"]], rel=1e-4)

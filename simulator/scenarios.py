@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.calibration import CalibrationResult, calibrate
-from plant_models.parameters import CultureParameters
-from simulator.batch import run_recipe_batch
+from plant_models.parameters import CultureParameters, replaced_parameters
+from simulator.batch import BatchResult, run_recipe_batch
 from simulator.closed_loop import oracle_source, run_controlled_batch
 from simulator.config import LoadedSimulation, load_simulation
 from simulator.evaluation import estimator_with
@@ -76,16 +76,25 @@ class ScenarioResult:
     calibrated_score: float = float("nan")
     """The NMPC with the kinetics calibrated on the plant's development batches (NaN when not run)."""
     calibrated_violation_h: float = float("nan")
+    truth_score: float = float("nan")
+    """The NMPC given the plant's true kinetics, trust region and monitor as deployed (NaN when not run): what the caution costs when the model is right."""
+    truth_violation_h: float = float("nan")
 
     @property
     def gap_closed(self) -> float:
-        span = self.oracle_score - self.recipe_score
-        return (self.nmpc_score - self.recipe_score) / span if span > 0 else float("nan")
+        return self._gap(self.nmpc_score)
 
     @property
     def calibrated_gap_closed(self) -> float:
+        return self._gap(self.calibrated_score)
+
+    @property
+    def truth_gap_closed(self) -> float:
+        return self._gap(self.truth_score)
+
+    def _gap(self, score: float) -> float:
         span = self.oracle_score - self.recipe_score
-        return (self.calibrated_score - self.recipe_score) / span if span > 0 else float("nan")
+        return (score - self.recipe_score) / span if span > 0 else float("nan")
 
 
 def load_scenario(overrides: dict[str, Any]) -> LoadedSimulation:
@@ -106,16 +115,36 @@ def development_calibration(plant: str = "cho", *, batches: int = DEVELOPMENT_BA
     return calibrate(records, nominal, cross_validate=False, based_on=f"nominal kinetics, development batches of {plant}")
 
 
-def run_scenario(case: tuple[str, dict[str, Any]], calibrated: CultureParameters | None = None) -> ScenarioResult:
-    """Recipe, NMPC (nominal kinetics; and ``calibrated`` ones when given, with their envelope) and oracle on one seeded batch."""
+def true_kinetics(loaded: LoadedSimulation, recipe: BatchResult) -> CultureParameters:
+    """The culture parameters the simulated plant really ran with (``recipe``: any batch of ``loaded``); the media stay the batch's, as a controller knows them.
+
+    Only for a plant of the controller's own structure: a plant of other structure has no such parameters (:class:`ValueError` naming it).
+    """
+    truth = {name: value for name, value in recipe.true_parameters.items() if not name.startswith("media.")}
+    try:
+        return replaced_parameters(loaded.nominal, truth)
+    except KeyError as error:
+        raise ValueError(
+            f"plant {loaded.simulation.plant!r}: its true parameters are not the controller model's ({error.args[0]}); a truth arm needs the own (cho) plant"
+        ) from None
+
+
+def run_scenario(case: tuple[str, dict[str, Any]], calibrated: CultureParameters | None = None, *, truth_arm: bool = False) -> ScenarioResult:
+    """Recipe, NMPC (nominal kinetics; and ``calibrated`` ones when given, with their envelope) and oracle on one seeded batch.
+
+    ``truth_arm``: also the NMPC given the plant's true kinetics (no envelope: the recipe band, as for the nominal model), with the
+    estimator, trust region and monitor as deployed. What it leaves of the gap is the caution's cost, not the model's error.
+    """
     name, overrides = case
     loaded = load_scenario(overrides)
     recipe = run_recipe_batch(loaded)
+    truth_kinetics = true_kinetics(loaded, recipe) if truth_arm else None  # refused here, before any batch runs, if the plant's truth is not the model's
     started = time.perf_counter()
     nmpc = run_controlled_batch(loaded, make_source=estimator_with(loaded.nominal), envelope=loaded.nominal.envelope)
     wall = time.perf_counter() - started
     tuned = run_controlled_batch(loaded, make_source=estimator_with(calibrated), envelope=calibrated.envelope) if calibrated is not None else None
     oracle = run_controlled_batch(loaded, make_source=oracle_source)
+    truth = run_controlled_batch(loaded, make_source=estimator_with(truth_kinetics)) if truth_kinetics is not None else None
     return ScenarioResult(
         name=name,
         recipe_score=recipe.kpis.score_g_per_day,
@@ -129,4 +158,6 @@ def run_scenario(case: tuple[str, dict[str, Any]], calibrated: CultureParameters
         nmpc_cold_retries=nmpc.solver_cold_retries,
         calibrated_score=tuned.batch.kpis.score_g_per_day if tuned is not None else float("nan"),
         calibrated_violation_h=tuned.batch.kpis.violation_h if tuned is not None else float("nan"),
+        truth_score=truth.batch.kpis.score_g_per_day if truth is not None else float("nan"),
+        truth_violation_h=truth.batch.kpis.violation_h if truth is not None else float("nan"),
     )

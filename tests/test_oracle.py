@@ -28,7 +28,7 @@ from simulator.oracle import (
 )
 from simulator.plants import PLANTS
 from simulator.plants.cho import ChoPlant
-from simulator.scenarios import load_scenario
+from simulator.scenarios import load_scenario, true_kinetics
 
 MPC_VIABILITY_MIN_PCT = 60.0
 MPC_GALACTOSYLATED_MIN = 0.5
@@ -186,3 +186,11 @@ def test_an_interval_of_no_whole_number_of_cycles_becomes_one(batch: BatchConfig
     paired = feeds.shape[0] // 2 * 2
     assert np.array_equal(feeds[0:paired:2], feeds[1:paired:2])
     assert not np.array_equal(feeds[1:paired:2][:-1], feeds[2:paired:2])  # but they change from one 8 h interval to the next
+
+
+def test_the_true_kinetics_a_truth_arm_is_given_are_the_plants_own():
+    """``true_kinetics``: the scenario's true culture parameters (growth 25 % faster), the media as the batch states them (a feed lot is a fault the controller is not told)."""
+    loaded = load_scenario({"seed": 10, "true_parameter_factors": {"growth.mu_max_per_h": 1.25}, "faults": [{"kind": "feed_lot", "start_h": 96.0, "strength": 0.85}]})
+    truth = true_kinetics(loaded, run_recipe_batch(loaded))
+    assert truth.growth.mu_max_per_h == pytest.approx(1.25 * loaded.nominal.growth.mu_max_per_h)
+    assert truth.product == loaded.nominal.product and truth.metabolism == loaded.nominal.metabolism

@@ -74,6 +74,8 @@ class TrustTimeline:
     """(cycles, 2): the lower and upper bound; NaN where the region is off."""
     feed_rate_lph: np.ndarray
     glucose_min_g_per_l: np.ndarray
+    glucose_error_g_per_l: np.ndarray
+    """One day-ahead glucose error the floor keeps two of above the limit (NaN in records made before it existed)."""
     harvest_h: np.ndarray
     checks: tuple[TrustCheck, ...]
 
@@ -105,6 +107,7 @@ class TrustTimeline:
             temperature_degc=np.array([pair(summary, "temperature_degc") for _, summary in rows]),
             feed_rate_lph=np.array([pair(summary, "feed_rate_lph") for _, summary in rows]),
             glucose_min_g_per_l=np.array([float(summary.get("glucose_min_g_per_l", math.nan)) for _, summary in rows]),
+            glucose_error_g_per_l=np.array([float(summary.get("glucose_error_g_per_l", math.nan)) for _, summary in rows]),
             harvest_h=np.array([pair(summary, "harvest_h") for _, summary in rows]),
             checks=tuple(checks),
         )
@@ -153,14 +156,15 @@ def write_trust_csv(path: Path, trust: TrustTimeline) -> None:
                 "feed_rate_low_lph",
                 "feed_rate_high_lph",
                 "glucose_min_g_per_l",
+                "glucose_error_g_per_l",
                 "harvest_earliest_h",
                 "harvest_latest_h",
                 "lab_check",
             ]
         )
         for i, t in enumerate(trust.time_h):
-            numbers = [trust.width[i], *trust.temperature_degc[i], *trust.feed_rate_lph[i], trust.glucose_min_g_per_l[i], *trust.harvest_h[i]]
-            width, t_low, t_high, f_low, f_high, glucose, h_low, h_high = (f"{v:.6g}" if math.isfinite(v) else "" for v in numbers)
+            numbers = [trust.width[i], *trust.temperature_degc[i], *trust.feed_rate_lph[i], trust.glucose_min_g_per_l[i], trust.glucose_error_g_per_l[i], *trust.harvest_h[i]]
+            width, t_low, t_high, f_low, f_high, glucose, glucose_error, h_low, h_high = (f"{v:.6g}" if math.isfinite(v) else "" for v in numbers)
             writer.writerow(
                 [
                     f"{t:.6g}",
@@ -174,6 +178,7 @@ def write_trust_csv(path: Path, trust: TrustTimeline) -> None:
                     f_low,
                     f_high,
                     glucose,
+                    glucose_error,
                     h_low,
                     h_high,
                     checks.get(float(t), ""),

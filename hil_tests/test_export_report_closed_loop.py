@@ -106,7 +106,14 @@ def test_the_csv_export_holds_the_history_time_aligned_with_units_in_the_names(h
         assert name in online, name
     for name in ("draw_time_h", "result_time_h", "vcd_1e6_per_ml", "titer_g_per_l", "glucose_g_per_l"):
         assert name in lab, name
-    for name in ("estimate_viable_cells_1e6_per_ml", "estimate_viable_cells_sd_1e6_per_ml", "applied_temperature_degc", "planned_harvest_time_h", "trust_temperature_low_degc"):
+    for name in (
+        "estimate_viable_cells_1e6_per_ml",
+        "estimate_viable_cells_sd_1e6_per_ml",
+        "applied_temperature_degc",
+        "planned_harvest_time_h",
+        "trust_temperature_low_degc",
+        "trust_glucose_error_g_per_l",
+    ):
         assert name in cycles, name
     assert "sp_temperature_degc" in writes and "mpc_heartbeat" in writes
     units = {c["name"]: c["unit"] for spec in manifest["tables"].values() for c in spec["columns"]}

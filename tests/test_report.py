@@ -70,6 +70,8 @@ def test_the_trust_files_hold_every_cycle_and_each_check_once(recorded, tmp_path
     assert float(rows[0]["width"]) == pytest.approx(summaries[0]["width"]) and rows[-1]["stood_down"] == "1"
     assert {float(r["reach_scale"]) for r in rows} == {1.0}  # every check that had a plan three days before missed, or had none
     assert float(rows[0]["temperature_high_degc"]) == pytest.approx(summaries[0]["temperature_degc"][1])
+    assert float(rows[0]["glucose_error_g_per_l"]) == pytest.approx(0.75)  # the tolerance's floor: no check was held against a replay
+    assert TrustTimeline.from_records([0.0], [{k: v for k, v in summaries[0].items() if k != "glucose_error_g_per_l"}]) is not None  # a record made before it existed
     plot_trust(tmp_path / "trust.png", trust, "test")
     assert (tmp_path / "trust.png").stat().st_size > 10_000
 

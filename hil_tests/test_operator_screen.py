@@ -310,6 +310,7 @@ def test_the_screen_shows_the_trust_region_and_an_engineer_re_enables_the_nmpc_a
             assert low < recipe.setpoints(FREEZE_AT_H).temperature_degc < high and high - low == pytest.approx(2.0 * region["width"] * trust.temperature_reach_degc)
             target = loaded.batch.recipe.glucose_target_g_per_l
             assert region["glucose_min_g_per_l"] == pytest.approx(target - region["width"] * trust.glucose_reach_g_per_l)
+            assert region["glucose_error_g_per_l"] == pytest.approx(trust.glucose.floor)  # the screen's reason for that floor: no shortfall seen yet
             assert region["harvest_h"] == pytest.approx(
                 [loaded.batch.recipe.harvest_h - region["width"] * trust.harvest_reach_h, loaded.batch.recipe.harvest_h + region["width"] * trust.harvest_reach_h]
             )
@@ -387,6 +388,7 @@ def test_in_a_browser_an_operator_logs_in_sees_the_plots_and_approves(tmp_path, 
             await page.wait_for_selector("#plot-titer .main-svg", timeout=15000)
             await page.wait_for_selector("#plot-viable_cells >> text=forecast to harvest")
             assert await page.locator(".js-plotly-plot").count() == 8
+            await page.wait_for_selector("#trust-table >> text=keeps two day-ahead glucose errors of 0.75 g/L above the limit")
             await page.wait_for_selector("#rec-table >> text=pending")
             recommendation = screen.runtime.recommendation
             assert recommendation is not None

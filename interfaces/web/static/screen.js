@@ -94,11 +94,16 @@ function showTrust(trust) {
     ["reach earned", trust.reach_scale === undefined ? "—" : `× ${fmt(trust.reach_scale, 2)} (results the plans predicted days ahead)`],
     ["temperature", range(trust.temperature_degc, 1, "°C")],
     ["nutrient feed", range(trust.feed_rate_lph, 2, "L/h")],
-    ["lowest glucose planned", trust.glucose_min_g_per_l === undefined ? "—" : `${fmt(trust.glucose_min_g_per_l)} g/L`],
+    ["lowest glucose planned", trust.glucose_min_g_per_l === undefined ? "—" : `${fmt(trust.glucose_min_g_per_l)} g/L` + glucoseError(trust.glucose_error_g_per_l)],
     ["harvest", harvest],
     ["misses in a row", `${trust.misses} of ${trust.misses_to_recipe}`],
     ["last lab check", trust.last_check || "none yet"],
   ]);
+}
+
+// Why the floor is where it is: the day-ahead glucose error it keeps two of above the limit (the tolerance's, or the batch's own shortfalls).
+function glucoseError(error) {
+  return error === undefined || error === null ? "" : ` (keeps two day-ahead glucose errors of ${fmt(error)} g/L above the limit)`;
 }
 
 async function refreshPlots() {

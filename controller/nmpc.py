@@ -184,8 +184,7 @@ class NmpcController:
         if self.trust.active:
             delivered, totalled = self._delivered(observation)
             # Across a gap (a lost connection: the PLC ran its local recipe) the totals say what went in; without them the read-back says nothing of it.
-            bridge_h = max(self._replays.max_gap_h, self.config.trust.replay_gap_h) if totalled else self._replays.max_gap_h
-            self._replays.record(t, delivered, state, parameters, bridge_h=bridge_h)
+            self._replays.record(t, delivered, state, parameters, bridge_h=self.config.trust.replay_gap_h if totalled else None)
         if observation.lab_result is not None:
             accepted = getattr(self._source, "lab_fields_accepted", None)
             lab = observation.lab_result

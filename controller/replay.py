@@ -48,21 +48,17 @@ class ReplayMemory:
         _, x_next = model.rk4(t, x, u, p, dt, substeps)
         self._step = ca.Function("replay_step", [t, x, u, p, dt], [x_next])
 
-    @property
-    def max_gap_h(self) -> float:
-        """The longest time between two cycles whose inputs a read-back alone stands for."""
-        return self._max_gap_h
-
     def record(self, time_h: float, applied_before: np.ndarray, state: np.ndarray, parameters: np.ndarray, *, bridge_h: float | None = None) -> None:
         """One cycle: the setpoints the plant ran since the previous cycle (read back now), and the estimate made now.
 
         The same time again is the same cycle run again (abandoned before its writes): no time passed, and the first read-back is kept.
-        ``bridge_h``: the longest gap since the previous cycle that ``applied_before`` stands for (default ``max_gap_h``): the caller
-        gives more when the rates are averages over the gap (from flow totals), not a read-back of now. A longer gap starts the memory again.
+        ``bridge_h``: a longer gap since the previous cycle that ``applied_before`` stands for than ``max_gap_h`` (never a shorter one):
+        the caller gives it when the rates are averages over the gap (from flow totals), not a read-back of now. A longer gap than
+        both starts the memory again.
         """
         if self._cycles and time_h == self._cycles[-1].time_h:
             return
-        if self._cycles and not 0.0 < time_h - self._cycles[-1].time_h <= (self._max_gap_h if bridge_h is None else bridge_h):
+        if self._cycles and not 0.0 < time_h - self._cycles[-1].time_h <= max(self._max_gap_h, bridge_h or 0.0):
             self._cycles.clear()
         if not (np.all(np.isfinite(applied_before)) and np.all(np.isfinite(state)) and np.all(np.isfinite(parameters))):
             self._cycles.clear()  # an input or an estimate unknown: nothing before it can be replayed through it

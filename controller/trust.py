@@ -431,9 +431,10 @@ class TrustRegion:
         )
         confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
         long_errors = self._errors({name: (value, 0.0) for name, value in replay.predicted.items()}, lab, accepted) if replay is not None else {}
+        long_worst = max((abs(error) for error in long_errors.values()), default=0.0)
+        long_missed = long_worst > 1.0
         # Against the model run with the inputs applied only: the plan's own glucose a day ahead is as much the replanning's as the model's.
         shortfall = predicted["glucose_g_per_l"][0] - lab.glucose_g_per_l if day_replay is not None and "glucose_g_per_l" in errors else math.nan
-        long_missed = any(abs(error) > 1.0 for error in long_errors.values())
         if confirmed:
             self.misses = 0
             self.width = min(1.0, self.width + cfg.widen_step)
@@ -442,7 +443,7 @@ class TrustRegion:
             self.width *= cfg.shrink_factor
             if self.misses >= cfg.misses_to_recipe:
                 self.stood_down = True
-        if not confirmed or (long_missed and max(abs(error) for error in long_errors.values()) > cfg.reach_reset_tolerances):
+        if not confirmed or long_worst > cfg.reach_reset_tolerances:
             self.reach_scale = 1.0
         elif long_missed:  # just beyond tolerance three days ahead: the estimate's own error, carried forward, can do that to a right model
             self.reach_scale = 1.0 + 0.5 * (self.reach_scale - 1.0)

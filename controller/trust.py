@@ -506,15 +506,36 @@ class TrustRegion:
     # ------------------------------------------------------------------ report
 
     def alarms(self) -> dict[str, str]:
-        """Active alarms: the NMPC stood down, or the last lab results missed the plan (region narrowed)."""
+        """Active alarms: the NMPC stood down, or the last lab results missed the plan (region narrowed), or the batch's glucose
+        shortfalls hold the plan's glucose at the recipe's target."""
         alarms: dict[str, str] = {}
         last = self.checks[-1].describe() if self.checks else ""
         if self.stood_down:
             results = "1 lab result" if self.misses == 1 else f"{self.misses} lab results in a row"
             alarms["nmpc_stood_down"] = f"{results} missed the plan's predictions; the platform recipe runs until an engineer re-enables the NMPC (last: {last})"
-        elif self.misses:
+            return alarms
+        if self.misses:
             alarms["nmpc_predictions_missed"] = f"{last}: trust region narrowed to {self.width:.0%}"
+        if self.active and self.glucose_floor_at_target:
+            alarms["nmpc_glucose_floor_at_target"] = self._floor_at_target_text()
         return alarms
+
+    @property
+    def glucose_floor_at_target(self) -> bool:
+        """The batch's own glucose shortfalls, not the configuration, lift the glucose floor to the recipe's target (where the cap holds it)."""
+        cfg, limits = self.config, self._batch.limits
+        error = self.glucose_error_g_per_l
+        return error > cfg.glucose.floor and limits.glucose_min_g_per_l + cfg.glucose_margins * error >= self._batch.recipe.glucose_target_g_per_l
+
+    def _floor_at_target_text(self) -> str:
+        error, target = self.glucose_error_g_per_l, self._batch.recipe.glucose_target_g_per_l
+        recent = [check for check in self.checks[-self.config.bias_window :] if check.glucose_shortfall_g_per_l == error]
+        which = f"lab result {recent[-1].seq} (drawn {recent[-1].taken_at_h:.0f} h)" if recent else "a lab result before the restart"
+        return (
+            f"{which} had {error:.2f} g/L less glucose than the model predicted a day ahead: the plan holds glucose at the recipe's target of"
+            f" {target:g} g/L, as the recipe would, until {self.config.bias_window} results in a row show no shortfall that large (a wrong"
+            " glucose result the estimator's gate accepted holds it there too)"
+        )
 
     def summary(self, now_h: float | None = None, volume_l: float | None = None) -> dict[str, Any]:
         """The region as plain data, for the cycle record, the screen and the report."""

@@ -396,3 +396,27 @@ def test_the_glucose_shortfalls_survive_a_restart_and_a_damaged_one_is_taken_on_
     region = _region(batch)
     region.restore(saved)
     assert region.glucose_error_g_per_l == pytest.approx(error)
+
+
+def test_a_shortfall_that_lifts_the_floor_to_the_recipes_target_is_alarmed_until_it_leaves_the_window(batch):
+    """The floor's cap hides the shortfall in the bounds: the alarm says that the batch's own results now hold glucose where the recipe would."""
+    region = _region(batch, glucose_reach_g_per_l=10.0, initial_width=1.0, widen_step=0.0, shrink_factor=1.0, bias_window=2, lead_h=24.0, misses_to_recipe=10)
+    target = batch.recipe.glucose_target_g_per_l
+    assert region.alarms() == {} and not region.glucose_floor_at_target
+    _plan(region, 0.0, vcd=5.0, titer=0.5, glucose=4.0)
+    region.check(_lab(1, 30.0, vcd=5.0, titer=0.5, glucose=3.0), day_replay=_glucose_replay(30.0, 4.0))  # 1.0 g/L short: floor 2.5 g/L, below the target
+    assert "nmpc_glucose_floor_at_target" not in region.alarms()
+    region.check(_lab(2, 40.0, vcd=5.0, titer=0.5, glucose=2.0), day_replay=_glucose_replay(40.0, 4.0))  # 2.0 g/L short: 0.5 + 2 × 2.0 > 4.0
+    assert _glucose_floor(region) == pytest.approx(target)
+    message = region.alarms()["nmpc_glucose_floor_at_target"]
+    assert "lab result 2 (drawn 40 h)" in message and "2.00 g/L" in message and f"target of {target:g} g/L" in message
+    region.check(_lab(3, 50.0, vcd=5.0, titer=0.5, glucose=4.0), day_replay=_glucose_replay(50.0, 4.0))
+    assert "nmpc_glucose_floor_at_target" in region.alarms()  # still in the window of two
+    region.check(_lab(4, 60.0, vcd=5.0, titer=0.5, glucose=4.0), day_replay=_glucose_replay(60.0, 4.0))
+    assert "nmpc_glucose_floor_at_target" not in region.alarms() and _glucose_floor(region) < target
+    # After a restart the checks are gone but the shortfall is not: the alarm says so.
+    restarted = _region(batch, bias_window=2)
+    restarted.restore({"glucose_shortfalls_g_per_l": [2.5]})
+    assert "a lab result before the restart" in restarted.alarms()["nmpc_glucose_floor_at_target"]
+    # A configuration whose floor alone reaches the target is no alarm: it is no evidence about the batch.
+    assert _region(batch, glucose_margins=5.0).alarms() == {}

@@ -34,7 +34,7 @@ from controller.records import BatchRecord
 from plant_models.parameters import CultureParameters
 from simulator.batch import run_recipe_batch
 from simulator.campaign import Engine, add_campaign_options, add_settings_option, load_settings, run_campaign, write_table
-from simulator.evaluation import run_with_coverage
+from simulator.evaluation import gap_closed, run_with_coverage
 from simulator.oracle import run_oracle_batch
 from simulator.scenarios import load_scenario
 
@@ -61,8 +61,7 @@ class BatchRow:
 
     @property
     def gap(self) -> float:
-        span = self.oracle - self.recipe
-        return (self.score - self.recipe) / span if span > 0 else math.nan
+        return gap_closed(self.score, self.recipe, self.oracle)
 
 
 def quiet() -> None:

@@ -39,7 +39,7 @@ from controller.calibration import CalibrationSettings, calibrate
 from plant_models.parameters import CultureParameters
 from simulator.batch import run_recipe_batch
 from simulator.campaign import add_campaign_options, add_settings_option, load_settings, run_campaign, write_table
-from simulator.evaluation import EvaluatedBatch, run_with_coverage
+from simulator.evaluation import EvaluatedBatch, gap_closed, run_with_coverage
 from simulator.oracle import run_oracle_batch
 from simulator.records import development_batches
 from simulator.scenarios import load_scenario
@@ -86,8 +86,7 @@ class Row:
     wall_s: float
 
     def gap(self, score: float) -> float:
-        span = self.oracle - self.recipe
-        return (score - self.recipe) / span if span > 0 else math.nan
+        return gap_closed(score, self.recipe, self.oracle)
 
 
 @dataclass(frozen=True)

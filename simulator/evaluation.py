@@ -46,6 +46,13 @@ def estimator_with(kinetics: CultureParameters) -> SourceFactory:
     return make
 
 
+def gap_closed(score: float, recipe: float, oracle: float) -> float:
+    """(score − recipe) / (oracle − recipe): the share of the perfect-knowledge oracle's gain over the recipe a controller won
+    (docs/oracle.md); NaN when the oracle gains nothing over the recipe."""
+    span = oracle - recipe
+    return (score - recipe) / span if span > 0 else math.nan
+
+
 @dataclass(frozen=True)
 class Coverage:
     """How often the estimator's 95 % band held the truth and the lab results (issue 12's target: ≥ 0.9)."""

@@ -20,7 +20,7 @@ from plant_models.parameters import CultureParameters, replaced_parameters
 from simulator.batch import BatchResult, run_recipe_batch
 from simulator.closed_loop import oracle_source, run_controlled_batch
 from simulator.config import LoadedSimulation, load_simulation
-from simulator.evaluation import estimator_with
+from simulator.evaluation import estimator_with, gap_closed
 from simulator.records import development_batches
 
 PLATFORM = Path(__file__).resolve().parent.parent / "configs" / "simulate" / "platform.yaml"
@@ -93,8 +93,7 @@ class ScenarioResult:
         return self._gap(self.truth_score)
 
     def _gap(self, score: float) -> float:
-        span = self.oracle_score - self.recipe_score
-        return (score - self.recipe_score) / span if span > 0 else float("nan")
+        return gap_closed(score, self.recipe_score, self.oracle_score)
 
 
 def load_scenario(overrides: dict[str, Any]) -> LoadedSimulation:

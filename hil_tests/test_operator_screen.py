@@ -31,7 +31,7 @@ from interfaces.users import Role, UserStore
 from plant_models.cho import CultureModel
 from plant_models.parameters import parameter_vector
 from simulator.batch import build_simulated_plc
-from simulator.config import LoadedSimulation, load_simulation
+from simulator.config import LabValueFault, LoadedSimulation, load_simulation
 from simulator.opcua_server import OpcUaPlcServer
 
 pytestmark = pytest.mark.hil
@@ -358,6 +358,14 @@ def test_the_screen_shows_the_trust_region_and_an_engineer_re_enables_the_nmpc_a
     asyncio.run(asyncio.wait_for(scenario(), 120))
 
 
+async def launch_chromium(playwright: Any, chromium: Path) -> Any:
+    """Debian's chromium, headless, without the background traffic a screen on the control network does not need."""
+    return await playwright.chromium.launch(
+        executable_path=str(chromium),
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
+    )
+
+
 def test_in_a_browser_an_operator_logs_in_sees_the_plots_and_approves(tmp_path, mpc):
     playwright_api = pytest.importorskip("playwright.async_api")
     chromium = Path("/usr/bin/chromium")
@@ -369,10 +377,7 @@ def test_in_a_browser_an_operator_logs_in_sees_the_plots_and_approves(tmp_path, 
 
     async def scenario() -> dict[str, Any]:
         async with advisory_screen(tmp_path, mpc, freeze_at_h=at_h, auto_approve_until_h=at_h if shot else 0.0) as screen, playwright_api.async_playwright() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=str(chromium),
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
-            )
+            browser = await launch_chromium(playwright, chromium)
             page = await browser.new_page(viewport={"width": 1400, "height": 1000})
             blocked: list[str] = []  # what the Content-Security-Policy refused: nothing the screen needs
             page.on("console", lambda message: blocked.append(message.text) if "Content Security Policy" in message.text else None)
@@ -389,6 +394,8 @@ def test_in_a_browser_an_operator_logs_in_sees_the_plots_and_approves(tmp_path, 
             await page.wait_for_selector("#plot-viable_cells >> text=forecast to harvest")
             assert await page.locator(".js-plotly-plot").count() == 8
             await page.wait_for_selector("#trust-table >> text=keeps two day-ahead glucose errors of 0.75 g/L above the limit")
+            if not shot:  # the plant's own kinetics and noise by 2 h: every signal within what the model assumed
+                await page.wait_for_selector("#estimate-table >> text=process noise widened: none")
             await page.wait_for_selector("#rec-table >> text=pending")
             recommendation = screen.runtime.recommendation
             assert recommendation is not None
@@ -409,3 +416,43 @@ def test_in_a_browser_an_operator_logs_in_sees_the_plots_and_approves(tmp_path, 
     result = asyncio.run(asyncio.wait_for(scenario(), 180))
     assert result["plc"]["SP.Temperature"].value == pytest.approx(result["recommendation"].temperature_degc)
     assert result["plc"]["SP.GlucoseRate"].value == pytest.approx(result["recommendation"].glucose_rate_lph)
+
+
+def test_in_a_browser_the_estimate_shows_the_process_noise_a_disagreeing_lab_field_widened(tmp_path, mpc):
+    """The lab reports glucose 1.3 x the truth in the first four samples (every half hour from 0 h): by 2 h the consistency
+    monitor has failed the glucose window and widened the process noise of what glucose observes. The status carries the
+    live estimator's factor, and the estimate table shows it to the operator with what it means."""
+    playwright_api = pytest.importorskip("playwright.async_api")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.fail("Debian's chromium is missing: ./dev.sh test installs it")
+    platform = load_simulation(PLATFORM)
+    sampling = platform.simulation.sampling.model_copy(
+        update={"first_draw_h": 0.0, "interval_h": 0.5, "draw_jitter_h": 0.0, "result_delay_min_h": 0.25, "result_delay_max_h": 0.25}
+    )
+    faults = [LabValueFault(kind="lab_value", draw_index=draw, field="glucose_g_per_l", factor=1.3) for draw in range(4)]
+    loaded = platform.model_copy(update={"simulation": platform.simulation.model_copy(update={"sampling": sampling, "faults": faults})})
+
+    async def scenario() -> None:
+        async with advisory_screen(tmp_path, mpc, loaded=loaded) as screen, playwright_api.async_playwright() as playwright:
+            vera = await screen.client("vera")
+            inflation = (await vera.get("/api/status")).json()["estimate"]["inflation"]
+            await vera.aclose()
+            estimator = screen.runtime.cycle.estimator
+            assert estimator is not None
+            assert inflation == {name: pytest.approx(factor) for name, factor in estimator.inflation.items() if factor != 1.0}, "the status passes the live factors"
+            assert set(inflation) == {"glucose_g_per_l"} and inflation["glucose_g_per_l"] > 1.1, inflation
+            browser = await launch_chromium(playwright, chromium)
+            page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+            await page.goto(screen.url)
+            await page.fill("input[name=username]", "vera")
+            await page.fill("input[name=password]", PASSWORDS["vera"])
+            await page.click("button[type=submit]")
+            row = page.locator("#estimate-table tr", has_text="process noise widened: glucose_g_per_l")
+            await row.wait_for(timeout=15000)
+            shown = await row.locator("td.num").inner_text()
+            assert shown.startswith(f"× {inflation['glucose_g_per_l']:.1f} (") and "worse than it assumed" in shown, shown
+            assert await page.locator("#estimate-table >> text=process noise widened: none").count() == 0
+            await browser.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))

@@ -58,7 +58,8 @@ async function refreshStatus() {
   list("quality", Object.entries(s.data_quality), "all signals good");
   if (s.estimate) {
     rows("estimate-table", Object.keys(LABELS).map((k) => [LABELS[k], `${fmt(s.estimate.state[k])} ± ${fmt(s.estimate.sd[k])}`])
-      .concat(Object.entries(s.estimate.multipliers).map(([k, v]) => [`× ${k.split(".").pop()}`, fmt(v, 3)])));
+      .concat(Object.entries(s.estimate.multipliers).map(([k, v]) => [`× ${k.split(".").pop()}`, fmt(v, 3)]))
+      .concat(widenedNoise(s.estimate.inflation)));
   }
   showTrust(s.trust);
   current = s.recommendation;
@@ -104,6 +105,17 @@ function showTrust(trust) {
 // Why the floor is where it is: the day-ahead glucose error it keeps two of above the limit (the tolerance's, or the batch's own shortfalls).
 function glucoseError(error) {
   return error === undefined || error === null ? "" : ` (keeps two day-ahead glucose errors of ${fmt(error)} g/L above the limit)`;
+}
+
+// The consistency monitor's factors: a signal the model explains worse than it assumed widens the process noise of what it observes.
+// Records made before the estimate carried them have no mapping: none widened.
+function widenedNoise(inflation) {
+  const widened = Object.entries(inflation || {}).filter(([, factor]) => factor !== 1).sort(([, a], [, b]) => b - a);
+  if (!widened.length) return [["process noise widened: none", "every signal within the uncertainty the model assumed"]];
+  return widened.map(([signal, factor]) => [
+    `process noise widened: ${signal}`,
+    `× ${fmt(factor, factor < 1.1 ? 2 : 1)} (the model explains this signal worse than it assumed: the ± of what it observes is widened)`,
+  ]);
 }
 
 async function refreshPlots() {

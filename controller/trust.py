@@ -137,6 +137,13 @@ class TrustRegionConfig(FrozenConfig):
             " the band's reaches beyond its margin [-]"
         ),
     )
+    endgame_holds_what_ran: bool = Field(
+        default=True,
+        description=(
+            "from long_lead_h before the recipe's harvest on, the plan's temperature and nutrient feed stay within what the batch has run"
+            " so far (and the recipe's own): a move made then is one no lab result checks before the harvest"
+        ),
+    )
     vcd: Tolerance = Tolerance(relative=0.2, floor=0.5)
     titer: Tolerance = Tolerance(relative=0.15, floor=0.1)
     glucose: Tolerance = Tolerance(relative=0.3, floor=0.75)
@@ -262,6 +269,8 @@ class TrustRegion:
         """Predicted − measured glucose of the last ``bias_window`` checks (NaN: none for that check)."""
         self.checks: list[LabCheck] = []
         self._predictions: deque[_Prediction] = deque()
+        self._ran = np.full((2, 2), np.nan)
+        """The lowest and highest temperature setpoint [°C] (row 0) and nutrient feed [L/h] (row 1) the batch has run (NaN: none known)."""
 
     def _initial_width(self) -> float:
         return 1.0 if self.source is not RegionSource.RECIPE_BAND else self.config.initial_width
@@ -289,8 +298,40 @@ class TrustRegion:
                 return phase
         return self._envelope[-1]
 
-    def _edges(self, time_h: float, volume_l: float) -> tuple[float, float, float, float, float]:
-        """At ``time_h``: the feed rate's lower and upper bound [L/h], the temperature's [°C] and the glucose window's lower edge [g/L]."""
+    @property
+    def endgame_from_h(self) -> float:
+        """From here on a move is one no long-lead replay checks before the recipe's harvest."""
+        return self._batch.recipe.harvest_h - self.config.long_lead_h
+
+    def in_endgame(self, now_h: float) -> bool:
+        """The plan's temperature and feed hold within what the batch has run (:attr:`TrustRegionConfig.endgame_holds_what_ran`)."""
+        return self.config.endgame_holds_what_ran and self.active and now_h >= self.endgame_from_h
+
+    def ran(self, inputs: np.ndarray) -> None:
+        """Take note of the inputs the plant ran since the last cycle (nutrient feed [L/h], glucose feed, temperature setpoint [°C])."""
+        for row, value in ((0, float(inputs[2])), (1, float(inputs[0]))):
+            if math.isfinite(value):
+                self._ran[row] = (np.fmin(self._ran[row, 0], value), np.fmax(self._ran[row, 1], value))
+
+    def _edges(self, time_h: float, volume_l: float, now_h: float | None = None) -> tuple[float, float, float, float, float]:
+        """At ``time_h``: the feed rate's lower and upper bound [L/h], the temperature's [°C] and the glucose window's lower edge [g/L].
+
+        ``now_h``: when the plan starts; in the end-game the temperature and feed are held within what the batch has run.
+        """
+        feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._region_edges(time_h, volume_l)
+        if now_h is not None and self.in_endgame(now_h):
+            # What the lab checks comes days after the move (a productivity that follows the temperature with a lag, a titer
+            # assayed a day later): a move made now is one no result takes back before the harvest. The recipe's own stays allowed.
+            temperature, feed = self._recipe.setpoints(time_h).temperature_degc, self._recipe.feed_rate_lph(time_h)
+            (t_ran_low, t_ran_high), (f_ran_low, f_ran_high) = self._ran
+            temperature_low = max(temperature_low, float(np.fmin(t_ran_low, temperature)))
+            temperature_high = min(temperature_high, float(np.fmax(t_ran_high, temperature)))
+            feed_low = max(feed_low, float(np.fmin(f_ran_low, feed)))
+            feed_high = min(feed_high, float(np.fmax(f_ran_high, feed)))
+        return feed_low, feed_high, temperature_low, temperature_high, glucose_low
+
+    def _region_edges(self, time_h: float, volume_l: float) -> tuple[float, float, float, float, float]:
+        """The region's edges at ``time_h`` (:meth:`_edges` without the end-game)."""
         cfg, batch, w, scale = self.config, self._batch, self.width, self.reach_scale
         target = batch.recipe.glucose_target_g_per_l
         temperature, feed = self._recipe.setpoints(time_h).temperature_degc, self._recipe.feed_rate_lph(time_h)
@@ -345,7 +386,8 @@ class TrustRegion:
         if not self.active:
             return None
         n = len(starts_h)
-        edges = np.array([self._edges(float(t), float(v)) for t, v in zip(starts_h, np.broadcast_to(volume_l, (n,)), strict=True)]).T
+        now_h = float(starts_h[0])
+        edges = np.array([self._edges(float(t), float(v), now_h) for t, v in zip(starts_h, np.broadcast_to(volume_l, (n,)), strict=True)]).T
         lower = np.vstack([edges[0], np.zeros(n), edges[2]])
         upper = np.vstack([edges[1], np.full(n, self._batch.equipment.glucose_rate_max_lph), edges[3]])
         rate = temperature_rate_degc_per_h
@@ -548,11 +590,12 @@ class TrustRegion:
             "glucose_error_g_per_l": self.glucose_error_g_per_l,
         }
         if now_h is not None and self.active:
-            feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._edges(now_h, volume_l if volume_l is not None else self._batch.inoculation.volume_l)
+            feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._edges(now_h, volume_l if volume_l is not None else self._batch.inoculation.volume_l, now_h)
             data["temperature_degc"] = [temperature_low, temperature_high]
             data["feed_rate_lph"] = [feed_low, feed_high]
             data["glucose_min_g_per_l"] = glucose_low
             data["harvest_h"] = list(self.harvest_window_h(now_h))
+            data["endgame"] = self.in_endgame(now_h)
         if self.checks:
             data["last_check"] = self.checks[-1].describe()
         return data
@@ -565,6 +608,8 @@ class TrustRegion:
             "misses": self.misses,
             "stood_down": self.stood_down,
             "glucose_shortfalls_g_per_l": [value if math.isfinite(value) else None for value in self._shortfalls],
+            "ran_temperature_degc": [value if math.isfinite(value) else None for value in self._ran[0]],
+            "ran_feed_lph": [value if math.isfinite(value) else None for value in self._ran[1]],
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -576,6 +621,7 @@ class TrustRegion:
         self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
         self._shortfalls.clear()
         self._shortfalls.extend(_saved_shortfalls(data))
+        self._ran = np.array([_saved_range(data, "ran_temperature_degc"), _saved_range(data, "ran_feed_lph")])
         stood_down = data.get("stood_down", False)
         if not isinstance(stood_down, bool):  # "false" is a non-empty string: bool() would read it as True, and so would this, on purpose
             log.warning("trust_restore_value_ignored", field="stood_down", saved=repr(stood_down), used=True)
@@ -591,6 +637,23 @@ def _saved_shortfalls(data: dict[str, Any]) -> list[float]:
         log.warning("trust_restore_value_ignored", field="glucose_shortfalls_g_per_l", saved=repr(saved), used=[MAX_GLUCOSE_SHORTFALL_G_PER_L])
         return [MAX_GLUCOSE_SHORTFALL_G_PER_L]
     return [math.nan if value is None else float(np.clip(value, -MAX_GLUCOSE_SHORTFALL_G_PER_L, MAX_GLUCOSE_SHORTFALL_G_PER_L)) for value in saved]
+
+
+def _saved_range(data: dict[str, Any], name: str) -> tuple[float, float]:
+    """A saved range of inputs the batch ran: (low, high). Missing or damaged: none known (logged when damaged), so the end-game
+    holds the plan at the recipe's own inputs (the safe side)."""
+    saved = data.get(name)
+    if saved is None or saved == [None, None]:
+        return math.nan, math.nan
+    if (
+        isinstance(saved, list)
+        and len(saved) == 2
+        and all(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) for value in saved)
+        and saved[0] <= saved[1]
+    ):
+        return float(saved[0]), float(saved[1])
+    log.warning("trust_restore_value_ignored", field=name, saved=repr(saved), used=None)
+    return math.nan, math.nan
 
 
 def _saved_number(data: dict[str, Any], name: str, default: float) -> float:

@@ -420,3 +420,59 @@ def test_a_shortfall_that_lifts_the_floor_to_the_recipes_target_is_alarmed_until
     assert "a lab result before the restart" in restarted.alarms()["nmpc_glucose_floor_at_target"]
     # A configuration whose floor alone reaches the target is no alarm: it is no evidence about the batch.
     assert _region(batch, glucose_margins=5.0).alarms() == {}
+
+
+def _endgame_bounds(region: TrustRegion, start_h: float, previous_degc: float = 32.4):
+    starts, durations = _grid(start_h, end_h=336.0)
+    bounds = region.bounds(
+        starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.75, 0.3, previous_degc]), temperature_rate_degc_per_h=RATE
+    )
+    assert bounds is not None
+    return bounds
+
+
+def test_in_the_endgame_the_plan_holds_within_what_the_batch_has_run(batch):
+    """A move made in the last long_lead_h before the recipe's harvest is one no lab result checks before the harvest (the calibrated
+    cell_cycle model cooled to 30.7 °C there, below the plant's productivity optimum, and gave up its lead over the recipe)."""
+    region = _region(batch, initial_width=1.0)
+    assert region.endgame_from_h == pytest.approx(batch.recipe.harvest_h - 72.0)
+    for inputs in ([0.0, 0.0, 36.5], [2.0, 0.5, 33.0], [1.2, 0.2, 32.4]):
+        region.ran(np.array(inputs))
+    before = _endgame_bounds(region, region.endgame_from_h - 10.0)
+    assert before.inputs_lower[2].min() == pytest.approx(33.0 - 1.5)  # not yet: the region's own edge
+    assert not region.summary(region.endgame_from_h - 10.0)["endgame"]
+    inside = _endgame_bounds(region, region.endgame_from_h + 6.0)
+    assert inside.inputs_lower[2].min() == pytest.approx(32.4)  # no colder than the batch has run
+    assert inside.inputs_upper[0].max() == pytest.approx(2.0)  # no more feed than it has run (the region would allow 2.92 L/h)
+    summary = region.summary(region.endgame_from_h + 6.0)
+    assert summary["endgame"] and summary["temperature_degc"][0] == pytest.approx(32.4)
+    # The recipe's own inputs stay allowed whatever ran: a batch that never ran the recipe's 33 °C may still go there.
+    warm = _region(batch, initial_width=1.0)
+    warm.ran(np.array([1.0, 0.0, 34.0]))
+    assert _endgame_bounds(warm, warm.endgame_from_h + 6.0, previous_degc=34.0).inputs_lower[2].min() == pytest.approx(33.0)
+    # Switched off: the region's own edges.
+    free = _region(batch, initial_width=1.0, endgame_holds_what_ran=False)
+    free.ran(np.array([1.2, 0.2, 32.4]))
+    assert _endgame_bounds(free, free.endgame_from_h + 6.0).inputs_lower[2].min() == pytest.approx(33.0 - 1.5)
+
+
+@pytest.mark.parametrize(
+    ("saved", "lowest_degc"),
+    [
+        ({"ran_temperature_degc": [32.4, 36.5], "ran_feed_lph": [0.0, 2.0]}, 32.4),
+        ({}, 33.0),  # saved before the range was kept: none known, the recipe's own (the safe side)
+        ({"ran_temperature_degc": [None, None], "ran_feed_lph": [None, None]}, 33.0),
+        ({"ran_temperature_degc": [36.5, 32.4]}, 33.0),  # damaged (low above high)
+        ({"ran_temperature_degc": "32.4"}, 33.0),
+        ({"ran_temperature_degc": [float("nan"), 36.5]}, 33.0),
+    ],
+)
+def test_what_the_batch_has_run_survives_a_restart_and_a_damaged_range_holds_the_endgame_at_the_recipe(batch, saved, lowest_degc):
+    region = _region(batch, initial_width=1.0)
+    region.restore(saved)
+    assert _endgame_bounds(region, region.endgame_from_h + 6.0, previous_degc=33.0).inputs_lower[2].min() == pytest.approx(lowest_degc)
+    ran = _region(batch)
+    ran.ran(np.array([1.2, 0.2, 32.4]))
+    ran.ran(np.array([2.0, 0.2, 36.5]))
+    ran.ran(np.array([0.0, 0.2, math.nan]))  # a Bad read-back: not a temperature the batch ran
+    assert ran.to_dict()["ran_temperature_degc"] == [32.4, 36.5] and ran.to_dict()["ran_feed_lph"] == [0.0, 2.0]

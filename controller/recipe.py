@@ -79,6 +79,15 @@ class PlatformRecipe:
         """The volume kept free for the glucose feed at ``process_time_h``: ``glucose_room_per_day`` × the initial volume × the days left to the harvest."""
         return self._recipe.glucose_room_per_day * self._initial_volume_l * max(0.0, self._recipe.harvest_h - process_time_h) / 24.0
 
+    def nutrient_stop_l(self, process_time_h: float) -> float:
+        """The volume at which the recipe stops its nutrient feed at ``process_time_h``: the high-level feed stop less :meth:`glucose_room_l`.
+
+        The trust region holds every plan below it too (controller.trust): should the NMPC stand down, the recipe finds the room its
+        glucose feed needs to the harvest.
+        """
+        stop_l = self._equipment.max_working_volume_l - self._recipe.feed_stop_below_max_l
+        return stop_l - self.glucose_room_l(process_time_h)
+
     def setpoints(self, process_time_h: float, *, volume_l: float | None = None) -> Setpoints:
         """The recipe's setpoints now; with a known ``volume_l``, the feeds stop near the maximum working volume.
 
@@ -93,9 +102,8 @@ class PlatformRecipe:
         if not math.isfinite(process_time_h):
             raise ValueError(f"process time must be finite, got {process_time_h}")
         volume = math.nan if volume_l is None else volume_l  # comparisons with NaN are false: an unknown volume stops nothing
-        stop_l = self._equipment.max_working_volume_l - self._recipe.feed_stop_below_max_l
-        full = volume >= stop_l
-        nutrient_full = volume >= stop_l - self.glucose_room_l(process_time_h)
+        full = volume >= self._equipment.max_working_volume_l - self._recipe.feed_stop_below_max_l
+        nutrient_full = volume >= self.nutrient_stop_l(process_time_h)
         temperature = self._recipe.temperature_initial_degc if process_time_h < self._recipe.temperature_shift_h else self._recipe.temperature_shifted_degc
         return Setpoints(
             feed_rate_lph=0.0 if nutrient_full else self.feed_rate_lph(process_time_h),

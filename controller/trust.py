@@ -404,7 +404,7 @@ class TrustRegion:
         upper[2] = np.maximum(upper[2], previous_temperature - rate * elapsed)  # coming down from above it
         # A plan that fills the reactor leaves the recipe no room to feed the glucose it needs should the NMPC stand down: keep the recipe's room free.
         ends_h = np.asarray(starts_h, dtype=float) + np.asarray(durations_h, dtype=float)
-        volume_upper = self._batch.equipment.max_working_volume_l - np.array([self._recipe.glucose_room_l(float(t)) for t in ends_h])
+        volume_upper = np.array([self._recipe.nutrient_stop_l(float(t)) for t in ends_h])
         # The region's least feed must not fill that room: a narrowed region around a schedule that ignores the volume
         # (the recipe stops its nutrient feed at the room; its schedule does not) would force the plan over its ceiling.
         lower[0] = _fill_lower_bounds(lower[0], np.asarray(durations_h, dtype=float), float(np.broadcast_to(volume_l, (n,))[0]), volume_upper)

@@ -110,9 +110,12 @@ def test_the_plan_leaves_room_for_the_recipes_glucose_should_the_nmpc_stand_down
     assert bounds is not None and bounds.volume_upper is not None
     ends = starts + durations
     reserve_l = batch.recipe.glucose_room_per_day * batch.inoculation.volume_l / 24.0 * np.maximum(0.0, batch.recipe.harvest_h - ends)
-    np.testing.assert_allclose(bounds.volume_upper, batch.equipment.max_working_volume_l - reserve_l)
-    assert bounds.volume_upper[0] < batch.equipment.max_working_volume_l - 40.0  # about ten days of glucose kept free at 100 h
-    assert bounds.volume_upper[-1] == pytest.approx(batch.equipment.max_working_volume_l)  # nothing to keep at the recipe's harvest
+    # Below the volume at which the recipe itself stops its nutrient feed: the PLC's high-level feed stop less that room, so the
+    # recipe's glucose feed, which runs to that stop, has the whole room.
+    stop_l = batch.equipment.max_working_volume_l - batch.recipe.feed_stop_below_max_l
+    np.testing.assert_allclose(bounds.volume_upper, stop_l - reserve_l)
+    assert bounds.volume_upper[0] < stop_l - 40.0  # about ten days of glucose kept free at 100 h
+    assert bounds.volume_upper[-1] == pytest.approx(stop_l)  # nothing to keep at the recipe's harvest
 
 
 def test_a_narrowed_region_never_feeds_the_reactor_into_the_recipe_s_glucose_room(batch):
@@ -123,7 +126,7 @@ def test_a_narrowed_region_never_feeds_the_reactor_into_the_recipe_s_glucose_roo
     """
     region = _region(batch, initial_width=0.0)
     starts, durations = _grid(250.0)
-    ceiling = batch.equipment.max_working_volume_l - np.array([region._recipe.glucose_room_l(t) for t in starts + durations])
+    ceiling = np.array([region._recipe.nutrient_stop_l(t) for t in starts + durations])
     now_l = float(ceiling[0]) - 1.0  # a litre below the first stage's ceiling
     volume = np.full(starts.size, now_l)
     bounds = region.bounds(starts, durations, volume_l=volume, previous_inputs=np.array([1.75, 0.3, 33.0]), temperature_rate_degc_per_h=RATE)

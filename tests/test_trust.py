@@ -427,9 +427,7 @@ def test_a_shortfall_that_lifts_the_floor_to_the_recipes_target_is_alarmed_until
 
 def _endgame_bounds(region: TrustRegion, start_h: float, previous_degc: float = 32.4):
     starts, durations = _grid(start_h, end_h=336.0)
-    bounds = region.bounds(
-        starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.75, 0.3, previous_degc]), temperature_rate_degc_per_h=RATE
-    )
+    bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.75, 0.3, previous_degc]), temperature_rate_degc_per_h=RATE)
     assert bounds is not None
     return bounds
 

@@ -185,7 +185,7 @@ class NmpcController:
             delivered, totalled = self._delivered(observation)
             # Across a gap (a lost connection: the PLC ran its local recipe) the totals say what went in; without them the read-back says nothing of it.
             self._replays.record(t, delivered, state, parameters, bridge_h=self.config.trust.replay_gap_h if totalled else None)
-            self.trust.ran(delivered)
+            self.trust.ran(t, observation.applied)
         if observation.lab_result is not None:
             accepted = getattr(self._source, "lab_fields_accepted", None)
             lab = observation.lab_result

@@ -47,7 +47,7 @@ from pydantic import Field, model_validator
 from controller.config import BatchConfig
 from controller.mpc import PlanBounds
 from controller.recipe import PlatformRecipe
-from controller.types import LabResult
+from controller.types import LabResult, Setpoints
 from plant_models.cho import STATE_INDEX
 from plant_models.config_loading import FrozenConfig
 from plant_models.parameters import PhaseEnvelope
@@ -105,7 +105,8 @@ class TrustRegionConfig(FrozenConfig):
         le=240.0,
         description=(
             "each lab result is also held against the model run this long before its draw, from the estimate then, with the inputs the plant"
-            " was actually given; results that confirm it and the day-ahead plan earn reach [h]"
+            " was actually given; results that confirm it and the day-ahead plan earn reach. Also the end-game's length: a move made this"
+            " close to the harvest is one no such replay checks before it (endgame_holds_what_ran) [h]"
         ),
     )
     replay_gap_h: float = Field(
@@ -154,7 +155,7 @@ class TrustRegionConfig(FrozenConfig):
         description=(
             "the plan keeps glucose this many day-ahead glucose errors above the starvation limit (never above the recipe's glucose target),"
             " whatever the source; one error is the glucose tolerance's floor, or the largest shortfall (predicted − measured, against the"
-            " model run with the inputs applied) of the last bias_window lab results when that is larger [-]"
+            " model run with the inputs applied) of the last bias_window lab results that compared glucose so, when that is larger [-]"
         ),
     )
 
@@ -266,11 +267,13 @@ class TrustRegion:
         self.misses = 0
         self.stood_down = False
         self._shortfalls: deque[float] = deque(maxlen=self.config.bias_window)
-        """Predicted − measured glucose of the last ``bias_window`` checks (NaN: none for that check)."""
+        """Predicted − measured glucose of the last ``bias_window`` checks that compared glucose against the model run with the inputs applied."""
         self.checks: list[LabCheck] = []
         self._predictions: deque[_Prediction] = deque()
         self._ran = np.full((2, 2), np.nan)
-        """The lowest and highest temperature setpoint [°C] (row 0) and nutrient feed [L/h] (row 1) the batch has run (NaN: none known)."""
+        """The lowest and highest temperature setpoint [°C] (row 0) and nutrient feed [L/h] (row 1) of the production phase (NaN: none known)."""
+        self._planned_harvest_h = batch.recipe.harvest_h
+        """The harvest of the last plan bounded (the recipe's until one is)."""
 
     def _initial_width(self) -> float:
         return 1.0 if self.source is not RegionSource.RECIPE_BAND else self.config.initial_width
@@ -300,17 +303,33 @@ class TrustRegion:
 
     @property
     def endgame_from_h(self) -> float:
-        """From here on a move is one no long-lead replay checks before the recipe's harvest."""
-        return self._batch.recipe.harvest_h - self.config.long_lead_h
+        """From here on a move is one no long-lead replay checks before the harvest: ``long_lead_h`` before the recipe's harvest or
+        the plan's, whichever is earlier (a plan that harvests early has its end-game early)."""
+        return min(self._batch.recipe.harvest_h, self._planned_harvest_h) - self.config.long_lead_h
+
+    @property
+    def production_from_h(self) -> float:
+        """The inputs run from here on are the batch's production phase: a day (``lead_h``) after the recipe's temperature shift and
+        feed start, when a plan has come down the rate-limited ramp into the region after the shift."""
+        recipe = self._batch.recipe
+        return max(recipe.temperature_shift_h, recipe.feed_start_h) + self.config.lead_h
 
     def in_endgame(self, now_h: float) -> bool:
         """The plan's temperature and feed hold within what the batch has run (:attr:`TrustRegionConfig.endgame_holds_what_ran`)."""
         return self.config.endgame_holds_what_ran and self.active and now_h >= self.endgame_from_h
 
-    def ran(self, inputs: np.ndarray) -> None:
-        """Take note of the inputs the plant ran since the last cycle (nutrient feed [L/h], glucose feed, temperature setpoint [°C])."""
-        for row, value in ((0, float(inputs[2])), (1, float(inputs[0]))):
-            if math.isfinite(value):
+    def ran(self, time_h: float, setpoints: Setpoints) -> None:
+        """Take note of the setpoints the plant ran (read back) at ``time_h``: the range of the production phase's temperature and
+        nutrient feed. Before that phase (the warm growth phase, the days before the feed starts), a value outside the equipment's
+        range (a bad read-back) or not finite, nothing is noted."""
+        equipment = self._batch.equipment
+        if not time_h >= self.production_from_h:
+            return
+        for row, value, low, high in (
+            (0, setpoints.temperature_degc, equipment.temperature_min_degc, equipment.temperature_max_degc),
+            (1, setpoints.feed_rate_lph, 0.0, equipment.feed_rate_max_lph),
+        ):
+            if math.isfinite(value) and low <= value <= high:
                 self._ran[row] = (np.fmin(self._ran[row, 0], value), np.fmax(self._ran[row, 1], value))
 
     def _edges(self, time_h: float, volume_l: float, now_h: float | None = None) -> tuple[float, float, float, float, float]:
@@ -387,6 +406,7 @@ class TrustRegion:
             return None
         n = len(starts_h)
         now_h = float(starts_h[0])
+        self._planned_harvest_h = float(starts_h[-1]) + float(durations_h[-1])
         edges = np.array([self._edges(float(t), float(v), now_h) for t, v in zip(starts_h, np.broadcast_to(volume_l, (n,)), strict=True)]).T
         lower = np.vstack([edges[0], np.zeros(n), edges[2]])
         upper = np.vstack([edges[1], np.full(n, self._batch.equipment.glucose_rate_max_lph), edges[3]])
@@ -506,12 +526,13 @@ class TrustRegion:
             shortfall,
         )
         self.checks.append(result)
-        self._shortfalls.append(shortfall)
+        if math.isfinite(shortfall):  # a result without a glucose comparison says nothing either way: it does not push one out
+            self._shortfalls.append(shortfall)
         return result
 
     @property
     def glucose_error_g_per_l(self) -> float:
-        """One day-ahead glucose error: the glucose tolerance's floor, or the largest shortfall of the last ``bias_window`` checks when larger.
+        """One day-ahead glucose error: the glucose tolerance's floor, or the largest shortfall of the last ``bias_window`` glucose comparisons when larger.
 
         A model that over-predicts glucose by more than the floor's assumption plans the culture towards starvation with a
         margin it does not have; the batch's own results say how far off it is. Each result counts for ``bias_window`` checks,
@@ -565,16 +586,21 @@ class TrustRegion:
     @property
     def glucose_floor_at_target(self) -> bool:
         """The batch's own glucose shortfalls, not the configuration, lift the glucose floor to the recipe's target (where the cap holds it)."""
-        cfg, limits = self.config, self._batch.limits
+        cfg, limit, target = self.config, self._batch.limits.glucose_min_g_per_l, self._batch.recipe.glucose_target_g_per_l
         error = self.glucose_error_g_per_l
-        return error > cfg.glucose.floor and limits.glucose_min_g_per_l + cfg.glucose_margins * error >= self._batch.recipe.glucose_target_g_per_l
+        return limit + cfg.glucose_margins * cfg.glucose.floor < target <= limit + cfg.glucose_margins * error
 
     def _floor_at_target_text(self) -> str:
         error, target = self.glucose_error_g_per_l, self._batch.recipe.glucose_target_g_per_l
-        recent = [check for check in self.checks[-self.config.bias_window :] if check.glucose_shortfall_g_per_l == error]
-        which = f"lab result {recent[-1].seq} (drawn {recent[-1].taken_at_h:.0f} h)" if recent else "a lab result before the restart"
+        recent = [check for check in self.checks if check.glucose_shortfall_g_per_l == error]
+        if recent:
+            why = f"lab result {recent[-1].seq} (drawn {recent[-1].taken_at_h:.0f} h) had {error:.2f} g/L less glucose than the model predicted a day ahead"
+        elif error >= MAX_GLUCOSE_SHORTFALL_G_PER_L:
+            why = "the glucose shortfalls saved before the restart were unreadable (taken as the largest)"
+        else:
+            why = f"a lab result before the restart had {error:.2f} g/L less glucose than the model predicted a day ahead"
         return (
-            f"{which} had {error:.2f} g/L less glucose than the model predicted a day ahead: the plan holds glucose at the recipe's target of"
+            f"{why}: the plan holds glucose at the recipe's target of"
             f" {target:g} g/L, as the recipe would, until {self.config.bias_window} results in a row show no shortfall that large (a wrong"
             " glucose result the estimator's gate accepted holds it there too)"
         )

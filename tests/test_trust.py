@@ -420,60 +420,106 @@ def test_a_shortfall_that_lifts_the_floor_to_the_recipes_target_is_alarmed_until
     # After a restart the checks are gone but the shortfall is not: the alarm says so.
     restarted = _region(batch, bias_window=2)
     restarted.restore({"glucose_shortfalls_g_per_l": [2.5]})
-    assert "a lab result before the restart" in restarted.alarms()["nmpc_glucose_floor_at_target"]
-    # A configuration whose floor alone reaches the target is no alarm: it is no evidence about the batch.
-    assert _region(batch, glucose_margins=5.0).alarms() == {}
+    assert "a lab result before the restart had 2.50 g/L less" in restarted.alarms()["nmpc_glucose_floor_at_target"]
+    assert "unreadable" in _restored(batch, {"glucose_shortfalls_g_per_l": "damaged"}).alarms()["nmpc_glucose_floor_at_target"]
+    # A configuration whose floor alone reaches the target is no alarm, whatever the shortfalls: they did not put it there.
+    configured = _region(batch, glucose_margins=5.0, lead_h=24.0, misses_to_recipe=10)
+    _plan(configured, 0.0, vcd=5.0, titer=0.5, glucose=4.0)
+    configured.check(_lab(1, 30.0, vcd=5.0, titer=0.5, glucose=3.2), day_replay=_glucose_replay(30.0, 4.0))
+    assert configured.glucose_error_g_per_l == pytest.approx(0.8) and configured.alarms().get("nmpc_glucose_floor_at_target") is None
 
 
-def _endgame_bounds(region: TrustRegion, start_h: float, previous_degc: float = 32.4):
-    starts, durations = _grid(start_h, end_h=336.0)
+def _restored(batch, saved: dict) -> TrustRegion:
+    region = _region(batch)
+    region.restore(saved)
+    return region
+
+
+def test_a_result_without_a_glucose_comparison_does_not_push_a_shortfall_out(batch):
+    """A result whose glucose the gate rejected, or that was not measured, says nothing about the model's glucose either way."""
+    region = _region(batch, bias_window=2, lead_h=24.0, misses_to_recipe=10)
+    _plan(region, 0.0, vcd=5.0, titer=0.5, glucose=4.0)
+    region.check(_lab(1, 30.0, vcd=5.0, titer=0.5, glucose=2.0), day_replay=_glucose_replay(30.0, 4.0))
+    for seq, taken_at_h in ((2, 40.0), (3, 50.0), (4, 60.0)):
+        region.check(_lab(seq, taken_at_h, vcd=5.0, titer=0.5, glucose=math.nan), day_replay=_glucose_replay(taken_at_h, 4.0))
+    assert region.glucose_error_g_per_l == pytest.approx(2.0) and "lab result 1 (drawn 30 h)" in region.alarms()["nmpc_glucose_floor_at_target"]
+
+
+def _endgame_bounds(region: TrustRegion, start_h: float, previous_degc: float = 32.4, end_h: float = 336.0):
+    starts, durations = _grid(start_h, end_h=end_h)
     bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.75, 0.3, previous_degc]), temperature_rate_degc_per_h=RATE)
     assert bounds is not None
     return bounds
 
 
-def test_in_the_endgame_the_plan_holds_within_what_the_batch_has_run(batch):
-    """A move made in the last long_lead_h before the recipe's harvest is one no lab result checks before the harvest (the calibrated
-    cell_cycle model cooled to 30.7 °C there, below the plant's productivity optimum, and gave up its lead over the recipe)."""
-    region = _region(batch, initial_width=1.0)
+def _run(region: TrustRegion, *runs: tuple[float, float, float]) -> None:
+    """The setpoints read back: (time [h], nutrient feed [L/h], temperature [°C])."""
+    for time_h, feed, temperature in runs:
+        region.ran(time_h, Setpoints(feed, 0.3, temperature))
+
+
+def test_in_the_endgame_the_plan_holds_within_what_the_production_phase_has_run(batch):
+    """A move made in the last long_lead_h before the harvest is one no lab result checks before it (the calibrated cell_cycle model
+    cooled to 30.7 °C there, below the plant's productivity optimum, and gave up its lead over the recipe)."""
+    region = _region(batch, initial_width=1.0, temperature_reach_degc=3.0, feed_reach_per_day=0.06)
     assert region.endgame_from_h == pytest.approx(batch.recipe.harvest_h - 72.0)
-    for inputs in ([0.0, 0.0, 36.5], [2.0, 0.5, 33.0], [1.2, 0.2, 32.4]):
-        region.ran(np.array(inputs))
+    assert region.production_from_h == pytest.approx(batch.recipe.temperature_shift_h + 24.0)
+    # The warm growth phase, the days before the feed starts, the ramp after the shift: not the production phase.
+    _run(region, (0.0, 0.0, 36.5), (100.0, 1.75, 36.5), (130.0, 1.75, 34.0))
+    _run(region, (150.0, 2.0, 33.0), (200.0, 1.2, 32.4), (230.0, 1.5, 32.8))
+    _run(region, (240.0, 99.0, 0.0), (241.0, math.nan, math.nan))  # a bad read-back: outside the equipment's range, not finite
+    assert region.to_dict()["ran_temperature_degc"] == [32.4, 33.0] and region.to_dict()["ran_feed_lph"] == [1.2, 2.0]
     before = _endgame_bounds(region, region.endgame_from_h - 10.0)
-    assert before.inputs_lower[2].min() == pytest.approx(33.0 - 1.5)  # not yet: the region's own edge
-    assert not region.summary(region.endgame_from_h - 10.0)["endgame"]
+    assert before.inputs_lower[2].min() == pytest.approx(33.0 - 3.0) and not region.summary(region.endgame_from_h - 10.0)["endgame"]
     inside = _endgame_bounds(region, region.endgame_from_h + 6.0)
-    assert inside.inputs_lower[2].min() == pytest.approx(32.4)  # no colder than the batch has run
-    assert inside.inputs_upper[0].max() == pytest.approx(2.0)  # no more feed than it has run (the region would allow 2.92 L/h)
+    # No colder or warmer, no more or less feed than the production phase has run, the recipe's own (33 °C, 1.75 L/h) always allowed.
+    np.testing.assert_allclose(inside.inputs_lower[2, 1:], 32.4)
+    np.testing.assert_allclose(inside.inputs_upper[2, 1:], 33.0)
+    np.testing.assert_allclose(inside.inputs_upper[0], 2.0)
+    assert inside.inputs_lower[0].min() == pytest.approx(1.2)
     summary = region.summary(region.endgame_from_h + 6.0)
-    assert summary["endgame"] and summary["temperature_degc"][0] == pytest.approx(32.4)
-    # The recipe's own inputs stay allowed whatever ran: a batch that never ran the recipe's 33 °C may still go there.
-    warm = _region(batch, initial_width=1.0)
-    warm.ran(np.array([1.0, 0.0, 34.0]))
-    assert _endgame_bounds(warm, warm.endgame_from_h + 6.0, previous_degc=34.0).inputs_lower[2].min() == pytest.approx(33.0)
+    assert summary["endgame"] and summary["temperature_degc"] == pytest.approx([32.4, 33.0]) and summary["feed_rate_lph"] == pytest.approx([1.2, 2.0])
+    # A plan that harvests 48 h early has its end-game 48 h early.
+    early = _region(batch, initial_width=1.0, temperature_reach_degc=3.0)
+    _run(early, (200.0, 1.2, 32.4))
+    _endgame_bounds(early, 200.0, end_h=batch.recipe.harvest_h - 48.0)
+    assert early.endgame_from_h == pytest.approx(batch.recipe.harvest_h - 48.0 - 72.0)
+    assert _endgame_bounds(early, 220.0, end_h=batch.recipe.harvest_h - 48.0).inputs_lower[2].min() == pytest.approx(32.4)
+    # Nothing run in the production phase: the recipe's own.
+    fresh = _region(batch, initial_width=1.0)
+    bounds = _endgame_bounds(fresh, fresh.endgame_from_h + 6.0, previous_degc=33.0)
+    np.testing.assert_allclose(bounds.inputs_lower[2], 33.0)
+    np.testing.assert_allclose(bounds.inputs_upper[2, 1:], 33.0)
     # Switched off: the region's own edges.
     free = _region(batch, initial_width=1.0, endgame_holds_what_ran=False)
-    free.ran(np.array([1.2, 0.2, 32.4]))
+    _run(free, (200.0, 1.2, 32.4))
     assert _endgame_bounds(free, free.endgame_from_h + 6.0).inputs_lower[2].min() == pytest.approx(33.0 - 1.5)
 
 
+def test_the_controller_notes_the_setpoints_it_reads_back(model, batch, day_twelve):
+    """What the end-game holds to is what the plant ran: the controller hands every cycle's read-back to the region."""
+    plc, _ = day_twelve
+    config = NmpcConfig(mpc=MpcConfig(fine_stages=6, coarse_stages=4, compile=False))
+    controller = NmpcController(model, batch, _Frozen(plc.plant.state.copy(), plc.plant.parameters), config)
+    applied = Setpoints(1.3, 0.3, 32.6)
+    controller.cycle(CycleObservation(process_time_h=288.0, online={"volume_l": 1800.0}, feed_total_l=0.0, glucose_feed_total_l=0.0, applied=applied))
+    assert controller.trust.to_dict()["ran_temperature_degc"] == [32.6, 32.6] and controller.trust.to_dict()["ran_feed_lph"] == [1.3, 1.3]
+
+
 @pytest.mark.parametrize(
-    ("saved", "lowest_degc"),
+    ("saved", "kept"),
     [
-        ({"ran_temperature_degc": [32.4, 36.5], "ran_feed_lph": [0.0, 2.0]}, 32.4),
-        ({}, 33.0),  # saved before the range was kept: none known, the recipe's own (the safe side)
-        ({"ran_temperature_degc": [None, None], "ran_feed_lph": [None, None]}, 33.0),
-        ({"ran_temperature_degc": [36.5, 32.4]}, 33.0),  # damaged (low above high)
-        ({"ran_temperature_degc": "32.4"}, 33.0),
-        ({"ran_temperature_degc": [float("nan"), 36.5]}, 33.0),
+        ({"ran_temperature_degc": [32.4, 33.0], "ran_feed_lph": [1.2, 2.0]}, ([32.4, 33.0], [1.2, 2.0])),
+        ({}, ([None, None], [None, None])),  # saved before the range was kept: none known, the recipe's own (the safe side)
+        ({"ran_temperature_degc": [None, None], "ran_feed_lph": [None, None]}, ([None, None], [None, None])),
+        ({"ran_temperature_degc": [33.0, 32.4], "ran_feed_lph": [1.2, 2.0]}, ([None, None], [1.2, 2.0])),  # damaged: low above high
+        ({"ran_temperature_degc": "32.4"}, ([None, None], [None, None])),
+        ({"ran_temperature_degc": [float("nan"), 33.0]}, ([None, None], [None, None])),
     ],
 )
-def test_what_the_batch_has_run_survives_a_restart_and_a_damaged_range_holds_the_endgame_at_the_recipe(batch, saved, lowest_degc):
+def test_the_production_phases_range_survives_a_restart_and_a_damaged_one_is_none(batch, saved, kept):
     region = _region(batch, initial_width=1.0)
     region.restore(saved)
-    assert _endgame_bounds(region, region.endgame_from_h + 6.0, previous_degc=33.0).inputs_lower[2].min() == pytest.approx(lowest_degc)
-    ran = _region(batch)
-    ran.ran(np.array([1.2, 0.2, 32.4]))
-    ran.ran(np.array([2.0, 0.2, 36.5]))
-    ran.ran(np.array([0.0, 0.2, math.nan]))  # a Bad read-back: not a temperature the batch ran
-    assert ran.to_dict()["ran_temperature_degc"] == [32.4, 36.5] and ran.to_dict()["ran_feed_lph"] == [0.0, 2.0]
+    assert (region.to_dict()["ran_temperature_degc"], region.to_dict()["ran_feed_lph"]) == kept
+    lowest = 32.4 if kept[0][0] is not None else 33.0
+    assert _endgame_bounds(region, region.endgame_from_h + 6.0, previous_degc=33.0).inputs_lower[2].min() == pytest.approx(lowest)

@@ -78,6 +78,8 @@ class TrustTimeline:
     """One day-ahead glucose error the floor keeps two of above the limit (NaN in records made before it existed)."""
     harvest_h: np.ndarray
     checks: tuple[TrustCheck, ...]
+    endgame: np.ndarray
+    """Per cycle: the plan held to what the batch had run (the end-game; False in records made before it existed)."""
 
     @classmethod
     def from_records(cls, time_h: Sequence[float], summaries: Sequence[Mapping[str, Any]]) -> TrustTimeline | None:
@@ -110,6 +112,7 @@ class TrustTimeline:
             glucose_error_g_per_l=np.array([float(summary.get("glucose_error_g_per_l", math.nan)) for _, summary in rows]),
             harvest_h=np.array([pair(summary, "harvest_h") for _, summary in rows]),
             checks=tuple(checks),
+            endgame=np.array([bool(summary.get("endgame", False)) for _, summary in rows]),
         )
 
     @property
@@ -130,6 +133,10 @@ class TrustTimeline:
             f"x{self.reach_scale[-1]:.2f} at the last cycle; lab checks: {len(self.checks)} ({confirmed} confirmed, {len(self.checks) - confirmed} missed)"
         ]
         lines += [f"  day {check.checked_at_h / 24:5.2f}: {check.description} -> width {100 * check.width_after:.0f} %" for check in self.checks]
+        endgame = np.flatnonzero(self.endgame)
+        if endgame.size:
+            from_h = float(self.time_h[endgame[0]])
+            lines.append(f"end-game from {from_h:.0f} h (day {from_h / 24:.2f}): temperature and feed held within what the batch ran since the shift")
         down_h = self.stood_down_at_h
         if down_h is not None:
             back = np.flatnonzero(~self.stood_down & (self.time_h > down_h))

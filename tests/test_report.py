@@ -78,3 +78,13 @@ def test_the_trust_files_hold_every_cycle_and_each_check_once(recorded, tmp_path
 
 def test_no_trust_records_no_timeline():
     assert TrustTimeline.from_records([0.0, 1.0], [{}, {}]) is None
+
+
+def test_the_timeline_says_when_the_end_game_began(recorded):
+    _, times, summaries = recorded
+    marked = [{**summary, "endgame": t >= 120.0} for t, summary in zip(times, summaries, strict=True)]
+    trust = TrustTimeline.from_records(times, marked)
+    assert trust is not None and trust.endgame.sum() == sum(t >= 120.0 for t in times)
+    assert any(line.startswith("end-game from 120 h (day 5.00)") for line in trust.describe())
+    old = TrustTimeline.from_records(times, [{k: v for k, v in summary.items() if k != "endgame"} for summary in summaries])  # made before the flag existed
+    assert old is not None and not old.endgame.any() and not any("end-game" in line for line in old.describe())

@@ -93,14 +93,17 @@ function showTrust(trust) {
     ["source", TRUST_SOURCES[trust.source] || trust.source],
     ["width", `${fmt(100 * trust.width, 0)} %`],
     ["reach earned", trust.reach_scale === undefined ? "—" : `× ${fmt(trust.reach_scale, 2)} (results the plans predicted days ahead)`],
-    ["temperature", range(trust.temperature_degc, 1, "°C")],
-    ["nutrient feed", range(trust.feed_rate_lph, 2, "L/h")],
+    ["temperature", range(trust.temperature_degc, 1, "°C") + endgame(trust)],
+    ["nutrient feed", range(trust.feed_rate_lph, 2, "L/h") + endgame(trust)],
     ["lowest glucose planned", trust.glucose_min_g_per_l === undefined ? "—" : `${fmt(trust.glucose_min_g_per_l)} g/L` + glucoseError(trust.glucose_error_g_per_l)],
     ["harvest", harvest],
     ["misses in a row", `${trust.misses} of ${trust.misses_to_recipe}`],
     ["last lab check", trust.last_check || "none yet"],
   ]);
 }
+
+// In the last days before the harvest the plan holds to what the batch has run: a move then is one no lab result checks in time.
+function endgame(trust) { return trust.endgame ? " (end-game: within what the batch has run since the shift)" : ""; }
 
 // Why the floor is where it is: the day-ahead glucose error it keeps two of above the limit (the tolerance's, or the batch's own shortfalls).
 function glucoseError(error) {

@@ -113,6 +113,7 @@ def test_the_csv_export_holds_the_history_time_aligned_with_units_in_the_names(h
         "planned_harvest_time_h",
         "trust_temperature_low_degc",
         "trust_glucose_error_g_per_l",
+        "trust_endgame",
     ):
         assert name in cycles, name
     assert "sp_temperature_degc" in writes and "mpc_heartbeat" in writes

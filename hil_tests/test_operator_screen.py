@@ -456,3 +456,37 @@ def test_in_a_browser_the_estimate_shows_the_process_noise_a_disagreeing_lab_fie
             await browser.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_in_a_browser_the_trust_region_says_when_the_end_game_holds_the_plan(tmp_path, mpc):
+    """A batch whose recipe harvests at 60 h is in its end-game from the first cycle (long_lead_h, 72 h, before the harvest), and
+    nothing of its production phase has run yet: the plan is held to the recipe's own temperature and feed. The status says so,
+    and the screen's temperature and feed rows tell the operator why the bounds are that narrow."""
+    playwright_api = pytest.importorskip("playwright.async_api")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.fail("Debian's chromium is missing: ./dev.sh test installs it")
+    platform = load_simulation(PLATFORM)
+    loaded = platform.model_copy(update={"batch": platform.batch.model_copy(update={"recipe": platform.batch.recipe.model_copy(update={"harvest_h": 60.0})})})
+
+    async def scenario() -> None:
+        async with advisory_screen(tmp_path, mpc, loaded=loaded) as screen, playwright_api.async_playwright() as playwright:
+            vera = await screen.client("vera")
+            region = (await vera.get("/api/status")).json()["trust"]
+            await vera.aclose()
+            recipe = screen.runtime.cycle.controller.recipe.setpoints(FREEZE_AT_H)
+            assert region["endgame"] is True and region["temperature_degc"] == pytest.approx([recipe.temperature_degc] * 2), region
+            assert region["feed_rate_lph"] == pytest.approx([recipe.feed_rate_lph] * 2), region
+            browser = await launch_chromium(playwright, chromium)
+            page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+            await page.goto(screen.url)
+            await page.fill("input[name=username]", "vera")
+            await page.fill("input[name=password]", PASSWORDS["vera"])
+            await page.click("button[type=submit]")
+            for label in ("temperature", "nutrient feed"):
+                row = page.locator("#trust-table tr", has_text=label).first
+                await row.wait_for(timeout=15000)
+                assert "end-game: within what the batch has run since the shift" in await row.inner_text(), label
+            await browser.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))

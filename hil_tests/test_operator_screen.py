@@ -358,6 +358,16 @@ def test_the_screen_shows_the_trust_region_and_an_engineer_re_enables_the_nmpc_a
     asyncio.run(asyncio.wait_for(scenario(), 120))
 
 
+async def logged_in_page(browser: Any, url: str, user: str) -> Any:
+    """A page of the screen at ``url``, ``user`` logged in with their password."""
+    page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+    await page.goto(url)
+    await page.fill("input[name=username]", user)
+    await page.fill("input[name=password]", PASSWORDS[user])
+    await page.click("button[type=submit]")
+    return page
+
+
 async def launch_chromium(playwright: Any, chromium: Path) -> Any:
     """Debian's chromium, headless, without the background traffic a screen on the control network does not need."""
     return await playwright.chromium.launch(
@@ -443,11 +453,7 @@ def test_in_a_browser_the_estimate_shows_the_process_noise_a_disagreeing_lab_fie
             assert inflation == {name: pytest.approx(factor) for name, factor in estimator.inflation.items() if factor != 1.0}, "the status passes the live factors"
             assert set(inflation) == {"glucose_g_per_l"} and inflation["glucose_g_per_l"] > 1.1, inflation
             browser = await launch_chromium(playwright, chromium)
-            page = await browser.new_page(viewport={"width": 1400, "height": 1000})
-            await page.goto(screen.url)
-            await page.fill("input[name=username]", "vera")
-            await page.fill("input[name=password]", PASSWORDS["vera"])
-            await page.click("button[type=submit]")
+            page = await logged_in_page(browser, screen.url, "vera")
             row = page.locator("#estimate-table tr", has_text="process noise widened: glucose_g_per_l")
             await row.wait_for(timeout=15000)
             shown = await row.locator("td.num").inner_text()
@@ -478,11 +484,7 @@ def test_in_a_browser_the_trust_region_says_when_the_end_game_holds_the_plan(tmp
             assert region["endgame"] is True and region["temperature_degc"] == pytest.approx([recipe.temperature_degc] * 2), region
             assert region["feed_rate_lph"] == pytest.approx([recipe.feed_rate_lph] * 2), region
             browser = await launch_chromium(playwright, chromium)
-            page = await browser.new_page(viewport={"width": 1400, "height": 1000})
-            await page.goto(screen.url)
-            await page.fill("input[name=username]", "vera")
-            await page.fill("input[name=password]", PASSWORDS["vera"])
-            await page.click("button[type=submit]")
+            page = await logged_in_page(browser, screen.url, "vera")
             for label in ("temperature", "nutrient feed"):
                 row = page.locator("#trust-table tr", has_text=label).first
                 await row.wait_for(timeout=15000)

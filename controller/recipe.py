@@ -85,8 +85,12 @@ class PlatformRecipe:
         The trust region holds every plan below it too (controller.trust): should the NMPC stand down, the recipe finds the room its
         glucose feed needs to the harvest.
         """
-        stop_l = self._equipment.max_working_volume_l - self._recipe.feed_stop_below_max_l
-        return stop_l - self.glucose_room_l(process_time_h)
+        return self._feed_stop_l - self.glucose_room_l(process_time_h)
+
+    @property
+    def _feed_stop_l(self) -> float:
+        """The PLC's high-level feed stop: ``feed_stop_below_max_l`` below the maximum working volume (``controller.safety.volume_limit_l``)."""
+        return self._equipment.max_working_volume_l - self._recipe.feed_stop_below_max_l
 
     def setpoints(self, process_time_h: float, *, volume_l: float | None = None) -> Setpoints:
         """The recipe's setpoints now; with a known ``volume_l``, the feeds stop near the maximum working volume.
@@ -102,7 +106,7 @@ class PlatformRecipe:
         if not math.isfinite(process_time_h):
             raise ValueError(f"process time must be finite, got {process_time_h}")
         volume = math.nan if volume_l is None else volume_l  # comparisons with NaN are false: an unknown volume stops nothing
-        full = volume >= self._equipment.max_working_volume_l - self._recipe.feed_stop_below_max_l
+        full = volume >= self._feed_stop_l
         nutrient_full = volume >= self.nutrient_stop_l(process_time_h)
         temperature = self._recipe.temperature_initial_degc if process_time_h < self._recipe.temperature_shift_h else self._recipe.temperature_shifted_degc
         return Setpoints(

@@ -332,13 +332,13 @@ class TrustRegion:
             if math.isfinite(value) and low <= value <= high:
                 self._ran[row] = (np.fmin(self._ran[row, 0], value), np.fmax(self._ran[row, 1], value))
 
-    def _edges(self, time_h: float, volume_l: float, now_h: float | None = None) -> tuple[float, float, float, float, float]:
+    def _edges(self, time_h: float, volume_l: float, endgame: bool) -> tuple[float, float, float, float, float]:
         """At ``time_h``: the feed rate's lower and upper bound [L/h], the temperature's [°C] and the glucose window's lower edge [g/L].
 
-        ``now_h``: when the plan starts; in the end-game the temperature and feed are held within what the batch has run.
+        ``endgame``: the plan starts in the end-game (:meth:`in_endgame`), so the temperature and feed are held within what the batch has run.
         """
         feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._region_edges(time_h, volume_l)
-        if now_h is not None and self.in_endgame(now_h):
+        if endgame:
             # What the lab checks comes days after the move (a productivity that follows the temperature with a lag, a titer
             # assayed a day later): a move made now is one no result takes back before the harvest. The recipe's own stays allowed.
             temperature, feed = self._recipe.setpoints(time_h).temperature_degc, self._recipe.feed_rate_lph(time_h)
@@ -405,9 +405,9 @@ class TrustRegion:
         if not self.active:
             return None
         n = len(starts_h)
-        now_h = float(starts_h[0])
         self._planned_harvest_h = float(starts_h[-1]) + float(durations_h[-1])
-        edges = np.array([self._edges(float(t), float(v), now_h) for t, v in zip(starts_h, np.broadcast_to(volume_l, (n,)), strict=True)]).T
+        endgame = self.in_endgame(float(starts_h[0]))
+        edges = np.array([self._edges(float(t), float(v), endgame) for t, v in zip(starts_h, np.broadcast_to(volume_l, (n,)), strict=True)]).T
         lower = np.vstack([edges[0], np.zeros(n), edges[2]])
         upper = np.vstack([edges[1], np.full(n, self._batch.equipment.glucose_rate_max_lph), edges[3]])
         rate = temperature_rate_degc_per_h
@@ -616,12 +616,15 @@ class TrustRegion:
             "glucose_error_g_per_l": self.glucose_error_g_per_l,
         }
         if now_h is not None and self.active:
-            feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._edges(now_h, volume_l if volume_l is not None else self._batch.inoculation.volume_l, now_h)
+            endgame = self.in_endgame(now_h)
+            feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._edges(
+                now_h, volume_l if volume_l is not None else self._batch.inoculation.volume_l, endgame
+            )
             data["temperature_degc"] = [temperature_low, temperature_high]
             data["feed_rate_lph"] = [feed_low, feed_high]
             data["glucose_min_g_per_l"] = glucose_low
             data["harvest_h"] = list(self.harvest_window_h(now_h))
-            data["endgame"] = self.in_endgame(now_h)
+            data["endgame"] = endgame
         if self.checks:
             data["last_check"] = self.checks[-1].describe()
         return data

@@ -24,7 +24,7 @@ import time
 
 from bioreactor_mpc.logging import configure_logging
 from controller.calibration import WITH_CORRECTIONS, CalibrationSettings, calibrate
-from plant_models.parameters import is_correction
+from plant_models.parameters import is_additive
 from simulator.records import development_batches
 from simulator.scenarios import load_scenario
 
@@ -55,7 +55,7 @@ def run(label: str, overrides: dict[str, object], truth: dict[str, float] | None
         if estimate.ci95_low is None or estimate.ci95_high is None:
             print(f"  {short:58s} not identifiable (kept nominal)")
             continue
-        if is_correction(name):  # the amount added
+        if is_additive(name):  # the amount added
             print(f"  {short:58s} {estimate.value - estimate.nominal:+.4f} [{estimate.ci95_low - estimate.nominal:+.4f}, {estimate.ci95_high - estimate.nominal:+.4f}]")
             continue
         factor = estimate.value / estimate.nominal

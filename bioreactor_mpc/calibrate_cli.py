@@ -23,7 +23,7 @@ from rich.table import Table
 
 from bioreactor_mpc.resources import reference_config
 from plant_models.errors import BioreactorMPCError
-from plant_models.parameters import CultureParameters, ParameterEstimate, is_correction
+from plant_models.parameters import CultureParameters, ParameterEstimate, is_additive
 
 if TYPE_CHECKING:
     from controller.calibration import CalibrationResult
@@ -105,8 +105,8 @@ def write_parameter_file(path: Path, parameters: CultureParameters) -> None:
 
 
 def change(name: str, estimate: ParameterEstimate) -> str:
-    """The fit's change of one parameter: the amount added to a correction (fitted additively), else a factor of its nominal."""
-    if is_correction(name) or estimate.nominal == 0.0:
+    """The fit's change of one parameter: the amount added to a parameter fitted additively (a correction, a temperature sensitivity), else a factor of its nominal."""
+    if is_additive(name) or estimate.nominal == 0.0:
         return f"{estimate.value - estimate.nominal:+.4g}"
     return f"×{estimate.value / estimate.nominal:.3f}"
 

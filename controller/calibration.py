@@ -41,13 +41,14 @@ from plant_models.config_loading import FrozenConfig
 from plant_models.errors import BioreactorMPCError
 from plant_models.parameters import (
     PARAMETER_NAMES,
+    TEMPERATURE_SENSITIVITY_SUFFIX,
     CorrectionParameters,
     CultureParameters,
     ModelProvenance,
     ParameterEstimate,
     PhaseEnvelope,
     ValueRange,
-    is_correction,
+    is_additive,
     parameter_bounds,
     parameter_vector,
     replaced_parameters,
@@ -85,21 +86,22 @@ same functions of ΔT (exactly confounded with them) and may take either sign. N
 the titer far better and predict the glucose of batches left out worse, and the NMPC they keep in charge longer starved a
 culture (docs/calibration.md §2b)."""
 
-ADDITIVE_SCALES: dict[str, float] = {"_temperature_per_degc": 0.2, "_temperature2_per_degc2": 0.02, "_age": 0.5}
-"""The corrections (``culture.correction.*``) are zero in the mechanistic model and may take either sign, so they are fitted
-additively: value = nominal + θ · scale, with the scale by the kind of term (a temperature slope of 0.2/°C is a factor
-2 over 3.5 °C; an age slope of 0.5 a factor 1.6 over a week). Every other parameter is a multiplier exp(θ) of its
-nominal. Either way θ has the same prior, bound and identifiability rule."""
+ADDITIVE_SCALES: dict[str, float] = {"_temperature_per_degc": 0.2, TEMPERATURE_SENSITIVITY_SUFFIX: 0.2, "_temperature2_per_degc2": 0.02, "_age": 0.5}
+"""The parameters fitted additively (:func:`~plant_models.parameters.is_additive`): value = nominal + θ · scale, with the
+scale by the kind of term (a temperature slope or sensitivity of 0.2/°C is a factor 2 over 3.5 °C; an age slope of 0.5 a
+factor 1.6 over a week). The corrections (``culture.correction.*``) are zero in the mechanistic model and may take either
+sign; a temperature sensitivity may reach zero ("no effect") and, where its schema allows, the other sign. Every other
+parameter is a multiplier exp(θ) of its nominal. Either way θ has the same prior, bound and identifiability rule."""
 
 
 def _values(base: np.ndarray, scale: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """The parameter values at θ: nominal + θ · scale where the scale is positive (a correction), else nominal · exp(θ)."""
+    """The parameter values at θ: nominal + θ · scale where the scale is positive (fitted additively), else nominal · exp(θ)."""
     return np.where(scale > 0.0, base + theta * scale, base * np.exp(theta))
 
 
 def additive_scale(name: str) -> float:
     """θ's scale of an additively fitted parameter; 0 for a parameter fitted as a multiplier."""
-    if not is_correction(name):
+    if not is_additive(name):
         return 0.0
     return next(scale for suffix, scale in ADDITIVE_SCALES.items() if name.endswith(suffix))
 
@@ -544,9 +546,15 @@ def calibrate(
     estimates: dict[str, ParameterEstimate] = {}
     values, ci95_low, ci95_high = problem.values(theta), problem.values(theta - Z95 * sd), problem.values(theta + Z95 * sd)
     for k, name in enumerate(fitted):
-        low, high = parameter_bounds(name)  # θ is bounded to them; exp and log may round a hair outside
+        # θ is bounded to the schema's range (exp and log may round a hair outside); so is the interval: a sensitivity fitted
+        # to its bound of 0 has a symmetric interval about 0 in θ, and only the half the schema allows is a value.
+        low, high = parameter_bounds(name)
         estimates[name] = ParameterEstimate(
-            nominal=float(problem.nominal_values[k]), value=min(max(float(values[k]), low), high), ci95_low=float(ci95_low[k]), ci95_high=float(ci95_high[k]), identifiable=True
+            nominal=float(problem.nominal_values[k]),
+            value=min(max(float(values[k]), low), high),
+            ci95_low=min(max(float(ci95_low[k]), low), high),
+            ci95_high=min(max(float(ci95_high[k]), low), high),
+            identifiable=True,
         )
     for name in not_identifiable:
         base = float(nominal_vector[PARAMETER_NAMES.index(name)])

@@ -44,7 +44,7 @@ from controller.kpis import batch_score_g_per_day
 from controller.mpc import SETTINGS_ROWS, STATE_SCALE, WINDOW_ROWS, EconomicMpc, MpcConfig, MpcSolution, PlanBounds, _solver_options, solve_with_cold_retry
 from plant_models.cho import INPUT_INDEX, STATE_INDEX, CultureModel
 from plant_models.errors import BioreactorMPCError
-from plant_models.parameters import PARAMETER_NAMES, ModelProvenance, is_correction
+from plant_models.parameters import PARAMETER_NAMES, ModelProvenance, is_additive
 
 DEFAULT_K_SIGMA = 1.645
 """Scenarios at ±1.645 σ of ln(multiplier): each parameter's one-sided 95 % quantile (a constraint is usually threatened from one side: faster uptake, faster death)."""
@@ -155,13 +155,14 @@ def scenarios_from_calibration(provenance: ModelProvenance, centre: np.ndarray, 
     """Scenarios around ``centre`` (the calibrated vector, or the estimator's current one), spread by the calibration's 95 % intervals.
 
     A fitted interval is lognormal: σ of ln = ln(high / low) / (2 · 1.96).
-    Parameters the data could not identify carry no interval and are skipped, and so are the model's corrections: their
-    interval is of an amount added (it may span zero), not of a multiplier, and the grid varies multipliers.
+    Parameters the data could not identify carry no interval and are skipped, and so are the parameters fitted additively
+    (the corrections, the temperature sensitivities): their interval is of an amount added (it may span zero), not of a
+    multiplier, and the grid varies multipliers.
     """
     log_sd = {
         name: math.log(e.ci95_high / e.ci95_low) / (2.0 * Z95)
         for name, e in provenance.parameters.items()
-        if e.identifiable and e.ci95_low is not None and e.ci95_high is not None and e.ci95_low > 0.0 and not is_correction(name)
+        if e.identifiable and e.ci95_low is not None and e.ci95_high is not None and e.ci95_low > 0.0 and not is_additive(name)
     }
     return parameter_scenarios(centre, log_sd, k_sigma=k_sigma, names=names, source=ScenarioSource.CALIBRATION)
 

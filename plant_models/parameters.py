@@ -70,7 +70,9 @@ class ProductParameters(FrozenConfig):
     """Specific productivity of the antibody and its quality attribute (galactosylated fraction)."""
 
     q_product_pg_per_cell_day: float = Field(ge=0.0, le=200.0, description="specific productivity at the reference temperature [pg/(cell·day)]")
-    temperature_sensitivity_per_degc: float = Field(ge=0.0, description="productivity rises by exp(s*(Tref-T)) below the reference [1/°C]")
+    temperature_sensitivity_per_degc: float = Field(
+        ge=-1.0, le=1.0, description="productivity changes by exp(s*(Tref-T)) below the reference: rises for s > 0, falls for s < 0 (cell-line specific) [1/°C]"
+    )
     k_glucose_g_per_l: float = Field(gt=0.0, description="Monod constant of productivity in glucose [g/L]")
     galactosylated_max_fraction: float = Field(gt=0.0, le=1.0, description="galactosylated fraction of new product without stress [-]")
     galactosylation_ki_ammonia_mm: float = Field(gt=0.0, description="ammonia that halves galactosylation of new product [mM]")
@@ -98,8 +100,22 @@ CORRECTION_PREFIX = "culture.correction."
 
 
 def is_correction(name: str) -> bool:
-    """Whether a parameter (``"culture.correction.product_age"``) is one of the model's corrections, fitted additively rather than as a multiplier."""
+    """Whether a parameter (``"culture.correction.product_age"``) is one of the model's corrections: zero in the mechanistic model."""
     return name.startswith(CORRECTION_PREFIX)
+
+
+TEMPERATURE_SENSITIVITY_SUFFIX = ".temperature_sensitivity_per_degc"
+"""Parameters ``s`` of a rate's ``exp(±s·(Tref − T))``: the coefficient of a temperature difference in an exponent."""
+
+
+def is_additive(name: str) -> bool:
+    """Whether ``calibrate`` fits a parameter additively (nominal + θ · scale) rather than as a multiplier of its nominal.
+
+    The corrections, which are zero in the model, and the temperature sensitivities: "no temperature effect" (0) is a
+    finite step from any nominal for them, where a multiplier puts it infinitely far (ln 0), so that records saying
+    "no effect" looked as if they could not determine the parameter, and the fit put back the nominal they contradict.
+    """
+    return is_correction(name) or name.endswith(TEMPERATURE_SENSITIVITY_SUFFIX)
 
 
 CORRECTION_AGE_REFERENCE_H = 168.0

@@ -144,22 +144,59 @@ def _with_online(record: BatchRecord, **changes: np.ndarray | None) -> BatchReco
     return dataclasses.replace(record, online=dataclasses.replace(record.online, values=values))
 
 
-def test_a_temperature_effect_of_the_other_sign_is_learned_as_a_correction(nominal, tmp_path):
-    """A line whose productivity falls when cold (the nominal kinetics say it rises): a multiplier cannot change the sign, the correction can."""
-    truth = replaced_parameters(nominal, {"correction.product_temperature_per_degc": 0.3})  # net exp(+0.165 ΔT): warmer makes more
-    model_file = tmp_path / "warm_line.yaml"
-    model_file.write_text(yaml.safe_dump(truth.model_dump(mode="json", exclude={"provenance", "envelope"})))
-    shifted = development_batches(load_simulation(REPO / "configs" / "simulate" / "platform.yaml", seed=71, model=model_file), 4, 71)
-    assert len({r.batch.recipe.temperature_shifted_degc for r in shifted}) > 1  # the records saw more than one temperature
+def _records_of_a_line(nominal: CultureParameters, tmp_path: Path, changes: dict[str, float], seed: int) -> list[BatchRecord]:
+    """Four process-development batches (other temperature shifts among them) of a CHO line whose kinetics differ by ``changes``."""
+    model_file = tmp_path / f"line_{seed}.yaml"
+    model_file.write_text(yaml.safe_dump(replaced_parameters(nominal, changes).model_dump(mode="json", exclude={"provenance", "envelope"})))
+    records = development_batches(load_simulation(REPO / "configs" / "simulate" / "platform.yaml", seed=seed, model=model_file), 4, seed)
+    assert len({r.batch.recipe.temperature_shifted_degc for r in records}) > 1  # the records saw more than one temperature
+    return records
+
+
+SENSITIVITY = "culture.product.temperature_sensitivity_per_degc"
+
+
+def test_a_temperature_effect_of_the_other_sign_is_learned(nominal, tmp_path):
+    """A line whose productivity falls when cold (the nominal kinetics say it rises ×1.6 at 33 °C): the default fit learns the sign.
+
+    The sensitivity is fitted additively and may be negative; the opt-in correction is the same function of ΔT and learns
+    the same line. (As a multiplier, the sensitivity could only fall towards 0, which it reached infinitely far away: the
+    fit called it not identifiable and put the nominal back.)
+    """
+    shifted = _records_of_a_line(nominal, tmp_path, {"correction.product_temperature_per_degc": 0.3}, 71)  # net exp(+0.165 ΔT): warmer makes more
     fits = {
         kind: calibrate(shifted, nominal, settings=FAST.model_copy(update={"parameters": ("culture.product.q_product_pg_per_cell_day", name)}), cross_validate=False)
-        for kind, name in (("multiplier", "culture.product.temperature_sensitivity_per_degc"), ("correction", "culture.correction.product_temperature_per_degc"))
+        for kind, name in (("sensitivity", SENSITIVITY), ("correction", "culture.correction.product_temperature_per_degc"))
     }
-    learned = fits["correction"].estimates["culture.correction.product_temperature_per_degc"]
-    assert learned.nominal == 0.0 and learned.identifiable
-    assert learned.ci95_low is not None and learned.ci95_high is not None and learned.ci95_low <= 0.3 <= learned.ci95_high
-    assert fits["correction"].parameters.correction.product_temperature_per_degc == pytest.approx(learned.value)
-    assert fits["correction"].fit_statistics["rel_rmse_titer_g_per_l"] < 0.5 * fits["multiplier"].fit_statistics["rel_rmse_titer_g_per_l"]
+    net = nominal.product.temperature_sensitivity_per_degc - 0.3
+    learned = fits["sensitivity"].estimates[SENSITIVITY]
+    assert learned.identifiable and learned.ci95_low is not None and learned.ci95_high is not None
+    assert learned.ci95_low <= net <= learned.ci95_high < 0.0
+    assert fits["sensitivity"].parameters.product.temperature_sensitivity_per_degc == pytest.approx(learned.value)
+    correction = fits["correction"].estimates["culture.correction.product_temperature_per_degc"]
+    assert correction.nominal == 0.0 and correction.identifiable
+    assert correction.ci95_low is not None and correction.ci95_high is not None and correction.ci95_low <= 0.3 <= correction.ci95_high
+    assert fits["correction"].parameters.correction.product_temperature_per_degc == pytest.approx(correction.value)
+    titer = {kind: fit.fit_statistics["rel_rmse_titer_g_per_l"] for kind, fit in fits.items()}
+    assert titer["sensitivity"] == pytest.approx(titer["correction"], rel=0.1)
+    assert titer["sensitivity"] < 0.5 * fits["sensitivity"].fit_statistics["rel_rmse_titer_g_per_l_nominal"]
+
+
+def test_records_showing_no_temperature_effect_give_no_effect_not_the_nominal(nominal, tmp_path):
+    """Records of a line whose productivity does not change with temperature: the fit says 0, identifiably, and the report says how much was added.
+
+    As a multiplier, 0 was ln 0 away: the interval was infinite, the parameter "not identifiable", and the nominal ×1.6 at
+    33 °C that these records contradict went back into the model (the ``amino_acid`` and ``biovolume`` plants, 7 Dec 2026).
+    """
+    flat = _records_of_a_line(nominal, tmp_path, {"product.temperature_sensitivity_per_degc": 0.0}, 72)
+    result = calibrate(flat, nominal, settings=FAST.model_copy(update={"parameters": ("culture.product.q_product_pg_per_cell_day", SENSITIVITY)}), cross_validate=False)
+    assert result.not_identifiable == ()
+    learned = result.estimates[SENSITIVITY]
+    assert learned.ci95_low is not None and learned.ci95_high is not None and learned.ci95_low <= 0.0 <= learned.ci95_high
+    assert abs(learned.value) < 0.03 and learned.ci95_high - learned.ci95_low < 0.1
+    from bioreactor_mpc.calibrate_cli import change
+
+    assert change(SENSITIVITY, learned) == f"{learned.value - 0.135:+.4g}"  # an amount added, not a factor
 
 
 def test_the_corrections_settings_file_names_the_opt_in_set():

@@ -529,10 +529,16 @@ def calibrate(
     check_records(records)
     fitted = list(settings.parameters)
     not_identifiable: list[str] = []
+    rejected: dict[str, float] = {}
+    """A parameter put back to nominal → how much worse the fit became for it (χ², scaled by the reduced χ² before)."""
+    dropped: tuple[str, float, float] | None = None
     start = np.zeros(len(fitted))
     while True:
         problem = _Problem(records, nominal, model, settings, fitted)
         theta, r, jacobian, iterations = _levenberg_marquardt(problem, start, settings)
+        if dropped is not None:
+            name, chi2_fitted, scale = dropped
+            rejected[name] = (float(r @ r) - chi2_fitted) / scale
         covariance, reduced_chi2 = _covariance(r, jacobian)
         sd = np.sqrt(np.maximum(np.diag(covariance), 0.0))
         ratio = np.exp(np.minimum(2.0 * Z95 * sd, 700.0))  # the span of the 95 % interval as a factor (capped: no information at all is "infinite")
@@ -540,6 +546,7 @@ def calibrate(
         if ratio[worst] <= settings.identifiable_max_ratio or len(fitted) == 1:
             break
         log.info("calibration_not_identifiable", parameter=fitted[worst], ci95_ratio=round(float(ratio[worst]), 2))
+        dropped = (fitted[worst], float(r @ r), max(1.0, reduced_chi2))
         not_identifiable.append(fitted.pop(worst))
         start = np.delete(theta, worst)  # the others refitted from where they were
     nominal_vector = parameter_vector(nominal, records[0].batch.media)
@@ -582,7 +589,7 @@ def calibrate(
     )
     cv = _cross_validation(records, nominal, model, settings, fitted) if cross_validate and len(records) >= 3 else {}
     per_batch = _batch_statistics(problem, theta)
-    warnings = review_warnings(records, statistics, per_batch, cv, cross_validate=cross_validate)
+    warnings = review_warnings(records, statistics, per_batch, cv, cross_validate=cross_validate, rejected_nominals=rejected)
     for warning in warnings:
         log.warning("calibration_review", warning=warning)
     provenance = ModelProvenance(
@@ -687,11 +694,34 @@ def _batch_statistics(problem: _Problem, theta: np.ndarray) -> dict[str, dict[st
     return result
 
 
+CHI2_1_DOF_95 = 3.841
+"""The 95 % point of χ² with one degree of freedom: a fit this much worse with one parameter held is a significant loss."""
+
+
 def review_warnings(
-    records: Sequence[BatchRecord], statistics: Mapping[str, float], per_batch: Mapping[str, Mapping[str, float]], cv: Mapping[str, float], *, cross_validate: bool
+    records: Sequence[BatchRecord],
+    statistics: Mapping[str, float],
+    per_batch: Mapping[str, Mapping[str, float]],
+    cv: Mapping[str, float],
+    *,
+    cross_validate: bool,
+    rejected_nominals: Mapping[str, float] | None = None,
 ) -> list[str]:
-    """What a reviewer must look at before deploying: a misfit the model cannot explain, a batch unlike the others, no gain on unseen batches."""
+    """What a reviewer must look at before deploying: a misfit the model cannot explain, a batch unlike the others, no gain on unseen batches.
+
+    ``rejected_nominals``: parameters put back to nominal as not identifiable, each with how much worse the fit became
+    for it (χ² scaled by the reduced χ²). Above the 95 % point the records *reject* the nominal they keep: the interval
+    was wide because the value they ask for lies at the edge of what the model can take, not because they say nothing.
+    """
     warnings: list[str] = []
+    for name, chi2_worse in (rejected_nominals or {}).items():
+        if chi2_worse > CHI2_1_DOF_95:
+            warnings.append(
+                f"{name.removeprefix('culture.')} was put back to nominal as not identifiable, but the records reject that value "
+                f"(the fit is worse by chi-square {chi2_worse:.1f} with it, against {CHI2_1_DOF_95} at 95 %): they ask for a value at the edge of "
+                "what the fit allows, where they cannot tell values apart. Plans that lean on this parameter are not checked by these records: "
+                "review the plots, and widen log_multiplier_bound or fit the model's corrections"
+            )
     chi2 = statistics["reduced_chi2"]
     if chi2 > 4.0:
         warnings.append(

@@ -78,6 +78,24 @@ def test_a_parameter_the_data_cannot_see_is_named_and_left_nominal(records, nomi
     assert not estimate.identifiable and estimate.value == estimate.nominal == nominal.growth.osmolality_half_mosm_per_kg
     assert result.parameters.growth.osmolality_half_mosm_per_kg == nominal.growth.osmolality_half_mosm_per_kg
     assert result.estimates["culture.growth.mu_max_per_h"].identifiable
+    assert not any("put back to nominal" in w for w in result.warnings)  # the records do not reject the nominal they cannot see
+
+
+def test_a_nominal_the_records_reject_is_put_back_only_with_a_warning(nominal):
+    """Basal death a hundredth of nominal: the fit runs to its bound (×0.1), where the records hardly tell values apart.
+
+    The rule puts the parameter back to nominal as not identifiable; the review says the records reject that nominal,
+    by how much, and what to do, where before it said nothing (the fit itself looked fine).
+    """
+    lasting = development_batches(load_scenario({"seed": 73, "true_parameter_factors": {"death.kd_min_per_h": 0.01}}), 4, 73)
+    settings = FAST.model_copy(update={"parameters": ("culture.product.q_product_pg_per_cell_day", "culture.death.kd_min_per_h")})
+    result = calibrate(lasting, nominal, settings=settings, cross_validate=False)
+    assert result.not_identifiable == ("culture.death.kd_min_per_h",)
+    warning = next(w for w in result.warnings if w.startswith("death.kd_min_per_h was put back to nominal"))
+    assert "the records reject that value" in warning and "log_multiplier_bound" in warning
+    assert float(warning.split("chi-square ")[1].split(" ")[0]) > 3.841
+    # Where the records say nothing about the parameter put back, there is no such warning:
+    # test_a_parameter_the_data_cannot_see_is_named_and_left_nominal.
 
 
 def test_a_batch_without_lab_results_is_refused_by_name(records, nominal):

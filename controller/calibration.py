@@ -453,8 +453,12 @@ STEP_OF_SD = 0.05
 """The fit has converged when the undamped Gauss-Newton step from the current point moves no parameter by more than this fraction of its standard error."""
 
 
-def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: CalibrationSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Minimise ½|r(θ)|² + ½|θ/σ_prior|² within the bounds; returns θ, r, J and the iterations taken."""
+def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: CalibrationSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
+    """Minimise ½|r(θ)|² + ½|θ/σ_prior|² within the bounds; returns θ, r, J, the iterations taken and whether it converged.
+
+    Converged: a stopping rule below held, or no step lowers the cost (a minimum within the bounds); not converged:
+    ``max_iterations`` ran out first.
+    """
     prior = 1.0 / settings.prior_log_sd**2
 
     def cost(r: np.ndarray, theta: np.ndarray) -> float:
@@ -464,16 +468,31 @@ def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: Calibr
         """The Gauss-Newton Hessian and the gradient of the cost at θ."""
         return jacobian.T @ jacobian + prior * np.eye(theta.size), jacobian.T @ r + prior * theta
 
+    def gauss_newton(theta: np.ndarray, hessian: np.ndarray, gradient: np.ndarray, damping: float) -> np.ndarray:
+        """The (damped) Gauss-Newton step of the parameters not held on a bound; 0 for those held.
+
+        A parameter on its bound whose gradient pushes it further out is held there, and the others are stepped with it
+        fixed: the step of all of them, clipped afterwards, moves a correlated neighbour as if the held one were moving too,
+        and the fit crawls along the bound until its iterations run out (a sensitivity held at −0.325: 40 iterations).
+        """
+        held = ((theta <= problem.lower) & (gradient > 0.0)) | ((theta >= problem.upper) & (gradient < 0.0))
+        free = ~held
+        step = np.zeros(theta.size)
+        reduced = hessian[np.ix_(free, free)]
+        step[free] = -np.linalg.solve(reduced + damping * np.diag(np.diag(reduced)), gradient[free])
+        return step
+
     theta = np.clip(theta0, problem.lower, problem.upper)
     r, jacobian = problem.jacobian(theta)
     hessian, gradient = normal_equations(theta, r, jacobian)
     current = cost(r, theta)
     damping = 1e-2
     iterations = 0
+    converged = False
     for iterations in range(1, settings.max_iterations + 1):  # noqa: B007 (the count is returned)
         improved = False
         while damping < 1e8:
-            step = -np.linalg.solve(hessian + damping * np.diag(np.diag(hessian)), gradient)
+            step = gauss_newton(theta, hessian, gradient, damping)
             candidate = np.clip(theta + step, problem.lower, problem.upper)
             r_candidate = problem.residual(candidate)
             candidate_cost = cost(r_candidate, candidate) if np.all(np.isfinite(r_candidate)) else math.inf
@@ -482,6 +501,7 @@ def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: Calibr
                 break
             damping *= 4.0
         if not improved:
+            converged = True
             break
         current_change = current - candidate_cost
         relative_change = current_change / max(current, 1e-12)
@@ -494,11 +514,12 @@ def _levenberg_marquardt(problem: _Problem, theta0: np.ndarray, settings: Calibr
         # be small while the optimum is still far; with two dozen correlated unknowns LM otherwise crawls along a valley
         # a hundredth of a standard error per iteration, 40 iterations at 2-4 s each.) Or the cost fell by less than a
         # hundredth of a unit of ½χ², or by a millionth of itself.
-        newton = np.clip(theta - np.linalg.solve(hessian, gradient), problem.lower, problem.upper) - theta
+        newton = np.clip(theta + gauss_newton(theta, hessian, gradient, 0.0), problem.lower, problem.upper) - theta
         sd = np.sqrt(np.maximum(np.diag(_covariance(r, jacobian)[0]), 1e-300))
         if current_change < 1e-2 or relative_change < 1e-6 or float(np.max(np.abs(step))) < 1e-6 or float(np.max(np.abs(newton) / sd)) < STEP_OF_SD:
+            converged = True
             break
-    return theta, r, jacobian, iterations
+    return theta, r, jacobian, iterations, converged
 
 
 def _covariance(r: np.ndarray, jacobian: np.ndarray) -> tuple[np.ndarray, float]:
@@ -529,16 +550,17 @@ def calibrate(
     check_records(records)
     fitted = list(settings.parameters)
     not_identifiable: list[str] = []
-    rejected: dict[str, float] = {}
-    """A parameter put back to nominal → how much worse the fit became for it (χ², scaled by the reduced χ² before)."""
-    dropped: tuple[str, float, float] | None = None
+    rejected: dict[str, tuple[float, bool]] = {}
+    """A parameter put back to nominal → how much worse the fit became for it (χ², scaled by the reduced χ² before), and
+    whether both fits compared converged."""
+    dropped: tuple[str, float, float, bool] | None = None
     start = np.zeros(len(fitted))
     while True:
         problem = _Problem(records, nominal, model, settings, fitted)
-        theta, r, jacobian, iterations = _levenberg_marquardt(problem, start, settings)
+        theta, r, jacobian, iterations, converged = _levenberg_marquardt(problem, start, settings)
         if dropped is not None:
-            name, chi2_fitted, scale = dropped
-            rejected[name] = (float(r @ r) - chi2_fitted) / scale
+            name, chi2_fitted, scale, converged_before = dropped
+            rejected[name] = ((float(r @ r) - chi2_fitted) / scale, converged_before and converged)
         covariance, reduced_chi2 = _covariance(r, jacobian)
         sd = np.sqrt(np.maximum(np.diag(covariance), 0.0))
         ratio = np.exp(np.minimum(2.0 * Z95 * sd, 700.0))  # the span of the 95 % interval as a factor (capped: no information at all is "infinite")
@@ -546,7 +568,7 @@ def calibrate(
         if ratio[worst] <= settings.identifiable_max_ratio or len(fitted) == 1:
             break
         log.info("calibration_not_identifiable", parameter=fitted[worst], ci95_ratio=round(float(ratio[worst]), 2))
-        dropped = (fitted[worst], float(r @ r), max(1.0, reduced_chi2))
+        dropped = (fitted[worst], float(r @ r), max(1.0, reduced_chi2), converged)
         not_identifiable.append(fitted.pop(worst))
         start = np.delete(theta, worst)  # the others refitted from where they were
     nominal_vector = parameter_vector(nominal, records[0].batch.media)
@@ -589,7 +611,9 @@ def calibrate(
     )
     cv = _cross_validation(records, nominal, model, settings, fitted) if cross_validate and len(records) >= 3 else {}
     per_batch = _batch_statistics(problem, theta)
-    warnings = review_warnings(records, statistics, per_batch, cv, cross_validate=cross_validate, rejected_nominals=rejected)
+    at_edge = {name: float(values[k]) for k, name in enumerate(fitted) if theta[k] <= problem.lower[k] + 1e-9 or theta[k] >= problem.upper[k] - 1e-9}
+    fit = FitOutcome(converged=converged, max_iterations=settings.max_iterations, at_edge=at_edge, rejected_nominals=rejected)
+    warnings = review_warnings(records, statistics, per_batch, cv, cross_validate=cross_validate, fit=fit)
     for warning in warnings:
         log.warning("calibration_review", warning=warning)
     provenance = ModelProvenance(
@@ -698,6 +722,21 @@ CHI2_1_DOF_95 = 3.841
 """The 95 % point of χ² with one degree of freedom: a fit this much worse with one parameter held is a significant loss."""
 
 
+@dataclass(frozen=True)
+class FitOutcome:
+    """How the fit ended, for the review: whether it converged, the parameters it left at the edge of their range, and
+    the nominals put back as not identifiable that the records reject."""
+
+    converged: bool = True
+    max_iterations: int = 0
+    at_edge: Mapping[str, float] = field(default_factory=dict)
+    """Fitted parameters whose θ ended on its bound (±``log_multiplier_bound`` or the schema's range) → their value."""
+    rejected_nominals: Mapping[str, tuple[float, bool]] = field(default_factory=dict)
+    """Parameters put back to nominal → (how much worse the refit without them is, χ² scaled by the reduced χ²; whether both
+    fits compared converged). Above the 95 % point the records *reject* the nominal they keep: the interval was wide because
+    the value they ask for lies at the edge of what the fit allows, not because they say nothing."""
+
+
 def review_warnings(
     records: Sequence[BatchRecord],
     statistics: Mapping[str, float],
@@ -705,22 +744,30 @@ def review_warnings(
     cv: Mapping[str, float],
     *,
     cross_validate: bool,
-    rejected_nominals: Mapping[str, float] | None = None,
+    fit: FitOutcome | None = None,
 ) -> list[str]:
-    """What a reviewer must look at before deploying: a misfit the model cannot explain, a batch unlike the others, no gain on unseen batches.
-
-    ``rejected_nominals``: parameters put back to nominal as not identifiable, each with how much worse the fit became
-    for it (χ² scaled by the reduced χ²). Above the 95 % point the records *reject* the nominal they keep: the interval
-    was wide because the value they ask for lies at the edge of what the model can take, not because they say nothing.
-    """
+    """What a reviewer must look at before deploying: an unfinished fit, a value at the fit's edge, a nominal the records reject,
+    a misfit the model cannot explain, a batch unlike the others, no gain on unseen batches."""
     warnings: list[str] = []
-    for name, chi2_worse in (rejected_nominals or {}).items():
+    fit = fit or FitOutcome()
+    if not fit.converged:
+        warnings.append(
+            f"the fit stopped after max_iterations ({fit.max_iterations}) without converging: the values and intervals are of an unfinished fit; "
+            "raise max_iterations in the settings"
+        )
+    for name, value in fit.at_edge.items():
+        warnings.append(
+            f"{name.removeprefix('culture.')} ended at the edge of what the fit allows ({value:.4g}: log_multiplier_bound from nominal, or the "
+            "parameter file's range): the records ask for a value beyond it, and its interval is not a 95 % interval"
+        )
+    for name, (chi2_worse, converged) in fit.rejected_nominals.items():
         if chi2_worse > CHI2_1_DOF_95:
+            unfinished = " (one of the two fits compared did not converge: the figure is approximate)" if not converged else ""
             warnings.append(
                 f"{name.removeprefix('culture.')} was put back to nominal as not identifiable, but the records reject that value "
-                f"(the fit is worse by chi-square {chi2_worse:.1f} with it, against {CHI2_1_DOF_95} at 95 %): they ask for a value at the edge of "
-                "what the fit allows, where they cannot tell values apart. Plans that lean on this parameter are not checked by these records: "
-                "review the plots, and widen log_multiplier_bound or fit the model's corrections"
+                f"(the fit is worse by chi-square {chi2_worse:.1f} with it, against {CHI2_1_DOF_95} at 95 %){unfinished}: they ask for a value at the "
+                "edge of what the fit allows, where they cannot tell values apart. Plans that lean on this parameter are not checked by these "
+                "records: review the plots, and widen log_multiplier_bound or fit the model's corrections"
             )
     chi2 = statistics["reduced_chi2"]
     if chi2 > 4.0:
@@ -783,7 +830,7 @@ def _cross_validation(records: Sequence[BatchRecord], nominal: CultureParameters
     for left_out in range(len(records)):
         rest = [record for i, record in enumerate(records) if i != left_out]
         problem = _Problem(rest, nominal, model, settings, fitted)
-        theta, *_ = _levenberg_marquardt(problem, np.zeros(len(fitted)), settings)
+        theta, *_ = _levenberg_marquardt(problem, np.zeros(len(fitted)), settings)  # an unconverged fold is still a prediction
         for name, value in _relative_rmse(full, theta, [left_out]).items():
             calibrated.setdefault(name, []).append(value)
         for name, value in _relative_rmse(full, np.zeros(len(fitted)), [left_out]).items():

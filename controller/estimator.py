@@ -42,7 +42,7 @@ from controller.types import LAB_FIELDS, LabResult
 from plant_models.cho import STATE_INDEX, STATES, CultureModel
 from plant_models.config_loading import FrozenConfig
 from plant_models.errors import BioreactorMPCError
-from plant_models.parameters import PARAMETER_NAMES, is_correction
+from plant_models.parameters import PARAMETER_NAMES, is_additive, is_correction
 
 if TYPE_CHECKING:
     from controller.nmpc import CycleObservation
@@ -136,6 +136,11 @@ class EstimatedParameter(FrozenConfig):
             raise ValueError(f"{value!r} is not a model parameter; names look like 'culture.growth.mu_max_per_h'")
         if is_correction(value):
             raise ValueError(f"{value!r} is a correction: zero in the model and of either sign, so it has no multiplier to estimate (calibrate fits it)")
+        if is_additive(value):
+            raise ValueError(
+                f"{value!r} is a temperature sensitivity: it may be 0 (no effect) or, for the productivity, negative, where a multiplier"
+                " cannot move it or would turn it the wrong way, so it has no multiplier to estimate (calibrate fits it)"
+            )
         return value
 
 

@@ -132,7 +132,9 @@ def parameter_scenarios(
         raise ScenarioError(f"two distinct uncertain parameters are needed, got {list(names)}")
     missing = [name for name in names if name not in log_sd]
     if missing:
-        raise ScenarioError(f"no spread is known for {missing}: not fitted, not identifiable, or a correction (which the scenarios do not vary)")
+        raise ScenarioError(
+            f"no spread is known for {missing}: not fitted, not identifiable, or fitted additively (a correction or a temperature sensitivity, which the scenarios do not vary)"
+        )
     sd = tuple(float(log_sd[name]) for name in names)
     if not all(math.isfinite(s) and s > 0.0 for s in sd):
         raise ScenarioError(f"the ln-multiplier sd of {list(names)} must be positive and finite, got {list(sd)}")

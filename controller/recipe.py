@@ -48,6 +48,10 @@ class PlatformRecipe:
     def feed_rate_lph(self, process_time_h: float) -> float:
         return self._feed_rate_lph if process_time_h >= self._recipe.feed_start_h else 0.0
 
+    def temperature_degc(self, process_time_h: float) -> float:
+        """The recipe's temperature setpoint at ``process_time_h``: the initial one, the shifted one from the shift on."""
+        return self._recipe.temperature_initial_degc if process_time_h < self._recipe.temperature_shift_h else self._recipe.temperature_shifted_degc
+
     def on_lab_result(self, result: LabResult, *, volume_l: float, glucose_delivered_g: float) -> None:
         """Take a newly published result set.
 
@@ -108,10 +112,9 @@ class PlatformRecipe:
         volume = math.nan if volume_l is None else volume_l  # comparisons with NaN are false: an unknown volume stops nothing
         full = volume >= self._feed_stop_l
         nutrient_full = volume >= self.nutrient_stop_l(process_time_h)
-        temperature = self._recipe.temperature_initial_degc if process_time_h < self._recipe.temperature_shift_h else self._recipe.temperature_shifted_degc
         return Setpoints(
             feed_rate_lph=0.0 if nutrient_full else self.feed_rate_lph(process_time_h),
             glucose_rate_lph=0.0 if full else self._glucose_rate_lph,
-            temperature_degc=temperature,
+            temperature_degc=self.temperature_degc(process_time_h),
             harvest=self.harvest_due(process_time_h),
         )

@@ -337,11 +337,11 @@ class TrustRegion:
 
         ``endgame``: the plan starts in the end-game (:meth:`in_endgame`), so the temperature and feed are held within what the batch has run.
         """
-        feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._region_edges(time_h, volume_l)
+        temperature, feed = self._recipe.temperature_degc(time_h), self._recipe.feed_rate_lph(time_h)
+        feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._region_edges(time_h, volume_l, temperature, feed)
         if endgame:
             # What the lab checks comes days after the move (a productivity that follows the temperature with a lag, a titer
             # assayed a day later): a move made now is one no result takes back before the harvest. The recipe's own stays allowed.
-            temperature, feed = self._recipe.setpoints(time_h).temperature_degc, self._recipe.feed_rate_lph(time_h)
             (t_ran_low, t_ran_high), (f_ran_low, f_ran_high) = self._ran
             temperature_low = max(temperature_low, float(np.fmin(t_ran_low, temperature)))
             temperature_high = min(temperature_high, float(np.fmax(t_ran_high, temperature)))
@@ -349,11 +349,10 @@ class TrustRegion:
             feed_high = min(feed_high, float(np.fmax(f_ran_high, feed)))
         return feed_low, feed_high, temperature_low, temperature_high, glucose_low
 
-    def _region_edges(self, time_h: float, volume_l: float) -> tuple[float, float, float, float, float]:
-        """The region's edges at ``time_h`` (:meth:`_edges` without the end-game)."""
+    def _region_edges(self, time_h: float, volume_l: float, temperature: float, feed: float) -> tuple[float, float, float, float, float]:
+        """The region's edges at ``time_h`` (:meth:`_edges` without the end-game) about the recipe's ``temperature`` and ``feed`` then."""
         cfg, batch, w, scale = self.config, self._batch, self.width, self.reach_scale
         target = batch.recipe.glucose_target_g_per_l
-        temperature, feed = self._recipe.setpoints(time_h).temperature_degc, self._recipe.feed_rate_lph(time_h)
         if self.source is RegionSource.CALIBRATION_ENVELOPE:
             phase = self._phase(time_h)
             # Earned reach extends the envelope by (scale − 1) times the recipe band's reach, as it extends the band itself.

@@ -197,6 +197,8 @@ class NmpcController:
             )
             if check is not None:
                 log.info("plan_checked_against_lab", process_time_h=t, check=check.describe(), width=self.trust.width, stood_down=self.trust.stood_down)
+                if check.reenabled:  # the monitor put the NMPC back in charge: the harvest is the plan's again, as after an engineer's re-enable
+                    self.harvest_time_h = self.config.initial_harvest_h or self._batch.recipe.harvest_h
         if self.trust.stood_down:
             recipe = self.recipe.setpoints(t, volume_l=observation.online.get("volume_l"))
             self.harvest_time_h = max(t, self._batch.recipe.harvest_h)
@@ -290,7 +292,7 @@ class NmpcController:
 
     def replay(self, taken_at_h: float, lead_h: float | None = None) -> Replay | None:
         """The model run to ``taken_at_h`` from the estimate ``lead_h`` (default ``long_lead_h``) before, with the setpoints the plant ran since (:mod:`controller.replay`); None without one."""
-        if not self.trust.active or self.trust.stood_down:
+        if not self.trust.active:
             return None
         ran = self._replays.replay(taken_at_h - (self.trust.config.long_lead_h if lead_h is None else lead_h), taken_at_h)
         if ran is None:

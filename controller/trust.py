@@ -138,6 +138,16 @@ class TrustRegionConfig(FrozenConfig):
             " the band's reaches beyond its margin [-]"
         ),
     )
+    reenable_after_confirmations: int = Field(
+        default=0,
+        ge=0,
+        le=20,
+        description=(
+            "stood down, the monitor still holds each lab result against the model run with what the recipe gave (a day and long_lead_h"
+            " ahead); after this many such results in a row within tolerance it puts the NMPC back in charge itself, once per batch (a"
+            " second stand-down waits for an engineer); 0: only an engineer re-enables [-]"
+        ),
+    )
     endgame_holds_what_ran: bool = Field(
         default=True,
         description=(
@@ -197,6 +207,10 @@ class LabCheck:
     """The day-ahead prediction was the model run from the estimate the plan started from with the inputs applied since, not the plan's own."""
     glucose_shortfall_g_per_l: float = math.nan
     """Predicted − measured glucose [g/L] (positive: the culture had less than the model said; NaN: glucose not measured or not accepted)."""
+    shadow: bool = False
+    """Made while the NMPC stood down: against the model run with the recipe's inputs; it moves neither the width nor the reach."""
+    reenabled: bool = False
+    """This result was the last of ``reenable_after_confirmations`` shadow confirmations in a row: the monitor put the NMPC back in charge."""
 
     @property
     def long_confirmed(self) -> bool:
@@ -207,12 +221,15 @@ class LabCheck:
         verdict = "confirmed" if self.confirmed else "missed"
         bias = f"; biased: {', '.join(name.split('_')[0] for name in self.biased)} off the same way result after result" if self.biased else ""
         what = f"the model run from {self.plan_made_at_h:.0f} h with the inputs applied since" if self.replayed else f"the plan made at {self.plan_made_at_h:.0f} h"
-        text = f"lab result {self.seq} (drawn {self.taken_at_h:.0f} h) {verdict} {what} ({_errors_text(self.errors)}{bias})"
+        stood = "while the NMPC stood down, " if self.shadow else ""
+        text = f"{stood}lab result {self.seq} (drawn {self.taken_at_h:.0f} h) {verdict} {what} ({_errors_text(self.errors)}{bias})"
         if self.long_errors:
             verdict = "confirmed" if self.long_confirmed else "missed"
             text += f"; {verdict} the model run from {self.long_from_h:.0f} h with the inputs applied since ({_errors_text(self.long_errors)})"
         if self.glucose_shortfall_g_per_l > 0.0:
             text += f"; glucose {self.glucose_shortfall_g_per_l:.2f} g/L below the model's"
+        if self.reenabled:
+            text += "; the NMPC is back in charge"
         return text + f"; reach x{self.reach_scale_after:.2f}"
 
 
@@ -266,6 +283,10 @@ class TrustRegion:
         """Earned reach: how far beyond its configured reach (or margin) the region goes; grows with results that confirm the plan a day and ``long_lead_h`` ahead."""
         self.misses = 0
         self.stood_down = False
+        self.shadow_confirmations = 0
+        """Stood down: lab results in a row the model run with the recipe's inputs predicted within tolerance (:meth:`check`)."""
+        self.automatic_reenables = 0
+        """Times this batch the monitor put the NMPC back in charge itself (at most once)."""
         self._shortfalls: deque[float] = deque(maxlen=self.config.bias_window)
         """Predicted − measured glucose of the last ``bias_window`` checks that compared glucose against the model run with the inputs applied."""
         self.checks: list[LabCheck] = []
@@ -467,29 +488,24 @@ class TrustRegion:
         changed the inputs, above all the glucose feed, and a plan's three-day-old glucose says more about the replanning than
         about the model.
         """
-        if not self.active or self.stood_down:
+        if not self.active:
             return None
         if any(check.seq == lab.seq for check in self.checks):
             return None  # handed over again (its cycle failed after the check, or was abandoned): it has counted once
         cfg = self.config
+        day_replay, replay = (run if run is not None and run.taken_at_h == lab.taken_at_h else None for run in (day_replay, replay))
+        if self.stood_down:
+            return self._shadow_check(lab, accepted, replay, day_replay)
         plan = self._plan_before(lab.taken_at_h, cfg.lead_h)
         if plan is None:
             return None
-        day_replay, replay = (run if run is not None and run.taken_at_h == lab.taken_at_h else None for run in (day_replay, replay))
         predicted = plan.at(lab.taken_at_h, cfg.prediction_sigmas)
         if day_replay is not None:
             predicted = {name: (day_replay.predicted[name], spread) for name, (_, spread) in predicted.items() if name in day_replay.predicted}
         errors = self._errors(predicted, lab, accepted)
         if not errors:
             return None
-        window = [check.errors for check in self.checks[max(0, len(self.checks) - cfg.bias_window + 1) :]] + [errors]
-        biased = tuple(
-            name
-            for name in errors
-            if len(window) == cfg.bias_window
-            and all(name in errors_then for errors_then in window)
-            and abs(sum(errors_then[name] for errors_then in window) / cfg.bias_window) > cfg.bias_threshold
-        )
+        biased = self._biased(errors, shadow=False)
         confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
         long_errors = self._errors({name: (value, 0.0) for name, value in replay.predicted.items()}, lab, accepted) if replay is not None else {}
         long_worst = max((abs(error) for error in long_errors.values()), default=0.0)
@@ -529,6 +545,62 @@ class TrustRegion:
             self._shortfalls.append(shortfall)
         return result
 
+    def _biased(self, errors: dict[str, float], *, shadow: bool) -> tuple[str, ...]:
+        """The fields whose mean error over the last ``bias_window`` results (this one and the checks of the same kind before it) is
+        beyond ``bias_threshold``: each may be within tolerance, all off the same way."""
+        cfg = self.config
+        same_kind = [check.errors for check in self.checks if check.shadow == shadow]
+        window = [*same_kind[max(0, len(same_kind) - cfg.bias_window + 1) :], errors]
+        return tuple(
+            name
+            for name in errors
+            if len(window) == cfg.bias_window
+            and all(name in errors_then for errors_then in window)
+            and abs(sum(errors_then[name] for errors_then in window) / cfg.bias_window) > cfg.bias_threshold
+        )
+
+    def _shadow_check(self, lab: LabResult, accepted: frozenset[str] | None, replay: Replay | None, day_replay: Replay | None) -> LabCheck | None:
+        """Stood down: hold ``lab`` against the model run with what the recipe gave, a day and ``long_lead_h`` ahead. The evidence an
+        engineer re-enables on; with ``reenable_after_confirmations`` results in a row within tolerance on both (and no bias), the
+        NMPC is put back in charge, once per batch. The width and the reach stay as they are until then. None without a day-ahead run
+        (the replay memory starts again after a restart or a long gap)."""
+        if day_replay is None:
+            return None
+        errors = self._errors({name: (value, 0.0) for name, value in day_replay.predicted.items()}, lab, accepted)
+        if not errors:
+            return None
+        long_errors = self._errors({name: (value, 0.0) for name, value in replay.predicted.items()}, lab, accepted) if replay is not None else {}
+        biased = self._biased(errors, shadow=True)
+        confirmed = all(abs(error) <= 1.0 for error in (*errors.values(), *long_errors.values())) and not biased
+        shortfall = day_replay.predicted["glucose_g_per_l"] - lab.glucose_g_per_l if "glucose_g_per_l" in errors else math.nan
+        if math.isfinite(shortfall):  # the model's glucose, whoever plans: the floor after a re-enable starts from it
+            self._shortfalls.append(shortfall)
+        self.shadow_confirmations = self.shadow_confirmations + 1 if confirmed else 0
+        needed = self.config.reenable_after_confirmations
+        reenabled = confirmed and needed > 0 and self.shadow_confirmations >= needed and self.automatic_reenables == 0
+        if reenabled:
+            self.reenable()
+            self.automatic_reenables += 1
+            log.info("nmpc_reenabled_by_monitor", lab_seq=lab.seq, taken_at_h=lab.taken_at_h, confirmations=needed, width=self.width)
+        result = LabCheck(
+            lab.seq,
+            lab.taken_at_h,
+            day_replay.from_h,
+            errors,
+            confirmed,
+            self.width,
+            biased,
+            replay.from_h if replay is not None and long_errors else math.nan,
+            long_errors,
+            self.reach_scale,
+            True,
+            shortfall,
+            shadow=True,
+            reenabled=reenabled,
+        )
+        self.checks.append(result)
+        return result
+
     @property
     def glucose_error_g_per_l(self) -> float:
         """One day-ahead glucose error: the glucose tolerance's floor, or the largest shortfall of the last ``bias_window`` glucose comparisons when larger.
@@ -561,6 +633,7 @@ class TrustRegion:
         """An operator puts the NMPC back in charge after a stand-down: the region restarts at its initial width, the miss count at 0."""
         self.stood_down = False
         self.misses = 0
+        self.shadow_confirmations = 0
         self.width = self._initial_width()
         self.reach_scale = 1.0
         self._predictions.clear()  # the glucose error stays: the model's glucose shortfalls are still evidence
@@ -574,13 +647,34 @@ class TrustRegion:
         last = self.checks[-1].describe() if self.checks else ""
         if self.stood_down:
             results = "1 lab result" if self.misses == 1 else f"{self.misses} lab results in a row"
-            alarms["nmpc_stood_down"] = f"{results} missed the plan's predictions; the platform recipe runs until an engineer re-enables the NMPC (last: {last})"
+            alarms["nmpc_stood_down"] = f"{results} missed the plan's predictions; {self._stood_down_text()} (last: {last})"
             return alarms
+        if self.automatic_reenables:
+            back = next(check for check in reversed(self.checks) if check.reenabled)
+            alarms["nmpc_reenabled_by_monitor"] = (
+                f"the NMPC stood down and is back in charge since lab result {back.seq} (drawn {back.taken_at_h:.0f} h): the model run with"
+                f" what the recipe gave predicted {self.config.reenable_after_confirmations} lab results in a row within tolerance, a day and"
+                f" {self.config.long_lead_h:.0f} h ahead; the region restarted at its initial width, and a second stand-down waits for an engineer"
+            )
         if self.misses:
             alarms["nmpc_predictions_missed"] = f"{last}: trust region narrowed to {self.width:.0%}"
         if self.active and self.glucose_floor_at_target:
             alarms["nmpc_glucose_floor_at_target"] = self._floor_at_target_text()
         return alarms
+
+    def _stood_down_text(self) -> str:
+        """What runs now, and what the model has shown since it stood down."""
+        needed = self.config.reenable_after_confirmations
+        shown = (
+            f"since then the model run with what the recipe gave predicted the last {self.shadow_confirmations} lab result(s) within tolerance"
+            if self.shadow_confirmations
+            else "since then the model run with what the recipe gave has not predicted the last lab result within tolerance"
+            if any(check.shadow for check in self.checks)
+            else "no lab result has been held against the model since"
+        )
+        if needed and not self.automatic_reenables:
+            return f"the platform recipe runs; {shown}, and {needed} in a row put it back in charge, or an engineer re-enables it"
+        return f"the platform recipe runs until an engineer re-enables the NMPC; {shown}"
 
     @property
     def glucose_floor_at_target(self) -> bool:
@@ -612,6 +706,8 @@ class TrustRegion:
             "reach_scale": self.reach_scale,
             "misses": self.misses,
             "stood_down": self.stood_down,
+            "shadow_confirmations": self.shadow_confirmations,
+            "automatic_reenables": self.automatic_reenables,
             "glucose_error_g_per_l": self.glucose_error_g_per_l,
         }
         if now_h is not None and self.active:
@@ -635,6 +731,8 @@ class TrustRegion:
             "reach_scale": self.reach_scale,
             "misses": self.misses,
             "stood_down": self.stood_down,
+            "shadow_confirmations": self.shadow_confirmations,
+            "automatic_reenables": self.automatic_reenables,
             "glucose_shortfalls_g_per_l": [value if math.isfinite(value) else None for value in self._shortfalls],
             "ran_temperature_degc": [value if math.isfinite(value) else None for value in self._ran[0]],
             "ran_feed_lph": [value if math.isfinite(value) else None for value in self._ran[1]],
@@ -647,6 +745,10 @@ class TrustRegion:
         self.width = float(np.clip(_saved_number(data, "width", self.width), 0.0, 1.0))
         self.reach_scale = float(np.clip(_saved_number(data, "reach_scale", 1.0), 1.0, self.config.max_reach_scale))
         self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
+        # A damaged count of shadow confirmations is none (the monitor collects them again); a damaged count of automatic re-enables
+        # is one: the monitor does not put the NMPC back a second time on a resume state it cannot read.
+        self.shadow_confirmations = int(np.clip(_saved_number(data, "shadow_confirmations", 0.0), 0, 1000))
+        self.automatic_reenables = int(np.clip(_saved_number(data, "automatic_reenables", 0.0, damaged=1.0), 0, 1))
         self._shortfalls.clear()
         self._shortfalls.extend(_saved_shortfalls(data))
         self._ran = np.array([_saved_range(data, "ran_temperature_degc"), _saved_range(data, "ran_feed_lph")])
@@ -684,8 +786,9 @@ def _saved_range(data: dict[str, Any], name: str) -> tuple[float, float]:
     return math.nan, math.nan
 
 
-def _saved_number(data: dict[str, Any], name: str, default: float) -> float:
-    """``data[name]`` as a float; ``default`` when it is missing or no finite number (logged: a damaged or edited resume state)."""
+def _saved_number(data: dict[str, Any], name: str, default: float, *, damaged: float | None = None) -> float:
+    """``data[name]`` as a float; ``default`` when it is missing, ``damaged`` (default: ``default``) when it is no finite number
+    (logged: a damaged or edited resume state)."""
     value = data.get(name, default)
     try:
         number = float(value)
@@ -693,8 +796,9 @@ def _saved_number(data: dict[str, Any], name: str, default: float) -> float:
         number = math.nan
     if math.isfinite(number):
         return number
-    log.warning("trust_restore_value_ignored", field=name, saved=repr(value), used=default)
-    return default
+    used = default if damaged is None else damaged
+    log.warning("trust_restore_value_ignored", field=name, saved=repr(value), used=used)
+    return used
 
 
 def _fill_lower_bounds(feed_lower_lph: np.ndarray, durations_h: np.ndarray, volume_now_l: float, volume_upper_l: np.ndarray) -> np.ndarray:

@@ -523,3 +523,73 @@ def test_the_production_phases_range_survives_a_restart_and_a_damaged_one_is_non
     assert (region.to_dict()["ran_temperature_degc"], region.to_dict()["ran_feed_lph"]) == kept
     lowest = 32.4 if kept[0][0] is not None else 33.0
     assert _endgame_bounds(region, region.endgame_from_h + 6.0, previous_degc=33.0).inputs_lower[2].min() == pytest.approx(lowest)
+
+
+def _stand_down(region: TrustRegion) -> None:
+    """One plan, then a result far from it: with ``misses_to_recipe`` 1 the NMPC stands down."""
+    _plan(region, 0.0, vcd=10.0, titer=1.0, glucose=4.0)
+    region.check(_lab(1, 30.0, vcd=3.0, titer=1.0, glucose=4.0))
+    assert region.stood_down
+
+
+def _day_run(taken_at_h: float, *, vcd: float = 10.0) -> Replay:
+    """The model run from a day before the draw with what the recipe gave: VCD ``vcd``, titer 1, glucose 4 there."""
+    return Replay(taken_at_h - 24.0, taken_at_h, {"vcd_1e6_per_ml": vcd, "titer_g_per_l": 1.0, "glucose_g_per_l": 4.0})
+
+
+def test_stood_down_the_monitor_still_holds_each_result_against_the_model_run_with_what_the_recipe_gave(batch):
+    """The evidence an engineer re-enables on: shadow checks count confirmations in a row, move neither width nor reach, and the alarm says what they showed."""
+    region = _region(batch, misses_to_recipe=1)
+    _stand_down(region)
+    width = region.width
+    assert "no lab result has been held against the model since" in region.alarms()["nmpc_stood_down"]
+    assert region.check(_lab(2, 54.0, vcd=10.0, titer=1.0, glucose=4.0)) is None  # no day-ahead run (the replay memory holds less than a day)
+    first = region.check(_lab(3, 78.0, vcd=10.5, titer=1.0, glucose=4.0), day_replay=_day_run(78.0))
+    assert first is not None and first.shadow and first.confirmed and not first.reenabled
+    assert region.stood_down and region.width == width and region.shadow_confirmations == 1
+    assert "predicted the last 1 lab result(s) within tolerance" in region.alarms()["nmpc_stood_down"]
+    assert "until an engineer re-enables" in region.alarms()["nmpc_stood_down"]  # 0 (the default): only an engineer puts it back
+    assert "while the NMPC stood down" in first.describe()
+    region.check(_lab(4, 102.0, vcd=10.0, titer=1.0, glucose=4.0), day_replay=_day_run(102.0))
+    assert region.shadow_confirmations == 2 and region.stood_down
+    # The same result handed over again counts once; a result the day-ahead run missed starts the count again.
+    assert region.check(_lab(4, 102.0, vcd=10.0, titer=1.0, glucose=4.0), day_replay=_day_run(102.0)) is None
+    missed = region.check(_lab(5, 126.0, vcd=6.0, titer=1.0, glucose=4.0), day_replay=_day_run(126.0))
+    assert missed is not None and not missed.confirmed and region.shadow_confirmations == 0
+    assert "has not predicted the last lab result" in region.alarms()["nmpc_stood_down"]
+    region.reenable()
+    assert not region.stood_down and region.shadow_confirmations == 0
+
+
+def test_after_n_shadow_confirmations_the_monitor_puts_the_nmpc_back_once_per_batch(batch):
+    region = _region(batch, misses_to_recipe=1, reenable_after_confirmations=2, initial_width=0.3)
+    _stand_down(region)
+    assert "2 in a row put it back in charge" in region.alarms()["nmpc_stood_down"]
+    # A three-day replay beyond tolerance is no confirmation, though the day-ahead run held.
+    far = Replay(6.0, 78.0, {"vcd_1e6_per_ml": 20.0, "titer_g_per_l": 1.0, "glucose_g_per_l": 4.0})
+    held_only_a_day = region.check(_lab(2, 78.0, vcd=10.0, titer=1.0, glucose=4.0), replay=far, day_replay=_day_run(78.0))
+    assert held_only_a_day is not None and not held_only_a_day.confirmed and region.shadow_confirmations == 0
+    region.check(_lab(3, 102.0, vcd=10.0, titer=1.0, glucose=4.0), day_replay=_day_run(102.0))
+    assert region.stood_down
+    back = region.check(_lab(4, 126.0, vcd=10.0, titer=1.0, glucose=4.0), day_replay=_day_run(126.0))
+    assert back is not None and back.reenabled and "back in charge" in back.describe()
+    assert not region.stood_down and region.misses == 0 and region.width == pytest.approx(0.3) and region.reach_scale == 1.0
+    assert set(region.alarms()) == {"nmpc_reenabled_by_monitor"} and "lab result 4 (drawn 126 h)" in region.alarms()["nmpc_reenabled_by_monitor"]
+    # A second stand-down waits for an engineer, however well the model predicts after it.
+    _plan(region, 130.0, vcd=10.0, titer=1.0, glucose=4.0)
+    region.check(_lab(5, 160.0, vcd=3.0, titer=1.0, glucose=4.0))
+    assert region.stood_down
+    for seq, t in ((6, 184.0), (7, 208.0), (8, 232.0)):
+        assert not region.check(_lab(seq, t, vcd=10.0, titer=1.0, glucose=4.0), day_replay=_day_run(t)).reenabled
+    assert region.stood_down and region.shadow_confirmations == 3
+    assert "until an engineer re-enables" in region.alarms()["nmpc_stood_down"]
+
+
+@pytest.mark.parametrize(
+    ("saved", "confirmations", "automatic"),
+    [({}, 0, 0), ({"shadow_confirmations": 2, "automatic_reenables": 1}, 2, 1), ({"shadow_confirmations": "x", "automatic_reenables": "y"}, 0, 1)],
+)
+def test_the_shadow_count_and_automatic_reenables_survive_a_restart_and_a_damaged_count_never_allows_a_second(batch, saved, confirmations, automatic):
+    region = _restored(batch, {"stood_down": True, **saved})
+    assert region.shadow_confirmations == confirmations and region.automatic_reenables == automatic
+    assert region.to_dict()["automatic_reenables"] == automatic

@@ -86,7 +86,7 @@ function showTrust(trust) {
   const down = trust.stood_down && !trust.reenabled;
   banner.hidden = !down;
   const results = (n) => (n === 1 ? "1 lab result" : `${n} lab results`);
-  if (down) text("stood-down-why", `${results(trust.misses)} in a row missed what the plans predicted (${results(trust.misses_to_recipe)} missed in a row stand it down).`);
+  if (down) text("stood-down-why", `${results(trust.misses)} in a row missed what the plans predicted (${results(trust.misses_to_recipe)} missed in a row stand it down). ${sinceStoodDown(trust)}`);
   const harvest = trust.harvest_h ? `${range(trust.harvest_h, 0, "h")} (day ${fmt(trust.harvest_h[0] / 24, 1)} – ${fmt(trust.harvest_h[1] / 24, 1)})` : "—";
   rows("trust-table", [
     ["status", down ? "STOOD DOWN: the platform recipe runs" : trust.reenabled ? "re-enabled: the NMPC plans again from the next cycle" : "the NMPC plans inside the region"],
@@ -98,8 +98,19 @@ function showTrust(trust) {
     ["lowest glucose planned", trust.glucose_min_g_per_l === undefined ? "—" : `${fmt(trust.glucose_min_g_per_l)} g/L` + glucoseError(trust.glucose_error_g_per_l)],
     ["harvest", harvest],
     ["misses in a row", `${trust.misses} of ${trust.misses_to_recipe}`],
+    ...(down ? [["since the stand-down", sinceStoodDown(trust)]] : []),
+    ...(trust.automatic_reenables ? [["put back by the monitor", "once this batch, after lab results the model predicted while the recipe ran; a second stand-down waits for an engineer"]] : []),
     ["last lab check", trust.last_check || "none yet"],
   ]);
+}
+
+// Stood down, the monitor still holds each lab result against the model run with what the recipe gave: the evidence to re-enable on.
+function sinceStoodDown(trust) {
+  const n = trust.shadow_confirmations || 0;
+  const shown = `the model run with what the recipe gave predicted the last ${n === 1 ? "lab result" : `${n} lab results`} in a row within tolerance`;
+  const needed = trust.reenable_after_confirmations || 0;
+  if (needed && !trust.automatic_reenables) return `Since then ${shown}; ${needed} in a row put the NMPC back in charge, or an engineer re-enables it.`;
+  return `Since then ${shown}; an engineer decides whether to re-enable it.`;
 }
 
 // In the last days before the harvest the plan holds to what the batch has run: a move then is one no lab result checks in time.

@@ -197,8 +197,6 @@ class NmpcController:
             )
             if check is not None:
                 log.info("plan_checked_against_lab", process_time_h=t, check=check.describe(), width=self.trust.width, stood_down=self.trust.stood_down)
-                if check.reenabled:  # the monitor put the NMPC back in charge: the harvest is the plan's again, as after an engineer's re-enable
-                    self.harvest_time_h = self.config.initial_harvest_h or self._batch.recipe.harvest_h
         if self.trust.stood_down:
             recipe = self.recipe.setpoints(t, volume_l=observation.online.get("volume_l"))
             self.harvest_time_h = max(t, self._batch.recipe.harvest_h)

@@ -294,7 +294,6 @@ class Runtime:
             return None
         trust = dict(report.record.trust)
         trust["misses_to_recipe"] = self.settings.nmpc.trust.misses_to_recipe
-        trust["reenable_after_confirmations"] = self.settings.nmpc.trust.reenable_after_confirmations
         trust["reenabled"] = bool(trust.get("stood_down")) and self.cycle is not None and not self.cycle.controller.trust.stood_down
         return trust
 

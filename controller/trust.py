@@ -138,16 +138,6 @@ class TrustRegionConfig(FrozenConfig):
             " the band's reaches beyond its margin [-]"
         ),
     )
-    reenable_after_confirmations: int = Field(
-        default=0,
-        ge=0,
-        le=20,
-        description=(
-            "stood down, the monitor still holds each lab result against the model run with what the recipe gave (a day and long_lead_h"
-            " ahead); after this many such results in a row within tolerance it puts the NMPC back in charge itself, once per batch (a"
-            " second stand-down waits for an engineer); 0: only an engineer re-enables [-]"
-        ),
-    )
     endgame_holds_what_ran: bool = Field(
         default=True,
         description=(
@@ -209,8 +199,6 @@ class LabCheck:
     """Predicted − measured glucose [g/L] (positive: the culture had less than the model said; NaN: glucose not measured or not accepted)."""
     shadow: bool = False
     """Made while the NMPC stood down: against the model run with the recipe's inputs; it moves neither the width nor the reach."""
-    reenabled: bool = False
-    """This result was the last of ``reenable_after_confirmations`` shadow confirmations in a row: the monitor put the NMPC back in charge."""
 
     @property
     def long_confirmed(self) -> bool:
@@ -228,8 +216,6 @@ class LabCheck:
             text += f"; {verdict} the model run from {self.long_from_h:.0f} h with the inputs applied since ({_errors_text(self.long_errors)})"
         if self.glucose_shortfall_g_per_l > 0.0:
             text += f"; glucose {self.glucose_shortfall_g_per_l:.2f} g/L below the model's"
-        if self.reenabled:
-            text += "; the NMPC is back in charge"
         return text + f"; reach x{self.reach_scale_after:.2f}"
 
 
@@ -285,8 +271,6 @@ class TrustRegion:
         self.stood_down = False
         self.shadow_confirmations = 0
         """Stood down: lab results in a row the model run with the recipe's inputs predicted within tolerance (:meth:`check`)."""
-        self.automatic_reenables = 0
-        """Times this batch the monitor put the NMPC back in charge itself (at most once)."""
         self._shortfalls: deque[float] = deque(maxlen=self.config.bias_window)
         """Predicted − measured glucose of the last ``bias_window`` checks that compared glucose against the model run with the inputs applied."""
         self.checks: list[LabCheck] = []
@@ -560,10 +544,11 @@ class TrustRegion:
         )
 
     def _shadow_check(self, lab: LabResult, accepted: frozenset[str] | None, replay: Replay | None, day_replay: Replay | None) -> LabCheck | None:
-        """Stood down: hold ``lab`` against the model run with what the recipe gave, a day and ``long_lead_h`` ahead. The evidence an
-        engineer re-enables on; with ``reenable_after_confirmations`` results in a row within tolerance on both (and no bias), the
-        NMPC is put back in charge, once per batch. The width and the reach stay as they are until then. None without a day-ahead run
-        (the replay memory starts again after a restart or a long gap)."""
+        """Stood down: hold ``lab`` against the model run with what the recipe gave, a day and ``long_lead_h`` ahead, and count the
+        results in a row within tolerance on both (and no bias): evidence for the engineer who decides on a re-enable, and only that.
+        Measured (docs/trust-region.md): a model that predicts the recipe's own course can still lose with its own moves, so the
+        monitor never puts the NMPC back itself. The width and the reach stay as they are. None without a day-ahead run (the replay
+        memory starts again after a restart or a long gap)."""
         if day_replay is None:
             return None
         errors = self._errors({name: (value, 0.0) for name, value in day_replay.predicted.items()}, lab, accepted)
@@ -576,12 +561,6 @@ class TrustRegion:
         if math.isfinite(shortfall):  # the model's glucose, whoever plans: the floor after a re-enable starts from it
             self._shortfalls.append(shortfall)
         self.shadow_confirmations = self.shadow_confirmations + 1 if confirmed else 0
-        needed = self.config.reenable_after_confirmations
-        reenabled = confirmed and needed > 0 and self.shadow_confirmations >= needed and self.automatic_reenables == 0
-        if reenabled:
-            self.reenable()
-            self.automatic_reenables += 1
-            log.info("nmpc_reenabled_by_monitor", lab_seq=lab.seq, taken_at_h=lab.taken_at_h, confirmations=needed, width=self.width)
         result = LabCheck(
             lab.seq,
             lab.taken_at_h,
@@ -596,7 +575,6 @@ class TrustRegion:
             True,
             shortfall,
             shadow=True,
-            reenabled=reenabled,
         )
         self.checks.append(result)
         return result
@@ -649,13 +627,6 @@ class TrustRegion:
             results = "1 lab result" if self.misses == 1 else f"{self.misses} lab results in a row"
             alarms["nmpc_stood_down"] = f"{results} missed the plan's predictions; {self._stood_down_text()} (last: {last})"
             return alarms
-        if self.automatic_reenables:
-            back = next(check for check in reversed(self.checks) if check.reenabled)
-            alarms["nmpc_reenabled_by_monitor"] = (
-                f"the NMPC stood down and is back in charge since lab result {back.seq} (drawn {back.taken_at_h:.0f} h): the model run with"
-                f" what the recipe gave predicted {self.config.reenable_after_confirmations} lab results in a row within tolerance, a day and"
-                f" {self.config.long_lead_h:.0f} h ahead; the region restarted at its initial width, and a second stand-down waits for an engineer"
-            )
         if self.misses:
             alarms["nmpc_predictions_missed"] = f"{last}: trust region narrowed to {self.width:.0%}"
         if self.active and self.glucose_floor_at_target:
@@ -664,7 +635,6 @@ class TrustRegion:
 
     def _stood_down_text(self) -> str:
         """What runs now, and what the model has shown since it stood down."""
-        needed = self.config.reenable_after_confirmations
         shown = (
             f"since then the model run with what the recipe gave predicted the last {self.shadow_confirmations} lab result(s) within tolerance"
             if self.shadow_confirmations
@@ -672,9 +642,7 @@ class TrustRegion:
             if any(check.shadow for check in self.checks)
             else "no lab result has been held against the model since"
         )
-        if needed and not self.automatic_reenables:
-            return f"the platform recipe runs; {shown}, and {needed} in a row put it back in charge, or an engineer re-enables it"
-        return f"the platform recipe runs until an engineer re-enables the NMPC; {shown}"
+        return f"the platform recipe runs until an engineer re-enables the NMPC; {shown} (a model that predicts the recipe's course may still lose with its own moves)"
 
     @property
     def glucose_floor_at_target(self) -> bool:
@@ -707,7 +675,6 @@ class TrustRegion:
             "misses": self.misses,
             "stood_down": self.stood_down,
             "shadow_confirmations": self.shadow_confirmations,
-            "automatic_reenables": self.automatic_reenables,
             "glucose_error_g_per_l": self.glucose_error_g_per_l,
         }
         if now_h is not None and self.active:
@@ -732,7 +699,6 @@ class TrustRegion:
             "misses": self.misses,
             "stood_down": self.stood_down,
             "shadow_confirmations": self.shadow_confirmations,
-            "automatic_reenables": self.automatic_reenables,
             "glucose_shortfalls_g_per_l": [value if math.isfinite(value) else None for value in self._shortfalls],
             "ran_temperature_degc": [value if math.isfinite(value) else None for value in self._ran[0]],
             "ran_feed_lph": [value if math.isfinite(value) else None for value in self._ran[1]],
@@ -745,10 +711,7 @@ class TrustRegion:
         self.width = float(np.clip(_saved_number(data, "width", self.width), 0.0, 1.0))
         self.reach_scale = float(np.clip(_saved_number(data, "reach_scale", 1.0), 1.0, self.config.max_reach_scale))
         self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
-        # A damaged count of shadow confirmations is none (the monitor collects them again); a damaged count of automatic re-enables
-        # is one: the monitor does not put the NMPC back a second time on a resume state it cannot read.
-        self.shadow_confirmations = int(np.clip(_saved_number(data, "shadow_confirmations", 0.0), 0, 1000))
-        self.automatic_reenables = int(np.clip(_saved_number(data, "automatic_reenables", 0.0, damaged=1.0), 0, 1))
+        self.shadow_confirmations = int(np.clip(_saved_number(data, "shadow_confirmations", 0.0), 0, 1000))  # damaged: none, collected again
         self._shortfalls.clear()
         self._shortfalls.extend(_saved_shortfalls(data))
         self._ran = np.array([_saved_range(data, "ran_temperature_degc"), _saved_range(data, "ran_feed_lph")])
@@ -786,9 +749,8 @@ def _saved_range(data: dict[str, Any], name: str) -> tuple[float, float]:
     return math.nan, math.nan
 
 
-def _saved_number(data: dict[str, Any], name: str, default: float, *, damaged: float | None = None) -> float:
-    """``data[name]`` as a float; ``default`` when it is missing, ``damaged`` (default: ``default``) when it is no finite number
-    (logged: a damaged or edited resume state)."""
+def _saved_number(data: dict[str, Any], name: str, default: float) -> float:
+    """``data[name]`` as a float; ``default`` when it is missing or no finite number (logged: a damaged or edited resume state)."""
     value = data.get(name, default)
     try:
         number = float(value)
@@ -796,9 +758,8 @@ def _saved_number(data: dict[str, Any], name: str, default: float, *, damaged: f
         number = math.nan
     if math.isfinite(number):
         return number
-    used = default if damaged is None else damaged
-    log.warning("trust_restore_value_ignored", field=name, saved=repr(value), used=used)
-    return used
+    log.warning("trust_restore_value_ignored", field=name, saved=repr(value), used=default)
+    return default
 
 
 def _fill_lower_bounds(feed_lower_lph: np.ndarray, durations_h: np.ndarray, volume_now_l: float, volume_upper_l: np.ndarray) -> np.ndarray:

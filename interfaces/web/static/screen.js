@@ -99,7 +99,6 @@ function showTrust(trust) {
     ["harvest", harvest],
     ["misses in a row", `${trust.misses} of ${trust.misses_to_recipe}`],
     ...(down ? [["since the stand-down", sinceStoodDown(trust)]] : []),
-    ...(trust.automatic_reenables ? [["put back by the monitor", "once this batch, after lab results the model predicted while the recipe ran; a second stand-down waits for an engineer"]] : []),
     ["last lab check", trust.last_check || "none yet"],
   ]);
 }
@@ -108,9 +107,7 @@ function showTrust(trust) {
 function sinceStoodDown(trust) {
   const n = trust.shadow_confirmations || 0;
   const shown = `the model run with what the recipe gave predicted the last ${n === 1 ? "lab result" : `${n} lab results`} in a row within tolerance`;
-  const needed = trust.reenable_after_confirmations || 0;
-  if (needed && !trust.automatic_reenables) return `Since then ${shown}; ${needed} in a row put the NMPC back in charge, or an engineer re-enables it.`;
-  return `Since then ${shown}; an engineer decides whether to re-enable it.`;
+  return `Since then ${shown}; an engineer decides whether to re-enable it (a model that predicts the recipe's course may still lose with its own moves).`;
 }
 
 // In the last days before the harvest the plan holds to what the batch has run: a move then is one no lab result checks in time.

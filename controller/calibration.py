@@ -612,7 +612,12 @@ def calibrate(
     cv = _cross_validation(records, nominal, model, settings, fitted) if cross_validate and len(records) >= 3 else {}
     per_batch = _batch_statistics(problem, theta)
     at_edge = {name: float(values[k]) for k, name in enumerate(fitted) if theta[k] <= problem.lower[k] + 1e-9 or theta[k] >= problem.upper[k] - 1e-9}
-    fit = FitOutcome(converged=converged, max_iterations=settings.max_iterations, at_edge=at_edge, rejected_nominals=rejected)
+    undetermined = {
+        name: (estimate.value, estimate.ci95_low, estimate.ci95_high)
+        for name, estimate in estimates.items()
+        if name.endswith(TEMPERATURE_SENSITIVITY_SUFFIX) and estimate.ci95_low is not None and estimate.ci95_high is not None and estimate.ci95_low <= 0.0 <= estimate.ci95_high
+    }
+    fit = FitOutcome(converged=converged, max_iterations=settings.max_iterations, at_edge=at_edge, rejected_nominals=rejected, effect_undetermined=undetermined)
     warnings = review_warnings(records, statistics, per_batch, cv, cross_validate=cross_validate, fit=fit)
     for warning in warnings:
         log.warning("calibration_review", warning=warning)
@@ -735,6 +740,9 @@ class FitOutcome:
     """Parameters put back to nominal → (how much worse the refit without them is, χ² scaled by the reduced χ²; whether both
     fits compared converged). Above the 95 % point the records *reject* the nominal they keep: the interval was wide because
     the value they ask for lies at the edge of what the fit allows, not because they say nothing."""
+    effect_undetermined: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
+    """Temperature sensitivities fitted identifiably whose 95 % interval holds 0 → (value, low, high): the records do not say
+    whether the temperature acts on that rate at all, nor, where the schema allows either sign, which way."""
 
 
 def review_warnings(
@@ -746,7 +754,8 @@ def review_warnings(
     cross_validate: bool,
     fit: FitOutcome | None = None,
 ) -> list[str]:
-    """What a reviewer must look at before deploying: an unfinished fit, a value at the fit's edge, a nominal the records reject,
+    """What a reviewer must look at before deploying: an unfinished fit, a value at the fit's edge, a temperature effect the records
+    cannot tell from none, a nominal the records reject,
     a misfit the model cannot explain, a batch unlike the others, no gain on unseen batches."""
     warnings: list[str] = []
     fit = fit or FitOutcome()
@@ -759,6 +768,13 @@ def review_warnings(
         warnings.append(
             f"{name.removeprefix('culture.')} ended at the edge of what the fit allows ({value:.4g}: log_multiplier_bound from nominal, or the "
             "parameter file's range): the records ask for a value beyond it, and its interval is not a 95 % interval"
+        )
+    for name, (value, low, high) in fit.effect_undetermined.items():
+        which_way = ", nor which way" if low < 0.0 < high else ""
+        warnings.append(
+            f"{name.removeprefix('culture.')} is {value:+.3g} per °C, but its 95 % interval [{low:+.3g}, {high:+.3g}] holds 0: the records do not "
+            f"say whether the temperature acts on this rate at all{which_way}. A plan that moves the temperature for it leans on the model's "
+            "other temperature effects and on this value alone: run development batches further apart in temperature before trusting such plans"
         )
     for name, (chi2_worse, converged) in fit.rejected_nominals.items():
         if chi2_worse > CHI2_1_DOF_95:

@@ -192,6 +192,7 @@ def test_a_temperature_effect_of_the_other_sign_is_learned(nominal, tmp_path):
     learned = fits["sensitivity"].estimates[SENSITIVITY]
     assert learned.identifiable and learned.ci95_low is not None and learned.ci95_high is not None
     assert learned.ci95_low <= net <= learned.ci95_high < 0.0
+    assert not any("holds 0" in w for w in fits["sensitivity"].warnings)  # the records say which way: no warning
     assert fits["sensitivity"].parameters.product.temperature_sensitivity_per_degc == pytest.approx(learned.value)
     correction = fits["correction"].estimates["culture.correction.product_temperature_per_degc"]
     assert correction.nominal == 0.0 and correction.identifiable
@@ -214,6 +215,8 @@ def test_records_showing_no_temperature_effect_give_no_effect_not_the_nominal(no
     learned = result.estimates[SENSITIVITY]
     assert learned.ci95_low is not None and learned.ci95_high is not None and learned.ci95_low <= 0.0 <= learned.ci95_high
     assert abs(learned.value) < 0.03 and learned.ci95_high - learned.ci95_low < 0.1
+    warning = next(w for w in result.warnings if w.startswith("product.temperature_sensitivity_per_degc is "))
+    assert "holds 0" in warning and "nor which way" in warning  # the sign of the effect is not known either
     from bioreactor_mpc.calibrate_cli import change
 
     assert change(SENSITIVITY, learned) == f"{learned.value - 0.135:+.4g}"  # an amount added, not a factor

@@ -24,8 +24,9 @@ The performance monitor holds each new lab result (VCD, titer, glucose)
 against what the plan in force ``lead_h`` before its draw predicted for it.
 Within tolerance on every measured field it *confirms* the model and widens
 the region by ``widen_step``; beyond tolerance on any field, or with the
-mean error of a field over the last ``bias_window`` results beyond
-``bias_threshold`` tolerances (a bias, each result within tolerance), it
+mean error of a field over the last ``bias_window`` results below
+``-bias_threshold`` tolerances (a bias, each result within tolerance, the
+plant giving less than the model said), it
 *misses*, and the region shrinks by ``shrink_factor``. After ``misses_to_recipe``
 misses in a row the NMPC stands down and the platform recipe runs until an
 operator re-enables it (:meth:`TrustRegion.reenable`). Each step is alarmed
@@ -89,6 +90,14 @@ class TrustRegionConfig(FrozenConfig):
     bias_window: int = Field(default=3, ge=1, le=20, description="lab results over which the monitor looks for a bias [-]")
     bias_threshold: float = Field(
         default=0.6, gt=0.0, le=5.0, description="a mean error (in tolerances, same sign) beyond this over bias_window results is a miss, though each was within tolerance [-]"
+    )
+    bias_below_only: bool = Field(
+        default=True,
+        description=(
+            "a bias counts only where the plant gave less than the model said (VCD, titer, glucose below the predictions): a model that"
+            " over-promises steers the batch wrong, one that under-promises does not; a single result beyond tolerance counts either way."
+            " False: a bias either way is a miss [-]"
+        ),
     )
     prediction_sigmas: float = Field(
         default=0.0,
@@ -217,6 +226,11 @@ class LabCheck:
         if self.glucose_shortfall_g_per_l > 0.0:
             text += f"; glucose {self.glucose_shortfall_g_per_l:.2f} g/L below the model's"
         return text + f"; reach x{self.reach_scale_after:.2f}"
+
+
+def _beyond(mean_error: float, threshold: float, *, below_only: bool) -> bool:
+    """A mean error (measured − predicted, in tolerances) that is a bias: beyond ``threshold``, or with ``below_only`` below −``threshold``."""
+    return mean_error < -threshold if below_only else abs(mean_error) > threshold
 
 
 def _errors_text(errors: dict[str, float]) -> str:
@@ -531,7 +545,8 @@ class TrustRegion:
 
     def _biased(self, errors: dict[str, float], *, shadow: bool) -> tuple[str, ...]:
         """The fields whose mean error over the last ``bias_window`` results (this one and the checks of the same kind before it) is
-        beyond ``bias_threshold``: each may be within tolerance, all off the same way."""
+        beyond ``bias_threshold``: each may be within tolerance, all off the same way. With ``bias_below_only``, only a mean below
+        the predictions counts (the plant gave less than the model said)."""
         cfg = self.config
         same_kind = [check.errors for check in self.checks if check.shadow == shadow]
         window = [*same_kind[max(0, len(same_kind) - cfg.bias_window + 1) :], errors]
@@ -540,7 +555,7 @@ class TrustRegion:
             for name in errors
             if len(window) == cfg.bias_window
             and all(name in errors_then for errors_then in window)
-            and abs(sum(errors_then[name] for errors_then in window) / cfg.bias_window) > cfg.bias_threshold
+            and _beyond(sum(errors_then[name] for errors_then in window) / cfg.bias_window, cfg.bias_threshold, below_only=cfg.bias_below_only)
         )
 
     def _shadow_check(self, lab: LabResult, accepted: frozenset[str] | None, replay: Replay | None, day_replay: Replay | None) -> LabCheck | None:

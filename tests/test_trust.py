@@ -210,6 +210,17 @@ def test_a_bias_within_tolerance_is_a_miss(batch):
     assert region.misses == 1 and region.width == pytest.approx((0.5 + 0.1 + 0.1) * 0.5)
 
 
+@pytest.mark.parametrize(("below_only", "confirmed"), [(True, [True, True, True]), (False, [True, True, False])])
+def test_a_bias_above_the_predictions_is_a_miss_only_when_configured(batch, below_only, confirmed):
+    """Three results 80 % of a tolerance above the plan's titer: a model that under-promises does not steer the batch wrong, so by
+    default it is no miss (the own plant with its own kinetics, seed 2: such a bias at 240 h reset an earned reach of ×2.75)."""
+    region = _region(batch, initial_width=0.5, widen_step=0.1, bias_window=3, bias_threshold=0.6, bias_below_only=below_only)
+    _plan(region, 0.0, vcd=10.0, titer=1.0, glucose=4.0)
+    high = 1.0 + 0.8 * 0.15
+    checks = [region.check(_lab(seq, 24.0 + seq, vcd=10.0, titer=high * 1.0, glucose=4.0)) for seq in (1, 2, 3)]
+    assert [c.confirmed for c in checks if c is not None] == confirmed
+
+
 def test_a_value_the_estimators_gate_rejected_neither_confirms_nor_misses(batch):
     """A glucose typo x10 the estimator's gate rejected says nothing about the model: only the accepted fields are held against the plan."""
     region = _region(batch, initial_width=0.5, widen_step=0.1)

@@ -57,6 +57,8 @@ class TrustCheck:
     description: str
     confirmed: bool
     width_after: float
+    shadow: bool = False
+    """Made while the NMPC stood down, against the model run with the recipe's inputs: evidence for an engineer, no verdict on a plan."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,10 @@ class TrustTimeline:
         previous = None
         for t, summary in rows:
             last = summary.get("last_check")
-            if last is not None and last != previous:  # a new lab check: a confirmation resets the misses, a miss counts one more
-                checks.append(TrustCheck(t, str(last), int(summary["misses"]) == 0, float(summary["width"])))
+            if last is not None and last != previous:
+                # A new lab check: its verdict as recorded; in records made before it was, a confirmation reset the misses to 0.
+                confirmed = bool(summary.get("last_check_confirmed", int(summary["misses"]) == 0))
+                checks.append(TrustCheck(t, str(last), confirmed, float(summary["width"]), bool(summary.get("last_check_shadow", False))))
             previous = last
         return cls(
             time_h=np.array([t for t, _ in rows]),
@@ -126,11 +130,14 @@ class TrustTimeline:
         if self.source is RegionSource.OFF:
             return ["trust region: off (the NMPC plans anywhere in the equipment's range)"]
         source = "the calibration envelope plus a margin" if self.source is RegionSource.CALIBRATION_ENVELOPE else "a band around the platform recipe"
-        confirmed = sum(check.confirmed for check in self.checks)
+        planned = [check for check in self.checks if not check.shadow]
+        confirmed = sum(check.confirmed for check in planned)
+        shadow = [check for check in self.checks if check.shadow]
+        stood_down = f"; {len(shadow)} while stood down, against the model run with the recipe's inputs ({sum(c.confirmed for c in shadow)} within tolerance)" if shadow else ""
         lines = [
             f"trust region: {source}; width {100 * self.width[0]:.0f} % at the first cycle, {100 * self.width.min():.0f}-{100 * self.width.max():.0f} % "
             f"over the batch, {100 * self.width[-1]:.0f} % at the last; reach earned by results a plan predicted days ahead: x{self.reach_scale.max():.2f} at most, "
-            f"x{self.reach_scale[-1]:.2f} at the last cycle; lab checks: {len(self.checks)} ({confirmed} confirmed, {len(self.checks) - confirmed} missed)"
+            f"x{self.reach_scale[-1]:.2f} at the last cycle; lab checks: {len(planned)} ({confirmed} confirmed, {len(planned) - confirmed} missed){stood_down}"
         ]
         lines += [f"  day {check.checked_at_h / 24:5.2f}: {check.description} -> width {100 * check.width_after:.0f} %" for check in self.checks]
         endgame = np.flatnonzero(self.endgame)
@@ -198,11 +205,16 @@ def plot_trust(path: Path | IO[bytes], trust: TrustTimeline, title: str) -> None
     fig, ax = plt.subplots(figsize=(12, 3.8))
     t_day = trust.time_h / 24.0
     ax.step(t_day, 100.0 * trust.width, where="post", color="tab:green", lw=1.5, label=f"width ({trust.source.value.replace('_', ' ')})")
-    for confirmed, colour, label in ((True, "tab:green", "lab check confirmed"), (False, "tab:red", "lab check missed")):
-        days = [check.checked_at_h / 24.0 for check in trust.checks if check.confirmed is confirmed]
-        widths = [100.0 * check.width_after for check in trust.checks if check.confirmed is confirmed]
-        if days:
-            ax.plot(days, widths, "o" if confirmed else "x", color=colour, ms=6, label=label)
+    kinds = (
+        (False, True, "o", "tab:green", "lab check confirmed"),
+        (False, False, "x", "tab:red", "lab check missed"),
+        (True, True, "o", "tab:gray", "stood down: within tolerance of the model run with the recipe's inputs"),
+        (True, False, "x", "tab:gray", "stood down: beyond it"),
+    )
+    for shadow, confirmed, marker, colour, label in kinds:
+        chosen = [check for check in trust.checks if check.shadow is shadow and check.confirmed is confirmed]
+        if chosen:
+            ax.plot([check.checked_at_h / 24.0 for check in chosen], [100.0 * check.width_after for check in chosen], marker, color=colour, ms=6, label=label)
     if trust.stood_down.any():
         ax.fill_between(t_day, 0, 100, where=trust.stood_down, step="post", color="tab:red", alpha=0.12, label="NMPC stood down: the recipe runs")
     ax.set_ylim(0, 105)

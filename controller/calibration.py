@@ -615,7 +615,11 @@ def calibrate(
     undetermined = {
         name: (estimate.value, estimate.ci95_low, estimate.ci95_high)
         for name, estimate in estimates.items()
-        if name.endswith(TEMPERATURE_SENSITIVITY_SUFFIX) and estimate.ci95_low is not None and estimate.ci95_high is not None and estimate.ci95_low <= 0.0 <= estimate.ci95_high
+        if name.endswith(TEMPERATURE_SENSITIVITY_SUFFIX)
+        and name not in at_edge  # the edge warning already says its interval is not a 95 % interval
+        and estimate.ci95_low is not None
+        and estimate.ci95_high is not None
+        and estimate.ci95_low <= 0.0 <= estimate.ci95_high
     }
     fit = FitOutcome(converged=converged, max_iterations=settings.max_iterations, at_edge=at_edge, rejected_nominals=rejected, effect_undetermined=undetermined)
     warnings = review_warnings(records, statistics, per_batch, cv, cross_validate=cross_validate, fit=fit)

@@ -189,12 +189,8 @@ class NmpcController:
         if observation.lab_result is not None:
             accepted = getattr(self._source, "lab_fields_accepted", None)
             lab = observation.lab_result
-            check = self.trust.check(
-                lab,
-                accepted(lab.seq) if accepted is not None else None,
-                replay=self.replay(lab.taken_at_h),
-                day_replay=self.replay(lab.taken_at_h, self.trust.config.lead_h),
-            )
+            replay, day_replay = self._lab_replays(lab.taken_at_h)
+            check = self.trust.check(lab, accepted(lab.seq) if accepted is not None else None, replay=replay, day_replay=day_replay)
             if check is not None:
                 log.info("plan_checked_against_lab", process_time_h=t, check=check.describe(), width=self.trust.width, stood_down=self.trust.stood_down)
         if self.trust.stood_down:
@@ -297,6 +293,17 @@ class NmpcController:
             return None
         from_h, state = ran
         return Replay(from_h, taken_at_h, {name: float(state[STATE_INDEX[state_name]]) for name, state_name in MONITORED})
+
+    def _lab_replays(self, taken_at_h: float) -> tuple[Replay | None, Replay | None]:
+        """The model runs a lab result is held against: from ``long_lead_h`` and from ``lead_h`` before its draw. Stood down, they
+        are only the engineer's evidence: a numeric failure there is logged and skipped, and the recipe's cycle runs."""
+        try:
+            return self.replay(taken_at_h), self.replay(taken_at_h, self.trust.config.lead_h)
+        except (ArithmeticError, ValueError, RuntimeError) as error:
+            if not self.trust.stood_down:
+                raise
+            log.warning("shadow_check_skipped", taken_at_h=taken_at_h, error=str(error))
+            return None, None
 
     def reenable(self) -> None:
         """An operator puts the NMPC back in charge after it stood down (see :meth:`controller.trust.TrustRegion.reenable`)."""

@@ -24,9 +24,9 @@ The performance monitor holds each new lab result (VCD, titer, glucose)
 against what the plan in force ``lead_h`` before its draw predicted for it.
 Within tolerance on every measured field it *confirms* the model and widens
 the region by ``widen_step``; beyond tolerance on any field, or with the
-mean error of a field over the last ``bias_window`` results below
-``-bias_threshold`` tolerances (a bias, each result within tolerance, the
-plant giving less than the model said), it
+mean error of a field over the last ``bias_window`` results beyond
+``bias_threshold`` tolerances (a bias, each result within tolerance; of VCD
+and titer, only the plant giving less than the model said), it
 *misses*, and the region shrinks by ``shrink_factor``. After ``misses_to_recipe``
 misses in a row the NMPC stands down and the platform recipe runs until an
 operator re-enables it (:meth:`TrustRegion.reenable`). Each step is alarmed
@@ -57,6 +57,9 @@ log = structlog.get_logger(__name__)
 
 MONITORED: tuple[tuple[str, str], ...] = (("vcd_1e6_per_ml", "viable_cells"), ("titer_g_per_l", "titer"), ("glucose_g_per_l", "glucose"))
 """Lab field → model state the monitor compares."""
+
+BIAS_BELOW_ONLY = frozenset({"vcd_1e6_per_ml", "titer_g_per_l"})
+"""The lab fields whose bias counts only below the predictions with :attr:`TrustRegionConfig.bias_below_only` (glucose counts both ways)."""
 
 MAX_GLUCOSE_SHORTFALL_G_PER_L = 20.0
 """A saved glucose shortfall is clipped here, and a damaged one taken as this (the safe side): more than any glucose window, so the floor becomes the target."""
@@ -94,9 +97,9 @@ class TrustRegionConfig(FrozenConfig):
     bias_below_only: bool = Field(
         default=True,
         description=(
-            "a bias counts only where the plant gave less than the model said (VCD, titer, glucose below the predictions): a model that"
-            " over-promises steers the batch wrong, one that under-promises does not; a single result beyond tolerance counts either way."
-            " False: a bias either way is a miss [-]"
+            "a bias of VCD or titer counts only where the plant gave less than the model said: a model that over-promises cells or"
+            " product steers the batch wrong, one that under-promises them does not. Glucose counts either way (more than predicted:"
+            " the plan over-feeds), and so does a single result beyond tolerance. False: a bias either way is a miss, every field [-]"
         ),
     )
     prediction_sigmas: float = Field(
@@ -285,6 +288,10 @@ class TrustRegion:
         self.stood_down = False
         self.shadow_confirmations = 0
         """Stood down: lab results in a row the model run with the recipe's inputs predicted within tolerance (:meth:`check`)."""
+        self.shadow_checks = 0
+        """Stood down: lab results held against the model run with the recipe's inputs since the stand-down (or the restart)."""
+        self._stood_down_from = 0
+        """Index into :attr:`checks` of the first check after the present stand-down."""
         self._shortfalls: deque[float] = deque(maxlen=self.config.bias_window)
         """Predicted − measured glucose of the last ``bias_window`` checks that compared glucose against the model run with the inputs applied."""
         self.checks: list[LabCheck] = []
@@ -518,6 +525,8 @@ class TrustRegion:
             self.width *= cfg.shrink_factor
             if self.misses >= cfg.misses_to_recipe:
                 self.stood_down = True
+                self.shadow_checks = self.shadow_confirmations = 0
+                self._stood_down_from = len(self.checks) + 1  # after this check, appended below
         if not confirmed or long_worst > cfg.reach_reset_tolerances:
             self.reach_scale = 1.0
         elif long_missed:  # just beyond tolerance three days ahead: the estimate's own error, carried forward, can do that to a right model
@@ -545,24 +554,26 @@ class TrustRegion:
 
     def _biased(self, errors: dict[str, float], *, shadow: bool) -> tuple[str, ...]:
         """The fields whose mean error over the last ``bias_window`` results (this one and the checks of the same kind before it) is
-        beyond ``bias_threshold``: each may be within tolerance, all off the same way. With ``bias_below_only``, only a mean below
-        the predictions counts (the plant gave less than the model said)."""
+        beyond ``bias_threshold``: each may be within tolerance, all off the same way. With ``bias_below_only``, a VCD or titer
+        mean counts only below the predictions (the plant gave less than the model said). Shadow checks look only at the shadow
+        checks of the present stand-down, the others at the checks made while the NMPC planned."""
         cfg = self.config
-        same_kind = [check.errors for check in self.checks if check.shadow == shadow]
+        same_kind = [check.errors for check in (self.checks[self._stood_down_from :] if shadow else self.checks) if check.shadow == shadow]
         window = [*same_kind[max(0, len(same_kind) - cfg.bias_window + 1) :], errors]
         return tuple(
             name
             for name in errors
             if len(window) == cfg.bias_window
             and all(name in errors_then for errors_then in window)
-            and _beyond(sum(errors_then[name] for errors_then in window) / cfg.bias_window, cfg.bias_threshold, below_only=cfg.bias_below_only)
+            and _beyond(sum(errors_then[name] for errors_then in window) / cfg.bias_window, cfg.bias_threshold, below_only=cfg.bias_below_only and name in BIAS_BELOW_ONLY)
         )
 
     def _shadow_check(self, lab: LabResult, accepted: frozenset[str] | None, replay: Replay | None, day_replay: Replay | None) -> LabCheck | None:
         """Stood down: hold ``lab`` against the model run with what the recipe gave, a day and ``long_lead_h`` ahead, and count the
-        results in a row within tolerance on both (and no bias): evidence for the engineer who decides on a re-enable, and only that.
+        results in a row within tolerance on both (and no bias; a result with no long-lead replay known leaves the count as it is, a
+        miss a day ahead resets it): evidence for the engineer who decides on a re-enable, and only that.
         Measured (docs/trust-region.md): a model that predicts the recipe's own course can still lose with its own moves, so the
-        monitor never puts the NMPC back itself. The width and the reach stay as they are. None without a day-ahead run (the replay
+        monitor never puts the NMPC back itself. The width, the reach and the glucose floor stay as they are. None without a day-ahead run (the replay
         memory starts again after a restart or a long gap)."""
         if day_replay is None:
             return None
@@ -572,10 +583,15 @@ class TrustRegion:
         long_errors = self._errors({name: (value, 0.0) for name, value in replay.predicted.items()}, lab, accepted) if replay is not None else {}
         biased = self._biased(errors, shadow=True)
         confirmed = all(abs(error) <= 1.0 for error in (*errors.values(), *long_errors.values())) and not biased
+        # The glucose floor keeps the shortfalls seen while the NMPC planned: results under the recipe must not push the one
+        # that stood it down out of memory and lower the floor an engineer's re-enable plans with. On the check only.
         shortfall = day_replay.predicted["glucose_g_per_l"] - lab.glucose_g_per_l if "glucose_g_per_l" in errors else math.nan
-        if math.isfinite(shortfall):  # the model's glucose, whoever plans: the floor after a re-enable starts from it
-            self._shortfalls.append(shortfall)
-        self.shadow_confirmations = self.shadow_confirmations + 1 if confirmed else 0
+        self.shadow_checks += 1
+        if not confirmed:
+            self.shadow_confirmations = 0
+        elif long_errors:  # within tolerance a day and long_lead_h ahead: one more in a row
+            self.shadow_confirmations += 1
+        # (within tolerance a day ahead with no long-lead replay known, after a restart or a long gap: the count stays)
         result = LabCheck(
             lab.seq,
             lab.taken_at_h,
@@ -626,7 +642,7 @@ class TrustRegion:
         """An operator puts the NMPC back in charge after a stand-down: the region restarts at its initial width, the miss count at 0."""
         self.stood_down = False
         self.misses = 0
-        self.shadow_confirmations = 0
+        self.shadow_confirmations = self.shadow_checks = 0
         self.width = self._initial_width()
         self.reach_scale = 1.0
         self._predictions.clear()  # the glucose error stays: the model's glucose shortfalls are still evidence
@@ -650,13 +666,13 @@ class TrustRegion:
 
     def _stood_down_text(self) -> str:
         """What runs now, and what the model has shown since it stood down."""
-        shown = (
-            f"since then the model run with what the recipe gave predicted the last {self.shadow_confirmations} lab result(s) within tolerance"
-            if self.shadow_confirmations
-            else "since then the model run with what the recipe gave has not predicted the last lab result within tolerance"
-            if any(check.shadow for check in self.checks)
-            else "no lab result has been held against the model since"
-        )
+        ahead = f"a day and {self.config.long_lead_h:.0f} h ahead"
+        if not self.shadow_checks:
+            shown = "no lab result has been held against the model since"
+        elif self.shadow_confirmations:
+            shown = f"since then the model run with what the recipe gave predicted the last {self.shadow_confirmations} lab result(s) in a row within tolerance {ahead}"
+        else:
+            shown = f"since then {self.shadow_checks} lab result(s) were held against the model run with what the recipe gave, the last not within tolerance {ahead}"
         return f"the platform recipe runs until an engineer re-enables the NMPC; {shown} (a model that predicts the recipe's course may still lose with its own moves)"
 
     @property
@@ -690,6 +706,7 @@ class TrustRegion:
             "misses": self.misses,
             "stood_down": self.stood_down,
             "shadow_confirmations": self.shadow_confirmations,
+            "shadow_checks": self.shadow_checks,
             "glucose_error_g_per_l": self.glucose_error_g_per_l,
         }
         if now_h is not None and self.active:
@@ -704,6 +721,8 @@ class TrustRegion:
             data["endgame"] = endgame
         if self.checks:
             data["last_check"] = self.checks[-1].describe()
+            data["last_check_confirmed"] = self.checks[-1].confirmed
+            data["last_check_shadow"] = self.checks[-1].shadow
         return data
 
     def to_dict(self) -> dict[str, Any]:
@@ -714,6 +733,7 @@ class TrustRegion:
             "misses": self.misses,
             "stood_down": self.stood_down,
             "shadow_confirmations": self.shadow_confirmations,
+            "shadow_checks": self.shadow_checks,
             "glucose_shortfalls_g_per_l": [value if math.isfinite(value) else None for value in self._shortfalls],
             "ran_temperature_degc": [value if math.isfinite(value) else None for value in self._ran[0]],
             "ran_feed_lph": [value if math.isfinite(value) else None for value in self._ran[1]],
@@ -726,7 +746,6 @@ class TrustRegion:
         self.width = float(np.clip(_saved_number(data, "width", self.width), 0.0, 1.0))
         self.reach_scale = float(np.clip(_saved_number(data, "reach_scale", 1.0), 1.0, self.config.max_reach_scale))
         self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
-        self.shadow_confirmations = int(np.clip(_saved_number(data, "shadow_confirmations", 0.0), 0, 1000))  # damaged: none, collected again
         self._shortfalls.clear()
         self._shortfalls.extend(_saved_shortfalls(data))
         self._ran = np.array([_saved_range(data, "ran_temperature_degc"), _saved_range(data, "ran_feed_lph")])
@@ -735,6 +754,9 @@ class TrustRegion:
             log.warning("trust_restore_value_ignored", field="stood_down", saved=repr(stood_down), used=True)
             stood_down = True  # a damaged stand-down flag is no evidence the model is fit: the recipe runs until an engineer re-enables
         self.stood_down = stood_down
+        # What the model showed since the stand-down: none unless stood down; a damaged count is none (collected again).
+        self.shadow_checks, self.shadow_confirmations = (_saved_count(data, name) if stood_down else 0 for name in ("shadow_checks", "shadow_confirmations"))
+        self.shadow_confirmations = min(self.shadow_confirmations, self.shadow_checks)
 
 
 def _saved_shortfalls(data: dict[str, Any]) -> list[float]:
@@ -762,6 +784,15 @@ def _saved_range(data: dict[str, Any], name: str) -> tuple[float, float]:
         return float(saved[0]), float(saved[1])
     log.warning("trust_restore_value_ignored", field=name, saved=repr(saved), used=None)
     return math.nan, math.nan
+
+
+def _saved_count(data: dict[str, Any], name: str) -> int:
+    """A saved count of lab results: a whole number ≥ 0; missing: 0; damaged (no whole number ≥ 0, a boolean): 0, logged."""
+    value = data.get(name, 0)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10_000:
+        return value
+    log.warning("trust_restore_value_ignored", field=name, saved=repr(value), used=0)
+    return 0
 
 
 def _saved_number(data: dict[str, Any], name: str, default: float) -> float:

@@ -9,7 +9,7 @@ import pytest
 
 from bioreactor_mpc.report import TrustTimeline, plot_trust, write_trust_csv
 from controller.recipe import PlatformRecipe
-from controller.trust import RegionSource, TrustRegion
+from controller.trust import RegionSource, Replay, TrustRegion
 from controller.types import LabResult
 from plant_models.cho import STATE_INDEX
 
@@ -88,3 +88,18 @@ def test_the_timeline_says_when_the_end_game_began(recorded):
     assert any(line.startswith("end-game from 120 h (day 5.00)") for line in trust.describe())
     old = TrustTimeline.from_records(times, [{k: v for k, v in summary.items() if k != "endgame"} for summary in summaries])  # made before the flag existed
     assert old is not None and not old.endgame.any() and not any("end-game" in line for line in old.describe())
+
+
+def test_checks_made_while_stood_down_are_counted_apart_with_their_own_verdict(recorded, tmp_path):
+    """Stood down, the misses stay at 3 whatever the model shows: the report takes each check's recorded verdict, not the miss count."""
+    region, times, summaries = recorded
+    for seq, t in ((5, 126.0), (6, 150.0)):
+        run = Replay(t - 24.0, t, {"vcd_1e6_per_ml": 10.0, "titer_g_per_l": PLANNED["titer"], "glucose_g_per_l": PLANNED["glucose"]})
+        long = Replay(t - 72.0, t, dict(run.predicted))
+        assert region.check(_lab(seq, t, 10.0 if seq == 5 else 4.0), replay=long, day_replay=run) is not None
+        times.append(t + 4.0)
+        summaries.append(region.summary(t + 4.0))
+    trust = TrustTimeline.from_records(times, summaries)
+    assert trust is not None and [(c.shadow, c.confirmed) for c in trust.checks[-2:]] == [(True, True), (True, False)]
+    assert "lab checks: 4 (1 confirmed, 3 missed); 2 while stood down, against the model run with the recipe's inputs (1 within tolerance)" in trust.describe()[0]
+    plot_trust(tmp_path / "trust.png", trust, "test")

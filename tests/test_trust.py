@@ -543,50 +543,78 @@ def _stand_down(region: TrustRegion) -> None:
     assert region.stood_down
 
 
-def _day_run(taken_at_h: float, *, vcd: float = 10.0) -> Replay:
-    """The model run from a day before the draw with what the recipe gave: VCD ``vcd``, titer 1, glucose 4 there."""
-    return Replay(taken_at_h - 24.0, taken_at_h, {"vcd_1e6_per_ml": vcd, "titer_g_per_l": 1.0, "glucose_g_per_l": 4.0})
+def _day_run(taken_at_h: float, *, vcd: float = 10.0, lead_h: float = 24.0) -> Replay:
+    """The model run from ``lead_h`` before the draw with what the recipe gave: VCD ``vcd``, titer 1, glucose 4 there."""
+    return Replay(taken_at_h - lead_h, taken_at_h, {"vcd_1e6_per_ml": vcd, "titer_g_per_l": 1.0, "glucose_g_per_l": 4.0})
+
+
+def _shadow(region: TrustRegion, seq: int, t: float, *, vcd: float = 10.0, glucose: float = 4.0, long_vcd: float | None = 10.0):
+    """A lab result held against the day-ahead run and (``long_vcd`` not None) the three-day run, both with the recipe's inputs."""
+    long = _day_run(t, vcd=long_vcd, lead_h=72.0) if long_vcd is not None else None
+    return region.check(_lab(seq, t, vcd=vcd, titer=1.0, glucose=glucose), replay=long, day_replay=_day_run(t))
 
 
 def test_stood_down_the_monitor_still_holds_each_result_against_the_model_run_with_what_the_recipe_gave(batch):
-    """The evidence an engineer re-enables on: shadow checks count confirmations in a row, move neither width nor reach, and the alarm says what they showed."""
+    """The evidence an engineer re-enables on: shadow checks count results in a row within tolerance a day and three days ahead,
+    move neither width nor reach nor the glucose floor, and the alarm says what they showed."""
     region = _region(batch, misses_to_recipe=1)
-    _stand_down(region)
-    width = region.width
+    _plan(region, 0.0, vcd=10.0, titer=1.0, glucose=4.0)
+    region.check(_lab(1, 30.0, vcd=10.0, titer=1.0, glucose=1.0), day_replay=_day_run(30.0))  # 3 g/L less glucose than the model said
+    assert region.stood_down and region.glucose_error_g_per_l == pytest.approx(3.0)
+    width, floor = region.width, _glucose_floor(region)
     assert "no lab result has been held against the model since" in region.alarms()["nmpc_stood_down"]
     assert region.check(_lab(2, 54.0, vcd=10.0, titer=1.0, glucose=4.0)) is None  # no day-ahead run (the replay memory holds less than a day)
-    first = region.check(_lab(3, 78.0, vcd=10.5, titer=1.0, glucose=4.0), day_replay=_day_run(78.0))
-    assert first is not None and first.shadow and first.confirmed
+    first = _shadow(region, 3, 78.0, vcd=10.5)
+    assert first is not None and first.shadow and first.confirmed and "while the NMPC stood down" in first.describe()
     assert region.stood_down and region.width == width and region.shadow_confirmations == 1
-    assert "predicted the last 1 lab result(s) within tolerance" in region.alarms()["nmpc_stood_down"]
+    assert "predicted the last 1 lab result(s) in a row within tolerance a day and 72 h ahead" in region.alarms()["nmpc_stood_down"]
     assert "until an engineer re-enables" in region.alarms()["nmpc_stood_down"]
-    assert "while the NMPC stood down" in first.describe()
-    region.check(_lab(4, 102.0, vcd=10.0, titer=1.0, glucose=4.0), day_replay=_day_run(102.0))
-    assert region.shadow_confirmations == 2 and region.stood_down
+    # Within tolerance a day ahead with no three-day run known (after a restart): the count stays.
+    assert _shadow(region, 4, 102.0, long_vcd=None).confirmed and region.shadow_confirmations == 1
+    _shadow(region, 5, 126.0)
+    assert region.shadow_confirmations == 2 and region.shadow_checks == 3 and region.stood_down
     # The same result handed over again counts once; a result the day-ahead run missed starts the count again.
-    assert region.check(_lab(4, 102.0, vcd=10.0, titer=1.0, glucose=4.0), day_replay=_day_run(102.0)) is None
-    missed = region.check(_lab(5, 126.0, vcd=6.0, titer=1.0, glucose=4.0), day_replay=_day_run(126.0))
+    assert _shadow(region, 5, 126.0) is None
+    missed = _shadow(region, 6, 150.0, vcd=6.0)
     assert missed is not None and not missed.confirmed and region.shadow_confirmations == 0
-    assert "has not predicted the last lab result" in region.alarms()["nmpc_stood_down"]
+    assert "4 lab result(s) were held against the model run with what the recipe gave, the last not within tolerance" in region.alarms()["nmpc_stood_down"]
+    # Results under the recipe do not push the shortfall that stood the NMPC down out of the glucose floor's memory.
+    assert region.glucose_error_g_per_l == pytest.approx(3.0) and _glucose_floor(region) == floor
     region.reenable()
-    assert not region.stood_down and region.shadow_confirmations == 0
+    assert not region.stood_down and region.shadow_confirmations == region.shadow_checks == 0
+    assert region.glucose_error_g_per_l == pytest.approx(3.0)
 
 
 def test_stood_down_a_three_day_replay_beyond_tolerance_is_no_confirmation_and_the_monitor_never_puts_the_nmpc_back(batch):
     """Predicting the recipe's own course is evidence for an engineer, not a licence: however long the model holds, the recipe runs on."""
     region = _region(batch, misses_to_recipe=1)
     _stand_down(region)
-    far = Replay(6.0, 78.0, {"vcd_1e6_per_ml": 20.0, "titer_g_per_l": 1.0, "glucose_g_per_l": 4.0})
-    held_only_a_day = region.check(_lab(2, 78.0, vcd=10.0, titer=1.0, glucose=4.0), replay=far, day_replay=_day_run(78.0))
+    held_only_a_day = _shadow(region, 2, 78.0, long_vcd=20.0)
     assert held_only_a_day is not None and not held_only_a_day.confirmed and region.shadow_confirmations == 0
     for seq in range(3, 13):
-        t = 78.0 + 24.0 * (seq - 2)
-        assert region.check(_lab(seq, t, vcd=10.0, titer=1.0, glucose=4.0), day_replay=_day_run(t)).confirmed
+        assert _shadow(region, seq, 78.0 + 24.0 * (seq - 2)).confirmed
     assert region.stood_down and region.shadow_confirmations == 10 and set(region.alarms()) == {"nmpc_stood_down"}
     assert "may still lose with its own moves" in region.alarms()["nmpc_stood_down"]
+    # A second stand-down starts the evidence afresh: what the model showed before the re-enable says nothing of it.
+    region.reenable()
+    _plan(region, 330.0, vcd=10.0, titer=1.0, glucose=4.0)
+    region.check(_lab(13, 360.0, vcd=3.0, titer=1.0, glucose=4.0))
+    assert region.stood_down and region.shadow_checks == 0
+    assert "no lab result has been held against the model since" in region.alarms()["nmpc_stood_down"]
 
 
-@pytest.mark.parametrize(("saved", "confirmations"), [({}, 0), ({"shadow_confirmations": 2}, 2), ({"shadow_confirmations": "x"}, 0), ({"shadow_confirmations": -3}, 0)])
-def test_the_shadow_count_survives_a_restart_and_a_damaged_one_is_none(batch, saved, confirmations):
-    region = _restored(batch, {"stood_down": True, **saved})
-    assert region.shadow_confirmations == confirmations and region.to_dict()["shadow_confirmations"] == confirmations
+@pytest.mark.parametrize(
+    ("saved", "checks", "confirmations"),
+    [
+        ({"stood_down": True}, 0, 0),
+        ({"stood_down": True, "shadow_checks": 4, "shadow_confirmations": 2}, 4, 2),
+        ({"stood_down": True, "shadow_checks": 1, "shadow_confirmations": 5}, 1, 1),  # no more in a row than were held
+        ({"stood_down": True, "shadow_checks": "x", "shadow_confirmations": True}, 0, 0),  # damaged: none, collected again
+        ({"stood_down": True, "shadow_checks": -3, "shadow_confirmations": 2.5}, 0, 0),
+        ({"stood_down": False, "shadow_checks": 4, "shadow_confirmations": 2}, 0, 0),  # not stood down: nothing since a stand-down
+    ],
+)
+def test_the_shadow_counts_survive_a_restart_and_damaged_ones_are_none(batch, saved, checks, confirmations):
+    region = _restored(batch, saved)
+    assert region.shadow_checks == checks and region.shadow_confirmations == confirmations
+    assert region.to_dict()["shadow_checks"] == checks and region.to_dict()["shadow_confirmations"] == confirmations

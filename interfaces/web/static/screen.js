@@ -105,8 +105,11 @@ function showTrust(trust) {
 
 // Stood down, the monitor still holds each lab result against the model run with what the recipe gave: the evidence to re-enable on.
 function sinceStoodDown(trust) {
-  const n = trust.shadow_confirmations || 0;
-  const shown = `the model run with what the recipe gave predicted the last ${n === 1 ? "lab result" : `${n} lab results`} in a row within tolerance`;
+  const n = trust.shadow_confirmations || 0, held = trust.shadow_checks || 0;
+  const results = (k) => (k === 1 ? "1 lab result" : `${k} lab results`);
+  const shown = !held ? "no lab result has been held against the model yet"
+    : n ? `the model run with what the recipe gave predicted the last ${results(n)} in a row within tolerance, a day and three days ahead`
+    : `${results(held)} held against the model run with what the recipe gave, the last not within tolerance`;
   return `Since then ${shown}; an engineer decides whether to re-enable it (a model that predicts the recipe's course may still lose with its own moves).`;
 }
 

@@ -533,21 +533,8 @@ class TrustRegion:
             self.reach_scale = 1.0 + 0.5 * (self.reach_scale - 1.0)
         elif long_errors:
             self.reach_scale = min(cfg.max_reach_scale, self.reach_scale + cfg.reach_step)
-        result = LabCheck(
-            lab.seq,
-            lab.taken_at_h,
-            day_replay.from_h if day_replay is not None else plan.made_at_h,
-            errors,
-            confirmed,
-            self.width,
-            biased,
-            replay.from_h if replay is not None and long_errors else math.nan,
-            long_errors,
-            self.reach_scale,
-            day_replay is not None,
-            shortfall,
-        )
-        self.checks.append(result)
+        from_h = day_replay.from_h if day_replay is not None else plan.made_at_h
+        result = self._record(lab, from_h, errors, confirmed, biased, replay, long_errors, replayed=day_replay is not None, shortfall=shortfall)
         if math.isfinite(shortfall):  # a result without a glucose comparison says nothing either way: it does not push one out
             self._shortfalls.append(shortfall)
         return result
@@ -592,21 +579,25 @@ class TrustRegion:
         elif long_errors:  # within tolerance a day and long_lead_h ahead: one more in a row
             self.shadow_confirmations += 1
         # (within tolerance a day ahead with no long-lead replay known, after a restart or a long gap: the count stays)
-        result = LabCheck(
-            lab.seq,
-            lab.taken_at_h,
-            day_replay.from_h,
-            errors,
-            confirmed,
-            self.width,
-            biased,
-            replay.from_h if replay is not None and long_errors else math.nan,
-            long_errors,
-            self.reach_scale,
-            True,
-            shortfall,
-            shadow=True,
-        )
+        return self._record(lab, day_replay.from_h, errors, confirmed, biased, replay, long_errors, replayed=True, shortfall=shortfall, shadow=True)
+
+    def _record(
+        self,
+        lab: LabResult,
+        from_h: float,
+        errors: dict[str, float],
+        confirmed: bool,
+        biased: tuple[str, ...],
+        replay: Replay | None,
+        long_errors: dict[str, float],
+        *,
+        replayed: bool,
+        shortfall: float,
+        shadow: bool = False,
+    ) -> LabCheck:
+        """One check, with the width and reach it left, appended to :attr:`checks`."""
+        long_from_h = replay.from_h if replay is not None and long_errors else math.nan
+        result = LabCheck(lab.seq, lab.taken_at_h, from_h, errors, confirmed, self.width, biased, long_from_h, long_errors, self.reach_scale, replayed, shortfall, shadow)
         self.checks.append(result)
         return result
 

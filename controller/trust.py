@@ -85,7 +85,7 @@ class TrustRegionConfig(FrozenConfig):
     harvest_reach_h: float = Field(default=24.0, ge=0.0, le=240.0, description="farthest from the recipe's harvest at full width [h]")
     envelope_margin_degc: float = Field(default=0.5, ge=0.0, le=5.0, description="calibration envelope: temperature margin beyond what the data covered [°C]")
     envelope_margin_relative: float = Field(default=0.1, ge=0.0, le=1.0, description="calibration envelope: feed and glucose margin, as a fraction of the covered span [-]")
-    initial_width: float = Field(default=0.3, ge=0.0, le=1.0, description="recipe band: width at inoculation [-]")
+    initial_width: float = Field(default=0.3, ge=0.0, le=1.0, description="recipe band: width at inoculation; any source: width after an engineer's re-enable [-]")
     widen_step: float = Field(default=0.15, ge=0.0, le=1.0, description="width added by a lab result that confirms the plan's prediction [-]")
     shrink_factor: float = Field(default=0.5, ge=0.0, le=1.0, description="width kept after a lab result that misses it [-]")
     misses_to_recipe: int = Field(default=3, ge=1, le=100, description="misses in a row after which the NMPC stands down for the platform recipe")
@@ -630,11 +630,13 @@ class TrustRegion:
         return errors
 
     def reenable(self) -> None:
-        """An operator puts the NMPC back in charge after a stand-down: the region restarts at its initial width, the miss count at 0."""
+        """An operator puts the NMPC back in charge after a stand-down: the miss count at 0, the region at ``initial_width`` whatever
+        its source. A calibrated model starts a batch at full width because its records checked it; this batch's results have
+        since contradicted it, so it earns its width again as an unchecked model does (measured: docs/trust-region.md)."""
         self.stood_down = False
         self.misses = 0
         self.shadow_confirmations = self.shadow_checks = 0
-        self.width = self._initial_width()
+        self.width = self.config.initial_width if self.active else self._initial_width()
         self.reach_scale = 1.0
         self._predictions.clear()  # the glucose error stays: the model's glucose shortfalls are still evidence
 

@@ -665,7 +665,9 @@ class TrustRegion:
         elif self.shadow_confirmations:
             shown = f"since then the model run with what the recipe gave predicted the last {self.shadow_confirmations} lab result(s) in a row within tolerance {ahead}"
         else:
-            shown = f"since then {self.shadow_checks} lab result(s) were held against the model run with what the recipe gave, the last not within tolerance {ahead}"
+            shown = (
+                f"since then {self.shadow_checks} lab result(s) were held against the model run with what the recipe gave, and 0 of the last in a row were within tolerance {ahead}"
+            )
         return f"the platform recipe runs until an engineer re-enables the NMPC; {shown} (a model that predicts the recipe's course may still lose with its own moves)"
 
     @property

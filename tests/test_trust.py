@@ -577,7 +577,7 @@ def test_stood_down_the_monitor_still_holds_each_result_against_the_model_run_wi
     assert _shadow(region, 5, 126.0) is None
     missed = _shadow(region, 6, 150.0, vcd=6.0)
     assert missed is not None and not missed.confirmed and region.shadow_confirmations == 0
-    assert "4 lab result(s) were held against the model run with what the recipe gave, the last not within tolerance" in region.alarms()["nmpc_stood_down"]
+    assert "4 lab result(s) were held against the model run with what the recipe gave, and 0 of the last in a row" in region.alarms()["nmpc_stood_down"]
     # Results under the recipe do not push the shortfall that stood the NMPC down out of the glucose floor's memory.
     assert region.glucose_error_g_per_l == pytest.approx(3.0) and _glucose_floor(region) == floor
     region.reenable()

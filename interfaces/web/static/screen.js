@@ -109,7 +109,7 @@ function sinceStoodDown(trust) {
   const results = (k) => (k === 1 ? "1 lab result" : `${k} lab results`);
   const shown = !held ? "no lab result has been held against the model yet"
     : n ? `the model run with what the recipe gave predicted the last ${results(n)} in a row within tolerance, a day and three days ahead`
-    : `${results(held)} held against the model run with what the recipe gave, the last not within tolerance`;
+    : `${results(held)} held against the model run with what the recipe gave, and 0 of the last in a row within tolerance a day and three days ahead`;
   return `Since then ${shown}; an engineer decides whether to re-enable it (a model that predicts the recipe's course may still lose with its own moves).`;
 }
 

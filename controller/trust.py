@@ -290,8 +290,6 @@ class TrustRegion:
         """Stood down: lab results in a row the model run with the recipe's inputs predicted within tolerance (:meth:`check`)."""
         self.shadow_checks = 0
         """Stood down: lab results held against the model run with the recipe's inputs since the stand-down (or the restart)."""
-        self._stood_down_from = 0
-        """Index into :attr:`checks` of the first check after the present stand-down."""
         self._shortfalls: deque[float] = deque(maxlen=self.config.bias_window)
         """Predicted − measured glucose of the last ``bias_window`` checks that compared glucose against the model run with the inputs applied."""
         self.checks: list[LabCheck] = []
@@ -512,7 +510,7 @@ class TrustRegion:
             return None
         biased = self._biased(errors, shadow=False)
         confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
-        long_errors = self._errors({name: (value, 0.0) for name, value in replay.predicted.items()}, lab, accepted) if replay is not None else {}
+        long_errors = self._run_errors(replay, lab, accepted)
         long_worst = max((abs(error) for error in long_errors.values()), default=0.0)
         long_missed = long_worst > 1.0
         # Against the model run with the inputs applied only: the plan's own glucose a day ahead is as much the replanning's as the model's.
@@ -526,7 +524,6 @@ class TrustRegion:
             if self.misses >= cfg.misses_to_recipe:
                 self.stood_down = True
                 self.shadow_checks = self.shadow_confirmations = 0
-                self._stood_down_from = len(self.checks) + 1  # after this check, appended below
         if not confirmed or long_worst > cfg.reach_reset_tolerances:
             self.reach_scale = 1.0
         elif long_missed:  # just beyond tolerance three days ahead: the estimate's own error, carried forward, can do that to a right model
@@ -543,9 +540,11 @@ class TrustRegion:
         """The fields whose mean error over the last ``bias_window`` results (this one and the checks of the same kind before it) is
         beyond ``bias_threshold``: each may be within tolerance, all off the same way. With ``bias_below_only``, a VCD or titer
         mean counts only below the predictions (the plant gave less than the model said). Shadow checks look only at the shadow
-        checks of the present stand-down, the others at the checks made while the NMPC planned."""
+        checks of the present stand-down (the last ``shadow_checks``; fewer after a restart), the others at the checks made while
+        the NMPC planned."""
         cfg = self.config
-        same_kind = [check.errors for check in (self.checks[self._stood_down_from :] if shadow else self.checks) if check.shadow == shadow]
+        kept = self.checks[max(0, len(self.checks) - self.shadow_checks) :] if shadow else [check for check in self.checks if not check.shadow]
+        same_kind = [check.errors for check in kept]
         window = [*same_kind[max(0, len(same_kind) - cfg.bias_window + 1) :], errors]
         return tuple(
             name
@@ -564,10 +563,10 @@ class TrustRegion:
         memory starts again after a restart or a long gap)."""
         if day_replay is None:
             return None
-        errors = self._errors({name: (value, 0.0) for name, value in day_replay.predicted.items()}, lab, accepted)
+        errors = self._run_errors(day_replay, lab, accepted)
         if not errors:
             return None
-        long_errors = self._errors({name: (value, 0.0) for name, value in replay.predicted.items()}, lab, accepted) if replay is not None else {}
+        long_errors = self._run_errors(replay, lab, accepted)
         biased = self._biased(errors, shadow=True)
         confirmed = all(abs(error) <= 1.0 for error in (*errors.values(), *long_errors.values())) and not biased
         # The glucose floor keeps the shortfalls seen while the NMPC planned: results under the recipe must not push the one
@@ -628,6 +627,10 @@ class TrustRegion:
             mean, spread = predicted[name]
             errors[name] = (measured - mean) / math.hypot(self.config.tolerance(name).limit(measured), spread)
         return errors
+
+    def _run_errors(self, run: Replay | None, lab: LabResult, accepted: frozenset[str] | None) -> dict[str, float]:
+        """Lab field → error in tolerances against a model run (no spread counted in); none without the run."""
+        return self._errors({name: (value, 0.0) for name, value in run.predicted.items()}, lab, accepted) if run is not None else {}
 
     def reenable(self) -> None:
         """An operator puts the NMPC back in charge after a stand-down: the miss count at 0, the region at ``initial_width`` whatever

@@ -85,8 +85,7 @@ function showTrust(trust) {
   if (!trust) { banner.hidden = true; rows("trust-table", [["region", "no cycle yet"]]); return; }
   const down = trust.stood_down && !trust.reenabled;
   banner.hidden = !down;
-  const results = (n) => (n === 1 ? "1 lab result" : `${n} lab results`);
-  if (down) text("stood-down-why", `${results(trust.misses)} in a row missed what the plans predicted (${results(trust.misses_to_recipe)} missed in a row stand it down). ${sinceStoodDown(trust)}`);
+  if (down) text("stood-down-why", `${labResults(trust.misses)} in a row missed what the plans predicted (${labResults(trust.misses_to_recipe)} missed in a row stand it down). ${sinceStoodDown(trust)}`);
   const harvest = trust.harvest_h ? `${range(trust.harvest_h, 0, "h")} (day ${fmt(trust.harvest_h[0] / 24, 1)} – ${fmt(trust.harvest_h[1] / 24, 1)})` : "—";
   rows("trust-table", [
     ["status", down ? "STOOD DOWN: the platform recipe runs" : trust.reenabled ? "re-enabled: the NMPC plans again from the next cycle" : "the NMPC plans inside the region"],
@@ -103,13 +102,14 @@ function showTrust(trust) {
   ]);
 }
 
+function labResults(n) { return n === 1 ? "1 lab result" : `${n} lab results`; }
+
 // Stood down, the monitor still holds each lab result against the model run with what the recipe gave: the evidence to re-enable on.
 function sinceStoodDown(trust) {
   const n = trust.shadow_confirmations || 0, held = trust.shadow_checks || 0;
-  const results = (k) => (k === 1 ? "1 lab result" : `${k} lab results`);
   const shown = !held ? "no lab result has been held against the model yet"
-    : n ? `the model run with what the recipe gave predicted the last ${results(n)} in a row within tolerance, a day and three days ahead`
-    : `${results(held)} held against the model run with what the recipe gave, and 0 of the last in a row within tolerance a day and three days ahead`;
+    : n ? `the model run with what the recipe gave predicted the last ${labResults(n)} in a row within tolerance, a day and three days ahead`
+    : `${labResults(held)} held against the model run with what the recipe gave, and 0 of the last in a row within tolerance a day and three days ahead`;
   return `Since then ${shown}; an engineer decides whether to re-enable it (a model that predicts the recipe's course may still lose with its own moves).`;
 }
 

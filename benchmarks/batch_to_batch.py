@@ -6,15 +6,18 @@ region is the band around the recipe. After each batch, its record (scanned
 as a historian scans the PLC) joins the plant's history, ``calibrate``
 (controller.calibration, what ``bioreactor-mpc calibrate`` runs on the
 runtime's history files) refits on the whole history so far, and the next
-batch runs with the new model and the envelope of its data. At a site an
+batch runs with the new model and the envelope of its data, on the recipe the
+model proposes (controller.recipe_proposal; ``bioreactor-mpc calibrate
+--propose-recipe``) where its ranking check passes, else on the recipe in use. At a site an
 engineer approves each model before use (``bioreactor-mpc model approve``,
 docs/calibration.md); here every model is taken as approved.
 
 Each batch has its own seed (the plant's batch-to-batch variation, sampling
 times and noise). Printed per plant and batch: the recipe's and the oracle's
-score on that batch, the controller's score and gap closed, violation hours,
-the trust region (source, width at harvest, cycles stood down) and the
-calibration's time. Then the mean gap closed per batch number over the plants.
+score on that batch (the platform recipe's, whatever recipe the batch ran),
+the controller's score and gap closed, violation hours, the trust region
+(source, width at harvest, cycles stood down), the calibration's time, and
+the recipe proposal for the next batch. Then the mean gap closed per batch number over the plants.
 
 Usage: python benchmarks/batch_to_batch.py [--quick] [--batches 5] [--plants amino_acid,cell_cycle,biovolume] [--settings PATH] [--engine local|dask] [--jobs 2] [--csv PATH]
 """
@@ -22,6 +25,7 @@ Usage: python benchmarks/batch_to_batch.py [--quick] [--batches 5] [--plants ami
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import statistics
@@ -30,6 +34,8 @@ from dataclasses import dataclass
 
 from bioreactor_mpc.logging import configure_logging
 from controller.calibration import CalibrationSettings, calibrate
+from controller.config import RecipeConfig
+from controller.recipe_proposal import VARIED, propose_recipe
 from controller.records import BatchRecord
 from plant_models.parameters import CultureParameters
 from simulator.batch import run_recipe_batch
@@ -58,6 +64,10 @@ class BatchRow:
     stood_down_cycles: int
     calibration_s: float
     """Time of the calibration that made this batch's model (0 for the nominal model)."""
+    recipe_changes: str
+    """How the batch's recipe differs from the platform's (empty: it is the platform's)."""
+    proposal: str
+    """What the calibration after this batch proposed for the next one (empty after the last)."""
 
     @property
     def gap(self) -> float:
@@ -76,13 +86,17 @@ def run_plant(job: tuple[str, int, CalibrationSettings]) -> list[BatchRow]:
     history: list[BatchRecord] = []
     rows: list[BatchRow] = []
     calibration_s = 0.0
+    in_use: RecipeConfig | None = None
+    """The recipe the model proposed last (None: the platform's)."""
     for k in range(1, batches + 1):
         seed = FIRST_SEED + k
         loaded = load_scenario({"plant": plant, "seed": seed})
         loaded = loaded.model_copy(update={"batch": loaded.batch.model_copy(update={"batch_id": f"B2B-{plant[:4].upper()}-{k:02d}"})})
         recipe = run_recipe_batch(loaded).kpis.score_g_per_day
         oracle = run_oracle_batch(loaded).kpis.score_g_per_day
-        evaluated = run_with_coverage(loaded, kinetics, record=True)
+        platform = loaded.batch.recipe
+        run_on = loaded if in_use is None else loaded.model_copy(update={"batch": loaded.batch.model_copy(update={"recipe": in_use})})
+        evaluated = run_with_coverage(run_on, kinetics, record=True)
         result = evaluated.result
         kpis = result.batch.kpis
         last = result.trust[-1][1] if result.trust else {}
@@ -100,6 +114,8 @@ def run_plant(job: tuple[str, int, CalibrationSettings]) -> list[BatchRow]:
                 width_at_harvest=float(last.get("width", math.nan)),
                 stood_down_cycles=result.decisions_by_source.get("stood_down", 0),
                 calibration_s=calibration_s,
+                recipe_changes=_changes(platform, in_use),
+                proposal="",
             )
         )
         if k == batches:
@@ -107,9 +123,22 @@ def run_plant(job: tuple[str, int, CalibrationSettings]) -> list[BatchRow]:
         assert result.record is not None
         history.append(result.record)
         started = time.perf_counter()
-        kinetics = calibrate(history, nominal, settings=settings, cross_validate=False, based_on=f"nominal kinetics of {plant}").parameters
+        calibration = calibrate(history, nominal, settings=settings, cross_validate=False, based_on=f"nominal kinetics of {plant}")
+        kinetics = calibration.parameters
         calibration_s = time.perf_counter() - started
+        proposal = propose_recipe(history, calibration, run_on.batch)
+        if proposal.recipe is not None:
+            in_use = proposal.recipe
+            rows[-1] = dataclasses.replace(rows[-1], proposal=f"proposed (rank correlation {proposal.ranking.correlation:+.2f}): {_changes(platform, in_use)}")
+        else:
+            rows[-1] = dataclasses.replace(rows[-1], proposal=f"none: {proposal.reason}")
     return rows
+
+
+def _changes(platform: RecipeConfig, recipe: RecipeConfig | None) -> str:
+    if recipe is None:
+        return ""
+    return ", ".join(f"{name} {getattr(recipe, name):g}" for name in VARIED if getattr(recipe, name) != getattr(platform, name))
 
 
 def main() -> None:
@@ -139,6 +168,10 @@ def main() -> None:
             f"{r.plant:11s} {r.batch:5d} {r.model:20s} {r.recipe:7.1f} {r.oracle:7.1f} {r.score:7.1f} {r.gap:6.2f} {r.violation_h:6.1f} "
             f"{r.region:>21s} {r.width_at_harvest:5.2f} {r.stood_down_cycles:10d} {r.calibration_s:8.1f}"
         )
+        if r.recipe_changes:
+            print(f"{'':18s}ran on the proposed recipe: {r.recipe_changes}")
+        if r.proposal:
+            print(f"{'':18s}next recipe: {r.proposal}")
     print()
     for k in range(1, batches + 1):
         mine = [r for r in rows if r.batch == k]

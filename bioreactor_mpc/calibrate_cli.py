@@ -27,6 +27,8 @@ from plant_models.parameters import CultureParameters, ParameterEstimate, is_add
 
 if TYPE_CHECKING:
     from controller.calibration import CalibrationResult
+    from controller.config import BatchConfig
+    from controller.recipe_proposal import RecipeProposal
 
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -45,6 +47,9 @@ LABELS = {
 }
 
 
+PROPOSED_BATCH_FILE = "proposed-batch.yaml"
+
+
 class CalibrateCommandError(BioreactorMPCError, ValueError):
     """``calibrate`` cannot run as given (an output that exists, a settings file that does not validate)."""
 
@@ -60,25 +65,39 @@ def add_parser(subparsers: SubParsers) -> None:
     calibrate_parser.add_argument("--no-cross-validation", action="store_true", help="skip leave-one-batch-out cross-validation")
     calibrate_parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     calibrate_parser.add_argument(
+        "--propose-recipe",
+        type=Path,
+        default=None,
+        metavar="BATCH_FILE",
+        help=(
+            "also propose the next batch's recipe for this batch file: the calibrated model's best within the recipes the records ran, if it ranks their"
+            " outcomes right (docs/calibration.md §7); written as proposed-batch.yaml in the report directory, for review"
+        ),
+    )
+    calibrate_parser.add_argument(
         "--strict", action="store_true", help="exit 1 when the fit has review warnings (the file and report are still written: a pipeline stops, nothing is lost)"
     )
 
 
 def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     from controller.calibration import CalibrationSettings, calibrate
+    from controller.config import BatchConfig
+    from controller.recipe_proposal import propose_recipe
     from interfaces.batch_records import read_records
     from plant_models.config_loading import load_yaml_model
 
     if args.output.exists() and not args.force:
         raise CalibrateCommandError(f"{args.output} exists; give --force to overwrite it, or another --output")
     settings = load_yaml_model(args.settings, CalibrationSettings) if args.settings is not None else CalibrationSettings()
+    next_batch = BatchConfig.from_yaml(args.propose_recipe) if args.propose_recipe is not None else None
     nominal = CultureParameters.from_yaml(args.model)
     records = read_records(args.records, batch_files=args.batch)
     console.print(f"calibrating on {len(records)} batches: {', '.join(r.batch_id for r in records)}")
     result = calibrate(records, nominal, settings=settings, based_on=str(args.model), cross_validate=not args.no_cross_validation)
     write_parameter_file(args.output, result.parameters)
     report_dir = args.report_dir or args.output.with_name(f"{args.output.stem}-report")
-    write_report(report_dir, result, args.output)
+    proposal = propose_recipe(records, result, next_batch) if next_batch is not None else None
+    write_report(report_dir, result, args.output, proposal=proposal, next_batch=next_batch)
     console.print(parameter_table(result))
     statistics = result.fit_statistics
     console.print(f"reduced χ²: {statistics['reduced_chi2_nominal']:.2f} nominal → {statistics['reduced_chi2']:.2f} calibrated; {result.wall_s:.1f} s")
@@ -88,6 +107,8 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
         console.print(cross_validation_table(result.cross_validation))
     for warning in result.warnings:
         console.print(f"[bold yellow]review:[/] {warning}")
+    if proposal is not None and next_batch is not None:
+        console.print(proposal_text(proposal, next_batch, report_dir / PROPOSED_BATCH_FILE))
     console.print(f"wrote {args.output} and {report_dir / 'report.md'}")
     if args.strict and result.warnings:
         console.print(f"[bold red]--strict:[/] {len(result.warnings)} review warning(s); exit status 1")
@@ -130,8 +151,9 @@ def cross_validation_table(cv: dict[str, float]) -> Table:
     return table
 
 
-def write_report(directory: Path, result: CalibrationResult, parameter_file: Path) -> None:
-    """report.md (parameters, identifiability, fit statistics, cross-validation, envelope), a plot per batch, fit.csv."""
+def write_report(directory: Path, result: CalibrationResult, parameter_file: Path, *, proposal: RecipeProposal | None = None, next_batch: BatchConfig | None = None) -> None:
+    """report.md (parameters, identifiability, fit statistics, cross-validation, envelope, the proposed recipe), a plot per batch, fit.csv;
+    with a ``proposal`` of a recipe, also ``proposed-batch.yaml`` (``next_batch`` with the proposed recipe)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +190,14 @@ def write_report(directory: Path, result: CalibrationResult, parameter_file: Pat
                 nominal = np.interp(times, fit.time_h, fit.nominal[name])
                 for t, v, f, n in zip(times, values, fitted, nominal, strict=True):
                     writer.writerow([fit.batch_id, name, f"{t:.4f}", f"{v:.6g}", f"{f:.6g}", f"{n:.6g}"])
-    (directory / "report.md").write_text(_report_markdown(result, parameter_file), encoding="utf-8")
+    proposed = directory / PROPOSED_BATCH_FILE
+    proposed.unlink(missing_ok=True)  # a proposal of an earlier run in this directory is not this calibration's
+    if proposal is not None and proposal.recipe is not None and next_batch is not None:
+        write_proposed_batch(proposed, next_batch.model_copy(update={"recipe": proposal.recipe}), proposal)
+    lines = _report_markdown(result, parameter_file)
+    if proposal is not None and next_batch is not None:
+        lines += "\n" + proposal_markdown(proposal, next_batch) + "\n"
+    (directory / "report.md").write_text(lines, encoding="utf-8")
 
 
 def _slug(text: str) -> str:
@@ -230,3 +259,56 @@ def _report_markdown(result: CalibrationResult, parameter_file: Path) -> str:
     lines += ["", "## Batches", ""]
     lines += [f"![{fit.batch_id}]({_slug(fit.batch_id)}.png)" for fit in result.batches]
     return "\n".join(lines) + "\n"
+
+
+def write_proposed_batch(path: Path, batch: BatchConfig, proposal: RecipeProposal) -> None:
+    """The batch file with the proposed recipe; it loads with BatchConfig.from_yaml (checked here)."""
+    from controller.config import BatchConfig
+
+    assert proposal.best is not None and proposal.baseline is not None
+    header = (
+        "# Proposed by bioreactor-mpc calibrate (docs/calibration.md §7): the calibrated model's best recipe within the recipes its records ran.\n"
+        f"# Forecast score {proposal.best.score_g_per_day:.1f} g/day against {proposal.baseline.score_g_per_day:.1f} for the batch's own recipe;"
+        f" rank correlation {proposal.ranking.correlation:+.2f} on the records. Review it under the site's change control before use.\n"
+    )
+    path.write_text(header + yaml.safe_dump(batch.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    BatchConfig.from_yaml(path)
+
+
+def _changes_rows(proposal: RecipeProposal, batch: BatchConfig) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, (low, high) in proposal.bounds.items():
+        old, new = getattr(batch.recipe, name), getattr(proposal.recipe, name) if proposal.recipe is not None else None
+        rows.append((name, f"{old:g}", "–" if new is None or new == old else f"{new:g}", f"{low:g}–{high:g}"))
+    return rows
+
+
+def proposal_markdown(proposal: RecipeProposal, batch: BatchConfig) -> str:
+    """The report's section on the proposed recipe: the ranking check, the forecasts, the changes, or why nothing is proposed."""
+    lines = ["## The next batch's recipe (docs/calibration.md §7)", ""]
+    lines += ["How the calibrated model ranks the records' outcomes (product per day of occupancy at the last titer result):", ""]
+    lines += ["| batch | measured g/day | fitted g/day |", "|---|---:|---:|"]
+    lines += [f"| {o.batch_id} | {o.measured_score_g_per_day:.1f} | {o.fitted_score_g_per_day:.1f} |" for o in proposal.ranking.outcomes]
+    lines += ["", f"Rank correlation: {proposal.ranking.correlation:+.2f}.", ""]
+    if proposal.recipe is None:
+        lines += [f"**No recipe proposed:** {proposal.reason}."]
+    else:
+        assert proposal.best is not None and proposal.baseline is not None
+        lines += [
+            f"**Proposed** (`{PROPOSED_BATCH_FILE}`): forecast score {proposal.best.score_g_per_day:.1f} g/day against "
+            f"{proposal.baseline.score_g_per_day:.1f} for the batch's own recipe ({100 * proposal.predicted_gain_fraction:+.1f} %), "
+            f"from {proposal.forecasts} forecasts. Review it under the site's change control before use: the recipe is also what the PLC "
+            "runs on its own and what the NMPC falls back to."
+        ]
+    lines += ["", "| recipe field | the batch's | proposed | searched |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {old} | {new} | {searched} |" for name, old, new, searched in _changes_rows(proposal, batch)]
+    return "\n".join(lines)
+
+
+def proposal_text(proposal: RecipeProposal, batch: BatchConfig, path: Path) -> str:
+    if proposal.recipe is None:
+        return f"no recipe proposed: {proposal.reason}"
+    changes = ", ".join(f"{name} {old} → {new}" for name, old, new, _ in _changes_rows(proposal, batch) if new != "–")
+    return (
+        f"recipe proposed ({100 * proposal.predicted_gain_fraction:+.1f} % in the model's forecast, rank correlation {proposal.ranking.correlation:+.2f}): {changes}; wrote {path}"
+    )

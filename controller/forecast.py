@@ -432,7 +432,7 @@ def recipe_schedule(recipe: PlatformRecipe, *, media: MediaComposition, glucose_
 
 
 @dataclass(frozen=True)
-class _Started:
+class StartedSchedule:
     """A schedule whose single run was begun by the caller (to read the run afterwards)."""
 
     run: InputFunction
@@ -635,7 +635,7 @@ def recipe_outcome(
     start_h = estimator.process_time_h
     harvest_h = max(start_h, min(batch.recipe.harvest_h, batch.limits.latest_harvest_h))
     run = recipe_schedule(recipe, media=batch.media, glucose_delivered_g=glucose_delivered_g, sampling=sampling).begin(start_h)
-    result = forecast(estimator, _Started(run), until_h=harvest_h, step_h=step_h, kernel=kernel)
+    result = forecast(estimator, StartedSchedule(run), until_h=harvest_h, step_h=step_h, kernel=kernel)
     due_h = run.harvest_due_h
     return result.at_harvest(batch.economics.turnaround_days, harvest_h=due_h if due_h is not None else harvest_h)
 

@@ -1,0 +1,336 @@
+"""The next batch's recipe, chosen by the calibrated model among the recipes its records ran.
+
+On a plant whose structure the model does not share, the model's
+trajectories miss the lab results within days, and the performance monitor
+hands each batch back to the platform recipe (docs/trust-region.md). Yet a
+calibrated model can still tell which of two *whole recipes* gives more
+product: that is a question about the records' outcomes, which the fit has
+seen, not about the shape of a trajectory. This module asks it, and answers
+with a recipe of the platform's own family (docs/calibration.md §7):
+
+1. **The ranking check.** The model must order the records' outcomes as they
+   happened. For each record, the product at its last titer result (the
+   titer times the volume then, per day of reactor occupancy) is taken from
+   the measurements and from the fitted trajectory (the record's own inputs).
+   Their rank correlation must reach ``min_rank_correlation`` over at least
+   ``min_records`` records whose measured outcomes differ by at least
+   ``min_outcome_spread``. Otherwise no recipe is proposed: a model that
+   cannot rank the batches it was fitted to cannot choose the next one.
+2. **The search.** Within the range the records' recipes covered (the
+   temperatures with ``temperature_margin_degc``, the nutrient feed with
+   ``feed_margin_relative`` of its span, the shift time and the harvest as
+   the records ran them), a coordinate search on the model's forecast of the
+   recipe (controller.forecast: the recipe's own glucose arithmetic on
+   emulated daily samples) finds the recipe of most score that keeps glucose
+   ``glucose_margin_g_per_l`` above the starvation limit, osmolality below
+   its limit, and the harvest's viability and quality ``viability_margin_pct``
+   and ``quality_margin`` inside the NMPC's harvest specifications.
+3. **The gain.** The proposal must beat the model's forecast of the batch's
+   own recipe by ``min_gain_fraction``; else the batch's recipe stays.
+
+A proposal is a new batch file for an engineer to review, not a change the
+runtime makes: the recipe is also what the PLC runs on its own and what the
+NMPC falls back to, so it goes through the site's change control.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+from pydantic import Field
+
+from controller.calibration import BatchFit, CalibrationResult
+from controller.config import BatchConfig, RecipeConfig
+from controller.estimator import ExtendedKalmanEstimator
+from controller.forecast import ForecastKernel, StartedSchedule, forecast, recipe_schedule
+from controller.kpis import batch_score_g_per_day
+from controller.mpc import MpcConfig
+from controller.recipe import PlatformRecipe
+from controller.records import BatchRecord
+from plant_models.cho import STATE_INDEX, CultureModel
+from plant_models.config_loading import FrozenConfig
+from plant_models.parameters import CultureParameters, parameter_vector
+
+log = structlog.get_logger(__name__)
+
+VARIED: tuple[str, ...] = (
+    "temperature_initial_degc",
+    "temperature_shifted_degc",
+    "temperature_shift_h",
+    "feed_fraction_of_initial_volume_per_day",
+    "harvest_h",
+)
+"""The recipe's fields the search moves; the others (feed start, glucose target, …) stay the batch's own."""
+
+
+class ProposalSettings(FrozenConfig):
+    """How a recipe is proposed from a calibrated model (docs/calibration.md §7)."""
+
+    min_records: int = Field(default=4, ge=3, le=1000, description="records the ranking check needs [-]")
+    min_rank_correlation: float = Field(
+        default=0.8, ge=-1.0, le=1.0, description="rank correlation of the fitted against the measured outcomes of the records the model must reach [-]"
+    )
+    min_outcome_spread: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="the records' measured outcomes must differ by this fraction of their mean, best to worst, to be ranked at all [-]"
+    )
+    temperature_margin_degc: float = Field(default=0.5, ge=0.0, le=5.0, description="temperatures beyond what the records' recipes ran [°C]")
+    feed_margin_relative: float = Field(default=0.1, ge=0.0, le=1.0, description="nutrient feed beyond the records' recipes, as a fraction of their span [-]")
+    temperature_step_degc: float = Field(default=0.5, gt=0.0, le=5.0, description="grid of the temperatures searched [°C]")
+    time_step_h: float = Field(default=24.0, gt=0.0, le=240.0, description="grid of the shift and harvest times searched [h]")
+    feed_step_per_day: float = Field(default=0.0025, gt=0.0, le=0.1, description="grid of the nutrient feed searched, as a fraction of the initial volume per day [-/day]")
+    glucose_margin_g_per_l: float = Field(default=1.0, ge=0.0, le=10.0, description="the forecast glucose stays this far above the starvation limit [g/L]")
+    viability_margin_pct: float = Field(default=5.0, ge=0.0, le=50.0, description="the forecast viability at harvest stays this far above the NMPC's minimum [%]")
+    quality_margin: float = Field(default=0.02, ge=0.0, le=0.5, description="the forecast galactosylated fraction at harvest stays this far above the specification [-]")
+    min_gain_fraction: float = Field(default=0.03, ge=0.0, le=1.0, description="the proposal's forecast score must beat the batch's recipe's by this fraction [-]")
+    sweeps: int = Field(default=3, ge=1, le=20, description="passes of the coordinate search over the varied fields [-]")
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """One record's outcome, measured and as the fitted model ran it with the record's own inputs."""
+
+    batch_id: str
+    at_h: float
+    """The last titer result's draw."""
+    measured_score_g_per_day: float
+    fitted_score_g_per_day: float
+
+
+@dataclass(frozen=True)
+class RankingCheck:
+    outcomes: tuple[RecordOutcome, ...]
+    correlation: float
+    """Spearman rank correlation of fitted against measured (NaN: fewer than two records with an outcome)."""
+    passed: bool
+    reason: str
+    """Why it failed (empty when it passed)."""
+
+
+@dataclass(frozen=True)
+class RecipeForecast:
+    recipe: RecipeConfig
+    score_g_per_day: float
+    harvest_h: float
+    feasible: bool
+    why_not: str
+    """The first specification the forecast breaks (empty when feasible)."""
+
+
+@dataclass(frozen=True)
+class RecipeProposal:
+    """What the model proposes for the next batch; ``recipe`` is None where it proposes nothing (``reason`` says why)."""
+
+    recipe: RecipeConfig | None
+    ranking: RankingCheck
+    baseline: RecipeForecast | None
+    """The model's forecast of the batch's own recipe."""
+    best: RecipeForecast | None
+    """The best feasible recipe the search found (also when its gain is too small)."""
+    bounds: dict[str, tuple[float, float]]
+    forecasts: int
+    reason: str
+
+    @property
+    def predicted_gain_fraction(self) -> float:
+        if self.best is None or self.baseline is None or self.baseline.score_g_per_day <= 0.0:
+            return math.nan
+        return self.best.score_g_per_day / self.baseline.score_g_per_day - 1.0
+
+    def changes(self, recipe: RecipeConfig) -> dict[str, tuple[float, float]]:
+        """Field → (the batch's value, the proposed one), where they differ."""
+        if self.recipe is None:
+            return {}
+        return {name: (getattr(recipe, name), getattr(self.recipe, name)) for name in VARIED if getattr(recipe, name) != getattr(self.recipe, name)}
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, ties given their mean rank."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(values.size)
+    ranks[order] = np.arange(values.size, dtype=float)
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (NaN for fewer than two pairs or a constant series)."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.size < 2 or x.size != y.size:
+        return math.nan
+    rx, ry = _ranks(x), _ranks(y)
+    if np.ptp(rx) == 0.0 or np.ptp(ry) == 0.0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def record_outcome(record: BatchRecord, fit: BatchFit) -> RecordOutcome | None:
+    """The record's product at its last titer result, measured and fitted, per day of occupancy to then; None without a titer or a volume then."""
+    times, titers = record.lab_series("titer_g_per_l")
+    volume = record.online.signal("volume_l")
+    good = np.isfinite(volume)
+    if times.size == 0 or not good.any() or "titer_g_per_l" not in fit.fitted:
+        return None
+    at_h = float(times[-1])
+    volume_l = float(np.interp(at_h, record.online.time_h[good], volume[good]))
+    fitted_titer = float(np.interp(at_h, fit.time_h, fit.fitted["titer_g_per_l"]))
+    turnaround = record.batch.economics.turnaround_days
+    return RecordOutcome(
+        batch_id=record.batch_id,
+        at_h=at_h,
+        measured_score_g_per_day=float(batch_score_g_per_day(float(titers[-1]) * volume_l, at_h, turnaround)),
+        fitted_score_g_per_day=float(batch_score_g_per_day(fitted_titer * volume_l, at_h, turnaround)),
+    )
+
+
+def ranking_check(records: Sequence[BatchRecord], calibration: CalibrationResult, settings: ProposalSettings) -> RankingCheck:
+    """Does the fitted model order the records' outcomes as they happened? (item 1 of the module's description)"""
+    fits = {fit.batch_id: fit for fit in calibration.batches}
+    outcomes = tuple(outcome for record in records if record.batch_id in fits for outcome in [record_outcome(record, fits[record.batch_id])] if outcome is not None)
+    measured = [o.measured_score_g_per_day for o in outcomes]
+    correlation = spearman(measured, [o.fitted_score_g_per_day for o in outcomes])
+    if len(outcomes) < settings.min_records:
+        return RankingCheck(outcomes, correlation, False, f"{len(outcomes)} records with a titer result; the ranking check needs {settings.min_records}")
+    spread = (max(measured) - min(measured)) / max(float(np.mean(measured)), 1e-9)
+    if spread < settings.min_outcome_spread:
+        return RankingCheck(
+            outcomes,
+            correlation,
+            False,
+            f"the records' outcomes differ by {100 * spread:.1f} % best to worst, below {100 * settings.min_outcome_spread:.0f} %: too alike to check how the model ranks them",
+        )
+    if not correlation >= settings.min_rank_correlation:  # NaN fails too
+        return RankingCheck(
+            outcomes,
+            correlation,
+            False,
+            f"the model ranks the records' outcomes with a rank correlation of {correlation:+.2f} to the measured ones, below {settings.min_rank_correlation:+.2f}",
+        )
+    return RankingCheck(outcomes, correlation, True, "")
+
+
+def search_bounds(records: Sequence[BatchRecord], batch: BatchConfig, settings: ProposalSettings) -> dict[str, tuple[float, float]]:
+    """Field → (lowest, highest) value the search may give it: what the records' recipes ran, with the margins, within the equipment."""
+    recipes = [record.batch.recipe for record in records] + [batch.recipe]
+    equipment = batch.equipment
+
+    def covered(name: str) -> tuple[float, float]:
+        values = [float(getattr(recipe, name)) for recipe in recipes]
+        return min(values), max(values)
+
+    bounds: dict[str, tuple[float, float]] = {}
+    for name in ("temperature_initial_degc", "temperature_shifted_degc"):
+        low, high = covered(name)
+        bounds[name] = (max(low - settings.temperature_margin_degc, equipment.temperature_min_degc), min(high + settings.temperature_margin_degc, equipment.temperature_max_degc))
+    low, high = covered("feed_fraction_of_initial_volume_per_day")
+    margin = settings.feed_margin_relative * (high - low)
+    feed_max = equipment.feed_rate_max_lph * 24.0 / batch.inoculation.volume_l
+    bounds["feed_fraction_of_initial_volume_per_day"] = (max(0.0, low - margin), min(high + margin, feed_max))
+    bounds["temperature_shift_h"] = covered("temperature_shift_h")
+    low, high = covered("harvest_h")
+    bounds["harvest_h"] = (low, min(high, batch.limits.latest_harvest_h))
+    return bounds
+
+
+def _grid(low: float, high: float, step: float, keep: float) -> list[float]:
+    """``low`` to ``high`` in ``step``s, both ends and ``keep`` (the batch's own value, where inside) included."""
+    values = {round(float(v), 6) for v in np.arange(low, high + 1e-9, step)} | {round(low, 6), round(high, 6)}
+    if low - 1e-9 <= keep <= high + 1e-9:
+        values.add(round(float(keep), 6))
+    return sorted(values)
+
+
+class RecipeForecaster:
+    """The model's forecast of a whole batch under a recipe of the platform family, from the batch's inoculation."""
+
+    def __init__(self, parameters: CultureParameters, batch: BatchConfig, mpc: MpcConfig, settings: ProposalSettings, model: CultureModel | None = None) -> None:
+        self._model = model or CultureModel()
+        self._batch = batch
+        self._mpc = mpc
+        self._settings = settings
+        self._nominal = parameter_vector(parameters, batch.media)
+        self._kernel: ForecastKernel | None = None
+        self.count = 0
+
+    def __call__(self, recipe: RecipeConfig) -> RecipeForecast:
+        batch, settings = self._batch, self._settings
+        estimator = ExtendedKalmanEstimator.from_batch(self._model, batch, self._nominal)
+        if self._kernel is None:
+            self._kernel = ForecastKernel(estimator, model=self._model)
+        run = recipe_schedule(PlatformRecipe(recipe, batch.media, batch.equipment, batch.inoculation.volume_l), media=batch.media, glucose_delivered_g=0.0).begin(0.0)
+        planned_h = min(recipe.harvest_h, batch.limits.latest_harvest_h)
+        result = forecast(estimator, StartedSchedule(run), until_h=planned_h, kernel=self._kernel)
+        self.count += 1
+        harvest_h = planned_h if run.harvest_due_h is None else min(planned_h, run.harvest_due_h)
+        k = result.index_at(harvest_h)
+        titer = result.state_mean[STATE_INDEX["titer"]]
+        score = float(batch_score_g_per_day(float(titer[k] * result.state_mean[STATE_INDEX["volume"], k]), float(result.times_h[k]), batch.economics.turnaround_days))
+        glucose_low = float(np.min(result.state_mean[STATE_INDEX["glucose"], : k + 1]))
+        osmolality_high = float(np.max(result.output_mean["osmolality"][: k + 1]))
+        viability = float(result.output_mean["viability"][k])
+        quality = float(result.state_mean[STATE_INDEX["galactosylated_titer"], k] / max(float(titer[k]), 1e-9))
+        checks = (
+            (glucose_low >= batch.limits.glucose_min_g_per_l + settings.glucose_margin_g_per_l, f"glucose falls to {glucose_low:.2f} g/L"),
+            (osmolality_high <= batch.limits.osmolality_max_mosm_per_kg, f"osmolality reaches {osmolality_high:.0f} mOsm/kg"),
+            (viability >= self._mpc.viability_at_harvest_min_pct + settings.viability_margin_pct, f"viability at harvest {viability:.1f} %"),
+            (quality >= self._mpc.galactosylated_fraction_min + settings.quality_margin, f"galactosylated fraction at harvest {quality:.3f}"),
+        )
+        why_not = next((text for ok, text in checks if not ok), "")
+        return RecipeForecast(recipe=recipe, score_g_per_day=score, harvest_h=float(result.times_h[k]), feasible=not why_not, why_not=why_not)
+
+
+def propose_recipe(
+    records: Sequence[BatchRecord],
+    calibration: CalibrationResult,
+    batch: BatchConfig,
+    *,
+    mpc: MpcConfig | None = None,
+    settings: ProposalSettings | None = None,
+    model: CultureModel | None = None,
+) -> RecipeProposal:
+    """The recipe the calibrated model proposes for the next batch of ``batch`` (``recipe`` None: none, and ``reason`` says why)."""
+    settings = settings or ProposalSettings()
+    ranking = ranking_check(records, calibration, settings)
+    bounds = search_bounds(records, batch, settings)
+    if not ranking.passed:
+        log.info("recipe_not_proposed", reason=ranking.reason)
+        return RecipeProposal(None, ranking, None, None, bounds, 0, ranking.reason)
+    forecaster = RecipeForecaster(calibration.parameters, batch, mpc or MpcConfig(), settings, model)
+    steps = {
+        "temperature_initial_degc": settings.temperature_step_degc,
+        "temperature_shifted_degc": settings.temperature_step_degc,
+        "temperature_shift_h": settings.time_step_h,
+        "feed_fraction_of_initial_volume_per_day": settings.feed_step_per_day,
+        "harvest_h": settings.time_step_h,
+    }
+    baseline = forecaster(batch.recipe)
+    best = baseline if baseline.feasible else None
+    current = batch.recipe
+    for _ in range(settings.sweeps):
+        improved = False
+        for name in VARIED:
+            low, high = bounds[name]
+            for value in _grid(low, high, steps[name], float(getattr(current, name))):
+                if value == getattr(current, name):
+                    continue
+                candidate = forecaster(current.model_copy(update={name: value}))
+                if candidate.feasible and (best is None or candidate.score_g_per_day > best.score_g_per_day):
+                    best, improved = candidate, True
+            if best is not None:
+                current = best.recipe
+        if not improved:
+            break
+    if best is None:
+        reason = f"no recipe within the records' range keeps the specifications in the model's forecast (the batch's own: {baseline.why_not})"
+        return RecipeProposal(None, ranking, baseline, None, bounds, forecaster.count, reason)
+    gain = best.score_g_per_day / baseline.score_g_per_day - 1.0 if baseline.score_g_per_day > 0.0 else math.inf
+    if best.recipe == batch.recipe or not (baseline.feasible is False or gain >= settings.min_gain_fraction):
+        reason = f"the best recipe the model finds gains {100 * gain:.1f} % on the batch's own in its forecast, below {100 * settings.min_gain_fraction:.0f} %"
+        return RecipeProposal(None, ranking, baseline, best, bounds, forecaster.count, reason)
+    log.info("recipe_proposed", gain_pct=round(100 * gain, 1), forecasts=forecaster.count, rank_correlation=round(ranking.correlation, 2))
+    return RecipeProposal(best.recipe, ranking, baseline, best, bounds, forecaster.count, "")

@@ -1,0 +1,159 @@
+"""The next batch's recipe from a calibrated model: the ranking check, the search within the records' recipes, the CLI end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from controller.calibration import CalibrationResult, CalibrationSettings, calibrate
+from controller.config import BatchConfig
+from controller.recipe_proposal import VARIED, ProposalSettings, propose_recipe, ranking_check, search_bounds, spearman
+from controller.records import BatchRecord
+from interfaces.batch_records import write_batch_directory
+from plant_models.parameters import CultureParameters
+from simulator.batch import run_recipe_batch
+from simulator.config import LoadedSimulation
+from simulator.records import development_batches
+from simulator.scenarios import load_scenario
+
+REPO = Path(__file__).resolve().parent.parent
+PLATFORM = REPO / "configs" / "batch" / "platform.yaml"
+TRUE_FACTORS = {"growth.mu_max_per_h": 0.85, "product.q_product_pg_per_cell_day": 1.2}
+FAST = CalibrationSettings(
+    parameters=(
+        "culture.growth.mu_max_per_h",
+        "culture.product.q_product_pg_per_cell_day",
+        "culture.metabolism.yield_cells_per_glucose_1e9_per_g",
+        "culture.death.kd_min_per_h",
+    ),
+    step_h=2.0,
+    rk4_substeps=4,
+)
+
+
+@pytest.fixture(scope="module")
+def plant() -> LoadedSimulation:
+    """A line of the model's own structure that grows slower and makes more product than nominal."""
+    return load_scenario({"seed": 71, "true_parameter_factors": TRUE_FACTORS})
+
+
+@pytest.fixture(scope="module")
+def records(plant) -> list[BatchRecord]:
+    """Five process-development batches of that line, each with its own recipe."""
+    return development_batches(plant, 5, 71)
+
+
+@pytest.fixture(scope="module")
+def calibration(records) -> CalibrationResult:
+    nominal = CultureParameters.from_yaml(REPO / "configs" / "model" / "cho_nominal.yaml")
+    return calibrate(records, nominal, settings=FAST, cross_validate=False)
+
+
+def test_spearman_ranks_with_ties_and_refuses_constants():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 4], [1, 3, 3, 4]) == pytest.approx(1.0)
+    assert math.isnan(spearman([1, 2, 3], [5, 5, 5]))
+    assert math.isnan(spearman([1], [1]))
+
+
+def test_a_model_that_ranks_the_records_right_passes_and_one_that_ranks_them_wrong_does_not(records, calibration):
+    check = ranking_check(records, calibration, ProposalSettings())
+    assert check.passed, check.reason
+    assert len(check.outcomes) == 5 and check.correlation >= 0.8
+    # The same fit with its titers put in the opposite order of the measured outcomes: refused, and the reason says so.
+    by_measured = sorted(check.outcomes, key=lambda o: o.measured_score_g_per_day)
+    factor = {o.batch_id: 1.0 + 0.5 * (len(by_measured) - k) for k, o in enumerate(by_measured)}
+    reversed_fits = tuple(dataclasses.replace(fit, fitted={**fit.fitted, "titer_g_per_l": fit.fitted["titer_g_per_l"] * factor[fit.batch_id]}) for fit in calibration.batches)
+    wrong = ranking_check(records, dataclasses.replace(calibration, batches=reversed_fits), ProposalSettings())
+    assert not wrong.passed and wrong.correlation < 0.0
+    assert "rank correlation of -" in wrong.reason
+    proposal = propose_recipe(records, dataclasses.replace(calibration, batches=reversed_fits), records[0].batch)
+    assert proposal.recipe is None and proposal.forecasts == 0 and proposal.reason == wrong.reason
+
+
+def test_records_too_few_or_too_alike_are_not_ranked(records, calibration):
+    few = ranking_check(records[:3], calibration, ProposalSettings())
+    assert not few.passed and "needs 4" in few.reason
+    alike = ranking_check(records, calibration, ProposalSettings(min_outcome_spread=0.9))
+    assert not alike.passed and "too alike" in alike.reason
+
+
+def test_the_search_stays_within_the_records_recipes_and_the_equipment(records):
+    batch = records[0].batch
+    bounds = search_bounds(records, batch, ProposalSettings())
+    shifted = [r.batch.recipe.temperature_shifted_degc for r in records] + [batch.recipe.temperature_shifted_degc]
+    assert bounds["temperature_shifted_degc"] == (max(min(shifted) - 0.5, 30.0), min(max(shifted) + 0.5, 38.0))
+    feeds = [r.batch.recipe.feed_fraction_of_initial_volume_per_day for r in records] + [batch.recipe.feed_fraction_of_initial_volume_per_day]
+    span = max(feeds) - min(feeds)
+    assert bounds["feed_fraction_of_initial_volume_per_day"] == pytest.approx((min(feeds) - 0.1 * span, max(feeds) + 0.1 * span))
+    hot = [dataclasses.replace(r, batch=r.batch.model_copy(update={"recipe": r.batch.recipe.model_copy(update={"temperature_initial_degc": 38.0})})) for r in records]
+    assert search_bounds(hot, batch, ProposalSettings())["temperature_initial_degc"][1] == 38.0  # the equipment's maximum, not 38.5
+
+
+def test_the_proposed_recipe_beats_the_platform_on_the_plant_itself(plant, records, calibration):
+    """The proposal is the model's; the plant judges it: run as a recipe on the line the records came from, it must not lose."""
+    proposal = propose_recipe(records, calibration, plant.batch)
+    assert proposal.recipe is not None, proposal.reason
+    assert proposal.best is not None and proposal.baseline is not None and proposal.predicted_gain_fraction >= 0.03
+    for name in VARIED:
+        low, high = proposal.bounds[name]
+        assert low - 1e-9 <= getattr(proposal.recipe, name) <= high + 1e-9, name
+    assert proposal.changes(plant.batch.recipe), "a proposal changes something"
+    platform = run_recipe_batch(plant).kpis
+    proposed = run_recipe_batch(plant.model_copy(update={"batch": plant.batch.model_copy(update={"recipe": proposal.recipe})})).kpis
+    assert proposed.violation_h == 0.0
+    assert proposed.score_g_per_day > platform.score_g_per_day
+    # A gain asked beyond what the model forecasts: nothing is proposed, and the reason gives the gain it found.
+    modest = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(min_gain_fraction=0.99))
+    assert modest.recipe is None and modest.best is not None and "below 99 %" in modest.reason
+
+
+def test_calibrate_command_proposes_a_batch_file_for_review(records, tmp_path):
+    for record in records:
+        write_batch_directory(record, tmp_path / "records" / record.batch_id)
+    settings = tmp_path / "calibration.yaml"
+    settings.write_text(yaml.safe_dump(FAST.model_dump(mode="json", include={"parameters", "step_h", "rk4_substeps"})))
+    output = tmp_path / "site.yaml"
+    command = [sys.executable, "-m", "bioreactor_mpc", "calibrate", str(tmp_path / "records"), "--output", str(output), "--settings", str(settings), "--no-cross-validation"]
+    done = subprocess.run([*command, "--propose-recipe", str(PLATFORM)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "recipe proposed" in done.stdout
+    proposed = tmp_path / "site-report" / "proposed-batch.yaml"
+    batch = BatchConfig.from_yaml(proposed)
+    platform = BatchConfig.from_yaml(PLATFORM)
+    assert batch.recipe != platform.recipe and batch.inoculation == platform.inoculation
+    report = (tmp_path / "site-report" / "report.md").read_text()
+    assert "## The next batch's recipe" in report and "**Proposed**" in report and "Rank correlation: +" in report
+    # Records that cannot be ranked (three): no file, and the report says why; an earlier run's proposal does not linger.
+    for record in records[3:]:
+        for file in (tmp_path / "records" / record.batch_id).iterdir():
+            file.unlink()
+        (tmp_path / "records" / record.batch_id).rmdir()
+    again = subprocess.run([*command, "--force", "--propose-recipe", str(PLATFORM)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "no recipe proposed: 3 records with a titer result; the ranking check needs 4" in " ".join(again.stdout.split())
+    assert not proposed.exists()
+    assert "**No recipe proposed:**" in (tmp_path / "site-report" / "report.md").read_text()
+    # A batch file that does not validate is refused before the fit, by name.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(PLATFORM.read_text().replace("harvest_h: 336.0", "harvest_h: -1.0"))
+    refused = subprocess.run([*command, "--force", "--propose-recipe", str(bad)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert refused.returncode == 2 and "harvest_h" in refused.stderr and "bad.yaml" in refused.stderr
+
+
+def test_outcomes_are_the_product_at_the_last_titer_result(records, calibration):
+    check = ranking_check(records, calibration, ProposalSettings())
+    record, outcome = records[0], check.outcomes[0]
+    times, titers = record.lab_series("titer_g_per_l")
+    assert outcome.at_h == times[-1]
+    volume = np.interp(times[-1], record.online.time_h, record.online.signal("volume_l"))
+    days = times[-1] / 24.0 + record.batch.economics.turnaround_days
+    assert outcome.measured_score_g_per_day == pytest.approx(titers[-1] * volume / days, rel=1e-6)

@@ -289,7 +289,12 @@ def proposal_markdown(proposal: RecipeProposal, batch: BatchConfig) -> str:
     lines += ["How the calibrated model ranks the records' outcomes (product per day of occupancy at the last titer result):", ""]
     lines += ["| batch | measured g/day | fitted g/day |", "|---|---:|---:|"]
     lines += [f"| {o.batch_id} | {o.measured_score_g_per_day:.1f} | {o.fitted_score_g_per_day:.1f} |" for o in proposal.ranking.outcomes]
-    lines += ["", f"Rank correlation: {proposal.ranking.correlation:+.2f}.", ""]
+    lines += [
+        "",
+        f"Rank correlation: {proposal.ranking.correlation:+.2f}. A model with no skill at ranking would reach the threshold over "
+        f"{len(proposal.ranking.outcomes)} records by chance with probability {proposal.ranking.chance:.3f}.",
+        "",
+    ]
     if proposal.recipe is None:
         lines += [f"**No recipe proposed:** {proposal.reason}."]
     else:

@@ -35,6 +35,7 @@ NMPC falls back to, so it goes through the site's change control.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,7 +71,12 @@ VARIED: tuple[str, ...] = (
 class ProposalSettings(FrozenConfig):
     """How a recipe is proposed from a calibrated model (docs/calibration.md §7)."""
 
-    min_records: int = Field(default=4, ge=3, le=1000, description="records the ranking check needs [-]")
+    min_records: int = Field(
+        default=5,
+        ge=3,
+        le=1000,
+        description="records the ranking check needs; with 5, a model with no skill at ranking passes a threshold of 0.8 by chance 1 time in 15, with 4 one in 6 [-]",
+    )
     min_rank_correlation: float = Field(
         default=0.8, ge=-1.0, le=1.0, description="rank correlation of the fitted against the measured outcomes of the records the model must reach [-]"
     )
@@ -108,6 +114,8 @@ class RankingCheck:
     passed: bool
     reason: str
     """Why it failed (empty when it passed)."""
+    chance: float
+    """How often a model with no skill at ranking would reach the threshold over this many records (:func:`chance_of_passing`)."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,18 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def chance_of_passing(n: int, threshold: float) -> float:
+    """The probability that ``n`` outcomes ranked at random reach a rank correlation of ``threshold``: exact up to 8 (every order
+    counted), else the normal approximation of Spearman's null distribution (sd 1/√(n − 1))."""
+    if n < 2:
+        return 1.0
+    if n <= 8:
+        denominator = n * (n * n - 1)
+        reached = sum(1 for order in itertools.permutations(range(n)) if 1.0 - 6.0 * sum((i - j) ** 2 for i, j in enumerate(order)) / denominator >= threshold - 1e-12)
+        return reached / math.factorial(n)
+    return 0.5 * math.erfc(threshold * math.sqrt(n - 1) / math.sqrt(2.0))
+
+
 def record_outcome(record: BatchRecord, fit: BatchFit) -> RecordOutcome | None:
     """The record's product at its last titer result, measured and fitted, per day of occupancy to then; None without a titer or a volume then."""
     times, titers = record.lab_series("titer_g_per_l")
@@ -194,8 +214,9 @@ def ranking_check(records: Sequence[BatchRecord], calibration: CalibrationResult
     outcomes = tuple(outcome for record in records if record.batch_id in fits for outcome in [record_outcome(record, fits[record.batch_id])] if outcome is not None)
     measured = [o.measured_score_g_per_day for o in outcomes]
     correlation = spearman(measured, [o.fitted_score_g_per_day for o in outcomes])
+    chance = chance_of_passing(len(outcomes), settings.min_rank_correlation)
     if len(outcomes) < settings.min_records:
-        return RankingCheck(outcomes, correlation, False, f"{len(outcomes)} records with a titer result; the ranking check needs {settings.min_records}")
+        return RankingCheck(outcomes, correlation, False, f"{len(outcomes)} records with a titer result; the ranking check needs {settings.min_records}", chance)
     spread = (max(measured) - min(measured)) / max(float(np.mean(measured)), 1e-9)
     if spread < settings.min_outcome_spread:
         return RankingCheck(
@@ -203,6 +224,7 @@ def ranking_check(records: Sequence[BatchRecord], calibration: CalibrationResult
             correlation,
             False,
             f"the records' outcomes differ by {100 * spread:.1f} % best to worst, below {100 * settings.min_outcome_spread:.0f} %: too alike to check how the model ranks them",
+            chance,
         )
     if not correlation >= settings.min_rank_correlation:  # NaN fails too
         return RankingCheck(
@@ -210,8 +232,9 @@ def ranking_check(records: Sequence[BatchRecord], calibration: CalibrationResult
             correlation,
             False,
             f"the model ranks the records' outcomes with a rank correlation of {correlation:+.2f} to the measured ones, below {settings.min_rank_correlation:+.2f}",
+            chance,
         )
-    return RankingCheck(outcomes, correlation, True, "")
+    return RankingCheck(outcomes, correlation, True, "", chance)
 
 
 def search_bounds(records: Sequence[BatchRecord], batch: BatchConfig, settings: ProposalSettings) -> dict[str, tuple[float, float]]:

@@ -14,7 +14,7 @@ import yaml
 
 from controller.calibration import CalibrationResult, CalibrationSettings, calibrate
 from controller.config import BatchConfig
-from controller.recipe_proposal import VARIED, ProposalSettings, propose_recipe, ranking_check, search_bounds, spearman
+from controller.recipe_proposal import VARIED, ProposalSettings, chance_of_passing, propose_recipe, ranking_check, search_bounds, spearman
 from controller.records import BatchRecord
 from interfaces.batch_records import write_batch_directory
 from plant_models.parameters import CultureParameters
@@ -64,6 +64,13 @@ def test_spearman_ranks_with_ties_and_refuses_constants():
     assert math.isnan(spearman([1], [1]))
 
 
+def test_the_chance_a_model_without_skill_passes_is_counted():
+    assert chance_of_passing(5, 0.8) == pytest.approx(8 / 120)  # the identity, 4 adjacent swaps (0.9), 3 pairs of them (0.8)
+    assert chance_of_passing(4, 0.8) == pytest.approx(4 / 24)
+    assert chance_of_passing(3, 1.0) == pytest.approx(1 / 6)
+    assert 0.0 < chance_of_passing(12, 0.8) < chance_of_passing(8, 0.8) < chance_of_passing(5, 0.8)
+
+
 def test_a_model_that_ranks_the_records_right_passes_and_one_that_ranks_them_wrong_does_not(records, calibration):
     check = ranking_check(records, calibration, ProposalSettings())
     assert check.passed, check.reason
@@ -80,8 +87,8 @@ def test_a_model_that_ranks_the_records_right_passes_and_one_that_ranks_them_wro
 
 
 def test_records_too_few_or_too_alike_are_not_ranked(records, calibration):
-    few = ranking_check(records[:3], calibration, ProposalSettings())
-    assert not few.passed and "needs 4" in few.reason
+    few = ranking_check(records[:4], calibration, ProposalSettings())
+    assert not few.passed and "needs 5" in few.reason
     alike = ranking_check(records, calibration, ProposalSettings(min_outcome_spread=0.9))
     assert not alike.passed and "too alike" in alike.reason
 
@@ -139,7 +146,7 @@ def test_calibrate_command_proposes_a_batch_file_for_review(records, tmp_path):
         (tmp_path / "records" / record.batch_id).rmdir()
     again = subprocess.run([*command, "--force", "--propose-recipe", str(PLATFORM)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "no recipe proposed: 3 records with a titer result; the ranking check needs 4" in " ".join(again.stdout.split())
+    assert "no recipe proposed: 3 records with a titer result; the ranking check needs 5" in " ".join(again.stdout.split())
     assert not proposed.exists()
     assert "**No recipe proposed:**" in (tmp_path / "site-report" / "report.md").read_text()
     # A batch file that does not validate is refused before the fit, by name.

@@ -7,8 +7,9 @@ as a historian scans the PLC) joins the plant's history, ``calibrate``
 (controller.calibration, what ``bioreactor-mpc calibrate`` runs on the
 runtime's history files) refits on the whole history so far, and the next
 batch runs with the new model and the envelope of its data, on the recipe the
-model proposes (controller.recipe_proposal; ``bioreactor-mpc calibrate
---propose-recipe``) where its ranking check passes, else on the recipe in use. At a site an
+model proposes against the platform recipe (controller.recipe_proposal;
+``bioreactor-mpc calibrate --propose-recipe``) where its ranking check
+passes, else on the platform recipe. At a site an
 engineer approves each model before use (``bioreactor-mpc model approve``,
 docs/calibration.md); here every model is taken as approved.
 
@@ -87,7 +88,7 @@ def run_plant(job: tuple[str, int, CalibrationSettings]) -> list[BatchRow]:
     rows: list[BatchRow] = []
     calibration_s = 0.0
     in_use: RecipeConfig | None = None
-    """The recipe the model proposed last (None: the platform's)."""
+    """The recipe the last calibration proposed (None: the platform's)."""
     for k in range(1, batches + 1):
         seed = FIRST_SEED + k
         loaded = load_scenario({"plant": plant, "seed": seed})
@@ -126,12 +127,12 @@ def run_plant(job: tuple[str, int, CalibrationSettings]) -> list[BatchRow]:
         calibration = calibrate(history, nominal, settings=settings, cross_validate=False, based_on=f"nominal kinetics of {plant}")
         kinetics = calibration.parameters
         calibration_s = time.perf_counter() - started
-        proposal = propose_recipe(history, calibration, run_on.batch)
-        if proposal.recipe is not None:
-            in_use = proposal.recipe
-            rows[-1] = dataclasses.replace(rows[-1], proposal=f"proposed (rank correlation {proposal.ranking.correlation:+.2f}): {_changes(platform, in_use)}")
-        else:
-            rows[-1] = dataclasses.replace(rows[-1], proposal=f"none: {proposal.reason}")
+        # Against the platform recipe, always: a proposal is judged on what the plant would otherwise run, and one the next model
+        # cannot back (its ranking check fails) is dropped for the platform's again.
+        proposal = propose_recipe(history, calibration, loaded.batch)
+        in_use = proposal.recipe
+        note = f"proposed (rank correlation {proposal.ranking.correlation:+.2f}): {_changes(platform, in_use)}" if in_use is not None else f"none: {proposal.reason}"
+        rows[-1] = dataclasses.replace(rows[-1], proposal=note)
     return rows
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ from plant_models.parameters import CultureParameters, ParameterEstimate, is_add
 if TYPE_CHECKING:
     from controller.calibration import CalibrationResult
     from controller.config import BatchConfig
+    from controller.mpc import MpcConfig
     from controller.recipe_proposal import RecipeProposal
 
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -90,13 +92,16 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
         raise CalibrateCommandError(f"{args.output} exists; give --force to overwrite it, or another --output")
     settings = load_yaml_model(args.settings, CalibrationSettings) if args.settings is not None else CalibrationSettings()
     next_batch = BatchConfig.from_yaml(args.propose_recipe) if args.propose_recipe is not None else None
+    report_dir = args.report_dir or args.output.with_name(f"{args.output.stem}-report")
+    stale = report_dir / PROPOSED_BATCH_FILE
+    if stale.exists() and not args.force:
+        raise CalibrateCommandError(f"{stale} exists (an earlier proposal, perhaps under review); give --force to replace it, or another --report-dir")
     nominal = CultureParameters.from_yaml(args.model)
     records = read_records(args.records, batch_files=args.batch)
     console.print(f"calibrating on {len(records)} batches: {', '.join(r.batch_id for r in records)}")
     result = calibrate(records, nominal, settings=settings, based_on=str(args.model), cross_validate=not args.no_cross_validation)
-    write_parameter_file(args.output, result.parameters)
-    report_dir = args.report_dir or args.output.with_name(f"{args.output.stem}-report")
     proposal = propose_recipe(records, result, next_batch) if next_batch is not None else None
+    write_parameter_file(args.output, result.parameters)
     write_report(report_dir, result, args.output, proposal=proposal, next_batch=next_batch)
     console.print(parameter_table(result))
     statistics = result.fit_statistics
@@ -191,9 +196,9 @@ def write_report(directory: Path, result: CalibrationResult, parameter_file: Pat
                 for t, v, f, n in zip(times, values, fitted, nominal, strict=True):
                     writer.writerow([fit.batch_id, name, f"{t:.4f}", f"{v:.6g}", f"{f:.6g}", f"{n:.6g}"])
     proposed = directory / PROPOSED_BATCH_FILE
-    proposed.unlink(missing_ok=True)  # a proposal of an earlier run in this directory is not this calibration's
-    if proposal is not None and proposal.recipe is not None and next_batch is not None:
-        write_proposed_batch(proposed, next_batch.model_copy(update={"recipe": proposal.recipe}), proposal)
+    proposed.unlink(missing_ok=True)  # a proposal of an earlier run in this directory is not this calibration's (run_calibrate asks for --force)
+    if proposal is not None and next_batch is not None:
+        write_proposed_batch(proposed, next_batch, proposal)
     lines = _report_markdown(result, parameter_file)
     if proposal is not None and next_batch is not None:
         lines += "\n" + proposal_markdown(proposal, next_batch) + "\n"
@@ -262,17 +267,69 @@ def _report_markdown(result: CalibrationResult, parameter_file: Path) -> str:
 
 
 def write_proposed_batch(path: Path, batch: BatchConfig, proposal: RecipeProposal) -> None:
-    """The batch file with the proposed recipe; it loads with BatchConfig.from_yaml (checked here)."""
+    """``batch`` with the proposed recipe, if one was proposed: validated before it is written, and written whole or not at all."""
     from controller.config import BatchConfig
 
-    assert proposal.best is not None and proposal.baseline is not None
+    if proposal.recipe is None or proposal.best is None or proposal.baseline is None:
+        return
+    proposed = BatchConfig.model_validate({**batch.model_dump(), "recipe": proposal.recipe.model_dump()})
     header = (
         "# Proposed by bioreactor-mpc calibrate (docs/calibration.md §7): the calibrated model's best recipe within the recipes its records ran.\n"
         f"# Forecast score {proposal.best.score_g_per_day:.1f} g/day against {proposal.baseline.score_g_per_day:.1f} for the batch's own recipe;"
         f" rank correlation {proposal.ranking.correlation:+.2f} on the records. Review it under the site's change control before use.\n"
     )
-    path.write_text(header + yaml.safe_dump(batch.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    BatchConfig.from_yaml(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(header + yaml.safe_dump(proposed.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    BatchConfig.from_yaml(partial)
+    partial.replace(path)
+
+
+def _correlation(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:+.2f}"
+
+
+def proposal_markdown(proposal: RecipeProposal, batch: BatchConfig, mpc: MpcConfig | None = None) -> str:
+    """The report's section on the proposed recipe: the ranking check, the forecasts, the changes, or why nothing is proposed."""
+    from controller.mpc import MpcConfig
+    from controller.recipe_proposal import ProposalSettings
+
+    mpc = mpc or MpcConfig()
+    settings = ProposalSettings()
+    ranking = proposal.ranking
+    lines = ["## The next batch's recipe (docs/calibration.md §7)", ""]
+    lines += ["How the calibrated model ranks the records' outcomes (product per day of occupancy at the last titer result):", ""]
+    lines += ["| batch | measured g/day | fitted g/day |", "|---|---:|---:|"]
+    lines += [f"| {o.batch_id} | {o.measured_score_g_per_day:.1f} | {o.fitted_score_g_per_day:.1f} |" for o in ranking.outcomes]
+    lines += ["", *(f"- left out: {why}" for why in ranking.excluded)]
+    lines += [
+        "",
+        f"Rank correlation: {_correlation(ranking.correlation)}. A model with no skill at ranking would reach the threshold over "
+        f"{len(ranking.outcomes)} records by chance with probability {ranking.chance:.3f}.",
+        "",
+    ]
+    best, baseline = proposal.best, proposal.baseline
+    if proposal.recipe is None or best is None or baseline is None:
+        lines += [f"**No recipe proposed:** {proposal.reason}."]
+    else:
+        lines += [
+            f"**Proposed** (`{PROPOSED_BATCH_FILE}`): forecast score {best.score_g_per_day:.1f} g/day against "
+            f"{baseline.score_g_per_day:.1f} for the batch's own recipe ({100 * proposal.predicted_gain_fraction:+.1f} %: the model's, "
+            f"not the plant's), from {proposal.forecasts} forecasts. Review it under the site's change control before use: the recipe is "
+            "also what the runtime stands down to, and the PLC's own recipe is programmed in the PLC."
+        ]
+    if proposal.forecasts:
+        lines += [
+            "",
+            f"Each candidate kept, in the model's forecast: glucose {settings.glucose_margin_g_per_l:g} g/L above the starvation limit, "
+            f"osmolality below its limit, viability at harvest at least {mpc.viability_at_harvest_min_pct + settings.viability_margin_pct:g} % "
+            f"and galactosylated fraction at least {mpc.galactosylated_fraction_min + settings.quality_margin:g} (the NMPC's default harvest "
+            "specifications and the margins).",
+            "",
+            "| recipe field | the batch's | proposed | searched |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [f"| {name} | {old} | {new} | {searched} |" for name, old, new, searched in _changes_rows(proposal, batch)]
+    return "\n".join(lines)
 
 
 def _changes_rows(proposal: RecipeProposal, batch: BatchConfig) -> list[tuple[str, str, str, str]]:
@@ -283,37 +340,11 @@ def _changes_rows(proposal: RecipeProposal, batch: BatchConfig) -> list[tuple[st
     return rows
 
 
-def proposal_markdown(proposal: RecipeProposal, batch: BatchConfig) -> str:
-    """The report's section on the proposed recipe: the ranking check, the forecasts, the changes, or why nothing is proposed."""
-    lines = ["## The next batch's recipe (docs/calibration.md §7)", ""]
-    lines += ["How the calibrated model ranks the records' outcomes (product per day of occupancy at the last titer result):", ""]
-    lines += ["| batch | measured g/day | fitted g/day |", "|---|---:|---:|"]
-    lines += [f"| {o.batch_id} | {o.measured_score_g_per_day:.1f} | {o.fitted_score_g_per_day:.1f} |" for o in proposal.ranking.outcomes]
-    lines += [
-        "",
-        f"Rank correlation: {proposal.ranking.correlation:+.2f}. A model with no skill at ranking would reach the threshold over "
-        f"{len(proposal.ranking.outcomes)} records by chance with probability {proposal.ranking.chance:.3f}.",
-        "",
-    ]
-    if proposal.recipe is None:
-        lines += [f"**No recipe proposed:** {proposal.reason}."]
-    else:
-        assert proposal.best is not None and proposal.baseline is not None
-        lines += [
-            f"**Proposed** (`{PROPOSED_BATCH_FILE}`): forecast score {proposal.best.score_g_per_day:.1f} g/day against "
-            f"{proposal.baseline.score_g_per_day:.1f} for the batch's own recipe ({100 * proposal.predicted_gain_fraction:+.1f} %), "
-            f"from {proposal.forecasts} forecasts. Review it under the site's change control before use: the recipe is also what the PLC "
-            "runs on its own and what the NMPC falls back to."
-        ]
-    lines += ["", "| recipe field | the batch's | proposed | searched |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {old} | {new} | {searched} |" for name, old, new, searched in _changes_rows(proposal, batch)]
-    return "\n".join(lines)
-
-
 def proposal_text(proposal: RecipeProposal, batch: BatchConfig, path: Path) -> str:
     if proposal.recipe is None:
         return f"no recipe proposed: {proposal.reason}"
     changes = ", ".join(f"{name} {old} → {new}" for name, old, new, _ in _changes_rows(proposal, batch) if new != "–")
     return (
-        f"recipe proposed ({100 * proposal.predicted_gain_fraction:+.1f} % in the model's forecast, rank correlation {proposal.ranking.correlation:+.2f}): {changes}; wrote {path}"
+        f"recipe proposed ({100 * proposal.predicted_gain_fraction:+.1f} % in the model's forecast, rank correlation {_correlation(proposal.ranking.correlation)}):"
+        f" {changes}; wrote {path}"
     )

@@ -42,12 +42,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import structlog
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from controller.calibration import BatchFit, CalibrationResult
 from controller.config import BatchConfig, RecipeConfig
 from controller.estimator import ExtendedKalmanEstimator
-from controller.forecast import ForecastKernel, StartedSchedule, forecast, recipe_schedule
+from controller.forecast import ForecastDivergedError, ForecastInputError, ForecastKernel, StartedSchedule, forecast, recipe_schedule
 from controller.kpis import batch_score_g_per_day
 from controller.mpc import MpcConfig
 from controller.recipe import PlatformRecipe
@@ -83,6 +83,10 @@ class ProposalSettings(FrozenConfig):
     min_outcome_spread: float = Field(
         default=0.05, ge=0.0, le=1.0, description="the records' measured outcomes must differ by this fraction of their mean, best to worst, to be ranked at all [-]"
     )
+    volume_tolerance: float = Field(default=0.05, ge=0.0, le=1.0, description="a record is ranked only if inoculated within this fraction of the batch file's volume [-]")
+    harvest_tolerance_h: float = Field(
+        default=36.0, gt=0.0, le=240.0, description="a record is ranked only if its last titer result was drawn within this of the records' median [h]"
+    )
     temperature_margin_degc: float = Field(default=0.5, ge=0.0, le=5.0, description="temperatures beyond what the records' recipes ran [°C]")
     feed_margin_relative: float = Field(default=0.1, ge=0.0, le=1.0, description="nutrient feed beyond the records' recipes, as a fraction of their span [-]")
     temperature_step_degc: float = Field(default=0.5, gt=0.0, le=5.0, description="grid of the temperatures searched [°C]")
@@ -116,6 +120,8 @@ class RankingCheck:
     """Why it failed (empty when it passed)."""
     chance: float
     """How often a model with no skill at ranking would reach the threshold over this many records (:func:`chance_of_passing`)."""
+    excluded: tuple[str, ...] = ()
+    """Records left out of the ranking, each with why (another scale, reactor, medium or harvest time: outcomes that differ for that)."""
 
 
 @dataclass(frozen=True)
@@ -208,33 +214,68 @@ def record_outcome(record: BatchRecord, fit: BatchFit) -> RecordOutcome | None:
     )
 
 
-def ranking_check(records: Sequence[BatchRecord], calibration: CalibrationResult, settings: ProposalSettings) -> RankingCheck:
-    """Does the fitted model order the records' outcomes as they happened? (item 1 of the module's description)"""
+def _incomparable(record: BatchRecord, batch: BatchConfig, settings: ProposalSettings) -> str:
+    """Why ``record``'s outcome cannot be ranked beside the others for ``batch`` (empty: it can): outcomes at another scale, in
+    another size of reactor or medium, or scored otherwise differ for that, not for their recipes. (Pumps and setpoint ranges
+    bound what a recipe may ask, which the search checks per candidate; they do not change an outcome.)"""
+    theirs = record.batch
+    volume, ours = theirs.inoculation.volume_l, batch.inoculation.volume_l
+    if abs(volume - ours) > settings.volume_tolerance * ours:
+        return f"{record.batch_id}: inoculated at {volume:g} L, the batch file at {ours:g} L"
+    reactor, ours_reactor = theirs.equipment.max_working_volume_l, batch.equipment.max_working_volume_l
+    if abs(reactor - ours_reactor) > settings.volume_tolerance * ours_reactor:
+        return f"{record.batch_id}: a reactor of {reactor:g} L working volume, the batch file's {ours_reactor:g} L"
+    for name in ("media", "economics"):  # what the culture is fed and how its outcome is scored
+        if getattr(theirs, name) != getattr(batch, name):
+            return f"{record.batch_id}: another {name} block than the batch file's"
+    return ""
+
+
+def ranking_check(records: Sequence[BatchRecord], calibration: CalibrationResult, batch: BatchConfig, settings: ProposalSettings) -> RankingCheck:
+    """Does the fitted model order the records' outcomes as they happened? (item 1 of the module's description)
+
+    Only records comparable with ``batch`` are ranked (:func:`_incomparable`), and only those whose last titer result was drawn
+    within ``harvest_tolerance_h`` of the others' median: the outcomes then differ by their recipes, not by a scale or a harvest
+    time that both the measured and the fitted outcome share. ``min_records`` counts distinct recipes.
+    """
     fits = {fit.batch_id: fit for fit in calibration.batches}
-    outcomes = tuple(outcome for record in records if record.batch_id in fits for outcome in [record_outcome(record, fits[record.batch_id])] if outcome is not None)
+    excluded: list[str] = []
+    candidates: list[tuple[BatchRecord, RecordOutcome]] = []
+    for record in records:
+        why = _incomparable(record, batch, settings) if record.batch_id in fits else f"{record.batch_id}: not in the calibration"
+        outcome = record_outcome(record, fits[record.batch_id]) if not why else None
+        if not why and outcome is None:
+            why = f"{record.batch_id}: no titer result or volume"
+        if why:
+            excluded.append(why)
+        elif outcome is not None:
+            candidates.append((record, outcome))
+    if candidates:
+        median_h = float(np.median([outcome.at_h for _, outcome in candidates]))
+        for record, outcome in list(candidates):
+            if abs(outcome.at_h - median_h) > settings.harvest_tolerance_h:
+                excluded.append(f"{record.batch_id}: last titer result at {outcome.at_h:g} h, the records' median at {median_h:g} h")
+                candidates.remove((record, outcome))
+    outcomes = tuple(outcome for _, outcome in candidates)
+    recipes = len({record.batch.recipe for record, _ in candidates})
     measured = [o.measured_score_g_per_day for o in outcomes]
     correlation = spearman(measured, [o.fitted_score_g_per_day for o in outcomes])
     chance = chance_of_passing(len(outcomes), settings.min_rank_correlation)
-    if len(outcomes) < settings.min_records:
-        return RankingCheck(outcomes, correlation, False, f"{len(outcomes)} records with a titer result; the ranking check needs {settings.min_records}", chance)
+
+    def refused(reason: str) -> RankingCheck:
+        return RankingCheck(outcomes, correlation, False, reason, chance, tuple(excluded))
+
+    if recipes < settings.min_records:
+        left_out = f" ({len(excluded)} left out: {'; '.join(excluded)})" if excluded else ""
+        return refused(f"{recipes} comparable records of distinct recipes with a titer result{left_out}; the ranking check needs {settings.min_records}")
     spread = (max(measured) - min(measured)) / max(float(np.mean(measured)), 1e-9)
     if spread < settings.min_outcome_spread:
-        return RankingCheck(
-            outcomes,
-            correlation,
-            False,
-            f"the records' outcomes differ by {100 * spread:.1f} % best to worst, below {100 * settings.min_outcome_spread:.0f} %: too alike to check how the model ranks them",
-            chance,
+        return refused(
+            f"the records' outcomes differ by {100 * spread:.1f} % best to worst, below {100 * settings.min_outcome_spread:.0f} %: too alike to check how the model ranks them"
         )
     if not correlation >= settings.min_rank_correlation:  # NaN fails too
-        return RankingCheck(
-            outcomes,
-            correlation,
-            False,
-            f"the model ranks the records' outcomes with a rank correlation of {correlation:+.2f} to the measured ones, below {settings.min_rank_correlation:+.2f}",
-            chance,
-        )
-    return RankingCheck(outcomes, correlation, True, "", chance)
+        return refused(f"the model ranks the records' outcomes with a rank correlation of {correlation:+.2f} to the measured ones, below {settings.min_rank_correlation:+.2f}")
+    return RankingCheck(outcomes, correlation, True, "", chance, tuple(excluded))
 
 
 def search_bounds(records: Sequence[BatchRecord], batch: BatchConfig, settings: ProposalSettings) -> dict[str, tuple[float, float]]:
@@ -261,10 +302,11 @@ def search_bounds(records: Sequence[BatchRecord], batch: BatchConfig, settings: 
 
 
 def _grid(low: float, high: float, step: float, keep: float) -> list[float]:
-    """``low`` to ``high`` in ``step``s, both ends and ``keep`` (the batch's own value, where inside) included."""
-    values = {round(float(v), 6) for v in np.arange(low, high + 1e-9, step)} | {round(low, 6), round(high, 6)}
+    """``low`` to ``high`` in ``step``s, both ends (rounded inwards to 6 decimals) and ``keep`` (the batch's own value, where inside) included."""
+    low_in, high_in = math.ceil(low * 1e6) / 1e6, math.floor(high * 1e6) / 1e6
+    values = {min(max(round(float(v), 6), low_in), high_in) for v in np.arange(low, high + 1e-9, step)} | {low_in, high_in}
     if low - 1e-9 <= keep <= high + 1e-9:
-        values.add(round(float(keep), 6))
+        values.add(float(keep))
     return sorted(values)
 
 
@@ -281,6 +323,16 @@ class RecipeForecaster:
         self.count = 0
 
     def __call__(self, recipe: RecipeConfig) -> RecipeForecast:
+        try:  # the candidate must make a valid batch file: within the pump, the setpoint range, the latest harvest
+            BatchConfig.model_validate({**self._batch.model_dump(), "recipe": recipe.model_dump()})
+        except ValidationError as error:
+            return RecipeForecast(recipe, math.nan, math.nan, False, f"not a valid batch file: {error.errors()[0]['msg']}")
+        try:
+            return self._forecast(recipe)
+        except (ForecastDivergedError, ForecastInputError) as error:
+            return RecipeForecast(recipe, math.nan, math.nan, False, f"the forecast failed: {error}")
+
+    def _forecast(self, recipe: RecipeConfig) -> RecipeForecast:
         batch, settings = self._batch, self._settings
         estimator = ExtendedKalmanEstimator.from_batch(self._model, batch, self._nominal)
         if self._kernel is None:
@@ -318,7 +370,7 @@ def propose_recipe(
 ) -> RecipeProposal:
     """The recipe the calibrated model proposes for the next batch of ``batch`` (``recipe`` None: none, and ``reason`` says why)."""
     settings = settings or ProposalSettings()
-    ranking = ranking_check(records, calibration, settings)
+    ranking = ranking_check(records, calibration, batch, settings)
     bounds = search_bounds(records, batch, settings)
     if not ranking.passed:
         log.info("recipe_not_proposed", reason=ranking.reason)
@@ -332,28 +384,29 @@ def propose_recipe(
         "harvest_h": settings.time_step_h,
     }
     baseline = forecaster(batch.recipe)
-    best = baseline if baseline.feasible else None
-    current = batch.recipe
+    if not baseline.feasible:
+        # A recipe of less forecast product could look better only for breaking nothing in the model's forecast: no ground to change it.
+        reason = f"the model forecasts that the batch file's own recipe breaks a margin ({baseline.why_not}): review the model and the recipe first"
+        log.info("recipe_not_proposed", reason=reason)
+        return RecipeProposal(None, ranking, baseline, None, bounds, forecaster.count, reason)
+    best, current = baseline, batch.recipe
     for _ in range(settings.sweeps):
         improved = False
         for name in VARIED:
             low, high = bounds[name]
             for value in _grid(low, high, steps[name], float(getattr(current, name))):
-                if value == getattr(current, name):
+                if math.isclose(value, getattr(current, name), abs_tol=1e-6):
                     continue
                 candidate = forecaster(current.model_copy(update={name: value}))
-                if candidate.feasible and (best is None or candidate.score_g_per_day > best.score_g_per_day):
+                if candidate.feasible and candidate.score_g_per_day > best.score_g_per_day:
                     best, improved = candidate, True
-            if best is not None:
-                current = best.recipe
+            current = best.recipe
         if not improved:
             break
-    if best is None:
-        reason = f"no recipe within the records' range keeps the specifications in the model's forecast (the batch's own: {baseline.why_not})"
-        return RecipeProposal(None, ranking, baseline, None, bounds, forecaster.count, reason)
-    gain = best.score_g_per_day / baseline.score_g_per_day - 1.0 if baseline.score_g_per_day > 0.0 else math.inf
-    if best.recipe == batch.recipe or not (baseline.feasible is False or gain >= settings.min_gain_fraction):
+    gain = best.score_g_per_day / baseline.score_g_per_day - 1.0 if baseline.score_g_per_day > 0.0 else math.nan
+    if best.recipe == batch.recipe or not gain >= settings.min_gain_fraction:
         reason = f"the best recipe the model finds gains {100 * gain:.1f} % on the batch's own in its forecast, below {100 * settings.min_gain_fraction:.0f} %"
+        log.info("recipe_not_proposed", reason=reason)
         return RecipeProposal(None, ranking, baseline, best, bounds, forecaster.count, reason)
     log.info("recipe_proposed", gain_pct=round(100 * gain, 1), forecasts=forecaster.count, rank_correlation=round(ranking.correlation, 2))
     return RecipeProposal(best.recipe, ranking, baseline, best, bounds, forecaster.count, "")

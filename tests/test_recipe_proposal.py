@@ -72,14 +72,14 @@ def test_the_chance_a_model_without_skill_passes_is_counted():
 
 
 def test_a_model_that_ranks_the_records_right_passes_and_one_that_ranks_them_wrong_does_not(records, calibration):
-    check = ranking_check(records, calibration, ProposalSettings())
+    check = ranking_check(records, calibration, records[0].batch, ProposalSettings())
     assert check.passed, check.reason
     assert len(check.outcomes) == 5 and check.correlation >= 0.8
     # The same fit with its titers put in the opposite order of the measured outcomes: refused, and the reason says so.
     by_measured = sorted(check.outcomes, key=lambda o: o.measured_score_g_per_day)
     factor = {o.batch_id: 1.0 + 0.5 * (len(by_measured) - k) for k, o in enumerate(by_measured)}
     reversed_fits = tuple(dataclasses.replace(fit, fitted={**fit.fitted, "titer_g_per_l": fit.fitted["titer_g_per_l"] * factor[fit.batch_id]}) for fit in calibration.batches)
-    wrong = ranking_check(records, dataclasses.replace(calibration, batches=reversed_fits), ProposalSettings())
+    wrong = ranking_check(records, dataclasses.replace(calibration, batches=reversed_fits), records[0].batch, ProposalSettings())
     assert not wrong.passed and wrong.correlation < 0.0
     assert "rank correlation of -" in wrong.reason
     proposal = propose_recipe(records, dataclasses.replace(calibration, batches=reversed_fits), records[0].batch)
@@ -87,10 +87,23 @@ def test_a_model_that_ranks_the_records_right_passes_and_one_that_ranks_them_wro
 
 
 def test_records_too_few_or_too_alike_are_not_ranked(records, calibration):
-    few = ranking_check(records[:4], calibration, ProposalSettings())
-    assert not few.passed and "needs 5" in few.reason
-    alike = ranking_check(records, calibration, ProposalSettings(min_outcome_spread=0.9))
+    batch = records[0].batch
+    few = ranking_check(records[:4], calibration, batch, ProposalSettings())
+    assert not few.passed and "4 comparable records of distinct recipes" in few.reason and "needs 5" in few.reason
+    alike = ranking_check(records, calibration, batch, ProposalSettings(min_outcome_spread=0.9))
     assert not alike.passed and "too alike" in alike.reason
+
+
+def test_records_at_another_scale_or_harvest_are_left_out_of_the_ranking(records, calibration):
+    """Outcomes that differ by scale or by harvest time rank themselves (measured and fitted share the volume and the days): left out, by name."""
+    smaller = [dataclasses.replace(r, batch=r.batch.model_copy(update={"inoculation": r.batch.inoculation.model_copy(update={"volume_l": 1000.0})})) for r in records[:2]]
+    check = ranking_check([*smaller, *records[2:]], calibration, records[0].batch, ProposalSettings())
+    assert not check.passed and len(check.outcomes) == 3
+    assert any(f"{records[0].batch_id}: inoculated at 1000 L, the batch file at 1400 L" in why for why in check.excluded)
+    assert "2 left out" in check.reason
+    early = dataclasses.replace(records[1], lab=tuple(s for s in records[1].lab if s.draw_h < 200.0))
+    check = ranking_check([records[0], early, *records[2:]], calibration, records[0].batch, ProposalSettings())
+    assert not check.passed and any(why.startswith(f"{records[1].batch_id}: last titer result at") for why in check.excluded)
 
 
 def test_the_search_stays_within_the_records_recipes_and_the_equipment(records):
@@ -123,6 +136,24 @@ def test_the_proposed_recipe_beats_the_platform_on_the_plant_itself(plant, recor
     assert modest.recipe is None and modest.best is not None and "below 99 %" in modest.reason
 
 
+def test_a_batch_file_the_model_says_breaks_a_margin_is_not_traded_for_a_recipe_of_less_product(plant, records, calibration):
+    strict = ProposalSettings(glucose_margin_g_per_l=9.0)  # no recipe keeps glucose 9.5 g/L: the batch's own breaks it too
+    proposal = propose_recipe(records, calibration, plant.batch, settings=strict)
+    assert proposal.recipe is None and proposal.baseline is not None and not proposal.baseline.feasible
+    assert "the batch file's own recipe breaks a margin (glucose falls to" in proposal.reason
+
+
+def test_every_candidate_is_a_valid_batch_file(plant, records, calibration):
+    """A pump whose limit is a fraction of no round number: the search's edge is rounded inwards, and whatever is proposed validates."""
+    small_pump = plant.batch.model_copy(update={"equipment": plant.batch.equipment.model_copy(update={"feed_rate_max_lph": 2.0})})
+    bounds = search_bounds(records, small_pump, ProposalSettings())
+    assert bounds["feed_fraction_of_initial_volume_per_day"][1] == pytest.approx(2.0 * 24.0 / 1400.0)
+    proposal = propose_recipe(records, calibration, small_pump)
+    if proposal.recipe is not None:
+        BatchConfig.model_validate({**small_pump.model_dump(), "recipe": proposal.recipe.model_dump()})
+    assert proposal.forecasts > 0
+
+
 def test_calibrate_command_proposes_a_batch_file_for_review(records, tmp_path):
     for record in records:
         write_batch_directory(record, tmp_path / "records" / record.batch_id)
@@ -144,9 +175,13 @@ def test_calibrate_command_proposes_a_batch_file_for_review(records, tmp_path):
         for file in (tmp_path / "records" / record.batch_id).iterdir():
             file.unlink()
         (tmp_path / "records" / record.batch_id).rmdir()
+    # The proposal under review is not replaced without --force (nor is the parameter file).
+    output.unlink()
+    kept = subprocess.run([*command, "--propose-recipe", str(PLATFORM)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert kept.returncode == 2 and "proposed-batch.yaml exists" in kept.stderr and proposed.exists()
     again = subprocess.run([*command, "--force", "--propose-recipe", str(PLATFORM)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "no recipe proposed: 3 records with a titer result; the ranking check needs 5" in " ".join(again.stdout.split())
+    assert "no recipe proposed: 3 comparable records of distinct recipes with a titer result; the ranking check needs 5" in " ".join(again.stdout.split())
     assert not proposed.exists()
     assert "**No recipe proposed:**" in (tmp_path / "site-report" / "report.md").read_text()
     # A batch file that does not validate is refused before the fit, by name.
@@ -157,7 +192,7 @@ def test_calibrate_command_proposes_a_batch_file_for_review(records, tmp_path):
 
 
 def test_outcomes_are_the_product_at_the_last_titer_result(records, calibration):
-    check = ranking_check(records, calibration, ProposalSettings())
+    check = ranking_check(records, calibration, records[0].batch, ProposalSettings())
     record, outcome = records[0], check.outcomes[0]
     times, titers = record.lab_series("titer_g_per_l")
     assert outcome.at_h == times[-1]

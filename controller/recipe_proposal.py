@@ -341,14 +341,12 @@ class RecipeForecaster:
         planned_h = min(recipe.harvest_h, batch.limits.latest_harvest_h)
         result = forecast(estimator, StartedSchedule(run), until_h=planned_h, kernel=self._kernel)
         self.count += 1
-        harvest_h = planned_h if run.harvest_due_h is None else min(planned_h, run.harvest_due_h)
-        k = result.index_at(harvest_h)
-        titer = result.state_mean[STATE_INDEX["titer"]]
-        score = float(batch_score_g_per_day(float(titer[k] * result.state_mean[STATE_INDEX["volume"], k]), float(result.times_h[k]), batch.economics.turnaround_days))
+        harvest = result.at_harvest(batch.economics.turnaround_days, harvest_h=planned_h if run.harvest_due_h is None else min(planned_h, run.harvest_due_h))
+        k = result.index_at(harvest.harvest_time_h)
         glucose_low = float(np.min(result.state_mean[STATE_INDEX["glucose"], : k + 1]))
         osmolality_high = float(np.max(result.output_mean["osmolality"][: k + 1]))
         viability = float(result.output_mean["viability"][k])
-        quality = float(result.state_mean[STATE_INDEX["galactosylated_titer"], k] / max(float(titer[k]), 1e-9))
+        quality = float(result.state_mean[STATE_INDEX["galactosylated_titer"], k]) / max(harvest.titer_g_per_l, 1e-9)
         checks = (
             (glucose_low >= batch.limits.glucose_min_g_per_l + settings.glucose_margin_g_per_l, f"glucose falls to {glucose_low:.2f} g/L"),
             (osmolality_high <= batch.limits.osmolality_max_mosm_per_kg, f"osmolality reaches {osmolality_high:.0f} mOsm/kg"),
@@ -356,7 +354,7 @@ class RecipeForecaster:
             (quality >= self._mpc.galactosylated_fraction_min + settings.quality_margin, f"galactosylated fraction at harvest {quality:.3f}"),
         )
         why_not = next((text for ok, text in checks if not ok), "")
-        return RecipeForecast(recipe=recipe, score_g_per_day=score, harvest_h=float(result.times_h[k]), feasible=not why_not, why_not=why_not)
+        return RecipeForecast(recipe=recipe, score_g_per_day=harvest.score_g_per_day, harvest_h=harvest.harvest_time_h, feasible=not why_not, why_not=why_not)
 
 
 def propose_recipe(

@@ -28,7 +28,7 @@ from plant_models.parameters import CultureParameters, ParameterEstimate, is_add
 
 if TYPE_CHECKING:
     from controller.calibration import CalibrationResult
-    from controller.config import BatchConfig
+    from controller.config import BatchTemplate
     from controller.mpc import MpcConfig
     from controller.recipe_proposal import RecipeProposal
 
@@ -72,9 +72,15 @@ def add_parser(subparsers: SubParsers) -> None:
         default=None,
         metavar="BATCH_FILE",
         help=(
-            "also propose the next batch's recipe for this batch file: the calibrated model's best within the recipes the records ran, if it ranks their"
-            " outcomes right (docs/calibration.md §7); written as proposed-batch.yaml in the report directory, for review"
+            "also propose the next batch's recipe for this batch file (or process template): the calibrated model's best within the recipes the"
+            " records ran, if it ranks their outcomes right (docs/calibration.md §7); written as proposed-batch.yaml in the report directory, for review"
         ),
+    )
+    calibrate_parser.add_argument(
+        "--runtime-config",
+        type=Path,
+        default=None,
+        help="with --propose-recipe: the runtime config whose NMPC harvest specifications (nmpc.mpc) the proposal keeps (default: the NMPC's defaults)",
     )
     calibrate_parser.add_argument(
         "--strict", action="store_true", help="exit 1 when the fit has review warnings (the file and report are still written: a pipeline stops, nothing is lost)"
@@ -83,15 +89,20 @@ def add_parser(subparsers: SubParsers) -> None:
 
 def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     from controller.calibration import CalibrationSettings, calibrate
-    from controller.config import BatchConfig
+    from controller.config import BatchTemplate
+    from controller.mpc import MpcConfig
     from controller.recipe_proposal import propose_recipe
+    from controller.runtime_config import load_runtime_config
     from interfaces.batch_records import read_records
     from plant_models.config_loading import load_yaml_model
 
     if args.output.exists() and not args.force:
         raise CalibrateCommandError(f"{args.output} exists; give --force to overwrite it, or another --output")
     settings = load_yaml_model(args.settings, CalibrationSettings) if args.settings is not None else CalibrationSettings()
-    next_batch = BatchConfig.from_yaml(args.propose_recipe) if args.propose_recipe is not None else None
+    next_template = BatchTemplate.from_yaml(args.propose_recipe) if args.propose_recipe is not None else None
+    if args.runtime_config is not None and next_template is None:
+        raise CalibrateCommandError("--runtime-config is read for --propose-recipe only; give both, or neither")
+    mpc = load_runtime_config(args.runtime_config).config.nmpc.mpc if args.runtime_config is not None else MpcConfig()
     report_dir = args.report_dir or args.output.with_name(f"{args.output.stem}-report")
     stale = report_dir / PROPOSED_BATCH_FILE
     if stale.exists() and not args.force:
@@ -100,9 +111,9 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     records = read_records(args.records, batch_files=args.batch)
     console.print(f"calibrating on {len(records)} batches: {', '.join(r.batch_id for r in records)}")
     result = calibrate(records, nominal, settings=settings, based_on=str(args.model), cross_validate=not args.no_cross_validation)
-    proposal = propose_recipe(records, result, next_batch) if next_batch is not None else None
+    proposal = propose_recipe(records, result, next_template.for_batch(), mpc=mpc) if next_template is not None else None
     write_parameter_file(args.output, result.parameters)
-    write_report(report_dir, result, args.output, proposal=proposal, next_batch=next_batch)
+    write_report(report_dir, result, args.output, proposal=proposal, next_template=next_template, mpc=mpc)
     console.print(parameter_table(result))
     statistics = result.fit_statistics
     console.print(f"reduced χ²: {statistics['reduced_chi2_nominal']:.2f} nominal → {statistics['reduced_chi2']:.2f} calibrated; {result.wall_s:.1f} s")
@@ -112,8 +123,8 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
         console.print(cross_validation_table(result.cross_validation))
     for warning in result.warnings:
         console.print(f"[bold yellow]review:[/] {warning}")
-    if proposal is not None and next_batch is not None:
-        console.print(proposal_text(proposal, next_batch, report_dir / PROPOSED_BATCH_FILE))
+    if proposal is not None and next_template is not None:
+        console.print(proposal_text(proposal, next_template, report_dir / PROPOSED_BATCH_FILE))
     console.print(f"wrote {args.output} and {report_dir / 'report.md'}")
     if args.strict and result.warnings:
         console.print(f"[bold red]--strict:[/] {len(result.warnings)} review warning(s); exit status 1")
@@ -156,9 +167,17 @@ def cross_validation_table(cv: dict[str, float]) -> Table:
     return table
 
 
-def write_report(directory: Path, result: CalibrationResult, parameter_file: Path, *, proposal: RecipeProposal | None = None, next_batch: BatchConfig | None = None) -> None:
+def write_report(
+    directory: Path,
+    result: CalibrationResult,
+    parameter_file: Path,
+    *,
+    proposal: RecipeProposal | None = None,
+    next_template: BatchTemplate | None = None,
+    mpc: MpcConfig | None = None,
+) -> None:
     """report.md (parameters, identifiability, fit statistics, cross-validation, envelope, the proposed recipe), a plot per batch, fit.csv;
-    with a ``proposal`` of a recipe, also ``proposed-batch.yaml`` (``next_batch`` with the proposed recipe)."""
+    with a ``proposal`` of a recipe, also ``proposed-batch.yaml`` (``next_template`` with the proposed recipe)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,11 +216,11 @@ def write_report(directory: Path, result: CalibrationResult, parameter_file: Pat
                     writer.writerow([fit.batch_id, name, f"{t:.4f}", f"{v:.6g}", f"{f:.6g}", f"{n:.6g}"])
     proposed = directory / PROPOSED_BATCH_FILE
     proposed.unlink(missing_ok=True)  # a proposal of an earlier run in this directory is not this calibration's (run_calibrate asks for --force)
-    if proposal is not None and next_batch is not None:
-        write_proposed_batch(proposed, next_batch, proposal)
+    if proposal is not None and next_template is not None:
+        write_proposed_batch(proposed, next_template, proposal)
     lines = _report_markdown(result, parameter_file)
-    if proposal is not None and next_batch is not None:
-        lines += "\n" + proposal_markdown(proposal, next_batch) + "\n"
+    if proposal is not None and next_template is not None:
+        lines += "\n" + proposal_markdown(proposal, next_template, mpc) + "\n"
     (directory / "report.md").write_text(lines, encoding="utf-8")
 
 
@@ -266,21 +285,22 @@ def _report_markdown(result: CalibrationResult, parameter_file: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_proposed_batch(path: Path, batch: BatchConfig, proposal: RecipeProposal) -> None:
-    """``batch`` with the proposed recipe, if one was proposed: validated before it is written, and written whole or not at all."""
-    from controller.config import BatchConfig
+def write_proposed_batch(path: Path, template: BatchTemplate, proposal: RecipeProposal) -> None:
+    """``template`` (a batch file, pinned or not) with the proposed recipe, if one was proposed: validated before it is written, and
+    written whole or not at all."""
+    from controller.config import BatchTemplate
 
     if proposal.recipe is None or proposal.best is None or proposal.baseline is None:
         return
-    proposed = BatchConfig.model_validate({**batch.model_dump(), "recipe": proposal.recipe.model_dump()})
+    proposed = BatchTemplate.model_validate({**template.model_dump(), "recipe": proposal.recipe.model_dump()})
     header = (
         "# Proposed by bioreactor-mpc calibrate (docs/calibration.md §7): the calibrated model's best recipe within the recipes its records ran.\n"
         f"# Forecast score {proposal.best.score_g_per_day:.1f} g/day against {proposal.baseline.score_g_per_day:.1f} for the batch's own recipe;"
         f" rank correlation {proposal.ranking.correlation:+.2f} on the records. Review it under the site's change control before use.\n"
     )
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(header + yaml.safe_dump(proposed.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    BatchConfig.from_yaml(partial)
+    partial.write_text(header + yaml.safe_dump(proposed.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    BatchTemplate.from_yaml(partial)
     partial.replace(path)
 
 
@@ -288,7 +308,7 @@ def _correlation(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:+.2f}"
 
 
-def proposal_markdown(proposal: RecipeProposal, batch: BatchConfig, mpc: MpcConfig | None = None) -> str:
+def proposal_markdown(proposal: RecipeProposal, batch: BatchTemplate, mpc: MpcConfig | None = None) -> str:
     """The report's section on the proposed recipe: the ranking check, the forecasts, the changes, or why nothing is proposed."""
     from controller.mpc import MpcConfig
     from controller.recipe_proposal import ProposalSettings
@@ -322,8 +342,8 @@ def proposal_markdown(proposal: RecipeProposal, batch: BatchConfig, mpc: MpcConf
             "",
             f"Each candidate kept, in the model's forecast: glucose {settings.glucose_margin_g_per_l:g} g/L above the starvation limit, "
             f"osmolality below its limit, viability at harvest at least {mpc.viability_at_harvest_min_pct + settings.viability_margin_pct:g} % "
-            f"and galactosylated fraction at least {mpc.galactosylated_fraction_min + settings.quality_margin:g} (the NMPC's default harvest "
-            "specifications and the margins).",
+            f"and galactosylated fraction at least {mpc.galactosylated_fraction_min + settings.quality_margin:g} (the NMPC's harvest "
+            "specifications, of --runtime-config or the defaults, and the margins).",
             "",
             "| recipe field | the batch's | proposed | searched |",
             "|---|---:|---:|---:|",
@@ -332,7 +352,7 @@ def proposal_markdown(proposal: RecipeProposal, batch: BatchConfig, mpc: MpcConf
     return "\n".join(lines)
 
 
-def _changes_rows(proposal: RecipeProposal, batch: BatchConfig) -> list[tuple[str, str, str, str]]:
+def _changes_rows(proposal: RecipeProposal, batch: BatchTemplate) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, (low, high) in proposal.bounds.items():
         old, new = getattr(batch.recipe, name), getattr(proposal.recipe, name) if proposal.recipe is not None else None
@@ -340,7 +360,7 @@ def _changes_rows(proposal: RecipeProposal, batch: BatchConfig) -> list[tuple[st
     return rows
 
 
-def proposal_text(proposal: RecipeProposal, batch: BatchConfig, path: Path) -> str:
+def proposal_text(proposal: RecipeProposal, batch: BatchTemplate, path: Path) -> str:
     if proposal.recipe is None:
         return f"no recipe proposed: {proposal.reason}"
     changes = ", ".join(f"{name} {old} → {new}" for name, old, new, _ in _changes_rows(proposal, batch) if new != "–")

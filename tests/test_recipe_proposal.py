@@ -199,3 +199,30 @@ def test_outcomes_are_the_product_at_the_last_titer_result(records, calibration)
     volume = np.interp(times[-1], record.online.time_h, record.online.signal("volume_l"))
     days = times[-1] / 24.0 + record.batch.economics.turnaround_days
     assert outcome.measured_score_g_per_day == pytest.approx(titers[-1] * volume / days, rel=1e-6)
+
+
+def test_a_process_template_and_the_sites_harvest_specifications(records, tmp_path):
+    """An unpinned batch file (a process template) is proposed for as it is, and the runtime config's NMPC specifications are the ones kept."""
+    for record in records:
+        write_batch_directory(record, tmp_path / "records" / record.batch_id)
+    template = tmp_path / "template.yaml"
+    template.write_text("\n".join(line for line in PLATFORM.read_text().splitlines() if not line.startswith("batch_id:")) + "\n")
+    runtime = yaml.safe_load((REPO / "configs" / "runtime" / "reference-opcua.yaml").read_text())
+    runtime.setdefault("nmpc", {}).setdefault("mpc", {})["viability_at_harvest_min_pct"] = 62.0
+    for key in ("tag_map", "batch", "model", "history"):
+        runtime[key] = str((REPO / "configs" / "runtime" / runtime[key]).resolve())
+    runtime_file = tmp_path / "runtime.yaml"
+    runtime_file.write_text(yaml.safe_dump(runtime))
+    settings = tmp_path / "calibration.yaml"
+    settings.write_text(yaml.safe_dump(FAST.model_dump(mode="json", include={"parameters", "step_h", "rk4_substeps"})))
+    command = [sys.executable, "-m", "bioreactor_mpc", "calibrate", str(tmp_path / "records"), "--output", str(tmp_path / "site.yaml"), "--settings", str(settings)]
+    lone = subprocess.run([*command, "--no-cross-validation", "--runtime-config", str(runtime_file)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert lone.returncode == 2 and "--runtime-config is read for --propose-recipe only" in lone.stderr
+    done = subprocess.run(
+        [*command, "--no-cross-validation", "--propose-recipe", str(template), "--runtime-config", str(runtime_file)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    report = (tmp_path / "site-report" / "report.md").read_text()
+    assert "viability at harvest at least 67 %" in report
+    proposed = yaml.safe_load((tmp_path / "site-report" / "proposed-batch.yaml").read_text())
+    assert "batch_id" not in proposed and proposed["recipe"] != yaml.safe_load(template.read_text())["recipe"]

@@ -19,7 +19,9 @@ with a recipe of the platform's own family (docs/calibration.md §7):
 2. **The search.** Within the range the records' recipes covered (the
    temperatures with ``temperature_margin_degc``, the nutrient feed with
    ``feed_margin_relative`` of its span, the shift time and the harvest as
-   the records ran them), a coordinate search on the model's forecast of the
+   the records ran them), and within ``max_steps_from_a_record`` grid steps
+   of a recipe some record ran (the box alone would combine the extremes of
+   different records), a coordinate search on the model's forecast of the
    recipe (controller.forecast: the recipe's own glucose arithmetic on
    emulated daily samples) finds the recipe of most score that keeps glucose
    ``glucose_margin_g_per_l`` above the starvation limit, osmolality below
@@ -97,6 +99,15 @@ class ProposalSettings(FrozenConfig):
     quality_margin: float = Field(default=0.02, ge=0.0, le=0.5, description="the forecast galactosylated fraction at harvest stays this far above the specification [-]")
     min_gain_fraction: float = Field(default=0.03, ge=0.0, le=1.0, description="the proposal's forecast score must beat the batch's recipe's by this fraction [-]")
     sweeps: int = Field(default=3, ge=1, le=20, description="passes of the coordinate search over the varied fields [-]")
+    max_steps_from_a_record: int = Field(
+        default=2,
+        ge=0,
+        le=1000,
+        description=(
+            "a candidate is searched only within this many grid steps, in every varied field at once, of a recipe some record (or the batch"
+            " file) ran: the box over the fields would combine the extremes of different records, a recipe none of them ran [-]"
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -301,6 +312,11 @@ def search_bounds(records: Sequence[BatchRecord], batch: BatchConfig, settings: 
     return bounds
 
 
+def steps_from_recipes(recipe: RecipeConfig, recipes: Sequence[RecipeConfig], steps: dict[str, float]) -> float:
+    """Grid steps from ``recipe`` to the nearest of ``recipes``: in the field furthest from it (each field in its own steps)."""
+    return min(max(abs(float(getattr(recipe, name)) - float(getattr(other, name))) / steps[name] for name in VARIED) for other in recipes)
+
+
 def _grid(low: float, high: float, step: float, keep: float) -> list[float]:
     """``low`` to ``high`` in ``step``s, both ends (rounded inwards to 6 decimals) and ``keep`` (the batch's own value, where inside) included."""
     low_in, high_in = math.ceil(low * 1e6) / 1e6, math.floor(high * 1e6) / 1e6
@@ -387,6 +403,7 @@ def propose_recipe(
         reason = f"the model forecasts that the batch file's own recipe breaks a margin ({baseline.why_not}): review the model and the recipe first"
         log.info("recipe_not_proposed", reason=reason)
         return RecipeProposal(None, ranking, baseline, None, bounds, forecaster.count, reason)
+    ran = [record.batch.recipe for record in records] + [batch.recipe]
     best, current = baseline, batch.recipe
     for _ in range(settings.sweeps):
         improved = False
@@ -395,7 +412,10 @@ def propose_recipe(
             for value in _grid(low, high, steps[name], float(getattr(current, name))):
                 if math.isclose(value, getattr(current, name), abs_tol=1e-6):
                     continue
-                candidate = forecaster(current.model_copy(update={name: value}))
+                recipe = current.model_copy(update={name: value})
+                if steps_from_recipes(recipe, ran, steps) > settings.max_steps_from_a_record + 1e-9:
+                    continue
+                candidate = forecaster(recipe)
                 if candidate.feasible and candidate.score_g_per_day > best.score_g_per_day:
                     best, improved = candidate, True
             current = best.recipe

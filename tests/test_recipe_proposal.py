@@ -14,7 +14,7 @@ import yaml
 
 from controller.calibration import CalibrationResult, CalibrationSettings, calibrate
 from controller.config import BatchConfig
-from controller.recipe_proposal import VARIED, ProposalSettings, chance_of_passing, propose_recipe, ranking_check, search_bounds, spearman
+from controller.recipe_proposal import VARIED, ProposalSettings, chance_of_passing, propose_recipe, ranking_check, search_bounds, spearman, steps_from_recipes
 from controller.records import BatchRecord
 from interfaces.batch_records import write_batch_directory
 from plant_models.parameters import CultureParameters
@@ -126,6 +126,11 @@ def test_the_proposed_recipe_beats_the_platform_on_the_plant_itself(plant, recor
     for name in VARIED:
         low, high = proposal.bounds[name]
         assert low - 1e-9 <= getattr(proposal.recipe, name) <= high + 1e-9, name
+    steps = {"temperature_initial_degc": 0.5, "temperature_shifted_degc": 0.5, "temperature_shift_h": 24.0, "feed_fraction_of_initial_volume_per_day": 0.0025, "harvest_h": 24.0}
+    ran = [record.batch.recipe for record in records] + [plant.batch.recipe]
+    assert steps_from_recipes(proposal.recipe, ran, steps) <= 2.0  # near a recipe that ran, not a corner of the box
+    far = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(max_steps_from_a_record=0))
+    assert far.recipe is None or steps_from_recipes(far.recipe, ran, steps) == 0.0
     assert proposal.changes(plant.batch.recipe), "a proposal changes something"
     platform = run_recipe_batch(plant).kpis
     proposed = run_recipe_batch(plant.model_copy(update={"batch": plant.batch.model_copy(update={"recipe": proposal.recipe})})).kpis

@@ -8,13 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from controller.calibration import CalibrationResult, CalibrationSettings, calibrate
 from controller.config import BatchConfig
-from controller.recipe_proposal import VARIED, ProposalSettings, chance_of_passing, propose_recipe, ranking_check, search_bounds, spearman, steps_from_recipes
+from controller.recipe_proposal import VARIED, ProposalSettings, chance_of_passing, propose_recipe, ranking_check, record_outcome, search_bounds, spearman, steps_from_recipes
 from controller.records import BatchRecord
 from interfaces.batch_records import write_batch_directory
 from plant_models.parameters import CultureParameters
@@ -196,14 +195,22 @@ def test_calibrate_command_proposes_a_batch_file_for_review(records, tmp_path):
     assert refused.returncode == 2 and "harvest_h" in refused.stderr and "bad.yaml" in refused.stderr
 
 
-def test_outcomes_are_the_product_at_the_last_titer_result(records, calibration):
-    check = ranking_check(records, calibration, records[0].batch, ProposalSettings())
-    record, outcome = records[0], check.outcomes[0]
-    times, titers = record.lab_series("titer_g_per_l")
-    assert outcome.at_h == times[-1]
-    volume = np.interp(times[-1], record.online.time_h, record.online.signal("volume_l"))
-    days = times[-1] / 24.0 + record.batch.economics.turnaround_days
-    assert outcome.measured_score_g_per_day == pytest.approx(titers[-1] * volume / days, rel=1e-6)
+def test_an_outcome_follows_the_last_titer_result_and_its_fit_does_not(records, calibration):
+    """Twice the last titer measured: twice the measured outcome, the fitted one unchanged; that result missing: the one before counts."""
+    record = records[0]
+    last = max(k for k, sample in enumerate(record.lab) if sample.measured("titer_g_per_l"))
+    doubled = list(record.lab)
+    doubled[last] = dataclasses.replace(doubled[last], values={**doubled[last].values, "titer_g_per_l": 2.0 * doubled[last].values["titer_g_per_l"]})
+    fit = {f.batch_id: f for f in calibration.batches}[record.batch_id]
+    before, after = record_outcome(record, fit), record_outcome(dataclasses.replace(record, lab=tuple(doubled)), fit)
+    assert before is not None and after is not None
+    assert after.measured_score_g_per_day == pytest.approx(2.0 * before.measured_score_g_per_day, rel=1e-9)
+    assert after.fitted_score_g_per_day == before.fitted_score_g_per_day
+    assert before.fitted_score_g_per_day == pytest.approx(before.measured_score_g_per_day, rel=0.25)  # a model of the plant's own structure, fitted
+    missing = list(record.lab)
+    missing[last] = dataclasses.replace(missing[last], values={**missing[last].values, "titer_g_per_l": math.nan})
+    earlier = record_outcome(dataclasses.replace(record, lab=tuple(missing)), fit)
+    assert earlier is not None and earlier.at_h < before.at_h
 
 
 def test_a_process_template_and_the_sites_harvest_specifications(records, tmp_path):

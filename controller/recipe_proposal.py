@@ -10,12 +10,14 @@ with a recipe of the platform's own family (docs/calibration.md §7):
 
 1. **The ranking check.** The model must order the records' outcomes as they
    happened. For each record, the product at its last titer result (the
-   titer times the volume then, per day of reactor occupancy) is taken from
-   the measurements and from the fitted trajectory (the record's own inputs).
-   Their rank correlation must reach ``min_rank_correlation`` over at least
-   ``min_records`` records whose measured outcomes differ by at least
-   ``min_outcome_spread``. Otherwise no recipe is proposed: a model that
-   cannot rank the batches it was fitted to cannot choose the next one.
+   titer times the measured volume then, per day of reactor occupancy) is
+   taken from the measured titer and from the fitted one (the record's own
+   inputs). Only records comparable with the batch file are ranked (scale,
+   reactor, media, scoring, harvest time: :func:`ranking_check`). Their rank
+   correlation must reach ``min_rank_correlation`` over at least
+   ``min_records`` distinct recipes whose measured outcomes differ by at
+   least ``min_outcome_spread``. Otherwise no recipe is proposed: a model
+   that cannot rank the batches it was fitted to cannot choose the next one.
 2. **The search.** Within the range the records' recipes covered (the
    temperatures with ``temperature_margin_degc``, the nutrient feed with
    ``feed_margin_relative`` of its span, the shift time and the harvest as
@@ -28,11 +30,13 @@ with a recipe of the platform's own family (docs/calibration.md §7):
    its limit, and the harvest's viability and quality ``viability_margin_pct``
    and ``quality_margin`` inside the NMPC's harvest specifications.
 3. **The gain.** The proposal must beat the model's forecast of the batch's
-   own recipe by ``min_gain_fraction``; else the batch's recipe stays.
+   own recipe by ``min_gain_fraction``; else the batch's recipe stays. So it
+   does where the model forecasts that recipe to break a margin.
 
 A proposal is a new batch file for an engineer to review, not a change the
-runtime makes: the recipe is also what the PLC runs on its own and what the
-NMPC falls back to, so it goes through the site's change control.
+runtime makes: the recipe is what the NMPC's trust region is drawn around and
+what it stands down to (and, where the site programs it so, what the PLC runs
+on its own), so it goes through the site's change control.
 """
 
 from __future__ import annotations

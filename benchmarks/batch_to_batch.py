@@ -43,7 +43,8 @@ from simulator.batch import run_recipe_batch
 from simulator.campaign import Engine, add_campaign_options, add_settings_option, load_settings, run_campaign, write_table
 from simulator.evaluation import gap_closed, run_with_coverage
 from simulator.oracle import run_oracle_batch
-from simulator.scenarios import load_scenario
+from simulator.records import development_batches
+from simulator.scenarios import DEVELOPMENT_SEED, load_scenario
 
 PLANTS = ("amino_acid", "cell_cycle", "biovolume")
 FIRST_SEED = 700
@@ -79,16 +80,33 @@ def quiet() -> None:
     configure_logging(level=logging.ERROR)
 
 
-def run_plant(job: tuple[str, int, CalibrationSettings]) -> list[BatchRow]:
-    """``batches`` successive batches on one plant, each with the model calibrated (with ``settings``) on all the batches before it."""
-    plant, batches, settings = job
+def run_plant(job: tuple[str, int, CalibrationSettings, int]) -> list[BatchRow]:
+    """``batches`` successive batches on one plant, each with the model calibrated (with ``settings``) on all the batches before it
+    (and on ``development`` process-development records of the plant, if any, run before the first)."""
+    plant, batches, settings, development = job
     nominal = load_scenario({"plant": plant}).nominal
+    platform_batch = load_scenario({"plant": plant}).batch
     kinetics: CultureParameters = nominal
     history: list[BatchRecord] = []
     rows: list[BatchRow] = []
     calibration_s = 0.0
     in_use: RecipeConfig | None = None
     """The recipe the last calibration proposed (None: the platform's)."""
+
+    def learn() -> tuple[CultureParameters, RecipeConfig | None, str, float]:
+        """Calibrate on the history; propose against the platform recipe, always: a proposal is judged on what the plant would otherwise
+        run, and one the next model cannot back (its ranking check fails) is dropped for the platform's again."""
+        started = time.perf_counter()
+        calibration = calibrate(history, nominal, settings=settings, cross_validate=False, based_on=f"nominal kinetics of {plant}")
+        seconds = time.perf_counter() - started
+        proposal = propose_recipe(history, calibration, platform_batch)
+        recipe = proposal.recipe
+        said = f"proposed (rank correlation {proposal.ranking.correlation:+.2f}): {_changes(platform_batch.recipe, recipe)}" if recipe is not None else f"none: {proposal.reason}"
+        return calibration.parameters, recipe, said, seconds
+
+    if development:
+        history.extend(development_batches(load_scenario({"plant": plant, "seed": DEVELOPMENT_SEED}), development, DEVELOPMENT_SEED, id_prefix=f"{plant[:6].upper()}"))
+        kinetics, in_use, _, calibration_s = learn()  # the first row shows what batch 1 ran
     for k in range(1, batches + 1):
         seed = FIRST_SEED + k
         loaded = load_scenario({"plant": plant, "seed": seed})
@@ -101,12 +119,13 @@ def run_plant(job: tuple[str, int, CalibrationSettings]) -> list[BatchRow]:
         result = evaluated.result
         kpis = result.batch.kpis
         last = result.trust[-1][1] if result.trust else {}
+        before = f"{development} dev" + (f" + 1-{k - 1}" if k > 1 else "") if development else f"1-{k - 1}"
         rows.append(
             BatchRow(
                 plant=plant,
                 batch=k,
                 seed=seed,
-                model="nominal" if k == 1 else f"calibrated on 1-{k - 1}",
+                model="nominal" if not history else f"calibrated on {before}",
                 recipe=recipe,
                 oracle=oracle,
                 score=kpis.score_g_per_day,
@@ -123,15 +142,7 @@ def run_plant(job: tuple[str, int, CalibrationSettings]) -> list[BatchRow]:
             break
         assert result.record is not None
         history.append(result.record)
-        started = time.perf_counter()
-        calibration = calibrate(history, nominal, settings=settings, cross_validate=False, based_on=f"nominal kinetics of {plant}")
-        kinetics = calibration.parameters
-        calibration_s = time.perf_counter() - started
-        # Against the platform recipe, always: a proposal is judged on what the plant would otherwise run, and one the next model
-        # cannot back (its ranking check fails) is dropped for the platform's again.
-        proposal = propose_recipe(history, calibration, loaded.batch)
-        in_use = proposal.recipe
-        note = f"proposed (rank correlation {proposal.ranking.correlation:+.2f}): {_changes(platform, in_use)}" if in_use is not None else f"none: {proposal.reason}"
+        kinetics, in_use, note, calibration_s = learn()
         rows[-1] = dataclasses.replace(rows[-1], proposal=note)
     return rows
 
@@ -147,6 +158,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two batches on one plant (cell_cycle)")
     parser.add_argument("--batches", type=int, default=5, help="successive batches per plant")
     parser.add_argument("--plants", default=",".join(PLANTS), help="comma-separated plant names")
+    parser.add_argument(
+        "--development-records",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start from N process-development records of each plant (mismatch_campaign's), calibrated on before the first batch; default 0: the nominal model",
+    )
     add_settings_option(parser)
     add_campaign_options(parser)
     args = parser.parse_args()
@@ -156,17 +174,23 @@ def main() -> None:
     batches = 2 if args.quick else args.batches
     started = time.perf_counter()
     per_plant = run_campaign(
-        run_plant, [(plant, batches, settings) for plant in plants], engine=Engine(args.engine), jobs=args.jobs, address=args.address, initializer=quiet, label="plants"
+        run_plant,
+        [(plant, batches, settings, args.development_records) for plant in plants],
+        engine=Engine(args.engine),
+        jobs=args.jobs,
+        address=args.address,
+        initializer=quiet,
+        label="plants",
     )
     rows = [row for plant_rows in per_plant for row in plant_rows]
     if args.csv:
         write_table(rows, args.csv)
-    header = f"{'plant':11s} {'batch':>5s} {'model':20s} {'recipe':>7s} {'oracle':>7s} {'score':>7s} {'gap':>6s} {'viol h':>6s} {'region':>21s} {'width':>5s} {'stood down':>10s} {'calib. s':>8s}"
+    header = f"{'plant':11s} {'batch':>5s} {'model':26s} {'recipe':>7s} {'oracle':>7s} {'score':>7s} {'gap':>6s} {'viol h':>6s} {'region':>21s} {'width':>5s} {'stood down':>10s} {'calib. s':>8s}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r.plant:11s} {r.batch:5d} {r.model:20s} {r.recipe:7.1f} {r.oracle:7.1f} {r.score:7.1f} {r.gap:6.2f} {r.violation_h:6.1f} "
+            f"{r.plant:11s} {r.batch:5d} {r.model:26s} {r.recipe:7.1f} {r.oracle:7.1f} {r.score:7.1f} {r.gap:6.2f} {r.violation_h:6.1f} "
             f"{r.region:>21s} {r.width_at_harvest:5.2f} {r.stood_down_cycles:10d} {r.calibration_s:8.1f}"
         )
         if r.recipe_changes:

@@ -137,6 +137,8 @@ class RankingCheck:
     """How often a model with no skill at ranking would reach the threshold over this many records (:func:`chance_of_passing`)."""
     excluded: tuple[str, ...] = ()
     """Records left out of the ranking, each with why (another scale, reactor, medium or harvest time: outcomes that differ for that)."""
+    misranked: bool = False
+    """The records sufficed to rank, and the model ranked them wrong (not merely too few or too alike to tell)."""
 
 
 @dataclass(frozen=True)
@@ -289,8 +291,30 @@ def ranking_check(records: Sequence[BatchRecord], calibration: CalibrationResult
             f"the records' outcomes differ by {100 * spread:.1f} % best to worst, below {100 * settings.min_outcome_spread:.0f} %: too alike to check how the model ranks them"
         )
     if not correlation >= settings.min_rank_correlation:  # NaN fails too
-        return refused(f"the model ranks the records' outcomes with a rank correlation of {correlation:+.2f} to the measured ones, below {settings.min_rank_correlation:+.2f}")
+        reason = f"the model ranks the records' outcomes with a rank correlation of {correlation:+.2f} to the measured ones, below {settings.min_rank_correlation:+.2f}"
+        return RankingCheck(outcomes, correlation, False, reason, chance, tuple(excluded), misranked=True)
     return RankingCheck(outcomes, correlation, True, "", chance, tuple(excluded))
+
+
+def with_reach_earned(parameters: CultureParameters, ranking: RankingCheck) -> CultureParameters:
+    """The calibrated parameters as the NMPC may use them: a model that ranks its records' outcomes wrong keeps no operating envelope.
+
+    Its trust region is then the recipe band, as for the nominal kinetics: narrow at first and widened only by the batch's own lab
+    results (docs/trust-region.md). The envelope is where the records checked the model's trajectories; a model that orders the
+    records' outcomes wrong has shown that its trajectories there do not make its decisions right. Measured: `cell_cycle`,
+    calibrated on its development records and then on its own batches, passed the monitor's checks long enough to lose 2–36 %
+    against the recipe in three batches of five with the envelope, and none in the recipe band (docs/calibration.md §7).
+    Records too few or too alike to rank say nothing either way: the envelope stays.
+    """
+    if not ranking.misranked:
+        return parameters
+    warning = f"no operating envelope: {ranking.reason}; the NMPC plans in the recipe band, as for uncalibrated kinetics (docs/calibration.md §7)"
+    provenance = parameters.provenance
+    update: dict[str, object] = {"envelope": ()}
+    if provenance is not None:
+        update["provenance"] = provenance.model_copy(update={"warnings": (*provenance.warnings, warning)})
+    log.warning("calibration_envelope_withheld", reason=ranking.reason)
+    return parameters.model_copy(update=update)
 
 
 def search_bounds(records: Sequence[BatchRecord], batch: BatchConfig, settings: ProposalSettings) -> dict[str, tuple[float, float]]:

@@ -13,7 +13,18 @@ import yaml
 
 from controller.calibration import CalibrationResult, CalibrationSettings, calibrate
 from controller.config import BatchConfig
-from controller.recipe_proposal import VARIED, ProposalSettings, chance_of_passing, propose_recipe, ranking_check, record_outcome, search_bounds, spearman, steps_from_recipes
+from controller.recipe_proposal import (
+    VARIED,
+    ProposalSettings,
+    chance_of_passing,
+    propose_recipe,
+    ranking_check,
+    record_outcome,
+    search_bounds,
+    spearman,
+    steps_from_recipes,
+    with_reach_earned,
+)
 from controller.records import BatchRecord
 from interfaces.batch_records import write_batch_directory
 from plant_models.parameters import CultureParameters
@@ -238,3 +249,36 @@ def test_a_process_template_and_the_sites_harvest_specifications(records, tmp_pa
     assert "viability at harvest at least 67 %" in report
     proposed = yaml.safe_load((tmp_path / "site-report" / "proposed-batch.yaml").read_text())
     assert "batch_id" not in proposed and proposed["recipe"] != yaml.safe_load(template.read_text())["recipe"]
+
+
+def test_a_model_that_ranks_its_records_wrong_keeps_no_envelope(records, calibration):
+    by_measured = sorted(ranking_check(records, calibration, records[0].batch, ProposalSettings()).outcomes, key=lambda o: o.measured_score_g_per_day)
+    factor = {o.batch_id: 1.0 + 0.5 * (len(by_measured) - k) for k, o in enumerate(by_measured)}
+    reversed_fits = tuple(dataclasses.replace(fit, fitted={**fit.fitted, "titer_g_per_l": fit.fitted["titer_g_per_l"] * factor[fit.batch_id]}) for fit in calibration.batches)
+    wrong = ranking_check(records, dataclasses.replace(calibration, batches=reversed_fits), records[0].batch, ProposalSettings())
+    assert wrong.misranked and calibration.parameters.envelope
+    kept = with_reach_earned(calibration.parameters, wrong)
+    assert kept.envelope == () and kept.provenance is not None and "no operating envelope" in kept.provenance.warnings[-1]
+    # Right, or too few to tell: the envelope stays.
+    assert with_reach_earned(calibration.parameters, ranking_check(records, calibration, records[0].batch, ProposalSettings())) is calibration.parameters
+    few = ranking_check(records[:3], dataclasses.replace(calibration, batches=reversed_fits), records[0].batch, ProposalSettings())
+    assert not few.passed and not few.misranked and with_reach_earned(calibration.parameters, few) is calibration.parameters
+
+
+def test_calibrate_writes_no_envelope_for_a_plant_whose_records_it_ranks_wrong(tmp_path):
+    """The README's example: cell_cycle's records, which the calibrated CHO model orders wrongly; its file carries no envelope."""
+    for record in development_batches(load_scenario({"plant": "cell_cycle", "seed": 500}), 5, 500):
+        write_batch_directory(record, tmp_path / "records" / record.batch_id)
+    output = tmp_path / "cell_cycle.yaml"
+    done = subprocess.run(
+        [sys.executable, "-m", "bioreactor_mpc", "calibrate", str(tmp_path / "records"), "--output", str(output), "--no-cross-validation"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no operating envelope written: the model ranks the records' outcomes with a rank correlation of -" in " ".join(done.stdout.split())
+    written = CultureParameters.from_yaml(output)
+    assert written.envelope == () and written.provenance is not None and any("recipe band" in w for w in written.provenance.warnings)
+    assert "The envelope above is not in cell_cycle.yaml" in (tmp_path / "cell_cycle-report" / "report.md").read_text()

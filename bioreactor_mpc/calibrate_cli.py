@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,7 +92,7 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     from controller.calibration import CalibrationSettings, calibrate
     from controller.config import BatchTemplate
     from controller.mpc import MpcConfig
-    from controller.recipe_proposal import ProposalSettings, propose_recipe, ranking_check, with_reach_earned
+    from controller.recipe_proposal import envelope_withheld_text, misranking, propose_recipe, with_reach_earned
     from controller.runtime_config import load_runtime_config
     from interfaces.batch_records import read_records
     from plant_models.config_loading import load_yaml_model
@@ -112,12 +113,13 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     console.print(f"calibrating on {len(records)} batches: {', '.join(r.batch_id for r in records)}")
     result = calibrate(records, nominal, settings=settings, based_on=str(args.model), cross_validate=not args.no_cross_validation)
     proposal = propose_recipe(records, result, next_template.for_batch(), mpc=mpc) if next_template is not None else None
-    # A model that ranks its records' outcomes wrong keeps no envelope (docs/calibration.md §7), the batch file asked for or the latest record's.
-    ranking = proposal.ranking if proposal is not None else ranking_check(records, result, records[-1].batch, ProposalSettings())
-    parameters = with_reach_earned(result.parameters, ranking)
+    # A model not shown to rank its records' outcomes right keeps no envelope (docs/calibration.md §7): every group of comparable records is ranked.
+    misranked = misranking(records, result, [next_template.for_batch()] if next_template is not None else [])
+    parameters = with_reach_earned(result.parameters, misranked)
+    if misranked is not None:
+        result = dataclasses.replace(result, warnings=(*result.warnings, envelope_withheld_text(misranked)))  # reviewed, and counted by --strict
     write_parameter_file(args.output, parameters)
-    withheld = ranking.reason if ranking.misranked else ""
-    write_report(report_dir, result, args.output, proposal=proposal, next_template=next_template, mpc=mpc, envelope_withheld=withheld)
+    write_report(report_dir, result, args.output, proposal=proposal, next_template=next_template, mpc=mpc)
     console.print(parameter_table(result))
     statistics = result.fit_statistics
     console.print(f"reduced χ²: {statistics['reduced_chi2_nominal']:.2f} nominal → {statistics['reduced_chi2']:.2f} calibrated; {result.wall_s:.1f} s")
@@ -127,8 +129,6 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
         console.print(cross_validation_table(result.cross_validation))
     for warning in result.warnings:
         console.print(f"[bold yellow]review:[/] {warning}")
-    if withheld:
-        console.print(f"[bold yellow]review:[/] no operating envelope written: {withheld}; the NMPC plans in the recipe band, as for uncalibrated kinetics")
     if proposal is not None and next_template is not None:
         console.print(proposal_text(proposal, next_template, report_dir / PROPOSED_BATCH_FILE))
     console.print(f"wrote {args.output} and {report_dir / 'report.md'}")
@@ -141,7 +141,10 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
 def write_parameter_file(path: Path, parameters: CultureParameters) -> None:
     """The calibrated set in the format of ``configs/model/*.yaml``; it loads with CultureParameters.from_yaml (checked here)."""
     data = parameters.model_dump(mode="json")  # not exclude_none: a parameter that was not identifiable has no interval (None), and says so
-    header = "# Calibrated by bioreactor-mpc calibrate: provenance and envelope at the end. Review the report before deploying.\n"
+    header = (
+        "# Calibrated by bioreactor-mpc calibrate: provenance and envelope at the end (an empty envelope: the model was not shown to rank its"
+        " records right, see the provenance's warnings). Review the report before deploying.\n"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     CultureParameters.from_yaml(path)
@@ -181,7 +184,6 @@ def write_report(
     proposal: RecipeProposal | None = None,
     next_template: BatchTemplate | None = None,
     mpc: MpcConfig | None = None,
-    envelope_withheld: str = "",
 ) -> None:
     """report.md (parameters, identifiability, fit statistics, cross-validation, envelope, the proposed recipe), a plot per batch, fit.csv;
     with a ``proposal`` of a recipe, also ``proposed-batch.yaml`` (``next_template`` with the proposed recipe)."""
@@ -226,11 +228,6 @@ def write_report(
     if proposal is not None and next_template is not None:
         write_proposed_batch(proposed, next_template, proposal)
     lines = _report_markdown(result, parameter_file)
-    if envelope_withheld:
-        lines += (
-            f"\n**The envelope above is not in {parameter_file.name}:** {envelope_withheld}. A model that orders its records' outcomes wrong"
-            " plans in the recipe band, as for uncalibrated kinetics (docs/calibration.md §7).\n"
-        )
     if proposal is not None and next_template is not None:
         lines += "\n" + proposal_markdown(proposal, next_template, mpc) + "\n"
     (directory / "report.md").write_text(lines, encoding="utf-8")

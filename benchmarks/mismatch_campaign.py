@@ -131,6 +131,8 @@ def calibrate_plant(job: tuple[str, CalibrationSettings]) -> PlantCalibration:
         if proposal.recipe is not None
         else f"no recipe proposed: {proposal.reason}"
     )
+    if proposal.ranking.misranked:
+        note += "; no operating envelope: the NMPC plans in the recipe band (docs/calibration.md §7, item 4)"
     statistics_ = result.fit_statistics
     return PlantCalibration(
         plant,

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from bioreactor_mpc.logging import configure_logging
 from controller.calibration import CalibrationSettings, calibrate
 from controller.config import RecipeConfig
-from controller.recipe_proposal import VARIED, propose_recipe, with_reach_earned
+from controller.recipe_proposal import misranking, propose_recipe, recipe_changes, with_reach_earned
 from controller.records import BatchRecord
 from plant_models.parameters import CultureParameters
 from simulator.batch import run_recipe_batch
@@ -102,7 +102,7 @@ def run_plant(job: tuple[str, int, CalibrationSettings, int]) -> list[BatchRow]:
         proposal = propose_recipe(history, calibration, platform_batch)
         recipe = proposal.recipe
         said = f"proposed (rank correlation {proposal.ranking.correlation:+.2f}): {_changes(platform_batch.recipe, recipe)}" if recipe is not None else f"none: {proposal.reason}"
-        return with_reach_earned(calibration.parameters, proposal.ranking), recipe, said, seconds  # as `calibrate` writes it
+        return with_reach_earned(calibration.parameters, misranking(history, calibration, [platform_batch])), recipe, said, seconds  # as `calibrate` writes it
 
     if development:
         history.extend(development_batches(load_scenario({"plant": plant, "seed": DEVELOPMENT_SEED}), development, DEVELOPMENT_SEED, id_prefix=f"{plant[:6].upper()}"))
@@ -150,7 +150,7 @@ def run_plant(job: tuple[str, int, CalibrationSettings, int]) -> list[BatchRow]:
 def _changes(platform: RecipeConfig, recipe: RecipeConfig | None) -> str:
     if recipe is None:
         return ""
-    return ", ".join(f"{name} {getattr(recipe, name):g}" for name in VARIED if getattr(recipe, name) != getattr(platform, name))
+    return ", ".join(f"{name} {new:g}" for name, (_, new) in recipe_changes(platform, recipe).items())
 
 
 def main() -> None:

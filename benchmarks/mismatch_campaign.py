@@ -43,7 +43,7 @@ import numpy as np
 from bioreactor_mpc.logging import configure_logging
 from controller.calibration import CalibrationSettings, calibrate
 from controller.config import RecipeConfig
-from controller.recipe_proposal import propose_recipe, with_reach_earned
+from controller.recipe_proposal import misranking, propose_recipe, with_reach_earned
 from plant_models.parameters import CultureParameters
 from simulator.batch import run_recipe_batch
 from simulator.campaign import add_campaign_options, add_settings_option, load_settings, run_campaign, write_table
@@ -124,14 +124,15 @@ def calibrate_plant(job: tuple[str, CalibrationSettings]) -> PlantCalibration:
     wall_s = time.perf_counter() - started
     batch = load_scenario({"plant": plant}).batch
     proposal = propose_recipe(records, result, batch)
-    parameters = with_reach_earned(result.parameters, proposal.ranking)  # as `calibrate` writes it
+    misranked = misranking(records, result, [batch])
+    parameters = with_reach_earned(result.parameters, misranked)  # as `calibrate` writes it
     changes = ", ".join(f"{name} {old:g} -> {new:g}" for name, (old, new) in proposal.changes(batch.recipe).items())
     note = (
         f"recipe proposed (rank correlation {proposal.ranking.correlation:+.2f}, {100 * proposal.predicted_gain_fraction:+.1f} % in the model's forecast): {changes}"
         if proposal.recipe is not None
         else f"no recipe proposed: {proposal.reason}"
     )
-    if proposal.ranking.misranked:
+    if misranked is not None:
         note += "; no operating envelope: the NMPC plans in the recipe band (docs/calibration.md §7, item 4)"
     statistics_ = result.fit_statistics
     return PlantCalibration(

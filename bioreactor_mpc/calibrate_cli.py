@@ -112,9 +112,10 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     records = read_records(args.records, batch_files=args.batch)
     console.print(f"calibrating on {len(records)} batches: {', '.join(r.batch_id for r in records)}")
     result = calibrate(records, nominal, settings=settings, based_on=str(args.model), cross_validate=not args.no_cross_validation)
-    proposal = propose_recipe(records, result, next_template.for_batch(), mpc=mpc) if next_template is not None else None
+    next_batch = next_template.for_batch() if next_template is not None else None
+    proposal = propose_recipe(records, result, next_batch, mpc=mpc) if next_batch is not None else None
     # A model not shown to rank its records' outcomes right keeps no envelope (docs/calibration.md §7): every group of comparable records is ranked.
-    misranked = misranking(records, result, [next_template.for_batch()] if next_template is not None else [])
+    misranked = misranking(records, result, [next_batch] if next_batch is not None else [])
     parameters = with_reach_earned(result.parameters, misranked)
     if misranked is not None:
         result = dataclasses.replace(result, warnings=(*result.warnings, envelope_withheld_text(misranked)))  # reviewed, and counted by --strict
@@ -372,7 +373,7 @@ def _changes_rows(proposal: RecipeProposal, batch: BatchTemplate) -> list[tuple[
 def proposal_text(proposal: RecipeProposal, batch: BatchTemplate, path: Path) -> str:
     if proposal.recipe is None:
         return f"no recipe proposed: {proposal.reason}"
-    changes = ", ".join(f"{name} {old} → {new}" for name, old, new, _ in _changes_rows(proposal, batch) if new != "–")
+    changes = ", ".join(f"{name} {old:g} → {new:g}" for name, (old, new) in proposal.changes(batch.recipe).items())
     return (
         f"recipe proposed ({100 * proposal.predicted_gain_fraction:+.1f} % in the model's forecast, rank correlation {_correlation(proposal.ranking.correlation)}):"
         f" {changes}; wrote {path}"

@@ -113,6 +113,17 @@ class ProposalSettings(FrozenConfig):
         ),
     )
 
+    @property
+    def grid_steps(self) -> dict[str, float]:
+        """Varied field → the step of its search grid."""
+        return {
+            "temperature_initial_degc": self.temperature_step_degc,
+            "temperature_shifted_degc": self.temperature_step_degc,
+            "temperature_shift_h": self.time_step_h,
+            "feed_fraction_of_initial_volume_per_day": self.feed_step_per_day,
+            "harvest_h": self.time_step_h,
+        }
+
 
 @dataclass(frozen=True)
 class RecordOutcome:
@@ -168,15 +179,23 @@ class RecipeProposal:
 
     @property
     def predicted_gain_fraction(self) -> float:
-        if self.best is None or self.baseline is None or self.baseline.score_g_per_day <= 0.0:
-            return math.nan
-        return self.best.score_g_per_day / self.baseline.score_g_per_day - 1.0
+        return gain_fraction(self.best, self.baseline)
 
     def changes(self, recipe: RecipeConfig) -> dict[str, tuple[float, float]]:
         """Field → (the batch's value, the proposed one), where they differ."""
-        if self.recipe is None:
-            return {}
-        return {name: (getattr(recipe, name), getattr(self.recipe, name)) for name in VARIED if getattr(recipe, name) != getattr(self.recipe, name)}
+        return recipe_changes(recipe, self.recipe) if self.recipe is not None else {}
+
+
+def gain_fraction(best: RecipeForecast | None, baseline: RecipeForecast | None) -> float:
+    """How much more the model forecasts for ``best`` than for ``baseline`` (NaN without both, or without a baseline score)."""
+    if best is None or baseline is None or baseline.score_g_per_day <= 0.0:
+        return math.nan
+    return best.score_g_per_day / baseline.score_g_per_day - 1.0
+
+
+def recipe_changes(old: RecipeConfig, new: RecipeConfig) -> dict[str, tuple[float, float]]:
+    """Varied field → (``old``'s value, ``new``'s), where they differ."""
+    return {name: (getattr(old, name), getattr(new, name)) for name in VARIED if getattr(old, name) != getattr(new, name)}
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
@@ -382,8 +401,9 @@ class RecipeForecaster:
         self._batch = batch
         self._mpc = mpc
         self._settings = settings
-        self._nominal = parameter_vector(parameters, batch.media)
-        self._kernel: ForecastKernel | None = None
+        # Every forecast starts from the same belief at inoculation; a forecast leaves the estimator as it was (controller.forecast).
+        self._estimator = ExtendedKalmanEstimator.from_batch(self._model, batch, parameter_vector(parameters, batch.media))
+        self._kernel = ForecastKernel(self._estimator, model=self._model)
         self.count = 0
 
     def __call__(self, recipe: RecipeConfig) -> RecipeForecast:
@@ -398,12 +418,9 @@ class RecipeForecaster:
 
     def _forecast(self, recipe: RecipeConfig) -> RecipeForecast:
         batch, settings = self._batch, self._settings
-        estimator = ExtendedKalmanEstimator.from_batch(self._model, batch, self._nominal)
-        if self._kernel is None:
-            self._kernel = ForecastKernel(estimator, model=self._model)
         run = recipe_schedule(PlatformRecipe(recipe, batch.media, batch.equipment, batch.inoculation.volume_l), media=batch.media, glucose_delivered_g=0.0).begin(0.0)
         planned_h = min(recipe.harvest_h, batch.limits.latest_harvest_h)
-        result = forecast(estimator, StartedSchedule(run), until_h=planned_h, kernel=self._kernel)
+        result = forecast(self._estimator, StartedSchedule(run), until_h=planned_h, kernel=self._kernel)
         self.count += 1
         harvest = result.at_harvest(batch.economics.turnaround_days, harvest_h=planned_h if run.harvest_due_h is None else min(planned_h, run.harvest_due_h))
         k = result.index_at(harvest.harvest_time_h)
@@ -438,13 +455,7 @@ def propose_recipe(
         log.info("recipe_not_proposed", reason=ranking.reason)
         return RecipeProposal(None, ranking, None, None, bounds, 0, ranking.reason)
     forecaster = RecipeForecaster(calibration.parameters, batch, mpc or MpcConfig(), settings, model)
-    steps = {
-        "temperature_initial_degc": settings.temperature_step_degc,
-        "temperature_shifted_degc": settings.temperature_step_degc,
-        "temperature_shift_h": settings.time_step_h,
-        "feed_fraction_of_initial_volume_per_day": settings.feed_step_per_day,
-        "harvest_h": settings.time_step_h,
-    }
+    steps = settings.grid_steps
     baseline = forecaster(batch.recipe)
     if not baseline.feasible:
         # A recipe of less forecast product could look better only for breaking nothing in the model's forecast: no ground to change it.
@@ -469,7 +480,7 @@ def propose_recipe(
             current = best.recipe
         if not improved:
             break
-    gain = best.score_g_per_day / baseline.score_g_per_day - 1.0 if baseline.score_g_per_day > 0.0 else math.nan
+    gain = gain_fraction(best, baseline)
     if best.recipe == batch.recipe or not gain >= settings.min_gain_fraction:
         reason = f"the best recipe the model finds gains {100 * gain:.1f} % on the batch's own in its forecast, below {100 * settings.min_gain_fraction:.0f} %"
         log.info("recipe_not_proposed", reason=reason)

@@ -137,7 +137,14 @@ def test_the_proposed_recipe_beats_the_platform_on_the_plant_itself(plant, recor
     for name in VARIED:
         low, high = proposal.bounds[name]
         assert low - 1e-9 <= getattr(proposal.recipe, name) <= high + 1e-9, name
-    steps = {"temperature_initial_degc": 0.5, "temperature_shifted_degc": 0.5, "temperature_shift_h": 24.0, "feed_fraction_of_initial_volume_per_day": 0.0025, "harvest_h": 24.0}
+    steps = ProposalSettings().grid_steps
+    assert steps == {
+        "temperature_initial_degc": 0.5,
+        "temperature_shifted_degc": 0.5,
+        "temperature_shift_h": 24.0,
+        "feed_fraction_of_initial_volume_per_day": 0.0025,
+        "harvest_h": 24.0,
+    }
     ran = [record.batch.recipe for record in records] + [plant.batch.recipe]
     assert steps_from_recipes(proposal.recipe, ran, steps) <= 2.0  # near a recipe that ran, not a corner of the box
     far = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(max_steps_from_a_record=0))

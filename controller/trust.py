@@ -12,8 +12,10 @@ platform recipe's own trajectory):
 - **recipe band**: a model with no envelope (the nominal kinetics) is trusted
   only near what the plant has always run: the recipe's temperature, its
   feed per initial volume and its glucose target, within configured reaches.
-  The region starts narrow (``initial_width``) and widens only as the batch's
-  own lab results confirm the model's predictions.
+  The region starts at ``initial_width`` of those reaches (all of them by
+  default: the band is the plant's own neighbourhood of the recipe) and goes
+  beyond them only as the batch's own lab results confirm the model's
+  predictions days ahead (the earned reach, up to ``max_reach_scale`` times).
 
 The region's *width* ``w`` ∈ [0, 1] scales the reach: a bound is
 ``recipe + w · (edge − recipe)``. At ``w = 0`` the plan follows the recipe's
@@ -85,7 +87,16 @@ class TrustRegionConfig(FrozenConfig):
     harvest_reach_h: float = Field(default=24.0, ge=0.0, le=240.0, description="farthest from the recipe's harvest at full width [h]")
     envelope_margin_degc: float = Field(default=0.5, ge=0.0, le=5.0, description="calibration envelope: temperature margin beyond what the data covered [°C]")
     envelope_margin_relative: float = Field(default=0.1, ge=0.0, le=1.0, description="calibration envelope: feed and glucose margin, as a fraction of the covered span [-]")
-    initial_width: float = Field(default=0.3, ge=0.0, le=1.0, description="recipe band: width at inoculation; any source: width after an engineer's re-enable [-]")
+    initial_width: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "recipe band: width at inoculation; 1: the band's whole reach from the start, and only lab results that confirm the model"
+            " days ahead earn more (measured: a start at 0.3 cost every plant, docs/trust-region.md) [-]"
+        ),
+    )
+    reenable_width: float = Field(default=0.3, ge=0.0, le=1.0, description="any source: width after an engineer's re-enable, this batch's results having stood the model down [-]")
     widen_step: float = Field(default=0.15, ge=0.0, le=1.0, description="width added by a lab result that confirms the plan's prediction [-]")
     shrink_factor: float = Field(default=0.5, ge=0.0, le=1.0, description="width kept after a lab result that misses it [-]")
     misses_to_recipe: int = Field(default=3, ge=1, le=100, description="misses in a row after which the NMPC stands down for the platform recipe")
@@ -633,13 +644,13 @@ class TrustRegion:
         return self._errors({name: (value, 0.0) for name, value in run.predicted.items()}, lab, accepted) if run is not None else {}
 
     def reenable(self) -> None:
-        """An operator puts the NMPC back in charge after a stand-down: the miss count at 0, the region at ``initial_width`` whatever
+        """An operator puts the NMPC back in charge after a stand-down: the miss count at 0, the region at ``reenable_width`` whatever
         its source. A calibrated model starts a batch at full width because its records checked it; this batch's results have
         since contradicted it, so it earns its width again as an unchecked model does (measured: docs/trust-region.md)."""
         self.stood_down = False
         self.misses = 0
         self.shadow_confirmations = self.shadow_checks = 0
-        self.width = self.config.initial_width if self.active else self._initial_width()
+        self.width = self.config.reenable_width if self.active else self._initial_width()
         self.reach_scale = 1.0
         self._predictions.clear()  # the glucose error stays: the model's glucose shortfalls are still evidence
 

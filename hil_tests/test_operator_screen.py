@@ -343,7 +343,7 @@ def test_the_screen_shows_the_trust_region_and_an_engineer_re_enables_the_nmpc_a
             await screen.step()
             status = (await erik.get("/api/status")).json()
             region = status["trust"]
-            assert region["stood_down"] is False and region["misses"] == 0 and region["width"] == pytest.approx(trust.initial_width)
+            assert region["stood_down"] is False and region["misses"] == 0 and region["width"] == pytest.approx(trust.reenable_width)
             assert "nmpc_stood_down" not in status["alarms"] and status["decisions"].get("mpc", 0) >= 2
             audit = AuditTrail(screen.history_path, read_only=True)
             records = audit.records()

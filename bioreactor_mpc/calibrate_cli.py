@@ -302,11 +302,17 @@ def write_proposed_batch(path: Path, template: BatchTemplate, proposal: RecipePr
 
     if proposal.recipe is None or proposal.best is None or proposal.baseline is None:
         return
-    proposed = BatchTemplate.model_validate({**template.model_dump(), "recipe": proposal.recipe.model_dump()})
+    # For a batch not yet started: a batch id the given file was pinned to (perhaps a batch long harvested) is not carried over.
+    proposed = BatchTemplate.model_validate({**template.model_dump(), "batch_id": None, "recipe": proposal.recipe.model_dump()})
     header = (
         "# Proposed by bioreactor-mpc calibrate (docs/calibration.md §7): the calibrated model's best recipe within the recipes its records ran.\n"
         f"# Forecast score {proposal.best.score_g_per_day:.1f} g/day against {proposal.baseline.score_g_per_day:.1f} for the batch's own recipe;"
         f" rank correlation {proposal.ranking.correlation:+.2f} on the records. Review it under the site's change control before use.\n"
+        + (
+            f"# A process template: {template.batch_id}'s batch id is not carried over; pin the next batch's (batch_id) or let the runtime follow the PLC's.\n"
+            if template.batch_id
+            else ""
+        )
     )
     partial = path.with_name(path.name + ".partial")
     partial.write_text(header + yaml.safe_dump(proposed.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -321,10 +327,9 @@ def _correlation(value: float) -> str:
 def proposal_markdown(proposal: RecipeProposal, batch: BatchTemplate, mpc: MpcConfig | None = None) -> str:
     """The report's section on the proposed recipe: the ranking check, the forecasts, the changes, or why nothing is proposed."""
     from controller.mpc import MpcConfig
-    from controller.recipe_proposal import ProposalSettings
 
     mpc = mpc or MpcConfig()
-    settings = ProposalSettings()
+    settings = proposal.settings
     ranking = proposal.ranking
     lines = ["## The next batch's recipe (docs/calibration.md §7)", ""]
     lines += ["How the calibrated model ranks the records' outcomes (product per day of occupancy at the last titer result):", ""]

@@ -176,6 +176,8 @@ class RecipeProposal:
     bounds: dict[str, tuple[float, float]]
     forecasts: int
     reason: str
+    settings: ProposalSettings
+    """The settings the proposal was made with (its margins are the report's)."""
 
     @property
     def predicted_gain_fraction(self) -> float:
@@ -453,7 +455,7 @@ def propose_recipe(
     bounds = search_bounds(records, batch, settings)
     if not ranking.passed:
         log.info("recipe_not_proposed", reason=ranking.reason)
-        return RecipeProposal(None, ranking, None, None, bounds, 0, ranking.reason)
+        return RecipeProposal(None, ranking, None, None, bounds, 0, ranking.reason, settings)
     forecaster = RecipeForecaster(calibration.parameters, batch, mpc or MpcConfig(), settings, model)
     steps = settings.grid_steps
     baseline = forecaster(batch.recipe)
@@ -461,7 +463,7 @@ def propose_recipe(
         # A recipe of less forecast product could look better only for breaking nothing in the model's forecast: no ground to change it.
         reason = f"the model forecasts that the batch file's own recipe breaks a margin ({baseline.why_not}): review the model and the recipe first"
         log.info("recipe_not_proposed", reason=reason)
-        return RecipeProposal(None, ranking, baseline, None, bounds, forecaster.count, reason)
+        return RecipeProposal(None, ranking, baseline, None, bounds, forecaster.count, reason, settings)
     ran = [record.batch.recipe for record in records] + [batch.recipe]
     best, current = baseline, batch.recipe
     for _ in range(settings.sweeps):
@@ -484,6 +486,6 @@ def propose_recipe(
     if best.recipe == batch.recipe or not gain >= settings.min_gain_fraction:
         reason = f"the best recipe the model finds gains {100 * gain:.1f} % on the batch's own in its forecast, below {100 * settings.min_gain_fraction:.0f} %"
         log.info("recipe_not_proposed", reason=reason)
-        return RecipeProposal(None, ranking, baseline, best, bounds, forecaster.count, reason)
+        return RecipeProposal(None, ranking, baseline, best, bounds, forecaster.count, reason, settings)
     log.info("recipe_proposed", gain_pct=round(100 * gain, 1), forecasts=forecaster.count, rank_correlation=round(ranking.correlation, 2))
-    return RecipeProposal(best.recipe, ranking, baseline, best, bounds, forecaster.count, "")
+    return RecipeProposal(best.recipe, ranking, baseline, best, bounds, forecaster.count, "", settings)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from controller.calibration import CalibrationResult, CalibrationSettings, calibrate
-from controller.config import BatchConfig
+from controller.config import BatchConfig, BatchTemplate
 from controller.recipe_proposal import (
     VARIED,
     ProposalSettings,
@@ -188,9 +188,11 @@ def test_calibrate_command_proposes_a_batch_file_for_review(records, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "recipe proposed" in done.stdout
     proposed = tmp_path / "site-report" / "proposed-batch.yaml"
-    batch = BatchConfig.from_yaml(proposed)
+    batch = BatchTemplate.from_yaml(proposed)
     platform = BatchConfig.from_yaml(PLATFORM)
     assert batch.recipe != platform.recipe and batch.inoculation == platform.inoculation
+    # For the next batch: the id the platform file was pinned to is not carried over, and the file says so.
+    assert batch.batch_id is None and platform.batch_id is not None and f"{platform.batch_id}'s batch id is not carried over" in proposed.read_text()
     report = (tmp_path / "site-report" / "report.md").read_text()
     assert "## The next batch's recipe" in report and "**Proposed**" in report and "Rank correlation: +" in report
     # Records that cannot be ranked (three): no file, and the report says why; an earlier run's proposal does not linger.

@@ -749,10 +749,11 @@ class TrustRegion:
         }
 
     def restore(self, data: dict[str, Any]) -> None:
-        """Take up a saved region. A width, reach scale or miss count that is no finite number (a damaged or edited resume state) is no
-        evidence: the region takes a fresh one's. A NaN would have made every bound NaN, and the harvest window [now, now]: a harvest at
-        once. A stand-down flag that is no boolean stands the NMPC down (the safe side)."""
-        self.width = float(np.clip(_saved_number(data, "width", self.width), 0.0, 1.0))
+        """Take up a saved region. A reach scale or miss count that is no finite number (a damaged or edited resume state) is no
+        evidence: the region takes a fresh one's. A width that is none takes the safe side, the narrow width of a re-enable (a fresh
+        region's when that is narrower): a batch its results had narrowed does not come back wide. A NaN would have made every bound
+        NaN, and the harvest window [now, now]: a harvest at once. A stand-down flag that is no boolean stands the NMPC down (the safe side)."""
+        self.width = float(np.clip(_saved_number(data, "width", self.width, damaged=min(self.width, self.config.reenable_width)), 0.0, 1.0))
         self.reach_scale = float(np.clip(_saved_number(data, "reach_scale", 1.0), 1.0, self.config.max_reach_scale))
         self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
         self._shortfalls.clear()
@@ -804,8 +805,9 @@ def _saved_count(data: dict[str, Any], name: str) -> int:
     return 0
 
 
-def _saved_number(data: dict[str, Any], name: str, default: float) -> float:
-    """``data[name]`` as a float; ``default`` when it is missing or no finite number (logged: a damaged or edited resume state)."""
+def _saved_number(data: dict[str, Any], name: str, default: float, *, damaged: float | None = None) -> float:
+    """``data[name]`` as a float; ``default`` when it is missing, ``damaged`` (else ``default``) when it is no finite number (logged: a
+    damaged or edited resume state)."""
     value = data.get(name, default)
     try:
         number = float(value)
@@ -813,8 +815,9 @@ def _saved_number(data: dict[str, Any], name: str, default: float) -> float:
         number = math.nan
     if math.isfinite(number):
         return number
-    log.warning("trust_restore_value_ignored", field=name, saved=repr(value), used=default)
-    return default
+    used = default if damaged is None else damaged
+    log.warning("trust_restore_value_ignored", field=name, saved=repr(value), used=used)
+    return used
 
 
 def _fill_lower_bounds(feed_lower_lph: np.ndarray, durations_h: np.ndarray, volume_now_l: float, volume_upper_l: np.ndarray) -> np.ndarray:

@@ -46,13 +46,14 @@ def _replay(taken_at_h: float, *, titer: float = 1.0) -> Replay:
 def test_a_garbage_number_in_the_resumed_trust_region_neither_widens_it_nor_harvests_at_once(batch, key, garbage):
     """A NaN width or reach scale made the harvest window [now, now] (every comparison with NaN is false): the batch harvested at the
     first cycle after the restart. A value that is no number at all stopped the runtime from starting. Neither is evidence of anything:
-    the region resumes as a fresh one would for that value."""
+    the reach resumes as a fresh one's, the width on the safe side, at a re-enable's (a batch its results had narrowed does not come back
+    at the band's whole reach)."""
     fresh = _region(batch)
     region = _region(batch)
     region.restore({"width": 0.5, "reach_scale": 2.0} | {key: garbage})
     assert 0.0 <= region.width <= 1.0 and 1.0 <= region.reach_scale <= region.config.max_reach_scale
     assert region.reach_scale == (1.0 if key == "reach_scale" else 2.0)
-    assert region.width == (fresh.width if key == "width" else 0.5)
+    assert region.width == (region.config.reenable_width if key == "width" else 0.5) and fresh.width == 1.0
     earliest, latest = region.harvest_window_h(100.0)
     assert earliest > 250.0 and latest > earliest  # a day or two from the recipe's 336 h, not now (100 h)
 

@@ -309,7 +309,7 @@ def write_proposed_batch(path: Path, template: BatchTemplate, proposal: RecipePr
         f"# Forecast score {proposal.best.score_g_per_day:.1f} g/day against {proposal.baseline.score_g_per_day:.1f} for the batch's own recipe;"
         f" rank correlation {proposal.ranking.correlation:+.2f} on the records. Review it under the site's change control before use.\n"
         + (
-            f"# A process template: {template.batch_id}'s batch id is not carried over; pin the next batch's (batch_id) or let the runtime follow the PLC's.\n"
+            f"# A process template: the batch id {template.batch_id!r} is not carried over; pin the next batch's (batch_id) or let the runtime follow the PLC's.\n"
             if template.batch_id
             else ""
         )
@@ -381,5 +381,5 @@ def proposal_text(proposal: RecipeProposal, batch: BatchTemplate, path: Path) ->
     changes = ", ".join(f"{name} {old:g} → {new:g}" for name, (old, new) in proposal.changes(batch.recipe).items())
     return (
         f"recipe proposed ({100 * proposal.predicted_gain_fraction:+.1f} % in the model's forecast, rank correlation {_correlation(proposal.ranking.correlation)}):"
-        f" {changes}; wrote {path}"
+        f" {changes}; wrote {path}" + (f" (a process template: the batch id {batch.batch_id!r} is not carried over)" if batch.batch_id else "")
     )

@@ -139,13 +139,15 @@ ANY_BATCH_ID = "(any batch)"
 
 
 def batch_id_problem(batch_id: str) -> str | None:
-    """Why ``batch_id`` cannot be a batch's id (empty, too long, not ASCII); None when it can."""
+    """Why ``batch_id`` cannot be a batch's id (empty, too long, not printable ASCII); None when it can."""
     if not batch_id.strip():
         return "is empty"
     if len(batch_id) > BATCH_ID_MAX_CHARS:
         return f"is {len(batch_id)} characters long, more than the {BATCH_ID_MAX_CHARS} the PLC stores"
     if not batch_id.isascii():
         return f"must be ASCII (the PLC stores it as {BATCH_ID_MAX_CHARS} ASCII characters)"
+    if not batch_id.isprintable():
+        return "must be printable ASCII: no control characters such as a line break or a tab (it names files, logs and audit records)"
     return None
 
 
@@ -184,8 +186,9 @@ class BatchTemplate(FrozenConfig):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         inoculation, equipment, recipe, limits = self.inoculation, self.equipment, self.recipe, self.limits
-        if self.batch_id is not None and not self.batch_id.isascii():
-            raise FieldError("batch_id", self.batch_id, f"must be ASCII (the PLC stores it as {BATCH_ID_MAX_CHARS} ASCII characters)")
+        problem = batch_id_problem(self.batch_id) if self.batch_id is not None else None
+        if problem is not None:
+            raise FieldError("batch_id", self.batch_id, problem)
         if inoculation.volume_l >= equipment.max_working_volume_l:
             raise FieldError("inoculation.volume_l", inoculation.volume_l, f"must be below equipment.max_working_volume_l ({equipment.max_working_volume_l})")
         if limits.osmolality_max_mosm_per_kg <= inoculation.osmolality_mosm_per_kg:

@@ -333,8 +333,8 @@ def with_reach_earned(parameters: CultureParameters, ranking: RankingCheck | Non
     """The calibrated parameters as the NMPC may use them: a model not shown to rank its records' outcomes right, where they sufficed to
     rank (``ranking.misranked``), keeps no operating envelope.
 
-    Its trust region is then the recipe band, as for the nominal kinetics: narrow at first and widened only by the batch's own lab
-    results (docs/trust-region.md). The envelope is where the records checked the model's trajectories; a model whose ranking of the
+    Its trust region is then the recipe band, as for the nominal kinetics: the recipe's own neighbourhood, beyond which only the
+    batch's own lab results earn reach (docs/trust-region.md). The envelope is where the records checked the model's trajectories; a model whose ranking of the
     records' outcomes falls short has not shown that its trajectories there make its decisions right. Measured: `cell_cycle`,
     calibrated on its development records and then on its own batches, passed the monitor's checks long enough to lose 2–36 %
     against the recipe in three batches of five with the envelope (ranked +0.26 to +0.54, then −0.05), and none in the recipe band

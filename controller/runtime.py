@@ -488,8 +488,8 @@ class Runtime:
         controller = NmpcController(self._model, batch, plan.estimator, self.settings.nmpc, mpc=self._mpc, envelope=self._envelope)
         if plan.harvest_time_h is not None:
             controller.harvest_time_h = plan.harvest_time_h
-        if plan.trust:
-            controller.trust.restore(dict(plan.trust))
+        if plan.trust or plan.how != "new batch":  # resumed or taken over mid-batch: a region with no saved width starts narrow
+            controller.trust.restore(dict(plan.trust or {}))
         self.cycle = ControlCycle(
             batch=batch,
             settings=self.settings,
@@ -788,7 +788,7 @@ class Runtime:
         """An engineer puts the NMPC back in charge after it stood down for the platform recipe (audited first); it plans again from the next cycle.
 
         Between cycles only (the I/O lock). The trust region restarts at its
-        initial width and the miss count at 0 (:meth:`controller.nmpc.NmpcController.reenable`).
+        re-enable width (``reenable_width``) and the miss count at 0 (:meth:`controller.nmpc.NmpcController.reenable`).
         """
         if not reason.strip():
             raise ApprovalRefusedError("re-enabling the NMPC needs a reason")

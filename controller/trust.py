@@ -97,6 +97,16 @@ class TrustRegionConfig(FrozenConfig):
         ),
     )
     reenable_width: float = Field(default=0.3, ge=0.0, le=1.0, description="any source: width after an engineer's re-enable, this batch's results having stood the model down [-]")
+    evidence_lapse_h: float = Field(
+        default=72.0,
+        gt=0.0,
+        le=720.0,
+        description=(
+            "no lab result held against the model for this long (since the last, or since the region's first cycle: inoculation, a"
+            " take-over, a restart): a LIMS outage, results held back. The width falls to reenable_width and the earned reach to 1, as"
+            " for a model this batch has not checked, with the alarm nmpc_lab_results_overdue; the next results earn them again [h]"
+        ),
+    )
     widen_step: float = Field(default=0.15, ge=0.0, le=1.0, description="width added by a lab result that confirms the plan's prediction [-]")
     shrink_factor: float = Field(default=0.5, ge=0.0, le=1.0, description="width kept after a lab result that misses it [-]")
     misses_to_recipe: int = Field(default=3, ge=1, le=100, description="misses in a row after which the NMPC stands down for the platform recipe")
@@ -184,6 +194,10 @@ class TrustRegionConfig(FrozenConfig):
 
     @model_validator(mode="after")
     def _long_lead_is_longer(self) -> TrustRegionConfig:
+        if self.evidence_lapse_h <= self.lead_h:
+            raise ValueError(
+                f"evidence_lapse_h ({self.evidence_lapse_h}) must be longer than lead_h ({self.lead_h}): the first lab result a plan can be held against comes lead_h after it"
+            )
         if self.long_lead_h <= self.lead_h:
             raise ValueError(f"long_lead_h ({self.long_lead_h}) must be longer than lead_h ({self.lead_h}): earned reach needs predictions further ahead than the day-ahead check")
         return self
@@ -307,6 +321,10 @@ class TrustRegion:
         self._predictions: deque[_Prediction] = deque()
         self._ran = np.full((2, 2), np.nan)
         """The lowest and highest temperature setpoint [°C] (row 0) and nutrient feed [L/h] (row 1) of the production phase (NaN: none known)."""
+        self._evidence_h = math.nan
+        """Process time of the last lab result held against the model (NaN: none yet; the first cycle seen starts the clock)."""
+        self.overdue_since_h = math.nan
+        """Process time from which the lab results were overdue (:attr:`TrustRegionConfig.evidence_lapse_h`; NaN: they are not)."""
         self._planned_harvest_h = batch.recipe.harvest_h
         """The harvest of the last plan bounded (the recipe's until one is)."""
 
@@ -357,6 +375,7 @@ class TrustRegion:
         """Take note of the setpoints the plant ran (read back) at ``time_h``: the range of the production phase's temperature and
         nutrient feed. Before that phase (the warm growth phase, the days before the feed starts), a value outside the equipment's
         range (a bad read-back) or not finite, nothing is noted."""
+        self._lapse(time_h)
         equipment = self._batch.equipment
         if not time_h >= self.production_from_h:
             return
@@ -366,6 +385,22 @@ class TrustRegion:
         ):
             if math.isfinite(value) and low <= value <= high:
                 self._ran[row] = (np.fmin(self._ran[row, 0], value), np.fmax(self._ran[row, 1], value))
+
+    def _lapse(self, time_h: float) -> None:
+        """No lab result held against the model for ``evidence_lapse_h``: what the batch's results had earned is no longer known to
+        hold. The width falls to ``reenable_width`` (never widens) and the earned reach to 1; the next checked results earn them again."""
+        if not math.isfinite(time_h):
+            return
+        if not math.isfinite(self._evidence_h):
+            self._evidence_h = time_h
+            return
+        cfg = self.config
+        if self.stood_down or time_h - self._evidence_h <= cfg.evidence_lapse_h or math.isfinite(self.overdue_since_h):
+            return
+        self.overdue_since_h = self._evidence_h + cfg.evidence_lapse_h
+        log.warning("trust_lab_results_overdue", last_evidence_h=self._evidence_h, process_time_h=time_h, width=self.width, reach_scale=self.reach_scale)
+        self.width = min(self.width, cfg.reenable_width)
+        self.reach_scale = 1.0
 
     def _edges(self, time_h: float, volume_l: float, endgame: bool) -> tuple[float, float, float, float, float]:
         """At ``time_h``: the feed rate's lower and upper bound [L/h], the temperature's [°C] and the glucose window's lower edge [g/L].
@@ -519,6 +554,8 @@ class TrustRegion:
         errors = self._errors(predicted, lab, accepted)
         if not errors:
             return None
+        self._evidence_h = max(self._evidence_h, lab.taken_at_h) if math.isfinite(self._evidence_h) else lab.taken_at_h
+        self.overdue_since_h = math.nan
         biased = self._biased(errors, shadow=False)
         confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
         long_errors = self._run_errors(replay, lab, accepted)
@@ -650,8 +687,9 @@ class TrustRegion:
         self.stood_down = False
         self.misses = 0
         self.shadow_confirmations = self.shadow_checks = 0
-        self.width = self.config.reenable_width if self.active else self._initial_width()
+        self.width = min(self.config.reenable_width, self._initial_width())  # never wider than a site's own start
         self.reach_scale = 1.0
+        self._evidence_h = self.overdue_since_h = math.nan  # the lapse's clock starts again at the next cycle
         self._predictions.clear()  # the glucose error stays: the model's glucose shortfalls are still evidence
 
     # ------------------------------------------------------------------ report
@@ -667,6 +705,12 @@ class TrustRegion:
             return alarms
         if self.misses:
             alarms["nmpc_predictions_missed"] = f"{last}: trust region narrowed to {self.width:.0%}"
+        if self.active and math.isfinite(self.overdue_since_h):
+            alarms["nmpc_lab_results_overdue"] = (
+                f"no lab result has been held against the model since {self._evidence_h:.0f} h (overdue from {self.overdue_since_h:.0f} h:"
+                f" evidence_lapse_h {self.config.evidence_lapse_h:g} h): the trust region is back to {self.width:.0%} and its earned reach"
+                " to x1, as for a model this batch has not checked, until new results confirm it"
+            )
         if self.active and self.glucose_floor_at_target:
             alarms["nmpc_glucose_floor_at_target"] = self._floor_at_target_text()
         return alarms
@@ -718,6 +762,8 @@ class TrustRegion:
             "shadow_checks": self.shadow_checks,
             "glucose_error_g_per_l": self.glucose_error_g_per_l,
         }
+        if math.isfinite(self.overdue_since_h):
+            data["lab_results_overdue_since_h"] = self.overdue_since_h
         if now_h is not None and self.active:
             endgame = self.in_endgame(now_h)
             feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._edges(
@@ -750,10 +796,12 @@ class TrustRegion:
 
     def restore(self, data: dict[str, Any]) -> None:
         """Take up a saved region. A reach scale or miss count that is no finite number (a damaged or edited resume state) is no
-        evidence: the region takes a fresh one's. A width that is none takes the safe side, the narrow width of a re-enable (a fresh
-        region's when that is narrower): a batch its results had narrowed does not come back wide. A NaN would have made every bound
-        NaN, and the harvest window [now, now]: a harvest at once. A stand-down flag that is no boolean stands the NMPC down (the safe side)."""
-        self.width = float(np.clip(_saved_number(data, "width", self.width, damaged=min(self.width, self.config.reenable_width)), 0.0, 1.0))
+        evidence: the region takes a fresh one's. A width that is missing or none takes the safe side, the narrow width of a re-enable
+        (a fresh region's when that is narrower): a batch its results had narrowed does not come back wide. A NaN would have made every
+        bound NaN, and the harvest window [now, now]: a harvest at once. A stand-down flag that is no boolean stands the NMPC down (the
+        safe side)."""
+        safe = min(self.width, self.config.reenable_width)
+        self.width = float(np.clip(_saved_number(data, "width", safe), 0.0, 1.0))
         self.reach_scale = float(np.clip(_saved_number(data, "reach_scale", 1.0), 1.0, self.config.max_reach_scale))
         self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
         self._shortfalls.clear()
@@ -805,9 +853,8 @@ def _saved_count(data: dict[str, Any], name: str) -> int:
     return 0
 
 
-def _saved_number(data: dict[str, Any], name: str, default: float, *, damaged: float | None = None) -> float:
-    """``data[name]`` as a float; ``default`` when it is missing, ``damaged`` (else ``default``) when it is no finite number (logged: a
-    damaged or edited resume state)."""
+def _saved_number(data: dict[str, Any], name: str, default: float) -> float:
+    """``data[name]`` as a float; ``default`` when it is missing or no finite number (logged: a damaged or edited resume state)."""
     value = data.get(name, default)
     try:
         number = float(value)
@@ -815,9 +862,8 @@ def _saved_number(data: dict[str, Any], name: str, default: float, *, damaged: f
         number = math.nan
     if math.isfinite(number):
         return number
-    used = default if damaged is None else damaged
-    log.warning("trust_restore_value_ignored", field=name, saved=repr(value), used=used)
-    return used
+    log.warning("trust_restore_value_ignored", field=name, saved=repr(value), used=default)
+    return default
 
 
 def _fill_lower_bounds(feed_lower_lph: np.ndarray, durations_h: np.ndarray, volume_now_l: float, volume_upper_l: np.ndarray) -> np.ndarray:

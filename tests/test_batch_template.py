@@ -50,10 +50,19 @@ def test_a_template_names_no_batch_and_becomes_any_batch_of_the_plc(tmp_path):
         BatchConfig.from_yaml(path)
 
 
-@pytest.mark.parametrize(("batch_id", "problem"), [("", "empty"), ("BR01-" + "X" * 12, "17 characters"), ("BR01-Ä", "ASCII")])
+@pytest.mark.parametrize(
+    ("batch_id", "problem"),
+    [("", "empty"), ("BR01-" + "X" * 12, "17 characters"), ("BR01-Ä", "ASCII"), ("A\nbatch_id: B", "control characters"), ("BR01\t7", "control characters")],
+)
 def test_a_plc_batch_id_the_plc_could_not_hold_is_not_a_batch(batch_id, problem):
     with pytest.raises(ValueError, match=problem):
         BatchTemplate.model_validate(_template_data()).for_batch(batch_id)
+
+
+def test_a_batch_file_pinned_to_an_id_with_a_line_break_is_refused_by_name():
+    """An id with a line break would forge a line wherever it is written (the proposed batch file's header, logs)."""
+    with pytest.raises(ValueError, match="batch_id.*control characters"):
+        BatchTemplate.model_validate({**_template_data(), "batch_id": "A\nbatch_id: B"})
 
 
 def test_a_runtime_config_naming_a_template_follows_the_plc(tmp_path):

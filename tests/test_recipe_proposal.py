@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bioreactor_mpc.calibrate_cli import proposal_markdown
 from controller.calibration import CalibrationResult, CalibrationSettings, calibrate
 from controller.config import BatchConfig, BatchTemplate
 from controller.recipe_proposal import (
@@ -157,6 +158,10 @@ def test_the_proposed_recipe_beats_the_platform_on_the_plant_itself(plant, recor
     # A gain asked beyond what the model forecasts: nothing is proposed, and the reason gives the gain it found.
     modest = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(min_gain_fraction=0.99))
     assert modest.recipe is None and modest.best is not None and "below 99 %" in modest.reason
+    # The report names the margins the search kept, not the defaults.
+    wide = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(glucose_margin_g_per_l=3.0))
+    assert "glucose 3 g/L above the starvation limit" in proposal_markdown(wide, plant.batch)
+    assert "glucose 1 g/L above the starvation limit" in proposal_markdown(proposal, plant.batch)
 
 
 def test_a_batch_file_the_model_says_breaks_a_margin_is_not_traded_for_a_recipe_of_less_product(plant, records, calibration):
@@ -192,7 +197,7 @@ def test_calibrate_command_proposes_a_batch_file_for_review(records, tmp_path):
     platform = BatchConfig.from_yaml(PLATFORM)
     assert batch.recipe != platform.recipe and batch.inoculation == platform.inoculation
     # For the next batch: the id the platform file was pinned to is not carried over, and the file says so.
-    assert batch.batch_id is None and platform.batch_id is not None and f"{platform.batch_id}'s batch id is not carried over" in proposed.read_text()
+    assert batch.batch_id is None and platform.batch_id is not None and f"the batch id {platform.batch_id!r} is not carried over" in proposed.read_text()
     report = (tmp_path / "site-report" / "report.md").read_text()
     assert "## The next batch's recipe" in report and "**Proposed**" in report and "Rank correlation: +" in report
     # Records that cannot be ranked (three): no file, and the report says why; an earlier run's proposal does not linger.

@@ -472,7 +472,7 @@ def _run(region: TrustRegion, *runs: tuple[float, float, float]) -> None:
 def test_in_the_endgame_the_plan_holds_within_what_the_production_phase_has_run(batch):
     """A move made in the last long_lead_h before the harvest is one no lab result checks before it (the calibrated cell_cycle model
     cooled to 30.7 °C there, below the plant's productivity optimum, and gave up its lead over the recipe)."""
-    region = _region(batch, initial_width=1.0, temperature_reach_degc=3.0, feed_reach_per_day=0.06)
+    region = _region(batch, initial_width=1.0, temperature_reach_degc=3.0, feed_reach_per_day=0.06, evidence_lapse_h=720.0)  # no lab results here: not about their lapse
     assert region.endgame_from_h == pytest.approx(batch.recipe.harvest_h - 72.0)
     assert region.production_from_h == pytest.approx(batch.recipe.temperature_shift_h + 24.0)
     # The warm growth phase, the days before the feed starts, the ramp after the shift: not the production phase.
@@ -530,7 +530,7 @@ def test_the_controller_notes_the_setpoints_it_reads_back(model, batch, day_twel
 )
 def test_the_production_phases_range_survives_a_restart_and_a_damaged_one_is_none(batch, saved, kept):
     region = _region(batch, initial_width=1.0)
-    region.restore(saved)
+    region.restore({"width": 1.0, **saved})  # a resume state carries its width (one without it resumes narrow: the safe side)
     assert (region.to_dict()["ran_temperature_degc"], region.to_dict()["ran_feed_lph"]) == kept
     lowest = 32.4 if kept[0][0] is not None else 33.0
     assert _endgame_bounds(region, region.endgame_from_h + 6.0, previous_degc=33.0).inputs_lower[2].min() == pytest.approx(lowest)
@@ -620,12 +620,65 @@ def test_the_shadow_counts_survive_a_restart_and_damaged_ones_are_none(batch, sa
     assert region.to_dict()["shadow_checks"] == checks and region.to_dict()["shadow_confirmations"] == confirmations
 
 
-def test_an_engineers_re_enable_restarts_a_calibrated_model_at_the_initial_width_not_its_whole_envelope(batch, envelope):
+def test_an_engineers_re_enable_restarts_a_calibrated_model_at_the_reenable_width_not_its_whole_envelope(batch, envelope):
     """A calibrated model starts the batch at full width, its records having checked it; once the batch's own results stood it
     down, a re-enable gives it the unchecked width to earn again (re-enabled at full width, `cell_cycle` lost 0.22-0.23 of its
     gap in two batches, at 0.3 about half that)."""
-    region = _region(batch, envelope, misses_to_recipe=1, initial_width=0.3)
+    region = _region(batch, envelope, misses_to_recipe=1, initial_width=1.0, reenable_width=0.2)
     assert region.source is RegionSource.CALIBRATION_ENVELOPE and region.width == 1.0
     _stand_down(region)
     region.reenable()
-    assert not region.stood_down and region.width == pytest.approx(0.3) and region.reach_scale == 1.0
+    assert not region.stood_down and region.width == pytest.approx(0.2) and region.reach_scale == 1.0
+
+
+def test_the_recipe_band_starts_at_its_whole_reach_and_a_re_enable_is_never_wider_than_the_sites_start(batch):
+    band = _region(batch, misses_to_recipe=1)
+    assert band.source is RegionSource.RECIPE_BAND and band.width == 1.0
+    _stand_down(band)
+    band.reenable()
+    assert band.width == pytest.approx(band.config.reenable_width) == pytest.approx(0.3)
+    cautious = _region(batch, misses_to_recipe=1, initial_width=0.1)
+    assert cautious.width == pytest.approx(0.1)
+    _stand_down(cautious)
+    cautious.reenable()
+    assert cautious.width == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_resume_state_without_a_width_resumes_narrow(batch, envelope, calibrated):
+    """A batch resumed or taken over mid-way with no saved width: nothing says what its results had earned, so the safe side."""
+    region = _region(batch, envelope if calibrated else (), reach_step=0.25)
+    region.restore({})
+    assert region.width == pytest.approx(region.config.reenable_width) and region.reach_scale == 1.0 and not region.stood_down
+    region.restore({"width": 0.8})
+    assert region.width == pytest.approx(0.8)
+
+
+def test_lab_results_overdue_take_back_what_the_batch_had_earned_until_results_confirm_again(batch):
+    """A LIMS outage: no result held against the model for evidence_lapse_h. The band at its whole reach (and any earned reach) is
+    no longer known to hold; the width falls to the re-enable width and the reach to 1, alarmed, and the next confirmations earn them again."""
+    region = _region(batch, lead_h=24.0, evidence_lapse_h=72.0)
+    _run(region, (0.0, 0.0, 36.5))
+    _plan(region, 0.0, vcd=5.0, titer=0.5, glucose=4.0)
+    assert region.check(_lab(1, 24.0, vcd=5.0, titer=0.5, glucose=4.0)) is not None and region.width == 1.0
+    region.reach_scale = 2.0
+    _run(region, (90.0, 0.0, 36.5), (96.0, 0.0, 36.5))
+    assert region.width == 1.0 and region.reach_scale == 2.0 and "nmpc_lab_results_overdue" not in region.alarms()  # 72 h after the last draw: not yet
+    _run(region, (97.0, 0.0, 36.5))
+    assert region.width == pytest.approx(0.3) and region.reach_scale == 1.0
+    alarm = region.alarms()["nmpc_lab_results_overdue"]
+    assert "since 24 h" in alarm and "overdue from 96 h" in alarm and region.summary()["lab_results_overdue_since_h"] == pytest.approx(96.0)
+    _run(region, (150.0, 0.0, 36.5))
+    assert region.width == pytest.approx(0.3)  # once, not again and again
+    _plan(region, 150.0, vcd=5.0, titer=0.5, glucose=4.0)
+    confirmed = region.check(_lab(2, 174.0, vcd=5.0, titer=0.5, glucose=4.0))
+    assert confirmed is not None and confirmed.confirmed and region.width == pytest.approx(0.45) and "nmpc_lab_results_overdue" not in region.alarms()
+    stood = _region(batch, misses_to_recipe=1, evidence_lapse_h=72.0)
+    _stand_down(stood)
+    _run(stood, (30.0, 0.0, 36.5), (200.0, 0.0, 36.5))
+    assert set(stood.alarms()) == {"nmpc_stood_down"}  # stood down, the recipe runs: nothing to take back
+
+
+def test_the_lapse_must_leave_room_for_the_first_check():
+    with pytest.raises(ValueError, match="evidence_lapse_h"):
+        TrustRegionConfig(lead_h=24.0, evidence_lapse_h=24.0)

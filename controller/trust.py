@@ -343,10 +343,7 @@ class TrustRegion:
         if not self.active:
             return now_h, latest_h
         reach = self.width * self.reach_scale * self.config.harvest_reach_h
-        upper = recipe_h + reach
-        if self.source is RegionSource.CALIBRATION_ENVELOPE:
-            upper = min(upper, max(recipe_h, self._envelope[-1].end_h))
-        return max(now_h, recipe_h - reach), max(now_h, min(upper, latest_h))
+        return max(now_h, recipe_h - reach), max(now_h, min(recipe_h + reach, latest_h))
 
     def _phase(self, time_h: float) -> PhaseEnvelope:
         for phase in self._envelope:
@@ -423,26 +420,26 @@ class TrustRegion:
         """The region's edges at ``time_h`` (:meth:`_edges` without the end-game) about the recipe's ``temperature`` and ``feed`` then."""
         cfg, batch, w, scale = self.config, self._batch, self.width, self.reach_scale
         target = batch.recipe.glucose_target_g_per_l
+        # The recipe band: the recipe's own neighbourhood, where the plant has always run, whatever the model (its reach scaled by
+        # what the batch's results earned).
+        t_low, t_high = temperature - scale * cfg.temperature_reach_degc, temperature + scale * cfg.temperature_reach_degc
+        reach_lph = scale * cfg.feed_reach_per_day * batch.inoculation.volume_l / 24.0
+        f_low, f_high = max(0.0, feed - reach_lph), feed + reach_lph
+        g_low = target - scale * cfg.glucose_reach_g_per_l
         if self.source is RegionSource.CALIBRATION_ENVELOPE:
+            # And where the records checked the model: the envelope and its margin, extended by (scale − 1) times the band's reach
+            # as the results earn it. A calibrated model may go wherever an uncalibrated one may, and where its records went.
             phase = self._phase(time_h)
-            # Earned reach extends the envelope by (scale − 1) times the recipe band's reach, as it extends the band itself.
             earned = scale - 1.0
-            t_low = phase.temperature_degc.low - cfg.envelope_margin_degc - earned * cfg.temperature_reach_degc
-            t_high = phase.temperature_degc.high + cfg.envelope_margin_degc + earned * cfg.temperature_reach_degc
+            t_low = min(t_low, phase.temperature_degc.low - cfg.envelope_margin_degc - earned * cfg.temperature_reach_degc)
+            t_high = max(t_high, phase.temperature_degc.high + cfg.envelope_margin_degc + earned * cfg.temperature_reach_degc)
             feeds, glucose = phase.feed_per_volume_per_day, phase.glucose_g_per_l
             f_margin = cfg.envelope_margin_relative * (feeds.high - feeds.low)
             earned_lph = earned * cfg.feed_reach_per_day * batch.inoculation.volume_l / 24.0
-            f_low = max(0.0, max(0.0, feeds.low - f_margin) * volume_l / 24.0 - earned_lph)
-            f_high = (feeds.high + f_margin) * volume_l / 24.0 + earned_lph
+            f_low = min(f_low, max(0.0, max(0.0, feeds.low - f_margin) * volume_l / 24.0 - earned_lph))
+            f_high = max(f_high, (feeds.high + f_margin) * volume_l / 24.0 + earned_lph)
             if glucose.high > 0.0:
-                g_low = glucose.low - cfg.envelope_margin_relative * (glucose.high - glucose.low) - earned * cfg.glucose_reach_g_per_l
-            else:
-                g_low = target
-        else:
-            t_low, t_high = temperature - scale * cfg.temperature_reach_degc, temperature + scale * cfg.temperature_reach_degc
-            reach_lph = scale * cfg.feed_reach_per_day * batch.inoculation.volume_l / 24.0
-            f_low, f_high = max(0.0, feed - reach_lph), feed + reach_lph
-            g_low = target - scale * cfg.glucose_reach_g_per_l
+                g_low = min(g_low, glucose.low - cfg.envelope_margin_relative * (glucose.high - glucose.low) - earned * cfg.glucose_reach_g_per_l)
         # Starvation is a hard limit, and a day-ahead glucose prediction is trusted only to ±glucose_error_g_per_l (the batch's own
         # shortfalls widen it): whatever the source, the plan keeps glucose_margins of those above the limit.
         g_low = min(target, max(g_low, batch.limits.glucose_min_g_per_l + cfg.glucose_margins * self.glucose_error_g_per_l))

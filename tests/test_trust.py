@@ -142,17 +142,26 @@ def test_a_narrowed_region_never_feeds_the_reactor_into_the_recipe_s_glucose_roo
     np.testing.assert_allclose(roomy.inputs_lower[0], [region._recipe.feed_rate_lph(t) for t in starts])  # far from the room: the schedule
 
 
-def test_a_calibrated_model_plans_in_its_envelope_plus_margin(batch, envelope):
-    region = _region(batch, envelope, envelope_margin_degc=0.5, envelope_margin_relative=0.1)
+def test_a_calibrated_model_plans_in_its_envelope_plus_margin_and_in_the_recipe_band(batch, envelope):
+    """Where its records went (the envelope, 31-34 °C after the shift, plus its margin) and where the plant has always run (the
+    recipe's band, 33 ± 1.5 °C): a calibrated model may go wherever an uncalibrated one may."""
+    region = _region(batch, envelope, envelope_margin_degc=0.5, envelope_margin_relative=0.1, temperature_reach_degc=1.5, feed_reach_per_day=0.02)
     assert region.source is RegionSource.CALIBRATION_ENVELOPE and region.width == 1.0
     starts, durations = _grid(200.0)
     bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1800.0), previous_inputs=np.array([2.0, 0.2, 33.0]), temperature_rate_degc_per_h=RATE)
     assert bounds is not None
-    np.testing.assert_allclose(bounds.inputs_lower[2], 30.5)
+    np.testing.assert_allclose(bounds.inputs_lower[2], 30.5)  # the envelope's, below the band's 31.5
     np.testing.assert_allclose(bounds.inputs_upper[2], 34.5)
-    np.testing.assert_allclose(bounds.inputs_upper[0], (0.04 + 0.002) * 1800.0 / 24.0)
-    np.testing.assert_allclose(bounds.glucose_lower, 3.0 - 0.3)
-    assert region.harvest_window_h(200.0) == (batch.recipe.harvest_h - 24.0, 348.0)
+    band_high = [region._recipe.feed_rate_lph(t) + 0.02 * batch.inoculation.volume_l / 24.0 for t in starts]
+    np.testing.assert_allclose(bounds.inputs_upper[0], np.maximum((0.04 + 0.002) * 1800.0 / 24.0, band_high))
+    # The band goes 2.5 g/L below the target, deeper than the envelope's 2.7 g/L: the starvation floor (0.5 + 2 × 0.75) holds it.
+    np.testing.assert_allclose(bounds.glucose_lower, batch.limits.glucose_min_g_per_l + 2.0 * 0.75)
+    assert region.harvest_window_h(200.0) == (batch.recipe.harvest_h - 24.0, batch.recipe.harvest_h + 24.0)
+    narrow = _region(batch, envelope, envelope_margin_degc=0.5, temperature_reach_degc=0.1, feed_reach_per_day=0.0, glucose_reach_g_per_l=0.0, harvest_reach_h=0.0)
+    only_envelope = narrow.bounds(starts, durations, volume_l=np.full(starts.size, 1800.0), previous_inputs=np.array([2.0, 0.2, 33.0]), temperature_rate_degc_per_h=RATE)
+    assert only_envelope is not None
+    np.testing.assert_allclose(only_envelope.inputs_upper[0], (0.04 + 0.002) * 1800.0 / 24.0)
+    np.testing.assert_allclose(only_envelope.glucose_lower, 3.0 - 0.3)
 
 
 class _Frozen:
@@ -320,10 +329,11 @@ def test_earned_reach_extends_a_calibration_envelope_by_the_bands_reach(batch, e
     band_lph = 0.02 * batch.inoculation.volume_l / 24.0
     np.testing.assert_allclose(bounds.inputs_lower[2], 30.5 - 1.5)
     np.testing.assert_allclose(bounds.inputs_upper[2], 34.5 + 1.5)
-    np.testing.assert_allclose(bounds.inputs_upper[0], (0.04 + 0.002) * 1800.0 / 24.0 + band_lph)
-    np.testing.assert_allclose(bounds.inputs_lower[0], max(0.0, (0.02 - 0.002) * 1800.0 / 24.0 - band_lph))
+    recipe_feed = np.array([region._recipe.feed_rate_lph(t) for t in starts])
+    np.testing.assert_allclose(bounds.inputs_upper[0], np.maximum((0.04 + 0.002) * 1800.0 / 24.0 + band_lph, recipe_feed + 2.0 * band_lph))
+    np.testing.assert_allclose(bounds.inputs_lower[0], np.minimum(max(0.0, (0.02 - 0.002) * 1800.0 / 24.0 - band_lph), np.maximum(0.0, recipe_feed - 2.0 * band_lph)))
     np.testing.assert_allclose(bounds.glucose_lower, batch.limits.glucose_min_g_per_l + 2.0 * 0.75)  # 2.7 - 2.5 is below the floor
-    assert region.harvest_window_h(200.0) == (batch.recipe.harvest_h - 48.0, 348.0)  # no later than the records went
+    assert region.harvest_window_h(200.0) == (batch.recipe.harvest_h - 48.0, batch.limits.latest_harvest_h)  # the band's reach earned twice, within the latest harvest
 
 
 @pytest.mark.parametrize(

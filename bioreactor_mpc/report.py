@@ -129,7 +129,11 @@ class TrustTimeline:
         """The report's lines: where the region came from, its width over the batch, the lab checks and any stand-down."""
         if self.source is RegionSource.OFF:
             return ["trust region: off (the NMPC plans anywhere in the equipment's range)"]
-        source = "the calibration envelope plus a margin" if self.source is RegionSource.CALIBRATION_ENVELOPE else "a band around the platform recipe"
+        source = (
+            "the calibration envelope plus a margin, and the band around the platform recipe"
+            if self.source is RegionSource.CALIBRATION_ENVELOPE
+            else "a band around the platform recipe"
+        )
         planned = [check for check in self.checks if not check.shadow]
         confirmed = sum(check.confirmed for check in planned)
         shadow = [check for check in self.checks if check.shadow]

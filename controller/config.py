@@ -146,6 +146,8 @@ def batch_id_problem(batch_id: str) -> str | None:
         return f"is {len(batch_id)} characters long, more than the {BATCH_ID_MAX_CHARS} the PLC stores"
     if not batch_id.isascii():
         return f"must be ASCII (the PLC stores it as {BATCH_ID_MAX_CHARS} ASCII characters)"
+    if batch_id != batch_id.strip():
+        return "must not begin or end with a space (it names files, logs and audit records, and the PLC's would not match)"
     if not batch_id.isprintable():
         return "must be printable ASCII: no control characters such as a line break or a tab (it names files, logs and audit records)"
     return None

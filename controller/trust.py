@@ -7,8 +7,10 @@ platform recipe's own trajectory):
 - **calibration envelope**: a model calibrated on batch records carries the
   operating envelope those records covered, per process phase (temperature,
   nutrient feed per volume, glucose level; :func:`controller.calibration.operating_envelope`).
-  The reach is that envelope plus a configured margin, and the region starts
-  at full width: the data checked the model there.
+  The reach is that envelope plus a configured margin, joined with the
+  recipe band where they overlap (a calibrated model may go wherever an
+  uncalibrated one may), and the region starts at full width: the data
+  checked the model there.
 - **recipe band**: a model with no envelope (the nominal kinetics) is trusted
   only near what the plant has always run: the recipe's temperature, its
   feed per initial volume and its glucose target, within configured reaches.
@@ -98,13 +100,15 @@ class TrustRegionConfig(FrozenConfig):
     )
     reenable_width: float = Field(default=0.3, ge=0.0, le=1.0, description="any source: width after an engineer's re-enable, this batch's results having stood the model down [-]")
     evidence_lapse_h: float = Field(
-        default=72.0,
+        default=96.0,
         gt=0.0,
         le=720.0,
         description=(
-            "no lab result held against the model for this long (since the last, or since the region's first cycle: inoculation, a"
-            " take-over, a restart): a LIMS outage, results held back. The width falls to reenable_width and the earned reach to 1, as"
-            " for a model this batch has not checked, with the alarm nmpc_lab_results_overdue; the next results earn them again [h]"
+            "no lab result held against the model for this long (counted from the cycle that checked the last one, or from the region's"
+            " first cycle: inoculation, a take-over, a re-enable; the clock goes on across a restart): a LIMS outage, results held back,"
+            " a runtime restarting too often to have a day-old plan to check. The width falls to reenable_width and the earned reach to"
+            " 1, as for a model this batch has not checked, with the alarm nmpc_lab_results_overdue; the next results earn them again."
+            " 96 h: a weekend without samples (Friday's result to Monday's, 72 h) is no lapse [h]"
         ),
     )
     widen_step: float = Field(default=0.15, ge=0.0, le=1.0, description="width added by a lab result that confirms the plan's prediction [-]")
@@ -322,7 +326,11 @@ class TrustRegion:
         self._ran = np.full((2, 2), np.nan)
         """The lowest and highest temperature setpoint [°C] (row 0) and nutrient feed [L/h] (row 1) of the production phase (NaN: none known)."""
         self._evidence_h = math.nan
-        """Process time of the last lab result held against the model (NaN: none yet; the first cycle seen starts the clock)."""
+        """Process time of the cycle that last held a lab result against the model (NaN: none yet; the first cycle seen starts the clock)."""
+        self._evidence_is_result = False
+        """Whether :attr:`_evidence_h` is a checked result's, not the region's first cycle (after inoculation, a restart, a re-enable)."""
+        self._now_h = math.nan
+        """Process time of the cycle now (the last :meth:`ran`)."""
         self.overdue_since_h = math.nan
         """Process time from which the lab results were overdue (:attr:`TrustRegionConfig.evidence_lapse_h`; NaN: they are not)."""
         self._planned_harvest_h = batch.recipe.harvest_h
@@ -388,8 +396,9 @@ class TrustRegion:
         hold. The width falls to ``reenable_width`` (never widens) and the earned reach to 1; the next checked results earn them again."""
         if not math.isfinite(time_h):
             return
+        self._now_h = time_h
         if not math.isfinite(self._evidence_h):
-            self._evidence_h = time_h
+            self._evidence_h, self._evidence_is_result = time_h, False
             return
         cfg = self.config
         if self.stood_down or time_h - self._evidence_h <= cfg.evidence_lapse_h or math.isfinite(self.overdue_since_h):
@@ -431,13 +440,19 @@ class TrustRegion:
             # as the results earn it. A calibrated model may go wherever an uncalibrated one may, and where its records went.
             phase = self._phase(time_h)
             earned = scale - 1.0
-            t_low = min(t_low, phase.temperature_degc.low - cfg.envelope_margin_degc - earned * cfg.temperature_reach_degc)
-            t_high = max(t_high, phase.temperature_degc.high + cfg.envelope_margin_degc + earned * cfg.temperature_reach_degc)
+            t_low, t_high = _joined(
+                (t_low, t_high),
+                (
+                    phase.temperature_degc.low - cfg.envelope_margin_degc - earned * cfg.temperature_reach_degc,
+                    phase.temperature_degc.high + cfg.envelope_margin_degc + earned * cfg.temperature_reach_degc,
+                ),
+            )
             feeds, glucose = phase.feed_per_volume_per_day, phase.glucose_g_per_l
             f_margin = cfg.envelope_margin_relative * (feeds.high - feeds.low)
             earned_lph = earned * cfg.feed_reach_per_day * batch.inoculation.volume_l / 24.0
-            f_low = min(f_low, max(0.0, max(0.0, feeds.low - f_margin) * volume_l / 24.0 - earned_lph))
-            f_high = max(f_high, (feeds.high + f_margin) * volume_l / 24.0 + earned_lph)
+            f_low, f_high = _joined(
+                (f_low, f_high), (max(0.0, max(0.0, feeds.low - f_margin) * volume_l / 24.0 - earned_lph), (feeds.high + f_margin) * volume_l / 24.0 + earned_lph)
+            )
             if glucose.high > 0.0:
                 g_low = min(g_low, glucose.low - cfg.envelope_margin_relative * (glucose.high - glucose.low) - earned * cfg.glucose_reach_g_per_l)
         # Starvation is a hard limit, and a day-ahead glucose prediction is trusted only to ±glucose_error_g_per_l (the batch's own
@@ -551,8 +566,10 @@ class TrustRegion:
         errors = self._errors(predicted, lab, accepted)
         if not errors:
             return None
-        self._evidence_h = max(self._evidence_h, lab.taken_at_h) if math.isfinite(self._evidence_h) else lab.taken_at_h
-        self.overdue_since_h = math.nan
+        # Counted from the cycle that checked it (its arrival, 3-5 h after the draw): a lapse is about results that stopped coming.
+        now_h = self._now_h if math.isfinite(self._now_h) else lab.taken_at_h
+        self._evidence_h = max(self._evidence_h, now_h) if math.isfinite(self._evidence_h) else now_h
+        self._evidence_is_result, self.overdue_since_h = True, math.nan
         biased = self._biased(errors, shadow=False)
         confirmed = all(abs(error) <= 1.0 for error in errors.values()) and not biased
         long_errors = self._run_errors(replay, lab, accepted)
@@ -687,6 +704,7 @@ class TrustRegion:
         self.width = min(self.config.reenable_width, self._initial_width())  # never wider than a site's own start
         self.reach_scale = 1.0
         self._evidence_h = self.overdue_since_h = math.nan  # the lapse's clock starts again at the next cycle
+        self._evidence_is_result = False
         self._predictions.clear()  # the glucose error stays: the model's glucose shortfalls are still evidence
 
     # ------------------------------------------------------------------ report
@@ -704,7 +722,8 @@ class TrustRegion:
             alarms["nmpc_predictions_missed"] = f"{last}: trust region narrowed to {self.width:.0%}"
         if self.active and math.isfinite(self.overdue_since_h):
             alarms["nmpc_lab_results_overdue"] = (
-                f"no lab result has been held against the model since {self._evidence_h:.0f} h (overdue from {self.overdue_since_h:.0f} h:"
+                f"{'no lab result has been held against the model since' if self._evidence_is_result else 'no lab result has been held against the model since the region started at'}"
+                f" {self._evidence_h:.0f} h (overdue from {self.overdue_since_h:.0f} h:"
                 f" evidence_lapse_h {self.config.evidence_lapse_h:g} h): the trust region is back to {self.width:.0%} and its earned reach"
                 " to x1, as for a model this batch has not checked, until new results confirm it"
             )
@@ -789,6 +808,9 @@ class TrustRegion:
             "glucose_shortfalls_g_per_l": [value if math.isfinite(value) else None for value in self._shortfalls],
             "ran_temperature_degc": [value if math.isfinite(value) else None for value in self._ran[0]],
             "ran_feed_lph": [value if math.isfinite(value) else None for value in self._ran[1]],
+            "last_evidence_h": self._evidence_h if math.isfinite(self._evidence_h) else None,
+            "last_evidence_is_result": self._evidence_is_result,
+            "lab_results_overdue_since_h": self.overdue_since_h if math.isfinite(self.overdue_since_h) else None,
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -801,6 +823,20 @@ class TrustRegion:
         self.width = float(np.clip(_saved_number(data, "width", safe), 0.0, 1.0))
         self.reach_scale = float(np.clip(_saved_number(data, "reach_scale", 1.0), 1.0, self.config.max_reach_scale))
         self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
+        # The lapse's clock goes on across a restart (a runtime that restarts every few hours never has a day-old plan to check a
+        # result against): missing (a state saved before it was kept), it starts at the first cycle after the restart; damaged, the
+        # results are taken as overdue now (the safe side).
+        evidence = data.get("last_evidence_h")
+        self._evidence_h, self._evidence_is_result, self.overdue_since_h = math.nan, False, math.nan
+        if evidence is not None:
+            if isinstance(evidence, int | float) and not isinstance(evidence, bool) and math.isfinite(evidence):
+                self._evidence_h, self._evidence_is_result = float(evidence), data.get("last_evidence_is_result") is True
+                overdue = data.get("lab_results_overdue_since_h")
+                if isinstance(overdue, int | float) and not isinstance(overdue, bool) and math.isfinite(overdue):
+                    self.overdue_since_h = float(overdue)
+            else:
+                log.warning("trust_restore_value_ignored", field="last_evidence_h", saved=repr(evidence), used="overdue now")
+                self.width, self.reach_scale = min(self.width, self.config.reenable_width), 1.0
         self._shortfalls.clear()
         self._shortfalls.extend(_saved_shortfalls(data))
         self._ran = np.array([_saved_range(data, "ran_temperature_degc"), _saved_range(data, "ran_feed_lph")])
@@ -812,6 +848,14 @@ class TrustRegion:
         # What the model showed since the stand-down: none unless stood down; a damaged count is none (collected again).
         self.shadow_checks, self.shadow_confirmations = (_saved_count(data, name) if stood_down else 0 for name in ("shadow_checks", "shadow_confirmations"))
         self.shadow_confirmations = min(self.shadow_confirmations, self.shadow_checks)
+
+
+def _joined(band: tuple[float, float], envelope: tuple[float, float]) -> tuple[float, float]:
+    """The band's interval and the envelope's as one: both, where they overlap or touch; the band alone where they do not, for the
+    values between them are in neither (an envelope of other recipes' records far from this recipe's setpoint)."""
+    if envelope[0] <= band[1] and band[0] <= envelope[1]:
+        return min(band[0], envelope[0]), max(band[1], envelope[1])
+    return band
 
 
 def _saved_shortfalls(data: dict[str, Any]) -> list[float]:

@@ -90,6 +90,7 @@ def test_a_running_batch_without_its_history_is_refused_and_a_signed_take_over_s
     assert estimate["state"]["viable_cells"] == pytest.approx(truth["vcd"], rel=0.25)
     assert estimate["state"]["volume"] > loaded.batch.inoculation.volume_l + 20.0, "today's volume, not the inoculation record's"
     assert all(c["harvest_time_h"] >= 300.0 for c in cycles if c["harvest_time_h"] is not None), "no harvest planned from an out-of-date estimate"
+    assert json.loads(first["trust"])["width"] == pytest.approx(0.3), "taken over, the region starts narrow: nothing says what the batch's results earned"
     assert [r.action for r in audit.records() if r.action == "batch_taken_over"] == ["batch_taken_over"]
     assert cycles[-1]["state"] == "closed_loop" and _sp_writes(result.rows("writes"), outcome="ok")
     audit.close()

@@ -52,7 +52,7 @@ def test_a_template_names_no_batch_and_becomes_any_batch_of_the_plc(tmp_path):
 
 @pytest.mark.parametrize(
     ("batch_id", "problem"),
-    [("", "empty"), ("BR01-" + "X" * 12, "17 characters"), ("BR01-Ä", "ASCII"), ("A\nbatch_id: B", "control characters"), ("BR01\t7", "control characters")],
+    [("", "empty"), ("BR01-" + "X" * 12, "17 characters"), ("BR01-Ä", "ASCII"), ("A\nbatch_id: B", "control characters"), ("BR01\t7", "control characters"), (" BR01-7", "space")],
 )
 def test_a_plc_batch_id_the_plc_could_not_hold_is_not_a_batch(batch_id, problem):
     with pytest.raises(ValueError, match=problem):

@@ -13,6 +13,7 @@ from controller.recipe import PlatformRecipe
 from controller.trust import RegionSource, Replay, TrustRegion, TrustRegionConfig
 from controller.types import LabResult, Setpoints
 from plant_models.cho import STATE_INDEX
+from plant_models.parameters import PhaseEnvelope, ValueRange
 
 RATE = 0.5
 
@@ -665,28 +666,78 @@ def test_a_resume_state_without_a_width_resumes_narrow(batch, envelope, calibrat
 
 
 def test_lab_results_overdue_take_back_what_the_batch_had_earned_until_results_confirm_again(batch):
-    """A LIMS outage: no result held against the model for evidence_lapse_h. The band at its whole reach (and any earned reach) is
-    no longer known to hold; the width falls to the re-enable width and the reach to 1, alarmed, and the next confirmations earn them again."""
+    """A LIMS outage: no result held against the model for evidence_lapse_h, counted from the cycle that checked the last one (its
+    arrival, not its draw). The band at its whole reach (and any earned reach) is no longer known to hold; the width falls to the
+    re-enable width and the reach to 1, alarmed, and the next confirmations earn them again."""
     region = _region(batch, lead_h=24.0, evidence_lapse_h=72.0)
     _run(region, (0.0, 0.0, 36.5))
     _plan(region, 0.0, vcd=5.0, titer=0.5, glucose=4.0)
+    _run(region, (28.0, 0.0, 36.5))  # the cycle the result drawn at 24 h arrives in
     assert region.check(_lab(1, 24.0, vcd=5.0, titer=0.5, glucose=4.0)) is not None and region.width == 1.0
     region.reach_scale = 2.0
-    _run(region, (90.0, 0.0, 36.5), (96.0, 0.0, 36.5))
-    assert region.width == 1.0 and region.reach_scale == 2.0 and "nmpc_lab_results_overdue" not in region.alarms()  # 72 h after the last draw: not yet
-    _run(region, (97.0, 0.0, 36.5))
+    _run(region, (90.0, 0.0, 36.5), (100.0, 0.0, 36.5))
+    assert region.width == 1.0 and region.reach_scale == 2.0 and "nmpc_lab_results_overdue" not in region.alarms()  # 72 h after its arrival: not yet
+    _run(region, (101.0, 0.0, 36.5))
     assert region.width == pytest.approx(0.3) and region.reach_scale == 1.0
     alarm = region.alarms()["nmpc_lab_results_overdue"]
-    assert "since 24 h" in alarm and "overdue from 96 h" in alarm and region.summary()["lab_results_overdue_since_h"] == pytest.approx(96.0)
+    assert "held against the model since 28 h" in alarm and "overdue from 100 h" in alarm and region.summary()["lab_results_overdue_since_h"] == pytest.approx(100.0)
+    # A restart keeps the clock and the alarm: a runtime restarting every few hours never has a day-old plan to check a result against.
+    restarted = _region(batch, lead_h=24.0, evidence_lapse_h=72.0)
+    restarted.restore(region.to_dict())
+    assert restarted.width == pytest.approx(0.3) and "overdue from 100 h" in restarted.alarms()["nmpc_lab_results_overdue"]
+    quiet = _region(batch, lead_h=24.0, evidence_lapse_h=72.0)
+    quiet.restore({**region.to_dict(), "width": 1.0, "lab_results_overdue_since_h": None, "last_evidence_h": 28.0})
+    _run(quiet, (150.0, 0.0, 36.5))
+    assert quiet.width == pytest.approx(0.3), "the lapse's clock went on across the restart"
+    damaged = _region(batch, lead_h=24.0)
+    damaged.restore({"width": 1.0, "reach_scale": 2.0, "last_evidence_h": "abc"})
+    assert damaged.width == pytest.approx(0.3) and damaged.reach_scale == 1.0  # overdue now: the safe side
     _run(region, (150.0, 0.0, 36.5))
     assert region.width == pytest.approx(0.3)  # once, not again and again
     _plan(region, 150.0, vcd=5.0, titer=0.5, glucose=4.0)
+    _run(region, (178.0, 0.0, 36.5))
     confirmed = region.check(_lab(2, 174.0, vcd=5.0, titer=0.5, glucose=4.0))
     assert confirmed is not None and confirmed.confirmed and region.width == pytest.approx(0.45) and "nmpc_lab_results_overdue" not in region.alarms()
     stood = _region(batch, misses_to_recipe=1, evidence_lapse_h=72.0)
     _stand_down(stood)
     _run(stood, (30.0, 0.0, 36.5), (200.0, 0.0, 36.5))
     assert set(stood.alarms()) == {"nmpc_stood_down"}  # stood down, the recipe runs: nothing to take back
+    # A re-enable after a long stand-down starts the clock again: no overdue alarm at the next cycle.
+    stood.reenable()
+    _run(stood, (201.0, 0.0, 36.5), (260.0, 0.0, 36.5))
+    assert "nmpc_lab_results_overdue" not in stood.alarms() and stood.width == pytest.approx(0.3)
+    _run(stood, (274.0, 0.0, 36.5))
+    assert "since the region started at 201 h" in stood.alarms()["nmpc_lab_results_overdue"]
+
+
+def test_a_calibrated_region_joins_the_band_and_an_envelope_that_overlap_it_but_fills_no_gap_between_them(batch):
+    """An envelope of records far colder than this recipe (30-30.5 °C against 33 °C after the shift): the values between them are in
+    neither, so the region is the band alone; one that overlaps the band widens it."""
+    far = (
+        PhaseEnvelope(
+            phase="production",
+            start_h=0.0,
+            end_h=400.0,
+            temperature_degc=ValueRange(low=29.0, high=29.5),
+            feed_per_volume_per_day=ValueRange(low=0.02, high=0.04),
+            glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.01),
+            glucose_g_per_l=ValueRange(low=3.0, high=6.0),
+            batches=3,
+        ),
+    )
+    region = _region(batch, far, envelope_margin_degc=0.5, temperature_reach_degc=1.5)
+    starts, durations = _grid(200.0)
+    bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1800.0), previous_inputs=np.array([2.0, 0.2, 33.0]), temperature_rate_degc_per_h=RATE)
+    assert bounds is not None
+    np.testing.assert_allclose(bounds.inputs_lower[2], 33.0 - 1.5)
+    np.testing.assert_allclose(bounds.inputs_upper[2], 33.0 + 1.5)
+    near = (far[0].model_copy(update={"temperature_degc": ValueRange(low=30.5, high=31.5)}),)
+    joined = _region(batch, near, envelope_margin_degc=0.5, temperature_reach_degc=1.5).bounds(
+        starts, durations, volume_l=np.full(starts.size, 1800.0), previous_inputs=np.array([2.0, 0.2, 33.0]), temperature_rate_degc_per_h=RATE
+    )
+    assert joined is not None
+    np.testing.assert_allclose(joined.inputs_lower[2], 30.0)
+    np.testing.assert_allclose(joined.inputs_upper[2], 34.5)
 
 
 def test_the_lapse_must_leave_room_for_the_first_check():

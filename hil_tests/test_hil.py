@@ -87,7 +87,7 @@ def test_the_soft_plc_serves_the_runtime_over_modbus_too(tmp_path):
 FAULTS = (
     "wire_break:temperature_degc:3.6@10-14",
     "wire_break:volume_l:0@18-20",
-    "stuck_actuator:glucose_pump_lph@24-30",
+    "stuck_actuator:glucose_pump_lph@3-8",
     "frozen_input:capacitance_pf_per_cm@24-34",
     "pump_degraded:feed_pump_lph:0.8@50",
 )
@@ -146,12 +146,13 @@ def test_frozen_input_is_found_frozen_by_the_runtime(faulted):
 def test_stuck_actuator_delivers_what_it_did_when_it_stuck(faulted):
     setpoints = _readings(faulted, "SP.GlucoseRate")
     totals = _readings(faulted, "PV.GlucoseFeedTotal")
-    # A scan at h reads back the setpoint written at h - 1, the one the pump had over the hour before h: it sticks at 24 h with that one.
-    stuck_lph = _at(setpoints, 24.0)["value"]
-    commanded = [_at(setpoints, float(h))["value"] for h in range(26, 31)]
+    # A scan at h reads back the setpoint written at h - 1, the one the pump had over the hour before h: it sticks at 3 h with that one,
+    # in the first hours, while the runtime brings the glucose up to its target and then moves the rate down.
+    stuck_lph = _at(setpoints, 3.0)["value"]
+    commanded = [_at(setpoints, float(h))["value"] for h in range(5, 9)]
     assert max(abs(value - stuck_lph) for value in commanded) > 0.1, "the runtime moved the glucose rate while the pump was stuck"
-    assert _delivered_lph(totals, 24.0, 30.0) == pytest.approx(stuck_lph, rel=0.01, abs=1e-3), "the flow meter, and so the PLC's totaliser, show the stuck pump"
-    assert _delivered_lph(totals, 21.0, 22.0) == pytest.approx(_at(setpoints, 22.0)["value"], rel=0.01, abs=1e-3), "before it stuck the pump followed"
+    assert _delivered_lph(totals, 3.0, 8.0) == pytest.approx(stuck_lph, rel=0.01, abs=1e-3), "the flow meter, and so the PLC's totaliser, show the stuck pump"
+    assert _delivered_lph(totals, 1.0, 2.0) == pytest.approx(_at(setpoints, 2.0)["value"], rel=0.01, abs=1e-3), "before it stuck the pump followed"
 
 
 def test_degraded_pump_delivers_a_fifth_less(faulted):

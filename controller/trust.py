@@ -43,7 +43,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import structlog
@@ -379,7 +379,7 @@ class TrustRegion:
     def ran(self, time_h: float, setpoints: Setpoints) -> None:
         """Take note of the setpoints the plant ran (read back) at ``time_h``: the range of the production phase's temperature and
         nutrient feed. Before that phase (the warm growth phase, the days before the feed starts), a value outside the equipment's
-        range (a bad read-back) or not finite, nothing is noted."""
+        range (a bad read-back) or not finite, nothing is noted. Called every cycle, it also moves the clock of :meth:`_lapse`."""
         self._lapse(time_h)
         equipment = self._batch.equipment
         if not time_h >= self.production_from_h:
@@ -407,6 +407,10 @@ class TrustRegion:
         log.warning("trust_lab_results_overdue", last_evidence_h=self._evidence_h, process_time_h=time_h, width=self.width, reach_scale=self.reach_scale)
         self.width = min(self.width, cfg.reenable_width)
         self.reach_scale = 1.0
+
+    def _restart_evidence_clock(self) -> None:
+        """The lapse's clock starts again at the next cycle (no result checked since), and nothing is overdue."""
+        self._evidence_h, self._evidence_is_result, self.overdue_since_h = math.nan, False, math.nan
 
     def _edges(self, time_h: float, volume_l: float, endgame: bool) -> tuple[float, float, float, float, float]:
         """At ``time_h``: the feed rate's lower and upper bound [L/h], the temperature's [°C] and the glucose window's lower edge [g/L].
@@ -703,8 +707,7 @@ class TrustRegion:
         self.shadow_confirmations = self.shadow_checks = 0
         self.width = min(self.config.reenable_width, self._initial_width())  # never wider than a site's own start
         self.reach_scale = 1.0
-        self._evidence_h = self.overdue_since_h = math.nan  # the lapse's clock starts again at the next cycle
-        self._evidence_is_result = False
+        self._restart_evidence_clock()
         self._predictions.clear()  # the glucose error stays: the model's glucose shortfalls are still evidence
 
     # ------------------------------------------------------------------ report
@@ -722,7 +725,7 @@ class TrustRegion:
             alarms["nmpc_predictions_missed"] = f"{last}: trust region narrowed to {self.width:.0%}"
         if self.active and math.isfinite(self.overdue_since_h):
             alarms["nmpc_lab_results_overdue"] = (
-                f"{'no lab result has been held against the model since' if self._evidence_is_result else 'no lab result has been held against the model since the region started at'}"
+                f"no lab result has been held against the model since{'' if self._evidence_is_result else ' the region started at'}"
                 f" {self._evidence_h:.0f} h (overdue from {self.overdue_since_h:.0f} h:"
                 f" evidence_lapse_h {self.config.evidence_lapse_h:g} h): the trust region is back to {self.width:.0%} and its earned reach"
                 " to x1, as for a model this batch has not checked, until new results confirm it"
@@ -827,12 +830,12 @@ class TrustRegion:
         # result against): missing (a state saved before it was kept), it starts at the first cycle after the restart; damaged, the
         # results are taken as overdue now (the safe side).
         evidence = data.get("last_evidence_h")
-        self._evidence_h, self._evidence_is_result, self.overdue_since_h = math.nan, False, math.nan
+        self._restart_evidence_clock()
         if evidence is not None:
-            if isinstance(evidence, int | float) and not isinstance(evidence, bool) and math.isfinite(evidence):
+            if _is_finite_number(evidence):
                 self._evidence_h, self._evidence_is_result = float(evidence), data.get("last_evidence_is_result") is True
                 overdue = data.get("lab_results_overdue_since_h")
-                if isinstance(overdue, int | float) and not isinstance(overdue, bool) and math.isfinite(overdue):
+                if _is_finite_number(overdue):
                     self.overdue_since_h = float(overdue)
             else:
                 log.warning("trust_restore_value_ignored", field="last_evidence_h", saved=repr(evidence), used="overdue now")
@@ -858,11 +861,16 @@ def _joined(band: tuple[float, float], envelope: tuple[float, float]) -> tuple[f
     return band
 
 
+def _is_finite_number(value: object) -> TypeGuard[int | float]:
+    """A finite int or float of a resume state (a boolean is none: JSON's true is not 1)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _saved_shortfalls(data: dict[str, Any]) -> list[float]:
     """The saved glucose shortfalls (None: none for that check). Missing: none (a state saved before they were kept). Damaged (no list of
     numbers or nulls): one of :data:`MAX_GLUCOSE_SHORTFALL_G_PER_L`, logged: the floor at the recipe's target until new results say otherwise."""
     saved = data.get("glucose_shortfalls_g_per_l", [])
-    if not isinstance(saved, list) or not all(value is None or (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)) for value in saved):
+    if not isinstance(saved, list) or not all(value is None or _is_finite_number(value) for value in saved):
         log.warning("trust_restore_value_ignored", field="glucose_shortfalls_g_per_l", saved=repr(saved), used=[MAX_GLUCOSE_SHORTFALL_G_PER_L])
         return [MAX_GLUCOSE_SHORTFALL_G_PER_L]
     return [math.nan if value is None else float(np.clip(value, -MAX_GLUCOSE_SHORTFALL_G_PER_L, MAX_GLUCOSE_SHORTFALL_G_PER_L)) for value in saved]
@@ -874,12 +882,7 @@ def _saved_range(data: dict[str, Any], name: str) -> tuple[float, float]:
     saved = data.get(name)
     if saved is None or saved == [None, None]:
         return math.nan, math.nan
-    if (
-        isinstance(saved, list)
-        and len(saved) == 2
-        and all(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) for value in saved)
-        and saved[0] <= saved[1]
-    ):
+    if isinstance(saved, list) and len(saved) == 2 and all(_is_finite_number(value) for value in saved) and saved[0] <= saved[1]:
         return float(saved[0]), float(saved[1])
     log.warning("trust_restore_value_ignored", field=name, saved=repr(saved), used=None)
     return math.nan, math.nan

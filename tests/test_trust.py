@@ -13,7 +13,7 @@ from controller.recipe import PlatformRecipe
 from controller.trust import RegionSource, Replay, TrustRegion, TrustRegionConfig
 from controller.types import LabResult, Setpoints
 from plant_models.cho import STATE_INDEX
-from plant_models.parameters import PhaseEnvelope, ValueRange
+from plant_models.parameters import ValueRange
 
 RATE = 0.5
 
@@ -710,28 +710,18 @@ def test_lab_results_overdue_take_back_what_the_batch_had_earned_until_results_c
     assert "since the region started at 201 h" in stood.alarms()["nmpc_lab_results_overdue"]
 
 
-def test_a_calibrated_region_joins_the_band_and_an_envelope_that_overlap_it_but_fills_no_gap_between_them(batch):
-    """An envelope of records far colder than this recipe (30-30.5 °C against 33 °C after the shift): the values between them are in
-    neither, so the region is the band alone; one that overlaps the band widens it."""
-    far = (
-        PhaseEnvelope(
-            phase="production",
-            start_h=0.0,
-            end_h=400.0,
-            temperature_degc=ValueRange(low=29.0, high=29.5),
-            feed_per_volume_per_day=ValueRange(low=0.02, high=0.04),
-            glucose_feed_per_volume_per_day=ValueRange(low=0.0, high=0.01),
-            glucose_g_per_l=ValueRange(low=3.0, high=6.0),
-            batches=3,
-        ),
-    )
+def test_a_calibrated_region_joins_the_band_and_an_envelope_that_overlap_it_but_fills_no_gap_between_them(batch, envelope):
+    """An envelope of records far colder than this recipe (29-29.5 °C, to 30 °C with its margin, against the band's 31.5-34.5 °C
+    after the shift): the values between them are in neither, so the region is the band alone; one that overlaps the band widens it."""
+    growth, production = envelope
+    far = (growth, production.model_copy(update={"temperature_degc": ValueRange(low=29.0, high=29.5)}))
     region = _region(batch, far, envelope_margin_degc=0.5, temperature_reach_degc=1.5)
     starts, durations = _grid(200.0)
     bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1800.0), previous_inputs=np.array([2.0, 0.2, 33.0]), temperature_rate_degc_per_h=RATE)
     assert bounds is not None
     np.testing.assert_allclose(bounds.inputs_lower[2], 33.0 - 1.5)
     np.testing.assert_allclose(bounds.inputs_upper[2], 33.0 + 1.5)
-    near = (far[0].model_copy(update={"temperature_degc": ValueRange(low=30.5, high=31.5)}),)
+    near = (growth, production.model_copy(update={"temperature_degc": ValueRange(low=30.5, high=31.5)}))
     joined = _region(batch, near, envelope_margin_degc=0.5, temperature_reach_degc=1.5).bounds(
         starts, durations, volume_l=np.full(starts.size, 1800.0), previous_inputs=np.array([2.0, 0.2, 33.0]), temperature_rate_degc_per_h=RATE
     )

@@ -73,15 +73,18 @@ def add_parser(subparsers: SubParsers) -> None:
         default=None,
         metavar="BATCH_FILE",
         help=(
-            "also propose the next batch's recipe for this batch file (or process template): the calibrated model's best within the recipes the"
-            " records ran, if it ranks their outcomes right (docs/calibration.md §7); written as proposed-batch.yaml in the report directory, for review"
+            "also propose the next batch's recipe for this batch file (or process template): the calibrated model's best near the recipes the"
+            " records ran or within the trust region's recipe band, if it ranks their outcomes right (docs/calibration.md §7); written as proposed-batch.yaml in the report directory, for review"
         ),
     )
     calibrate_parser.add_argument(
         "--runtime-config",
         type=Path,
         default=None,
-        help="with --propose-recipe: the runtime config whose NMPC harvest specifications (nmpc.mpc) the proposal keeps (default: the NMPC's defaults)",
+        help=(
+            "with --propose-recipe: the runtime config whose NMPC harvest specifications (nmpc.mpc) the proposal keeps and whose recipe band"
+            " (nmpc.trust) it may search (default: the NMPC's defaults)"
+        ),
     )
     calibrate_parser.add_argument(
         "--strict", action="store_true", help="exit 1 when the fit has review warnings (the file and report are still written: a pipeline stops, nothing is lost)"
@@ -103,7 +106,8 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     next_template = BatchTemplate.from_yaml(args.propose_recipe) if args.propose_recipe is not None else None
     if args.runtime_config is not None and next_template is None:
         raise CalibrateCommandError("--runtime-config is read for --propose-recipe only; give both, or neither")
-    mpc = load_runtime_config(args.runtime_config).config.nmpc.mpc if args.runtime_config is not None else MpcConfig()
+    nmpc = load_runtime_config(args.runtime_config).config.nmpc if args.runtime_config is not None else None
+    mpc = nmpc.mpc if nmpc is not None else MpcConfig()
     report_dir = args.report_dir or args.output.with_name(f"{args.output.stem}-report")
     stale = report_dir / PROPOSED_BATCH_FILE
     if stale.exists() and not args.force:
@@ -113,7 +117,7 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     console.print(f"calibrating on {len(records)} batches: {', '.join(r.batch_id for r in records)}")
     result = calibrate(records, nominal, settings=settings, based_on=str(args.model), cross_validate=not args.no_cross_validation)
     next_batch = next_template.for_batch() if next_template is not None else None
-    proposal = propose_recipe(records, result, next_batch, mpc=mpc) if next_batch is not None else None
+    proposal = propose_recipe(records, result, next_batch, mpc=mpc, trust=nmpc.trust if nmpc is not None else None) if next_batch is not None else None
     # A model not shown to rank its records' outcomes right keeps no envelope (docs/calibration.md §7): every group of comparable records is ranked.
     misranked = misranking(records, result, [next_batch] if next_batch is not None else [])
     parameters = with_reach_earned(result.parameters, misranked)
@@ -360,11 +364,24 @@ def proposal_markdown(proposal: RecipeProposal, batch: BatchTemplate, mpc: MpcCo
             f"and galactosylated fraction at least {mpc.galactosylated_fraction_min + settings.quality_margin:g} (the NMPC's harvest "
             "specifications, of --runtime-config or the defaults, and the margins).",
             "",
+            *_band_lines(proposal),
             "| recipe field | the batch's | proposed | searched |",
             "|---|---:|---:|---:|",
         ]
         lines += [f"| {name} | {old} | {new} | {searched} |" for name, old, new, searched in _changes_rows(proposal, batch)]
     return "\n".join(lines)
+
+
+def _band_lines(proposal: RecipeProposal) -> list[str]:
+    band = proposal.band
+    if band is None:
+        return ["Searched: near the recipes the records ran (within the margins and grid steps of docs/calibration.md §7).", ""]
+    return [
+        f"Searched: near the recipes the records ran, and the trust region's recipe band around the batch's recipe (temperature within "
+        f"{band.temperature_degc:g} °C of its at every time, nutrient feed within {band.feed_per_day:g} of the initial volume per day, harvest "
+        f"within {band.harvest_h:g} h): where the NMPC plans on a model no lab result has checked (the band of --runtime-config or the defaults).",
+        "",
+    ]
 
 
 def _changes_rows(proposal: RecipeProposal, batch: BatchTemplate) -> list[tuple[str, str, str, str]]:

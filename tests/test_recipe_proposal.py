@@ -17,6 +17,7 @@ from controller.config import BatchConfig, BatchTemplate
 from controller.recipe_proposal import (
     VARIED,
     ProposalSettings,
+    RecipeBand,
     chance_of_passing,
     misranking,
     propose_recipe,
@@ -28,6 +29,7 @@ from controller.recipe_proposal import (
     with_reach_earned,
 )
 from controller.records import BatchRecord
+from controller.trust import TrustRegionConfig
 from interfaces.batch_records import write_batch_directory
 from plant_models.parameters import CultureParameters
 from simulator.batch import run_recipe_batch
@@ -147,8 +149,12 @@ def test_the_proposed_recipe_beats_the_platform_on_the_plant_itself(plant, recor
         "harvest_h": 24.0,
     }
     ran = [record.batch.recipe for record in records] + [plant.batch.recipe]
-    assert steps_from_recipes(proposal.recipe, ran, steps) <= 2.0  # near a recipe that ran, not a corner of the box
-    far = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(max_steps_from_a_record=0))
+    band = proposal.band
+    assert band is not None and band == RecipeBand.of(TrustRegionConfig())
+    # near a recipe that ran, or in the recipe band: not a corner of the box
+    assert steps_from_recipes(proposal.recipe, ran, steps) <= 2.0 or band.holds(proposal.recipe, plant.batch.recipe)
+    far = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(max_steps_from_a_record=0, within_recipe_band=False))
+    assert far.band is None
     assert far.recipe is None or steps_from_recipes(far.recipe, ran, steps) == 0.0
     assert proposal.changes(plant.batch.recipe), "a proposal changes something"
     platform = run_recipe_batch(plant).kpis
@@ -162,6 +168,61 @@ def test_the_proposed_recipe_beats_the_platform_on_the_plant_itself(plant, recor
     wide = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(glucose_margin_g_per_l=3.0))
     assert "glucose 3 g/L above the starvation limit" in proposal_markdown(wide, plant.batch)
     assert "glucose 1 g/L above the starvation limit" in proposal_markdown(proposal, plant.batch)
+
+
+def test_the_recipe_band_holds_a_recipe_whose_temperature_stays_within_reach_at_every_time():
+    recipe = BatchConfig.from_yaml(PLATFORM).recipe  # 36.5 °C, 33 °C from 120 h, feed 0.03/day, harvest at 336 h
+    band = RecipeBand(temperature_degc=1.5, feed_per_day=0.02, harvest_h=24.0)
+
+    def moved(**update: float) -> bool:
+        return band.holds(recipe.model_copy(update=update), recipe)
+
+    assert moved(temperature_initial_degc=38.0, temperature_shifted_degc=31.5, feed_fraction_of_initial_volume_per_day=0.05, harvest_h=360.0)
+    assert not moved(temperature_initial_degc=38.5)
+    assert not moved(temperature_shifted_degc=34.6)
+    assert not moved(feed_fraction_of_initial_volume_per_day=0.051)
+    assert not moved(harvest_h=312.0 - 1.0)
+    # A later shift keeps the culture at 36.5 °C while the recipe's is at 33 °C: 3.5 °C away, whatever the temperatures after.
+    assert not moved(temperature_shift_h=144.0)
+    later = recipe.model_copy(update={"temperature_shift_h": 144.0, "temperature_initial_degc": 35.0, "temperature_shifted_degc": 34.0})
+    assert not band.holds(later, recipe)  # 35 °C from 120 h to 144 h, the recipe's 33 °C
+    assert RecipeBand(temperature_degc=2.0, feed_per_day=0.02, harvest_h=24.0).holds(later, recipe)
+    assert RecipeBand.of(TrustRegionConfig(enabled=False)) is None
+    assert RecipeBand.of(TrustRegionConfig(temperature_reach_degc=1.0)) == RecipeBand(1.0, 0.02, 24.0)
+
+
+def test_the_search_joins_the_records_recipes_and_the_band_without_the_margins_beyond_the_band(records):
+    batch = records[0].batch
+    settings = ProposalSettings()
+    alone = search_bounds(records, batch, settings)
+    band = RecipeBand(temperature_degc=1.5, feed_per_day=0.02, harvest_h=24.0)
+    joined = search_bounds(records, batch, settings, band)
+    recipe = batch.recipe
+    for name, (low, high) in band.bounds(recipe).items():
+        clipped = {"harvest_h": (low, min(high, batch.limits.latest_harvest_h))}.get(name, (low, high))
+        assert joined[name] == (pytest.approx(min(alone[name][0], clipped[0])), pytest.approx(max(alone[name][1], clipped[1]))), name
+    assert joined["temperature_shift_h"] == alone["temperature_shift_h"]  # the band does not move the shift
+    # The band's edge is its own: the records' margin (0.5 °C) is not added beyond it.
+    assert joined["temperature_initial_degc"][1] == min(max(alone["temperature_initial_degc"][1], recipe.temperature_initial_degc + 1.5), 38.0)
+
+
+def test_a_band_recipe_is_searched_however_far_from_the_records(plant, records, calibration):
+    """With no step from a record allowed, the band alone is searched: whatever is proposed holds in it; without the band, nothing
+    a record did not run is."""
+    proposal = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(max_steps_from_a_record=0))
+    assert proposal.band is not None and proposal.forecasts > 0
+    ran = [record.batch.recipe for record in records] + [plant.batch.recipe]
+    if proposal.recipe is not None:
+        assert proposal.band.holds(proposal.recipe, plant.batch.recipe) or steps_from_recipes(proposal.recipe, ran, ProposalSettings().grid_steps) == 0.0
+    narrow = propose_recipe(
+        records,
+        calibration,
+        plant.batch,
+        settings=ProposalSettings(max_steps_from_a_record=0),
+        trust=TrustRegionConfig(temperature_reach_degc=0.0, feed_reach_per_day=0.0, harvest_reach_h=0.0),
+    )
+    assert narrow.band == RecipeBand(0.0, 0.0, 0.0)
+    assert narrow.recipe is None or steps_from_recipes(narrow.recipe, ran, ProposalSettings().grid_steps) == 0.0
 
 
 def test_a_batch_file_the_model_says_breaks_a_margin_is_not_traded_for_a_recipe_of_less_product(plant, records, calibration):

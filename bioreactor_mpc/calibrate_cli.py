@@ -365,7 +365,7 @@ def proposal_markdown(proposal: RecipeProposal, batch: BatchTemplate, mpc: MpcCo
             "specifications, of --runtime-config or the defaults, and the margins).",
             "",
             *_band_lines(proposal),
-            "| recipe field | the batch's | proposed | searched |",
+            "| recipe field | the batch's | proposed | grid searched |",
             "|---|---:|---:|---:|",
         ]
         lines += [f"| {name} | {old} | {new} | {searched} |" for name, old, new, searched in _changes_rows(proposal, batch)]
@@ -374,12 +374,15 @@ def proposal_markdown(proposal: RecipeProposal, batch: BatchTemplate, mpc: MpcCo
 
 def _band_lines(proposal: RecipeProposal) -> list[str]:
     band = proposal.band
-    if band is None:
-        return ["Searched: near the recipes the records ran (within the margins and grid steps of docs/calibration.md §7).", ""]
+    where = f" The proposed recipe lies {proposal.region}." if proposal.recipe is not None and proposal.region else ""
+    if band is None or not (band.temperature_degc or band.feed_per_day or band.harvest_h):
+        why = "" if band is None else " (the recipe band's reaches are all 0)"
+        return [f"Searched: near the recipes the records ran{why}, within the margins and grid steps of docs/calibration.md §7.{where}", ""]
     return [
-        f"Searched: near the recipes the records ran, and the trust region's recipe band around the batch's recipe (temperature within "
-        f"{band.temperature_degc:g} °C of its at every time, nutrient feed within {band.feed_per_day:g} of the initial volume per day, harvest "
-        f"within {band.harvest_h:g} h): where the NMPC plans on a model no lab result has checked (the band of --runtime-config or the defaults).",
+        "Searched: recipes near those the records ran, and whole recipes in the trust region's recipe band around the batch's recipe"
+        f" (temperature within {band.temperature_degc:g} °C of its at every time, nutrient feed within {band.feed_per_day:g} of the initial"
+        f" volume per day, harvest within {band.harvest_h:g} h): where the NMPC plans on a model no lab result has checked (the band of"
+        f" --runtime-config or the defaults); never a mix of the two. The table's last column is the grid over both.{where}",
         "",
     ]
 

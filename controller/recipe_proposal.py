@@ -1,4 +1,4 @@
-"""The next batch's recipe, chosen by the calibrated model among the recipes its records ran.
+"""The next batch's recipe, chosen by the calibrated model near the recipes its records ran or within the recipe band.
 
 On a plant whose structure the model does not share, the model's
 trajectories miss the lab results within days, and the performance monitor
@@ -23,8 +23,8 @@ with a recipe of the platform's own family (docs/calibration.md §7):
    ``feed_margin_relative`` of its span, the shift time and the harvest as
    the records ran them), and within ``max_steps_from_a_record`` grid steps
    of a recipe some record ran (the box alone would combine the extremes of
-   different records); or, with ``within_recipe_band``, anywhere in the
-   trust region's recipe band around the batch file's recipe
+   different records); or, with ``within_recipe_band``, a whole recipe in
+   the trust region's recipe band around the batch file's recipe
    (:class:`RecipeBand`: where the runtime lets the NMPC move the inputs on
    a model no lab result has checked yet), a coordinate search on the model's forecast of the
    recipe (controller.forecast: the recipe's own glucose arithmetic on
@@ -120,8 +120,9 @@ class ProposalSettings(FrozenConfig):
         ge=0,
         le=1000,
         description=(
-            "a candidate is searched only within this many grid steps, in every varied field at once, of a recipe some record (or the batch"
-            " file) ran: the box over the fields would combine the extremes of different records, a recipe none of them ran [-]"
+            "a candidate outside the recipe band is searched only within this many grid steps, in every varied field at once, of a recipe"
+            " some record (or the batch file) ran, and within the records' box: the box over the fields would combine the extremes of"
+            " different records, a recipe none of them ran [-]"
         ),
     )
 
@@ -236,6 +237,8 @@ class RecipeProposal:
     """The settings the proposal was made with (its margins are the report's)."""
     band: RecipeBand | None = None
     """The recipe band searched besides the records' recipes (None: the records' alone)."""
+    region: str = ""
+    """Where the proposed recipe lies: in the recipe band, or near a recipe a record ran (empty when nothing is proposed)."""
 
     @property
     def predicted_gain_fraction(self) -> float:
@@ -562,16 +565,27 @@ def propose_recipe(
         return RecipeProposal(None, ranking, baseline, None, bounds, forecaster.count, reason, settings, band)
     ran = [record.batch.recipe for record in records] + [batch.recipe]
 
-    def allowed(recipe: RecipeConfig) -> bool:
-        in_band = band is not None and band.holds(recipe, batch.recipe)
-        return in_band or steps_from_recipes(recipe, ran, steps) <= settings.max_steps_from_a_record + 1e-9
+    # The records' own box: the band widens the grid, not what is near a record. But for the harvest, whose window the runtime
+    # draws by the band's reach around the batch's harvest for any model (a calibrated one too: docs/trust-region.md).
+    box = {**search_bounds(records, batch, settings), "harvest_h": bounds["harvest_h"]}
 
-    # From the batch file's recipe and from each recipe a record ran: a coordinate search ends at the first local optimum on its
-    # way, and the band's edge is one (measured: from the batch's recipe alone, amino_acid's search stopped at +35 % where a
-    # record's recipe led to +57 %).
+    def near_a_record(recipe: RecipeConfig) -> bool:
+        inside = all(box[name][0] - 1e-9 <= float(getattr(recipe, name)) <= box[name][1] + 1e-9 for name in VARIED)
+        return inside and steps_from_recipes(recipe, ran, steps) <= settings.max_steps_from_a_record + 1e-9
+
+    def in_band(recipe: RecipeConfig) -> bool:
+        return band is not None and band.holds(recipe, batch.recipe)
+
+    # Two regions, each searched on its own: whole recipes in the band, from the batch file's recipe; and recipes near those the
+    # records ran, from the batch file's and from each record's (a coordinate search ends at the first local optimum on its way:
+    # measured on amino_acid, from the batch's recipe alone +35 % where a record's led to +57 %). Never a mix of the two (a
+    # record's temperatures with the band's feed), and a search allowed both would leave the band at its first step towards a record.
     starts = dict.fromkeys([batch.recipe, *(batch.recipe.model_copy(update={name: getattr(recipe, name) for name in VARIED}) for recipe in ran)])
+    searches = [(start, near_a_record) for start in starts]
+    if band is not None:
+        searches.insert(0, (batch.recipe, in_band))
     best = baseline
-    for start in starts:
+    for start, allowed in searches:
         found = _coordinate_search(forecaster(start), bounds, steps, settings.sweeps, allowed, forecaster)
         if found.feasible and found.score_g_per_day > best.score_g_per_day:
             best = found
@@ -580,5 +594,6 @@ def propose_recipe(
         reason = f"the best recipe the model finds gains {100 * gain:.1f} % on the batch's own in its forecast, below {100 * settings.min_gain_fraction:.0f} %"
         log.info("recipe_not_proposed", reason=reason)
         return RecipeProposal(None, ranking, baseline, best, bounds, forecaster.count, reason, settings, band)
-    log.info("recipe_proposed", gain_pct=round(100 * gain, 1), forecasts=forecaster.count, rank_correlation=round(ranking.correlation, 2))
-    return RecipeProposal(best.recipe, ranking, baseline, best, bounds, forecaster.count, "", settings, band)
+    region = "the recipe band around the batch's recipe" if in_band(best.recipe) else (f"within {settings.max_steps_from_a_record} grid steps of a recipe the records ran")
+    log.info("recipe_proposed", gain_pct=round(100 * gain, 1), forecasts=forecaster.count, rank_correlation=round(ranking.correlation, 2), region=region)
+    return RecipeProposal(best.recipe, ranking, baseline, best, bounds, forecaster.count, "", settings, band, region)

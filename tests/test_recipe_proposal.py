@@ -18,6 +18,7 @@ from controller.recipe_proposal import (
     VARIED,
     ProposalSettings,
     RecipeBand,
+    RecipeForecaster,
     chance_of_passing,
     misranking,
     propose_recipe,
@@ -151,8 +152,10 @@ def test_the_proposed_recipe_beats_the_platform_on_the_plant_itself(plant, recor
     ran = [record.batch.recipe for record in records] + [plant.batch.recipe]
     band = proposal.band
     assert band is not None and band == RecipeBand.of(TrustRegionConfig())
-    # near a recipe that ran, or in the recipe band: not a corner of the box
-    assert steps_from_recipes(proposal.recipe, ran, steps) <= 2.0 or band.holds(proposal.recipe, plant.batch.recipe)
+    # near a recipe that ran (and inside the records' box), or a whole recipe in the recipe band: not a corner of the box
+    box = {**search_bounds(records, plant.batch, ProposalSettings()), "harvest_h": proposal.bounds["harvest_h"]}  # the harvest: the band's window
+    inside = all(box[name][0] - 1e-9 <= getattr(proposal.recipe, name) <= box[name][1] + 1e-9 for name in VARIED)
+    assert (inside and steps_from_recipes(proposal.recipe, ran, steps) <= 2.0) or band.holds(proposal.recipe, plant.batch.recipe)
     far = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(max_steps_from_a_record=0, within_recipe_band=False))
     assert far.band is None
     assert far.recipe is None or steps_from_recipes(far.recipe, ran, steps) == 0.0
@@ -206,23 +209,49 @@ def test_the_search_joins_the_records_recipes_and_the_band_without_the_margins_b
     assert joined["temperature_initial_degc"][1] == min(max(alone["temperature_initial_degc"][1], recipe.temperature_initial_degc + 1.5), 38.0)
 
 
-def test_a_band_recipe_is_searched_however_far_from_the_records(plant, records, calibration):
-    """With no step from a record allowed, the band alone is searched: whatever is proposed holds in it; without the band, nothing
-    a record did not run is."""
-    proposal = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(max_steps_from_a_record=0))
-    assert proposal.band is not None and proposal.forecasts > 0
+def test_every_recipe_searched_is_a_whole_band_recipe_or_one_near_a_record(plant, records, calibration, monkeypatch):
+    """The band widens the grid; it does not widen what counts as near a record: a recipe with a record's temperatures and the band's
+    nutrient feed is in neither region, and is never forecast, let alone proposed. The harvest is the exception: its window is the
+    band's around the batch's harvest for any model, as the runtime's (every record harvested at 336 h; 360 h is searched)."""
+    asked: list = []
+    judge = RecipeForecaster.__call__
+
+    def spy(self, recipe):
+        asked.append(recipe)
+        return judge(self, recipe)
+
+    monkeypatch.setattr(RecipeForecaster, "__call__", spy)
+    settings = ProposalSettings()
+    proposal = propose_recipe(records, calibration, plant.batch, settings=settings)
+    assert proposal.band is not None and asked
+    assert {record.batch.recipe.harvest_h for record in records} == {336.0}
+    box = search_bounds(records, plant.batch, settings)
+    assert box["harvest_h"] == (336.0, 336.0)
+    box["harvest_h"] = (312.0, 360.0)
     ran = [record.batch.recipe for record in records] + [plant.batch.recipe]
-    if proposal.recipe is not None:
-        assert proposal.band.holds(proposal.recipe, plant.batch.recipe) or steps_from_recipes(proposal.recipe, ran, ProposalSettings().grid_steps) == 0.0
-    narrow = propose_recipe(
-        records,
-        calibration,
-        plant.batch,
-        settings=ProposalSettings(max_steps_from_a_record=0),
-        trust=TrustRegionConfig(temperature_reach_degc=0.0, feed_reach_per_day=0.0, harvest_reach_h=0.0),
+
+    def near_a_record(recipe) -> bool:
+        inside = all(box[name][0] - 1e-9 <= getattr(recipe, name) <= box[name][1] + 1e-9 for name in VARIED)
+        return inside and steps_from_recipes(recipe, ran, settings.grid_steps) <= settings.max_steps_from_a_record + 1e-9
+
+    assert all(proposal.band.holds(recipe, plant.batch.recipe) or near_a_record(recipe) for recipe in asked)
+    in_band = [recipe for recipe in asked if proposal.band.holds(recipe, plant.batch.recipe)]
+    beyond = [recipe for recipe in in_band if not near_a_record(recipe)]
+    assert any(recipe.feed_fraction_of_initial_volume_per_day > box["feed_fraction_of_initial_volume_per_day"][1] for recipe in beyond), (
+        "the band's feed reaches beyond the records'"
     )
+    assert any(recipe.harvest_h == 360.0 and not proposal.band.holds(recipe, plant.batch.recipe) for recipe in asked)
+    assert proposal.recipe is not None, proposal.reason
+    assert proposal.region == (
+        "the recipe band around the batch's recipe" if proposal.band.holds(proposal.recipe, plant.batch.recipe) else "within 2 grid steps of a recipe the records ran"
+    )
+    # A band with no reach holds only the batch's own recipe: the records alone are searched, as without the band.
+    asked.clear()
+    narrow = propose_recipe(records, calibration, plant.batch, settings=settings, trust=TrustRegionConfig(temperature_reach_degc=0.0, feed_reach_per_day=0.0, harvest_reach_h=0.0))
     assert narrow.band == RecipeBand(0.0, 0.0, 0.0)
-    assert narrow.recipe is None or steps_from_recipes(narrow.recipe, ran, ProposalSettings().grid_steps) == 0.0
+    assert all(near_a_record(recipe) for recipe in asked)
+    alone = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(within_recipe_band=False))
+    assert alone.band is None and narrow.recipe == alone.recipe
 
 
 def test_a_batch_file_the_model_says_breaks_a_margin_is_not_traded_for_a_recipe_of_less_product(plant, records, calibration):

@@ -401,5 +401,8 @@ def proposal_text(proposal: RecipeProposal, batch: BatchTemplate, path: Path) ->
     changes = ", ".join(f"{name} {old:g} → {new:g}" for name, (old, new) in proposal.changes(batch.recipe).items())
     return (
         f"recipe proposed ({100 * proposal.predicted_gain_fraction:+.1f} % in the model's forecast, rank correlation {_correlation(proposal.ranking.correlation)}):"
-        f" {changes}; wrote {path}" + (f" (a process template: the batch id {batch.batch_id!r} is not carried over)" if batch.batch_id else "")
+        f" {changes}"
+        + (f", {proposal.region}" if proposal.region else "")
+        + f"; wrote {path}"
+        + (f" (a process template: the batch id {batch.batch_id!r} is not carried over)" if batch.batch_id else "")
     )

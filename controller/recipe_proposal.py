@@ -594,6 +594,6 @@ def propose_recipe(
         reason = f"the best recipe the model finds gains {100 * gain:.1f} % on the batch's own in its forecast, below {100 * settings.min_gain_fraction:.0f} %"
         log.info("recipe_not_proposed", reason=reason)
         return RecipeProposal(None, ranking, baseline, best, bounds, forecaster.count, reason, settings, band)
-    region = "the recipe band around the batch's recipe" if in_band(best.recipe) else (f"within {settings.max_steps_from_a_record} grid steps of a recipe the records ran")
+    region = "in the recipe band around the batch's recipe" if in_band(best.recipe) else (f"within {settings.max_steps_from_a_record} grid steps of a recipe the records ran")
     log.info("recipe_proposed", gain_pct=round(100 * gain, 1), forecasts=forecaster.count, rank_correlation=round(ranking.correlation, 2), region=region)
     return RecipeProposal(best.recipe, ranking, baseline, best, bounds, forecaster.count, "", settings, band, region)

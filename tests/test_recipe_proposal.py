@@ -171,6 +171,7 @@ def test_the_proposed_recipe_beats_the_platform_on_the_plant_itself(plant, recor
     wide = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(glucose_margin_g_per_l=3.0))
     assert "glucose 3 g/L above the starvation limit" in proposal_markdown(wide, plant.batch)
     assert "glucose 1 g/L above the starvation limit" in proposal_markdown(proposal, plant.batch)
+    assert f"The proposed recipe lies {proposal.region}." in proposal_markdown(proposal, plant.batch) and proposal.region
 
 
 def test_the_recipe_band_holds_a_recipe_whose_temperature_stays_within_reach_at_every_time():
@@ -243,7 +244,7 @@ def test_every_recipe_searched_is_a_whole_band_recipe_or_one_near_a_record(plant
     assert any(recipe.harvest_h == 360.0 and not proposal.band.holds(recipe, plant.batch.recipe) for recipe in asked)
     assert proposal.recipe is not None, proposal.reason
     assert proposal.region == (
-        "the recipe band around the batch's recipe" if proposal.band.holds(proposal.recipe, plant.batch.recipe) else "within 2 grid steps of a recipe the records ran"
+        "in the recipe band around the batch's recipe" if proposal.band.holds(proposal.recipe, plant.batch.recipe) else "within 2 grid steps of a recipe the records ran"
     )
     # A band with no reach holds only the batch's own recipe: the records alone are searched, as without the band.
     asked.clear()

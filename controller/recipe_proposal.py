@@ -565,9 +565,7 @@ def propose_recipe(
         return RecipeProposal(None, ranking, baseline, None, bounds, forecaster.count, reason, settings, band)
     ran = [record.batch.recipe for record in records] + [batch.recipe]
 
-    # The records' own box: the band widens the grid, not what is near a record. But for the harvest, whose window the runtime
-    # draws by the band's reach around the batch's harvest for any model (a calibrated one too: docs/trust-region.md).
-    box = {**search_bounds(records, batch, settings), "harvest_h": bounds["harvest_h"]}
+    box = search_bounds(records, batch, settings)  # the records' own box: the band widens the grid, not what is near a record
 
     def near_a_record(recipe: RecipeConfig) -> bool:
         inside = all(box[name][0] - 1e-9 <= float(getattr(recipe, name)) <= box[name][1] + 1e-9 for name in VARIED)
@@ -580,13 +578,15 @@ def propose_recipe(
     # records ran, from the batch file's and from each record's (a coordinate search ends at the first local optimum on its way:
     # measured on amino_acid, from the batch's recipe alone +35 % where a record's led to +57 %). Never a mix of the two (a
     # record's temperatures with the band's feed), and a search allowed both would leave the band at its first step towards a record.
+    # Each on its own grid, whose edges are the region's (the records' box grows by its margins batch by batch: a grid over the joined
+    # box would miss its edge, and a recipe could no longer walk with it).
     starts = dict.fromkeys([batch.recipe, *(batch.recipe.model_copy(update={name: getattr(recipe, name) for name in VARIED}) for recipe in ran)])
-    searches = [(start, near_a_record) for start in starts]
+    searches = [(start, box, near_a_record) for start in starts]
     if band is not None:
-        searches.insert(0, (batch.recipe, in_band))
+        searches.insert(0, (batch.recipe, search_bounds([], batch, settings, band), in_band))
     best = baseline
-    for start, allowed in searches:
-        found = _coordinate_search(forecaster(start), bounds, steps, settings.sweeps, allowed, forecaster)
+    for start, grid, allowed in searches:
+        found = _coordinate_search(forecaster(start), grid, steps, settings.sweeps, allowed, forecaster)
         if found.feasible and found.score_g_per_day > best.score_g_per_day:
             best = found
     gain = gain_fraction(best, baseline)

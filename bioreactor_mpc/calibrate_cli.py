@@ -309,7 +309,7 @@ def write_proposed_batch(path: Path, template: BatchTemplate, proposal: RecipePr
     # For a batch not yet started: a batch id the given file was pinned to (perhaps a batch long harvested) is not carried over.
     proposed = BatchTemplate.model_validate({**template.model_dump(), "batch_id": None, "recipe": proposal.recipe.model_dump()})
     header = (
-        "# Proposed by bioreactor-mpc calibrate (docs/calibration.md §7): the calibrated model's best recipe within the recipes its records ran.\n"
+        f"# Proposed by bioreactor-mpc calibrate (docs/calibration.md §7): the calibrated model's best recipe, {proposal.region}.\n"
         f"# Forecast score {proposal.best.score_g_per_day:.1f} g/day against {proposal.baseline.score_g_per_day:.1f} for the batch's own recipe;"
         f" rank correlation {proposal.ranking.correlation:+.2f} on the records. Review it under the site's change control before use.\n"
         + (
@@ -363,11 +363,9 @@ def proposal_markdown(proposal: RecipeProposal, batch: BatchTemplate, mpc: MpcCo
             f"osmolality below its limit, viability at harvest at least {mpc.viability_at_harvest_min_pct + settings.viability_margin_pct:g} % "
             f"and galactosylated fraction at least {mpc.galactosylated_fraction_min + settings.quality_margin:g} (the NMPC's harvest "
             "specifications, of --runtime-config or the defaults, and the margins).",
-            "",
-            *_band_lines(proposal),
-            "| recipe field | the batch's | proposed | grid searched |",
-            "|---|---:|---:|---:|",
         ]
+    if best is not None:  # a search ran (not when the batch's own recipe broke a margin in the forecast)
+        lines += ["", *_band_lines(proposal), "| recipe field | the batch's | proposed | grid searched |", "|---|---:|---:|---:|"]
         lines += [f"| {name} | {old} | {new} | {searched} |" for name, old, new, searched in _changes_rows(proposal, batch)]
     return "\n".join(lines)
 
@@ -382,7 +380,7 @@ def _band_lines(proposal: RecipeProposal) -> list[str]:
         "Searched: recipes near those the records ran, and whole recipes in the trust region's recipe band around the batch's recipe"
         f" (temperature within {band.temperature_degc:g} °C of its at every time, nutrient feed within {band.feed_per_day:g} of the initial"
         f" volume per day, harvest within {band.harvest_h:g} h): where the NMPC plans on a model no lab result has checked (the band of"
-        f" --runtime-config or the defaults); never a mix of the two. The table's last column is the grid over both.{where}",
+        f" --runtime-config or the defaults); never a mix of the two. The table's last column is, per field, the range the two searches covered between them (never combined).{where}",
         "",
     ]
 

@@ -26,7 +26,8 @@ with a recipe of the platform's own family (docs/calibration.md §7):
    different records); or, with ``within_recipe_band``, a whole recipe in
    the trust region's recipe band around the batch file's recipe
    (:class:`RecipeBand`: where the runtime lets the NMPC move the inputs on
-   a model no lab result has checked yet), a coordinate search on the model's forecast of the
+   a model no lab result has checked yet): each region searched on its own,
+   from its own starting points, never a mix. A coordinate search on the model's forecast of the
    recipe (controller.forecast: the recipe's own glucose arithmetic on
    emulated daily samples) finds the recipe of most score that keeps glucose
    ``glucose_margin_g_per_l`` above the starvation limit, osmolality below
@@ -594,6 +595,10 @@ def propose_recipe(
         reason = f"the best recipe the model finds gains {100 * gain:.1f} % on the batch's own in its forecast, below {100 * settings.min_gain_fraction:.0f} %"
         log.info("recipe_not_proposed", reason=reason)
         return RecipeProposal(None, ranking, baseline, best, bounds, forecaster.count, reason, settings, band)
-    region = "in the recipe band around the batch's recipe" if in_band(best.recipe) else (f"within {settings.max_steps_from_a_record} grid steps of a recipe the records ran")
+    region = (
+        "in the recipe band around the batch's recipe"
+        if in_band(best.recipe)
+        else (f"within {settings.max_steps_from_a_record} grid steps of a recipe the records or the batch file ran")
+    )
     log.info("recipe_proposed", gain_pct=round(100 * gain, 1), forecasts=forecaster.count, rank_correlation=round(ranking.correlation, 2), region=region)
     return RecipeProposal(best.recipe, ranking, baseline, best, bounds, forecaster.count, "", settings, band, region)

@@ -1,4 +1,4 @@
-"""The next batch's recipe from a calibrated model: the ranking check, the search within the records' recipes, the CLI end to end."""
+"""The next batch's recipe from a calibrated model: the ranking check, the search near the records' recipes and in the recipe band, the CLI end to end."""
 
 from __future__ import annotations
 
@@ -170,6 +170,7 @@ def test_the_proposed_recipe_beats_the_platform_on_the_plant_itself(plant, recor
     # The report names the margins the search kept, not the defaults.
     wide = propose_recipe(records, calibration, plant.batch, settings=ProposalSettings(glucose_margin_g_per_l=3.0))
     assert "glucose 3 g/L above the starvation limit" in proposal_markdown(wide, plant.batch)
+    assert wide.best is not None or "Searched:" not in proposal_markdown(wide, plant.batch)  # no search ran: none is reported
     assert "glucose 1 g/L above the starvation limit" in proposal_markdown(proposal, plant.batch)
     assert f"The proposed recipe lies {proposal.region}." in proposal_markdown(proposal, plant.batch) and proposal.region
 
@@ -244,7 +245,9 @@ def test_every_recipe_searched_is_a_whole_band_recipe_or_one_near_a_record(plant
     assert not any(recipe.harvest_h == 360.0 and not proposal.band.holds(recipe, plant.batch.recipe) for recipe in asked)
     assert proposal.recipe is not None, proposal.reason
     assert proposal.region == (
-        "in the recipe band around the batch's recipe" if proposal.band.holds(proposal.recipe, plant.batch.recipe) else "within 2 grid steps of a recipe the records ran"
+        "in the recipe band around the batch's recipe"
+        if proposal.band.holds(proposal.recipe, plant.batch.recipe)
+        else "within 2 grid steps of a recipe the records or the batch file ran"
     )
     # A band with no reach holds only the batch's own recipe: the records alone are searched, as without the band.
     asked.clear()

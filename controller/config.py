@@ -119,6 +119,10 @@ class RecipeConfig(FrozenConfig):
         ),
     )
 
+    def temperature_at(self, process_time_h: float) -> float:
+        """The temperature setpoint at ``process_time_h``: the initial one, the shifted one from the shift on."""
+        return self.temperature_initial_degc if process_time_h < self.temperature_shift_h else self.temperature_shifted_degc
+
 
 class ProcessLimits(FrozenConfig):
     """Limits the KPIs count violations of and the controller must respect."""

@@ -50,7 +50,7 @@ class PlatformRecipe:
 
     def temperature_degc(self, process_time_h: float) -> float:
         """The recipe's temperature setpoint at ``process_time_h``: the initial one, the shifted one from the shift on."""
-        return self._recipe.temperature_initial_degc if process_time_h < self._recipe.temperature_shift_h else self._recipe.temperature_shifted_degc
+        return self._recipe.temperature_at(process_time_h)
 
     def on_lab_result(self, result: LabResult, *, volume_l: float, glucose_delivered_g: float) -> None:
         """Take a newly published result set.

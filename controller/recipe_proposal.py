@@ -173,14 +173,10 @@ class RecipeBand:
         its nutrient feed and harvest within theirs."""
         tolerance = 1e-9
         for t in (0.0, candidate.temperature_shift_h, recipe.temperature_shift_h):
-            if abs(_temperature_at(candidate, t) - _temperature_at(recipe, t)) > self.temperature_degc + tolerance:
+            if abs(candidate.temperature_at(t) - recipe.temperature_at(t)) > self.temperature_degc + tolerance:
                 return False
         feed = abs(candidate.feed_fraction_of_initial_volume_per_day - recipe.feed_fraction_of_initial_volume_per_day)
         return feed <= self.feed_per_day + tolerance and abs(candidate.harvest_h - recipe.harvest_h) <= self.harvest_h + tolerance
-
-
-def _temperature_at(recipe: RecipeConfig, time_h: float) -> float:
-    return recipe.temperature_initial_degc if time_h < recipe.temperature_shift_h else recipe.temperature_shifted_degc
 
 
 @dataclass(frozen=True)

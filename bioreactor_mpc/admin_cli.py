@@ -495,14 +495,16 @@ def model_approval(history_path: Path, sha256: str, *, key: AuditKey | None = No
 
 
 def provenance_summary(parameters: CultureParameters) -> dict[str, Any]:
-    """What an approval records of a calibrated file: where it came from, what was fitted, how well, what a reviewer was asked to look at, the envelope."""
+    """What an approval records of a calibrated file: where it came from, what was fitted and how, how well, what a reviewer was asked to look at, the envelope."""
     provenance = parameters.provenance
     if provenance is None:
         return {}
     return {
         "created_utc": provenance.created_utc,
         "tool": provenance.tool,
+        "tool_version": provenance.tool_version,
         "based_on": provenance.based_on,
+        "settings": dict(provenance.settings),
         "batches": list(provenance.batches),
         "inputs": [[name, digest] for name, digest in provenance.inputs],
         "fitted": {

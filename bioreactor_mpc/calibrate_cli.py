@@ -17,7 +17,7 @@ import csv
 import dataclasses
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from rich.console import Console
@@ -242,11 +242,26 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
+def _settings_lines(settings: dict[str, Any]) -> list[str]:
+    """The fit's settings where they differ from the defaults (all of them are in the parameter file's ``provenance.settings``)."""
+    from controller.calibration import CalibrationSettings
+
+    defaults = CalibrationSettings().model_dump(mode="json")
+    changed = {name: value for name, value in settings.items() if defaults.get(name) != value}
+    lines = ["## Settings", ""]
+    if not changed:
+        return [*lines, "The default calibration settings (docs/calibration.md §2); the whole set is in the parameter file's `provenance.settings`.", ""]
+    lines += ["Where they differ from the defaults (the whole set is in the parameter file's `provenance.settings`):", "", "```yaml"]
+    lines += yaml.safe_dump(changed, sort_keys=False, allow_unicode=True).splitlines()
+    return [*lines, "```", ""]
+
+
 def _report_markdown(result: CalibrationResult, parameter_file: Path) -> str:
     provenance = result.parameters.provenance
     lines = [f"# Calibration report: {parameter_file.name}", ""]
     if provenance is not None:
-        lines += [f"Created {provenance.created_utc} by {provenance.tool}, starting from `{provenance.based_on}`.", ""]
+        lines += [f"Created {provenance.created_utc} by {provenance.tool} {provenance.tool_version}, starting from `{provenance.based_on}`.", ""]
+        lines += _settings_lines(provenance.settings)
         lines += ["## Inputs", "", "| file | sha-256 |", "|---|---|"]
         lines += [f"| `{file}` | `{digest}` |" for file, digest in provenance.inputs]
         lines += [""]

@@ -35,8 +35,9 @@ import numpy as np
 from bioreactor_mpc.report import TrustTimeline, plot_trust
 from controller.config import BatchConfig
 from controller.kpis import batch_score_g_per_day
+from controller.version import tool_version
 from interfaces.audit import AuditRecord
-from interfaces.history_export import ExportError, HistoryBatch, Table, tool_version
+from interfaces.history_export import ExportError, HistoryBatch, Table
 
 SECTIONS = (
     ("batch", "Batch and runs"),

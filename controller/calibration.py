@@ -36,6 +36,7 @@ from pydantic import Field, field_validator
 from controller.estimator import LAB_MEASUREMENTS, ONLINE_MEASUREMENTS
 from controller.records import BatchRecord
 from controller.types import LAB_FIELDS
+from controller.version import tool_version
 from plant_models.cho import OUTPUT_INDEX, STATE_INDEX, CultureModel
 from plant_models.config_loading import FrozenConfig
 from plant_models.errors import BioreactorMPCError
@@ -628,6 +629,7 @@ def calibrate(
     provenance = ModelProvenance(
         created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
         tool="bioreactor-mpc calibrate",
+        tool_version=tool_version(),
         based_on=based_on,
         inputs=tuple(source for record in records for source in record.sources),
         batches=tuple(record.batch_id for record in records),
@@ -637,6 +639,7 @@ def calibrate(
         cross_validation=cv,
         batch_statistics=per_batch,
         warnings=tuple(warnings),
+        settings=settings.model_dump(mode="json"),
     )
     calibrated = replaced_parameters(nominal, {name.removeprefix("culture."): estimates[name].value for name in fitted}).model_copy(
         update={"provenance": provenance, "envelope": operating_envelope(records, settings)}

@@ -38,11 +38,11 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from controller.types import LAB_FIELDS
+from controller.version import tool_version
 from interfaces.audit import AuditError, AuditRecord, AuditTrail
 from interfaces.batch_records import sha256_of
 from interfaces.history import SCHEMA_VERSION, read_only_uri
@@ -695,13 +695,6 @@ def history_digests(path: Path) -> tuple[str, str | None]:
     """The sha256 of the history file, and of its ``-wal`` file when that holds anything (records not yet checkpointed into the file)."""
     wal = path.with_name(path.name + "-wal")
     return sha256_of(path), sha256_of(wal) if wal.is_file() and wal.stat().st_size > 0 else None
-
-
-def tool_version() -> str:
-    try:
-        return metadata.version("bioreactor-mpc")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 # ---------------------------------------------------------------------- writing

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import Field
@@ -181,6 +182,7 @@ class ModelProvenance(FrozenConfig):
 
     created_utc: str
     tool: str
+    tool_version: str = Field(default="", description="the installed bioreactor-mpc that made it (empty: a file written before 8 Dec 2026, which did not say)")
     based_on: str = Field(description="the parameter file the fit started from")
     inputs: tuple[tuple[str, str], ...] = Field(description="(file, sha-256) of every batch record read")
     batches: tuple[str, ...]
@@ -190,6 +192,14 @@ class ModelProvenance(FrozenConfig):
     cross_validation: dict[str, float] = Field(default_factory=dict, description="relative RMSE on batches left out, nominal vs calibrated")
     batch_statistics: dict[str, dict[str, float]] = Field(default_factory=dict, description="per batch: reduced χ² and relative RMSE of VCD, titer and glucose")
     warnings: tuple[str, ...] = Field(default=(), description="what a reviewer must look at before deploying this model")
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "the calibration settings the fit ran with, whole (which parameters and corrections were fitted, the priors, bounds,"
+            " measurement sds, grid and phases): what a reviewer needs to fit the same records again the same way. Empty: a file"
+            " written before 8 Dec 2026, which did not say"
+        ),
+    )
 
 
 METADATA_FIELDS = frozenset({"provenance", "envelope"})

@@ -14,6 +14,7 @@ import yaml
 
 from controller.calibration import WITH_CORRECTIONS, CalibrationError, CalibrationSettings, calibrate, check_records, delivered_grid
 from controller.records import BatchRecord
+from controller.version import tool_version
 from interfaces.batch_records import sha256_of, write_batch_directory
 from plant_models.parameters import CorrectionParameters, CultureParameters, ParameterEstimate, parameter_bounds, parameter_vector, replaced_parameters, scaled_parameters
 from simulator.config import load_simulation
@@ -127,10 +128,17 @@ def test_calibrate_command_writes_a_parameter_file_with_provenance_and_a_report(
     assert set(provenance.parameters) == set(FAST.parameters)
     assert {"vcd_1e6_per_ml_calibrated", "vcd_1e6_per_ml_nominal"} <= set(provenance.cross_validation)
     assert math.isfinite(provenance.fit_statistics["reduced_chi2"])
+    # How it was fitted, whole: the settings file's choices and the defaults it left, as a settings file that fits the same way again.
+    assert provenance.tool_version == tool_version() and provenance.tool_version
+    ran_with = CalibrationSettings.model_validate(provenance.settings)
+    assert ran_with == CalibrationSettings(parameters=FAST.parameters, step_h=FAST.step_h, rk4_substeps=FAST.rk4_substeps)
+    assert ran_with.prior_log_sd == CalibrationSettings().prior_log_sd and ran_with.phases == CalibrationSettings().phases
     assert calibrated.growth.mu_max_per_h == pytest.approx(0.8 * 0.05, rel=0.08)
     report = tmp_path / "site" / "cho_site-report"
     text = (report / "report.md").read_text()
     assert "## Cross-validation" in text and "## Operating envelope" in text
+    assert f"bioreactor-mpc calibrate {tool_version()}" in text
+    assert "## Settings" in text and "step_h:" in text and "prior_log_sd" not in text  # what the file changed, not the defaults it left
     for record in records[:3]:
         assert (report / f"{record.batch_id}.png").read_bytes().startswith(b"\x89PNG")
     assert (report / "fit.csv").read_text().count("\n") > 100

@@ -45,6 +45,8 @@ def calibrated(nominal: CultureParameters, path: Path, envelope: tuple[PhaseEnve
         not_identifiable=("death.kd_min_per_h",),
         fit_statistics={"reduced_chi2": 1.1},
         warnings=("only two batches",),
+        tool_version="0.1.0",
+        settings={"parameters": ["culture.growth.mu_max_per_h"], "prior_log_sd": 0.7},
     )
     write_parameter_file(path, nominal.model_copy(update={"growth": growth, "provenance": provenance, "envelope": envelope}))
     assert CultureParameters.from_yaml(path).provenance == provenance  # a parameter that was not identifiable (no interval) included
@@ -128,6 +130,7 @@ def test_run_refuses_a_calibrated_model_until_an_engineer_approves_that_very_fil
     provenance = record.details["provenance"]
     assert provenance["batches"] == ["BR01-101", "BR01-102"] and provenance["not_identifiable"] == ["death.kd_min_per_h"]
     assert set(provenance["fitted"]) == {"growth.mu_max_per_h"} and [phase["phase"] for phase in provenance["envelope"]] == ["growth", "production"]
+    assert provenance["tool_version"] == "0.1.0" and provenance["settings"]["parameters"] == ["culture.growth.mu_max_per_h"]  # how it was fitted
     # Now the runtime accepts it, and names the approval in its start record.
     model_file = approved_model_file(load_runtime_config(config))
     assert (model_file.sha256, model_file.calibrated, model_file.approval_seq) == (digest, True, record.seq)

@@ -295,7 +295,24 @@ def _audit_key_rotate(args: argparse.Namespace, console: Console) -> int:
     os.replace(pending, key_path)
     _say(console, f"rotated the audit key of {path}: {old.key_id} -> {new.key_id} (audit record {record.seq}); {key_path} holds the new key, {retired} the old one")
     _say(console, f"verify with --key {key_path.parent}; back up the new key now")
+    for line in _approvals_under(path, old.key_id):
+        _say(console, line)
     return 0
+
+
+def _approvals_under(history_path: Path, key_id: str) -> list[str]:
+    """What to tell whoever rotated the key: the model approvals MAC'd by the key retired, which a runtime with the new key no longer
+    trusts (:func:`model_approval`), so that they are renewed before a runtime's next start refuses its model."""
+    with AuditTrail(history_path, read_only=True) as trail:
+        latest = {str(record.details.get("sha256")): record for record in trail.records(action=MODEL_APPROVED)}
+    retired = [record for record in latest.values() if record.key_id == key_id]
+    if not retired:
+        return []
+    lines = [
+        f"{len(retired)} model approval(s) were MAC'd by the retired key {key_id}: a runtime with the new key refuses those models at its next start. "
+        "If a runtime still uses one, an engineer approves it again now (bioreactor-mpc model approve FILE --history ... --user ...):"
+    ]
+    return lines + [f"  {record.details.get('file', record.subject)} (sha256 {record.details.get('sha256')}, approved by {record.actor}, audit record {record.seq})" for record in retired]
 
 
 def _audit_key_replace(args: argparse.Namespace, console: Console) -> int:

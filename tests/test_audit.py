@@ -337,12 +337,15 @@ def test_audit_key_create_rotate_checkpoint_and_verify_with_a_key_directory(tmp_
     with pytest.raises(AuditKeyError, match="a file exists there already"):
         _run("audit", "key", "create", str(keys / "audit.key"))
     with AuditTrail(path, key=first) as trail:
-        trail.append(actor="runtime", action="config_loaded", subject="B1", details={})
+        trail.append(actor="erik", action="model_approved", subject="model site.yaml", details={"sha256": "ab" * 32, "file": "/etc/site.yaml"})
     status, out = _run("audit", "checkpoint", "--history", str(path), "--to", str(offsite), "--audit-key", str(keys / "audit.key"))
     assert status == 0 and out.startswith(f"{path}: checkpoint of seq 2 (sha256 ")
     status, out = _run("audit", "key", "rotate", "--key", str(keys / "audit.key"), "--history", str(path))
     second = load_key_file(keys / "audit.key")
     assert status == 0 and f"{first.key_id} -> {second.key_id} (audit record 3)" in out
+    # The approval MAC'd by the retired key: a runtime with the new key refuses its model at start, so the rotation says so now.
+    assert f"1 model approval(s) were MAC'd by the retired key {first.key_id}" in out
+    assert f"/etc/site.yaml (sha256 {'ab' * 32}, approved by erik, audit record 1)" in out
     assert load_key_file(keys / f"{first.key_id}.key").key_id == first.key_id, "the old key kept beside the new"
     assert not (keys / "audit.key.new").exists()
     (keys / "audit.key.new").write_text("left by a crash")

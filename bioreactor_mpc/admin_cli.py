@@ -312,7 +312,9 @@ def _approvals_under(history_path: Path, key_id: str) -> list[str]:
         f"{len(retired)} model approval(s) were MAC'd by the retired key {key_id}: a runtime with the new key refuses those models at its next start. "
         "If a runtime still uses one, an engineer approves it again now (bioreactor-mpc model approve FILE --history ... --user ...):"
     ]
-    return lines + [f"  {record.details.get('file', record.subject)} (sha256 {record.details.get('sha256')}, approved by {record.actor}, audit record {record.seq})" for record in retired]
+    return lines + [
+        f"  {record.details.get('file', record.subject)} (sha256 {record.details.get('sha256')}, approved by {record.actor}, audit record {record.seq})" for record in retired
+    ]
 
 
 def _audit_key_replace(args: argparse.Namespace, console: Console) -> int:

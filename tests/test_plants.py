@@ -25,11 +25,12 @@ from simulator.plants.amino_acid import AminoAcidPlant
 from simulator.plants.biovolume import BiovolumeKinetics, BiovolumePlant
 from simulator.plants.cell_cycle import CellCyclePlant
 from simulator.plants.cho import ChoPlant
+from simulator.plants.inhibitor import InhibitorPlant
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = BatchConfig.from_yaml(REPO / "configs" / "batch" / "platform.yaml")
 NOMINAL = CultureParameters.from_yaml(REPO / "configs" / "model" / "cho_nominal.yaml")
-OTHER_PLANTS = ("amino_acid", "cell_cycle", "biovolume")
+OTHER_PLANTS = ("amino_acid", "cell_cycle", "biovolume", "inhibitor")
 
 
 @cache
@@ -65,8 +66,11 @@ class Run:
 
 
 @cache
-def recipe_like_run(name: str, shift_to_degc: float = 33.0) -> Run:
-    """14 days under an approximation of the platform recipe; the glucose feed replaces, each hour, what was consumed in the last hour plus a 24 h correction towards 4 g/L."""
+def recipe_like_run(name: str, shift_to_degc: float = 33.0, feed_fraction_per_day: float = 0.03) -> Run:
+    """14 days under an approximation of the platform recipe; the glucose feed replaces, each hour, what was consumed in the last hour plus a 24 h correction towards 4 g/L.
+
+    ``feed_fraction_per_day``: the nutrient feed per day as a fraction of the initial volume (the recipe's 3 %).
+    """
     plant = plant_named(name)
     p = plant.nominal_parameters(BATCH)
     x = plant.initial_state(BATCH)
@@ -78,7 +82,7 @@ def recipe_like_run(name: str, shift_to_degc: float = 33.0) -> Run:
     glucose_feed_lph = 0.0
     glucose_before, glucose_in_g = None, 0.0
     for h in range(336):
-        feed_lph = 0.03 * BATCH.inoculation.volume_l / 24.0 if h >= 72 else 0.0
+        feed_lph = feed_fraction_per_day * BATCH.inoculation.volume_l / 24.0 if h >= 72 else 0.0
         setpoint = BATCH.inoculation.temperature_degc if h < 120 else shift_to_degc
         now = observe(plant, float(h), x, np.array([feed_lph, glucose_feed_lph, setpoint]), p)
         if glucose_before is not None:
@@ -332,10 +336,70 @@ def test_biovolume_plant_loses_product_to_clipping_during_the_batch() -> None:
     assert 0.02 < clipped / (clipped + intact) < 0.15
 
 
+def test_inhibitor_plant_grows_less_when_fed_more_because_it_makes_more_inhibitor() -> None:
+    """Twice the recipe's feed: more precursor amino acids, more of their catabolites, fewer cells; the CHO model grows more on it."""
+    plant = plant_named("inhibitor")
+    recipe, double = recipe_like_run("inhibitor"), recipe_like_run("inhibitor", feed_fraction_per_day=0.06)
+    inhibitor, precursor = plant.state_index("inhibitor"), plant.state_index("precursor_amino_acids")
+    day_8 = 192
+    assert double.states[day_8, inhibitor] > 1.4 * recipe.states[day_8, inhibitor]
+    assert double.states[72:, precursor].min() > recipe.states[72:, precursor].min()  # richer, not starved
+    assert double.observed["viable_cells"].max() < 0.9 * recipe.observed["viable_cells"].max()
+    assert double.observed["titer"][-1] < recipe.observed["titer"][-1]
+    cho_recipe, cho_double = recipe_like_run("cho"), recipe_like_run("cho", feed_fraction_per_day=0.06)
+    assert cho_double.observed["viable_cells"].max() >= cho_recipe.observed["viable_cells"].max()
+
+
+def test_inhibitor_plant_makes_lactate_from_glycolysis_beyond_the_oxidative_capacity() -> None:
+    """Growing cells make more lactate at more glucose while their oxygen uptake stays at the capacity; cells that stop growing consume lactate."""
+    plant = plant_named("inhibitor")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([0.0, 0.0, 36.5])
+
+    def rates(glucose_g_per_l: float, inhibitor_mm: float) -> tuple[float, float, float]:
+        """Lactate change [g/(L·h)], glucose uptake [g/(L·h)] and OUR per cell at 5e6 cells/mL, amino acids and glutamine ample."""
+        x = plant.initial_state(BATCH)
+        for name, value in (("viable_cells", 5.0), ("glucose", glucose_g_per_l), ("glutamine", 4.0), ("precursor_amino_acids", 3.0), ("inhibitor", inhibitor_mm), ("lactate", 1.5)):
+            x[plant.state_index(name)] = value
+        dx = np.asarray(plant.rhs(100.0, x, u, p)).ravel()
+        return float(dx[plant.state_index("lactate")]), float(-dx[plant.state_index("glucose")]), observe(plant, 100.0, x, u, p)["our"] / 5.0
+
+    lactate_3, glucose_3, our_3 = rates(3.0, inhibitor_mm=0.0)
+    lactate_6, glucose_6, our_6 = rates(6.0, inhibitor_mm=0.0)
+    assert lactate_6 > 1.3 * lactate_3 > 0.0
+    assert glucose_6 > 1.15 * glucose_3
+    assert our_6 == pytest.approx(our_3, rel=0.01)
+    lactate_arrested, _, _ = rates(4.0, inhibitor_mm=20.0)
+    assert lactate_arrested < 0.0
+
+
+def test_inhibitor_plant_productivity_falls_as_the_cells_age_where_the_cho_model_keeps_it() -> None:
+    def specific_productivity(run: Run, hour: int) -> float:
+        """Product made per viable cell around ``hour`` (from the product mass, so dilution does not count) [g/(1e9 cells·h)]."""
+        y = run.observed
+        mass_g = y["titer"] * y["volume"]
+        return float((mass_g[hour + 12] - mass_g[hour - 12]) / 24.0 / (y["viable_cells"][hour] * y["volume"][hour]))
+
+    day_7, day_13 = 168, 312  # both after the shift, at 33 °C and 4 g/L glucose
+    run, cho = recipe_like_run("inhibitor"), recipe_like_run("cho")
+    age = run.states[:, plant_named("inhibitor").state_index("mean_cell_age")]
+    assert age[day_13] > 1.8 * age[day_7]
+    assert specific_productivity(run, day_13) < 0.8 * specific_productivity(run, day_7)
+    assert specific_productivity(cho, day_13) == pytest.approx(specific_productivity(cho, day_7), rel=0.02)
+
+
+def test_inhibitor_plant_loses_titer_below_a_moderate_shift() -> None:
+    """The productivity gain of cold saturates while growth falls towards the cardinal minimum: 31 °C makes less than 33 °C."""
+    titers = {t: titer_after_shift("inhibitor", t) for t in (36.5, 33.0, 31.0)}
+    assert titers[33.0] > 1.15 * titers[36.5]
+    assert titers[31.0] < 0.9 * titers[33.0]
+
+
 def test_plants_are_independent_of_each_other_in_structure() -> None:
     assert isinstance(plant_named("amino_acid"), AminoAcidPlant)
     assert isinstance(plant_named("cell_cycle"), CellCyclePlant)
     assert isinstance(plant_named("biovolume"), BiovolumePlant)
+    assert isinstance(plant_named("inhibitor"), InhibitorPlant)
     state_sets = [frozenset(s.name for s in plant_named(name).states) for name in ("cho", *OTHER_PLANTS)]
     assert len(set(state_sets)) == len(state_sets)
 

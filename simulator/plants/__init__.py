@@ -18,6 +18,7 @@ from simulator.plants.base import OBSERVABLE_INDEX, OBSERVABLES, EquationPlant
 from simulator.plants.biovolume import BiovolumePlant
 from simulator.plants.cell_cycle import CellCyclePlant
 from simulator.plants.cho import ChoPlant
+from simulator.plants.inhibitor import InhibitorPlant
 
 PlantFactory = Callable[[CultureParameters, CultureModel | None], EquationPlant]
 
@@ -38,7 +39,11 @@ def _biovolume(kinetics: CultureParameters, model: CultureModel | None) -> Equat
     return BiovolumePlant()
 
 
-PLANTS: dict[str, PlantFactory] = {"cho": _cho, "amino_acid": _amino_acid, "cell_cycle": _cell_cycle, "biovolume": _biovolume}
+def _inhibitor(kinetics: CultureParameters, model: CultureModel | None) -> EquationPlant:
+    return InhibitorPlant()
+
+
+PLANTS: dict[str, PlantFactory] = {"cho": _cho, "amino_acid": _amino_acid, "cell_cycle": _cell_cycle, "biovolume": _biovolume, "inhibitor": _inhibitor}
 """Plant name → factory(the simulation's CHO kinetics, a CHO model to reuse). Plants of other structure ignore both."""
 
 

@@ -85,17 +85,37 @@ class TrustRegionConfig(FrozenConfig):
     feed_reach_per_day: float = Field(
         default=0.02, ge=0.0, le=0.2, description="recipe band: farthest from the recipe's nutrient feed at full width, as a fraction of the initial volume per day [-/day]"
     )
+    feed_lead_h: float = Field(
+        default=24.0,
+        ge=0.0,
+        le=240.0,
+        description=(
+            "recipe band: how long before the recipe's feed start the NMPC may start feeding; earlier, where the recipe feeds"
+            " nothing, the band holds the feed at 0 as the recipe does. Feed cannot be taken back, and a culture fed days before"
+            " the recipe feeds it is not in the recipe's neighbourhood (measured: the held-out plant `inhibitor`, docs/trust-region.md) [h]"
+        ),
+    )
     glucose_reach_g_per_l: float = Field(default=2.5, ge=0.0, le=10.0, description="recipe band: farthest below the recipe's glucose target at full width [g/L]")
+    glucose_reach_above_g_per_l: float = Field(
+        default=2.5,
+        ge=0.0,
+        le=10.0,
+        description=(
+            "recipe band: farthest above the recipe's glucose target at full width [g/L]; glucose fed cannot be taken back, and a"
+            " culture held far above the recipe's level is not in its neighbourhood (overflow to lactate, osmolality)"
+        ),
+    )
     harvest_reach_h: float = Field(default=24.0, ge=0.0, le=240.0, description="farthest from the recipe's harvest at full width [h]")
     envelope_margin_degc: float = Field(default=0.5, ge=0.0, le=5.0, description="calibration envelope: temperature margin beyond what the data covered [°C]")
     envelope_margin_relative: float = Field(default=0.1, ge=0.0, le=1.0, description="calibration envelope: feed and glucose margin, as a fraction of the covered span [-]")
     initial_width: float = Field(
-        default=1.0,
+        default=0.3,
         ge=0.0,
         le=1.0,
         description=(
-            "recipe band: width at inoculation; 1: the band's whole reach from the start, and only lab results that confirm the model"
-            " days ahead earn more (measured: a start at 0.3 cost every plant, docs/trust-region.md) [-]"
+            "recipe band: width at inoculation, widened by widen_step with each lab result that confirms the model; 1: the band's"
+            " whole reach from the start. 0.3: an uncalibrated model is unsure, and on the held-out plant `inhibitor` the whole"
+            " reach from the start made every batch worse than the recipe (docs/trust-region.md, 'How wide at the start') [-]"
         ),
     )
     reenable_width: float = Field(default=0.3, ge=0.0, le=1.0, description="any source: width after an engineer's re-enable, this batch's results having stood the model down [-]")
@@ -437,6 +457,8 @@ class TrustRegion:
         # what the batch's results earned).
         t_low, t_high = temperature - scale * cfg.temperature_reach_degc, temperature + scale * cfg.temperature_reach_degc
         reach_lph = scale * cfg.feed_reach_per_day * batch.inoculation.volume_l / 24.0
+        if feed <= 0.0 and self._recipe.feed_rate_lph(time_h + cfg.feed_lead_h) <= 0.0:
+            reach_lph = 0.0  # the recipe feeds nothing now nor within feed_lead_h: neither does its band
         f_low, f_high = max(0.0, feed - reach_lph), feed + reach_lph
         g_low = target - scale * cfg.glucose_reach_g_per_l
         if self.source is RegionSource.CALIBRATION_ENVELOPE:
@@ -513,7 +535,19 @@ class TrustRegion:
         # The region's least feed must not fill that room: a narrowed region around a schedule that ignores the volume
         # (the recipe stops its nutrient feed at the room; its schedule does not) would force the plan over its ceiling.
         lower[0] = _fill_lower_bounds(lower[0], np.asarray(durations_h, dtype=float), float(np.broadcast_to(volume_l, (n,))[0]), volume_upper)
-        return PlanBounds(inputs_lower=lower, inputs_upper=upper, glucose_lower=edges[4], glucose_upper=np.full(n, math.inf), volume_upper=volume_upper)
+        glucose_upper = np.array([self._glucose_high(float(t)) for t in starts_h])
+        return PlanBounds(inputs_lower=lower, inputs_upper=upper, glucose_lower=edges[4], glucose_upper=glucose_upper, volume_upper=volume_upper)
+
+    def _glucose_high(self, time_h: float) -> float:
+        """The region's upper glucose edge at ``time_h``: the recipe's target and the band's reach above it (the envelope's top and margin too)."""
+        cfg, w, scale = self.config, self.width, self.reach_scale
+        target = self._batch.recipe.glucose_target_g_per_l
+        high = target + scale * cfg.glucose_reach_above_g_per_l
+        if self.source is RegionSource.CALIBRATION_ENVELOPE:
+            glucose = self._phase(time_h).glucose_g_per_l
+            if glucose.high > 0.0:
+                high = max(high, glucose.high + cfg.envelope_margin_relative * (glucose.high - glucose.low) + (scale - 1.0) * cfg.glucose_reach_above_g_per_l)
+        return target + w * max(0.0, high - target)
 
     # ----------------------------------------------------------------- monitor
 
@@ -791,6 +825,7 @@ class TrustRegion:
             data["temperature_degc"] = [temperature_low, temperature_high]
             data["feed_rate_lph"] = [feed_low, feed_high]
             data["glucose_min_g_per_l"] = glucose_low
+            data["glucose_max_g_per_l"] = self._glucose_high(now_h)
             data["harvest_h"] = list(self.harvest_window_h(now_h))
             data["endgame"] = endgame
         if self.checks:

@@ -311,6 +311,7 @@ def test_the_screen_shows_the_trust_region_and_an_engineer_re_enables_the_nmpc_a
             assert low < recipe.setpoints(FREEZE_AT_H).temperature_degc < high and high - low == pytest.approx(2.0 * region["width"] * trust.temperature_reach_degc)
             target = loaded.batch.recipe.glucose_target_g_per_l
             assert region["glucose_min_g_per_l"] == pytest.approx(target - region["width"] * trust.glucose_reach_g_per_l)
+            assert region["glucose_max_g_per_l"] == pytest.approx(target + region["width"] * trust.glucose_reach_above_g_per_l)
             assert region["glucose_error_g_per_l"] == pytest.approx(trust.glucose.floor)  # the screen's reason for that floor: no shortfall seen yet
             assert region["harvest_h"] == pytest.approx(
                 [loaded.batch.recipe.harvest_h - region["width"] * trust.harvest_reach_h, loaded.batch.recipe.harvest_h + region["width"] * trust.harvest_reach_h]

@@ -449,6 +449,7 @@ _TRUST = (
     Column("trust_feed_rate_low_lph", ColumnKind.REAL, "L/h", "the lowest nutrient feed rate the plan may ask for"),
     Column("trust_feed_rate_high_lph", ColumnKind.REAL, "L/h", "the highest nutrient feed rate the plan may ask for"),
     Column("trust_glucose_min_g_per_l", ColumnKind.REAL, "g/L", "the lowest glucose the plan may plan for"),
+    Column("trust_glucose_max_g_per_l", ColumnKind.REAL, "g/L", "the highest glucose the plan may plan for (the configured window's top caps it too)"),
     Column(
         "trust_glucose_error_g_per_l",
         ColumnKind.REAL,
@@ -579,6 +580,7 @@ def _trust_values(trust: Mapping[str, Any]) -> dict[str, Any]:
         "trust_feed_rate_low_lph": f_low,
         "trust_feed_rate_high_lph": f_high,
         "trust_glucose_min_g_per_l": trust.get("glucose_min_g_per_l"),
+        "trust_glucose_max_g_per_l": trust.get("glucose_max_g_per_l"),
         "trust_glucose_error_g_per_l": trust.get("glucose_error_g_per_l"),
         "trust_endgame": trust.get("endgame"),
         "trust_harvest_earliest_h": h_low,

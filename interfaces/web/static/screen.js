@@ -95,6 +95,7 @@ function showTrust(trust) {
     ["temperature", range(trust.temperature_degc, 1, "°C") + endgame(trust)],
     ["nutrient feed", range(trust.feed_rate_lph, 2, "L/h") + endgame(trust)],
     ["lowest glucose planned", trust.glucose_min_g_per_l === undefined ? "—" : `${fmt(trust.glucose_min_g_per_l)} g/L` + glucoseError(trust.glucose_error_g_per_l)],
+    ["highest glucose planned", trust.glucose_max_g_per_l === undefined ? "—" : `${fmt(trust.glucose_max_g_per_l)} g/L`],
     ["harvest", harvest],
     ["misses in a row", `${trust.misses} of ${trust.misses_to_recipe}`],
     ...(down ? [["since the stand-down", sinceStoodDown(trust)]] : []),

@@ -249,14 +249,7 @@ class NmpcController:
         if self._plan is not None:
             volume = np.interp(starts, _stage_ends(self._plan, with_start=True), self._plan.states[i_v])
             volume[0] = float(state[i_v])
-        return self.trust.bounds(
-            starts,
-            durations,
-            volume_l=volume,
-            previous_inputs=previous,
-            temperature_rate_degc_per_h=self.config.mpc.temperature_rate_max_degc_per_h,
-            glucose_now_g_per_l=float(state[STATE_INDEX["glucose"]]),
-        )
+        return self.trust.bounds(starts, durations, volume_l=volume, previous_inputs=previous, temperature_rate_degc_per_h=self.config.mpc.temperature_rate_max_degc_per_h)
 
     def _scenarios(self, parameters: np.ndarray, n_scenarios: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The robust solve's parameter scenarios: from the estimator's uncertainty; all nominal when the source states none."""

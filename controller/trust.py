@@ -492,24 +492,13 @@ class TrustRegion:
             target - w * max(0.0, target - g_low),
         )
 
-    def bounds(
-        self,
-        starts_h: np.ndarray,
-        durations_h: np.ndarray,
-        *,
-        volume_l: np.ndarray,
-        previous_inputs: np.ndarray,
-        temperature_rate_degc_per_h: float,
-        glucose_now_g_per_l: float | None = None,
-    ) -> PlanBounds | None:
+    def bounds(self, starts_h: np.ndarray, durations_h: np.ndarray, *, volume_l: np.ndarray, previous_inputs: np.ndarray, temperature_rate_degc_per_h: float) -> PlanBounds | None:
         """Per-stage bounds for a plan on this stage grid; None when the region is off.
 
         ``volume_l`` is the expected volume per stage (feed bounds of the
         envelope are per volume), its first entry the volume now. The glucose feed is bounded only by its
         pump (the recipe's own glucose feed follows the lab results): the
-        glucose *level* is held in the region instead, up to the band's ceiling or ``glucose_now_g_per_l`` (the estimate
-        now), whichever is higher: the plan may not raise the glucose beyond the ceiling, nor is it charged for glucose the
-        culture already has (the medium's, at inoculation). The temperature bounds
+        glucose *level* is held in the region instead. The temperature bounds
         are relaxed where the setpoint rate limit needs it: each stage can
         reach the next stage's region (the recipe's temperature shift is a
         step), and the fastest way from ``previous_inputs`` into the region is
@@ -546,10 +535,7 @@ class TrustRegion:
         # The region's least feed must not fill that room: a narrowed region around a schedule that ignores the volume
         # (the recipe stops its nutrient feed at the room; its schedule does not) would force the plan over its ceiling.
         lower[0] = _fill_lower_bounds(lower[0], np.asarray(durations_h, dtype=float), float(np.broadcast_to(volume_l, (n,))[0]), volume_upper)
-        # The ceiling bounds what the plan may raise the glucose to: a culture already above it (the medium's own glucose at
-        # inoculation, before it falls to the recipe's target) is no violation the plan could undo, so it may stay where it is.
-        now = glucose_now_g_per_l if glucose_now_g_per_l is not None and math.isfinite(glucose_now_g_per_l) else -math.inf
-        glucose_upper = np.array([max(self._glucose_high(float(t)), now) for t in starts_h])
+        glucose_upper = np.array([self._glucose_high(float(t)) for t in starts_h])
         return PlanBounds(inputs_lower=lower, inputs_upper=upper, glucose_lower=edges[4], glucose_upper=glucose_upper, volume_upper=volume_upper)
 
     def _glucose_high(self, time_h: float) -> float:

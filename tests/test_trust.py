@@ -141,16 +141,6 @@ def test_the_recipe_band_feeds_no_earlier_than_a_day_before_the_recipe_and_holds
     target = batch.recipe.glucose_target_g_per_l
     assert bounds.glucose_upper == pytest.approx(target + TrustRegionConfig().glucose_reach_above_g_per_l)
     assert np.all(bounds.glucose_lower < target)  # below as before (down to the reach, or the starvation margin above the limit)
-    # The medium's own glucose at inoculation, above the ceiling: no violation the plan could undo, so the ceiling is where it is now.
-    above = region.bounds(
-        starts,
-        durations,
-        volume_l=np.full(starts.size, 1400.0),
-        previous_inputs=np.array([0.0, 0.0, 36.5]),
-        temperature_rate_degc_per_h=RATE,
-        glucose_now_g_per_l=target + TrustRegionConfig().glucose_reach_above_g_per_l + 0.5,
-    )
-    assert above is not None and above.glucose_upper == pytest.approx(target + TrustRegionConfig().glucose_reach_above_g_per_l + 0.5)
     narrow = _region(batch, initial_width=0.0).bounds(
         starts, durations, volume_l=np.full(starts.size, 1400.0), previous_inputs=np.array([0.0, 0.0, 36.5]), temperature_rate_degc_per_h=RATE
     )

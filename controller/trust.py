@@ -13,11 +13,13 @@ platform recipe's own trajectory):
   checked the model there.
 - **recipe band**: a model with no envelope (the nominal kinetics) is trusted
   only near what the plant has always run: the recipe's temperature, its
-  feed per initial volume and its glucose target, within configured reaches.
-  The region starts at ``initial_width`` of those reaches (all of them by
-  default: the band is the plant's own neighbourhood of the recipe) and goes
-  beyond them only as the batch's own lab results confirm the model's
-  predictions days ahead (the earned reach, up to ``max_reach_scale`` times).
+  feed per initial volume (and no feed where the recipe feeds none, until
+  ``feed_lead_h`` before its start) and its glucose target, within configured
+  reaches. The region starts at ``initial_width`` of those reaches (0.3 by
+  default: an uncalibrated model is unsure), widens with each lab result that
+  confirms the model, and goes beyond them only as the batch's own lab results
+  confirm the model's predictions days ahead (the earned reach, up to
+  ``max_reach_scale`` times).
 
 The region's *width* ``w`` ∈ [0, 1] scales the reach: a bound is
 ``recipe + w · (edge − recipe)``. At ``w = 0`` the plan follows the recipe's

@@ -53,7 +53,7 @@ def test_simulate_command_with_nmpc_reports_against_the_recipe(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "recipe, same batch" in result.stdout and "score (product per occupied day)" in result.stdout
     assert "harvest titer predicted on day  7" in result.stdout and "failures 0" in result.stdout
-    assert "trust region: a band around the platform recipe; width 100 % at the first cycle" in result.stdout, "the nominal kinetics: the recipe band"
+    assert "trust region: a band around the platform recipe; width 30 % at the first cycle" in result.stdout, "the nominal kinetics: the recipe band"
     assert "lab result 2 (drawn 24 h) confirmed the model run from 0 h with the inputs applied since" in result.stdout
     stem = "BR01-DEMO-001-seed2-nmpc"
     for suffix in ("-trajectories.csv", "-lab.csv", ".png", "-predictions.png", "-trust.csv", "-trust.png"):

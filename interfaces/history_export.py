@@ -449,7 +449,9 @@ _TRUST = (
     Column("trust_feed_rate_low_lph", ColumnKind.REAL, "L/h", "the lowest nutrient feed rate the plan may ask for"),
     Column("trust_feed_rate_high_lph", ColumnKind.REAL, "L/h", "the highest nutrient feed rate the plan may ask for"),
     Column("trust_glucose_min_g_per_l", ColumnKind.REAL, "g/L", "the lowest glucose the plan may plan for"),
-    Column("trust_glucose_max_g_per_l", ColumnKind.REAL, "g/L", "the highest glucose the plan may plan for (the configured window's top caps it too)"),
+    Column(
+        "trust_glucose_max_g_per_l", ColumnKind.REAL, "g/L", "the region's glucose ceiling: the highest glucose the plan may plan for, unless the configured window's top is lower"
+    ),
     Column(
         "trust_glucose_error_g_per_l",
         ColumnKind.REAL,

@@ -51,9 +51,9 @@ def test_the_timeline_has_the_width_the_checks_and_the_stand_down_of_the_records
     assert [c.confirmed for c in trust.checks] == [True, False, False, False], "the plans predicted VCD 5: the first result agrees, the next three do not"
     assert trust.stood_down_at_h == 106.0 and trust.stood_down[-1] and not trust.stood_down[times.index(105.0)]
     recipe_degc = 36.5  # configs/batch/platform.yaml before the shift
-    assert trust.temperature_degc[0] == pytest.approx([recipe_degc - 1.5, recipe_degc + 1.5]), "the band's whole default reach of 1.5 °C from the start"
+    assert trust.temperature_degc[0] == pytest.approx([recipe_degc - 0.45, recipe_degc + 0.45]), "30 % of the band's default reach of 1.5 °C at the start"
     lines = trust.describe()
-    assert lines[0].startswith("trust region: a band around the platform recipe; width 100 % at the first cycle") and "lab checks: 4 (1 confirmed, 3 missed)" in lines[0]
+    assert lines[0].startswith("trust region: a band around the platform recipe; width 30 % at the first cycle") and "lab checks: 4 (1 confirmed, 3 missed)" in lines[0]
     assert "reach earned by results a plan predicted days ahead: x1.00 at most" in lines[0]
     assert "lab result 2 (drawn 54 h) missed the plan made at 30 h" in lines[2] and "STOOD DOWN at 106 h" in lines[-1] and "for the rest of the batch" in lines[-1]
 

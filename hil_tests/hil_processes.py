@@ -74,6 +74,7 @@ def run_three_processes(
     stop_at_h: float | None = None,
     protocol: str = "opcua",
     field_io: str = "opcua",
+    nmpc_trust: dict[str, object] | None = None,
 ) -> HilRun:
     """One batch: runtime in closed loop ⇄ soft PLC (lockstep, virtual time) ⇄ plant-sim, each its own process (and process group).
 
@@ -82,6 +83,7 @@ def run_three_processes(
     map, :data:`IO_MAPS`), OPC UA or Modbus TCP.
     ``stop_at_h``: stop the runtime (SIGTERM, as an operator would) once its
     history holds that cycle, and end the batch there instead of at harvest.
+    ``nmpc_trust``: the runtime config's ``nmpc.trust`` settings to change (the trust region's defaults otherwise).
     """
     reference_port, io_port = free_port(), free_port()
     reference_endpoint = f"opc.tcp://127.0.0.1:{reference_port}/bioreactor-mpc/" if protocol == "opcua" else f"127.0.0.1:{reference_port}"
@@ -92,6 +94,9 @@ def run_three_processes(
     for key in ("tag_map", "model"):
         config[key] = str((runtime_template.parent / config[key]).resolve())
     config.update(batch=str(PLATFORM_BATCH), history=str(directory / "history.sqlite"), poll_interval_s=0.01, monitoring={"port": 0})
+    if nmpc_trust:
+        nmpc = config.setdefault("nmpc", {})
+        nmpc["trust"] = {**nmpc.get("trust", {}), **nmpc_trust}
     runtime_config = directory / "runtime.yaml"
     runtime_config.write_text(yaml.safe_dump(config))
     cli = [sys.executable, "-m", "bioreactor_mpc", "--log-json"]

@@ -97,9 +97,14 @@ FAULTS_END_H = 56.0
 
 @pytest.fixture(scope="module")
 def faulted(tmp_path_factory: pytest.TempPathFactory) -> HilRun:
-    """One batch with every I/O fault class, each in its own window or on its own channel, stopped at :data:`FAULTS_END_H`."""
+    """One batch with every I/O fault class, each in its own window or on its own channel, stopped at :data:`FAULTS_END_H`.
+
+    The runtime plans in the recipe band's whole reach from the first hour, where it moves the glucose feed (the default band starts
+    at 30 % of its reach and holds the glucose below the medium's own at first, so its glucose rate is 0 while the pump is stuck):
+    these tests are of the I/O faults, and a stuck pump shows only when the runtime asks it for another rate."""
     directory = tmp_path_factory.mktemp("faulted")
-    return run_three_processes(directory, scenario(directory), faults=FAULTS, timeout_s=180.0, stop_at_h=FAULTS_END_H)
+    whole_band = {"initial_width": 1.0, "feed_lead_h": 240.0, "glucose_reach_above_g_per_l": 10.0}
+    return run_three_processes(directory, scenario(directory), faults=FAULTS, timeout_s=180.0, stop_at_h=FAULTS_END_H, nmpc_trust=whole_band)
 
 
 def _readings(run: HilRun, signal: str) -> list[sqlite3.Row]:

@@ -434,13 +434,13 @@ class TrustRegion:
         """The lapse's clock starts again at the next cycle (no result checked since), and nothing is overdue."""
         self._evidence_h, self._evidence_is_result, self.overdue_since_h = math.nan, False, math.nan
 
-    def _edges(self, time_h: float, volume_l: float, endgame: bool) -> tuple[float, float, float, float, float]:
-        """At ``time_h``: the feed rate's lower and upper bound [L/h], the temperature's [°C] and the glucose window's lower edge [g/L].
+    def _edges(self, time_h: float, volume_l: float, endgame: bool) -> tuple[float, float, float, float, float, float]:
+        """At ``time_h``: the feed rate's lower and upper bound [L/h], the temperature's [°C] and the glucose window's edges [g/L].
 
         ``endgame``: the plan starts in the end-game (:meth:`in_endgame`), so the temperature and feed are held within what the batch has run.
         """
         temperature, feed = self._recipe.temperature_degc(time_h), self._recipe.feed_rate_lph(time_h)
-        feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._region_edges(time_h, volume_l, temperature, feed)
+        feed_low, feed_high, temperature_low, temperature_high, glucose_low, glucose_high = self._region_edges(time_h, volume_l, temperature, feed)
         if endgame:
             # What the lab checks comes days after the move (a productivity that follows the temperature with a lag, a titer
             # assayed a day later): a move made now is one no result takes back before the harvest. The recipe's own stays allowed.
@@ -449,9 +449,9 @@ class TrustRegion:
             temperature_high = min(temperature_high, float(np.fmax(t_ran_high, temperature)))
             feed_low = max(feed_low, float(np.fmin(f_ran_low, feed)))
             feed_high = min(feed_high, float(np.fmax(f_ran_high, feed)))
-        return feed_low, feed_high, temperature_low, temperature_high, glucose_low
+        return feed_low, feed_high, temperature_low, temperature_high, glucose_low, glucose_high
 
-    def _region_edges(self, time_h: float, volume_l: float, temperature: float, feed: float) -> tuple[float, float, float, float, float]:
+    def _region_edges(self, time_h: float, volume_l: float, temperature: float, feed: float) -> tuple[float, float, float, float, float, float]:
         """The region's edges at ``time_h`` (:meth:`_edges` without the end-game) about the recipe's ``temperature`` and ``feed`` then."""
         cfg, batch, w, scale = self.config, self._batch, self.width, self.reach_scale
         target = batch.recipe.glucose_target_g_per_l
@@ -462,7 +462,7 @@ class TrustRegion:
         if feed <= 0.0 and self._recipe.feed_rate_lph(time_h + cfg.feed_lead_h) <= 0.0:
             reach_lph = 0.0  # the recipe feeds nothing now nor within feed_lead_h: neither does its band
         f_low, f_high = max(0.0, feed - reach_lph), feed + reach_lph
-        g_low = target - scale * cfg.glucose_reach_g_per_l
+        g_low, g_high = target - scale * cfg.glucose_reach_g_per_l, target + scale * cfg.glucose_reach_above_g_per_l
         if self.source is RegionSource.CALIBRATION_ENVELOPE:
             # And where the records checked the model: the envelope and its margin, extended by (scale − 1) times the band's reach
             # as the results earn it. A calibrated model may go wherever an uncalibrated one may, and where its records went.
@@ -482,7 +482,9 @@ class TrustRegion:
                 (f_low, f_high), (max(0.0, max(0.0, feeds.low - f_margin) * volume_l / 24.0 - earned_lph), (feeds.high + f_margin) * volume_l / 24.0 + earned_lph)
             )
             if glucose.high > 0.0:
-                g_low = min(g_low, glucose.low - cfg.envelope_margin_relative * (glucose.high - glucose.low) - earned * cfg.glucose_reach_g_per_l)
+                g_margin = cfg.envelope_margin_relative * (glucose.high - glucose.low)
+                g_low = min(g_low, glucose.low - g_margin - earned * cfg.glucose_reach_g_per_l)
+                g_high = max(g_high, glucose.high + g_margin + earned * cfg.glucose_reach_above_g_per_l)
         # Starvation is a hard limit, and a day-ahead glucose prediction is trusted only to ±glucose_error_g_per_l (the batch's own
         # shortfalls widen it): whatever the source, the plan keeps glucose_margins of those above the limit.
         g_low = min(target, max(g_low, batch.limits.glucose_min_g_per_l + cfg.glucose_margins * self.glucose_error_g_per_l))
@@ -492,6 +494,7 @@ class TrustRegion:
             temperature - w * max(0.0, temperature - t_low),
             temperature + w * max(0.0, t_high - temperature),
             target - w * max(0.0, target - g_low),
+            target + w * max(0.0, g_high - target),
         )
 
     def bounds(self, starts_h: np.ndarray, durations_h: np.ndarray, *, volume_l: np.ndarray, previous_inputs: np.ndarray, temperature_rate_degc_per_h: float) -> PlanBounds | None:
@@ -537,19 +540,7 @@ class TrustRegion:
         # The region's least feed must not fill that room: a narrowed region around a schedule that ignores the volume
         # (the recipe stops its nutrient feed at the room; its schedule does not) would force the plan over its ceiling.
         lower[0] = _fill_lower_bounds(lower[0], np.asarray(durations_h, dtype=float), float(np.broadcast_to(volume_l, (n,))[0]), volume_upper)
-        glucose_upper = np.array([self._glucose_high(float(t)) for t in starts_h])
-        return PlanBounds(inputs_lower=lower, inputs_upper=upper, glucose_lower=edges[4], glucose_upper=glucose_upper, volume_upper=volume_upper)
-
-    def _glucose_high(self, time_h: float) -> float:
-        """The region's upper glucose edge at ``time_h``: the recipe's target and the band's reach above it (the envelope's top and margin too)."""
-        cfg, w, scale = self.config, self.width, self.reach_scale
-        target = self._batch.recipe.glucose_target_g_per_l
-        high = target + scale * cfg.glucose_reach_above_g_per_l
-        if self.source is RegionSource.CALIBRATION_ENVELOPE:
-            glucose = self._phase(time_h).glucose_g_per_l
-            if glucose.high > 0.0:
-                high = max(high, glucose.high + cfg.envelope_margin_relative * (glucose.high - glucose.low) + (scale - 1.0) * cfg.glucose_reach_above_g_per_l)
-        return target + w * max(0.0, high - target)
+        return PlanBounds(inputs_lower=lower, inputs_upper=upper, glucose_lower=edges[4], glucose_upper=edges[5], volume_upper=volume_upper)
 
     # ----------------------------------------------------------------- monitor
 
@@ -821,13 +812,13 @@ class TrustRegion:
             data["lab_results_overdue_since_h"] = self.overdue_since_h
         if now_h is not None and self.active:
             endgame = self.in_endgame(now_h)
-            feed_low, feed_high, temperature_low, temperature_high, glucose_low = self._edges(
+            feed_low, feed_high, temperature_low, temperature_high, glucose_low, glucose_high = self._edges(
                 now_h, volume_l if volume_l is not None else self._batch.inoculation.volume_l, endgame
             )
             data["temperature_degc"] = [temperature_low, temperature_high]
             data["feed_rate_lph"] = [feed_low, feed_high]
             data["glucose_min_g_per_l"] = glucose_low
-            data["glucose_max_g_per_l"] = self._glucose_high(now_h)
+            data["glucose_max_g_per_l"] = glucose_high
             data["harvest_h"] = list(self.harvest_window_h(now_h))
             data["endgame"] = endgame
         if self.checks:

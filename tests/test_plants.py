@@ -22,6 +22,7 @@ from plant_models.errors import ConfigError
 from plant_models.parameters import CultureParameters
 from simulator.plants import OBSERVABLES, PLANTS, EquationPlant, make_plant
 from simulator.plants.amino_acid import AminoAcidPlant
+from simulator.plants.apoptosis import ApoptosisPlant
 from simulator.plants.biovolume import BiovolumeKinetics, BiovolumePlant
 from simulator.plants.cell_cycle import CellCyclePlant
 from simulator.plants.cho import ChoPlant
@@ -30,7 +31,7 @@ from simulator.plants.inhibitor import InhibitorPlant
 REPO = Path(__file__).resolve().parent.parent
 BATCH = BatchConfig.from_yaml(REPO / "configs" / "batch" / "platform.yaml")
 NOMINAL = CultureParameters.from_yaml(REPO / "configs" / "model" / "cho_nominal.yaml")
-OTHER_PLANTS = ("amino_acid", "cell_cycle", "biovolume", "inhibitor")
+OTHER_PLANTS = ("amino_acid", "cell_cycle", "biovolume", "inhibitor", "apoptosis")
 
 
 @cache
@@ -109,7 +110,7 @@ def recipe_like_run(name: str, shift_to_degc: float = 33.0, feed_fraction_per_da
 def cell_free_state(plant: EquationPlant) -> np.ndarray:
     """The inoculation state with (almost) no cells: what remains is feeding, dilution and chemistry."""
     x = plant.initial_state(BATCH).copy()
-    for name in ("viable_cells", "dead_cells", "cycling_cells", "arrested_cells", "viable_biovolume"):
+    for name in ("viable_cells", "dead_cells", "cycling_cells", "arrested_cells", "viable_biovolume", "healthy_cells", "apoptotic_cells"):
         if any(s.name == name for s in plant.states):
             x[plant.state_index(name)] *= 1e-9
     return x
@@ -171,10 +172,13 @@ def test_amino_acid_plant_refuses_an_inoculation_whose_osmolality_cannot_hold_it
 def test_volume_rises_by_both_feeds_and_the_base(name: str) -> None:
     plant = plant_named(name)
     p = plant.nominal_parameters(BATCH)
-    x0 = integrate(name, plant.initial_state(BATCH), np.array([0.0, 0.0, 36.5]), p, hours=96)  # lactate being made: the base pump runs
+    # From 60 h of an unfed batch: glucose is still above 3 g/L, so every plant is making lactate and the base pump runs
+    # (by 96 h the unfed apoptosis plant has run out of glucose and turned to consuming lactate).
+    start_h = 60
+    x0 = integrate(name, plant.initial_state(BATCH), np.array([0.0, 0.0, 36.5]), p, hours=start_h)
     feed_lph, glucose_lph = 2.0, 0.3
-    x1 = integrate(name, x0, np.array([feed_lph, glucose_lph, 36.5]), p, hours=24, t0_h=96.0)
-    before, after = observe(plant, 96.0, x0, np.zeros(3), p), observe(plant, 120.0, x1, np.zeros(3), p)
+    x1 = integrate(name, x0, np.array([feed_lph, glucose_lph, 36.5]), p, hours=24, t0_h=float(start_h))
+    before, after = observe(plant, float(start_h), x0, np.zeros(3), p), observe(plant, start_h + 24.0, x1, np.zeros(3), p)
     base_l = after["base_added"] - before["base_added"]
     assert base_l > 0.05
     assert after["volume"] - before["volume"] == pytest.approx((feed_lph + glucose_lph) * 24.0 + base_l, rel=1e-9)
@@ -395,11 +399,113 @@ def test_inhibitor_plant_loses_titer_below_a_moderate_shift() -> None:
     assert titers[31.0] < 0.9 * titers[33.0]
 
 
+def apoptosis_state(**values: float) -> np.ndarray:
+    """The apoptosis plant mid-growth (5e6 healthy cells/mL, glucose and glutamine ample, high-flux), with ``values`` set by state name."""
+    plant = plant_named("apoptosis")
+    x = plant.initial_state(BATCH)
+    start = {"healthy_cells": 5.0, "apoptotic_cells": 0.1, "dead_cells": 0.2, "glucose": 6.0, "glutamine": 4.0, "lactate": 1.5, "ammonia": 3.0}
+    for name, value in (start | values).items():
+        x[plant.state_index(name)] = value
+    return x
+
+
+def test_apoptosis_plant_osmolality_raises_productivity_slows_growth_and_after_a_delay_drives_apoptosis() -> None:
+    """120 mOsm/kg more (a hyperosmotic feed's worth): more product per cell, less of it galactosylated, slower division at once; apoptosis only once the signal has built up."""
+    plant = plant_named("apoptosis")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([0.0, 0.0, 36.5])
+    index = plant.state_index
+    adapted = apoptosis_state()
+    hyperosmotic = apoptosis_state(other_osmolytes=float(adapted[index("other_osmolytes")]) + 120.0)
+    assert observe(plant, 0.0, hyperosmotic, u, p)["osmolality"] == pytest.approx(observe(plant, 0.0, adapted, u, p)["osmolality"] + 120.0)
+    now = {name: np.asarray(plant.rhs(0.0, x, u, p)).ravel() for name, x in (("adapted", adapted), ("hyperosmotic", hyperosmotic))}
+    assert now["hyperosmotic"][index("titer")] > 1.2 * now["adapted"][index("titer")]
+    galactosylated_share = {name: dx[index("galactosylated_titer")] / dx[index("titer")] for name, dx in now.items()}
+    assert galactosylated_share["hyperosmotic"] < galactosylated_share["adapted"] - 0.03
+    assert now["hyperosmotic"][index("healthy_cells")] < 0.7 * now["adapted"][index("healthy_cells")]
+    assert now["hyperosmotic"][index("apoptotic_cells")] == pytest.approx(
+        now["adapted"][index("apoptotic_cells")], rel=0.01
+    )  # same signal, no more apoptosis yet (the base dilutes a little differently)
+    later = {name: integrate("apoptosis", x, u, p, hours=36) for name, x in (("adapted", adapted), ("hyperosmotic", hyperosmotic))}
+
+    def apoptotic_fraction(x: np.ndarray) -> float:
+        return float(x[index("apoptotic_cells")] / (x[index("healthy_cells")] + x[index("apoptotic_cells")]))
+
+    assert apoptotic_fraction(later["hyperosmotic"]) > 3.0 * apoptotic_fraction(later["adapted"])
+    assert later["hyperosmotic"][index("apoptotic_signal")] > 2.0 * later["adapted"][index("apoptotic_signal")]
+
+
+def test_apoptosis_plant_viability_falls_days_after_starvation_where_the_cho_model_loses_it_within_hours() -> None:
+    """Glucose gone at 10e6 cells/mL: early-apoptotic cells still count as viable, so the lab sees the loss a day or more later; the capacitance per viable cell falls first."""
+    plant = plant_named("apoptosis")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([0.0, 0.0, 36.5])
+    starved = apoptosis_state(healthy_cells=10.0, apoptotic_cells=0.2, dead_cells=0.3, glucose=0.02)
+    y = {hours: observe(plant, float(hours), integrate("apoptosis", starved, u, p, hours=hours) if hours else starved, u, p) for hours in (0, 6, 24, 72)}
+    assert y[0]["viability"] - y[6]["viability"] < 1.0
+    assert y[0]["viability"] - y[72]["viability"] > 15.0
+    capacitance_per_cell = {hours: v["capacitance"] / v["viable_cells"] for hours, v in y.items()}
+    assert capacitance_per_cell[72] < 0.97 * capacitance_per_cell[0]
+    cho = plant_named("cho")
+    p_cho = cho.nominal_parameters(BATCH)
+    x_cho = cho.initial_state(BATCH)
+    for name, value in (("viable_cells", 10.0), ("dead_cells", 0.3), ("glucose", 0.02), ("glutamine", 4.0)):
+        x_cho[cho.state_index(name)] = value
+    cho_before, cho_after = observe(cho, 0.0, x_cho, u, p_cho), observe(cho, 6.0, integrate("cho", x_cho, u, p_cho, hours=6), u, p_cho)
+    assert cho_before["viability"] - cho_after["viability"] > 10.0
+
+
+def test_apoptosis_plant_lactate_switch_leaves_production_at_low_glucose_and_remembers_its_state() -> None:
+    """Growing cells at low glucose leave the lactate-producing state; at the recipe's glucose both states hold themselves (the switch is bistable)."""
+    plant = plant_named("apoptosis")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([0.0, 0.0, 36.5])
+    index = plant.state_index
+
+    def rates(glucose_g_per_l: float, high_flux_fraction: float) -> tuple[float, float]:
+        """Change of the high-flux fraction [1/h] and of lactate [g/(L·h)]."""
+        dx = np.asarray(plant.rhs(0.0, apoptosis_state(glucose=glucose_g_per_l, high_flux_fraction=high_flux_fraction), u, p)).ravel()
+        return float(dx[index("high_flux_fraction")]), float(dx[index("lactate")])
+
+    producing_at_low, _ = rates(0.5, 0.9)
+    assert producing_at_low < -0.02  # low glucose: the producers leave within a day
+    producing_at_target, producing_lactate = rates(4.0, 0.9)
+    consuming_at_target, consuming_lactate = rates(4.0, 0.1)
+    assert producing_at_target > 0.0 and producing_lactate > 0.01  # stays a producer
+    assert consuming_at_target < 0.0 and consuming_lactate < -0.005  # stays a consumer at the same glucose
+    run = recipe_like_run("apoptosis")
+    lactate, high_flux = run.observed["lactate"], run.states[:, index("high_flux_fraction")]
+    assert lactate[-1] < 0.1 * lactate.max()
+    assert run.observed["glucose"][-72:].min() > 3.0 and high_flux[-72:].max() < 0.05  # glucose back at 4 g/L, production does not return
+
+
+def test_apoptosis_plant_cold_shift_slows_division_only_as_the_cells_adapt_and_keeps_them_alive_longer() -> None:
+    """The culture follows its setpoint within hours; division and apoptotic induction follow the adapted temperature, a day later; the shifted batch ends more viable."""
+    plant = plant_named("apoptosis")
+    p = plant.nominal_parameters(BATCH)
+    index = plant.state_index
+    start = apoptosis_state(glucose=9.0)
+
+    def healthy_gain(setpoint_degc: float, hours: int) -> float:
+        x = integrate("apoptosis", start, np.array([0.0, 0.0, setpoint_degc]), p, hours=hours)
+        return float(x[index("healthy_cells")] / start[index("healthy_cells")])
+
+    assert healthy_gain(33.0, 6) == pytest.approx(healthy_gain(36.5, 6), rel=0.01)
+    assert healthy_gain(33.0, 48) < 0.9 * healthy_gain(36.5, 48)
+    shifted, warm = recipe_like_run("apoptosis"), recipe_like_run("apoptosis", 36.5)
+    temperature, adapted = shifted.observed["temperature"], shifted.states[:, index("adapted_temperature")]
+    shift_h = 120
+    assert temperature[shift_h + 8] < 33.1 and adapted[shift_h + 8] > 35.0
+    assert adapted[shift_h + 72] < 33.2
+    assert shifted.observed["viability"][-1] > warm.observed["viability"][-1] + 5.0
+
+
 def test_plants_are_independent_of_each_other_in_structure() -> None:
     assert isinstance(plant_named("amino_acid"), AminoAcidPlant)
     assert isinstance(plant_named("cell_cycle"), CellCyclePlant)
     assert isinstance(plant_named("biovolume"), BiovolumePlant)
     assert isinstance(plant_named("inhibitor"), InhibitorPlant)
+    assert isinstance(plant_named("apoptosis"), ApoptosisPlant)
     state_sets = [frozenset(s.name for s in plant_named(name).states) for name in ("cho", *OTHER_PLANTS)]
     assert len(set(state_sets)) == len(state_sets)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from plant_models.cho import CultureModel
 from plant_models.parameters import CultureParameters
 from simulator.plants.amino_acid import AminoAcidPlant
+from simulator.plants.apoptosis import ApoptosisPlant
 from simulator.plants.base import OBSERVABLE_INDEX, OBSERVABLES, EquationPlant
 from simulator.plants.biovolume import BiovolumePlant
 from simulator.plants.cell_cycle import CellCyclePlant
@@ -43,7 +44,11 @@ def _inhibitor(kinetics: CultureParameters, model: CultureModel | None) -> Equat
     return InhibitorPlant()
 
 
-PLANTS: dict[str, PlantFactory] = {"cho": _cho, "amino_acid": _amino_acid, "cell_cycle": _cell_cycle, "biovolume": _biovolume, "inhibitor": _inhibitor}
+def _apoptosis(kinetics: CultureParameters, model: CultureModel | None) -> EquationPlant:
+    return ApoptosisPlant()
+
+
+PLANTS: dict[str, PlantFactory] = {"cho": _cho, "amino_acid": _amino_acid, "cell_cycle": _cell_cycle, "biovolume": _biovolume, "inhibitor": _inhibitor, "apoptosis": _apoptosis}
 """Plant name → factory(the simulation's CHO kinetics, a CHO model to reuse). Plants of other structure ignore both."""
 
 

@@ -204,6 +204,7 @@ async def run_runtime(
             batch=loaded.template,  # pinned to one batch, or a template that follows the PLC's batch id
             nominal_parameters=nominal_parameter_vector(loaded),
             envelope=loaded.nominal.envelope,
+            fitted=loaded.nominal.provenance is not None,
             model_file=model_file,
             settings=config,
             on_cycle=ProgressPrinter(console) if console is not None else None,

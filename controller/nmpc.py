@@ -136,14 +136,16 @@ class NmpcController:
         mpc: EconomicMpc | RobustMpc | None = None,
         *,
         envelope: tuple[PhaseEnvelope, ...] = (),
+        fitted: bool = False,
     ) -> None:
-        """``envelope``: the operating envelope of the model's calibration data (empty for an uncalibrated model: the recipe band)."""
+        """``envelope``: the operating envelope of the model's calibration data (empty for an uncalibrated model: the recipe band).
+        ``fitted``: the kinetics were calibrated on the plant's records (:class:`~controller.trust.TrustRegion`)."""
         self.config = config or NmpcConfig()
         self._batch = batch
         self._source = source
         self.mpc: EconomicMpc | RobustMpc = mpc or build_mpc(model, batch, self.config)
         self.recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
-        self.trust = TrustRegion(batch, self.recipe, envelope, self.config.trust)
+        self.trust = TrustRegion(batch, self.recipe, envelope, self.config.trust, fitted=fitted)
         self._replays = ReplayMemory(model, keep_h=self.config.trust.long_lead_h + 48.0, max_gap_h=2.0 * batch.cycle_period_h)
         self._last_totals: tuple[float, float, float] | None = None
         """(process time, nutrient feed total L, glucose feed total L) at the previous cycle: what was delivered since."""

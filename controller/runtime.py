@@ -167,11 +167,13 @@ class Runtime:
         mode_override: RequestedMode | None = None,
         takeover: TakeoverApproval | None = None,
         envelope: tuple[PhaseEnvelope, ...] = (),
+        fitted: bool = False,
         model_file: ModelFile | None = None,
     ) -> None:
         """``batch``: a batch file with ``batch_id`` (a :class:`BatchConfig`) runs that batch only; a template without one follows the PLC.
 
         ``envelope``: the operating envelope of the model's calibration (``CultureParameters.envelope``; empty: the NMPC plans in the recipe band).
+        ``fitted``: the parameters were calibrated on the plant's records (``CultureParameters.provenance``; controller.trust).
 
         ``model_file``: the parameter file of ``nominal_parameters``, for the start's audit record (checked for approval by the caller).
         """
@@ -182,6 +184,7 @@ class Runtime:
         self._model = model or CultureModel()
         self._nominal = np.asarray(nominal_parameters, dtype=float)
         self._envelope = envelope
+        self._fitted = fitted
         self._model_file = model_file
         self._mpc = mpc or build_mpc(self._model, batch.for_batch(), settings.nmpc)
         self._on_cycle = on_cycle
@@ -485,7 +488,7 @@ class Runtime:
         for signal, floor in (plan.totaliser_floors or {}).items():
             self.quality.expect_at_least(signal, floor)  # a totaliser reset while away is a critical input, not a crash
         self.quality.commit_lab(plan.lab_seq)
-        controller = NmpcController(self._model, batch, plan.estimator, self.settings.nmpc, mpc=self._mpc, envelope=self._envelope)
+        controller = NmpcController(self._model, batch, plan.estimator, self.settings.nmpc, mpc=self._mpc, envelope=self._envelope, fitted=self._fitted)
         if plan.harvest_time_h is not None:
             controller.harvest_time_h = plan.harvest_time_h
         if plan.trust or plan.how != "new batch":  # resumed or taken over mid-batch: a region with no saved width starts narrow

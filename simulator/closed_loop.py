@@ -98,11 +98,13 @@ def run_controlled_batch(
     settings: RuntimeSettings | None = None,
     max_cycles: int | None = None,
     envelope: tuple[PhaseEnvelope, ...] = (),
+    fitted: bool = False,
     record: bool = False,
 ) -> ControlledBatchResult:
     """One batch with the NMPC in the loop through the runtime's own cycle (:class:`~controller.cycle.ControlCycle`); ``make_source`` chooses the estimator or the truth.
 
     ``envelope``: the calibration envelope of the controller's kinetics (empty: the trust region is the recipe band).
+    ``fitted``: the controller's kinetics were calibrated on the plant's records (controller.trust.TrustRegion).
     ``record``: scan the PLC at every cycle as a historian would, and return the batch record.
     """
     model = model or CultureModel()
@@ -114,7 +116,7 @@ def run_controlled_batch(
     nmpc = settings.nmpc
     if isinstance(source, TruthSource):  # perfect knowledge needs no trust region: the oracle is the upper bound the controller is measured against
         nmpc = nmpc.model_copy(update={"trust": nmpc.trust.model_copy(update={"enabled": False})})
-    controller = NmpcController(model, loaded.batch, source, nmpc, envelope=envelope)
+    controller = NmpcController(model, loaded.batch, source, nmpc, envelope=envelope, fitted=fitted)
     cycle = ControlCycle(
         batch=loaded.batch,
         settings=settings,

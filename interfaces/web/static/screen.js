@@ -90,7 +90,7 @@ function showTrust(trust) {
   rows("trust-table", [
     ["status", down ? "STOOD DOWN: the platform recipe runs" : trust.reenabled ? "re-enabled: the NMPC plans again from the next cycle" : "the NMPC plans inside the region"],
     ["source", TRUST_SOURCES[trust.source] || trust.source],
-    ["width", `${fmt(100 * trust.width, 0)} %`],
+    ["width", `${fmt(100 * trust.width, 0)} %` + (trust.widens === false ? " (held: a calibrated model its records did not show to rank their outcomes right; results narrow it, none widen it)" : "")],
     ["reach earned", trust.reach_scale === undefined ? "—" : `× ${fmt(trust.reach_scale, 2)} (results the plans predicted days ahead)`],
     ["temperature", range(trust.temperature_degc, 1, "°C") + endgame(trust)],
     ["nutrient feed", range(trust.feed_rate_lph, 2, "L/h") + endgame(trust)],

@@ -82,6 +82,8 @@ class TrustTimeline:
     checks: tuple[TrustCheck, ...]
     endgame: np.ndarray
     """Per cycle: the plan held to what the batch had run (the end-game; False in records made before it existed)."""
+    held: bool = False
+    """The band was held at its start (a calibrated model not shown to rank its records' outcomes right; ``TrustRegion.widens``)."""
 
     @classmethod
     def from_records(cls, time_h: Sequence[float], summaries: Sequence[Mapping[str, Any]]) -> TrustTimeline | None:
@@ -117,6 +119,7 @@ class TrustTimeline:
             harvest_h=np.array([pair(summary, "harvest_h") for _, summary in rows]),
             checks=tuple(checks),
             endgame=np.array([bool(summary.get("endgame", False)) for _, summary in rows]),
+            held=rows[-1][1].get("widens") is False,
         )
 
     @property
@@ -133,6 +136,7 @@ class TrustTimeline:
             "the calibration envelope plus a margin, and the band around the platform recipe"
             if self.source is RegionSource.CALIBRATION_ENVELOPE
             else "a band around the platform recipe"
+            + (", held at its start (a calibrated model not shown to rank its records' outcomes right: no result widens it or earns reach)" if self.held else "")
         )
         planned = [check for check in self.checks if not check.shadow]
         confirmed = sum(check.confirmed for check in planned)

@@ -397,8 +397,9 @@ def with_reach_earned(parameters: CultureParameters, ranking: RankingCheck | Non
     """The calibrated parameters as the NMPC may use them: a model not shown to rank its records' outcomes right (``ranking`` not
     passed: it ranked them wrong, or they were too few or too alike to rank) keeps no operating envelope.
 
-    Its trust region is then the recipe band, as for the nominal kinetics: the recipe's own neighbourhood, beyond which only the
-    batch's own lab results earn reach (docs/trust-region.md). The envelope is where the records checked the model's trajectories; a model whose ranking of the
+    Its trust region is then the recipe band, the recipe's own neighbourhood, held at its start: the plant's next results confirm a
+    model fitted to its records almost by construction, so they neither widen it nor earn reach (controller.trust.TrustRegion.widens,
+    docs/trust-region.md). The envelope is where the records checked the model's trajectories; a model whose ranking of the
     records' outcomes falls short has not shown that its trajectories there make its decisions right. Measured: `cell_cycle`,
     calibrated on its development records and then on its own batches, passed the monitor's checks long enough to lose 2–36 %
     against the recipe in three batches of five with the envelope (ranked +0.26 to +0.54, then −0.05), and none in the recipe band
@@ -420,7 +421,7 @@ def with_reach_earned(parameters: CultureParameters, ranking: RankingCheck | Non
 def envelope_withheld_text(ranking: RankingCheck) -> str:
     return (
         f"no operating envelope: the model was not shown to rank its records' outcomes right ({ranking.reason}); the NMPC plans in the"
-        " recipe band, as for uncalibrated kinetics (docs/calibration.md §7, item 4)"
+        " recipe band, held at its start (docs/calibration.md §7, item 4)"
     )
 
 

@@ -20,7 +20,9 @@ platform recipe's own trajectory):
   uncalibrated model is unsure), widens with each lab result that confirms
   the model, and goes beyond them only as the batch's own lab results
   confirm the model's predictions days ahead (the earned reach, up to
-  ``max_reach_scale`` times).
+  ``max_reach_scale`` times). A calibrated model whose envelope was withheld
+  (not shown to rank its records' outcomes right) plans in this band too,
+  held at its start: no result widens it or earns reach (:attr:`TrustRegion.widens`).
 
 The region's *width* ``w`` ∈ [0, 1] scales the reach: a bound is
 ``recipe + w · (edge − recipe)``. At ``w = 0`` the plan follows the recipe's
@@ -30,7 +32,7 @@ further than ``w · harvest_reach_h`` from the recipe's.
 The performance monitor holds each new lab result (VCD, titer, glucose)
 against what the plan in force ``lead_h`` before its draw predicted for it.
 Within tolerance on every measured field it *confirms* the model and widens
-the region by ``widen_step``; beyond tolerance on any field, or with the
+the region by ``widen_step`` (unless the band is held); beyond tolerance on any field, or with the
 mean error of a field over the last ``bias_window`` results beyond
 ``bias_threshold`` tolerances (a bias, each result within tolerance; of VCD
 and titer, only the plant giving less than the model said), it
@@ -865,6 +867,11 @@ class TrustRegion:
         safe = min(self.width, self.config.reenable_width)
         self.width = float(np.clip(_saved_number(data, "width", safe), 0.0, 1.0))
         self.reach_scale = float(np.clip(_saved_number(data, "reach_scale", 1.0), 1.0, self.config.max_reach_scale))
+        if not self.widens and (self.width > self._initial_width() or self.reach_scale > 1.0):
+            # Saved by a band that widened (a batch begun before the hold, a model approved over another's resume state, an edit):
+            # a held band is never wider than its start, nor earns reach, whatever was saved.
+            log.warning("trust_restore_value_ignored", field="width", saved=f"{self.width:g}, reach x{self.reach_scale:g}", used=f"{self._initial_width():g}, reach x1")
+            self.width, self.reach_scale = min(self.width, self._initial_width()), 1.0
         self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
         # The lapse's clock goes on across a restart (a runtime that restarts every few hours never has a day-old plan to check a
         # result against): missing (a state saved before it was kept), it starts at the first cycle after the restart; damaged, the

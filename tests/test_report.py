@@ -90,6 +90,16 @@ def test_the_timeline_says_when_the_end_game_began(recorded):
     assert old is not None and not old.endgame.any() and not any("end-game" in line for line in old.describe())
 
 
+def test_the_timeline_says_when_the_band_was_held(recorded):
+    """A calibrated model not shown to rank its records' outcomes right: its band is held at its start, and the report says so."""
+    _, times, summaries = recorded
+    held = TrustTimeline.from_records(times, [{**summary, "widens": False} for summary in summaries])
+    assert held is not None and held.held and "held at its start" in held.describe()[0]
+    for widening in ([{**summary, "widens": True} for summary in summaries], summaries):  # a band that widens; records made before the flag
+        trust = TrustTimeline.from_records(times, widening)
+        assert trust is not None and not trust.held and "held" not in trust.describe()[0]
+
+
 def test_checks_made_while_stood_down_are_counted_apart_with_their_own_verdict(recorded, tmp_path):
     """Stood down, the misses stay at 3 whatever the model shows: the report takes each check's recorded verdict, not the miss count."""
     region, times, summaries = recorded

@@ -352,6 +352,10 @@ def test_a_fitted_model_without_an_envelope_earns_neither_width_nor_reach(batch,
     assert missed is not None and not missed.confirmed and region.width == pytest.approx(0.15 if fitted else 0.25) and region.reach_scale == 1.0
     region.check(_lab(3, 92.0, vcd=10.0, titer=1.5, glucose=4.0))
     assert region.stood_down
+    # A restart never brings it back wider than its start, nor with reach (a state saved by a band that widened, or edited).
+    restored = TrustRegion(batch, region._recipe, (), TrustRegionConfig(**config), fitted=fitted)
+    restored.restore({**region.to_dict(), "width": 0.9, "reach_scale": 2.5, "stood_down": False})
+    assert (restored.width, restored.reach_scale) == ((0.3, 1.0) if fitted else (0.9, 2.5))
     # With an envelope (its ranking passed) the records checked its decisions: the region starts whole, and results still earn reach.
     enveloped = TrustRegion(batch, region._recipe, envelope, TrustRegionConfig(**config), fitted=True)
     assert enveloped.source is RegionSource.CALIBRATION_ENVELOPE and enveloped.widens

@@ -768,7 +768,7 @@ class TrustRegion:
                 f"no lab result has been held against the model since{'' if self._evidence_is_result else ' the region started at'}"
                 f" {self._evidence_h:.0f} h (overdue from {self.overdue_since_h:.0f} h:"
                 f" evidence_lapse_h {self.config.evidence_lapse_h:g} h): the trust region is back to {self.width:.0%} and its earned reach"
-                " to x1, as for a model this batch has not checked, until new results confirm it"
+                + (" to x1, as for a model this batch has not checked, until new results confirm it" if self.widens else " to x1 (a held band: no result widens it)")
             )
         if self.active and self.glucose_floor_at_target:
             alarms["nmpc_glucose_floor_at_target"] = self._floor_at_target_text()

@@ -114,6 +114,7 @@ def test_the_csv_export_holds_the_history_time_aligned_with_units_in_the_names(h
         "trust_temperature_low_degc",
         "trust_glucose_error_g_per_l",
         "trust_endgame",
+        "trust_widens",
     ):
         assert name in cycles, name
     assert "sp_temperature_degc" in writes and "mpc_heartbeat" in writes

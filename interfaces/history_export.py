@@ -441,6 +441,12 @@ _RECIPE_FORECAST = (
 _TRUST = (
     Column("trust_source", ColumnKind.TEXT, "", "where the trust region comes from: calibration_envelope, recipe_band or off"),
     Column("trust_width", ColumnKind.REAL, "", "the trust region's width, a fraction of its full width (0–1)"),
+    Column(
+        "trust_widens",
+        ColumnKind.BOOLEAN,
+        "",
+        "confirming lab results widen the region and earn reach; false: a band held at its start (a calibrated model not shown to rank its records)",
+    ),
     Column("trust_misses", ColumnKind.INTEGER, "", "lab checks missed in a row"),
     Column("trust_stood_down", ColumnKind.BOOLEAN, "", "the NMPC stood down for the recipe"),
     Column("trust_shadow_confirmations", ColumnKind.INTEGER, "", "stood down: lab results in a row the model run with what the recipe gave predicted within tolerance"),
@@ -574,6 +580,7 @@ def _trust_values(trust: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "trust_source": trust.get("source"),
         "trust_width": trust.get("width"),
+        "trust_widens": trust.get("widens"),
         "trust_misses": trust.get("misses"),
         "trust_stood_down": trust.get("stood_down"),
         "trust_shadow_confirmations": trust.get("shadow_confirmations"),

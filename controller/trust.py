@@ -98,7 +98,7 @@ class TrustRegionConfig(FrozenConfig):
             "recipe band: how long before the recipe's feed start the NMPC may start feeding; earlier, where the recipe feeds"
             " nothing, the band holds the feed at 0 as the recipe does. 0: no feed before the recipe's. Feed cannot be taken back,"
             " and a culture fed before the recipe feeds it is not in the recipe's neighbourhood (measured on the plant `inhibitor`:"
-            " 24 h lost 0.2-4.5 % more against the recipe; docs/trust-region.md) [h]"
+            " 24 h lost 0.1-1.0 % more against the recipe; docs/trust-region.md) [h]"
         ),
     )
     glucose_reach_g_per_l: float = Field(default=2.5, ge=0.0, le=10.0, description="recipe band: farthest below the recipe's glucose target at full width [g/L]")
@@ -109,7 +109,7 @@ class TrustRegionConfig(FrozenConfig):
         description=(
             "recipe band: farthest above the recipe's glucose target at full width [g/L]; 0: the plan holds glucose at most at the"
             " target. Glucose fed cannot be taken back, and a culture held above the recipe's level is not in its neighbourhood"
-            " (overflow to lactate, osmolality). Measured: 2.5 bought nothing on the three tuning plants and lost 0.2-3.5 % on"
+            " (overflow to lactate, osmolality). Measured: 2.5 bought nothing on the three tuning plants and lost 0.3-3.2 % on"
             " `inhibitor` (docs/trust-region.md)"
         ),
     )

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -482,11 +483,15 @@ def _run_until_monitored(folder: Path, *, config_level: str, libraries_level: st
     statuses: dict[str, int] = {}
     try:
         deadline = time.monotonic() + 120.0
-        while not statuses:
+        settled_by = math.inf
+        # The port may answer a moment before the runtime's loop has started (/healthz 503, "not started": right, and a race on a
+        # loaded machine): scrape again until it is alive, for up to 30 s after the first answer.
+        while not statuses or (statuses["/healthz"] != 200 and time.monotonic() < settled_by):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the runtime exited or never served its monitoring port: {process.communicate(timeout=10)[1].decode()[-3000:]}")
             with contextlib.suppress(httpx.TransportError):
                 statuses = {path: httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5.0).status_code for path in ("/metrics", "/healthz", "/readyz")}
+                settled_by = min(settled_by, time.monotonic() + 30.0)
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)

@@ -380,7 +380,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             result = run_recipe_batch(loaded, progress=advance)
         else:
             source = estimator_source if args.controller == "nmpc" else oracle_source
-            controlled = run_controlled_batch(loaded, make_source=source, progress=advance, envelope=loaded.nominal.envelope, fitted=loaded.nominal.provenance is not None)
+            controlled = run_controlled_batch(loaded, make_source=source, progress=advance, envelope=loaded.nominal.envelope, fitted=loaded.nominal.calibrated)
             result = controlled.batch
             trust = TrustTimeline.from_records([t for t, _ in controlled.trust], [summary for _, summary in controlled.trust])
     log.info("batch_harvested", process_time_h=round(result.kpis.harvest_time_h, 2), reason=result.harvest_reason)

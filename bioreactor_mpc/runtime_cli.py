@@ -71,7 +71,7 @@ def approved_model_file(loaded: LoadedRuntime) -> ModelFile:
     parameters, digest = read_parameter_file(path)
     if parameters != loaded.nominal:
         raise RuntimeStartError(f"{path}: the file changed since the configuration was loaded; start again")
-    if parameters.provenance is None:
+    if not parameters.calibrated:
         return ModelFile(str(path), digest, calibrated=False)
     try:
         approval = model_approval(loaded.history_path, digest, key=audit_key(loaded))
@@ -204,7 +204,7 @@ async def run_runtime(
             batch=loaded.template,  # pinned to one batch, or a template that follows the PLC's batch id
             nominal_parameters=nominal_parameter_vector(loaded),
             envelope=loaded.nominal.envelope,
-            fitted=loaded.nominal.provenance is not None,
+            fitted=loaded.nominal.calibrated,
             model_file=model_file,
             settings=config,
             on_cycle=ProgressPrinter(console) if console is not None else None,

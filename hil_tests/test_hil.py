@@ -23,7 +23,7 @@ pytestmark = pytest.mark.hil
 
 def _in_process_score(simulation: Path) -> float:
     loaded = load_simulation(simulation)
-    return run_controlled_batch(loaded, make_source=estimator_source, envelope=loaded.nominal.envelope, fitted=loaded.nominal.provenance is not None).batch.kpis.score_g_per_day
+    return run_controlled_batch(loaded, make_source=estimator_source, envelope=loaded.nominal.envelope, fitted=loaded.nominal.calibrated).batch.kpis.score_g_per_day
 
 
 def _score_agrees(run: HilRun, simulation: Path) -> None:

@@ -223,6 +223,12 @@ class CultureParameters(FrozenConfig):
     provenance: ModelProvenance | None = None
     envelope: tuple[PhaseEnvelope, ...] = ()
 
+    @property
+    def calibrated(self) -> bool:
+        """Fitted to a plant's records (it carries a calibration's provenance): it needs an engineer's approval to run, and without an
+        envelope its trust region is the recipe band held at its start (controller.trust.TrustRegion)."""
+        return self.provenance is not None
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> CultureParameters:
         return load_yaml_model(path, cls)

@@ -92,7 +92,7 @@ def run_with_coverage(loaded: LoadedSimulation, kinetics: CultureParameters, **k
         beliefs.append((held["estimator"].process_time_h, np.asarray(estimate.state).copy(), np.asarray(estimate.state_sd).copy()))
 
     kwargs.setdefault("envelope", kinetics.envelope)
-    kwargs.setdefault("fitted", kinetics.provenance is not None)
+    kwargs.setdefault("fitted", kinetics.calibrated)
     result = run_controlled_batch(loaded, make_source=source, progress=after_cycle, **kwargs)
     return EvaluatedBatch(result=result, coverage=coverage_of(result, beliefs), harvest_titer_error=harvest_titer_error(result))
 

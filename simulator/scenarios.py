@@ -139,13 +139,9 @@ def run_scenario(case: tuple[str, dict[str, Any]], calibrated: CultureParameters
     recipe = run_recipe_batch(loaded)
     truth_kinetics = true_kinetics(loaded, recipe) if truth_arm else None  # refused here, before any batch runs, if the plant's truth is not the model's
     started = time.perf_counter()
-    nmpc = run_controlled_batch(loaded, make_source=estimator_with(loaded.nominal), envelope=loaded.nominal.envelope, fitted=loaded.nominal.provenance is not None)
+    nmpc = run_controlled_batch(loaded, make_source=estimator_with(loaded.nominal), envelope=loaded.nominal.envelope, fitted=loaded.nominal.calibrated)
     wall = time.perf_counter() - started
-    tuned = (
-        run_controlled_batch(loaded, make_source=estimator_with(calibrated), envelope=calibrated.envelope, fitted=calibrated.provenance is not None)
-        if calibrated is not None
-        else None
-    )
+    tuned = run_controlled_batch(loaded, make_source=estimator_with(calibrated), envelope=calibrated.envelope, fitted=calibrated.calibrated) if calibrated is not None else None
     oracle = run_controlled_batch(loaded, make_source=oracle_source)
     truth = run_controlled_batch(loaded, make_source=estimator_with(truth_kinetics)) if truth_kinetics is not None else None
     return ScenarioResult(

@@ -217,6 +217,8 @@ async def run_runtime_against(
         history=history,
         batch=source.batch,
         nominal_parameters=parameter_vector(source.nominal, source.batch.media),
+        envelope=source.nominal.envelope,  # as the runtime's own start passes them (bioreactor_mpc/runtime_cli.py)
+        fitted=source.nominal.calibrated,
         settings=settings,
         mpc=mpc,
         on_cycle=cycle,

@@ -123,6 +123,21 @@ class RecipeConfig(FrozenConfig):
         """The temperature setpoint at ``process_time_h``: the initial one, the shifted one from the shift on."""
         return self.temperature_initial_degc if process_time_h < self.temperature_shift_h else self.temperature_shifted_degc
 
+    def temperature_ramped_at(self, process_time_h: float, rate_degc_per_h: float) -> float:
+        """The shift as a setpoint limited to ``rate_degc_per_h`` can make it: a ramp centred on the shift time.
+
+        The ramp has the step's degree-hours (as much warmer before the shift time as colder after it), so a culture whose
+        temperature follows its setpoint with a lag sees the shift when the step would have made it. A ramp that ends at the
+        shift time cools it hours early; one that starts there, hours late. Measured on the plant ``inhibitor`` with the
+        band pinned to the recipe (docs/trust-region.md): the ramp that ended at the shift lost 0.4 % against the recipe's step.
+        """
+        delta = self.temperature_shifted_degc - self.temperature_initial_degc
+        half_h = abs(delta) / (2.0 * rate_degc_per_h)
+        if half_h == 0.0:
+            return self.temperature_at(process_time_h)
+        done = min(1.0, max(0.0, (process_time_h - self.temperature_shift_h + half_h) / (2.0 * half_h)))
+        return self.temperature_initial_degc + done * delta
+
 
 class ProcessLimits(FrozenConfig):
     """Limits the KPIs count violations of and the controller must respect."""

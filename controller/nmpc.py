@@ -144,7 +144,15 @@ class NmpcController:
         self._batch = batch
         self._source = source
         self.mpc: EconomicMpc | RobustMpc = mpc or build_mpc(model, batch, self.config)
-        self.recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
+        # The recipe the NMPC falls back to and plans around: its temperature shift as the setpoint rate limit lets the runtime write it.
+        self.recipe = PlatformRecipe(
+            batch.recipe,
+            batch.media,
+            batch.equipment,
+            batch.inoculation.volume_l,
+            temperature_rate_degc_per_h=self.config.mpc.temperature_rate_max_degc_per_h,
+            cycle_h=batch.cycle_period_h,
+        )
         self.trust = TrustRegion(batch, self.recipe, envelope, self.config.trust, fitted=fitted)
         self._replays = ReplayMemory(model, keep_h=self.config.trust.long_lead_h + 48.0, max_gap_h=2.0 * batch.cycle_period_h)
         self._last_totals: tuple[float, float, float] | None = None

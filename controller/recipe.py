@@ -31,8 +31,23 @@ class _GlucoseObservation:
 class PlatformRecipe:
     """Stateful only in what it has learned from lab results; time-based otherwise."""
 
-    def __init__(self, recipe: RecipeConfig, media: MediaComposition, equipment: EquipmentLimits, initial_volume_l: float) -> None:
+    def __init__(
+        self,
+        recipe: RecipeConfig,
+        media: MediaComposition,
+        equipment: EquipmentLimits,
+        initial_volume_l: float,
+        *,
+        temperature_rate_degc_per_h: float | None = None,
+        cycle_h: float = 1.0,
+    ) -> None:
+        """``temperature_rate_degc_per_h``: a controller's setpoint rate limit. The temperature shift is then a ramp at that rate
+        centred on the shift time, each cycle (``cycle_h``) given the ramp's value at its middle: the step's degree-hours, in moves
+        the rate limit lets through (:meth:`~controller.config.RecipeConfig.temperature_ramped_at`). None: the step, as a PLC's
+        own recipe makes it."""
         self._recipe = recipe
+        self._temperature_rate = temperature_rate_degc_per_h
+        self._cycle_h = cycle_h
         self._media = media
         self._equipment = equipment
         self._initial_volume_l = initial_volume_l
@@ -49,8 +64,11 @@ class PlatformRecipe:
         return self._feed_rate_lph if process_time_h >= self._recipe.feed_start_h else 0.0
 
     def temperature_degc(self, process_time_h: float) -> float:
-        """The recipe's temperature setpoint at ``process_time_h``: the initial one, the shifted one from the shift on."""
-        return self._recipe.temperature_at(process_time_h)
+        """The recipe's temperature setpoint for the cycle from ``process_time_h``: the initial one, the shifted one from the shift on
+        (with a rate limit, the ramp between them centred on the shift)."""
+        if self._temperature_rate is None:
+            return self._recipe.temperature_at(process_time_h)
+        return self._recipe.temperature_ramped_at(process_time_h + 0.5 * self._cycle_h, self._temperature_rate)
 
     def on_lab_result(self, result: LabResult, *, volume_l: float, glucose_delivered_g: float) -> None:
         """Take a newly published result set.

@@ -27,7 +27,9 @@ platform recipe's own trajectory):
 The region's *width* ``w`` ∈ [0, 1] scales the reach: a bound is
 ``recipe + w · (edge − recipe)``. At ``w = 0`` the plan follows the recipe's
 temperature and feed and keeps glucose at its target; the harvest moves no
-further than ``w · harvest_reach_h`` from the recipe's.
+further than ``w · harvest_reach_h`` from the recipe's. The recipe's
+temperature is the controller's recipe's (:class:`~controller.recipe.PlatformRecipe`):
+its shift as a ramp the NMPC's rate limit can follow, centred on the shift time.
 
 The performance monitor holds each new lab result (VCD, titer, glucose)
 against what the plan in force ``lead_h`` before its draw predicted for it.

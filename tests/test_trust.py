@@ -18,8 +18,8 @@ from plant_models.parameters import ValueRange
 RATE = 0.5
 
 
-def _region(batch, envelope=(), **config) -> TrustRegion:
-    recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
+def _region(batch, envelope=(), *, shift_rate=None, **config) -> TrustRegion:
+    recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l, temperature_rate_degc_per_h=shift_rate, cycle_h=batch.cycle_period_h)
     return TrustRegion(batch, recipe, envelope, TrustRegionConfig(**config))
 
 
@@ -61,11 +61,42 @@ def test_at_width_zero_the_plan_follows_the_recipe(batch):
     assert region.harvest_window_h(100.0) == (batch.recipe.harvest_h, batch.recipe.harvest_h)
 
 
+def test_the_shift_is_a_ramp_centred_on_it_with_the_steps_degree_hours(batch):
+    """What the NMPC can write of the recipe's step: no faster than its rate limit, as much warmer before the shift as colder after."""
+    recipe = batch.recipe
+    delta = recipe.temperature_shifted_degc - recipe.temperature_initial_degc
+    assert abs(delta) > 1.0
+    half_h = abs(delta) / (2.0 * RATE)
+    shift = recipe.temperature_shift_h
+    assert recipe.temperature_ramped_at(shift - half_h - 0.1, RATE) == recipe.temperature_initial_degc
+    assert recipe.temperature_ramped_at(shift + half_h + 0.1, RATE) == recipe.temperature_shifted_degc
+    assert recipe.temperature_ramped_at(shift, RATE) == pytest.approx(recipe.temperature_initial_degc + 0.5 * delta)
+    hours = np.arange(shift - 24.0, shift + 24.0)
+    region = _region(batch, initial_width=0.0, shift_rate=RATE)
+    starts, durations = hours, np.ones(hours.size)
+    bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.75, 0.3, 36.5]), temperature_rate_degc_per_h=RATE)
+    assert bounds is not None
+    centre = bounds.inputs_lower[2]
+    np.testing.assert_allclose(bounds.inputs_upper[2], centre)
+    assert np.all(np.abs(np.diff(centre)) <= RATE + 1e-9)  # each cycle's value at its middle: the rate limit can follow
+    assert centre.sum() == pytest.approx(sum(recipe.temperature_at(t) for t in hours))  # the step's degree-hours
+    assert centre[hours < shift - half_h - 1.0] == pytest.approx(recipe.temperature_initial_degc)
+    assert np.any(centre[hours < shift] < recipe.temperature_initial_degc)  # it starts before the shift: a ramp that started there would be hours late
+    # Without a rate: the step, which the rate limit meets only by a ramp that ends at the shift (the bounds before it relaxed for that).
+    stepped = _region(batch, initial_width=0.0).bounds(
+        starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.75, 0.3, 36.5]), temperature_rate_degc_per_h=RATE
+    )
+    assert stepped is not None
+    assert stepped.inputs_upper[2, hours < shift] == pytest.approx(recipe.temperature_initial_degc)
+    assert stepped.inputs_lower[2, hours == shift] == pytest.approx(recipe.temperature_shifted_degc)
+
+
+@pytest.mark.parametrize("shift_rate", [None, RATE])
 @pytest.mark.parametrize("width", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("previous_degc", [30.0, 33.0, 38.0])
-def test_the_temperature_bounds_leave_a_rate_limited_path(batch, width, previous_degc):
+def test_the_temperature_bounds_leave_a_rate_limited_path(batch, width, previous_degc, shift_rate):
     """Whatever the plant runs now and however narrow the region, the rate limit can follow it: the NLP stays feasible."""
-    region = _region(batch, initial_width=width, temperature_reach_degc=3.0)
+    region = _region(batch, initial_width=width, temperature_reach_degc=3.0, shift_rate=shift_rate)
     starts, durations = _grid(105.0)
     bounds = region.bounds(starts, durations, volume_l=np.full(starts.size, 1500.0), previous_inputs=np.array([1.0, 0.0, previous_degc]), temperature_rate_degc_per_h=RATE)
     assert bounds is not None

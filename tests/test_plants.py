@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from controller.config import BatchConfig
+from plant_models.cho import LACTATE_G_PER_MOL
 from plant_models.errors import ConfigError
 from plant_models.parameters import CultureParameters
 from simulator.plants import OBSERVABLES, PLANTS, EquationPlant, make_plant
@@ -27,11 +28,14 @@ from simulator.plants.biovolume import BiovolumeKinetics, BiovolumePlant
 from simulator.plants.cell_cycle import CellCyclePlant
 from simulator.plants.cho import ChoPlant
 from simulator.plants.inhibitor import InhibitorPlant
+from simulator.plants.pco2 import INTERNALS as PCO2_INTERNALS
+from simulator.plants.pco2 import Pco2Kinetics, Pco2Plant
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = BatchConfig.from_yaml(REPO / "configs" / "batch" / "platform.yaml")
 NOMINAL = CultureParameters.from_yaml(REPO / "configs" / "model" / "cho_nominal.yaml")
-OTHER_PLANTS = ("amino_acid", "cell_cycle", "biovolume", "inhibitor", "apoptosis")
+OTHER_PLANTS = ("amino_acid", "cell_cycle", "biovolume", "inhibitor", "apoptosis", "pco2")
+PCO2_INTERNAL_INDEX = {signal.name: i for i, signal in enumerate(PCO2_INTERNALS)}
 
 
 @cache
@@ -203,7 +207,9 @@ def test_without_cells_glucose_and_osmoles_are_what_was_there_plus_what_was_fed(
         media.nutrient_feed_glucose_g_per_l * 1000.0 / 180.156 + media.nutrient_feed_glutamine_mm + media.nutrient_feed_other_osmolytes_mosm_per_kg + extra_feed_osmoles_mm
     )
     glucose_feed_osmolality = 300.0 * 1000.0 / 180.156
-    base_osmoles = (after["base_added"] - before["base_added"]) * media.base_mol_per_l * media.base_osmoles_per_mol * 1000.0  # the smoothed pump idles at a trickle
+    # The smoothed pump idles at a trickle. A plant that tracks bicarbonate keeps the base's anion too: with no acid to take it, it stays.
+    anion_osmoles_per_mol = 1.0 if "bicarbonate" in {s.name for s in plant.states} else 0.0
+    base_osmoles = (after["base_added"] - before["base_added"]) * media.base_mol_per_l * (media.base_osmoles_per_mol + anion_osmoles_per_mol) * 1000.0
     expected_osmoles = before["osmolality"] * before["volume"] + feed_l * feed_osmolality + glucose_feed_l * glucose_feed_osmolality + base_osmoles
     assert after["osmolality"] * after["volume"] == pytest.approx(expected_osmoles, rel=1e-6)
 
@@ -500,12 +506,199 @@ def test_apoptosis_plant_cold_shift_slows_division_only_as_the_cells_adapt_and_k
     assert shifted.observed["viability"][-1] > warm.observed["viability"][-1] + 5.0
 
 
+def pco2_state(**values: float) -> np.ndarray:
+    """The pCO2 plant mid-growth (10e6 cells/mL, glucose and glutamine ample, bicarbonate plentiful so the base pump rests), with ``values`` set by state name."""
+    plant = plant_named("pco2")
+    x = plant.initial_state(BATCH)
+    start = {"viable_cells": 10.0, "dead_cells": 0.5, "glucose": 4.0, "glutamine": 4.0, "lactate": 1.5, "ammonia": 3.0, "bicarbonate": 40.0, "sensed_pco2": 40.0, "volume": 1500.0}
+    for name, value in (start | values).items():
+        x[plant.state_index(name)] = value
+    return x
+
+
+def pco2_internals(x: np.ndarray, u: np.ndarray) -> dict[str, float]:
+    plant = plant_named("pco2")
+    assert isinstance(plant, Pco2Plant)
+    y = np.asarray(plant.internals(0.0, x, u, plant.nominal_parameters(BATCH))).ravel()
+    return {signal.name: float(y[i]) for i, signal in enumerate(PCO2_INTERNALS)}
+
+
+def test_pco2_plant_dissolved_co2_rises_with_cell_density_and_with_the_fill_volume() -> None:
+    """Respiration makes the CO2; stripping at a fixed gas flow and liquid surface weakens as the working volume rises, so the same cells hold more CO2 in a fuller vessel."""
+    u = np.array([0.0, 0.0, 36.5])
+    gas_mmhg = Pco2Kinetics().stripping.gas_pco2_mmhg
+    pco2 = {(cells, volume): pco2_internals(pco2_state(viable_cells=cells, volume=volume), u)["pco2"] for cells in (5.0, 15.0) for volume in (1400.0, 2000.0)}
+    assert pco2[(5.0, 1400.0)] > gas_mmhg
+    assert pco2[(15.0, 1400.0)] - gas_mmhg == pytest.approx(3.0 * (pco2[(5.0, 1400.0)] - gas_mmhg), rel=0.02)  # in proportion to the cells
+    assert pco2[(15.0, 2000.0)] - gas_mmhg > 1.3 * (pco2[(15.0, 1400.0)] - gas_mmhg)
+    assert 100.0 < pco2[(15.0, 2000.0)] < 250.0  # the range reported for production reactors
+    run = recipe_like_run("pco2")
+    plant = plant_named("pco2")
+    p = plant.nominal_parameters(BATCH)
+    assert isinstance(plant, Pco2Plant)
+    stripping = np.array([float(np.asarray(plant.internals(0.0, x, np.zeros(3), p))[PCO2_INTERNAL_INDEX["stripping_coefficient"], 0]) for x in run.states])
+    assert stripping[-1] < 0.8 * stripping[0]  # the reactor filled from 1400 L
+
+
+def test_pco2_plant_base_answers_co2_as_well_as_lactic_acid_and_each_mol_adds_sodium_and_bicarbonate() -> None:
+    """Cell-free, bicarbonate below what pH 6.95 needs at the gas's pCO2: the pump adds sodium bicarbonate until pH is back, two osmoles per mol (Na+ and HCO3-, no acid to take it)."""
+    plant = plant_named("pco2")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([0.0, 0.0, 36.5])
+    x0 = cell_free_state(plant)
+    x0[plant.state_index("bicarbonate")] = 2.0
+    assert pco2_internals(x0, u)["ph"] < 6.5
+    x1 = integrate("pco2", x0, u, p, hours=24)
+    before, after = observe(plant, 0.0, x0, u, p), observe(plant, 24.0, x1, u, p)
+    base_mmol = (after["base_added"] - before["base_added"]) * BATCH.media.base_mol_per_l * 1000.0
+    assert base_mmol / after["volume"] > 4.0
+    assert 6.93 < pco2_internals(x1, u)["ph"] < 7.0  # back at the loop's limit (the smoothed pump creeps on a little)
+    osmoles_per_mol = BATCH.media.base_osmoles_per_mol + 1.0
+    assert after["osmolality"] * after["volume"] - before["osmolality"] * before["volume"] == pytest.approx(osmoles_per_mol * base_mmol, rel=1e-6)
+
+
+def test_pco2_plant_conserves_charge_bicarbonate_plus_lactate_less_sodium_from_the_base() -> None:
+    """Lactic acid takes bicarbonate, the base gives it back, lactate consumption returns it: bicarbonate + lactate − base equivalents stays what the medium brought."""
+    plant = plant_named("pco2")
+    run = recipe_like_run("pco2")
+    states = run.states
+    volume = states[:, plant.state_index("volume")]
+    charge_mmol = (
+        states[:, plant.state_index("bicarbonate")] * volume
+        + states[:, plant.state_index("lactate")] * volume * 1000.0 / LACTATE_G_PER_MOL
+        - states[:, plant.state_index("base_added")] * BATCH.media.base_mol_per_l * 1000.0
+    )
+    assert np.allclose(charge_mmol, charge_mmol[0], rtol=1e-7)
+    assert states[-1, plant.state_index("base_added")] > 20.0
+
+
+def test_pco2_plant_lactate_consumption_gives_back_ph_room() -> None:
+    """While lactate is made the pump runs; once the shift turns the cells to consuming it, bicarbonate comes back and the pump rests to harvest."""
+    plant = plant_named("pco2")
+    run = recipe_like_run("pco2")
+    lactate = run.observed["lactate"]
+    base_l = run.observed["base_added"]
+    bicarbonate = run.states[:, plant.state_index("bicarbonate")]
+    peak = int(np.argmax(lactate))
+    assert base_l[peak] > 0.5 * base_l[-1]
+    day_8 = 192
+    assert lactate[day_8] < 0.6 * lactate[peak]
+    assert bicarbonate[day_8] > bicarbonate[peak] + 5.0
+    assert base_l[-1] - base_l[day_8] < 0.05 * base_l[-1]
+
+
+def test_pco2_plant_pco2_and_osmolality_slow_growth_together_more_than_apart() -> None:
+    """After deZengotita et al.: each alone slows growth, the two together more than the product of their separate effects; pCO2 also lowers productivity and, steeply, survival."""
+    plant = plant_named("pco2")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([0.0, 0.0, 36.5])
+    index = plant.state_index
+    control = pco2_state()
+    other_osmolytes = float(control[index("other_osmolytes")])
+    osmolality = observe(plant, 0.0, control, u, p)["osmolality"]
+
+    def rates(sensed_pco2_mmhg: float, osmolality_mosm_per_kg: float) -> tuple[float, float]:
+        """Net specific growth rate of the viable cells [1/h] and product made per cell [g/(1e9 cells·h)]."""
+        x = pco2_state(sensed_pco2=sensed_pco2_mmhg, other_osmolytes=other_osmolytes + osmolality_mosm_per_kg - osmolality)
+        dx = np.asarray(plant.rhs(0.0, x, u, p)).ravel()
+        return float(dx[index("viable_cells")] / x[index("viable_cells")]), float(dx[index("titer")] / x[index("viable_cells")])
+
+    (growth_0, product_0), (growth_c, product_c), (growth_o, _), (growth_both, _) = (rates(*c) for c in ((40.0, 320.0), (195.0, 320.0), (40.0, 415.0), (195.0, 415.0)))
+    assert growth_c < 0.8 * growth_0 and growth_o < 0.9 * growth_0
+    assert growth_both < growth_c * growth_o / growth_0  # synergy
+    assert product_c < 0.85 * product_0
+    death = {pco2: -rates(pco2, 450.0)[0] for pco2 in (195.0, 300.0)}
+    assert death[300.0] > 0.02 and death[300.0] > 2.0 * max(death[195.0], 1e-3)
+
+
+def test_pco2_plant_cold_shift_cuts_respiration_and_pco2_within_hours_but_raises_productivity_only_over_days() -> None:
+    """Respiration (and so pCO2) follows the culture temperature; specific productivity follows a cold-inducible factor that takes days."""
+    plant = plant_named("pco2")
+    p = plant.nominal_parameters(BATCH)
+    index = plant.state_index
+
+    def at(start: np.ndarray, setpoint_degc: float, hours: int) -> tuple[float, float, float]:
+        """pCO2, OUR per cell and product made per cell, ``hours`` after the setpoint was set."""
+        u = np.array([0.0, 0.0, setpoint_degc])
+        x = integrate("pco2", start, u, p, hours=hours)
+        y = observe(plant, float(hours), x, u, p)
+        dx = np.asarray(plant.rhs(float(hours), x, u, p)).ravel()
+        return pco2_internals(x, u)["pco2"], y["our"] / y["viable_cells"], float(dx[index("titer")] / x[index("viable_cells")])
+
+    dense = pco2_state(glucose=8.0, glutamine=6.0, bicarbonate=10.0, sensed_pco2=100.0)
+    (warm_pco2, warm_our, _), (cold_pco2, cold_our, _) = at(dense, 36.5, 6), at(dense, 33.0, 6)
+    assert cold_our < 0.85 * warm_our
+    assert cold_pco2 < warm_pco2 - 5.0
+    # Few cells: pCO2 stays below its threshold, so only the cold factor moves productivity.
+    sparse = pco2_state(viable_cells=2.0, glucose=8.0, glutamine=6.0, sensed_pco2=40.0)
+    threshold_mmhg = Pco2Kinetics().stress.pco2_threshold_mmhg
+    (_, _, warm_6), (pco2_6, _, cold_6), (pco2_72, _, cold_72) = at(sparse, 36.5, 6), at(sparse, 33.0, 6), at(sparse, 33.0, 72)
+    assert max(pco2_6, pco2_72) < threshold_mmhg
+    assert cold_6 < 1.06 * warm_6  # the cold factor has hardly begun
+    assert cold_72 > 1.15 * cold_6
+
+
+def test_pco2_plant_off_gas_cer_is_the_co2_stripped_not_a_fixed_multiple_of_the_our() -> None:
+    """Neutralised lactic acid leaves as CO2: the apparent RQ is above the respiratory one while lactate is made and below it while lactate is consumed; in the CHO model it is constant."""
+    rq = Pco2Kinetics().respiration.respiratory_quotient
+    run = recipe_like_run("pco2")
+    apparent_rq = run.observed["cer"] / run.observed["our"]
+    lactate = run.observed["lactate"]
+    making, consuming = np.diff(lactate) > 0.005, np.diff(lactate) < -0.005
+    assert np.all(apparent_rq[:-1][making] > rq)
+    assert np.all(apparent_rq[:-1][consuming] < rq)
+    cho = recipe_like_run("cho").observed
+    assert np.ptp(cho["cer"] / cho["our"]) < 1e-9
+
+
+@pytest.mark.parametrize(
+    ("feed_lph", "glucose_lph", "setpoint_degc"),
+    [(0.0, 0.0, 36.5), (0.0, 0.0, 30.0), (10.0, 2.0, 37.0), (10.0, 2.0, 30.0), (10.0, 0.0, 38.0), (0.0, 2.0, 37.0)],
+)
+def test_pco2_plant_stays_finite_and_physical_over_14_days_of_extreme_inputs(feed_lph: float, glucose_lph: float, setpoint_degc: float) -> None:
+    plant = plant_named("pco2")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([feed_lph, glucose_lph, setpoint_degc])
+    nonnegative = [plant.state_index(n) for n in plant.nonnegative_states]
+    x = plant.initial_state(BATCH)
+    step = hour_map("pco2")
+    for h in range(336):
+        _, xs = step(float(h), x, u, p)
+        trajectory = np.asarray(xs)
+        assert np.all(np.isfinite(trajectory))
+        assert trajectory[nonnegative, :].min() > -1e-6
+        x = trajectory[:, -1]
+    y = observe(plant, 336.0, x, u, p)
+    internals = pco2_internals(x, u)
+    assert all(np.isfinite(v) for v in (*y.values(), *internals.values()))
+    assert 0.0 <= y["viability"] <= 100.0
+    assert 0.0 < internals["pco2"] < 400.0
+
+
+def test_pco2_plant_has_no_fast_mode_three_hour_rk4_steps_follow_the_minute_grid() -> None:
+    """pCO2 is quasi-steady and the pH loop and the sensing lag act over hours, so one 3 h RK4 step (the oracle's longest) lands where 180 one-minute steps do, to 1 % of each state's size, all along a batch."""
+    plant = plant_named("pco2")
+    p = plant.nominal_parameters(BATCH)
+    run = recipe_like_run("pco2")
+    coarse = plant.rk4_step(3.0)
+    scale = np.maximum(np.abs(run.states).max(axis=0), 1e-2)  # each state's size over the batch
+    worst = 0.0
+    for h in range(0, 333, 3):
+        u = np.array([0.03 * BATCH.inoculation.volume_l / 24.0 if h >= 72 else 0.0, 0.0, 36.5 if h < 120 else 33.0])
+        x = run.states[h]
+        _, x_coarse = coarse(float(h), x, u, p)
+        x_fine = integrate("pco2", x, u, p, hours=3, t0_h=float(h))
+        worst = max(worst, float(np.max(np.abs(np.asarray(x_coarse).ravel() - x_fine) / scale)))
+    assert worst < 0.01
+
+
 def test_plants_are_independent_of_each_other_in_structure() -> None:
     assert isinstance(plant_named("amino_acid"), AminoAcidPlant)
     assert isinstance(plant_named("cell_cycle"), CellCyclePlant)
     assert isinstance(plant_named("biovolume"), BiovolumePlant)
     assert isinstance(plant_named("inhibitor"), InhibitorPlant)
     assert isinstance(plant_named("apoptosis"), ApoptosisPlant)
+    assert isinstance(plant_named("pco2"), Pco2Plant)
     state_sets = [frozenset(s.name for s in plant_named(name).states) for name in ("cho", *OTHER_PLANTS)]
     assert len(set(state_sets)) == len(state_sets)
 

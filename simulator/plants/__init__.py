@@ -20,6 +20,7 @@ from simulator.plants.biovolume import BiovolumePlant
 from simulator.plants.cell_cycle import CellCyclePlant
 from simulator.plants.cho import ChoPlant
 from simulator.plants.inhibitor import InhibitorPlant
+from simulator.plants.pco2 import Pco2Plant
 
 PlantFactory = Callable[[CultureParameters, CultureModel | None], EquationPlant]
 
@@ -48,7 +49,19 @@ def _apoptosis(kinetics: CultureParameters, model: CultureModel | None) -> Equat
     return ApoptosisPlant()
 
 
-PLANTS: dict[str, PlantFactory] = {"cho": _cho, "amino_acid": _amino_acid, "cell_cycle": _cell_cycle, "biovolume": _biovolume, "inhibitor": _inhibitor, "apoptosis": _apoptosis}
+def _pco2(kinetics: CultureParameters, model: CultureModel | None) -> EquationPlant:
+    return Pco2Plant()
+
+
+PLANTS: dict[str, PlantFactory] = {
+    "cho": _cho,
+    "amino_acid": _amino_acid,
+    "cell_cycle": _cell_cycle,
+    "biovolume": _biovolume,
+    "inhibitor": _inhibitor,
+    "apoptosis": _apoptosis,
+    "pco2": _pco2,
+}
 """Plant name → factory(the simulation's CHO kinetics, a CHO model to reuse). Plants of other structure ignore both."""
 
 

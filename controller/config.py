@@ -13,6 +13,7 @@ history records for each run, and what the simulator inoculates.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Self
 
@@ -128,14 +129,21 @@ class RecipeConfig(FrozenConfig):
 
         The ramp has the step's degree-hours (as much warmer before the shift time as colder after it), so a culture whose
         temperature follows its setpoint with a lag sees the shift when the step would have made it. A ramp that ends at the
-        shift time cools it hours early; one that starts there, hours late. Measured on the plant ``inhibitor`` with the
-        band pinned to the recipe (docs/trust-region.md): the ramp that ended at the shift lost 0.4 % against the recipe's step.
+        shift time cools it hours early; one that starts there, hours late. Measured on the plant ``inhibitor`` with the band
+        pinned to the recipe (docs/trust-region.md): the ramp that ended at the shift made 446.9 g/day, this one 448.7, the
+        recipe's step 450.7. A shift closer to inoculation than half the ramp starts its ramp at 0 h (warmer than the step
+        after the shift: the degree-hours before 0 h cannot be had); a shift at 0 h is the shifted temperature, as the step.
         """
+        if not math.isfinite(process_time_h):
+            raise ValueError(f"process time must be finite, got {process_time_h}")
+        if not (math.isfinite(rate_degc_per_h) and rate_degc_per_h > 0.0):
+            raise ValueError(f"the temperature rate limit must be finite and above 0, got {rate_degc_per_h}")
         delta = self.temperature_shifted_degc - self.temperature_initial_degc
         half_h = abs(delta) / (2.0 * rate_degc_per_h)
-        if half_h == 0.0:
+        if half_h == 0.0 or self.temperature_shift_h <= 0.0:
             return self.temperature_at(process_time_h)
-        done = min(1.0, max(0.0, (process_time_h - self.temperature_shift_h + half_h) / (2.0 * half_h)))
+        start_h = max(0.0, self.temperature_shift_h - half_h)
+        done = min(1.0, max(0.0, (process_time_h - start_h) / (2.0 * half_h)))
         return self.temperature_initial_degc + done * delta
 
 

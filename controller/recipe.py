@@ -1,8 +1,10 @@
 """The platform recipe: the fixed feeding, temperature and harvest schedule plants run today.
 
 The simulated PLC runs it locally when remote control is off or its watchdog
-has tripped; the runtime falls back to it after repeated solver failures; every
-benchmark compares against it.
+has tripped; the runtime falls back to it after repeated solver failures and
+when the monitor stands the NMPC down (its temperature shift then a ramp at the
+setpoint rate limit centred on the shift time: the step's degree-hours in moves
+the runtime may write); every benchmark compares against it.
 
 Glucose: after each lab result the glucose feed is re-set so that, at the
 consumption seen between the last two samples, glucose returns to the target
@@ -45,6 +47,10 @@ class PlatformRecipe:
         centred on the shift time, each cycle (``cycle_h``) given the ramp's value at its middle: the step's degree-hours, in moves
         the rate limit lets through (:meth:`~controller.config.RecipeConfig.temperature_ramped_at`). None: the step, as a PLC's
         own recipe makes it."""
+        if temperature_rate_degc_per_h is not None and not (math.isfinite(temperature_rate_degc_per_h) and temperature_rate_degc_per_h > 0.0):
+            raise ValueError(f"temperature_rate_degc_per_h must be None (the step) or finite and above 0, got {temperature_rate_degc_per_h}")
+        if not (math.isfinite(cycle_h) and cycle_h > 0.0):
+            raise ValueError(f"cycle_h must be finite and above 0, got {cycle_h}")
         self._recipe = recipe
         self._temperature_rate = temperature_rate_degc_per_h
         self._cycle_h = cycle_h

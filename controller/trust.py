@@ -405,7 +405,8 @@ class TrustRegion:
     @property
     def production_from_h(self) -> float:
         """The inputs run from here on are the batch's production phase: a day (``lead_h``) after the recipe's temperature shift and
-        feed start, when a plan has come down the rate-limited ramp into the region after the shift."""
+        feed start, when a plan has come down the rate-limited ramp into the region after the shift (a ramp centred on the shift
+        ends half its length after it: 3.5 h at the platform's 3.5 °C and 0.5 °C/h, within the day)."""
         recipe = self._batch.recipe
         return max(recipe.temperature_shift_h, recipe.feed_start_h) + self.config.lead_h
 
@@ -520,8 +521,8 @@ class TrustRegion:
         pump (the recipe's own glucose feed follows the lab results): the
         glucose *level* is held in the region instead. The temperature bounds
         are relaxed where the setpoint rate limit needs it: each stage can
-        reach the next stage's region (the recipe's temperature shift is a
-        step), and the fastest way from ``previous_inputs`` into the region is
+        reach the next stage's region (a narrowed region, an envelope's phase
+        boundary, the end-game's clamp), and the fastest way from ``previous_inputs`` into the region is
         allowed, so a region that moves (the shift, a narrowing) never makes
         the plan infeasible. The volume ceiling keeps room for the recipe's
         glucose feed to the recipe's harvest (``recipe.glucose_room_per_day``):
@@ -539,7 +540,7 @@ class TrustRegion:
         upper = np.vstack([edges[1], np.full(n, self._batch.equipment.glucose_rate_max_lph), edges[3]])
         rate = temperature_rate_degc_per_h
         elapsed = np.cumsum(durations_h)
-        # Each stage may be where a ramp at the rate limit must already be to meet a later stage's region (the recipe's shift is a step).
+        # Each stage may be where a ramp at the rate limit must already be to meet a later stage's region (a narrowed region, an envelope's phase boundary).
         low_ahead, high_ahead = math.inf, -math.inf
         for k in range(n - 1, -1, -1):
             original = lower[2, k], upper[2, k]

@@ -268,6 +268,44 @@ def test_a_stood_down_nmpc_runs_the_recipe_until_reenabled(model, batch, day_twe
     assert again.source is DecisionSource.MPC
 
 
+def test_a_stood_down_nmpc_writes_the_shift_as_a_ramp_centred_on_it(model, batch, day_twelve):
+    """The runtime may move the setpoint 0.5 °C/h: the recipe it falls back to ramps from 3.5 h before the shift to 3.5 h after (the step's degree-hours)."""
+    plc, applied = day_twelve
+    config = NmpcConfig(mpc=MpcConfig(fine_stages=6, coarse_stages=4, compile=False))
+    controller = NmpcController(model, batch, _Frozen(plc.plant.state.copy(), plc.plant.parameters), config)
+    controller.trust.stood_down = True
+    written = {}
+    previous = Setpoints(applied.feed_rate_lph, applied.glucose_rate_lph, batch.recipe.temperature_initial_degc)
+    for t in range(112, 128):
+        decision = controller.cycle(CycleObservation(process_time_h=float(t), online={"volume_l": 1500.0}, feed_total_l=0.0, glucose_feed_total_l=0.0, applied=previous))
+        assert decision.source is DecisionSource.STOOD_DOWN
+        written[t], previous = decision.setpoints.temperature_degc, decision.setpoints
+    assert batch.recipe.temperature_shift_h == 120.0 and config.mpc.temperature_rate_max_degc_per_h == 0.5
+    assert [written[t] for t in range(115, 125)] == pytest.approx([36.5, 36.5, 36.0, 35.5, 35.0, 34.5, 34.0, 33.5, 33.0, 33.0])
+    assert sum(written.values()) == pytest.approx(sum(batch.recipe.temperature_at(t) for t in written))
+    assert max(abs(written[t + 1] - written[t]) for t in range(112, 127)) <= 0.5 + 1e-12
+
+
+@pytest.mark.parametrize("shift_h", [0.0, 2.0])
+def test_a_shift_closer_to_inoculation_than_half_the_ramp_ramps_from_0_h(batch, shift_h):
+    recipe = batch.recipe.model_copy(update={"temperature_shift_h": shift_h})
+    ramp = [recipe.temperature_ramped_at(t + 0.5, RATE) for t in range(0, 12)]
+    if shift_h == 0.0:
+        assert ramp == pytest.approx([recipe.temperature_shifted_degc] * 12)  # shifted from the start, as the step: nothing to ramp from
+    else:
+        assert ramp[0] < recipe.temperature_initial_degc and ramp[-1] == recipe.temperature_shifted_degc
+        assert float(np.max(np.abs(np.diff(ramp)))) <= RATE + 1e-12
+        assert max(ramp) <= recipe.temperature_initial_degc and min(ramp) >= recipe.temperature_shifted_degc
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.5, math.nan, math.inf])
+def test_a_ramp_needs_a_finite_positive_rate(batch, rate):
+    with pytest.raises(ValueError, match="rate limit"):
+        batch.recipe.temperature_ramped_at(100.0, rate)
+    with pytest.raises(ValueError, match="temperature_rate_degc_per_h"):
+        PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l, temperature_rate_degc_per_h=rate)
+
+
 @pytest.mark.parametrize(("totals_after_gap", "bridged"), [((9.0, 1.5), True), ((math.nan, 1.5), False), ((1.0, 1.0), False)])
 def test_a_lost_connection_is_bridged_in_the_replays_only_with_the_flow_totals_across_it(model, batch, day_twelve, totals_after_gap, bridged):
     """Five hours without a cycle: with both totals known and advanced, the replays run through the gap on the feed they show; a total unknown or reset breaks them."""

@@ -60,11 +60,18 @@ class PlatformRecipe:
         self._feed_rate_lph = recipe.feed_fraction_of_initial_volume_per_day * initial_volume_l / 24.0
         self._glucose_rate_lph = 0.0
         self._last_glucose: _GlucoseObservation | None = None
+        self._consumption_seen = False
         self._low_viability_seen = False
 
     @property
     def glucose_rate_lph(self) -> float:
         return self._glucose_rate_lph
+
+    @property
+    def glucose_consumption_seen(self) -> bool:
+        """Whether :attr:`glucose_rate_lph` rests on a consumption measured between two lab results, not on a deficit alone.
+        (Not kept across a restart: the next two glucose results measure it again.)"""
+        return self._consumption_seen
 
     def feed_rate_lph(self, process_time_h: float) -> float:
         return self._feed_rate_lph if process_time_h >= self._recipe.feed_start_h else 0.0
@@ -94,6 +101,7 @@ class PlatformRecipe:
                 previous.glucose_g_per_l * previous.volume_l + (observation.glucose_delivered_g - previous.glucose_delivered_g) - observation.glucose_g_per_l * observation.volume_l
             )
             consumption_g_per_h = max(0.0, consumed_g / (observation.taken_at_h - previous.taken_at_h))
+            self._consumption_seen = True
         deficit_g = (self._recipe.glucose_target_g_per_l - observation.glucose_g_per_l) * volume_l
         feed_glucose_g_per_h = self.feed_rate_lph(result.taken_at_h + self._recipe.glucose_correction_horizon_h / 2.0) * self._media.nutrient_feed_glucose_g_per_l
         needed_g_per_h = consumption_g_per_h + deficit_g / self._recipe.glucose_correction_horizon_h - feed_glucose_g_per_h

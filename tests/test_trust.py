@@ -286,6 +286,34 @@ def test_a_stood_down_nmpc_writes_the_shift_as_a_ramp_centred_on_it(model, batch
     assert max(abs(written[t + 1] - written[t]) for t in range(112, 127)) <= 0.5 + 1e-12
 
 
+def test_the_nmpc_feeds_no_more_glucose_than_the_recipes_rate_and_its_headroom(model, batch, day_twelve):
+    """A culture the estimate says is about to starve: the plan feeds glucose. Once two lab results have measured the consumption,
+    the feed written is at most the recipe's own rate plus the headroom (here the lab shows glucose well above the target: the
+    recipe's rate is 0); before that, and with no headroom configured, the plan's own."""
+    plc, applied = day_twelve
+    state = plc.plant.state.copy()
+    state[STATE_INDEX["glucose"]] = 1.0
+    observation = CycleObservation(process_time_h=288.0, online={"volume_l": 1800.0}, feed_total_l=0.0, glucose_feed_total_l=0.0, applied=applied)
+
+    def controller(headroom):
+        config = NmpcConfig(mpc=MpcConfig(fine_stages=6, coarse_stages=4, compile=False), glucose_feed_headroom_g_per_l_day=headroom)
+        return NmpcController(model, batch, _Frozen(state, plc.plant.parameters), config)
+
+    free = controller(None).cycle(observation)
+    assert free.source is DecisionSource.MPC and free.setpoints.glucose_rate_lph > 0.5
+    unmeasured = controller(0.5)
+    assert unmeasured.cycle(observation).setpoints.glucose_rate_lph == pytest.approx(free.setpoints.glucose_rate_lph, rel=1e-6)
+    limited = controller(0.5)
+    for seq, taken_at_h, glucose in ((1, 264.0, 8.0), (2, 276.0, 7.5)):
+        limited.recipe.on_lab_result(_lab(seq, taken_at_h, vcd=10.0, titer=2.0, glucose=glucose), volume_l=1800.0, glucose_delivered_g=0.0)
+    assert limited.recipe.glucose_consumption_seen and limited.recipe.glucose_rate_lph == 0.0
+    decision = limited.cycle(observation)
+    assert decision.source is DecisionSource.MPC
+    assert decision.setpoints.glucose_rate_lph == pytest.approx(0.5 * 1800.0 / batch.media.glucose_feed_g_per_l / 24.0)
+    # The volume unknown: the inoculum's, the lowest ceiling.
+    assert limited.glucose_ceiling_lph(math.nan) == pytest.approx(0.5 * batch.inoculation.volume_l / batch.media.glucose_feed_g_per_l / 24.0)
+
+
 @pytest.mark.parametrize("shift_h", [0.0, 2.0])
 def test_a_shift_closer_to_inoculation_than_half_the_ramp_ramps_from_0_h(batch, shift_h):
     recipe = batch.recipe.model_copy(update={"temperature_shift_h": shift_h})

@@ -27,6 +27,8 @@ from simulator.plants.apoptosis import ApoptosisPlant
 from simulator.plants.biovolume import BiovolumeKinetics, BiovolumePlant
 from simulator.plants.cell_cycle import CellCyclePlant
 from simulator.plants.cho import ChoPlant
+from simulator.plants.clonal import INTERNALS as CLONAL_INTERNALS
+from simulator.plants.clonal import ClonalKinetics, ClonalPlant
 from simulator.plants.inhibitor import InhibitorPlant
 from simulator.plants.pco2 import INTERNALS as PCO2_INTERNALS
 from simulator.plants.pco2 import Pco2Kinetics, Pco2Plant
@@ -34,7 +36,7 @@ from simulator.plants.pco2 import Pco2Kinetics, Pco2Plant
 REPO = Path(__file__).resolve().parent.parent
 BATCH = BatchConfig.from_yaml(REPO / "configs" / "batch" / "platform.yaml")
 NOMINAL = CultureParameters.from_yaml(REPO / "configs" / "model" / "cho_nominal.yaml")
-OTHER_PLANTS = ("amino_acid", "cell_cycle", "biovolume", "inhibitor", "apoptosis", "pco2")
+OTHER_PLANTS = ("amino_acid", "cell_cycle", "biovolume", "inhibitor", "apoptosis", "pco2", "clonal")
 PCO2_INTERNAL_INDEX = {signal.name: i for i, signal in enumerate(PCO2_INTERNALS)}
 
 
@@ -114,7 +116,7 @@ def recipe_like_run(name: str, shift_to_degc: float = 33.0, feed_fraction_per_da
 def cell_free_state(plant: EquationPlant) -> np.ndarray:
     """The inoculation state with (almost) no cells: what remains is feeding, dilution and chemistry."""
     x = plant.initial_state(BATCH).copy()
-    for name in ("viable_cells", "dead_cells", "cycling_cells", "arrested_cells", "viable_biovolume", "healthy_cells", "apoptotic_cells"):
+    for name in ("viable_cells", "dead_cells", "cycling_cells", "arrested_cells", "viable_biovolume", "healthy_cells", "apoptotic_cells", "producer_cells", "nonproducer_cells"):
         if any(s.name == name for s in plant.states):
             x[plant.state_index(name)] *= 1e-9
     return x
@@ -692,6 +694,212 @@ def test_pco2_plant_has_no_fast_mode_three_hour_rk4_steps_follow_the_minute_grid
     assert worst < 0.01
 
 
+def clonal_state(**values: float) -> np.ndarray:
+    """The clonal plant early in a batch (2e6 cells/mL, 10 % non-producers, glucose and glutamine ample, seed-culture ER and mitochondria), with ``values`` set by state name."""
+    plant = plant_named("clonal")
+    x = plant.initial_state(BATCH)
+    start = {"producer_cells": 1.8, "nonproducer_cells": 0.2, "dead_cells": 0.05, "glucose": 6.0, "glutamine": 6.0, "lactate": 0.5, "ammonia": 1.0}
+    for name, value in (start | values).items():
+        x[plant.state_index(name)] = value
+    return x
+
+
+def clonal_internals(x: np.ndarray, u: np.ndarray, p: np.ndarray | None = None) -> dict[str, float]:
+    plant = plant_named("clonal")
+    assert isinstance(plant, ClonalPlant)
+    y = np.asarray(plant.internals(0.0, x, u, plant.nominal_parameters(BATCH) if p is None else p)).ravel()
+    return {signal.name: float(y[i]) for i, signal in enumerate(CLONAL_INTERNALS)}
+
+
+def clonal_parameters(**changes: dict[str, float]) -> np.ndarray:
+    """The clonal plant's parameters with fields of its kinetics groups changed (``instability={"reversion_per_division": 0.0}``)."""
+    nominal = ClonalKinetics()
+    kinetics = nominal.model_copy(update={group: getattr(nominal, group).model_copy(update=fields) for group, fields in changes.items()})
+    return ClonalPlant(kinetics).nominal_parameters(BATCH)
+
+
+def test_clonal_plant_reverts_per_division_so_the_cold_makes_fewer_revertants() -> None:
+    """Revertants per hour (the non-producers' rate with and without reversion) follow the producers' division: fewer at 33 °C than at 36.5 °C, none without division."""
+    plant = plant_named("clonal")
+    index = plant.state_index
+    without = clonal_parameters(instability={"reversion_per_division": 0.0})
+
+    def revertants_per_h(temperature_degc: float, glutamine_mm: float = 6.0) -> float:
+        x = clonal_state(temperature=temperature_degc, glutamine=glutamine_mm)
+        u = np.array([0.0, 0.0, temperature_degc])
+        with_reversion = np.asarray(plant.rhs(0.0, x, u, plant.nominal_parameters(BATCH))).ravel()
+        return float(with_reversion[index("nonproducer_cells")] - np.asarray(plant.rhs(0.0, x, u, without)).ravel()[index("nonproducer_cells")])
+
+    warm, cold = revertants_per_h(36.5), revertants_per_h(33.0)
+    division = {t: clonal_internals(clonal_state(temperature=t), np.array([0.0, 0.0, t]))["producer_division_per_h"] for t in (36.5, 33.0)}
+    reversion = ClonalKinetics().instability.reversion_per_division
+    assert warm == pytest.approx(reversion * division[36.5] * clonal_state()[index("producer_cells")], rel=1e-9)
+    assert cold < 0.7 * warm
+    assert cold / warm == pytest.approx(division[33.0] / division[36.5], rel=1e-9)
+    assert revertants_per_h(36.5, glutamine_mm=0.0) < 0.01 * warm
+
+
+def test_clonal_plant_non_producers_take_over_as_the_cells_divide_and_more_slowly_when_cold_without_selection() -> None:
+    """With reversion alone (no burden, no ER-stress death) the non-producer share rises with the divisions, so more slowly in the cold; the nominal plant adds selection: the share rises through a batch and never falls."""
+    plant = plant_named("clonal")
+    reversion_only = clonal_parameters(growth={"burden_per_er_capacity": 0.0}, death={"er_stress_per_h": 0.0})
+    start = clonal_state()
+    fraction_0 = clonal_internals(start, np.zeros(3))["nonproducer_fraction"]
+
+    def after_48_h(setpoint_degc: float, p: np.ndarray) -> float:
+        u = np.array([0.0, 0.0, setpoint_degc])
+        return clonal_internals(integrate("clonal", start, u, p, hours=48), u, p)["nonproducer_fraction"]
+
+    warm, cold = after_48_h(36.5, reversion_only), after_48_h(33.0, reversion_only)
+    assert warm > fraction_0 + 0.01
+    assert fraction_0 < cold < fraction_0 + 0.75 * (warm - fraction_0)
+    nominal = plant.nominal_parameters(BATCH)
+    assert after_48_h(36.5, nominal) > warm  # the producers' burden adds selection
+    u = np.array([0.0, 0.0, 36.5])
+    status = clonal_internals(start, u)
+    assert status["nonproducer_division_per_h"] > 1.05 * status["producer_division_per_h"]
+    run = recipe_like_run("clonal")
+    shares = [clonal_internals(x, u)["nonproducer_fraction"] for x in run.states[::24]]
+    assert shares == sorted(shares)
+    assert shares[-1] > 2.0 * ClonalKinetics().instability.inoculum_nonproducer_fraction
+
+
+def test_clonal_plant_reversion_moves_cells_between_the_populations_without_making_any() -> None:
+    plant = plant_named("clonal")
+    u = np.array([0.0, 0.0, 36.5])
+    x = clonal_state()
+
+    def rates(reversion_per_division: float) -> np.ndarray:
+        return np.asarray(plant.rhs(0.0, x, u, clonal_parameters(instability={"reversion_per_division": reversion_per_division}))).ravel()
+
+    none, some = rates(0.0), rates(0.1)
+    producers, nonproducers = plant.state_index("producer_cells"), plant.state_index("nonproducer_cells")
+    assert some[nonproducers] > none[nonproducers] + 1e-3
+    assert some[producers] + some[nonproducers] == pytest.approx(none[producers] + none[nonproducers], rel=1e-12)
+
+
+def test_clonal_plant_specific_productivity_saturates_with_er_capacity_and_quality_falls_with_the_unfolded_load() -> None:
+    """A producer secretes no more than its demand however large its ER; below the demand more ER gives more product, with diminishing returns, and better galactosylated product."""
+    plant = plant_named("clonal")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([0.0, 0.0, 36.5])
+    index = plant.state_index
+    capacities = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+    rows = [clonal_internals(clonal_state(er_capacity=e, glutamine=0.0), u) for e in capacities]  # arrested: the demand is the same for all
+    qp = np.array([row["producer_qp_pg_per_cell_day"] for row in rows])
+    demand = rows[0]["producer_demand_pg_per_cell_day"]
+    assert all(row["producer_demand_pg_per_cell_day"] == pytest.approx(demand, rel=1e-6) for row in rows)
+    assert np.all(np.diff(qp) > 0.0)
+    gains = np.diff(qp) / np.diff(capacities)
+    assert np.all(np.diff(gains) < 0.0)  # diminishing returns
+    assert all(row["producer_qp_pg_per_cell_day"] < row["producer_demand_pg_per_cell_day"] for row in rows)
+    assert qp[-1] > 0.95 * rows[-1]["producer_demand_pg_per_cell_day"]
+    loads = [row["unfolded_load"] for row in rows]
+    assert loads == sorted(loads, reverse=True)
+
+    def new_galactosylated_fraction(er_capacity: float) -> float:
+        dx = np.asarray(plant.rhs(0.0, clonal_state(er_capacity=er_capacity, glutamine=0.0, nonproducer_cells=1e-6), u, p)).ravel()
+        return float(dx[index("galactosylated_titer")] / dx[index("titer")])
+
+    assert new_galactosylated_fraction(4.0) > new_galactosylated_fraction(1.0) + 0.05
+
+
+def test_clonal_plant_cold_raises_productivity_only_as_the_er_expands_and_too_cold_damages_it() -> None:
+    """The demand rises within hours of a shift to 33 °C, the ER capacity and with it what producers secrete over days; at 30 °C the ER capacity is lost."""
+    plant = plant_named("clonal")
+    p = plant.nominal_parameters(BATCH)
+    index = plant.state_index
+    # Slow, fed producers (as after a shift): glutamine limits their division.
+    start = clonal_state(glutamine=0.15, er_capacity=1.5, mitochondrial_capacity=1.5)
+
+    def at(setpoint_degc: float, hours: int) -> tuple[dict[str, float], float]:
+        u = np.array([0.0, 0.0, setpoint_degc])
+        x = integrate("clonal", start, u, p, hours=hours)
+        return clonal_internals(x, u), float(x[index("er_capacity")])
+
+    (warm_6, _), (cold_6, _), (cold_72, er_cold_72), (_, er_warm_72), (too_cold_72, er_too_cold_72) = (
+        at(36.5, 6),
+        at(33.0, 6),
+        at(33.0, 72),
+        at(36.5, 72),
+        at(30.0, 72),
+    )
+    assert cold_6["producer_demand_pg_per_cell_day"] > 1.2 * warm_6["producer_demand_pg_per_cell_day"]
+    assert cold_6["unfolded_load"] > warm_6["unfolded_load"]  # pushed past capacity at once
+    assert cold_72["producer_qp_pg_per_cell_day"] > 1.1 * cold_6["producer_qp_pg_per_cell_day"]  # the ER catches up over days
+    assert er_cold_72 > 1.5 and er_too_cold_72 < 0.8 * er_cold_72
+    assert too_cold_72["producer_qp_pg_per_cell_day"] < cold_72["producer_qp_pg_per_cell_day"]
+    assert er_warm_72 > 1.5
+
+
+def test_clonal_plant_division_lowers_the_producers_demand() -> None:
+    """The growth–production trade-off: the same producers make more when glutamine stops their division."""
+    u = np.array([0.0, 0.0, 36.5])
+    dividing, arrested = clonal_internals(clonal_state(glutamine=6.0), u), clonal_internals(clonal_state(glutamine=0.02), u)
+    assert dividing["producer_division_per_h"] > 5.0 * arrested["producer_division_per_h"]
+    assert arrested["producer_demand_pg_per_cell_day"] > 1.5 * dividing["producer_demand_pg_per_cell_day"]
+
+
+def test_clonal_plant_glucose_uptake_per_cell_falls_as_mitochondria_build_up_and_spare_capacity_takes_lactate_back() -> None:
+    """Glucose uptake is not proportional to the cells: once division slows, mitochondrial capacity builds up, the glycolytic program and the transport it sets fall, and lactate is consumed."""
+    plant = plant_named("clonal")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([0.0, 0.0, 36.5])
+    index = plant.state_index
+    seed, mature = clonal_state(lactate=3.0), clonal_state(lactate=3.0, mitochondrial_capacity=2.5, glycolytic_program=0.35)
+    assert clonal_internals(mature, u)["glucose_uptake_g_per_1e9_cells_h"] < 0.5 * clonal_internals(seed, u)["glucose_uptake_g_per_1e9_cells_h"]
+    assert float(np.asarray(plant.rhs(0.0, seed, u, p))[index("lactate"), 0]) > 0.0
+    assert float(np.asarray(plant.rhs(0.0, mature, u, p))[index("lactate"), 0]) < 0.0
+    run = recipe_like_run("clonal")
+    uptake = np.array([clonal_internals(x, u)["glucose_uptake_g_per_1e9_cells_h"] for x in run.states[::24]])
+    assert uptake[-1] < 0.6 * uptake[2]
+    lactate = run.observed["lactate"]
+    assert lactate[-1] < 0.7 * lactate.max()
+    assert run.states[-1, index("mitochondrial_capacity")] > 1.5 * run.states[48, index("mitochondrial_capacity")]
+
+
+@pytest.mark.parametrize(
+    ("feed_lph", "glucose_lph", "setpoint_degc"),
+    [(0.0, 0.0, 36.5), (0.0, 0.0, 30.0), (10.0, 2.0, 37.0), (10.0, 2.0, 30.0), (10.0, 0.0, 38.0), (0.0, 2.0, 37.0)],
+)
+def test_clonal_plant_stays_finite_and_physical_over_14_days_of_extreme_inputs(feed_lph: float, glucose_lph: float, setpoint_degc: float) -> None:
+    plant = plant_named("clonal")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([feed_lph, glucose_lph, setpoint_degc])
+    nonnegative = [plant.state_index(n) for n in plant.nonnegative_states]
+    x = plant.initial_state(BATCH)
+    step = hour_map("clonal")
+    for h in range(336):
+        _, xs = step(float(h), x, u, p)
+        trajectory = np.asarray(xs)
+        assert np.all(np.isfinite(trajectory))
+        assert trajectory[nonnegative, :].min() > -1e-6
+        x = trajectory[:, -1]
+    y = observe(plant, 336.0, x, u, p)
+    internals = clonal_internals(x, u)
+    assert all(np.isfinite(v) for v in (*y.values(), *internals.values()))
+    assert 0.0 <= y["viability"] <= 100.0
+    assert 0.0 <= internals["nonproducer_fraction"] <= 1.0
+    assert 0.0 < x[plant.state_index("er_capacity")] <= ClonalKinetics().secretion.er_max
+
+
+def test_clonal_plant_has_no_fast_mode_three_hour_rk4_steps_follow_the_minute_grid() -> None:
+    """One 3 h RK4 step (the oracle's longest) lands where 180 one-minute steps do, to 1 % of each state's size, all along a recipe-like batch."""
+    plant = plant_named("clonal")
+    p = plant.nominal_parameters(BATCH)
+    run = recipe_like_run("clonal")
+    coarse = plant.rk4_step(3.0)
+    scale = np.maximum(np.abs(run.states).max(axis=0), 1e-2)
+    worst = 0.0
+    for h in range(0, 333, 3):
+        u = np.array([0.03 * BATCH.inoculation.volume_l / 24.0 if h >= 72 else 0.0, 0.0, 36.5 if h < 120 else 33.0])
+        x = run.states[h]
+        _, x_coarse = coarse(float(h), x, u, p)
+        x_fine = integrate("clonal", x, u, p, hours=3, t0_h=float(h))
+        worst = max(worst, float(np.max(np.abs(np.asarray(x_coarse).ravel() - x_fine) / scale)))
+    assert worst < 0.01
+
+
 def test_plants_are_independent_of_each_other_in_structure() -> None:
     assert isinstance(plant_named("amino_acid"), AminoAcidPlant)
     assert isinstance(plant_named("cell_cycle"), CellCyclePlant)
@@ -699,6 +907,7 @@ def test_plants_are_independent_of_each_other_in_structure() -> None:
     assert isinstance(plant_named("inhibitor"), InhibitorPlant)
     assert isinstance(plant_named("apoptosis"), ApoptosisPlant)
     assert isinstance(plant_named("pco2"), Pco2Plant)
+    assert isinstance(plant_named("clonal"), ClonalPlant)
     state_sets = [frozenset(s.name for s in plant_named(name).states) for name in ("cho", *OTHER_PLANTS)]
     assert len(set(state_sets)) == len(state_sets)
 

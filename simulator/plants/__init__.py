@@ -19,6 +19,7 @@ from simulator.plants.base import OBSERVABLE_INDEX, OBSERVABLES, EquationPlant
 from simulator.plants.biovolume import BiovolumePlant
 from simulator.plants.cell_cycle import CellCyclePlant
 from simulator.plants.cho import ChoPlant
+from simulator.plants.clonal import ClonalPlant
 from simulator.plants.inhibitor import InhibitorPlant
 from simulator.plants.pco2 import Pco2Plant
 
@@ -53,6 +54,10 @@ def _pco2(kinetics: CultureParameters, model: CultureModel | None) -> EquationPl
     return Pco2Plant()
 
 
+def _clonal(kinetics: CultureParameters, model: CultureModel | None) -> EquationPlant:
+    return ClonalPlant()
+
+
 PLANTS: dict[str, PlantFactory] = {
     "cho": _cho,
     "amino_acid": _amino_acid,
@@ -61,6 +66,7 @@ PLANTS: dict[str, PlantFactory] = {
     "inhibitor": _inhibitor,
     "apoptosis": _apoptosis,
     "pco2": _pco2,
+    "clonal": _clonal,
 }
 """Plant name → factory(the simulation's CHO kinetics, a CHO model to reuse). Plants of other structure ignore both."""
 

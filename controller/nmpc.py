@@ -23,6 +23,7 @@ after repeated misses the NMPC stands down for the platform recipe until
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -68,9 +69,9 @@ class NmpcConfig(FrozenConfig):
         ge=0.0,
         le=50.0,
         description=(
-            "the NMPC's glucose feed is at most the platform recipe's own rate (the consumption the last two lab results measured, and the"
-            " deficit to the target) plus this, as glucose per litre of culture per day, once two lab results have measured the"
-            " consumption; None: no such limit. Glucose fed cannot be taken back, and between daily lab results the estimator's glucose is"
+            "the NMPC's glucose feed is at most the platform recipe's own rate (the consumption the last two accepted lab glucose results"
+            " measured, and the deficit to the target, less the glucose of the recipe's nutrient feed) plus this, as glucose per litre of"
+            " culture per day, once two such results have measured the consumption; 0: never above the recipe's rate; None: no such limit. Glucose fed cannot be taken back, and between daily lab results the estimator's glucose is"
             " the model's: on the blind plant `pco2` a model that over-estimated the uptake fed the culture from 4.5 to 10 g/L in a day and"
             " lost 11.7 % against the recipe (docs/closed-loop.md) [g/L/day]"
         ),
@@ -165,6 +166,9 @@ class NmpcController:
             temperature_rate_degc_per_h=self.config.mpc.temperature_rate_max_degc_per_h,
             cycle_h=batch.cycle_period_h,
         )
+        # The glucose feed limit's own copy of the recipe's arithmetic, fed only the glucose results the estimator's gate accepted
+        # (the fallback recipe, as the PLC's, takes every published one): a swapped sample must not set the NMPC's ceiling.
+        self._glucose_reference = copy.deepcopy(self.recipe)
         self.trust = TrustRegion(batch, self.recipe, envelope, self.config.trust, fitted=fitted)
         self._replays = ReplayMemory(model, keep_h=self.config.trust.long_lead_h + 48.0, max_gap_h=2.0 * batch.cycle_period_h)
         self._last_totals: tuple[float, float, float] | None = None
@@ -182,15 +186,27 @@ class NmpcController:
         self.cold_retries_total = 0
         """Warm solves that failed and were retried with the cold solver (see :class:`~controller.mpc.MpcSolution`)."""
 
-    def _feed_recipe(self, observation: CycleObservation) -> None:
-        """Keep the fallback recipe's glucose arithmetic current, as the PLC's would be."""
+    def _feed_recipe(self, observation: CycleObservation, recipe: PlatformRecipe | None = None) -> None:
+        """Keep the fallback recipe's glucose arithmetic current, as the PLC's would be (``recipe``: another copy to feed)."""
         if observation.lab_result is None:
             return
         delivered = self._batch.media.glucose_delivered_g(observation.feed_total_l, observation.glucose_feed_total_l)
         volume = observation.online.get("volume_l", math.nan)
         if not math.isfinite(volume):
             return
-        self.recipe.on_lab_result(observation.lab_result, volume_l=volume, glucose_delivered_g=delivered)
+        (recipe or self.recipe).on_lab_result(observation.lab_result, volume_l=volume, glucose_delivered_g=delivered)
+
+    def _feed_glucose_reference(self, observation: CycleObservation) -> None:
+        """Feed the glucose limit's recipe copy the new result, if the estimator's gate accepted its glucose (a source with no gate accepts all)."""
+        lab = observation.lab_result
+        if lab is None or not lab.measured("glucose_g_per_l"):
+            return
+        accepted = getattr(self._source, "lab_fields_accepted", None)
+        fields = accepted(lab.seq) if accepted is not None else None
+        if fields is not None and "glucose_g_per_l" not in fields:
+            log.info("nmpc_glucose_limit_ignores_result", seq=lab.seq, glucose_g_per_l=lab.glucose_g_per_l, reason="the estimator's gate rejected it")
+            return
+        self._feed_recipe(observation, self._glucose_reference)
 
     def cycle(self, observation: CycleObservation) -> Decision:
         t = observation.process_time_h
@@ -203,6 +219,7 @@ class NmpcController:
         if self.harvest_time_h - t < 0.5 * cycle_h:
             return self._decision(observation.applied, DecisionSource.HARVEST, harvest=True)
         state, parameters = self._source.observe(observation)
+        self._feed_glucose_reference(observation)
         if self.trust.active:
             delivered, totalled = self._delivered(observation)
             # Across a gap (a lost connection: the PLC ran its local recipe) the totals say what went in; without them the read-back says nothing of it.
@@ -378,16 +395,22 @@ class NmpcController:
         """The most glucose feed the NMPC may write [L/h]: the recipe's own rate plus ``glucose_feed_headroom_g_per_l_day`` (inf: no
         limit configured, or the consumption not yet measured by two lab results). An unknown volume counts as the inoculum's, the
         smallest the culture has been: the lowest ceiling."""
-        headroom = self.config.glucose_feed_headroom_g_per_l_day
-        if headroom is None or not self.recipe.glucose_consumption_seen:
+        headroom, reference = self.config.glucose_feed_headroom_g_per_l_day, self._glucose_reference
+        if headroom is None or not reference.glucose_consumption_seen:
             return math.inf
         volume = volume_l if math.isfinite(volume_l) else self._batch.inoculation.volume_l
-        return self.recipe.glucose_rate_lph + headroom * volume / self._batch.media.glucose_feed_g_per_l / 24.0
+        return reference.glucose_rate_lph + headroom * volume / self._batch.media.glucose_feed_g_per_l / 24.0
 
     def _glucose_within_headroom(self, rate_lph: float, observation: CycleObservation) -> float:
         ceiling = self.glucose_ceiling_lph(observation.online.get("volume_l", math.nan))
         if rate_lph > ceiling:
-            log.info("nmpc_glucose_feed_limited", process_time_h=observation.process_time_h, planned_lph=rate_lph, ceiling_lph=ceiling, recipe_lph=self.recipe.glucose_rate_lph)
+            log.info(
+                "nmpc_glucose_feed_limited",
+                process_time_h=observation.process_time_h,
+                planned_lph=rate_lph,
+                ceiling_lph=ceiling,
+                recipe_lph=self._glucose_reference.glucose_rate_lph,
+            )
             return ceiling
         return rate_lph
 

@@ -114,8 +114,8 @@ def run_controlled_batch(
     plc, truth = build_simulated_plc(loaded, model)
     source = make_source(loaded, plc, model)
     nmpc = settings.nmpc
-    if isinstance(source, TruthSource):  # perfect knowledge needs no trust region: the oracle is the upper bound the controller is measured against
-        nmpc = nmpc.model_copy(update={"trust": nmpc.trust.model_copy(update={"enabled": False})})
+    if isinstance(source, TruthSource):  # perfect knowledge needs no trust region nor glucose limit: the oracle is the upper bound the controller is measured against
+        nmpc = nmpc.model_copy(update={"trust": nmpc.trust.model_copy(update={"enabled": False}), "glucose_feed_headroom_g_per_l_day": None})
     controller = NmpcController(model, loaded.batch, source, nmpc, envelope=envelope, fitted=fitted)
     cycle = ControlCycle(
         batch=loaded.batch,

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from controller.mpc import MpcConfig
 from controller.nmpc import CycleObservation, DecisionSource, NmpcConfig, NmpcController
@@ -286,32 +287,56 @@ def test_a_stood_down_nmpc_writes_the_shift_as_a_ramp_centred_on_it(model, batch
     assert max(abs(written[t + 1] - written[t]) for t in range(112, 127)) <= 0.5 + 1e-12
 
 
+class _Gated(_Frozen):
+    """A source whose gate rejected the glucose of the lab results in ``rejected`` (by seq)."""
+
+    def __init__(self, state: np.ndarray, parameters: np.ndarray, rejected: frozenset[int]) -> None:
+        super().__init__(state, parameters)
+        self.rejected = rejected
+
+    def lab_fields_accepted(self, seq: int) -> frozenset[str] | None:
+        return frozenset({"vcd_1e6_per_ml", "titer_g_per_l"}) if seq in self.rejected else None
+
+
 def test_the_nmpc_feeds_no_more_glucose_than_the_recipes_rate_and_its_headroom(model, batch, day_twelve):
-    """A culture the estimate says is about to starve: the plan feeds glucose. Once two lab results have measured the consumption,
-    the feed written is at most the recipe's own rate plus the headroom (here the lab shows glucose well above the target: the
-    recipe's rate is 0); before that, and with no headroom configured, the plan's own."""
+    """A culture the estimate says is about to starve: the plan feeds glucose. Once two lab results the estimator accepted have
+    measured the consumption, the feed written is at most the recipe's own rate plus the headroom; before that, and with no
+    headroom configured, the plan's own. A result whose glucose the gate rejected (a swapped sample) does not set the limit."""
     plc, applied = day_twelve
     state = plc.plant.state.copy()
     state[STATE_INDEX["glucose"]] = 1.0
-    observation = CycleObservation(process_time_h=288.0, online={"volume_l": 1800.0}, feed_total_l=0.0, glucose_feed_total_l=0.0, applied=applied)
 
-    def controller(headroom):
+    def controller(headroom, rejected=frozenset()):
         config = NmpcConfig(mpc=MpcConfig(fine_stages=6, coarse_stages=4, compile=False), glucose_feed_headroom_g_per_l_day=headroom)
-        return NmpcController(model, batch, _Frozen(state, plc.plant.parameters), config)
+        return NmpcController(model, batch, _Gated(state, plc.plant.parameters, rejected), config)
 
-    free = controller(None).cycle(observation)
-    assert free.source is DecisionSource.MPC and free.setpoints.glucose_rate_lph > 0.5
-    unmeasured = controller(0.5)
-    assert unmeasured.cycle(observation).setpoints.glucose_rate_lph == pytest.approx(free.setpoints.glucose_rate_lph, rel=1e-6)
+    def run(nmpc, results):
+        decision = None
+        for t, lab in results:
+            observation = CycleObservation(process_time_h=t, online={"volume_l": 1800.0}, feed_total_l=0.0, glucose_feed_total_l=0.0, applied=applied, lab_result=lab)
+            decision = nmpc.cycle(observation)
+        return decision
+
+    # Glucose 4.0 then 3.0 g/L twelve hours apart, nothing fed: 150 g/h consumed, the recipe's rate that plus the deficit less its nutrient feed's glucose.
+    results = [(264.0, _lab(1, 262.0, vcd=10.0, titer=2.0, glucose=4.0)), (276.0, _lab(2, 274.0, vcd=10.0, titer=2.0, glucose=3.0)), (288.0, None)]
+    free = run(controller(None), results)
     limited = controller(0.5)
-    for seq, taken_at_h, glucose in ((1, 264.0, 8.0), (2, 276.0, 7.5)):
-        limited.recipe.on_lab_result(_lab(seq, taken_at_h, vcd=10.0, titer=2.0, glucose=glucose), volume_l=1800.0, glucose_delivered_g=0.0)
-    assert limited.recipe.glucose_consumption_seen and limited.recipe.glucose_rate_lph == 0.0
-    decision = limited.cycle(observation)
-    assert decision.source is DecisionSource.MPC
-    assert decision.setpoints.glucose_rate_lph == pytest.approx(0.5 * 1800.0 / batch.media.glucose_feed_g_per_l / 24.0)
+    with capture_logs() as logs:
+        decision = run(limited, results)
+    rate = limited.recipe.glucose_rate_lph
+    assert rate > 0.1 and limited.recipe.glucose_consumption_seen
+    ceiling = rate + 0.5 * 1800.0 / batch.media.glucose_feed_g_per_l / 24.0
+    assert free.source is DecisionSource.MPC and free.setpoints.glucose_rate_lph > ceiling + 0.1
+    assert decision.source is DecisionSource.MPC and decision.setpoints.glucose_rate_lph == pytest.approx(ceiling)
+    assert [e for e in logs if e["event"] == "nmpc_glucose_feed_limited"][-1]["ceiling_lph"] == pytest.approx(ceiling)
     # The volume unknown: the inoculum's, the lowest ceiling.
-    assert limited.glucose_ceiling_lph(math.nan) == pytest.approx(0.5 * batch.inoculation.volume_l / batch.media.glucose_feed_g_per_l / 24.0)
+    assert limited.glucose_ceiling_lph(math.nan) == pytest.approx(rate + 0.5 * batch.inoculation.volume_l / batch.media.glucose_feed_g_per_l / 24.0)
+    # One result: the consumption not measured yet, the plan's own feed.
+    assert run(controller(0.5), [*results[:1], (288.0, None)]).setpoints.glucose_rate_lph == pytest.approx(free.setpoints.glucose_rate_lph, rel=1e-6)
+    # The second result's glucose rejected by the gate: the fallback recipe takes it, as the PLC's would; the limit does not.
+    gated = controller(0.5, rejected=frozenset({2}))
+    assert run(gated, results).setpoints.glucose_rate_lph == pytest.approx(free.setpoints.glucose_rate_lph, rel=1e-6)
+    assert gated.recipe.glucose_consumption_seen and gated.glucose_ceiling_lph(1800.0) == math.inf
 
 
 @pytest.mark.parametrize("shift_h", [0.0, 2.0])

@@ -492,7 +492,7 @@ class ControlCycle:
             requested_mode=self.modes.requested.value,
             held_contradictions=dict(self._contradictions),
             fault_cycles=self.fault_cycles,
-            trust=self.controller.trust.to_dict(),
+            trust=self.controller.resume_dict(),
         )
 
     def _look_ahead(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -195,6 +196,20 @@ class NmpcController:
         if not math.isfinite(volume):
             return
         (recipe or self.recipe).on_lab_result(observation.lab_result, volume_l=volume, glucose_delivered_g=delivered)
+
+    def resume_dict(self) -> dict[str, Any]:
+        """What a restart needs of the controller: the trust region's state (:meth:`TrustRegion.to_dict`) and, under
+        ``recipe_glucose``, what the fallback recipe and the glucose limit's copy have learned from the lab results."""
+        return {**self.trust.to_dict(), "recipe_glucose": {"fallback": self.recipe.glucose_state(), "limit": self._glucose_reference.glucose_state()}}
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Take up :meth:`resume_dict` (a state saved before ``recipe_glucose`` existed restores the trust region only)."""
+        self.trust.restore(dict(data))
+        saved = data.get("recipe_glucose")
+        if isinstance(saved, Mapping):
+            for recipe, key in ((self.recipe, "fallback"), (self._glucose_reference, "limit")):
+                if isinstance(saved.get(key), Mapping):
+                    recipe.restore_glucose_state(saved[key])
 
     def _feed_glucose_reference(self, observation: CycleObservation) -> None:
         """Feed the glucose limit's recipe copy the new result, if the estimator's gate accepted its glucose (a source with no gate accepts all)."""

@@ -142,7 +142,9 @@ class ResumeState:
     fault_cycles: int = 0
     """Cycles in fault in a row at the last cycle: a restart during a fault hand-over goes on withholding the heartbeat."""
     trust: Mapping[str, Any] = field(default_factory=dict)
-    """The trust region's width, its miss count and whether the NMPC stood down (``TrustRegion.to_dict``): a restart does not re-trust a model."""
+    """The trust region's width, its miss count and whether the NMPC stood down (``TrustRegion.to_dict``): a restart does not re-trust a model.
+    Under ``recipe_glucose``, what the fallback recipe and the NMPC's glucose feed limit learned from the lab results
+    (``NmpcController.resume_dict``): a restart does not forget the culture's measured glucose consumption."""
 
 
 @dataclass(frozen=True)

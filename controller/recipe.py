@@ -15,11 +15,17 @@ spread over a day). The glucose the nutrient feed brings is counted.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import astuple, dataclass
+from typing import Any
+
+import structlog
 
 from controller.config import EquipmentLimits, RecipeConfig
 from controller.types import LabResult, Setpoints
 from plant_models.parameters import MediaComposition
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,34 @@ class PlatformRecipe:
         needed_g_per_h = consumption_g_per_h + deficit_g / self._recipe.glucose_correction_horizon_h - feed_glucose_g_per_h
         rate = max(0.0, needed_g_per_h) / self._media.glucose_feed_g_per_l
         self._glucose_rate_lph = min(rate, self._equipment.glucose_rate_max_lph)
+
+    def glucose_state(self) -> dict[str, Any]:
+        """What the recipe has learned from the lab results, for a restart (:meth:`restore_glucose_state`)."""
+        last = self._last_glucose
+        return {
+            "last_glucose": None if last is None else [last.taken_at_h, last.glucose_g_per_l, last.volume_l, last.glucose_delivered_g],
+            "glucose_rate_lph": self._glucose_rate_lph,
+            "consumption_seen": self._consumption_seen,
+            "low_viability_seen": self._low_viability_seen,
+        }
+
+    def restore_glucose_state(self, data: Mapping[str, Any]) -> None:
+        """Take up :meth:`glucose_state` saved before a restart. A damaged entry (not finite numbers, a negative rate) is no
+        evidence: the recipe starts afresh, as it did before restarts kept it (its glucose feed 0 until the next result, the
+        consumption measured again by the next two)."""
+        try:
+            last = data.get("last_glucose")
+            observation = None if last is None else _GlucoseObservation(*(float(value) for value in last))
+            rate = float(data.get("glucose_rate_lph", 0.0))
+            seen, low = data.get("consumption_seen", False), data.get("low_viability_seen", False)
+            numbers = [rate] if observation is None else [rate, *astuple(observation)]
+            if not (all(math.isfinite(value) for value in numbers) and rate >= 0.0 and isinstance(seen, bool) and isinstance(low, bool)):
+                raise ValueError("not finite, negative or not a flag")
+        except (TypeError, ValueError) as error:
+            log.warning("recipe_restore_ignored", saved=repr(dict(data))[:200], error=str(error))
+            return
+        self._last_glucose, self._glucose_rate_lph = observation, min(rate, self._equipment.glucose_rate_max_lph)
+        self._consumption_seen, self._low_viability_seen = seen and observation is not None, low
 
     def harvest_due(self, process_time_h: float) -> bool:
         return process_time_h >= self._recipe.harvest_h or self._low_viability_seen

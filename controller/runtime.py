@@ -492,7 +492,7 @@ class Runtime:
         if plan.harvest_time_h is not None:
             controller.harvest_time_h = plan.harvest_time_h
         if plan.trust or plan.how != "new batch":  # resumed or taken over mid-batch: a region with no saved width starts narrow
-            controller.trust.restore(dict(plan.trust or {}))
+            controller.restore(dict(plan.trust or {}))
         self.cycle = ControlCycle(
             batch=batch,
             settings=self.settings,
@@ -815,7 +815,7 @@ class Runtime:
         try:
             saved = self.history.load_resume(batch.batch_id)
             if saved is not None:
-                self.history.save_resume(replace(saved, trust=self.cycle.controller.trust.to_dict()))
+                self.history.save_resume(replace(saved, trust=self.cycle.controller.resume_dict()))
         except HistoryUnavailableError as error:
             log.warning("resume_trust_not_saved", error=str(error), process_time_h=self._last_time_h)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -16,9 +17,13 @@ def _lab(seq: int, taken_at_h: float, glucose: float, viability: float = 95.0) -
     return LabResult(seq, taken_at_h, 5.0, viability, glucose, 1.0, 2.0, 3.0, 1.0, 320.0)
 
 
+def _recipe(batch) -> PlatformRecipe:
+    return PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
+
+
 @pytest.fixture
 def recipe(batch) -> PlatformRecipe:
-    return PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)
+    return _recipe(batch)
 
 
 def test_time_based_schedule(recipe):
@@ -92,3 +97,27 @@ def test_local_recipe_does_not_overfill_a_full_reactor(make_simulation):
     plc.plant.state[STATE_INDEX["volume"]] = 1996.0
     plc.advance_to(300.0)
     assert plc.plant.state[STATE_INDEX["volume"]] <= 2000.0
+
+
+def test_what_the_recipe_learned_from_the_lab_survives_a_restart(batch):
+    """The glucose arithmetic (the last result, the rate, whether a consumption was measured) is saved and taken up again: the
+    next result after a restart gives the rate it would have given without one."""
+    nan = math.nan
+    first, second, third = (LabResult(seq, t, 10.0, 95.0, g, nan, nan, nan, 2.0, nan) for seq, t, g in ((1, 24.0, 5.0), (2, 48.0, 4.2), (3, 72.0, 3.6)))
+    kept = _recipe(batch)
+    for result, delivered in ((first, 0.0), (second, 150.0)):
+        kept.on_lab_result(result, volume_l=1500.0, glucose_delivered_g=delivered)
+    saved = json.loads(json.dumps(kept.glucose_state()))  # as the history stores it
+    restarted = _recipe(batch)
+    restarted.restore_glucose_state(saved)
+    assert restarted.glucose_rate_lph == kept.glucose_rate_lph > 0.0 and restarted.glucose_consumption_seen
+    for recipe in (kept, restarted):
+        recipe.on_lab_result(third, volume_l=1520.0, glucose_delivered_g=400.0)
+    assert restarted.glucose_rate_lph == pytest.approx(kept.glucose_rate_lph)
+
+
+@pytest.mark.parametrize("damaged", [{"last_glucose": [24.0, "x", 1500.0, 0.0]}, {"glucose_rate_lph": math.nan}, {"glucose_rate_lph": -1.0}, {"consumption_seen": "yes"}])
+def test_a_damaged_saved_recipe_state_is_no_evidence(batch, damaged):
+    recipe = _recipe(batch)
+    recipe.restore_glucose_state({"last_glucose": [24.0, 5.0, 1500.0, 0.0], "glucose_rate_lph": 0.2, "consumption_seen": True, "low_viability_seen": False, **damaged})
+    assert recipe.glucose_rate_lph == 0.0 and not recipe.glucose_consumption_seen

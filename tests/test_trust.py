@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -333,6 +334,11 @@ def test_the_nmpc_feeds_no_more_glucose_than_the_recipes_rate_and_its_headroom(m
     assert limited.glucose_ceiling_lph(math.nan) == pytest.approx(rate + 0.5 * batch.inoculation.volume_l / batch.media.glucose_feed_g_per_l / 24.0)
     # One result: the consumption not measured yet, the plan's own feed.
     assert run(controller(0.5), [*results[:1], (288.0, None)]).setpoints.glucose_rate_lph == pytest.approx(free.setpoints.glucose_rate_lph, rel=1e-6)
+    # A restart: the controller's saved state (as the history keeps it) brings the limit back with the fallback recipe's arithmetic.
+    restarted = controller(0.5)
+    restarted.restore(json.loads(json.dumps(limited.resume_dict())))
+    assert restarted.glucose_ceiling_lph(1800.0) == pytest.approx(ceiling) and restarted.recipe.glucose_rate_lph == pytest.approx(rate)
+    assert restarted.trust.width == pytest.approx(limited.trust.width)
     # The second result's glucose rejected by the gate: the fallback recipe takes it, as the PLC's would; the limit does not.
     gated = controller(0.5, rejected=frozenset({2}))
     assert run(gated, results).setpoints.glucose_rate_lph == pytest.approx(free.setpoints.glucose_rate_lph, rel=1e-6)

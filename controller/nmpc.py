@@ -211,13 +211,17 @@ class NmpcController:
                 if isinstance(saved.get(key), Mapping):
                     recipe.restore_glucose_state(saved[key])
 
+    def _accepted_fields(self, lab: LabResult) -> frozenset[str] | None:
+        """The fields of ``lab`` the estimator's gate accepted (None: a source with no gate, or one that accepted all)."""
+        accepted = getattr(self._source, "lab_fields_accepted", None)
+        return accepted(lab.seq) if accepted is not None else None
+
     def _feed_glucose_reference(self, observation: CycleObservation) -> None:
         """Feed the glucose limit's recipe copy the new result, if the estimator's gate accepted its glucose (a source with no gate accepts all)."""
         lab = observation.lab_result
         if lab is None or not lab.measured("glucose_g_per_l"):
             return
-        accepted = getattr(self._source, "lab_fields_accepted", None)
-        fields = accepted(lab.seq) if accepted is not None else None
+        fields = self._accepted_fields(lab)
         if fields is not None and "glucose_g_per_l" not in fields:
             log.info("nmpc_glucose_limit_ignores_result", seq=lab.seq, glucose_g_per_l=lab.glucose_g_per_l, reason="the estimator's gate rejected it")
             return
@@ -241,10 +245,9 @@ class NmpcController:
             self._replays.record(t, delivered, state, parameters, bridge_h=self.config.trust.replay_gap_h if totalled else None)
             self.trust.ran(t, observation.applied)
         if observation.lab_result is not None:
-            accepted = getattr(self._source, "lab_fields_accepted", None)
             lab = observation.lab_result
             replay, day_replay = self._lab_replays(lab.taken_at_h)
-            check = self.trust.check(lab, accepted(lab.seq) if accepted is not None else None, replay=replay, day_replay=day_replay)
+            check = self.trust.check(lab, self._accepted_fields(lab), replay=replay, day_replay=day_replay)
             if check is not None:
                 log.info("plan_checked_against_lab", process_time_h=t, check=check.describe(), width=self.trust.width, stood_down=self.trust.stood_down)
         if self.trust.stood_down:

@@ -75,8 +75,8 @@ class PlatformRecipe:
 
     @property
     def glucose_consumption_seen(self) -> bool:
-        """Whether :attr:`glucose_rate_lph` rests on a consumption measured between two lab results, not on a deficit alone.
-        (Not kept across a restart: the next two glucose results measure it again.)"""
+        """Whether :attr:`glucose_rate_lph` rests on a consumption measured between two lab results, not on a deficit alone
+        (kept across a restart with :meth:`glucose_state`)."""
         return self._consumption_seen
 
     def feed_rate_lph(self, process_time_h: float) -> float:
@@ -118,7 +118,7 @@ class PlatformRecipe:
         """What the recipe has learned from the lab results, for a restart (:meth:`restore_glucose_state`)."""
         last = self._last_glucose
         return {
-            "last_glucose": None if last is None else [last.taken_at_h, last.glucose_g_per_l, last.volume_l, last.glucose_delivered_g],
+            "last_glucose": None if last is None else list(astuple(last)),
             "glucose_rate_lph": self._glucose_rate_lph,
             "consumption_seen": self._consumption_seen,
             "low_viability_seen": self._low_viability_seen,

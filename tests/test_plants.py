@@ -653,35 +653,43 @@ def test_pco2_plant_off_gas_cer_is_the_co2_stripped_not_a_fixed_multiple_of_the_
     assert np.ptp(cho["cer"] / cho["our"]) < 1e-9
 
 
-@pytest.mark.parametrize(
-    ("feed_lph", "glucose_lph", "setpoint_degc"),
-    [(0.0, 0.0, 36.5), (0.0, 0.0, 30.0), (10.0, 2.0, 37.0), (10.0, 2.0, 30.0), (10.0, 0.0, 38.0), (0.0, 2.0, 37.0)],
-)
-def test_pco2_plant_stays_finite_and_physical_over_14_days_of_extreme_inputs(feed_lph: float, glucose_lph: float, setpoint_degc: float) -> None:
-    plant = plant_named("pco2")
+EXTREME_INPUTS = [(0.0, 0.0, 36.5), (0.0, 0.0, 30.0), (10.0, 2.0, 37.0), (10.0, 2.0, 30.0), (10.0, 0.0, 38.0), (0.0, 2.0, 37.0)]
+"""(nutrient feed L/h, glucose feed L/h, temperature setpoint °C) held for two weeks: none, both pumps at their maximum, hot and cold."""
+
+
+def run_extreme_inputs(name: str, u: np.ndarray) -> tuple[EquationPlant, np.ndarray, dict[str, float]]:
+    """Two weeks on the minute grid at the constant inputs ``u``: every state finite and non-negative at every minute. The plant, its last state and what it shows then."""
+    plant = plant_named(name)
     p = plant.nominal_parameters(BATCH)
-    u = np.array([feed_lph, glucose_lph, setpoint_degc])
     nonnegative = [plant.state_index(n) for n in plant.nonnegative_states]
     x = plant.initial_state(BATCH)
-    step = hour_map("pco2")
+    step = hour_map(name)
     for h in range(336):
         _, xs = step(float(h), x, u, p)
         trajectory = np.asarray(xs)
         assert np.all(np.isfinite(trajectory))
         assert trajectory[nonnegative, :].min() > -1e-6
         x = trajectory[:, -1]
-    y = observe(plant, 336.0, x, u, p)
+    return plant, x, observe(plant, 336.0, x, u, p)
+
+
+@pytest.mark.parametrize(("feed_lph", "glucose_lph", "setpoint_degc"), EXTREME_INPUTS)
+def test_pco2_plant_stays_finite_and_physical_over_14_days_of_extreme_inputs(feed_lph: float, glucose_lph: float, setpoint_degc: float) -> None:
+    u = np.array([feed_lph, glucose_lph, setpoint_degc])
+    _, x, y = run_extreme_inputs("pco2", u)
     internals = pco2_internals(x, u)
     assert all(np.isfinite(v) for v in (*y.values(), *internals.values()))
     assert 0.0 <= y["viability"] <= 100.0
     assert 0.0 < internals["pco2"] < 400.0
 
 
-def test_pco2_plant_has_no_fast_mode_three_hour_rk4_steps_follow_the_minute_grid() -> None:
-    """pCO2 is quasi-steady and the pH loop and the sensing lag act over hours, so one 3 h RK4 step (the oracle's longest) lands where 180 one-minute steps do, to 1 % of each state's size, all along a batch."""
-    plant = plant_named("pco2")
+@pytest.mark.parametrize("name", ["pco2", "clonal"])
+def test_plant_has_no_fast_mode_three_hour_rk4_steps_follow_the_minute_grid(name: str) -> None:
+    """One 3 h RK4 step (the oracle's longest) lands where 180 one-minute steps do, to 1 % of each state's size, all along a recipe-like batch.
+    (`pco2`: its pCO2 is quasi-steady, and the pH loop and the sensing lag act over hours.)"""
+    plant = plant_named(name)
     p = plant.nominal_parameters(BATCH)
-    run = recipe_like_run("pco2")
+    run = recipe_like_run(name)
     coarse = plant.rk4_step(3.0)
     scale = np.maximum(np.abs(run.states).max(axis=0), 1e-2)  # each state's size over the batch
     worst = 0.0
@@ -689,7 +697,7 @@ def test_pco2_plant_has_no_fast_mode_three_hour_rk4_steps_follow_the_minute_grid
         u = np.array([0.03 * BATCH.inoculation.volume_l / 24.0 if h >= 72 else 0.0, 0.0, 36.5 if h < 120 else 33.0])
         x = run.states[h]
         _, x_coarse = coarse(float(h), x, u, p)
-        x_fine = integrate("pco2", x, u, p, hours=3, t0_h=float(h))
+        x_fine = integrate(name, x, u, p, hours=3, t0_h=float(h))
         worst = max(worst, float(np.max(np.abs(np.asarray(x_coarse).ravel() - x_fine) / scale)))
     assert worst < 0.01
 
@@ -858,46 +866,15 @@ def test_clonal_plant_glucose_uptake_per_cell_falls_as_mitochondria_build_up_and
     assert run.states[-1, index("mitochondrial_capacity")] > 1.5 * run.states[48, index("mitochondrial_capacity")]
 
 
-@pytest.mark.parametrize(
-    ("feed_lph", "glucose_lph", "setpoint_degc"),
-    [(0.0, 0.0, 36.5), (0.0, 0.0, 30.0), (10.0, 2.0, 37.0), (10.0, 2.0, 30.0), (10.0, 0.0, 38.0), (0.0, 2.0, 37.0)],
-)
+@pytest.mark.parametrize(("feed_lph", "glucose_lph", "setpoint_degc"), EXTREME_INPUTS)
 def test_clonal_plant_stays_finite_and_physical_over_14_days_of_extreme_inputs(feed_lph: float, glucose_lph: float, setpoint_degc: float) -> None:
-    plant = plant_named("clonal")
-    p = plant.nominal_parameters(BATCH)
     u = np.array([feed_lph, glucose_lph, setpoint_degc])
-    nonnegative = [plant.state_index(n) for n in plant.nonnegative_states]
-    x = plant.initial_state(BATCH)
-    step = hour_map("clonal")
-    for h in range(336):
-        _, xs = step(float(h), x, u, p)
-        trajectory = np.asarray(xs)
-        assert np.all(np.isfinite(trajectory))
-        assert trajectory[nonnegative, :].min() > -1e-6
-        x = trajectory[:, -1]
-    y = observe(plant, 336.0, x, u, p)
+    plant, x, y = run_extreme_inputs("clonal", u)
     internals = clonal_internals(x, u)
     assert all(np.isfinite(v) for v in (*y.values(), *internals.values()))
     assert 0.0 <= y["viability"] <= 100.0
     assert 0.0 <= internals["nonproducer_fraction"] <= 1.0
     assert 0.0 < x[plant.state_index("er_capacity")] <= ClonalKinetics().secretion.er_max
-
-
-def test_clonal_plant_has_no_fast_mode_three_hour_rk4_steps_follow_the_minute_grid() -> None:
-    """One 3 h RK4 step (the oracle's longest) lands where 180 one-minute steps do, to 1 % of each state's size, all along a recipe-like batch."""
-    plant = plant_named("clonal")
-    p = plant.nominal_parameters(BATCH)
-    run = recipe_like_run("clonal")
-    coarse = plant.rk4_step(3.0)
-    scale = np.maximum(np.abs(run.states).max(axis=0), 1e-2)
-    worst = 0.0
-    for h in range(0, 333, 3):
-        u = np.array([0.03 * BATCH.inoculation.volume_l / 24.0 if h >= 72 else 0.0, 0.0, 36.5 if h < 120 else 33.0])
-        x = run.states[h]
-        _, x_coarse = coarse(float(h), x, u, p)
-        x_fine = integrate("clonal", x, u, p, hours=3, t0_h=float(h))
-        worst = max(worst, float(np.max(np.abs(np.asarray(x_coarse).ravel() - x_fine) / scale)))
-    assert worst < 0.01
 
 
 def test_plants_are_independent_of_each_other_in_structure() -> None:

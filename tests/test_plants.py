@@ -30,13 +30,15 @@ from simulator.plants.cho import ChoPlant
 from simulator.plants.clonal import INTERNALS as CLONAL_INTERNALS
 from simulator.plants.clonal import ClonalKinetics, ClonalPlant
 from simulator.plants.inhibitor import InhibitorPlant
+from simulator.plants.oxygen import INTERNALS as OXYGEN_INTERNALS
+from simulator.plants.oxygen import OxygenKinetics, OxygenPlant
 from simulator.plants.pco2 import INTERNALS as PCO2_INTERNALS
 from simulator.plants.pco2 import Pco2Kinetics, Pco2Plant
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = BatchConfig.from_yaml(REPO / "configs" / "batch" / "platform.yaml")
 NOMINAL = CultureParameters.from_yaml(REPO / "configs" / "model" / "cho_nominal.yaml")
-OTHER_PLANTS = ("amino_acid", "cell_cycle", "biovolume", "inhibitor", "apoptosis", "pco2", "clonal")
+OTHER_PLANTS = ("amino_acid", "cell_cycle", "biovolume", "inhibitor", "apoptosis", "pco2", "clonal", "oxygen")
 PCO2_INTERNAL_INDEX = {signal.name: i for i, signal in enumerate(PCO2_INTERNALS)}
 
 
@@ -683,10 +685,10 @@ def test_pco2_plant_stays_finite_and_physical_over_14_days_of_extreme_inputs(fee
     assert 0.0 < internals["pco2"] < 400.0
 
 
-@pytest.mark.parametrize("name", ["pco2", "clonal"])
+@pytest.mark.parametrize("name", ["pco2", "clonal", "oxygen"])
 def test_plant_has_no_fast_mode_three_hour_rk4_steps_follow_the_minute_grid(name: str) -> None:
     """One 3 h RK4 step (the oracle's longest) lands where 180 one-minute steps do, to 1 % of each state's size, all along a recipe-like batch.
-    (`pco2`: its pCO2 is quasi-steady, and the pH loop and the sensing lag act over hours.)"""
+    (`pco2`: its pCO2 is quasi-steady, and the pH loop and the sensing lag act over hours; `oxygen`: its dissolved oxygen is quasi-steady.)"""
     plant = plant_named(name)
     p = plant.nominal_parameters(BATCH)
     run = recipe_like_run(name)
@@ -877,6 +879,189 @@ def test_clonal_plant_stays_finite_and_physical_over_14_days_of_extreme_inputs(f
     assert 0.0 < x[plant.state_index("er_capacity")] <= ClonalKinetics().secretion.er_max
 
 
+def oxygen_state(**values: float) -> np.ndarray:
+    """The oxygen plant mid-batch (10e6 cells/mL, glucose and glutamine ample, lactate 2 g/L, no hypoxic program), with ``values`` set by state name."""
+    plant = plant_named("oxygen")
+    x = plant.initial_state(BATCH)
+    start = {"viable_cells": 10.0, "dead_cells": 0.5, "glucose": 4.0, "glutamine": 4.0, "lactate": 2.0, "ammonia": 3.0, "volume": 1600.0}
+    for name, value in (start | values).items():
+        x[plant.state_index(name)] = value
+    return x
+
+
+def oxygen_internals(x: np.ndarray, u: np.ndarray, p: np.ndarray | None = None) -> dict[str, float]:
+    plant = plant_named("oxygen")
+    assert isinstance(plant, OxygenPlant)
+    y = np.asarray(plant.internals(0.0, x, u, plant.nominal_parameters(BATCH) if p is None else p)).ravel()
+    return {signal.name: float(y[i]) for i, signal in enumerate(OXYGEN_INTERNALS)}
+
+
+def oxygen_parameters(**changes: dict[str, float]) -> np.ndarray:
+    """The oxygen plant's parameters with fields of its kinetics groups changed (``death={"bubble_per_h": 0.0}``)."""
+    nominal = OxygenKinetics()
+    kinetics = nominal.model_copy(update={group: getattr(nominal, group).model_copy(update=fields) for group, fields in changes.items()})
+    return OxygenPlant(kinetics).nominal_parameters(BATCH)
+
+
+def oxygen_transfer_limit_mmol_per_l_h(temperature_degc: float = 36.5) -> float:
+    """The most the cascade can transfer at all (its top, with the DO at zero)."""
+    kinetics = OxygenKinetics()
+    transfer = kinetics.transfer
+    saturation = transfer.air_saturation_mm * (1.0 + transfer.solubility_per_degc * (kinetics.temperature.reference_degc - temperature_degc))
+    return transfer.kla_max_per_h * saturation * transfer.max_o2_fraction / 0.2095
+
+
+def test_oxygen_plant_cascade_holds_the_do_until_its_top_then_the_our_stops_following_the_cells() -> None:
+    """Few cells: DO at its setpoint, OUR in proportion to the cells. Past the cascade's top the DO falls and the OUR stays below what the vessel can transfer; the CHO model's OUR keeps following the cells."""
+    plant = plant_named("oxygen")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([0.0, 0.0, 36.5])
+    setpoint = OxygenKinetics().transfer.do_setpoint_pct
+    cells = (2.0, 5.0, 10.0, 25.0, 40.0)
+    our = {c: observe(plant, 0.0, oxygen_state(viable_cells=c), u, p)["our"] for c in cells}
+    status = {c: oxygen_internals(oxygen_state(viable_cells=c), u) for c in cells}
+    assert status[2.0]["dissolved_oxygen_pct"] > 0.99 * setpoint and status[5.0]["dissolved_oxygen_pct"] > 0.99 * setpoint
+    assert our[5.0] / our[2.0] == pytest.approx(2.5, rel=1e-3)
+    dos = [status[c]["dissolved_oxygen_pct"] for c in cells]
+    assert dos == sorted(dos, reverse=True)
+    assert status[40.0]["cascade_load"] == pytest.approx(1.0, abs=1e-6) and dos[-1] < 0.5 * setpoint
+    assert status[40.0]["oxygen_demand"] > 1.2 * our[40.0]
+    assert our[40.0] < oxygen_transfer_limit_mmol_per_l_h()
+    assert our[40.0] / our[25.0] < 1.1  # 60 % more cells
+    cho = plant_named("cho")
+    p_cho = cho.nominal_parameters(BATCH)
+
+    def cho_our(cells_1e6_per_ml: float) -> float:
+        x = cho.initial_state(BATCH)
+        for name, value in (("viable_cells", cells_1e6_per_ml), ("glucose", 4.0), ("glutamine", 4.0), ("lactate", 2.0), ("ammonia", 3.0), ("volume", 1600.0)):
+            x[cho.state_index(name)] = value
+        return observe(cho, 0.0, x, u, p_cho)["our"]
+
+    assert cho_our(40.0) / cho_our(25.0) == pytest.approx(1.6, rel=1e-6)
+
+
+def test_oxygen_plant_pasteur_effect_raises_glycolysis_and_lactate_at_once_and_stops_lactate_consumption() -> None:
+    """Non-dividing cells with lactate to take back: oxygenated they consume it; with oxygen short (many cells) they take up more glucose per cell, make more lactate per glucose and consume none."""
+    plant = plant_named("oxygen")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([0.0, 0.0, 36.5])
+    index = plant.state_index
+    oxygenated, starved = oxygen_state(viable_cells=5.0, glutamine=0.0, lactate=3.0), oxygen_state(viable_cells=40.0, glutamine=0.0, lactate=3.0)
+    fed, short = oxygen_internals(oxygenated, u), oxygen_internals(starved, u)
+    assert fed["oxygen_supply_fraction"] > 0.98 and short["oxygen_supply_fraction"] < 0.7
+    assert short["dissolved_oxygen_pct"] < 2.0
+    assert short["glucose_uptake_g_per_1e9_cells_h"] > 1.3 * fed["glucose_uptake_g_per_1e9_cells_h"]
+    assert short["lactate_yield_g_per_g"] > fed["lactate_yield_g_per_g"] + 0.2
+    assert float(np.asarray(plant.rhs(0.0, oxygenated, u, p))[index("lactate"), 0]) < 0.0
+    assert float(np.asarray(plant.rhs(0.0, starved, u, p))[index("lactate"), 0]) > 0.0
+
+
+def test_oxygen_plant_hypoxic_program_builds_within_a_day_lingers_for_days_and_lowers_demand_division_productivity_and_quality() -> None:
+    plant = plant_named("oxygen")
+    p = plant.nominal_parameters(BATCH)
+    u = np.array([0.0, 0.0, 36.5])
+    index = plant.state_index
+    hypoxic = oxygen_state(viable_cells=40.0)
+    assert oxygen_internals(hypoxic, u)["hypoxia_signal"] > 0.9
+    program = {hours: float(integrate("oxygen", hypoxic, u, p, hours=hours)[index("hypoxic_program")]) for hours in (1, 24)}
+    assert program[1] < 0.15 and program[24] > 0.8  # hours, not minutes
+    reoxygenated = oxygen_state(viable_cells=3.0, hypoxic_program=0.8)
+    assert oxygen_internals(reoxygenated, u)["hypoxia_signal"] < 0.01
+    after_day = float(integrate("oxygen", reoxygenated, u, p, hours=24)[index("hypoxic_program")])
+    assert 0.3 < after_day < 0.6  # lost over a day or two
+    off, on = oxygen_state(viable_cells=3.0), oxygen_state(viable_cells=3.0, hypoxic_program=1.0)
+    status_off, status_on = oxygen_internals(off, u), oxygen_internals(on, u)
+    assert status_on["oxygen_demand"] < 0.75 * status_off["oxygen_demand"]  # PDK1: less oxygen wanted
+    assert status_on["division_per_h"] < 0.45 * status_off["division_per_h"]
+    assert status_on["qp_pg_per_cell_day"] == pytest.approx(0.5 * status_off["qp_pg_per_cell_day"], rel=1e-6)
+    rates = {name: np.asarray(plant.rhs(0.0, x, u, p)).ravel() for name, x in (("off", off), ("on", on))}
+    new_galactosylated = {name: dx[index("galactosylated_titer")] / dx[index("titer")] for name, dx in rates.items()}
+    assert new_galactosylated["on"] < 0.8 * new_galactosylated["off"]
+    # At the same (no) division: more glucose taken up per cell, more of it made into lactate.
+    resting_off, resting_on = oxygen_state(viable_cells=3.0, glutamine=0.0, lactate=0.0), oxygen_state(viable_cells=3.0, glutamine=0.0, lactate=0.0, hypoxic_program=1.0)
+    uptake = {name: oxygen_internals(x, u)["glucose_uptake_g_per_1e9_cells_h"] for name, x in (("off", resting_off), ("on", resting_on))}
+    assert uptake["on"] / uptake["off"] == pytest.approx(1.0 + OxygenKinetics().metabolism.program_glycolysis_gain, rel=1e-3)
+    lactate = {name: float(np.asarray(plant.rhs(0.0, x, u, p))[index("lactate"), 0]) for name, x in (("off", resting_off), ("on", resting_on))}
+    assert lactate["on"] > 2.0 * lactate["off"] > 0.0
+
+
+def test_oxygen_plant_cold_lowers_the_oxygen_demand_and_lifts_the_cap_but_barely_raises_productivity() -> None:
+    """At the cascade's top at 36.5 °C, the same culture at 33 °C has its DO back; specific productivity gains about a tenth, where the CHO model's gains 60 %."""
+    plant = plant_named("oxygen")
+    p = plant.nominal_parameters(BATCH)
+    warm, cold = oxygen_state(viable_cells=20.0), oxygen_state(viable_cells=20.0, temperature=33.0)
+    status_warm, status_cold = oxygen_internals(warm, np.array([0.0, 0.0, 36.5])), oxygen_internals(cold, np.array([0.0, 0.0, 33.0]))
+    assert status_warm["dissolved_oxygen_pct"] < 25.0 and status_warm["cascade_load"] > 0.999
+    assert status_cold["dissolved_oxygen_pct"] > 30.0 and status_cold["cascade_load"] < 0.99
+    assert status_cold["oxygen_demand"] < 0.8 * status_warm["oxygen_demand"]
+    assert status_cold["transfer_capacity"] > 1.03 * status_warm["transfer_capacity"]  # oxygen dissolves better in the cold
+    assert 1.05 < status_cold["qp_pg_per_cell_day"] / status_warm["qp_pg_per_cell_day"] < 1.15
+    cho = plant_named("cho")
+    p_cho = cho.nominal_parameters(BATCH)
+
+    def cho_product_rate(temperature_degc: float) -> float:
+        x = cho.initial_state(BATCH)
+        for name, value in (("viable_cells", 5.0), ("glucose", 4.0), ("glutamine", 4.0), ("temperature", temperature_degc)):
+            x[cho.state_index(name)] = value
+        return float(np.asarray(cho.rhs(150.0, x, np.array([0.0, 0.0, temperature_degc]), p_cho))[cho.state_index("titer"), 0])
+
+    assert cho_product_rate(33.0) > 1.5 * cho_product_rate(36.5)
+    del p
+
+
+def test_oxygen_plant_bubble_damage_kills_only_near_the_top_of_the_cascade() -> None:
+    u = np.array([0.0, 0.0, 36.5])
+    without = oxygen_parameters(death={"bubble_per_h": 0.0})
+    bubble_per_h = OxygenKinetics().death.bubble_per_h
+
+    def bubble_death(cells: float) -> tuple[float, float]:
+        x = oxygen_state(viable_cells=cells)
+        status = oxygen_internals(x, u)
+        return status["death_per_h"] - oxygen_internals(x, u, without)["death_per_h"], status["cascade_load"]
+
+    (low, low_load), (top, top_load) = bubble_death(4.0), bubble_death(30.0)
+    assert low_load < 0.4 and top_load > 0.999
+    assert low < 0.03 * bubble_per_h
+    assert top == pytest.approx(bubble_per_h, rel=0.01)
+
+
+def test_oxygen_plant_more_feed_cannot_raise_the_oxygen_uptake_past_the_cascade() -> None:
+    """Unshifted, the recipe's culture reaches the top of the cascade; twice the feed adds few cells and no oxygen uptake, turns more of them hypoxic and ends with less product."""
+    plant = plant_named("oxygen")
+    recipe, double = recipe_like_run("oxygen", 36.5), recipe_like_run("oxygen", 36.5, feed_fraction_per_day=0.06)
+    cap = oxygen_transfer_limit_mmol_per_l_h(36.5)
+    assert recipe.observed["our"].max() > 0.85 * cap
+    assert double.observed["our"].max() < cap and double.observed["our"].max() < 1.03 * recipe.observed["our"].max()
+    assert double.observed["viable_cells"].max() < 1.1 * recipe.observed["viable_cells"].max()
+    program = plant.state_index("hypoxic_program")
+    assert double.states[:, program].max() > recipe.states[:, program].max() + 0.03
+    assert double.observed["titer"][-1] < recipe.observed["titer"][-1]
+
+
+def test_oxygen_plant_under_the_recipe_the_shift_keeps_the_cascade_just_below_its_top() -> None:
+    """Shifted to 33 °C the culture runs close to the top of the cascade (bubble damage) but never hypoxic; unshifted the DO falls well below its setpoint."""
+    u = np.array([0.0, 0.0, 33.0])
+    shifted, warm = recipe_like_run("oxygen"), recipe_like_run("oxygen", 36.5)
+    status = [oxygen_internals(x, u) for x in shifted.states[::6]]
+    assert max(s["cascade_load"] for s in status) > 0.9
+    assert min(s["dissolved_oxygen_pct"] for s in status) > 30.0
+    assert shifted.states[:, plant_named("oxygen").state_index("hypoxic_program")].max() < 0.05
+    warm_do = [oxygen_internals(x, np.array([0.0, 0.0, 36.5]))["dissolved_oxygen_pct"] for x in warm.states[::6]]
+    assert min(warm_do) < 20.0
+
+
+@pytest.mark.parametrize(("feed_lph", "glucose_lph", "setpoint_degc"), EXTREME_INPUTS)
+def test_oxygen_plant_stays_finite_and_physical_over_14_days_of_extreme_inputs(feed_lph: float, glucose_lph: float, setpoint_degc: float) -> None:
+    u = np.array([feed_lph, glucose_lph, setpoint_degc])
+    plant, x, y = run_extreme_inputs("oxygen", u)
+    internals = oxygen_internals(x, u)
+    assert all(np.isfinite(v) for v in (*y.values(), *internals.values()))
+    assert 0.0 <= y["viability"] <= 100.0
+    assert 0.0 <= x[plant.state_index("hypoxic_program")] <= 1.0
+    assert 0.0 < internals["dissolved_oxygen_pct"] <= OxygenKinetics().transfer.do_setpoint_pct
+    assert 0.0 < internals["cascade_load"] <= 1.0 + 1e-9
+
+
 def test_plants_are_independent_of_each_other_in_structure() -> None:
     assert isinstance(plant_named("amino_acid"), AminoAcidPlant)
     assert isinstance(plant_named("cell_cycle"), CellCyclePlant)
@@ -885,6 +1070,7 @@ def test_plants_are_independent_of_each_other_in_structure() -> None:
     assert isinstance(plant_named("apoptosis"), ApoptosisPlant)
     assert isinstance(plant_named("pco2"), Pco2Plant)
     assert isinstance(plant_named("clonal"), ClonalPlant)
+    assert isinstance(plant_named("oxygen"), OxygenPlant)
     state_sets = [frozenset(s.name for s in plant_named(name).states) for name in ("cho", *OTHER_PLANTS)]
     assert len(set(state_sets)) == len(state_sets)
 

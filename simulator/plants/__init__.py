@@ -21,6 +21,7 @@ from simulator.plants.cell_cycle import CellCyclePlant
 from simulator.plants.cho import ChoPlant
 from simulator.plants.clonal import ClonalPlant
 from simulator.plants.inhibitor import InhibitorPlant
+from simulator.plants.oxygen import OxygenPlant
 from simulator.plants.pco2 import Pco2Plant
 
 PlantFactory = Callable[[CultureParameters, CultureModel | None], EquationPlant]
@@ -58,6 +59,10 @@ def _clonal(kinetics: CultureParameters, model: CultureModel | None) -> Equation
     return ClonalPlant()
 
 
+def _oxygen(kinetics: CultureParameters, model: CultureModel | None) -> EquationPlant:
+    return OxygenPlant()
+
+
 PLANTS: dict[str, PlantFactory] = {
     "cho": _cho,
     "amino_acid": _amino_acid,
@@ -67,6 +72,7 @@ PLANTS: dict[str, PlantFactory] = {
     "apoptosis": _apoptosis,
     "pco2": _pco2,
     "clonal": _clonal,
+    "oxygen": _oxygen,
 }
 """Plant name → factory(the simulation's CHO kinetics, a CHO model to reuse). Plants of other structure ignore both."""
 

@@ -71,7 +71,8 @@ class NmpcConfig(FrozenConfig):
         le=50.0,
         description=(
             "the NMPC's glucose feed is at most the platform recipe's own rate (the consumption the last two accepted lab glucose results"
-            " measured, and the deficit to the target, less the glucose of the recipe's nutrient feed) plus this, as glucose per litre of"
+            " measured, and the deficit to the target, less the glucose of the recipe's nutrient feed) plus this times the trust region's"
+            " width (at width 0 the recipe's own rate, as the band then holds the recipe's temperature and feed), as glucose per litre of"
             " culture per day, once two such results have measured the consumption; 0: never above the recipe's rate; None: no such limit. Glucose fed cannot be taken back, and between daily lab results the estimator's glucose is"
             " the model's: on the blind plant `pco2` a model that over-estimated the uptake fed the culture from 4.5 to 10 g/L in a day and"
             " lost 11.7 % against the recipe (docs/closed-loop.md) [g/L/day]"
@@ -410,14 +411,17 @@ class NmpcController:
         return solution
 
     def glucose_ceiling_lph(self, volume_l: float) -> float:
-        """The most glucose feed the NMPC may write [L/h]: the recipe's own rate plus ``glucose_feed_headroom_g_per_l_day`` (inf: no
-        limit configured, or the consumption not yet measured by two lab results). An unknown volume counts as the inoculum's, the
-        smallest the culture has been: the lowest ceiling."""
+        """The most glucose feed the NMPC may write [L/h]: the recipe's own rate plus ``glucose_feed_headroom_g_per_l_day`` times the
+        trust region's width (inf: no limit configured, or the consumption not yet measured by two lab results). An unknown volume
+        counts as the inoculum's, the smallest the culture has been: the lowest ceiling. The width counts because a region its results
+        narrowed is one whose model they contradicted: measured on the blind plant `clonal`, three misses narrowed the band to 0.1
+        while the full headroom let the plan hold glucose 1-2 g/L above the recipe's culture (docs/closed-loop.md §1)."""
         headroom, reference = self.config.glucose_feed_headroom_g_per_l_day, self._glucose_reference
         if headroom is None or not reference.glucose_consumption_seen:
             return math.inf
         volume = volume_l if math.isfinite(volume_l) else self._batch.inoculation.volume_l
-        return reference.glucose_rate_lph + headroom * volume / self._batch.media.glucose_feed_g_per_l / 24.0
+        width = self.trust.width if self.trust.active else 1.0  # at width 0 the recipe's own glucose feed, as its temperature and feed
+        return reference.glucose_rate_lph + width * headroom * volume / self._batch.media.glucose_feed_g_per_l / 24.0
 
     def _glucose_within_headroom(self, rate_lph: float, observation: CycleObservation) -> float:
         ceiling = self.glucose_ceiling_lph(observation.online.get("volume_l", math.nan))

@@ -348,6 +348,11 @@ class TrustRegion:
         decisions, and its ranking of the records said they may be wrong. Measured on `inhibitor` and `cell_cycle` (docs/trust-region.md,
         "A calibrated model the ranking check did not pass"). Misses still narrow the band and stand the NMPC down."""
         self.width = self._initial_width()
+        self.feed_width = self.width
+        """The width the nutrient feed's reach takes (never more than :attr:`width`): widened only by confirming lab results drawn at
+        least ``lead_h`` after the recipe's feed start. Results of the unfed culture check the model's growth, not what more or less
+        feed does: measured on the blind plant `clonal`, three of them widened the band to 0.75 before the feed began, and the plan
+        fed 20-50 % above the recipe until the results of the fed culture missed (docs/trust-region.md, "Evidence of the fed culture")."""
         self.reach_scale = 1.0
         """Earned reach: how far beyond its configured reach (or margin) the region goes; grows with results that confirm the plan a day and ``long_lead_h`` ahead."""
         self.misses = 0
@@ -470,6 +475,7 @@ class TrustRegion:
     def _region_edges(self, time_h: float, volume_l: float, temperature: float, feed: float) -> tuple[float, float, float, float, float, float]:
         """The region's edges at ``time_h`` (:meth:`_edges` without the end-game) about the recipe's ``temperature`` and ``feed`` then."""
         cfg, batch, w, scale = self.config, self._batch, self.width, self.reach_scale
+        w_feed = min(w, self.feed_width)
         target = batch.recipe.glucose_target_g_per_l
         # The recipe band: the recipe's own neighbourhood, where the plant has always run, whatever the model (its reach scaled by
         # what the batch's results earned).
@@ -505,8 +511,8 @@ class TrustRegion:
         # shortfalls widen it): whatever the source, the plan keeps glucose_margins of those above the limit.
         g_low = min(target, max(g_low, batch.limits.glucose_min_g_per_l + cfg.glucose_margins * self.glucose_error_g_per_l))
         return (
-            feed - w * max(0.0, feed - f_low),
-            feed + w * max(0.0, f_high - feed),
+            feed - w_feed * max(0.0, feed - f_low),
+            feed + w_feed * max(0.0, f_high - feed),
             temperature - w * max(0.0, temperature - t_low),
             temperature + w * max(0.0, t_high - temperature),
             target - w * max(0.0, target - g_low),
@@ -626,10 +632,14 @@ class TrustRegion:
         shortfall = predicted["glucose_g_per_l"][0] - lab.glucose_g_per_l if day_replay is not None and "glucose_g_per_l" in errors else math.nan
         if confirmed:
             self.misses = 0
-            self.width = min(1.0, self.width + cfg.widen_step) if self.widens else self.width
+            if self.widens:
+                self.width = min(1.0, self.width + cfg.widen_step)
+                if lab.taken_at_h >= self._batch.recipe.feed_start_h + cfg.lead_h:  # the plan it confirms fed the culture
+                    self.feed_width = min(1.0, self.feed_width + cfg.widen_step)
         else:
             self.misses += 1
             self.width *= cfg.shrink_factor
+            self.feed_width *= cfg.shrink_factor
             if self.misses >= cfg.misses_to_recipe:
                 self.stood_down = True
                 self.shadow_checks = self.shadow_confirmations = 0
@@ -748,7 +758,7 @@ class TrustRegion:
         self.stood_down = False
         self.misses = 0
         self.shadow_confirmations = self.shadow_checks = 0
-        self.width = min(self.config.reenable_width, self._initial_width())  # never wider than a site's own start
+        self.width = self.feed_width = min(self.config.reenable_width, self._initial_width())  # never wider than a site's own start
         self.reach_scale = 1.0
         self._restart_evidence_clock()
         self._predictions.clear()  # the glucose error stays: the model's glucose shortfalls are still evidence
@@ -817,6 +827,7 @@ class TrustRegion:
         data: dict[str, Any] = {
             "source": self.source.value,
             "width": self.width,
+            "feed_width": min(self.width, self.feed_width),
             "widens": self.widens,
             "reach_scale": self.reach_scale,
             "misses": self.misses,
@@ -848,6 +859,7 @@ class TrustRegion:
         """What a restart needs (the predictions are not kept: the first lab results after a restart are not checked)."""
         return {
             "width": self.width,
+            "feed_width": self.feed_width,
             "reach_scale": self.reach_scale,
             "misses": self.misses,
             "stood_down": self.stood_down,
@@ -875,6 +887,9 @@ class TrustRegion:
             # a held band is never wider than its start, nor earns reach, whatever was saved.
             log.warning("trust_restore_value_ignored", field="width", saved=f"{self.width:g}, reach x{self.reach_scale:g}", used=f"{self._initial_width():g}, reach x1")
             self.width, self.reach_scale = min(self.width, self._initial_width()), 1.0
+        # Missing (a state saved before the feed kept its own width) or damaged: the feed takes the saved width's, at most a
+        # re-enable's unless the results already widened it for the fed culture, which a restart cannot tell: the safe side.
+        self.feed_width = float(np.clip(_saved_number(data, "feed_width", min(self.width, self.config.reenable_width)), 0.0, self.width))
         self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
         # The lapse's clock goes on across a restart (a runtime that restarts every few hours never has a day-old plan to check a
         # result against): missing (a state saved before it was kept), it starts at the first cycle after the restart; damaged, the

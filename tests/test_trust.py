@@ -127,6 +127,44 @@ def test_lab_results_widen_narrow_and_stand_the_nmpc_down(batch):
     assert not region.stood_down and region.misses == 0 and region.width == pytest.approx(0.3) and not region.alarms()
 
 
+def test_the_feed_band_widens_only_with_results_of_the_fed_culture(batch):
+    """Results drawn before the recipe's feed start (and the day after it, whose plan had not fed yet) widen the band but not the
+    feed's reach; results of the fed culture widen both; a miss narrows both, a restart keeps them, a re-enable starts both again."""
+    region = _region(batch, initial_width=0.3, widen_step=0.2, lead_h=24.0)
+    feed_start = batch.recipe.feed_start_h
+    fed_from = feed_start + 24.0
+
+    def feed_reach(at_h: float) -> float:
+        recipe_feed = region._recipe.feed_rate_lph(at_h)
+        return region._edges(at_h, 1500.0, False)[1] - recipe_feed
+
+    full = _region(batch, initial_width=1.0)
+    full_reach = full._edges(feed_start + 48.0, 1500.0, False)[1] - full._recipe.feed_rate_lph(feed_start + 48.0)
+    assert full_reach > 0.0
+    for seq, taken_h in enumerate((24.0, 48.0, fed_from - 1.0), start=1):
+        _plan(region, taken_h - 24.0, vcd=5.0, titer=0.5, glucose=4.0)
+        assert region.check(_lab(seq, taken_h, vcd=5.0, titer=0.5, glucose=4.0)).confirmed
+    assert region.width == pytest.approx(0.9) and region.feed_width == pytest.approx(0.3)
+    assert feed_reach(feed_start + 48.0) == pytest.approx(0.3 * full_reach)
+    assert region.summary()["feed_width"] == pytest.approx(0.3)
+    _plan(region, fed_from, vcd=5.0, titer=0.5, glucose=4.0)
+    assert region.check(_lab(4, fed_from + 24.0, vcd=5.0, titer=0.5, glucose=4.0)).confirmed
+    assert region.width == pytest.approx(1.0) and region.feed_width == pytest.approx(0.5)
+    assert feed_reach(feed_start + 48.0) == pytest.approx(0.5 * full_reach)
+    _plan(region, fed_from + 24.0, vcd=5.0, titer=0.5, glucose=4.0)
+    assert not region.check(_lab(5, fed_from + 48.0, vcd=2.0, titer=0.5, glucose=4.0)).confirmed
+    assert region.width == pytest.approx(0.5) and region.feed_width == pytest.approx(0.25)
+    restarted = _region(batch, initial_width=0.3, widen_step=0.2, lead_h=24.0)
+    restarted.restore(json.loads(json.dumps(region.to_dict())))
+    assert restarted.feed_width == pytest.approx(0.25)
+    # A state saved before the feed kept its own width: the saved width, at most a re-enable's.
+    older = {key: value for key, value in region.to_dict().items() if key != "feed_width"}
+    restarted.restore(older)
+    assert restarted.feed_width == pytest.approx(min(0.5, restarted.config.reenable_width))
+    region.reenable()
+    assert region.width == region.feed_width == pytest.approx(region.config.reenable_width)
+
+
 @pytest.mark.parametrize(("vcd_sd", "confirmed"), [(None, False), (0.0, False), (0.3, False), (1.2, True)])
 def test_the_predictions_own_spread_counts_into_the_tolerance(batch, vcd_sd, confirmed):
     """VCD 1.5 tolerances off: a miss for a prediction that claimed to be sure, not for one that said it could be 1.2 × 10⁶/mL off (early growth from an uncertain inoculum)."""
@@ -301,8 +339,9 @@ class _Gated(_Frozen):
 
 def test_the_nmpc_feeds_no_more_glucose_than_the_recipes_rate_and_its_headroom(model, batch, day_twelve):
     """A culture the estimate says is about to starve: the plan feeds glucose. Once two lab results the estimator accepted have
-    measured the consumption, the feed written is at most the recipe's own rate plus the headroom; before that, and with no
-    headroom configured, the plan's own. A result whose glucose the gate rejected (a swapped sample) does not set the limit."""
+    measured the consumption, the feed written is at most the recipe's own rate plus the headroom times the region's width; before
+    that, and with no headroom configured, the plan's own. A result whose glucose the gate rejected (a swapped sample) does not set
+    the limit."""
     plc, applied = day_twelve
     state = plc.plant.state.copy()
     state[STATE_INDEX["glucose"]] = 1.0
@@ -326,12 +365,19 @@ def test_the_nmpc_feeds_no_more_glucose_than_the_recipes_rate_and_its_headroom(m
         decision = run(limited, results)
     rate = limited.recipe.glucose_rate_lph
     assert rate > 0.1 and limited.recipe.glucose_consumption_seen
-    ceiling = rate + 0.5 * 1800.0 / batch.media.glucose_feed_g_per_l / 24.0
+    width = limited.trust.width
+    assert 0.0 < width < 1.0  # the recipe band, as unchecked as it starts
+    ceiling = rate + width * 0.5 * 1800.0 / batch.media.glucose_feed_g_per_l / 24.0
     assert free.source is DecisionSource.MPC and free.setpoints.glucose_rate_lph > ceiling + 0.1
     assert decision.source is DecisionSource.MPC and decision.setpoints.glucose_rate_lph == pytest.approx(ceiling)
     assert [e for e in logs if e["event"] == "nmpc_glucose_feed_limited"][-1]["ceiling_lph"] == pytest.approx(ceiling)
     # The volume unknown: the inoculum's, the lowest ceiling.
-    assert limited.glucose_ceiling_lph(math.nan) == pytest.approx(rate + 0.5 * batch.inoculation.volume_l / batch.media.glucose_feed_g_per_l / 24.0)
+    assert limited.glucose_ceiling_lph(math.nan) == pytest.approx(rate + width * 0.5 * batch.inoculation.volume_l / batch.media.glucose_feed_g_per_l / 24.0)
+    # The width the results leave scales the headroom: at 0 the recipe's own rate, at full width all of it.
+    for w, expected in ((0.0, rate), (1.0, rate + 0.5 * 1800.0 / batch.media.glucose_feed_g_per_l / 24.0)):
+        limited.trust.width = w
+        assert limited.glucose_ceiling_lph(1800.0) == pytest.approx(expected)
+    limited.trust.width = width
     # One result: the consumption not measured yet, the plan's own feed.
     assert run(controller(0.5), [*results[:1], (288.0, None)]).setpoints.glucose_rate_lph == pytest.approx(free.setpoints.glucose_rate_lph, rel=1e-6)
     # A restart: the controller's saved state (as the history keeps it) brings the limit back with the fallback recipe's arithmetic.

@@ -2,7 +2,7 @@
 
 Written on 7 Dec 2026 as a **held-out** plant: after the controller's settings
 had been fixed, with parameter values chosen only so that the platform recipe
-gives a plausible batch (docs/plants.md §7 and §10), never by how a controller does on it.
+gives a plausible batch (docs/plants.md §7 and §11), never by how a controller does on it.
 
 Structure (after the segregated models of normal and apoptotic CHO cells of
 Naderi et al. 2011 and Meshram et al. 2013, the apoptosis that nutrient

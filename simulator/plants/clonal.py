@@ -2,8 +2,8 @@
 
 Written on 8 Dec 2026 as a **held-out** plant, blind: no controller, NMPC,
 estimator or campaign was run on it while it was written. Parameter values come
-from physiology and the literature cited in docs/plants.md §9 and §11.7; the
-platform recipe (§10) was run only to check that the batch is plausible (the first
+from physiology and the literature cited in docs/plants.md §9 and §12.7; the
+platform recipe (§11) was run only to check that the batch is plausible (the first
 parameter set was not, and seven values were revised once, for the reasons in §9).
 
 Structure (after the clonal variation and production instability of CHO lines,

@@ -2,7 +2,7 @@
 
 Written on 7 Dec 2026 as a **held-out** plant: after the controller's settings
 had been fixed, with parameter values chosen only so that the platform recipe
-gives a plausible batch (docs/plants.md §6 and §10), never by how a controller does on it.
+gives a plausible batch (docs/plants.md §6 and §11), never by how a controller does on it.
 
 Structure (after the amino-acid-derived growth inhibitors of CHO fed-batches
 identified by Mulukutla et al. 2017 and reviewed by Pereira et al. 2018; the

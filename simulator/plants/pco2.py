@@ -2,8 +2,8 @@
 
 Written on 7 Dec 2026 as a **held-out** plant, blind: no controller, NMPC,
 estimator or campaign was run on it while it was written. Parameter values come
-from physiology and the literature cited in docs/plants.md §8 and §11.6; the
-platform recipe (§10) was run only to check that the batch is plausible.
+from physiology and the literature cited in docs/plants.md §8 and §12.6; the
+platform recipe (§11) was run only to check that the batch is plausible.
 
 Structure (after the CO2 accumulation of large-scale CHO cultures, Gray et al.
 1996, Mostafa & Gu 2003, Matsunaga et al. 2009; the pCO2 and osmolality

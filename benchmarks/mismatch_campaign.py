@@ -54,6 +54,8 @@ from simulator.scenarios import load_scenario
 
 PLANTS = ("amino_acid", "cell_cycle", "biovolume")
 DEVELOPMENT_BATCHES = 5
+EARLIER_HARVEST_H = 6.0
+"""A harvest this much before the recipe's counts as earlier in the summary (the lab's daily viability result moves it by a day)."""
 """Records per plant, each of its own recipe (simulator.records.development_recipes)."""
 
 
@@ -76,11 +78,12 @@ class Arm:
     lab_coverage: dict[str, float]
     truth_coverage: dict[str, float]
     harvest_titer_error: float
+    harvest_h: float
 
     @classmethod
     def of(cls, evaluated: EvaluatedBatch) -> Arm:
         kpis = evaluated.result.batch.kpis
-        return cls(kpis.score_g_per_day, kpis.violation_h, evaluated.coverage.lab, evaluated.coverage.truth, evaluated.harvest_titer_error)
+        return cls(kpis.score_g_per_day, kpis.violation_h, evaluated.coverage.lab, evaluated.coverage.truth, evaluated.harvest_titer_error, kpis.harvest_time_h)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class Row:
     plant: str
     case: str
     recipe: float
+    recipe_harvest_h: float
     oracle: float
     nominal: Arm
     calibrated: Arm
@@ -153,7 +157,7 @@ def run_case(job: tuple[str, tuple[str, dict[str, Any]], CultureParameters, Reci
     plant, (name, overrides), calibrated, proposed_recipe = job
     started = time.perf_counter()
     loaded = load_scenario({"plant": plant, **overrides})
-    recipe = run_recipe_batch(loaded).kpis.score_g_per_day
+    recipe_kpis = run_recipe_batch(loaded).kpis
     oracle = run_oracle_batch(loaded).kpis.score_g_per_day
     nominal = Arm.of(run_with_coverage(loaded, loaded.nominal))
     tuned = Arm.of(run_with_coverage(loaded, calibrated))
@@ -162,7 +166,7 @@ def run_case(job: tuple[str, tuple[str, dict[str, Any]], CultureParameters, Reci
         # The only change: the batch file's recipe. The plant, its seed and faults are the same batch; the gap is still against the platform recipe.
         on_proposal = loaded.model_copy(update={"batch": loaded.batch.model_copy(update={"recipe": proposed_recipe})})
         proposed = Arm.of(run_with_coverage(on_proposal, calibrated))
-    return Row(plant, name, recipe, oracle, nominal, tuned, proposed, proposed_recipe is not None, time.perf_counter() - started)
+    return Row(plant, name, recipe_kpis.score_g_per_day, recipe_kpis.harvest_time_h, oracle, nominal, tuned, proposed, proposed_recipe is not None, time.perf_counter() - started)
 
 
 def _coverage(arm: Arm) -> str:
@@ -216,13 +220,16 @@ def main() -> None:
             arms = [pick(r) for r in mine]
             gaps = [r.gap(pick(r).score) for r in mine]
             worse = sum(pick(r).score < r.recipe for r in mine)
+            # A harvest rule on a threshold (the recipe's lab viability) turns a small difference in the culture into a day's harvest.
+            earlier = sum(pick(r).score < r.recipe and pick(r).harvest_h < r.recipe_harvest_h - EARLIER_HARVEST_H for r in mine)
             lab_vcd = statistics.fmean(a.lab_coverage["viable_cells"] for a in arms)
             lab_titer = statistics.fmean(a.lab_coverage["titer"] for a in arms)
             true_vcd = statistics.fmean(a.truth_coverage["viable_cells"] for a in arms)
             true_titer = statistics.fmean(a.truth_coverage["titer"] for a in arms)
             titer_errors = [abs(a.harvest_titer_error) for a in arms if math.isfinite(a.harvest_titer_error)]
             print(
-                f"{plant:11s} {label:10s}: mean gap {statistics.fmean(gaps):+.2f} (min {min(gaps):+.2f}), below recipe in {worse}/{len(mine)}, "
+                f"{plant:11s} {label:10s}: mean gap {statistics.fmean(gaps):+.2f} (min {min(gaps):+.2f}), below recipe in {worse}/{len(mine)}"
+                f"{f' ({earlier} harvested earlier than the recipe)' if earlier else ''}, "
                 f"violation {sum(a.violation_h for a in arms):.1f} h, coverage lab VCD {lab_vcd:.0%} titer {lab_titer:.0%}, true VCD {true_vcd:.0%} titer {true_titer:.0%}, "
                 f"|harvest titer error| median {f'{np.median(titer_errors):.1%}' if titer_errors else NO_HARVEST_PREDICTION}"
             )

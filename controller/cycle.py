@@ -320,7 +320,7 @@ class ControlCycle:
             wrote_setpoints=setpoints_written,
             read_time_s=read_time_s,
             write_time_s=write_time_s,
-            trust=self.controller.trust.summary(plan.process_time_h, self._volume_estimate()),
+            trust=self.controller.region_summary(plan.process_time_h, self._volume_estimate()),
         )
         hand_over = self.settings.fault_hand_over_cycles
         withhold = plan.state is State.FAULT and hand_over is not None and self.fault_cycles >= hand_over

@@ -423,6 +423,16 @@ class NmpcController:
         width = self.trust.width if self.trust.active else 1.0  # at width 0 the recipe's own glucose feed, as its temperature and feed
         return reference.glucose_rate_lph + width * headroom * volume / self._batch.media.glucose_feed_g_per_l / 24.0
 
+    def region_summary(self, now_h: float, volume_l: float | None) -> dict[str, Any]:
+        """The trust region as the cycle record, the screen and the report show it (:meth:`~controller.trust.TrustRegion.summary`),
+        and the glucose feed's ceiling (:meth:`glucose_ceiling_lph`) where one applies: a limited cycle's decision is the plan's with
+        its glucose feed cut to that, and the record says so."""
+        data = self.trust.summary(now_h, volume_l)
+        ceiling = self.glucose_ceiling_lph(volume_l if volume_l is not None else math.nan)
+        if math.isfinite(ceiling):
+            data["glucose_feed_max_lph"] = ceiling
+        return data
+
     def _glucose_within_headroom(self, rate_lph: float, observation: CycleObservation) -> float:
         ceiling = self.glucose_ceiling_lph(observation.online.get("volume_l", math.nan))
         if rate_lph > ceiling:

@@ -371,6 +371,9 @@ def test_the_nmpc_feeds_no_more_glucose_than_the_recipes_rate_and_its_headroom(m
     assert free.source is DecisionSource.MPC and free.setpoints.glucose_rate_lph > ceiling + 0.1
     assert decision.source is DecisionSource.MPC and decision.setpoints.glucose_rate_lph == pytest.approx(ceiling)
     assert [e for e in logs if e["event"] == "nmpc_glucose_feed_limited"][-1]["ceiling_lph"] == pytest.approx(ceiling)
+    # The cycle record, the screen and the report show the ceiling with the region; no limit, none.
+    assert limited.region_summary(288.0, 1800.0)["glucose_feed_max_lph"] == pytest.approx(ceiling)
+    assert "glucose_feed_max_lph" not in controller(None).region_summary(288.0, 1800.0)
     # The volume unknown: the inoculum's, the lowest ceiling.
     assert limited.glucose_ceiling_lph(math.nan) == pytest.approx(rate + width * 0.5 * batch.inoculation.volume_l / batch.media.glucose_feed_g_per_l / 24.0)
     # The width the results leave scales the headroom: at 0 the recipe's own rate, at full width all of it.

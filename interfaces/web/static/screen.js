@@ -96,6 +96,7 @@ function showTrust(trust) {
     ["nutrient feed", range(trust.feed_rate_lph, 2, "L/h") + endgame(trust)],
     ["lowest glucose planned", trust.glucose_min_g_per_l === undefined ? "—" : `${fmt(trust.glucose_min_g_per_l)} g/L` + glucoseError(trust.glucose_error_g_per_l)],
     ["highest glucose planned", trust.glucose_max_g_per_l === undefined ? "—" : `${fmt(trust.glucose_max_g_per_l)} g/L`],
+    ["glucose feed at most", trust.glucose_feed_max_lph === undefined ? "— (no lab consumption yet, or no limit)" : `${fmt(trust.glucose_feed_max_lph, 3)} L/h (the recipe's rate and the headroom the region's width allows)`],
     ["harvest", harvest],
     ["misses in a row", `${trust.misses} of ${trust.misses_to_recipe}`],
     ...(down ? [["since the stand-down", sinceStoodDown(trust)]] : []),

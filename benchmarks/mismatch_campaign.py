@@ -54,9 +54,9 @@ from simulator.scenarios import load_scenario
 
 PLANTS = ("amino_acid", "cell_cycle", "biovolume")
 DEVELOPMENT_BATCHES = 5
+"""Records per plant, each of its own recipe (simulator.records.development_recipes)."""
 EARLIER_HARVEST_H = 6.0
 """A harvest this much before the recipe's counts as earlier in the summary (the lab's daily viability result moves it by a day)."""
-"""Records per plant, each of its own recipe (simulator.records.development_recipes)."""
 
 
 def cases(quick: bool) -> list[tuple[str, dict[str, Any]]]:

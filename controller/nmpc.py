@@ -185,6 +185,8 @@ class NmpcController:
         self.solve_times_s: list[float] = []
         self.failures_total = 0
         self._cycle_first_solve = 0
+        self._glucose_ceiling_applied_lph = math.nan
+        """The glucose feed's ceiling this cycle's decision was held to (NaN: none, or the recipe decided)."""
         self.cold_retries_total = 0
         """Warm solves that failed and were retried with the cold solver (see :class:`~controller.mpc.MpcSolution`)."""
 
@@ -232,6 +234,7 @@ class NmpcController:
         t = observation.process_time_h
         self._cycles += 1
         self._cycle_first_solve = len(self.solve_times_s)
+        self._glucose_ceiling_applied_lph = math.nan
         self._feed_recipe(observation)
         latest = self._batch.limits.latest_harvest_h
         self.harvest_time_h = min(max(self.harvest_time_h, t), latest)
@@ -424,17 +427,17 @@ class NmpcController:
         return reference.glucose_rate_lph + width * headroom * volume / self._batch.media.glucose_feed_g_per_l / 24.0
 
     def region_summary(self, now_h: float, volume_l: float | None) -> dict[str, Any]:
-        """The trust region as the cycle record, the screen and the report show it (:meth:`~controller.trust.TrustRegion.summary`),
-        and the glucose feed's ceiling (:meth:`glucose_ceiling_lph`) where one applies: a limited cycle's decision is the plan's with
-        its glucose feed cut to that, and the record says so."""
+        """The trust region as the cycle record and the screen show it (:meth:`~controller.trust.TrustRegion.summary`), and the
+        glucose feed's ceiling (:meth:`glucose_ceiling_lph`) this cycle's decision was held to, where one was: the plan's or the
+        shifted plan's, with the volume read that cycle. None is shown when the recipe decided (stood down, solves failing, the
+        harvest): its own rate is not limited."""
         data = self.trust.summary(now_h, volume_l)
-        ceiling = self.glucose_ceiling_lph(volume_l if volume_l is not None else math.nan)
-        if math.isfinite(ceiling):
-            data["glucose_feed_max_lph"] = ceiling
+        if math.isfinite(self._glucose_ceiling_applied_lph):
+            data["glucose_feed_max_lph"] = self._glucose_ceiling_applied_lph
         return data
 
     def _glucose_within_headroom(self, rate_lph: float, observation: CycleObservation) -> float:
-        ceiling = self.glucose_ceiling_lph(observation.online.get("volume_l", math.nan))
+        ceiling = self._glucose_ceiling_applied_lph = self.glucose_ceiling_lph(observation.online.get("volume_l", math.nan))
         if rate_lph > ceiling:
             log.info(
                 "nmpc_glucose_feed_limited",

@@ -27,7 +27,8 @@ platform recipe's own trajectory):
 The region's *width* ``w`` ∈ [0, 1] scales the reach: a bound is
 ``recipe + w · (edge − recipe)``. At ``w = 0`` the plan follows the recipe's
 temperature and feed and keeps glucose at its target; the harvest moves no
-further than ``w · harvest_reach_h`` from the recipe's. The recipe's
+further than ``w · harvest_reach_h`` from the recipe's. The nutrient feed's reach takes its own width, never more
+than ``w``: only results of the fed culture widen it (:attr:`TrustRegion.feed_width`). The recipe's
 temperature is the controller's recipe's (:class:`~controller.recipe.PlatformRecipe`):
 its shift as a ramp the NMPC's rate limit can follow, centred on the shift time.
 
@@ -141,7 +142,12 @@ class TrustRegionConfig(FrozenConfig):
             " 96 h: a weekend without samples (Friday's result to Monday's, 72 h) is no lapse [h]"
         ),
     )
-    widen_step: float = Field(default=0.15, ge=0.0, le=1.0, description="width added by a lab result that confirms the plan's prediction [-]")
+    widen_step: float = Field(
+        default=0.15,
+        ge=0.0,
+        le=1.0,
+        description="width added by a lab result that confirms the plan's prediction; the nutrient feed's own width only by one drawn lead_h after the recipe's feed start [-]",
+    )
     shrink_factor: float = Field(default=0.5, ge=0.0, le=1.0, description="width kept after a lab result that misses it [-]")
     misses_to_recipe: int = Field(default=3, ge=1, le=100, description="misses in a row after which the NMPC stands down for the platform recipe")
     lead_h: float = Field(default=24.0, gt=0.0, le=240.0, description="a lab result is held against the plan in force this long before its draw [h]")
@@ -350,8 +356,8 @@ class TrustRegion:
         self.width = self._initial_width()
         self.feed_width = self.width
         """The width the nutrient feed's reach takes (never more than :attr:`width`): widened only by confirming lab results drawn at
-        least ``lead_h`` after the recipe's feed start. Results of the unfed culture check the model's growth, not what more or less
-        feed does: measured on the blind plant `clonal`, three of them widened the band to 0.75 before the feed began, and the plan
+        least ``lead_h`` after the recipe's feed start (also with ``feed_lead_h``, which lets a plan feed earlier: cautious). Results
+        of the unfed culture check the model's growth, not what more or less feed does: measured on the blind plant `clonal`, three of them widened the band to 0.75 before the feed began, and the plan
         fed 20-50 % above the recipe until the results of the fed culture missed (docs/trust-region.md, "Evidence of the fed culture")."""
         self.reach_scale = 1.0
         """Earned reach: how far beyond its configured reach (or margin) the region goes; grows with results that confirm the plan a day and ``long_lead_h`` ahead."""
@@ -449,6 +455,7 @@ class TrustRegion:
         self.overdue_since_h = self._evidence_h + cfg.evidence_lapse_h
         log.warning("trust_lab_results_overdue", last_evidence_h=self._evidence_h, process_time_h=time_h, width=self.width, reach_scale=self.reach_scale)
         self.width = min(self.width, cfg.reenable_width)
+        self.feed_width = min(self.feed_width, self.width)
         self.reach_scale = 1.0
 
     def _restart_evidence_clock(self) -> None:
@@ -887,9 +894,9 @@ class TrustRegion:
             # a held band is never wider than its start, nor earns reach, whatever was saved.
             log.warning("trust_restore_value_ignored", field="width", saved=f"{self.width:g}, reach x{self.reach_scale:g}", used=f"{self._initial_width():g}, reach x1")
             self.width, self.reach_scale = min(self.width, self._initial_width()), 1.0
-        # Missing (a state saved before the feed kept its own width) or damaged: the feed takes the saved width's, at most a
-        # re-enable's unless the results already widened it for the fed culture, which a restart cannot tell: the safe side.
-        self.feed_width = float(np.clip(_saved_number(data, "feed_width", min(self.width, self.config.reenable_width)), 0.0, self.width))
+        # Missing (a state saved before the feed kept its own width) or damaged: whether results of the fed culture widened it is
+        # not known, so the feed takes the narrowest of the saved width, a re-enable's and a fresh region's (the safe side).
+        self.feed_width = min(_saved_fraction(data, "feed_width", min(self.width, self.config.reenable_width, self._initial_width())), self.width)
         self.misses = int(np.clip(_saved_number(data, "misses", 0.0), 0, self.config.misses_to_recipe))
         # The lapse's clock goes on across a restart (a runtime that restarts every few hours never has a day-old plan to check a
         # result against): missing (a state saved before it was kept), it starts at the first cycle after the restart; damaged, the
@@ -905,6 +912,7 @@ class TrustRegion:
             else:
                 log.warning("trust_restore_value_ignored", field="last_evidence_h", saved=repr(evidence), used="overdue now")
                 self.width, self.reach_scale = min(self.width, self.config.reenable_width), 1.0
+                self.feed_width = min(self.feed_width, self.width)
         self._shortfalls.clear()
         self._shortfalls.extend(_saved_shortfalls(data))
         self._ran = np.array([_saved_range(data, "ran_temperature_degc"), _saved_range(data, "ran_feed_lph")])
@@ -960,6 +968,18 @@ def _saved_count(data: dict[str, Any], name: str) -> int:
         return value
     log.warning("trust_restore_value_ignored", field=name, saved=repr(value), used=0)
     return 0
+
+
+def _saved_fraction(data: dict[str, Any], name: str, default: float) -> float:
+    """``data[name]`` as a width in [0, 1]; ``default`` when it is missing, no number (a boolean or a string is none: ``true``
+    would read as the widest) or outside [0, 1], which no saved state holds (logged: a damaged or edited resume state)."""
+    if name not in data:
+        return default
+    value = data[name]
+    if _is_finite_number(value) and 0.0 <= value <= 1.0:
+        return float(value)
+    log.warning("trust_restore_value_ignored", field=name, saved=repr(value), used=default)
+    return default
 
 
 def _saved_number(data: dict[str, Any], name: str, default: float) -> float:

@@ -165,6 +165,42 @@ def test_the_feed_band_widens_only_with_results_of_the_fed_culture(batch):
     assert region.width == region.feed_width == pytest.approx(region.config.reenable_width)
 
 
+def test_a_result_drawn_a_day_after_the_feed_start_widens_the_feed_and_a_lapse_narrows_it_with_the_region(batch, envelope):
+    region = _region(batch, initial_width=0.3, widen_step=0.2, lead_h=24.0)
+    fed_from = batch.recipe.feed_start_h + 24.0
+    _plan(region, fed_from - 24.0, vcd=5.0, titer=0.5, glucose=4.0)
+    assert region.check(_lab(1, fed_from, vcd=5.0, titer=0.5, glucose=4.0)).confirmed
+    assert region.feed_width == pytest.approx(0.5)
+    # A calibrated region starts whole; lab results overdue narrow it, the feed with it, and results of the unfed culture then
+    # widen the region but not the feed again.
+    calibrated = _region(batch, envelope, evidence_lapse_h=30.0, widen_step=0.2, lead_h=24.0)
+    calibrated.ran(0.0, Setpoints(0.0, 0.0, 36.5))
+    calibrated.ran(40.0, Setpoints(0.0, 0.0, 36.5))
+    assert calibrated.width == pytest.approx(0.3) and calibrated.feed_width == pytest.approx(0.3)
+    _plan(calibrated, 24.0, vcd=5.0, titer=0.5, glucose=4.0)
+    assert calibrated.check(_lab(1, 48.0, vcd=5.0, titer=0.5, glucose=4.0)).confirmed
+    assert calibrated.width == pytest.approx(0.5) and calibrated.feed_width == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    ("saved", "feed_width"),
+    [
+        ({"width": 0.9, "feed_width": 0.6}, 0.6),
+        ({"width": 0.4, "feed_width": 0.6}, 0.4),  # never wider than the region
+        ({"width": 0.9}, 0.1),  # saved before the feed kept its width: the narrowest of the saved, a re-enable's and a fresh region's
+        ({"width": 0.9, "feed_width": True}, 0.1),  # JSON's true is not the widest
+        ({"width": 0.9, "feed_width": "0.9"}, 0.1),
+        ({"width": 0.9, "feed_width": 5.0}, 0.1),
+        ({"width": 0.9, "feed_width": -0.2}, 0.1),
+        ({"width": 0.9, "feed_width": None}, 0.1),
+    ],
+)
+def test_the_feed_width_is_restored_and_a_missing_or_damaged_one_is_taken_on_the_safe_side(batch, saved, feed_width):
+    region = _region(batch, initial_width=0.1, reenable_width=0.5)
+    region.restore(saved)
+    assert region.feed_width == pytest.approx(feed_width)
+
+
 @pytest.mark.parametrize(("vcd_sd", "confirmed"), [(None, False), (0.0, False), (0.3, False), (1.2, True)])
 def test_the_predictions_own_spread_counts_into_the_tolerance(batch, vcd_sd, confirmed):
     """VCD 1.5 tolerances off: a miss for a prediction that claimed to be sure, not for one that said it could be 1.2 × 10⁶/mL off (early growth from an uncertain inoculum)."""
@@ -371,9 +407,11 @@ def test_the_nmpc_feeds_no_more_glucose_than_the_recipes_rate_and_its_headroom(m
     assert free.source is DecisionSource.MPC and free.setpoints.glucose_rate_lph > ceiling + 0.1
     assert decision.source is DecisionSource.MPC and decision.setpoints.glucose_rate_lph == pytest.approx(ceiling)
     assert [e for e in logs if e["event"] == "nmpc_glucose_feed_limited"][-1]["ceiling_lph"] == pytest.approx(ceiling)
-    # The cycle record, the screen and the report show the ceiling with the region; no limit, none.
-    assert limited.region_summary(288.0, 1800.0)["glucose_feed_max_lph"] == pytest.approx(ceiling)
-    assert "glucose_feed_max_lph" not in controller(None).region_summary(288.0, 1800.0)
+    # The cycle record and the screen show the ceiling the decision was held to (with the volume that cycle read); no limit, none.
+    assert limited.region_summary(288.0, 1500.0)["glucose_feed_max_lph"] == pytest.approx(ceiling)
+    unlimited = controller(None)
+    run(unlimited, results)
+    assert "glucose_feed_max_lph" not in unlimited.region_summary(288.0, 1800.0)
     # The volume unknown: the inoculum's, the lowest ceiling.
     assert limited.glucose_ceiling_lph(math.nan) == pytest.approx(rate + width * 0.5 * batch.inoculation.volume_l / batch.media.glucose_feed_g_per_l / 24.0)
     # The width the results leave scales the headroom: at 0 the recipe's own rate, at full width all of it.
@@ -381,6 +419,11 @@ def test_the_nmpc_feeds_no_more_glucose_than_the_recipes_rate_and_its_headroom(m
         limited.trust.width = w
         assert limited.glucose_ceiling_lph(1800.0) == pytest.approx(expected)
     limited.trust.width = width
+    # Stood down, the recipe decides and its own rate is not limited: no ceiling is shown.
+    limited.trust.stood_down = True
+    assert run(limited, [(289.0, None)]).source is DecisionSource.STOOD_DOWN
+    assert "glucose_feed_max_lph" not in limited.region_summary(289.0, 1800.0)
+    limited.trust.stood_down = False
     # One result: the consumption not measured yet, the plan's own feed.
     assert run(controller(0.5), [*results[:1], (288.0, None)]).setpoints.glucose_rate_lph == pytest.approx(free.setpoints.glucose_rate_lph, rel=1e-6)
     # A restart: the controller's saved state (as the history keeps it) brings the limit back with the fallback recipe's arithmetic.

@@ -90,13 +90,14 @@ function showTrust(trust) {
   rows("trust-table", [
     ["status", down ? "STOOD DOWN: the platform recipe runs" : trust.reenabled ? "re-enabled: the NMPC plans again from the next cycle" : "the NMPC plans inside the region"],
     ["source", TRUST_SOURCES[trust.source] || trust.source],
-    ["width", `${fmt(100 * trust.width, 0)} %` + (trust.widens === false ? " (held: a calibrated model its records did not show to rank their outcomes right; results narrow it, none widen it)" : "")],
+    ["width", `${fmt(100 * trust.width, 0)} %` + (trust.widens === false ? " (held: a calibrated model its records did not show to rank their outcomes right; results narrow it, none widen it)" : "")
+      + (trust.feed_width !== undefined && trust.feed_width < trust.width ? `; nutrient feed ${fmt(100 * trust.feed_width, 0)} % (only results of the fed culture widen it)` : "")],
     ["reach earned", trust.reach_scale === undefined ? "—" : `× ${fmt(trust.reach_scale, 2)} (results the plans predicted days ahead)`],
     ["temperature", range(trust.temperature_degc, 1, "°C") + endgame(trust)],
     ["nutrient feed", range(trust.feed_rate_lph, 2, "L/h") + endgame(trust)],
     ["lowest glucose planned", trust.glucose_min_g_per_l === undefined ? "—" : `${fmt(trust.glucose_min_g_per_l)} g/L` + glucoseError(trust.glucose_error_g_per_l)],
     ["highest glucose planned", trust.glucose_max_g_per_l === undefined ? "—" : `${fmt(trust.glucose_max_g_per_l)} g/L`],
-    ["glucose feed at most", trust.glucose_feed_max_lph === undefined ? "— (no lab consumption yet, or no limit)" : `${fmt(trust.glucose_feed_max_lph, 3)} L/h (the recipe's rate and the headroom the region's width allows)`],
+    ["glucose feed at most", trust.glucose_feed_max_lph === undefined ? "— (no lab consumption yet, or no limit)" : `${fmt(trust.glucose_feed_max_lph, 3)} L/h (the recipe's lab-driven rate plus a headroom scaled by the width)`],
     ["harvest", harvest],
     ["misses in a row", `${trust.misses} of ${trust.misses_to_recipe}`],
     ...(down ? [["since the stand-down", sinceStoodDown(trust)]] : []),

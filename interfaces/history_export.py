@@ -441,6 +441,7 @@ _RECIPE_FORECAST = (
 _TRUST = (
     Column("trust_source", ColumnKind.TEXT, "", "where the trust region comes from: calibration_envelope, recipe_band or off"),
     Column("trust_width", ColumnKind.REAL, "", "the trust region's width, a fraction of its full width (0–1)"),
+    Column("trust_feed_width", ColumnKind.REAL, "", "the nutrient feed's own width (0–1, at most the region's): only lab results of the fed culture widen it"),
     Column(
         "trust_widens",
         ColumnKind.BOOLEAN,
@@ -468,6 +469,7 @@ _TRUST = (
     Column("trust_harvest_earliest_h", ColumnKind.REAL, "h", "the earliest harvest the plan may choose"),
     Column("trust_harvest_latest_h", ColumnKind.REAL, "h", "the latest harvest the plan may choose"),
     Column("trust_last_check", ColumnKind.TEXT, "", "the last lab check of the plan's predictions"),
+    Column("trust_glucose_feed_max_lph", ColumnKind.REAL, "L/h", "the glucose feed's ceiling the cycle's decision was held to: the recipe's lab-driven rate plus the headroom times the width"),
 )
 
 
@@ -580,6 +582,7 @@ def _trust_values(trust: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "trust_source": trust.get("source"),
         "trust_width": trust.get("width"),
+        "trust_feed_width": trust.get("feed_width"),
         "trust_widens": trust.get("widens"),
         "trust_misses": trust.get("misses"),
         "trust_stood_down": trust.get("stood_down"),
@@ -595,6 +598,7 @@ def _trust_values(trust: Mapping[str, Any]) -> dict[str, Any]:
         "trust_harvest_earliest_h": h_low,
         "trust_harvest_latest_h": h_high,
         "trust_last_check": trust.get("last_check"),
+        "trust_glucose_feed_max_lph": trust.get("glucose_feed_max_lph"),
     }
 
 

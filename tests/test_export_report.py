@@ -44,6 +44,11 @@ def _cycle(t_h: float, glucose_g_per_l: float) -> CycleRecord:
         solve_time_s=0.05,
         estimate={"state": {"glucose": glucose_g_per_l, "viable_cells": 1.0}, "sd": {"glucose": 0.2, "viable_cells": 0.1}, "multipliers": {"culture.growth.mu_max_per_h": 1.01}},
         wrote_setpoints=True,
+        trust=(
+            {"source": "recipe_band", "width": 0.6, "feed_width": 0.3, "misses": 0, "stood_down": False, "feed_rate_lph": [1.5, 2.0], "glucose_feed_max_lph": 0.25}
+            if glucose_g_per_l == 5.0
+            else {}
+        ),
     )
 
 
@@ -121,6 +126,9 @@ def test_quality_empty_values_and_the_cycle_columns(site, tmp_path):
     assert cycles[0]["estimate_glucose_sd_g_per_l"] == "0.2" and cycles[0]["estimate_viable_cells_1e6_per_ml"] == "1.0"
     assert (cycles[0]["requested_feed_rate_lph"], cycles[0]["applied_feed_rate_lph"], cycles[0]["adjustments"]) == ("1.0", "0.9", "feed rate limited")
     assert cycles[0]["multiplier_culture_growth_mu_max_per_h"] == "1.01" and cycles[0]["trust_source"] == ""
+    trust = {key: cycles[1][key] for key in ("trust_source", "trust_width", "trust_feed_width", "trust_feed_rate_high_lph", "trust_glucose_feed_max_lph")}
+    assert trust == {"trust_source": "recipe_band", "trust_width": "0.6", "trust_feed_width": "0.3", "trust_feed_rate_high_lph": "2.0", "trust_glucose_feed_max_lph": "0.25"}
+    assert cycles[2]["trust_glucose_feed_max_lph"] == "", "none applied: an empty cell"
     writes = _rows(tmp_path / "out" / "writes.csv")
     assert [(row["sp_feed_rate_lph"], row["mpc_heartbeat"], row["outcome"]) for row in writes] == [("0.9", "0", "ok"), ("0.9", "1", "ok"), ("0.9", "2", "ok")]
     assert [(row["code"], row["event"], row["process_time_h"]) for row in _rows(tmp_path / "out" / "alarms.csv")] == [

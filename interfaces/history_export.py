@@ -469,7 +469,12 @@ _TRUST = (
     Column("trust_harvest_earliest_h", ColumnKind.REAL, "h", "the earliest harvest the plan may choose"),
     Column("trust_harvest_latest_h", ColumnKind.REAL, "h", "the latest harvest the plan may choose"),
     Column("trust_last_check", ColumnKind.TEXT, "", "the last lab check of the plan's predictions"),
-    Column("trust_glucose_feed_max_lph", ColumnKind.REAL, "L/h", "the glucose feed's ceiling the cycle's decision was held to: the recipe's lab-driven rate plus the headroom times the width"),
+    Column(
+        "trust_glucose_feed_max_lph",
+        ColumnKind.REAL,
+        "L/h",
+        "the glucose feed's ceiling the cycle's decision was held to: the recipe's lab-driven rate plus the headroom times the width",
+    ),
 )
 
 

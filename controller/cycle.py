@@ -520,7 +520,9 @@ class ControlCycle:
         config = self.settings.early_warning
         until_h = max(decision.harvest_time_h, now_h + config.window_h) if full else now_h + config.window_h
         try:
-            predicted = forecast(self.estimator, plan_schedule(solution), until_h=until_h, kernel=self._kernel)
+            # The plan as written: its glucose feed held at the ceiling this cycle's decision was held to, over the warnings' window.
+            schedule = plan_schedule(solution, glucose_max_lph=self.controller.glucose_ceiling_applied_lph, limited_until_h=now_h + config.window_h)
+            predicted = forecast(self.estimator, schedule, until_h=until_h, kernel=self._kernel)
         except LOOK_AHEAD_ERRORS as error:  # a failed plan or a diverged forecast: no warnings this cycle, and the log says so
             log.warning("forecast_failed", process_time_h=now_h, error=str(error), kind=type(error).__name__)
             self.forecast = None

@@ -307,8 +307,12 @@ class PlanSchedule:
         return self.inputs[:, min(max(index, 0), self.inputs.shape[1] - 1)]
 
 
-def plan_schedule(solution: MpcSolution) -> PlanSchedule:
+def plan_schedule(solution: MpcSolution, *, glucose_max_lph: float = math.inf, limited_until_h: float = math.inf) -> PlanSchedule:
     """The plan of a successful solve as a schedule (stages of zero length after the harvest are dropped).
+
+    ``glucose_max_lph``: the glucose feed of every stage that starts before ``limited_until_h`` is at most this: the plan as it is
+    written while the NMPC's glucose limit holds (:meth:`controller.nmpc.NmpcController.glucose_ceiling_lph`; the next lab
+    results move the ceiling, so it is held over the window a forecast warns in, not to the harvest). NaN or inf: no limit.
 
     Raises :class:`ForecastInputError` for a failed solve or a plan that is
     not finite: the solver's answer is not trusted blindly.
@@ -325,6 +329,9 @@ def plan_schedule(solution: MpcSolution) -> PlanSchedule:
     keep = durations > TIME_TOLERANCE_H
     keep[0] = True
     stage_starts, stage_inputs = starts[keep].copy(), inputs[:, keep].copy()
+    if math.isfinite(glucose_max_lph):
+        limited = stage_starts < limited_until_h
+        stage_inputs[1, limited] = np.minimum(stage_inputs[1, limited], glucose_max_lph)
     stage_starts.setflags(write=False)
     stage_inputs.setflags(write=False)
     return PlanSchedule(stage_starts, stage_inputs)

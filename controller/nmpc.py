@@ -426,6 +426,11 @@ class NmpcController:
         width = self.trust.width if self.trust.active else 1.0  # at width 0 the recipe's own glucose feed, as its temperature and feed
         return reference.glucose_rate_lph + width * headroom * volume / self._batch.media.glucose_feed_g_per_l / 24.0
 
+    @property
+    def glucose_ceiling_applied_lph(self) -> float:
+        """The glucose feed's ceiling this cycle's decision was held to (NaN: none, or the recipe decided)."""
+        return self._glucose_ceiling_applied_lph
+
     def region_summary(self, now_h: float, volume_l: float | None) -> dict[str, Any]:
         """The trust region as the cycle record and the screen show it (:meth:`~controller.trust.TrustRegion.summary`), and the
         glucose feed's ceiling (:meth:`glucose_ceiling_lph`) this cycle's decision was held to, where one was: the plan's or the

@@ -217,6 +217,28 @@ def test_a_look_ahead_that_fails_numerically_costs_the_warnings_not_the_control(
     assert not [code for code in plan.alarms if code.startswith("early_warning")] and loop.cycle.forecast is None
 
 
+def test_the_warnings_look_ahead_follows_the_glucose_feed_as_written_under_the_limit(model, mpc, monkeypatch):
+    """The early warnings' forecast holds the plan's glucose feed at the ceiling the cycle's decision was held to, over the window."""
+    import controller.cycle
+
+    loop = Loop(model, mpc)
+    loop.step()
+    calls: list[dict[str, float]] = []
+    real = controller.cycle.plan_schedule
+
+    def spy(solution: Any, **limits: float) -> Any:
+        calls.append(limits)
+        return real(solution, **limits)
+
+    monkeypatch.setattr(controller.cycle, "plan_schedule", spy)
+    monkeypatch.setattr(NmpcController, "glucose_ceiling_applied_lph", property(lambda self: 0.05))
+    now_h = loop.plc.process_time_h
+    plan = loop.step()
+    assert plan.state is State.CLOSED_LOOP and calls
+    assert calls[-1]["glucose_max_lph"] == 0.05
+    assert calls[-1]["limited_until_h"] == pytest.approx(now_h + SETTINGS.early_warning.window_h, abs=1.0)
+
+
 def test_a_numeric_failure_inside_the_controller_is_a_fault_for_the_cycle_not_the_end_of_the_runtime(model, mpc, monkeypatch):
     loop = Loop(model, mpc)
     loop.step()

@@ -247,6 +247,23 @@ def test_plan_schedule_is_piecewise_constant_and_holds_the_last_stage(model, bat
         plan_schedule(_solution([100.0], np.full((3, 1), np.nan), 101.0))
 
 
+def test_plan_schedule_holds_the_glucose_feed_at_the_ceiling_written_over_the_window(model, batch, nominal_p, functions):
+    """The NMPC writes its plan's glucose feed cut to the ceiling: the forecast the early warnings read follows what is written
+    over their window, and the plan after it (the next lab results move the ceiling)."""
+    inputs = np.array([[1.0, 1.0, 1.0], [0.1, 0.6, 0.6], [36.0, 36.0, 36.0]])
+    solution = _solution([100.0, 101.0, 104.0], inputs, harvest_h=110.0)
+    limited = plan_schedule(solution, glucose_max_lph=0.15, limited_until_h=104.0)
+    np.testing.assert_allclose(limited.inputs[1], [0.1, 0.15, 0.6])
+    np.testing.assert_array_equal(limited.inputs[[0, 2]], inputs[[0, 2]])
+    for no_limit in (math.nan, math.inf):
+        np.testing.assert_array_equal(plan_schedule(solution, glucose_max_lph=no_limit, limited_until_h=104.0).inputs, inputs)
+    estimator = estimator_at(model, batch, nominal_p, functions, 100.0, glucose=2.0, **LATE_CULTURE)
+    glucose = STATE_INDEX["glucose"]
+    as_planned = forecast(estimator, plan_schedule(solution), until_h=104.0).state_mean[glucose, -1]
+    as_written = forecast(estimator, limited, until_h=104.0).state_mean[glucose, -1]
+    assert as_written < as_planned - 0.1
+
+
 def test_recipe_schedule_stops_feeding_at_the_high_level(model, batch, nominal_p, functions):
     """The nutrient feed stops first, the glucose room before the feed stop (recipe.glucose_room_per_day); the glucose feed only at the feed stop."""
     recipe = PlatformRecipe(batch.recipe, batch.media, batch.equipment, batch.inoculation.volume_l)

@@ -382,8 +382,8 @@ def test_the_nmpc_feeds_no_more_glucose_than_the_recipes_rate_and_its_headroom(m
     state = plc.plant.state.copy()
     state[STATE_INDEX["glucose"]] = 1.0
 
-    def controller(headroom, rejected=frozenset()):
-        config = NmpcConfig(mpc=MpcConfig(fine_stages=6, coarse_stages=4, compile=False), glucose_feed_headroom_g_per_l_day=headroom)
+    def controller(headroom, rejected=frozenset(), region=True):
+        config = NmpcConfig(mpc=MpcConfig(fine_stages=6, coarse_stages=4, compile=False), glucose_feed_headroom_g_per_l_day=headroom, trust=TrustRegionConfig(enabled=region))
         return NmpcController(model, batch, _Gated(state, plc.plant.parameters, rejected), config)
 
     def run(nmpc, results):
@@ -419,6 +419,10 @@ def test_the_nmpc_feeds_no_more_glucose_than_the_recipes_rate_and_its_headroom(m
         limited.trust.width = w
         assert limited.glucose_ceiling_lph(1800.0) == pytest.approx(expected)
     limited.trust.width = width
+    # With the region off there is no width to scale by: the whole headroom.
+    off = controller(0.5, region=False)
+    run(off, results)
+    assert off.glucose_ceiling_lph(1800.0) == pytest.approx(off.recipe.glucose_rate_lph + 0.5 * 1800.0 / batch.media.glucose_feed_g_per_l / 24.0)
     # Stood down, the recipe decides and its own rate is not limited: no ceiling is shown.
     limited.trust.stood_down = True
     assert run(limited, [(289.0, None)]).source is DecisionSource.STOOD_DOWN

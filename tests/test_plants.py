@@ -12,13 +12,15 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import casadi as ca
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
 from controller.config import BatchConfig
-from plant_models.cho import LACTATE_G_PER_MOL
+from plant_models.cho import LACTATE_G_PER_MOL, Signal
 from plant_models.errors import ConfigError
 from plant_models.parameters import CultureParameters
 from simulator.plants import OBSERVABLES, PLANTS, EquationPlant, make_plant
@@ -45,6 +47,29 @@ PCO2_INTERNAL_INDEX = {signal.name: i for i, signal in enumerate(PCO2_INTERNALS)
 @cache
 def plant_named(name: str) -> EquationPlant:
     return make_plant(name, NOMINAL)
+
+
+def state_of(name: str, start: dict[str, float], values: dict[str, float]) -> np.ndarray:
+    """The plant's initial state with ``start``, then ``values``, set by state name."""
+    plant = plant_named(name)
+    x = plant.initial_state(BATCH)
+    for state, value in (start | values).items():
+        x[plant.state_index(state)] = value
+    return x
+
+
+KineticsT = TypeVar("KineticsT", bound=BaseModel)
+
+
+def kinetics_with(nominal: KineticsT, changes: dict[str, dict[str, float]]) -> KineticsT:
+    """``nominal`` with fields of its groups changed: ``{"death": {"bubble_per_h": 0.0}}``."""
+    return nominal.model_copy(update={group: getattr(nominal, group).model_copy(update=fields) for group, fields in changes.items()})
+
+
+def internals_of(plant: ClonalPlant | OxygenPlant | Pco2Plant, signals: tuple[Signal, ...], x: np.ndarray, u: np.ndarray, p: np.ndarray | None) -> dict[str, float]:
+    """The plant's internal quantities at ``x`` and ``u`` by name (its nominal parameters unless ``p``)."""
+    y = np.asarray(plant.internals(0.0, x, u, plant.nominal_parameters(BATCH) if p is None else p)).ravel()
+    return {signal.name: float(y[i]) for i, signal in enumerate(signals)}
 
 
 @cache
@@ -411,12 +436,8 @@ def test_inhibitor_plant_loses_titer_below_a_moderate_shift() -> None:
 
 def apoptosis_state(**values: float) -> np.ndarray:
     """The apoptosis plant mid-growth (5e6 healthy cells/mL, glucose and glutamine ample, high-flux), with ``values`` set by state name."""
-    plant = plant_named("apoptosis")
-    x = plant.initial_state(BATCH)
     start = {"healthy_cells": 5.0, "apoptotic_cells": 0.1, "dead_cells": 0.2, "glucose": 6.0, "glutamine": 4.0, "lactate": 1.5, "ammonia": 3.0}
-    for name, value in (start | values).items():
-        x[plant.state_index(name)] = value
-    return x
+    return state_of("apoptosis", start, values)
 
 
 def test_apoptosis_plant_osmolality_raises_productivity_slows_growth_and_after_a_delay_drives_apoptosis() -> None:
@@ -512,19 +533,14 @@ def test_apoptosis_plant_cold_shift_slows_division_only_as_the_cells_adapt_and_k
 
 def pco2_state(**values: float) -> np.ndarray:
     """The pCO2 plant mid-growth (10e6 cells/mL, glucose and glutamine ample, bicarbonate plentiful so the base pump rests), with ``values`` set by state name."""
-    plant = plant_named("pco2")
-    x = plant.initial_state(BATCH)
     start = {"viable_cells": 10.0, "dead_cells": 0.5, "glucose": 4.0, "glutamine": 4.0, "lactate": 1.5, "ammonia": 3.0, "bicarbonate": 40.0, "sensed_pco2": 40.0, "volume": 1500.0}
-    for name, value in (start | values).items():
-        x[plant.state_index(name)] = value
-    return x
+    return state_of("pco2", start, values)
 
 
 def pco2_internals(x: np.ndarray, u: np.ndarray) -> dict[str, float]:
     plant = plant_named("pco2")
     assert isinstance(plant, Pco2Plant)
-    y = np.asarray(plant.internals(0.0, x, u, plant.nominal_parameters(BATCH))).ravel()
-    return {signal.name: float(y[i]) for i, signal in enumerate(PCO2_INTERNALS)}
+    return internals_of(plant, PCO2_INTERNALS, x, u, None)
 
 
 def test_pco2_plant_dissolved_co2_rises_with_cell_density_and_with_the_fill_volume() -> None:
@@ -706,26 +722,19 @@ def test_plant_has_no_fast_mode_three_hour_rk4_steps_follow_the_minute_grid(name
 
 def clonal_state(**values: float) -> np.ndarray:
     """The clonal plant early in a batch (2e6 cells/mL, 10 % non-producers, glucose and glutamine ample, seed-culture ER and mitochondria), with ``values`` set by state name."""
-    plant = plant_named("clonal")
-    x = plant.initial_state(BATCH)
     start = {"producer_cells": 1.8, "nonproducer_cells": 0.2, "dead_cells": 0.05, "glucose": 6.0, "glutamine": 6.0, "lactate": 0.5, "ammonia": 1.0}
-    for name, value in (start | values).items():
-        x[plant.state_index(name)] = value
-    return x
+    return state_of("clonal", start, values)
 
 
 def clonal_internals(x: np.ndarray, u: np.ndarray, p: np.ndarray | None = None) -> dict[str, float]:
     plant = plant_named("clonal")
     assert isinstance(plant, ClonalPlant)
-    y = np.asarray(plant.internals(0.0, x, u, plant.nominal_parameters(BATCH) if p is None else p)).ravel()
-    return {signal.name: float(y[i]) for i, signal in enumerate(CLONAL_INTERNALS)}
+    return internals_of(plant, CLONAL_INTERNALS, x, u, p)
 
 
 def clonal_parameters(**changes: dict[str, float]) -> np.ndarray:
     """The clonal plant's parameters with fields of its kinetics groups changed (``instability={"reversion_per_division": 0.0}``)."""
-    nominal = ClonalKinetics()
-    kinetics = nominal.model_copy(update={group: getattr(nominal, group).model_copy(update=fields) for group, fields in changes.items()})
-    return ClonalPlant(kinetics).nominal_parameters(BATCH)
+    return ClonalPlant(kinetics_with(ClonalKinetics(), changes)).nominal_parameters(BATCH)
 
 
 def test_clonal_plant_reverts_per_division_so_the_cold_makes_fewer_revertants() -> None:
@@ -881,26 +890,19 @@ def test_clonal_plant_stays_finite_and_physical_over_14_days_of_extreme_inputs(f
 
 def oxygen_state(**values: float) -> np.ndarray:
     """The oxygen plant mid-batch (10e6 cells/mL, glucose and glutamine ample, lactate 2 g/L, no hypoxic program), with ``values`` set by state name."""
-    plant = plant_named("oxygen")
-    x = plant.initial_state(BATCH)
     start = {"viable_cells": 10.0, "dead_cells": 0.5, "glucose": 4.0, "glutamine": 4.0, "lactate": 2.0, "ammonia": 3.0, "volume": 1600.0}
-    for name, value in (start | values).items():
-        x[plant.state_index(name)] = value
-    return x
+    return state_of("oxygen", start, values)
 
 
 def oxygen_internals(x: np.ndarray, u: np.ndarray, p: np.ndarray | None = None) -> dict[str, float]:
     plant = plant_named("oxygen")
     assert isinstance(plant, OxygenPlant)
-    y = np.asarray(plant.internals(0.0, x, u, plant.nominal_parameters(BATCH) if p is None else p)).ravel()
-    return {signal.name: float(y[i]) for i, signal in enumerate(OXYGEN_INTERNALS)}
+    return internals_of(plant, OXYGEN_INTERNALS, x, u, p)
 
 
 def oxygen_parameters(**changes: dict[str, float]) -> np.ndarray:
     """The oxygen plant's parameters with fields of its kinetics groups changed (``death={"bubble_per_h": 0.0}``)."""
-    nominal = OxygenKinetics()
-    kinetics = nominal.model_copy(update={group: getattr(nominal, group).model_copy(update=fields) for group, fields in changes.items()})
-    return OxygenPlant(kinetics).nominal_parameters(BATCH)
+    return OxygenPlant(kinetics_with(OxygenKinetics(), changes)).nominal_parameters(BATCH)
 
 
 def oxygen_transfer_limit_mmol_per_l_h(temperature_degc: float = 36.5) -> float:
